@@ -1,0 +1,46 @@
+/* The Lua host: one LuaJIT state running the operator's script (SPEC §3). It loads the script,
+ * checks the contract (a returned table with a `batch` function), keeps the script's functions as
+ * registry refs, and calls them through one protected wrapper with a traceback handler and a
+ * time budget. It also provides the `agent` module to the script.
+ *
+ * Threads: everything here runs on the Lua worker thread that opened the state, except
+ * ah_lua_interrupt(), which any thread may call. */
+#ifndef AH_LUA_H
+#define AH_LUA_H
+
+#include "ah_common.h"
+#include "ah_state.h"
+
+typedef struct ah_lua_s ah_lua_t;
+
+typedef struct ah_lua_options_s {
+    const char *agent_id; /* agent.id (copied) */
+    ah_state_t *state;    /* for agent.state(), agent.sleep(), agent.should_stop(); may be NULL
+                             (agenthost check): those functions then act as if running */
+    double batch_timeout; /* seconds a call may run before it is interrupted */
+} ah_lua_options_t;
+
+/* Creates a state, opens the standard libraries, cjson and the agent module, sets package.path so
+ * that modules next to the script are found first, loads and runs the script and checks that it
+ * returned a table with a `batch` function (optional: init, on_pause, on_resume, on_shutdown,
+ * each a function if present). On failure returns NULL with err naming file:line and the problem.
+ */
+ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, char *err,
+                      size_t errlen);
+/* Closes the state. NULL is accepted. */
+void ah_lua_close(ah_lua_t *lua);
+
+/* Calls M.init(ctx) if the script defines it. 0, or AH_ELUA with the message and traceback. */
+int ah_lua_init(ah_lua_t *lua, char *err, size_t errlen);
+/* Calls M.batch(ctx). *items = the number returned (0 for nil/false/non-numbers). 0 or AH_ELUA
+ * (AH_ETIMEOUT if it was interrupted for overrunning its budget). */
+int ah_lua_batch(ah_lua_t *lua, long long *items, char *err, size_t errlen);
+/* Calls the hook (on_pause / on_resume / on_shutdown) with ev, if defined. 0, AH_ELUA or
+ * AH_ETIMEOUT. */
+int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen);
+/* Asks the running call to stop with an error at its next instruction check. Safe from any
+ * thread and from signal handlers. Code running inside a JIT-compiled trace does not see the
+ * request until it leaves the trace (LuaJIT does not run hooks in compiled code). */
+void ah_lua_interrupt(ah_lua_t *lua);
+
+#endif

@@ -1,0 +1,351 @@
+/* Implementation of ah_state.h: one mutex guards everything; one condition variable wakes the
+ * Lua worker (and agent.sleep) when a command arrives. */
+#include "ah_state.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct ah_state_s {
+    pthread_mutex_t lock;
+    pthread_cond_t wake; /* signalled when an event becomes pending */
+    ah_run_state_t state;
+    bool cluster_known;
+    ah_control_t cluster;
+    int64_t seen_version; /* highest cluster version offered */
+    int64_t applied_version;
+    bool local_override;
+    bool has_event;
+    ah_event_t pending;
+    bool shutdown_final; /* a local/signal shutdown is pending or applied: nothing replaces it */
+    ah_store_status_t store;
+    uint64_t batches;
+    uint64_t batch_errors;
+    uint64_t batch_overruns;
+    uint64_t commands_applied;
+    uint64_t hook_errors;
+    int64_t started_us;
+    int64_t call_started_us;
+    bool call_overrun;
+    double last_control_lag_ms;
+};
+
+static const char *const state_names[] = {"starting", "running", "paused", "stopping", "stopped"};
+
+const char *ah_run_state_name(ah_run_state_t st)
+{
+    if ((unsigned)st > AH_STATE_STOPPED) {
+        return "unknown";
+    }
+    return state_names[st];
+}
+
+/* The transition table: target state and hook for each (state, command). */
+static const struct {
+    ah_run_state_t to;
+    ah_hook_t hook;
+    int rc;
+} transitions[AH_STATE_STOPPED + 1][AH_CMD_SHUTDOWN + 1] = {
+    [AH_STATE_STARTING] =
+        {
+            [AH_CMD_PAUSE] = {AH_STATE_PAUSED, AH_HOOK_PAUSE, AH_OK},
+            [AH_CMD_RUNNING] = {AH_STATE_RUNNING, AH_HOOK_NONE, AH_OK},
+            [AH_CMD_SHUTDOWN] = {AH_STATE_STOPPING, AH_HOOK_SHUTDOWN, AH_OK},
+        },
+    [AH_STATE_RUNNING] =
+        {
+            [AH_CMD_PAUSE] = {AH_STATE_PAUSED, AH_HOOK_PAUSE, AH_OK},
+            [AH_CMD_RUNNING] = {AH_STATE_RUNNING, AH_HOOK_NONE, AH_ENOOP},
+            [AH_CMD_SHUTDOWN] = {AH_STATE_STOPPING, AH_HOOK_SHUTDOWN, AH_OK},
+        },
+    [AH_STATE_PAUSED] =
+        {
+            [AH_CMD_PAUSE] = {AH_STATE_PAUSED, AH_HOOK_NONE, AH_ENOOP},
+            [AH_CMD_RUNNING] = {AH_STATE_RUNNING, AH_HOOK_RESUME, AH_OK},
+            [AH_CMD_SHUTDOWN] = {AH_STATE_STOPPING, AH_HOOK_SHUTDOWN, AH_OK},
+        },
+};
+
+int ah_state_target(ah_run_state_t from, ah_command_t cmd, ah_source_t src, ah_run_state_t *to,
+                    ah_hook_t *hook)
+{
+    if (cmd == AH_CMD_NONE || (unsigned)cmd > AH_CMD_SHUTDOWN || from == AH_STATE_STOPPING ||
+        from == AH_STATE_STOPPED || (unsigned)from > AH_STATE_STOPPED) {
+        return AH_EINVAL;
+    }
+    if (from == AH_STATE_STARTING && cmd == AH_CMD_SHUTDOWN && src == AH_SOURCE_STARTUP) {
+        /* The cluster was shut down before this agent started: hold it paused and reachable,
+         * so that an operator can resume the cluster through any pod. */
+        *to = AH_STATE_PAUSED;
+        *hook = AH_HOOK_PAUSE;
+        return AH_OK;
+    }
+    *to = transitions[from][cmd].to;
+    *hook = transitions[from][cmd].hook;
+    return transitions[from][cmd].rc;
+}
+
+ah_state_t *ah_state_new(void)
+{
+    ah_state_t *s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        return NULL;
+    }
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->wake, &attr);
+    pthread_condattr_destroy(&attr);
+    s->state = AH_STATE_STARTING;
+    s->started_us = ah_now_us();
+    s->store.latency_ms = -1;
+    s->last_control_lag_ms = -1;
+    ah_strlcpy(s->store.backend, "none", sizeof(s->store.backend));
+    ah_strlcpy(s->store.topology, "unknown", sizeof(s->store.topology));
+    return s;
+}
+
+void ah_state_free(ah_state_t *s)
+{
+    if (s == NULL) {
+        return;
+    }
+    pthread_cond_destroy(&s->wake);
+    pthread_mutex_destroy(&s->lock);
+    free(s);
+}
+
+static void set_pending(ah_state_t *s, const ah_event_t *ev)
+{
+    s->pending = *ev;
+    s->has_event = true;
+    pthread_cond_broadcast(&s->wake);
+}
+
+void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
+{
+    pthread_mutex_lock(&s->lock);
+    if (s->cluster_known && doc->version <= s->seen_version) {
+        pthread_mutex_unlock(&s->lock);
+        return;
+    }
+    s->cluster = *doc;
+    s->cluster_known = true;
+    s->seen_version = doc->version;
+    if (!s->shutdown_final) {
+        ah_event_t ev = {
+            .command = doc->command,
+            .version = doc->version,
+            .timestamp_us = doc->timestamp_us,
+            .source = s->state == AH_STATE_STARTING ? AH_SOURCE_STARTUP : AH_SOURCE_CLUSTER,
+        };
+        ah_strlcpy(ev.reason, doc->reason, sizeof(ev.reason));
+        ah_strlcpy(ev.updated_by, doc->updated_by, sizeof(ev.updated_by));
+        set_pending(s, &ev);
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
+                          const char *updated_by)
+{
+    pthread_mutex_lock(&s->lock);
+    if (!s->shutdown_final) {
+        ah_event_t ev = {.command = cmd, .version = 0, .timestamp_us = ah_now_us(), .source = src};
+        ah_strlcpy(ev.reason, reason, sizeof(ev.reason));
+        ah_strlcpy(ev.updated_by, updated_by, sizeof(ev.updated_by));
+        if (cmd == AH_CMD_SHUTDOWN && src != AH_SOURCE_STARTUP) {
+            s->shutdown_final = true;
+        }
+        set_pending(s, &ev);
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
+{
+    pthread_mutex_lock(&s->lock);
+    bool had = s->has_event;
+    if (had) {
+        *ev = s->pending;
+        s->has_event = false;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return had;
+}
+
+/* Records ev as applied. Lock held. */
+static void note_applied_locked(ah_state_t *s, const ah_event_t *ev)
+{
+    if (ev->source == AH_SOURCE_CLUSTER || ev->source == AH_SOURCE_STARTUP) {
+        if (ev->version > 0 || ev->source == AH_SOURCE_STARTUP) {
+            s->applied_version = ev->version;
+        }
+        s->local_override = false;
+        if (ev->source == AH_SOURCE_CLUSTER && ev->timestamp_us > 0) {
+            s->last_control_lag_ms = (double)(ah_now_us() - ev->timestamp_us) / 1000.0;
+        }
+    } else {
+        s->local_override = true;
+    }
+}
+
+void ah_state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev)
+{
+    pthread_mutex_lock(&s->lock);
+    s->state = to;
+    s->commands_applied++;
+    note_applied_locked(s, ev);
+    if (to == AH_STATE_STOPPING) {
+        s->shutdown_final = true;
+    }
+    pthread_cond_broadcast(&s->wake);
+    pthread_mutex_unlock(&s->lock);
+}
+
+void ah_state_note_applied(ah_state_t *s, const ah_event_t *ev)
+{
+    pthread_mutex_lock(&s->lock);
+    note_applied_locked(s, ev);
+    pthread_mutex_unlock(&s->lock);
+}
+
+void ah_state_set_stopped(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->state = AH_STATE_STOPPED;
+    pthread_cond_broadcast(&s->wake);
+    pthread_mutex_unlock(&s->lock);
+}
+
+bool ah_state_wait(ah_state_t *s, double seconds)
+{
+    if (!(seconds > 0)) {
+        return ah_state_has_event(s);
+    }
+    if (seconds > 1e6) {
+        seconds = 1e6;
+    }
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    double whole = floor(seconds);
+    deadline.tv_sec += (time_t)whole;
+    deadline.tv_nsec += (long)((seconds - whole) * 1e9);
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec += 1;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&s->lock);
+    while (!s->has_event && !s->shutdown_final) {
+        if (pthread_cond_timedwait(&s->wake, &s->lock, &deadline) == ETIMEDOUT) {
+            break;
+        }
+    }
+    bool woken = s->has_event || s->shutdown_final;
+    pthread_mutex_unlock(&s->lock);
+    return woken;
+}
+
+bool ah_state_should_stop(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    bool stop = s->shutdown_final || s->state == AH_STATE_STOPPING ||
+                s->state == AH_STATE_STOPPED ||
+                (s->has_event && s->pending.command == AH_CMD_SHUTDOWN &&
+                 s->pending.source != AH_SOURCE_STARTUP);
+    pthread_mutex_unlock(&s->lock);
+    return stop;
+}
+
+bool ah_state_has_event(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    bool has = s->has_event;
+    pthread_mutex_unlock(&s->lock);
+    return has;
+}
+
+ah_run_state_t ah_state_get(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    ah_run_state_t st = s->state;
+    pthread_mutex_unlock(&s->lock);
+    return st;
+}
+
+void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
+{
+    pthread_mutex_lock(&s->lock);
+    out->state = s->state;
+    out->cluster_known = s->cluster_known;
+    out->cluster = s->cluster;
+    out->applied_version = s->applied_version;
+    out->local_override = s->local_override;
+    out->shutdown_requested =
+        s->shutdown_final || (s->has_event && s->pending.command == AH_CMD_SHUTDOWN);
+    out->store = s->store;
+    out->batches = s->batches;
+    out->batch_errors = s->batch_errors;
+    out->batch_overruns = s->batch_overruns;
+    out->commands_applied = s->commands_applied;
+    out->hook_errors = s->hook_errors;
+    out->started_us = s->started_us;
+    out->batch_started_us = s->call_started_us;
+    out->last_control_lag_ms = s->last_control_lag_ms;
+    out->wedged = s->call_overrun && s->call_started_us != 0;
+    pthread_mutex_unlock(&s->lock);
+}
+
+void ah_state_call_begin(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->call_started_us = ah_mono_us();
+    s->call_overrun = false;
+    pthread_mutex_unlock(&s->lock);
+}
+
+void ah_state_call_end(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->call_started_us = 0;
+    s->call_overrun = false;
+    pthread_mutex_unlock(&s->lock);
+}
+
+void ah_state_count_batch(ah_state_t *s, bool ok)
+{
+    pthread_mutex_lock(&s->lock);
+    s->batches++;
+    if (!ok) {
+        s->batch_errors++;
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+void ah_state_count_hook_error(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->hook_errors++;
+    pthread_mutex_unlock(&s->lock);
+}
+
+void ah_state_mark_overrun(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    if (s->call_started_us != 0 && !s->call_overrun) {
+        s->call_overrun = true;
+        s->batch_overruns++;
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st)
+{
+    pthread_mutex_lock(&s->lock);
+    s->store = *st;
+    pthread_mutex_unlock(&s->lock);
+}

@@ -1,0 +1,128 @@
+/* The agent's shared state: the one small, lock-protected object where the threads meet
+ * (SPEC §7). It holds the run state and its transition table, the latest pending command
+ * ("latest wins"), the agent's view of the cluster control document, the store's status and the
+ * counters shown by the API and /metrics.
+ *
+ * Threads: any thread may offer commands and read snapshots; only the Lua worker takes events,
+ * commits transitions and waits. Every function is thread-safe unless stated otherwise. */
+#ifndef AH_STATE_H
+#define AH_STATE_H
+
+#include "ah_common.h"
+
+typedef enum {
+    AH_STATE_STARTING = 0,
+    AH_STATE_RUNNING,
+    AH_STATE_PAUSED,
+    AH_STATE_STOPPING,
+    AH_STATE_STOPPED,
+} ah_run_state_t;
+
+/* Hook run after a transition is committed. */
+typedef enum {
+    AH_HOOK_NONE = 0,
+    AH_HOOK_PAUSE,
+    AH_HOOK_RESUME,
+    AH_HOOK_SHUTDOWN,
+} ah_hook_t;
+
+/* A command on its way to the Lua worker; becomes the `ev` table of a hook. */
+typedef struct ah_event_s {
+    ah_command_t command;
+    int64_t version; /* cluster version; 0 for local and signal commands */
+    int64_t timestamp_us;
+    char reason[AH_REASON_MAX + 1];
+    char updated_by[AH_NAME_MAX + 1];
+    ah_source_t source;
+} ah_event_t;
+
+/* What the store reports about itself (pushed by its watcher; read by the API). */
+typedef struct ah_store_status_s {
+    char backend[16];    /* "embedded" | "mongodb" | "none" */
+    char topology[32];   /* "embedded" | "replica_set" | "standalone" | "unknown" */
+    char watch_mode[32]; /* "polling" | "change_streams" | "" (not started yet) */
+    bool connected;
+    char last_error[AH_ERRLEN]; /* "" if none */
+    int64_t last_error_us;      /* wall clock of last_error, 0 if none */
+    double latency_ms;          /* last round trip, < 0 if unknown */
+    uint64_t reconnects;
+    uint64_t stream_resumes;
+    uint64_t polls;
+} ah_store_status_t;
+
+/* A consistent copy of everything the API shows. */
+typedef struct ah_state_snapshot_s {
+    ah_run_state_t state;
+    bool cluster_known;   /* a control document has been read */
+    ah_control_t cluster; /* the latest control document seen */
+    int64_t applied_version;
+    bool local_override; /* the last applied command was local (API or signal) */
+    bool shutdown_requested;
+    ah_store_status_t store;
+    uint64_t batches;
+    uint64_t batch_errors;
+    uint64_t batch_overruns;
+    uint64_t commands_applied;
+    uint64_t hook_errors;
+    int64_t started_us;         /* wall clock at creation */
+    int64_t batch_started_us;   /* monotonic start of the running batch/hook, 0 if none */
+    double last_control_lag_ms; /* command timestamp → applied, last cluster command */
+    bool wedged;                /* a Lua call overran BATCH_TIMEOUT and is still running */
+} ah_state_snapshot_t;
+
+typedef struct ah_state_s ah_state_t;
+
+const char *ah_run_state_name(ah_run_state_t st); /* "starting" | "running" | ... */
+
+/* The transition table. Given the current state, a command and its source, returns 0 and fills
+ * *to and *hook; AH_ENOOP when the command does not change the state (e.g. pause while paused);
+ * AH_EINVAL when the state accepts no commands (stopping, stopped). A startup sync to
+ * "shutdown" holds the agent paused (it must stay reachable so an operator can resume). */
+int ah_state_target(ah_run_state_t from, ah_command_t cmd, ah_source_t src, ah_run_state_t *to,
+                    ah_hook_t *hook);
+
+/* Creates the state object in AH_STATE_STARTING. NULL on allocation failure. */
+ah_state_t *ah_state_new(void);
+/* Frees it. NULL is accepted. No other thread may use it any more. */
+void ah_state_free(ah_state_t *s);
+
+/* A control document read by the watcher (or written by this agent). Ignored unless its
+ * version is higher than any seen before; otherwise it becomes the cluster view and the
+ * pending event (source "startup" if the agent is still starting, else "cluster"). */
+void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc);
+/* A command for this pod only (API or signal). A local shutdown is final: nothing replaces it. */
+void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
+                          const char *updated_by);
+
+/* Lua worker: takes the pending event, if any. Returns true and fills *ev. */
+bool ah_state_take_event(ah_state_t *s, ah_event_t *ev);
+/* Lua worker: commits a transition computed by ah_state_target() for ev. */
+void ah_state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev);
+/* Records that ev was seen but changed nothing (AH_ENOOP): updates applied_version. */
+void ah_state_note_applied(ah_state_t *s, const ah_event_t *ev);
+/* Sets the final state (stopped) when the worker exits. */
+void ah_state_set_stopped(ah_state_t *s);
+
+/* Waits up to `seconds` until an event is pending or a wake-up. Returns true if woken early.
+ * Any thread may wait (agent.sleep runs on the Lua worker). */
+bool ah_state_wait(ah_state_t *s, double seconds);
+/* True once a pending or applied command asks this agent to shut down. */
+bool ah_state_should_stop(ah_state_t *s);
+/* True while an event is pending (used by agent.sleep to return early). */
+bool ah_state_has_event(ah_state_t *s);
+
+ah_run_state_t ah_state_get(ah_state_t *s);
+void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out);
+
+/* Counters and markers kept by the Lua worker. */
+void ah_state_call_begin(ah_state_t *s); /* a batch or hook starts: records its start time */
+void ah_state_call_end(ah_state_t *s);
+void ah_state_count_batch(ah_state_t *s, bool ok);
+void ah_state_count_hook_error(ah_state_t *s);
+/* Called by the watchdog when the running call exceeded its budget (once per call). */
+void ah_state_mark_overrun(ah_state_t *s);
+
+/* Store watcher: publishes the store's status (copied). */
+void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st);
+
+#endif
