@@ -10,6 +10,7 @@
 #define AH_STORE_H
 
 #include "ah_common.h"
+#include "ah_config.h"
 #include "ah_state.h"
 
 typedef struct ah_store_s ah_store_t;
@@ -60,5 +61,11 @@ void ah_store_close(ah_store_t *st);
 /* The embedded store: a SQLite file shared by all local agents that point at it.
  * poll_interval: seconds between cheap change checks (PRAGMA data_version). */
 ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *err, size_t errlen);
+
+/* The MongoDB store (cfg->mongodb_uri, cfg->mongodb_database, cfg->change_streams,
+ * cfg->polling_interval, cfg->agent_id). Creating it does not contact the server: connection
+ * problems show up in the watcher's status and as AH_EUNAVAIL from read/command/history. Returns
+ * NULL with err set only for a bad configuration (e.g. an unparsable URI). cfg must outlive it. */
+ah_store_t *ah_store_mongo_open(const ah_config_t *cfg, char *err, size_t errlen);
 
 #endif

@@ -1,0 +1,445 @@
+/* Implementation of ah_host.h. The main thread runs a libuv loop (signals, a watchdog timer and
+ * an async handle the worker uses to announce its exit); the Lua worker thread runs batches and
+ * hooks; the store's watcher thread and libmicrohttpd's threads only talk to the state object.
+ * A command therefore flows: HTTP thread → store write → ah_state_offer_cluster() (and every
+ * other agent's watcher → ah_state_offer_cluster()) → the worker wakes, finishes its batch,
+ * commits the transition, then runs the hook. */
+#include "ah_host.h"
+
+#include "ah_http.h"
+#include "ah_log.h"
+#include "ah_lua.h"
+#include "ah_store.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#define WATCHDOG_INTERVAL_MS 250
+#define IDLE_BACKOFF_MIN 0.1
+#define IDLE_BACKOFF_MAX 1.0
+#define ERROR_BACKOFF_MIN 0.5
+#define ERROR_BACKOFF_MAX 30.0
+
+struct ah_host_s {
+    const ah_config_t *cfg;
+    ah_state_t *state;
+    ah_lua_t *lua; /* owned by the worker thread once it starts */
+    ah_store_t *store;
+    ah_http_t *http;
+    int http_port;
+
+    uv_loop_t loop;
+    uv_signal_t sig_term;
+    uv_signal_t sig_int;
+    uv_signal_t sig_usr1;
+    uv_signal_t sig_usr2;
+    uv_timer_t watchdog;
+    uv_async_t worker_done;
+    bool handles_open;
+
+    pthread_t worker;
+    bool worker_started;
+    atomic_int worker_rc; /* 0, or 1 when the worker failed (init error) */
+    char worker_err[AH_ERRLEN];
+
+    int64_t stop_seen_us; /* monotonic time the watchdog first saw a shutdown request */
+    bool interrupted_for_stop;
+    bool wedged;
+};
+
+static const char *hook_name(ah_hook_t hook)
+{
+    switch (hook) {
+    case AH_HOOK_PAUSE:
+        return "on_pause";
+    case AH_HOOK_RESUME:
+        return "on_resume";
+    case AH_HOOK_SHUTDOWN:
+        return "on_shutdown";
+    default:
+        return "none";
+    }
+}
+
+ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen)
+{
+    ah_host_t *h = calloc(1, sizeof(*h));
+    if (h == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    h->cfg = cfg;
+    h->state = ah_state_new();
+    if (h->state == NULL) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    ah_lua_options_t opts = {
+        .agent_id = cfg->agent_id, .state = h->state, .batch_timeout = cfg->batch_timeout};
+    h->lua = ah_lua_open(&opts, cfg->script_path, err, errlen);
+    if (h->lua == NULL) {
+        goto fail;
+    }
+    return h;
+fail:
+    ah_host_free(h);
+    return NULL;
+}
+
+void ah_host_free(ah_host_t *h)
+{
+    if (h == NULL) {
+        return;
+    }
+    ah_lua_close(h->lua);
+    ah_state_free(h->state);
+    free(h);
+}
+
+ah_state_t *ah_host_state(ah_host_t *h)
+{
+    return h->state;
+}
+
+int ah_host_http_port(ah_host_t *h)
+{
+    return h->http_port;
+}
+
+void ah_host_request_stop(ah_host_t *h)
+{
+    ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "stop requested", "host");
+}
+
+void ah_host_command(ah_host_t *h, ah_command_t cmd, const char *reason)
+{
+    ah_state_offer_local(h->state, cmd, AH_SOURCE_LOCAL, reason, "host");
+}
+
+/* ---- the Lua worker ---------------------------------------------------------------------- */
+
+static void log_transition(ah_run_state_t to, const ah_event_t *ev)
+{
+    const char *what = to == AH_STATE_PAUSED     ? "paused"
+                       : to == AH_STATE_RUNNING  ? "running"
+                       : to == AH_STATE_STOPPING ? "shutting down"
+                                                 : ah_run_state_name(to);
+    if (ev->source == AH_SOURCE_CLUSTER || ev->source == AH_SOURCE_STARTUP) {
+        ah_log_info("Agent %s (%s command '%s', version %lld, by %s: %s)", what,
+                    ah_source_name(ev->source), ah_command_name(ev->command),
+                    (long long)ev->version, ev->updated_by[0] ? ev->updated_by : "unknown",
+                    ev->reason[0] ? ev->reason : "no reason given");
+    } else {
+        ah_log_info("Agent %s (%s command '%s' by %s: %s)", what, ah_source_name(ev->source),
+                    ah_command_name(ev->command), ev->updated_by[0] ? ev->updated_by : "unknown",
+                    ev->reason[0] ? ev->reason : "no reason given");
+    }
+}
+
+/* Applies one event: commit the transition first, then run its hook (a failing hook does not
+ * undo the transition). */
+static void worker_apply(ah_host_t *h, const ah_event_t *ev)
+{
+    ah_run_state_t from = ah_state_get(h->state);
+    ah_run_state_t to;
+    ah_hook_t hook;
+    int rc = ah_state_target(from, ev->command, ev->source, &to, &hook);
+    if (rc == AH_ENOOP) {
+        ah_state_note_applied(h->state, ev);
+        ah_log_debug("Command '%s' (version %lld) leaves the agent %s",
+                     ah_command_name(ev->command), (long long)ev->version, ah_run_state_name(from));
+        return;
+    }
+    if (rc != AH_OK) {
+        return;
+    }
+    if (from == AH_STATE_STARTING && ev->source == AH_SOURCE_STARTUP) {
+        ah_log_info("Synced to cluster state: '%s' (version %lld)", ah_command_name(ev->command),
+                    (long long)ev->version);
+        if (ev->command == AH_CMD_SHUTDOWN) {
+            ah_log_warn("The cluster command is 'shutdown': this agent stays paused until "
+                        "POST /api/cluster/resume");
+        }
+    }
+    ah_state_commit(h->state, to, ev);
+    log_transition(to, ev);
+    if (hook == AH_HOOK_NONE) {
+        return;
+    }
+    char err[AH_ERRLEN * 4];
+    rc = ah_lua_hook(h->lua, hook, ev, err, sizeof(err));
+    if (rc != AH_OK) {
+        ah_state_count_hook_error(h->state);
+        ah_log_error("Lua error in %s (the transition to %s still holds): %s", hook_name(hook),
+                     ah_run_state_name(to), err);
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    ah_host_t *h = arg;
+    char err[AH_ERRLEN * 4];
+    if (ah_lua_init(h->lua, err, sizeof(err)) != AH_OK) {
+        ah_log_error("Lua error in init: %s", err);
+        snprintf(h->worker_err, sizeof(h->worker_err), "init failed");
+        atomic_store(&h->worker_rc, 1);
+        ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "init failed", "host");
+    }
+    double idle_wait = IDLE_BACKOFF_MIN;
+    double error_wait = ERROR_BACKOFF_MIN;
+    for (;;) {
+        ah_event_t ev;
+        if (ah_state_take_event(h->state, &ev)) {
+            if (atomic_load(&h->worker_rc) != 0 && ev.command != AH_CMD_SHUTDOWN) {
+                continue;
+            }
+            worker_apply(h, &ev);
+            continue;
+        }
+        ah_run_state_t st = ah_state_get(h->state);
+        if (st == AH_STATE_STOPPING || st == AH_STATE_STOPPED) {
+            break;
+        }
+        if (st != AH_STATE_RUNNING) {
+            ah_state_wait(h->state, 3600);
+            continue;
+        }
+        long long items = 0;
+        int rc = ah_lua_batch(h->lua, &items, err, sizeof(err));
+        ah_state_count_batch(h->state, rc == AH_OK);
+        if (rc != AH_OK) {
+            ah_log_error("Lua error in batch (retrying in %.1fs): %s", error_wait, err);
+            ah_state_wait(h->state, error_wait);
+            error_wait = error_wait * 2 > ERROR_BACKOFF_MAX ? ERROR_BACKOFF_MAX : error_wait * 2;
+            continue;
+        }
+        error_wait = ERROR_BACKOFF_MIN;
+        if (items > 0) {
+            idle_wait = IDLE_BACKOFF_MIN;
+            continue;
+        }
+        ah_state_wait(h->state, idle_wait);
+        idle_wait = idle_wait * 2 > IDLE_BACKOFF_MAX ? IDLE_BACKOFF_MAX : idle_wait * 2;
+    }
+    ah_state_set_stopped(h->state);
+    uv_async_send(&h->worker_done);
+    return NULL;
+}
+
+/* ---- the libuv loop ---------------------------------------------------------------------- */
+
+static void on_signal(uv_signal_t *handle, int signum)
+{
+    ah_host_t *h = handle->data;
+    switch (signum) {
+    case SIGTERM:
+    case SIGINT:
+        ah_log_info("Received %s: shutting down gracefully",
+                    signum == SIGTERM ? "SIGTERM" : "SIGINT");
+        ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_SIGNAL,
+                             signum == SIGTERM ? "SIGTERM" : "SIGINT", "signal");
+        break;
+    case SIGUSR1:
+        ah_log_info("Received SIGUSR1: pausing this agent");
+        ah_state_offer_local(h->state, AH_CMD_PAUSE, AH_SOURCE_SIGNAL, "SIGUSR1", "signal");
+        break;
+    case SIGUSR2:
+        ah_log_info("Received SIGUSR2: resuming this agent");
+        ah_state_offer_local(h->state, AH_CMD_RUNNING, AH_SOURCE_SIGNAL, "SIGUSR2", "signal");
+        break;
+    default:
+        break;
+    }
+}
+
+static void close_handles(ah_host_t *h)
+{
+    if (!h->handles_open) {
+        return;
+    }
+    h->handles_open = false;
+    uv_handle_t *handles[] = {
+        (uv_handle_t *)&h->sig_term, (uv_handle_t *)&h->sig_int,  (uv_handle_t *)&h->sig_usr1,
+        (uv_handle_t *)&h->sig_usr2, (uv_handle_t *)&h->watchdog, (uv_handle_t *)&h->worker_done,
+    };
+    for (size_t i = 0; i < sizeof(handles) / sizeof(handles[0]); i++) {
+        if (!uv_is_closing(handles[i])) {
+            uv_close(handles[i], NULL);
+        }
+    }
+}
+
+static void on_worker_done(uv_async_t *handle)
+{
+    ah_host_t *h = handle->data;
+    if (ah_state_get(h->state) == AH_STATE_STOPPED) {
+        close_handles(h);
+    }
+}
+
+/* Every WATCHDOG_INTERVAL_MS: reports a Lua call that overran BATCH_TIMEOUT (and asks it to
+ * stop), and bounds shutdown by SHUTDOWN_TIMEOUT. */
+static void on_watchdog(uv_timer_t *timer)
+{
+    ah_host_t *h = timer->data;
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(h->state, &snap);
+    int64_t now = ah_mono_us();
+    if (snap.batch_started_us != 0 && !snap.wedged &&
+        (double)(now - snap.batch_started_us) / 1e6 > h->cfg->batch_timeout) {
+        ah_state_mark_overrun(h->state);
+        ah_log_error("A Lua call has run for more than BATCH_TIMEOUT (%gs): interrupting it; "
+                     "/healthz reports the agent wedged until it returns",
+                     h->cfg->batch_timeout);
+        ah_lua_interrupt(h->lua);
+    }
+    if (!snap.shutdown_requested || snap.state == AH_STATE_STOPPED) {
+        return;
+    }
+    if (h->stop_seen_us == 0) {
+        h->stop_seen_us = now;
+        return;
+    }
+    double waited = (double)(now - h->stop_seen_us) / 1e6;
+    if (!h->interrupted_for_stop && waited > h->cfg->shutdown_timeout * 0.8 &&
+        snap.batch_started_us != 0) {
+        h->interrupted_for_stop = true;
+        ah_log_warn("Shutdown is waiting for a Lua call for %.1fs: interrupting it", waited);
+        ah_lua_interrupt(h->lua);
+    }
+    if (waited > h->cfg->shutdown_timeout) {
+        ah_log_error("Shutdown did not finish within SHUTDOWN_TIMEOUT (%gs): a Lua call is "
+                     "still running (a JIT-compiled loop does not see interrupts); exiting",
+                     h->cfg->shutdown_timeout);
+        h->wedged = true;
+        close_handles(h);
+    }
+}
+
+static int open_handles(ah_host_t *h, char *err, size_t errlen)
+{
+    int rc = uv_loop_init(&h->loop);
+    if (rc != 0) {
+        snprintf(err, errlen, "uv_loop_init: %s", uv_strerror(rc));
+        return AH_EIO;
+    }
+    struct {
+        uv_signal_t *handle;
+        int signum;
+    } sigs[] = {{&h->sig_term, SIGTERM},
+                {&h->sig_int, SIGINT},
+                {&h->sig_usr1, SIGUSR1},
+                {&h->sig_usr2, SIGUSR2}};
+    for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++) {
+        uv_signal_init(&h->loop, sigs[i].handle);
+        sigs[i].handle->data = h;
+        uv_signal_start(sigs[i].handle, on_signal, sigs[i].signum);
+    }
+    uv_timer_init(&h->loop, &h->watchdog);
+    h->watchdog.data = h;
+    uv_timer_start(&h->watchdog, on_watchdog, WATCHDOG_INTERVAL_MS, WATCHDOG_INTERVAL_MS);
+    uv_async_init(&h->loop, &h->worker_done, on_worker_done);
+    h->worker_done.data = h;
+    h->handles_open = true;
+    return AH_OK;
+}
+
+/* ---- store listener ---------------------------------------------------------------------- */
+
+static void on_store_control(void *ud, const ah_control_t *doc)
+{
+    ah_state_offer_cluster(ud, doc);
+}
+
+static void on_store_status(void *ud, const ah_store_status_t *status)
+{
+    ah_state_set_store_status(ud, status);
+}
+
+static int open_store(ah_host_t *h, char *err, size_t errlen)
+{
+    const ah_config_t *cfg = h->cfg;
+    if (!cfg->distributed_control) {
+        ah_log_info("[Distributed Control] Disabled (ENABLE_DISTRIBUTED_CONTROL=false): "
+                    "local control only");
+        ah_state_offer_local(h->state, AH_CMD_RUNNING, AH_SOURCE_STARTUP,
+                             "distributed control disabled", "system");
+        return AH_OK;
+    }
+    ah_log_info("[Distributed Control] Initializing cluster coordination");
+    if (cfg->mongodb_uri != NULL) {
+        h->store = ah_store_mongo_open(cfg, err, errlen);
+    } else {
+        h->store = ah_store_sqlite_open(cfg->state_path, cfg->embedded_poll_interval, err, errlen);
+        if (h->store != NULL) {
+            ah_log_info("Using embedded control store %s (polling every %gs)", cfg->state_path,
+                        cfg->embedded_poll_interval);
+        }
+    }
+    if (h->store == NULL) {
+        return AH_EIO;
+    }
+    ah_store_listener_t listener = {
+        .on_control = on_store_control, .on_status = on_store_status, .ud = h->state};
+    return ah_store_watch_start(h->store, &listener, err, errlen);
+}
+
+int ah_host_run(ah_host_t *h, char *err, size_t errlen)
+{
+    int exit_code = 1;
+    ah_log_info("Starting agent %s with script %s", h->cfg->agent_id, h->cfg->script_path);
+    if (open_handles(h, err, errlen) != AH_OK) {
+        return 1;
+    }
+    if (open_store(h, err, errlen) != AH_OK) {
+        goto out;
+    }
+    h->http = ah_http_start(h->cfg, h->state, h->store, err, errlen);
+    if (h->http == NULL) {
+        goto out;
+    }
+    h->http_port = ah_http_port(h->http);
+    ah_log_info("HTTP API listening on %s:%d", h->cfg->http_bind, h->http_port);
+    if (pthread_create(&h->worker, NULL, worker_main, h) != 0) {
+        snprintf(err, errlen, "cannot start the Lua worker thread");
+        goto out;
+    }
+    h->worker_started = true;
+    uv_run(&h->loop, UV_RUN_DEFAULT);
+    if (h->wedged) {
+        ah_http_stop(h->http);
+        h->http = NULL;
+        return AH_HOST_WEDGED;
+    }
+    pthread_join(h->worker, NULL);
+    h->worker_started = false;
+    exit_code = atomic_load(&h->worker_rc);
+    if (exit_code != 0) {
+        snprintf(err, errlen, "%s", h->worker_err);
+    }
+out:
+    if (h->worker_started) {
+        /* Only reached on a failure after the worker started; make it exit. */
+        ah_host_request_stop(h);
+        pthread_join(h->worker, NULL);
+        h->worker_started = false;
+    }
+    ah_http_stop(h->http);
+    h->http = NULL;
+    ah_store_close(h->store);
+    h->store = NULL;
+    close_handles(h);
+    uv_run(&h->loop, UV_RUN_DEFAULT);
+    if (uv_loop_close(&h->loop) != 0) {
+        ah_log_error("internal: libuv loop still had open handles at exit");
+    }
+    if (exit_code == 0) {
+        ah_log_info("Agent stopped");
+    }
+    return exit_code;
+}

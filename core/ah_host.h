@@ -1,0 +1,35 @@
+/* The host: owns and wires every part of a running agent — the state object, the Lua worker
+ * thread, the control store and its watcher, the HTTP API, and a libuv loop for signals, the
+ * watchdog timer and the worker's exit notification.
+ *
+ * Threads: ah_host_run() runs the libuv loop on the calling thread and starts the Lua worker
+ * thread; ah_host_request_stop() and ah_host_command() may be called from any thread. */
+#ifndef AH_HOST_H
+#define AH_HOST_H
+
+#include "ah_config.h"
+#include "ah_state.h"
+
+typedef struct ah_host_s ah_host_t;
+
+/* Loads the script (a load or contract error returns NULL with err naming file:line; the caller
+ * exits 2). cfg is borrowed and must outlive the host. */
+ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen);
+/* Runs the agent until it stops. Returns the process exit code: 0 after a clean shutdown, 1 on
+ * a runtime failure (err set), or AH_HOST_WEDGED when the Lua worker did not finish within
+ * SHUTDOWN_TIMEOUT: the worker thread still runs, so the caller must exit the process (_exit)
+ * without ah_host_free(). */
+int ah_host_run(ah_host_t *host, char *err, size_t errlen);
+#define AH_HOST_WEDGED 3
+/* Requests a graceful local shutdown (like SIGTERM). Thread-safe. */
+void ah_host_request_stop(ah_host_t *host);
+/* Issues a local command (pause / running / shutdown) to this agent only. Thread-safe. */
+void ah_host_command(ah_host_t *host, ah_command_t cmd, const char *reason);
+/* The state object (valid until ah_host_free), for reading snapshots. */
+ah_state_t *ah_host_state(ah_host_t *host);
+/* The HTTP port bound by the last ah_host_run() (0 before it listens). */
+int ah_host_http_port(ah_host_t *host);
+/* Frees the host. NULL is accepted. Must not be called while ah_host_run() runs. */
+void ah_host_free(ah_host_t *host);
+
+#endif

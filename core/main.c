@@ -1,0 +1,144 @@
+/* The agenthost command line: run | check | ctl | version (SPEC §1). Exit codes: 0 clean
+ * shutdown, 1 runtime failure, 2 bad usage, configuration or script. */
+#include "ah_config.h"
+#include "ah_ctl.h"
+#include "ah_host.h"
+#include "ah_log.h"
+#include "ah_lua.h"
+
+#include <luajit.h>
+#include <microhttpd.h>
+#include <mongoc/mongoc.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <uv.h>
+
+static const char usage[] =
+    "usage: agenthost [run] SCRIPT.lua [options]   run an agent\n"
+    "       agenthost check SCRIPT.lua              load the script and verify the contract\n"
+    "       agenthost ctl COMMAND [options]         talk to a running agent (ctl --help)\n"
+    "       agenthost version                       print versions\n"
+    "\n"
+    "Every command accepts --help. Settings come from the environment; flags override:\n";
+
+static void print_run_help(FILE *out)
+{
+    fputs(usage, out);
+    for (const ah_config_var_t *v = ah_config_vars(); v->name != NULL; v++) {
+        fprintf(out, "  %-27s %-21s default %-20s %s\n", v->name, v->flag ? v->flag : "",
+                v->default_value, v->help);
+    }
+    fputs("\nexit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage, config or script\n",
+          out);
+}
+
+static bool wants_help(int argc, char **argv)
+{
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static int cmd_version(void)
+{
+    printf("agenthost %s (%s, libmongoc %s, libuv %s, libmicrohttpd %s, SQLite %s)\n", AH_VERSION,
+           LUAJIT_VERSION, mongoc_get_version(), uv_version_string(), MHD_get_version(),
+           sqlite3_libversion());
+    return 0;
+}
+
+static int cmd_check(int argc, char **argv)
+{
+    if (wants_help(argc, argv)) {
+        printf("usage: agenthost check SCRIPT.lua\n\nLoads the script and verifies that it "
+               "returns a table with a batch function\n(and that hooks, if present, are "
+               "functions). Exit 0 if so, 2 with the reason otherwise.\n");
+        return 0;
+    }
+    if (argc != 1) {
+        fprintf(stderr, "agenthost check: expected one SCRIPT.lua argument\n");
+        return 2;
+    }
+    char err[AH_ERRLEN * 4];
+    ah_lua_options_t opts = {.agent_id = "check", .state = NULL, .batch_timeout = 10};
+    ah_lua_t *lua = ah_lua_open(&opts, argv[0], err, sizeof(err));
+    if (lua == NULL) {
+        fprintf(stderr, "agenthost check: %s\n", err);
+        return 2;
+    }
+    ah_lua_close(lua);
+    printf("%s: OK\n", argv[0]);
+    return 0;
+}
+
+static int cmd_run(int argc, char **argv)
+{
+    if (wants_help(argc, argv)) {
+        print_run_help(stdout);
+        return 0;
+    }
+    ah_config_t cfg;
+    char err[AH_ERRLEN * 4];
+    ah_config_defaults(&cfg);
+    if (ah_config_from_env(&cfg, err, sizeof(err)) != 0 ||
+        ah_config_from_args(&cfg, argc, argv, err, sizeof(err)) != 0) {
+        fprintf(stderr, "agenthost: %s\n", err);
+        ah_config_free(&cfg);
+        return 2;
+    }
+    if (cfg.script_path == NULL) {
+        fprintf(stderr, "agenthost: no SCRIPT.lua given\n\n");
+        print_run_help(stderr);
+        ah_config_free(&cfg);
+        return 2;
+    }
+    ah_log_setup(cfg.log_level, cfg.log_json, cfg.agent_id);
+    ah_host_t *host = ah_host_new(&cfg, err, sizeof(err));
+    if (host == NULL) {
+        fprintf(stderr, "agenthost: %s\n", err);
+        ah_config_free(&cfg);
+        return 2;
+    }
+    int rc = ah_host_run(host, err, sizeof(err));
+    if (rc == AH_HOST_WEDGED) {
+        _exit(1); /* the Lua worker is stuck in a call; it cannot be joined or freed */
+    }
+    if (rc != 0) {
+        ah_log_error("agenthost: %s", err);
+    }
+    ah_host_free(host);
+    ah_config_free(&cfg);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        print_run_help(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+        print_run_help(stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
+        return cmd_version();
+    }
+    if (strcmp(cmd, "check") == 0) {
+        return cmd_check(argc - 2, argv + 2);
+    }
+    if (strcmp(cmd, "ctl") == 0) {
+        return ah_ctl_main(argc - 2, argv + 2);
+    }
+    if (strcmp(cmd, "run") == 0) {
+        return cmd_run(argc - 2, argv + 2);
+    }
+    return cmd_run(argc - 1, argv + 1);
+}
