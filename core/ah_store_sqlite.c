@@ -1,0 +1,663 @@
+/* The embedded control store (SPEC §5 "Embedded"): the control document and its audit trail in
+ * one SQLite file that every local agent pointing at it shares. A command is one IMMEDIATE
+ * transaction that bumps the version and appends the audit row, so versions stay gapless under
+ * concurrent writers in several processes. Two connections: the API connection, used by any
+ * thread under api_lock, and the watcher's own connection, owned by the watcher thread, which
+ * polls the cheap `PRAGMA data_version` (it only changes for commits made through *other*
+ * connections, which is why the watcher cannot share the API connection).
+ *
+ * Error mapping: the file cannot be opened or stays locked past the busy timeout and retries →
+ * AH_EUNAVAIL (nothing written); any other SQLite failure → AH_EIO. Messages include
+ * sqlite3_errmsg(). */
+#define _GNU_SOURCE
+#include "ah_store.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define AH_SQLITE_BUSY_TIMEOUT_MS 5000
+#define AH_SQLITE_TXN_ATTEMPTS 4            /* whole-transaction attempts on SQLITE_BUSY */
+#define AH_SQLITE_BACKOFF_MIN_S 0.2         /* watcher: first retry delay after a failure */
+#define AH_SQLITE_BACKOFF_MAX_S 10.0        /* watcher: retry delay cap */
+#define AH_SQLITE_STATUS_MIN_GAP_US 1000000 /* watcher: at most one routine status per second */
+
+typedef struct ah_sqlite_store_s {
+    ah_store_t base; /* must stay first */
+    char *path;
+    double poll_interval;
+
+    pthread_mutex_t api_lock; /* guards api_db and its error message */
+    sqlite3 *api_db;
+
+    pthread_mutex_t watch_lock; /* guards stopping; watch_cond wakes the watcher early */
+    pthread_cond_t watch_cond;  /* on CLOCK_MONOTONIC */
+    bool stopping;
+    bool watching; /* set once by watch_start; the thread is joined by close */
+    pthread_t watcher;
+    ah_store_listener_t listener;
+} ah_sqlite_store_t;
+
+static const char ah_sqlite_schema[] =
+    "CREATE TABLE IF NOT EXISTS control ("
+    " id TEXT PRIMARY KEY, command TEXT NOT NULL, version INTEGER NOT NULL,"
+    " timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL, updated_by TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS audit ("
+    " version INTEGER PRIMARY KEY, command TEXT NOT NULL, timestamp_us INTEGER NOT NULL,"
+    " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);";
+
+static const char ah_sqlite_insert_initial[] =
+    "INSERT OR IGNORE INTO control (id, command, version, timestamp_us, reason, updated_by)"
+    " VALUES ('global_control', 'running', (SELECT IFNULL(MAX(version), 0) FROM audit), ?1,"
+    " 'initial state', 'system')";
+
+static const char ah_sqlite_select_control[] =
+    "SELECT command, version, timestamp_us, reason, updated_by FROM control"
+    " WHERE id = 'global_control'";
+
+static const char ah_sqlite_update_control[] =
+    "UPDATE control SET version = version + 1, command = ?1, timestamp_us = ?2, reason = ?3,"
+    " updated_by = ?4 WHERE id = 'global_control' RETURNING version";
+
+static const char ah_sqlite_insert_audit[] =
+    "INSERT INTO audit (version, command, timestamp_us, reason, updated_by, agent_id)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+static const char ah_sqlite_select_history[] =
+    "SELECT command, version, timestamp_us, reason, updated_by, agent_id FROM audit"
+    " ORDER BY version DESC LIMIT ?1";
+
+/* True for the "someone else holds the lock" family of result codes. */
+static bool sqlite_is_busy(int rc)
+{
+    return (rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED;
+}
+
+/* Writes "embedded store '<path>': <what>: <sqlite message>" into err. */
+static void sqlite_error(char *err, size_t errlen, const ah_sqlite_store_t *st, sqlite3 *db,
+                         const char *what)
+{
+    snprintf(err, errlen, "embedded store '%s': %s: %s", st->path, what,
+             db != NULL ? sqlite3_errmsg(db) : "out of memory");
+}
+
+static void sleep_seconds(double seconds)
+{
+    struct timespec ts;
+    ts.tv_sec = (time_t)seconds;
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+/* Rolls back whatever transaction db has open; harmless when none is. */
+static void sqlite_rollback(sqlite3 *db)
+{
+    if (!sqlite3_get_autocommit(db)) {
+        sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    }
+}
+
+/* Opens a connection to st->path with the store's pragmas. create: also create the file, the
+ * schema and the initial document. Returns 0 and *out, or AH_EUNAVAIL/AH_EIO with err set
+ * (*out NULL). */
+static int sqlite_connect(const ah_sqlite_store_t *st, bool create, sqlite3 **out, char *err,
+                          size_t errlen)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *stmt = NULL;
+    int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
+    int ret = AH_EIO;
+    int rc;
+
+    *out = NULL;
+    rc = sqlite3_open_v2(st->path, &db, flags, NULL);
+    if (rc != SQLITE_OK) {
+        sqlite_error(err, errlen, st, db, "cannot open");
+        ret = AH_EUNAVAIL;
+        goto cleanup;
+    }
+    sqlite3_busy_timeout(db, AH_SQLITE_BUSY_TIMEOUT_MS);
+
+    /* Several agents may open a fresh file at once: the journal-mode switch and the schema can
+     * meet a lock that the busy handler does not wait for, so the setup is retried. */
+    for (int attempt = 1;; attempt++) {
+        rc = sqlite3_exec(db,
+                          "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
+                          " PRAGMA foreign_keys = OFF;",
+                          NULL, NULL, NULL);
+        if (rc == SQLITE_OK && create) {
+            rc = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+            if (rc == SQLITE_OK) {
+                rc = sqlite3_exec(db, ah_sqlite_schema, NULL, NULL, NULL);
+            }
+            if (rc == SQLITE_OK) {
+                rc = sqlite3_prepare_v2(db, ah_sqlite_insert_initial, -1, &stmt, NULL);
+            }
+            if (rc == SQLITE_OK) {
+                sqlite3_bind_int64(stmt, 1, ah_now_us());
+                rc = sqlite3_step(stmt) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(db);
+            }
+            sqlite3_finalize(stmt);
+            stmt = NULL;
+            if (rc == SQLITE_OK) {
+                rc = sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+            }
+        }
+        if (rc == SQLITE_OK) {
+            break;
+        }
+        rc = sqlite3_extended_errcode(db);
+        sqlite_error(err, errlen, st, db, "cannot set up");
+        sqlite_rollback(db);
+        if (!sqlite_is_busy(rc) || attempt >= AH_SQLITE_TXN_ATTEMPTS) {
+            ret =
+                sqlite_is_busy(rc) || (rc & 0xff) == SQLITE_CANTOPEN || (rc & 0xff) == SQLITE_NOTADB
+                    ? AH_EUNAVAIL
+                    : AH_EIO;
+            goto cleanup;
+        }
+        sleep_seconds(0.05 * attempt);
+    }
+
+    *out = db;
+    db = NULL;
+    ret = 0;
+cleanup:
+    sqlite3_close_v2(db); /* NULL is a no-op */
+    return ret;
+}
+
+/* Fills *out from the row a statement is positioned on: command, version, timestamp_us, reason,
+ * updated_by[, agent_id]. A command this build does not know becomes AH_CMD_NONE. */
+static void control_from_row(sqlite3_stmt *stmt, bool with_agent, ah_control_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (ah_command_parse((const char *)sqlite3_column_text(stmt, 0), &out->command) != 0) {
+        out->command = AH_CMD_NONE;
+    }
+    out->version = sqlite3_column_int64(stmt, 1);
+    out->timestamp_us = sqlite3_column_int64(stmt, 2);
+    ah_strlcpy(out->reason, (const char *)sqlite3_column_text(stmt, 3), sizeof(out->reason));
+    ah_strlcpy(out->updated_by, (const char *)sqlite3_column_text(stmt, 4),
+               sizeof(out->updated_by));
+    if (with_agent) {
+        ah_strlcpy(out->agent_id, (const char *)sqlite3_column_text(stmt, 5),
+                   sizeof(out->agent_id));
+    }
+}
+
+/* Reads the control row through db (caller owns db). 0, or AH_EIO with err set (also when the
+ * row is missing or holds an unknown command). */
+static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *out, char *err,
+                          size_t errlen)
+{
+    sqlite3_stmt *stmt = NULL;
+    int ret = AH_EIO;
+    int rc;
+
+    if (sqlite3_prepare_v2(db, ah_sqlite_select_control, -1, &stmt, NULL) != SQLITE_OK) {
+        sqlite_error(err, errlen, st, db, "read failed");
+        ret = sqlite_is_busy(sqlite3_errcode(db)) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    rc = sqlite3_step(stmt);
+    if (rc == SQLITE_DONE) {
+        snprintf(err, errlen, "embedded store '%s': read failed: control document is missing",
+                 st->path);
+        goto cleanup;
+    }
+    if (rc != SQLITE_ROW) {
+        sqlite_error(err, errlen, st, db, "read failed");
+        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    control_from_row(stmt, false, out);
+    if (out->command == AH_CMD_NONE) {
+        snprintf(err, errlen, "embedded store '%s': read failed: unknown command '%s'", st->path,
+                 (const char *)sqlite3_column_text(stmt, 0));
+        goto cleanup;
+    }
+    ret = 0;
+cleanup:
+    sqlite3_finalize(stmt);
+    return ret;
+}
+
+/* One attempt at the command transaction on the API connection (api_lock held): fills
+ * doc->version. Returns SQLITE_OK, or the extended result code of the failure with err set and
+ * the transaction rolled back. */
+static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *doc, char *err,
+                       size_t errlen)
+{
+    sqlite3_stmt *stmt = NULL;
+    const char *name = ah_command_name(doc->command);
+    int rc;
+
+    rc = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        goto cleanup;
+    }
+    /* Someone may have deleted the row since the store was opened: it is then re-created at the
+     * last audited version, so versions keep increasing and the audit keeps no duplicates. */
+    rc = sqlite3_prepare_v2(db, ah_sqlite_insert_initial, -1, &stmt, NULL);
+    if (rc != SQLITE_OK) {
+        goto cleanup;
+    }
+    sqlite3_bind_int64(stmt, 1, doc->timestamp_us);
+    rc = sqlite3_step(stmt);
+    if (rc != SQLITE_DONE) {
+        goto cleanup;
+    }
+    sqlite3_finalize(stmt);
+    stmt = NULL;
+
+    rc = sqlite3_prepare_v2(db, ah_sqlite_update_control, -1, &stmt, NULL);
+    if (rc != SQLITE_OK) {
+        goto cleanup;
+    }
+    sqlite3_bind_text(stmt, 1, name, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 2, doc->timestamp_us);
+    sqlite3_bind_text(stmt, 3, doc->reason, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 4, doc->updated_by, -1, SQLITE_STATIC);
+    rc = sqlite3_step(stmt);
+    if (rc != SQLITE_ROW) {
+        goto cleanup;
+    }
+    doc->version = sqlite3_column_int64(stmt, 0);
+    rc = sqlite3_step(stmt); /* a RETURNING statement must finish before COMMIT */
+    if (rc != SQLITE_DONE) {
+        goto cleanup;
+    }
+    sqlite3_finalize(stmt);
+    stmt = NULL;
+
+    rc = sqlite3_prepare_v2(db, ah_sqlite_insert_audit, -1, &stmt, NULL);
+    if (rc != SQLITE_OK) {
+        goto cleanup;
+    }
+    sqlite3_bind_int64(stmt, 1, doc->version);
+    sqlite3_bind_text(stmt, 2, name, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 3, doc->timestamp_us);
+    sqlite3_bind_text(stmt, 4, doc->reason, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 5, doc->updated_by, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 6, doc->agent_id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(stmt);
+    if (rc != SQLITE_DONE) {
+        goto cleanup;
+    }
+    sqlite3_finalize(stmt);
+    stmt = NULL;
+
+    rc = sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+cleanup:
+    if (rc != SQLITE_OK) {
+        if (rc == SQLITE_ROW) {
+            snprintf(err, errlen, "embedded store '%s': command failed: unexpected row", st->path);
+        } else if (rc == SQLITE_DONE) { /* the UPDATE matched nothing inside our own txn */
+            snprintf(err, errlen, "embedded store '%s': command failed: control document vanished",
+                     st->path);
+            rc = SQLITE_CORRUPT;
+        } else {
+            rc = sqlite3_extended_errcode(db);
+            sqlite_error(err, errlen, st, db, "command failed");
+        }
+    }
+    sqlite3_finalize(stmt);
+    if (rc != SQLITE_OK) {
+        sqlite_rollback(db);
+    }
+    return rc;
+}
+
+static int sqlite_read(ah_store_t *base, ah_control_t *out, char *err, size_t errlen)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    int ret;
+
+    pthread_mutex_lock(&st->api_lock);
+    ret = control_select(st, st->api_db, out, err, errlen);
+    pthread_mutex_unlock(&st->api_lock);
+    return ret;
+}
+
+static int sqlite_command(ah_store_t *base, ah_command_t cmd, const char *reason,
+                          const char *updated_by, const char *agent_id, ah_control_t *out,
+                          char *err, size_t errlen)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    ah_control_t doc;
+    int rc = SQLITE_OK;
+    int ret = 0;
+
+    memset(&doc, 0, sizeof(doc));
+    doc.command = cmd;
+    ah_strlcpy(doc.reason, reason, sizeof(doc.reason));
+    ah_strlcpy(doc.updated_by, updated_by, sizeof(doc.updated_by));
+    ah_strlcpy(doc.agent_id, agent_id, sizeof(doc.agent_id));
+
+    pthread_mutex_lock(&st->api_lock);
+    for (int attempt = 1; attempt <= AH_SQLITE_TXN_ATTEMPTS; attempt++) {
+        doc.timestamp_us = ah_now_us();
+        rc = command_txn(st, st->api_db, &doc, err, errlen);
+        if (rc == SQLITE_OK || !sqlite_is_busy(rc)) {
+            break;
+        }
+        sleep_seconds(0.02 * attempt);
+    }
+    if (rc != SQLITE_OK) {
+        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+    }
+    pthread_mutex_unlock(&st->api_lock);
+    if (ret == 0 && out != NULL) {
+        *out = doc;
+    }
+    return ret;
+}
+
+static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *count, char *err,
+                          size_t errlen)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    sqlite3_stmt *stmt = NULL;
+    int ret = AH_EIO;
+    int n = 0;
+    int rc;
+
+    *count = 0;
+    pthread_mutex_lock(&st->api_lock);
+    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_history, -1, &stmt, NULL) != SQLITE_OK) {
+        sqlite_error(err, errlen, st, st->api_db, "history failed");
+        goto cleanup;
+    }
+    sqlite3_bind_int(stmt, 1, limit);
+    while (n < limit && (rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+        control_from_row(stmt, true, &out[n]);
+        n++;
+    }
+    if (n < limit && rc != SQLITE_DONE) {
+        sqlite_error(err, errlen, st, st->api_db, "history failed");
+        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    *count = n;
+    ret = 0;
+cleanup:
+    sqlite3_finalize(stmt);
+    pthread_mutex_unlock(&st->api_lock);
+    return ret;
+}
+
+/* Watcher: waits up to `seconds` or until close() asks it to stop. Returns true if stopping. */
+static bool watch_wait(ah_sqlite_store_t *st, double seconds)
+{
+    struct timespec deadline;
+    bool stopping;
+
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += (time_t)seconds;
+    deadline.tv_nsec += (long)((seconds - floor(seconds)) * 1e9);
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&st->watch_lock);
+    while (!st->stopping) {
+        if (pthread_cond_timedwait(&st->watch_cond, &st->watch_lock, &deadline) == ETIMEDOUT) {
+            break;
+        }
+    }
+    stopping = st->stopping;
+    pthread_mutex_unlock(&st->watch_lock);
+    return stopping;
+}
+
+/* Watcher: the connection's data_version into *out. 0, or AH_EIO with err set. */
+static int watch_data_version(const ah_sqlite_store_t *st, sqlite3 *db, int64_t *out, char *err,
+                              size_t errlen)
+{
+    sqlite3_stmt *stmt = NULL;
+    int ret = AH_EIO;
+
+    if (sqlite3_prepare_v2(db, "PRAGMA data_version", -1, &stmt, NULL) != SQLITE_OK ||
+        sqlite3_step(stmt) != SQLITE_ROW) {
+        sqlite_error(err, errlen, st, db, "change check failed");
+        goto cleanup;
+    }
+    *out = sqlite3_column_int64(stmt, 0);
+    ret = 0;
+cleanup:
+    sqlite3_finalize(stmt);
+    return ret;
+}
+
+/* The watcher thread: initial read (retried with capped exponential backoff), then one
+ * data_version check per poll_interval and a re-read when another connection committed.
+ * Owns its connection; callbacks run here without any store lock held. */
+static void *watch_main(void *arg)
+{
+    ah_sqlite_store_t *st = arg;
+    const ah_store_listener_t *listener = &st->listener;
+    ah_store_status_t status;
+    ah_control_t doc;
+    sqlite3 *db = NULL;
+    char err[AH_ERRLEN];
+    bool need_read = true;
+    bool reported_doc = false;
+    bool ever_connected = false;
+    int64_t reported_version = 0;
+    int64_t data_version = 0;
+    int64_t last_status_us = 0;
+    uint64_t reported_polls = 0;
+    double backoff = AH_SQLITE_BACKOFF_MIN_S;
+
+    memset(&status, 0, sizeof(status));
+    ah_strlcpy(status.backend, "embedded", sizeof(status.backend));
+    ah_strlcpy(status.topology, "embedded", sizeof(status.topology));
+    ah_strlcpy(status.watch_mode, "polling", sizeof(status.watch_mode));
+    status.latency_ms = -1.0;
+
+    for (;;) {
+        int64_t now_dv;
+
+        if (db == NULL && sqlite_connect(st, false, &db, err, sizeof(err)) != 0) {
+            goto failed;
+        }
+        if (need_read) {
+            int64_t started_us = ah_mono_us();
+            /* data_version first: a commit landing between the two is caught by the next poll. */
+            if (watch_data_version(st, db, &now_dv, err, sizeof(err)) != 0 ||
+                control_select(st, db, &doc, err, sizeof(err)) != 0) {
+                goto failed;
+            }
+            status.latency_ms = (double)(ah_mono_us() - started_us) / 1000.0;
+            data_version = now_dv;
+            need_read = false;
+            backoff = AH_SQLITE_BACKOFF_MIN_S;
+            if (!status.connected) {
+                if (ever_connected) {
+                    status.reconnects++;
+                }
+                ever_connected = true;
+                status.connected = true;
+                last_status_us = 0; /* report now */
+            }
+            if (last_status_us == 0 && listener->on_status != NULL) {
+                listener->on_status(listener->ud, &status);
+                last_status_us = ah_mono_us();
+                reported_polls = status.polls;
+            }
+            if ((!reported_doc || doc.version != reported_version) &&
+                listener->on_control != NULL) {
+                listener->on_control(listener->ud, &doc);
+            }
+            reported_doc = true;
+            reported_version = doc.version;
+        }
+
+        if (watch_wait(st, st->poll_interval)) {
+            break;
+        }
+        if (watch_data_version(st, db, &now_dv, err, sizeof(err)) != 0) {
+            goto failed;
+        }
+        status.polls++;
+        if (now_dv != data_version) {
+            need_read = true;
+        }
+        if (status.polls != reported_polls &&
+            ah_mono_us() - last_status_us >= AH_SQLITE_STATUS_MIN_GAP_US &&
+            listener->on_status != NULL) {
+            listener->on_status(listener->ud, &status);
+            last_status_us = ah_mono_us();
+            reported_polls = status.polls;
+        }
+        continue;
+
+    failed:
+        status.connected = false;
+        ah_strlcpy(status.last_error, err, sizeof(status.last_error));
+        status.last_error_us = ah_now_us();
+        if (listener->on_status != NULL) {
+            listener->on_status(listener->ud, &status);
+        }
+        last_status_us = 0; /* the next success is reported at once */
+        sqlite3_close_v2(db);
+        db = NULL;
+        need_read = true;
+        if (watch_wait(st, backoff)) {
+            break;
+        }
+        backoff = fmin(backoff * 2.0, AH_SQLITE_BACKOFF_MAX_S);
+    }
+    sqlite3_close_v2(db);
+    return NULL;
+}
+
+static int sqlite_watch_start(ah_store_t *base, const ah_store_listener_t *listener, char *err,
+                              size_t errlen)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    int rc;
+
+    if (listener == NULL) {
+        snprintf(err, errlen, "embedded store watch: listener is required");
+        return AH_EINVAL;
+    }
+    pthread_mutex_lock(&st->watch_lock);
+    if (st->watching) {
+        pthread_mutex_unlock(&st->watch_lock);
+        snprintf(err, errlen, "embedded store watch already started");
+        return AH_EINVAL;
+    }
+    st->listener = *listener;
+    rc = pthread_create(&st->watcher, NULL, watch_main, st);
+    if (rc != 0) {
+        pthread_mutex_unlock(&st->watch_lock);
+        snprintf(err, errlen, "embedded store watch: cannot start thread: %s", strerror(rc));
+        return AH_EIO;
+    }
+    st->watching = true;
+    pthread_mutex_unlock(&st->watch_lock);
+    return 0;
+}
+
+static void sqlite_close(ah_store_t *base)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    bool watching;
+
+    pthread_mutex_lock(&st->watch_lock);
+    st->stopping = true;
+    watching = st->watching;
+    pthread_cond_broadcast(&st->watch_cond);
+    pthread_mutex_unlock(&st->watch_lock);
+    if (watching) {
+        pthread_join(st->watcher, NULL);
+    }
+    sqlite3_close_v2(st->api_db);
+    pthread_cond_destroy(&st->watch_cond);
+    pthread_mutex_destroy(&st->watch_lock);
+    pthread_mutex_destroy(&st->api_lock);
+    free(st->path);
+    free(st);
+}
+
+static const ah_store_ops_t ah_sqlite_ops = {
+    .read = sqlite_read,
+    .command = sqlite_command,
+    .history = sqlite_history,
+    .watch_start = sqlite_watch_start,
+    .close = sqlite_close,
+};
+
+ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *err, size_t errlen)
+{
+    ah_sqlite_store_t *st = NULL;
+    pthread_condattr_t cond_attr;
+    bool api_lock = false, watch_lock = false, cond_attr_init = false;
+
+    if (path == NULL || path[0] == '\0') {
+        snprintf(err, errlen, "embedded store: no file path given");
+        return NULL;
+    }
+    if (!(poll_interval > 0.0) || !isfinite(poll_interval)) {
+        snprintf(err, errlen, "embedded store '%s': poll interval must be a positive number", path);
+        return NULL;
+    }
+    st = calloc(1, sizeof(*st));
+    if (st == NULL || (st->path = strdup(path)) == NULL) {
+        snprintf(err, errlen, "embedded store '%s': out of memory", path);
+        goto fail;
+    }
+    st->base.ops = &ah_sqlite_ops;
+    st->poll_interval = poll_interval;
+    if (pthread_mutex_init(&st->api_lock, NULL) != 0) {
+        snprintf(err, errlen, "embedded store '%s': cannot create mutex", path);
+        goto fail;
+    }
+    api_lock = true;
+    if (pthread_mutex_init(&st->watch_lock, NULL) != 0) {
+        snprintf(err, errlen, "embedded store '%s': cannot create mutex", path);
+        goto fail;
+    }
+    watch_lock = true;
+    if (pthread_condattr_init(&cond_attr) != 0) {
+        snprintf(err, errlen, "embedded store '%s': cannot create condition", path);
+        goto fail;
+    }
+    cond_attr_init = true;
+    if (pthread_condattr_setclock(&cond_attr, CLOCK_MONOTONIC) != 0 ||
+        pthread_cond_init(&st->watch_cond, &cond_attr) != 0) {
+        snprintf(err, errlen, "embedded store '%s': cannot create condition", path);
+        goto fail;
+    }
+    pthread_condattr_destroy(&cond_attr);
+    cond_attr_init = false;
+    if (sqlite_connect(st, true, &st->api_db, err, errlen) != 0) {
+        pthread_cond_destroy(&st->watch_cond);
+        goto fail;
+    }
+    return &st->base;
+
+fail:
+    if (cond_attr_init) {
+        pthread_condattr_destroy(&cond_attr);
+    }
+    if (watch_lock) {
+        pthread_mutex_destroy(&st->watch_lock);
+    }
+    if (api_lock) {
+        pthread_mutex_destroy(&st->api_lock);
+    }
+    if (st != NULL) {
+        free(st->path);
+    }
+    free(st);
+    return NULL;
+}

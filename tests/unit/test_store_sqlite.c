@@ -1,0 +1,528 @@
+/* Unit tests of the embedded control store (core/ah_store_sqlite.c): initial document,
+ * persistence, gapless versions and audit under concurrent writer processes, history order,
+ * the polling watcher and error reporting. Every test works in its own mkdtemp directory. */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <errno.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ah_store.h"
+
+#define WAIT_DEADLINE_S 5.0
+
+typedef struct fixture_s {
+    char dir[64];
+    char path[128];
+} fixture_t;
+
+static int setup(void **state)
+{
+    fixture_t *fx = calloc(1, sizeof(*fx));
+    if (fx == NULL) {
+        return -1;
+    }
+    snprintf(fx->dir, sizeof(fx->dir), "/tmp/ah_store_sqlite_XXXXXX");
+    if (mkdtemp(fx->dir) == NULL) {
+        free(fx);
+        return -1;
+    }
+    snprintf(fx->path, sizeof(fx->path), "%s/state.db", fx->dir);
+    *state = fx;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture_t *fx = *state;
+    DIR *d = opendir(fx->dir);
+    if (d != NULL) {
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            char file[512];
+            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) {
+                continue;
+            }
+            snprintf(file, sizeof(file), "%s/%s", fx->dir, e->d_name);
+            unlink(file);
+        }
+        closedir(d);
+    }
+    rmdir(fx->dir);
+    free(fx);
+    return 0;
+}
+
+static ah_store_t *open_store(const fixture_t *fx, double poll_interval)
+{
+    char err[AH_ERRLEN] = "";
+    ah_store_t *st = ah_store_sqlite_open(fx->path, poll_interval, err, sizeof(err));
+    if (st == NULL) {
+        fail_msg("open failed: %s", err);
+    }
+    return st;
+}
+
+/* A listener that records what the watcher reports, for a test thread to wait on. */
+typedef struct recorder_s {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    ah_control_t docs[32];
+    int doc_count;
+    ah_store_status_t status;
+    int status_count;
+} recorder_t;
+
+static void recorder_on_control(void *ud, const ah_control_t *doc)
+{
+    recorder_t *r = ud;
+    pthread_mutex_lock(&r->lock);
+    if (r->doc_count < (int)(sizeof(r->docs) / sizeof(r->docs[0]))) {
+        r->docs[r->doc_count] = *doc;
+    }
+    r->doc_count++;
+    pthread_cond_broadcast(&r->cond);
+    pthread_mutex_unlock(&r->lock);
+}
+
+static void recorder_on_status(void *ud, const ah_store_status_t *status)
+{
+    recorder_t *r = ud;
+    pthread_mutex_lock(&r->lock);
+    r->status = *status;
+    r->status_count++;
+    pthread_cond_broadcast(&r->cond);
+    pthread_mutex_unlock(&r->lock);
+}
+
+static void recorder_init(recorder_t *r)
+{
+    pthread_condattr_t attr;
+    memset(r, 0, sizeof(*r));
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&r->cond, &attr);
+    pthread_condattr_destroy(&attr);
+}
+
+static void recorder_destroy(recorder_t *r)
+{
+    pthread_cond_destroy(&r->cond);
+    pthread_mutex_destroy(&r->lock);
+}
+
+/* Waits (up to WAIT_DEADLINE_S) until at least `count` documents were reported. Returns
+ * whether they were; on success *last is the newest one. */
+static bool recorder_wait_docs(recorder_t *r, int count, ah_control_t *last)
+{
+    struct timespec deadline;
+    bool ok;
+
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += (time_t)WAIT_DEADLINE_S;
+    pthread_mutex_lock(&r->lock);
+    while (r->doc_count < count) {
+        if (pthread_cond_timedwait(&r->cond, &r->lock, &deadline) == ETIMEDOUT) {
+            break;
+        }
+    }
+    ok = r->doc_count >= count;
+    if (ok && last != NULL) {
+        *last = r->docs[r->doc_count - 1];
+    }
+    pthread_mutex_unlock(&r->lock);
+    return ok;
+}
+
+/* Waits (up to WAIT_DEADLINE_S) until the latest status has connected == connected and
+ * reconnects >= min_reconnects. Returns whether it did; *out is that status. */
+static bool recorder_wait_status(recorder_t *r, bool connected, uint64_t min_reconnects,
+                                 ah_store_status_t *out)
+{
+    struct timespec deadline;
+    bool ok;
+
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += (time_t)WAIT_DEADLINE_S;
+    pthread_mutex_lock(&r->lock);
+    for (;;) {
+        ok = r->status_count > 0 && r->status.connected == connected &&
+             r->status.reconnects >= min_reconnects;
+        if (ok || pthread_cond_timedwait(&r->cond, &r->lock, &deadline) == ETIMEDOUT) {
+            break;
+        }
+    }
+    ok = r->status_count > 0 && r->status.connected == connected &&
+         r->status.reconnects >= min_reconnects;
+    *out = r->status;
+    pthread_mutex_unlock(&r->lock);
+    return ok;
+}
+
+static void exec_sql(const char *path, const char *sql)
+{
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+}
+
+static void test_fresh_file_reads_running_version_zero_and_reopen_keeps_data(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    ah_control_t doc;
+    ah_store_t *st = open_store(fx, 1.0);
+
+    assert_int_equal(ah_store_read(st, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.command, AH_CMD_RUNNING);
+    assert_int_equal(doc.version, 0);
+    assert_string_equal(doc.reason, "initial state");
+    assert_string_equal(doc.updated_by, "system");
+    assert_true(doc.timestamp_us > 0);
+
+    assert_int_equal(
+        ah_store_command(st, AH_CMD_PAUSE, "maintenance", "ops", "agent-a", NULL, err, sizeof(err)),
+        0);
+    ah_store_close(st);
+
+    st = open_store(fx, 1.0);
+    assert_int_equal(ah_store_read(st, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.command, AH_CMD_PAUSE);
+    assert_int_equal(doc.version, 1);
+    assert_string_equal(doc.reason, "maintenance");
+    assert_string_equal(doc.updated_by, "ops");
+    ah_store_close(st);
+}
+
+static void test_file_uses_wal_journal_mode(void **state)
+{
+    fixture_t *fx = *state;
+    sqlite3 *db = NULL;
+    sqlite3_stmt *stmt = NULL;
+    ah_store_t *st = open_store(fx, 1.0);
+
+    assert_int_equal(sqlite3_open_v2(fx->path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &stmt, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(stmt), SQLITE_ROW);
+    assert_string_equal((const char *)sqlite3_column_text(stmt, 0), "wal");
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+    ah_store_close(st);
+}
+
+static void test_command_increments_version_and_writes_audit(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    ah_control_t doc, hist[10];
+    int count = -1;
+    ah_store_t *st = open_store(fx, 1.0);
+    const ah_command_t cmds[3] = {AH_CMD_PAUSE, AH_CMD_RUNNING, AH_CMD_SHUTDOWN};
+    const char *reasons[3] = {"deploy", "deploy done", "decommission"};
+
+    for (int i = 0; i < 3; i++) {
+        int64_t before = ah_now_us();
+        assert_int_equal(
+            ah_store_command(st, cmds[i], reasons[i], "alice", "agent-7", &doc, err, sizeof(err)),
+            0);
+        assert_int_equal(doc.version, i + 1);
+        assert_int_equal(doc.command, cmds[i]);
+        assert_string_equal(doc.reason, reasons[i]);
+        assert_string_equal(doc.updated_by, "alice");
+        assert_string_equal(doc.agent_id, "agent-7");
+        assert_true(doc.timestamp_us >= before);
+    }
+
+    assert_int_equal(ah_store_read(st, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.version, 3);
+    assert_int_equal(doc.command, AH_CMD_SHUTDOWN);
+    assert_string_equal(doc.reason, "decommission");
+
+    assert_int_equal(ah_store_history(st, 10, hist, &count, err, sizeof(err)), 0);
+    assert_int_equal(count, 3);
+    for (int i = 0; i < 3; i++) {
+        const ah_control_t *e = &hist[i]; /* newest first */
+        assert_int_equal(e->version, 3 - i);
+        assert_int_equal(e->command, cmds[2 - i]);
+        assert_string_equal(e->reason, reasons[2 - i]);
+        assert_string_equal(e->updated_by, "alice");
+        assert_string_equal(e->agent_id, "agent-7");
+    }
+    ah_store_close(st);
+}
+
+static void test_history_is_newest_first_and_respects_limit(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    ah_control_t hist[4];
+    int count = -1;
+    ah_store_t *st = open_store(fx, 1.0);
+
+    assert_int_equal(ah_store_history(st, 4, hist, &count, err, sizeof(err)), 0);
+    assert_int_equal(count, 0);
+
+    for (int i = 0; i < 7; i++) {
+        char reason[16];
+        snprintf(reason, sizeof(reason), "r%d", i + 1);
+        assert_int_equal(ah_store_command(st, i % 2 ? AH_CMD_RUNNING : AH_CMD_PAUSE, reason, "api",
+                                          "agent-h", NULL, err, sizeof(err)),
+                         0);
+    }
+    assert_int_equal(ah_store_history(st, 4, hist, &count, err, sizeof(err)), 0);
+    assert_int_equal(count, 4);
+    assert_int_equal(hist[0].version, 7);
+    assert_string_equal(hist[0].reason, "r7");
+    assert_int_equal(hist[3].version, 4);
+    assert_string_equal(hist[3].reason, "r4");
+    for (int i = 1; i < 4; i++) {
+        assert_int_equal(hist[i].version, hist[i - 1].version - 1);
+    }
+
+    assert_int_equal(ah_store_history(st, 0, hist, &count, err, sizeof(err)), AH_EINVAL);
+    ah_store_close(st);
+}
+
+#define WRITERS 4
+#define COMMANDS_PER_WRITER 25
+
+static void test_concurrent_processes_write_gapless_versions(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    pid_t pids[WRITERS];
+    static ah_control_t hist[1000];
+    int count = -1;
+    int per_writer[WRITERS] = {0};
+    ah_control_t doc;
+    ah_store_t *st;
+
+    /* The children open the fresh file at the same time, as agents started together do. */
+    for (int w = 0; w < WRITERS; w++) {
+        pids[w] = fork();
+        assert_true(pids[w] >= 0);
+        if (pids[w] == 0) {
+            char child_err[AH_ERRLEN] = "";
+            char agent[32];
+            ah_store_t *cst = ah_store_sqlite_open(fx->path, 1.0, child_err, sizeof(child_err));
+            int rc = 0;
+            if (cst == NULL) {
+                fprintf(stderr, "writer %d: %s\n", w, child_err);
+                _exit(2);
+            }
+            snprintf(agent, sizeof(agent), "writer-%d", w);
+            for (int i = 0; i < COMMANDS_PER_WRITER && rc == 0; i++) {
+                rc = ah_store_command(cst, i % 2 ? AH_CMD_RUNNING : AH_CMD_PAUSE, "load", agent,
+                                      agent, NULL, child_err, sizeof(child_err));
+            }
+            if (rc != 0) {
+                fprintf(stderr, "writer %d: %s\n", w, child_err);
+            }
+            ah_store_close(cst);
+            _exit(rc == 0 ? 0 : 1);
+        }
+    }
+    for (int w = 0; w < WRITERS; w++) {
+        int status = 0;
+        assert_int_equal(waitpid(pids[w], &status, 0), pids[w]);
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), 0);
+    }
+
+    st = open_store(fx, 1.0);
+    assert_int_equal(ah_store_read(st, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.version, WRITERS * COMMANDS_PER_WRITER);
+    assert_int_equal(ah_store_history(st, 1000, hist, &count, err, sizeof(err)), 0);
+    assert_int_equal(count, WRITERS * COMMANDS_PER_WRITER);
+    for (int i = 0; i < count; i++) {
+        int w = -1;
+        assert_int_equal(hist[i].version, WRITERS * COMMANDS_PER_WRITER - i);
+        assert_int_equal(sscanf(hist[i].agent_id, "writer-%d", &w), 1);
+        assert_true(w >= 0 && w < WRITERS);
+        assert_string_equal(hist[i].updated_by, hist[i].agent_id);
+        per_writer[w]++;
+    }
+    for (int w = 0; w < WRITERS; w++) {
+        assert_int_equal(per_writer[w], COMMANDS_PER_WRITER);
+    }
+    ah_store_close(st);
+}
+
+static void test_watch_reports_initial_doc_then_change_from_another_handle(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    recorder_t rec;
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec};
+    ah_control_t seen, written;
+    ah_store_t *watched = open_store(fx, 0.05);
+    ah_store_t *other = open_store(fx, 0.05);
+
+    recorder_init(&rec);
+    assert_int_equal(ah_store_watch_start(watched, &listener, err, sizeof(err)), 0);
+    assert_int_equal(ah_store_watch_start(watched, &listener, err, sizeof(err)), AH_EINVAL);
+
+    assert_true(recorder_wait_docs(&rec, 1, &seen));
+    assert_int_equal(seen.version, 0);
+    assert_int_equal(seen.command, AH_CMD_RUNNING);
+    pthread_mutex_lock(&rec.lock);
+    assert_true(rec.status_count >= 1);
+    assert_string_equal(rec.status.backend, "embedded");
+    assert_string_equal(rec.status.topology, "embedded");
+    assert_string_equal(rec.status.watch_mode, "polling");
+    assert_true(rec.status.connected);
+    assert_true(rec.status.latency_ms >= 0.0);
+    pthread_mutex_unlock(&rec.lock);
+
+    assert_int_equal(ah_store_command(other, AH_CMD_PAUSE, "from another agent", "bob", "agent-b",
+                                      &written, err, sizeof(err)),
+                     0);
+    assert_true(recorder_wait_docs(&rec, 2, &seen));
+    assert_int_equal(seen.version, written.version);
+    assert_int_equal(seen.command, AH_CMD_PAUSE);
+    assert_string_equal(seen.reason, "from another agent");
+    assert_string_equal(seen.updated_by, "bob");
+
+    /* A command through the watched handle's own API connection is seen too. */
+    assert_int_equal(ah_store_command(watched, AH_CMD_RUNNING, "back", "bob", "agent-a", &written,
+                                      err, sizeof(err)),
+                     0);
+    assert_true(recorder_wait_docs(&rec, 3, &seen));
+    assert_int_equal(seen.version, written.version);
+    assert_int_equal(seen.command, AH_CMD_RUNNING);
+
+    ah_store_close(other);
+    ah_store_close(watched);
+    recorder_destroy(&rec);
+}
+
+static void test_watch_reports_failure_then_recovers(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    recorder_t rec;
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec};
+    ah_store_status_t status;
+    ah_control_t seen, written, hist[4];
+    int count = -1;
+    ah_store_t *st = open_store(fx, 0.05);
+
+    recorder_init(&rec);
+    assert_int_equal(
+        ah_store_command(st, AH_CMD_PAUSE, "before", "ops", "agent-a", NULL, err, sizeof(err)), 0);
+    assert_int_equal(ah_store_watch_start(st, &listener, err, sizeof(err)), 0);
+    assert_true(recorder_wait_docs(&rec, 1, &seen));
+    assert_int_equal(seen.version, 1);
+
+    /* Someone removes the control document behind the agents' backs. */
+    exec_sql(fx->path, "DELETE FROM control");
+    assert_true(recorder_wait_status(&rec, false, 0, &status));
+    assert_non_null(strstr(status.last_error, "control document is missing"));
+    assert_non_null(strstr(status.last_error, fx->path));
+    assert_true(status.last_error_us > 0);
+    assert_int_equal(ah_store_read(st, &seen, err, sizeof(err)), AH_EIO);
+    assert_non_null(strstr(err, "missing"));
+
+    /* The next command re-creates it and continues the version sequence. */
+    assert_int_equal(
+        ah_store_command(st, AH_CMD_RUNNING, "after", "ops", "agent-a", &written, err, sizeof(err)),
+        0);
+    assert_int_equal(written.version, 2);
+    assert_true(recorder_wait_status(&rec, true, 1, &status));
+    assert_true(recorder_wait_docs(&rec, 2, &seen));
+    assert_int_equal(seen.version, 2);
+    assert_int_equal(seen.command, AH_CMD_RUNNING);
+    assert_int_equal(ah_store_history(st, 4, hist, &count, err, sizeof(err)), 0);
+    assert_int_equal(count, 2);
+    assert_int_equal(hist[0].version, 2);
+    assert_int_equal(hist[1].version, 1);
+
+    ah_store_close(st);
+    recorder_destroy(&rec);
+}
+
+static void test_close_interrupts_a_long_poll_wait(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    recorder_t rec;
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec};
+    ah_store_t *st = open_store(fx, 3600.0);
+
+    recorder_init(&rec);
+    assert_int_equal(ah_store_watch_start(st, &listener, err, sizeof(err)), 0);
+    assert_true(recorder_wait_docs(&rec, 1, NULL));
+    /* The watcher now sleeps for an hour; close must wake it. SIGALRM kills the test if not. */
+    alarm(30);
+    ah_store_close(st);
+    alarm(0);
+    recorder_destroy(&rec);
+}
+
+static void test_unopenable_path_fails_naming_the_path(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    char path[256];
+    ah_store_t *st;
+
+    snprintf(path, sizeof(path), "%s/no/such/dir/state.db", fx->dir);
+    st = ah_store_sqlite_open(path, 1.0, err, sizeof(err));
+    assert_null(st);
+    assert_non_null(strstr(err, path));
+
+    ah_store_close(NULL); /* NULL-safe */
+}
+
+static void test_file_that_is_not_a_database_fails(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    FILE *f = fopen(fx->path, "w");
+
+    assert_non_null(f);
+    fputs("this is not a database file, just some text long enough to have a header\n", f);
+    fclose(f);
+    assert_null(ah_store_sqlite_open(fx->path, 1.0, err, sizeof(err)));
+    assert_non_null(strstr(err, fx->path));
+    assert_non_null(strstr(err, "not a database"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(
+            test_fresh_file_reads_running_version_zero_and_reopen_keeps_data, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_file_uses_wal_journal_mode, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_command_increments_version_and_writes_audit, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_history_is_newest_first_and_respects_limit, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_concurrent_processes_write_gapless_versions, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(
+            test_watch_reports_initial_doc_then_change_from_another_handle, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_watch_reports_failure_then_recovers, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_close_interrupts_a_long_poll_wait, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unopenable_path_fails_naming_the_path, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_file_that_is_not_a_database_fails, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
