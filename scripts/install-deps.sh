@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs every Debian package agenthost needs to build, run and test. Idempotent: when all
+# packages are present it only checks (well under a second). Needs root (or sudo) to install.
+set -euo pipefail
+
+PACKAGES=(
+  # build
+  build-essential cmake pkg-config
+  # runtime libraries (the -dev packages pull them in)
+  libluajit-5.1-dev libmongoc-dev libbson-dev libuv1-dev lua-cjson-dev libmicrohttpd-dev
+  libsqlite3-dev
+  # tests
+  libcmocka-dev python3 python3-pytest python3-pymongo python3-mockupdb python3-mongomock
+)
+if [[ "${1:-}" == "--bench" ]]; then
+  PACKAGES+=(wrk nginx-light curl)
+fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then
+  SUDO="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every test: installs dependencies, builds, runs the unit tests (CTest), the MongoDB test
+# server's own tests and the end-to-end tests (pytest), then does it all again in an
+# AddressSanitizer + UndefinedBehaviorSanitizer build and fails on any sanitizer report.
+# Set SKIP_SANITIZE=1 to skip the sanitizer pass during development.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+PY=/usr/bin/python3
+
+scripts/install-deps.sh
+
+run_suite() { # $1 = build dir
+  local dir=$1
+  echo "== unit tests ($dir)"
+  ctest --test-dir "$dir" --output-on-failure -j2
+  echo "== end-to-end tests ($dir)"
+  AGENTHOST_BIN="$repo/$dir/agenthost" MONGO_C_DRIVER_CHECK="$repo/$dir/tests/mongo/mongo_c_driver_check" \
+    "$PY" -m pytest -q -p no:cacheprovider tests/mongo tests/e2e
+}
+
+echo "== build (release)"
+BUILD_DIR=build scripts/build.sh
+run_suite build
+
+if [[ "${SKIP_SANITIZE:-0}" != "1" ]]; then
+  echo "== build (ASan/UBSan)"
+  BUILD_DIR=build-asan BUILD_TYPE=Debug scripts/build.sh -DAH_SANITIZE=ON
+  reports=$(mktemp -d)
+  export ASAN_OPTIONS="log_path=$reports/asan:detect_leaks=1:abort_on_error=0"
+  export UBSAN_OPTIONS="log_path=$reports/ubsan:print_stacktrace=1"
+  export LSAN_OPTIONS="suppressions=$repo/tests/lsan.supp:print_suppressions=0"
+  run_suite build-asan
+  if compgen -G "$reports/*" >/dev/null; then
+    echo "== sanitizer reports:" >&2
+    cat "$reports"/* >&2
+    exit 1
+  fi
+  rm -rf "$reports"
+fi
+echo "== all tests passed"

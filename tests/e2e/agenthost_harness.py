@@ -1,0 +1,166 @@
+"""Test harness for end-to-end tests: starts real `agenthost` processes and talks to them.
+
+Every agent listens on HTTP_PORT=0 (a free port chosen by the kernel); the harness learns the
+port from the log line "HTTP API listening on HOST:PORT". Logs (stderr) are collected line by
+line in a thread so tests can wait for a line with a deadline instead of sleeping.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BINARY = os.environ.get("AGENTHOST_BIN", os.path.join(REPO, "build", "agenthost"))
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
+    """Polls predicate() until it returns a truthy value; returns it. Fails after timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def http(method, url, token=None, timeout=10.0, body=None, headers=None):
+    req = urllib.request.Request(url, method=method, data=body)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return Response(r.status, dict(r.headers), r.read().decode("utf-8", "replace"))
+    except urllib.error.HTTPError as e:
+        return Response(e.code, dict(e.headers), e.read().decode("utf-8", "replace"))
+
+
+class Agent:
+    """One agenthost process."""
+
+    def __init__(self, script, env=None, args=None, name="agent"):
+        self.script = script
+        self.name = name
+        self.env = dict(os.environ)
+        self.env.update({"HTTP_PORT": "0", "HTTP_BIND": "127.0.0.1", "AGENT_ID": name})
+        self.env.update(env or {})
+        self.args = args or []
+        self.proc = None
+        self.port = None
+        self.lines = []
+        self._lock = threading.Lock()
+        self._reader = None
+
+    # -- process -------------------------------------------------------------------------
+    def start(self, wait_port=True):
+        self.proc = subprocess.Popen(
+            [BINARY, "run", self.script] + self.args,
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            errors="replace")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait_port:
+            m = self.wait_log(r"HTTP API listening on [^:]+:(\d+)", timeout=15)
+            self.port = int(m.group(1))
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def log_text(self):
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def find_logs(self, pattern):
+        rx = re.compile(pattern)
+        with self._lock:
+            return [l for l in self.lines if rx.search(l)]
+
+    def wait_log(self, pattern, timeout=10.0, count=1):
+        rx = re.compile(pattern)
+
+        def found():
+            with self._lock:
+                matches = [rx.search(l) for l in self.lines]
+            matches = [m for m in matches if m]
+            if len(matches) >= count:
+                return matches[count - 1]
+            if self.proc.poll() is not None and self._reader is not None and not self._reader.is_alive():
+                raise AssertionError(
+                    f"{self.name} exited with {self.proc.returncode} before logging "
+                    f"{pattern!r}:\n{self.log_text()}")
+            return None
+
+        return wait_for(found, timeout, message=f"{self.name} log {pattern!r}")
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout=20.0):
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not exit within {timeout}s:\n{self.log_text()}")
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return rc
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    # -- API -------------------------------------------------------------------------------
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path, **kw):
+        return http("GET", self.url + path, **kw)
+
+    def post(self, path, **kw):
+        return http("POST", self.url + path, **kw)
+
+    def state(self):
+        return self.get("/api/agent/state").json()
+
+    def wait_state(self, state, timeout=10.0):
+        return wait_for(lambda: self.state()["state"] == state, timeout,
+                        message=f"{self.name} state {state}")
+
+
+class Fleet:
+    """Tracks agents started by a test and kills leftovers at teardown."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.agents = []
+
+    def start(self, script, env=None, name=None, args=None, wait_port=True):
+        agent = Agent(script, env=env, args=args, name=name or f"agent-{len(self.agents) + 1}")
+        self.agents.append(agent)
+        return agent.start(wait_port=wait_port)
+
+    def close(self):
+        for a in self.agents:
+            a.kill()
