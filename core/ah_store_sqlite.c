@@ -192,15 +192,19 @@ static void control_from_row(sqlite3_stmt *stmt, bool with_agent, ah_control_t *
     }
 }
 
-/* Reads the control row through db (caller owns db). 0, or AH_EIO with err set (also when the
- * row is missing or holds an unknown command). */
-static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *out, char *err,
-                          size_t errlen)
+/* Reads the control row through db (caller owns db). 0, or AH_EUNAVAIL (locked) / AH_EIO with
+ * err set; AH_EIO also when the row holds an unknown command or is missing (then *missing is
+ * set, if missing is not NULL). */
+static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *out,
+                          bool *missing, char *err, size_t errlen)
 {
     sqlite3_stmt *stmt = NULL;
     int ret = AH_EIO;
     int rc;
 
+    if (missing != NULL) {
+        *missing = false;
+    }
     if (sqlite3_prepare_v2(db, ah_sqlite_select_control, -1, &stmt, NULL) != SQLITE_OK) {
         sqlite_error(err, errlen, st, db, "read failed");
         ret = sqlite_is_busy(sqlite3_errcode(db)) ? AH_EUNAVAIL : AH_EIO;
@@ -210,6 +214,9 @@ static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t
     if (rc == SQLITE_DONE) {
         snprintf(err, errlen, "embedded store '%s': read failed: control document is missing",
                  st->path);
+        if (missing != NULL) {
+            *missing = true;
+        }
         goto cleanup;
     }
     if (rc != SQLITE_ROW) {
@@ -318,10 +325,29 @@ cleanup:
 static int sqlite_read(ah_store_t *base, ah_control_t *out, char *err, size_t errlen)
 {
     ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    sqlite3_stmt *stmt = NULL;
+    bool missing = false;
     int ret;
 
     pthread_mutex_lock(&st->api_lock);
-    ret = control_select(st, st->api_db, out, err, errlen);
+    ret = control_select(st, st->api_db, out, &missing, err, errlen);
+    if (ret != 0 && missing) {
+        /* Deleted behind our back: re-created like at open, at the last audited version. */
+        if (sqlite3_prepare_v2(st->api_db, ah_sqlite_insert_initial, -1, &stmt, NULL) !=
+            SQLITE_OK) {
+            sqlite_error(err, errlen, st, st->api_db, "cannot re-create control document");
+            goto cleanup;
+        }
+        sqlite3_bind_int64(stmt, 1, ah_now_us());
+        if (sqlite3_step(stmt) != SQLITE_DONE) {
+            sqlite_error(err, errlen, st, st->api_db, "cannot re-create control document");
+            ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;
+            goto cleanup;
+        }
+        ret = control_select(st, st->api_db, out, NULL, err, errlen);
+    }
+cleanup:
+    sqlite3_finalize(stmt);
     pthread_mutex_unlock(&st->api_lock);
     return ret;
 }
@@ -367,7 +393,7 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
     sqlite3_stmt *stmt = NULL;
     int ret = AH_EIO;
     int n = 0;
-    int rc;
+    int rc = SQLITE_DONE;
 
     *count = 0;
     pthread_mutex_lock(&st->api_lock);
@@ -472,7 +498,7 @@ static void *watch_main(void *arg)
             int64_t started_us = ah_mono_us();
             /* data_version first: a commit landing between the two is caught by the next poll. */
             if (watch_data_version(st, db, &now_dv, err, sizeof(err)) != 0 ||
-                control_select(st, db, &doc, err, sizeof(err)) != 0) {
+                control_select(st, db, &doc, NULL, err, sizeof(err)) != 0) {
                 goto failed;
             }
             status.latency_ms = (double)(ah_mono_us() - started_us) / 1000.0;

@@ -430,24 +430,31 @@ static void test_watch_reports_failure_then_recovers(void **state)
     assert_true(recorder_wait_docs(&rec, 1, &seen));
     assert_int_equal(seen.version, 1);
 
-    /* Someone removes the control document behind the agents' backs. */
+    /* Someone removes the control document behind the agents' backs: the watcher reports it. */
     exec_sql(fx->path, "DELETE FROM control");
     assert_true(recorder_wait_status(&rec, false, 0, &status));
     assert_non_null(strstr(status.last_error, "control document is missing"));
     assert_non_null(strstr(status.last_error, fx->path));
     assert_true(status.last_error_us > 0);
-    assert_int_equal(ah_store_read(st, &seen, err, sizeof(err)), AH_EIO);
-    assert_non_null(strstr(err, "missing"));
 
-    /* The next command re-creates it and continues the version sequence. */
+    /* A read re-creates it at the last audited version; the watcher recovers. */
+    assert_int_equal(ah_store_read(st, &seen, err, sizeof(err)), 0);
+    assert_int_equal(seen.version, 1);
+    assert_int_equal(seen.command, AH_CMD_RUNNING);
+    assert_string_equal(seen.reason, "initial state");
+    assert_true(recorder_wait_status(&rec, true, 1, &status));
+
+    /* Deleted again: the next command re-creates it and continues the version sequence. */
+    exec_sql(fx->path, "DELETE FROM control");
+    assert_true(recorder_wait_status(&rec, false, 1, &status));
     assert_int_equal(
         ah_store_command(st, AH_CMD_RUNNING, "after", "ops", "agent-a", &written, err, sizeof(err)),
         0);
     assert_int_equal(written.version, 2);
-    assert_true(recorder_wait_status(&rec, true, 1, &status));
+    assert_true(recorder_wait_status(&rec, true, 2, &status));
     assert_true(recorder_wait_docs(&rec, 2, &seen));
     assert_int_equal(seen.version, 2);
-    assert_int_equal(seen.command, AH_CMD_RUNNING);
+    assert_string_equal(seen.reason, "after");
     assert_int_equal(ah_store_history(st, 4, hist, &count, err, sizeof(err)), 0);
     assert_int_equal(count, 2);
     assert_int_equal(hist[0].version, 2);
