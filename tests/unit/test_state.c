@@ -1,0 +1,217 @@
+/* Unit tests for the state machine: the transition table, "latest wins" and final shutdown. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "ah_common.h"
+#include "ah_state.h"
+
+#include <string.h>
+
+static void test_transition_table(void **unused)
+{
+    static const struct {
+        ah_run_state_t from;
+        ah_command_t cmd;
+        ah_source_t src;
+        int rc;
+        ah_run_state_t to;
+        ah_hook_t hook;
+    } rows[] = {
+        {AH_STATE_STARTING, AH_CMD_RUNNING, AH_SOURCE_STARTUP, AH_OK, AH_STATE_RUNNING,
+         AH_HOOK_NONE},
+        {AH_STATE_STARTING, AH_CMD_PAUSE, AH_SOURCE_STARTUP, AH_OK, AH_STATE_PAUSED, AH_HOOK_PAUSE},
+        {AH_STATE_STARTING, AH_CMD_SHUTDOWN, AH_SOURCE_STARTUP, AH_OK, AH_STATE_PAUSED,
+         AH_HOOK_PAUSE},
+        {AH_STATE_STARTING, AH_CMD_SHUTDOWN, AH_SOURCE_SIGNAL, AH_OK, AH_STATE_STOPPING,
+         AH_HOOK_SHUTDOWN},
+        {AH_STATE_RUNNING, AH_CMD_PAUSE, AH_SOURCE_CLUSTER, AH_OK, AH_STATE_PAUSED, AH_HOOK_PAUSE},
+        {AH_STATE_RUNNING, AH_CMD_RUNNING, AH_SOURCE_CLUSTER, AH_ENOOP, AH_STATE_RUNNING,
+         AH_HOOK_NONE},
+        {AH_STATE_RUNNING, AH_CMD_SHUTDOWN, AH_SOURCE_CLUSTER, AH_OK, AH_STATE_STOPPING,
+         AH_HOOK_SHUTDOWN},
+        {AH_STATE_PAUSED, AH_CMD_RUNNING, AH_SOURCE_LOCAL, AH_OK, AH_STATE_RUNNING, AH_HOOK_RESUME},
+        {AH_STATE_PAUSED, AH_CMD_PAUSE, AH_SOURCE_CLUSTER, AH_ENOOP, AH_STATE_PAUSED, AH_HOOK_NONE},
+        {AH_STATE_PAUSED, AH_CMD_SHUTDOWN, AH_SOURCE_SIGNAL, AH_OK, AH_STATE_STOPPING,
+         AH_HOOK_SHUTDOWN},
+    };
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+        ah_run_state_t to = AH_STATE_STOPPED;
+        ah_hook_t hook = AH_HOOK_NONE;
+        assert_int_equal(ah_state_target(rows[i].from, rows[i].cmd, rows[i].src, &to, &hook),
+                         rows[i].rc);
+        assert_int_equal(to, rows[i].to);
+        assert_int_equal(hook, rows[i].hook);
+    }
+    ah_run_state_t to;
+    ah_hook_t hook;
+    assert_int_equal(
+        ah_state_target(AH_STATE_STOPPING, AH_CMD_RUNNING, AH_SOURCE_CLUSTER, &to, &hook),
+        AH_EINVAL);
+    assert_int_equal(ah_state_target(AH_STATE_STOPPED, AH_CMD_PAUSE, AH_SOURCE_LOCAL, &to, &hook),
+                     AH_EINVAL);
+    assert_int_equal(ah_state_target(AH_STATE_RUNNING, AH_CMD_NONE, AH_SOURCE_LOCAL, &to, &hook),
+                     AH_EINVAL);
+}
+
+static ah_control_t doc(ah_command_t cmd, int64_t version)
+{
+    ah_control_t d;
+    memset(&d, 0, sizeof(d));
+    d.command = cmd;
+    d.version = version;
+    d.timestamp_us = ah_now_us();
+    strcpy(d.reason, "r");
+    strcpy(d.updated_by, "u");
+    return d;
+}
+
+/* Applies events the way the Lua worker does. */
+static void drain(ah_state_t *s)
+{
+    ah_event_t ev;
+    while (ah_state_take_event(s, &ev)) {
+        ah_run_state_t to;
+        ah_hook_t hook;
+        int rc = ah_state_target(ah_state_get(s), ev.command, ev.source, &to, &hook);
+        if (rc == AH_OK) {
+            ah_state_commit(s, to, &ev);
+        } else if (rc == AH_ENOOP) {
+            ah_state_note_applied(s, &ev);
+        }
+    }
+}
+
+static void test_first_document_is_a_startup_sync(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    ah_control_t d = doc(AH_CMD_PAUSE, 42);
+    ah_state_offer_cluster(s, &d);
+    ah_event_t ev;
+    assert_true(ah_state_take_event(s, &ev));
+    assert_int_equal(ev.source, AH_SOURCE_STARTUP);
+    assert_int_equal(ev.version, 42);
+    ah_state_free(s);
+}
+
+static void test_older_or_equal_versions_are_ignored(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    ah_control_t d5 = doc(AH_CMD_PAUSE, 5);
+    ah_state_offer_cluster(s, &d5);
+    drain(s);
+    ah_control_t d4 = doc(AH_CMD_RUNNING, 4);
+    ah_control_t d5b = doc(AH_CMD_RUNNING, 5);
+    ah_state_offer_cluster(s, &d4);
+    ah_state_offer_cluster(s, &d5b);
+    assert_false(ah_state_has_event(s));
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(s, &snap);
+    assert_int_equal(snap.state, AH_STATE_PAUSED);
+    assert_int_equal(snap.applied_version, 5);
+    ah_state_free(s);
+}
+
+static void test_latest_command_wins_between_batches(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    ah_control_t d1 = doc(AH_CMD_RUNNING, 1);
+    ah_state_offer_cluster(s, &d1);
+    drain(s);
+    /* Two commands arrive during one batch: only the latest is applied. */
+    ah_control_t d2 = doc(AH_CMD_PAUSE, 2);
+    ah_control_t d3 = doc(AH_CMD_RUNNING, 3);
+    ah_state_offer_cluster(s, &d2);
+    ah_state_offer_cluster(s, &d3);
+    ah_event_t ev;
+    assert_true(ah_state_take_event(s, &ev));
+    assert_int_equal(ev.version, 3);
+    assert_false(ah_state_take_event(s, &ev));
+    ah_state_free(s);
+}
+
+static void test_local_override_until_next_cluster_command(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    ah_control_t d1 = doc(AH_CMD_RUNNING, 1);
+    ah_state_offer_cluster(s, &d1);
+    drain(s);
+    ah_state_offer_local(s, AH_CMD_PAUSE, AH_SOURCE_LOCAL, "debug", "me");
+    drain(s);
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(s, &snap);
+    assert_int_equal(snap.state, AH_STATE_PAUSED);
+    assert_true(snap.local_override);
+    ah_control_t d2 = doc(AH_CMD_RUNNING, 2);
+    ah_state_offer_cluster(s, &d2);
+    drain(s);
+    ah_state_snapshot(s, &snap);
+    assert_int_equal(snap.state, AH_STATE_RUNNING);
+    assert_false(snap.local_override);
+    assert_int_equal(snap.applied_version, 2);
+    ah_state_free(s);
+}
+
+static void test_local_shutdown_is_final(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    ah_control_t d1 = doc(AH_CMD_RUNNING, 1);
+    ah_state_offer_cluster(s, &d1);
+    drain(s);
+    ah_state_offer_local(s, AH_CMD_SHUTDOWN, AH_SOURCE_SIGNAL, "SIGTERM", "signal");
+    assert_true(ah_state_should_stop(s));
+    ah_control_t d2 = doc(AH_CMD_RUNNING, 2);
+    ah_state_offer_cluster(s, &d2);
+    ah_state_offer_local(s, AH_CMD_RUNNING, AH_SOURCE_LOCAL, "", "");
+    ah_event_t ev;
+    assert_true(ah_state_take_event(s, &ev));
+    assert_int_equal(ev.command, AH_CMD_SHUTDOWN);
+    ah_state_free(s);
+}
+
+static void test_wait_returns_early_on_command(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    assert_false(ah_state_wait(s, 0.01));
+    ah_state_offer_local(s, AH_CMD_PAUSE, AH_SOURCE_LOCAL, "", "");
+    int64_t t0 = ah_mono_us();
+    assert_true(ah_state_wait(s, 30));
+    assert_true(ah_mono_us() - t0 < 10 * 1000000);
+    ah_state_free(s);
+}
+
+static void test_timestamps_are_iso8601_utc_with_microseconds(void **unused)
+{
+    char ts[AH_TIMESTAMP_LEN];
+    ah_format_timestamp(1768127400123456LL, ts);
+    assert_string_equal(ts, "2026-01-11T10:30:00.123456Z");
+}
+
+static void test_utf8_validation(void **unused)
+{
+    assert_true(ah_utf8_valid("plain", 5));
+    assert_true(ah_utf8_valid("caf\xc3\xa9 \xe2\x9c\x93", 9));
+    assert_false(ah_utf8_valid("\xff", 1));
+    assert_false(ah_utf8_valid("\xc3", 1));         /* truncated */
+    assert_false(ah_utf8_valid("\xc0\xaf", 2));     /* overlong */
+    assert_false(ah_utf8_valid("\xed\xa0\x80", 3)); /* surrogate */
+    assert_false(ah_utf8_valid("a\0b", 3));         /* embedded NUL */
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_transition_table),
+        cmocka_unit_test(test_first_document_is_a_startup_sync),
+        cmocka_unit_test(test_older_or_equal_versions_are_ignored),
+        cmocka_unit_test(test_latest_command_wins_between_batches),
+        cmocka_unit_test(test_local_override_until_next_cluster_command),
+        cmocka_unit_test(test_local_shutdown_is_final),
+        cmocka_unit_test(test_wait_returns_early_on_command),
+        cmocka_unit_test(test_timestamps_are_iso8601_utc_with_microseconds),
+        cmocka_unit_test(test_utf8_validation),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
