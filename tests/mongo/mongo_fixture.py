@@ -199,8 +199,11 @@ class MongoTestServer(object):
         cmd.update(kw)
         return self.command(cmd)
 
-    def hangup(self):
-        """Close every open client connection (after answering this request)."""
+    def hangup(self, delay_ms=0):
+        """Close every open client connection (after answering this request, or
+        delay_ms later, e.g. to hit a change stream getMore that is waiting)."""
+        if delay_ms:
+            return self.control("hangup", delayMS=int(delay_ms))
         return self.control("hangup")
 
     def blackhole(self, seconds):

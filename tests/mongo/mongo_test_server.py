@@ -1222,6 +1222,13 @@ def cmd_repl_set_get_status(srv, cmd, db, conn):
 def cmd_test_control(srv, cmd, db, conn):
     what = cmd["testControl"]
     if what == "hangup":
+        delay = float(cmd.get("delayMS", 0)) / 1000.0
+        if delay > 0:
+            def later():
+                t = threading.Timer(delay, srv.hangup_all)
+                t.daemon = True
+                t.start()
+            return {"hangupInMS": delay * 1000}, later
         return {"hungUp": True}, srv.hangup_all
     if what == "blackhole":
         secs = float(cmd.get("seconds", 5))

@@ -336,15 +336,23 @@ def test_getmore_wait_does_not_block_others(mongo_server, client):
 
 def test_stream_survives_hangup(mongo_server, client):
     col = client.db.hang
-    with col.watch(max_await_time_ms=100) as s:
+    with col.watch(max_await_time_ms=1000) as s:
         col.insert_one({"_id": 1})
         assert next_change(s)["documentKey"] == {"_id": 1}
         assert mongo_server.status()["connections"] >= 2
+        # idle connections hung up: the cursor lives on the server, getMore goes on
         mongo_server.hangup()
         col.insert_one({"_id": 2})   # retryable write after the hangup
-        e = next_change(s)
-        assert e["documentKey"] == {"_id": 2}
+        assert next_change(s)["documentKey"] == {"_id": 2}
+        # hang up while the stream's getMore is waiting: the driver resumes
+        mongo_server.reset_stats()
+        mongo_server.hangup(delay_ms=300)
+        wait_for(lambda: s.try_next() is None and
+                 mongo_server.stats().get("aggregate", 0) >= 1, what="resume")
+        col.insert_one({"_id": 3})
+        assert next_change(s)["documentKey"] == {"_id": 3}
         no_change(s, 0.2)
+    assert mongo_server.stats()["aggregate"] == 1
 
 
 def test_stepdown(mongo_server, client):
