@@ -1,0 +1,654 @@
+/* The Lua host (see ah_lua.h): one LuaJIT state per agent. Opening runs protected, like
+ * luajit.c's pmain: standard libraries, `cjson`, the embedded lua/<name>.lua modules and the C half
+ * of the agent module ("agent.core") are registered in package.preload, package.path gets the
+ * script's directory first, the script runs and its contract is checked, and its functions are
+ * kept as registry refs. Every later call of user Lua goes through call_user(), the one wrapper
+ * that installs the traceback handler, arms and disarms the time budget, marks the call in the
+ * shared state and turns errors into "<error>\n<traceback>". The budget is enforced the way
+ * luajit.c handles SIGINT: ah_lua_interrupt() installs a hook from another thread and the hook
+ * raises the timeout error inside the Lua thread; a call sequence number makes a late interrupt
+ * harmless. */
+#include "ah_lua.h"
+
+#include "ah_log.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+#include <luajit.h>
+
+#include "lua-cjson.h"
+
+/* The generated table of lua/<name>.lua modules (cmake/embed_lua.cmake), NULL-terminated by name.
+ */
+typedef struct {
+    const char *name;
+    const unsigned char *data;
+    size_t size;
+} ah_lua_module_t;
+extern const ah_lua_module_t ah_lua_modules[];
+
+/* The script's functions, resolved once after loading. */
+enum { FN_INIT = 0, FN_BATCH, FN_ON_PAUSE, FN_ON_RESUME, FN_ON_SHUTDOWN, FN_COUNT };
+static const char *const fn_names[FN_COUNT] = {"init", "batch", "on_pause", "on_resume",
+                                               "on_shutdown"};
+
+/* agent.sleep() never waits longer than this (a year); math.huge means "until woken". */
+#define SLEEP_MAX_SECONDS (365.0 * 86400.0)
+
+struct ah_lua_s {
+    lua_State *L;
+    ah_state_t *state; /* not owned; may be NULL */
+    char agent_id[AH_NAME_MAX + 1];
+    char *script; /* owned copy of the script path */
+    double batch_timeout;
+    int fn_refs[FN_COUNT]; /* LUA_NOREF for an undefined optional function */
+    int ctx_ref;           /* the ctx table passed to init and batch */
+    long long iteration;   /* batch calls so far, including the running one */
+
+    /* Time budget. call_seq is odd while a call of user Lua runs; interrupt_seq holds the
+     * call_seq value of the call an interrupt is aimed at (0: none). Both are written by any
+     * thread (atomics); the rest is Lua-thread only. */
+    _Atomic uint64_t call_seq;
+    _Atomic uint64_t interrupt_seq;
+    bool timed_out;      /* the running call was stopped by the budget */
+    int64_t deadline_us; /* monotonic deadline of the running call, 0 if none */
+};
+
+/* Registry key whose value is the ah_lua_t (a light userdata), for the hook. */
+static const char registry_key_host = 'h';
+
+static ah_lua_t *host_from_registry(lua_State *L)
+{
+    lua_pushlightuserdata(L, (void *)&registry_key_host);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    ah_lua_t *lua = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    return lua;
+}
+
+/* ---- time budget ------------------------------------------------------------------------- */
+
+static void budget_hook(lua_State *L, lua_Debug *ar);
+
+/* Raises the timeout error in the Lua thread and keeps a hook on every instruction until the call
+ * ends (as Redis does after SCRIPT KILL): a script that catches the error (pcall in a loop, an
+ * xpcall handler, a coroutine) gets it again at its next instruction outside the catch, so the
+ * error reaches the host. Does not return. */
+static int raise_timeout(lua_State *L, ah_lua_t *lua)
+{
+    lua->timed_out = true;
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
+    return luaL_error(L, "batch timeout: call exceeded BATCH_TIMEOUT (%gs)", lua->batch_timeout);
+}
+
+/* Runs in the Lua thread at the next call, return or instruction after ah_lua_interrupt()
+ * installed it (and repeatedly once a call has timed out). Note: JIT-compiled traces run no
+ * hooks; code looping inside one is only seen by the host's watchdog (liveness, bounded
+ * shutdown), not here. */
+static void budget_hook(lua_State *L, lua_Debug *ar)
+{
+    ah_lua_t *lua = host_from_registry(L);
+    if (lua == NULL) {
+        lua_sethook(L, NULL, 0, 0);
+        return;
+    }
+    uint64_t seq = atomic_load(&lua->call_seq);
+    if ((seq & 1) != 0 && lua->timed_out) {
+        raise_timeout(L, lua); /* sticky: the call already overran its budget */
+    }
+    /* Clear first, then look at the request: an interrupt for this call that stores its
+     * sequence number after the load below also installs the hook after this clear. */
+    lua_sethook(L, NULL, 0, 0);
+    uint64_t expected = seq;
+    if ((seq & 1) != 0 && atomic_compare_exchange_strong(&lua->interrupt_seq, &expected, 0)) {
+        raise_timeout(L, lua);
+    }
+    /* A late request aimed at a call that has finished: nothing to do. */
+}
+
+/* Marks the start of a call of user Lua: a new odd sequence number, the deadline, the shared
+ * state's marker. Lua thread only. */
+static void budget_arm(ah_lua_t *lua)
+{
+    atomic_fetch_add(&lua->call_seq, 1);
+    lua->timed_out = false;
+    lua->deadline_us = 0;
+    if (lua->batch_timeout > 0) {
+        lua->deadline_us = ah_mono_us() + (int64_t)(lua->batch_timeout * 1e6);
+    }
+    if (lua->state != NULL) {
+        ah_state_call_begin(lua->state);
+    }
+}
+
+/* Marks the end of the call (sequence number even again) and removes any hook, stale or not. */
+static void budget_disarm(ah_lua_t *lua)
+{
+    atomic_fetch_add(&lua->call_seq, 1);
+    lua_sethook(lua->L, NULL, 0, 0);
+    lua->deadline_us = 0;
+    if (lua->state != NULL) {
+        ah_state_call_end(lua->state);
+    }
+}
+
+void ah_lua_interrupt(ah_lua_t *lua)
+{
+    if (lua == NULL) {
+        return;
+    }
+    uint64_t seq = atomic_load(&lua->call_seq);
+    if ((seq & 1) == 0) {
+        return; /* no call running: nothing to stop */
+    }
+    atomic_store(&lua->interrupt_seq, seq);
+    /* As luajit.c does from its SIGINT handler: LuaJIT's lua_sethook only stores the hook and
+     * switches the dispatch table, so it may be called while the Lua thread runs. */
+    lua_sethook(lua->L, budget_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+}
+
+/* ---- the one call wrapper ---------------------------------------------------------------- */
+
+/* Error handler: turns the error value into "<error>\n<traceback>" (luajit.c's traceback). */
+static int traceback_handler(lua_State *L)
+{
+    if (!lua_isstring(L, 1)) { /* non-string error object */
+        if (lua_isnoneornil(L, 1) || !luaL_callmeta(L, 1, "__tostring") || !lua_isstring(L, -1)) {
+            lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+        }
+        lua_replace(L, 1);
+        lua_settop(L, 1);
+    }
+    luaL_traceback(L, L, lua_tostring(L, 1), 1);
+    return 1;
+}
+
+/* Calls the function below the nargs arguments on top of the stack, protected, under the time
+ * budget, with the traceback handler. Stack: [-(nargs + 1), +nresults] on success, [-(nargs + 1),
+ * +0] on failure. Returns 0, AH_ELUA or AH_ETIMEOUT (err filled). Lua thread only. */
+static int call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t errlen)
+{
+    lua_State *L = lua->L;
+    int base = lua_gettop(L) - nargs; /* the function's slot */
+    lua_pushcfunction(L, traceback_handler);
+    lua_insert(L, base);
+
+    budget_arm(lua);
+    int status = lua_pcall(L, nargs, nresults, base);
+    bool timed_out = lua->timed_out;
+    budget_disarm(lua);
+
+    lua_remove(L, base); /* the handler */
+    if (status == 0) {
+        return AH_OK;
+    }
+    const char *msg = lua_tostring(L, -1);
+    snprintf(err, errlen, "%s", msg != NULL ? msg : "(error object is not a string)");
+    lua_pop(L, 1);
+    return timed_out ? AH_ETIMEOUT : AH_ELUA;
+}
+
+/* Pushes the function held by ref, then calls it with the argument held by arg_ref (or none when
+ * LUA_NOREF) and discards the results except one, left on the stack on success. Stack: [-0, +1]
+ * on success, [-0, +0] on failure. */
+static int call_ref(ah_lua_t *lua, int fn_ref, int arg_ref, char *err, size_t errlen)
+{
+    lua_State *L = lua->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, fn_ref);
+    int nargs = 0;
+    if (arg_ref != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, arg_ref);
+        nargs = 1;
+    }
+    return call_user(lua, nargs, 1, err, errlen);
+}
+
+/* ---- the agent.core module (C half of `agent`) ------------------------------------------- */
+
+static ah_lua_t *host_upvalue(lua_State *L)
+{
+    return lua_touserdata(L, lua_upvalueindex(1));
+}
+
+static int core_id(lua_State *L)
+{
+    lua_pushstring(L, host_upvalue(L)->agent_id);
+    return 1;
+}
+
+static int core_state(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    lua_pushstring(L, lua->state != NULL ? ah_run_state_name(ah_state_get(lua->state)) : "running");
+    return 1;
+}
+
+static const char *const log_level_names[] = {"debug", "info", "warn", "error", NULL};
+static const ah_log_level_t log_levels[] = {AH_LOG_DEBUG, AH_LOG_INFO, AH_LOG_WARN, AH_LOG_ERROR};
+
+/* core.log(level, msg): logs msg as is. */
+static int core_log(lua_State *L)
+{
+    int level = luaL_checkoption(L, 1, NULL, log_level_names);
+    const char *msg = luaL_checkstring(L, 2);
+    ah_log(log_levels[level], "%s", msg);
+    return 0;
+}
+
+/* core.log_enabled(level): lets agent.log skip formatting messages nobody will see. */
+static int core_log_enabled(lua_State *L)
+{
+    int level = luaL_checkoption(L, 1, NULL, log_level_names);
+    lua_pushboolean(L, ah_log_enabled(log_levels[level]));
+    return 1;
+}
+
+static void sleep_really(double seconds)
+{
+    struct timespec req;
+    req.tv_sec = (time_t)seconds;
+    req.tv_nsec = (long)((seconds - (double)req.tv_sec) * 1e9);
+    if (req.tv_nsec >= 1000000000L) {
+        req.tv_nsec = 999999999L;
+    }
+    struct timespec rem;
+    while (nanosleep(&req, &rem) != 0 && errno == EINTR) {
+        req = rem;
+    }
+}
+
+/* core.sleep(seconds) -> true if woken early (a command arrived or shutdown was requested),
+ * false if the full time passed. Never sleeps past the running call's budget: at the deadline it
+ * raises the timeout error instead. */
+static int core_sleep(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    lua_Number seconds = luaL_checknumber(L, 1);
+    luaL_argcheck(L, seconds >= 0, 1, "must be a non-negative number of seconds"); /* NaN too */
+    if (seconds > SLEEP_MAX_SECONDS) {
+        seconds = SLEEP_MAX_SECONDS;
+    }
+    bool past_deadline = false;
+    if (lua->deadline_us > 0) {
+        double left = (double)(lua->deadline_us - ah_mono_us()) / 1e6;
+        if (left < 0) {
+            left = 0;
+        }
+        if (seconds >= left) {
+            seconds = left;
+            past_deadline = true;
+        }
+    }
+    bool woken = false;
+    if (lua->state != NULL) {
+        woken = ah_state_wait(lua->state, seconds);
+    } else if (seconds > 0) {
+        sleep_really(seconds);
+    }
+    if (past_deadline && !woken) {
+        return raise_timeout(L, lua);
+    }
+    lua_pushboolean(L, woken);
+    return 1;
+}
+
+static int core_should_stop(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    lua_pushboolean(L, lua->state != NULL && ah_state_should_stop(lua->state));
+    return 1;
+}
+
+/* core.env(name, default) -> the variable's value, or default (any value, nil if absent). */
+static int core_env(lua_State *L)
+{
+    const char *name = luaL_checkstring(L, 1);
+    lua_settop(L, 2);
+    const char *value = getenv(name);
+    if (value != NULL) {
+        lua_pushstring(L, value);
+    }
+    return 1;
+}
+
+static int core_now(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)ah_now_us() / 1e6);
+    return 1;
+}
+
+static int core_monotonic(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)ah_mono_us() / 1e6);
+    return 1;
+}
+
+static const luaL_Reg core_functions[] = {
+    {"id", core_id},
+    {"state", core_state},
+    {"log", core_log},
+    {"log_enabled", core_log_enabled},
+    {"sleep", core_sleep},
+    {"should_stop", core_should_stop},
+    {"env", core_env},
+    {"now", core_now},
+    {"monotonic", core_monotonic},
+    {NULL, NULL},
+};
+
+/* package.preload["agent.core"]; upvalue 1 is the ah_lua_t. Stack: [-0, +1]. */
+static int open_agent_core(lua_State *L)
+{
+    lua_newtable(L);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    luaL_setfuncs(L, core_functions, 1);
+    return 1;
+}
+
+/* ---- opening ----------------------------------------------------------------------------- */
+
+/* Sets package.path to "<dir>/?.lua;<dir>/?/init.lua;" + the current path (LuaJIT's default,
+ * or LUA_PATH) [+ ";<install dir>/?.lua;<install dir>/?/init.lua"]. Stack: [-0, +0]. */
+static void set_package_path(lua_State *L, const char *script_path)
+{
+    const char *slash = strrchr(script_path, '/');
+    if (slash == NULL) {
+        lua_pushliteral(L, ".");
+    } else if (slash == script_path) {
+        lua_pushliteral(L, "");
+    } else {
+        lua_pushlstring(L, script_path, (size_t)(slash - script_path));
+    }
+    const char *dir = lua_tostring(L, -1);
+
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "path");
+    const char *old_path = lua_tostring(L, -1);
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, old_path != NULL ? old_path : "");
+#ifdef AH_LUA_INSTALL_DIR
+    lua_pushliteral(L, ";" AH_LUA_INSTALL_DIR "/?.lua;" AH_LUA_INSTALL_DIR "/?/init.lua");
+    lua_concat(L, 2);
+#endif
+    lua_setfield(L, -3, "path");
+    lua_pop(L, 3); /* old path, package, dir */
+}
+
+/* Registers cjson, agent.core and every embedded lua/<name>.lua module in package.preload.
+ * Stack: [-0, +0]; raises on a broken embedded module (a build bug). */
+static void register_preloads(lua_State *L, ah_lua_t *lua)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+
+    lua_pushcfunction(L, luaopen_cjson);
+    lua_setfield(L, -2, "cjson");
+
+    lua_pushlightuserdata(L, lua);
+    lua_pushcclosure(L, open_agent_core, 1);
+    lua_setfield(L, -2, "agent.core");
+
+    for (const ah_lua_module_t *m = ah_lua_modules; m->name != NULL; m++) {
+        lua_pushfstring(L, "@lua/%s.lua", m->name);
+        if (luaL_loadbuffer(L, (const char *)m->data, m->size, lua_tostring(L, -1)) != 0) {
+            lua_error(L);
+        }
+        lua_setfield(L, -3, m->name);
+        lua_pop(L, 1); /* chunkname */
+    }
+    lua_pop(L, 2); /* preload, package */
+}
+
+/* Checks the table on top of the stack (the script's return value) and keeps its functions as
+ * registry refs. Raises "<path>: ..." on a contract violation. Stack: [-0, +0]. */
+static void resolve_functions(lua_State *L, ah_lua_t *lua)
+{
+    int module = lua_gettop(L);
+    for (int i = 0; i < FN_COUNT; i++) {
+        lua_getfield(L, module, fn_names[i]);
+        if (lua_isfunction(L, -1)) {
+            lua->fn_refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
+            continue;
+        }
+        if (i == FN_BATCH) {
+            if (lua_isnil(L, -1)) {
+                luaL_error(L, "%s: script does not define function batch", lua->script);
+            }
+            luaL_error(L, "%s: batch must be a function (got %s)", lua->script,
+                       luaL_typename(L, -1));
+        }
+        if (!lua_isnil(L, -1)) {
+            luaL_error(L, "%s: %s must be a function (got %s)", lua->script, fn_names[i],
+                       luaL_typename(L, -1));
+        }
+        lua_pop(L, 1);
+    }
+}
+
+/* Creates the ctx table {agent_id, script, iteration} and keeps it as lua->ctx_ref. */
+static void create_ctx(lua_State *L, ah_lua_t *lua)
+{
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, lua->agent_id);
+    lua_setfield(L, -2, "agent_id");
+    lua_pushstring(L, lua->script);
+    lua_setfield(L, -2, "script");
+    lua_pushinteger(L, 0);
+    lua_setfield(L, -2, "iteration");
+    lua->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* The protected part of ah_lua_open() (lua_cpcall, like luajit.c's pmain): every error,
+ * including out of memory, becomes the message on top of the stack. */
+static int open_protected(lua_State *L)
+{
+    ah_lua_t *lua = lua_touserdata(L, 1);
+    lua_settop(L, 0);
+
+    lua_gc(L, LUA_GCSTOP, 0);
+    luaL_openlibs(L);
+    lua_gc(L, LUA_GCRESTART, -1);
+
+    lua_pushlightuserdata(L, (void *)&registry_key_host);
+    lua_pushlightuserdata(L, lua);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+
+    register_preloads(L, lua);
+    set_package_path(L, lua->script);
+    create_ctx(L, lua);
+
+    errno = 0;
+    int status = luaL_loadfile(L, lua->script);
+    if (status == LUA_ERRFILE && errno != 0) {
+        lua_pushfstring(L, "%s: %s", lua_tostring(L, -1), strerror(errno));
+        lua_error(L);
+    }
+    if (status != 0) {
+        lua_error(L); /* Lua's own message: "path:line: problem" */
+    }
+    char err[AH_ERRLEN];
+    if (call_user(lua, 0, 1, err, sizeof(err)) != AH_OK) {
+        lua_pushstring(L, err);
+        lua_error(L);
+    }
+    if (!lua_istable(L, -1)) {
+        luaL_error(L, "%s: script must return a table (got %s)", lua->script, luaL_typename(L, -1));
+    }
+    resolve_functions(L, lua);
+    return 0;
+}
+
+ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, char *err,
+                      size_t errlen)
+{
+    ah_lua_t *lua = calloc(1, sizeof(*lua));
+    if (lua == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    ah_strlcpy(lua->agent_id, opts->agent_id, sizeof(lua->agent_id));
+    lua->state = opts->state;
+    lua->batch_timeout = opts->batch_timeout;
+    lua->ctx_ref = LUA_NOREF;
+    for (int i = 0; i < FN_COUNT; i++) {
+        lua->fn_refs[i] = LUA_NOREF;
+    }
+    atomic_init(&lua->call_seq, 0);
+    atomic_init(&lua->interrupt_seq, 0);
+
+    lua->script = strdup(script_path);
+    if (lua->script == NULL) {
+        snprintf(err, errlen, "out of memory");
+        goto fail_free;
+    }
+    lua->L = luaL_newstate();
+    if (lua->L == NULL) {
+        snprintf(err, errlen, "cannot create a Lua state: out of memory");
+        goto fail_script;
+    }
+    if (lua_cpcall(lua->L, open_protected, lua) != 0) {
+        const char *msg = lua_tostring(lua->L, -1);
+        snprintf(err, errlen, "%s", msg != NULL ? msg : "(error object is not a string)");
+        goto fail_state;
+    }
+    assert(lua_gettop(lua->L) == 0);
+    return lua;
+
+fail_state:
+    lua_close(lua->L);
+fail_script:
+    free(lua->script);
+fail_free:
+    free(lua);
+    return NULL;
+}
+
+void ah_lua_close(ah_lua_t *lua)
+{
+    if (lua == NULL) {
+        return;
+    }
+    lua_close(lua->L);
+    free(lua->script);
+    free(lua);
+}
+
+/* ---- calls ------------------------------------------------------------------------------- */
+
+int ah_lua_init(ah_lua_t *lua, char *err, size_t errlen)
+{
+    if (lua->fn_refs[FN_INIT] == LUA_NOREF) {
+        return AH_OK;
+    }
+    lua_State *L = lua->L;
+    int top = lua_gettop(L);
+    int rc = call_ref(lua, lua->fn_refs[FN_INIT], lua->ctx_ref, err, errlen);
+    if (rc == AH_OK) {
+        lua_pop(L, 1);
+    }
+    assert(lua_gettop(L) == top);
+    (void)top;
+    return rc;
+}
+
+/* A batch's return value as an item count: a number floored, negative and NaN → 0. */
+static long long items_from_result(lua_State *L, int idx)
+{
+    if (lua_type(L, idx) != LUA_TNUMBER) {
+        return 0;
+    }
+    lua_Number n = floor(lua_tonumber(L, idx));
+    if (!(n > 0)) {
+        return 0;
+    }
+    if (n >= (lua_Number)LLONG_MAX) {
+        return LLONG_MAX;
+    }
+    return (long long)n;
+}
+
+int ah_lua_batch(ah_lua_t *lua, long long *items, char *err, size_t errlen)
+{
+    lua_State *L = lua->L;
+    int top = lua_gettop(L);
+    *items = 0;
+
+    lua->iteration++;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->ctx_ref);
+    lua_pushnumber(L, (lua_Number)lua->iteration);
+    lua_setfield(L, -2, "iteration"); /* plain table, no metamethods: cannot raise but OOM */
+    lua_pop(L, 1);
+
+    int rc = call_ref(lua, lua->fn_refs[FN_BATCH], lua->ctx_ref, err, errlen);
+    if (rc == AH_OK) {
+        *items = items_from_result(L, -1);
+        lua_pop(L, 1);
+    }
+    assert(lua_gettop(L) == top);
+    (void)top;
+    return rc;
+}
+
+/* Pushes the ev table for a hook. Stack: [-0, +1]. */
+static void push_event(lua_State *L, const ah_event_t *ev)
+{
+    char timestamp[AH_TIMESTAMP_LEN];
+    ah_format_timestamp(ev->timestamp_us, timestamp);
+    lua_createtable(L, 0, 6);
+    lua_pushstring(L, ah_command_name(ev->command));
+    lua_setfield(L, -2, "command");
+    lua_pushnumber(L, (lua_Number)ev->version);
+    lua_setfield(L, -2, "version");
+    lua_pushstring(L, ev->reason);
+    lua_setfield(L, -2, "reason");
+    lua_pushstring(L, ev->updated_by);
+    lua_setfield(L, -2, "updated_by");
+    lua_pushstring(L, timestamp);
+    lua_setfield(L, -2, "timestamp");
+    lua_pushstring(L, ah_source_name(ev->source));
+    lua_setfield(L, -2, "source");
+}
+
+/* AH_HOOK_NONE (a transition without a hook) and an undefined hook are no-ops returning 0. */
+int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen)
+{
+    int fn;
+    switch (hook) {
+    case AH_HOOK_PAUSE:
+        fn = FN_ON_PAUSE;
+        break;
+    case AH_HOOK_RESUME:
+        fn = FN_ON_RESUME;
+        break;
+    case AH_HOOK_SHUTDOWN:
+        fn = FN_ON_SHUTDOWN;
+        break;
+    default:
+        return AH_OK;
+    }
+    if (lua->fn_refs[fn] == LUA_NOREF) {
+        return AH_OK;
+    }
+    if (ev == NULL) {
+        snprintf(err, errlen, "%s: no event", fn_names[fn]);
+        return AH_EINVAL;
+    }
+    lua_State *L = lua->L;
+    int top = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->fn_refs[fn]);
+    push_event(L, ev);
+    int rc = call_user(lua, 1, 0, err, errlen);
+    assert(lua_gettop(L) == top);
+    (void)top;
+    return rc;
+}

@@ -1,0 +1,43 @@
+--[[ The `agent` module offered to scripts (SPEC §3): `local agent = require "agent"`.
+The C half ("agent.core", registered by core/ah_lua.c) talks to the host; this file shapes
+the public table. Functions that misuse the API (bad arguments) raise; none of them yields. ]]
+local core = require "agent.core"
+local json = require "cjson"
+
+local format, select, tostring = string.format, select, tostring
+
+local agent = {
+    id = core.id(),           -- this agent's name (AGENT_ID)
+    state = core.state,       -- "starting" | "running" | "paused" | "stopping" | "stopped"
+    sleep = core.sleep,       -- agent.sleep(s) -> true if woken early by a command or shutdown
+    should_stop = core.should_stop, -- true once shutdown was requested
+    env = core.env,           -- agent.env(name, default) -> os.getenv(name) or default
+    now = core.now,           -- wall clock, seconds since the Unix epoch (with fractions)
+    monotonic = core.monotonic, -- monotonic clock, seconds
+    json = json,              -- lua-cjson
+}
+
+-- agent.log.info(msg) logs msg as is; agent.log.info(fmt, ...) logs string.format(fmt, ...).
+-- Nothing is formatted when the level is disabled.
+local function logger(level)
+    local log, enabled = core.log, core.log_enabled
+    return function(fmt, ...)
+        if not enabled(level) then
+            return
+        end
+        if select("#", ...) > 0 then
+            log(level, format(fmt, ...))
+        else
+            log(level, tostring(fmt))
+        end
+    end
+end
+
+agent.log = {
+    debug = logger("debug"),
+    info = logger("info"),
+    warn = logger("warn"),
+    error = logger("error"),
+}
+
+return agent

@@ -1,0 +1,4 @@
+return {
+    batch = function() return 0 end,
+    on_pause = "not a function",
+}

@@ -1,0 +1,3 @@
+local M = {}
+error("refusing to load")
+return M

@@ -1,0 +1,2 @@
+local helper = require "fixture_helper"
+return { batch = function() return helper.answer end }
