@@ -164,3 +164,77 @@ class Fleet:
     def close(self):
         for a in self.agents:
             a.kill()
+
+
+# -- helpers for the e2e test modules (additive) ---------------------------------------------
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts")
+
+
+def script(name):
+    """Absolute path of a fixture script in tests/e2e/scripts."""
+    return os.path.join(SCRIPTS, name)
+
+
+def read_events(path):
+    """The JSON-lines records a fixture script appended to path ([] if none yet). A partially
+    written last line (the script is mid-write) is ignored."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
+    return out
+
+
+def wait_events(path, predicate, timeout=10.0, message="events"):
+    """Waits until predicate(events) is truthy; returns the events list."""
+    result = {}
+
+    def check():
+        ev = read_events(path)
+        result["ev"] = ev
+        return predicate(ev)
+
+    wait_for(check, timeout, message=message)
+    return result["ev"]
+
+
+def count_events(events, name, **fields):
+    return sum(1 for e in events if e.get("ev") == name and
+               all(e.get(k) == v for k, v in fields.items()))
+
+
+def run_cli(args, env=None, timeout=30.0):
+    """Runs `agenthost ARGS...` to completion; returns CompletedProcess (text, stdout/stderr)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([BINARY] + list(args), env=full_env, capture_output=True, text=True,
+                          errors="replace", timeout=timeout)
+
+
+def free_port():
+    """A TCP port nobody listens on (bound then released)."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def agent_env(state_file, events_file=None, **extra):
+    """Environment for an agent on the embedded store at state_file (MONGODB_URI cleared)."""
+    env = {"AGENTHOST_STATE": state_file, "MONGODB_URI": "", "LOG_FORMAT": "text",
+           "LOG_LEVEL": "info"}
+    if events_file is not None:
+        env["EVENTS_FILE"] = str(events_file)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

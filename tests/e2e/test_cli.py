@@ -1,0 +1,106 @@
+"""The command line: configuration errors, version, ctl, and the JSON log format."""
+import json
+import signal
+
+import pytest
+
+from agenthost_harness import agent_env, free_port, run_cli, script, wait_for
+
+RECORDER = script("recorder.lua")
+
+BAD_CONFIG = [
+    ("HTTP_PORT", "abc"),
+    ("HTTP_PORT", "70000"),
+    ("CONTROL_POLLING_INTERVAL", "0"),
+    ("CONTROL_POLLING_INTERVAL", "-1"),
+    ("CONTROL_POLLING_INTERVAL", "soon"),
+    ("ENABLE_CHANGE_STREAMS", "maybe"),
+    ("ENABLE_DISTRIBUTED_CONTROL", "sometimes"),
+    ("LOG_FORMAT", "xml"),
+    ("LOG_LEVEL", "loud"),
+    ("BATCH_TIMEOUT", "0"),
+    ("SHUTDOWN_TIMEOUT", "x"),
+]
+
+
+@pytest.mark.parametrize("var,value", BAD_CONFIG, ids=[f"{v}={x}" for v, x in BAD_CONFIG])
+def test_bad_config_exits_2_naming_the_variable(state_file, tmp_path, var, value):
+    env = agent_env(state_file, tmp_path / "ev.jsonl")
+    env[var] = value
+    p = run_cli(["run", RECORDER], env=env)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert var in p.stdout + p.stderr, (p.stdout, p.stderr)
+
+
+def test_version_exits_0():
+    p = run_cli(["version"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("agenthost "), p.stdout
+
+
+def test_missing_script_exits_2(state_file):
+    p = run_cli(["run", "/nonexistent/agent.lua"], env=agent_env(state_file))
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "/nonexistent/agent.lua" in p.stdout + p.stderr
+
+
+def test_ctl_pause_and_state(fleet, state_file, tmp_path):
+    a = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl"), name="ctl")
+    a.wait_state("running", timeout=15)
+    p = run_cli(["ctl", "pause", "--url", a.url, "--reason", "x"])
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    a.wait_state("paused")
+    cs = a.get("/api/cluster/control-state").json()
+    assert cs["command"] == "pause" and cs["reason"] == "x" and cs["version"] == 1
+
+    p = run_cli(["ctl", "state", "--url", a.url])
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    state = json.loads(p.stdout)
+    assert state["command"] == "pause" and state["version"] == 1
+
+    p = run_cli(["ctl", "history", "--url", a.url, "--limit", "5"])
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert json.loads(p.stdout)["count"] == 1
+
+
+def test_ctl_reports_api_errors_with_exit_1(fleet, state_file, tmp_path):
+    a = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl",
+                                            AGENT_API_TOKEN="tok"), name="ctl-auth")
+    a.wait_state("running", timeout=15)
+    p = run_cli(["ctl", "pause", "--url", a.url, "--reason", "x"], env={"AGENT_API_TOKEN": ""})
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    p = run_cli(["ctl", "pause", "--url", a.url, "--token", "tok"])
+    assert p.returncode == 0, (p.stdout, p.stderr)
+
+
+def test_ctl_against_dead_port_exits_1():
+    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "3"])
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert p.stderr.strip()
+
+
+def test_ctl_bad_usage_exits_2():
+    p = run_cli(["ctl", "explode", "--url", "http://127.0.0.1:1"])
+    assert p.returncode == 2, (p.stdout, p.stderr)
+
+
+def test_json_log_lines_all_parse(fleet, state_file, tmp_path):
+    env = agent_env(state_file, LOG_FORMAT="json", FAIL_TIMES=1)
+    a = fleet.start(script("batch_error.lua"), env=env, name="json")
+    # An error with a multi-line traceback, a transition, and a shutdown all go through the log.
+    wait_for(lambda: a.state()["errors"] == 1 and a.state()["batches"] >= 2, 15,
+             message="one error then successful batches")
+    assert a.post("/api/cluster/pause?reason=json+%22quoted%22").status == 200
+    a.wait_state("paused")
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0, a.log_text()
+    lines = [l for l in a.lines if l.strip()]
+    assert len(lines) >= 5
+    for line in lines:
+        obj = json.loads(line)
+        assert isinstance(obj, dict), line
+        assert obj["level"] in ("DEBUG", "INFO", "WARNING", "ERROR"), line
+        assert isinstance(obj["msg"], str), line
+    msgs = [json.loads(l)["msg"] for l in lines]
+    assert any("stack traceback" in m and "\n" in m for m in msgs), msgs
+    assert any('"quoted"' in m for m in msgs), msgs
