@@ -7,11 +7,12 @@
  * server-side hangup ({testControl: "hangup"}).  MODE "standalone" expects the
  * change stream to fail with code 40573.  Exit status 0 = all checks passed.
  */
+#define _DEFAULT_SOURCE 1
 #include <mongoc/mongoc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
+#include <time.h>
 
 #define DB "cdrivercheck"
 #define COLL "agents"
@@ -36,6 +37,13 @@ static int aggregates(void) { return __atomic_load_n(&aggregates_started, __ATOM
             return 0;                                                      \
         }                                                                  \
     } while (0)
+
+/* keep stdout for the verdict: driver log lines go to stderr */
+static void log_to_stderr(mongoc_log_level_t level, const char *domain, const char *message,
+                          void *data) {
+    if (level <= MONGOC_LOG_LEVEL_INFO)
+        fprintf(stderr, "%s %s: %s\n", mongoc_log_level_str(level), domain, message);
+}
 
 static int64_t now_ms(void) { return bson_get_monotonic_time() / 1000; }
 
@@ -65,7 +73,8 @@ static int64_t inc_counter(mongoc_client_t *client, const char *id) {
         fprintf(stderr, "findAndModify failed (%u.%u): %s\n", error.domain, error.code,
                 error.message);
         if (now_ms() > deadline) break;
-        usleep(50 * 1000);
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
     }
     mongoc_find_and_modify_opts_destroy(opts);
     bson_destroy(update);
@@ -91,6 +100,7 @@ static int next_event(mongoc_change_stream_t *stream, bson_t *out, int64_t timeo
     const bson_t *err_doc;
     while (now_ms() < deadline) {
         if (mongoc_change_stream_next(stream, &doc)) {
+            bson_destroy(out);
             bson_copy_to(doc, out);
             return 1;
         }
@@ -201,7 +211,6 @@ static int run(mongoc_client_pool_t *pool, int replset) {
         fprintf(stderr, "FAIL: $inc after hangup\n");
         goto done;
     }
-    bson_reinit(&ev);
     if (!next_event(stream, &ev, 15000) || !check_update_event(&ev, "agent-1", 3)) goto done;
     fprintf(stderr, "replset: change stream received the update and resumed after hangup\n");
     ok = 1;
@@ -222,6 +231,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s URI replset|standalone\n", argv[0]);
         return 2;
     }
+    mongoc_log_set_handler(log_to_stderr, NULL);
     mongoc_init();
     bson_error_t error;
     mongoc_uri_t *uri = mongoc_uri_new_with_error(argv[1], &error);

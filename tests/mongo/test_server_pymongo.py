@@ -485,14 +485,20 @@ def test_restart_keeps_data(mongo_server, client):
         tok = next_change(s)["_id"]
     col.insert_one({"_id": 2, "k": "b"})
     port = mongo_server.port
+    live = col.watch(max_await_time_ms=100)
+    assert live.try_next() is None
     mongo_server.restart()
     assert mongo_server.port == port
+    col.insert_one({"_id": 4, "k": "d"})
+    assert next_change(live)["documentKey"] == {"_id": 4}   # resumed across the restart
+    live.close()
     assert col.find_one({"_id": 1}) == {"_id": 1, "k": "a", "t": 7}
     assert type(col.find_one({"_id": 1})["t"]) is Int64
     with pytest.raises(DuplicateKeyError):
         col.insert_one({"_id": 3, "k": "a"})
     with col.watch(resume_after=tok, max_await_time_ms=100) as s:
         assert next_change(s)["documentKey"] == {"_id": 2}
+        assert next_change(s)["documentKey"] == {"_id": 4}
     r = client.admin.command("hello")
     assert r["isWritablePrimary"] is True
 
