@@ -1,12 +1,1003 @@
-/* The MongoDB control store (SPEC §5). Placeholder until the MongoDB store lands: refuses to
- * open, so MONGODB_URI fails loudly instead of silently using another store. */
+/* The MongoDB control store (SPEC §5): the control document `global_control` and its audit
+ * entries in <MONGODB_DATABASE>.agent_control, behind the store interface of ah_store.h. One
+ * mongoc_client_pool_t serves everything: read/command/history pop a client per call (any
+ * thread), and the watcher thread holds its own client for its whole life. The watcher detects
+ * the watch mode (a change stream, or polling when the server refuses streams: standalone error
+ * 40573), logs the seed's lines, delivers the document at start and after every change, and
+ * survives every fault by reconnecting with exponential backoff and jitter: a change stream
+ * resumes from its last token, a lost history or an invalidated stream leads to a re-read, and a
+ * stream silent for CHANGE_STREAM_VERIFY_INTERVAL seconds is verified by a direct read. Short
+ * driver timeouts (set unless the URI has its own) make every failure show within seconds. */
 #include "ah_store.h"
 
+#include "ah_log.h"
+
+#include <mongoc/mongoc.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define AH_MONGO_COLLECTION "agent_control"
+#define AH_MONGO_DOC_ID "global_control"
+#define AH_MONGO_AUDIT_KIND "audit"
+
+/* Driver timeouts applied when the URI does not set them (milliseconds). */
+#define AH_MONGO_SERVER_SELECTION_MS 2000
+#define AH_MONGO_CONNECT_MS 2000
+#define AH_MONGO_SOCKET_MS 5000
+/* How long one change stream getMore waits on the server: bounds close() in the normal case. */
+#define AH_MONGO_MAX_AWAIT_MS 1000
+
+#define AH_MONGO_VERIFY_ENV "CHANGE_STREAM_VERIFY_INTERVAL"
+#define AH_MONGO_VERIFY_DEFAULT 60.0 /* seconds; 0 disables */
+
+#define AH_MONGO_RETRY_MIN 0.25      /* first reconnect delay, seconds */
+#define AH_MONGO_RETRY_MAX 5.0       /* reconnect delay cap, seconds */
+#define AH_MONGO_POLL_RETRY_MAX 30.0 /* polling error backoff cap (unless the interval is longer)  \
+                                      */
+#define AH_MONGO_STATUS_GAP_US 1000000 /* routine status reports: at most one per second */
+#define AH_MONGO_AUDIT_ATTEMPTS 4
+
+#define AH_MONGO_CODE_UNAUTHORIZED 13
+#define AH_MONGO_CODE_COMMAND_NOT_SUPPORTED 115
+#define AH_MONGO_CODE_BAD_RESUME_TOKEN 260
+#define AH_MONGO_CODE_STREAM_FATAL 280
+#define AH_MONGO_CODE_HISTORY_LOST 286
+#define AH_MONGO_CODE_DUPLICATE_KEY 11000
+#define AH_MONGO_CODE_NO_REPLICA_SET 40573
+
+/* What a failed operation means for the watcher. */
+typedef enum {
+    AH_MONGO_FAULT_NETWORK = 0, /* unreachable, timed out, no suitable server: retry */
+    AH_MONGO_FAULT_RESUMABLE,   /* any other server error: retry, resume from the token */
+    AH_MONGO_FAULT_HISTORY,     /* the resume point is gone: re-read and reopen fresh */
+    AH_MONGO_FAULT_UNSUPPORTED, /* the server refuses change streams: fall back to polling */
+} ah_mongo_fault_t;
+
+typedef enum {
+    AH_MONGO_MODE_DETECT = 0,
+    AH_MONGO_MODE_STREAMS,
+    AH_MONGO_MODE_POLLING,
+} ah_mongo_mode_t;
+
+typedef struct ah_store_mongo_s {
+    ah_store_t base; /* first member (ah_store.h) */
+    const ah_config_t *cfg;
+    mongoc_uri_t *uri;
+    mongoc_client_pool_t *pool;
+    double verify_interval; /* seconds; 0 = never verify a silent stream */
+    int max_await_ms;
+
+    pthread_mutex_t mutex; /* guards everything below */
+    pthread_cond_t cond;   /* signalled by close() */
+    bool closing;
+    ah_command_t last_command; /* last known command: fallback for foreign writes */
+
+    pthread_t watcher;
+    bool watcher_started;
+    ah_store_listener_t listener;
+} ah_store_mongo_t;
+
+/* The watcher thread's private state. */
+typedef struct ah_mongo_watch_s {
+    ah_store_mongo_t *ms;
+    mongoc_client_t *client;
+    mongoc_collection_t *coll;
+    ah_mongo_mode_t mode;
+    ah_store_status_t status;
+    bool ever_connected;
+    int64_t last_report_us; /* monotonic; 0 = report at the next chance */
+    uint64_t reported_polls;
+    bool delivered;
+    int64_t delivered_version;
+    int failures; /* consecutive failures: drives the backoff */
+    unsigned int seed;
+} ah_mongo_watch_t;
+
+static pthread_once_t mongoc_once = PTHREAD_ONCE_INIT;
+
+/* mongoc_init() is process-global and mongoc_cleanup() cannot be undone, so the driver is set up
+ * once and never torn down: its globals stay reachable until exit. */
+static void mongo_global_init(void)
+{
+    mongoc_init();
+}
+
+/* ---- small helpers ------------------------------------------------------------------------ */
+
+static ah_store_mongo_t *mongo_of(ah_store_t *st)
+{
+    return (ah_store_mongo_t *)st;
+}
+
+static bool mongo_closing(ah_store_mongo_t *ms)
+{
+    pthread_mutex_lock(&ms->mutex);
+    bool closing = ms->closing;
+    pthread_mutex_unlock(&ms->mutex);
+    return closing;
+}
+
+/* Waits up to `seconds` or until close(). Returns true if the store is closing. */
+static bool mongo_wait(ah_store_mongo_t *ms, double seconds)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    double whole = floor(seconds);
+    deadline.tv_sec += (time_t)whole;
+    deadline.tv_nsec += (long)((seconds - whole) * 1e9);
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec += 1;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&ms->mutex);
+    while (!ms->closing) {
+        if (pthread_cond_timedwait(&ms->cond, &ms->mutex, &deadline) == ETIMEDOUT) {
+            break;
+        }
+    }
+    bool closing = ms->closing;
+    pthread_mutex_unlock(&ms->mutex);
+    return closing;
+}
+
+/* A uniformly random factor in [lo, hi). */
+static double jitter(unsigned int *seed, double lo, double hi)
+{
+    return lo + (hi - lo) * ((double)rand_r(seed) / ((double)RAND_MAX + 1.0));
+}
+
+/* Exponential backoff: min * 2^failures capped at max, then scaled by a random 50-100% so a
+ * fleet that lost the server together does not come back in lockstep. */
+static double backoff_delay(int failures, double min, double max, unsigned int *seed)
+{
+    double delay = min;
+    for (int i = 0; i < failures && delay < max; i++) {
+        delay *= 2;
+    }
+    if (delay > max) {
+        delay = max;
+    }
+    return delay * jitter(seed, 0.5, 1.0);
+}
+
+static ah_mongo_fault_t classify_error(const bson_error_t *error)
+{
+    if (error->domain == MONGOC_ERROR_SERVER || error->domain == MONGOC_ERROR_QUERY ||
+        error->domain == MONGOC_ERROR_WRITE_CONCERN) {
+        switch (error->code) {
+        case AH_MONGO_CODE_NO_REPLICA_SET:
+            return AH_MONGO_FAULT_UNSUPPORTED;
+        case AH_MONGO_CODE_HISTORY_LOST:
+        case AH_MONGO_CODE_STREAM_FATAL:
+        case AH_MONGO_CODE_BAD_RESUME_TOKEN:
+            return AH_MONGO_FAULT_HISTORY;
+        default:
+            return AH_MONGO_FAULT_RESUMABLE;
+        }
+    }
+    return AH_MONGO_FAULT_NETWORK;
+}
+
+/* True when the request may not have reached the server at all (nothing was written). */
+static bool error_before_send(const bson_error_t *error)
+{
+    return error->domain == MONGOC_ERROR_SERVER_SELECTION ||
+           (error->domain == MONGOC_ERROR_STREAM && error->code == MONGOC_ERROR_STREAM_CONNECT) ||
+           (error->domain == MONGOC_ERROR_STREAM &&
+            error->code == MONGOC_ERROR_STREAM_NAME_RESOLUTION);
+}
+
+/* Maps a failed read-only operation to a return code and message. */
+static int read_failure(const char *what, const bson_error_t *error, char *err, size_t errlen)
+{
+    if (classify_error(error) == AH_MONGO_FAULT_NETWORK) {
+        snprintf(err, errlen, "MongoDB unreachable (%s): %s", what, error->message);
+        return AH_EUNAVAIL;
+    }
+    snprintf(err, errlen, "MongoDB %s failed: %s (code %" PRIu32 ")", what, error->message,
+             error->code);
+    return AH_EIO;
+}
+
+/* ---- documents ---------------------------------------------------------------------------- */
+
+static void copy_utf8_field(const bson_t *doc, const char *key, char *out, size_t outlen)
+{
+    bson_iter_t it;
+    out[0] = '\0';
+    if (bson_iter_init_find(&it, doc, key) && BSON_ITER_HOLDS_UTF8(&it)) {
+        ah_strlcpy(out, bson_iter_utf8(&it, NULL), outlen);
+    }
+}
+
+/* Parses a control document or audit entry into *out. The version is read as any number type
+ * (foreign writers may store int32 or double). A missing or unknown command keeps `fallback`
+ * (with a warning). Returns 0, or AH_EIO when the document has no usable version. */
+static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t *out)
+{
+    bson_iter_t it;
+    memset(out, 0, sizeof(*out));
+    if (!bson_iter_init_find(&it, doc, "version") || !BSON_ITER_HOLDS_NUMBER(&it)) {
+        return AH_EIO;
+    }
+    out->version = bson_iter_as_int64(&it);
+    char name[32];
+    copy_utf8_field(doc, "command", name, sizeof(name));
+    if (ah_command_parse(name, &out->command) != AH_OK) {
+        out->command = fallback;
+        ah_log_warn("Control document version %" PRId64 " has %s command '%s': keeping '%s'",
+                    out->version, name[0] ? "an unknown" : "no", name, ah_command_name(fallback));
+    }
+    if (bson_iter_init_find(&it, doc, "timestamp") && BSON_ITER_HOLDS_DATE_TIME(&it)) {
+        out->timestamp_us = bson_iter_date_time(&it) * 1000;
+    }
+    copy_utf8_field(doc, "reason", out->reason, sizeof(out->reason));
+    copy_utf8_field(doc, "updated_by", out->updated_by, sizeof(out->updated_by));
+    copy_utf8_field(doc, "agent_id", out->agent_id, sizeof(out->agent_id));
+    return AH_OK;
+}
+
+/* Parses the control document and remembers its command as the fallback for the next one. */
+static int parse_and_remember(ah_store_mongo_t *ms, const bson_t *doc, ah_control_t *out)
+{
+    pthread_mutex_lock(&ms->mutex);
+    ah_command_t fallback = ms->last_command;
+    pthread_mutex_unlock(&ms->mutex);
+    int rc = parse_control(doc, fallback, out);
+    if (rc == AH_OK) {
+        pthread_mutex_lock(&ms->mutex);
+        ms->last_command = out->command;
+        pthread_mutex_unlock(&ms->mutex);
+    }
+    return rc;
+}
+
+static void append_now(bson_t *doc, const char *key, int64_t now_us)
+{
+    bson_append_date_time(doc, key, -1, now_us / 1000);
+}
+
+/* Creates the initial document if it does not exist (an upsert that only sets fields on insert,
+ * so it never overwrites a concurrent writer) and returns it in *out. */
+static int ensure_control(ah_store_mongo_t *ms, mongoc_collection_t *coll, ah_control_t *out,
+                          char *err, size_t errlen)
+{
+    int rc = AH_EIO;
+    bson_t reply = BSON_INITIALIZER;
+    bson_error_t error;
+    bson_t *query = BCON_NEW("_id", BCON_UTF8(AH_MONGO_DOC_ID));
+    bson_t *update = bson_new();
+    bson_t set;
+    BSON_APPEND_DOCUMENT_BEGIN(update, "$setOnInsert", &set);
+    BSON_APPEND_UTF8(&set, "command", ah_command_name(AH_CMD_RUNNING));
+    BSON_APPEND_INT64(&set, "version", 0);
+    append_now(&set, "timestamp", ah_now_us());
+    BSON_APPEND_UTF8(&set, "reason", "initial state");
+    BSON_APPEND_UTF8(&set, "updated_by", "system");
+    bson_append_document_end(update, &set);
+    mongoc_find_and_modify_opts_t *opts = mongoc_find_and_modify_opts_new();
+    mongoc_find_and_modify_opts_set_update(opts, update);
+    mongoc_find_and_modify_opts_set_flags(opts, MONGOC_FIND_AND_MODIFY_UPSERT |
+                                                    MONGOC_FIND_AND_MODIFY_RETURN_NEW);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        bson_reinit(&reply);
+        if (mongoc_collection_find_and_modify_with_opts(coll, query, opts, &reply, &error)) {
+            break;
+        }
+        /* Two agents creating the document at once: one upsert loses with a duplicate key. */
+        if (attempt == 0 && error.code == AH_MONGO_CODE_DUPLICATE_KEY) {
+            continue;
+        }
+        rc = read_failure("create control document", &error, err, errlen);
+        goto cleanup;
+    }
+    bson_iter_t it;
+    if (!bson_iter_init_find(&it, &reply, "value") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
+        snprintf(err, errlen, "MongoDB create control document: no document returned");
+        goto cleanup;
+    }
+    const uint8_t *data;
+    uint32_t len;
+    bson_iter_document(&it, &len, &data);
+    bson_t value;
+    if (!bson_init_static(&value, data, len) || parse_and_remember(ms, &value, out) != AH_OK) {
+        snprintf(err, errlen, "MongoDB control document has no numeric version");
+        goto cleanup;
+    }
+    rc = AH_OK;
+cleanup:
+    mongoc_find_and_modify_opts_destroy(opts);
+    bson_destroy(update);
+    bson_destroy(query);
+    bson_destroy(&reply);
+    return rc;
+}
+
+/* Reads the control document with one light query (a single-batch find with a projection),
+ * creating it if it is missing. 0, AH_EUNAVAIL or AH_EIO with err set. */
+static int read_control(ah_store_mongo_t *ms, mongoc_collection_t *coll, ah_control_t *out,
+                        char *err, size_t errlen)
+{
+    int rc = AH_EIO;
+    bson_error_t error;
+    const bson_t *doc;
+    bson_t *filter = BCON_NEW("_id", BCON_UTF8(AH_MONGO_DOC_ID));
+    bson_t *opts =
+        BCON_NEW("projection", "{", "_id", BCON_INT32(0), "command", BCON_INT32(1), "version",
+                 BCON_INT32(1), "timestamp", BCON_INT32(1), "reason", BCON_INT32(1), "updated_by",
+                 BCON_INT32(1), "}", "limit", BCON_INT64(1), "singleBatch", BCON_BOOL(true));
+    mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
+    if (mongoc_cursor_next(cursor, &doc)) {
+        if (parse_and_remember(ms, doc, out) != AH_OK) {
+            snprintf(err, errlen, "MongoDB control document has no numeric version");
+            goto cleanup;
+        }
+        rc = AH_OK;
+        goto cleanup;
+    }
+    if (mongoc_cursor_error(cursor, &error)) {
+        rc = read_failure("read control document", &error, err, errlen);
+        goto cleanup;
+    }
+    rc = ensure_control(ms, coll, out, err, errlen);
+cleanup:
+    mongoc_cursor_destroy(cursor);
+    bson_destroy(opts);
+    bson_destroy(filter);
+    return rc;
+}
+
+/* ---- the store operations (any thread) ---------------------------------------------------- */
+
+static mongoc_collection_t *pop_collection(ah_store_mongo_t *ms, mongoc_client_t **client)
+{
+    *client = mongoc_client_pool_pop(ms->pool);
+    return mongoc_client_get_collection(*client, ms->cfg->mongodb_database, AH_MONGO_COLLECTION);
+}
+
+static void push_collection(ah_store_mongo_t *ms, mongoc_client_t *client,
+                            mongoc_collection_t *coll)
+{
+    mongoc_collection_destroy(coll);
+    mongoc_client_pool_push(ms->pool, client);
+}
+
+static int mongo_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen)
+{
+    ah_store_mongo_t *ms = mongo_of(st);
+    mongoc_client_t *client;
+    mongoc_collection_t *coll = pop_collection(ms, &client);
+    int rc = read_control(ms, coll, out, err, errlen);
+    push_collection(ms, client, coll);
+    return rc;
+}
+
+/* Inserts the audit entry of version doc->version. A duplicate key means it is already there
+ * (a retried attempt that had succeeded). Retries a few times; 0 or AH_EIO. */
+static int insert_audit(ah_store_mongo_t *ms, mongoc_collection_t *coll, const ah_control_t *doc,
+                        char *err, size_t errlen)
+{
+    char id[64];
+    snprintf(id, sizeof(id), AH_MONGO_DOC_ID ":v%" PRId64, doc->version);
+    bson_t *entry = bson_new();
+    BSON_APPEND_UTF8(entry, "_id", id);
+    BSON_APPEND_UTF8(entry, "kind", AH_MONGO_AUDIT_KIND);
+    BSON_APPEND_UTF8(entry, "command", ah_command_name(doc->command));
+    BSON_APPEND_INT64(entry, "version", doc->version);
+    append_now(entry, "timestamp", doc->timestamp_us);
+    BSON_APPEND_UTF8(entry, "reason", doc->reason);
+    BSON_APPEND_UTF8(entry, "updated_by", doc->updated_by);
+    BSON_APPEND_UTF8(entry, "agent_id", doc->agent_id);
+    int rc = AH_EIO;
+    unsigned int seed = (unsigned int)ah_mono_us();
+    for (int attempt = 0; attempt < AH_MONGO_AUDIT_ATTEMPTS; attempt++) {
+        bson_error_t error;
+        if (mongoc_collection_insert_one(coll, entry, NULL, NULL, &error) ||
+            error.code == AH_MONGO_CODE_DUPLICATE_KEY) {
+            rc = AH_OK;
+            break;
+        }
+        snprintf(err, errlen, "%s", error.message);
+        if (mongo_wait(ms, backoff_delay(attempt, 0.1, 1.0, &seed))) {
+            break;
+        }
+    }
+    bson_destroy(entry);
+    return rc;
+}
+
+static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
+                         const char *updated_by, const char *agent_id, ah_control_t *out, char *err,
+                         size_t errlen)
+{
+    ah_store_mongo_t *ms = mongo_of(st);
+    int rc = AH_EIO;
+    bson_error_t error;
+    bson_t reply = BSON_INITIALIZER;
+    int64_t now_us = ah_now_us();
+    mongoc_client_t *client;
+    mongoc_collection_t *coll = pop_collection(ms, &client);
+    bson_t *query = BCON_NEW("_id", BCON_UTF8(AH_MONGO_DOC_ID));
+    bson_t *update = bson_new();
+    bson_t child;
+    BSON_APPEND_DOCUMENT_BEGIN(update, "$inc", &child);
+    BSON_APPEND_INT64(&child, "version", 1);
+    bson_append_document_end(update, &child);
+    BSON_APPEND_DOCUMENT_BEGIN(update, "$set", &child);
+    BSON_APPEND_UTF8(&child, "command", ah_command_name(cmd));
+    append_now(&child, "timestamp", now_us);
+    BSON_APPEND_UTF8(&child, "reason", reason);
+    BSON_APPEND_UTF8(&child, "updated_by", updated_by);
+    bson_append_document_end(update, &child);
+    mongoc_find_and_modify_opts_t *opts = mongoc_find_and_modify_opts_new();
+    mongoc_find_and_modify_opts_set_update(opts, update);
+    mongoc_find_and_modify_opts_set_flags(opts, MONGOC_FIND_AND_MODIFY_UPSERT |
+                                                    MONGOC_FIND_AND_MODIFY_RETURN_NEW);
+
+    if (!mongoc_collection_find_and_modify_with_opts(coll, query, opts, &reply, &error)) {
+        if (error_before_send(&error)) {
+            snprintf(err, errlen, "MongoDB unreachable, command not written: %s", error.message);
+            rc = AH_EUNAVAIL;
+        } else if (classify_error(&error) == AH_MONGO_FAULT_NETWORK) {
+            snprintf(err, errlen,
+                     "MongoDB connection failed during the write (it may or may not have been "
+                     "applied; see /api/cluster/history): %s",
+                     error.message);
+            rc = AH_EIO;
+        } else {
+            snprintf(err, errlen, "MongoDB rejected the command: %s (code %" PRIu32 ")",
+                     error.message, error.code);
+            rc = AH_EIO;
+        }
+        goto cleanup;
+    }
+    bson_iter_t it;
+    const uint8_t *data;
+    uint32_t len;
+    bson_t value;
+    if (!bson_iter_init_find(&it, &reply, "value") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
+        snprintf(err, errlen, "MongoDB findAndModify returned no document");
+        goto cleanup;
+    }
+    bson_iter_document(&it, &len, &data);
+    if (!bson_init_static(&value, data, len) || parse_and_remember(ms, &value, out) != AH_OK) {
+        snprintf(err, errlen, "MongoDB control document has no numeric version");
+        goto cleanup;
+    }
+    /* The returned document is the authority for version and timestamp; the rest is ours. */
+    out->command = cmd;
+    ah_strlcpy(out->reason, reason, sizeof(out->reason));
+    ah_strlcpy(out->updated_by, updated_by, sizeof(out->updated_by));
+    ah_strlcpy(out->agent_id, agent_id, sizeof(out->agent_id));
+    char audit_err[AH_ERRLEN];
+    if (insert_audit(ms, coll, out, audit_err, sizeof(audit_err)) != AH_OK) {
+        /* The command itself is applied and will reach every agent; only its audit entry is
+         * missing. Not an error for the caller. */
+        ah_log_error("Command '%s' version %" PRId64 " is applied but its audit entry could not "
+                     "be written after %d attempts: %s",
+                     ah_command_name(cmd), out->version, AH_MONGO_AUDIT_ATTEMPTS, audit_err);
+    }
+    rc = AH_OK;
+cleanup:
+    mongoc_find_and_modify_opts_destroy(opts);
+    bson_destroy(update);
+    bson_destroy(query);
+    bson_destroy(&reply);
+    push_collection(ms, client, coll);
+    return rc;
+}
+
+static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
+                         size_t errlen)
+{
+    ah_store_mongo_t *ms = mongo_of(st);
+    int rc = AH_OK;
+    bson_error_t error;
+    const bson_t *doc;
+    mongoc_client_t *client;
+    mongoc_collection_t *coll = pop_collection(ms, &client);
+    bson_t *filter = BCON_NEW("kind", BCON_UTF8(AH_MONGO_AUDIT_KIND));
+    bson_t *opts =
+        BCON_NEW("sort", "{", "version", BCON_INT32(-1), "}", "limit", BCON_INT64(limit));
+    mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
+    *count = 0;
+    while (*count < limit && mongoc_cursor_next(cursor, &doc)) {
+        if (parse_control(doc, AH_CMD_NONE, &out[*count]) == AH_OK) {
+            (*count)++;
+        }
+    }
+    if (mongoc_cursor_error(cursor, &error)) {
+        *count = 0;
+        rc = read_failure("read history", &error, err, errlen);
+    }
+    mongoc_cursor_destroy(cursor);
+    bson_destroy(opts);
+    bson_destroy(filter);
+    push_collection(ms, client, coll);
+    return rc;
+}
+
+/* ---- the watcher thread ------------------------------------------------------------------- */
+
+static void report_status(ah_mongo_watch_t *w, bool force)
+{
+    const ah_store_listener_t *l = &w->ms->listener;
+    int64_t now = ah_mono_us();
+    if (!force && (w->status.polls == w->reported_polls ||
+                   now - w->last_report_us < AH_MONGO_STATUS_GAP_US)) {
+        return;
+    }
+    if (l->on_status != NULL) {
+        l->on_status(l->ud, &w->status);
+    }
+    w->last_report_us = now;
+    w->reported_polls = w->status.polls;
+}
+
+/* Fills status.topology from the driver's view of the servers (no extra round trip). */
+static void update_topology(ah_mongo_watch_t *w)
+{
+    size_t n = 0;
+    mongoc_server_description_t **sds = mongoc_client_get_server_descriptions(w->client, &n);
+    const char *topology = "unknown";
+    for (size_t i = 0; i < n; i++) {
+        const char *type = mongoc_server_description_type(sds[i]);
+        if (strncmp(type, "RS", 2) == 0) {
+            topology = "replica_set";
+            break;
+        }
+        if (strcmp(type, "Standalone") == 0) {
+            topology = "standalone";
+        } else if (strcmp(type, "Mongos") == 0) {
+            topology = "sharded";
+        }
+    }
+    mongoc_server_descriptions_destroy_all(sds, n);
+    if (strcmp(topology, "unknown") != 0) {
+        ah_strlcpy(w->status.topology, topology, sizeof(w->status.topology));
+    }
+}
+
+/* Records a successful round trip. */
+static void note_success(ah_mongo_watch_t *w, double latency_ms)
+{
+    bool changed = !w->status.connected;
+    if (latency_ms >= 0) {
+        w->status.latency_ms = latency_ms;
+    }
+    if (!w->status.connected) {
+        if (w->ever_connected) {
+            w->status.reconnects++;
+            ah_log_info("[Distributed Control] MongoDB connection restored");
+        }
+        w->status.connected = true;
+        w->ever_connected = true;
+        update_topology(w);
+    }
+    w->failures = 0;
+    report_status(w, changed);
+}
+
+/* Records a failure; logs the first one of a streak. */
+static void note_failure(ah_mongo_watch_t *w, const char *what, const char *message)
+{
+    char text[AH_ERRLEN];
+    snprintf(text, sizeof(text), "%s: %s", what, message);
+    if (w->failures == 0) {
+        ah_log_warn("[Distributed Control] %s (retrying with backoff; the agent keeps its "
+                    "current state)",
+                    text);
+    } else {
+        ah_log_debug("[Distributed Control] %s (attempt %d)", text, w->failures + 1);
+    }
+    w->failures++;
+    w->status.connected = false;
+    ah_strlcpy(w->status.last_error, text, sizeof(w->status.last_error));
+    w->status.last_error_us = ah_now_us();
+    report_status(w, true);
+}
+
+static bool wait_backoff(ah_mongo_watch_t *w, double min, double max)
+{
+    return mongo_wait(w->ms, backoff_delay(w->failures - 1, min, max, &w->seed));
+}
+
+static void deliver(ah_mongo_watch_t *w, const ah_control_t *doc)
+{
+    if (w->delivered && doc->version == w->delivered_version) {
+        return;
+    }
+    w->delivered = true;
+    w->delivered_version = doc->version;
+    const ah_store_listener_t *l = &w->ms->listener;
+    if (l->on_control != NULL) {
+        l->on_control(l->ud, doc);
+    }
+}
+
+/* One direct read, delivered if the version changed. Returns 0 or a negative AH_E*. */
+static int watch_read(ah_mongo_watch_t *w, const char *what)
+{
+    char err[AH_ERRLEN];
+    ah_control_t doc;
+    int64_t started = ah_mono_us();
+    int rc = read_control(w->ms, w->coll, &doc, err, sizeof(err));
+    if (rc != AH_OK) {
+        note_failure(w, what, err);
+        return rc;
+    }
+    note_success(w, (double)(ah_mono_us() - started) / 1000.0);
+    deliver(w, &doc);
+    return AH_OK;
+}
+
+static void set_watch_mode(ah_mongo_watch_t *w, ah_mongo_mode_t mode)
+{
+    w->mode = mode;
+    ah_strlcpy(w->status.watch_mode, mode == AH_MONGO_MODE_POLLING ? "polling" : "change_streams",
+               sizeof(w->status.watch_mode));
+    report_status(w, true);
+}
+
+static void use_polling(ah_mongo_watch_t *w, const char *why)
+{
+    ah_log_warn("MongoDB Change Streams not available: %s. Using polling fallback.", why);
+    ah_log_info("Using polling fallback (interval: %gs)", w->ms->cfg->polling_interval);
+    set_watch_mode(w, AH_MONGO_MODE_POLLING);
+}
+
+static mongoc_change_stream_t *open_stream(ah_mongo_watch_t *w, const bson_t *resume_token)
+{
+    bson_t *pipeline = BCON_NEW("pipeline", "[", "{", "$match", "{", "documentKey._id",
+                                BCON_UTF8(AH_MONGO_DOC_ID), "}", "}", "]");
+    bson_t *opts = BCON_NEW("fullDocument", BCON_UTF8("updateLookup"), "maxAwaitTimeMS",
+                            BCON_INT64(w->ms->max_await_ms));
+    if (resume_token != NULL) {
+        BSON_APPEND_DOCUMENT(opts, "resumeAfter", resume_token);
+    }
+    mongoc_change_stream_t *stream = mongoc_collection_watch(w->coll, pipeline, opts);
+    bson_destroy(opts);
+    bson_destroy(pipeline);
+    return stream;
+}
+
+/* Keeps a copy of the stream's latest resume token in *token. */
+static void save_token(mongoc_change_stream_t *stream, bson_t **token)
+{
+    const bson_t *current = mongoc_change_stream_get_resume_token(stream);
+    if (current != NULL) {
+        bson_destroy(*token);
+        *token = bson_copy(current);
+    }
+}
+
+/* Handles one change event. Returns true when the stream must be reopened from scratch (after a
+ * re-read): the stream was invalidated or the document was deleted or replaced oddly. */
+static bool handle_event(ah_mongo_watch_t *w, const bson_t *event)
+{
+    bson_iter_t it;
+    char op[32] = "";
+    if (bson_iter_init_find(&it, event, "operationType") && BSON_ITER_HOLDS_UTF8(&it)) {
+        ah_strlcpy(op, bson_iter_utf8(&it, NULL), sizeof(op));
+    }
+    if (strcmp(op, "invalidate") == 0) {
+        ah_log_warn("[Distributed Control] Change stream invalidated: re-reading the control "
+                    "document and reopening");
+        return true;
+    }
+    if (!bson_iter_init_find(&it, event, "fullDocument") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
+        /* A delete (or an update whose document is already gone): read what is there now. */
+        return true;
+    }
+    const uint8_t *data;
+    uint32_t len;
+    bson_t full;
+    ah_control_t doc;
+    bson_iter_document(&it, &len, &data);
+    if (!bson_init_static(&full, data, len) || parse_and_remember(w->ms, &full, &doc) != AH_OK) {
+        ah_log_warn("[Distributed Control] Ignoring a control document without a numeric "
+                    "version");
+        return false;
+    }
+    deliver(w, &doc);
+    return false;
+}
+
+/* Change streams mode (and detection). Returns when the store closes or after switching to
+ * polling. */
+static void run_streams(ah_mongo_watch_t *w)
+{
+    ah_store_mongo_t *ms = w->ms;
+    bson_t *token = NULL;
+    bool need_read = true;
+    while (!mongo_closing(ms)) {
+        bson_error_t error;
+        const bson_t *reply = NULL;
+        mongoc_change_stream_t *stream = open_stream(w, token);
+        if (mongoc_change_stream_error_document(stream, &error, &reply)) {
+            mongoc_change_stream_destroy(stream);
+            ah_mongo_fault_t fault = classify_error(&error);
+            bool refused = fault == AH_MONGO_FAULT_UNSUPPORTED ||
+                           (w->mode == AH_MONGO_MODE_DETECT && fault == AH_MONGO_FAULT_RESUMABLE &&
+                            (error.code == AH_MONGO_CODE_UNAUTHORIZED ||
+                             error.code == AH_MONGO_CODE_COMMAND_NOT_SUPPORTED));
+            if (refused) {
+                note_success(w, -1);
+                use_polling(w, error.code == AH_MONGO_CODE_NO_REPLICA_SET ? "Replica set required"
+                                                                          : error.message);
+                break;
+            }
+            if (fault == AH_MONGO_FAULT_HISTORY && token != NULL) {
+                ah_log_warn("[Distributed Control] Change stream cannot resume (%s): re-reading "
+                            "the control document and reopening",
+                            error.message);
+                bson_destroy(token);
+                token = NULL;
+                need_read = true;
+                continue;
+            }
+            note_failure(w, "change stream", error.message);
+            if (wait_backoff(w, AH_MONGO_RETRY_MIN, AH_MONGO_RETRY_MAX)) {
+                break;
+            }
+            continue;
+        }
+        if (w->mode == AH_MONGO_MODE_DETECT) {
+            ah_log_info("✓ MongoDB Change Streams are supported");
+            ah_log_info("Using MongoDB Change Streams (event-driven, real-time)");
+            set_watch_mode(w, AH_MONGO_MODE_STREAMS);
+        } else if (token != NULL) {
+            w->status.stream_resumes++;
+            ah_log_info("[Distributed Control] Change stream resumed");
+        }
+        /* The stream is open before the read, so a command written after the read is an event. */
+        if (need_read) {
+            if (watch_read(w, need_read && !w->delivered ? "startup read" : "re-read") != AH_OK) {
+                mongoc_change_stream_destroy(stream);
+                if (wait_backoff(w, AH_MONGO_RETRY_MIN, AH_MONGO_RETRY_MAX)) {
+                    break;
+                }
+                continue;
+            }
+            need_read = false;
+        } else {
+            note_success(w, -1);
+        }
+        save_token(stream, &token);
+        int64_t quiet_since = ah_mono_us();
+        bool reopen_fresh = false;
+        while (!mongo_closing(ms)) {
+            const bson_t *event;
+            if (mongoc_change_stream_next(stream, &event)) {
+                reopen_fresh = handle_event(w, event);
+                save_token(stream, &token);
+                quiet_since = ah_mono_us();
+                if (reopen_fresh) {
+                    break;
+                }
+                continue;
+            }
+            if (mongoc_change_stream_error_document(stream, &error, &reply)) {
+                if (classify_error(&error) == AH_MONGO_FAULT_HISTORY) {
+                    ah_log_warn("[Distributed Control] Change stream history lost (%s): "
+                                "re-reading the control document and reopening",
+                                error.message);
+                    reopen_fresh = true;
+                } else {
+                    note_failure(w, "change stream", error.message);
+                }
+                break;
+            }
+            save_token(stream, &token);
+            report_status(w, false);
+            if (ms->verify_interval > 0 &&
+                (double)(ah_mono_us() - quiet_since) / 1e6 >= ms->verify_interval) {
+                int64_t before = w->delivered_version;
+                if (watch_read(w, "change stream verification read") != AH_OK) {
+                    break;
+                }
+                if (w->delivered_version != before) {
+                    ah_log_warn("[Distributed Control] The change stream missed version %" PRId64
+                                ": reopening it",
+                                w->delivered_version);
+                    reopen_fresh = true;
+                    break;
+                }
+                quiet_since = ah_mono_us();
+            }
+        }
+        mongoc_change_stream_destroy(stream);
+        if (reopen_fresh) {
+            bson_destroy(token);
+            token = NULL;
+            need_read = true;
+            continue;
+        }
+        if (!w->status.connected && wait_backoff(w, AH_MONGO_RETRY_MIN, AH_MONGO_RETRY_MAX)) {
+            break;
+        }
+    }
+    bson_destroy(token);
+}
+
+/* Polling mode: one light query per interval (±10% jitter), delivered on a version change. */
+static void run_polling(ah_mongo_watch_t *w)
+{
+    ah_store_mongo_t *ms = w->ms;
+    double interval = ms->cfg->polling_interval;
+    double retry_max = interval > AH_MONGO_POLL_RETRY_MAX ? interval : AH_MONGO_POLL_RETRY_MAX;
+    while (!mongo_closing(ms)) {
+        w->status.polls++;
+        double wait;
+        if (watch_read(w, "poll") == AH_OK) {
+            wait = interval * jitter(&w->seed, 0.9, 1.1);
+            report_status(w, false);
+        } else {
+            wait = backoff_delay(w->failures - 1, interval, retry_max, &w->seed);
+        }
+        if (mongo_wait(ms, wait)) {
+            break;
+        }
+    }
+}
+
+static void *watcher_main(void *arg)
+{
+    ah_store_mongo_t *ms = arg;
+    ah_mongo_watch_t w;
+    memset(&w, 0, sizeof(w));
+    w.ms = ms;
+    w.seed = (unsigned int)(ah_now_us() ^ ((int64_t)getpid() << 16));
+    w.client = mongoc_client_pool_pop(ms->pool);
+    w.coll = mongoc_client_get_collection(w.client, ms->cfg->mongodb_database, AH_MONGO_COLLECTION);
+    ah_strlcpy(w.status.backend, "mongodb", sizeof(w.status.backend));
+    ah_strlcpy(w.status.topology, "unknown", sizeof(w.status.topology));
+    w.status.latency_ms = -1.0;
+    if (ms->cfg->change_streams) {
+        w.mode = AH_MONGO_MODE_DETECT;
+        report_status(&w, true);
+        run_streams(&w);
+    } else {
+        ah_log_info("Using polling fallback (interval: %gs) (ENABLE_CHANGE_STREAMS=false)",
+                    ms->cfg->polling_interval);
+        set_watch_mode(&w, AH_MONGO_MODE_POLLING);
+    }
+    if (w.mode == AH_MONGO_MODE_POLLING) {
+        run_polling(&w);
+    }
+    mongoc_collection_destroy(w.coll);
+    mongoc_client_pool_push(ms->pool, w.client);
+    return NULL;
+}
+
+static int mongo_watch_start(ah_store_t *st, const ah_store_listener_t *listener, char *err,
+                             size_t errlen)
+{
+    ah_store_mongo_t *ms = mongo_of(st);
+    if (ms->watcher_started) {
+        snprintf(err, errlen, "the MongoDB watcher is already running");
+        return AH_EINVAL;
+    }
+    ms->listener = *listener;
+    if (pthread_create(&ms->watcher, NULL, watcher_main, ms) != 0) {
+        snprintf(err, errlen, "cannot start the MongoDB watcher thread");
+        return AH_EIO;
+    }
+    ms->watcher_started = true;
+    return AH_OK;
+}
+
+static void mongo_close(ah_store_t *st)
+{
+    ah_store_mongo_t *ms = mongo_of(st);
+    pthread_mutex_lock(&ms->mutex);
+    ms->closing = true;
+    pthread_cond_broadcast(&ms->cond);
+    pthread_mutex_unlock(&ms->mutex);
+    if (ms->watcher_started) {
+        pthread_join(ms->watcher, NULL);
+    }
+    if (ms->pool != NULL) {
+        mongoc_client_pool_destroy(ms->pool);
+    }
+    mongoc_uri_destroy(ms->uri);
+    pthread_cond_destroy(&ms->cond);
+    pthread_mutex_destroy(&ms->mutex);
+    free(ms);
+}
+
+static const ah_store_ops_t mongo_ops = {
+    .read = mongo_read,
+    .command = mongo_command,
+    .history = mongo_history,
+    .watch_start = mongo_watch_start,
+    .close = mongo_close,
+};
+
+/* ---- opening ------------------------------------------------------------------------------ */
+
+/* Sets a millisecond option unless the user's URI already has it. */
+static void default_timeout(mongoc_uri_t *uri, const char *option, int32_t ms)
+{
+    if (!mongoc_uri_has_option(uri, option)) {
+        mongoc_uri_set_option_as_int32(uri, option, ms);
+    }
+}
+
+static int verify_interval_from_env(double *out, char *err, size_t errlen)
+{
+    const char *value = getenv(AH_MONGO_VERIFY_ENV);
+    *out = AH_MONGO_VERIFY_DEFAULT;
+    if (value == NULL || value[0] == '\0') {
+        return AH_OK;
+    }
+    char *end;
+    errno = 0;
+    double seconds = strtod(value, &end);
+    if (errno != 0 || *end != '\0' || !isfinite(seconds) || seconds < 0) {
+        snprintf(err, errlen, "%s must be a number of seconds >= 0 (0 disables), got '%s'",
+                 AH_MONGO_VERIFY_ENV, value);
+        return AH_EINVAL;
+    }
+    *out = seconds;
+    return AH_OK;
+}
 
 ah_store_t *ah_store_mongo_open(const ah_config_t *cfg, char *err, size_t errlen)
 {
-    (void)cfg;
-    snprintf(err, errlen, "MONGODB_URI is set but this build has no MongoDB store yet");
+    bson_error_t error;
+    pthread_once(&mongoc_once, mongo_global_init);
+    ah_store_mongo_t *ms = calloc(1, sizeof(*ms));
+    if (ms == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    ms->base.ops = &mongo_ops;
+    ms->cfg = cfg;
+    ms->last_command = AH_CMD_RUNNING;
+    pthread_mutex_init(&ms->mutex, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&ms->cond, &attr);
+    pthread_condattr_destroy(&attr);
+    if (verify_interval_from_env(&ms->verify_interval, err, errlen) != AH_OK) {
+        goto fail;
+    }
+    ms->uri = mongoc_uri_new_with_error(cfg->mongodb_uri, &error);
+    if (ms->uri == NULL) {
+        snprintf(err, errlen, "MONGODB_URI is invalid: %s", error.message);
+        goto fail;
+    }
+    default_timeout(ms->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, AH_MONGO_SERVER_SELECTION_MS);
+    default_timeout(ms->uri, MONGOC_URI_CONNECTTIMEOUTMS, AH_MONGO_CONNECT_MS);
+    default_timeout(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS, AH_MONGO_SOCKET_MS);
+    /* A getMore must come back well before the socket timeout would call it a failure. */
+    int32_t socket_ms =
+        mongoc_uri_get_option_as_int32(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS, AH_MONGO_SOCKET_MS);
+    ms->max_await_ms = AH_MONGO_MAX_AWAIT_MS;
+    if (socket_ms > 0 && socket_ms < 2 * ms->max_await_ms) {
+        ms->max_await_ms = socket_ms / 2 > 1 ? socket_ms / 2 : 1;
+    }
+    ms->pool = mongoc_client_pool_new_with_error(ms->uri, &error);
+    if (ms->pool == NULL) {
+        snprintf(err, errlen, "MONGODB_URI cannot be used: %s", error.message);
+        goto fail;
+    }
+    mongoc_client_pool_set_error_api(ms->pool, MONGOC_ERROR_API_VERSION_2);
+    char appname[128];
+    snprintf(appname, sizeof(appname), "agenthost/%.100s", cfg->agent_id ? cfg->agent_id : "");
+    mongoc_client_pool_set_appname(ms->pool, appname);
+    return &ms->base;
+fail:
+    mongo_close(&ms->base);
     return NULL;
 }
