@@ -25,7 +25,7 @@
 #define HTTP_URL_MAX 8192          /* path + query, bytes */
 #define HTTP_BODY_MAX 4096         /* request bodies are ignored, but bounded */
 #define HTTP_BODY_DRAIN_MAX 65536  /* a chunked body past this closes the connection */
-#define HTTP_MEMORY_LIMIT 131072   /* per-connection pool: holds a 60 KiB request line */
+#define HTTP_MEMORY_LIMIT 65536    /* per-connection pool: still holds a 60 KiB request line */
 #define HTTP_CONNECTION_TIMEOUT 30 /* seconds of inactivity */
 #define HTTP_THREADS 2
 #define HTTP_HISTORY_DEFAULT 20
@@ -51,8 +51,12 @@ typedef struct http_request_s {
     size_t body_bytes;
 } http_request_t;
 
-/* Returned by the URI log callback as the request context of an over-long URL. */
+/* Request contexts that need no memory: an over-long URL (set by the URI log callback) and a
+ * request without a body whose headers have been seen. libmicrohttpd 0.9.75 closes the
+ * connection after any response queued during the first call of the access handler, so keep-alive
+ * requires answering on the second call; these markers make that allocation-free. */
 static char url_too_long_marker;
+static char headers_seen_marker;
 
 /* One answer under construction. */
 typedef struct http_reply_s {
@@ -131,6 +135,19 @@ static void reply_error(http_reply_t *reply, unsigned status, const char *fmt, .
     ah_json_str(&reply->body, "status", "error");
     ah_json_str(&reply->body, "error", message);
     ah_json_close(&reply->body);
+}
+
+/* Copies s into out (size n) with control characters replaced by spaces, so that a client's
+ * text cannot forge log lines. */
+static const char *log_safe(const char *s, char *out, size_t n)
+{
+    ah_strlcpy(out, s, n);
+    for (char *p = out; *p != '\0'; p++) {
+        if ((unsigned char)*p < 0x20 || *p == 0x7F) {
+            *p = ' ';
+        }
+    }
+    return out;
 }
 
 /* ---- request inputs --------------------------------------------------------------------- */
@@ -311,8 +328,11 @@ static void handle_cluster_command(http_call_t *call, http_reply_t *reply)
     }
     /* The issuing agent applies its own command at once, without waiting for its watcher. */
     ah_state_offer_cluster(http->state, &doc);
+    char safe_by[AH_NAME_MAX + 1];
+    char safe_reason[AH_REASON_MAX + 1];
     ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)", ah_command_name(cmd),
-                (long long)doc.version, doc.updated_by, doc.reason);
+                (long long)doc.version, log_safe(doc.updated_by, safe_by, sizeof(safe_by)),
+                log_safe(doc.reason, safe_reason, sizeof(safe_reason)));
 
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
@@ -467,8 +487,9 @@ static void handle_agent_command(http_call_t *call, http_reply_t *reply)
         return;
     }
     ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
+    char safe_by[AH_NAME_MAX + 1];
     ah_log_info("Local command %s requested through the API by %s", ah_command_name(cmd),
-                updated_by);
+                log_safe(updated_by, safe_by, sizeof(safe_by)));
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
     ah_buf_t *b = &reply->body;
@@ -832,24 +853,30 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     (void)version;
     (void)upload_data;
     if (*req_cls == &url_too_long_marker) {
+        /* answered at once: libmicrohttpd then closes the connection, which is what we want */
         return answer(http, conn, url, method, MHD_HTTP_URI_TOO_LONG);
     }
-    http_request_t *req = *req_cls;
-    if (req == NULL) {
+    if (*req_cls == NULL) {
         bool too_large;
         if (!request_has_body(conn, &too_large)) {
-            return answer(http, conn, url, method, 0);
+            *req_cls = &headers_seen_marker;
+            return MHD_YES;
         }
         if (too_large) {
             return answer(http, conn, url, method, MHD_HTTP_CONTENT_TOO_LARGE);
         }
-        req = calloc(1, sizeof(*req));
+        http_request_t *req = calloc(1, sizeof(*req));
         if (req == NULL) {
             return MHD_NO;
         }
         *req_cls = req;
         return MHD_YES;
     }
+    if (*req_cls == &headers_seen_marker) {
+        /* a body despite no Content-Length/Transfer-Encoding cannot happen: refuse it */
+        return *upload_data_size > 0 ? MHD_NO : answer(http, conn, url, method, 0);
+    }
+    http_request_t *req = *req_cls;
     if (*upload_data_size > 0) {
         req->body_bytes += *upload_data_size;
         *upload_data_size = 0;
@@ -873,7 +900,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     (void)cls;
     (void)conn;
     (void)toe;
-    if (*req_cls != NULL && *req_cls != &url_too_long_marker) {
+    if (*req_cls != NULL && *req_cls != &url_too_long_marker && *req_cls != &headers_seen_marker) {
         free(*req_cls);
     }
     *req_cls = NULL;

@@ -864,7 +864,7 @@ static void test_huge_url_is_413_and_server_keeps_serving(void **state)
 {
     fixture_t *fx = *state;
     start_with_fake(fx);
-    const size_t sizes[] = {8300, 16 * 1024, 60 * 1024};
+    const size_t sizes[] = {8193, 16 * 1024, 60 * 1024};
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
         char *target = malloc(sizes[i] + 1);
         assert_non_null(target);
@@ -880,7 +880,50 @@ static void test_huge_url_is_413_and_server_keeps_serving(void **state)
         assert_int_equal(r.status, 200);
         resp_free(&r);
     }
+    /* exactly at the limit is served */
+    size_t size = 8192;
+    char *target = malloc(size + 1);
+    assert_non_null(target);
+    memset(target, 'x', size);
+    memcpy(target, "/healthz?x=", 11);
+    target[size] = '\0';
+    http_resp_t r = http_request(fx->port, "GET", target, NULL);
+    assert_int_equal(r.status, 200);
+    resp_free(&r);
+    free(target);
+
+    /* past the connection's memory limit libmicrohttpd refuses the line itself (414) */
+    size = 100 * 1024;
+    target = malloc(size + 1);
+    assert_non_null(target);
+    memset(target, 'x', size);
+    memcpy(target, "/healthz?x=", 11);
+    target[size] = '\0';
+    r = http_request(fx->port, "GET", target, NULL);
+    assert_true(r.status == 413 || r.status == 414);
+    resp_free(&r);
+    free(target);
+    r = http_request(fx->port, "GET", "/healthz", NULL);
+    assert_int_equal(r.status, 200);
+    resp_free(&r);
     assert_int_equal(fake_writes(fx->fake), 0);
+}
+
+static void test_keep_alive_serves_pipelined_requests(void **state)
+{
+    fixture_t *fx = *state;
+    start_with_fake(fx);
+    const char *requests = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                           "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+                           "HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+                           "GET /api/agent/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    http_resp_t r = http_raw(fx->port, requests, strlen(requests));
+    assert_int_equal(r.status, 200);
+    assert_contains(r.raw, "{\"status\":\"ok\",\"state\":\"starting\"}HTTP/1.1 404 Not Found\r\n");
+    assert_contains(r.raw, "no route for GET /nope\"}HTTP/1.1 503 Service Unavailable\r\n");
+    assert_contains(r.raw, "{\"agent_id\":\"agent-1\",");
+    assert_null(strstr(r.raw, "\"not_ready\"")); /* HEAD: no body */
+    resp_free(&r);
 }
 
 static void test_request_bodies_are_drained_and_bounded(void **state)
@@ -1118,6 +1161,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_bad_parameters_are_400, setup, teardown),
         cmocka_unit_test_setup_teardown(test_huge_url_is_413_and_server_keeps_serving, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_keep_alive_serves_pipelined_requests, setup, teardown),
         cmocka_unit_test_setup_teardown(test_request_bodies_are_drained_and_bounded, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_readyz_follows_the_state, setup, teardown),
