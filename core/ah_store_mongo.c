@@ -38,10 +38,11 @@
 #define AH_MONGO_VERIFY_ENV "CHANGE_STREAM_VERIFY_INTERVAL"
 #define AH_MONGO_VERIFY_DEFAULT 60.0 /* seconds; 0 disables */
 
-#define AH_MONGO_RETRY_MIN 0.25      /* first reconnect delay, seconds */
-#define AH_MONGO_RETRY_MAX 5.0       /* reconnect delay cap, seconds */
-#define AH_MONGO_POLL_RETRY_MAX 30.0 /* polling error backoff cap (unless the interval is longer)  \
-                                      */
+#define AH_MONGO_RETRY_MIN 0.25 /* first reconnect delay, seconds */
+#define AH_MONGO_RETRY_MAX 5.0  /* reconnect delay cap, seconds */
+#define AH_MONGO_POLL_RETRY_MAX                                                                    \
+    30.0 /* polling error backoff cap (unless the interval is longer)                              \
+          */
 #define AH_MONGO_STATUS_GAP_US 1000000 /* routine status reports: at most one per second */
 #define AH_MONGO_AUDIT_ATTEMPTS 4
 
@@ -103,11 +104,35 @@ typedef struct ah_mongo_watch_s {
 
 static pthread_once_t mongoc_once = PTHREAD_ONCE_INIT;
 
+/* The driver's own log lines go through ah_log: its errors as warnings, its warnings (e.g.
+ * "Failed to buffer 4 bytes" on every dropped connection, already reported by the watcher) at
+ * debug level, the rest dropped. */
+static void mongo_log_handler(mongoc_log_level_t level, const char *domain, const char *message,
+                              void *ud)
+{
+    (void)ud;
+    switch (level) {
+    case MONGOC_LOG_LEVEL_ERROR:
+    case MONGOC_LOG_LEVEL_CRITICAL:
+        ah_log_warn("[mongoc] %s: %s", domain, message);
+        break;
+    case MONGOC_LOG_LEVEL_WARNING:
+    case MONGOC_LOG_LEVEL_MESSAGE:
+        ah_log_debug("[mongoc] %s: %s", domain, message);
+        break;
+    default:
+        break;
+    }
+}
+
 /* mongoc_init() is process-global and mongoc_cleanup() cannot be undone, so the driver is set up
- * once and never torn down: its globals stay reachable until exit. */
+ * once and never torn down: its globals stay reachable until exit. The log handler is
+ * process-global too. */
 static void mongo_global_init(void)
 {
     mongoc_init();
+    mongoc_log_trace_disable();
+    mongoc_log_set_handler(mongo_log_handler, NULL);
 }
 
 /* ---- small helpers ------------------------------------------------------------------------ */

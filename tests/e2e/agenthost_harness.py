@@ -238,3 +238,21 @@ def agent_env(state_file, events_file=None, **extra):
         env["EVENTS_FILE"] = str(events_file)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+# -- MongoDB helpers (additive; used by tests/e2e/test_mongo_*.py) ----------------------------
+MONGO_DIR = os.path.join(REPO, "tests", "mongo")
+
+
+def mongo_agent_env(uri, events_file=None, **extra):
+    """Environment for an agent on the MongoDB store at uri (database "agenthost")."""
+    env = {"MONGODB_URI": uri, "MONGODB_DATABASE": "agenthost", "LOG_FORMAT": "text",
+           "LOG_LEVEL": "info"}
+    if events_file is not None:
+        env["EVENTS_FILE"] = str(events_file)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def mongo_status(agent):
+    return agent.get("/api/mongo/status").json()
