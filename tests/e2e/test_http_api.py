@@ -1,0 +1,144 @@
+"""HTTP API: read routes, probes, metrics, and a table of bad input that must be rejected with a
+JSON error, without writing anything and without disturbing the agent."""
+import re
+
+import pytest
+
+from agenthost_harness import agent_env, script, wait_for
+
+TOKEN = "s3cret-token"
+TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+@pytest.fixture
+def agent(fleet, state_file, tmp_path):
+    a = fleet.start(script("recorder.lua"),
+                    env=agent_env(state_file, tmp_path / "ev.jsonl", AGENT_API_TOKEN=TOKEN),
+                    name="api")
+    a.wait_state("running", timeout=15)
+    return a
+
+
+# (name, method, path, send token, expected status, expected Allow header methods)
+BAD_INPUT = [
+    ("unknown route", "GET", "/api/nope", True, 404, None),
+    ("unknown route under cluster", "GET", "/api/cluster/nope", True, 404, None),
+    ("wrong method on a command", "GET", "/api/cluster/pause", True, 405, "POST"),
+    ("wrong method on a read", "POST", "/api/cluster/control-state", True, 405, "GET"),
+    ("unknown command", "POST", "/api/cluster/explode", True, 400, None),
+    ("reason of 5 KiB", "POST", "/api/cluster/pause?reason=" + "r" * 5120, True, 400, None),
+    ("invalid UTF-8 reason", "POST", "/api/cluster/pause?reason=%FF", True, 400, None),
+    ("invalid UTF-8 updated_by", "POST", "/api/cluster/pause?updated_by=a%C3%28", True, 400,
+     None),
+    ("huge URL", "POST", "/api/cluster/pause?reason=" + "u" * 16384, True, 413, None),
+    ("missing token", "POST", "/api/cluster/pause?reason=x", None, 401, None),
+    ("wrong token", "POST", "/api/cluster/pause?reason=x", "nope", 401, None),
+    ("missing token on agent route", "POST", "/api/agent/pause", None, 401, None),
+    ("limit zero", "GET", "/api/cluster/history?limit=0", True, 400, None),
+    ("limit not a number", "GET", "/api/cluster/history?limit=abc", True, 400, None),
+    ("limit too large", "GET", "/api/cluster/history?limit=1001", True, 400, None),
+    ("limit negative", "GET", "/api/cluster/history?limit=-5", True, 400, None),
+    ("limit trailing junk", "GET", "/api/cluster/history?limit=10x", True, 400, None),
+]
+
+
+@pytest.mark.parametrize("name,method,path,token,status,allow", BAD_INPUT,
+                         ids=[row[0] for row in BAD_INPUT])
+def test_bad_input_is_rejected_with_json_error(agent, name, method, path, token, status, allow):
+    before = agent.get("/api/cluster/history?limit=1000").json()
+    before_cs = agent.get("/api/cluster/control-state").json()
+    tok = TOKEN if token is True else token
+    r = agent.get(path, token=tok) if method == "GET" else agent.post(path, token=tok)
+    assert r.status == status, (r.status, r.body)
+    body = r.json()
+    assert body["status"] == "error", body
+    assert isinstance(body["error"], str) and body["error"], body
+    if allow is not None:
+        allowed = {m.strip() for m in r.headers.get("Allow", "").split(",")}
+        assert allow in allowed, r.headers
+    # The agent keeps serving and nothing was written.
+    assert agent.get("/healthz").status == 200
+    assert agent.get("/api/cluster/history?limit=1000").json() == before
+    assert agent.get("/api/cluster/control-state").json() == before_cs
+    st = agent.state()
+    assert st["state"] == "running" and st["local_override"] is False
+
+
+def test_right_token_is_accepted(agent):
+    r = agent.post("/api/cluster/pause?reason=authorized&updated_by=me", token=TOKEN)
+    assert r.status == 200, r.body
+    assert r.json()["version"] == 1
+    hist = agent.get("/api/cluster/history").json()
+    assert hist["count"] == 1 and hist["entries"][0]["reason"] == "authorized"
+    agent.wait_state("paused")
+
+
+def test_reads_need_no_token(agent):
+    for path in ("/api/cluster/control-state", "/api/cluster/stats", "/api/cluster/history",
+                 "/api/agent/state", "/api/mongo/status", "/healthz", "/readyz", "/metrics"):
+        assert agent.get(path).status == 200, path
+
+
+def test_control_state_and_stats_shape(agent):
+    cs = agent.get("/api/cluster/control-state").json()
+    assert list(cs) == ["command", "version", "timestamp", "reason", "updated_by", "watch_mode",
+                        "note"]
+    assert cs["command"] == "running" and cs["version"] == 0
+    assert cs["watch_mode"] == "polling"
+    stats = agent.get("/api/cluster/stats").json()
+    assert list(stats) == ["watch_mode", "polling_interval", "current_command",
+                           "current_version", "last_updated", "updated_by", "reason"]
+    assert stats["watch_mode"] == "polling" and stats["current_version"] == 0
+    r = agent.post("/api/cluster/pause?reason=shape&updated_by=t", token=TOKEN).json()
+    assert list(r) == ["status", "message", "command", "version", "timestamp", "reason",
+                       "propagation"]
+    assert TS_RE.match(r["timestamp"]), r
+    wait_for(lambda: agent.get("/api/cluster/stats").json()["current_version"] == 1, 10,
+             message="stats follow the command")
+    stats = agent.get("/api/cluster/stats").json()
+    assert stats["current_command"] == "pause" and stats["updated_by"] == "t"
+    assert TS_RE.match(stats["last_updated"]), stats
+
+
+def test_history_defaults_and_limit(agent):
+    for i in range(3):
+        cmd = "pause" if i % 2 == 0 else "resume"
+        assert agent.post(f"/api/cluster/{cmd}?reason=h{i}", token=TOKEN).status == 200
+    hist = agent.get("/api/cluster/history?limit=2").json()
+    assert hist["count"] == 2
+    assert [e["version"] for e in hist["entries"]] == [3, 2]
+    e = hist["entries"][0]
+    assert list(e) == ["version", "command", "timestamp", "reason", "updated_by", "agent_id"]
+    assert e["updated_by"] == "api" and e["agent_id"] == "api" and e["command"] == "pause"
+    assert agent.get("/api/cluster/history").json()["count"] == 3
+
+
+def test_readyz_explains_why_not_ready(agent):
+    assert agent.get("/readyz").status == 200
+    agent.post("/api/agent/pause", token=TOKEN)
+    agent.wait_state("paused")
+    r = agent.get("/readyz")
+    assert r.status == 503
+    assert "paused" in r.body
+
+
+def test_mongo_status_reports_embedded_backend(agent):
+    st = agent.get("/api/mongo/status").json()
+    assert st["backend"] == "embedded", st
+
+
+def test_metrics_are_prometheus_text(agent):
+    wait_for(lambda: agent.state()["batches"] > 0, 10, message="a batch")
+    text = agent.get("/metrics").body
+    names = set()
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        float(m.group(3))
+        names.add(m.group(1))
+    for n in ("agenthost_batches_total", "agenthost_batch_errors_total", "agenthost_state",
+              "agenthost_control_version", "agenthost_commands_applied_total"):
+        assert n in names, (n, sorted(names))
+    assert re.search(r'^agenthost_state\{state="running"\} 1', text, re.M), text

@@ -1,0 +1,94 @@
+"""Bad scripts and misbehaving Lua: syntax errors, runtime errors, failing hooks, overruns."""
+import signal
+
+from agenthost_harness import (agent_env, count_events, run_cli, script, wait_events,
+                               wait_for)
+
+
+def test_syntax_error_exits_2_naming_file_and_line(state_file):
+    p = run_cli(["run", script("syntax_error.lua")], env=agent_env(state_file, HTTP_PORT=0))
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "syntax_error.lua:4" in p.stdout + p.stderr, (p.stdout, p.stderr)
+
+
+def test_runtime_error_in_batch_is_counted_and_agent_stays_up(fleet, state_file):
+    a = fleet.start(script("batch_error.lua"), env=agent_env(state_file), name="err")
+    # Backoff 0.5 s, then 1 s: a second error comes well within the deadline.
+    wait_for(lambda: a.state()["errors"] >= 2, 15, message="two batch errors counted")
+    assert a.proc.poll() is None
+    st = a.state()
+    assert st["state"] == "running"
+    assert a.get("/healthz").status == 200
+    a.wait_log(r"boom from fixture batch 1")
+    a.wait_log(r"stack traceback")
+    a.wait_log(r"explode_deeply")  # the traceback names the failing function
+    metrics = a.get("/metrics").body
+    assert "agenthost_batch_errors_total" in metrics
+
+
+def test_batch_recovers_after_errors(fleet, state_file):
+    a = fleet.start(script("batch_error.lua"), env=agent_env(state_file, FAIL_TIMES=1),
+                    name="recover")
+    wait_for(lambda: a.state()["batches"] >= 3, 15, message="batches after an error")
+    assert a.state()["errors"] == 1
+
+
+def test_error_in_hook_still_transitions(fleet, state_file, tmp_path):
+    events = str(tmp_path / "hook.jsonl")
+    a = fleet.start(script("recorder.lua"),
+                    env=agent_env(state_file, events, FAIL_HOOK="on_pause"), name="hook")
+    a.wait_state("running", timeout=15)
+    r = a.post("/api/cluster/pause?reason=hook+test")
+    assert r.status == 200, r.body
+    a.wait_state("paused")
+    a.wait_log(r"fixture failure in on_pause")
+    assert a.find_logs(r"on_pause"), a.log_text()
+    ev = wait_events(events, lambda e: count_events(e, "on_pause") == 1, 10, "on_pause ran")
+    i = next(i for i, e in enumerate(ev) if e["ev"] == "on_pause")
+    assert count_events(ev[i + 1:], "batch_start") == 0
+    assert a.get("/readyz").status == 503
+    # Resuming still works after the failed hook.
+    assert a.post("/api/cluster/resume").status == 200
+    a.wait_state("running")
+
+
+def test_batch_timeout_interrupts_interpreted_loop(fleet, state_file):
+    a = fleet.start(script("busy_interpreted.lua"),
+                    env=agent_env(state_file, BATCH_TIMEOUT=1), name="busy")
+    wait_for(lambda: a.state()["errors"] >= 1, 20, message="the overrun batch counted as error")
+    assert a.find_logs(r"BATCH_TIMEOUT"), a.log_text()
+    assert a.proc.poll() is None
+    # The interrupted call returned: liveness recovers (until the next batch overruns again,
+    # so wait for any 200).
+    wait_for(lambda: a.get("/healthz").status == 200, 10, interval=0.05,
+             message="healthz 200 after the interrupt")
+    assert a.state()["state"] == "running"
+
+
+def test_jit_endless_loop_cannot_wedge_shutdown(fleet, state_file):
+    a = fleet.start(script("jit_forever.lua"),
+                    env=agent_env(state_file, BATCH_TIMEOUT=1, SHUTDOWN_TIMEOUT=2), name="jit")
+    a.wait_log(r"jit batch starting", timeout=15)
+    a.wait_log(r"BATCH_TIMEOUT", timeout=15)
+    wait_for(lambda: a.get("/healthz").status == 503, 10, message="healthz 503 while wedged")
+    a.signal(signal.SIGTERM)
+    rc = a.wait_exit(timeout=2 + 10)
+    assert rc != 0, a.log_text()
+    assert a.find_logs(r"SHUTDOWN_TIMEOUT"), a.log_text()
+
+
+def test_check_accepts_good_script():
+    p = run_cli(["check", script("recorder.lua")], env={"EVENTS_FILE": "/dev/null"})
+    assert p.returncode == 0, (p.stdout, p.stderr)
+
+
+def test_check_rejects_syntax_error_with_file_and_line():
+    p = run_cli(["check", script("syntax_error.lua")])
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "syntax_error.lua:4" in p.stdout + p.stderr
+
+
+def test_check_rejects_script_without_batch():
+    p = run_cli(["check", script("no_batch.lua")])
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "batch" in p.stdout + p.stderr
