@@ -68,4 +68,11 @@ ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *e
  * NULL with err set only for a bad configuration (e.g. an unparsable URI). cfg must outlive it. */
 ah_store_t *ah_store_mongo_open(const ah_config_t *cfg, char *err, size_t errlen);
 
+/* The MongoDB store's client pool, for the Lua binding (agent.mongo) to share: NULL when st is
+ * NULL or not a MongoDB store. The pool is thread-safe and lives until ah_store_close(); every
+ * client popped from it must be pushed back before that. Declared with an incomplete type so this
+ * header needs no driver include. */
+struct _mongoc_client_pool_t;
+struct _mongoc_client_pool_t *ah_store_mongo_pool(ah_store_t *st);
+
 #endif
