@@ -15,6 +15,10 @@
 static const ah_config_var_t config_vars[] = {
     {"MONGODB_URI", "--mongodb-uri", "unset", "MongoDB deployment for distributed control"},
     {"MONGODB_DATABASE", "--mongodb-database", "agenthost", "database holding agent_control"},
+    {"AGENT_MONGODB_URI", "--agent-mongodb-uri", "MONGODB_URI",
+     "MongoDB deployment for the script's work data (agent.mongo)"},
+    {"AGENT_MONGODB_DATABASE", "--agent-mongodb-database",
+     "the URI's database, else MONGODB_DATABASE", "default database of agent.mongo.collection()"},
     {"ENABLE_DISTRIBUTED_CONTROL", NULL, "true", "false: local control only"},
     {"ENABLE_CHANGE_STREAMS", NULL, "true", "false: poll MongoDB instead of watching"},
     {"CONTROL_POLLING_INTERVAL", "--polling-interval", "10", "seconds between polls"},
@@ -72,6 +76,8 @@ void ah_config_free(ah_config_t *cfg)
     }
     free(cfg->mongodb_uri);
     free(cfg->mongodb_database);
+    free(cfg->agent_mongodb_uri);
+    free(cfg->agent_mongodb_db);
     free(cfg->state_path);
     free(cfg->http_bind);
     free(cfg->agent_id);
@@ -137,6 +143,19 @@ int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *e
             expect = "a MongoDB database name (1-63 characters, none of /\\. \"$)";
         } else {
             rc = set_string(&cfg->mongodb_database, value);
+        }
+    } else if (strcmp(name, "AGENT_MONGODB_URI") == 0) {
+        if (value[0] != '\0' && strncmp(value, "mongodb://", 10) != 0 &&
+            strncmp(value, "mongodb+srv://", 14) != 0) {
+            expect = "a URI starting with mongodb:// or mongodb+srv://";
+        } else {
+            rc = set_string(&cfg->agent_mongodb_uri, value[0] ? value : NULL);
+        }
+    } else if (strcmp(name, "AGENT_MONGODB_DATABASE") == 0) {
+        if (value[0] != '\0' && (strpbrk(value, "/\\. \"$") != NULL || strlen(value) > 63)) {
+            expect = "a MongoDB database name (1-63 characters, none of /\\. \"$)";
+        } else {
+            rc = set_string(&cfg->agent_mongodb_db, value[0] ? value : NULL);
         }
     } else if (strcmp(name, "ENABLE_DISTRIBUTED_CONTROL") == 0) {
         if (ah_config_parse_bool(value, &cfg->distributed_control) != 0) {

@@ -11,6 +11,8 @@
 typedef struct ah_config_s {
     char *mongodb_uri;        /* MONGODB_URI; NULL → embedded store */
     char *mongodb_database;   /* MONGODB_DATABASE, default "agenthost" */
+    char *agent_mongodb_uri;  /* AGENT_MONGODB_URI (agent.mongo); NULL → MONGODB_URI */
+    char *agent_mongodb_db;   /* AGENT_MONGODB_DATABASE; NULL → URI's, else MONGODB_DATABASE */
     bool distributed_control; /* ENABLE_DISTRIBUTED_CONTROL, default true */
     bool change_streams;      /* ENABLE_CHANGE_STREAMS, default true */
     double polling_interval;  /* CONTROL_POLLING_INTERVAL seconds, default 10 (mongo) */
