@@ -70,6 +70,7 @@ CODE_NAMES = {
 }
 RETRYABLE_WRITE_CODES = {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436}
 RESUMABLE_CS_CODES = RETRYABLE_WRITE_CODES | {43, 63, 133, 150, 234, 13388}
+RETRYABLE_WRITES = {"insert", "update", "delete", "findAndModify"}
 WRITE_COMMANDS = {"insert", "update", "delete", "findAndModify", "createIndexes",
                   "dropIndexes", "drop", "dropDatabase", "create"}
 
@@ -203,6 +204,7 @@ class TestServer(object):
         self.stats = collections.Counter()
         self.stats_lock = threading.Lock()
         self.cursors = {}
+        self.retry_cache = collections.OrderedDict()
         self.cursors_lock = threading.Lock()
         self.conns = {}
         self.conns_lock = threading.Lock()
@@ -231,6 +233,7 @@ class TestServer(object):
         self.trimmed_seq = state["trimmed_seq"]
         self.trimmed_ts = state["trimmed_ts"]
         self.term = max(state["term"] + 1, self.term)
+        self.retry_cache = state.get("retry_cache", collections.OrderedDict())
         log("loaded %d collections, %d change events from %s"
             % (len(state["collections"]), len(self.events), path))
 
@@ -247,7 +250,8 @@ class TestServer(object):
                                              "indexes": c.index_information()}
             state = {"collections": cols, "last_ts": self.last_ts, "events": self.events,
                      "seq": self.seq, "trimmed_seq": self.trimmed_seq,
-                     "trimmed_ts": self.trimmed_ts, "term": self.term}
+                     "trimmed_ts": self.trimmed_ts, "term": self.term,
+                     "retry_cache": self.retry_cache}
             tmp = self.data_file + ".tmp"
             with open(tmp, "wb") as f:
                 pickle.dump(state, f)
@@ -290,9 +294,10 @@ class TestServer(object):
         with self.conns_lock:
             self.conns.pop(cid, None)
 
-    def hangup_all(self):
+    def hangup_all(self, exclude=None, only=None):
         with self.conns_lock:
-            socks = list(self.conns.values())
+            socks = [s for cid, s in self.conns.items()
+                     if cid != exclude and (only is None or cid == only)]
         for s in socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -362,7 +367,10 @@ class TestServer(object):
                 raise CommandError(10107, "not primary",
                                    ["RetryableWriteError"] if "txnNumber" in cmd else [])
             after = None
-            reply = fn(self, cmd, db, conn)
+            if name in RETRYABLE_WRITES and "txnNumber" in cmd and "lsid" in cmd:
+                reply = self.retryable_write(fn, name, cmd, db, conn)
+            else:
+                reply = fn(self, cmd, db, conn)
             if isinstance(reply, tuple):
                 reply, after = reply
             reply.setdefault("ok", 1.0)
@@ -391,6 +399,20 @@ class TestServer(object):
             reply["$clusterTime"] = self.cluster_time_doc()
             reply["operationTime"] = self.current_ts()
         return reply, after
+
+    def retryable_write(self, fn, name, cmd, db, conn):
+        """Execute a write with lsid+txnNumber once: a retry gets the first reply."""
+        key = (bytes(cmd["lsid"].get("id", b"")), int(cmd["txnNumber"]))
+        with self.lock:
+            prev = self.retry_cache.get(key)
+            if prev is not None:
+                log("retried write %s txnNumber %d: returning the recorded result" % (name, key[1]))
+                return copy.deepcopy(prev)
+            reply = fn(self, cmd, db, conn)
+            self.retry_cache[key] = copy.deepcopy(reply)
+            while len(self.retry_cache) > 10000:
+                self.retry_cache.popitem(last=False)
+            return reply
 
     def check_failpoint(self, name, cmd, conn):
         with self.fp_lock:
@@ -1229,7 +1251,10 @@ def cmd_test_control(srv, cmd, db, conn):
                 t.daemon = True
                 t.start()
             return {"hangupInMS": delay * 1000}, later
-        return {"hungUp": True}, srv.hangup_all
+        # everybody else first, so that the caller sees all connections closed
+        # once it has the reply; then the caller's own connection
+        srv.hangup_all(exclude=conn["id"])
+        return {"hungUp": True}, lambda: srv.hangup_all(only=conn["id"])
     if what == "blackhole":
         secs = float(cmd.get("seconds", 5))
         srv.blackhole_until = time.time() + secs
