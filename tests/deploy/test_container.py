@@ -1,0 +1,130 @@
+"""Dockerfile, .dockerignore and docker-compose-replicaset.yml: they parse, lint clean offline
+(npm dockerfile-utils, the compose-spec JSON schema), use Debian bookworm images, and name only
+packages that exist in Debian bookworm (apt-cache; skipped where apt has no bookworm lists)."""
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, apt_package_exists, bookworm_apt_available
+
+DOCKERFILE = REPO / "Dockerfile"
+COMPOSE = REPO / "docker-compose-replicaset.yml"
+
+
+def instructions(text):
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", text)
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def apt_installs(text):
+    pkgs = []
+    for ins, args in instructions(text):
+        if ins != "RUN":
+            continue
+        for m in re.finditer(r"apt-get install((?:\s+[^\s&|;]+)+)", args):
+            pkgs += [p for p in m.group(1).split() if not p.startswith("-")]
+    return pkgs
+
+
+def test_dockerfile_structure():
+    ins = instructions(DOCKERFILE.read_text())
+    froms = [a for i, a in ins if i == "FROM"]
+    assert froms == ["debian:bookworm AS build", "debian:bookworm-slim AS runtime"]
+    after_runtime = ins[[a for _, a in ins].index("debian:bookworm-slim AS runtime"):]
+    kinds = [i for i, _ in after_runtime]
+    assert "HEALTHCHECK" in kinds
+    user = [a for i, a in after_runtime if i == "USER"]
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    assert dict(ins)["ENTRYPOINT"] == '["agenthost"]'
+    cmd = dict(ins)["CMD"]
+    assert "hello.lua" in cmd
+    health = [a for i, a in ins if i == "HEALTHCHECK"][0]
+    assert "/healthz" in health
+    # The runtime stage installs no compiler or -dev package.
+    runtime_pkgs = apt_installs("\n".join(f"{i} {a}" for i, a in after_runtime))
+    assert runtime_pkgs and not [p for p in runtime_pkgs if p.endswith("-dev") or p in ("build-essential", "cmake")]
+
+
+def test_default_cmd_example_exists():
+    if not (REPO / "examples" / "hello.lua").is_file():
+        pytest.skip("examples/hello.lua is not in this checkout yet (the image's default CMD)")
+    assert "/usr/local/share/agenthost/examples/hello.lua" in DOCKERFILE.read_text()
+
+
+def test_dockerfile_lints_clean(node_validator, tmp_path):
+    (res,) = node_validator("dockerfile", DOCKERFILE, tmp_path)
+    assert res["errors"] == []
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(DOCKERFILE.read_text().replace("RUN apt-get update", "RUNN apt-get update", 1))
+    (res,) = node_validator("dockerfile", broken, tmp_path)
+    assert any("RUNN" in e for e in res["errors"])
+
+
+def test_dockerignore_keeps_sources_and_drops_local_state():
+    lines = {l.strip() for l in (REPO / ".dockerignore").read_text().splitlines()
+             if l.strip() and not l.startswith("#")}
+    assert {".git", "build", "build-*", "**/node_modules"} <= lines
+    for needed in ("core", "lua", "cmake", "CMakeLists.txt", "examples"):
+        assert needed not in lines
+
+
+def test_compose_file_parses_and_matches_the_schema(node_validator, tmp_path):
+    doc = yaml.safe_load(COMPOSE.read_text())
+    (res,) = node_validator("compose", doc, tmp_path)
+    assert res["errors"] == []
+    doc["services"]["agent1"]["healthcheck"] = {"test": 5, "bogus": True}
+    (res,) = node_validator("compose", doc, tmp_path)
+    assert res["errors"]
+
+
+def test_compose_replica_set_shape():
+    doc = yaml.safe_load(COMPOSE.read_text())
+    svcs = doc["services"]
+    mongos = sorted(n for n, s in svcs.items() if s.get("image") == "mongo:7" and "command" in s)
+    assert mongos == ["mongo1", "mongo2", "mongo3"]
+    for n in mongos:
+        cmd = svcs[n]["command"]
+        assert cmd[cmd.index("--replSet") + 1] == "rs0"
+    init = svcs["mongo-init"]
+    script = init["entrypoint"][-1]
+    assert 'rs.initiate({_id: "rs0"' in script
+    assert all(f"mongo{i}:27017" in script for i in (1, 2, 3))
+    assert {d: c["condition"] for d, c in init["depends_on"].items()} == {f"mongo{i}": "service_healthy" for i in (1, 2, 3)}
+    agents = sorted(n for n, s in svcs.items() if str(s.get("image", "")).startswith("agenthost"))
+    assert agents == ["agent1", "agent2", "agent3"]
+    for n in agents:
+        s = svcs[n]
+        assert s["depends_on"]["mongo-init"]["condition"] == "service_completed_successfully"
+        assert "replicaSet=rs0" in s["environment"]["MONGODB_URI"]
+        assert s["build"]["dockerfile"] == "Dockerfile"
+        src = s["volumes"][0].split(":")[0]
+        assert (REPO / src).is_file(), src
+    assert len({svcs[n]["environment"]["AGENT_ID"] for n in agents}) == 3
+    assert len({svcs[n]["ports"][0].split(":")[0] for n in agents}) == 3
+
+
+def test_compose_images_are_pinned():
+    doc = yaml.safe_load(COMPOSE.read_text())
+    for name, s in doc["services"].items():
+        image = s.get("image", "")
+        assert image and not image.endswith(":latest") and ":" in image, (name, image)
+
+
+def test_packages_exist_in_debian_bookworm():
+    reason = bookworm_apt_available()
+    if reason:
+        pytest.skip(reason)
+    pkgs = apt_installs(DOCKERFILE.read_text())
+    assert len(pkgs) >= 15
+    missing = [p for p in pkgs if not apt_package_exists(p)]
+    assert not missing, f"not in Debian bookworm: {missing}"
+    assert not apt_package_exists("libluajit-5.1-2-does-not-exist")
