@@ -348,7 +348,9 @@ class TestServer(object):
             data = tok["_data"]
             if len(data) != 36 or not data.startswith("82"):
                 raise ValueError
-            return int(data[18:34], 16), int(data[34:36], 16)
+            t = int(data[2:18], 16)
+            return (int(data[18:34], 16), int(data[34:36], 16),
+                    Timestamp(t >> 32, t & 0xFFFFFFFF))
         except Exception:
             raise CommandError(260, "invalid resume token: %r" % (tok,))
 
@@ -515,13 +517,17 @@ class TestServer(object):
             cur = cur.limit(limit)
         return list(cur)
 
-    def fix_int64(self, c, pre, post, updated):
+    def fix_int64(self, c, pre, post, u):
+        """mongomock turns Int64 arithmetic into Python ints; MongoDB keeps int64 when
+        either operand of $inc/$mul is int64."""
         fixes = {}
-        for path, v in updated.items():
-            old = get_path(pre, path)
-            if isinstance(old, Int64) and isinstance(v, int) and not isinstance(v, (Int64, bool)):
-                fixes[path] = Int64(v)
-                updated[path] = Int64(v)
+        for op in ("$inc", "$mul"):
+            for path, operand in (u.get(op) or {}).items() if isinstance(u, dict) else ():
+                new = get_path(post, path)
+                if not isinstance(new, int) or isinstance(new, (Int64, bool)):
+                    continue
+                if isinstance(operand, Int64) or isinstance(get_path(pre, path), Int64):
+                    fixes[path] = Int64(new)
         if fixes:
             c.update_one({"_id": post["_id"]}, {"$set": fixes})
             post = self.find_by_id(c, post["_id"])
@@ -550,13 +556,14 @@ class TestServer(object):
             kw = {"array_filters": array_filters} if array_filters else {}
             c.update_one(f, u, **kw)
         post = self.find_by_id(c, _id)
+        if not replace:
+            post = self.fix_int64(c, pre, post, u)
         if bson.encode(pre, codec_options=CODEC) == bson.encode(post, codec_options=CODEC):
             return post, False
         if replace:
             self.log_event("replace", db, name, _id, full=post, pre=pre)
         else:
             updated, removed = diff_docs(pre, post)
-            post = self.fix_int64(c, pre, post, updated)
             self.log_event("update", db, name, _id, pre=pre,
                            upd={"updatedFields": updated, "removedFields": removed,
                                 "truncatedArrays": []})
@@ -572,6 +579,8 @@ class TestServer(object):
             res = c.update_one(q, u, upsert=True)
         _id = res.upserted_id
         post = self.find_by_id(c, _id)
+        if not replace:
+            post = self.fix_int64(c, {}, post, u)
         self.log_event("insert", db, name, _id, full=post)
         return post
 
@@ -619,11 +628,13 @@ class TestServer(object):
         with self.lock:
             tok = opts.get("resumeAfter") or opts.get("startAfter")
             if tok is not None:
-                seq, kind = self.parse_token(tok)
+                seq, kind, tok_ts = self.parse_token(tok)
                 if kind == 1 and "resumeAfter" in opts:
                     raise CommandError(260, "Attempted to resume a stream on a collection "
                                             "which has been dropped; use startAfter")
-                if seq < self.trimmed_seq:
+                if (seq < self.trimmed_seq or seq > self.seq or
+                        self.ts_of_seq(seq) != tok_ts):
+                    # trimmed, or a token of another server's history
                     raise CommandError(286, "Resume of change stream was not possible, as the "
                                             "resume point may no longer be in the oplog.")
                 pos = seq

@@ -135,6 +135,10 @@ def test_crud_round_trip(client):
     r = col.update_many({"v": 1}, {"$inc": {"big": 1}})
     assert r.modified_count == len([i for i in range(250) if i % 7 == 1])
     assert type(col.find_one({"_id": 1})["big"]) is Int64  # int64 + int32 stays int64
+    d = col.find_one_and_update({"_id": "ver"}, {"$inc": {"version": Int64(1)}}, upsert=True,
+                                return_document=pymongo.ReturnDocument.AFTER)
+    assert d == {"_id": "ver", "version": 1} and type(d["version"]) is Int64
+    col.delete_one({"_id": "ver"})
     r = col.replace_one({"_id": 0}, {"replaced": True})
     assert r.modified_count == 1 and col.find_one({"_id": 0}) == {"_id": 0, "replaced": True}
     # findAndModify
@@ -298,6 +302,11 @@ def test_history_lost(mongo_server, client):
     with pytest.raises(OperationFailure) as ei:
         col.watch(resume_after=tok)
     assert ei.value.code == 286 and ei.value.details["codeName"] == "ChangeStreamHistoryLost"
+    # a token this server never issued (e.g. another server's history) is lost too
+    forged = {"_data": tok["_data"][:18] + "%016X" % 999 + "00"}
+    with pytest.raises(OperationFailure) as ei:
+        col.watch(resume_after=forged)
+    assert ei.value.code == 286
     # an open stream that fell behind the trimmed log fails the same way
     s = col.watch(max_await_time_ms=100)
     col.insert_one({"_id": 3})
