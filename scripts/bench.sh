@@ -1,0 +1,308 @@
+#!/usr/bin/env bash
+# Benchmarks that print numbers next to their targets (docs/BENCHMARKS.md). Never a test: each
+# section prints one summary line ending in PASS or FAIL, and the script exits 0 unless a bench
+# itself broke (build failure, an agent that would not start, a missing tool).
+#
+#   scripts/bench.sh                 all sections
+#   scripts/bench.sh idle rps        only the named sections (batch idle rps startup)
+#
+# Environment: BUILD_DIR (default build; built with scripts/build.sh unless BENCH_NO_BUILD=1),
+# AGENTHOST (the binary, default $BUILD_DIR/agenthost), BENCH_BATCH (the bench_batch binary,
+# default $BUILD_DIR/tests/bench/bench_batch, compiled by hand into $BUILD_DIR/bench if the
+# build has no tests/bench yet). Tools: wrk, nginx, curl (scripts/install-deps.sh --bench).
+#
+# Adding a section: write section_<name>() that prints its line with `verdict`, and add <name>
+# to SECTIONS.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SECTIONS=(batch idle rps startup)
+BUILD_DIR=${BUILD_DIR:-build}
+AGENTHOST=${AGENTHOST:-$BUILD_DIR/agenthost}
+BENCH_BATCH=${BENCH_BATCH:-$BUILD_DIR/tests/bench/bench_batch}
+PY=/usr/bin/python3
+HELLO=$ROOT/examples/hello.lua
+
+TMP=$(mktemp -d /tmp/ah-bench.XXXXXX)
+PIDS=()
+BROKEN=0
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null
+        fi
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---- helpers ------------------------------------------------------------------------------
+
+die_section() { # a bench that could not run: say so, remember it, go on with the next section
+    echo "$1: BENCH BROKEN: $2"
+    BROKEN=1
+}
+
+# verdict OK -> "PASS" or "FAIL"; OK is the exit status of a test expression.
+verdict() { if "$@"; then echo PASS; else echo FAIL; fi; }
+
+# fcmp "a <= b" with floating point: awk exit status.
+fcmp() { awk "BEGIN { exit !($1) }"; }
+
+free_port() {
+    "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_http URL STATUS SECONDS: polls until URL answers STATUS.
+wait_http() {
+    local deadline=$((SECONDS + $3))
+    while ((SECONDS <= deadline)); do
+        if [[ $(curl -s -o /dev/null -w '%{http_code}' "$1") == "$2" ]]; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    return 1
+}
+
+# start_agent NAME SCRIPT: starts agenthost on a fresh state file and a free port; sets
+# AGENT_PID and AGENT_URL. Returns 1 if it is not ready within 10 s.
+start_agent() {
+    local name=$1 script=$2 port
+    port=$(free_port)
+    mkdir -p "$TMP/$name"
+    HTTP_PORT=$port HTTP_BIND=127.0.0.1 AGENTHOST_STATE="$TMP/$name/state.db" \
+        AGENT_ID="bench-$name" MONGODB_URI= \
+        "$AGENTHOST" "$script" >"$TMP/$name/agent.log" 2>&1 &
+    AGENT_PID=$!
+    PIDS+=("$AGENT_PID")
+    AGENT_URL="http://127.0.0.1:$port"
+    if ! wait_http "$AGENT_URL/readyz" 200 10; then
+        tail -5 "$TMP/$name/agent.log" >&2
+        return 1
+    fi
+}
+
+stop_pid() {
+    kill -TERM "$1" 2>/dev/null
+    for _ in $(seq 100); do
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -KILL "$1" 2>/dev/null
+    wait "$1" 2>/dev/null
+}
+
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+# cpu_ticks PID: utime + stime (fields 14 and 15 of /proc/PID/stat, counted after the ")"
+# that ends the command name).
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+
+# wrk_rps URL: requests/s of wrk -t2 -c64 -d5s.
+wrk_rps() {
+    wrk -t2 -c64 -d5s "$1" 2>&1 | tee -a "$TMP/wrk.log" | awk '/^Requests\/sec:/ { print $2 }'
+}
+
+# ---- sections -----------------------------------------------------------------------------
+
+section_batch() {
+    local out raw host ratio
+    if ! out=$("$BENCH_BATCH" 2000000 5); then
+        die_section "empty batch" "bench_batch failed"
+        return
+    fi
+    echo "$out" | grep -v '^RESULT' | sed 's/^/  /'
+    raw=$(echo "$out" | sed -n 's/^RESULT.* raw_ns=\([0-9.]*\).*/\1/p')
+    host=$(echo "$out" | sed -n 's/^RESULT.* host_ns=\([0-9.]*\).*/\1/p')
+    ratio=$(echo "$out" | sed -n 's/^RESULT.* ratio=\([0-9.]*\).*/\1/p')
+    echo "empty batch: host $host ns, raw lua_pcall $raw ns, ratio ${ratio}x (target <= 2x)" \
+        "$(verdict fcmp "$ratio <= 2")"
+}
+
+# idle_measure LABEL PID: RSS now, then CPU over 10 s.
+idle_measure() {
+    local label=$1 pid=$2 rss t0 t1 hz cpu
+    hz=$(getconf CLK_TCK)
+    rss=$(rss_kib "$pid")
+    t0=$(cpu_ticks "$pid")
+    sleep 10
+    t1=$(cpu_ticks "$pid")
+    cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN { printf "%.2f", d / hz / 10 * 100 }')
+    local mib
+    mib=$(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }')
+    echo "idle ($label): RSS $mib MiB (target <= 10 MiB) $(verdict fcmp "$rss <= 10240")," \
+        "CPU $cpu% of one core over 10 s, $((t1 - t0)) ticks at $hz Hz" \
+        "(target ~0%, < 1%) $(verdict fcmp "$cpu < 1")"
+}
+
+section_idle() {
+    if ! start_agent idle "$HELLO"; then
+        die_section "idle" "agenthost did not become ready"
+        return
+    fi
+    sleep 3
+    idle_measure "hello.lua running" "$AGENT_PID"
+    if [[ $(curl -s -o /dev/null -w '%{http_code}' -X POST \
+        "$AGENT_URL/api/cluster/pause?reason=bench") != 200 ]]; then
+        die_section "idle" "POST /api/cluster/pause failed"
+        stop_pid "$AGENT_PID"
+        return
+    fi
+    local deadline=$((SECONDS + 10))
+    until curl -s "$AGENT_URL/api/agent/state" | grep -q '"state" *: *"paused"'; do
+        if ((SECONDS > deadline)); then
+            die_section "idle" "the agent did not report paused"
+            stop_pid "$AGENT_PID"
+            return
+        fi
+        sleep 0.05
+    done
+    sleep 1
+    idle_measure "hello.lua paused" "$AGENT_PID"
+    stop_pid "$AGENT_PID"
+}
+
+start_nginx() { # start_nginx ROOTDIR PORT: sets NGINX_PID
+    local dir=$TMP/nginx
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<CONF
+worker_processes 2;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 1000000;
+    default_type application/json;
+    server {
+        listen 127.0.0.1:$2;
+        root $1;
+    }
+}
+CONF
+    nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" 2>"$dir/stderr.log" &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+    wait_http "http://127.0.0.1:$2/control-state.json" 200 10
+}
+
+section_rps() {
+    local port body_size ah nx ratio
+    for tool in wrk nginx curl; do
+        if ! command -v "$tool" >/dev/null; then
+            die_section "requests/s" "$tool not installed (scripts/install-deps.sh --bench)"
+            return
+        fi
+    done
+    if ! start_agent rps "$HELLO" ||
+        ! wait_http "$AGENT_URL/api/cluster/control-state" 200 10; then
+        die_section "requests/s" "agenthost did not serve control-state"
+        return
+    fi
+    mkdir -p "$TMP/www"
+    chmod 755 "$TMP" "$TMP/www"
+    curl -s "$AGENT_URL/api/cluster/control-state" >"$TMP/www/control-state.json"
+    body_size=$(stat -c %s "$TMP/www/control-state.json")
+    chmod 644 "$TMP/www/control-state.json"
+    ah=$(wrk_rps "$AGENT_URL/api/cluster/control-state")
+    stop_pid "$AGENT_PID"
+    port=$(free_port)
+    if ! start_nginx "$TMP/www" "$port"; then
+        cat "$TMP/nginx/stderr.log" "$TMP/nginx/error.log" 2>/dev/null | tail -5 >&2
+        die_section "requests/s" "nginx did not start"
+        return
+    fi
+    nx=$(wrk_rps "http://127.0.0.1:$port/control-state.json")
+    stop_pid "$NGINX_PID"
+    if [[ -z $ah || -z $nx ]]; then
+        die_section "requests/s" "wrk printed no Requests/sec (see $TMP/wrk.log)"
+        return
+    fi
+    ratio=$(awk -v a="$ah" -v n="$nx" 'BEGIN { printf "%.2f", a / n }')
+    echo "requests/s: GET /api/cluster/control-state $(printf '%.0f' "$ah")" \
+        "(target >= 20000) $(verdict fcmp "$ah >= 20000"); nginx static $body_size-byte file" \
+        "$(printf '%.0f' "$nx"); ratio ${ratio}x (target >= 0.5x) $(verdict fcmp "$ratio >= 0.5")"
+}
+
+section_startup() {
+    local out med
+    if ! out=$("$PY" "$ROOT/tests/bench/startup_time.py" "$AGENTHOST" "$HELLO" 10); then
+        echo "$out" | sed 's/^/  /'
+        die_section "startup" "an agent did not become ready"
+        return
+    fi
+    echo "$out" | grep -v '^RESULT' | tr '\n' ' ' | sed 's/^/  /;s/ $/\n/'
+    med=$(echo "$out" | sed -n 's/^RESULT median_ms=\([0-9.]*\).*/\1/p')
+    echo "startup: exec to /readyz 200 (embedded store, fresh file) median $med ms of 10" \
+        "(target <= 100 ms) $(verdict fcmp "$med <= 100")"
+}
+
+# ---- main ---------------------------------------------------------------------------------
+
+build() {
+    if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
+        BUILD_DIR=$BUILD_DIR scripts/build.sh >"$TMP/build.log" 2>&1 || {
+            tail -20 "$TMP/build.log" >&2
+            echo "bench: build failed" >&2
+            exit 1
+        }
+    fi
+    if [[ ! -x $BENCH_BATCH ]]; then
+        # The top-level CMakeLists.txt does not build tests/bench yet: compile it by hand.
+        BENCH_BATCH=$BUILD_DIR/bench/bench_batch
+        mkdir -p "$BUILD_DIR/bench"
+        local cjson
+        cjson=$(sed -n 's/^CJSON_LIBRARY:FILEPATH=//p' "$BUILD_DIR/CMakeCache.txt")
+        # shellcheck disable=SC2046
+        cc -O2 -g -std=gnu11 -Wall -Wextra -Icore -o "$BENCH_BATCH" tests/bench/bench_batch.c \
+            "$BUILD_DIR/libagenthost.a" "$cjson" \
+            $(pkg-config --cflags --libs luajit libmongoc-1.0 libuv libmicrohttpd sqlite3) \
+            -lpthread -lm || {
+            echo "bench: cannot compile tests/bench/bench_batch.c" >&2
+            exit 1
+        }
+    fi
+    if [[ ! -x $AGENTHOST ]]; then
+        echo "bench: no agenthost binary at $AGENTHOST" >&2
+        exit 1
+    fi
+}
+
+main() {
+    local want=("$@") s
+    if ((${#want[@]} == 0)); then
+        want=("${SECTIONS[@]}")
+    fi
+    for s in "${want[@]}"; do
+        if [[ " ${SECTIONS[*]} " != *" $s "* ]]; then
+            echo "usage: scripts/bench.sh [${SECTIONS[*]}]..." >&2
+            exit 2
+        fi
+    done
+    build
+    echo "agenthost bench on $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+    for s in "${want[@]}"; do
+        "section_$s"
+    done
+    exit "$BROKEN"
+}
+
+main "$@"
