@@ -252,3 +252,21 @@ def test_cluster_shutdown_is_answered_before_exit(fleet, state_file, tmp_path):
 
 def test_agent_shutdown_is_answered_before_exit(fleet, state_file, tmp_path):
     _shutdown_is_answered(fleet, state_file, tmp_path, "/api/agent/shutdown?reason=bye", 10)
+
+
+def test_agent_started_after_cluster_shutdown_starts_paused(fleet, state_file, tmp_path):
+    first = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "first.jsonl"),
+                        name="first")
+    first.wait_state("running", timeout=15)
+    assert first.post("/api/cluster/shutdown?reason=gone").status == 200
+    assert first.wait_exit() == 0
+
+    events = str(tmp_path / "late.jsonl")
+    late = fleet.start(RECORDER, env=agent_env(state_file, events), name="late")
+    late.wait_state("paused", timeout=15)  # held paused and reachable, not exiting
+    ev = wait_events(events, lambda e: count_events(e, "on_pause") == 1, 10, "on_pause")
+    assert count_events(ev, "on_pause", source="startup") == 1
+    assert count_events(ev, "batch_start") == 0
+    assert late.post("/api/cluster/resume?reason=back").status == 200
+    wait_events(events, lambda e: count_events(e, "batch_start") >= 1, 10, "batches")
+

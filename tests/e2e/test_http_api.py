@@ -142,3 +142,28 @@ def test_metrics_are_prometheus_text(agent):
               "agenthost_control_version", "agenthost_commands_applied_total"):
         assert n in names, (n, sorted(names))
     assert re.search(r'^agenthost_state\{state="running"\} 1', text, re.M), text
+
+
+def test_reason_of_1024_bytes_is_accepted(agent):
+    reason = "é" * 512  # 1024 bytes of UTF-8: the limit itself is allowed
+    from urllib.parse import quote
+    r = agent.post("/api/cluster/pause?reason=" + quote(reason), token=TOKEN)
+    assert r.status == 200, r.body
+    assert r.json()["reason"] == reason
+    assert agent.get("/api/cluster/history").json()["entries"][0]["reason"] == reason
+
+
+def test_distributed_control_disabled_answers_503(fleet, state_file, tmp_path):
+    a = fleet.start(script("recorder.lua"),
+                    env=agent_env(state_file, tmp_path / "ev.jsonl",
+                                  ENABLE_DISTRIBUTED_CONTROL="false"), name="solo")
+    a.wait_state("running", timeout=15)
+    for method, path in (("POST", "/api/cluster/pause"), ("GET", "/api/cluster/control-state"),
+                         ("GET", "/api/cluster/history")):
+        r = a.get(path) if method == "GET" else a.post(path)
+        assert r.status == 503, (path, r.status, r.body)
+        assert r.json()["status"] == "error" and r.json()["error"], r.body
+    assert a.state()["state"] == "running"
+    # Local control still works.
+    assert a.post("/api/agent/pause").status == 200
+    a.wait_state("paused")
