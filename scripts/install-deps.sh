@@ -11,6 +11,8 @@ PACKAGES=(
   libsqlite3-dev
   # tests
   libcmocka-dev python3 python3-pytest python3-pymongo python3-mockupdb python3-mongomock
+  # deployment checks (manifest/schema validation with npm packages, kubectl kustomize)
+  python3-yaml
 )
 if [[ "${1:-}" == "--bench" ]]; then
   PACKAGES+=(wrk nginx-light curl)
@@ -22,6 +24,15 @@ for p in "${PACKAGES[@]}"; do
     missing+=("$p")
   fi
 done
+# Node.js and npm (tests/deploy): any install will do (e.g. NodeSource's nodejs bundles npm and
+# conflicts with Debian's npm package), so only install Debian's when there is no npm at all.
+if ! command -v npm >/dev/null 2>&1; then
+  missing+=(nodejs npm)
+fi
+# kubectl (for `kubectl kustomize k8s/`): Debian's kubernetes-client unless one is installed.
+if ! command -v kubectl >/dev/null 2>&1; then
+  missing+=(kubernetes-client)
+fi
 if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0
 fi
