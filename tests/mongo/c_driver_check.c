@@ -212,7 +212,36 @@ static int run(mongoc_client_pool_t *pool, int replset) {
         goto done;
     }
     if (!next_event(stream, &ev, 15000) || !check_update_event(&ev, "agent-1", 3)) goto done;
-    fprintf(stderr, "replset: change stream received the update and resumed after hangup\n");
+    /* Step down for 1 s: the waiting getMore fails with a resumable error, the
+     * driver waits for a primary, resumes (third aggregate) and gets the next event. */
+    {
+        bson_t *cmd = BCON_NEW("testControl", BCON_UTF8("stepDown"), "seconds", BCON_DOUBLE(1.0));
+        bool sd = mongoc_client_command_simple(c2, "admin", cmd, NULL, NULL, &error);
+        bson_destroy(cmd);
+        if (!sd) { fprintf(stderr, "FAIL: stepDown: %s\n", error.message); goto done; }
+    }
+    {
+        int64_t deadline = now_ms() + 10000;
+        const bson_t *doc;
+        while (aggregates() < 3 && now_ms() < deadline) {
+            if (mongoc_change_stream_next(stream, &doc)) {
+                fprintf(stderr, "FAIL: unexpected event after stepdown\n");
+                goto done;
+            }
+            if (mongoc_change_stream_error_document(stream, &error, &err_doc)) {
+                fprintf(stderr, "FAIL: stream did not survive the stepdown: %s\n", error.message);
+                goto done;
+            }
+        }
+        if (aggregates() < 3) {
+            fprintf(stderr, "FAIL: no resume after the stepdown (%d aggregates)\n", aggregates());
+            goto done;
+        }
+        fprintf(stderr, "stream resumed after stepdown (%d aggregates)\n", aggregates());
+    }
+    if (inc_counter(c2, "agent-1") != 4) { fprintf(stderr, "FAIL: $inc after stepdown\n"); goto done; }
+    if (!next_event(stream, &ev, 15000) || !check_update_event(&ev, "agent-1", 4)) goto done;
+    fprintf(stderr, "replset: change stream received the update and resumed after hangup and stepdown\n");
     ok = 1;
 
 done:
