@@ -588,3 +588,53 @@ def test_retryable_write_executes_once(mongo_server, client):
     d = client.db.rw.find_one_and_update({"_id": 1}, {"$inc": {"n": 1}},
                                          return_document=pymongo.ReturnDocument.AFTER)
     assert d == {"_id": 1, "n": 3}
+
+
+def test_concurrent_writers_one_ordered_stream(mongo_server, client):
+    col = client.db.conc
+    writers = [mongo_server.client() for _ in range(4)]
+    with col.watch(max_await_time_ms=200) as s:
+        def write(k, c):
+            for i in range(40):
+                c.db.conc.insert_one({"_id": "%d-%d" % (k, i)})
+                c.db.conc.update_one({"_id": "%d-%d" % (k, i)}, {"$set": {"done": True}})
+
+        threads = [threading.Thread(target=write, args=(k, c)) for k, c in enumerate(writers)]
+        for t in threads:
+            t.start()
+        got = [next_change(s) for _ in range(4 * 40 * 2)]
+        for t in threads:
+            t.join(10)
+        no_change(s, 0.2)
+    tokens = [e["_id"]["_data"] for e in got]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    for k in range(4):   # per document: insert before update
+        for i in range(40):
+            ops = [e["operationType"] for e in got if e["documentKey"]["_id"] == "%d-%d" % (k, i)]
+            assert ops == ["insert", "update"]
+    assert col.count_documents({"done": True}) == 160
+    for c in writers:
+        c.close()
+
+
+def test_cli(tmp_path):
+    import os
+    import signal
+    import subprocess
+    from mongo_fixture import PYTHON, SERVER_SCRIPT
+    data = str(tmp_path / "data.pickle")
+    p = subprocess.Popen([PYTHON, SERVER_SCRIPT, "--port", "0", "--mode", "standalone",
+                          "--data", data], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        word, port = p.stdout.readline().decode().split()
+        assert word == "ready" and int(port) > 0
+        assert raw_command("127.0.0.1", int(port), {"insert": "c", "documents": [{"_id": 1}]},
+                           db="d")["n"] == 1
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+        assert os.path.getsize(data) > 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
