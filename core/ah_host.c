@@ -382,7 +382,13 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
         }
     }
     if (h->store == NULL) {
-        return AH_EIO;
+        /* A store that cannot even be opened is a configuration problem (bad AGENTHOST_STATE
+         * path, unparsable MONGODB_URI): fail fast with exit 2 instead of retrying forever. */
+        char detail[AH_ERRLEN];
+        ah_strlcpy(detail, err, sizeof(detail));
+        snprintf(err, errlen, "%s: %s", cfg->mongodb_uri ? "MONGODB_URI" : "AGENTHOST_STATE",
+                 detail);
+        return AH_EINVAL;
     }
     ah_store_listener_t listener = {
         .on_control = on_store_control, .on_status = on_store_status, .ud = h->state};
@@ -396,7 +402,9 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
     if (open_handles(h, err, errlen) != AH_OK) {
         return 1;
     }
-    if (open_store(h, err, errlen) != AH_OK) {
+    int rc = open_store(h, err, errlen);
+    if (rc != AH_OK) {
+        exit_code = rc == AH_EINVAL ? 2 : 1;
         goto out;
     }
     h->http = ah_http_start(h->cfg, h->state, h->store, err, errlen);

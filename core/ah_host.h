@@ -16,7 +16,8 @@ typedef struct ah_host_s ah_host_t;
  * exits 2). cfg is borrowed and must outlive the host. */
 ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen);
 /* Runs the agent until it stops. Returns the process exit code: 0 after a clean shutdown, 1 on
- * a runtime failure (err set), or AH_HOST_WEDGED when the Lua worker did not finish within
+ * a runtime failure (err set), 2 when the store cannot be opened (bad AGENTHOST_STATE or
+ * MONGODB_URI), or AH_HOST_WEDGED when the Lua worker did not finish within
  * SHUTDOWN_TIMEOUT: the worker thread still runs, so the caller must exit the process (_exit)
  * without ah_host_free(). */
 int ah_host_run(ah_host_t *host, char *err, size_t errlen);
