@@ -104,7 +104,8 @@ stop_pid() {
     wait "$1" 2>/dev/null
 }
 
-rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+rss_kib() { awk -v k="${2:-VmRSS}:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
 # cpu_ticks PID: utime + stime (fields 14 and 15 of /proc/PID/stat, counted after the ")"
 # that ends the command name).
@@ -133,16 +134,17 @@ section_batch() {
 
 # idle_measure LABEL PID: RSS now, then CPU over 10 s.
 idle_measure() {
-    local label=$1 pid=$2 rss t0 t1 hz cpu
+    local label=$1 pid=$2 rss anon file t0 t1 hz cpu
     hz=$(getconf CLK_TCK)
     rss=$(rss_kib "$pid")
+    anon=$(rss_kib "$pid" RssAnon)
+    file=$(rss_kib "$pid" RssFile)
     t0=$(cpu_ticks "$pid")
     sleep 10
     t1=$(cpu_ticks "$pid")
     cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN { printf "%.2f", d / hz / 10 * 100 }')
-    local mib
-    mib=$(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }')
-    echo "idle ($label): RSS $mib MiB (target <= 10 MiB) $(verdict fcmp "$rss <= 10240")," \
+    echo "idle ($label): RSS $(mib "$rss") MiB (anon $(mib "$anon"), files $(mib "$file"))" \
+        "(target <= 10 MiB) $(verdict fcmp "$rss <= 10240")," \
         "CPU $cpu% of one core over 10 s, $((t1 - t0)) ticks at $hz Hz" \
         "(target ~0%, < 1%) $(verdict fcmp "$cpu < 1")"
 }

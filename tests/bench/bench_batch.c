@@ -7,7 +7,9 @@
  * bookkeeping, without the idle wait the real worker then sleeps (a 0-item batch makes it wait
  * 0.1-1 s on purpose; that wait is not overhead). Each side runs N calls per repetition, raw and
  * host interleaved, and reports the median of the repetitions in ns per call. Breakdown lines
- * time ah_lua_batch alone and the worker's three state calls alone.
+ * time ah_lua_batch alone and the worker's three state calls alone, and a "lean" loop: not the
+ * host, a prototype of the same work done as docs/BENCHMARKS.md suggests (functions and the ctx
+ * key kept on fixed stack slots, one coarse clock read, relaxed atomics instead of locks).
  *
  * usage: bench_batch [N [REPS]]     (default 2000000 5)
  * output: human lines, then one line "RESULT raw_ns=.. host_ns=.. ratio=.." for scripts. */
@@ -15,6 +17,7 @@
 #include "ah_lua.h"
 #include "ah_state.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -235,6 +238,81 @@ static int state_only_loop(host_t *h, long n, double *sink)
     return 0;
 }
 
+/* ---- lean prototype (not the host: what the suggestions in docs/BENCHMARKS.md would cost) -- */
+
+enum { LEAN_CTX = 1, LEAN_KEY, LEAN_TRACEBACK, LEAN_FN, LEAN_TOP = LEAN_FN };
+
+typedef struct {
+    lua_State *L;
+    long long iteration;
+    _Atomic uint64_t call_seq;
+    _Atomic int64_t call_started_us;
+    _Atomic uint64_t batches;
+    atomic_bool has_event;
+    atomic_bool hook_set;
+    _Atomic int run_state;
+} lean_t;
+
+static int lean_open(lean_t *l, const char *path)
+{
+    raw_t r;
+    if (raw_open(&r, path) != 0) {
+        return -1;
+    }
+    l->L = r.L;
+    lua_settop(l->L, 0);
+    lua_createtable(l->L, 0, 4);                           /* LEAN_CTX */
+    lua_pushliteral(l->L, "iteration");                    /* LEAN_KEY */
+    lua_rawgeti(l->L, LUA_REGISTRYINDEX, r.traceback_ref); /* LEAN_TRACEBACK */
+    lua_rawgeti(l->L, LUA_REGISTRYINDEX, r.fn_ref);        /* LEAN_FN */
+    atomic_store(&l->run_state, AH_STATE_RUNNING);
+    return 0;
+}
+
+static int lean_loop(lean_t *l, long n, double *sink)
+{
+    lua_State *L = l->L;
+    long long total = 0;
+    for (long i = 0; i < n; i++) {
+        if (atomic_load_explicit(&l->has_event, memory_order_acquire)) {
+            return -1; /* the real code would lock and take the event here */
+        }
+        if (atomic_load_explicit(&l->run_state, memory_order_relaxed) != AH_STATE_RUNNING) {
+            return -1;
+        }
+        l->iteration++;
+        lua_pushvalue(L, LEAN_KEY);
+        lua_pushnumber(L, (lua_Number)l->iteration);
+        lua_rawset(L, LEAN_CTX);
+        lua_pushvalue(L, LEAN_TRACEBACK);
+        lua_pushvalue(L, LEAN_FN);
+        lua_pushvalue(L, LEAN_CTX);
+        uint64_t seq = atomic_load_explicit(&l->call_seq, memory_order_relaxed);
+        atomic_store_explicit(&l->call_seq, seq + 1, memory_order_release);
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+        atomic_store_explicit(&l->call_started_us, (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000,
+                              memory_order_relaxed);
+        int status = lua_pcall(L, 1, 1, LEAN_TOP + 1);
+        atomic_store_explicit(&l->call_seq, seq + 2, memory_order_release);
+        atomic_store_explicit(&l->call_started_us, 0, memory_order_relaxed);
+        if (atomic_load_explicit(&l->hook_set, memory_order_relaxed) &&
+            atomic_exchange(&l->hook_set, false)) {
+            lua_sethook(L, NULL, 0, 0);
+        }
+        if (status != 0) {
+            return -1;
+        }
+        total += (long long)lua_tonumber(L, -1);
+        lua_settop(L, LEAN_TOP);
+        atomic_store_explicit(&l->batches,
+                              atomic_load_explicit(&l->batches, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+    }
+    *sink += (double)total;
+    return 0;
+}
+
 /* ---- driver ------------------------------------------------------------------------------ */
 
 typedef int (*loop_fn)(void *ctx, long n, double *sink);
@@ -265,6 +343,10 @@ static int state_only_fn(void *ctx, long n, double *sink)
 {
     return state_only_loop(ctx, n, sink);
 }
+static int lean_fn(void *ctx, long n, double *sink)
+{
+    return lean_loop(ctx, n, sink);
+}
 
 int main(int argc, char **argv)
 {
@@ -277,6 +359,7 @@ int main(int argc, char **argv)
     int exit_code = 1;
     raw_t raw = {0};
     host_t host = {0};
+    lean_t lean = {0};
     char path[] = "/tmp/ah-bench-batch-XXXXXX.lua";
     int fd = mkstemps(path, 4);
     if (fd < 0) {
@@ -289,12 +372,14 @@ int main(int argc, char **argv)
         goto cleanup;
     }
     close(fd);
-    if (raw_open(&raw, path) != 0 || host_open(&host, path) != 0) {
+    if (raw_open(&raw, path) != 0 || host_open(&host, path) != 0 || lean_open(&lean, path) != 0) {
         goto cleanup;
     }
 
     double sink = 0;
-    double raw_ns[MAX_REPS], host_ns[MAX_REPS], lua_ns[MAX_REPS], state_ns[MAX_REPS], ignored;
+    double raw_ns[MAX_REPS], host_ns[MAX_REPS], lua_ns[MAX_REPS], state_ns[MAX_REPS],
+        lean_ns[MAX_REPS];
+    double ignored;
     /* Warm-up: JIT, caches, page faults. */
     if (time_loop(raw_fn, &raw, WARMUP, &ignored, &sink) != 0 ||
         time_loop(host_fn, &host, WARMUP, &ignored, &sink) != 0) {
@@ -304,7 +389,8 @@ int main(int argc, char **argv)
         if (time_loop(raw_fn, &raw, n, &raw_ns[r], &sink) != 0 ||
             time_loop(host_fn, &host, n, &host_ns[r], &sink) != 0 ||
             time_loop(lua_only_fn, &host, n / 4, &lua_ns[r], &sink) != 0 ||
-            time_loop(state_only_fn, &host, n / 4, &state_ns[r], &sink) != 0) {
+            time_loop(state_only_fn, &host, n / 4, &state_ns[r], &sink) != 0 ||
+            time_loop(lean_fn, &lean, n / 4, &lean_ns[r], &sink) != 0) {
             goto cleanup;
         }
     }
@@ -312,19 +398,25 @@ int main(int argc, char **argv)
     double host_med = median(host_ns, reps);
     double lua_med = median(lua_ns, reps);
     double state_med = median(state_ns, reps);
+    double lean_med = median(lean_ns, reps);
     printf("calls per repetition: %ld, repetitions: %d (median shown)\n", n, reps);
     printf("raw lua_pcall:             %8.1f ns/call\n", raw_med);
     printf("host batch (worker path):  %8.1f ns/call\n", host_med);
     printf("  ah_lua_batch alone:      %8.1f ns/call\n", lua_med);
     printf("  3 ah_state calls alone:  %8.1f ns/call\n", state_med);
+    printf("lean prototype (not host): %8.1f ns/call\n", lean_med);
     printf("RESULT raw_ns=%.1f host_ns=%.1f ratio=%.2f lua_batch_ns=%.1f state_ns=%.1f "
-           "sink=%.0f\n",
-           raw_med, host_med, host_med / raw_med, lua_med, state_med, sink > 0 ? 1.0 : 0.0);
+           "lean_ns=%.1f sink=%.0f\n",
+           raw_med, host_med, host_med / raw_med, lua_med, state_med, lean_med,
+           sink > 0 ? 1.0 : 0.0);
     exit_code = 0;
 cleanup:
     host_close(&host);
     if (raw.L != NULL) {
         lua_close(raw.L);
+    }
+    if (lean.L != NULL) {
+        lua_close(lean.L);
     }
     unlink(path);
     return exit_code;
