@@ -9,6 +9,7 @@
 #include "ah_http.h"
 #include "ah_log.h"
 #include "ah_lua.h"
+#include "ah_lua_mongo.h"
 #include "ah_store.h"
 
 #include <pthread.h>
@@ -28,7 +29,8 @@
 struct ah_host_s {
     const ah_config_t *cfg;
     ah_state_t *state;
-    ah_lua_t *lua; /* owned by the worker thread once it starts */
+    ah_lua_t *lua;         /* owned by the worker thread once it starts */
+    ah_lua_mongo_t *mongo; /* agent.mongo's connection; outlives lua */
     ah_store_t *store;
     ah_http_t *http;
     int http_port;
@@ -79,8 +81,21 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    ah_lua_options_t opts = {
-        .agent_id = cfg->agent_id, .state = h->state, .batch_timeout = cfg->batch_timeout};
+    /* agent.mongo: its own pool for AGENT_MONGODB_URI (or MONGODB_URI without a MongoDB control
+     * store); otherwise open_store() lends it the control store's pool. */
+    const char *own_uri = cfg->agent_mongodb_uri;
+    if (own_uri == NULL && !cfg->distributed_control) {
+        own_uri = cfg->mongodb_uri;
+    }
+    h->mongo = ah_lua_mongo_new(own_uri, cfg->agent_mongodb_db, cfg->mongodb_database,
+                                cfg->agent_id, err, errlen);
+    if (h->mongo == NULL) {
+        goto fail;
+    }
+    ah_lua_options_t opts = {.agent_id = cfg->agent_id,
+                             .state = h->state,
+                             .batch_timeout = cfg->batch_timeout,
+                             .mongo = h->mongo};
     h->lua = ah_lua_open(&opts, cfg->script_path, err, errlen);
     if (h->lua == NULL) {
         goto fail;
@@ -97,6 +112,7 @@ void ah_host_free(ah_host_t *h)
         return;
     }
     ah_lua_close(h->lua);
+    ah_lua_mongo_free(h->mongo);
     ah_state_free(h->state);
     free(h);
 }
@@ -439,6 +455,7 @@ out:
     }
     ah_http_stop(h->http);
     h->http = NULL;
+    ah_lua_mongo_detach(h->mongo); /* the Lua worker has stopped: no client may outlive the pool */
     ah_store_close(h->store);
     h->store = NULL;
     close_handles(h);

@@ -11,6 +11,7 @@
 #include "ah_lua.h"
 
 #include "ah_log.h"
+#include "ah_lua_mongo.h"
 
 #include <assert.h>
 #include <errno.h>
@@ -65,6 +66,9 @@ struct ah_lua_s {
     atomic_bool hook_set; /* a hook may be installed: the call's end must remove it */
     bool timed_out;       /* the running call was stopped by the budget */
     int64_t deadline_us;  /* monotonic deadline of the running call, 0 if none */
+
+    /* agent.mongo's connection (not owned; may be NULL: calls fail "not configured"). */
+    ah_lua_mongo_t *mongo;
 };
 
 /* Registry key whose value is the ah_lua_t (a light userdata), for the hook. */
@@ -411,6 +415,10 @@ static void register_preloads(lua_State *L, ah_lua_t *lua)
     lua_pushcclosure(L, open_agent_core, 1);
     lua_setfield(L, -2, "agent.core");
 
+    lua_pushlightuserdata(L, lua->mongo);
+    lua_pushcclosure(L, ah_lua_mongo_open, 1);
+    lua_setfield(L, -2, "agent.mongo");
+
     for (const ah_lua_module_t *m = ah_lua_modules; m->name != NULL; m++) {
         lua_pushfstring(L, "@lua/%s.lua", m->name);
         if (luaL_loadbuffer(L, (const char *)m->data, m->size, lua_tostring(L, -1)) != 0) {
@@ -513,6 +521,7 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     }
     ah_strlcpy(lua->agent_id, opts->agent_id, sizeof(lua->agent_id));
     lua->state = opts->state;
+    lua->mongo = opts->mongo;
     lua->batch_timeout = opts->batch_timeout;
     lua->ctx_ref = LUA_NOREF;
     lua->traceback_ref = LUA_NOREF;

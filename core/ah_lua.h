@@ -12,12 +12,15 @@
 #include "ah_state.h"
 
 typedef struct ah_lua_s ah_lua_t;
+struct ah_lua_mongo_s;
 
 typedef struct ah_lua_options_s {
     const char *agent_id; /* agent.id (copied) */
     ah_state_t *state;    /* for agent.state(), agent.sleep(), agent.should_stop(); may be NULL
                              (agenthost check): those functions then act as if running */
     double batch_timeout; /* seconds a call may run before it is interrupted */
+    struct ah_lua_mongo_s *mongo; /* agent.mongo's connection (ah_lua_mongo.h), not owned; must
+                                     outlive the state; NULL: every call fails "not configured" */
 } ah_lua_options_t;
 
 /* Creates a state, opens the standard libraries, cjson and the agent module, sets package.path so

@@ -1,0 +1,43 @@
+/* agent.mongo: MongoDB access for scripts, a Lua binding over mongo-c-driver. The connection
+ * object (ah_lua_mongo_t) is created by the host and outlives the Lua state: it either owns a
+ * client pool (AGENT_MONGODB_URI, or MONGODB_URI without a MongoDB control store) or borrows the
+ * control store's pool (ah_store_mongo_pool). Without either, every call returns
+ * nil, "agent.mongo: no MongoDB configured (set AGENT_MONGODB_URI or MONGODB_URI)".
+ * docs/LUA_MONGO.md is the script-facing reference.
+ *
+ * Threads: new/free on the host's thread; set_shared_pool before the Lua worker starts; detach
+ * after it has stopped; the Lua functions on the Lua worker thread. Each Lua call pops a client
+ * from the pool and pushes it back before returning; only an open find_iter() iterator keeps
+ * one across calls (released at its end, by it:close(), by the GC or by detach). */
+#ifndef AH_LUA_MONGO_H
+#define AH_LUA_MONGO_H
+
+#include "ah_common.h"
+
+#include <lua.h>
+
+typedef struct ah_lua_mongo_s ah_lua_mongo_t;
+struct _mongoc_client_pool_t;
+
+/* Creates the connection object. own_uri: a URI the binding opens its own pool for (NULL: none,
+ * the host may lend one with ah_lua_mongo_set_shared_pool). database: the default database for
+ * agent.mongo.collection(name); NULL → the database named in own_uri, else default_database.
+ * Does not contact the server. NULL with err set on a bad URI or out of memory. */
+ah_lua_mongo_t *ah_lua_mongo_new(const char *own_uri, const char *database,
+                                 const char *default_database, const char *agent_id, char *err,
+                                 size_t errlen);
+/* Lends the control store's pool (not owned; ignored when the object owns a pool). */
+void ah_lua_mongo_set_shared_pool(ah_lua_mongo_t *m, struct _mongoc_client_pool_t *pool);
+/* Closes every open iterator (returning its client to the pool) and forgets a borrowed pool:
+ * call after the Lua worker stopped and before the lending store closes. Later calls fail with
+ * "no MongoDB configured". NULL is accepted. */
+void ah_lua_mongo_detach(ah_lua_mongo_t *m);
+/* Frees the object (and its own pool). Call after the Lua state that used it is closed. NULL is
+ * accepted. */
+void ah_lua_mongo_free(ah_lua_mongo_t *m);
+
+/* The lua_CFunction for package.preload["agent.mongo"]; upvalue 1 is the ah_lua_mongo_t as a
+ * light userdata (NULL allowed: not configured). Stack: [-0, +1] (the module table). */
+int ah_lua_mongo_open(lua_State *L);
+
+#endif
