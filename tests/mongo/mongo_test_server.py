@@ -70,6 +70,10 @@ CODE_NAMES = {
 }
 RETRYABLE_WRITE_CODES = {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436}
 RESUMABLE_CS_CODES = RETRYABLE_WRITE_CODES | {43, 63, 133, 150, 234, 13388}
+# not counted in {testControl: "stats"}.dataCommands (driver monitoring / test plumbing)
+NON_DATA_COMMANDS = {"hello", "isMaster", "ismaster", "ping", "endSessions", "buildInfo",
+                     "buildinfo", "testControl", "configureFailPoint", "saslStart",
+                     "saslContinue", "killCursors", "getParameter", "serverStatus"}
 RETRYABLE_WRITES = {"insert", "update", "delete", "findAndModify"}
 WRITE_COMMANDS = {"insert", "update", "delete", "findAndModify", "createIndexes",
                   "dropIndexes", "drop", "dropDatabase", "create"}
@@ -1288,7 +1292,8 @@ def cmd_test_control(srv, cmd, db, conn):
     if what == "stats":
         with srv.stats_lock:
             counts = {k: v for k, v in srv.stats.items()}
-        return {"counts": counts, "total": sum(counts.values())}
+        data = sum(v for k, v in counts.items() if k not in NON_DATA_COMMANDS)
+        return {"counts": counts, "total": sum(counts.values()), "dataCommands": data}
     if what == "resetStats":
         with srv.stats_lock:
             srv.stats.clear()
