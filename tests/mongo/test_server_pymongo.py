@@ -14,7 +14,7 @@ from bson import Int64, ObjectId, Timestamp
 from pymongo.errors import (AutoReconnect, ConnectionFailure, DuplicateKeyError,
                             OperationFailure, PyMongoError)
 
-from mongo_fixture import MongoTestServer, raw_command
+from mongo_fixture import raw_command
 
 
 def wait_for(pred, timeout=10.0, interval=0.02, what="condition"):
