@@ -406,6 +406,7 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
                  detail);
         return AH_EINVAL;
     }
+    ah_lua_mongo_set_shared_pool(h->mongo, ah_store_mongo_pool(h->store));
     ah_store_listener_t listener = {
         .on_control = on_store_control, .on_status = on_store_status, .ud = h->state};
     return ah_store_watch_start(h->store, &listener, err, errlen);
