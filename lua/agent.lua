@@ -40,4 +40,22 @@ agent.log = {
     error = logger("error"),
 }
 
+-- agent.mongo (core/ah_lua_mongo.c) and agent.queue (lua/agent_queue.lua) are loaded on first
+-- use, so a script that never touches MongoDB pays nothing. Reference: docs/LUA_MONGO.md.
+package.preload["agent.queue"] = function()
+    return require "agent_queue"
+end
+local lazy_modules = { mongo = "agent.mongo", queue = "agent_queue" }
+setmetatable(agent, {
+    __index = function(t, key)
+        local name = lazy_modules[key]
+        if name == nil then
+            return nil
+        end
+        local module = require(name)
+        rawset(t, key, module)
+        return module
+    end,
+})
+
 return agent
