@@ -66,6 +66,13 @@ int64_t ah_mono_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+int64_t ah_mono_coarse_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN])
 {
     time_t secs = (time_t)(ts_us / 1000000);

@@ -61,6 +61,8 @@ const char *ah_source_name(ah_source_t src);
 int64_t ah_now_us(void);
 /* Monotonic clock, microseconds. */
 int64_t ah_mono_us(void);
+/* Monotonic clock with a few milliseconds' resolution but a fraction of the cost (for budgets). */
+int64_t ah_mono_coarse_us(void);
 /* Formats ts_us as ISO 8601 UTC with microseconds: "2026-01-11T10:30:00.123456Z". */
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN]);
 /* Copies src into dst of size n, always NUL-terminated, truncating. src may be NULL (→ ""). */

@@ -71,6 +71,10 @@ struct ah_lua_s {
     ah_lua_mongo_t *mongo;
 };
 
+/* Values pinned at the bottom of the main Lua stack for the life of the state, so that the hot
+ * path (a batch) pushes them with lua_pushvalue instead of registry lookups. */
+enum { SLOT_TRACEBACK = 1, SLOT_CTX, SLOT_ITERATION_KEY, SLOT_BATCH, SLOT_COUNT = SLOT_BATCH };
+
 /* Registry key whose value is the ah_lua_t (a light userdata), for the hook. */
 static const char registry_key_host = 'h';
 
@@ -133,14 +137,17 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
  * ah_lua_interrupt() and the deadline in agent.sleep() enforce the budget instead. */
 static void budget_arm(ah_lua_t *lua)
 {
-    atomic_fetch_add(&lua->call_seq, 1);
+    /* Only this thread writes call_seq: a release store (a plain move on x86) is enough. */
+    uint64_t seq = atomic_load_explicit(&lua->call_seq, memory_order_relaxed);
+    atomic_store_explicit(&lua->call_seq, seq + 1, memory_order_release);
     lua->timed_out = false;
     lua->deadline_us = 0;
+    int64_t now = ah_mono_coarse_us(); /* one cheap clock read per call */
     if (lua->batch_timeout > 0) {
-        lua->deadline_us = ah_mono_us() + (int64_t)(lua->batch_timeout * 1e6);
+        lua->deadline_us = now + (int64_t)(lua->batch_timeout * 1e6);
     }
     if (lua->state != NULL) {
-        ah_state_call_begin(lua->state);
+        ah_state_call_begin_at(lua->state, now);
     }
 }
 
@@ -149,8 +156,13 @@ static void budget_arm(ah_lua_t *lua)
  * hook installed after the exchange below is stale and removes itself in the next call. */
 static void budget_disarm(ah_lua_t *lua)
 {
-    atomic_fetch_add(&lua->call_seq, 1);
-    if (atomic_exchange(&lua->hook_set, false)) {
+    uint64_t seq = atomic_load_explicit(&lua->call_seq, memory_order_relaxed);
+    atomic_store_explicit(&lua->call_seq, seq + 1, memory_order_release);
+    /* A hook set by an interrupt racing with this check stays installed; it is stale (its
+     * interrupt_seq names this finished call) and removes itself at the next call's first
+     * instruction without raising. */
+    if (atomic_load_explicit(&lua->hook_set, memory_order_acquire) &&
+        atomic_exchange(&lua->hook_set, false)) {
         lua_sethook(lua->L, NULL, 0, 0);
     }
     lua->deadline_us = 0;
@@ -192,21 +204,17 @@ static int traceback_handler(lua_State *L)
 }
 
 /* Calls the function below the nargs arguments on top of the stack, protected, under the time
- * budget, with the traceback handler. Stack: [-(nargs + 1), +nresults] on success, [-(nargs + 1),
- * +0] on failure. Returns 0, AH_ELUA or AH_ETIMEOUT (err filled). Lua thread only. */
-static int call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t errlen)
+ * budget, with the traceback handler at stack index `handler` (SLOT_TRACEBACK once the state is
+ * open). Stack: [-(nargs + 1), +nresults] on success, [-(nargs + 1), +0] on failure. Returns 0,
+ * AH_ELUA or AH_ETIMEOUT (err filled). Lua thread only. */
+static int call_user_with(ah_lua_t *lua, int handler, int nargs, int nresults, char *err,
+                          size_t errlen)
 {
     lua_State *L = lua->L;
-    int base = lua_gettop(L) - nargs; /* the function's slot */
-    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->traceback_ref);
-    lua_insert(L, base);
-
     budget_arm(lua);
-    int status = lua_pcall(L, nargs, nresults, base);
+    int status = lua_pcall(L, nargs, nresults, handler);
     bool timed_out = lua->timed_out;
     budget_disarm(lua);
-
-    lua_remove(L, base); /* the handler */
     if (status == 0) {
         return AH_OK;
     }
@@ -216,19 +224,9 @@ static int call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     return timed_out ? AH_ETIMEOUT : AH_ELUA;
 }
 
-/* Pushes the function held by ref, then calls it with the argument held by arg_ref (or none when
- * LUA_NOREF) and discards the results except one, left on the stack on success. Stack: [-0, +1]
- * on success, [-0, +0] on failure. */
-static int call_ref(ah_lua_t *lua, int fn_ref, int arg_ref, char *err, size_t errlen)
+static int call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t errlen)
 {
-    lua_State *L = lua->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, fn_ref);
-    int nargs = 0;
-    if (arg_ref != LUA_NOREF) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, arg_ref);
-        nargs = 1;
-    }
-    return call_user(lua, nargs, 1, err, errlen);
+    return call_user_with(lua, SLOT_TRACEBACK, nargs, nresults, err, errlen);
 }
 
 /* ---- the agent.core module (C half of `agent`) ------------------------------------------- */
@@ -500,7 +498,9 @@ static int open_protected(lua_State *L)
         lua_error(L); /* Lua's own message: "path:line: problem" */
     }
     char err[AH_ERRLEN];
-    if (call_user(lua, 0, 1, err, sizeof(err)) != AH_OK) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->traceback_ref);
+    lua_insert(L, 1);
+    if (call_user_with(lua, 1, 0, 1, err, sizeof(err)) != AH_OK) {
         lua_pushstring(L, err);
         lua_error(L);
     }
@@ -548,6 +548,13 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
         goto fail_state;
     }
     assert(lua_gettop(lua->L) == 0);
+    /* Pin the hot values (see SLOT_*); pushing a short string cannot fail for lack of memory
+     * in practice, and these four pushes need no protection otherwise. */
+    lua_rawgeti(lua->L, LUA_REGISTRYINDEX, lua->traceback_ref);
+    lua_rawgeti(lua->L, LUA_REGISTRYINDEX, lua->ctx_ref);
+    lua_pushliteral(lua->L, "iteration");
+    lua_rawgeti(lua->L, LUA_REGISTRYINDEX, lua->fn_refs[FN_BATCH]);
+    assert(lua_gettop(lua->L) == SLOT_COUNT);
     return lua;
 
 fail_state:
@@ -578,10 +585,9 @@ int ah_lua_init(ah_lua_t *lua, char *err, size_t errlen)
     }
     lua_State *L = lua->L;
     int top = lua_gettop(L);
-    int rc = call_ref(lua, lua->fn_refs[FN_INIT], lua->ctx_ref, err, errlen);
-    if (rc == AH_OK) {
-        lua_pop(L, 1);
-    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->fn_refs[FN_INIT]);
+    lua_pushvalue(L, SLOT_CTX);
+    int rc = call_user(lua, 1, 0, err, errlen);
     assert(lua_gettop(L) == top);
     (void)top;
     return rc;
@@ -610,12 +616,13 @@ int ah_lua_batch(ah_lua_t *lua, long long *items, char *err, size_t errlen)
     *items = 0;
 
     lua->iteration++;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->ctx_ref);
+    lua_pushvalue(L, SLOT_ITERATION_KEY);
     lua_pushnumber(L, (lua_Number)lua->iteration);
-    lua_setfield(L, -2, "iteration"); /* plain table, no metamethods: cannot raise but OOM */
-    lua_pop(L, 1);
+    lua_rawset(L, SLOT_CTX); /* an existing key of a plain table: no allocation, cannot raise */
 
-    int rc = call_ref(lua, lua->fn_refs[FN_BATCH], lua->ctx_ref, err, errlen);
+    lua_pushvalue(L, SLOT_BATCH);
+    lua_pushvalue(L, SLOT_CTX);
+    int rc = call_user(lua, 1, 1, err, errlen);
     if (rc == AH_OK) {
         *items = items_from_result(L, -1);
         lua_pop(L, 1);

@@ -1,10 +1,14 @@
 /* Implementation of ah_state.h: one mutex guards everything; one condition variable wakes the
- * Lua worker (and agent.sleep) when a command arrives. */
+ * Lua worker (and agent.sleep) when a command arrives. The few fields the worker touches on every
+ * batch (run state, "an event is pending", the call marker, batch counters) are atomics so that
+ * an empty batch costs no lock: they are written under the mutex where they must agree with other
+ * fields, and read without it. */
 #include "ah_state.h"
 
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -12,24 +16,24 @@
 struct ah_state_s {
     pthread_mutex_t lock;
     pthread_cond_t wake; /* signalled when an event becomes pending */
-    ah_run_state_t state;
+    _Atomic int state;   /* ah_run_state_t; written under lock, read lock-free */
     bool cluster_known;
     ah_control_t cluster;
     int64_t seen_version; /* highest cluster version offered */
     int64_t applied_version;
     bool local_override;
-    bool has_event;
+    atomic_bool has_event; /* written under lock; read lock-free as a hint */
     ah_event_t pending;
     bool shutdown_final; /* a local/signal shutdown is pending or applied: nothing replaces it */
     ah_store_status_t store;
-    uint64_t batches;
-    uint64_t batch_errors;
+    _Atomic uint64_t batches;
+    _Atomic uint64_t batch_errors;
     uint64_t batch_overruns;
     uint64_t commands_applied;
     uint64_t hook_errors;
     int64_t started_us;
-    int64_t call_started_us;
-    bool call_overrun;
+    _Atomic int64_t call_started_us; /* written by the worker only */
+    atomic_bool call_overrun;
     double last_control_lag_ms;
 };
 
@@ -168,6 +172,9 @@ void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, cons
 
 bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
 {
+    if (!atomic_load_explicit(&s->has_event, memory_order_acquire)) {
+        return false; /* only the worker clears it, so "false" cannot go stale to "true" unseen */
+    }
     pthread_mutex_lock(&s->lock);
     bool had = s->has_event;
     if (had) {
@@ -271,10 +278,7 @@ bool ah_state_has_event(ah_state_t *s)
 
 ah_run_state_t ah_state_get(ah_state_t *s)
 {
-    pthread_mutex_lock(&s->lock);
-    ah_run_state_t st = s->state;
-    pthread_mutex_unlock(&s->lock);
-    return st;
+    return (ah_run_state_t)atomic_load(&s->state);
 }
 
 void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
@@ -288,42 +292,41 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     out->shutdown_requested =
         s->shutdown_final || (s->has_event && s->pending.command == AH_CMD_SHUTDOWN);
     out->store = s->store;
-    out->batches = s->batches;
-    out->batch_errors = s->batch_errors;
+    out->batches = atomic_load_explicit(&s->batches, memory_order_relaxed);
+    out->batch_errors = atomic_load_explicit(&s->batch_errors, memory_order_relaxed);
     out->batch_overruns = s->batch_overruns;
     out->commands_applied = s->commands_applied;
     out->hook_errors = s->hook_errors;
     out->started_us = s->started_us;
-    out->batch_started_us = s->call_started_us;
+    out->batch_started_us = atomic_load(&s->call_started_us);
     out->last_control_lag_ms = s->last_control_lag_ms;
-    out->wedged = s->call_overrun && s->call_started_us != 0;
+    out->wedged = atomic_load(&s->call_overrun) && out->batch_started_us != 0;
     pthread_mutex_unlock(&s->lock);
 }
 
 void ah_state_call_begin(ah_state_t *s)
 {
-    pthread_mutex_lock(&s->lock);
-    s->call_started_us = ah_mono_us();
-    s->call_overrun = false;
-    pthread_mutex_unlock(&s->lock);
+    ah_state_call_begin_at(s, ah_mono_us());
+}
+
+void ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us)
+{
+    atomic_store_explicit(&s->call_overrun, false, memory_order_relaxed);
+    atomic_store_explicit(&s->call_started_us, now_mono_us ? now_mono_us : 1, memory_order_release);
 }
 
 void ah_state_call_end(ah_state_t *s)
 {
-    pthread_mutex_lock(&s->lock);
-    s->call_started_us = 0;
-    s->call_overrun = false;
-    pthread_mutex_unlock(&s->lock);
+    atomic_store_explicit(&s->call_started_us, 0, memory_order_release);
+    atomic_store_explicit(&s->call_overrun, false, memory_order_relaxed);
 }
 
 void ah_state_count_batch(ah_state_t *s, bool ok)
 {
-    pthread_mutex_lock(&s->lock);
-    s->batches++;
+    atomic_fetch_add_explicit(&s->batches, 1, memory_order_relaxed);
     if (!ok) {
-        s->batch_errors++;
+        atomic_fetch_add_explicit(&s->batch_errors, 1, memory_order_relaxed);
     }
-    pthread_mutex_unlock(&s->lock);
 }
 
 void ah_state_count_hook_error(ah_state_t *s)
@@ -336,8 +339,9 @@ void ah_state_count_hook_error(ah_state_t *s)
 void ah_state_mark_overrun(ah_state_t *s)
 {
     pthread_mutex_lock(&s->lock);
-    if (s->call_started_us != 0 && !s->call_overrun) {
-        s->call_overrun = true;
+    bool expected = false;
+    if (atomic_load(&s->call_started_us) != 0 &&
+        atomic_compare_exchange_strong(&s->call_overrun, &expected, true)) {
         s->batch_overruns++;
     }
     pthread_mutex_unlock(&s->lock);

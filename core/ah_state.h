@@ -116,6 +116,8 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out);
 
 /* Counters and markers kept by the Lua worker. */
 void ah_state_call_begin(ah_state_t *s); /* a batch or hook starts: records its start time */
+/* The same with the start time (monotonic µs, e.g. ah_mono_coarse_us()) given by the caller. */
+void ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us);
 void ah_state_call_end(ah_state_t *s);
 void ah_state_count_batch(ah_state_t *s, bool ok);
 void ah_state_count_hook_error(ah_state_t *s);
