@@ -22,6 +22,8 @@ static const ah_config_var_t config_vars[] = {
     {"ENABLE_DISTRIBUTED_CONTROL", NULL, "true", "false: local control only"},
     {"ENABLE_CHANGE_STREAMS", NULL, "true", "false: poll MongoDB instead of watching"},
     {"CONTROL_POLLING_INTERVAL", "--polling-interval", "10", "seconds between polls"},
+    {"CHANGE_STREAM_VERIFY_INTERVAL", NULL, "60",
+     "seconds of stream silence before a verifying read (0: never)"},
     {"AGENTHOST_STATE", "--state", "./agenthost-state.db", "embedded store file"},
     {"AGENTHOST_STATE_POLL", NULL, "0.1", "seconds between embedded store checks"},
     {"HTTP_BIND", "--bind", "0.0.0.0", "API listen address"},
@@ -59,6 +61,7 @@ void ah_config_defaults(ah_config_t *cfg)
     cfg->batch_timeout = 300.0;
     cfg->shutdown_timeout = 25.0;
     cfg->embedded_poll_interval = 0.1;
+    cfg->change_stream_verify_interval = 60.0;
     char host[256] = "";
     const char *env_host = getenv("HOSTNAME");
     if (env_host != NULL && env_host[0] != '\0') {
@@ -168,6 +171,12 @@ int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *e
     } else if (strcmp(name, "CONTROL_POLLING_INTERVAL") == 0) {
         if (parse_seconds(value, &cfg->polling_interval) != 0) {
             expect = "a number of seconds > 0";
+        }
+    } else if (strcmp(name, "CHANGE_STREAM_VERIFY_INTERVAL") == 0) {
+        if (strcmp(value, "0") == 0) {
+            cfg->change_stream_verify_interval = 0;
+        } else if (parse_seconds(value, &cfg->change_stream_verify_interval) != 0) {
+            expect = "a number of seconds >= 0 (0 disables)";
         }
     } else if (strcmp(name, "AGENTHOST_STATE_POLL") == 0) {
         if (parse_seconds(value, &cfg->embedded_poll_interval) != 0) {

@@ -25,8 +25,10 @@ typedef struct ah_config_s {
     bool log_json;            /* LOG_FORMAT=json */
     double batch_timeout;     /* BATCH_TIMEOUT seconds, default 300 */
     double shutdown_timeout;  /* SHUTDOWN_TIMEOUT seconds, default 25: hard bound on shutdown */
-    double embedded_poll_interval; /* AGENTHOST_STATE_POLL seconds, default 0.1 */
-    char *script_path;             /* the Lua script (positional argument) */
+    double change_stream_verify_interval; /* CHANGE_STREAM_VERIFY_INTERVAL seconds, default 60;
+                                             0 = never verify a silent stream by a read */
+    double embedded_poll_interval;        /* AGENTHOST_STATE_POLL seconds, default 0.1 */
+    char *script_path;                    /* the Lua script (positional argument) */
 } ah_config_t;
 
 /* One accepted environment variable (for docs and the manifest cross-check). */

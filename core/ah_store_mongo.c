@@ -35,9 +35,6 @@
 /* How long one change stream getMore waits on the server: bounds close() in the normal case. */
 #define AH_MONGO_MAX_AWAIT_MS 1000
 
-#define AH_MONGO_VERIFY_ENV "CHANGE_STREAM_VERIFY_INTERVAL"
-#define AH_MONGO_VERIFY_DEFAULT 60.0 /* seconds; 0 disables */
-
 #define AH_MONGO_RETRY_MIN 0.25 /* first reconnect delay, seconds */
 #define AH_MONGO_RETRY_MAX 5.0  /* reconnect delay cap, seconds */
 #define AH_MONGO_POLL_RETRY_MAX                                                                    \
@@ -957,25 +954,6 @@ static void default_timeout(mongoc_uri_t *uri, const char *option, int32_t ms)
     }
 }
 
-static int verify_interval_from_env(double *out, char *err, size_t errlen)
-{
-    const char *value = getenv(AH_MONGO_VERIFY_ENV);
-    *out = AH_MONGO_VERIFY_DEFAULT;
-    if (value == NULL || value[0] == '\0') {
-        return AH_OK;
-    }
-    char *end;
-    errno = 0;
-    double seconds = strtod(value, &end);
-    if (errno != 0 || *end != '\0' || !isfinite(seconds) || seconds < 0) {
-        snprintf(err, errlen, "%s must be a number of seconds >= 0 (0 disables), got '%s'",
-                 AH_MONGO_VERIFY_ENV, value);
-        return AH_EINVAL;
-    }
-    *out = seconds;
-    return AH_OK;
-}
-
 ah_store_t *ah_store_mongo_open(const ah_config_t *cfg, char *err, size_t errlen)
 {
     bson_error_t error;
@@ -994,9 +972,7 @@ ah_store_t *ah_store_mongo_open(const ah_config_t *cfg, char *err, size_t errlen
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_cond_init(&ms->cond, &attr);
     pthread_condattr_destroy(&attr);
-    if (verify_interval_from_env(&ms->verify_interval, err, errlen) != AH_OK) {
-        goto fail;
-    }
+    ms->verify_interval = cfg->change_stream_verify_interval;
     ms->uri = mongoc_uri_new_with_error(cfg->mongodb_uri, &error);
     if (ms->uri == NULL) {
         snprintf(err, errlen, "MONGODB_URI is invalid: %s", error.message);
