@@ -15,7 +15,9 @@
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -33,6 +35,7 @@
 #define HTTP_PATH_IN_ERROR 200 /* bytes of a path quoted in a 404 message */
 
 #define JSON_TYPE "application/json"
+#define HTTP_DRAIN_MS 2000 /* ah_http_stop(): max wait for requests in flight */
 #define METRICS_TYPE "text/plain; version=0.0.4"
 #define DISABLED_MESSAGE                                                                           \
     "distributed control is disabled (ENABLE_DISTRIBUTED_CONTROL=false); use /api/agent/* for "    \
@@ -44,6 +47,7 @@ struct ah_http_s {
     ah_state_t *state;
     ah_store_t *store; /* NULL: distributed control disabled */
     int port;
+    atomic_int in_flight; /* requests begun (URI seen) and not yet completed */
 };
 
 /* Per-request context, allocated only for requests that carry a body. */
@@ -887,17 +891,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 }
 
 /* Sees the raw request target (path + query) before it is parsed: marks over-long ones. */
+/* Called once per request, first; on_completed() is called once for each of them. */
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 {
-    (void)cls;
+    ah_http_t *http = cls;
     (void)conn;
+    atomic_fetch_add(&http->in_flight, 1);
     return strnlen(uri, HTTP_URL_MAX + 1) > HTTP_URL_MAX ? &url_too_long_marker : NULL;
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
                          enum MHD_RequestTerminationCode toe)
 {
-    (void)cls;
+    ah_http_t *http = cls;
+    atomic_fetch_sub(&http->in_flight, 1);
     (void)conn;
     (void)toe;
     if (*req_cls != NULL && *req_cls != &url_too_long_marker && *req_cls != &headers_seen_marker) {
@@ -994,7 +1001,7 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
     http->state = state;
     http->store = store;
 
-    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
+    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC;
     flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES ? MHD_USE_EPOLL : MHD_USE_POLL;
     if (ipv6) {
         flags |= MHD_USE_IPv6;
@@ -1030,6 +1037,14 @@ void ah_http_stop(ah_http_t *http)
 {
     if (http == NULL) {
         return;
+    }
+    /* Stop accepting, then let requests in flight finish (their answers are queued but maybe
+     * not yet sent: e.g. the reply to the shutdown command that made the host stop), bounded by
+     * HTTP_DRAIN_MS, before the daemon closes every connection. */
+    MHD_quiesce_daemon(http->daemon);
+    for (int waited = 0; atomic_load(&http->in_flight) > 0 && waited < HTTP_DRAIN_MS; waited += 5) {
+        struct timespec ts = {0, 5 * 1000 * 1000};
+        nanosleep(&ts, NULL);
     }
     MHD_stop_daemon(http->daemon);
     free(http);
