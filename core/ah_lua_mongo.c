@@ -196,19 +196,21 @@ static int raise_arg(lua_State *L, bson_set_t *set, int arg, const char *what)
     return luaL_argerror(L, arg, msg);
 }
 
-/* Encodes the document argument (a table, or nil when optional → {}). */
-static bson_t *doc_arg(lua_State *L, bson_set_t *set, int arg, bool optional)
+/* Encodes the document argument `name` (a table, or nil when optional → {}). Errors read
+ * "bad argument #n to 'fn' (<name>: <problem>)". */
+static bson_t *doc_arg(lua_State *L, bson_set_t *set, int arg, bool optional, const char *name)
 {
     int t = lua_type(L, arg);
+    char what[AH_ERRLEN + 64];
     if (!(t == LUA_TTABLE || (optional && t <= LUA_TNIL))) {
-        char what[64];
-        snprintf(what, sizeof(what), "table expected, got %s", luaL_typename(L, arg));
+        snprintf(what, sizeof(what), "%s: table expected, got %s", name, luaL_typename(L, arg));
         raise_arg(L, set, arg, what);
     }
     bson_t *b = bson_set_new(set);
     char err[AH_ERRLEN];
     if (t == LUA_TTABLE && ah_bson_from_lua(L, arg, b, err, sizeof(err)) != AH_OK) {
-        raise_arg(L, set, arg, err);
+        snprintf(what, sizeof(what), "%s: %s", name, err);
+        raise_arg(L, set, arg, what);
     }
     return b;
 }
@@ -414,7 +416,7 @@ static const char *const find_options[] = {"projection", "sort",       "limit", 
  * the driver options. */
 static bson_t *find_args(lua_State *L, bson_set_t *set, bool one, bson_t **opts, bool *iterator)
 {
-    bson_t *filter = doc_arg(L, set, 2, true);
+    bson_t *filter = doc_arg(L, set, 2, true, "filter");
     check_opts(L, set, 3, find_options);
     *opts = bson_set_new(set);
     opt_doc(L, set, 3, "projection", *opts, "projection");
@@ -590,15 +592,15 @@ static int iterator_close_l(lua_State *L)
 
 /* ---- writes -------------------------------------------------------------------------------- */
 
-/* Encodes a document to insert, with an _id first (a new ObjectId when the table has none). */
+/* Encodes a document to insert into out (an empty member of set), with an _id first (a new
+ * ObjectId when the table has none). */
 static bson_t *insert_doc_arg(lua_State *L, bson_set_t *set, int arg, bson_t *out)
 {
     if (lua_type(L, arg) != LUA_TTABLE) {
         char what[64];
-        snprintf(what, sizeof(what), "table expected, got %s", luaL_typename(L, arg));
+        snprintf(what, sizeof(what), "document: table expected, got %s", luaL_typename(L, arg));
         raise_arg(L, set, arg, what);
     }
-    bson_init(out);
     lua_getfield(L, arg, "_id");
     bool has_id = !lua_isnil(L, -1);
     lua_pop(L, 1);
@@ -609,8 +611,9 @@ static bson_t *insert_doc_arg(lua_State *L, bson_set_t *set, int arg, bson_t *ou
     }
     char err[AH_ERRLEN];
     if (ah_bson_from_lua(L, arg, out, err, sizeof(err)) != AH_OK) {
-        bson_destroy(out);
-        raise_arg(L, set, arg, err);
+        char what[AH_ERRLEN + 16];
+        snprintf(what, sizeof(what), "document: %s", err);
+        raise_arg(L, set, arg, what); /* destroys out, a member of set */
     }
     return out;
 }
@@ -750,9 +753,8 @@ static int update_common(lua_State *L, update_kind_t kind)
     static const char *const names[] = {"update_one", "update_many", "replace_one"};
     collection_t *c = check_collection(L);
     bson_set_t set = {.count = 0};
-    luaL_checktype(L, 2, LUA_TTABLE);
-    bson_t *filter = doc_arg(L, &set, 2, false);
-    bson_t *update = doc_arg(L, &set, 3, false);
+    bson_t *filter = doc_arg(L, &set, 2, false, "filter");
+    bson_t *update = doc_arg(L, &set, 3, false, "update");
     check_opts(L, &set, 4, allowed);
     bson_t *opts = bson_set_new(&set);
     if (opt_bool(L, &set, 4, "upsert", false)) {
@@ -812,8 +814,7 @@ static int delete_common(lua_State *L, bool many)
 {
     collection_t *c = check_collection(L);
     bson_set_t set = {.count = 0};
-    luaL_checktype(L, 2, LUA_TTABLE);
-    bson_t *filter = doc_arg(L, &set, 2, false);
+    bson_t *filter = doc_arg(L, &set, 2, false, "filter");
     mongoc_client_pool_t *pool;
     mongoc_client_t *client;
     mongoc_collection_t *coll;
@@ -856,9 +857,8 @@ static int coll_find_one_and_update(lua_State *L)
     static const char *const allowed[] = {"sort", "upsert", "new", "projection", NULL};
     collection_t *c = check_collection(L);
     bson_set_t set = {.count = 0};
-    luaL_checktype(L, 2, LUA_TTABLE);
-    bson_t *filter = doc_arg(L, &set, 2, false);
-    bson_t *update = doc_arg(L, &set, 3, false);
+    bson_t *filter = doc_arg(L, &set, 2, false, "filter");
+    bson_t *update = doc_arg(L, &set, 3, false, "update");
     check_opts(L, &set, 4, allowed);
     bson_t *extra = bson_set_new(&set); /* holds the sort and projection documents */
     opt_doc(L, &set, 4, "sort", extra, "sort");
@@ -923,7 +923,7 @@ static int coll_count(lua_State *L)
     static const char *const allowed[] = {"limit", "skip", NULL};
     collection_t *c = check_collection(L);
     bson_set_t set = {.count = 0};
-    bson_t *filter = doc_arg(L, &set, 2, true);
+    bson_t *filter = doc_arg(L, &set, 2, true, "filter");
     check_opts(L, &set, 3, allowed);
     bson_t *opts = bson_set_new(&set);
     int64_t limit = opt_count(L, &set, 3, "limit");
