@@ -9,6 +9,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -35,6 +36,13 @@ struct ah_state_s {
     _Atomic int64_t call_started_us; /* written by the worker only */
     atomic_bool call_overrun;
     double last_control_lag_ms;
+    /* Script reload: requests are numbered; the worker completes them in order. */
+    uint64_t reload_requested; /* number of the latest request */
+    uint64_t reload_done;      /* number of the latest completed request */
+    bool reload_ok;
+    char reload_error[AH_ERRLEN];
+    uint64_t reloads;
+    uint64_t reload_failures;
 };
 
 static const char *const state_names[] = {"starting", "running", "paused", "stopping", "stopped"};
@@ -247,12 +255,12 @@ bool ah_state_wait(ah_state_t *s, double seconds)
         deadline.tv_nsec -= 1000000000L;
     }
     pthread_mutex_lock(&s->lock);
-    while (!s->has_event && !s->shutdown_final) {
+    while (!s->has_event && !s->shutdown_final && s->reload_requested == s->reload_done) {
         if (pthread_cond_timedwait(&s->wake, &s->lock, &deadline) == ETIMEDOUT) {
             break;
         }
     }
-    bool woken = s->has_event || s->shutdown_final;
+    bool woken = s->has_event || s->shutdown_final || s->reload_requested != s->reload_done;
     pthread_mutex_unlock(&s->lock);
     return woken;
 }
@@ -301,6 +309,8 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     out->batch_started_us = atomic_load(&s->call_started_us);
     out->last_control_lag_ms = s->last_control_lag_ms;
     out->wedged = atomic_load(&s->call_overrun) && out->batch_started_us != 0;
+    out->reloads = s->reloads;
+    out->reload_failures = s->reload_failures;
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -352,4 +362,63 @@ void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st)
     pthread_mutex_lock(&s->lock);
     s->store = *st;
     pthread_mutex_unlock(&s->lock);
+}
+
+uint64_t ah_state_request_reload(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    uint64_t ticket = ++s->reload_requested;
+    pthread_cond_broadcast(&s->wake);
+    pthread_mutex_unlock(&s->lock);
+    return ticket;
+}
+
+uint64_t ah_state_take_reload(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    uint64_t ticket = s->reload_requested != s->reload_done ? s->reload_requested : 0;
+    pthread_mutex_unlock(&s->lock);
+    return ticket;
+}
+
+void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char *error)
+{
+    pthread_mutex_lock(&s->lock);
+    s->reload_done = ticket;
+    s->reload_ok = ok;
+    ah_strlcpy(s->reload_error, ok ? "" : error, sizeof(s->reload_error));
+    if (ok) {
+        s->reloads++;
+    } else {
+        s->reload_failures++;
+    }
+    pthread_cond_broadcast(&s->wake);
+    pthread_mutex_unlock(&s->lock);
+}
+
+int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += (time_t)seconds;
+    int rc;
+    pthread_mutex_lock(&s->lock);
+    while (s->reload_done < ticket && s->state != AH_STATE_STOPPED) {
+        if (pthread_cond_timedwait(&s->wake, &s->lock, &deadline) == ETIMEDOUT) {
+            break;
+        }
+    }
+    if (s->reload_done < ticket) {
+        rc = AH_ETIMEOUT;
+        snprintf(err, errlen, "the reload is still pending (the current batch has not finished)");
+    } else if (s->reload_done > ticket) {
+        rc = AH_OK; /* superseded by a later request, which loaded the newer file */
+    } else if (s->reload_ok) {
+        rc = AH_OK;
+    } else {
+        rc = AH_ELUA;
+        snprintf(err, errlen, "%s", s->reload_error);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return rc;
 }

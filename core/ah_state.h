@@ -68,6 +68,8 @@ typedef struct ah_state_snapshot_s {
     int64_t batch_started_us;   /* monotonic start of the running batch/hook, 0 if none */
     double last_control_lag_ms; /* command timestamp → applied, last cluster command */
     bool wedged;                /* a Lua call overran BATCH_TIMEOUT and is still running */
+    uint64_t reloads;           /* successful script reloads */
+    uint64_t reload_failures;   /* reloads that kept the old script */
 } ah_state_snapshot_t;
 
 typedef struct ah_state_s ah_state_t;
@@ -123,6 +125,19 @@ void ah_state_count_batch(ah_state_t *s, bool ok);
 void ah_state_count_hook_error(ah_state_t *s);
 /* Called by the watchdog when the running call exceeded its budget (once per call). */
 void ah_state_mark_overrun(ah_state_t *s);
+
+/* Script reload (SIGHUP, POST /api/agent/reload). Any thread requests one and gets a ticket;
+ * the Lua worker takes it between batches, loads the script into a fresh state and reports the
+ * outcome; a requester may wait for that outcome. Requests made before the worker gets to them
+ * are merged into one. */
+uint64_t ah_state_request_reload(ah_state_t *s);
+/* Lua worker: the ticket of the pending reload request, or 0 if none. */
+uint64_t ah_state_take_reload(ah_state_t *s);
+/* Lua worker: the outcome of the reload up to ticket (error: why the old script was kept). */
+void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char *error);
+/* Waits up to `seconds` for the outcome of ticket. 0 if the new script runs, AH_ELUA with err
+ * when it was rejected (the old script keeps running), AH_ETIMEOUT if still pending. */
+int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen);
 
 /* Store watcher: publishes the store's status (copied). */
 void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st);
