@@ -34,6 +34,7 @@ static const ah_config_var_t config_vars[] = {
     {"LOG_FORMAT", "--log-format", "text", "text|json"},
     {"BATCH_TIMEOUT", "--batch-timeout", "300", "seconds a batch or hook may run"},
     {"SHUTDOWN_TIMEOUT", "--shutdown-timeout", "25", "seconds shutdown may take before exit 1"},
+    {"AGENTHOST_SIGNALS", NULL, "true", "false: leave SIGTERM/SIGINT/SIGUSR1/SIGUSR2 alone"},
     {NULL, NULL, NULL, NULL},
 };
 
@@ -61,6 +62,7 @@ void ah_config_defaults(ah_config_t *cfg)
     cfg->batch_timeout = 300.0;
     cfg->shutdown_timeout = 25.0;
     cfg->embedded_poll_interval = 0.1;
+    cfg->signals = true;
     cfg->change_stream_verify_interval = 60.0;
     char host[256] = "";
     const char *env_host = getenv("HOSTNAME");
@@ -177,6 +179,10 @@ int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *e
             cfg->change_stream_verify_interval = 0;
         } else if (parse_seconds(value, &cfg->change_stream_verify_interval) != 0) {
             expect = "a number of seconds >= 0 (0 disables)";
+        }
+    } else if (strcmp(name, "AGENTHOST_SIGNALS") == 0) {
+        if (ah_config_parse_bool(value, &cfg->signals) != 0) {
+            expect = "true/false/1/0/yes/no";
         }
     } else if (strcmp(name, "AGENTHOST_STATE_POLL") == 0) {
         if (parse_seconds(value, &cfg->embedded_poll_interval) != 0) {

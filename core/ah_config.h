@@ -29,6 +29,7 @@ typedef struct ah_config_s {
                                              0 = never verify a silent stream by a read */
     double embedded_poll_interval;        /* AGENTHOST_STATE_POLL seconds, default 0.1 */
     char *script_path;                    /* the Lua script (positional argument) */
+    bool signals; /* AGENTHOST_SIGNALS, default true: handle SIGTERM/SIGINT/SIGUSR1/SIGUSR2 */
 } ah_config_t;
 
 /* One accepted environment variable (for docs and the manifest cross-check). */

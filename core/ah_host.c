@@ -43,6 +43,8 @@ struct ah_host_s {
     uv_timer_t watchdog;
     uv_async_t worker_done;
     bool handles_open;
+    bool signals_open;                  /* the sig_* handles were initialised (AGENTHOST_SIGNALS) */
+    char script_label[AH_NAME_MAX + 1]; /* cfg->script_path or the source's name, for logs */
 
     pthread_t worker;
     bool worker_started;
@@ -70,6 +72,12 @@ static const char *hook_name(ah_hook_t hook)
 
 ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen)
 {
+    return ah_host_new_with(cfg, NULL, err, errlen);
+}
+
+ah_host_t *ah_host_new_with(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
+                            size_t errlen)
+{
     ah_host_t *h = calloc(1, sizeof(*h));
     if (h == NULL) {
         snprintf(err, errlen, "out of memory");
@@ -96,6 +104,18 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen)
                              .state = h->state,
                              .batch_timeout = cfg->batch_timeout,
                              .mongo = h->mongo};
+    if (hopts != NULL) {
+        opts.script_source = hopts->script_source;
+        opts.script_name = hopts->script_name;
+        opts.functions = hopts->functions;
+        opts.function_count = hopts->function_count;
+    }
+    if (opts.script_source != NULL) {
+        ah_strlcpy(h->script_label, opts.script_name ? opts.script_name : "script",
+                   sizeof(h->script_label));
+    } else {
+        ah_strlcpy(h->script_label, cfg->script_path, sizeof(h->script_label));
+    }
     h->lua = ah_lua_open(&opts, cfg->script_path, err, errlen);
     if (h->lua == NULL) {
         goto fail;
@@ -280,10 +300,14 @@ static void close_handles(ah_host_t *h)
     }
     h->handles_open = false;
     uv_handle_t *handles[] = {
-        (uv_handle_t *)&h->sig_term, (uv_handle_t *)&h->sig_int,  (uv_handle_t *)&h->sig_usr1,
-        (uv_handle_t *)&h->sig_usr2, (uv_handle_t *)&h->watchdog, (uv_handle_t *)&h->worker_done,
+        (uv_handle_t *)&h->watchdog, (uv_handle_t *)&h->worker_done, (uv_handle_t *)&h->sig_term,
+        (uv_handle_t *)&h->sig_int,  (uv_handle_t *)&h->sig_usr1,    (uv_handle_t *)&h->sig_usr2,
     };
-    for (size_t i = 0; i < sizeof(handles) / sizeof(handles[0]); i++) {
+    size_t count = sizeof(handles) / sizeof(handles[0]);
+    if (!h->signals_open) {
+        count = 2; /* only the watchdog and the async handle were initialised */
+    }
+    for (size_t i = 0; i < count; i++) {
         if (!uv_is_closing(handles[i])) {
             uv_close(handles[i], NULL);
         }
@@ -351,11 +375,12 @@ static int open_handles(ah_host_t *h, char *err, size_t errlen)
                 {&h->sig_int, SIGINT},
                 {&h->sig_usr1, SIGUSR1},
                 {&h->sig_usr2, SIGUSR2}};
-    for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++) {
+    for (size_t i = 0; h->cfg->signals && i < sizeof(sigs) / sizeof(sigs[0]); i++) {
         uv_signal_init(&h->loop, sigs[i].handle);
         sigs[i].handle->data = h;
         uv_signal_start(sigs[i].handle, on_signal, sigs[i].signum);
     }
+    h->signals_open = h->cfg->signals;
     uv_timer_init(&h->loop, &h->watchdog);
     h->watchdog.data = h;
     uv_timer_start(&h->watchdog, on_watchdog, WATCHDOG_INTERVAL_MS, WATCHDOG_INTERVAL_MS);
@@ -415,7 +440,7 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
 int ah_host_run(ah_host_t *h, char *err, size_t errlen)
 {
     int exit_code = 1;
-    ah_log_info("Starting agent %s with script %s", h->cfg->agent_id, h->cfg->script_path);
+    ah_log_info("Starting agent %s with script %s", h->cfg->agent_id, h->script_label);
     if (open_handles(h, err, errlen) != AH_OK) {
         return 1;
     }

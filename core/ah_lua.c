@@ -69,6 +69,12 @@ struct ah_lua_s {
 
     /* agent.mongo's connection (not owned; may be NULL: calls fail "not configured"). */
     ah_lua_mongo_t *mongo;
+
+    /* Only during ah_lua_open(): the script's text (NULL: load lua->script as a file) and the
+     * agent.ext functions (not owned). */
+    const char *source;
+    const ah_lua_function_t *functions;
+    size_t function_count;
 };
 
 /* Values pinned at the bottom of the main Lua stack for the life of the state, so that the hot
@@ -373,6 +379,53 @@ static int open_agent_core(lua_State *L)
 
 /* ---- opening ----------------------------------------------------------------------------- */
 
+/* package.preload["agent"] wrapper: upvalue 1 is the embedded loader, upvalue 2 the agent.ext
+ * table, stored as agent.ext in the module it returns. Stack: [-n, +1]. */
+static int open_agent_with_ext(lua_State *L)
+{
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    if (lua_istable(L, -1)) {
+        lua_pushliteral(L, "ext");
+        lua_pushvalue(L, lua_upvalueindex(2));
+        lua_rawset(L, -3);
+    }
+    return 1;
+}
+
+/* Builds the agent.ext table from lua->functions (each a closure over its ud), stores it as
+ * package.loaded["agent.ext"] and wraps package.preload["agent"] so that the module carries it.
+ * Stack: [-0, +0]. */
+static void register_ext(lua_State *L, ah_lua_t *lua)
+{
+    lua_createtable(L, 0, (int)lua->function_count);
+    int ext = lua_gettop(L);
+    for (size_t i = 0; i < lua->function_count; i++) {
+        const ah_lua_function_t *f = &lua->functions[i];
+        if (f->name == NULL || f->fn == NULL) {
+            luaL_error(L, "agent.ext: function %d has no name or no function", (int)i + 1);
+        }
+        lua_pushlightuserdata(L, f->ud);
+        lua_pushcclosure(L, f->fn, 1);
+        lua_setfield(L, ext, f->name);
+    }
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_pushvalue(L, ext);
+    lua_setfield(L, -2, "agent.ext");
+    lua_getfield(L, -2, "preload");
+    lua_getfield(L, -1, "agent");
+    if (lua_isfunction(L, -1)) {
+        lua_pushvalue(L, ext);
+        lua_pushcclosure(L, open_agent_with_ext, 2);
+        lua_setfield(L, -2, "agent");
+    } else {
+        lua_pop(L, 1);
+    }
+    lua_settop(L, ext - 1);
+}
+
 /* Sets package.path to "<dir>/?.lua;<dir>/?/init.lua;" + the current path (LuaJIT's default,
  * or LUA_PATH) [+ ";<install dir>/?.lua;<install dir>/?/init.lua"]. Stack: [-0, +0]. */
 static void set_package_path(lua_State *L, const char *script_path)
@@ -485,11 +538,19 @@ static int open_protected(lua_State *L)
     lua_pushcfunction(L, traceback_handler);
     lua->traceback_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     register_preloads(L, lua);
+    register_ext(L, lua);
     set_package_path(L, lua->script);
     create_ctx(L, lua);
 
     errno = 0;
-    int status = luaL_loadfile(L, lua->script);
+    int status;
+    if (lua->source != NULL) {
+        lua_pushfstring(L, "@%s", lua->script);
+        status = luaL_loadbuffer(L, lua->source, strlen(lua->source), lua_tostring(L, -1));
+        lua_remove(L, -2); /* chunkname */
+    } else {
+        status = luaL_loadfile(L, lua->script);
+    }
     if (status == LUA_ERRFILE && errno != 0) {
         lua_pushfstring(L, "%s: %s", lua_tostring(L, -1), strerror(errno));
         lua_error(L);
@@ -523,6 +584,12 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     lua->state = opts->state;
     lua->mongo = opts->mongo;
     lua->batch_timeout = opts->batch_timeout;
+    lua->source = opts->script_source;
+    lua->functions = opts->functions;
+    lua->function_count = opts->functions != NULL ? opts->function_count : 0;
+    if (lua->source != NULL) {
+        script_path = opts->script_name != NULL ? opts->script_name : "script";
+    }
     lua->ctx_ref = LUA_NOREF;
     lua->traceback_ref = LUA_NOREF;
     for (int i = 0; i < FN_COUNT; i++) {
@@ -548,6 +615,9 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
         goto fail_state;
     }
     assert(lua_gettop(lua->L) == 0);
+    lua->source = NULL;
+    lua->functions = NULL;
+    lua->function_count = 0;
     /* Pin the hot values (see SLOT_*); pushing a short string cannot fail for lack of memory
      * in practice, and these four pushes need no protection otherwise. */
     lua_rawgeti(lua->L, LUA_REGISTRYINDEX, lua->traceback_ref);

@@ -13,6 +13,16 @@
 
 typedef struct ah_lua_s ah_lua_t;
 struct ah_lua_mongo_s;
+struct lua_State;
+
+/* An extra C function offered to the script as agent.ext.<name> (and in require "agent.ext").
+ * fn is a lua_CFunction; it runs on the Lua worker thread as a closure whose upvalue 1 is ud (a
+ * light userdata). */
+typedef struct ah_lua_function_s {
+    const char *name;
+    int (*fn)(struct lua_State *L);
+    void *ud;
+} ah_lua_function_t;
 
 typedef struct ah_lua_options_s {
     const char *agent_id; /* agent.id (copied) */
@@ -21,10 +31,15 @@ typedef struct ah_lua_options_s {
     double batch_timeout; /* seconds a call may run before it is interrupted */
     struct ah_lua_mongo_s *mongo; /* agent.mongo's connection (ah_lua_mongo.h), not owned; must
                                      outlive the state; NULL: every call fails "not configured" */
+    const char *script_source; /* the script's text; NULL: load script_path (else it may be NULL) */
+    const char *script_name;   /* chunk name and ctx.script for script_source; NULL: "script" */
+    const ah_lua_function_t *functions; /* agent.ext entries (copied into the state), or NULL */
+    size_t function_count;
 } ah_lua_options_t;
 
 /* Creates a state, opens the standard libraries, cjson and the agent module, sets package.path so
- * that modules next to the script are found first, loads and runs the script and checks that it
+ * that modules next to the script are found first, loads (from script_path, or from
+ * opts->script_source when set) and runs the script and checks that it
  * returned a table with a `batch` function (optional: init, on_pause, on_resume, on_shutdown,
  * each a function if present). On failure returns NULL with err naming file:line and the problem.
  */
