@@ -32,6 +32,8 @@ static const ah_config_var_t config_vars[] = {
     {"AGENT_API_TOKEN", NULL, "unset", "bearer token required by mutating routes"},
     {"LOG_LEVEL", "--log-level", "info", "debug|info|warn|error"},
     {"LOG_FORMAT", "--log-format", "text", "text|json"},
+    {"LUA_MEMORY_LIMIT", "--lua-memory-limit", "0",
+     "bytes the script may allocate, e.g. 256m (0: no limit)"},
     {"BATCH_TIMEOUT", "--batch-timeout", "300", "seconds a batch or hook may run"},
     {"SHUTDOWN_TIMEOUT", "--shutdown-timeout", "25", "seconds shutdown may take before exit 1"},
     {"AGENTHOST_SIGNALS", NULL, "true", "false: leave SIGTERM/SIGINT/SIGUSR1/SIGUSR2 alone"},
@@ -121,6 +123,34 @@ static int parse_seconds(const char *s, double *out)
     return AH_OK;
 }
 
+/* Parses "0", "262144", "512k", "256m", "1g" (case-insensitive). A non-zero limit must be at
+ * least 1 MiB: LuaJIT's libraries alone need several hundred KiB. */
+static int parse_bytes(const char *s, size_t *out)
+{
+    char *end = NULL;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno != 0 || end == s || s[0] == '-') {
+        return AH_EINVAL;
+    }
+    unsigned long long mult = 1;
+    if (*end == 'k' || *end == 'K') {
+        mult = 1ULL << 10;
+        end++;
+    } else if (*end == 'm' || *end == 'M') {
+        mult = 1ULL << 20;
+        end++;
+    } else if (*end == 'g' || *end == 'G') {
+        mult = 1ULL << 30;
+        end++;
+    }
+    if (*end != '\0' || (v != 0 && v * mult < (1ULL << 20)) || v > (1ULL << 40) / mult) {
+        return AH_EINVAL;
+    }
+    *out = (size_t)(v * mult);
+    return AH_OK;
+}
+
 static int set_string(char **slot, const char *value)
 {
     char *copy = dup_or_null(value);
@@ -183,6 +213,11 @@ int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *e
     } else if (strcmp(name, "AGENTHOST_SIGNALS") == 0) {
         if (ah_config_parse_bool(value, &cfg->signals) != 0) {
             expect = "true/false/1/0/yes/no";
+        }
+    } else if (strcmp(name, "LUA_MEMORY_LIMIT") == 0) {
+        if (parse_bytes(value, &cfg->lua_memory_limit) != 0) {
+            expect = "a number of bytes with an optional k, m or g suffix (0: no limit), at least "
+                     "1m when set";
         }
     } else if (strcmp(name, "AGENTHOST_STATE_POLL") == 0) {
         if (parse_seconds(value, &cfg->embedded_poll_interval) != 0) {

@@ -27,8 +27,9 @@ typedef struct ah_config_s {
     double shutdown_timeout;  /* SHUTDOWN_TIMEOUT seconds, default 25: hard bound on shutdown */
     double change_stream_verify_interval; /* CHANGE_STREAM_VERIFY_INTERVAL seconds, default 60;
                                              0 = never verify a silent stream by a read */
-    double embedded_poll_interval;        /* AGENTHOST_STATE_POLL seconds, default 0.1 */
-    char *script_path;                    /* the Lua script (positional argument) */
+    size_t lua_memory_limit;       /* LUA_MEMORY_LIMIT bytes (suffix k/m/g accepted), 0 = none */
+    double embedded_poll_interval; /* AGENTHOST_STATE_POLL seconds, default 0.1 */
+    char *script_path;             /* the Lua script (positional argument) */
     bool signals; /* AGENTHOST_SIGNALS, default true: handle SIGTERM/SIGINT/SIGUSR1/SIGUSR2 */
 } ah_config_t;
 

@@ -10,6 +10,7 @@
 #include "ah_log.h"
 #include "ah_lua.h"
 #include "ah_lua_mongo.h"
+#include "ah_metrics.h"
 #include "ah_store.h"
 
 #include <pthread.h>
@@ -29,17 +30,21 @@
 struct ah_host_s {
     const ah_config_t *cfg;
     ah_state_t *state;
-    ah_lua_t *lua;         /* owned by the worker thread once it starts */
-    ah_lua_mongo_t *mongo; /* agent.mongo's connection; outlives lua */
+    ah_lua_t *lua;             /* owned by the worker thread once it starts; replaced on reload */
+    ah_lua_options_t lua_opts; /* how lua was opened, to open it again on reload */
+    pthread_mutex_t lua_lock;  /* held to swap h->lua (worker) and to interrupt it (watchdog) */
+    ah_metrics_t *metrics;     /* agent.metrics; outlives every Lua state */
+    ah_lua_mongo_t *mongo;     /* agent.mongo's connection; outlives lua */
     ah_store_t *store;
     ah_http_t *http;
-    int http_port;
+    atomic_int http_port; /* read by any thread (ah_host_http_port) */
 
     uv_loop_t loop;
     uv_signal_t sig_term;
     uv_signal_t sig_int;
     uv_signal_t sig_usr1;
     uv_signal_t sig_usr2;
+    uv_signal_t sig_hup;
     uv_timer_t watchdog;
     uv_async_t worker_done;
     bool handles_open;
@@ -84,8 +89,10 @@ ah_host_t *ah_host_new_with(const ah_config_t *cfg, const ah_host_options_t *hop
         return NULL;
     }
     h->cfg = cfg;
+    pthread_mutex_init(&h->lua_lock, NULL);
     h->state = ah_state_new();
-    if (h->state == NULL) {
+    h->metrics = ah_metrics_new();
+    if (h->state == NULL || h->metrics == NULL) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
@@ -103,7 +110,9 @@ ah_host_t *ah_host_new_with(const ah_config_t *cfg, const ah_host_options_t *hop
     ah_lua_options_t opts = {.agent_id = cfg->agent_id,
                              .state = h->state,
                              .batch_timeout = cfg->batch_timeout,
-                             .mongo = h->mongo};
+                             .mongo = h->mongo,
+                             .metrics = h->metrics,
+                             .memory_limit = cfg->lua_memory_limit};
     if (hopts != NULL) {
         opts.script_source = hopts->script_source;
         opts.script_name = hopts->script_name;
@@ -116,6 +125,7 @@ ah_host_t *ah_host_new_with(const ah_config_t *cfg, const ah_host_options_t *hop
     } else {
         ah_strlcpy(h->script_label, cfg->script_path, sizeof(h->script_label));
     }
+    h->lua_opts = opts;
     h->lua = ah_lua_open(&opts, cfg->script_path, err, errlen);
     if (h->lua == NULL) {
         goto fail;
@@ -133,7 +143,9 @@ void ah_host_free(ah_host_t *h)
     }
     ah_lua_close(h->lua);
     ah_lua_mongo_free(h->mongo);
+    ah_metrics_free(h->metrics);
     ah_state_free(h->state);
+    pthread_mutex_destroy(&h->lua_lock);
     free(h);
 }
 
@@ -144,7 +156,7 @@ ah_state_t *ah_host_state(ah_host_t *h)
 
 int ah_host_http_port(ah_host_t *h)
 {
-    return h->http_port;
+    return atomic_load(&h->http_port);
 }
 
 void ah_host_request_stop(ah_host_t *h)
@@ -216,6 +228,35 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
     }
 }
 
+/* Loads the script again into a fresh Lua state and runs its init; only then replaces the old
+ * state. On any failure the old script keeps running and the reason is reported. The run state
+ * does not change (a paused agent stays paused; hooks are not replayed). */
+static void worker_reload(ah_host_t *h, uint64_t ticket)
+{
+    char err[AH_ERRLEN * 4];
+    ah_log_info("Reloading script %s", h->script_label);
+    ah_lua_t *fresh = ah_lua_open(&h->lua_opts, h->cfg->script_path, err, sizeof(err));
+    if (fresh == NULL) {
+        ah_log_error("Reload failed, the previous script keeps running: %s", err);
+        ah_state_finish_reload(h->state, ticket, false, err);
+        return;
+    }
+    if (ah_lua_init(fresh, err, sizeof(err)) != AH_OK) {
+        ah_log_error("Reload failed in init, the previous script keeps running: %s", err);
+        ah_lua_close(fresh);
+        ah_state_finish_reload(h->state, ticket, false, err);
+        return;
+    }
+    pthread_mutex_lock(&h->lua_lock);
+    ah_lua_t *old = h->lua;
+    h->lua = fresh;
+    pthread_mutex_unlock(&h->lua_lock);
+    ah_lua_close(old);
+    ah_log_info("Reloaded script %s (state: %s)", h->script_label,
+                ah_run_state_name(ah_state_get(h->state)));
+    ah_state_finish_reload(h->state, ticket, true, "");
+}
+
 static void *worker_main(void *arg)
 {
     ah_host_t *h = arg;
@@ -235,6 +276,11 @@ static void *worker_main(void *arg)
                 continue;
             }
             worker_apply(h, &ev);
+            continue;
+        }
+        uint64_t reload_ticket = ah_state_take_reload(h->state);
+        if (reload_ticket != 0) {
+            worker_reload(h, reload_ticket);
             continue;
         }
         ah_run_state_t st = ah_state_get(h->state);
@@ -284,6 +330,10 @@ static void on_signal(uv_signal_t *handle, int signum)
         ah_log_info("Received SIGUSR1: pausing this agent");
         ah_state_offer_local(h->state, AH_CMD_PAUSE, AH_SOURCE_SIGNAL, "SIGUSR1", "signal");
         break;
+    case SIGHUP:
+        ah_log_info("Received SIGHUP: reloading the script between batches");
+        ah_state_request_reload(h->state);
+        break;
     case SIGUSR2:
         ah_log_info("Received SIGUSR2: resuming this agent");
         ah_state_offer_local(h->state, AH_CMD_RUNNING, AH_SOURCE_SIGNAL, "SIGUSR2", "signal");
@@ -302,6 +352,7 @@ static void close_handles(ah_host_t *h)
     uv_handle_t *handles[] = {
         (uv_handle_t *)&h->watchdog, (uv_handle_t *)&h->worker_done, (uv_handle_t *)&h->sig_term,
         (uv_handle_t *)&h->sig_int,  (uv_handle_t *)&h->sig_usr1,    (uv_handle_t *)&h->sig_usr2,
+        (uv_handle_t *)&h->sig_hup,
     };
     size_t count = sizeof(handles) / sizeof(handles[0]);
     if (!h->signals_open) {
@@ -322,6 +373,13 @@ static void on_worker_done(uv_async_t *handle)
     }
 }
 
+static void host_interrupt_lua(ah_host_t *h)
+{
+    pthread_mutex_lock(&h->lua_lock);
+    ah_lua_interrupt(h->lua);
+    pthread_mutex_unlock(&h->lua_lock);
+}
+
 /* Every WATCHDOG_INTERVAL_MS: reports a Lua call that overran BATCH_TIMEOUT (and asks it to
  * stop), and bounds shutdown by SHUTDOWN_TIMEOUT. */
 static void on_watchdog(uv_timer_t *timer)
@@ -336,7 +394,7 @@ static void on_watchdog(uv_timer_t *timer)
         ah_log_error("A Lua call has run for more than BATCH_TIMEOUT (%gs): interrupting it; "
                      "/healthz reports the agent wedged until it returns",
                      h->cfg->batch_timeout);
-        ah_lua_interrupt(h->lua);
+        host_interrupt_lua(h);
     }
     if (!snap.shutdown_requested || snap.state == AH_STATE_STOPPED) {
         return;
@@ -350,7 +408,7 @@ static void on_watchdog(uv_timer_t *timer)
         snap.batch_started_us != 0) {
         h->interrupted_for_stop = true;
         ah_log_warn("Shutdown is waiting for a Lua call for %.1fs: interrupting it", waited);
-        ah_lua_interrupt(h->lua);
+        host_interrupt_lua(h);
     }
     if (waited > h->cfg->shutdown_timeout) {
         ah_log_error("Shutdown did not finish within SHUTDOWN_TIMEOUT (%gs): a Lua call is "
@@ -374,7 +432,8 @@ static int open_handles(ah_host_t *h, char *err, size_t errlen)
     } sigs[] = {{&h->sig_term, SIGTERM},
                 {&h->sig_int, SIGINT},
                 {&h->sig_usr1, SIGUSR1},
-                {&h->sig_usr2, SIGUSR2}};
+                {&h->sig_usr2, SIGUSR2},
+                {&h->sig_hup, SIGHUP}};
     for (size_t i = 0; h->cfg->signals && i < sizeof(sigs) / sizeof(sigs[0]); i++) {
         uv_signal_init(&h->loop, sigs[i].handle);
         sigs[i].handle->data = h;
@@ -449,12 +508,12 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
         exit_code = rc == AH_EINVAL ? 2 : 1;
         goto out;
     }
-    h->http = ah_http_start(h->cfg, h->state, h->store, err, errlen);
+    h->http = ah_http_start_with(h->cfg, h->state, h->store, h->metrics, err, errlen);
     if (h->http == NULL) {
         goto out;
     }
-    h->http_port = ah_http_port(h->http);
-    ah_log_info("HTTP API listening on %s:%d", h->cfg->http_bind, h->http_port);
+    atomic_store(&h->http_port, ah_http_port(h->http));
+    ah_log_info("HTTP API listening on %s:%d", h->cfg->http_bind, atomic_load(&h->http_port));
     if (pthread_create(&h->worker, NULL, worker_main, h) != 0) {
         snprintf(err, errlen, "cannot start the Lua worker thread");
         goto out;

@@ -40,7 +40,7 @@ void ah_host_request_stop(ah_host_t *host);
 void ah_host_command(ah_host_t *host, ah_command_t cmd, const char *reason);
 /* The state object (valid until ah_host_free), for reading snapshots. */
 ah_state_t *ah_host_state(ah_host_t *host);
-/* The HTTP port bound by the last ah_host_run() (0 before it listens). */
+/* The HTTP port bound by the last ah_host_run() (0 before it listens). Thread-safe. */
 int ah_host_http_port(ah_host_t *host);
 /* Frees the host. NULL is accepted. Must not be called while ah_host_run() runs. */
 void ah_host_free(ah_host_t *host);

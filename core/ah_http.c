@@ -35,6 +35,7 @@
 #define HTTP_PATH_IN_ERROR 200 /* bytes of a path quoted in a 404 message */
 
 #define JSON_TYPE "application/json"
+#define RELOAD_WAIT_S 10   /* POST /api/agent/reload waits this long for the outcome */
 #define HTTP_DRAIN_MS 2000 /* ah_http_stop(): max wait for requests in flight */
 #define METRICS_TYPE "text/plain; version=0.0.4"
 #define DISABLED_MESSAGE                                                                           \
@@ -45,7 +46,8 @@ struct ah_http_s {
     struct MHD_Daemon *daemon;
     const ah_config_t *cfg;
     ah_state_t *state;
-    ah_store_t *store; /* NULL: distributed control disabled */
+    ah_store_t *store;     /* NULL: distributed control disabled */
+    ah_metrics_t *metrics; /* script-defined metrics; NULL: none */
     int port;
     atomic_int in_flight; /* requests begun (URI seen) and not yet completed */
 };
@@ -263,16 +265,11 @@ static int parse_command_word(const char *word, ah_command_t *out)
     return AH_OK;
 }
 
-/* The checks shared by both command routes: token, command word, reason and updated_by.
+/* The checks shared by both command routes: command word, reason and updated_by.
  * Returns AH_OK or AH_EINVAL with the reply already set. */
 static int command_inputs(const http_call_t *call, ah_command_t *cmd, const char **reason,
                           const char **updated_by, http_reply_t *reply)
 {
-    if (!authorized(call)) {
-        reply_error(reply, MHD_HTTP_UNAUTHORIZED, "missing or invalid bearer token");
-        reply->www_authenticate = true;
-        return AH_EINVAL;
-    }
     if (parse_command_word(call->name, cmd) != AH_OK) {
         reply_error(reply, MHD_HTTP_BAD_REQUEST,
                     "unknown command '%.64s' (expected pause, resume or shutdown)", call->name);
@@ -509,6 +506,36 @@ static void handle_agent_command(http_call_t *call, http_reply_t *reply)
     ah_json_close(b);
 }
 
+/* POST /api/agent/reload: loads the script again between batches and answers with the outcome
+ * (waiting up to RELOAD_WAIT_S for the current batch to finish; 202 if it is still running). */
+static void handle_agent_reload(http_call_t *call, http_reply_t *reply)
+{
+    ah_http_t *http = call->http;
+    uint64_t ticket = ah_state_request_reload(http->state);
+    char err[AH_ERRLEN];
+    int rc = ah_state_wait_reload(http->state, ticket, RELOAD_WAIT_S, err, sizeof(err));
+    if (rc == AH_ELUA) {
+        reply_error(reply, MHD_HTTP_UNPROCESSABLE_CONTENT,
+                    "reload failed, the previous script keeps running: %s", err);
+        return;
+    }
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(http->state, &snap);
+    ah_buf_t *b = &reply->body;
+    if (rc == AH_ETIMEOUT) {
+        reply->status = MHD_HTTP_ACCEPTED;
+    }
+    ah_json_open(b);
+    ah_json_str(b, "status", rc == AH_OK ? "success" : "accepted");
+    ah_json_str(b, "message",
+                rc == AH_OK ? "Script reloaded"
+                            : "Reload pending: it runs after the current batch");
+    ah_json_str(b, "agent_id", http->cfg->agent_id);
+    ah_json_str(b, "state", ah_run_state_name(snap.state));
+    ah_json_int(b, "reloads", (int64_t)snap.reloads);
+    ah_json_close(b);
+}
+
 /* Seconds since started_us, rounded to milliseconds. */
 static double uptime_seconds(const ah_state_snapshot_t *snap)
 {
@@ -656,13 +683,12 @@ static void metric_double(ah_buf_t *b, const char *name, const char *type, const
     }
 }
 
-/* Seam for script-defined metrics (e.g. a future agent.metrics API): appends further metric
- * families to b. It will need its own thread-safe registry, since this runs on an HTTP thread
- * and the script's values live on the Lua worker. Nothing is registered yet. */
+/* Script-defined metrics (agent.metrics), from the host's thread-safe registry. */
 static void metrics_from_script(ah_http_t *http, ah_buf_t *b)
 {
-    (void)http;
-    (void)b;
+    if (http->metrics != NULL) {
+        ah_metrics_render(http->metrics, b);
+    }
 }
 
 static void handle_metrics(http_call_t *call, http_reply_t *reply)
@@ -702,6 +728,9 @@ static void handle_metrics(http_call_t *call, http_reply_t *reply)
                   snap.last_control_lag_ms >= 0 ? snap.last_control_lag_ms / 1000.0 : NAN);
     metric_double(b, "agenthost_uptime_seconds", "gauge", "Seconds since the agent started.",
                   uptime_seconds(&snap));
+    metric_u64(b, "agenthost_reloads_total", "counter", "Successful script reloads.", snap.reloads);
+    metric_u64(b, "agenthost_reload_failures_total", "counter",
+               "Script reloads rejected (the previous script kept running).", snap.reload_failures);
     metrics_from_script(call->http, b);
 }
 
@@ -719,6 +748,7 @@ static const http_route_t routes[] = {
     {"/api/cluster/stats", "GET", false, handle_stats},
     {"/api/cluster/history", "GET", false, handle_history},
     {"/api/agent/state", "GET", false, handle_agent_state},
+    {"/api/agent/reload", "POST", false, handle_agent_reload},
     {"/api/mongo/status", "GET", false, handle_mongo_status},
     {"/healthz", "GET", false, handle_healthz},
     {"/readyz", "GET", false, handle_readyz},
@@ -759,6 +789,12 @@ static void route_request(ah_http_t *http, struct MHD_Connection *conn, const ch
             reply_error(reply, MHD_HTTP_METHOD_NOT_ALLOWED, "method %.32s not allowed on %.*s",
                         method, HTTP_PATH_IN_ERROR, path);
             reply->allow = route->method;
+            return;
+        }
+        /* Every mutating route (all POSTs) requires the token when AGENT_API_TOKEN is set. */
+        if (strcmp(route->method, "POST") == 0 && !authorized(&call)) {
+            reply_error(reply, MHD_HTTP_UNAUTHORIZED, "missing or invalid bearer token");
+            reply->www_authenticate = true;
             return;
         }
         route->handler(&call, reply);
@@ -980,6 +1016,12 @@ static void explain_listen_failure(const struct sockaddr_storage *addr, socklen_
 ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store, char *err,
                          size_t errlen)
 {
+    return ah_http_start_with(cfg, state, store, NULL, err, errlen);
+}
+
+ah_http_t *ah_http_start_with(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store,
+                              ah_metrics_t *metrics, char *err, size_t errlen)
+{
     const char *host = cfg->http_bind != NULL ? cfg->http_bind : "0.0.0.0";
     struct sockaddr_storage addr;
     socklen_t addrlen = 0;
@@ -1000,6 +1042,7 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
     http->cfg = cfg;
     http->state = state;
     http->store = store;
+    http->metrics = metrics;
 
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC;
     flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES ? MHD_USE_EPOLL : MHD_USE_POLL;

@@ -7,6 +7,7 @@
 #define AH_HTTP_H
 
 #include "ah_config.h"
+#include "ah_metrics.h"
 #include "ah_state.h"
 #include "ah_store.h"
 
@@ -17,6 +18,9 @@ typedef struct ah_http_s ah_http_t;
  * Returns NULL with err set on failure (e.g. port in use). */
 ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store, char *err,
                          size_t errlen);
+/* The same, also exporting the script-defined metrics of `metrics` (may be NULL) on /metrics. */
+ah_http_t *ah_http_start_with(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store,
+                              ah_metrics_t *metrics, char *err, size_t errlen);
 /* The port actually bound (useful with HTTP_PORT=0). */
 int ah_http_port(const ah_http_t *http);
 /* Stops the server and waits for in-flight requests. NULL is accepted. */

@@ -12,6 +12,7 @@
 
 #include "ah_log.h"
 #include "ah_lua_mongo.h"
+#include "ah_metrics.h"
 
 #include <assert.h>
 #include <errno.h>
@@ -75,6 +76,16 @@ struct ah_lua_s {
     const char *source;
     const ah_lua_function_t *functions;
     size_t function_count;
+
+    /* agent.metrics: the host's registry, or a private one (owned) when none was given. */
+    ah_metrics_t *metrics;
+    bool metrics_owned;
+
+    /* LUA_MEMORY_LIMIT: bytes allocated by the state, counted by limited_alloc(); the limit is
+     * enforced only while user Lua runs (armed), so the host's own pushes never fail. */
+    size_t memory_limit;
+    size_t memory_used;
+    bool memory_armed;
 };
 
 /* Values pinned at the bottom of the main Lua stack for the life of the state, so that the hot
@@ -218,16 +229,49 @@ static int call_user_with(ah_lua_t *lua, int handler, int nargs, int nresults, c
 {
     lua_State *L = lua->L;
     budget_arm(lua);
+    lua->memory_armed = lua->memory_limit > 0;
     int status = lua_pcall(L, nargs, nresults, handler);
+    lua->memory_armed = false;
     bool timed_out = lua->timed_out;
     budget_disarm(lua);
     if (status == 0) {
         return AH_OK;
     }
+    if (status == LUA_ERRMEM && lua->memory_limit > 0) {
+        snprintf(err, errlen,
+                 "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%zu bytes; %zu in use)",
+                 lua->memory_limit, lua->memory_used);
+        lua_pop(L, 1);
+        lua_gc(L, LUA_GCCOLLECT, 0); /* give the garbage of the failed call back at once */
+        return AH_ELUA;
+    }
     const char *msg = lua_tostring(L, -1);
     snprintf(err, errlen, "%s", msg != NULL ? msg : "(error object is not a string)");
     lua_pop(L, 1);
     return timed_out ? AH_ETIMEOUT : AH_ELUA;
+}
+
+/* The allocator used when LUA_MEMORY_LIMIT is set: counts every byte and, while user Lua runs,
+ * refuses growth beyond the limit (Lua then raises "not enough memory"; the state stays usable).
+ * Shrinking and freeing always succeed. */
+static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    ah_lua_t *lua = ud;
+    size_t old = ptr != NULL ? osize : 0;
+    if (nsize == 0) {
+        free(ptr);
+        lua->memory_used -= old;
+        return NULL;
+    }
+    if (nsize > old && lua->memory_armed && lua->memory_used - old + nsize > lua->memory_limit) {
+        return NULL;
+    }
+    void *p = realloc(ptr, nsize);
+    if (p == NULL) {
+        return NULL;
+    }
+    lua->memory_used = lua->memory_used - old + nsize;
+    return p;
 }
 
 static int call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t errlen)
@@ -355,7 +399,61 @@ static int core_monotonic(lua_State *L)
     return 1;
 }
 
+/* agent.core.metric_declare(kind, name [, help]) -> index; kind "counter" | "gauge". A bad
+ * name is API misuse and raises. */
+static int core_metric_declare(lua_State *L)
+{
+    static const char *const kinds[] = {"counter", "gauge", NULL};
+    ah_lua_t *lua = host_upvalue(L);
+    int kind = luaL_checkoption(L, 1, NULL, kinds);
+    const char *name = luaL_checkstring(L, 2);
+    const char *help = luaL_optstring(L, 3, "");
+    char err[AH_ERRLEN];
+    int index = ah_metrics_declare(lua->metrics, kind == 0 ? AH_METRIC_COUNTER : AH_METRIC_GAUGE,
+                                   name, help, err, sizeof(err));
+    if (index < 0) {
+        return luaL_error(L, "agent.metrics: %s", err);
+    }
+    lua_pushinteger(L, index);
+    return 1;
+}
+
+/* agent.core.metric_update(index, "add" | "set", value) */
+static int core_metric_update(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    int index = luaL_checkint(L, 1);
+    const char *op = luaL_checkstring(L, 2);
+    lua_Number value = luaL_checknumber(L, 3);
+    if (op[0] == 's') {
+        ah_metrics_set(lua->metrics, index, value);
+    } else {
+        ah_metrics_add(lua->metrics, index, value);
+    }
+    return 0;
+}
+
+static int core_metric_get(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    lua_pushnumber(L, ah_metrics_get(lua->metrics, luaL_checkint(L, 1)));
+    return 1;
+}
+
+/* agent.core.memory() -> bytes the state uses (Lua's own count), the limit (0: none). */
+static int core_memory(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    lua_pushnumber(L, (lua_Number)lua_gc(L, LUA_GCCOUNT, 0) * 1024.0 + lua_gc(L, LUA_GCCOUNTB, 0));
+    lua_pushnumber(L, (lua_Number)lua->memory_limit);
+    return 2;
+}
+
 static const luaL_Reg core_functions[] = {
+    {"metric_declare", core_metric_declare},
+    {"metric_update", core_metric_update},
+    {"metric_get", core_metric_get},
+    {"memory", core_memory},
     {"id", core_id},
     {"state", core_state},
     {"log", core_log},
@@ -604,7 +702,18 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
         snprintf(err, errlen, "out of memory");
         goto fail_free;
     }
-    lua->L = luaL_newstate();
+    lua->memory_limit = opts->memory_limit;
+    lua->metrics = opts->metrics;
+    if (lua->metrics == NULL) {
+        lua->metrics = ah_metrics_new();
+        lua->metrics_owned = true;
+        if (lua->metrics == NULL) {
+            snprintf(err, errlen, "out of memory");
+            goto fail_script;
+        }
+    }
+    /* LuaJIT's own allocator is faster; the counting one is used only when a limit is set. */
+    lua->L = lua->memory_limit > 0 ? lua_newstate(limited_alloc, lua) : luaL_newstate();
     if (lua->L == NULL) {
         snprintf(err, errlen, "cannot create a Lua state: out of memory");
         goto fail_script;
@@ -630,6 +739,9 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
 fail_state:
     lua_close(lua->L);
 fail_script:
+    if (lua->metrics_owned) {
+        ah_metrics_free(lua->metrics);
+    }
     free(lua->script);
 fail_free:
     free(lua);
@@ -642,6 +754,9 @@ void ah_lua_close(ah_lua_t *lua)
         return;
     }
     lua_close(lua->L);
+    if (lua->metrics_owned) {
+        ah_metrics_free(lua->metrics);
+    }
     free(lua->script);
     free(lua);
 }

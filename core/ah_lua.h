@@ -13,6 +13,7 @@
 
 typedef struct ah_lua_s ah_lua_t;
 struct ah_lua_mongo_s;
+struct ah_metrics_s;
 struct lua_State;
 
 /* An extra C function offered to the script as agent.ext.<name> (and in require "agent.ext").
@@ -35,6 +36,9 @@ typedef struct ah_lua_options_s {
     const char *script_name;   /* chunk name and ctx.script for script_source; NULL: "script" */
     const ah_lua_function_t *functions; /* agent.ext entries (copied into the state), or NULL */
     size_t function_count;
+    struct ah_metrics_s *metrics; /* agent.metrics registry, not owned (must outlive the state);
+                                     NULL: the state keeps a private one */
+    size_t memory_limit;          /* bytes the script may allocate (LUA_MEMORY_LIMIT); 0: none */
 } ah_lua_options_t;
 
 /* Creates a state, opens the standard libraries, cjson and the agent module, sets package.path so

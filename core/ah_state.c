@@ -37,8 +37,8 @@ struct ah_state_s {
     atomic_bool call_overrun;
     double last_control_lag_ms;
     /* Script reload: requests are numbered; the worker completes them in order. */
-    uint64_t reload_requested; /* number of the latest request */
-    uint64_t reload_done;      /* number of the latest completed request */
+    _Atomic uint64_t reload_requested; /* number of the latest request */
+    _Atomic uint64_t reload_done;      /* number of the latest completed request */
     bool reload_ok;
     char reload_error[AH_ERRLEN];
     uint64_t reloads;
@@ -375,10 +375,9 @@ uint64_t ah_state_request_reload(ah_state_t *s)
 
 uint64_t ah_state_take_reload(ah_state_t *s)
 {
-    pthread_mutex_lock(&s->lock);
-    uint64_t ticket = s->reload_requested != s->reload_done ? s->reload_requested : 0;
-    pthread_mutex_unlock(&s->lock);
-    return ticket;
+    /* Lock-free: called between every two batches. */
+    uint64_t requested = atomic_load(&s->reload_requested);
+    return requested != atomic_load(&s->reload_done) ? requested : 0;
 }
 
 void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char *error)

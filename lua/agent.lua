@@ -40,6 +40,35 @@ agent.log = {
     error = logger("error"),
 }
 
+-- agent.metrics: script-defined Prometheus metrics, exported on /metrics with the host's own.
+-- Declaring the same name again returns the same metric (so a reloaded script keeps counting).
+local metric_update, metric_get = core.metric_update, core.metric_get
+local Counter, Gauge = {}, {}
+Counter.__index, Gauge.__index = Counter, Gauge
+function Counter:inc(n)
+    n = n or 1
+    if type(n) ~= "number" or n < 0 or n ~= n then
+        error("agent.metrics: a counter only goes up (inc needs a number >= 0)", 2)
+    end
+    metric_update(self.index, "add", n)
+end
+function Counter:value() return metric_get(self.index) end
+function Gauge:set(v) metric_update(self.index, "set", v) end
+function Gauge:add(v) metric_update(self.index, "add", v) end
+function Gauge:value() return metric_get(self.index) end
+
+agent.metrics = {
+    counter = function(name, help)
+        return setmetatable({ name = name, index = core.metric_declare("counter", name, help) }, Counter)
+    end,
+    gauge = function(name, help)
+        return setmetatable({ name = name, index = core.metric_declare("gauge", name, help) }, Gauge)
+    end,
+}
+
+-- agent.memory() -> bytes used by this script's Lua state, LUA_MEMORY_LIMIT (0: none)
+agent.memory = core.memory
+
 -- agent.mongo (core/ah_lua_mongo.c) and agent.queue (lua/agent_queue.lua) are loaded on first
 -- use, so a script that never touches MongoDB pays nothing. Reference: docs/LUA_MONGO.md.
 package.preload["agent.queue"] = function()

@@ -1,0 +1,142 @@
+"""Hot reload (SIGHUP, POST /api/agent/reload), LUA_MEMORY_LIMIT and agent.metrics."""
+import signal
+
+from agenthost_harness import agent_env, wait_for
+
+VERSIONED = """
+local agent = require "agent"
+local batches = agent.metrics.counter("demo_batches_total", "Batches run by the demo script")
+local M = {{}}
+function M.init() agent.log.info("init script version {version}") end
+function M.batch()
+    batches:inc()
+    agent.log.info("batch from version {version}")
+    agent.sleep(0.05)
+    return 1
+end
+function M.on_pause(ev) agent.log.info("paused in version {version}") end
+return M
+"""
+
+
+def write_version(path, version):
+    path.write_text(VERSIONED.format(version=version))
+
+
+def start_versioned(fleet, tmp_path, state_file, **env):
+    path = tmp_path / "versioned.lua"
+    write_version(path, 1)
+    a = fleet.start(str(path), env=agent_env(state_file, **env), name="reloader")
+    a.wait_state("running", timeout=15)
+    a.wait_log(r"batch from version 1")
+    return a, path
+
+
+def metric(agent, name):
+    for line in agent.get("/metrics").body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def test_reload_with_a_good_script_runs_the_new_code_from_the_next_batch(fleet, tmp_path,
+                                                                         state_file):
+    a, path = start_versioned(fleet, tmp_path, state_file)
+    write_version(path, 2)
+    r = a.post("/api/agent/reload")
+    assert r.status == 200, r.body
+    assert r.json()["status"] == "success"
+    a.wait_log(r"init script version 2")
+    a.wait_log(r"batch from version 2")
+    assert metric(a, "agenthost_reloads_total") == 1
+    # the script's counter lives in the host: it keeps counting across the reload
+    before = metric(a, "demo_batches_total")
+    wait_for(lambda: metric(a, "demo_batches_total") > before, 10, message="counter grows")
+
+
+def test_reload_with_a_syntax_error_keeps_the_old_script(fleet, tmp_path, state_file):
+    a, path = start_versioned(fleet, tmp_path, state_file)
+    path.write_text("local M = {\nreturn M\n")
+    r = a.post("/api/agent/reload")
+    assert r.status == 422, r.body
+    body = r.json()
+    assert body["status"] == "error"
+    assert "versioned.lua:" in body["error"] and "previous script keeps running" in body["error"]
+    a.wait_log(r"Reload failed, the previous script keeps running")
+    assert metric(a, "agenthost_reload_failures_total") == 1
+    seen = len(a.find_logs(r"batch from version 1"))
+    a.wait_log(r"batch from version 1", count=seen + 2)  # the old script still runs
+    assert a.state()["state"] == "running"
+
+
+def test_reload_without_batch_is_rejected(fleet, tmp_path, state_file):
+    a, path = start_versioned(fleet, tmp_path, state_file)
+    path.write_text("return {init = function() end}\n")
+    r = a.post("/api/agent/reload")
+    assert r.status == 422
+    assert "batch" in r.json()["error"]
+
+
+def test_sighup_reloads_and_a_paused_agent_stays_paused(fleet, tmp_path, state_file):
+    a, path = start_versioned(fleet, tmp_path, state_file)
+    assert a.post("/api/agent/pause").status == 200
+    a.wait_state("paused")
+    a.wait_log(r"paused in version 1")
+    write_version(path, 3)
+    a.signal(signal.SIGHUP)
+    a.wait_log(r"init script version 3")
+    a.wait_log(r"Reloaded script .* \(state: paused\)")
+    assert a.state()["state"] == "paused"
+    assert a.get("/readyz").status == 503
+    assert not a.find_logs(r"batch from version 3")
+    assert a.post("/api/agent/resume").status == 200
+    a.wait_log(r"batch from version 3")
+
+
+def test_reload_needs_the_token(fleet, tmp_path, state_file):
+    a, _ = start_versioned(fleet, tmp_path, state_file, AGENT_API_TOKEN="t0k")
+    assert a.post("/api/agent/reload").status == 401
+    assert a.post("/api/agent/reload", token="t0k").status == 200
+
+
+HOG = """
+local agent = require "agent"
+local M = {}
+function M.batch()
+    local t = {}
+    for i = 1, 1e9 do t[i] = string.rep("x", 1000) .. i end
+end
+return M
+"""
+
+
+def test_unbounded_allocation_gets_a_memory_error_and_the_agent_lives(fleet, tmp_path,
+                                                                       state_file):
+    path = tmp_path / "hog.lua"
+    path.write_text(HOG)
+    a = fleet.start(str(path), env=agent_env(state_file, LUA_MEMORY_LIMIT="32m"), name="hog")
+    a.wait_log(r"not enough memory: the script exceeded LUA_MEMORY_LIMIT \(33554432 bytes")
+    wait_for(lambda: a.state()["errors"] >= 2, 15, message="memory errors counted")
+    assert a.get("/healthz").status == 200
+    assert a.proc.poll() is None
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0
+
+
+def test_bad_memory_limit_is_a_config_error(fleet, tmp_path, state_file):
+    from agenthost_harness import run_cli, script
+    for bad in ("lots", "-5", "100k", "12q"):
+        r = run_cli([script("recorder.lua")], env={"LUA_MEMORY_LIMIT": bad, "HTTP_PORT": "0"})
+        assert r.returncode == 2, (bad, r.stderr)
+        assert "LUA_MEMORY_LIMIT" in r.stderr
+
+
+def test_metric_names_are_validated(fleet, tmp_path, state_file):
+    path = tmp_path / "badmetric.lua"
+    path.write_text('local agent = require "agent"\n'
+                    'agent.metrics.counter("agenthost_batches_total")\n'
+                    'return {batch = function() return 0 end}\n')
+    from agenthost_harness import run_cli
+    r = run_cli(["check", str(path)])
+    assert r.returncode == 2
+    assert "invalid metric name" in r.stderr
