@@ -90,7 +90,7 @@ struct ah_lua_s {
 
 /* Values pinned at the bottom of the main Lua stack for the life of the state, so that the hot
  * path (a batch) pushes them with lua_pushvalue instead of registry lookups. */
-enum { SLOT_TRACEBACK = 1, SLOT_CTX, SLOT_ITERATION_KEY, SLOT_BATCH, SLOT_COUNT = SLOT_BATCH };
+enum { SLOT_TRACEBACK = 1, SLOT_CTX, SLOT_BATCH, SLOT_COUNT = SLOT_BATCH };
 
 /* Registry key whose value is the ah_lua_t (a light userdata), for the hook. */
 static const char registry_key_host = 'h';
@@ -605,16 +605,32 @@ static void resolve_functions(lua_State *L, ah_lua_t *lua)
     }
 }
 
-/* Creates the ctx table {agent_id, script, iteration} and keeps it as lua->ctx_ref. */
+/* ctx's __index: ctx.iteration is computed on access, so a batch does not pay for a table
+ * write it rarely needs. Upvalue 1: the ah_lua_t. */
+static int ctx_index(lua_State *L)
+{
+    const char *key = lua_tostring(L, 2);
+    if (key != NULL && strcmp(key, "iteration") == 0) {
+        ah_lua_t *lua = lua_touserdata(L, lua_upvalueindex(1));
+        lua_pushnumber(L, (lua_Number)lua->iteration);
+        return 1;
+    }
+    return 0;
+}
+
+/* Creates the ctx table {agent_id, script, iteration (computed)} as lua->ctx_ref. */
 static void create_ctx(lua_State *L, ah_lua_t *lua)
 {
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 2);
     lua_pushstring(L, lua->agent_id);
     lua_setfield(L, -2, "agent_id");
     lua_pushstring(L, lua->script);
     lua_setfield(L, -2, "script");
-    lua_pushinteger(L, 0);
-    lua_setfield(L, -2, "iteration");
+    lua_createtable(L, 0, 1);
+    lua_pushlightuserdata(L, lua);
+    lua_pushcclosure(L, ctx_index, 1);
+    lua_setfield(L, -2, "__index");
+    lua_setmetatable(L, -2);
     lua->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
@@ -728,10 +744,9 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     lua->functions = NULL;
     lua->function_count = 0;
     /* Pin the hot values (see SLOT_*); pushing a short string cannot fail for lack of memory
-     * in practice, and these four pushes need no protection otherwise. */
+     * in practice, and these three pushes need no protection otherwise. */
     lua_rawgeti(lua->L, LUA_REGISTRYINDEX, lua->traceback_ref);
     lua_rawgeti(lua->L, LUA_REGISTRYINDEX, lua->ctx_ref);
-    lua_pushliteral(lua->L, "iteration");
     lua_rawgeti(lua->L, LUA_REGISTRYINDEX, lua->fn_refs[FN_BATCH]);
     assert(lua_gettop(lua->L) == SLOT_COUNT);
     return lua;
@@ -801,9 +816,6 @@ int ah_lua_batch(ah_lua_t *lua, long long *items, char *err, size_t errlen)
     *items = 0;
 
     lua->iteration++;
-    lua_pushvalue(L, SLOT_ITERATION_KEY);
-    lua_pushnumber(L, (lua_Number)lua->iteration);
-    lua_rawset(L, SLOT_CTX); /* an existing key of a plain table: no allocation, cannot raise */
 
     lua_pushvalue(L, SLOT_BATCH);
     lua_pushvalue(L, SLOT_CTX);
