@@ -36,7 +36,7 @@ static const ah_config_var_t config_vars[] = {
      "bytes the script may allocate, e.g. 256m (0: no limit)"},
     {"BATCH_TIMEOUT", "--batch-timeout", "300", "seconds a batch or hook may run"},
     {"SHUTDOWN_TIMEOUT", "--shutdown-timeout", "25", "seconds shutdown may take before exit 1"},
-    {"AGENTHOST_SIGNALS", NULL, "true", "false: leave SIGTERM/SIGINT/SIGUSR1/SIGUSR2 alone"},
+    {"AGENTHOST_SIGNALS", NULL, "true", "false: leave SIGTERM/SIGINT/SIGUSR1/SIGUSR2/SIGHUP alone"},
     {NULL, NULL, NULL, NULL},
 };
 

@@ -30,7 +30,7 @@ typedef struct ah_config_s {
     size_t lua_memory_limit;       /* LUA_MEMORY_LIMIT bytes (suffix k/m/g accepted), 0 = none */
     double embedded_poll_interval; /* AGENTHOST_STATE_POLL seconds, default 0.1 */
     char *script_path;             /* the Lua script (positional argument) */
-    bool signals; /* AGENTHOST_SIGNALS, default true: handle SIGTERM/SIGINT/SIGUSR1/SIGUSR2 */
+    bool signals; /* AGENTHOST_SIGNALS, default true: handle SIGTERM/INT/USR1/USR2/HUP */
 } ah_config_t;
 
 /* One accepted environment variable (for docs and the manifest cross-check). */

@@ -17,7 +17,8 @@ typedef struct ah_host_s ah_host_t;
  * exits 2). cfg is borrowed and must outlive the host. */
 ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen);
 /* What ah_host_new_with() adds to the config: the script as text instead of cfg->script_path,
- * and extra C functions for agent.ext (ah_lua.h). Everything is borrowed during the call only. */
+ * and extra C functions for agent.ext (ah_lua.h). Borrowed: they must outlive the host (a
+ * reload opens the script again with them). */
 typedef struct ah_host_options_s {
     const char *script_source; /* NULL: load cfg->script_path */
     const char *script_name;   /* chunk name for script_source (NULL: "script") */

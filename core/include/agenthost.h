@@ -3,7 +3,8 @@
  * A host runs one operator Lua script as a pulling agent, exactly like the `agenthost` binary:
  * a Lua worker thread calling batch(), the control store (embedded SQLite file or MongoDB), the
  * HTTP API, and a libuv loop for the watchdog and (unless AGENTHOST_SIGNALS=false) the signals
- * SIGTERM/SIGINT (graceful shutdown) and SIGUSR1/SIGUSR2 (pause/resume).
+ * SIGTERM/SIGINT (graceful shutdown), SIGUSR1/SIGUSR2 (pause/resume) and SIGHUP (reload the
+ * script). An embedding program usually sets AGENTHOST_SIGNALS=false and keeps its signals.
  *
  * Life cycle: agenthost_config_new() + agenthost_config_set() → agenthost_new() →
  * agenthost_register() (optional, before starting) → agenthost_run() (blocks) or
@@ -17,14 +18,16 @@
  * Threads: unless a function says "thread-safe", call it from one thread at a time per object.
  * Registered Lua functions run on the host's Lua worker thread.
  *
- * This header includes LuaJIT's <lua.h> (lua_State, lua_CFunction and the Lua C API for the
- * functions you register); `pkg-config --cflags agenthost` provides its include path. */
+ * This header includes LuaJIT's <lua.h> and <lauxlib.h> (lua_State, lua_CFunction and the Lua C
+ * API for the functions you register); `pkg-config --cflags agenthost` provides its include path.
+ */
 #ifndef AGENTHOST_H
 #define AGENTHOST_H
 
 #include <stddef.h>
 #include <stdint.h>
 
+#include <lauxlib.h>
 #include <lua.h>
 
 #ifdef __cplusplus
