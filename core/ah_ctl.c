@@ -263,6 +263,10 @@ int ah_ctl_main(int argc, char **argv)
         return 2;
     }
 
+    if (local && (strcmp(command, "stats") == 0 || strcmp(command, "history") == 0)) {
+        fprintf(stderr, "agenthost ctl: --local applies to pause, resume, shutdown and state\n");
+        return 2;
+    }
     ah_buf_t path;
     ah_buf_init(&path);
     const char *method = "GET";

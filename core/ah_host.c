@@ -206,7 +206,8 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
     if (rc != AH_OK) {
         return;
     }
-    if (from == AH_STATE_STARTING && ev->source == AH_SOURCE_STARTUP) {
+    if (from == AH_STATE_STARTING && ev->source == AH_SOURCE_STARTUP &&
+        h->cfg->distributed_control) {
         ah_log_info("Synced to cluster state: '%s' (version %lld)", ah_command_name(ev->command),
                     (long long)ev->version);
         if (ev->command == AH_CMD_SHUTDOWN) {

@@ -497,12 +497,15 @@ static void handle_agent_command(http_call_t *call, http_reply_t *reply)
     ah_json_open(b);
     ah_json_str(b, "status", "success");
     ah_json_str(b, "message", requested_messages[cmd]);
+    /* the state now; the command takes effect between batches (watch /api/agent/state) */
+    ah_json_str(b, "state", ah_run_state_name(snap.state));
     ah_json_str(b, "agent_id", http->cfg->agent_id);
     ah_json_str(b, "command", ah_command_name(cmd));
-    ah_json_str(b, "state", ah_run_state_name(snap.state));
     ah_json_str(b, "note",
-                "Local command: affects this pod only and is overridden by the next cluster "
-                "command");
+                cmd == AH_CMD_SHUTDOWN
+                    ? "Local command: affects this pod only; a local shutdown is final"
+                    : "Local command: affects this pod only and is overridden by the next "
+                      "cluster command");
     ah_json_close(b);
 }
 
@@ -677,7 +680,7 @@ static void metric_double(ah_buf_t *b, const char *name, const char *type, const
 {
     metric_header(b, name, type, help);
     if (isfinite(value)) {
-        ah_buf_printf(b, "%s %.17g\n", name, value);
+        ah_buf_printf(b, "%s %.15g\n", name, value);
     } else {
         ah_buf_printf(b, "%s NaN\n", name);
     }

@@ -137,7 +137,7 @@ void ah_metrics_render(ah_metrics_t *m, ah_buf_t *out)
     pthread_mutex_lock(&m->lock);
     for (int i = 0; i < m->count; i++) {
         const metric_t *it = &m->items[i];
-        ah_buf_printf(out, "# HELP %s %s\n# TYPE %s %s\n%s %.17g\n", it->name,
+        ah_buf_printf(out, "# HELP %s %s\n# TYPE %s %s\n%s %.15g\n", it->name,
                       it->help[0] ? it->help : "Defined by the agent script.", it->name,
                       it->kind == AH_METRIC_COUNTER ? "counter" : "gauge", it->name, it->value);
     }

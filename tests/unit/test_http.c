@@ -644,7 +644,7 @@ static void test_agent_commands_affect_this_pod(void **state)
     assert_int_equal(r.status, 200);
     assert_string_equal(r.body,
                         "{\"status\":\"success\",\"message\":\"Pause requested for this agent\","
-                        "\"agent_id\":\"agent-1\",\"command\":\"pause\",\"state\":\"running\","
+                        "\"state\":\"running\",\"agent_id\":\"agent-1\",\"command\":\"pause\","
                         "\"note\":\"Local command: affects this pod only and is overridden by the "
                         "next cluster command\"}");
     resp_free(&r);
