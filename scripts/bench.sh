@@ -16,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECTIONS=(batch idle rps startup)
+SECTIONS=(batch idle rps startup mongo lua_mongo)
 BUILD_DIR=${BUILD_DIR:-build}
 AGENTHOST=${AGENTHOST:-$BUILD_DIR/agenthost}
 BENCH_BATCH=${BENCH_BATCH:-$BUILD_DIR/tests/bench/bench_batch}
@@ -255,6 +255,31 @@ section_startup() {
     med=$(echo "$out" | sed -n 's/^RESULT median_ms=\([0-9.]*\).*/\1/p')
     echo "startup: exec to /readyz 200 (embedded store, fresh file) median $med ms of 10" \
         "(target <= 100 ms) $(verdict fcmp "$med <= 100")"
+}
+
+section_mongo() {
+    # Command propagation with BENCH_AGENTS agents in each watch mode, and idle database load per
+    # agent, against the MongoDB wire-protocol test server (tests/e2e/test_mongo_bench.py).
+    local out
+    if ! out=$(AGENTHOST_BENCH=1 AGENTHOST_BIN="$AGENTHOST" BENCH_AGENTS=${BENCH_AGENTS:-20} \
+        BENCH_ROUNDS=${BENCH_ROUNDS:-20} BENCH_IDLE_SECONDS=${BENCH_IDLE_SECONDS:-30} \
+        "$PY" -m pytest -q -s -p no:cacheprovider "$ROOT/tests/e2e/test_mongo_bench.py" 2>&1); then
+        echo "$out" | tail -30 | sed 's/^/  /'
+        die_section "mongo" "the MongoDB benchmark failed"
+        return
+    fi
+    echo "$out" | grep -vE '^(\.|=|[0-9]+ passed|$)' | sed 's/^/  /'
+}
+
+section_lua_mongo() {
+    # find_one from Lua next to the same query from C, and job_puller.lua throughput.
+    local out
+    if ! out=$(BUILD_DIR=$BUILD_DIR "$ROOT/scripts/bench_find_one.sh" 2>&1); then
+        echo "$out" | tail -20 | sed 's/^/  /'
+        die_section "lua_mongo" "the agent.mongo benchmark failed"
+        return
+    fi
+    echo "$out" | sed 's/^/  /'
 }
 
 # ---- main ---------------------------------------------------------------------------------
