@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #define HTTP_URL_MAX 8192          /* path + query, bytes */
+#define HTTP_QUERY_PARAMS_MAX 64   /* query parameters per request */
 #define HTTP_BODY_MAX 4096         /* request bodies are ignored, but bounded */
 #define HTTP_BODY_DRAIN_MAX 65536  /* a chunked body past this closes the connection */
 #define HTTP_MEMORY_LIMIT 65536    /* per-connection pool: still holds a 60 KiB request line */
@@ -62,6 +63,7 @@ typedef struct http_request_s {
  * connection after any response queued during the first call of the access handler, so keep-alive
  * requires answering on the second call; these markers make that allocation-free. */
 static char url_too_long_marker;
+static char too_many_params_marker;
 static char headers_seen_marker;
 
 /* One answer under construction. */
@@ -854,6 +856,9 @@ static enum MHD_Result answer(ah_http_t *http, struct MHD_Connection *conn, cons
     if (early_status == MHD_HTTP_URI_TOO_LONG) {
         reply_error(&reply, MHD_HTTP_CONTENT_TOO_LARGE, "request URL too large (max %d bytes)",
                     HTTP_URL_MAX);
+    } else if (early_status == MHD_HTTP_BAD_REQUEST) {
+        reply_error(&reply, MHD_HTTP_BAD_REQUEST, "too many query parameters (max %d)",
+                    HTTP_QUERY_PARAMS_MAX);
     } else if (early_status == MHD_HTTP_CONTENT_TOO_LARGE) {
         reply_error(&reply, MHD_HTTP_CONTENT_TOO_LARGE, "request body too large (max %d bytes)",
                     HTTP_BODY_MAX);
@@ -899,6 +904,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         /* answered at once: libmicrohttpd then closes the connection, which is what we want */
         return answer(http, conn, url, method, MHD_HTTP_URI_TOO_LONG);
     }
+    if (*req_cls == &too_many_params_marker) {
+        return answer(http, conn, url, method, MHD_HTTP_BAD_REQUEST);
+    }
     if (*req_cls == NULL) {
         bool too_large;
         if (!request_has_body(conn, &too_large)) {
@@ -929,14 +937,35 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                   req->body_bytes > HTTP_BODY_MAX ? MHD_HTTP_CONTENT_TOO_LARGE : 0);
 }
 
-/* Sees the raw request target (path + query) before it is parsed: marks over-long ones. */
-/* Called once per request, first; on_completed() is called once for each of them. */
+/* Called once per request, first; on_completed() is called once for each of them. Sees the raw
+ * request target (path + query) before libmicrohttpd parses its query: marks targets that are
+ * too long or carry too many parameters, to be refused by on_request.
+ *
+ * libmicrohttpd 0.9.75 parses the query into the connection's memory pool right after this
+ * callback, in quadratic time, and when the pool runs out (a few thousand "&") it leaves the
+ * connection stalled until its timeout. As such a request is refused anyway, its query is cut
+ * here: `uri` points into libmicrohttpd's own writable read buffer. */
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 {
     ah_http_t *http = cls;
     (void)conn;
     atomic_fetch_add(&http->in_flight, 1);
-    return strnlen(uri, HTTP_URL_MAX + 1) > HTTP_URL_MAX ? &url_too_long_marker : NULL;
+    char *query = strchr(uri, '?');
+    size_t params = 0;
+    if (query != NULL && query[1] != '\0') {
+        params = 1;
+        for (const char *p = query + 1; *p != '\0' && params <= HTTP_QUERY_PARAMS_MAX; p++) {
+            params += *p == '&';
+        }
+    }
+    bool too_long = strnlen(uri, HTTP_URL_MAX + 1) > HTTP_URL_MAX;
+    if (!too_long && params <= HTTP_QUERY_PARAMS_MAX) {
+        return NULL;
+    }
+    if (query != NULL) {
+        query[1] = '\0';
+    }
+    return too_long ? (void *)&url_too_long_marker : (void *)&too_many_params_marker;
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
@@ -946,7 +975,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     atomic_fetch_sub(&http->in_flight, 1);
     (void)conn;
     (void)toe;
-    if (*req_cls != NULL && *req_cls != &url_too_long_marker && *req_cls != &headers_seen_marker) {
+    if (*req_cls != NULL && *req_cls != &url_too_long_marker &&
+        *req_cls != &too_many_params_marker && *req_cls != &headers_seen_marker) {
         free(*req_cls);
     }
     *req_cls = NULL;
@@ -1087,7 +1117,10 @@ void ah_http_stop(ah_http_t *http)
     /* Stop accepting, then let requests in flight finish (their answers are queued but maybe
      * not yet sent: e.g. the reply to the shutdown command that made the host stop), bounded by
      * HTTP_DRAIN_MS, before the daemon closes every connection. */
-    MHD_quiesce_daemon(http->daemon);
+    MHD_socket listen_fd = MHD_quiesce_daemon(http->daemon);
+    if (listen_fd != MHD_INVALID_SOCKET) {
+        close(listen_fd); /* a quiesced daemon leaves its listening socket to the caller */
+    }
     for (int waited = 0; atomic_load(&http->in_flight) > 0 && waited < HTTP_DRAIN_MS; waited += 5) {
         struct timespec ts = {0, 5 * 1000 * 1000};
         nanosleep(&ts, NULL);

@@ -428,6 +428,14 @@ static void test_start_reports_port_and_port_in_use_fails(void **state)
              fx->port);
     assert_string_equal(err, expected);
 
+    /* stopping releases the port at once */
+    ah_http_stop(fx->http);
+    fx->http = ah_http_start(&cfg, fx->state, NULL, err, sizeof(err));
+    if (fx->http == NULL) {
+        fail_msg("restart on port %d: %s", fx->port, err);
+    }
+    assert_int_equal(ah_http_port(fx->http), fx->port);
+
     set_config(&cfg, "HTTP_BIND", "not-an-address");
     assert_null(ah_http_start(&cfg, fx->state, NULL, err, sizeof(err)));
     assert_string_equal(err, "invalid HTTP_BIND \"not-an-address\" (expected an IP address)");
@@ -909,6 +917,32 @@ static void test_huge_url_is_413_and_server_keeps_serving(void **state)
     assert_int_equal(fake_writes(fx->fake), 0);
 }
 
+static void test_many_query_parameters_are_refused_promptly(void **state)
+{
+    fixture_t *fx = *state;
+    start_with_fake(fx);
+    const size_t sizes[] = {4000, 8000, 16 * 1024, 60 * 1024};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        char *target = malloc(sizes[i] + 1);
+        assert_non_null(target);
+        memset(target, '&', sizes[i]);
+        memcpy(target, "/api/agent/pause?", 17);
+        target[sizes[i]] = '\0';
+        http_resp_t r = http_request(fx->port, "POST", target, NULL);
+        if (sizes[i] > 8192) {
+            assert_error(&r, 413, "request URL too large (max 8192 bytes)");
+        } else {
+            assert_error(&r, 400, "too many query parameters (max 64)");
+        }
+        resp_free(&r);
+        free(target);
+    }
+    http_resp_t r = http_request(fx->port, "POST", "/api/agent/pause?a&b&c&d&updated_by=ok", NULL);
+    assert_int_equal(r.status, 200);
+    resp_free(&r);
+    assert_false(fake_writes(fx->fake));
+}
+
 static void test_keep_alive_serves_pipelined_requests(void **state)
 {
     fixture_t *fx = *state;
@@ -1160,6 +1194,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_bad_parameters_are_400, setup, teardown),
         cmocka_unit_test_setup_teardown(test_huge_url_is_413_and_server_keeps_serving, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_many_query_parameters_are_refused_promptly, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_keep_alive_serves_pipelined_requests, setup, teardown),
         cmocka_unit_test_setup_teardown(test_request_bodies_are_drained_and_bounded, setup,
