@@ -94,12 +94,13 @@ def test_cluster_pause_stops_claiming_until_resume(fleet, mongo_server):
     for a in agents:
         a.wait_state("paused", timeout=20)
     paused_at = datetime.datetime.utcnow()
+    # The state is committed before on_pause runs: wait for every hook to have finished.
+    for a in agents:
+        a.wait_log(r"job_puller paused \(e2e\)")
     # Every agent finished the job in hand and gave back the claims it had not started.
     assert count(db, status="claimed") == 0
     done_when_paused = count(db, status="done")
     assert done_when_paused < 500, "the fleet finished before the pause: make the jobs slower"
-    for a in agents:
-        a.wait_log(r"job_puller paused \(e2e\)")
     # While paused nothing changes (observed for a while: absence cannot be waited for).
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
