@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, apt_package_exists, bookworm_apt_available
+from deploy_helpers import REPO, apt_package_exists, bookworm_apt_available
 
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = REPO / "docker-compose-replicaset.yml"

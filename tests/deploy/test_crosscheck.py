@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from conftest import K8S, REPO, is_agent_image, pod_containers, pod_spec
+from deploy_helpers import K8S, REPO, is_agent_image, pod_containers, pod_spec
 
 # `agenthost ctl` command -> (method, route), as built in core/ah_ctl.c (checked below).
 CTL_ROUTES = {

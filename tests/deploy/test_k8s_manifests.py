@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import K8S, REPO, kustomize_build, load_yaml_docs, pod_containers, pod_spec, pod_template_labels
+from deploy_helpers import K8S, REPO, kustomize_build, load_yaml_docs, pod_containers, pod_spec, pod_template_labels
 
 
 def by_kind(objects, kind):
