@@ -21,8 +21,10 @@ RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF -DAH_BUIL
  && cp -r examples/. /usr/local/share/agenthost/examples/
 
 FROM debian:bookworm-slim AS runtime
-# Runtime libraries only (lua-cjson is linked statically). ca-certificates: TLS to MongoDB
-# (mongodb+srv:// / Atlas). No curl: the HEALTHCHECK below uses bash's /dev/tcp instead, so the
+# Runtime libraries only (lua-cjson is linked statically). libmongoc/libbson serve only the
+# MongoDB plugin (/usr/local/lib/agenthost/agenthost_mongo.so, loaded when MONGODB_URI is set or a
+# script uses agent.mongo); the image runs both stores, so they stay. ca-certificates: TLS to
+# MongoDB (mongodb+srv:// / Atlas). No curl: the HEALTHCHECK below uses bash's /dev/tcp instead, so the
 # image carries no HTTP client and its dependencies.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
@@ -33,6 +35,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --gid agenthost --home-dir /var/lib/agenthost \
       --create-home --shell /usr/sbin/nologin agenthost
 COPY --from=build /usr/local/bin/agenthost /usr/local/bin/agenthost
+COPY --from=build /usr/local/lib/agenthost /usr/local/lib/agenthost
 COPY --from=build /usr/local/share/agenthost /usr/local/share/agenthost
 # Numeric user so Kubernetes' runAsNonRoot can verify it. The embedded store (no MONGODB_URI)
 # lives in the writable home directory.

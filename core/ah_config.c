@@ -37,6 +37,8 @@ static const ah_config_var_t config_vars[] = {
     {"BATCH_TIMEOUT", "--batch-timeout", "300", "seconds a batch or hook may run"},
     {"SHUTDOWN_TIMEOUT", "--shutdown-timeout", "25", "seconds shutdown may take before exit 1"},
     {"AGENTHOST_SIGNALS", NULL, "true", "false: leave SIGTERM/SIGINT/SIGUSR1/SIGUSR2/SIGHUP alone"},
+    {"AGENTHOST_PLUGIN_DIR", NULL, "beside the binary",
+     "directory of agenthost_mongo.so, MongoDB support (env only)"},
     {NULL, NULL, NULL, NULL},
 };
 
@@ -213,6 +215,14 @@ int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *e
     } else if (strcmp(name, "AGENTHOST_SIGNALS") == 0) {
         if (ah_config_parse_bool(value, &cfg->signals) != 0) {
             expect = "true/false/1/0/yes/no";
+        }
+    } else if (strcmp(name, "AGENTHOST_PLUGIN_DIR") == 0) {
+        /* Read by core/ah_mongo.c from the environment, once per process, when MongoDB support is
+         * first needed; accepted here so that it is a known setting, refused when it would not
+         * take effect (set through the embedding API to another value). */
+        const char *env = getenv(name);
+        if (env == NULL || strcmp(env, value) != 0) {
+            expect = "to be set in the environment (it is read from there)";
         }
     } else if (strcmp(name, "LUA_MEMORY_LIMIT") == 0) {
         if (parse_bytes(value, &cfg->lua_memory_limit) != 0) {

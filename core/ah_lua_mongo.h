@@ -1,4 +1,7 @@
-/* agent.mongo: MongoDB access for scripts, a Lua binding over mongo-c-driver. The connection
+/* agent.mongo: MongoDB access for scripts, a Lua binding over mongo-c-driver. The binding lives in
+ * the MongoDB plugin (core/mongo/ah_lua_mongo.c); these functions are its front in the core
+ * (core/ah_mongo.c), which loads the plugin only when it is needed: for a URI of the binding's
+ * own, or when a script requires "agent.mongo". The connection
  * object (ah_lua_mongo_t) is created by the host and outlives the Lua state: it either owns a
  * client pool (AGENT_MONGODB_URI, or MONGODB_URI without a MongoDB control store) or borrows the
  * control store's pool (ah_store_mongo_pool). Without either, every call returns
@@ -22,7 +25,9 @@ struct _mongoc_client_pool_t;
 /* Creates the connection object. own_uri: a URI the binding opens its own pool for (NULL: none,
  * the host may lend one with ah_lua_mongo_set_shared_pool). database: the default database for
  * agent.mongo.collection(name); NULL → the database named in own_uri, else default_database.
- * Does not contact the server. NULL with err set on a bad URI or out of memory. */
+ * Does not contact the server. Without own_uri it only records its arguments (no plugin load).
+ * NULL with err set on a bad URI, a plugin that cannot be loaded (own_uri given) or out of
+ * memory. */
 ah_lua_mongo_t *ah_lua_mongo_new(const char *own_uri, const char *database,
                                  const char *default_database, const char *agent_id, char *err,
                                  size_t errlen);
@@ -37,7 +42,8 @@ void ah_lua_mongo_detach(ah_lua_mongo_t *m);
 void ah_lua_mongo_free(ah_lua_mongo_t *m);
 
 /* The lua_CFunction for package.preload["agent.mongo"]; upvalue 1 is the ah_lua_mongo_t as a
- * light userdata (NULL allowed: not configured). Stack: [-0, +1] (the module table). */
+ * light userdata (NULL allowed: not configured). Loads the plugin; raises "agent.mongo: MongoDB
+ * support is not available: ..." if it cannot. Stack: [-0, +1] (the module table). */
 int ah_lua_mongo_open(lua_State *L);
 
 #endif

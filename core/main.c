@@ -5,10 +5,10 @@
 #include "ah_host.h"
 #include "ah_log.h"
 #include "ah_lua.h"
+#include "ah_mongo.h"
 
 #include <luajit.h>
 #include <microhttpd.h>
-#include <mongoc/mongoc.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,11 +45,18 @@ static bool wants_help(int argc, char **argv)
     return false;
 }
 
+/* The only command that loads the MongoDB plugin just to ask it something (the driver version);
+ * without the plugin the line says so and the reason goes to stderr. */
 static int cmd_version(void)
 {
+    char err[AH_ERRLEN * 2];
+    const ah_mongo_plugin_t *mongo = ah_mongo_load(err, sizeof(err));
     printf("agenthost %s (%s, libmongoc %s, libuv %s, libmicrohttpd %s, SQLite %s)\n", AH_VERSION,
-           LUAJIT_VERSION, mongoc_get_version(), uv_version_string(), MHD_get_version(),
-           sqlite3_libversion());
+           LUAJIT_VERSION, mongo != NULL ? mongo->driver_version() : "unavailable",
+           uv_version_string(), MHD_get_version(), sqlite3_libversion());
+    if (mongo == NULL) {
+        fprintf(stderr, "agenthost: %s\n", err);
+    }
     return 0;
 }
 

@@ -1,5 +1,6 @@
 """The command line: configuration errors, version, ctl, and the JSON log format."""
 import json
+import re
 import signal
 
 import pytest
@@ -104,3 +105,73 @@ def test_json_log_lines_all_parse(fleet, state_file, tmp_path):
     msgs = [json.loads(l)["msg"] for l in lines]
     assert any("stack traceback" in m and "\n" in m for m in msgs), msgs
     assert any('"quoted"' in m for m in msgs), msgs
+
+
+# ---- MongoDB support is a plugin (agenthost_mongo.so), loaded only when MongoDB is used ------
+
+
+def mapped_files(pid):
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split()[-1] for line in f if "/" in line}
+
+
+def maps_mongo(pid):
+    return [p for p in mapped_files(pid) if "libmongoc" in p or "agenthost_mongo" in p]
+
+
+def test_an_agent_on_the_embedded_store_never_maps_libmongoc(fleet, state_file, tmp_path):
+    a = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl"), name="lean")
+    a.wait_state("running", timeout=15)
+    wait_for(lambda: a.state()["batches"] >= 2, 15, message="two batches")
+    assert maps_mongo(a.proc.pid) == [], maps_mongo(a.proc.pid)
+
+
+def test_require_agent_mongo_loads_the_plugin(fleet, state_file, tmp_path):
+    uses = tmp_path / "uses_mongo.lua"
+    uses.write_text('local agent = require "agent"\n'
+                    'local mongo = require "agent.mongo"\n'
+                    'agent.log.info("configured=%s", tostring(mongo.configured()))\n'
+                    "return { batch = function() agent.sleep(0.05) return 0 end }\n")
+    a = fleet.start(str(uses), env=agent_env(state_file), name="mongo-user")
+    a.wait_log(r"configured=false")
+    a.wait_state("running", timeout=15)
+    found = maps_mongo(a.proc.pid)
+    assert any("agenthost_mongo.so" in p for p in found), found
+    assert any("libmongoc" in p for p in found), found
+
+
+def test_mongodb_uri_without_the_plugin_exits_2_naming_the_file(state_file, tmp_path):
+    empty = tmp_path / "no-plugins"
+    empty.mkdir()
+    env = agent_env(state_file, tmp_path / "ev.jsonl", MONGODB_URI="mongodb://127.0.0.1:1/",
+                    AGENTHOST_PLUGIN_DIR=str(empty))
+    p = run_cli(["run", RECORDER], env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out
+    assert "MONGODB_URI" in out and f"agenthost_mongo.so not found in {empty}" in out, out
+
+
+def test_a_broken_plugin_is_reported_with_the_loader_error(state_file, tmp_path):
+    bad = tmp_path / "bad-plugin"
+    bad.mkdir()
+    (bad / "agenthost_mongo.so").write_text("not an ELF file\n" * 256)
+    env = agent_env(state_file, tmp_path / "ev.jsonl", MONGODB_URI="mongodb://127.0.0.1:1/",
+                    AGENTHOST_PLUGIN_DIR=str(bad))
+    p = run_cli(["run", RECORDER], env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out
+    assert f"cannot load {bad}/agenthost_mongo.so: " in out and "ELF" in out, out
+    # agent.mongo in a script reports the same thing as a Lua error (`check` exits 2 with it).
+    uses = tmp_path / "uses_mongo.lua"
+    uses.write_text('require "agent.mongo"\nreturn { batch = function() return 0 end }\n')
+    p = run_cli(["check", str(uses)], env={"AGENTHOST_PLUGIN_DIR": str(bad)})
+    assert p.returncode == 2 and "agent.mongo: MongoDB support is not available" in p.stderr, p
+    # `version` still works and says the driver is unavailable.
+    p = run_cli(["version"], env={"AGENTHOST_PLUGIN_DIR": str(bad)})
+    assert p.returncode == 0 and "libmongoc unavailable" in p.stdout, p
+
+
+def test_version_names_the_driver_from_the_plugin():
+    p = run_cli(["version"])
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"libmongoc \d+\.\d+\.\d+", p.stdout), p.stdout

@@ -69,7 +69,7 @@ def build_dir(tmp_root):
     build = find_build_dir(tmp_root)
     # Up to date in CI (a no-op); builds what install needs otherwise.
     check(["cmake", "--build", str(build), "-j4", "--target", "agenthost", "agenthost_core",
-           "agenthost_shared"], timeout=600)
+           "agenthost_shared", "agenthost_mongo"], timeout=600)
     return build
 
 
@@ -102,6 +102,12 @@ def needed_libs(binary):
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
 
 
+def dynamic_symbols(binary, defined):
+    flag = "--defined-only" if defined else "--undefined-only"
+    out = check(["nm", "-D", flag, str(binary)]).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
 # ---- layout ---------------------------------------------------------------------------------
 
 
@@ -122,12 +128,31 @@ def test_installed_files(prefix):
     assert soname and soname.group(1) == "libagenthost.so.0"
     assert (prefix / "lib" / "libagenthost.so.0").exists()
 
-    # The shared library exports the public API and nothing of the internals.
-    symbols = check(["nm", "-D", "--defined-only", str(so)]).stdout.split("\n")
-    names = {line.split()[-1] for line in symbols if line.strip()}
+    # The shared library exports the public API, plus the internal ah_* functions for the
+    # MongoDB plugin, and nothing else (no Lua, cjson or driver symbols).
+    names = dynamic_symbols(so, defined=True)
     assert {"agenthost_new", "agenthost_run", "agenthost_start", "agenthost_pause",
             "agenthost_register", "agenthost_free"} <= names
-    assert not [n for n in names if n.startswith("ah_")], "internal symbols exported"
+    assert not [n for n in names if not n.startswith(("agenthost_", "ah_"))], sorted(names)
+
+
+def test_mongodb_is_a_plugin(prefix):
+    """libmongoc is linked only by the plugin; the binary and libagenthost.so export every ah_*
+    function the plugin imports, and the plugin exports only its table."""
+    plugin = prefix / "lib" / "agenthost" / "agenthost_mongo.so"
+    assert plugin.is_file()
+    assert "libmongoc-1.0.so.0" in needed_libs(plugin)
+    binary = prefix / "bin" / "agenthost"
+    so = prefix / "lib" / "libagenthost.so"
+    for obj in (binary, so):
+        assert not [n for n in needed_libs(obj) if "mongoc" in n or "bson" in n], obj
+    exported = {n for n in dynamic_symbols(plugin, defined=True) if not n.startswith("_")}
+    assert exported == {"ah_mongo_plugin_v1"}, exported
+    imports = {n for n in dynamic_symbols(plugin, defined=False) if n.startswith("ah_")}
+    assert {"ah_strlcpy", "ah_mono_us"} <= imports, imports
+    for obj in (binary, so):
+        missing = imports - dynamic_symbols(obj, defined=True)
+        assert not missing, (obj, sorted(missing))
 
 
 def test_public_header_is_self_contained(prefix, tmp_root):
@@ -148,8 +173,10 @@ def test_pkg_config_file(prefix):
     libs = check(["pkg-config", "--libs", "agenthost"], env=env).stdout.split()
     assert "-lagenthost" in libs and "-lluajit-5.1" in libs
     static = check(["pkg-config", "--static", "--libs", "agenthost"], env=env).stdout
-    for lib in ("-lmongoc-1.0", "-luv", "-lmicrohttpd", "-lsqlite3", "cjson"):
+    for lib in ("-luv", "-lmicrohttpd", "-lsqlite3", "cjson"):
         assert lib in static, f"{lib} missing from pkg-config --static --libs"
+    # MongoDB is the plugin's business: linking the core never needs the driver.
+    assert "mongoc" not in static and "bson" not in static, static
 
 
 # ---- the installed binary -------------------------------------------------------------------
@@ -182,7 +209,33 @@ def test_installed_binary_runs_from_elsewhere(prefix, tmp_root):
     broken.write_text('local agent = require "agent"\nreturn {}\n')
     res = run([str(binary), "check", str(broken)], cwd=elsewhere, env=env)
     assert res.returncode == 2 and "batch" in res.stderr
-    assert check([str(binary), "version"], env=env).stdout.startswith("agenthost ")
+    version = check([str(binary), "version"], env=env).stdout
+    assert version.startswith("agenthost ") and re.search(r"libmongoc \d+\.\d+", version), version
+
+
+def test_installed_binary_loads_the_mongodb_plugin_on_demand(prefix, tmp_root):
+    """The installed binary finds <prefix>/lib/agenthost/agenthost_mongo.so from its own location;
+    without it, agent.mongo fails with a message naming where it looked."""
+    script = tmp_root / "uses_mongo.lua"
+    script.write_text('local mongo = require "agent.mongo"\n'
+                      'assert(mongo.configured() == false and type(mongo.oid) == "function")\n'
+                      "return { batch = function() return 0 end }\n")
+    binary = prefix / "bin" / "agenthost"
+    env = pc_env(prefix)
+    env.pop("AGENTHOST_PLUGIN_DIR", None)
+    check([str(binary), "check", str(script)], cwd=tmp_root, env=env)
+    plugin_dir = prefix / "lib" / "agenthost"
+    hidden = prefix / "lib" / "agenthost.hidden"
+    plugin_dir.rename(hidden)
+    try:
+        res = run([str(binary), "check", str(script)], cwd=tmp_root, env=env)
+        version = run([str(binary), "version"], env=env)
+    finally:
+        hidden.rename(plugin_dir)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "agenthost_mongo.so not found in" in res.stderr, res.stderr
+    assert str(prefix / "bin" / ".." / "lib" / "agenthost") in res.stderr, res.stderr
+    assert version.returncode == 0 and "libmongoc unavailable" in version.stdout, version
 
 
 # ---- examples/embed -------------------------------------------------------------------------
@@ -325,6 +378,62 @@ int main(int argc, char **argv)
     return 0;
 }
 """
+
+
+MONGO_CHECK = r"""
+#include <agenthost.h>
+#include <stdio.h>
+#include <string.h>
+
+/* require "agent.mongo" in a script must load the plugin (an unconfigured binding). */
+int main(void)
+{
+    char err[512] = "";
+    agenthost_config_t *cfg = agenthost_config_new();
+    if (cfg == NULL) {
+        return 2;
+    }
+    const char *src = "local mongo = require 'agent.mongo'\n"
+                      "assert(mongo.configured() == false, 'configured')\n"
+                      "return { batch = function() return 0 end }\n";
+    agenthost_t *h = agenthost_new(cfg, NULL, src, err, sizeof(err));
+    agenthost_config_free(cfg);
+    if (h == NULL) {
+        fprintf(stderr, "FAILED: %s\n", err);
+        return 1;
+    }
+    agenthost_free(h);
+    printf("mongo check: OK\n");
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("link", ["shared", "static"])
+def test_embedders_load_the_mongodb_plugin(prefix, tmp_root, sanitize_flags, link):
+    """libagenthost.so finds the plugin in <libdir>/agenthost and gives it the ah_* functions; a
+    static embedder links the whole archive with -rdynamic as docs/EMBEDDING.md says and points
+    AGENTHOST_PLUGIN_DIR at the plugin."""
+    env = pc_env(prefix)
+    src = tmp_root / "mongo_check.c"
+    src.write_text(MONGO_CHECK)
+    exe = tmp_root / f"mongo_check_{link}"
+    cflags = check(["pkg-config", "--cflags", "agenthost"], env=env).stdout.split()
+    if link == "shared":
+        libs = check(["pkg-config", "--libs", "agenthost"], env=env).stdout.split()
+    else:
+        static = check(["pkg-config", "--static", "--libs", "agenthost"], env=env).stdout.split()
+        archive = ["-rdynamic", "-Wl,--whole-archive", "-Wl,-Bstatic", "-lagenthost",
+                   "-Wl,-Bdynamic", "-Wl,--no-whole-archive"]
+        libs = [*archive, *[f for f in static if f != "-lagenthost"]]
+    check(["cc", "-g", "-Wall", "-Wextra", "-Werror", *sanitize_flags.split(), "-o", str(exe),
+           str(src), *cflags, *libs, "-lpthread"])
+    run_env = pc_env(prefix, AGENTHOST_PLUGIN_DIR=str(prefix / "lib" / "agenthost"))
+    if link == "shared":
+        run_env = pc_env(prefix, LD_LIBRARY_PATH=str(prefix / "lib"))  # found from the .so's dir
+    res = run([str(exe)], cwd=tmp_root, env=run_env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "mongo check: OK" in res.stdout
 
 
 def test_api_edge_cases(prefix, tmp_root, sanitize_flags):

@@ -1,8 +1,10 @@
-/* Implementation of ah_lua_mongo.h. Every collection method follows one shape (STYLE rule 9):
- * check and encode all arguments first (a misuse raises with nothing acquired), then pop a
- * client, run one driver call, push the client back, and turn the reply into Lua values; a
- * runtime failure comes back as nil, message, code. Values are mapped by ah_bson_lua.c. */
-#include "ah_lua_mongo.h"
+/* agent.mongo inside the MongoDB plugin: the binding behind the core's front ah_lua_mongo.h
+ * (core/ah_mongo.c forwards to the ah_mongo_lua_* functions here). Every collection method follows
+ * one shape (STYLE rule 9): check and encode all arguments first (a misuse raises with nothing
+ * acquired), then pop a client, run one driver call, push the client back, and turn the reply into
+ * Lua values; a runtime failure comes back as nil, message, code. Values are mapped by
+ * ah_bson_lua.c. */
+#include "ah_mongo_impl.h"
 
 #include "ah_bson_lua.h"
 
@@ -23,7 +25,7 @@
 
 typedef struct ah_lua_iterator_s ah_lua_iterator_t;
 
-struct ah_lua_mongo_s {
+struct ah_mongo_lua_s {
     mongoc_client_pool_t *own_pool;    /* owned, or NULL */
     mongoc_client_pool_t *shared_pool; /* borrowed from the control store, or NULL */
     char database[DB_NAME_MAX + 1];
@@ -32,14 +34,14 @@ struct ah_lua_mongo_s {
 
 /* A collection object: a name, not a connection (clients are popped per call). */
 typedef struct {
-    ah_lua_mongo_t *m; /* may be NULL: not configured */
+    ah_mongo_lua_t *m; /* may be NULL: not configured */
     char db[DB_NAME_MAX + 1];
     char name[COLLECTION_NAME_MAX + 1];
 } collection_t;
 
 /* An open find_iter() cursor; holds a pool client until it ends or is closed. */
 struct ah_lua_iterator_s {
-    ah_lua_mongo_t *m;
+    ah_mongo_lua_t *m;
     mongoc_client_pool_t *pool;
     mongoc_client_t *client;
     mongoc_collection_t *coll;
@@ -49,11 +51,11 @@ struct ah_lua_iterator_s {
 
 /* ---- the connection object ------------------------------------------------------------------ */
 
-ah_lua_mongo_t *ah_lua_mongo_new(const char *own_uri, const char *database,
+ah_mongo_lua_t *ah_mongo_lua_new(const char *own_uri, const char *database,
                                  const char *default_database, const char *agent_id, char *err,
                                  size_t errlen)
 {
-    ah_lua_mongo_t *m = calloc(1, sizeof(*m));
+    ah_mongo_lua_t *m = calloc(1, sizeof(*m));
     mongoc_uri_t *uri = NULL;
     if (m == NULL) {
         snprintf(err, errlen, "out of memory");
@@ -99,11 +101,11 @@ ah_lua_mongo_t *ah_lua_mongo_new(const char *own_uri, const char *database,
     return m;
 fail:
     mongoc_uri_destroy(uri);
-    ah_lua_mongo_free(m);
+    ah_mongo_lua_free(m);
     return NULL;
 }
 
-void ah_lua_mongo_set_shared_pool(ah_lua_mongo_t *m, struct _mongoc_client_pool_t *pool)
+void ah_mongo_lua_set_shared_pool(ah_mongo_lua_t *m, struct _mongoc_client_pool_t *pool)
 {
     if (m != NULL && m->own_pool == NULL) {
         m->shared_pool = pool;
@@ -132,7 +134,7 @@ static void iterator_close(ah_lua_iterator_t *it)
     it->prev = it->next = NULL;
 }
 
-void ah_lua_mongo_detach(ah_lua_mongo_t *m)
+void ah_mongo_lua_detach(ah_mongo_lua_t *m)
 {
     if (m == NULL) {
         return;
@@ -143,7 +145,7 @@ void ah_lua_mongo_detach(ah_lua_mongo_t *m)
     m->shared_pool = NULL;
 }
 
-void ah_lua_mongo_free(ah_lua_mongo_t *m)
+void ah_mongo_lua_free(ah_mongo_lua_t *m)
 {
     if (m == NULL) {
         return;
@@ -157,7 +159,7 @@ void ah_lua_mongo_free(ah_lua_mongo_t *m)
     free(m);
 }
 
-static mongoc_client_pool_t *pool_of(ah_lua_mongo_t *m)
+static mongoc_client_pool_t *pool_of(ah_mongo_lua_t *m)
 {
     if (m == NULL) {
         return NULL;
@@ -1070,7 +1072,7 @@ static bool valid_name(const char *s, size_t len, size_t max, const char *forbid
 /* mongo.collection(name [, db]) -> collection object (no I/O). */
 static int l_collection(lua_State *L)
 {
-    ah_lua_mongo_t *m = lua_touserdata(L, lua_upvalueindex(1));
+    ah_mongo_lua_t *m = lua_touserdata(L, lua_upvalueindex(1));
     size_t len;
     const char *name = luaL_checklstring(L, 1, &len);
     luaL_argcheck(L, valid_name(name, len, COLLECTION_NAME_MAX, "$"), 1,
@@ -1104,9 +1106,9 @@ static int iterator_gc(lua_State *L)
     return 0;
 }
 
-int ah_lua_mongo_open(lua_State *L)
+int ah_mongo_lua_open(lua_State *L)
 {
-    ah_lua_mongo_t *m = lua_touserdata(L, lua_upvalueindex(1));
+    ah_mongo_lua_t *m = lua_touserdata(L, lua_upvalueindex(1));
     ah_bson_lua_init(L);
 
     static const luaL_Reg methods[] = {

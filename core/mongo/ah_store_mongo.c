@@ -7,8 +7,9 @@
  * survives every fault by reconnecting with exponential backoff and jitter: a change stream
  * resumes from its last token, a lost history or an invalidated stream leads to a re-read, and a
  * stream silent for CHANGE_STREAM_VERIFY_INTERVAL seconds is verified by a direct read. Short
- * driver timeouts (set unless the URI has its own) make every failure show within seconds. */
-#include "ah_store.h"
+ * driver timeouts (set unless the URI has its own) make every failure show within seconds.
+ * Part of the MongoDB plugin: the core reaches it through ah_store_mongo_open (core/ah_mongo.c). */
+#include "ah_mongo_impl.h"
 
 #include "ah_log.h"
 
@@ -954,7 +955,7 @@ static void default_timeout(mongoc_uri_t *uri, const char *option, int32_t ms)
     }
 }
 
-ah_store_t *ah_store_mongo_open(const ah_config_t *cfg, char *err, size_t errlen)
+ah_store_t *ah_mongo_store_open(const ah_config_t *cfg, char *err, size_t errlen)
 {
     bson_error_t error;
     pthread_once(&mongoc_once, mongo_global_init);
@@ -1005,7 +1006,7 @@ fail:
 
 /* ---- sharing the pool --------------------------------------------------------------------- */
 
-mongoc_client_pool_t *ah_store_mongo_pool(ah_store_t *st)
+mongoc_client_pool_t *ah_mongo_store_pool(ah_store_t *st)
 {
     if (st == NULL || st->ops != &mongo_ops) {
         return NULL;

@@ -1,0 +1,22 @@
+/* The MongoDB plugin's single exported symbol: the function table the core finds with dlsym
+ * (ah_mongo_plugin.h). Everything else in agenthost_mongo.so has hidden visibility. */
+#include "ah_mongo_impl.h"
+
+#include <mongoc/mongoc.h>
+
+#ifndef AH_VERSION
+#error "AH_VERSION must be defined by the build"
+#endif
+
+__attribute__((visibility("default"))) const ah_mongo_plugin_t ah_mongo_plugin_v1 = {
+    .abi_version = AH_MONGO_PLUGIN_ABI,
+    .build_version = AH_VERSION,
+    .store_open = ah_mongo_store_open,
+    .store_pool = ah_mongo_store_pool,
+    .lua_new = ah_mongo_lua_new,
+    .lua_set_shared_pool = ah_mongo_lua_set_shared_pool,
+    .lua_detach = ah_mongo_lua_detach,
+    .lua_free = ah_mongo_lua_free,
+    .lua_open = ah_mongo_lua_open,
+    .driver_version = mongoc_get_version,
+};
