@@ -1,6 +1,7 @@
 /* The control store interface: where the cluster's control document and its audit trail live.
  * Two implementations share it: the embedded SQLite store (ah_store_sqlite.c) and the MongoDB
- * store (ah_store_mongo.c). The host only ever talks to this interface.
+ * store (core/mongo/ah_store_mongo.c, in the MongoDB plugin). The host only ever talks to this
+ * interface.
  *
  * Threads: read/command/history may be called from any thread (HTTP handlers, the host) and
  * are internally serialised as needed. watch_start starts one watcher thread owned by the store;
