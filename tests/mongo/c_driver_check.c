@@ -20,43 +20,52 @@
 static int failures = 0;
 static int aggregates_started = 0; /* counted by an APM callback */
 
-static void on_command_started(const mongoc_apm_command_started_t *event) {
+static void on_command_started(const mongoc_apm_command_started_t *event)
+{
     if (strcmp(mongoc_apm_command_started_get_command_name(event), "aggregate") == 0)
         __atomic_add_fetch(&aggregates_started, 1, __ATOMIC_SEQ_CST);
 }
 
-static int aggregates(void) { return __atomic_load_n(&aggregates_started, __ATOMIC_SEQ_CST); }
+static int aggregates(void)
+{
+    return __atomic_load_n(&aggregates_started, __ATOMIC_SEQ_CST);
+}
 
-#define CHECK(cond, ...)                                                   \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fprintf(stderr, "\n");                                         \
-            failures++;                                                    \
-            return 0;                                                      \
-        }                                                                  \
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                        \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fprintf(stderr, "\n");                                                                 \
+            failures++;                                                                            \
+            return 0;                                                                              \
+        }                                                                                          \
     } while (0)
 
 /* keep stdout for the verdict: driver log lines go to stderr */
 static void log_to_stderr(mongoc_log_level_t level, const char *domain, const char *message,
-                          void *data) {
+                          void *data)
+{
     if (level <= MONGOC_LOG_LEVEL_INFO)
         fprintf(stderr, "%s %s: %s\n", mongoc_log_level_str(level), domain, message);
 }
 
-static int64_t now_ms(void) { return bson_get_monotonic_time() / 1000; }
+static int64_t now_ms(void)
+{
+    return bson_get_monotonic_time() / 1000;
+}
 
 /* findAndModify {_id: id} {$inc: {n: 1}} upsert, new; returns the new n or -1.
  * Retries for a few seconds (connections may have just been hung up). */
-static int64_t inc_counter(mongoc_client_t *client, const char *id) {
+static int64_t inc_counter(mongoc_client_t *client, const char *id)
+{
     mongoc_collection_t *coll = mongoc_client_get_collection(client, DB, COLL);
     bson_t *query = BCON_NEW("_id", BCON_UTF8(id));
     bson_t *update = BCON_NEW("$inc", "{", "n", BCON_INT32(1), "}");
     mongoc_find_and_modify_opts_t *opts = mongoc_find_and_modify_opts_new();
     mongoc_find_and_modify_opts_set_update(opts, update);
-    mongoc_find_and_modify_opts_set_flags(
-        opts, MONGOC_FIND_AND_MODIFY_UPSERT | MONGOC_FIND_AND_MODIFY_RETURN_NEW);
+    mongoc_find_and_modify_opts_set_flags(opts, MONGOC_FIND_AND_MODIFY_UPSERT |
+                                                    MONGOC_FIND_AND_MODIFY_RETURN_NEW);
     int64_t result = -1;
     int64_t deadline = now_ms() + 10000;
     for (;;) {
@@ -72,7 +81,8 @@ static int64_t inc_counter(mongoc_client_t *client, const char *id) {
         bson_destroy(&reply);
         fprintf(stderr, "findAndModify failed (%u.%u): %s\n", error.domain, error.code,
                 error.message);
-        if (now_ms() > deadline) break;
+        if (now_ms() > deadline)
+            break;
         struct timespec ts = {0, 50 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
@@ -83,7 +93,8 @@ static int64_t inc_counter(mongoc_client_t *client, const char *id) {
     return result;
 }
 
-static int test_control(mongoc_client_t *client, const char *what, int delay_ms) {
+static int test_control(mongoc_client_t *client, const char *what, int delay_ms)
+{
     bson_t *cmd = BCON_NEW("testControl", BCON_UTF8(what), "delayMS", BCON_INT32(delay_ms));
     bson_error_t error;
     bool ok = mongoc_client_command_simple(client, "admin", cmd, NULL, NULL, &error);
@@ -93,7 +104,8 @@ static int test_control(mongoc_client_t *client, const char *what, int delay_ms)
 }
 
 /* Next event from the stream within timeout_ms; copies it into *out. */
-static int next_event(mongoc_change_stream_t *stream, bson_t *out, int64_t timeout_ms) {
+static int next_event(mongoc_change_stream_t *stream, bson_t *out, int64_t timeout_ms)
+{
     int64_t deadline = now_ms() + timeout_ms;
     const bson_t *doc;
     bson_error_t error;
@@ -116,7 +128,8 @@ static int next_event(mongoc_change_stream_t *stream, bson_t *out, int64_t timeo
     return 0;
 }
 
-static int check_update_event(const bson_t *ev, const char *id, int64_t n) {
+static int check_update_event(const bson_t *ev, const char *id, int64_t n)
+{
     bson_iter_t it;
     char *json = bson_as_relaxed_extended_json(ev, NULL);
     fprintf(stderr, "event: %s\n", json);
@@ -138,7 +151,8 @@ static int check_update_event(const bson_t *ev, const char *id, int64_t n) {
     return 1;
 }
 
-static int run(mongoc_client_pool_t *pool, int replset) {
+static int run(mongoc_client_pool_t *pool, int replset)
+{
     mongoc_client_t *c1 = mongoc_client_pool_pop(pool);
     mongoc_client_t *c2 = mongoc_client_pool_pop(pool);
     int ok = 0;
@@ -152,8 +166,14 @@ static int run(mongoc_client_pool_t *pool, int replset) {
     mongoc_collection_drop(coll, &error);
 
     int64_t n = inc_counter(c1, "agent-1");
-    if (n != 1) { fprintf(stderr, "FAIL: first $inc gave n=%lld\n", (long long)n); goto done; }
-    if (inc_counter(c1, "agent-2") != 1) { fprintf(stderr, "FAIL: agent-2 upsert\n"); goto done; }
+    if (n != 1) {
+        fprintf(stderr, "FAIL: first $inc gave n=%lld\n", (long long)n);
+        goto done;
+    }
+    if (inc_counter(c1, "agent-2") != 1) {
+        fprintf(stderr, "FAIL: agent-2 upsert\n");
+        goto done;
+    }
 
     pipeline = BCON_NEW("pipeline", "[", "{", "$match", "{", "documentKey._id",
                         BCON_UTF8("agent-1"), "}", "}", "]");
@@ -163,7 +183,10 @@ static int run(mongoc_client_pool_t *pool, int replset) {
     if (!replset) {
         const bson_t *doc;
         bool got = mongoc_change_stream_next(stream, &doc);
-        if (got) { fprintf(stderr, "FAIL: standalone stream returned an event\n"); goto done; }
+        if (got) {
+            fprintf(stderr, "FAIL: standalone stream returned an event\n");
+            goto done;
+        }
         if (!mongoc_change_stream_error_document(stream, &error, &err_doc) || error.code != 40573) {
             fprintf(stderr, "FAIL: expected error 40573 in standalone mode, got %u: %s\n",
                     error.code, error.message);
@@ -184,13 +207,18 @@ static int run(mongoc_client_pool_t *pool, int replset) {
         fprintf(stderr, "FAIL: $inc through second client\n");
         goto done;
     }
-    if (!next_event(stream, &ev, 10000) || !check_update_event(&ev, "agent-1", 2)) goto done;
+    if (!next_event(stream, &ev, 10000) || !check_update_event(&ev, "agent-1", 2))
+        goto done;
 
     /* The server hangs up every connection while the stream's getMore is waiting
      * (maxAwaitTimeMS 1000, hangup after 300 ms): the driver must resume the
      * stream (a second aggregate) and then deliver the next event only. */
-    if (aggregates() != 1) { fprintf(stderr, "FAIL: %d aggregates before hangup\n", aggregates()); goto done; }
-    if (!test_control(c2, "hangup", 300)) goto done;
+    if (aggregates() != 1) {
+        fprintf(stderr, "FAIL: %d aggregates before hangup\n", aggregates());
+        goto done;
+    }
+    if (!test_control(c2, "hangup", 300))
+        goto done;
     {
         int64_t deadline = now_ms() + 10000;
         const bson_t *doc;
@@ -204,21 +232,28 @@ static int run(mongoc_client_pool_t *pool, int replset) {
                 goto done;
             }
         }
-        if (aggregates() < 2) { fprintf(stderr, "FAIL: the stream never resumed\n"); goto done; }
+        if (aggregates() < 2) {
+            fprintf(stderr, "FAIL: the stream never resumed\n");
+            goto done;
+        }
         fprintf(stderr, "stream resumed after hangup (%d aggregates)\n", aggregates());
     }
     if (inc_counter(c2, "agent-2") != 3 || inc_counter(c2, "agent-1") != 3) {
         fprintf(stderr, "FAIL: $inc after hangup\n");
         goto done;
     }
-    if (!next_event(stream, &ev, 15000) || !check_update_event(&ev, "agent-1", 3)) goto done;
+    if (!next_event(stream, &ev, 15000) || !check_update_event(&ev, "agent-1", 3))
+        goto done;
     /* Step down for 1 s: the waiting getMore fails with a resumable error, the
      * driver waits for a primary, resumes (third aggregate) and gets the next event. */
     {
         bson_t *cmd = BCON_NEW("testControl", BCON_UTF8("stepDown"), "seconds", BCON_DOUBLE(1.0));
         bool sd = mongoc_client_command_simple(c2, "admin", cmd, NULL, NULL, &error);
         bson_destroy(cmd);
-        if (!sd) { fprintf(stderr, "FAIL: stepDown: %s\n", error.message); goto done; }
+        if (!sd) {
+            fprintf(stderr, "FAIL: stepDown: %s\n", error.message);
+            goto done;
+        }
     }
     {
         int64_t deadline = now_ms() + 10000;
@@ -239,23 +274,32 @@ static int run(mongoc_client_pool_t *pool, int replset) {
         }
         fprintf(stderr, "stream resumed after stepdown (%d aggregates)\n", aggregates());
     }
-    if (inc_counter(c2, "agent-1") != 4) { fprintf(stderr, "FAIL: $inc after stepdown\n"); goto done; }
-    if (!next_event(stream, &ev, 15000) || !check_update_event(&ev, "agent-1", 4)) goto done;
-    fprintf(stderr, "replset: change stream received the update and resumed after hangup and stepdown\n");
+    if (inc_counter(c2, "agent-1") != 4) {
+        fprintf(stderr, "FAIL: $inc after stepdown\n");
+        goto done;
+    }
+    if (!next_event(stream, &ev, 15000) || !check_update_event(&ev, "agent-1", 4))
+        goto done;
+    fprintf(stderr,
+            "replset: change stream received the update and resumed after hangup and stepdown\n");
     ok = 1;
 
 done:
     bson_destroy(&ev);
-    if (stream) mongoc_change_stream_destroy(stream);
-    if (pipeline) bson_destroy(pipeline);
-    if (opts) bson_destroy(opts);
+    if (stream)
+        mongoc_change_stream_destroy(stream);
+    if (pipeline)
+        bson_destroy(pipeline);
+    if (opts)
+        bson_destroy(opts);
     mongoc_collection_destroy(coll);
     mongoc_client_pool_push(pool, c2);
     mongoc_client_pool_push(pool, c1);
     return ok && failures == 0;
 }
 
-int main(int argc, char **argv) {
+int main(int argc, char **argv)
+{
     if (argc != 3 || (strcmp(argv[2], "replset") != 0 && strcmp(argv[2], "standalone") != 0)) {
         fprintf(stderr, "usage: %s URI replset|standalone\n", argv[0]);
         return 2;
