@@ -1,6 +1,7 @@
 /* Implementation of the small shared helpers declared in ah_common.h. */
 #include "ah_common.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -71,6 +72,23 @@ int64_t ah_mono_coarse_us(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+void ah_mono_deadline(double seconds, struct timespec *out)
+{
+    if (!(seconds > 0)) {
+        seconds = 0;
+    } else if (seconds > 365.0 * 86400.0) {
+        seconds = 365.0 * 86400.0;
+    }
+    clock_gettime(CLOCK_MONOTONIC, out);
+    double whole = floor(seconds);
+    out->tv_sec += (time_t)whole;
+    out->tv_nsec += (long)((seconds - whole) * 1e9);
+    if (out->tv_nsec >= 1000000000L) {
+        out->tv_sec += 1;
+        out->tv_nsec -= 1000000000L;
+    }
 }
 
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN])

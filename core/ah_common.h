@@ -63,6 +63,10 @@ int64_t ah_now_us(void);
 int64_t ah_mono_us(void);
 /* Monotonic clock with a few milliseconds' resolution but a fraction of the cost (for budgets). */
 int64_t ah_mono_coarse_us(void);
+struct timespec;
+/* The CLOCK_MONOTONIC time `seconds` from now (negative/NaN → now; capped at a year), for
+ * pthread_cond_timedwait() on condition variables created with CLOCK_MONOTONIC. */
+void ah_mono_deadline(double seconds, struct timespec *out);
 /* Formats ts_us as ISO 8601 UTC with microseconds: "2026-01-11T10:30:00.123456Z". */
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN]);
 /* Copies src into dst of size n, always NUL-terminated, truncating. src may be NULL (→ ""). */

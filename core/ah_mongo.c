@@ -137,7 +137,7 @@ static const ah_mongo_plugin_t *find_plugin(void)
             return open_plugin(path); /* the first one found decides */
         }
         size_t used = strlen(searched);
-        snprintf(searched + used, sizeof(searched) - used, "%s%s", used ? ", " : "", dirs[i]);
+        snprintf(searched + used, sizeof(searched) - used, "%s%.200s", used ? ", " : "", dirs[i]);
     }
     snprintf(load_error, sizeof(load_error), "%s not found in %s%s", AH_MONGO_PLUGIN_FILE,
              searched[0] ? searched : "(no directory to search)",

@@ -242,18 +242,8 @@ bool ah_state_wait(ah_state_t *s, double seconds)
     if (!(seconds > 0)) {
         return ah_state_has_event(s);
     }
-    if (seconds > 1e6) {
-        seconds = 1e6;
-    }
     struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    double whole = floor(seconds);
-    deadline.tv_sec += (time_t)whole;
-    deadline.tv_nsec += (long)((seconds - whole) * 1e9);
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec += 1;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    ah_mono_deadline(seconds, &deadline);
     pthread_mutex_lock(&s->lock);
     while (!s->has_event && !s->shutdown_final && s->reload_requested == s->reload_done) {
         if (pthread_cond_timedwait(&s->wake, &s->lock, &deadline) == ETIMEDOUT) {
@@ -398,8 +388,7 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
 int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen)
 {
     struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += (time_t)seconds;
+    ah_mono_deadline(seconds, &deadline);
     int rc;
     pthread_mutex_lock(&s->lock);
     while (s->reload_done < ticket && s->state != AH_STATE_STOPPED) {

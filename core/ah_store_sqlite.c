@@ -425,13 +425,7 @@ static bool watch_wait(ah_sqlite_store_t *st, double seconds)
     struct timespec deadline;
     bool stopping;
 
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += (time_t)seconds;
-    deadline.tv_nsec += (long)((seconds - floor(seconds)) * 1e9);
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    ah_mono_deadline(seconds, &deadline);
     pthread_mutex_lock(&st->watch_lock);
     while (!st->stopping) {
         if (pthread_cond_timedwait(&st->watch_cond, &st->watch_lock, &deadline) == ETIMEDOUT) {

@@ -152,14 +152,7 @@ static bool mongo_closing(ah_store_mongo_t *ms)
 static bool mongo_wait(ah_store_mongo_t *ms, double seconds)
 {
     struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    double whole = floor(seconds);
-    deadline.tv_sec += (time_t)whole;
-    deadline.tv_nsec += (long)((seconds - whole) * 1e9);
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec += 1;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    ah_mono_deadline(seconds, &deadline);
     pthread_mutex_lock(&ms->mutex);
     while (!ms->closing) {
         if (pthread_cond_timedwait(&ms->cond, &ms->mutex, &deadline) == ETIMEDOUT) {
