@@ -656,7 +656,6 @@ static int open_protected(lua_State *L)
     set_package_path(L, lua->script);
     create_ctx(L, lua);
 
-    errno = 0;
     int status;
     if (lua->source != NULL) {
         lua_pushfstring(L, "@%s", lua->script);
@@ -665,12 +664,9 @@ static int open_protected(lua_State *L)
     } else {
         status = luaL_loadfile(L, lua->script);
     }
-    if (status == LUA_ERRFILE && errno != 0) {
-        lua_pushfstring(L, "%s: %s", lua_tostring(L, -1), strerror(errno));
-        lua_error(L);
-    }
     if (status != 0) {
-        lua_error(L); /* Lua's own message: "path:line: problem" */
+        /* Lua's own message: "path:line: problem", or "cannot open path: <strerror>" */
+        lua_error(L);
     }
     char err[AH_ERRLEN];
     lua_rawgeti(L, LUA_REGISTRYINDEX, lua->traceback_ref);

@@ -47,8 +47,13 @@ static bool wants_help(int argc, char **argv)
 
 /* The only command that loads the MongoDB plugin just to ask it something (the driver version);
  * without the plugin the line says so and the reason goes to stderr. */
-static int cmd_version(void)
+static int cmd_version(int argc, char **argv)
 {
+    if (wants_help(argc, argv)) {
+        printf("usage: agenthost version\n\nPrints the versions of agenthost and of the libraries "
+               "it runs with\n(libmongoc through the MongoDB plugin, if it can be loaded).\n");
+        return 0;
+    }
     char err[AH_ERRLEN * 2];
     const ah_mongo_plugin_t *mongo = ah_mongo_load(err, sizeof(err));
     printf("agenthost %s (%s, libmongoc %s, libuv %s, libmicrohttpd %s, SQLite %s)\n", AH_VERSION,
@@ -136,7 +141,7 @@ int main(int argc, char **argv)
         return 0;
     }
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
-        return cmd_version();
+        return cmd_version(argc - 2, argv + 2);
     }
     if (strcmp(cmd, "check") == 0) {
         return cmd_check(argc - 2, argv + 2);
