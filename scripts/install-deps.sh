@@ -10,7 +10,7 @@ PACKAGES=(
   libluajit-5.1-dev libmongoc-dev libbson-dev libuv1-dev lua-cjson-dev libmicrohttpd-dev
   libsqlite3-dev
   # tests
-  libcmocka-dev python3 python3-pytest python3-pymongo python3-mockupdb python3-mongomock
+  libcmocka-dev python3 python3-pytest python3-pymongo python3-mongomock
   # deployment checks (manifest/schema validation with npm packages, kubectl kustomize)
   python3-yaml
 )
