@@ -189,16 +189,15 @@ static void log_transition(ah_run_state_t to, const ah_event_t *ev)
     }
 }
 
-/* Applies one event: commit the transition first, then run its hook (a failing hook does not
+/* Applies one event: the transition is committed first, then its hook runs (a failing hook does not
  * undo the transition). */
 static void worker_apply(ah_host_t *h, const ah_event_t *ev)
 {
-    ah_run_state_t from = ah_state_get(h->state);
+    ah_run_state_t from;
     ah_run_state_t to;
     ah_hook_t hook;
-    int rc = ah_state_target(from, ev->command, ev->source, &to, &hook);
+    int rc = ah_state_apply(h->state, ev, &from, &to, &hook);
     if (rc == AH_ENOOP) {
-        ah_state_note_applied(h->state, ev);
         ah_log_debug("Command '%s' (version %lld) leaves the agent %s",
                      ah_command_name(ev->command), (long long)ev->version, ah_run_state_name(from));
         return;
@@ -215,7 +214,6 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
                         "POST /api/cluster/resume");
         }
     }
-    ah_state_commit(h->state, to, ev);
     log_transition(to, ev);
     if (hook == AH_HOOK_NONE) {
         return;

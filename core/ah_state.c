@@ -209,7 +209,7 @@ static void note_applied_locked(ah_state_t *s, const ah_event_t *ev)
     }
 }
 
-void ah_state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev)
+static void state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev)
 {
     pthread_mutex_lock(&s->lock);
     s->state = to;
@@ -222,11 +222,26 @@ void ah_state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev)
     pthread_mutex_unlock(&s->lock);
 }
 
-void ah_state_note_applied(ah_state_t *s, const ah_event_t *ev)
+static void state_note_applied(ah_state_t *s, const ah_event_t *ev)
 {
     pthread_mutex_lock(&s->lock);
     note_applied_locked(s, ev);
     pthread_mutex_unlock(&s->lock);
+}
+
+int ah_state_apply(ah_state_t *s, const ah_event_t *ev, ah_run_state_t *from, ah_run_state_t *to,
+                   ah_hook_t *hook)
+{
+    *from = ah_state_get(s); /* only the worker changes the state: no lock needed across */
+    *to = *from;
+    *hook = AH_HOOK_NONE;
+    int rc = ah_state_target(*from, ev->command, ev->source, to, hook);
+    if (rc == AH_OK) {
+        state_commit(s, *to, ev);
+    } else if (rc == AH_ENOOP) {
+        state_note_applied(s, ev);
+    }
+    return rc;
 }
 
 void ah_state_set_stopped(ah_state_t *s)

@@ -98,10 +98,12 @@ void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, cons
 
 /* Lua worker: takes the pending event, if any. Returns true and fills *ev. */
 bool ah_state_take_event(ah_state_t *s, ah_event_t *ev);
-/* Lua worker: commits a transition computed by ah_state_target() for ev. */
-void ah_state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev);
-/* Records that ev was seen but changed nothing (AH_ENOOP): updates applied_version. */
-void ah_state_note_applied(ah_state_t *s, const ah_event_t *ev);
+/* Lua worker: applies ev through the transition table (ah_state_target) from the current state,
+ * reported in *from. AH_OK: the new state *to is committed and *hook is to be run next;
+ * AH_ENOOP: the state stays, ev counts as applied (applied_version, local_override);
+ * AH_EINVAL: the state accepts no commands (stopping, stopped), ev is dropped. */
+int ah_state_apply(ah_state_t *s, const ah_event_t *ev, ah_run_state_t *from, ah_run_state_t *to,
+                   ah_hook_t *hook);
 /* Sets the final state (stopped) when the worker exits. */
 void ah_state_set_stopped(ah_state_t *s);
 

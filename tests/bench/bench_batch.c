@@ -137,14 +137,14 @@ static int host_open(host_t *h, const char *path)
     /* Bring the state to running the way the host does without a store (a startup command). */
     ah_state_offer_local(h->state, AH_CMD_RUNNING, AH_SOURCE_STARTUP, "bench", "bench");
     ah_event_t ev;
+    ah_run_state_t from;
     ah_run_state_t to;
     ah_hook_t hook;
     if (!ah_state_take_event(h->state, &ev) ||
-        ah_state_target(ah_state_get(h->state), ev.command, ev.source, &to, &hook) != AH_OK) {
+        ah_state_apply(h->state, &ev, &from, &to, &hook) != AH_OK) {
         fprintf(stderr, "host: cannot reach the running state\n");
         return -1;
     }
-    ah_state_commit(h->state, to, &ev);
     if (ah_state_get(h->state) != AH_STATE_RUNNING) {
         fprintf(stderr, "host: state is %s, not running\n",
                 ah_run_state_name(ah_state_get(h->state)));

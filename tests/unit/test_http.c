@@ -379,14 +379,10 @@ static void worker_apply(ah_state_t *s)
 {
     ah_event_t ev;
     while (ah_state_take_event(s, &ev)) {
+        ah_run_state_t from;
         ah_run_state_t to;
         ah_hook_t hook;
-        int rc = ah_state_target(ah_state_get(s), ev.command, ev.source, &to, &hook);
-        if (rc == AH_OK) {
-            ah_state_commit(s, to, &ev);
-        } else if (rc == AH_ENOOP) {
-            ah_state_note_applied(s, &ev);
-        }
+        ah_state_apply(s, &ev, &from, &to, &hook);
     }
 }
 
