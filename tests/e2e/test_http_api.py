@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from agenthost_harness import agent_env, script, wait_for
+from agenthost_harness import agent_env, parse_metrics, script, wait_for
 
 TOKEN = "s3cret-token"
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -127,21 +127,20 @@ def test_mongo_status_reports_embedded_backend(agent):
     assert st["backend"] == "embedded", st
 
 
-def test_metrics_are_prometheus_text(agent):
+def test_metrics_are_prometheus_text_with_the_agents_values(agent):
     wait_for(lambda: agent.state()["batches"] > 0, 10, message="a batch")
+    st = agent.state()
     text = agent.get("/metrics").body
-    names = set()
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", line)
-        assert m, f"not a Prometheus sample line: {line!r}"
-        float(m.group(3))
-        names.add(m.group(1))
-    for n in ("agenthost_batches_total", "agenthost_batch_errors_total", "agenthost_state",
-              "agenthost_control_version", "agenthost_commands_applied_total"):
-        assert n in names, (n, sorted(names))
-    assert re.search(r'^agenthost_state\{state="running"\} 1', text, re.M), text
+    samples = parse_metrics(text)  # fails on any line that is not a sample, HELP or TYPE
+    assert samples["agenthost_batches_total"] >= st["batches"] > 0
+    assert samples["agenthost_batch_errors_total"] == 0
+    assert samples["agenthost_hook_errors_total"] == 0
+    assert samples['agenthost_state{state="running"}'] == 1
+    assert samples['agenthost_state{state="paused"}'] == 0
+    assert samples["agenthost_applied_version"] == st["applied_version"]
+    assert samples["agenthost_commands_applied_total"] == 1  # the startup sync
+    for family in ("agenthost_batches_total", "agenthost_state"):
+        assert re.search(rf"^# TYPE {family} ", text, re.M), text
 
 
 def test_reason_of_1024_bytes_is_accepted(agent):

@@ -1121,6 +1121,8 @@ static void test_metrics_exposes_every_family(void **state)
         assert_contains(r.body, line);
     }
     assert_contains(r.body, "\nagenthost_batches_total 1\n");
+    assert_contains(r.body, "\nagenthost_batch_errors_total 0\n");
+    assert_contains(r.body, "\nagenthost_hook_errors_total 0\n");
     assert_contains(r.body, "\nagenthost_state{state=\"starting\"} 0\n");
     assert_contains(r.body, "\nagenthost_state{state=\"running\"} 1\n");
     assert_contains(r.body, "\nagenthost_state{state=\"stopped\"} 0\n");
@@ -1176,7 +1178,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_cluster_shutdown_propagation_in_change_streams_mode,
                                         setup, teardown),
-        cmocka_unit_test_setup_teardown(test_control_state_fields_in_documented_order, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_control_state_fields_in_documented_order, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_control_state_unknown_yet_is_503, setup, teardown),
         cmocka_unit_test_setup_teardown(test_history_limit_validation, setup, teardown),
         cmocka_unit_test_setup_teardown(test_store_unavailable_is_503_and_writes_nothing, setup,
