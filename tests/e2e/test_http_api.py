@@ -33,6 +33,9 @@ BAD_INPUT = [
     ("huge URL", "POST", "/api/cluster/pause?reason=" + "u" * 16384, True, 413, None),
     ("missing token", "POST", "/api/cluster/pause?reason=x", None, 401, None),
     ("wrong token", "POST", "/api/cluster/pause?reason=x", "nope", 401, None),
+    ("empty bearer token", "POST", "/api/cluster/pause?reason=x", "", 401, None),
+    ("blank bearer token", "POST", "/api/cluster/pause?reason=x", "   ", 401, None),
+    ("prefix of the token", "POST", "/api/cluster/pause?reason=x", TOKEN[:3], 401, None),
     ("missing token on agent route", "POST", "/api/agent/pause", None, 401, None),
     ("limit zero", "GET", "/api/cluster/history?limit=0", True, 400, None),
     ("limit not a number", "GET", "/api/cluster/history?limit=abc", True, 400, None),
@@ -62,6 +65,27 @@ def test_bad_input_is_rejected_with_json_error(agent, name, method, path, token,
     assert agent.get("/api/cluster/control-state").json() == before_cs
     st = agent.state()
     assert st["state"] == "running" and st["local_override"] is False
+
+
+def test_empty_authorization_schemes_are_rejected(agent):
+    for value in ("Bearer", "Bearer ", "bearer\t", "Basic " + TOKEN, TOKEN, ""):
+        r = agent.post("/api/agent/pause", headers={"Authorization": value})
+        assert r.status == 401, (value, r.status, r.body)
+        assert r.headers.get("WWW-Authenticate") == "Bearer", r.headers
+    assert agent.state()["state"] == "running"
+
+
+def test_an_empty_api_token_setting_leaves_commands_open(fleet, state_file, tmp_path):
+    a = fleet.start(script("recorder.lua"),
+                    env=agent_env(state_file, tmp_path / "ev.jsonl", AGENT_API_TOKEN=""),
+                    name="open")
+    a.wait_state("running", timeout=15)
+    r = a.post("/api/cluster/pause?reason=no+token+configured")
+    assert r.status == 200, r.body
+    a.wait_state("paused")
+    r = a.post("/api/cluster/resume", token="")  # an empty Bearer is no token at all
+    assert r.status == 200, r.body
+    a.wait_state("running")
 
 
 def test_right_token_is_accepted(agent):
