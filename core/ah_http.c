@@ -1,6 +1,6 @@
-/* The HTTP API (docs/API.md) on libmicrohttpd. One access handler drains any request body, routes the
- * request through one table, and each route builds its whole JSON body in an ah_buf_t before one
- * response is queued. GET routes read only a state snapshot (never the store, so they cannot
+/* The HTTP API (docs/API.md) on libmicrohttpd. One access handler drains any request body, routes
+ * the request through one table, and each route builds its whole JSON body in an ah_buf_t before
+ * one response is queued. GET routes read only a state snapshot (never the store, so they cannot
  * block on MongoDB); cluster commands and history go through the store. Requests are served on
  * libmicrohttpd's worker threads; the only shared data are the state object (thread-safe), the
  * store (thread-safe) and the read-only configuration. */
@@ -85,28 +85,6 @@ typedef struct http_call_s {
 typedef void (*http_handler_t)(http_call_t *call, http_reply_t *reply);
 
 /* ---- small writers ---------------------------------------------------------------------- */
-
-/* Writes "key": v using the shortest of %.15g / %.17g that reads back as v (ah_json_num always
- * uses %.17g, which shows 0.1 as 0.10000000000000001). Non-finite → null. */
-static void json_number(ah_buf_t *b, const char *key, double v)
-{
-    if (!isfinite(v)) {
-        ah_json_null(b, key);
-        return;
-    }
-    char text[40];
-    snprintf(text, sizeof(text), "%.15g", v);
-    if (strtod(text, NULL) != v) {
-        snprintf(text, sizeof(text), "%.17g", v);
-    }
-    if (b->need_comma) {
-        ah_buf_append(b, ",", 1);
-    }
-    ah_json_escape(b, key, strlen(key));
-    ah_buf_append(b, ":", 1);
-    ah_buf_puts(b, text);
-    b->need_comma = true;
-}
 
 /* Writes "key": "<timestamp>", or null when ts_us is 0. */
 static void json_timestamp(ah_buf_t *b, const char *key, int64_t ts_us)
@@ -404,7 +382,7 @@ static void handle_stats(http_call_t *call, http_reply_t *reply)
     if (strcmp(snap.store.watch_mode, "change_streams") == 0) {
         ah_json_null(b, "polling_interval");
     } else {
-        json_number(b, "polling_interval", polling_interval(call->http->cfg));
+        ah_json_num(b, "polling_interval", polling_interval(call->http->cfg));
     }
     if (snap.cluster_known) {
         ah_json_str(b, "current_command", ah_command_name(snap.cluster.command));
@@ -563,7 +541,7 @@ static void handle_agent_state(http_call_t *call, http_reply_t *reply)
     json_str_or_null(b, "watch_mode", snap.store.watch_mode);
     ah_json_int(b, "batches", (int64_t)snap.batches);
     ah_json_int(b, "errors", (int64_t)snap.batch_errors);
-    json_number(b, "uptime_s", uptime_seconds(&snap));
+    ah_json_num(b, "uptime_s", uptime_seconds(&snap));
     ah_json_close(b);
 }
 
@@ -593,7 +571,7 @@ static void handle_mongo_status(http_call_t *call, http_reply_t *reply)
     if (st->latency_ms < 0) {
         ah_json_null(b, "latency_ms");
     } else {
-        json_number(b, "latency_ms", round(st->latency_ms * 1000.0) / 1000.0);
+        ah_json_num(b, "latency_ms", round(st->latency_ms * 1000.0) / 1000.0);
     }
     ah_json_int(b, "reconnects", (int64_t)st->reconnects);
     ah_json_int(b, "stream_resumes", (int64_t)st->stream_resumes);
