@@ -75,13 +75,8 @@ static const char *hook_name(ah_hook_t hook)
     }
 }
 
-ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen)
-{
-    return ah_host_new_with(cfg, NULL, err, errlen);
-}
-
-ah_host_t *ah_host_new_with(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
-                            size_t errlen)
+ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
+                       size_t errlen)
 {
     ah_host_t *h = calloc(1, sizeof(*h));
     if (h == NULL) {
@@ -507,7 +502,7 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
         exit_code = rc == AH_EINVAL ? 2 : 1;
         goto out;
     }
-    h->http = ah_http_start_with(h->cfg, h->state, h->store, h->metrics, err, errlen);
+    h->http = ah_http_start(h->cfg, h->state, h->store, h->metrics, err, errlen);
     if (h->http == NULL) {
         goto out;
     }

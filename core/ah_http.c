@@ -1024,14 +1024,8 @@ static void explain_listen_failure(const struct sockaddr_storage *addr, socklen_
     close(fd);
 }
 
-ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store, char *err,
-                         size_t errlen)
-{
-    return ah_http_start_with(cfg, state, store, NULL, err, errlen);
-}
-
-ah_http_t *ah_http_start_with(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store,
-                              ah_metrics_t *metrics, char *err, size_t errlen)
+ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store,
+                         ah_metrics_t *metrics, char *err, size_t errlen)
 {
     const char *host = cfg->http_bind != NULL ? cfg->http_bind : "0.0.0.0";
     struct sockaddr_storage addr;

@@ -133,7 +133,7 @@ static int cmd_run(int argc, char **argv)
         return 2;
     }
     ah_log_setup(cfg.log_level, cfg.log_json, cfg.agent_id);
-    ah_host_t *host = ah_host_new(&cfg, err, sizeof(err));
+    ah_host_t *host = ah_host_new(&cfg, NULL, err, sizeof(err));
     if (host == NULL) {
         fprintf(stderr, "agenthost: %s\n", err);
         ah_config_free(&cfg);
