@@ -328,6 +328,48 @@ static void test_readme_settings_table_matches_the_code(void **unused)
     assert_true(rows > 0);
 }
 
+/* The other docs that list settings (docs/OPERATIONS.md, docs/LUA.md) state the code's default
+ * in their second column: "| `NAME` | <default> | ...", with or without backticks. */
+static void check_doc_defaults(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    char line[2048];
+    size_t checked = 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        char name[64];
+        int used = 0;
+        if (sscanf(line, "| `%63[A-Z_]` | %n", name, &used) != 1 || used == 0) {
+            continue;
+        }
+        const ah_config_var_t *v = ah_config_find(name);
+        if (v == NULL) {
+            continue; /* e.g. a signal name */
+        }
+        const char *cell = line + used;
+        size_t cell_len = strcspn(cell, "|");
+        char want[128];
+        snprintf(want, sizeof(want), "%s", ah_config_default_doc(v));
+        bool plain = strncmp(cell, want, strlen(want)) == 0 && cell[strlen(want)] == ' ';
+        char quoted[140];
+        snprintf(quoted, sizeof(quoted), "`%s`", want);
+        bool ticked = strncmp(cell, quoted, strlen(quoted)) == 0 && cell[strlen(quoted)] == ' ';
+        if (!plain && !ticked) {
+            fail_msg("%s: %s is documented with default \"%.*s\", the code says \"%s\"", path, name,
+                     (int)cell_len, cell, want);
+        }
+        checked++;
+    }
+    fclose(f);
+    assert_true(checked > 0);
+}
+
+static void test_other_docs_state_the_defaults_of_the_code(void **unused)
+{
+    check_doc_defaults(AH_TEST_SOURCE_DIR "/docs/OPERATIONS.md");
+    check_doc_defaults(AH_TEST_SOURCE_DIR "/docs/LUA.md");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -340,6 +382,7 @@ int main(void)
         cmocka_unit_test(test_numbers_outside_their_range_are_refused),
         cmocka_unit_test(test_every_default_in_the_table_is_valid),
         cmocka_unit_test(test_readme_settings_table_matches_the_code),
+        cmocka_unit_test(test_other_docs_state_the_defaults_of_the_code),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
