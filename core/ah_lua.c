@@ -11,7 +11,7 @@
 #include "ah_lua.h"
 
 #include "ah_log.h"
-#include "ah_lua_mongo.h"
+#include "ah_mongo.h"
 #include "ah_metrics.h"
 
 #include <assert.h>

@@ -30,7 +30,7 @@ typedef struct ah_lua_options_s {
     ah_state_t *state;    /* for agent.state(), agent.sleep(), agent.should_stop(); may be NULL
                              (agenthost check): those functions then act as if running */
     double batch_timeout; /* seconds a call may run before it is interrupted */
-    struct ah_lua_mongo_s *mongo; /* agent.mongo's connection (ah_lua_mongo.h), not owned; must
+    struct ah_lua_mongo_s *mongo; /* agent.mongo's connection (ah_mongo.h), not owned; must
                                      outlive the state; NULL: every call fails "not configured" */
     const char *script_source; /* the script's text; NULL: load script_path (else it may be NULL) */
     const char *script_name;   /* chunk name and ctx.script for script_source; NULL: "script" */

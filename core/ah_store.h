@@ -1,7 +1,7 @@
 /* The control store interface: where the cluster's control document and its audit trail live.
  * Two implementations share it: the embedded SQLite store (ah_store_sqlite.c) and the MongoDB
- * store (core/mongo/ah_store_mongo.c, in the MongoDB plugin). The host only ever talks to this
- * interface.
+ * store (core/mongo/ahm_store.c, in the MongoDB plugin; opened by ah_store_mongo_open in
+ * ah_mongo.h). The host only ever talks to this interface.
  *
  * Threads: read/command/history may be called from any thread (HTTP handlers, the host) and
  * are internally serialised as needed. watch_start starts one watcher thread owned by the store;
@@ -62,18 +62,5 @@ void ah_store_close(ah_store_t *st);
 /* The embedded store: a SQLite file shared by all local agents that point at it.
  * poll_interval: seconds between cheap change checks (PRAGMA data_version). */
 ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *err, size_t errlen);
-
-/* The MongoDB store (cfg->mongodb_uri, cfg->mongodb_database, cfg->change_streams,
- * cfg->polling_interval, cfg->agent_id). Creating it does not contact the server: connection
- * problems show up in the watcher's status and as AH_EUNAVAIL from read/command/history. Returns
- * NULL with err set only for a bad configuration (e.g. an unparsable URI). cfg must outlive it. */
-ah_store_t *ah_store_mongo_open(const ah_config_t *cfg, char *err, size_t errlen);
-
-/* The MongoDB store's client pool, for the Lua binding (agent.mongo) to share: NULL when st is
- * NULL or not a MongoDB store. The pool is thread-safe and lives until ah_store_close(); every
- * client popped from it must be pushed back before that. Declared with an incomplete type so this
- * header needs no driver include. */
-struct _mongoc_client_pool_t;
-struct _mongoc_client_pool_t *ah_store_mongo_pool(ah_store_t *st);
 
 #endif

@@ -46,9 +46,9 @@ extern "C" {
 #define AGENTHOST_EXIT_OK 0      /* clean shutdown */
 #define AGENTHOST_EXIT_FAILURE 1 /* runtime failure (init() failed, HTTP port unavailable...) */
 #define AGENTHOST_EXIT_CONFIG 2  /* configuration or script error (bad store path, bad script) */
-#define AGENTHOST_EXIT_WEDGED                                                                      \
-    3 /* a Lua call ignored shutdown past SHUTDOWN_TIMEOUT: the Lua                                \
-         worker still runs; see agenthost_free() */
+/* A Lua call ignored shutdown past SHUTDOWN_TIMEOUT: the Lua worker still runs; see
+ * agenthost_free(). */
+#define AGENTHOST_EXIT_WEDGED 3
 
 /* Run states, in order. AGENTHOST_STATE_NEW: created, not started yet. */
 typedef enum {

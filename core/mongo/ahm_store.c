@@ -1,15 +1,16 @@
-/* The MongoDB control store (docs/OPERATIONS.md): the control document `global_control` and its audit
- * entries in <MONGODB_DATABASE>.agent_control, behind the store interface of ah_store.h. One
+/* The MongoDB control store (docs/OPERATIONS.md): the control document `global_control` and its
+ * audit entries in <MONGODB_DATABASE>.agent_control, behind the store interface of ah_store.h. One
  * mongoc_client_pool_t serves everything: read/command/history pop a client per call (any
  * thread), and the watcher thread holds its own client for its whole life. The watcher detects
  * the watch mode (a change stream, or polling when the server refuses streams: standalone error
- * 40573), logs the lines of the original distributed-control API, delivers the document at start and after every change, and
- * survives every fault by reconnecting with exponential backoff and jitter: a change stream
- * resumes from its last token, a lost history or an invalidated stream leads to a re-read, and a
- * stream silent for CHANGE_STREAM_VERIFY_INTERVAL seconds is verified by a direct read. Short
- * driver timeouts (set unless the URI has its own) make every failure show within seconds.
- * Part of the MongoDB plugin: the core reaches it through ah_store_mongo_open (core/ah_mongo.c). */
-#include "ah_mongo_impl.h"
+ * 40573), logs the lines of the original distributed-control API, delivers the document at start
+ * and after every change, and survives every fault by reconnecting with exponential backoff and
+ * jitter: a change stream resumes from its last token, a lost history or an invalidated stream
+ * leads to a re-read, and a stream silent for CHANGE_STREAM_VERIFY_INTERVAL seconds is verified by
+ * a direct read. Short driver timeouts (set unless the URI has its own) make every failure show
+ * within seconds. Part of the MongoDB plugin: the core reaches it through ah_store_mongo_open
+ * (core/ah_mongo.h). */
+#include "ahm.h"
 
 #include "ah_log.h"
 
@@ -36,12 +37,14 @@
 /* How long one change stream getMore waits on the server: bounds close() in the normal case. */
 #define AH_MONGO_MAX_AWAIT_MS 1000
 
-#define AH_MONGO_RETRY_MIN 0.25 /* first reconnect delay, seconds */
-#define AH_MONGO_RETRY_MAX 5.0  /* reconnect delay cap, seconds */
-#define AH_MONGO_POLL_RETRY_MAX                                                                    \
-    30.0 /* polling error backoff cap (unless the interval is longer)                              \
-          */
-#define AH_MONGO_STATUS_GAP_US 1000000 /* routine status reports: at most one per second */
+/* First reconnect delay, seconds. */
+#define AH_MONGO_RETRY_MIN 0.25
+/* Reconnect delay cap, seconds. */
+#define AH_MONGO_RETRY_MAX 5.0
+/* Polling error backoff cap, seconds (unless the polling interval is longer). */
+#define AH_MONGO_POLL_RETRY_MAX 30.0
+/* Routine status reports: at most one per second. */
+#define AH_MONGO_STATUS_GAP_US 1000000
 #define AH_MONGO_AUDIT_ATTEMPTS 4
 
 #define AH_MONGO_CODE_UNAUTHORIZED 13
@@ -66,7 +69,7 @@ typedef enum {
     AH_MONGO_MODE_POLLING,
 } ah_mongo_mode_t;
 
-typedef struct ah_store_mongo_s {
+typedef struct ahm_store_s {
     ah_store_t base; /* first member (ah_store.h) */
     const ah_config_t *cfg;
     mongoc_uri_t *uri;
@@ -82,11 +85,11 @@ typedef struct ah_store_mongo_s {
     pthread_t watcher;
     bool watcher_started;
     ah_store_listener_t listener;
-} ah_store_mongo_t;
+} ahm_store_t;
 
 /* The watcher thread's private state. */
 typedef struct ah_mongo_watch_s {
-    ah_store_mongo_t *ms;
+    ahm_store_t *ms;
     mongoc_client_t *client;
     mongoc_collection_t *coll;
     ah_mongo_mode_t mode;
@@ -135,12 +138,12 @@ static void mongo_global_init(void)
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 
-static ah_store_mongo_t *mongo_of(ah_store_t *st)
+static ahm_store_t *mongo_of(ah_store_t *st)
 {
-    return (ah_store_mongo_t *)st;
+    return (ahm_store_t *)st;
 }
 
-static bool mongo_closing(ah_store_mongo_t *ms)
+static bool mongo_closing(ahm_store_t *ms)
 {
     pthread_mutex_lock(&ms->mutex);
     bool closing = ms->closing;
@@ -149,7 +152,7 @@ static bool mongo_closing(ah_store_mongo_t *ms)
 }
 
 /* Waits up to `seconds` or until close(). Returns true if the store is closing. */
-static bool mongo_wait(ah_store_mongo_t *ms, double seconds)
+static bool mongo_wait(ahm_store_t *ms, double seconds)
 {
     struct timespec deadline;
     ah_mono_deadline(seconds, &deadline);
@@ -262,7 +265,7 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
 }
 
 /* Parses the control document and remembers its command as the fallback for the next one. */
-static int parse_and_remember(ah_store_mongo_t *ms, const bson_t *doc, ah_control_t *out)
+static int parse_and_remember(ahm_store_t *ms, const bson_t *doc, ah_control_t *out)
 {
     pthread_mutex_lock(&ms->mutex);
     ah_command_t fallback = ms->last_command;
@@ -283,8 +286,8 @@ static void append_now(bson_t *doc, const char *key, int64_t now_us)
 
 /* Creates the initial document if it does not exist (an upsert that only sets fields on insert,
  * so it never overwrites a concurrent writer) and returns it in *out. */
-static int ensure_control(ah_store_mongo_t *ms, mongoc_collection_t *coll, ah_control_t *out,
-                          char *err, size_t errlen)
+static int ensure_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control_t *out, char *err,
+                          size_t errlen)
 {
     int rc = AH_EIO;
     bson_t reply = BSON_INITIALIZER;
@@ -339,8 +342,8 @@ cleanup:
 
 /* Reads the control document with one light query (a single-batch find with a projection),
  * creating it if it is missing. 0, AH_EUNAVAIL or AH_EIO with err set. */
-static int read_control(ah_store_mongo_t *ms, mongoc_collection_t *coll, ah_control_t *out,
-                        char *err, size_t errlen)
+static int read_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control_t *out, char *err,
+                        size_t errlen)
 {
     int rc = AH_EIO;
     bson_error_t error;
@@ -373,14 +376,13 @@ cleanup:
 
 /* ---- the store operations (any thread) ---------------------------------------------------- */
 
-static mongoc_collection_t *pop_collection(ah_store_mongo_t *ms, mongoc_client_t **client)
+static mongoc_collection_t *pop_collection(ahm_store_t *ms, mongoc_client_t **client)
 {
     *client = mongoc_client_pool_pop(ms->pool);
     return mongoc_client_get_collection(*client, ms->cfg->mongodb_database, AH_MONGO_COLLECTION);
 }
 
-static void push_collection(ah_store_mongo_t *ms, mongoc_client_t *client,
-                            mongoc_collection_t *coll)
+static void push_collection(ahm_store_t *ms, mongoc_client_t *client, mongoc_collection_t *coll)
 {
     mongoc_collection_destroy(coll);
     mongoc_client_pool_push(ms->pool, client);
@@ -388,7 +390,7 @@ static void push_collection(ah_store_mongo_t *ms, mongoc_client_t *client,
 
 static int mongo_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen)
 {
-    ah_store_mongo_t *ms = mongo_of(st);
+    ahm_store_t *ms = mongo_of(st);
     mongoc_client_t *client;
     mongoc_collection_t *coll = pop_collection(ms, &client);
     int rc = read_control(ms, coll, out, err, errlen);
@@ -398,7 +400,7 @@ static int mongo_read(ah_store_t *st, ah_control_t *out, char *err, size_t errle
 
 /* Inserts the audit entry of version doc->version. A duplicate key means it is already there
  * (a retried attempt that had succeeded). Retries a few times; 0 or AH_EIO. */
-static int insert_audit(ah_store_mongo_t *ms, mongoc_collection_t *coll, const ah_control_t *doc,
+static int insert_audit(ahm_store_t *ms, mongoc_collection_t *coll, const ah_control_t *doc,
                         char *err, size_t errlen)
 {
     char id[64];
@@ -434,7 +436,7 @@ static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
                          const char *updated_by, const char *agent_id, ah_control_t *out, char *err,
                          size_t errlen)
 {
-    ah_store_mongo_t *ms = mongo_of(st);
+    ahm_store_t *ms = mongo_of(st);
     int rc = AH_EIO;
     bson_error_t error;
     bson_t reply = BSON_INITIALIZER;
@@ -514,7 +516,7 @@ cleanup:
 static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
                          size_t errlen)
 {
-    ah_store_mongo_t *ms = mongo_of(st);
+    ahm_store_t *ms = mongo_of(st);
     int rc = AH_OK;
     bson_error_t error;
     const bson_t *doc;
@@ -731,7 +733,7 @@ static bool handle_event(ah_mongo_watch_t *w, const bson_t *event)
  * polling. */
 static void run_streams(ah_mongo_watch_t *w)
 {
-    ah_store_mongo_t *ms = w->ms;
+    ahm_store_t *ms = w->ms;
     bson_t *token = NULL;
     bool need_read = true;
     while (!mongo_closing(ms)) {
@@ -847,7 +849,7 @@ static void run_streams(ah_mongo_watch_t *w)
 /* Polling mode: one light query per interval (±10% jitter), delivered on a version change. */
 static void run_polling(ah_mongo_watch_t *w)
 {
-    ah_store_mongo_t *ms = w->ms;
+    ahm_store_t *ms = w->ms;
     double interval = ms->cfg->polling_interval;
     double retry_max = interval > AH_MONGO_POLL_RETRY_MAX ? interval : AH_MONGO_POLL_RETRY_MAX;
     while (!mongo_closing(ms)) {
@@ -867,7 +869,7 @@ static void run_polling(ah_mongo_watch_t *w)
 
 static void *watcher_main(void *arg)
 {
-    ah_store_mongo_t *ms = arg;
+    ahm_store_t *ms = arg;
     ah_mongo_watch_t w;
     memset(&w, 0, sizeof(w));
     w.ms = ms;
@@ -897,7 +899,7 @@ static void *watcher_main(void *arg)
 static int mongo_watch_start(ah_store_t *st, const ah_store_listener_t *listener, char *err,
                              size_t errlen)
 {
-    ah_store_mongo_t *ms = mongo_of(st);
+    ahm_store_t *ms = mongo_of(st);
     if (ms->watcher_started) {
         snprintf(err, errlen, "the MongoDB watcher is already running");
         return AH_EINVAL;
@@ -913,7 +915,7 @@ static int mongo_watch_start(ah_store_t *st, const ah_store_listener_t *listener
 
 static void mongo_close(ah_store_t *st)
 {
-    ah_store_mongo_t *ms = mongo_of(st);
+    ahm_store_t *ms = mongo_of(st);
     pthread_mutex_lock(&ms->mutex);
     ms->closing = true;
     pthread_cond_broadcast(&ms->cond);
@@ -948,11 +950,11 @@ static void default_timeout(mongoc_uri_t *uri, const char *option, int32_t ms)
     }
 }
 
-ah_store_t *ah_mongo_store_open(const ah_config_t *cfg, char *err, size_t errlen)
+ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
 {
     bson_error_t error;
     pthread_once(&mongoc_once, mongo_global_init);
-    ah_store_mongo_t *ms = calloc(1, sizeof(*ms));
+    ahm_store_t *ms = calloc(1, sizeof(*ms));
     if (ms == NULL) {
         snprintf(err, errlen, "out of memory");
         return NULL;
@@ -999,7 +1001,7 @@ fail:
 
 /* ---- sharing the pool --------------------------------------------------------------------- */
 
-mongoc_client_pool_t *ah_mongo_store_pool(ah_store_t *st)
+mongoc_client_pool_t *ahm_store_pool(ah_store_t *st)
 {
     if (st == NULL || st->ops != &mongo_ops) {
         return NULL;
