@@ -32,7 +32,6 @@
 #define HTTP_CONNECTION_TIMEOUT 30 /* seconds of inactivity */
 #define HTTP_THREADS 2
 #define HTTP_HISTORY_DEFAULT 20
-#define HTTP_HISTORY_MAX 1000
 #define HTTP_PATH_IN_ERROR 200 /* bytes of a path quoted in a 404 message */
 
 #define JSON_TYPE "application/json"
@@ -232,7 +231,7 @@ static int query_text(const http_call_t *call, const char *key, const char *fall
     return AH_OK;
 }
 
-/* Parses "1".."1000" (plain decimal digits only). 0 or AH_EINVAL. */
+/* Parses "1"..AH_HISTORY_MAX (at most 4 plain decimal digits). 0 or AH_EINVAL. */
 static int parse_limit(const char *text, int *out)
 {
     if (text == NULL || text[0] == '\0' || strlen(text) > 4) {
@@ -245,7 +244,7 @@ static int parse_limit(const char *text, int *out)
         }
         value = value * 10 + (*p - '0');
     }
-    if (value < 1 || value > HTTP_HISTORY_MAX) {
+    if (value < 1 || value > AH_HISTORY_MAX) {
         return AH_EINVAL;
     }
     *out = value;
@@ -435,7 +434,7 @@ static void handle_history(http_call_t *call, http_reply_t *reply)
         MHD_YES) {
         if (text == NULL || strlen(text) != len || parse_limit(text, &limit) != AH_OK) {
             reply_error(reply, MHD_HTTP_BAD_REQUEST, "limit must be an integer between 1 and %d",
-                        HTTP_HISTORY_MAX);
+                        AH_HISTORY_MAX);
             return;
         }
     }

@@ -319,20 +319,6 @@ static int core_log_enabled(lua_State *L)
     return 1;
 }
 
-static void sleep_really(double seconds)
-{
-    struct timespec req;
-    req.tv_sec = (time_t)seconds;
-    req.tv_nsec = (long)((seconds - (double)req.tv_sec) * 1e9);
-    if (req.tv_nsec >= 1000000000L) {
-        req.tv_nsec = 999999999L;
-    }
-    struct timespec rem;
-    while (nanosleep(&req, &rem) != 0 && errno == EINTR) {
-        req = rem;
-    }
-}
-
 /* core.sleep(seconds) -> true if woken early (a command arrived or shutdown was requested),
  * false if the full time passed. Never sleeps past the running call's budget: at the deadline it
  * raises the timeout error instead. */
@@ -359,7 +345,7 @@ static int core_sleep(lua_State *L)
     if (lua->state != NULL) {
         woken = ah_state_wait(lua->state, seconds);
     } else if (seconds > 0) {
-        sleep_really(seconds);
+        ah_sleep(seconds);
     }
     if (past_deadline && !woken) {
         return raise_timeout(L, lua);
@@ -846,23 +832,31 @@ static void push_event(lua_State *L, const ah_event_t *ev)
 }
 
 /* AH_HOOK_NONE (a transition without a hook) and an undefined hook are no-ops returning 0. */
-int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen)
+/* The script function a hook calls, or -1 for AH_HOOK_NONE. */
+static int hook_fn(ah_hook_t hook)
 {
-    int fn;
     switch (hook) {
     case AH_HOOK_PAUSE:
-        fn = FN_ON_PAUSE;
-        break;
+        return FN_ON_PAUSE;
     case AH_HOOK_RESUME:
-        fn = FN_ON_RESUME;
-        break;
+        return FN_ON_RESUME;
     case AH_HOOK_SHUTDOWN:
-        fn = FN_ON_SHUTDOWN;
-        break;
+        return FN_ON_SHUTDOWN;
     default:
-        return AH_OK;
+        return -1;
     }
-    if (lua->fn_refs[fn] == LUA_NOREF) {
+}
+
+const char *ah_lua_hook_name(ah_hook_t hook)
+{
+    int fn = hook_fn(hook);
+    return fn < 0 ? "none" : fn_names[fn];
+}
+
+int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen)
+{
+    int fn = hook_fn(hook);
+    if (fn < 0 || lua->fn_refs[fn] == LUA_NOREF) {
         return AH_OK;
     }
     if (ev == NULL) {

@@ -48,7 +48,7 @@ int ah_store_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen);
  * the new document. 0, or AH_EUNAVAIL (nothing written) / AH_EIO with err set. */
 int ah_store_command(ah_store_t *st, ah_command_t cmd, const char *reason, const char *updated_by,
                      const char *agent_id, ah_control_t *out, char *err, size_t errlen);
-/* Newest-first audit entries, at most `limit` (1..1000), into out[limit]; *count set. */
+/* Newest-first audit entries, at most `limit` (1..AH_HISTORY_MAX), into out[limit]; *count set. */
 int ah_store_history(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
                      size_t errlen);
 /* Starts watching: the watcher thread first reads the document (retrying with backoff until it
@@ -58,6 +58,35 @@ int ah_store_watch_start(ah_store_t *st, const ah_store_listener_t *listener, ch
                          size_t errlen);
 /* Stops the watcher (joins its thread) and frees the store. NULL is accepted. */
 void ah_store_close(ah_store_t *st);
+
+/* ---- for implementations: the watcher's status reporter ----
+ *
+ * Both watchers keep their ah_store_status_t in one of these and change the connection fields
+ * only through it, so their connected / reconnect / error bookkeeping reads alike. Watcher
+ * thread only. */
+typedef struct ah_store_reporter_s {
+    ah_store_status_t status;
+    const ah_store_listener_t *listener; /* not owned; its on_status may be NULL */
+    int64_t min_gap_us;                  /* routine reports: at most one per this interval */
+    bool ever_connected;
+    int64_t last_report_us; /* monotonic time of the last report */
+    uint64_t reported_polls;
+} ah_store_reporter_t;
+
+/* Starts disconnected, latency unknown, with the given names (watch_mode may be ""). */
+void ah_store_reporter_init(ah_store_reporter_t *r, const ah_store_listener_t *listener,
+                            const char *backend, const char *topology, const char *watch_mode,
+                            int64_t min_gap_us);
+/* Reports the status: now when force, else only if polls moved since the last report and
+ * min_gap_us has passed (the routine counters). */
+void ah_store_report(ah_store_reporter_t *r, bool force);
+/* Records a successful round trip: the latency (< 0: unknown, kept) and, when disconnected, the
+ * (re)connection (counted in reconnects after the first). Returns true if it just (re)connected:
+ * the caller then reports with force. Does not report itself. */
+bool ah_store_note_connected(ah_store_reporter_t *r, double latency_ms);
+/* Records a failure: disconnected, last_error = message at the current wall-clock time, and
+ * reports at once. */
+void ah_store_note_failure(ah_store_reporter_t *r, const char *message);
 
 /* The embedded store: a SQLite file shared by all local agents that point at it.
  * poll_interval: seconds between cheap change checks (PRAGMA data_version). */

@@ -93,10 +93,7 @@ typedef struct ah_mongo_watch_s {
     mongoc_client_t *client;
     mongoc_collection_t *coll;
     ah_mongo_mode_t mode;
-    ah_store_status_t status;
-    bool ever_connected;
-    int64_t last_report_us; /* monotonic; 0 = report at the next chance */
-    uint64_t reported_polls;
+    ah_store_reporter_t reporter; /* the status and when it was last reported */
     bool delivered;
     int64_t delivered_version;
     int failures; /* consecutive failures: drives the backoff */
@@ -152,39 +149,24 @@ static bool mongo_closing(ahm_store_t *ms)
 }
 
 /* Waits up to `seconds` or until close(). Returns true if the store is closing. */
+static bool store_closing(void *arg)
+{
+    return ((const ahm_store_t *)arg)->closing;
+}
+
 static bool mongo_wait(ahm_store_t *ms, double seconds)
 {
-    struct timespec deadline;
-    ah_mono_deadline(seconds, &deadline);
     pthread_mutex_lock(&ms->mutex);
-    while (!ms->closing) {
-        if (pthread_cond_timedwait(&ms->cond, &ms->mutex, &deadline) == ETIMEDOUT) {
-            break;
-        }
-    }
-    bool closing = ms->closing;
+    bool closing = ah_cond_wait_until(&ms->cond, &ms->mutex, seconds, store_closing, ms);
     pthread_mutex_unlock(&ms->mutex);
     return closing;
 }
 
-/* A uniformly random factor in [lo, hi). */
-static double jitter(unsigned int *seed, double lo, double hi)
-{
-    return lo + (hi - lo) * ((double)rand_r(seed) / ((double)RAND_MAX + 1.0));
-}
-
-/* Exponential backoff: min * 2^failures capped at max, then scaled by a random 50-100% so a
- * fleet that lost the server together does not come back in lockstep. */
+/* Exponential backoff (ah_backoff), then scaled by a random 50-100% so a fleet that lost the
+ * server together does not come back in lockstep. */
 static double backoff_delay(int failures, double min, double max, unsigned int *seed)
 {
-    double delay = min;
-    for (int i = 0; i < failures && delay < max; i++) {
-        delay *= 2;
-    }
-    if (delay > max) {
-        delay = max;
-    }
-    return delay * jitter(seed, 0.5, 1.0);
+    return ah_backoff(failures, min, max) * ah_jitter(seed, 0.5, 1.0);
 }
 
 static ah_mongo_fault_t classify_error(const bson_error_t *error)
@@ -279,6 +261,27 @@ static int parse_and_remember(ahm_store_t *ms, const bson_t *doc, ah_control_t *
     return rc;
 }
 
+/* Parses the control document a findAndModify reply carries (its "value") into *out and
+ * remembers its command. what names the operation in the error. 0, or AH_EIO with err set. */
+static int parse_find_and_modify_reply(ahm_store_t *ms, const bson_t *reply, const char *what,
+                                       ah_control_t *out, char *err, size_t errlen)
+{
+    bson_iter_t it;
+    const uint8_t *data;
+    uint32_t len;
+    bson_t value;
+    if (!bson_iter_init_find(&it, reply, "value") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
+        snprintf(err, errlen, "MongoDB %s: no document returned", what);
+        return AH_EIO;
+    }
+    bson_iter_document(&it, &len, &data);
+    if (!bson_init_static(&value, data, len) || parse_and_remember(ms, &value, out) != AH_OK) {
+        snprintf(err, errlen, "MongoDB control document has no numeric version");
+        return AH_EIO;
+    }
+    return AH_OK;
+}
+
 static void append_now(bson_t *doc, const char *key, int64_t now_us)
 {
     bson_append_date_time(doc, key, -1, now_us / 1000);
@@ -318,20 +321,7 @@ static int ensure_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control
         rc = read_failure("create control document", &error, err, errlen);
         goto cleanup;
     }
-    bson_iter_t it;
-    if (!bson_iter_init_find(&it, &reply, "value") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
-        snprintf(err, errlen, "MongoDB create control document: no document returned");
-        goto cleanup;
-    }
-    const uint8_t *data;
-    uint32_t len;
-    bson_iter_document(&it, &len, &data);
-    bson_t value;
-    if (!bson_init_static(&value, data, len) || parse_and_remember(ms, &value, out) != AH_OK) {
-        snprintf(err, errlen, "MongoDB control document has no numeric version");
-        goto cleanup;
-    }
-    rc = AH_OK;
+    rc = parse_find_and_modify_reply(ms, &reply, "create control document", out, err, errlen);
 cleanup:
     mongoc_find_and_modify_opts_destroy(opts);
     bson_destroy(update);
@@ -477,17 +467,8 @@ static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
         }
         goto cleanup;
     }
-    bson_iter_t it;
-    const uint8_t *data;
-    uint32_t len;
-    bson_t value;
-    if (!bson_iter_init_find(&it, &reply, "value") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
-        snprintf(err, errlen, "MongoDB findAndModify returned no document");
-        goto cleanup;
-    }
-    bson_iter_document(&it, &len, &data);
-    if (!bson_init_static(&value, data, len) || parse_and_remember(ms, &value, out) != AH_OK) {
-        snprintf(err, errlen, "MongoDB control document has no numeric version");
+    rc = parse_find_and_modify_reply(ms, &reply, "command", out, err, errlen);
+    if (rc != AH_OK) {
         goto cleanup;
     }
     /* The returned document is the authority for version and timestamp; the rest is ours. */
@@ -545,21 +526,6 @@ static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *coun
 
 /* ---- the watcher thread ------------------------------------------------------------------- */
 
-static void report_status(ah_mongo_watch_t *w, bool force)
-{
-    const ah_store_listener_t *l = &w->ms->listener;
-    int64_t now = ah_mono_us();
-    if (!force && (w->status.polls == w->reported_polls ||
-                   now - w->last_report_us < AH_MONGO_STATUS_GAP_US)) {
-        return;
-    }
-    if (l->on_status != NULL) {
-        l->on_status(l->ud, &w->status);
-    }
-    w->last_report_us = now;
-    w->reported_polls = w->status.polls;
-}
-
 /* Fills status.topology from the driver's view of the servers (no extra round trip). */
 static void update_topology(ah_mongo_watch_t *w)
 {
@@ -580,28 +546,22 @@ static void update_topology(ah_mongo_watch_t *w)
     }
     mongoc_server_descriptions_destroy_all(sds, n);
     if (strcmp(topology, "unknown") != 0) {
-        ah_strlcpy(w->status.topology, topology, sizeof(w->status.topology));
+        ah_strlcpy(w->reporter.status.topology, topology, sizeof(w->reporter.status.topology));
     }
 }
 
 /* Records a successful round trip. */
 static void note_success(ah_mongo_watch_t *w, double latency_ms)
 {
-    bool changed = !w->status.connected;
-    if (latency_ms >= 0) {
-        w->status.latency_ms = latency_ms;
-    }
-    if (!w->status.connected) {
-        if (w->ever_connected) {
-            w->status.reconnects++;
+    bool connected_now = ah_store_note_connected(&w->reporter, latency_ms);
+    if (connected_now) {
+        if (w->reporter.status.reconnects > 0) {
             ah_log_info("[Distributed Control] MongoDB connection restored");
         }
-        w->status.connected = true;
-        w->ever_connected = true;
         update_topology(w);
     }
     w->failures = 0;
-    report_status(w, changed);
+    ah_store_report(&w->reporter, connected_now);
 }
 
 /* Records a failure; logs the first one of a streak. */
@@ -617,10 +577,7 @@ static void note_failure(ah_mongo_watch_t *w, const char *what, const char *mess
         ah_log_debug("[Distributed Control] %s (attempt %d)", text, w->failures + 1);
     }
     w->failures++;
-    w->status.connected = false;
-    ah_strlcpy(w->status.last_error, text, sizeof(w->status.last_error));
-    w->status.last_error_us = ah_now_us();
-    report_status(w, true);
+    ah_store_note_failure(&w->reporter, text);
 }
 
 static bool wait_backoff(ah_mongo_watch_t *w, double min, double max)
@@ -660,9 +617,10 @@ static int watch_read(ah_mongo_watch_t *w, const char *what)
 static void set_watch_mode(ah_mongo_watch_t *w, ah_mongo_mode_t mode)
 {
     w->mode = mode;
-    ah_strlcpy(w->status.watch_mode, mode == AH_MONGO_MODE_POLLING ? "polling" : "change_streams",
-               sizeof(w->status.watch_mode));
-    report_status(w, true);
+    ah_strlcpy(w->reporter.status.watch_mode,
+               mode == AH_MONGO_MODE_POLLING ? "polling" : "change_streams",
+               sizeof(w->reporter.status.watch_mode));
+    ah_store_report(&w->reporter, true);
 }
 
 static void use_polling(ah_mongo_watch_t *w, const char *why)
@@ -773,7 +731,7 @@ static void run_streams(ah_mongo_watch_t *w)
             ah_log_info("Using MongoDB Change Streams (event-driven, real-time)");
             set_watch_mode(w, AH_MONGO_MODE_STREAMS);
         } else if (token != NULL) {
-            w->status.stream_resumes++;
+            w->reporter.status.stream_resumes++;
             ah_log_info("[Distributed Control] Change stream resumed");
         }
         /* The stream is open before the read, so a command written after the read is an event. */
@@ -815,7 +773,7 @@ static void run_streams(ah_mongo_watch_t *w)
                 break;
             }
             save_token(stream, &token);
-            report_status(w, false);
+            ah_store_report(&w->reporter, false);
             if (ms->verify_interval > 0 &&
                 (double)(ah_mono_us() - quiet_since) / 1e6 >= ms->verify_interval) {
                 int64_t before = w->delivered_version;
@@ -839,7 +797,8 @@ static void run_streams(ah_mongo_watch_t *w)
             need_read = true;
             continue;
         }
-        if (!w->status.connected && wait_backoff(w, AH_MONGO_RETRY_MIN, AH_MONGO_RETRY_MAX)) {
+        if (!w->reporter.status.connected &&
+            wait_backoff(w, AH_MONGO_RETRY_MIN, AH_MONGO_RETRY_MAX)) {
             break;
         }
     }
@@ -853,11 +812,11 @@ static void run_polling(ah_mongo_watch_t *w)
     double interval = ms->cfg->polling_interval;
     double retry_max = interval > AH_MONGO_POLL_RETRY_MAX ? interval : AH_MONGO_POLL_RETRY_MAX;
     while (!mongo_closing(ms)) {
-        w->status.polls++;
+        w->reporter.status.polls++;
         double wait;
         if (watch_read(w, "poll") == AH_OK) {
-            wait = interval * jitter(&w->seed, 0.9, 1.1);
-            report_status(w, false);
+            wait = interval * ah_jitter(&w->seed, 0.9, 1.1);
+            ah_store_report(&w->reporter, false);
         } else {
             wait = backoff_delay(w->failures - 1, interval, retry_max, &w->seed);
         }
@@ -876,12 +835,11 @@ static void *watcher_main(void *arg)
     w.seed = (unsigned int)(ah_now_us() ^ ((int64_t)getpid() << 16));
     w.client = mongoc_client_pool_pop(ms->pool);
     w.coll = mongoc_client_get_collection(w.client, ms->cfg->mongodb_database, AH_MONGO_COLLECTION);
-    ah_strlcpy(w.status.backend, "mongodb", sizeof(w.status.backend));
-    ah_strlcpy(w.status.topology, "unknown", sizeof(w.status.topology));
-    w.status.latency_ms = -1.0;
+    ah_store_reporter_init(&w.reporter, &ms->listener, "mongodb", "unknown", "",
+                           AH_MONGO_STATUS_GAP_US);
     if (ms->cfg->change_streams) {
         w.mode = AH_MONGO_MODE_DETECT;
-        report_status(&w, true);
+        ah_store_report(&w.reporter, true);
         run_streams(&w);
     } else {
         ah_log_info("Using polling fallback (interval: %gs) (ENABLE_CHANGE_STREAMS=false)",
