@@ -34,7 +34,8 @@
 /* The generated table of lua/<name>.lua modules (cmake/embed_lua.cmake), NULL-terminated by name.
  */
 typedef struct {
-    const char *name;
+    const char *name; /* the require() name: lua/agent_queue.lua is "agent.queue" */
+    const char *file; /* the file under lua/, for the chunk name */
     const unsigned char *data;
     size_t size;
 } ah_lua_module_t;
@@ -555,7 +556,7 @@ static void register_preloads(lua_State *L, ah_lua_t *lua)
     lua_setfield(L, -2, "agent.mongo");
 
     for (const ah_lua_module_t *m = ah_lua_modules; m->name != NULL; m++) {
-        lua_pushfstring(L, "@lua/%s.lua", m->name);
+        lua_pushfstring(L, "@lua/%s", m->file);
         if (luaL_loadbuffer(L, (const char *)m->data, m->size, lua_tostring(L, -1)) != 0) {
             lua_error(L);
         }
