@@ -182,6 +182,20 @@ bool ah_cond_wait_until(pthread_cond_t *cond, pthread_mutex_t *lock, double seco
     return true;
 }
 
+static bool flag_is_set(void *flag)
+{
+    return *(const bool *)flag;
+}
+
+bool ah_cond_wait_flag(pthread_cond_t *cond, pthread_mutex_t *lock, const bool *flag,
+                       double seconds)
+{
+    pthread_mutex_lock(lock);
+    bool set = ah_cond_wait_until(cond, lock, seconds, flag_is_set, (void *)flag);
+    pthread_mutex_unlock(lock);
+    return set;
+}
+
 void ah_sleep(double seconds)
 {
     if (!(seconds > 0)) {

@@ -80,6 +80,11 @@ void ah_mono_deadline(double seconds, struct timespec *out);
  * lock held. Returns done(arg)'s last value: false means the time ran out. */
 bool ah_cond_wait_until(pthread_cond_t *cond, pthread_mutex_t *lock, double seconds,
                         bool (*done)(void *arg), void *arg);
+/* Takes lock, waits on cond until *flag is true or `seconds` have passed (as ah_cond_wait_until),
+ * releases lock and returns *flag: the wait of a thread that stops when another sets a flag
+ * under lock. */
+bool ah_cond_wait_flag(pthread_cond_t *cond, pthread_mutex_t *lock, const bool *flag,
+                       double seconds);
 /* Sleeps the calling thread for `seconds` (>= 0), resuming after signals. */
 void ah_sleep(double seconds);
 /* Capped exponential backoff: min * 2^failures, at most max (failures 0 → min). */

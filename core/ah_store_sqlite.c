@@ -411,18 +411,9 @@ cleanup:
 }
 
 /* Watcher: waits up to `seconds` or until close() asks it to stop. Returns true if stopping. */
-static bool watch_stopping(void *arg)
-{
-    return ((const ah_sqlite_store_t *)arg)->stopping;
-}
-
 static bool watch_wait(ah_sqlite_store_t *st, double seconds)
 {
-    pthread_mutex_lock(&st->watch_lock);
-    bool stopping =
-        ah_cond_wait_until(&st->watch_cond, &st->watch_lock, seconds, watch_stopping, st);
-    pthread_mutex_unlock(&st->watch_lock);
-    return stopping;
+    return ah_cond_wait_flag(&st->watch_cond, &st->watch_lock, &st->stopping, seconds);
 }
 
 /* Watcher: the connection's data_version into *out. 0, or AH_EIO with err set. */

@@ -149,17 +149,9 @@ static bool mongo_closing(ahm_store_t *ms)
 }
 
 /* Waits up to `seconds` or until close(). Returns true if the store is closing. */
-static bool store_closing(void *arg)
-{
-    return ((const ahm_store_t *)arg)->closing;
-}
-
 static bool mongo_wait(ahm_store_t *ms, double seconds)
 {
-    pthread_mutex_lock(&ms->mutex);
-    bool closing = ah_cond_wait_until(&ms->cond, &ms->mutex, seconds, store_closing, ms);
-    pthread_mutex_unlock(&ms->mutex);
-    return closing;
+    return ah_cond_wait_flag(&ms->cond, &ms->mutex, &ms->closing, seconds);
 }
 
 /* Exponential backoff (ah_backoff), then scaled by a random 50-100% so a fleet that lost the
