@@ -560,7 +560,10 @@ static void note_success(ah_mongo_watch_t *w, double latency_ms)
 static void note_failure(ah_mongo_watch_t *w, const char *what, const char *message)
 {
     char text[AH_ERRLEN];
-    snprintf(text, sizeof(text), "%s: %s", what, message);
+    /* A long driver message is cut at AH_ERRLEN - 1 bytes, as last_error would cut it. */
+    if (snprintf(text, sizeof(text), "%s: %s", what, message) < 0) {
+        ah_strlcpy(text, what, sizeof(text));
+    }
     if (w->failures == 0) {
         ah_log_warn("[Distributed Control] %s (retrying with backoff; the agent keeps its "
                     "current state)",
