@@ -24,6 +24,8 @@
 #define AH_TIMESTAMP_LEN 32 /* "2026-01-11T10:30:00.123456Z" + NUL */
 /* Most audit entries one history request returns (the store, the HTTP API and the CLI). */
 #define AH_HISTORY_MAX 1000
+/* Most agent status records one fleet listing reads (the store and the HTTP API). */
+#define AH_AGENTS_MAX 10000
 
 /* A macro's value as a string literal: AH_XSTR(AH_HISTORY_MAX) is "1000". */
 #define AH_STR(x) #x

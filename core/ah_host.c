@@ -6,6 +6,7 @@
  * commits the transition, then runs the hook. */
 #include "ah_host.h"
 
+#include "ah_fleet.h"
 #include "ah_http.h"
 #include "ah_log.h"
 #include "ah_lua.h"
@@ -36,6 +37,7 @@ struct ah_host_s {
     ah_metrics_t *metrics;     /* agent.metrics; outlives every Lua state */
     ah_lua_mongo_t *mongo;     /* agent.mongo's connection; outlives lua */
     ah_store_t *store;
+    ah_fleet_t *fleet; /* this agent's status record; NULL without a store */
     ah_http_t *http;
     atomic_int http_port; /* read by any thread (ah_host_http_port) */
 
@@ -460,6 +462,11 @@ static void on_store_status(void *ud, const ah_store_status_t *status)
     ah_state_set_store_status(ud, status);
 }
 
+static void on_state_change(void *ud)
+{
+    ah_fleet_changed(ud);
+}
+
 static int open_store(ah_host_t *h, char *err, size_t errlen)
 {
     const ah_config_t *cfg = h->cfg;
@@ -490,6 +497,11 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
         return AH_EINVAL;
     }
     ah_lua_mongo_set_shared_pool(h->mongo, ah_store_mongo_pool(h->store));
+    h->fleet = ah_fleet_start(cfg, h->state, h->store, err, errlen);
+    if (h->fleet == NULL) {
+        return AH_EIO;
+    }
+    ah_state_set_change_listener(h->state, on_state_change, h->fleet);
     ah_store_listener_t listener = {
         .on_control = on_store_control, .on_status = on_store_status, .ud = h->state};
     return ah_store_watch_start(h->store, &listener, err, errlen);
@@ -541,8 +553,12 @@ out:
     ah_http_stop(h->http);
     h->http = NULL;
     ah_lua_mongo_detach(h->mongo); /* the Lua worker has stopped: no client may outlive the pool */
+    ah_fleet_stop(h->fleet);       /* the last record: "stopped" after a clean shutdown */
     ah_store_close(h->store);
     h->store = NULL;
+    ah_fleet_free(h->fleet); /* the watcher, which reports changes to it, has stopped */
+    h->fleet = NULL;
+    ah_state_set_change_listener(h->state, NULL, NULL);
     if (h->loop_open) {
         close_handles(h);
         uv_run(&h->loop, UV_RUN_DEFAULT);

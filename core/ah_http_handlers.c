@@ -4,6 +4,7 @@
  * libmicrohttpd are in core/ah_http.c. Handlers run on libmicrohttpd's threads. */
 #include "ah_http_handlers.h"
 
+#include "ah_fleet.h"
 #include "ah_json.h"
 #include "ah_log.h"
 
@@ -35,6 +36,24 @@ static void json_timestamp(ah_buf_t *b, const char *key, int64_t ts_us)
     }
     char text[AH_TIMESTAMP_LEN];
     ah_format_timestamp(ts_us, text);
+    ah_json_str(b, key, text);
+}
+
+/* Writes "key": "<timestamp with milliseconds>" (the precision of a MongoDB Date), or null when
+ * ts_us is 0. */
+static void json_timestamp_ms(ah_buf_t *b, const char *key, int64_t ts_us)
+{
+    if (ts_us == 0) {
+        ah_json_null(b, key);
+        return;
+    }
+    char text[AH_TIMESTAMP_LEN];
+    ah_format_timestamp(ts_us - ts_us % 1000 - (ts_us % 1000 < 0 ? 1000 : 0), text);
+    char *dot = strchr(text, '.');
+    if (dot != NULL && strlen(dot) == 8) { /* ".123456Z" → ".123Z" */
+        dot[4] = 'Z';
+        dot[5] = '\0';
+    }
     ah_json_str(b, key, text);
 }
 
@@ -134,6 +153,47 @@ static int parse_limit(const char *text, int *out)
         return AH_EINVAL;
     }
     *out = value;
+    return AH_OK;
+}
+
+/* Parses a version: 0..2^53 in plain decimal digits. 0 or AH_EINVAL. */
+static int parse_version(const char *text, int64_t *out)
+{
+    if (text == NULL || text[0] == '\0' || strlen(text) > 16) {
+        return AH_EINVAL;
+    }
+    int64_t value = 0;
+    for (const char *p = text; *p != '\0'; p++) {
+        if (*p < '0' || *p > '9') {
+            return AH_EINVAL;
+        }
+        value = value * 10 + (*p - '0');
+    }
+    if (value > (INT64_C(1) << 53)) {
+        return AH_EINVAL;
+    }
+    *out = value;
+    return AH_OK;
+}
+
+/* Reads the optional integer query parameter `key` (0..2^53) into *out (unchanged when absent;
+ * *present says which). On a bad value answers 400 naming it and returns AH_EINVAL. */
+static int query_version(const http_call_t *call, const char *key, int64_t *out, bool *present,
+                         http_reply_t *reply)
+{
+    const char *text = NULL;
+    size_t len = 0;
+    *present = false;
+    if (MHD_lookup_connection_value_n(call->conn, MHD_GET_ARGUMENT_KIND, key, strlen(key), &text,
+                                      &len) != MHD_YES) {
+        return AH_OK;
+    }
+    if (text == NULL || strlen(text) != len || parse_version(text, out) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "%s must be an integer from 0 to 9007199254740992", key);
+        return AH_EINVAL;
+    }
+    *present = true;
     return AH_OK;
 }
 
@@ -358,6 +418,99 @@ void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
     ah_json_close(b);
 cleanup:
     free(entries);
+}
+
+/* The run states in the order a fleet summary lists them. */
+static const char *const summary_states[] = {"starting", "running", "paused", "stopping",
+                                             "stopped"};
+
+/* GET /api/cluster/agents[?version=N]: the status records of the fleet, from the store. */
+void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
+{
+    ah_http_t *http = call->http;
+    if (http->store == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    int64_t wanted = 0;
+    bool filtered = false;
+    if (query_version(call, "version", &wanted, &filtered, reply) != AH_OK) {
+        return;
+    }
+    ah_control_t doc;
+    ah_agent_status_t *recs = NULL;
+    int count = 0;
+    char err[AH_ERRLEN] = "";
+    if (ah_store_read(http->store, &doc, err, sizeof(err)) != AH_OK ||
+        ah_store_list_status(http->store, &recs, &count, err, sizeof(err)) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
+                            err);
+        return;
+    }
+    int64_t now_us = ah_now_us();
+    double interval = http->cfg->heartbeat_interval;
+    int state_counts[sizeof(summary_states) / sizeof(summary_states[0])] = {0};
+    int other_states = 0, applied_current = 0, stale = 0, listed = 0;
+    for (int i = 0; i < count; i++) {
+        const ah_agent_status_t *r = &recs[i];
+        size_t k = 0;
+        while (k < sizeof(summary_states) / sizeof(summary_states[0]) &&
+               strcmp(r->state, summary_states[k]) != 0) {
+            k++;
+        }
+        if (k < sizeof(summary_states) / sizeof(summary_states[0])) {
+            state_counts[k]++;
+        } else {
+            other_states++;
+        }
+        applied_current += r->applied_version >= doc.version;
+        stale += ah_fleet_is_stale(r, now_us, interval);
+        listed += !filtered || r->applied_version < wanted;
+    }
+
+    ah_buf_t *b = &reply->body;
+    ah_json_open(b);
+    ah_json_int(b, "count", listed);
+    ah_json_int(b, "version", doc.version);
+    ah_json_open_object(b, "summary");
+    ah_json_int(b, "total", count);
+    ah_json_open_object(b, "states");
+    for (size_t k = 0; k < sizeof(summary_states) / sizeof(summary_states[0]); k++) {
+        if (state_counts[k] > 0) {
+            ah_json_int(b, summary_states[k], state_counts[k]);
+        }
+    }
+    if (other_states > 0) {
+        ah_json_int(b, "unknown", other_states);
+    }
+    ah_json_close(b);
+    ah_json_int(b, "applied_current", applied_current);
+    ah_json_int(b, "stale", stale);
+    ah_json_close(b);
+    ah_json_open_array(b, "agents");
+    for (int i = 0; i < count; i++) {
+        const ah_agent_status_t *r = &recs[i];
+        if (filtered && r->applied_version >= wanted) {
+            continue;
+        }
+        ah_json_open_object(b, NULL);
+        ah_json_str(b, "agent_id", r->agent_id);
+        ah_json_str(b, "state", r->state);
+        ah_json_int(b, "applied_version", r->applied_version);
+        json_str_or_null(b, "watch_mode", r->watch_mode);
+        json_timestamp_ms(b, "last_seen", r->last_seen_us);
+        json_timestamp_ms(b, "started_at", r->started_us);
+        ah_json_str(b, "host", r->host);
+        ah_json_int(b, "pid", r->pid);
+        ah_json_str(b, "agenthost_version", r->agenthost_version);
+        ah_json_int(b, "batches", r->batches);
+        ah_json_int(b, "errors", r->errors);
+        ah_json_bool(b, "stale", ah_fleet_is_stale(r, now_us, interval));
+        ah_json_close(b);
+    }
+    ah_json_close_array(b);
+    ah_json_close(b);
+    free(recs);
 }
 
 /* ---- agent routes ----------------------------------------------------------------------- */

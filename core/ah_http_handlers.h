@@ -50,6 +50,7 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply); /* 
 void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_stats(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_history(http_call_t *call, http_reply_t *reply);
+void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply); /* POST */
 void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply);  /* POST */
 void ah_http_handle_agent_state(http_call_t *call, http_reply_t *reply);

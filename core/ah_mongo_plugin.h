@@ -19,7 +19,7 @@
 #include <lua.h>
 
 /* Bump on any change to this table or to the types it passes. */
-#define AH_MONGO_PLUGIN_ABI 1
+#define AH_MONGO_PLUGIN_ABI 2
 #define AH_MONGO_PLUGIN_SYMBOL "ah_mongo_plugin_v1"
 #define AH_MONGO_PLUGIN_FILE "agenthost_mongo.so"
 

@@ -43,6 +43,9 @@ struct ah_state_s {
     char reload_error[AH_ERRLEN];
     uint64_t reloads;
     uint64_t reload_failures;
+    /* Told (without the lock) when what a status record shows changes; set before threads. */
+    void (*on_change)(void *ud);
+    void *on_change_ud;
 };
 
 static const char *const state_names[] = {"starting", "running", "paused", "stopping", "stopped"};
@@ -209,6 +212,20 @@ static void note_applied_locked(ah_state_t *s, const ah_event_t *ev)
     }
 }
 
+void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud)
+{
+    s->on_change = fn;
+    s->on_change_ud = ud;
+}
+
+/* Tells the change listener, if any. Called without the lock. */
+static void notify_change(ah_state_t *s)
+{
+    if (s->on_change != NULL) {
+        s->on_change(s->on_change_ud);
+    }
+}
+
 static void state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev)
 {
     pthread_mutex_lock(&s->lock);
@@ -220,6 +237,7 @@ static void state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev)
     }
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 static void state_note_applied(ah_state_t *s, const ah_event_t *ev)
@@ -227,6 +245,7 @@ static void state_note_applied(ah_state_t *s, const ah_event_t *ev)
     pthread_mutex_lock(&s->lock);
     note_applied_locked(s, ev);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 int ah_state_apply(ah_state_t *s, const ah_event_t *ev, ah_run_state_t *from, ah_run_state_t *to,
@@ -250,6 +269,7 @@ void ah_state_set_stopped(ah_state_t *s)
     s->state = AH_STATE_STOPPED;
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 /* ah_state_wait's condition (lock held): an event, a final shutdown or a reload is pending. */
@@ -360,8 +380,12 @@ void ah_state_mark_overrun(ah_state_t *s)
 void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st)
 {
     pthread_mutex_lock(&s->lock);
+    bool mode_changed = strcmp(s->store.watch_mode, st->watch_mode) != 0;
     s->store = *st;
     pthread_mutex_unlock(&s->lock);
+    if (mode_changed) {
+        notify_change(s);
+    }
 }
 
 uint64_t ah_state_request_reload(ah_state_t *s)

@@ -37,6 +37,24 @@ int ah_store_watch_start(ah_store_t *st, const ah_store_listener_t *listener, ch
     return st->ops->watch_start(st, listener, err, errlen);
 }
 
+int ah_store_put_status(ah_store_t *st, const ah_agent_status_t *rec, double ttl, char *err,
+                        size_t errlen)
+{
+    if (rec == NULL || rec->agent_id[0] == '\0') {
+        snprintf(err, errlen, "a status record needs an agent id");
+        return AH_EINVAL;
+    }
+    return st->ops->put_status(st, rec, ttl, err, errlen);
+}
+
+int ah_store_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
+                         size_t errlen)
+{
+    *out = NULL;
+    *count = 0;
+    return st->ops->list_status(st, out, count, err, errlen);
+}
+
 void ah_store_close(ah_store_t *st)
 {
     if (st != NULL) {

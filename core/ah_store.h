@@ -16,6 +16,25 @@
 
 typedef struct ah_store_s ah_store_t;
 
+/* Longest agenthost version string a status record carries. */
+#define AH_VERSION_TEXT_MAX 31
+
+/* One agent's status record (docs/API.md, GET /api/cluster/agents): written by the agent itself
+ * on every state change and every AGENT_HEARTBEAT_INTERVAL. */
+typedef struct ah_agent_status_s {
+    char agent_id[AH_NAME_MAX + 1];
+    char state[16];          /* ah_run_state_name() */
+    int64_t applied_version; /* the last cluster version this agent applied */
+    char watch_mode[32];     /* "polling" | "change_streams" | "" (not known yet) */
+    int64_t last_seen_us;    /* wall clock of the write, µs since the epoch */
+    int64_t started_us;      /* wall clock of the agent's start */
+    char host[AH_NAME_MAX + 1];
+    int64_t pid;
+    char agenthost_version[AH_VERSION_TEXT_MAX + 1];
+    int64_t batches;
+    int64_t errors;
+} ah_agent_status_t;
+
 typedef struct ah_store_listener_s {
     /* A control document was read: at start (initial sync) and after every change. */
     void (*on_control)(void *ud, const ah_control_t *doc);
@@ -33,6 +52,10 @@ typedef struct ah_store_ops_s {
     int (*watch_start)(ah_store_t *st, const ah_store_listener_t *listener, char *err,
                        size_t errlen);
     void (*close)(ah_store_t *st);
+    int (*put_status)(ah_store_t *st, const ah_agent_status_t *rec, double ttl, char *err,
+                      size_t errlen);
+    int (*list_status)(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
+                       size_t errlen);
 } ah_store_ops_t;
 
 /* Implementations embed this as their first member. */
@@ -55,6 +78,17 @@ int ah_store_history(ah_store_t *st, int limit, ah_control_t *out, int *count, c
  * succeeds or the store closes), reports it, then reports every later change. The listener is
  * copied. Call at most once. */
 int ah_store_watch_start(ah_store_t *st, const ah_store_listener_t *listener, char *err,
+                         size_t errlen);
+/* Writes (inserts or replaces) the status record rec->agent_id. ttl: seconds after which a
+ * record that is not written again is removed (MongoDB: a TTL index on last_seen, created on
+ * the first write; embedded: a sweep at most once a minute). One round trip; may block up to the
+ * store's timeouts, so it is called from a thread of its own (ah_fleet.c). 0, or
+ * AH_EUNAVAIL/AH_EIO with err set. */
+int ah_store_put_status(ah_store_t *st, const ah_agent_status_t *rec, double ttl, char *err,
+                        size_t errlen);
+/* Reads every status record, sorted by agent_id, into a new array *out (free() it; NULL when
+ * *count is 0). At most AH_AGENTS_MAX records. 0, or AH_EUNAVAIL/AH_EIO/AH_ENOMEM with err set. */
+int ah_store_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
                          size_t errlen);
 /* Stops the watcher (joins its thread) and frees the store. NULL is accepted. */
 void ah_store_close(ah_store_t *st);

@@ -29,6 +29,8 @@
 #define AH_MONGO_COLLECTION "agent_control"
 #define AH_MONGO_DOC_ID "global_control"
 #define AH_MONGO_AUDIT_KIND "audit"
+#define AH_MONGO_STATUS_COLLECTION "agent_status"
+#define AH_MONGO_STATUS_TTL_INDEX "last_seen_ttl"
 
 /* Driver timeouts applied when the URI does not set them (milliseconds). */
 #define AH_MONGO_SERVER_SELECTION_MS 2000
@@ -80,6 +82,7 @@ typedef struct ahm_store_s {
     pthread_mutex_t mutex; /* guards everything below */
     pthread_cond_t cond;   /* signalled by close() */
     bool closing;
+    bool status_index_done;    /* the TTL index of agent_status was created (or refused) */
     ah_command_t last_command; /* last known command: fallback for foreign writes */
 
     pthread_t watcher;
@@ -516,6 +519,166 @@ static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *coun
     return rc;
 }
 
+/* ---- agent status records (any thread; the fleet writer and the HTTP API) ----------------- */
+
+/* Creates the TTL index on agent_status.last_seen once per process (the first status write).
+ * A server or role that refuses it is logged once: records then stay until deleted by hand. */
+static void ensure_status_index(ahm_store_t *ms, mongoc_client_t *client, double ttl)
+{
+    pthread_mutex_lock(&ms->mutex);
+    bool done = ms->status_index_done;
+    ms->status_index_done = true;
+    pthread_mutex_unlock(&ms->mutex);
+    if (done) {
+        return;
+    }
+    bson_error_t error;
+    mongoc_database_t *db = mongoc_client_get_database(client, ms->cfg->mongodb_database);
+    bson_t *cmd =
+        BCON_NEW("createIndexes", BCON_UTF8(AH_MONGO_STATUS_COLLECTION), "indexes", "[", "{", "key",
+                 "{", "last_seen", BCON_INT32(1), "}", "name", BCON_UTF8(AH_MONGO_STATUS_TTL_INDEX),
+                 "expireAfterSeconds", BCON_INT64((int64_t)ceil(ttl)), "}", "]");
+    bson_t reply;
+    if (!mongoc_database_write_command_with_opts(db, cmd, NULL, &reply, &error)) {
+        if (classify_error(&error) == AH_MONGO_FAULT_NETWORK) {
+            pthread_mutex_lock(&ms->mutex);
+            ms->status_index_done = false; /* try again with the next write */
+            pthread_mutex_unlock(&ms->mutex);
+        } else {
+            ah_log_warn("Cannot create the TTL index of %s.%s (records of vanished agents stay "
+                        "until deleted): %s (code %" PRIu32 ")",
+                        ms->cfg->mongodb_database, AH_MONGO_STATUS_COLLECTION, error.message,
+                        error.code);
+        }
+    }
+    bson_destroy(&reply);
+    bson_destroy(cmd);
+    mongoc_database_destroy(db);
+}
+
+static int mongo_put_status(ah_store_t *st, const ah_agent_status_t *rec, double ttl, char *err,
+                            size_t errlen)
+{
+    ahm_store_t *ms = mongo_of(st);
+    int rc = AH_OK;
+    bson_error_t error;
+    mongoc_client_t *client = mongoc_client_pool_pop(ms->pool);
+    if (ttl > 0) {
+        ensure_status_index(ms, client, ttl);
+    }
+    mongoc_collection_t *coll =
+        mongoc_client_get_collection(client, ms->cfg->mongodb_database, AH_MONGO_STATUS_COLLECTION);
+    bson_t *query = BCON_NEW("_id", BCON_UTF8(rec->agent_id));
+    bson_t *update = bson_new();
+    bson_t set;
+    BSON_APPEND_DOCUMENT_BEGIN(update, "$set", &set);
+    BSON_APPEND_UTF8(&set, "state", rec->state);
+    BSON_APPEND_INT64(&set, "applied_version", rec->applied_version);
+    BSON_APPEND_UTF8(&set, "watch_mode", rec->watch_mode);
+    append_now(&set, "last_seen", rec->last_seen_us);
+    append_now(&set, "started_at", rec->started_us);
+    BSON_APPEND_UTF8(&set, "host", rec->host);
+    BSON_APPEND_INT64(&set, "pid", rec->pid);
+    BSON_APPEND_UTF8(&set, "agenthost_version", rec->agenthost_version);
+    BSON_APPEND_INT64(&set, "batches", rec->batches);
+    BSON_APPEND_INT64(&set, "errors", rec->errors);
+    bson_append_document_end(update, &set);
+    bson_t *opts = BCON_NEW("upsert", BCON_BOOL(true));
+    if (!mongoc_collection_update_one(coll, query, update, opts, NULL, &error)) {
+        rc = read_failure("write agent status", &error, err, errlen);
+    }
+    bson_destroy(opts);
+    bson_destroy(update);
+    bson_destroy(query);
+    mongoc_collection_destroy(coll);
+    mongoc_client_pool_push(ms->pool, client);
+    return rc;
+}
+
+/* A number field as int64 (any numeric type), else 0. */
+static int64_t int64_field(const bson_t *doc, const char *key)
+{
+    bson_iter_t it;
+    if (bson_iter_init_find(&it, doc, key) && BSON_ITER_HOLDS_NUMBER(&it)) {
+        return bson_iter_as_int64(&it);
+    }
+    return 0;
+}
+
+/* A Date field in µs since the epoch, else 0. */
+static int64_t date_field_us(const bson_t *doc, const char *key)
+{
+    bson_iter_t it;
+    if (bson_iter_init_find(&it, doc, key) && BSON_ITER_HOLDS_DATE_TIME(&it)) {
+        return bson_iter_date_time(&it) * 1000;
+    }
+    return 0;
+}
+
+static int mongo_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
+                             size_t errlen)
+{
+    ahm_store_t *ms = mongo_of(st);
+    int rc = AH_OK;
+    bson_error_t error;
+    const bson_t *doc;
+    ah_agent_status_t *recs = NULL;
+    int cap = 0, n = 0;
+    mongoc_client_t *client = mongoc_client_pool_pop(ms->pool);
+    mongoc_collection_t *coll =
+        mongoc_client_get_collection(client, ms->cfg->mongodb_database, AH_MONGO_STATUS_COLLECTION);
+    bson_t *filter = bson_new();
+    bson_t *opts = BCON_NEW("sort", "{", "_id", BCON_INT32(1), "}", "limit",
+                            BCON_INT64(AH_AGENTS_MAX), "batchSize", BCON_INT64(AH_AGENTS_MAX));
+    mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
+    while (mongoc_cursor_next(cursor, &doc)) {
+        bson_iter_t it;
+        if (!bson_iter_init_find(&it, doc, "_id") || !BSON_ITER_HOLDS_UTF8(&it)) {
+            continue; /* not a record of ours */
+        }
+        if (n == cap) {
+            int grown = cap == 0 ? 16 : cap * 2;
+            ah_agent_status_t *bigger = realloc(recs, (size_t)grown * sizeof(*recs));
+            if (bigger == NULL) {
+                snprintf(err, errlen, "out of memory reading agent status");
+                rc = AH_ENOMEM;
+                goto cleanup;
+            }
+            recs = bigger;
+            cap = grown;
+        }
+        ah_agent_status_t *r = &recs[n++];
+        memset(r, 0, sizeof(*r));
+        ah_strlcpy(r->agent_id, bson_iter_utf8(&it, NULL), sizeof(r->agent_id));
+        copy_utf8_field(doc, "state", r->state, sizeof(r->state));
+        r->applied_version = int64_field(doc, "applied_version");
+        copy_utf8_field(doc, "watch_mode", r->watch_mode, sizeof(r->watch_mode));
+        r->last_seen_us = date_field_us(doc, "last_seen");
+        r->started_us = date_field_us(doc, "started_at");
+        copy_utf8_field(doc, "host", r->host, sizeof(r->host));
+        r->pid = int64_field(doc, "pid");
+        copy_utf8_field(doc, "agenthost_version", r->agenthost_version,
+                        sizeof(r->agenthost_version));
+        r->batches = int64_field(doc, "batches");
+        r->errors = int64_field(doc, "errors");
+    }
+    if (mongoc_cursor_error(cursor, &error)) {
+        rc = read_failure("read agent status", &error, err, errlen);
+        goto cleanup;
+    }
+    *out = recs;
+    *count = n;
+    recs = NULL;
+cleanup:
+    free(recs);
+    mongoc_cursor_destroy(cursor);
+    bson_destroy(opts);
+    bson_destroy(filter);
+    mongoc_collection_destroy(coll);
+    mongoc_client_pool_push(ms->pool, client);
+    return rc;
+}
+
 /* ---- the watcher thread ------------------------------------------------------------------- */
 
 /* Fills status.topology from the driver's view of the servers (no extra round trip). */
@@ -891,6 +1054,8 @@ static const ah_store_ops_t mongo_ops = {
     .history = mongo_history,
     .watch_start = mongo_watch_start,
     .close = mongo_close,
+    .put_status = mongo_put_status,
+    .list_status = mongo_list_status,
 };
 
 /* ---- opening ------------------------------------------------------------------------------ */

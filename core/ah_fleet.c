@@ -1,0 +1,196 @@
+/* Implementation of ah_fleet.h: the status writer thread. It sleeps on its own condition
+ * variable until the record is due (the heartbeat, ±10% jitter so that a fleet started together
+ * spreads its writes) or ah_fleet_changed() marks it dirty, takes a state snapshot, and writes
+ * it with one store call outside its lock. A failed write is retried with capped exponential
+ * backoff; the first failure of a streak is logged. */
+#include "ah_fleet.h"
+
+#include "ah_log.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef AH_VERSION
+#error "AH_VERSION must be defined by the build"
+#endif
+
+#define FLEET_RETRY_MIN 0.5 /* seconds: first retry after a failed write */
+
+struct ah_fleet_s {
+    const ah_config_t *cfg;
+    ah_state_t *state;
+    ah_store_t *store;
+    char host[AH_NAME_MAX + 1];
+    int64_t pid;
+
+    pthread_mutex_t lock; /* guards the flags below */
+    pthread_cond_t cond;  /* on CLOCK_MONOTONIC; wakes the writer */
+    bool dirty;           /* something changed since the last write began */
+    bool stopping;
+    bool thread_started;
+    pthread_t thread;
+};
+
+bool ah_fleet_is_stale(const ah_agent_status_t *rec, int64_t now_us, double heartbeat_interval)
+{
+    double age_s = (double)(now_us - rec->last_seen_us) / 1e6;
+    return age_s > heartbeat_interval * AH_FLEET_STALE_HEARTBEATS;
+}
+
+/* The record the current state shows. */
+static void fleet_record(const ah_fleet_t *f, ah_agent_status_t *rec)
+{
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(f->state, &snap);
+    memset(rec, 0, sizeof(*rec));
+    ah_strlcpy(rec->agent_id, f->cfg->agent_id, sizeof(rec->agent_id));
+    ah_strlcpy(rec->state, ah_run_state_name(snap.state), sizeof(rec->state));
+    rec->applied_version = snap.applied_version;
+    ah_strlcpy(rec->watch_mode, snap.store.watch_mode, sizeof(rec->watch_mode));
+    rec->last_seen_us = ah_now_us();
+    rec->started_us = snap.started_us;
+    ah_strlcpy(rec->host, f->host, sizeof(rec->host));
+    rec->pid = f->pid;
+    ah_strlcpy(rec->agenthost_version, AH_VERSION, sizeof(rec->agenthost_version));
+    rec->batches = (int64_t)snap.batches;
+    rec->errors = (int64_t)snap.batch_errors;
+}
+
+/* One write of the current record. 0 or the store's error (err set). */
+static int fleet_write(ah_fleet_t *f, char *err, size_t errlen)
+{
+    ah_agent_status_t rec;
+    fleet_record(f, &rec);
+    return ah_store_put_status(f->store, &rec, f->cfg->status_ttl, err, errlen);
+}
+
+/* ah_cond_wait_until's condition (lock held). */
+static bool fleet_has_work(void *arg)
+{
+    const ah_fleet_t *f = arg;
+    return f->dirty || f->stopping;
+}
+
+static void *fleet_main(void *arg)
+{
+    ah_fleet_t *f = arg;
+    unsigned int seed = (unsigned int)(ah_now_us() ^ (f->pid << 16));
+    int failures = 0;
+    int64_t due_us = 0; /* monotonic time of the next heartbeat; 0: now */
+    char err[AH_ERRLEN];
+
+    pthread_mutex_lock(&f->lock);
+    for (;;) {
+        double wait_s = (double)(due_us - ah_mono_us()) / 1e6;
+        if (wait_s > 0) {
+            ah_cond_wait_until(&f->cond, &f->lock, wait_s, fleet_has_work, f);
+        }
+        if (f->stopping) {
+            break;
+        }
+        if (!f->dirty && ah_mono_us() < due_us) {
+            continue; /* a spurious or early wake-up */
+        }
+        f->dirty = false;
+        pthread_mutex_unlock(&f->lock);
+        int rc = fleet_write(f, err, sizeof(err));
+        double next_s;
+        if (rc == AH_OK) {
+            if (failures > 0) {
+                ah_log_info("Agent status record written again");
+            }
+            failures = 0;
+            next_s = f->cfg->heartbeat_interval * ah_jitter(&seed, 0.9, 1.1);
+        } else {
+            if (failures == 0) {
+                ah_log_warn("Cannot write this agent's status record (retrying with backoff): %s",
+                            err);
+            }
+            next_s = ah_backoff(failures, FLEET_RETRY_MIN, f->cfg->heartbeat_interval);
+            failures += failures < 64;
+        }
+        pthread_mutex_lock(&f->lock);
+        due_us = ah_mono_us() + (int64_t)(next_s * 1e6);
+        if (rc != AH_OK) {
+            f->dirty = false; /* a change during a failing streak waits for the retry */
+        }
+    }
+    pthread_mutex_unlock(&f->lock);
+    if (fleet_write(f, err, sizeof(err)) != AH_OK) {
+        ah_log_warn("Cannot write this agent's final status record: %s", err);
+    }
+    return NULL;
+}
+
+ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store, char *err,
+                           size_t errlen)
+{
+    ah_fleet_t *f = calloc(1, sizeof(*f));
+    if (f == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    f->cfg = cfg;
+    f->state = state;
+    f->store = store;
+    f->pid = (int64_t)getpid();
+    if (gethostname(f->host, sizeof(f->host) - 1) != 0) {
+        ah_strlcpy(f->host, "", sizeof(f->host));
+    }
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_mutex_init(&f->lock, NULL);
+    pthread_cond_init(&f->cond, &attr);
+    pthread_condattr_destroy(&attr);
+    int rc = pthread_create(&f->thread, NULL, fleet_main, f);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot start the status writer thread: %s", strerror(rc));
+        ah_fleet_free(f);
+        return NULL;
+    }
+    f->thread_started = true;
+    return f;
+}
+
+void ah_fleet_changed(ah_fleet_t *f)
+{
+    if (f == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&f->lock);
+    f->dirty = true;
+    pthread_cond_signal(&f->cond);
+    pthread_mutex_unlock(&f->lock);
+}
+
+void ah_fleet_stop(ah_fleet_t *f)
+{
+    if (f == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&f->lock);
+    f->stopping = true;
+    bool started = f->thread_started;
+    f->thread_started = false;
+    pthread_cond_signal(&f->cond);
+    pthread_mutex_unlock(&f->lock);
+    if (started) {
+        pthread_join(f->thread, NULL);
+    }
+}
+
+void ah_fleet_free(ah_fleet_t *f)
+{
+    if (f == NULL) {
+        return;
+    }
+    ah_fleet_stop(f);
+    pthread_cond_destroy(&f->cond);
+    pthread_mutex_destroy(&f->lock);
+    free(f);
+}

@@ -1,0 +1,40 @@
+/* Fleet awareness (docs/API.md, GET /api/cluster/agents): this agent's status record in the
+ * control store and the rules for reading everyone's. A writer thread of its own writes the
+ * record after every change of what it shows (the write that carries a new applied_version is
+ * the agent's acknowledgement of that command) and every AGENT_HEARTBEAT_INTERVAL; changes that
+ * arrive while a write is under way are coalesced into the next one (only the latest status
+ * matters). Neither the Lua worker nor an HTTP thread ever waits for the store because of it.
+ *
+ * Threads: ah_fleet_start/stop/free from the host's thread; ah_fleet_changed from any thread
+ * (it only sets a flag under a private lock). */
+#ifndef AH_FLEET_H
+#define AH_FLEET_H
+
+#include "ah_config.h"
+#include "ah_state.h"
+#include "ah_store.h"
+
+/* How many missed heartbeats make a record stale. */
+#define AH_FLEET_STALE_HEARTBEATS 3
+
+typedef struct ah_fleet_s ah_fleet_t;
+
+/* Starts the writer thread, which writes the first record at once. state and store are borrowed
+ * and must outlive ah_fleet_stop(). NULL with err set on failure. */
+ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store, char *err,
+                           size_t errlen);
+/* Something the record shows changed: the writer writes again as soon as it can. Never blocks
+ * on the store. NULL is accepted. */
+void ah_fleet_changed(ah_fleet_t *f);
+/* Stops the writer after one last write of the current status (after a clean shutdown:
+ * "stopped") and joins it; bounded by the store's own timeouts. Later ah_fleet_changed() calls
+ * are harmless. NULL is accepted. */
+void ah_fleet_stop(ah_fleet_t *f);
+/* Frees the fleet once no thread can call ah_fleet_changed() any more. NULL is accepted. */
+void ah_fleet_free(ah_fleet_t *f);
+
+/* True when rec was last written more than AH_FLEET_STALE_HEARTBEATS heartbeat intervals before
+ * now_us (wall clock, µs). */
+bool ah_fleet_is_stale(const ah_agent_status_t *rec, int64_t now_us, double heartbeat_interval);
+
+#endif

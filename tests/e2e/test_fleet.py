@@ -1,0 +1,219 @@
+"""Fleet awareness (docs/API.md, "Fleet"): every agent's status record in the control store,
+GET /api/cluster/agents, staleness, the stopped record of a clean shutdown, and the record
+sweep / TTL index, end to end with real agenthost processes on both stores: the embedded SQLite
+file and MongoDB (the wire-protocol test server of tests/mongo, one-member replica set)."""
+import datetime
+import os
+import re
+import signal
+import sqlite3
+import sys
+
+import pytest
+
+from agenthost_harness import (MONGO_DIR, agent_env, mongo_agent_env, script, wait_for)
+
+sys.path.insert(0, MONGO_DIR)
+from mongo_fixture import MongoTestServer  # noqa: E402
+
+RECORDER = script("recorder.lua")
+HEARTBEAT = 0.5  # AGENT_HEARTBEAT_INTERVAL in these tests: stale after 1.5 s
+MS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+RECORD_FIELDS = {"agent_id", "state", "applied_version", "watch_mode", "last_seen", "started_at",
+                 "host", "pid", "agenthost_version", "batches", "errors", "stale"}
+
+
+class Store:
+    """One control store for a test: how to point an agent at it."""
+
+    def __init__(self, kind, tmp_path, server=None):
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.server = server
+        self.state_file = str(tmp_path / "agenthost-state.db")
+
+    def env(self, events, **extra):
+        extra.setdefault("AGENT_HEARTBEAT_INTERVAL", HEARTBEAT)
+        if self.kind == "mongodb":
+            return mongo_agent_env(self.server.uri, events, **extra)
+        return agent_env(self.state_file, events, **extra)
+
+
+@pytest.fixture(params=["embedded", "mongodb"])
+def store(request, tmp_path):
+    if request.param == "embedded":
+        yield Store("embedded", tmp_path)
+        return
+    srv = MongoTestServer(mode="replset").start()
+    try:
+        yield Store("mongodb", tmp_path, srv)
+    finally:
+        srv.close()
+
+
+def start_agent(fleet, store, name, **extra):
+    events = store.tmp_path / f"{name}.jsonl"
+    a = fleet.start(RECORDER, env=store.env(events, **extra), name=name)
+    a.events = str(events)
+    return a
+
+
+def start_fleet(fleet, store, n, **extra):
+    agents = [start_agent(fleet, store, f"agent-{i + 1}", **extra) for i in range(n)]
+    for a in agents:
+        a.wait_state("running", timeout=20)
+    return agents
+
+
+def agents_body(agent, query=""):
+    r = agent.get("/api/cluster/agents" + query)
+    assert r.status == 200, r.body
+    return r.json()
+
+
+def record_of(body, agent_id):
+    for rec in body["agents"]:
+        if rec["agent_id"] == agent_id:
+            return rec
+    return None
+
+
+def wait_records(agent, predicate, timeout=15.0, message="agent records", query=""):
+    """Polls GET /api/cluster/agents until predicate(body) holds; returns the body."""
+    seen = {}
+
+    def check():
+        seen["body"] = agents_body(agent, query)
+        return predicate(seen["body"])
+
+    wait_for(check, timeout, message=message)
+    return seen["body"]
+
+
+def test_agents_lists_each_agent_with_the_version_it_applied(fleet, store):
+    agents = start_fleet(fleet, store, 3)
+    names = [a.name for a in agents]
+    body = wait_records(agents[0], lambda b: b["summary"]["total"] == 3 and all(
+        r["state"] == "running" for r in b["agents"]), message="3 running records")
+    assert [r["agent_id"] for r in body["agents"]] == names  # sorted by agent_id
+    assert body["count"] == 3 and body["version"] == 0
+    assert body["summary"] == {"total": 3, "states": {"running": 3}, "applied_current": 3,
+                               "stale": 0}
+    for rec, a in zip(body["agents"], agents):
+        assert set(rec) == RECORD_FIELDS, rec
+        assert rec["pid"] == a.proc.pid
+        assert rec["stale"] is False
+        assert rec["applied_version"] == 0
+        assert rec["watch_mode"] == ("change_streams" if store.kind == "mongodb" else "polling")
+        assert MS_RE.match(rec["last_seen"]) and MS_RE.match(rec["started_at"]), rec
+        assert rec["started_at"] <= rec["last_seen"]
+        assert rec["agenthost_version"] and rec["host"]
+
+    r = agents[1].post("/api/cluster/pause?reason=fleet+test")
+    assert r.status == 200, r.body
+    version = r.json()["version"]
+    # The write that carries the new applied_version is each agent's acknowledgement.
+    body = wait_records(agents[2], lambda b: b["summary"]["applied_current"] == 3,
+                        message="every agent acknowledges the pause")
+    assert body["version"] == version
+    assert body["summary"]["states"] == {"paused": 3}
+    assert all(r["state"] == "paused" and r["applied_version"] == version
+               for r in body["agents"]), body
+
+    # ?version=N lists who has not applied N yet; the summary still covers the whole fleet.
+    nobody = agents_body(agents[0], f"?version={version}")
+    assert nobody["count"] == 0 and nobody["agents"] == []
+    assert nobody["summary"]["total"] == 3
+    everyone = agents_body(agents[0], f"?version={version + 1}")
+    assert everyone["count"] == 3 and len(everyone["agents"]) == 3
+
+
+def test_killed_agent_goes_stale_and_a_restarted_one_reappears(fleet, store):
+    agents = start_fleet(fleet, store, 3)
+    wait_records(agents[0], lambda b: b["summary"]["total"] == 3, message="3 records")
+    victim = agents[2]
+    victim.kill()  # SIGKILL: no final record
+    body = wait_records(agents[0], lambda b: b["summary"]["stale"] == 1, timeout=10,
+                        message="the killed agent turns stale")
+    rec = record_of(body, victim.name)
+    assert rec["stale"] is True and rec["state"] == "running", rec
+    assert all(not r["stale"] for r in body["agents"] if r["agent_id"] != victim.name)
+    # still listed until AGENT_STATUS_TTL removes it, and counted among the not-applied
+    r = agents[0].post("/api/cluster/pause")
+    version = r.json()["version"]
+    behind = wait_records(agents[0], lambda b: b["count"] == 1, query=f"?version={version}",
+                          message="only the stale agent is behind")
+    assert behind["agents"][0]["agent_id"] == victim.name and behind["agents"][0]["stale"]
+
+    again = start_agent(fleet, store, victim.name)
+    again.wait_state("paused", timeout=20)
+    body = wait_records(agents[0], lambda b: b["summary"]["stale"] == 0 and
+                        record_of(b, victim.name)["pid"] == again.proc.pid,
+                        message="the restarted agent reappears")
+    rec = record_of(body, victim.name)
+    assert rec["state"] == "paused" and rec["applied_version"] == version
+
+
+def test_clean_shutdown_writes_stopped(fleet, store):
+    agents = start_fleet(fleet, store, 2)
+    wait_records(agents[0], lambda b: b["summary"]["total"] == 2, message="2 records")
+    agents[1].signal(signal.SIGTERM)
+    assert agents[1].wait_exit() == 0
+    body = agents_body(agents[0])  # written before the process exited: no wait needed
+    assert record_of(body, agents[1].name)["state"] == "stopped"
+    assert body["summary"]["states"] == {"running": 1, "stopped": 1}
+
+
+def test_bad_version_parameter_is_a_400_naming_it(fleet, store):
+    a = start_fleet(fleet, store, 1)[0]
+    for bad in ["x", "-1", "1.5", "", "99999999999999999999", "9007199254740993", "1e3"]:
+        r = a.get("/api/cluster/agents?version=" + bad)
+        assert r.status == 400, (bad, r.body)
+        assert "version" in r.json()["error"], r.body
+
+
+def test_agents_without_distributed_control_is_503(fleet, tmp_path):
+    a = fleet.start(RECORDER, env=agent_env(str(tmp_path / "s.db"), tmp_path / "e.jsonl",
+                                            ENABLE_DISTRIBUTED_CONTROL="false"))
+    a.wait_state("running")
+    r = a.get("/api/cluster/agents")
+    assert r.status == 503 and "distributed control is disabled" in r.json()["error"]
+
+
+def test_embedded_sweep_removes_records_older_than_the_ttl(fleet, tmp_path):
+    store = Store("embedded", tmp_path)
+    first = start_fleet(fleet, store, 1)[0]
+    wait_records(first, lambda b: b["summary"]["total"] == 1, message="1 record")
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0
+    db = sqlite3.connect(store.state_file)
+    old_us = int((datetime.datetime.now().timestamp() - 7200) * 1e6)
+    db.execute("UPDATE agent_status SET last_seen_us = ?", (old_us,))
+    db.commit()
+    db.close()
+    # The next agent's first write sweeps what AGENT_STATUS_TTL (60 s here) has outlived.
+    second = start_agent(fleet, store, "agent-2", AGENT_STATUS_TTL=60)
+    second.wait_state("running")
+    body = wait_records(second, lambda b: b["summary"]["total"] == 1, message="the sweep")
+    assert [r["agent_id"] for r in body["agents"]] == ["agent-2"]
+
+
+def test_mongodb_records_and_ttl_index(fleet, tmp_path):
+    srv = MongoTestServer(mode="replset").start()
+    try:
+        store = Store("mongodb", tmp_path, srv)
+        a = start_fleet(fleet, store, 1, AGENT_STATUS_TTL=1800)[0]
+        wait_records(a, lambda b: b["summary"]["total"] == 1, message="1 record")
+        client = srv.client()
+        coll = client.agenthost.agent_status
+        doc = coll.find_one({"_id": a.name})
+        assert isinstance(doc["last_seen"], datetime.datetime), doc
+        assert isinstance(doc["started_at"], datetime.datetime), doc
+        assert doc["state"] == "running" and doc["pid"] == a.proc.pid
+        ttl = [ix for ix in coll.list_indexes() if "expireAfterSeconds" in ix]
+        assert len(ttl) == 1, list(coll.list_indexes())
+        assert dict(ttl[0]["key"]) == {"last_seen": 1}
+        assert ttl[0]["expireAfterSeconds"] == 1800
+        client.close()
+    finally:
+        srv.close()
