@@ -33,6 +33,9 @@ static const char ctl_usage[] =
     "  --reason TEXT      why (pause/resume/shutdown)\n"
     "  --updated-by NAME  who (default: ctl)\n"
     "  --local            act on the agent at --url only (/api/agent/*)\n"
+    "  --if-version N     cluster command: only if the current version is N (else 409, exit 1)\n"
+    "  --for DURATION     pause: end it automatically after 90s, 15m, 2h, ... (or seconds)\n"
+    "  --until TIME       pause: end it automatically at an ISO 8601 UTC time\n"
     "  --limit N          history entries (1-" AH_XSTR(AH_HISTORY_MAX) ")\n"
     "  --timeout SECONDS  give up after this long (default 10)\n"
     "\n"
@@ -214,6 +217,9 @@ int ah_ctl_main(int argc, char **argv)
     const char *reason = NULL;
     const char *updated_by = "ctl";
     const char *limit = NULL;
+    const char *if_version = NULL; /* cluster command options, passed through as given */
+    const char *pause_for = NULL;
+    const char *pause_until = NULL;
     double timeout_s = 10;
     bool local = false;
     for (int i = 1; i < argc; i++) {
@@ -235,6 +241,12 @@ int ah_ctl_main(int argc, char **argv)
             slot = &updated_by;
         } else if (strcmp(a, "--limit") == 0) {
             slot = &limit;
+        } else if (strcmp(a, "--if-version") == 0) {
+            slot = &if_version;
+        } else if (strcmp(a, "--for") == 0) {
+            slot = &pause_for;
+        } else if (strcmp(a, "--until") == 0) {
+            slot = &pause_until;
         } else if (strcmp(a, "--timeout") == 0) {
             if (i + 1 >= argc || (timeout_s = strtod(argv[i + 1], NULL)) <= 0) {
                 fprintf(stderr, "agenthost ctl: --timeout needs a number of seconds > 0\n");
@@ -282,6 +294,23 @@ int ah_ctl_main(int argc, char **argv)
         if (reason != NULL) {
             ah_buf_puts(&path, "&reason=");
             url_encode(&path, reason);
+        }
+        const struct {
+            const char *name;
+            const char *value;
+        } options[] = {{"if_version", if_version}, {"for", pause_for}, {"until", pause_until}};
+        for (size_t k = 0; k < sizeof(options) / sizeof(options[0]); k++) {
+            if (options[k].value == NULL) {
+                continue;
+            }
+            if (local) {
+                fprintf(stderr, "agenthost ctl: --%s applies to cluster commands only\n",
+                        options[k].name);
+                ah_buf_free(&path);
+                return 2;
+            }
+            ah_buf_printf(&path, "&%s=", options[k].name);
+            url_encode(&path, options[k].value);
         }
     } else if (strcmp(command, "state") == 0) {
         ah_buf_puts(&path, local ? "/api/agent/state" : "/api/cluster/control-state");

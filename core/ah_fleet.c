@@ -1,8 +1,8 @@
 /* Implementation of ah_fleet.h: the status writer thread. It sleeps on its own condition
  * variable until the record is due (the heartbeat, ±10% jitter so that a fleet started together
- * spreads its writes) or ah_fleet_changed() marks it dirty, takes a state snapshot, and writes
- * it with one store call outside its lock. A failed write is retried with capped exponential
- * backoff; the first failure of a streak is logged. */
+ * spreads its writes), ah_fleet_changed() marks it dirty, or a timed pause expires; it takes a
+ * state snapshot and writes with one store call outside its lock. A failed write is retried with
+ * capped exponential backoff; the first failure of a streak is logged. */
 #include "ah_fleet.h"
 
 #include "ah_log.h"
@@ -19,6 +19,8 @@
 #endif
 
 #define FLEET_RETRY_MIN 0.5 /* seconds: first retry after a failed write */
+/* A fleet that sees a pause expire at once spreads its compare-and-set writes over this long. */
+#define FLEET_EXPIRY_SPREAD_S 0.25
 
 struct ah_fleet_s {
     const ah_config_t *cfg;
@@ -30,6 +32,7 @@ struct ah_fleet_s {
     pthread_mutex_t lock; /* guards the flags below */
     pthread_cond_t cond;  /* on CLOCK_MONOTONIC; wakes the writer */
     bool dirty;           /* something changed since the last write began */
+    bool recheck;         /* a newer control document arrived: recompute the expiry */
     bool stopping;
     bool thread_started;
     pthread_t thread;
@@ -72,7 +75,54 @@ static int fleet_write(ah_fleet_t *f, char *err, size_t errlen)
 static bool fleet_has_work(void *arg)
 {
     const ah_fleet_t *f = arg;
-    return f->dirty || f->stopping;
+    return f->dirty || f->stopping || f->recheck;
+}
+
+/* The version of the timed pause in force and when it ends (wall clock), or false. */
+static bool fleet_timed_pause(const ah_fleet_t *f, int64_t *version, int64_t *expires_us)
+{
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(f->state, &snap);
+    if (!snap.cluster_known || snap.cluster.command != AH_CMD_PAUSE ||
+        snap.cluster.expires_us == 0) {
+        return false;
+    }
+    *version = snap.cluster.version;
+    *expires_us = snap.cluster.expires_us;
+    return true;
+}
+
+/* Ends the timed pause `version` that expired at expires_us: one resume conditioned on that
+ * version. Returns true when done with it (written, or someone else wrote a newer version);
+ * false to try again later (the store failed). */
+static bool fleet_end_pause(ah_fleet_t *f, int64_t version, int64_t expires_us)
+{
+    char when[AH_TIMESTAMP_LEN];
+    char reason[160];
+    char err[AH_ERRLEN];
+    ah_format_timestamp(expires_us, when);
+    snprintf(reason, sizeof(reason), "timed pause version %lld expired at %s", (long long)version,
+             when);
+    ah_command_req_t req = {.command = AH_CMD_RUNNING,
+                            .reason = reason,
+                            .updated_by = "system",
+                            .agent_id = f->cfg->agent_id,
+                            .if_version = version};
+    ah_control_t doc;
+    int rc = ah_store_command_req(f->store, &req, &doc, err, sizeof(err));
+    if (rc == AH_OK) {
+        ah_log_info("Timed pause version %lld expired: resumed the cluster (version %lld)",
+                    (long long)version, (long long)doc.version);
+    } else if (rc == AH_ECONFLICT) {
+        ah_log_debug("Timed pause version %lld expired; another writer was first (version %lld)",
+                     (long long)version, (long long)doc.version);
+    } else {
+        ah_log_warn("Cannot end the expired timed pause version %lld (retrying): %s",
+                    (long long)version, err);
+        return false;
+    }
+    ah_state_offer_cluster(f->state, &doc);
+    return true;
 }
 
 static void *fleet_main(void *arg)
@@ -80,12 +130,45 @@ static void *fleet_main(void *arg)
     ah_fleet_t *f = arg;
     unsigned int seed = (unsigned int)(ah_now_us() ^ (f->pid << 16));
     int failures = 0;
-    int64_t due_us = 0; /* monotonic time of the next heartbeat; 0: now */
+    int64_t due_us = 0;         /* monotonic time of the next heartbeat; 0: now */
+    int64_t ended_version = -1; /* the timed pause this agent is done with */
+    int64_t expiry_retry_us = 0;
+    int64_t spread_version = -1; /* the timed pause spread_us was drawn for */
+    int64_t spread_us = 0;
     char err[AH_ERRLEN];
 
     pthread_mutex_lock(&f->lock);
     for (;;) {
-        double wait_s = (double)(due_us - ah_mono_us()) / 1e6;
+        f->recheck = false;
+        pthread_mutex_unlock(&f->lock);
+        int64_t pause_version = 0, expires_us = 0;
+        int64_t wake_us = due_us; /* monotonic */
+        bool timed =
+            fleet_timed_pause(f, &pause_version, &expires_us) && pause_version != ended_version;
+        if (timed) {
+            if (spread_version != pause_version) {
+                spread_version = pause_version;
+                spread_us = (int64_t)(ah_jitter(&seed, 0, FLEET_EXPIRY_SPREAD_S) * 1e6);
+            }
+            int64_t expiry_mono = ah_mono_us() + (expires_us - ah_now_us()) + spread_us;
+            if (expiry_mono < expiry_retry_us) {
+                expiry_mono = expiry_retry_us;
+            }
+            if (expiry_mono <= ah_mono_us()) {
+                if (fleet_end_pause(f, pause_version, expires_us)) {
+                    ended_version = pause_version;
+                } else {
+                    expiry_retry_us = ah_mono_us() + (int64_t)(FLEET_RETRY_MIN * 1e6);
+                }
+                pthread_mutex_lock(&f->lock);
+                continue;
+            }
+            if (expiry_mono < wake_us) {
+                wake_us = expiry_mono;
+            }
+        }
+        pthread_mutex_lock(&f->lock);
+        double wait_s = (double)(wake_us - ah_mono_us()) / 1e6;
         if (wait_s > 0) {
             ah_cond_wait_until(&f->cond, &f->lock, wait_s, fleet_has_work, f);
         }
@@ -93,7 +176,7 @@ static void *fleet_main(void *arg)
             break;
         }
         if (!f->dirty && ah_mono_us() < due_us) {
-            continue; /* a spurious or early wake-up */
+            continue; /* a control change, an expiry or an early wake-up */
         }
         f->dirty = false;
         pthread_mutex_unlock(&f->lock);
@@ -164,6 +247,17 @@ void ah_fleet_changed(ah_fleet_t *f)
     }
     pthread_mutex_lock(&f->lock);
     f->dirty = true;
+    pthread_cond_signal(&f->cond);
+    pthread_mutex_unlock(&f->lock);
+}
+
+void ah_fleet_control_changed(ah_fleet_t *f)
+{
+    if (f == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&f->lock);
+    f->recheck = true;
     pthread_cond_signal(&f->cond);
     pthread_mutex_unlock(&f->lock);
 }

@@ -5,6 +5,11 @@
  * arrive while a write is under way are coalesced into the next one (only the latest status
  * matters). Neither the Lua worker nor an HTTP thread ever waits for the store because of it.
  *
+ * The same thread ends timed pauses: when the control document is a pause whose expires_at has
+ * passed, it writes one resume conditioned on that version (compare-and-set, updated_by
+ * "system"), so that however many agents see the expiry at once, exactly one resume is written;
+ * the others find the new version and do nothing.
+ *
  * Threads: ah_fleet_start/stop/free from the host's thread; ah_fleet_changed from any thread
  * (it only sets a flag under a private lock). */
 #ifndef AH_FLEET_H
@@ -26,6 +31,9 @@ ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t
 /* Something the record shows changed: the writer writes again as soon as it can. Never blocks
  * on the store. NULL is accepted. */
 void ah_fleet_changed(ah_fleet_t *f);
+/* A newer control document arrived: the writer re-checks when a timed pause expires (no write
+ * of its own). NULL is accepted. */
+void ah_fleet_control_changed(ah_fleet_t *f);
 /* Stops the writer after one last write of the current status (after a clean shutdown:
  * "stopped") and joins it; bounded by the store's own timeouts. Later ah_fleet_changed() calls
  * are harmless. NULL is accepted. */

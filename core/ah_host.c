@@ -462,9 +462,13 @@ static void on_store_status(void *ud, const ah_store_status_t *status)
     ah_state_set_store_status(ud, status);
 }
 
-static void on_state_change(void *ud)
+static void on_state_change(void *ud, bool record_changed)
 {
-    ah_fleet_changed(ud);
+    if (record_changed) {
+        ah_fleet_changed(ud);
+    } else {
+        ah_fleet_control_changed(ud);
+    }
 }
 
 static int open_store(ah_host_t *h, char *err, size_t errlen)
@@ -501,7 +505,7 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
     if (h->fleet == NULL) {
         return AH_EIO;
     }
-    ah_state_set_change_listener(h->state, on_state_change, h->fleet);
+    ah_state_set_fleet_listener(h->state, on_state_change, h->fleet);
     ah_store_listener_t listener = {
         .on_control = on_store_control, .on_status = on_store_status, .ud = h->state};
     return ah_store_watch_start(h->store, &listener, err, errlen);
@@ -558,7 +562,7 @@ out:
     h->store = NULL;
     ah_fleet_free(h->fleet); /* the watcher, which reports changes to it, has stopped */
     h->fleet = NULL;
-    ah_state_set_change_listener(h->state, NULL, NULL);
+    ah_state_set_fleet_listener(h->state, NULL, NULL);
     if (h->loop_open) {
         close_handles(h);
         uv_run(&h->loop, UV_RUN_DEFAULT);

@@ -229,6 +229,178 @@ static int command_inputs(const http_call_t *call, ah_command_t *cmd, const char
     return AH_OK;
 }
 
+/* Parses a pause duration: a decimal number of seconds with an optional unit s, m or h ("90s",
+ * "15m", "2h", "90", "1.5h"), more than 0 and at most AH_PAUSE_MAX_S. 0 or AH_EINVAL. */
+static int parse_duration(const char *text, double *out)
+{
+    if (text == NULL || text[0] == '\0' || strlen(text) > 32 ||
+        !(text[0] >= '0' && text[0] <= '9')) {
+        return AH_EINVAL;
+    }
+    char *end = NULL;
+    double value = strtod(text, &end);
+    double unit = 1;
+    if (*end == 's') {
+        end++;
+    } else if (*end == 'm') {
+        unit = 60;
+        end++;
+    } else if (*end == 'h') {
+        unit = 3600;
+        end++;
+    }
+    value *= unit;
+    if (*end != '\0' || !isfinite(value) || !(value > 0) || value > AH_PAUSE_MAX_S ||
+        strpbrk(text, "eExXpP") != NULL) {
+        return AH_EINVAL;
+    }
+    *out = value;
+    return AH_OK;
+}
+
+/* Parses an ISO 8601 UTC time "YYYY-MM-DDTHH:MM:SS[.fraction](Z|+00:00)" into µs since the
+ * epoch. 0 or AH_EINVAL. */
+static int parse_utc_time(const char *text, int64_t *out)
+{
+    int year, month, day, hour, minute, second, used = 0;
+    if (text == NULL || strlen(text) > 40 ||
+        sscanf(text, "%4d-%2d-%2dT%2d:%2d:%2d%n", &year, &month, &day, &hour, &minute, &second,
+               &used) != 6 ||
+        used != 19) {
+        return AH_EINVAL;
+    }
+    for (int i = 0; i < 19; i++) { /* no signs or spaces that sscanf would skip */
+        bool digit = text[i] >= '0' && text[i] <= '9';
+        bool sep = (i == 4 || i == 7)     ? text[i] == '-'
+                   : i == 10              ? text[i] == 'T'
+                   : (i == 13 || i == 16) ? text[i] == ':'
+                                          : digit;
+        if (!sep) {
+            return AH_EINVAL;
+        }
+    }
+    const char *p = text + 19;
+    int64_t fraction_us = 0;
+    if (*p == '.') {
+        p++;
+        int digits = 0;
+        int64_t scale = 100000;
+        while (*p >= '0' && *p <= '9') {
+            if (digits < 6) {
+                fraction_us += (*p - '0') * scale;
+                scale /= 10;
+            }
+            digits++;
+            p++;
+        }
+        if (digits == 0 || digits > 9) {
+            return AH_EINVAL;
+        }
+    }
+    if (strcmp(p, "Z") != 0 && strcmp(p, "+00:00") != 0) {
+        return AH_EINVAL;
+    }
+    if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 59 ||
+        year < 1970) {
+        return AH_EINVAL;
+    }
+    struct tm tm = {.tm_year = year - 1900,
+                    .tm_mon = month - 1,
+                    .tm_mday = day,
+                    .tm_hour = hour,
+                    .tm_min = minute,
+                    .tm_sec = second};
+    time_t t = timegm(&tm);
+    if (t == (time_t)-1 || tm.tm_mday != day) { /* 2026-02-30 normalised to March */
+        return AH_EINVAL;
+    }
+    *out = (int64_t)t * 1000000 + fraction_us;
+    return AH_OK;
+}
+
+/* Looks up query parameter key: NULL when absent, "" for "?key" without a value. */
+static const char *query_raw(const http_call_t *call, const char *key, size_t *len)
+{
+    const char *value = NULL;
+    *len = 0;
+    if (MHD_lookup_connection_value_n(call->conn, MHD_GET_ARGUMENT_KIND, key, strlen(key), &value,
+                                      len) != MHD_YES) {
+        return NULL;
+    }
+    return value != NULL ? value : "";
+}
+
+/* The options of a cluster command beyond reason and updated_by: if_version, and for pause
+ * for/until. Fills req; AH_EINVAL with a 400 naming the parameter already set. */
+static int cluster_command_options(const http_call_t *call, ah_command_req_t *req,
+                                   http_reply_t *reply)
+{
+    bool present = false;
+    req->if_version = -1;
+    req->expires_us = 0;
+    if (query_version(call, "if_version", &req->if_version, &present, reply) != AH_OK) {
+        return AH_EINVAL;
+    }
+    if (!present) {
+        req->if_version = -1;
+    }
+    size_t for_len = 0, until_len = 0;
+    const char *for_text = query_raw(call, "for", &for_len);
+    const char *until_text = query_raw(call, "until", &until_len);
+    if (for_text == NULL && until_text == NULL) {
+        return AH_OK;
+    }
+    const char *which = for_text != NULL ? "for" : "until";
+    if (req->command != AH_CMD_PAUSE) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST, "%s is only accepted by pause", which);
+        return AH_EINVAL;
+    }
+    if (for_text != NULL && until_text != NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST, "give for or until, not both");
+        return AH_EINVAL;
+    }
+    int64_t now_us = ah_now_us();
+    if (for_text != NULL) {
+        double seconds = 0;
+        if (strlen(for_text) != for_len || parse_duration(for_text, &seconds) != AH_OK) {
+            ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                                "for must be a duration such as 90s, 15m, 2h or plain seconds, "
+                                "more than 0 and at most %ds",
+                                AH_PAUSE_MAX_S);
+            return AH_EINVAL;
+        }
+        /* milliseconds: the precision of a MongoDB Date, so both stores say the same */
+        req->expires_us = (now_us + (int64_t)(seconds * 1e6)) / 1000 * 1000;
+        return AH_OK;
+    }
+    int64_t until_us = 0;
+    if (strlen(until_text) != until_len || parse_utc_time(until_text, &until_us) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "until must be an ISO 8601 UTC time such as 2026-01-11T10:30:00Z");
+        return AH_EINVAL;
+    }
+    if (until_us <= now_us || until_us - now_us > (int64_t)AH_PAUSE_MAX_S * 1000000) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "until must be in the future, at most %ds from now", AH_PAUSE_MAX_S);
+        return AH_EINVAL;
+    }
+    req->expires_us = until_us / 1000 * 1000;
+    return AH_OK;
+}
+
+/* Writes the fields of the control-state body (docs/API.md) into an open object. */
+static void write_control_state(ah_buf_t *b, const ah_control_t *doc, const char *watch_mode)
+{
+    ah_json_str(b, "command", ah_command_name(doc->command));
+    ah_json_int(b, "version", doc->version);
+    json_timestamp(b, "timestamp", doc->timestamp_us);
+    ah_json_str(b, "reason", doc->reason);
+    ah_json_str(b, "updated_by", doc->updated_by);
+    json_str_or_null(b, "watch_mode", watch_mode);
+    ah_json_str(b, "note", "All agents in the cluster are subscribed to this state");
+    json_timestamp(b, "expires_at", doc->expires_us);
+}
+
 /* ---- cluster routes --------------------------------------------------------------------- */
 
 static const char *const issued_messages[] = {
@@ -252,14 +424,35 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
     if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
         return;
     }
+    ah_command_req_t req = {.command = cmd,
+                            .reason = reason,
+                            .updated_by = updated_by,
+                            .agent_id = http->cfg->agent_id};
+    if (cluster_command_options(call, &req, reply) != AH_OK) {
+        return;
+    }
     if (http->store == NULL) {
         ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
         return;
     }
     ah_control_t doc;
     char err[AH_ERRLEN] = "";
-    int rc = ah_store_command(http->store, cmd, reason, updated_by, http->cfg->agent_id, &doc, err,
-                              sizeof(err));
+    int rc = ah_store_command_req(http->store, &req, &doc, err, sizeof(err));
+    if (rc == AH_ECONFLICT) {
+        ah_state_snapshot_t snap;
+        ah_state_snapshot(http->state, &snap);
+        ah_state_offer_cluster(http->state, &doc); /* the newer document, if this agent lags */
+        reply->status = MHD_HTTP_CONFLICT;
+        ah_buf_t *b = &reply->body;
+        ah_json_open(b);
+        ah_json_str(b, "status", "error");
+        ah_json_str(b, "error", err);
+        ah_json_open_object(b, "current");
+        write_control_state(b, &doc, snap.store.watch_mode);
+        ah_json_close(b);
+        ah_json_close(b);
+        return;
+    }
     if (rc == AH_EUNAVAIL || rc == AH_EIO) {
         ah_log_warn("Cluster command %s refused: control store unavailable: %s",
                     ah_command_name(cmd), err);
@@ -308,6 +501,7 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
     ah_json_str(b, "timestamp", timestamp);
     ah_json_str(b, "reason", doc.reason);
     ah_json_str(b, "propagation", propagation);
+    json_timestamp(b, "expires_at", doc.expires_us);
     ah_json_close(b);
 }
 
@@ -325,16 +519,9 @@ void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply)
                                                              : "store not read yet");
         return;
     }
-    ah_buf_t *b = &reply->body;
-    ah_json_open(b);
-    ah_json_str(b, "command", ah_command_name(snap.cluster.command));
-    ah_json_int(b, "version", snap.cluster.version);
-    json_timestamp(b, "timestamp", snap.cluster.timestamp_us);
-    ah_json_str(b, "reason", snap.cluster.reason);
-    ah_json_str(b, "updated_by", snap.cluster.updated_by);
-    json_str_or_null(b, "watch_mode", snap.store.watch_mode);
-    ah_json_str(b, "note", "All agents in the cluster are subscribed to this state");
-    ah_json_close(b);
+    ah_json_open(&reply->body);
+    write_control_state(&reply->body, &snap.cluster, snap.store.watch_mode);
+    ah_json_close(&reply->body);
 }
 
 void ah_http_handle_stats(http_call_t *call, http_reply_t *reply)
@@ -359,12 +546,14 @@ void ah_http_handle_stats(http_call_t *call, http_reply_t *reply)
         json_timestamp(b, "last_updated", snap.cluster.timestamp_us);
         ah_json_str(b, "updated_by", snap.cluster.updated_by);
         ah_json_str(b, "reason", snap.cluster.reason);
+        json_timestamp(b, "expires_at", snap.cluster.expires_us);
     } else {
         ah_json_null(b, "current_command");
         ah_json_null(b, "current_version");
         ah_json_null(b, "last_updated");
         ah_json_null(b, "updated_by");
         ah_json_null(b, "reason");
+        ah_json_null(b, "expires_at");
     }
     ah_json_close(b);
 }

@@ -43,9 +43,10 @@ struct ah_state_s {
     char reload_error[AH_ERRLEN];
     uint64_t reloads;
     uint64_t reload_failures;
-    /* Told (without the lock) when what a status record shows changes; set before threads. */
-    void (*on_change)(void *ud);
-    void *on_change_ud;
+    /* The fleet listener: told (without the lock) when what a status record shows changes, or a
+     * newer control document arrives; set before threads. */
+    void (*fleet_listener)(void *ud, bool record_changed);
+    void *fleet_listener_ud;
 };
 
 static const char *const state_names[] = {"starting", "running", "paused", "stopping", "stopped"};
@@ -141,6 +142,20 @@ static void set_pending(ah_state_t *s, const ah_event_t *ev)
     pthread_cond_broadcast(&s->wake);
 }
 
+void ah_state_set_fleet_listener(ah_state_t *s, void (*fn)(void *ud, bool record_changed), void *ud)
+{
+    s->fleet_listener = fn;
+    s->fleet_listener_ud = ud;
+}
+
+/* Tells the fleet listener, if any. Called without the lock. */
+static void notify_fleet(ah_state_t *s, bool record_changed)
+{
+    if (s->fleet_listener != NULL) {
+        s->fleet_listener(s->fleet_listener_ud, record_changed);
+    }
+}
+
 void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
 {
     pthread_mutex_lock(&s->lock);
@@ -163,6 +178,7 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
         set_pending(s, &ev);
     }
     pthread_mutex_unlock(&s->lock);
+    notify_fleet(s, false);
 }
 
 void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
@@ -212,20 +228,6 @@ static void note_applied_locked(ah_state_t *s, const ah_event_t *ev)
     }
 }
 
-void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud)
-{
-    s->on_change = fn;
-    s->on_change_ud = ud;
-}
-
-/* Tells the change listener, if any. Called without the lock. */
-static void notify_change(ah_state_t *s)
-{
-    if (s->on_change != NULL) {
-        s->on_change(s->on_change_ud);
-    }
-}
-
 static void state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev)
 {
     pthread_mutex_lock(&s->lock);
@@ -237,7 +239,7 @@ static void state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev)
     }
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
-    notify_change(s);
+    notify_fleet(s, true);
 }
 
 static void state_note_applied(ah_state_t *s, const ah_event_t *ev)
@@ -245,7 +247,7 @@ static void state_note_applied(ah_state_t *s, const ah_event_t *ev)
     pthread_mutex_lock(&s->lock);
     note_applied_locked(s, ev);
     pthread_mutex_unlock(&s->lock);
-    notify_change(s);
+    notify_fleet(s, true);
 }
 
 int ah_state_apply(ah_state_t *s, const ah_event_t *ev, ah_run_state_t *from, ah_run_state_t *to,
@@ -269,7 +271,7 @@ void ah_state_set_stopped(ah_state_t *s)
     s->state = AH_STATE_STOPPED;
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
-    notify_change(s);
+    notify_fleet(s, true);
 }
 
 /* ah_state_wait's condition (lock held): an event, a final shutdown or a reload is pending. */
@@ -384,7 +386,7 @@ void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st)
     s->store = *st;
     pthread_mutex_unlock(&s->lock);
     if (mode_changed) {
-        notify_change(s);
+        notify_fleet(s, true);
     }
 }
 

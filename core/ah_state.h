@@ -141,9 +141,12 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
 int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen);
 
 /* Sets the function told (without the state lock, on the thread that made the change) after
- * every change an agent's status record shows: a committed transition, an applied command, the
- * final stop, a new watch mode. fn must not block. Call before other threads use the state. */
-void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud);
+ * every change an agent's status record shows — a committed transition, an applied command, the
+ * final stop, a new watch mode (record_changed true) — and when a newer control document is
+ * accepted (record_changed false). fn must not block. Call before other threads use the state;
+ * NULL removes it. */
+void ah_state_set_fleet_listener(ah_state_t *s, void (*fn)(void *ud, bool record_changed),
+                                 void *ud);
 
 /* Store watcher: publishes the store's status (copied). */
 void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st);

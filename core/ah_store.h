@@ -43,10 +43,20 @@ typedef struct ah_store_listener_s {
     void *ud;
 } ah_store_listener_t;
 
+/* A cluster command to write (ah_store_command_req). The strings are never NULL. */
+typedef struct ah_command_req_s {
+    ah_command_t command;
+    const char *reason;
+    const char *updated_by;
+    const char *agent_id; /* the writing agent, for the audit entry */
+    int64_t if_version;   /* >= 0: write only if the current version is this one; < 0: always */
+    int64_t expires_us;   /* pause only: when the pause ends (µs since the epoch); 0: never */
+} ah_command_req_t;
+
 typedef struct ah_store_ops_s {
     int (*read)(ah_store_t *st, ah_control_t *out, char *err, size_t errlen);
-    int (*command)(ah_store_t *st, ah_command_t cmd, const char *reason, const char *updated_by,
-                   const char *agent_id, ah_control_t *out, char *err, size_t errlen);
+    int (*command)(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
+                   size_t errlen);
     int (*history)(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
                    size_t errlen);
     int (*watch_start)(ah_store_t *st, const ah_store_listener_t *listener, char *err,
@@ -71,6 +81,13 @@ int ah_store_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen);
  * the new document. 0, or AH_EUNAVAIL (nothing written) / AH_EIO with err set. */
 int ah_store_command(ah_store_t *st, ah_command_t cmd, const char *reason, const char *updated_by,
                      const char *agent_id, ah_control_t *out, char *err, size_t errlen);
+/* The same with a condition and an expiry (req->reason etc. may be NULL → ""): with
+ * if_version >= 0 the write is one atomic conditional update (embedded: `UPDATE ... WHERE
+ * version = N`; MongoDB: a findAndModify filtered on the version); when the version differs
+ * nothing is written and AH_ECONFLICT is returned with *out set to the current document (err
+ * says both versions). The written document carries expires_us (pause only, else 0). */
+int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
+                         size_t errlen);
 /* Newest-first audit entries, at most `limit` (1..AH_HISTORY_MAX), into out[limit]; *count set. */
 int ah_store_history(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
                      size_t errlen);

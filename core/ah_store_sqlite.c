@@ -49,7 +49,8 @@ typedef struct ah_sqlite_store_s {
 static const char ah_sqlite_schema[] =
     "CREATE TABLE IF NOT EXISTS control ("
     " id TEXT PRIMARY KEY, command TEXT NOT NULL, version INTEGER NOT NULL,"
-    " timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL, updated_by TEXT NOT NULL);"
+    " timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL, updated_by TEXT NOT NULL,"
+    " expires_us INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS audit ("
     " version INTEGER PRIMARY KEY, command TEXT NOT NULL, timestamp_us INTEGER NOT NULL,"
     " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);"
@@ -75,13 +76,20 @@ static const char ah_sqlite_insert_initial[] =
     " VALUES ('global_control', 'running', (SELECT IFNULL(MAX(version), 0) FROM audit), ?1,"
     " 'initial state', 'system')";
 
+/* A file written before timed pauses existed lacks the column: added at open. */
+static const char ah_sqlite_has_expires[] = "SELECT expires_us FROM control LIMIT 0";
+static const char ah_sqlite_add_expires[] =
+    "ALTER TABLE control ADD COLUMN expires_us INTEGER NOT NULL DEFAULT 0";
+
 static const char ah_sqlite_select_control[] =
-    "SELECT command, version, timestamp_us, reason, updated_by FROM control"
+    "SELECT command, version, timestamp_us, reason, updated_by, expires_us FROM control"
     " WHERE id = 'global_control'";
 
+/* ?6 < 0: unconditional; else only when the version is ?6 (compare-and-set). */
 static const char ah_sqlite_update_control[] =
     "UPDATE control SET version = version + 1, command = ?1, timestamp_us = ?2, reason = ?3,"
-    " updated_by = ?4 WHERE id = 'global_control' RETURNING version";
+    " updated_by = ?4, expires_us = ?5 WHERE id = 'global_control' AND (?6 < 0 OR version = ?6)"
+    " RETURNING version";
 
 static const char ah_sqlite_insert_audit[] =
     "INSERT INTO audit (version, command, timestamp_us, reason, updated_by, agent_id)"
@@ -146,6 +154,12 @@ static int sqlite_connect(const ah_sqlite_store_t *st, bool create, sqlite3 **ou
             if (rc == SQLITE_OK) {
                 rc = sqlite3_exec(db, ah_sqlite_schema, NULL, NULL, NULL);
             }
+            if (rc == SQLITE_OK &&
+                sqlite3_prepare_v2(db, ah_sqlite_has_expires, -1, &stmt, NULL) != SQLITE_OK) {
+                rc = sqlite3_exec(db, ah_sqlite_add_expires, NULL, NULL, NULL);
+            }
+            sqlite3_finalize(stmt);
+            stmt = NULL;
             if (rc == SQLITE_OK) {
                 rc = sqlite3_prepare_v2(db, ah_sqlite_insert_initial, -1, &stmt, NULL);
             }
@@ -235,6 +249,7 @@ static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t
         goto cleanup;
     }
     control_from_row(stmt, false, out);
+    out->expires_us = sqlite3_column_int64(stmt, 5);
     if (out->command == AH_CMD_NONE) {
         snprintf(err, errlen, "embedded store '%s': read failed: unknown command '%s'", st->path,
                  (const char *)sqlite3_column_text(stmt, 0));
@@ -248,8 +263,11 @@ cleanup:
 
 /* One attempt at the command transaction on the API connection (api_lock held): fills
  * doc->version. Returns SQLITE_OK, or the extended result code of the failure with err set and
- * the transaction rolled back. */
-static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *doc, char *err,
+ * the transaction rolled back. With if_version >= 0 and another current version: returns
+ * SQLITE_OK with *conflict set and *current read inside the same transaction (nothing
+ * written). */
+static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *doc,
+                       int64_t if_version, bool *conflict, ah_control_t *current, char *err,
                        size_t errlen)
 {
     sqlite3_stmt *stmt = NULL;
@@ -282,7 +300,17 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
     sqlite3_bind_int64(stmt, 2, doc->timestamp_us);
     sqlite3_bind_text(stmt, 3, doc->reason, -1, SQLITE_STATIC);
     sqlite3_bind_text(stmt, 4, doc->updated_by, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 5, doc->expires_us);
+    sqlite3_bind_int64(stmt, 6, if_version);
     rc = sqlite3_step(stmt);
+    if (rc == SQLITE_DONE && if_version >= 0) {
+        sqlite3_finalize(stmt);
+        stmt = NULL;
+        *conflict = true;
+        rc = control_select(st, db, current, NULL, err, errlen) == 0 ? SQLITE_OK : SQLITE_ERROR;
+        sqlite_rollback(db);
+        goto cleanup;
+    }
     if (rc != SQLITE_ROW) {
         goto cleanup;
     }
@@ -362,25 +390,27 @@ cleanup:
     return ret;
 }
 
-static int sqlite_command(ah_store_t *base, ah_command_t cmd, const char *reason,
-                          const char *updated_by, const char *agent_id, ah_control_t *out,
+static int sqlite_command(ah_store_t *base, const ah_command_req_t *req, ah_control_t *out,
                           char *err, size_t errlen)
 {
     ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
     ah_control_t doc;
+    ah_control_t current;
+    bool conflict = false;
     int rc = SQLITE_OK;
     int ret = 0;
 
     memset(&doc, 0, sizeof(doc));
-    doc.command = cmd;
-    ah_strlcpy(doc.reason, reason, sizeof(doc.reason));
-    ah_strlcpy(doc.updated_by, updated_by, sizeof(doc.updated_by));
-    ah_strlcpy(doc.agent_id, agent_id, sizeof(doc.agent_id));
+    doc.command = req->command;
+    ah_strlcpy(doc.reason, req->reason, sizeof(doc.reason));
+    ah_strlcpy(doc.updated_by, req->updated_by, sizeof(doc.updated_by));
+    ah_strlcpy(doc.agent_id, req->agent_id, sizeof(doc.agent_id));
+    doc.expires_us = req->expires_us;
 
     pthread_mutex_lock(&st->api_lock);
     for (int attempt = 1; attempt <= AH_SQLITE_TXN_ATTEMPTS; attempt++) {
         doc.timestamp_us = ah_now_us();
-        rc = command_txn(st, st->api_db, &doc, err, errlen);
+        rc = command_txn(st, st->api_db, &doc, req->if_version, &conflict, &current, err, errlen);
         if (rc == SQLITE_OK || !sqlite_is_busy(rc)) {
             break;
         }
@@ -388,10 +418,16 @@ static int sqlite_command(ah_store_t *base, ah_command_t cmd, const char *reason
     }
     if (rc != SQLITE_OK) {
         ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+    } else if (conflict) {
+        snprintf(err, errlen, "version conflict: expected %lld, current is %lld",
+                 (long long)req->if_version, (long long)current.version);
+        ret = AH_ECONFLICT;
     }
     pthread_mutex_unlock(&st->api_lock);
-    if (ret == 0 && out != NULL) {
+    if (ret == 0) {
         *out = doc;
+    } else if (ret == AH_ECONFLICT) {
+        *out = current;
     }
     return ret;
 }

@@ -238,6 +238,9 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
     copy_utf8_field(doc, "reason", out->reason, sizeof(out->reason));
     copy_utf8_field(doc, "updated_by", out->updated_by, sizeof(out->updated_by));
     copy_utf8_field(doc, "agent_id", out->agent_id, sizeof(out->agent_id));
+    if (bson_iter_init_find(&it, doc, "expires_at") && BSON_ITER_HOLDS_DATE_TIME(&it)) {
+        out->expires_us = bson_iter_date_time(&it) * 1000;
+    }
     return AH_OK;
 }
 
@@ -334,10 +337,10 @@ static int read_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control_t
     bson_error_t error;
     const bson_t *doc;
     bson_t *filter = BCON_NEW("_id", BCON_UTF8(AH_MONGO_DOC_ID));
-    bson_t *opts =
-        BCON_NEW("projection", "{", "_id", BCON_INT32(0), "command", BCON_INT32(1), "version",
-                 BCON_INT32(1), "timestamp", BCON_INT32(1), "reason", BCON_INT32(1), "updated_by",
-                 BCON_INT32(1), "}", "limit", BCON_INT64(1), "singleBatch", BCON_BOOL(true));
+    bson_t *opts = BCON_NEW("projection", "{", "_id", BCON_INT32(0), "command", BCON_INT32(1),
+                            "version", BCON_INT32(1), "timestamp", BCON_INT32(1), "reason",
+                            BCON_INT32(1), "updated_by", BCON_INT32(1), "expires_at", BCON_INT32(1),
+                            "}", "limit", BCON_INT64(1), "singleBatch", BCON_BOOL(true));
     mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
     if (mongoc_cursor_next(cursor, &doc)) {
         if (parse_and_remember(ms, doc, out) != AH_OK) {
@@ -417,8 +420,7 @@ static int insert_audit(ahm_store_t *ms, mongoc_collection_t *coll, const ah_con
     return rc;
 }
 
-static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
-                         const char *updated_by, const char *agent_id, ah_control_t *out, char *err,
+static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
                          size_t errlen)
 {
     ahm_store_t *ms = mongo_of(st);
@@ -426,24 +428,38 @@ static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
     bson_error_t error;
     bson_t reply = BSON_INITIALIZER;
     int64_t now_us = ah_now_us();
+    bool conditional = req->if_version >= 0;
     mongoc_client_t *client;
     mongoc_collection_t *coll = pop_collection(ms, &client);
     bson_t *query = BCON_NEW("_id", BCON_UTF8(AH_MONGO_DOC_ID));
+    if (conditional) {
+        BSON_APPEND_INT64(query, "version", req->if_version);
+    }
     bson_t *update = bson_new();
     bson_t child;
     BSON_APPEND_DOCUMENT_BEGIN(update, "$inc", &child);
     BSON_APPEND_INT64(&child, "version", 1);
     bson_append_document_end(update, &child);
     BSON_APPEND_DOCUMENT_BEGIN(update, "$set", &child);
-    BSON_APPEND_UTF8(&child, "command", ah_command_name(cmd));
+    BSON_APPEND_UTF8(&child, "command", ah_command_name(req->command));
     append_now(&child, "timestamp", now_us);
-    BSON_APPEND_UTF8(&child, "reason", reason);
-    BSON_APPEND_UTF8(&child, "updated_by", updated_by);
+    BSON_APPEND_UTF8(&child, "reason", req->reason);
+    BSON_APPEND_UTF8(&child, "updated_by", req->updated_by);
+    if (req->expires_us != 0) {
+        append_now(&child, "expires_at", req->expires_us);
+    }
     bson_append_document_end(update, &child);
+    if (req->expires_us == 0) { /* a plain command keeps the original document's fields */
+        BSON_APPEND_DOCUMENT_BEGIN(update, "$unset", &child);
+        BSON_APPEND_UTF8(&child, "expires_at", "");
+        bson_append_document_end(update, &child);
+    }
     mongoc_find_and_modify_opts_t *opts = mongoc_find_and_modify_opts_new();
     mongoc_find_and_modify_opts_set_update(opts, update);
-    mongoc_find_and_modify_opts_set_flags(opts, MONGOC_FIND_AND_MODIFY_UPSERT |
-                                                    MONGOC_FIND_AND_MODIFY_RETURN_NEW);
+    /* A conditional write never inserts: a missing document is a conflict with version 0. */
+    mongoc_find_and_modify_opts_set_flags(
+        opts, conditional ? MONGOC_FIND_AND_MODIFY_RETURN_NEW
+                          : MONGOC_FIND_AND_MODIFY_UPSERT | MONGOC_FIND_AND_MODIFY_RETURN_NEW);
 
     if (!mongoc_collection_find_and_modify_with_opts(coll, query, opts, &reply, &error)) {
         if (error_before_send(&error)) {
@@ -462,22 +478,35 @@ static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
         }
         goto cleanup;
     }
+    bson_iter_t it;
+    if (conditional && (!bson_iter_init_find(&it, &reply, "value") || BSON_ITER_HOLDS_NULL(&it))) {
+        /* Nothing matched: another version is current. Report it. */
+        rc = read_control(ms, coll, out, err, errlen);
+        if (rc == AH_OK) {
+            snprintf(err, errlen, "version conflict: expected %" PRId64 ", current is %" PRId64,
+                     req->if_version, out->version);
+            rc = AH_ECONFLICT;
+        }
+        goto cleanup;
+    }
     rc = parse_find_and_modify_reply(ms, &reply, "command", out, err, errlen);
     if (rc != AH_OK) {
         goto cleanup;
     }
     /* The returned document is the authority for version and timestamp; the rest is ours. */
-    out->command = cmd;
-    ah_strlcpy(out->reason, reason, sizeof(out->reason));
-    ah_strlcpy(out->updated_by, updated_by, sizeof(out->updated_by));
-    ah_strlcpy(out->agent_id, agent_id, sizeof(out->agent_id));
+    out->command = req->command;
+    ah_strlcpy(out->reason, req->reason, sizeof(out->reason));
+    ah_strlcpy(out->updated_by, req->updated_by, sizeof(out->updated_by));
+    ah_strlcpy(out->agent_id, req->agent_id, sizeof(out->agent_id));
+    out->expires_us = req->expires_us;
     char audit_err[AH_ERRLEN];
     if (insert_audit(ms, coll, out, audit_err, sizeof(audit_err)) != AH_OK) {
         /* The command itself is applied and will reach every agent; only its audit entry is
          * missing. Not an error for the caller. */
         ah_log_error("Command '%s' version %" PRId64 " is applied but its audit entry could not "
                      "be written after %d attempts: %s",
-                     ah_command_name(cmd), out->version, AH_MONGO_AUDIT_ATTEMPTS, audit_err);
+                     ah_command_name(req->command), out->version, AH_MONGO_AUDIT_ATTEMPTS,
+                     audit_err);
     }
     rc = AH_OK;
 cleanup:

@@ -217,3 +217,189 @@ def test_mongodb_records_and_ttl_index(fleet, tmp_path):
         client.close()
     finally:
         srv.close()
+
+
+# -- compare-and-set (if_version) ------------------------------------------------------------
+
+def history(agent):
+    r = agent.get("/api/cluster/history?limit=1000")
+    assert r.status == 200, r.body
+    return r.json()["entries"]
+
+
+def test_if_version_conflict_is_a_409_and_writes_nothing(fleet, store):
+    agents = start_fleet(fleet, store, 2)
+    before = history(agents[0])
+    r = agents[0].post("/api/cluster/pause?if_version=5&reason=stale+view")
+    assert r.status == 409, r.body
+    body = r.json()
+    assert body["status"] == "error"
+    assert body["error"] == "version conflict: expected 5, current is 0"
+    current = body["current"]
+    assert current["command"] == "running" and current["version"] == 0
+    assert list(current) == ["command", "version", "timestamp", "reason", "updated_by",
+                             "watch_mode", "note", "expires_at"]
+    assert history(agents[0]) == before
+
+    r = agents[1].post("/api/cluster/pause?if_version=0&reason=right+view")
+    assert r.status == 200, r.body
+    assert r.json()["version"] == 1
+    for a in agents:
+        a.wait_state("paused")
+    # the other agent's view is now stale: its resume conditioned on 0 is refused
+    r = agents[0].post("/api/cluster/resume?if_version=0")
+    assert r.status == 409, r.body
+    assert r.json()["current"]["command"] == "pause"
+    assert r.json()["current"]["version"] == 1
+    assert [e["version"] for e in history(agents[0])] == [1]
+    for a in agents:
+        assert a.state()["state"] == "paused"
+
+
+def test_concurrent_compare_and_set_writes_exactly_one(fleet, store):
+    """Many writers conditioned on the same version: one wins, every other gets 409."""
+    from concurrent.futures import ThreadPoolExecutor
+    agents = start_fleet(fleet, store, 2)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(
+            lambda i: agents[i % 2].post(f"/api/cluster/pause?if_version=0&reason=w{i}"),
+            range(8)))
+    assert sorted(r.status for r in results) == [200] + [409] * 7, [r.body for r in results]
+    assert [e["version"] for e in history(agents[0])] == [1]
+
+
+# -- timed pause -----------------------------------------------------------------------------
+
+def test_timed_pause_ends_with_exactly_one_automatic_resume(fleet, store):
+    agents = start_fleet(fleet, store, 8)
+    r = agents[0].post("/api/cluster/pause?for=3s&reason=short+maintenance")
+    assert r.status == 200, r.body
+    body = r.json()
+    pause_version = body["version"]
+    expires_at = body["expires_at"]
+    issued = datetime.datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
+    expires = datetime.datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    assert abs((expires - issued).total_seconds() - 3) < 0.1, body
+    for a in agents:
+        a.wait_state("paused")
+    for a in agents[:2]:
+        wait_for(lambda a=a: a.get("/api/cluster/control-state").json()["version"] == pause_version,
+                 10, message="control-state shows the pause")
+        assert a.get("/api/cluster/control-state").json()["expires_at"] == expires_at
+        assert a.get("/api/cluster/stats").json()["expires_at"] == expires_at
+
+    resume_version = pause_version + 1
+    body = wait_records(agents[3], lambda b: b["summary"]["total"] == 8 and
+                        b["summary"]["applied_current"] == 8 and b["version"] == resume_version,
+                        timeout=20, message="every agent applies the automatic resume")
+    assert body["summary"]["states"] == {"running": 8}
+    entries = history(agents[5])
+    assert [e["version"] for e in entries] == [resume_version, pause_version]
+    auto = entries[0]
+    assert auto["command"] == "running" and auto["updated_by"] == "system"
+    assert f"timed pause version {pause_version} expired" in auto["reason"], auto
+    assert auto["agent_id"] in {a.name for a in agents}
+    for a in agents:
+        assert a.state()["state"] == "running"
+        cs = a.get("/api/cluster/control-state").json()
+        assert cs["version"] == resume_version and cs["expires_at"] is None, cs
+
+
+def test_pause_until_an_iso_time(fleet, store):
+    a = start_fleet(fleet, store, 1)[0]
+    until = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2))
+    text = until.strftime("%Y-%m-%dT%H:%M:%S.%f") + "789Z"  # nanoseconds: cut to milliseconds
+    r = a.post("/api/cluster/pause?until=" + text)
+    assert r.status == 200, r.body
+    assert r.json()["expires_at"] == text[:23] + "000Z"
+    a.wait_state("paused")
+    wait_for(lambda: a.state()["state"] == "running" and a.state()["applied_version"] == 2, 15,
+             message="the pause ends at its until time")
+
+
+def expire_stored_pause(store):
+    """Moves the stored pause's expiry into the past, as if every agent had been down then."""
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=30)
+    if store.kind == "embedded":
+        db = sqlite3.connect(store.state_file)
+        db.execute("UPDATE control SET expires_us = ?", (int(past.timestamp() * 1e6),))
+        db.commit()
+        db.close()
+    else:
+        client = store.server.client()
+        client.agenthost.agent_control.update_one({"_id": "global_control"},
+                                                  {"$set": {"expires_at": past}})
+        client.close()
+
+
+def test_an_agent_starting_after_the_expiry_resumes(fleet, store):
+    first = start_fleet(fleet, store, 1)[0]
+    r = first.post("/api/cluster/pause?for=1h")
+    assert r.status == 200, r.body
+    pause_version = r.json()["version"]
+    first.wait_state("paused")
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0
+    expire_stored_pause(store)
+    late = start_agent(fleet, store, "late")
+    wait_for(lambda: late.state()["state"] == "running" and
+             late.state()["applied_version"] == pause_version + 1, 20,
+             message="the late agent ends the expired pause")
+    entries = history(late)
+    assert entries[0]["updated_by"] == "system" and entries[0]["agent_id"] == "late"
+    assert len(entries) == 2
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+BAD_PARAMETERS = [
+    ("if_version", "/api/cluster/pause?if_version=x"),
+    ("if_version", "/api/cluster/pause?if_version=-1"),
+    ("if_version", "/api/cluster/pause?if_version=1.5"),
+    ("if_version", "/api/cluster/pause?if_version=99999999999999999999"),
+    ("if_version", "/api/cluster/resume?if_version="),
+    ("for", "/api/cluster/pause?for=abc"),
+    ("for", "/api/cluster/pause?for=-5s"),
+    ("for", "/api/cluster/pause?for=0"),
+    ("for", "/api/cluster/pause?for=10d"),
+    ("for", "/api/cluster/pause?for=1e9"),
+    ("for", "/api/cluster/pause?for=999999h"),
+    ("for", "/api/cluster/pause?for=nan"),
+    ("for", "/api/cluster/pause?for="),
+    ("for", "/api/cluster/resume?for=10s"),
+    ("for", "/api/cluster/shutdown?for=10s"),
+    ("until", "/api/cluster/pause?until=tomorrow"),
+    ("until", "/api/cluster/pause?until=2020-01-01T00:00:00Z"),
+    ("until", "/api/cluster/pause?until=9999-01-01T00:00:00Z"),
+    ("until", "/api/cluster/pause?until=2026-13-01T00:00:00Z"),
+    ("until", "/api/cluster/pause?until=2099-02-30T00:00:00Z"),
+    ("until", "/api/cluster/pause?until=2099-01-01T00:00:00"),
+    ("until", "/api/cluster/pause?until=2099-01-01T00:00:00%2B02:00"),
+    ("until", "/api/cluster/resume?until=2099-01-01T00:00:00Z"),
+    ("for", "/api/cluster/pause?for=10s&until=2099-01-01T00:00:00Z"),
+]
+
+
+def test_bad_command_parameters_are_400_naming_them_and_write_nothing(fleet, store):
+    a = start_fleet(fleet, store, 1)[0]
+    before = history(a)
+    for name, path in BAD_PARAMETERS:
+        r = a.post(path)
+        assert r.status == 400, (path, r.body)
+        assert name in r.json()["error"], (path, r.body)
+    assert history(a) == before
+    assert a.state()["state"] == "running"
+
+
+def test_ctl_if_version_and_timed_pause(fleet, store):
+    from agenthost_harness import run_cli
+    a = start_fleet(fleet, store, 1)[0]
+    p = run_cli(["ctl", "pause", "--url", a.url, "--if-version", "3"])
+    assert p.returncode == 1, p
+    assert '"version conflict: expected 3, current is 0"' in p.stdout
+    assert "HTTP 409" in p.stderr
+    p = run_cli(["ctl", "pause", "--url", a.url, "--if-version", "0", "--for", "15m"])
+    assert p.returncode == 0, p
+    assert '"version":1' in p.stdout and '"expires_at":"' in p.stdout
+    p = run_cli(["ctl", "pause", "--url", a.url, "--local", "--for", "15m"])
+    assert p.returncode == 2 and "--for applies to cluster commands only" in p.stderr
