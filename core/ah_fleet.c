@@ -36,7 +36,22 @@ struct ah_fleet_s {
     bool stopping;
     bool thread_started;
     pthread_t thread;
+
+    /* Waits (ah_fleet_wait), guarded by lock; wait_cond wakes the waiter thread. */
+    pthread_cond_t wait_cond;
+    struct fleet_wait_s *waits; /* a list through next */
+    bool waiter_started;
+    pthread_t waiter;
 };
+
+typedef struct fleet_wait_s {
+    struct fleet_wait_s *next;
+    int64_t version;
+    int64_t started_mono_us;
+    int64_t deadline_mono_us;
+    ah_fleet_wait_cb cb;
+    void *ud;
+} fleet_wait_t;
 
 bool ah_fleet_is_stale(const ah_agent_status_t *rec, int64_t now_us, double heartbeat_interval)
 {
@@ -209,6 +224,154 @@ static void *fleet_main(void *arg)
     return NULL;
 }
 
+/* ---- waits ----------------------------------------------------------------------------- */
+
+ah_fleet_ack_t ah_fleet_classify(const ah_agent_status_t *rec, int64_t version, int64_t now_us,
+                                 double heartbeat_interval)
+{
+    if (rec->applied_version >= version) {
+        return AH_FLEET_ACKNOWLEDGED;
+    }
+    if (ah_fleet_is_stale(rec, now_us, heartbeat_interval) || strcmp(rec->state, "stopped") == 0 ||
+        strcmp(rec->state, "stopping") == 0) {
+        return AH_FLEET_EXCLUDED;
+    }
+    return AH_FLEET_PENDING;
+}
+
+/* Classifies recs for w into acks; fills *out. Returns true when the wait is complete. */
+static bool wait_evaluate(const ah_fleet_t *f, const fleet_wait_t *w, const ah_agent_status_t *recs,
+                          int count, ah_fleet_ack_t *acks, int64_t now_us, ah_fleet_outcome_t *out)
+{
+    bool complete = true;
+    for (int i = 0; i < count; i++) {
+        acks[i] = ah_fleet_classify(&recs[i], w->version, now_us, f->cfg->heartbeat_interval);
+        complete = complete && acks[i] != AH_FLEET_PENDING;
+    }
+    out->version = w->version;
+    out->complete = complete;
+    out->waited_s = (double)(ah_mono_us() - w->started_mono_us) / 1e6;
+    out->recs = recs;
+    out->acks = acks;
+    out->count = count;
+    return complete;
+}
+
+/* The waiter thread: while waits are pending, one read of every record per AH_FLEET_WAIT_POLL_S
+ * answers all of them. At stop, every wait left is answered with complete false. */
+static void *waiter_main(void *arg)
+{
+    ah_fleet_t *f = arg;
+    ah_agent_status_t *recs = NULL;
+    ah_fleet_ack_t *acks = NULL;
+    int count = 0, acks_cap = 0;
+    char err[AH_ERRLEN] = "";
+
+    pthread_mutex_lock(&f->lock);
+    for (;;) {
+        while (f->waits == NULL && !f->stopping) {
+            pthread_cond_wait(&f->wait_cond, &f->lock);
+        }
+        bool stopping = f->stopping;
+        pthread_mutex_unlock(&f->lock);
+        if (!stopping) {
+            ah_agent_status_t *fresh = NULL;
+            int fresh_count = 0;
+            if (ah_store_list_status(f->store, &fresh, &fresh_count, err, sizeof(err)) == AH_OK) {
+                free(recs);
+                recs = fresh;
+                count = fresh_count;
+                err[0] = '\0';
+            }
+            if (count > acks_cap) {
+                ah_fleet_ack_t *bigger = realloc(acks, (size_t)count * sizeof(*acks));
+                if (bigger == NULL) {
+                    count = 0; /* answered as "nothing known" rather than not at all */
+                } else {
+                    acks = bigger;
+                    acks_cap = count;
+                }
+            }
+        }
+        /* Take the waits that are done off the list, then answer them without the lock. */
+        int64_t now_us = ah_now_us();
+        int64_t now_mono = ah_mono_us();
+        fleet_wait_t *done = NULL;
+        int64_t next_deadline = now_mono + (int64_t)(AH_FLEET_WAIT_POLL_S * 1e6);
+        pthread_mutex_lock(&f->lock);
+        stopping = f->stopping;
+        for (fleet_wait_t **pp = &f->waits; *pp != NULL;) {
+            fleet_wait_t *w = *pp;
+            ah_fleet_outcome_t outcome;
+            bool complete = wait_evaluate(f, w, recs, count, acks, now_us, &outcome);
+            if (complete || stopping || now_mono >= w->deadline_mono_us) {
+                *pp = w->next;
+                w->next = done;
+                done = w;
+                continue;
+            }
+            if (w->deadline_mono_us < next_deadline) {
+                next_deadline = w->deadline_mono_us;
+            }
+            pp = &w->next;
+        }
+        pthread_mutex_unlock(&f->lock);
+        while (done != NULL) {
+            fleet_wait_t *w = done;
+            done = w->next;
+            ah_fleet_outcome_t outcome;
+            wait_evaluate(f, w, recs, count, acks, now_us, &outcome);
+            outcome.error = err;
+            w->cb(w->ud, &outcome);
+            free(w);
+        }
+        pthread_mutex_lock(&f->lock);
+        if (stopping && f->waits == NULL) {
+            break;
+        }
+        if (f->waits != NULL && !f->stopping) {
+            double wait_s = (double)(next_deadline - ah_mono_us()) / 1e6;
+            if (wait_s > 0) {
+                struct timespec ts;
+                ah_mono_deadline(wait_s, &ts);
+                pthread_cond_timedwait(&f->wait_cond, &f->lock, &ts);
+            }
+        }
+    }
+    pthread_mutex_unlock(&f->lock);
+    free(recs);
+    free(acks);
+    return NULL;
+}
+
+int ah_fleet_wait(ah_fleet_t *f, int64_t version, double seconds, int64_t started_mono_us,
+                  ah_fleet_wait_cb cb, void *ud)
+{
+    if (!(seconds > 0) || seconds > AH_FLEET_WAIT_MAX_S) {
+        return AH_EINVAL;
+    }
+    fleet_wait_t *w = calloc(1, sizeof(*w));
+    if (w == NULL) {
+        return AH_ENOMEM;
+    }
+    w->version = version;
+    w->started_mono_us = started_mono_us;
+    w->deadline_mono_us = started_mono_us + (int64_t)(seconds * 1e6);
+    w->cb = cb;
+    w->ud = ud;
+    pthread_mutex_lock(&f->lock);
+    if (f->stopping || !f->waiter_started) {
+        pthread_mutex_unlock(&f->lock);
+        free(w);
+        return AH_EUNAVAIL;
+    }
+    w->next = f->waits;
+    f->waits = w;
+    pthread_cond_signal(&f->wait_cond);
+    pthread_mutex_unlock(&f->lock);
+    return AH_OK;
+}
+
 ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store, char *err,
                            size_t errlen)
 {
@@ -229,6 +392,7 @@ ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_mutex_init(&f->lock, NULL);
     pthread_cond_init(&f->cond, &attr);
+    pthread_cond_init(&f->wait_cond, &attr);
     pthread_condattr_destroy(&attr);
     int rc = pthread_create(&f->thread, NULL, fleet_main, f);
     if (rc != 0) {
@@ -237,6 +401,13 @@ ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t
         return NULL;
     }
     f->thread_started = true;
+    rc = pthread_create(&f->waiter, NULL, waiter_main, f);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot start the fleet waiter thread: %s", strerror(rc));
+        ah_fleet_free(f);
+        return NULL;
+    }
+    f->waiter_started = true;
     return f;
 }
 
@@ -270,9 +441,15 @@ void ah_fleet_stop(ah_fleet_t *f)
     pthread_mutex_lock(&f->lock);
     f->stopping = true;
     bool started = f->thread_started;
+    bool waiter = f->waiter_started;
     f->thread_started = false;
+    f->waiter_started = false;
     pthread_cond_signal(&f->cond);
+    pthread_cond_signal(&f->wait_cond);
     pthread_mutex_unlock(&f->lock);
+    if (waiter) {
+        pthread_join(f->waiter, NULL); /* answers every wait left (complete false) */
+    }
     if (started) {
         pthread_join(f->thread, NULL);
     }
@@ -284,6 +461,7 @@ void ah_fleet_free(ah_fleet_t *f)
         return;
     }
     ah_fleet_stop(f);
+    pthread_cond_destroy(&f->wait_cond);
     pthread_cond_destroy(&f->cond);
     pthread_mutex_destroy(&f->lock);
     free(f);

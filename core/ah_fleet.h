@@ -41,6 +41,48 @@ void ah_fleet_stop(ah_fleet_t *f);
 /* Frees the fleet once no thread can call ah_fleet_changed() any more. NULL is accepted. */
 void ah_fleet_free(ah_fleet_t *f);
 
+/* ---- waiting for the fleet to acknowledge a version ----
+ *
+ * A wait is answered when every agent that counts has applied the version, or at its deadline.
+ * It holds no thread: one waiter thread of the fleet reads the status records every
+ * AH_FLEET_WAIT_POLL_S while any wait is pending (one store read for all of them) and calls
+ * each wait's callback once. */
+
+/* How a record counts for a wait on version N. */
+typedef enum {
+    AH_FLEET_ACKNOWLEDGED = 0, /* applied_version >= N */
+    AH_FLEET_PENDING,          /* alive and not there yet */
+    AH_FLEET_EXCLUDED,         /* stale, or stopping/stopped before applying N: not waited for */
+} ah_fleet_ack_t;
+
+#define AH_FLEET_WAIT_POLL_S 0.1
+#define AH_FLEET_WAIT_MAX_S 300.0
+
+typedef struct ah_fleet_outcome_s {
+    int64_t version;
+    bool complete; /* no record pending */
+    double waited_s;
+    const ah_agent_status_t *recs; /* the last records read, sorted by agent_id; may be 0 */
+    const ah_fleet_ack_t *acks;    /* acks[i] classifies recs[i] */
+    int count;
+    const char *error; /* "" or why the last read failed (then recs may be older or none) */
+} ah_fleet_outcome_t;
+
+/* Called exactly once per wait, on the fleet's waiter thread, without any fleet lock: when
+ * complete, at the deadline, or when the fleet stops (complete false). The outcome is valid
+ * during the call only. Must not block for long. */
+typedef void (*ah_fleet_wait_cb)(void *ud, const ah_fleet_outcome_t *outcome);
+
+/* Starts waiting up to `seconds` (0 < s <= AH_FLEET_WAIT_MAX_S) for every agent to apply
+ * `version`; started_mono_us: when the wait began (monotonic µs; waited_s counts from it).
+ * 0, or AH_EUNAVAIL when the fleet is stopping / AH_ENOMEM (cb is then never called). */
+int ah_fleet_wait(ah_fleet_t *f, int64_t version, double seconds, int64_t started_mono_us,
+                  ah_fleet_wait_cb cb, void *ud);
+
+/* How rec counts for a wait on version (now_us: wall clock). */
+ah_fleet_ack_t ah_fleet_classify(const ah_agent_status_t *rec, int64_t version, int64_t now_us,
+                                 double heartbeat_interval);
+
 /* True when rec was last written more than AH_FLEET_STALE_HEARTBEATS heartbeat intervals before
  * now_us (wall clock, µs). */
 bool ah_fleet_is_stale(const ah_agent_status_t *rec, int64_t now_us, double heartbeat_interval);

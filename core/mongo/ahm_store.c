@@ -1,7 +1,13 @@
 /* The MongoDB control store (docs/OPERATIONS.md): the control document `global_control` and its
- * audit entries in <MONGODB_DATABASE>.agent_control, behind the store interface of ah_store.h. One
- * mongoc_client_pool_t serves everything: read/command/history pop a client per call (any
- * thread), and the watcher thread holds its own client for its whole life. The watcher detects
+ * audit entries in <MONGODB_DATABASE>.agent_control, and the agents' status records in
+ * <MONGODB_DATABASE>.agent_status, behind the store interface of ah_store.h. Two single-threaded
+ * clients, one connection each (a single-threaded client monitors the server on its own socket,
+ * so there is no extra monitoring connection): the API client serves read/command/history and
+ * the status records from any thread, one call at a time under api_lock; the watcher thread owns
+ * the other one. The watcher's change stream waits up to AH_MONGO_MAX_AWAIT_MS per getMore (the
+ * server answers a change at once), on a socket timeout longer than that wait; close() does not
+ * wait for it: it kills the stream's cursor (its id is learnt from the driver's command
+ * monitoring), which ends the getMore at once. The watcher detects
  * the watch mode (a change stream, or polling when the server refuses streams: standalone error
  * 40573), logs the lines of the original distributed-control API, delivers the document at start
  * and after every change, and survives every fault by reconnecting with exponential backoff and
@@ -20,6 +26,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,8 +43,13 @@
 #define AH_MONGO_SERVER_SELECTION_MS 2000
 #define AH_MONGO_CONNECT_MS 2000
 #define AH_MONGO_SOCKET_MS 5000
-/* How long one change stream getMore waits on the server: bounds close() in the normal case. */
-#define AH_MONGO_MAX_AWAIT_MS 1000
+/* How long one change stream getMore waits on the server when nothing changes: an idle agent's
+ * getMore rate (4 a minute). A change is answered at once; close() kills the cursor. */
+#define AH_MONGO_MAX_AWAIT_MS 15000
+/* The watcher's socket timeout (unless the URI sets one): the await plus this margin. */
+#define AH_MONGO_AWAIT_SOCKET_MARGIN_MS 10000
+/* close(): how often it kills the stream's cursor again while the watcher has not exited. */
+#define AH_MONGO_CLOSE_KILL_EVERY_S 0.2
 
 /* First reconnect delay, seconds. */
 #define AH_MONGO_RETRY_MIN 0.25
@@ -75,8 +87,13 @@ typedef struct ahm_store_s {
     ah_store_t base; /* first member (ah_store.h) */
     const ah_config_t *cfg;
     mongoc_uri_t *uri;
-    mongoc_client_pool_t *pool;
-    double verify_interval; /* seconds; 0 = never verify a silent stream */
+    mongoc_uri_t *watch_uri;       /* uri with the watcher's longer socket timeout */
+    mongoc_client_pool_t *pool;    /* only lent to agent.mongo (ahm_store_pool): no connection
+                                      until agent.mongo takes a client from it */
+    pthread_mutex_t api_lock;      /* one API call at a time on api_client */
+    mongoc_client_t *api_client;   /* read/command/history/status records */
+    _Atomic int64_t stream_cursor; /* the watcher's change stream cursor id, 0: none */
+    double verify_interval;        /* seconds; 0 = never verify a silent stream */
     int max_await_ms;
 
     pthread_mutex_t mutex; /* guards everything below */
@@ -87,6 +104,7 @@ typedef struct ahm_store_s {
 
     pthread_t watcher;
     bool watcher_started;
+    bool watcher_done; /* the watcher thread is about to return (guarded by mutex) */
     ah_store_listener_t listener;
 } ahm_store_t;
 
@@ -364,16 +382,26 @@ cleanup:
 
 /* ---- the store operations (any thread) ---------------------------------------------------- */
 
+/* Takes the API client (api_lock) and returns collection `name` of the control database on it;
+ * *client is the API client. Release with push_collection(). */
+static mongoc_collection_t *pop_named_collection(ahm_store_t *ms, const char *name,
+                                                 mongoc_client_t **client)
+{
+    pthread_mutex_lock(&ms->api_lock);
+    *client = ms->api_client;
+    return mongoc_client_get_collection(*client, ms->cfg->mongodb_database, name);
+}
+
 static mongoc_collection_t *pop_collection(ahm_store_t *ms, mongoc_client_t **client)
 {
-    *client = mongoc_client_pool_pop(ms->pool);
-    return mongoc_client_get_collection(*client, ms->cfg->mongodb_database, AH_MONGO_COLLECTION);
+    return pop_named_collection(ms, AH_MONGO_COLLECTION, client);
 }
 
 static void push_collection(ahm_store_t *ms, mongoc_client_t *client, mongoc_collection_t *coll)
 {
+    (void)client;
     mongoc_collection_destroy(coll);
-    mongoc_client_pool_push(ms->pool, client);
+    pthread_mutex_unlock(&ms->api_lock);
 }
 
 static int mongo_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen)
@@ -591,12 +619,11 @@ static int mongo_put_status(ah_store_t *st, const ah_agent_status_t *rec, double
     ahm_store_t *ms = mongo_of(st);
     int rc = AH_OK;
     bson_error_t error;
-    mongoc_client_t *client = mongoc_client_pool_pop(ms->pool);
+    mongoc_client_t *client;
+    mongoc_collection_t *coll = pop_named_collection(ms, AH_MONGO_STATUS_COLLECTION, &client);
     if (ttl > 0) {
         ensure_status_index(ms, client, ttl);
     }
-    mongoc_collection_t *coll =
-        mongoc_client_get_collection(client, ms->cfg->mongodb_database, AH_MONGO_STATUS_COLLECTION);
     bson_t *query = BCON_NEW("_id", BCON_UTF8(rec->agent_id));
     bson_t *update = bson_new();
     bson_t set;
@@ -619,8 +646,7 @@ static int mongo_put_status(ah_store_t *st, const ah_agent_status_t *rec, double
     bson_destroy(opts);
     bson_destroy(update);
     bson_destroy(query);
-    mongoc_collection_destroy(coll);
-    mongoc_client_pool_push(ms->pool, client);
+    push_collection(ms, client, coll);
     return rc;
 }
 
@@ -653,9 +679,8 @@ static int mongo_list_status(ah_store_t *st, ah_agent_status_t **out, int *count
     const bson_t *doc;
     ah_agent_status_t *recs = NULL;
     int cap = 0, n = 0;
-    mongoc_client_t *client = mongoc_client_pool_pop(ms->pool);
-    mongoc_collection_t *coll =
-        mongoc_client_get_collection(client, ms->cfg->mongodb_database, AH_MONGO_STATUS_COLLECTION);
+    mongoc_client_t *client;
+    mongoc_collection_t *coll = pop_named_collection(ms, AH_MONGO_STATUS_COLLECTION, &client);
     bson_t *filter = bson_new();
     bson_t *opts = BCON_NEW("sort", "{", "_id", BCON_INT32(1), "}", "limit",
                             BCON_INT64(AH_AGENTS_MAX), "batchSize", BCON_INT64(AH_AGENTS_MAX));
@@ -703,8 +728,7 @@ cleanup:
     mongoc_cursor_destroy(cursor);
     bson_destroy(opts);
     bson_destroy(filter);
-    mongoc_collection_destroy(coll);
-    mongoc_client_pool_push(ms->pool, client);
+    push_collection(ms, client, coll);
     return rc;
 }
 
@@ -948,6 +972,9 @@ static void run_streams(ah_mongo_watch_t *w)
                 }
                 continue;
             }
+            if (mongo_closing(ms)) {
+                break; /* close() killed the cursor: not a fault */
+            }
             if (mongoc_change_stream_error_document(stream, &error, &reply)) {
                 if (classify_error(&error) == AH_MONGO_FAULT_HISTORY) {
                     ah_log_warn("[Distributed Control] Change stream history lost (%s): "
@@ -1013,6 +1040,45 @@ static void run_polling(ah_mongo_watch_t *w)
     }
 }
 
+/* Command monitoring of the watcher's client: remembers the id of the change stream's cursor
+ * (from the aggregate that opens it and every getMore), so that close() can kill it. */
+static void watch_command_succeeded(const mongoc_apm_command_succeeded_t *event)
+{
+    const char *name = mongoc_apm_command_succeeded_get_command_name(event);
+    if (strcmp(name, "aggregate") != 0 && strcmp(name, "getMore") != 0) {
+        return;
+    }
+    ahm_store_t *ms = mongoc_apm_command_succeeded_get_context(event);
+    bson_iter_t it, id;
+    if (bson_iter_init(&it, mongoc_apm_command_succeeded_get_reply(event)) &&
+        bson_iter_find_descendant(&it, "cursor.id", &id) && BSON_ITER_HOLDS_NUMBER(&id)) {
+        atomic_store(&ms->stream_cursor, bson_iter_as_int64(&id));
+    }
+}
+
+/* The watcher's own client: ms->watch_uri, error API 2, the appname, command monitoring. NULL
+ * with a log line when the URI cannot make one (it was accepted at open, so this is unlikely). */
+static mongoc_client_t *watch_client_new(ahm_store_t *ms)
+{
+    bson_error_t error;
+    mongoc_client_t *client = mongoc_client_new_from_uri_with_error(ms->watch_uri, &error);
+    if (client == NULL) {
+        ah_log_error("[Distributed Control] cannot create the watcher's MongoDB client: %s",
+                     error.message);
+        return NULL;
+    }
+    mongoc_client_set_error_api(client, MONGOC_ERROR_API_VERSION_2);
+    char appname[128];
+    snprintf(appname, sizeof(appname), "agenthost/%.100s",
+             ms->cfg->agent_id ? ms->cfg->agent_id : "");
+    mongoc_client_set_appname(client, appname);
+    mongoc_apm_callbacks_t *callbacks = mongoc_apm_callbacks_new();
+    mongoc_apm_set_command_succeeded_cb(callbacks, watch_command_succeeded);
+    mongoc_client_set_apm_callbacks(client, callbacks, ms);
+    mongoc_apm_callbacks_destroy(callbacks);
+    return client;
+}
+
 static void *watcher_main(void *arg)
 {
     ahm_store_t *ms = arg;
@@ -1020,7 +1086,10 @@ static void *watcher_main(void *arg)
     memset(&w, 0, sizeof(w));
     w.ms = ms;
     w.seed = (unsigned int)(ah_now_us() ^ ((int64_t)getpid() << 16));
-    w.client = mongoc_client_pool_pop(ms->pool);
+    w.client = watch_client_new(ms);
+    if (w.client == NULL) {
+        goto done;
+    }
     w.coll = mongoc_client_get_collection(w.client, ms->cfg->mongodb_database, AH_MONGO_COLLECTION);
     ah_store_reporter_init(&w.reporter, &ms->listener, "mongodb", "unknown", "",
                            AH_MONGO_STATUS_GAP_US);
@@ -1037,8 +1106,41 @@ static void *watcher_main(void *arg)
         run_polling(&w);
     }
     mongoc_collection_destroy(w.coll);
-    mongoc_client_pool_push(ms->pool, w.client);
+    mongoc_client_destroy(w.client);
+done:
+    pthread_mutex_lock(&ms->mutex);
+    ms->watcher_done = true;
+    pthread_cond_broadcast(&ms->cond);
+    pthread_mutex_unlock(&ms->mutex);
     return NULL;
+}
+
+/* close(): kills the watcher's change stream cursor, if one is open, through the API client: a
+ * getMore waiting on it returns at once (CursorKilled). Users may always kill their own cursors
+ * (MongoDB 4.2+), so the role needs nothing for it. */
+static void kill_stream_cursor(ahm_store_t *ms)
+{
+    int64_t id = atomic_load(&ms->stream_cursor);
+    if (id == 0 || ms->api_client == NULL) {
+        return;
+    }
+    bson_error_t error;
+    bson_t *cmd = BCON_NEW("killCursors", BCON_UTF8(AH_MONGO_COLLECTION), "cursors", "[",
+                           BCON_INT64(id), "]");
+    pthread_mutex_lock(&ms->api_lock);
+    if (!mongoc_client_command_simple(ms->api_client, ms->cfg->mongodb_database, cmd, NULL, NULL,
+                                      &error)) {
+        ah_log_debug("[Distributed Control] killCursors at close: %s", error.message);
+    }
+    pthread_mutex_unlock(&ms->api_lock);
+    bson_destroy(cmd);
+}
+
+/* ah_cond_wait_until's condition (mutex held). */
+static bool watcher_is_done(void *arg)
+{
+    const ahm_store_t *ms = arg;
+    return ms->watcher_done;
 }
 
 static int mongo_watch_start(ah_store_t *st, const ah_store_listener_t *listener, char *err,
@@ -1066,12 +1168,27 @@ static void mongo_close(ah_store_t *st)
     pthread_cond_broadcast(&ms->cond);
     pthread_mutex_unlock(&ms->mutex);
     if (ms->watcher_started) {
+        /* The watcher may be inside a getMore that waits up to AH_MONGO_MAX_AWAIT_MS: end it by
+         * killing its cursor, again if the stream was just (re)opened, until the thread is out. */
+        for (;;) {
+            pthread_mutex_lock(&ms->mutex);
+            bool done = ah_cond_wait_until(&ms->cond, &ms->mutex, AH_MONGO_CLOSE_KILL_EVERY_S,
+                                           watcher_is_done, ms);
+            pthread_mutex_unlock(&ms->mutex);
+            if (done) {
+                break;
+            }
+            kill_stream_cursor(ms);
+        }
         pthread_join(ms->watcher, NULL);
     }
+    mongoc_client_destroy(ms->api_client); /* NULL is a no-op */
     if (ms->pool != NULL) {
         mongoc_client_pool_destroy(ms->pool);
     }
+    mongoc_uri_destroy(ms->watch_uri);
     mongoc_uri_destroy(ms->uri);
+    pthread_mutex_destroy(&ms->api_lock);
     pthread_cond_destroy(&ms->cond);
     pthread_mutex_destroy(&ms->mutex);
     free(ms);
@@ -1110,6 +1227,7 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
     ms->cfg = cfg;
     ms->last_command = AH_CMD_RUNNING;
     pthread_mutex_init(&ms->mutex, NULL);
+    pthread_mutex_init(&ms->api_lock, NULL);
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
@@ -1123,14 +1241,28 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
     }
     default_timeout(ms->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, AH_MONGO_SERVER_SELECTION_MS);
     default_timeout(ms->uri, MONGOC_URI_CONNECTTIMEOUTMS, AH_MONGO_CONNECT_MS);
+    bool own_socket_timeout = mongoc_uri_has_option(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS);
     default_timeout(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS, AH_MONGO_SOCKET_MS);
-    /* A getMore must come back well before the socket timeout would call it a failure. */
-    int32_t socket_ms =
-        mongoc_uri_get_option_as_int32(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS, AH_MONGO_SOCKET_MS);
     ms->max_await_ms = AH_MONGO_MAX_AWAIT_MS;
-    if (socket_ms > 0 && socket_ms < 2 * ms->max_await_ms) {
-        ms->max_await_ms = socket_ms / 2 > 1 ? socket_ms / 2 : 1;
+    ms->watch_uri = mongoc_uri_copy(ms->uri);
+    if (own_socket_timeout) {
+        /* The URI's socket timeout also bounds the stream: a getMore must come back well before
+         * it would call the wait a failure. */
+        int32_t socket_ms =
+            mongoc_uri_get_option_as_int32(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS, AH_MONGO_SOCKET_MS);
+        if (socket_ms > 0 && socket_ms < 2 * ms->max_await_ms) {
+            ms->max_await_ms = socket_ms / 2 > 1 ? socket_ms / 2 : 1;
+        }
+    } else {
+        mongoc_uri_set_option_as_int32(ms->watch_uri, MONGOC_URI_SOCKETTIMEOUTMS,
+                                       AH_MONGO_MAX_AWAIT_MS + AH_MONGO_AWAIT_SOCKET_MARGIN_MS);
     }
+    ms->api_client = mongoc_client_new_from_uri_with_error(ms->uri, &error);
+    if (ms->api_client == NULL) {
+        snprintf(err, errlen, "MONGODB_URI cannot be used: %s", error.message);
+        goto fail;
+    }
+    mongoc_client_set_error_api(ms->api_client, MONGOC_ERROR_API_VERSION_2);
     ms->pool = mongoc_client_pool_new_with_error(ms->uri, &error);
     if (ms->pool == NULL) {
         snprintf(err, errlen, "MONGODB_URI cannot be used: %s", error.message);
@@ -1140,6 +1272,7 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
     char appname[128];
     snprintf(appname, sizeof(appname), "agenthost/%.100s", cfg->agent_id ? cfg->agent_id : "");
     mongoc_client_pool_set_appname(ms->pool, appname);
+    mongoc_client_set_appname(ms->api_client, appname);
     return &ms->base;
 fail:
     mongo_close(&ms->base);

@@ -403,3 +403,43 @@ def test_ctl_if_version_and_timed_pause(fleet, store):
     assert '"version":1' in p.stdout and '"expires_at":"' in p.stdout
     p = run_cli(["ctl", "pause", "--url", a.url, "--local", "--for", "15m"])
     assert p.returncode == 2 and "--for applies to cluster commands only" in p.stderr
+
+
+# -- idle cost: the long change-stream await does not hold up shutdown ----------------------
+
+def test_idle_mongodb_agent_shuts_down_without_waiting_for_its_stream(fleet, tmp_path):
+    """An idle change stream waits up to 15 s per getMore on the server; SIGTERM must not wait
+    for it: close() kills the stream's cursor and the getMore returns at once."""
+    import time
+    srv = MongoTestServer(mode="replset").start()
+    try:
+        store = Store("mongodb", tmp_path, srv)
+        a = start_fleet(fleet, store, 1)[0]
+        # the stream is open and its first getMore is waiting on the server
+        wait_for(lambda: any(e["command"] == "getMore" for e in srv.command_log()), 10,
+                 message="a getMore is under way")
+        started = time.monotonic()
+        a.signal(signal.SIGTERM)
+        assert a.wait_exit(timeout=30) == 0
+        took = time.monotonic() - started
+        assert took < 5, f"shutdown took {took:.1f}s: it waited for the stream's await"
+        assert not a.find_logs(r"\[WARNING\]"), a.log_text()
+        killed = [e for e in srv.command_log() if e["command"] == "killCursors"]
+        assert killed or srv.stats().get("killCursors"), srv.stats()
+    finally:
+        srv.close()
+
+
+def test_mongodb_agent_holds_two_connections(fleet, tmp_path):
+    srv = MongoTestServer(mode="replset").start()
+    try:
+        before = srv.status()["connections"]
+        store = Store("mongodb", tmp_path, srv)
+        a = start_fleet(fleet, store, 1)[0]
+        wait_records(a, lambda b: b["summary"]["total"] == 1, message="the record")
+        a.post("/api/cluster/pause")  # API client: command + audit; watcher: the event
+        a.wait_state("paused")
+        assert a.get("/api/cluster/agents").status == 200
+        assert srv.status()["connections"] - before == 2
+    finally:
+        srv.close()
