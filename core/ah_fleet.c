@@ -46,6 +46,16 @@ struct ah_fleet_s {
 
 typedef struct fleet_wait_s {
     struct fleet_wait_s *next;
+    bool need_write; /* the command below is still to be written; version unknown */
+    ah_command_t command;
+    int64_t if_version;
+    int64_t expires_us;
+    char reason[AH_REASON_MAX + 1];
+    char updated_by[AH_NAME_MAX + 1];
+    int command_rc;
+    char command_error[AH_ERRLEN];
+    ah_control_t doc;
+    double seconds;
     int64_t version;
     int64_t started_mono_us;
     int64_t deadline_mono_us;
@@ -248,6 +258,9 @@ static bool wait_evaluate(const ah_fleet_t *f, const fleet_wait_t *w, const ah_a
         acks[i] = ah_fleet_classify(&recs[i], w->version, now_us, f->cfg->heartbeat_interval);
         complete = complete && acks[i] != AH_FLEET_PENDING;
     }
+    out->command_rc = w->command_rc;
+    out->command_error = w->command_error;
+    out->doc = &w->doc;
     out->version = w->version;
     out->complete = complete;
     out->waited_s = (double)(ah_mono_us() - w->started_mono_us) / 1e6;
@@ -255,6 +268,27 @@ static bool wait_evaluate(const ah_fleet_t *f, const fleet_wait_t *w, const ah_a
     out->acks = acks;
     out->count = count;
     return complete;
+}
+
+/* Waiter thread: writes w's command; on success the wait for its version starts now. */
+static void fleet_write_command(ah_fleet_t *f, fleet_wait_t *w)
+{
+    ah_command_req_t req = {.command = w->command,
+                            .reason = w->reason,
+                            .updated_by = w->updated_by,
+                            .agent_id = f->cfg->agent_id,
+                            .if_version = w->if_version,
+                            .expires_us = w->expires_us};
+    w->command_rc =
+        ah_store_command_req(f->store, &req, &w->doc, w->command_error, sizeof(w->command_error));
+    if (w->command_rc == AH_OK || w->command_rc == AH_ECONFLICT) {
+        ah_state_offer_cluster(f->state, &w->doc); /* the issuing agent applies it at once */
+    }
+    if (w->command_rc == AH_OK) {
+        w->version = w->doc.version;
+        /* the wait is measured from the request; its deadline from the write */
+        w->deadline_mono_us = ah_mono_us() + (int64_t)(w->seconds * 1e6);
+    }
 }
 
 /* The waiter thread: while waits are pending, one read of every record per AH_FLEET_WAIT_POLL_S
@@ -273,6 +307,22 @@ static void *waiter_main(void *arg)
             pthread_cond_wait(&f->wait_cond, &f->lock);
         }
         bool stopping = f->stopping;
+        /* Commands to write first (one at a time, without the lock): a failed write ends its
+         * wait at once; a written one starts waiting for its version now. */
+        while (!f->stopping) {
+            fleet_wait_t *w = f->waits;
+            while (w != NULL && !w->need_write) {
+                w = w->next;
+            }
+            if (w == NULL) {
+                break;
+            }
+            w->need_write = false; /* w stays linked; only this thread evaluates it */
+            pthread_mutex_unlock(&f->lock);
+            fleet_write_command(f, w);
+            pthread_mutex_lock(&f->lock);
+        }
+        stopping = f->stopping;
         pthread_mutex_unlock(&f->lock);
         if (!stopping) {
             ah_agent_status_t *fresh = NULL;
@@ -303,8 +353,14 @@ static void *waiter_main(void *arg)
         for (fleet_wait_t **pp = &f->waits; *pp != NULL;) {
             fleet_wait_t *w = *pp;
             ah_fleet_outcome_t outcome;
-            bool complete = wait_evaluate(f, w, recs, count, acks, now_us, &outcome);
-            if (complete || stopping || now_mono >= w->deadline_mono_us) {
+            bool complete = w->command_rc == AH_OK && !w->need_write &&
+                            wait_evaluate(f, w, recs, count, acks, now_us, &outcome);
+            if (w->need_write && !stopping) {
+                pp = &w->next; /* written on the next round */
+                next_deadline = now_mono;
+                continue;
+            }
+            if (complete || stopping || w->command_rc != AH_OK || now_mono >= w->deadline_mono_us) {
                 *pp = w->next;
                 w->next = done;
                 done = w;
@@ -320,7 +376,13 @@ static void *waiter_main(void *arg)
             fleet_wait_t *w = done;
             done = w->next;
             ah_fleet_outcome_t outcome;
-            wait_evaluate(f, w, recs, count, acks, now_us, &outcome);
+            if (w->need_write) { /* stopping before it was written */
+                w->command_rc = AH_EUNAVAIL;
+                ah_strlcpy(w->command_error, "the agent is shutting down",
+                           sizeof(w->command_error));
+            }
+            wait_evaluate(f, w, w->command_rc == AH_OK ? recs : NULL,
+                          w->command_rc == AH_OK ? count : 0, acks, now_us, &outcome);
             outcome.error = err;
             w->cb(w->ud, &outcome);
             free(w);
@@ -344,6 +406,46 @@ static void *waiter_main(void *arg)
     return NULL;
 }
 
+/* Links w into the waits and wakes the waiter. AH_EUNAVAIL (w freed) when stopping. */
+static int fleet_add_wait(ah_fleet_t *f, fleet_wait_t *w)
+{
+    pthread_mutex_lock(&f->lock);
+    if (f->stopping || !f->waiter_started) {
+        pthread_mutex_unlock(&f->lock);
+        free(w);
+        return AH_EUNAVAIL;
+    }
+    w->next = f->waits;
+    f->waits = w;
+    pthread_cond_signal(&f->wait_cond);
+    pthread_mutex_unlock(&f->lock);
+    return AH_OK;
+}
+
+int ah_fleet_command_wait(ah_fleet_t *f, const ah_command_req_t *req, double seconds,
+                          int64_t started_mono_us, ah_fleet_wait_cb cb, void *ud)
+{
+    if (!(seconds > 0) || seconds > AH_FLEET_WAIT_MAX_S) {
+        return AH_EINVAL;
+    }
+    fleet_wait_t *w = calloc(1, sizeof(*w));
+    if (w == NULL) {
+        return AH_ENOMEM;
+    }
+    w->need_write = true;
+    w->command = req->command;
+    w->if_version = req->if_version;
+    w->expires_us = req->expires_us;
+    ah_strlcpy(w->reason, req->reason, sizeof(w->reason));
+    ah_strlcpy(w->updated_by, req->updated_by, sizeof(w->updated_by));
+    w->seconds = seconds;
+    w->started_mono_us = started_mono_us;
+    w->deadline_mono_us = INT64_MAX;
+    w->cb = cb;
+    w->ud = ud;
+    return fleet_add_wait(f, w);
+}
+
 int ah_fleet_wait(ah_fleet_t *f, int64_t version, double seconds, int64_t started_mono_us,
                   ah_fleet_wait_cb cb, void *ud)
 {
@@ -359,17 +461,7 @@ int ah_fleet_wait(ah_fleet_t *f, int64_t version, double seconds, int64_t starte
     w->deadline_mono_us = started_mono_us + (int64_t)(seconds * 1e6);
     w->cb = cb;
     w->ud = ud;
-    pthread_mutex_lock(&f->lock);
-    if (f->stopping || !f->waiter_started) {
-        pthread_mutex_unlock(&f->lock);
-        free(w);
-        return AH_EUNAVAIL;
-    }
-    w->next = f->waits;
-    f->waits = w;
-    pthread_cond_signal(&f->wait_cond);
-    pthread_mutex_unlock(&f->lock);
-    return AH_OK;
+    return fleet_add_wait(f, w);
 }
 
 ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store, char *err,

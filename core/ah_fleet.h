@@ -59,6 +59,13 @@ typedef enum {
 #define AH_FLEET_WAIT_MAX_S 300.0
 
 typedef struct ah_fleet_outcome_s {
+    /* ah_fleet_command_wait() only: how the command's write went. AH_OK: doc is the written
+     * document and the fields below describe the wait; else (AH_ECONFLICT with doc the current
+     * document, AH_EUNAVAIL, AH_EIO, AH_EINVAL) command_error says why and nothing was waited
+     * for. ah_fleet_wait(): AH_OK. */
+    int command_rc;
+    const char *command_error;
+    const ah_control_t *doc;
     int64_t version;
     bool complete; /* no record pending */
     double waited_s;
@@ -78,6 +85,15 @@ typedef void (*ah_fleet_wait_cb)(void *ud, const ah_fleet_outcome_t *outcome);
  * 0, or AH_EUNAVAIL when the fleet is stopping / AH_ENOMEM (cb is then never called). */
 int ah_fleet_wait(ah_fleet_t *f, int64_t version, double seconds, int64_t started_mono_us,
                   ah_fleet_wait_cb cb, void *ud);
+
+/* Writes the cluster command req (as ah_store_command_req; the strings are copied) on the
+ * fleet's waiter thread, hands the written document to the state object (the issuing agent
+ * applies it at once), then waits up to `seconds` as ah_fleet_wait() for that version.
+ * started_mono_us: when the request began. cb is called exactly once with the write's outcome
+ * and, if it succeeded, the wait's. 0, or AH_EUNAVAIL / AH_EINVAL / AH_ENOMEM (cb never
+ * called). No HTTP or Lua thread is held meanwhile. */
+int ah_fleet_command_wait(ah_fleet_t *f, const ah_command_req_t *req, double seconds,
+                          int64_t started_mono_us, ah_fleet_wait_cb cb, void *ud);
 
 /* How rec counts for a wait on version (now_us: wall clock). */
 ah_fleet_ack_t ah_fleet_classify(const ah_agent_status_t *rec, int64_t version, int64_t now_us,
