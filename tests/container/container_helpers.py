@@ -186,3 +186,50 @@ def duration_seconds(text):
 
 def run_id():
     return f"ahct{os.getpid()}{secrets.token_hex(2)}"
+
+
+def uri_for_test_server(uri):
+    """The test server's URI for a manifest's MONGODB_URI: same first host, database and replica
+    set; no credentials, no other members (the test server is one member and emulates no auth)."""
+    m = re.fullmatch(r"mongodb://(?:[^@/]*@)?([^,/?]+)[^/?]*(/[^?]*)?(?:\?(.*))?", uri)
+    assert m, uri
+    host, path = m.group(1), m.group(2) or "/"
+    params = [p for p in (m.group(3) or "").split("&") if p.startswith("replicaSet=")]
+    return f"mongodb://{host}{path}" + (f"?{params[0]}" if params else ""), host.split(":")[0]
+
+
+def mebibytes(quantity):
+    """Kubernetes memory quantity ('256Mi', '1Gi', '64M') -> bytes."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|K|M|G)?", str(quantity))
+    assert m, quantity
+    mult = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "K": 1000, "M": 10**6, "G": 10**9}
+    return int(m.group(1)) * mult.get(m.group(2), 1)
+
+
+def interpolate(value, environ=None):
+    """Compose's ${VAR:-default} / ${VAR} / $VAR substitution."""
+    environ = os.environ if environ is None else environ
+
+    def sub(m):
+        name, default = m.group(1) or m.group(3), m.group(2)
+        got = environ.get(name)
+        return got if got else (default or "")
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", sub, str(value))
+
+
+def slow_batch_script(seconds):
+    """A script whose batch does `seconds` of work nothing interrupts (a child process: SIGTERM
+    goes to the agent only), logging around it and in on_shutdown."""
+    return f"""local agent = require "agent"
+local M = {{}}
+function M.batch(ctx)
+  agent.log.info("slow batch started")
+  os.execute("sleep {seconds}")
+  agent.log.info("slow batch finished")
+  return 1
+end
+function M.on_shutdown(ev)
+  agent.log.info("on_shutdown ran, source " .. tostring(ev.source))
+end
+return M
+"""

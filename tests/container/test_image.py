@@ -6,25 +6,11 @@ import time
 
 import pytest
 
-from container_helpers import (REPO, dockerfile_stop_timeout, http, image_env, wait_log,
-                               wait_status)
+from container_helpers import (REPO, dockerfile_stop_timeout, http, image_env, slow_batch_script,
+                               wait_log, wait_status)
 
 TOKEN = "container-test-token"
 DOCKER_DEFAULT_STOP_TIMEOUT = 10
-# A batch doing 13 s of work that nothing interrupts (a child process; SIGTERM goes to the agent).
-SLOW_BATCH = """local agent = require "agent"
-local M = {}
-function M.batch(ctx)
-  agent.log.info("slow batch started")
-  os.execute("sleep 13")
-  agent.log.info("slow batch finished")
-  return 1
-end
-function M.on_shutdown(ev)
-  agent.log.info("on_shutdown ran, source " .. tostring(ev.source))
-end
-return M
-"""
 
 
 def sh(podman, image, script, *args):
@@ -126,7 +112,7 @@ def test_stop_within_documented_timeout_finishes_batch_and_runs_on_shutdown(
     shutdown_timeout = float(image_env(podman, agent_image).get("SHUTDOWN_TIMEOUT", "25"))
     assert stop_timeout > shutdown_timeout, (stop_timeout, shutdown_timeout)
     script = tmp_path / "agent.lua"
-    script.write_text(SLOW_BATCH)
+    script.write_text(slow_batch_script(13))
     script.chmod(0o644)
     name = podman.run_detached(
         "stop", agent_image, "--stop-timeout", str(stop_timeout),
