@@ -32,10 +32,15 @@ def base_images(podman):
 
 def build(podman, tag, *args, context=REPO, timeout=900):
     """podman build in docker format (keeps HEALTHCHECK), cached layers, never pulling: the
-    FROM images are the local ones. Returns the image id."""
+    FROM images are the local ones. Returns the image id. The image the tag named before is
+    removed with its cached layers, so rebuilding after each change does not fill the disk."""
+    before = podman("image", "inspect", "--format", "{{.Id}}", tag, check=False).stdout.strip()
     p = podman("build", "--format", "docker", "--pull=never", "--layers", "-q", "-t", tag, *args,
                str(context), timeout=timeout)
-    return p.stdout.strip().splitlines()[-1]
+    image_id = p.stdout.strip().splitlines()[-1]
+    if before and not image_id.startswith(before) and not before.startswith(image_id):
+        podman("rmi", before, check=False)
+    return image_id
 
 
 @pytest.fixture(scope="session")
