@@ -1,4 +1,4 @@
-/* Configuration: built from the environment (SPEC §2), then overridden by command-line flags,
+/* Configuration: built from the environment (docs: README.md, Settings), then overridden by command-line flags,
  * then validated. Invalid values are rejected with a message naming the variable. */
 #ifndef AH_CONFIG_H
 #define AH_CONFIG_H

@@ -1,4 +1,4 @@
-/* The HTTP API (SPEC §6) on libmicrohttpd. One access handler drains any request body, routes the
+/* The HTTP API (docs/API.md) on libmicrohttpd. One access handler drains any request body, routes the
  * request through one table, and each route builds its whole JSON body in an ah_buf_t before one
  * response is queued. GET routes read only a state snapshot (never the store, so they cannot
  * block on MongoDB); cluster commands and history go through the store. Requests are served on

@@ -1,4 +1,4 @@
-/* The HTTP API (SPEC §6) on libmicrohttpd: cluster routes (through the store), agent routes
+/* The HTTP API (docs/API.md) on libmicrohttpd: cluster routes (through the store), agent routes
  * (through the state object), /api/mongo/status, /healthz, /readyz and /metrics.
  *
  * Threads: requests are served on libmicrohttpd's own threads. GET handlers only read the state

@@ -1,4 +1,4 @@
-/* The Lua host: one LuaJIT state running the operator's script (SPEC §3). It loads the script,
+/* The Lua host: one LuaJIT state running the operator's script (docs/LUA.md). It loads the script,
  * checks the contract (a returned table with a `batch` function), keeps the script's functions as
  * registry refs, and calls them through one protected wrapper with a traceback handler and a
  * time budget. It also provides the `agent` module to the script.

@@ -1,5 +1,5 @@
 /* The agent's shared state: the one small, lock-protected object where the threads meet
- * (SPEC §7). It holds the run state and its transition table, the latest pending command
+ * (docs/ARCHITECTURE.md). It holds the run state and its transition table, the latest pending command
  * ("latest wins"), the agent's view of the cluster control document, the store's status and the
  * counters shown by the API and /metrics.
  *

@@ -1,4 +1,4 @@
-/* The agenthost command line: run | check | ctl | version (SPEC §1). Exit codes: 0 clean
+/* The agenthost command line: run | check | ctl | version (README.md). Exit codes: 0 clean
  * shutdown, 1 runtime failure, 2 bad usage, configuration or script. */
 #include "ah_config.h"
 #include "ah_ctl.h"

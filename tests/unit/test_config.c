@@ -1,4 +1,4 @@
-/* Unit tests for configuration parsing and validation (SPEC §2). */
+/* Unit tests for configuration parsing and validation (README.md, Settings). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -515,7 +515,7 @@ static void test_cluster_shutdown_propagation_in_change_streams_mode(void **stat
     assert_int_equal(fake_writes(fx->fake), 1);
 }
 
-static void test_control_state_in_seed_order(void **state)
+static void test_control_state_fields_in_documented_order(void **state)
 {
     fixture_t *fx = *state;
     start_with_fake(fx);
@@ -1176,7 +1176,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_cluster_shutdown_propagation_in_change_streams_mode,
                                         setup, teardown),
-        cmocka_unit_test_setup_teardown(test_control_state_in_seed_order, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_control_state_fields_in_documented_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_control_state_unknown_yet_is_503, setup, teardown),
         cmocka_unit_test_setup_teardown(test_history_limit_validation, setup, teardown),
         cmocka_unit_test_setup_teardown(test_store_unavailable_is_503_and_writes_nothing, setup,
