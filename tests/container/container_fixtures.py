@@ -15,7 +15,7 @@ def podman(tmp_path_factory):
     pm = Podman(conf, run_id())
     # Fails loudly (not a skip) when podman cannot run a container here.
     pm("version")
-    pm.cleanup()
+    pm.cleanup(stale=True)
     yield pm
     pm.cleanup()
 

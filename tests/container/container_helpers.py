@@ -108,15 +108,24 @@ class Podman:
         p = self("logs", name, check=False)
         return p.stdout + p.stderr
 
-    def cleanup(self):
-        """Removes every container and network this run created (by label)."""
-        ids = self("ps", "-aq", "--filter", f"label={LABEL}={self.run_id}", check=False).stdout.split()
+    def cleanup(self, stale=False):
+        """Removes every container and network this run created (by label); stale: those of
+        earlier runs whose process is gone (a run killed before its own cleanup)."""
+        def ours(label):
+            if label == self.run_id:
+                return True
+            m = re.fullmatch(r"ahct-(\d+)-[0-9a-f]+", label or "")
+            return stale and m is not None and not pid_alive(int(m.group(1)))
+        ps = self("ps", "-a", "--filter", f"label={LABEL}", "--format", "json", check=False)
+        ids = [c["Id"] for c in json.loads(ps.stdout or "[]")
+               if ours((c.get("Labels") or {}).get(LABEL))]
         if ids:
             self("rm", "-f", "-t", "0", *ids, check=False)
-        nets = self("network", "ls", "-q", "--filter", f"label={LABEL}={self.run_id}",
-                    check=False).stdout.split()
-        if nets:
-            self("network", "rm", "-f", *nets, check=False)
+        nets = self("network", "ls", "--filter", f"label={LABEL}", "--format", "json", check=False)
+        names = [n["name"] for n in json.loads(nets.stdout or "[]")
+                 if ours((n.get("labels") or {}).get(LABEL))]
+        if names:
+            self("network", "rm", "-f", *names, check=False)
 
 
 def http(method, url, token=None, timeout=5.0):
@@ -185,7 +194,17 @@ def duration_seconds(text):
 
 
 def run_id():
-    return f"ahct{os.getpid()}{secrets.token_hex(2)}"
+    return f"ahct-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def uri_for_test_server(uri):

@@ -11,8 +11,8 @@ Shown: probes, change streams carrying a cluster pause from one pod to the other
 ctl` through `podman exec`, and exit 0 on stop."""
 import pytest
 
-from container_helpers import (REPO, http, mebibytes, uri_for_test_server, wait_for, wait_log,
-                               wait_status, yaml_docs)
+from container_helpers import (REPO, http, mebibytes, uri_for_test_server, wait_log, wait_status,
+                               yaml_docs)
 
 K8S = REPO / "k8s"
 

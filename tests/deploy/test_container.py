@@ -2,7 +2,6 @@
 (npm dockerfile-utils, the compose-spec JSON schema), use Debian bookworm images, and name only
 packages that exist in Debian bookworm (apt-cache; skipped where apt has no bookworm lists)."""
 import re
-from pathlib import Path
 
 import pytest
 import yaml
