@@ -1,9 +1,11 @@
 # agenthost container image: build on Debian bookworm, run on bookworm-slim with only the runtime
 # libraries. Build:  docker build -t agenthost:0.1.0 .        (podman: add --format docker to keep
 #                                                              the HEALTHCHECK)
-# Run:    docker run --rm --stop-timeout 30 -p 8000:8000 agenthost:0.1.0         (the hello example)
-#         docker run --rm --stop-timeout 30 -p 8000:8000 \
+# Run:    docker run --rm --stop-timeout 30 -p 127.0.0.1:8000:8000 agenthost:0.1.0  (hello example)
+#         docker run --rm --stop-timeout 30 -p 127.0.0.1:8000:8000 -e AGENT_API_TOKEN \
 #           -v "$PWD/my.lua:/etc/agenthost/agent.lua:ro" agenthost:0.1.0 run /etc/agenthost/agent.lua
+# Without AGENT_API_TOKEN the POST routes (pause, resume, shutdown) need no token: publish the
+# port on loopback, or set the token, before exposing it.
 # --stop-timeout: on SIGTERM the agent finishes its batch and runs on_shutdown, taking up to
 # SHUTDOWN_TIMEOUT (25 s by default) before it gives up with exit 1; docker's own default of 10 s
 # would SIGKILL it first (exit 137, no on_shutdown). Keep it above SHUTDOWN_TIMEOUT.
