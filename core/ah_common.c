@@ -93,6 +93,26 @@ void ah_mono_deadline(double seconds, struct timespec *out)
     }
 }
 
+int ah_double_to_int64(double v, int64_t *out)
+{
+    /* -2^63 is exact as a double; 2^63 is the first value past INT64_MAX. */
+    if (v >= -9223372036854775808.0 && v < 9223372036854775808.0) {
+        *out = (int64_t)v;
+        return AH_OK;
+    }
+    *out = isnan(v) ? 0 : (v < 0 ? INT64_MIN : INT64_MAX);
+    return AH_EINVAL;
+}
+
+int64_t ah_int64_mul_sat(int64_t a, int64_t b)
+{
+    int64_t r;
+    if (__builtin_mul_overflow(a, b, &r)) {
+        return (a < 0) != (b < 0) ? INT64_MIN : INT64_MAX;
+    }
+    return r;
+}
+
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN])
 {
     time_t secs = (time_t)(ts_us / 1000000);
@@ -102,7 +122,11 @@ void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN])
         secs -= 1;
     }
     struct tm tm;
-    gmtime_r(&secs, &tm);
+    if (gmtime_r(&secs, &tm) == NULL) { /* a year beyond int */
+        snprintf(out, AH_TIMESTAMP_LEN, "%s",
+                 secs < 0 ? "0000-01-01T00:00:00.000000Z" : "9999-12-31T23:59:59.999999Z");
+        return;
+    }
     char date[24];
     size_t n = strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%S", &tm);
     date[n] = '\0';
@@ -200,6 +224,9 @@ void ah_sleep(double seconds)
 {
     if (!(seconds > 0)) {
         return;
+    }
+    if (seconds > 365.0 * 86400.0) { /* as ah_mono_deadline; keeps the cast defined */
+        seconds = 365.0 * 86400.0;
     }
     struct timespec req;
     req.tv_sec = (time_t)seconds;

@@ -65,6 +65,14 @@ int ah_command_parse(const char *name, ah_command_t *out);
 /* "cluster" | "local" | "signal" | "startup". */
 const char *ah_source_name(ah_source_t src);
 
+/* The one checked double -> integer conversion (a cast of a NaN or of a value outside the
+ * target's range is undefined behaviour in C). Truncates v toward zero into *out and returns
+ * 0 when the result fits in int64_t; otherwise returns AH_EINVAL and stores the nearest bound
+ * (INT64_MIN or INT64_MAX; 0 for NaN), so a caller may either reject or saturate. */
+int ah_double_to_int64(double v, int64_t *out);
+/* a * b, saturated at INT64_MIN / INT64_MAX instead of overflowing (for unit scaling). */
+int64_t ah_int64_mul_sat(int64_t a, int64_t b);
+
 /* Wall clock, microseconds since the Unix epoch. */
 int64_t ah_now_us(void);
 /* Monotonic clock, microseconds. */
