@@ -951,13 +951,3 @@ fail:
     mongo_close(&ms->base);
     return NULL;
 }
-
-/* ---- sharing the pool --------------------------------------------------------------------- */
-
-mongoc_client_pool_t *ahm_store_pool(ah_store_t *st)
-{
-    if (st == NULL || st->ops != &mongo_ops) {
-        return NULL;
-    }
-    return mongo_of(st)->pool;
-}
