@@ -115,6 +115,11 @@ int64_t ah_int64_mul_sat(int64_t a, int64_t b)
 
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN])
 {
+    if (ts_us < AH_TIMESTAMP_MIN_US) {
+        ts_us = AH_TIMESTAMP_MIN_US;
+    } else if (ts_us > AH_TIMESTAMP_MAX_US) {
+        ts_us = AH_TIMESTAMP_MAX_US;
+    }
     time_t secs = (time_t)(ts_us / 1000000);
     long micros = (long)(ts_us % 1000000);
     if (micros < 0) {
@@ -122,15 +127,13 @@ void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN])
         secs -= 1;
     }
     struct tm tm;
-    if (gmtime_r(&secs, &tm) == NULL) { /* a year beyond int */
-        snprintf(out, AH_TIMESTAMP_LEN, "%s",
-                 secs < 0 ? "0000-01-01T00:00:00.000000Z" : "9999-12-31T23:59:59.999999Z");
-        return;
-    }
-    char date[24];
-    size_t n = strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%S", &tm);
-    date[n] = '\0';
-    snprintf(out, AH_TIMESTAMP_LEN, "%.19s.%06ldZ", date, micros);
+    gmtime_r(&secs, &tm); /* cannot fail for years 0-9999 */
+    /* Not strftime: glibc's %Y does not pad the years before 1000 to four digits. The fields
+     * are in range, so the text fits AH_TIMESTAMP_LEN; the larger buffer is for the compiler. */
+    char text[128];
+    snprintf(text, sizeof(text), "%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, micros);
+    ah_strlcpy(out, text, AH_TIMESTAMP_LEN);
 }
 
 void ah_strlcpy(char *dst, const char *src, size_t n)

@@ -99,7 +99,12 @@ void ah_sleep(double seconds);
 double ah_backoff(int failures, double min, double max);
 /* A uniformly random factor in [lo, hi) from the rand_r() state *seed. */
 double ah_jitter(unsigned int *seed, double lo, double hi);
-/* Formats ts_us as ISO 8601 UTC with microseconds: "2026-01-11T10:30:00.123456Z". */
+/* The instants ah_format_timestamp can write: 0000-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z.
+ */
+#define AH_TIMESTAMP_MIN_US (-62167219200000000LL)
+#define AH_TIMESTAMP_MAX_US (253402300799999999LL)
+/* Formats ts_us as ISO 8601 UTC with microseconds: "2026-01-11T10:30:00.123456Z"; an instant
+ * outside years 0-9999 (a foreign writer's date, say) is clamped to that range. */
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN]);
 /* Copies src into dst of size n, always NUL-terminated, truncating. src may be NULL (→ ""). */
 void ah_strlcpy(char *dst, const char *src, size_t n);

@@ -744,10 +744,9 @@ static int date_tostring(lua_State *L)
 {
     lua_Number ms = date_ms(L, 1);
     int64_t ms_int;
-    /* ISO 8601 while the instant fits in int64 microseconds (about +-292,000 years); past that
-     * (or for a NaN) the number itself. */
-    if (ah_double_to_int64(ms, &ms_int) != AH_OK || ms_int < INT64_MIN / 1000 ||
-        ms_int > INT64_MAX / 1000) {
+    /* ISO 8601 for years 0-9999; otherwise (or for a NaN) the number itself. */
+    if (ah_double_to_int64(ms, &ms_int) != AH_OK || ms_int < AH_TIMESTAMP_MIN_US / 1000 ||
+        ms_int > AH_TIMESTAMP_MAX_US / 1000) {
         char text[64];
         snprintf(text, sizeof(text), "date(%.17g ms, out of range)", (double)ms);
         lua_pushstring(L, text);

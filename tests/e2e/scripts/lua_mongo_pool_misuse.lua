@@ -37,7 +37,8 @@ local function raise_n(n, pattern, f)
         if not ok and tostring(e):find(pattern, 1, true) then
             matched = matched + 1
         else
-            report.errors[#report.errors + 1] = pattern .. ": call " .. i .. " got " .. tostring(ok and "no error" or e) .. " " .. collectgarbage("count")
+            report.errors[#report.errors + 1] =
+                pattern .. ": call " .. i .. " got " .. tostring(ok and "no error" or e)
         end
     end
     return matched
