@@ -88,8 +88,6 @@ typedef struct ahm_store_s {
     const ah_config_t *cfg;
     mongoc_uri_t *uri;
     mongoc_uri_t *watch_uri;       /* uri with the watcher's longer socket timeout */
-    mongoc_client_pool_t *pool;    /* only lent to agent.mongo (ahm_store_pool): no connection
-                                      until agent.mongo takes a client from it */
     pthread_mutex_t api_lock;      /* one API call at a time on api_client */
     mongoc_client_t *api_client;   /* read/command/history/status records */
     _Atomic int64_t stream_cursor; /* the watcher's change stream cursor id, 0: none */
@@ -251,13 +249,13 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
                     out->version, name[0] ? "an unknown" : "no", name, ah_command_name(fallback));
     }
     if (bson_iter_init_find(&it, doc, "timestamp") && BSON_ITER_HOLDS_DATE_TIME(&it)) {
-        out->timestamp_us = bson_iter_date_time(&it) * 1000;
+        out->timestamp_us = ah_int64_mul_sat(bson_iter_date_time(&it), 1000); /* any writer */
     }
     copy_utf8_field(doc, "reason", out->reason, sizeof(out->reason));
     copy_utf8_field(doc, "updated_by", out->updated_by, sizeof(out->updated_by));
     copy_utf8_field(doc, "agent_id", out->agent_id, sizeof(out->agent_id));
     if (bson_iter_init_find(&it, doc, "expires_at") && BSON_ITER_HOLDS_DATE_TIME(&it)) {
-        out->expires_us = bson_iter_date_time(&it) * 1000;
+        out->expires_us = ah_int64_mul_sat(bson_iter_date_time(&it), 1000); /* any writer */
     }
     return AH_OK;
 }
@@ -665,7 +663,7 @@ static int64_t date_field_us(const bson_t *doc, const char *key)
 {
     bson_iter_t it;
     if (bson_iter_init_find(&it, doc, key) && BSON_ITER_HOLDS_DATE_TIME(&it)) {
-        return bson_iter_date_time(&it) * 1000;
+        return ah_int64_mul_sat(bson_iter_date_time(&it), 1000);
     }
     return 0;
 }
@@ -1183,9 +1181,6 @@ static void mongo_close(ah_store_t *st)
         pthread_join(ms->watcher, NULL);
     }
     mongoc_client_destroy(ms->api_client); /* NULL is a no-op */
-    if (ms->pool != NULL) {
-        mongoc_client_pool_destroy(ms->pool);
-    }
     mongoc_uri_destroy(ms->watch_uri);
     mongoc_uri_destroy(ms->uri);
     pthread_mutex_destroy(&ms->api_lock);
@@ -1263,28 +1258,11 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
         goto fail;
     }
     mongoc_client_set_error_api(ms->api_client, MONGOC_ERROR_API_VERSION_2);
-    ms->pool = mongoc_client_pool_new_with_error(ms->uri, &error);
-    if (ms->pool == NULL) {
-        snprintf(err, errlen, "MONGODB_URI cannot be used: %s", error.message);
-        goto fail;
-    }
-    mongoc_client_pool_set_error_api(ms->pool, MONGOC_ERROR_API_VERSION_2);
     char appname[128];
     snprintf(appname, sizeof(appname), "agenthost/%.100s", cfg->agent_id ? cfg->agent_id : "");
-    mongoc_client_pool_set_appname(ms->pool, appname);
     mongoc_client_set_appname(ms->api_client, appname);
     return &ms->base;
 fail:
     mongo_close(&ms->base);
     return NULL;
-}
-
-/* ---- sharing the pool --------------------------------------------------------------------- */
-
-mongoc_client_pool_t *ahm_store_pool(ah_store_t *st)
-{
-    if (st == NULL || st->ops != &mongo_ops) {
-        return NULL;
-    }
-    return mongo_of(st)->pool;
 }
