@@ -531,6 +531,7 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
     if (h->http == NULL) {
         goto out;
     }
+    ah_http_set_fleet(h->http, h->fleet);
     atomic_store(&h->http_port, ah_http_port(h->http));
     ah_log_info("HTTP API listening on %s:%d", h->cfg->http_bind, atomic_load(&h->http_port));
     if (pthread_create(&h->worker, NULL, worker_main, h) != 0) {

@@ -18,6 +18,9 @@
 #include <strings.h>
 
 #define HTTP_HISTORY_DEFAULT 20
+/* wait=: how long past the wait a parked command may take to be written before the park's own
+ * deadline answers it (the store's timeouts end a write well before). */
+#define HTTP_WAIT_WRITE_ALLOWANCE_S 60
 /* POST /api/agent/reload waits this long for the outcome. */
 #define RELOAD_WAIT_S 10
 #define METRICS_TYPE "text/plain; version=0.0.4"
@@ -415,40 +418,50 @@ static const char *const propagation_verbs[] = {
     [AH_CMD_SHUTDOWN] = "shutdown gracefully",
 };
 
-void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
+/* Writes the "wait" object of a cluster command's answer. */
+static void write_wait(ah_buf_t *b, const ah_fleet_outcome_t *outcome)
 {
-    ah_http_t *http = call->http;
-    ah_command_t cmd;
-    const char *reason;
-    const char *updated_by;
-    if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
-        return;
+    static const struct {
+        const char *key;
+        ah_fleet_ack_t ack;
+    } lists[] = {{"acknowledged", AH_FLEET_ACKNOWLEDGED},
+                 {"pending", AH_FLEET_PENDING},
+                 {"excluded", AH_FLEET_EXCLUDED}};
+    ah_json_open_object(b, "wait");
+    ah_json_bool(b, "complete", outcome->complete);
+    for (size_t k = 0; k < sizeof(lists) / sizeof(lists[0]); k++) {
+        ah_json_open_array(b, lists[k].key);
+        for (int i = 0; i < outcome->count; i++) {
+            if (outcome->acks[i] == lists[k].ack) {
+                ah_json_str(b, NULL, outcome->recs[i].agent_id);
+            }
+        }
+        ah_json_close_array(b);
     }
-    ah_command_req_t req = {.command = cmd,
-                            .reason = reason,
-                            .updated_by = updated_by,
-                            .agent_id = http->cfg->agent_id};
-    if (cluster_command_options(call, &req, reply) != AH_OK) {
-        return;
+    ah_json_num(b, "waited_s", round(outcome->waited_s * 1000.0) / 1000.0);
+    if (outcome->error != NULL && outcome->error[0] != '\0') {
+        ah_json_str(b, "error", outcome->error);
     }
-    if (http->store == NULL) {
-        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
-        return;
-    }
-    ah_control_t doc;
-    char err[AH_ERRLEN] = "";
-    int rc = ah_store_command_req(http->store, &req, &doc, err, sizeof(err));
+    ah_json_close(b);
+}
+
+/* The answer to a cluster command whose write returned rc (err, doc as ah_store_command_req
+ * left them); with wait != NULL the "wait" object is added to the success body. */
+static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char *err,
+                          const ah_control_t *doc, const ah_fleet_outcome_t *wait,
+                          http_reply_t *reply)
+{
     if (rc == AH_ECONFLICT) {
         ah_state_snapshot_t snap;
         ah_state_snapshot(http->state, &snap);
-        ah_state_offer_cluster(http->state, &doc); /* the newer document, if this agent lags */
+        ah_state_offer_cluster(http->state, doc); /* the newer document, if this agent lags */
         reply->status = MHD_HTTP_CONFLICT;
         ah_buf_t *b = &reply->body;
         ah_json_open(b);
         ah_json_str(b, "status", "error");
         ah_json_str(b, "error", err);
         ah_json_open_object(b, "current");
-        write_control_state(b, &doc, snap.store.watch_mode);
+        write_control_state(b, doc, snap.store.watch_mode);
         ah_json_close(b);
         ah_json_close(b);
         return;
@@ -470,12 +483,12 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
         return;
     }
     /* The issuing agent applies its own command at once, without waiting for its watcher. */
-    ah_state_offer_cluster(http->state, &doc);
+    ah_state_offer_cluster(http->state, doc);
     char safe_by[AH_NAME_MAX + 1];
     char safe_reason[AH_REASON_MAX + 1];
     ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)", ah_command_name(cmd),
-                (long long)doc.version, log_safe(doc.updated_by, safe_by, sizeof(safe_by)),
-                log_safe(doc.reason, safe_reason, sizeof(safe_reason)));
+                (long long)doc->version, log_safe(doc->updated_by, safe_by, sizeof(safe_by)),
+                log_safe(doc->reason, safe_reason, sizeof(safe_reason)));
 
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
@@ -490,19 +503,128 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
                  propagation_verbs[cmd], interval, interval);
     }
     char timestamp[AH_TIMESTAMP_LEN];
-    ah_format_timestamp(doc.timestamp_us, timestamp);
+    ah_format_timestamp(doc->timestamp_us, timestamp);
 
     ah_buf_t *b = &reply->body;
     ah_json_open(b);
     ah_json_str(b, "status", "success");
     ah_json_str(b, "message", issued_messages[cmd]);
-    ah_json_str(b, "command", ah_command_name(doc.command));
-    ah_json_int(b, "version", doc.version);
+    ah_json_str(b, "command", ah_command_name(doc->command));
+    ah_json_int(b, "version", doc->version);
     ah_json_str(b, "timestamp", timestamp);
-    ah_json_str(b, "reason", doc.reason);
+    ah_json_str(b, "reason", doc->reason);
     ah_json_str(b, "propagation", propagation);
-    json_timestamp(b, "expires_at", doc.expires_us);
+    json_timestamp(b, "expires_at", doc->expires_us);
+    if (wait != NULL) {
+        write_wait(b, wait);
+    }
     ah_json_close(b);
+}
+
+/* Reads wait=SECONDS: a decimal number, more than 0 and at most AH_FLEET_WAIT_MAX_S. */
+static int query_wait(const http_call_t *call, double *out, bool *present, http_reply_t *reply)
+{
+    size_t len = 0;
+    const char *text = query_raw(call, "wait", &len);
+    *present = text != NULL;
+    if (text == NULL) {
+        return AH_OK;
+    }
+    char *end = NULL;
+    double value = strlen(text) == len && text[0] >= '0' && text[0] <= '9' && len <= 16
+                       ? strtod(text, &end)
+                       : NAN;
+    if (end == NULL || *end != '\0' || !isfinite(value) || !(value > 0) ||
+        value > AH_FLEET_WAIT_MAX_S || strpbrk(text, "eExXpP") != NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "wait must be a number of seconds, more than 0 and at most %g",
+                            AH_FLEET_WAIT_MAX_S);
+        return AH_EINVAL;
+    }
+    *out = value;
+    return AH_OK;
+}
+
+/* A cluster command with wait=: parked until the fleet's waiter has written it and every live
+ * agent applied it, or the wait ran out (no HTTP thread is held meanwhile). */
+typedef struct cluster_wait_s {
+    ah_http_t *http;
+    http_park_t *park;
+    ah_command_t command;
+} cluster_wait_t;
+
+/* The fleet waiter's callback: answers the parked request. */
+static void cluster_wait_done(void *ud, const ah_fleet_outcome_t *outcome)
+{
+    cluster_wait_t *cw = ud;
+    http_reply_t reply = {.status = MHD_HTTP_OK};
+    ah_buf_init(&reply.body);
+    command_reply(cw->http, cw->command, outcome->command_rc, outcome->command_error, outcome->doc,
+                  outcome->command_rc == AH_OK ? outcome : NULL, &reply);
+    ah_http_park_answer(cw->park, &reply);
+    ah_http_park_release(cw->park);
+    free(cw);
+}
+
+void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
+{
+    ah_http_t *http = call->http;
+    int64_t started_us = ah_mono_us();
+    ah_command_t cmd;
+    const char *reason;
+    const char *updated_by;
+    if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
+        return;
+    }
+    ah_command_req_t req = {.command = cmd,
+                            .reason = reason,
+                            .updated_by = updated_by,
+                            .agent_id = http->cfg->agent_id};
+    double wait_s = 0;
+    bool wait = false;
+    if (cluster_command_options(call, &req, reply) != AH_OK ||
+        query_wait(call, &wait_s, &wait, reply) != AH_OK) {
+        return;
+    }
+    if (http->store == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    if (wait) {
+        ah_fleet_t *fleet = atomic_load(&http->fleet);
+        cluster_wait_t *cw = calloc(1, sizeof(*cw));
+        if (fleet == NULL || cw == NULL) {
+            free(cw);
+            ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                "cannot wait: the fleet view is not running");
+            return;
+        }
+        cw->http = http;
+        cw->command = cmd;
+        /* The waiter answers; the park's own deadline (the write's allowance later) is only a
+         * safety net. */
+        cw->park =
+            ah_http_park(call, reply, wait_s + HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
+        if (cw->park == NULL) {
+            free(cw);
+            return; /* reply: 503 (stopping) or 500 */
+        }
+        if (ah_fleet_command_wait(fleet, &req, wait_s, started_us, cluster_wait_done, cw) !=
+            AH_OK) {
+            http_reply_t refused = {.status = MHD_HTTP_OK};
+            ah_buf_init(&refused.body);
+            ah_http_reply_error(&refused, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                "the agent is shutting down");
+            ah_http_park_answer(cw->park, &refused);
+            ah_http_park_release(cw->park);
+            free(cw);
+        }
+        return;
+    }
+    ah_control_t doc;
+    char err[AH_ERRLEN] = "";
+    int rc = ah_store_command_req(http->store, &req, &doc, err, sizeof(err));
+    command_reply(http, cmd, rc, err, &doc, NULL, reply);
 }
 
 void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply)

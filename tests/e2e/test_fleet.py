@@ -443,3 +443,146 @@ def test_mongodb_agent_holds_two_connections(fleet, tmp_path):
         assert srv.status()["connections"] - before == 2
     finally:
         srv.close()
+
+
+# -- wait= -----------------------------------------------------------------------------------
+
+def test_eight_agents_pause_wait_is_complete_and_compare_and_set_guards_it(fleet, store):
+    agents = start_fleet(fleet, store, 8)
+    names = sorted(a.name for a in agents)
+    wait_records(agents[0], lambda b: b["summary"]["total"] == 8, message="8 records")
+    r = agents[2].post("/api/cluster/pause?wait=10&reason=maintenance")
+    assert r.status == 200, r.body
+    body = r.json()
+    version = body["version"]
+    w = body["wait"]
+    assert w["complete"] is True, w
+    assert sorted(w["acknowledged"]) == names and w["pending"] == [] and w["excluded"] == []
+    assert 0 <= w["waited_s"] < 10
+    assert list(body)[:9] == ["status", "message", "command", "version", "timestamp", "reason",
+                              "propagation", "expires_at", "wait"]
+    # the answer came after the acknowledgements: the store shows every agent paused on it
+    fleet_now = agents_body(agents[5])
+    assert fleet_now["summary"]["applied_current"] == 8
+    assert all(rec["state"] == "paused" and rec["applied_version"] == version
+               for rec in fleet_now["agents"]), fleet_now
+
+    before = history(agents[0])
+    r = agents[0].post(f"/api/cluster/resume?wait=10&if_version={version - 1}")
+    assert r.status == 409, r.body
+    assert r.json()["current"]["version"] == version
+    assert history(agents[0]) == before
+    r = agents[0].post(f"/api/cluster/resume?wait=10&if_version={version}")
+    assert r.status == 200, r.body
+    assert r.json()["version"] == version + 1 and r.json()["wait"]["complete"] is True
+    assert sorted(r.json()["wait"]["acknowledged"]) == names
+
+
+def test_a_killed_agent_is_excluded_from_the_next_wait(fleet, store):
+    agents = start_fleet(fleet, store, 3)
+    wait_records(agents[0], lambda b: b["summary"]["total"] == 3, message="3 records")
+    victim = agents[1]
+    victim.kill()
+    wait_records(agents[0], lambda b: record_of(b, victim.name)["stale"], timeout=10,
+                 message="the killed agent turns stale")
+    r = agents[0].post("/api/cluster/pause?wait=10")
+    assert r.status == 200, r.body
+    w = r.json()["wait"]
+    assert w["complete"] is True, w
+    assert w["excluded"] == [victim.name] and victim.name not in w["acknowledged"]
+    assert sorted(w["acknowledged"]) == sorted(a.name for a in agents if a is not victim)
+    again = start_agent(fleet, store, victim.name)
+    again.wait_state("paused", timeout=20)
+    r = agents[2].post("/api/cluster/resume?wait=10")
+    w = r.json()["wait"]
+    assert w["complete"] is True and victim.name in w["acknowledged"], w
+
+
+def test_wait_for_an_agent_that_cannot_apply_ends_at_the_deadline(fleet, store):
+    import time
+    agents = start_fleet(fleet, store, 2)
+    slow = start_agent(fleet, store, "slow", BATCH_SECONDS=20)
+    from agenthost_harness import count_events, wait_events
+    wait_events(slow.events, lambda ev: count_events(ev, "batch_start") >= 1, 20,
+                "the slow agent is in a batch")
+    wait_records(agents[0], lambda b: b["summary"]["total"] == 3, message="3 records")
+    started = time.monotonic()
+    r = agents[0].post("/api/cluster/pause?wait=2")
+    took = time.monotonic() - started
+    assert r.status == 200, r.body
+    w = r.json()["wait"]
+    assert w["complete"] is False, w
+    assert w["pending"] == ["slow"], w
+    assert sorted(w["acknowledged"]) == sorted(a.name for a in agents)
+    assert 2 <= w["waited_s"] < 4, w
+    assert took >= 2, took
+
+
+def test_twenty_waits_hold_no_server_thread(fleet, store):
+    """Twenty requests waiting for an agent that cannot apply: the probes of the agent that
+    holds them still answer at once (libmicrohttpd serves with 2 threads)."""
+    import threading
+    import time
+    a = start_fleet(fleet, store, 1)[0]
+    start_agent(fleet, store, "slow", BATCH_SECONDS=30).wait_state("running", timeout=20)
+    wait_records(a, lambda b: b["summary"]["total"] == 2, message="2 records")
+    results = []
+
+    def post(i):
+        results.append(a.post(f"/api/cluster/{'pause' if i % 2 else 'resume'}?wait=8",
+                              timeout=30))
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # let them be parked (not a correctness wait: the checks below decide)
+    for _ in range(5):
+        r = a.get("/healthz", timeout=2)
+        assert r.status == 200, r.body
+        assert a.get("/api/agent/state", timeout=2).status == 200
+    assert len(results) < 20, "the waits should still be pending"
+    for t in threads:
+        t.join(30)
+    assert len(results) == 20 and all(r.status == 200 for r in results), \
+        [r.body for r in results if r.status != 200]
+
+
+def test_bad_wait_values_are_400(fleet, store):
+    a = start_fleet(fleet, store, 1)[0]
+    before = history(a)
+    for bad in ["x", "-1", "0", "301", "1e2", "nan", "inf", "", "99999999999999999999", "5s"]:
+        r = a.post("/api/cluster/pause?wait=" + bad)
+        assert r.status == 400, (bad, r.body)
+        assert "wait" in r.json()["error"], r.body
+    assert history(a) == before
+
+
+def test_ctl_wait_and_agents(fleet, store):
+    from agenthost_harness import run_cli
+    agents = start_fleet(fleet, store, 2)
+    wait_records(agents[0], lambda b: b["summary"]["total"] == 2, message="2 records")
+    p = run_cli(["ctl", "pause", "--url", agents[0].url, "--wait", "10"])
+    assert p.returncode == 0, p
+    assert '"complete":true' in p.stdout and "every agent applied it" in p.stderr
+    p = run_cli(["ctl", "agents", "--url", agents[1].url])
+    assert p.returncode == 0, p
+    lines = p.stdout.strip().split("\n")
+    assert lines[0].split()[:4] == ["AGENT", "STATE", "APPLIED", "STALE"]
+    assert [l.split()[:4] for l in lines[1:3]] == [["agent-1", "paused", "1", "no"],
+                                                   ["agent-2", "paused", "1", "no"]]
+    assert "2 agents, 2 applied version 1, 0 stale" in lines[-1]
+    p = run_cli(["ctl", "agents", "--url", agents[1].url, "--version", "2", "--json"])
+    assert p.returncode == 0 and '"count":2' in p.stdout, p
+
+    slow = start_agent(fleet, store, "slow", BATCH_SECONDS=30)
+    slow.wait_state("paused", timeout=20)
+    p = run_cli(["ctl", "resume", "--url", agents[0].url, "--wait", "10"])
+    assert p.returncode == 0, p  # resuming needs no batch to end
+    from agenthost_harness import count_events, wait_events
+    wait_events(slow.events, lambda ev: count_events(ev, "batch_start") >= 1, 20,
+                "the slow agent is in a batch")
+    p = run_cli(["ctl", "pause", "--url", agents[0].url, "--wait", "1.5"])
+    assert p.returncode == 1, p
+    assert "pending: slow" in p.stderr, p.stderr
+    p = run_cli(["ctl", "state", "--wait", "3", "--url", agents[0].url])
+    assert p.returncode == 2 and "--wait applies to" in p.stderr
