@@ -34,6 +34,7 @@ struct ah_fleet_s {
     bool dirty;           /* something changed since the last write began */
     bool recheck;         /* a newer control document arrived: recompute the expiry */
     bool stopping;
+    bool waits_stopping; /* ah_fleet_stop_waits() began: no new waits, the waiter ends */
     bool thread_started;
     pthread_t thread;
 
@@ -303,13 +304,13 @@ static void *waiter_main(void *arg)
 
     pthread_mutex_lock(&f->lock);
     for (;;) {
-        while (f->waits == NULL && !f->stopping) {
+        while (f->waits == NULL && !f->waits_stopping) {
             pthread_cond_wait(&f->wait_cond, &f->lock);
         }
-        bool stopping = f->stopping;
+        bool stopping = f->waits_stopping;
         /* Commands to write first (one at a time, without the lock): a failed write ends its
          * wait at once; a written one starts waiting for its version now. */
-        while (!f->stopping) {
+        while (!f->waits_stopping) {
             fleet_wait_t *w = f->waits;
             while (w != NULL && !w->need_write) {
                 w = w->next;
@@ -322,7 +323,7 @@ static void *waiter_main(void *arg)
             fleet_write_command(f, w);
             pthread_mutex_lock(&f->lock);
         }
-        stopping = f->stopping;
+        stopping = f->waits_stopping;
         pthread_mutex_unlock(&f->lock);
         if (!stopping) {
             ah_agent_status_t *fresh = NULL;
@@ -349,7 +350,7 @@ static void *waiter_main(void *arg)
         fleet_wait_t *done = NULL;
         int64_t next_deadline = now_mono + (int64_t)(AH_FLEET_WAIT_POLL_S * 1e6);
         pthread_mutex_lock(&f->lock);
-        stopping = f->stopping;
+        stopping = f->waits_stopping;
         for (fleet_wait_t **pp = &f->waits; *pp != NULL;) {
             fleet_wait_t *w = *pp;
             ah_fleet_outcome_t outcome;
@@ -391,7 +392,7 @@ static void *waiter_main(void *arg)
         if (stopping && f->waits == NULL) {
             break;
         }
-        if (f->waits != NULL && !f->stopping) {
+        if (f->waits != NULL && !f->waits_stopping) {
             double wait_s = (double)(next_deadline - ah_mono_us()) / 1e6;
             if (wait_s > 0) {
                 struct timespec ts;
@@ -410,7 +411,7 @@ static void *waiter_main(void *arg)
 static int fleet_add_wait(ah_fleet_t *f, fleet_wait_t *w)
 {
     pthread_mutex_lock(&f->lock);
-    if (f->stopping || !f->waiter_started) {
+    if (f->waits_stopping || !f->waiter_started) {
         pthread_mutex_unlock(&f->lock);
         free(w);
         return AH_EUNAVAIL;
@@ -525,23 +526,34 @@ void ah_fleet_control_changed(ah_fleet_t *f)
     pthread_mutex_unlock(&f->lock);
 }
 
-void ah_fleet_stop(ah_fleet_t *f)
+void ah_fleet_stop_waits(ah_fleet_t *f)
 {
     if (f == NULL) {
         return;
     }
     pthread_mutex_lock(&f->lock);
-    f->stopping = true;
-    bool started = f->thread_started;
+    f->waits_stopping = true;
     bool waiter = f->waiter_started;
-    f->thread_started = false;
     f->waiter_started = false;
-    pthread_cond_signal(&f->cond);
     pthread_cond_signal(&f->wait_cond);
     pthread_mutex_unlock(&f->lock);
     if (waiter) {
-        pthread_join(f->waiter, NULL); /* answers every wait left (complete false) */
+        pthread_join(f->waiter, NULL); /* answers every wait left */
     }
+}
+
+void ah_fleet_stop(ah_fleet_t *f)
+{
+    if (f == NULL) {
+        return;
+    }
+    ah_fleet_stop_waits(f);
+    pthread_mutex_lock(&f->lock);
+    f->stopping = true;
+    bool started = f->thread_started;
+    f->thread_started = false;
+    pthread_cond_signal(&f->cond);
+    pthread_mutex_unlock(&f->lock);
     if (started) {
         pthread_join(f->thread, NULL);
     }

@@ -34,9 +34,13 @@ void ah_fleet_changed(ah_fleet_t *f);
 /* A newer control document arrived: the writer re-checks when a timed pause expires (no write
  * of its own). NULL is accepted. */
 void ah_fleet_control_changed(ah_fleet_t *f);
-/* Stops the writer after one last write of the current status (after a clean shutdown:
- * "stopped") and joins it; bounded by the store's own timeouts. Later ah_fleet_changed() calls
- * are harmless. NULL is accepted. */
+/* Ends every wait (answered with what is known, complete false unless it is) and joins the
+ * waiter thread; later waits are refused. Call it before the server whose requests the
+ * callbacks answer stops. NULL is accepted. */
+void ah_fleet_stop_waits(ah_fleet_t *f);
+/* Stops the waits (ah_fleet_stop_waits), then the writer after one last write of the current status
+ * (after a clean shutdown: "stopped") and joins it; bounded by the store's own timeouts. Later
+ * ah_fleet_changed() calls are harmless. NULL is accepted. */
 void ah_fleet_stop(ah_fleet_t *f);
 /* Frees the fleet once no thread can call ah_fleet_changed() any more. NULL is accepted. */
 void ah_fleet_free(ah_fleet_t *f);

@@ -541,6 +541,7 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
     h->worker_started = true;
     uv_run(&h->loop, UV_RUN_DEFAULT);
     if (h->wedged) {
+        ah_fleet_stop_waits(h->fleet); /* its callbacks answer parked requests of h->http */
         ah_http_stop(h->http);
         h->http = NULL;
         return AH_HOST_WEDGED;
@@ -558,6 +559,7 @@ out:
         pthread_join(h->worker, NULL);
         h->worker_started = false;
     }
+    ah_fleet_stop_waits(h->fleet); /* its callbacks answer parked requests of h->http */
     ah_http_stop(h->http);
     h->http = NULL;
     ah_lua_mongo_detach(h->mongo); /* the Lua worker has stopped: no client may outlive the pool */
