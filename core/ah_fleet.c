@@ -324,8 +324,9 @@ static void *waiter_main(void *arg)
             pthread_mutex_lock(&f->lock);
         }
         stopping = f->waits_stopping;
+        bool any = f->waits != NULL;
         pthread_mutex_unlock(&f->lock);
-        if (!stopping) {
+        if (any) { /* also when stopping: the answers say what is known now */
             ah_agent_status_t *fresh = NULL;
             int fresh_count = 0;
             if (ah_store_list_status(f->store, &fresh, &fresh_count, err, sizeof(err)) == AH_OK) {

@@ -1239,6 +1239,11 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
     bool own_socket_timeout = mongoc_uri_has_option(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS);
     default_timeout(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS, AH_MONGO_SOCKET_MS);
     ms->max_await_ms = AH_MONGO_MAX_AWAIT_MS;
+    if (ms->verify_interval > 0 && ms->verify_interval * 1000.0 < ms->max_await_ms) {
+        /* a silent stream is verified between two getMores: wait no longer than that */
+        ms->max_await_ms =
+            ms->verify_interval * 1000.0 >= 1 ? (int)(ms->verify_interval * 1000.0) : 1;
+    }
     ms->watch_uri = mongoc_uri_copy(ms->uri);
     if (own_socket_timeout) {
         /* The URI's socket timeout also bounds the stream: a getMore must come back well before

@@ -586,3 +586,27 @@ def test_ctl_wait_and_agents(fleet, store):
     assert "pending: slow" in p.stderr, p.stderr
     p = run_cli(["ctl", "state", "--wait", "3", "--url", agents[0].url])
     assert p.returncode == 2 and "--wait applies to" in p.stderr
+
+
+def test_shutdown_answers_a_waiting_request_and_exits_cleanly(fleet, store):
+    import threading
+    a = start_fleet(fleet, store, 1)[0]
+    slow = start_agent(fleet, store, "slow", BATCH_SECONDS=30)
+    slow.wait_state("running", timeout=20)
+    from agenthost_harness import count_events, wait_events
+    wait_events(slow.events, lambda ev: count_events(ev, "batch_start") >= 1, 20,
+                "the slow agent is in a batch")
+    wait_records(a, lambda b: b["summary"]["total"] == 2, message="2 records")
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=a.post("/api/cluster/pause?wait=60",
+                                                               timeout=60)))
+    t.start()
+    a.wait_state("paused")  # written and applied here: the request now waits for "slow"
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit(timeout=30) == 0
+    t.join(30)
+    r = result["r"]
+    assert r.status == 200, r.body  # answered with what was known, before the server stopped
+    w = r.json()["wait"]
+    # (agent-1's own acknowledgement may or may not have been read before it stopped)
+    assert w["complete"] is False and "slow" in w["pending"], w
