@@ -208,6 +208,21 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
     }
 }
 
+/* Before a Lua state is closed: runs the script's on_reload (when it is being replaced), then
+ * lets the agent module release what it holds (agent.queue's claims). Failures are logged; the
+ * state is closed anyway. */
+static void release_script(ah_host_t *h, ah_lua_t *lua, bool reloading)
+{
+    char err[AH_ERRLEN * 4];
+    if (reloading && ah_lua_on_reload(lua, err, sizeof(err)) != AH_OK) {
+        ah_state_count_hook_error(h->state);
+        ah_log_error("Lua error in on_reload (the new script replaces it anyway): %s", err);
+    }
+    if (ah_lua_release(lua, err, sizeof(err)) != AH_OK) {
+        ah_log_error("Lua error while releasing the script's claims: %s", err);
+    }
+}
+
 /* Loads the script again into a fresh Lua state and runs its init; only then replaces the old
  * state. On any failure the old script keeps running and the reason is reported. The run state
  * does not change (a paused agent stays paused; hooks are not replayed). */
@@ -227,6 +242,8 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
+    /* The old script lets go (its on_reload, then agent.queue's claims) before it is closed. */
+    release_script(h, h->lua, true);
     pthread_mutex_lock(&h->lua_lock);
     ah_lua_t *old = h->lua;
     h->lua = fresh;
@@ -289,6 +306,7 @@ static void *worker_main(void *arg)
         ah_state_wait(h->state, ah_backoff(idle_batches, IDLE_BACKOFF_MIN, IDLE_BACKOFF_MAX));
         idle_batches += idle_batches < 64;
     }
+    release_script(h, h->lua, false);
     ah_state_set_stopped(h->state);
     uv_async_send(&h->worker_done);
     return NULL;

@@ -38,6 +38,8 @@ end
   owner         claim owner (default agent.id)
   max_attempts  claims a job gets before fail() marks it failed (default 3)
   sort          claim order, as ordered pairs (default {{"_id", 1}}: oldest first)
+  release_on_close  false: keep this object's claims when the host closes the script (default
+                true: a reload or a shutdown releases them, see release_held)
   index         false: do not create the claim index (default true: created by the first claim,
                 see claim_index_keys) ]]
 function M.open(opts)
@@ -62,7 +64,10 @@ function M.open(opts)
     if opts.index ~= nil and type(opts.index) ~= "boolean" then
         error("agent.queue.open: index must be a boolean", 2)
     end
-    return setmetatable({
+    if opts.release_on_close ~= nil and type(opts.release_on_close) ~= "boolean" then
+        error("agent.queue.open: release_on_close must be a boolean", 2)
+    end
+    local q = setmetatable({
         coll = coll,
         index_pending = opts.index ~= false,
         lease = lease,
@@ -72,6 +77,10 @@ function M.open(opts)
         held = {}, -- tostring(_id) -> job, the claims this queue object believes it holds
         held_count = 0,
     }, Queue)
+    if opts.release_on_close ~= false then
+        agent._release_on_close(q, Queue.release_held)
+    end
+    return q
 end
 
 local function id_key(job)
@@ -252,6 +261,28 @@ function Queue:release_all()
     end
     self.held, self.held_count = {}, 0
     return res.modified
+end
+
+--[[ q:release_held() -> n[, err]: releases every claim this queue object holds (held_jobs), each
+fenced like release; n counts the jobs given back, err is the first failure. The host calls it
+before it closes the script (reload, shutdown) unless the queue was opened with
+release_on_close = false. ]]
+function Queue:release_held()
+    if self.held_count == 0 then
+        return 0
+    end
+    local n, first_err = 0, nil
+    for _, job in ipairs(self:held_jobs()) do
+        local ok, err = self:release(job)
+        if ok then
+            n = n + 1
+        elseif ok == nil and first_err == nil then
+            first_err = err
+        end
+    end
+    agent.log.info("agent.queue: released %d claim(s) on %s%s", n, tostring(self.coll),
+        first_err and (" (" .. first_err .. ")") or "")
+    return n, first_err
 end
 
 --[[ q:renew(job) -> true | false, "lost" | nil, err: extends a held claim by another lease. ]]

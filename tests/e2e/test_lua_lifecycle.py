@@ -1,0 +1,92 @@
+"""What a script gets at the edges of its life: a reload or a shutdown gives back agent.queue's
+claims (after on_reload), init can wait with agent.sleep, a local resume cannot release the hold
+of a cluster shutdown, agent.shutdown() ends the agent, and mistakes are reported at the
+script's line (unknown hooks, agent.metrics misuse)."""
+import signal
+import sys
+
+from agenthost_harness import (MONGO_DIR, agent_env, mongo_agent_env, run_cli, wait_for)
+
+sys.path.insert(0, MONGO_DIR)
+from mongo_fixture import mongo_server  # noqa: E402,F401
+
+HOLDER = """
+local agent = require "agent"
+local q = agent.queue.open {{ collection = "held_jobs", lease = 300, owner = "holder" }}
+local M = {{}}
+function M.batch()
+    if {claim} and q.held_count == 0 then
+        local jobs = assert(q:claim(3))
+        agent.log.info("holding %d job(s)", #jobs)
+    end
+    agent.sleep(0.2)
+    return 0
+end
+function M.on_reload(ctx)
+    agent.log.info("on_reload of %s while holding %d", ctx.script, q.held_count)
+end
+return M
+"""
+
+
+def start_holder(fleet, tmp_path, mongo_server):
+    coll = mongo_server.client().agenthost.held_jobs
+    coll.delete_many({})
+    coll.insert_many([{"_id": i, "status": "pending", "attempts": 0, "payload": i}
+                      for i in range(3)])
+    path = tmp_path / "holder.lua"
+    path.write_text(HOLDER.format(claim="true"))
+    agent = fleet.start(str(path), env=mongo_agent_env(mongo_server.uri), name="holder")
+    agent.wait_log(r"holding 3 job\(s\)", timeout=20)
+    assert coll.count_documents({"status": "claimed", "owner": "holder"}) == 3
+    return agent, path, coll
+
+
+def test_a_reload_runs_on_reload_and_gives_the_old_scripts_claims_back(fleet, tmp_path,
+                                                                       mongo_server):
+    agent, path, coll = start_holder(fleet, tmp_path, mongo_server)
+    path.write_text(HOLDER.format(claim="false"))
+    r = agent.post("/api/agent/reload")
+    assert r.status == 200, r.body
+    agent.wait_log(r"on_reload of .*holder.lua while holding 3")
+    agent.wait_log(r"released 3 claim\(s\)")
+    docs = list(coll.find({}))
+    assert [(d["status"], d["attempts"]) for d in docs] == [("pending", 0)] * 3, docs
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit() == 0, agent.log_text()
+
+
+def test_a_clean_shutdown_gives_the_claims_back(fleet, tmp_path, mongo_server):
+    agent, _, coll = start_holder(fleet, tmp_path, mongo_server)
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit() == 0, agent.log_text()
+    assert coll.count_documents({"status": "pending", "attempts": 0}) == 3
+    assert "released 3 claim(s)" in agent.log_text()
+
+
+def test_unknown_on_keys_are_reported_by_check_with_the_closest_hook(tmp_path):
+    path = tmp_path / "typo.lua"
+    path.write_text("return { batch = function() end, on_puase = function() end,\n"
+                    "  on_whatever = function() end, on_reload = function() end }\n")
+    r = run_cli(["check", str(path)])
+    assert r.returncode == 0, r.stderr
+    assert "'on_puase', which is not a hook (did you mean 'on_pause'?)" in r.stderr
+    assert "'on_whatever', which is not a hook (hooks: on_pause," in r.stderr
+    assert "on_reload'" not in r.stderr
+
+
+def test_agent_module_misuse_is_reported_at_the_scripts_line(tmp_path):
+    cases = {
+        'agent.metrics.counter("x_total")\nagent.metrics.gauge("x_total")': 4,
+        'agent.metrics.gauge("g"):set("high")': 3,
+        'agent.metrics.counter("bad name")': 3,
+        'agent.log.info("%d items", "many")': 3,
+    }
+    for body, line in cases.items():
+        path = tmp_path / "misuse.lua"
+        path.write_text('local agent = require "agent"\n\n%s\nreturn { batch = function() end }\n'
+                        % body)
+        r = run_cli(["check", str(path)])
+        assert r.returncode == 2, (body, r.stderr)
+        first = r.stderr.splitlines()[0]
+        assert f"misuse.lua:{line}: " in first and "agent.lua" not in first, (body, first)
