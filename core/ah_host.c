@@ -183,6 +183,13 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
                      ah_command_name(ev->command), (long long)ev->version, ah_run_state_name(from));
         return;
     }
+    if (rc == AH_EREFUSED) {
+        ah_log_warn("Local resume by %s refused: this agent is held paused because the "
+                    "cluster command is 'shutdown'; only a cluster command releases it "
+                    "(POST /api/cluster/resume, agenthost ctl resume)",
+                    ev->updated_by[0] ? ev->updated_by : "unknown");
+        return;
+    }
     if (rc != AH_OK) {
         return;
     }
@@ -191,8 +198,9 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
         ah_log_info("Synced to cluster state: '%s' (version %lld)", ah_command_name(ev->command),
                     (long long)ev->version);
         if (ev->command == AH_CMD_SHUTDOWN) {
-            ah_log_warn("The cluster command is 'shutdown': this agent stays paused until "
-                        "POST /api/cluster/resume");
+            ah_log_warn(
+                "The cluster command is 'shutdown': this agent stays paused until "
+                "POST /api/cluster/resume (agenthost ctl resume); a local resume is refused");
         }
     }
     log_transition(to, ev);

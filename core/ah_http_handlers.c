@@ -377,6 +377,15 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
         return;
     }
+    if (cmd == AH_CMD_RUNNING && ah_state_held(http->state)) {
+        /* The state machine refuses it too (a race with the hold is settled there); this only
+         * tells the caller at once. */
+        ah_http_reply_error(
+            reply, 409,
+            "this agent is held paused because the cluster command is 'shutdown': only a "
+            "cluster command releases it (POST /api/cluster/resume, agenthost ctl resume)");
+        return;
+    }
     ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
     char safe_by[AH_NAME_MAX + 1];
     ah_log_info("Local command %s requested through the API by %s", ah_command_name(cmd),

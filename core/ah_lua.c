@@ -344,7 +344,7 @@ static int core_sleep(lua_State *L)
     }
     bool woken = false;
     if (lua->state != NULL) {
-        woken = ah_state_wait(lua->state, seconds);
+        woken = ah_state_sleep(lua->state, seconds);
     } else if (seconds > 0) {
         ah_sleep(seconds);
     }
@@ -352,6 +352,22 @@ static int core_sleep(lua_State *L)
         return raise_timeout(L, lua);
     }
     lua_pushboolean(L, woken);
+    return 1;
+}
+
+/* core.shutdown([reason]) -> true: asks for a local shutdown of this agent (final, like SIGTERM):
+ * the running call finishes, then on_shutdown runs and the process exits 0. Without a state
+ * (agenthost check) it does nothing and returns false. */
+static int core_shutdown(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    const char *reason = luaL_optstring(L, 1, "requested by the script");
+    if (lua->state == NULL) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    ah_state_offer_local(lua->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, reason, "script");
+    lua_pushboolean(L, 1);
     return 1;
 }
 
@@ -447,6 +463,7 @@ static const luaL_Reg core_functions[] = {
     {"log_enabled", core_log_enabled},
     {"sleep", core_sleep},
     {"should_stop", core_should_stop},
+    {"shutdown", core_shutdown},
     {"env", core_env},
     {"now", core_now},
     {"monotonic", core_monotonic},

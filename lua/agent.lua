@@ -23,6 +23,7 @@ local agent = {
     state = core.state,       -- "starting" | "running" | "paused" | "stopping" | "stopped"
     sleep = core.sleep,       -- agent.sleep(s) -> true if woken early by a command or shutdown
     should_stop = core.should_stop, -- true once shutdown was requested
+    shutdown = core.shutdown, -- agent.shutdown([reason]): a local, final shutdown of this agent
     env = core.env,           -- agent.env(name, default) -> os.getenv(name) or default
     now = core.now,           -- wall clock, seconds since the Unix epoch (with fractions)
     monotonic = core.monotonic, -- monotonic clock, seconds
