@@ -268,7 +268,15 @@ static void *worker_main(void *arg)
     char err[AH_ERRLEN * 4];
     if (ah_lua_init(h->lua, err, sizeof(err)) != AH_OK) {
         ah_log_error("Lua error in init: %s", err);
-        snprintf(h->worker_err, sizeof(h->worker_err), "init failed");
+        /* The error's first line (the traceback is in the log line above). */
+        static const char prefix[] = "init failed: ";
+        ah_strlcpy(h->worker_err, prefix, sizeof(h->worker_err));
+        size_t line = strcspn(err, "\n");
+        size_t room = sizeof(h->worker_err) - (sizeof(prefix) - 1);
+        if (line < room) {
+            err[line] = '\0';
+        }
+        ah_strlcpy(h->worker_err + sizeof(prefix) - 1, err, room);
         atomic_store(&h->worker_rc, 1);
         ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "init failed", "host");
     }
@@ -539,7 +547,10 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
         goto out;
     }
     atomic_store(&h->http_port, ah_http_port(h->http));
-    ah_log_info("HTTP API listening on %s:%d", h->cfg->http_bind, atomic_load(&h->http_port));
+    /* An IPv6 address is written in brackets, as in a URL: [::1]:8000. */
+    bool ipv6 = strchr(h->cfg->http_bind, ':') != NULL;
+    ah_log_info("HTTP API listening on %s%s%s:%d", ipv6 ? "[" : "", h->cfg->http_bind,
+                ipv6 ? "]" : "", atomic_load(&h->http_port));
     if (pthread_create(&h->worker, NULL, worker_main, h) != 0) {
         snprintf(err, errlen, "cannot start the Lua worker thread");
         goto out;
