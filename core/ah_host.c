@@ -203,6 +203,9 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
                 "POST /api/cluster/resume (agenthost ctl resume); a local resume is refused");
         }
     }
+    if (ev->source == AH_SOURCE_CLUSTER) {
+        ah_state_issue_barrier(h->state); /* after this agent's own "issued" line, if it is one */
+    }
     log_transition(to, ev);
     if (hook == AH_HOOK_NONE) {
         return;

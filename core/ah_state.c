@@ -16,8 +16,9 @@
 
 struct ah_state_s {
     pthread_mutex_t lock;
-    pthread_cond_t wake; /* signalled when an event becomes pending */
-    _Atomic int state;   /* ah_run_state_t; written under lock, read lock-free */
+    pthread_mutex_t issue_lock; /* held by an HTTP thread issuing a cluster command (see .h) */
+    pthread_cond_t wake;        /* signalled when an event becomes pending */
+    _Atomic int state;          /* ah_run_state_t; written under lock, read lock-free */
     bool cluster_known;
     ah_control_t cluster;
     int64_t seen_version; /* highest cluster version offered */
@@ -178,6 +179,7 @@ ah_state_t *ah_state_new(void)
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->issue_lock, NULL);
     pthread_cond_init(&s->wake, &attr);
     pthread_condattr_destroy(&attr);
     s->state = AH_STATE_STARTING;
@@ -195,6 +197,7 @@ void ah_state_free(ah_state_t *s)
         return;
     }
     pthread_cond_destroy(&s->wake);
+    pthread_mutex_destroy(&s->issue_lock);
     pthread_mutex_destroy(&s->lock);
     free(s);
 }
@@ -521,4 +524,20 @@ int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *e
     }
     pthread_mutex_unlock(&s->lock);
     return rc;
+}
+
+void ah_state_issue_begin(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->issue_lock);
+}
+
+void ah_state_issue_end(ah_state_t *s)
+{
+    pthread_mutex_unlock(&s->issue_lock);
+}
+
+void ah_state_issue_barrier(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->issue_lock);
+    pthread_mutex_unlock(&s->issue_lock);
 }

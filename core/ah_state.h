@@ -154,6 +154,15 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
  * when it was rejected (the old script keeps running), AH_ETIMEOUT if still pending. */
 int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen);
 
+/* Log order on the issuing agent. An HTTP thread issuing a cluster command holds the issue lock
+ * from before the store write until it has logged "issued" and offered the document; the worker
+ * passes the barrier before it logs a cluster transition, so this agent's "Agent paused" never
+ * precedes its own "Cluster command pause issued" (its watcher may deliver the write first).
+ * The barrier waits at most one store write. */
+void ah_state_issue_begin(ah_state_t *s);
+void ah_state_issue_end(ah_state_t *s);
+void ah_state_issue_barrier(ah_state_t *s);
+
 /* Store watcher: publishes the store's status (copied). */
 void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st);
 
