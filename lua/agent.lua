@@ -61,30 +61,48 @@ agent.log = {
 -- agent.metrics: script-defined Prometheus metrics, exported on /metrics with the host's own.
 -- Declaring the same name again returns the same metric (so a reloaded script keeps counting).
 local metric_update, metric_get = core.metric_update, core.metric_get
+local getmetatable = getmetatable
 local Counter, Gauge = {}, {}
 Counter.__index, Gauge.__index = Counter, Gauge
+
+-- Raises at the script's line unless m is a metric of `class` (catches metric.inc() written
+-- with a dot). level: error's level as seen from the caller of this helper (2: its caller).
+local function check_metric(m, class, call, level)
+    if getmetatable(m) ~= class then
+        error(format("agent.metrics: call %s with a colon (metric:%s)", call, call), level + 1)
+    end
+end
+
 function Counter:inc(n)
+    check_metric(self, Counter, "inc(n)", 2)
     n = n or 1
     if type(n) ~= "number" or n < 0 or n ~= n then
         error("agent.metrics: a counter only goes up (inc needs a number >= 0)", 2)
     end
     metric_update(self.index, "add", n)
 end
-function Counter:value() return metric_get(self.index) end
-local function check_gauge_value(v, what)
+function Counter:value()
+    check_metric(self, Counter, "value()", 2)
+    return metric_get(self.index)
+end
+local function check_gauge_value(gauge, v, what)
+    check_metric(gauge, Gauge, what .. "(v)", 3)
     if type(v) ~= "number" then
         error(format("agent.metrics: gauge:%s needs a number (got %s)", what, type(v)), 3)
     end
 end
 function Gauge:set(v)
-    check_gauge_value(v, "set")
+    check_gauge_value(self, v, "set")
     metric_update(self.index, "set", v)
 end
 function Gauge:add(v)
-    check_gauge_value(v, "add")
+    check_gauge_value(self, v, "add")
     metric_update(self.index, "add", v)
 end
-function Gauge:value() return metric_get(self.index) end
+function Gauge:value()
+    check_metric(self, Gauge, "value()", 2)
+    return metric_get(self.index)
+end
 
 -- Declares (or finds) the metric; a bad name or help, or the name taken by the other kind,
 -- raises at the script's line.

@@ -81,6 +81,9 @@ def test_agent_module_misuse_is_reported_at_the_scripts_line(tmp_path):
         'agent.metrics.gauge("g"):set("high")': 3,
         'agent.metrics.counter("bad name")': 3,
         'agent.log.info("%d items", "many")': 3,
+        'local c = agent.metrics.counter("c_total")\nc.inc(2)': 4,
+        'local g = agent.metrics.gauge("g2")\ng.set(2)': 4,
+        'agent.metrics.counter("n_total"):inc(-1)': 3,
     }
     for body, line in cases.items():
         path = tmp_path / "misuse.lua"
