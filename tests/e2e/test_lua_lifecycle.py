@@ -204,3 +204,15 @@ def test_a_local_resume_does_not_release_the_hold_of_a_cluster_shutdown(fleet, t
     late.wait_state("running")
     late.signal(signal.SIGTERM)
     assert late.wait_exit() == 0, late.log_text()
+
+
+def test_a_reload_warns_about_a_misspelled_hook(fleet, tmp_path, state_file):
+    path = tmp_path / "typo.lua"
+    path.write_text("return { batch = function() return 0 end }\n")
+    a = fleet.start(str(path), env=agent_env(state_file), name="typo")
+    a.wait_state("running")
+    path.write_text("return { batch = function() return 0 end, on_shutdwn = function() end }\n")
+    assert a.post("/api/agent/reload").status == 200
+    a.wait_log(r"'on_shutdwn', which is not a hook \(did you mean 'on_shutdown'\?\)")
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0, a.log_text()
