@@ -207,3 +207,11 @@ def test_an_ipv6_bind_is_logged_in_brackets(fleet, state_file, tmp_path):
     assert re.fullmatch(r"\[::1\]:\d+", m.group(1)), m.group(0)
     a.signal(signal.SIGTERM)
     assert a.wait_exit() == 0, a.log_text()
+
+
+@pytest.mark.parametrize("value", ["nan", "-nan", "inf", "1e300", "0", "-1", "5x", ""])
+def test_ctl_timeout_must_be_a_sane_number_of_seconds(value):
+    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", value])
+    assert p.returncode == 2, (value, p.stdout, p.stderr)
+    assert ("agenthost ctl: --timeout needs a number of seconds, more than 0 and at most 86400"
+            in p.stderr), p.stderr
