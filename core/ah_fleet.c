@@ -104,6 +104,43 @@ static bool fleet_has_work(void *arg)
     return f->dirty || f->stopping || f->recheck;
 }
 
+/* Copies s into out (size n) with control characters replaced by spaces, so that a client's
+ * text cannot forge log lines. */
+static const char *log_safe(const char *s, char *out, size_t n)
+{
+    ah_strlcpy(out, s, n);
+    for (char *p = out; *p != '\0'; p++) {
+        if ((unsigned char)*p < 0x20 || *p == 0x7F) {
+            *p = ' ';
+        }
+    }
+    return out;
+}
+
+int ah_fleet_issue(ah_state_t *state, ah_store_t *store, const ah_command_req_t *req,
+                   ah_control_t *doc, char *err, size_t errlen)
+{
+    /* Between begin and end this agent logs no cluster transition: its own "Agent paused"
+     * follows the "issued" line even when its watcher sees the write first (change streams). */
+    ah_state_issue_begin(state);
+    int rc = ah_store_command_req(store, req, doc, err, errlen);
+    if (rc == AH_OK) {
+        char safe_by[AH_NAME_MAX + 1];
+        char safe_reason[AH_REASON_MAX + 1];
+        ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)",
+                    ah_command_name(doc->command), (long long)doc->version,
+                    log_safe(doc->updated_by, safe_by, sizeof(safe_by)),
+                    log_safe(doc->reason, safe_reason, sizeof(safe_reason)));
+    }
+    if (rc == AH_OK || rc == AH_ECONFLICT) {
+        /* the issuing agent applies its own command at once (or catches up with the current
+         * document), without waiting for its watcher */
+        ah_state_offer_cluster(state, doc);
+    }
+    ah_state_issue_end(state);
+    return rc;
+}
+
 /* The version of the timed pause in force and when it ends (wall clock), or false. */
 static bool fleet_timed_pause(const ah_fleet_t *f, int64_t *version, int64_t *expires_us)
 {
@@ -135,7 +172,7 @@ static bool fleet_end_pause(ah_fleet_t *f, int64_t version, int64_t expires_us)
                             .agent_id = f->cfg->agent_id,
                             .if_version = version};
     ah_control_t doc;
-    int rc = ah_store_command_req(f->store, &req, &doc, err, sizeof(err));
+    int rc = ah_fleet_issue(f->state, f->store, &req, &doc, err, sizeof(err));
     if (rc == AH_OK) {
         ah_log_info("Timed pause version %lld expired: resumed the cluster (version %lld)",
                     (long long)version, (long long)doc.version);
@@ -147,7 +184,6 @@ static bool fleet_end_pause(ah_fleet_t *f, int64_t version, int64_t expires_us)
                     (long long)version, err);
         return false;
     }
-    ah_state_offer_cluster(f->state, &doc);
     return true;
 }
 
@@ -280,11 +316,8 @@ static void fleet_write_command(ah_fleet_t *f, fleet_wait_t *w)
                             .agent_id = f->cfg->agent_id,
                             .if_version = w->if_version,
                             .expires_us = w->expires_us};
-    w->command_rc =
-        ah_store_command_req(f->store, &req, &w->doc, w->command_error, sizeof(w->command_error));
-    if (w->command_rc == AH_OK || w->command_rc == AH_ECONFLICT) {
-        ah_state_offer_cluster(f->state, &w->doc); /* the issuing agent applies it at once */
-    }
+    w->command_rc = ah_fleet_issue(f->state, f->store, &req, &w->doc, w->command_error,
+                                   sizeof(w->command_error));
     if (w->command_rc == AH_OK) {
         w->version = w->doc.version;
         /* the wait is measured from the request; its deadline from the write */

@@ -99,6 +99,14 @@ int ah_fleet_wait(ah_fleet_t *f, int64_t version, double seconds, int64_t starte
 int ah_fleet_command_wait(ah_fleet_t *f, const ah_command_req_t *req, double seconds,
                           int64_t started_mono_us, ah_fleet_wait_cb cb, void *ud);
 
+/* Issues a cluster command as this agent (any thread; blocks on the store): holds the state's
+ * issue lock (ah_state_issue_begin) around the write, logs "Cluster command <cmd> issued:
+ * version N by <who> (reason: <why>)" and hands the written document to the state object, so
+ * this agent applies it at once; on AH_ECONFLICT hands it the current document instead. Returns
+ * ah_store_command_req()'s result. */
+int ah_fleet_issue(ah_state_t *state, ah_store_t *store, const ah_command_req_t *req,
+                   ah_control_t *doc, char *err, size_t errlen);
+
 /* How rec counts for a wait on version (now_us: wall clock). */
 ah_fleet_ack_t ah_fleet_classify(const ah_agent_status_t *rec, int64_t version, int64_t now_us,
                                  double heartbeat_interval);

@@ -445,8 +445,8 @@ static void write_wait(ah_buf_t *b, const ah_fleet_outcome_t *outcome)
     ah_json_close(b);
 }
 
-/* The answer to a cluster command whose write returned rc (err, doc as ah_store_command_req
- * left them); with wait != NULL the "wait" object is added to the success body. */
+/* The answer to a cluster command whose write (ah_fleet_issue: logged, and offered to the state)
+ * returned rc, err and doc; with wait != NULL the "wait" object is added to the success body. */
 static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char *err,
                           const ah_control_t *doc, const ah_fleet_outcome_t *wait,
                           http_reply_t *reply)
@@ -454,7 +454,6 @@ static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char 
     if (rc == AH_ECONFLICT) {
         ah_state_snapshot_t snap;
         ah_state_snapshot(http->state, &snap);
-        ah_state_offer_cluster(http->state, doc); /* the newer document, if this agent lags */
         reply->status = MHD_HTTP_CONFLICT;
         ah_buf_t *b = &reply->body;
         ah_json_open(b);
@@ -482,13 +481,6 @@ static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char 
                             err);
         return;
     }
-    /* The issuing agent applies its own command at once, without waiting for its watcher. */
-    ah_state_offer_cluster(http->state, doc);
-    char safe_by[AH_NAME_MAX + 1];
-    char safe_reason[AH_REASON_MAX + 1];
-    ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)", ah_command_name(cmd),
-                (long long)doc->version, log_safe(doc->updated_by, safe_by, sizeof(safe_by)),
-                log_safe(doc->reason, safe_reason, sizeof(safe_reason)));
 
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
@@ -623,7 +615,7 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
     }
     ah_control_t doc;
     char err[AH_ERRLEN] = "";
-    int rc = ah_store_command_req(http->store, &req, &doc, err, sizeof(err));
+    int rc = ah_fleet_issue(http->state, http->store, &req, &doc, err, sizeof(err));
     command_reply(http, cmd, rc, err, &doc, NULL, reply);
 }
 
@@ -841,10 +833,20 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
         return;
     }
-    ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
+    if (cmd == AH_CMD_RUNNING && ah_state_held(http->state)) {
+        /* The state machine refuses it too (a race with the hold is settled there); this only
+         * tells the caller at once. */
+        ah_http_reply_error(
+            reply, 409,
+            "this agent is held paused because the cluster command is 'shutdown': only a "
+            "cluster command releases it (POST /api/cluster/resume, agenthost ctl resume)");
+        return;
+    }
+    /* Logged first, so that the agent's own "Agent paused" line follows it. */
     char safe_by[AH_NAME_MAX + 1];
     ah_log_info("Local command %s requested through the API by %s", ah_command_name(cmd),
                 log_safe(updated_by, safe_by, sizeof(safe_by)));
+    ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
     ah_buf_t *b = &reply->body;
