@@ -48,6 +48,8 @@ struct ah_fleet_s {
 typedef struct fleet_wait_s {
     struct fleet_wait_s *next;
     bool need_write; /* the command below is still to be written; version unknown */
+    bool read_only;  /* ah_fleet_read(): answered after one fresh read, no command, no wait */
+    bool need_read;  /* read_only: the control document is still to be read */
     ah_command_t command;
     int64_t if_version;
     int64_t expires_us;
@@ -345,15 +347,23 @@ static void *waiter_main(void *arg)
          * wait at once; a written one starts waiting for its version now. */
         while (!f->waits_stopping) {
             fleet_wait_t *w = f->waits;
-            while (w != NULL && !w->need_write) {
+            while (w != NULL && !w->need_write && !w->need_read) {
                 w = w->next;
             }
             if (w == NULL) {
                 break;
             }
+            bool write = w->need_write;
             w->need_write = false; /* w stays linked; only this thread evaluates it */
+            w->need_read = false;
             pthread_mutex_unlock(&f->lock);
-            fleet_write_command(f, w);
+            if (write) {
+                fleet_write_command(f, w);
+            } else {
+                w->command_rc =
+                    ah_store_read(f->store, &w->doc, w->command_error, sizeof(w->command_error));
+                w->version = w->doc.version;
+            }
             pthread_mutex_lock(&f->lock);
         }
         stopping = f->waits_stopping;
@@ -390,12 +400,17 @@ static void *waiter_main(void *arg)
             ah_fleet_outcome_t outcome;
             bool complete = w->command_rc == AH_OK && !w->need_write &&
                             wait_evaluate(f, w, recs, count, acks, now_us, &outcome);
-            if (w->need_write && !stopping) {
-                pp = &w->next; /* written on the next round */
+            if ((w->need_write || w->need_read) && !stopping) {
+                pp = &w->next; /* written / read on the next round */
                 next_deadline = now_mono;
                 continue;
             }
-            if (complete || stopping || w->command_rc != AH_OK || now_mono >= w->deadline_mono_us) {
+            if (w->read_only && w->command_rc == AH_OK && err[0] != '\0') {
+                w->command_rc = AH_EUNAVAIL; /* this round's read of the records failed */
+                ah_strlcpy(w->command_error, err, sizeof(w->command_error));
+            }
+            if (complete || stopping || w->read_only || w->command_rc != AH_OK ||
+                now_mono >= w->deadline_mono_us) {
                 *pp = w->next;
                 w->next = done;
                 done = w;
@@ -411,7 +426,7 @@ static void *waiter_main(void *arg)
             fleet_wait_t *w = done;
             done = w->next;
             ah_fleet_outcome_t outcome;
-            if (w->need_write) { /* stopping before it was written */
+            if (w->need_write || w->need_read) { /* stopping before it was written / read */
                 w->command_rc = AH_EUNAVAIL;
                 ah_strlcpy(w->command_error, "the agent is shutting down",
                            sizeof(w->command_error));
@@ -475,6 +490,21 @@ int ah_fleet_command_wait(ah_fleet_t *f, const ah_command_req_t *req, double sec
     ah_strlcpy(w->updated_by, req->updated_by, sizeof(w->updated_by));
     w->seconds = seconds;
     w->started_mono_us = started_mono_us;
+    w->deadline_mono_us = INT64_MAX;
+    w->cb = cb;
+    w->ud = ud;
+    return fleet_add_wait(f, w);
+}
+
+int ah_fleet_read(ah_fleet_t *f, ah_fleet_wait_cb cb, void *ud)
+{
+    fleet_wait_t *w = calloc(1, sizeof(*w));
+    if (w == NULL) {
+        return AH_ENOMEM;
+    }
+    w->read_only = true;
+    w->need_read = true;
+    w->started_mono_us = ah_mono_us();
     w->deadline_mono_us = INT64_MAX;
     w->cb = cb;
     w->ud = ud;

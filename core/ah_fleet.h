@@ -99,6 +99,12 @@ int ah_fleet_wait(ah_fleet_t *f, int64_t version, double seconds, int64_t starte
 int ah_fleet_command_wait(ah_fleet_t *f, const ah_command_req_t *req, double seconds,
                           int64_t started_mono_us, ah_fleet_wait_cb cb, void *ud);
 
+/* Reads the control document and every status record on the waiter thread (no HTTP thread
+ * waits for the store) and calls cb once: command_rc AH_OK with doc the control document and
+ * recs/acks for its version (complete, waited_s as for a wait), or AH_EUNAVAIL/AH_EIO with
+ * command_error when a read failed. 0, or AH_EUNAVAIL/AH_ENOMEM (cb never called). */
+int ah_fleet_read(ah_fleet_t *f, ah_fleet_wait_cb cb, void *ud);
+
 /* Issues a cluster command as this agent (any thread; blocks on the store): holds the state's
  * issue lock (ah_state_issue_begin) around the write, logs "Cluster command <cmd> issued:
  * version N by <who> (reason: <why>)" and hands the written document to the state object, so

@@ -727,31 +727,13 @@ cleanup:
 static const char *const summary_states[] = {"starting", "running", "paused", "stopping",
                                              "stopped"};
 
-/* GET /api/cluster/agents[?version=N]: the status records of the fleet, from the store. */
-void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
+/* Writes the body of GET /api/cluster/agents: the fleet of recs (sorted by agent_id) against
+ * the cluster's current version; with filtered, only the agents behind `wanted` are listed. */
+static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
+                         const ah_agent_status_t *recs, int count, bool filtered, int64_t wanted)
 {
-    ah_http_t *http = call->http;
-    if (http->store == NULL) {
-        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
-        return;
-    }
-    int64_t wanted = 0;
-    bool filtered = false;
-    if (query_version(call, "version", &wanted, &filtered, reply) != AH_OK) {
-        return;
-    }
-    ah_control_t doc;
-    ah_agent_status_t *recs = NULL;
-    int count = 0;
-    char err[AH_ERRLEN] = "";
-    if (ah_store_read(http->store, &doc, err, sizeof(err)) != AH_OK ||
-        ah_store_list_status(http->store, &recs, &count, err, sizeof(err)) != AH_OK) {
-        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
-                            err);
-        return;
-    }
     int64_t now_us = ah_now_us();
-    double interval = http->cfg->heartbeat_interval;
+    double interval = cfg->heartbeat_interval;
     int state_counts[sizeof(summary_states) / sizeof(summary_states[0])] = {0};
     int other_states = 0, applied_current = 0, stale = 0, listed = 0;
     for (int i = 0; i < count; i++) {
@@ -766,15 +748,13 @@ void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
         } else {
             other_states++;
         }
-        applied_current += r->applied_version >= doc.version;
+        applied_current += r->applied_version >= version;
         stale += ah_fleet_is_stale(r, now_us, interval);
         listed += !filtered || r->applied_version < wanted;
     }
-
-    ah_buf_t *b = &reply->body;
     ah_json_open(b);
     ah_json_int(b, "count", listed);
-    ah_json_int(b, "version", doc.version);
+    ah_json_int(b, "version", version);
     ah_json_open_object(b, "summary");
     ah_json_int(b, "total", count);
     ah_json_open_object(b, "states");
@@ -813,6 +793,82 @@ void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
     }
     ah_json_close_array(b);
     ah_json_close(b);
+}
+
+/* A parked GET /api/cluster/agents, answered by the fleet's waiter thread after its reads. */
+typedef struct agents_read_s {
+    ah_http_t *http;
+    http_park_t *park;
+    bool filtered;
+    int64_t wanted;
+} agents_read_t;
+
+static void agents_read_done(void *ud, const ah_fleet_outcome_t *outcome)
+{
+    agents_read_t *ar = ud;
+    http_reply_t reply = {.status = MHD_HTTP_OK};
+    ah_buf_init(&reply.body);
+    if (outcome->command_rc != AH_OK) {
+        ah_http_reply_error(&reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
+                            outcome->command_error);
+    } else {
+        write_agents(&reply.body, ar->http->cfg, outcome->doc->version, outcome->recs,
+                     outcome->count, ar->filtered, ar->wanted);
+    }
+    ah_http_park_answer(ar->park, &reply);
+    ah_http_park_release(ar->park);
+    free(ar);
+}
+
+/* GET /api/cluster/agents[?version=N]: the status records of the fleet, read from the store by
+ * the fleet's waiter thread while the request is parked (directly, without a fleet). */
+void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
+{
+    ah_http_t *http = call->http;
+    if (http->store == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    int64_t wanted = 0;
+    bool filtered = false;
+    if (query_version(call, "version", &wanted, &filtered, reply) != AH_OK) {
+        return;
+    }
+    ah_fleet_t *fleet = atomic_load(&http->fleet);
+    if (fleet != NULL) {
+        agents_read_t *ar = calloc(1, sizeof(*ar));
+        if (ar == NULL) {
+            ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+            return;
+        }
+        *ar = (agents_read_t){.http = http, .filtered = filtered, .wanted = wanted};
+        ar->park = ah_http_park(call, reply, HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
+        if (ar->park == NULL) {
+            free(ar);
+            return; /* reply: 503 (stopping) or 500 */
+        }
+        if (ah_fleet_read(fleet, agents_read_done, ar) != AH_OK) {
+            http_reply_t refused = {.status = MHD_HTTP_OK};
+            ah_buf_init(&refused.body);
+            ah_http_reply_error(&refused, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                "the agent is shutting down");
+            ah_http_park_answer(ar->park, &refused);
+            ah_http_park_release(ar->park);
+            free(ar);
+        }
+        return;
+    }
+    ah_control_t doc;
+    ah_agent_status_t *recs = NULL;
+    int count = 0;
+    char err[AH_ERRLEN] = "";
+    if (ah_store_read(http->store, &doc, err, sizeof(err)) != AH_OK ||
+        ah_store_list_status(http->store, &recs, &count, err, sizeof(err)) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
+                            err);
+        return;
+    }
+    write_agents(&reply->body, http->cfg, doc.version, recs, count, filtered, wanted);
     free(recs);
 }
 

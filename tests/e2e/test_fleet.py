@@ -610,3 +610,32 @@ def test_shutdown_answers_a_waiting_request_and_exits_cleanly(fleet, store):
     w = r.json()["wait"]
     # (agent-1's own acknowledgement may or may not have been read before it stopped)
     assert w["complete"] is False and "slow" in w["pending"], w
+
+
+def test_agents_reads_hold_no_server_thread_while_the_store_hangs(fleet, tmp_path):
+    """GET /api/cluster/agents reads the store off libmicrohttpd's threads: while MongoDB
+    answers nothing, ten such requests wait and the probes are still answered at once."""
+    import threading
+    srv = MongoTestServer(mode="replset").start()
+    try:
+        a = start_fleet(fleet, Store("mongodb", tmp_path, srv), 1)[0]
+        wait_records(a, lambda b: b["summary"]["total"] == 1, message="the record")
+        srv.blackhole(3)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            a.get("/api/cluster/agents", timeout=30))) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for _ in range(5):
+            assert a.get("/healthz", timeout=2).status == 200
+            assert a.get("/api/agent/state", timeout=2).status == 200
+        assert len(results) < 10, "the reads should still be waiting for the store"
+        for t in threads:
+            t.join(30)
+        assert len(results) == 10
+        assert all(r.status in (200, 503) for r in results), [r.body for r in results]
+        srv.heal()
+        wait_for(lambda: a.get("/api/cluster/agents").status == 200, 20,
+                 message="the fleet is readable again")
+    finally:
+        srv.close()
