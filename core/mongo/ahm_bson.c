@@ -267,6 +267,11 @@ static int append_fields(lua_State *L, int idx, bson_t *out, int depth, char *er
             set_err(err, errlen, NULL, "document keys must not contain NUL bytes");
             return AH_EINVAL;
         }
+        if (!bson_utf8_validate(key, keylen, false)) { /* libbson and the server refuse them */
+            lua_pop(L, 2);
+            set_err(err, errlen, NULL, "document keys must be valid UTF-8");
+            return AH_EINVAL;
+        }
         int rc = append_value(L, lua_gettop(L), out, key, (int)keylen, depth, err, errlen);
         lua_pop(L, 1);
         if (rc != AH_OK) {
@@ -521,6 +526,11 @@ int ahm_bson_from_lua_ordered(lua_State *L, int idx, bson_t *out, char *err, siz
         if (memchr(key, '\0', keylen) != NULL) {
             lua_pop(L, 2);
             snprintf(err, errlen, "keys must not contain NUL bytes");
+            return AH_EINVAL;
+        }
+        if (!bson_utf8_validate(key, keylen, false)) {
+            lua_pop(L, 2);
+            snprintf(err, errlen, "keys must be valid UTF-8");
             return AH_EINVAL;
         }
         lua_rawgeti(L, pair, 2);

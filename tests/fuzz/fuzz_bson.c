@@ -433,10 +433,18 @@ static void check_encode(lua_State *L, int idx, bool document)
         bson_destroy(&out);
         return;
     }
-    size_t offset;
+    size_t offset = 0;
     bson_iter_t scan;
     if (!bson_validate(&out, BSON_VALIDATE_NONE, &offset) || !bson_iter_init(&scan, &out) ||
         has_invalid_utf8(&scan)) {
+        char *json = bson_as_relaxed_extended_json(&out, NULL);
+        fprintf(stderr, "fuzz_bson: written: %s (invalid at offset %zu):", json ? json : "?",
+                offset);
+        for (uint32_t i = 0; i < out.len; i++) {
+            fprintf(stderr, " %02x", bson_get_data(&out)[i]);
+        }
+        fprintf(stderr, "\n");
+        bson_free(json);
         fail("the encoder wrote invalid BSON", NULL);
     }
     char err[256] = "";
