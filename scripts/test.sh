@@ -2,7 +2,8 @@
 # Runs every test: installs dependencies, builds, runs the unit tests (CTest), the MongoDB test
 # server's own tests and the end-to-end tests (pytest), then does it all again in an
 # AddressSanitizer + UndefinedBehaviorSanitizer build and fails on any sanitizer report.
-# Set SKIP_SANITIZE=1 to skip the sanitizer pass during development.
+# Then builds the libFuzzer targets with clang and runs each for a few seconds (scripts/fuzz.sh).
+# Set SKIP_SANITIZE=1 to skip the sanitizer pass, SKIP_FUZZ=1 to skip the fuzz targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -40,5 +41,10 @@ if [[ "${SKIP_SANITIZE:-0}" != "1" ]]; then
     exit 1
   fi
   rm -rf "$reports"
+fi
+if [[ "${SKIP_FUZZ:-0}" != "1" ]]; then
+  # Every fuzz target replays its corpus (the regression inputs included), then fuzzes briefly.
+  echo "== fuzz targets (clang, ASan/UBSan; a few seconds each)"
+  scripts/fuzz.sh "${FUZZ_SECONDS:-5}"
 fi
 echo "== all tests passed"
