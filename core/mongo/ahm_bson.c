@@ -592,6 +592,11 @@ static int push_container(lua_State *L, bson_iter_t *iter, bool as_array, int de
         }
         lua_rawset(L, table);
     }
+    if (iter->err_off != 0) { /* the walk stopped at a corrupt element, not at the end */
+        lua_settop(L, table - 1);
+        snprintf(err, errlen, "malformed BSON document");
+        return AH_EINVAL;
+    }
     if (as_array) {
         luaL_getmetatable(L, MT_ARRAY);
         lua_setmetatable(L, table);

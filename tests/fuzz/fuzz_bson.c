@@ -247,12 +247,29 @@ static bool has_invalid_utf8(bson_iter_t *it)
     return false;
 }
 
+/* True if every container under it (recursively) iterates to its end: bson_validate misses a
+ * corrupt element nested in some documents (libbson 1.23), bson_iter_next then just stops. */
+static bool walks_to_the_end(bson_iter_t *it)
+{
+    while (bson_iter_next(it)) {
+        bson_iter_t child;
+        if ((BSON_ITER_HOLDS_DOCUMENT(it) || BSON_ITER_HOLDS_ARRAY(it)) &&
+            (!bson_iter_recurse(it, &child) || !walks_to_the_end(&child))) {
+            return false;
+        }
+    }
+    return it->err_off == 0;
+}
+
 /* ---- random BSON -> Lua -> BSON ----------------------------------------------------------- */
 
 static void check_document(lua_State *L, const bson_t *doc)
 {
     size_t offset;
-    bool well_formed = bson_validate(doc, BSON_VALIDATE_NONE, &offset);
+    bson_iter_t walk;
+    bool well_formed = bson_validate(doc, BSON_VALIDATE_NONE, &offset) &&
+                       bson_iter_init(&walk, doc) && walks_to_the_end(&walk);
+    bool walks = bson_iter_init(&walk, doc) && walks_to_the_end(&walk);
     char err[256] = "";
     int top = lua_gettop(L);
     int rc = ahm_bson_push(L, doc, false, err, sizeof(err));
@@ -264,6 +281,9 @@ static void check_document(lua_State *L, const bson_t *doc)
             fail("a well-formed document did not decode", err);
         }
         return;
+    }
+    if (!walks) {
+        fail("a corrupt document decoded (its corrupt part dropped)", NULL);
     }
     bson_t out = BSON_INITIALIZER;
     rc = ahm_bson_from_lua(L, -1, &out, err, sizeof(err));
