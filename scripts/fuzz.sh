@@ -4,7 +4,8 @@
 # (tests/fuzz/corpus/<target>/, read only: new inputs go to a scratch directory). Stops at the
 # first crash, leak or sanitizer report and prints the input that caused it (to be added to
 # the corpus once fixed). Extra arguments go to every fuzzer (e.g. -jobs=1 -max_len=4096).
-# Prints the executions each target ran. Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [ARGS...]
+# Prints the executions each target ran. FUZZ_ONLY="bson http" runs only those targets.
+# Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [ARGS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -17,7 +18,10 @@ CC=$CC cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Debug -DAH_FUZZ=ON -DAH_SAN
   -DBUILD_TESTING=OFF >/dev/null
 targets=()
 for src in tests/fuzz/fuzz_*.c; do
-  targets+=("$(basename "$src" .c)")
+  t=$(basename "$src" .c)
+  if [[ -z "${FUZZ_ONLY:-}" || " $FUZZ_ONLY " == *" ${t#fuzz_} "* ]]; then
+    targets+=("$t")
+  fi
 done
 cmake --build "$BUILD_DIR" -j"$(nproc)" --target "${targets[@]}"
 
