@@ -187,13 +187,18 @@ static bool answer_complete(const char *buf, size_t len, bool head, const char *
     }
 }
 
-/* True if data holds a whole first request: its head ends with an empty line (CRLF) and, when
+/* True if data holds a whole first request (after any empty lines, which a server skips): its
+ * head ends with an empty line (CRLF) and, when
  * it announces a Content-Length, that many bytes follow. Such a request must be answered (or its
  * connection closed) in time. For anything else the server may rightly wait for the rest (up to
  * its 30 s connection timeout: libmicrohttpd does not notice every half-close). */
 static bool request_complete(const uint8_t *data, size_t size)
 {
     const char *text = (const char *)data;
+    while (size > 0 && (*text == '\r' || *text == '\n')) { /* empty lines before a request */
+        text++;
+        size--;
+    }
     const char *end = memmem(text, size, "\r\n\r\n", 4);
     if (end == NULL) {
         return false;
