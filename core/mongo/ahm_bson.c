@@ -1,8 +1,9 @@
-/* Implementation of ahm_bson.h. Lua values that stand for a BSON type carry a metatable with a
- * `__bson` field naming the type ("array", "document", "date", "oid", "raw"), so the encoder
- * needs one raw lookup per table or userdata. 64-bit integers are LuaJIT int64_t cdata, created
- * and typed through two small FFI helpers kept in the registry; their payload is read and
- * written through lua_topointer(), which LuaJIT resolves to the cdata's data. */
+/* Implementation of ahm_bson.h. Lua values that stand for a BSON type carry one of our
+ * metatables (its `__bson` field names the type: "array", "document", "date", "oid", "raw");
+ * the encoder tells them by the metatable itself, since a script can forge the field. 64-bit
+ * integers are LuaJIT int64_t cdata, created and typed through two small FFI helpers kept in the
+ * registry; their payload is read and written through lua_topointer(), which LuaJIT resolves to the
+ * cdata's data. */
 #include "ahm_bson.h"
 
 #include <errno.h>

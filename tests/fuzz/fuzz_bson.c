@@ -18,7 +18,8 @@
  * an __index that raises), our own metatables put on other values with debug.setmetatable,
  * newproxy userdata, functions, coroutines). Each value is encoded; the encoder must return 0
  * (and the BSON must be valid and decode again) or AH_EINVAL with a message, never raise, and
- * keep the stack balanced. tostring() and mongo.type() of each value may raise, cleanly. */
+ * keep the stack balanced. tostring(), mongo.type() and mongo.to_json() of each value may raise,
+ * cleanly. */
 #include "ahm_bson.h"
 
 #include <lauxlib.h>
@@ -399,7 +400,10 @@ static const char helpers_source[] =
     "  return setmetatable(type(v) == 'table' and v or {}, mt)\n"
     "end\n"
     "function H.proxy() return newproxy(true) end\n"
-    "function H.inspect(v) return tostring(v), mongo.type(v) end\n"
+    "function H.inspect(v)\n"
+    "  pcall(mongo.to_json, v)\n"
+    "  return tostring(v), mongo.type(v)\n"
+    "end\n"
     "return H\n";
 
 /* Calls helper `name` with the given number of arguments on top, under pcall; leaves its first
