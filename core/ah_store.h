@@ -1,10 +1,12 @@
-/* The control store interface: where the cluster's control document and its audit trail live.
+/* The control store interface: where the cluster's control document, its audit trail and the
+ * agents' status records live.
  * Two implementations share it: the embedded SQLite store (ah_store_sqlite.c) and the MongoDB
  * store (core/mongo/ahm_store.c, in the MongoDB plugin; opened by ah_store_mongo_open in
  * ah_mongo.h). The host only ever talks to this interface.
  *
- * Threads: read/command/history may be called from any thread (HTTP handlers, the host) and
- * are internally serialised as needed. watch_start starts one watcher thread owned by the store;
+ * Threads: read/command/history and the status records (put_status/list_status) may be called
+ * from any thread (HTTP handlers, the fleet's threads, the host) and are internally serialised
+ * as needed. watch_start starts one watcher thread owned by the store;
  * it reports through the listener (callbacks run on the watcher thread and must not block).
  * close stops the watcher and frees everything. */
 #ifndef AH_STORE_H
