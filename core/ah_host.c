@@ -15,6 +15,8 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <time.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,9 +58,19 @@ struct ah_host_s {
     atomic_int worker_rc; /* 0, or 1 when the worker failed (init error) */
     char worker_err[AH_ERRLEN];
 
-    int64_t stop_seen_us; /* monotonic time the watchdog first saw a shutdown request */
     bool interrupted_for_stop;
     bool wedged;
+
+    /* The hard-exit timer (ah_host_options_t.exit_on_shutdown_timeout): a thread armed by the
+     * watchdog when it first sees a shutdown request; it _exit()s the process at the
+     * SHUTDOWN_TIMEOUT deadline unless ah_host_run() disarms it first. */
+    bool exit_on_timeout;
+    pthread_mutex_t exit_lock;
+    pthread_cond_t exit_cond; /* on CLOCK_MONOTONIC */
+    bool exit_disarmed;       /* under exit_lock */
+    bool exit_armed;          /* the thread was started (main thread only) */
+    int64_t exit_deadline_us; /* monotonic; set before the thread starts */
+    pthread_t exit_timer;
 };
 
 ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
@@ -71,6 +83,12 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
     }
     h->cfg = cfg;
     pthread_mutex_init(&h->lua_lock, NULL);
+    pthread_mutex_init(&h->exit_lock, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&h->exit_cond, &attr);
+    pthread_condattr_destroy(&attr);
     h->state = ah_state_new();
     h->metrics = ah_metrics_new();
     if (h->state == NULL || h->metrics == NULL) {
@@ -95,6 +113,7 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
                              .metrics = h->metrics,
                              .memory_limit = cfg->lua_memory_limit};
     if (hopts != NULL) {
+        h->exit_on_timeout = hopts->exit_on_shutdown_timeout;
         opts.script_source = hopts->script_source;
         opts.script_name = hopts->script_name;
         opts.functions = hopts->functions;
@@ -127,6 +146,8 @@ void ah_host_free(ah_host_t *h)
     ah_metrics_free(h->metrics);
     ah_state_free(h->state);
     pthread_mutex_destroy(&h->lua_lock);
+    pthread_cond_destroy(&h->exit_cond);
+    pthread_mutex_destroy(&h->exit_lock);
     free(h);
 }
 
@@ -357,6 +378,70 @@ static void host_interrupt_lua(ah_host_t *h)
     pthread_mutex_unlock(&h->lua_lock);
 }
 
+/* ---- bounded shutdown --------------------------------------------------------------------- */
+
+/* The monotonic time by which the shutdown under way must be over (SHUTDOWN_TIMEOUT after it
+ * was requested; from now if no request is recorded, e.g. the worker failed). */
+static int64_t shutdown_deadline_us(ah_host_t *h)
+{
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(h->state, &snap);
+    int64_t from = snap.stop_requested_us != 0 ? snap.stop_requested_us : ah_mono_us();
+    return from + (int64_t)(h->cfg->shutdown_timeout * 1e6);
+}
+
+static bool exit_disarmed(void *arg)
+{
+    const ah_host_t *h = arg;
+    return h->exit_disarmed;
+}
+
+/* The hard-exit timer: nothing in the teardown may outlive SHUTDOWN_TIMEOUT, whatever it waits
+ * on (a store call, a store close, a connection). */
+static void *exit_timer_main(void *arg)
+{
+    ah_host_t *h = arg;
+    pthread_mutex_lock(&h->exit_lock);
+    double seconds = (double)(h->exit_deadline_us - ah_mono_us()) / 1e6;
+    bool disarmed = ah_cond_wait_until(&h->exit_cond, &h->exit_lock, seconds, exit_disarmed, h);
+    pthread_mutex_unlock(&h->exit_lock);
+    if (!disarmed) {
+        ah_log_error("Shutdown did not finish within SHUTDOWN_TIMEOUT (%gs): exiting now",
+                     h->cfg->shutdown_timeout);
+        _exit(1);
+    }
+    return NULL;
+}
+
+/* Main thread: starts the hard-exit timer once (when enabled). */
+static void arm_exit_timer(ah_host_t *h, int64_t deadline_us)
+{
+    if (!h->exit_on_timeout || h->exit_armed) {
+        return;
+    }
+    h->exit_deadline_us = deadline_us;
+    if (pthread_create(&h->exit_timer, NULL, exit_timer_main, h) != 0) {
+        ah_log_warn("cannot start the shutdown timer thread: SHUTDOWN_TIMEOUT bounds only the "
+                    "Lua worker");
+        return;
+    }
+    h->exit_armed = true;
+}
+
+/* Main thread: stops the hard-exit timer, if it runs. */
+static void disarm_exit_timer(ah_host_t *h)
+{
+    if (!h->exit_armed) {
+        return;
+    }
+    pthread_mutex_lock(&h->exit_lock);
+    h->exit_disarmed = true;
+    pthread_cond_broadcast(&h->exit_cond);
+    pthread_mutex_unlock(&h->exit_lock);
+    pthread_join(h->exit_timer, NULL);
+    h->exit_armed = false;
+}
+
 /* Every WATCHDOG_INTERVAL_MS: reports a Lua call that overran BATCH_TIMEOUT (and asks it to
  * stop), and bounds shutdown by SHUTDOWN_TIMEOUT. */
 static void on_watchdog(uv_timer_t *timer)
@@ -373,14 +458,11 @@ static void on_watchdog(uv_timer_t *timer)
                      h->cfg->batch_timeout);
         host_interrupt_lua(h);
     }
-    if (!snap.shutdown_requested || snap.state == AH_STATE_STOPPED) {
+    if (snap.stop_requested_us == 0 || snap.state == AH_STATE_STOPPED) {
         return;
     }
-    if (h->stop_seen_us == 0) {
-        h->stop_seen_us = now;
-        return;
-    }
-    double waited = (double)(now - h->stop_seen_us) / 1e6;
+    arm_exit_timer(h, snap.stop_requested_us + (int64_t)(h->cfg->shutdown_timeout * 1e6));
+    double waited = (double)(now - snap.stop_requested_us) / 1e6;
     if (!h->interrupted_for_stop && waited > h->cfg->shutdown_timeout * 0.8 &&
         snap.batch_started_us != 0) {
         h->interrupted_for_stop = true;
@@ -521,9 +603,7 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
     h->worker_started = true;
     uv_run(&h->loop, UV_RUN_DEFAULT);
     if (h->wedged) {
-        ah_http_stop(h->http);
-        h->http = NULL;
-        return AH_HOST_WEDGED;
+        return AH_HOST_WEDGED; /* nothing more may wait: the caller exits the process */
     }
     pthread_join(h->worker, NULL);
     h->worker_started = false;
@@ -538,7 +618,19 @@ out:
         pthread_join(h->worker, NULL);
         h->worker_started = false;
     }
-    ah_http_stop(h->http);
+    int64_t deadline_us = shutdown_deadline_us(h);
+    arm_exit_timer(h, deadline_us);
+    if (ah_http_stop(h->http, (double)(deadline_us - ah_mono_us()) / 1e6) != AH_OK) {
+        h->http = NULL;
+        snprintf(err, errlen,
+                 "shutdown did not finish within SHUTDOWN_TIMEOUT (%gs): a control store call "
+                 "is still running",
+                 h->cfg->shutdown_timeout);
+        ah_log_error("Shutdown did not finish within SHUTDOWN_TIMEOUT (%gs): a control store "
+                     "call is still running; exiting without closing the store",
+                     h->cfg->shutdown_timeout);
+        return AH_HOST_WEDGED;
+    }
     h->http = NULL;
     ah_lua_mongo_detach(h->mongo); /* the Lua worker has stopped: no client may outlive the pool */
     ah_store_close(h->store);
@@ -551,6 +643,7 @@ out:
         }
         h->loop_open = false;
     }
+    disarm_exit_timer(h);
     if (exit_code == 0) {
         ah_log_info("Agent stopped");
     }

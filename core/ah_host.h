@@ -21,6 +21,11 @@ typedef struct ah_host_options_s {
     const char *script_name;   /* chunk name for script_source (NULL: "script") */
     const ah_lua_function_t *functions;
     size_t function_count;
+    /* Once a shutdown is requested, _exit(1) the process if ah_host_run() has not returned
+     * within SHUTDOWN_TIMEOUT (whatever it waits on). For programs whose process is the agent
+     * (the agenthost binary); an embedder gets AH_HOST_WEDGED back instead, and a teardown step
+     * that blocks (e.g. closing a store that hangs) then delays that return. */
+    bool exit_on_shutdown_timeout;
 } ah_host_options_t;
 /* Loads the script (a load or contract error returns NULL with err naming file:line; the caller
  * exits 2). opts may be NULL (the script at cfg->script_path, no extra functions). cfg is

@@ -183,23 +183,24 @@ static const char *const propagation_verbs[] = {
     [AH_CMD_SHUTDOWN] = "shutdown gracefully",
 };
 
-void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
-{
-    ah_http_t *http = call->http;
+/* A cluster command on its way to a store worker: the inputs, copied out of the connection. */
+typedef struct cluster_command_job_s {
+    ah_http_t *http;
     ah_command_t cmd;
-    const char *reason;
-    const char *updated_by;
-    if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
-        return;
-    }
-    if (http->store == NULL) {
-        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
-        return;
-    }
+    char reason[AH_REASON_MAX + 1];
+    char updated_by[AH_NAME_MAX + 1];
+} cluster_command_job_t;
+
+/* Store worker: writes the command and answers with the new document. */
+static void run_cluster_command(void *arg, http_reply_t *reply)
+{
+    const cluster_command_job_t *job = arg;
+    ah_http_t *http = job->http;
+    ah_command_t cmd = job->cmd;
     ah_control_t doc;
     char err[AH_ERRLEN] = "";
-    int rc = ah_store_command(http->store, cmd, reason, updated_by, http->cfg->agent_id, &doc, err,
-                              sizeof(err));
+    int rc = ah_store_command(http->store, cmd, job->reason, job->updated_by, http->cfg->agent_id,
+                              &doc, err, sizeof(err));
     if (rc == AH_EUNAVAIL || rc == AH_EIO) {
         ah_log_warn("Cluster command %s refused: control store unavailable: %s",
                     ah_command_name(cmd), err);
@@ -249,6 +250,32 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
     ah_json_str(b, "reason", doc.reason);
     ah_json_str(b, "propagation", propagation);
     ah_json_close(b);
+}
+
+/* POST /api/cluster/<command>: checked here, written to the store by a store worker. */
+void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
+{
+    ah_http_t *http = call->http;
+    ah_command_t cmd;
+    const char *reason;
+    const char *updated_by;
+    if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
+        return;
+    }
+    if (http->store == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    cluster_command_job_t *job = calloc(1, sizeof(*job));
+    if (job == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
+    }
+    job->http = http;
+    job->cmd = cmd;
+    ah_strlcpy(job->reason, reason, sizeof(job->reason));
+    ah_strlcpy(job->updated_by, updated_by, sizeof(job->updated_by));
+    ah_http_run_job(call, reply, run_cluster_command, job, free);
 }
 
 void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply)
@@ -309,23 +336,17 @@ void ah_http_handle_stats(http_call_t *call, http_reply_t *reply)
     ah_json_close(b);
 }
 
-void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
+/* History on its way to a store worker. */
+typedef struct history_job_s {
+    ah_store_t *store;
+    int limit;
+} history_job_t;
+
+/* Store worker: reads the audit entries and answers with them. */
+static void run_history(void *arg, http_reply_t *reply)
 {
-    if (call->http->store == NULL) {
-        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
-        return;
-    }
-    int limit = HTTP_HISTORY_DEFAULT;
-    const char *text = NULL;
-    size_t len = 0;
-    if (MHD_lookup_connection_value_n(call->conn, MHD_GET_ARGUMENT_KIND, "limit", 5, &text, &len) ==
-        MHD_YES) {
-        if (text == NULL || strlen(text) != len || parse_limit(text, &limit) != AH_OK) {
-            ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
-                                "limit must be an integer between 1 and %d", AH_HISTORY_MAX);
-            return;
-        }
-    }
+    const history_job_t *job = arg;
+    int limit = job->limit;
     ah_control_t *entries = calloc((size_t)limit, sizeof(*entries));
     if (entries == NULL) {
         ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
@@ -333,7 +354,7 @@ void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
     }
     int count = 0;
     char err[AH_ERRLEN] = "";
-    int rc = ah_store_history(call->http->store, limit, entries, &count, err, sizeof(err));
+    int rc = ah_store_history(job->store, limit, entries, &count, err, sizeof(err));
     if (rc != AH_OK) {
         ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
                             err);
@@ -358,6 +379,34 @@ void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
     ah_json_close(b);
 cleanup:
     free(entries);
+}
+
+/* GET /api/cluster/history: checked here, read from the store by a store worker. */
+void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
+{
+    if (call->http->store == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    int limit = HTTP_HISTORY_DEFAULT;
+    const char *text = NULL;
+    size_t len = 0;
+    if (MHD_lookup_connection_value_n(call->conn, MHD_GET_ARGUMENT_KIND, "limit", 5, &text, &len) ==
+        MHD_YES) {
+        if (text == NULL || strlen(text) != len || parse_limit(text, &limit) != AH_OK) {
+            ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                                "limit must be an integer between 1 and %d", AH_HISTORY_MAX);
+            return;
+        }
+    }
+    history_job_t *job = calloc(1, sizeof(*job));
+    if (job == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
+    }
+    job->store = call->http->store;
+    job->limit = limit;
+    ah_http_run_job(call, reply, run_history, job, free);
 }
 
 /* ---- agent routes ----------------------------------------------------------------------- */
@@ -399,21 +448,30 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     ah_json_close(b);
 }
 
-/* POST /api/agent/reload: loads the script again between batches and answers with the outcome
- * (waiting up to RELOAD_WAIT_S for the current batch to finish; 202 if it is still running). */
-void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
+/* A reload request waiting for its outcome (parked: no thread waits). */
+typedef struct reload_wait_s {
+    ah_http_t *http;
+    uint64_t ticket;
+} reload_wait_t;
+
+/* Park check: answers with the reload's outcome once known; 202 at the deadline or when the
+ * worker has stopped without getting to it. */
+static bool check_reload(void *arg, bool expired, http_reply_t *reply)
 {
-    ah_http_t *http = call->http;
-    uint64_t ticket = ah_state_request_reload(http->state);
+    const reload_wait_t *wait = arg;
+    ah_http_t *http = wait->http;
     char err[AH_ERRLEN];
-    int rc = ah_state_wait_reload(http->state, ticket, RELOAD_WAIT_S, err, sizeof(err));
+    int rc = ah_state_reload_outcome(http->state, wait->ticket, err, sizeof(err));
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(http->state, &snap);
+    if (rc == AH_ETIMEOUT && !expired && snap.state != AH_STATE_STOPPED) {
+        return false;
+    }
     if (rc == AH_ELUA) {
         ah_http_reply_error(reply, MHD_HTTP_UNPROCESSABLE_CONTENT,
                             "reload failed, the previous script keeps running: %s", err);
-        return;
+        return true;
     }
-    ah_state_snapshot_t snap;
-    ah_state_snapshot(http->state, &snap);
     ah_buf_t *b = &reply->body;
     if (rc == AH_ETIMEOUT) {
         reply->status = MHD_HTTP_ACCEPTED;
@@ -427,6 +485,22 @@ void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
     ah_json_str(b, "state", ah_run_state_name(snap.state));
     ah_json_int(b, "reloads", (int64_t)snap.reloads);
     ah_json_close(b);
+    return true;
+}
+
+/* POST /api/agent/reload: loads the script again between batches and answers with the outcome
+ * (the request is parked up to RELOAD_WAIT_S for the current batch to finish; 202 if it is still
+ * running). */
+void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
+{
+    reload_wait_t *wait = calloc(1, sizeof(*wait));
+    if (wait == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
+    }
+    wait->http = call->http;
+    wait->ticket = ah_state_request_reload(call->http->state);
+    ah_http_park_release(ah_http_park(call, reply, RELOAD_WAIT_S, check_reload, wait, free));
 }
 
 /* Seconds since started_us, rounded to milliseconds. */
@@ -560,6 +634,7 @@ void ah_http_handle_metrics(http_call_t *call, http_reply_t *reply)
     ah_state_snapshot(call->http->state, &snap);
     reply->content_type = METRICS_TYPE;
     ah_metrics_render_agent(&snap, uptime_seconds(&snap), &reply->body);
+    ah_http_park_render_metrics(call->http, &reply->body);
     if (call->http->metrics != NULL) {
         ah_metrics_render(call->http->metrics, &reply->body); /* agent.metrics */
     }

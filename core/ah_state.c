@@ -14,6 +14,8 @@
 #include <string.h>
 #include <time.h>
 
+#define RELOAD_OUTCOMES 8 /* reload outcomes kept for requesters that have not looked yet */
+
 struct ah_state_s {
     pthread_mutex_t lock;
     pthread_cond_t wake; /* signalled when an event becomes pending */
@@ -26,6 +28,7 @@ struct ah_state_s {
     atomic_bool has_event; /* written under lock; read lock-free as a hint */
     ah_event_t pending;
     bool shutdown_final; /* a local/signal shutdown is pending or applied: nothing replaces it */
+    int64_t stop_requested_us; /* monotonic: when the pending or applied shutdown was offered */
     ah_store_status_t store;
     _Atomic uint64_t batches;
     _Atomic uint64_t batch_errors;
@@ -39,10 +42,21 @@ struct ah_state_s {
     /* Script reload: requests are numbered; the worker completes them in order. */
     _Atomic uint64_t reload_requested; /* number of the latest request */
     _Atomic uint64_t reload_done;      /* number of the latest completed request */
-    bool reload_ok;
-    char reload_error[AH_ERRLEN];
+    /* The outcomes of the latest reloads: entry i answered every request numbered from the
+     * previous entry's `upto` + 1 through its own `upto` (requests merged into one load). */
+    struct {
+        uint64_t upto;
+        bool ok;
+        char error[AH_ERRLEN];
+    } reload_outcomes[RELOAD_OUTCOMES];
+    unsigned reload_next; /* slot of reload_outcomes written next */
     uint64_t reloads;
     uint64_t reload_failures;
+    /* The change listener; listener_lock is taken around every call and every change of it
+     * (never while `lock` is held), so removing it waits for a call in progress. */
+    pthread_mutex_t listener_lock;
+    void (*on_change)(void *ud);
+    void *on_change_ud;
 };
 
 static const char *const state_names[] = {"starting", "running", "paused", "stopping", "stopped"};
@@ -110,6 +124,7 @@ ah_state_t *ah_state_new(void)
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->listener_lock, NULL);
     pthread_cond_init(&s->wake, &attr);
     pthread_condattr_destroy(&attr);
     s->state = AH_STATE_STARTING;
@@ -128,7 +143,26 @@ void ah_state_free(ah_state_t *s)
     }
     pthread_cond_destroy(&s->wake);
     pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->listener_lock);
     free(s);
+}
+
+/* Tells the change listener, if any. Called without s->lock held. */
+static void notify_change(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->listener_lock);
+    if (s->on_change != NULL) {
+        s->on_change(s->on_change_ud);
+    }
+    pthread_mutex_unlock(&s->listener_lock);
+}
+
+void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud)
+{
+    pthread_mutex_lock(&s->listener_lock);
+    s->on_change = fn;
+    s->on_change_ud = fn != NULL ? ud : NULL;
+    pthread_mutex_unlock(&s->listener_lock);
 }
 
 static void set_pending(ah_state_t *s, const ah_event_t *ev)
@@ -158,8 +192,15 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
         ah_strlcpy(ev.reason, doc->reason, sizeof(ev.reason));
         ah_strlcpy(ev.updated_by, doc->updated_by, sizeof(ev.updated_by));
         set_pending(s, &ev);
+        if (ev.source == AH_SOURCE_CLUSTER && s->state != AH_STATE_STOPPING) {
+            /* latest wins: a pending cluster shutdown replaced by a resume no longer stops */
+            s->stop_requested_us = ev.command != AH_CMD_SHUTDOWN ? 0
+                                   : s->stop_requested_us != 0   ? s->stop_requested_us
+                                                                 : ah_mono_us();
+        }
     }
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
@@ -172,10 +213,16 @@ void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, cons
         ah_strlcpy(ev.updated_by, updated_by, sizeof(ev.updated_by));
         if (cmd == AH_CMD_SHUTDOWN && src != AH_SOURCE_STARTUP) {
             s->shutdown_final = true;
+            if (s->stop_requested_us == 0) {
+                s->stop_requested_us = ah_mono_us();
+            }
+        } else if (s->state != AH_STATE_STOPPING) {
+            s->stop_requested_us = 0; /* it replaces a pending cluster shutdown */
         }
         set_pending(s, &ev);
     }
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
@@ -217,9 +264,13 @@ static void state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev)
     note_applied_locked(s, ev);
     if (to == AH_STATE_STOPPING) {
         s->shutdown_final = true;
+        if (s->stop_requested_us == 0) {
+            s->stop_requested_us = ah_mono_us();
+        }
     }
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 static void state_note_applied(ah_state_t *s, const ah_event_t *ev)
@@ -227,6 +278,7 @@ static void state_note_applied(ah_state_t *s, const ah_event_t *ev)
     pthread_mutex_lock(&s->lock);
     note_applied_locked(s, ev);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 int ah_state_apply(ah_state_t *s, const ah_event_t *ev, ah_run_state_t *from, ah_run_state_t *to,
@@ -250,6 +302,7 @@ void ah_state_set_stopped(ah_state_t *s)
     s->state = AH_STATE_STOPPED;
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 /* ah_state_wait's condition (lock held): an event, a final shutdown or a reload is pending. */
@@ -316,6 +369,7 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     out->wedged = atomic_load(&s->call_overrun) && out->batch_started_us != 0;
     out->reloads = s->reloads;
     out->reload_failures = s->reload_failures;
+    out->stop_requested_us = s->stop_requested_us;
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -384,8 +438,11 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
 {
     pthread_mutex_lock(&s->lock);
     s->reload_done = ticket;
-    s->reload_ok = ok;
-    ah_strlcpy(s->reload_error, ok ? "" : error, sizeof(s->reload_error));
+    unsigned slot = s->reload_next++ % RELOAD_OUTCOMES;
+    s->reload_outcomes[slot].upto = ticket;
+    s->reload_outcomes[slot].ok = ok;
+    ah_strlcpy(s->reload_outcomes[slot].error, ok ? "" : error,
+               sizeof(s->reload_outcomes[slot].error));
     if (ok) {
         s->reloads++;
     } else {
@@ -393,6 +450,7 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
     }
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 /* ah_state_wait_reload's condition (lock held): the awaited reload is done or the worker has
@@ -408,23 +466,45 @@ static bool reload_settled(void *arg)
     return w->s->reload_done >= w->ticket || w->s->state == AH_STATE_STOPPED;
 }
 
+/* The outcome of request `ticket` (lock held): AH_OK, AH_ELUA with err, or AH_ETIMEOUT while it
+ * is pending. A request merged with others shares the outcome of the one load that served them;
+ * a later load does not change it. */
+static int reload_outcome_locked(const ah_state_t *s, uint64_t ticket, char *err, size_t errlen)
+{
+    if (s->reload_done < ticket) {
+        snprintf(err, errlen, "the reload is still pending (the current batch has not finished)");
+        return AH_ETIMEOUT;
+    }
+    /* The load that covered the ticket is the kept one with the smallest `upto` >= ticket (the
+     * latest load is always kept, and reload_done >= ticket, so there is one). */
+    int best = -1;
+    for (unsigned i = 0; i < RELOAD_OUTCOMES; i++) {
+        uint64_t upto = s->reload_outcomes[i].upto;
+        if (upto >= ticket && (best < 0 || upto < s->reload_outcomes[best].upto)) {
+            best = (int)i;
+        }
+    }
+    if (best < 0 || s->reload_outcomes[best].ok) {
+        return AH_OK;
+    }
+    snprintf(err, errlen, "%s", s->reload_outcomes[best].error);
+    return AH_ELUA;
+}
+
+int ah_state_reload_outcome(ah_state_t *s, uint64_t ticket, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&s->lock);
+    int rc = reload_outcome_locked(s, ticket, err, errlen);
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+}
+
 int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen)
 {
     reload_wait_t wait = {s, ticket};
-    int rc;
     pthread_mutex_lock(&s->lock);
     ah_cond_wait_until(&s->wake, &s->lock, seconds, reload_settled, &wait);
-    if (s->reload_done < ticket) {
-        rc = AH_ETIMEOUT;
-        snprintf(err, errlen, "the reload is still pending (the current batch has not finished)");
-    } else if (s->reload_done > ticket) {
-        rc = AH_OK; /* superseded by a later request, which loaded the newer file */
-    } else if (s->reload_ok) {
-        rc = AH_OK;
-    } else {
-        rc = AH_ELUA;
-        snprintf(err, errlen, "%s", s->reload_error);
-    }
+    int rc = reload_outcome_locked(s, ticket, err, errlen);
     pthread_mutex_unlock(&s->lock);
     return rc;
 }

@@ -70,6 +70,8 @@ typedef struct ah_state_snapshot_s {
     bool wedged;                /* a Lua call overran BATCH_TIMEOUT and is still running */
     uint64_t reloads;           /* successful script reloads */
     uint64_t reload_failures;   /* reloads that kept the old script */
+    int64_t stop_requested_us;  /* monotonic time the shutdown now under way was requested; 0:
+                                   none (SHUTDOWN_TIMEOUT counts from here) */
 } ah_state_snapshot_t;
 
 typedef struct ah_state_s ah_state_t;
@@ -139,6 +141,17 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
 /* Waits up to `seconds` for the outcome of ticket. 0 if the new script runs, AH_ELUA with err
  * when it was rejected (the old script keeps running), AH_ETIMEOUT if still pending. */
 int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen);
+/* The outcome of ticket now, without waiting: as ah_state_wait_reload with 0 seconds, except
+ * that a stopped worker is not waited for. */
+int ah_state_reload_outcome(ah_state_t *s, uint64_t ticket, char *err, size_t errlen);
+
+/* Registers fn(ud), called after every change a waiting request may be looking for: a
+ * committed transition, a finished reload, the worker's stop, a new cluster document. One
+ * listener (the HTTP module's parked requests); fn NULL removes it, and once this returns fn is
+ * not running and will not be called again. fn runs on the thread that made the change, without
+ * the state lock, and must only wake someone (it must not block or call back into the state
+ * object). */
+void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud);
 
 /* Store watcher: publishes the store's status (copied). */
 void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st);

@@ -282,24 +282,30 @@ def test_store_locked_at_startup_delays_the_agent_until_released_then_it_syncs(
     first.signal(signal.SIGTERM)
     assert first.wait_exit() == 0, first.log_text()
 
-    # Another process holds the store's write lock while the agent starts (shorter than the
-    # store's busy timeout of 5 s).
+    # Another process holds the store's write lock while the agent starts, longer than the
+    # store's busy timeout (5 s): the agent starts like on an unreachable MongoDB — API up,
+    # probes answering, not ready, no batch — and syncs once the lock is released.
     holder = sqlite3.connect(state_file, isolation_level=None, timeout=0)
     holder.execute("BEGIN IMMEDIATE")
     events = tmp_path / "late.jsonl"
-    late = fleet.start(RECORDER, env=agent_env(state_file, events), name="late", wait_port=False)
+    late = fleet.start(RECORDER, env=agent_env(state_file, events), name="late")
     try:
-        late.wait_log(r"Initializing cluster coordination", timeout=15)
-        time.sleep(1.0)  # a window in which nothing may happen (the lock is still held)
+        wait_for(lambda: "locked" in late.get("/readyz", timeout=1).json()["reason"], 15,
+                 message="/readyz names the lock")
+        deadline = time.monotonic() + 6.0  # past the busy timeout: still up, still starting
+        while time.monotonic() < deadline:
+            assert late.get("/healthz", timeout=1).status == 200
+            ready = late.get("/readyz", timeout=1)
+            assert ready.status == 503 and ready.json()["state"] == "starting", ready.body
+            assert "control store" in ready.json()["reason"], ready.body
+            time.sleep(0.2)
         assert late.proc.poll() is None, late.log_text()
-        assert not late.find_logs(r"HTTP API listening|Using embedded control store"), \
-            late.log_text()
-        assert read_events(str(events)) == []  # no init, no batch while the store is locked
+        assert late.state()["batches"] == 0
+        assert count_events(read_events(str(events)), "batch_start") == 0
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    late.port = int(late.wait_log(r"HTTP API listening on [^:]+:(\d+)", timeout=15).group(1))
-    late.wait_state("paused")
+    late.wait_state("paused", timeout=20)
     st = late.state()
     assert st["applied_version"] == 1 and st["batches"] == 0, st
     ev = wait_events(str(events), lambda e: count_events(e, "on_pause") == 1, 10, "on_pause")

@@ -331,7 +331,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     fixture_t *fx = *state;
-    ah_http_stop(fx->http);
+    ah_http_stop(fx->http, 5);
     ah_store_close(fx->store);
     ah_state_free(fx->state);
     ah_config_free(&fx->cfg);
@@ -425,7 +425,7 @@ static void test_start_reports_port_and_port_in_use_fails(void **state)
     assert_string_equal(err, expected);
 
     /* stopping releases the port at once */
-    ah_http_stop(fx->http);
+    ah_http_stop(fx->http, 5);
     fx->http = ah_http_start(&cfg, fx->state, NULL, NULL, err, sizeof(err));
     if (fx->http == NULL) {
         fail_msg("restart on port %d: %s", fx->port, err);
@@ -436,7 +436,7 @@ static void test_start_reports_port_and_port_in_use_fails(void **state)
     assert_null(ah_http_start(&cfg, fx->state, NULL, NULL, err, sizeof(err)));
     assert_string_equal(err, "invalid HTTP_BIND \"not-an-address\" (expected an IP address)");
     ah_config_free(&cfg);
-    ah_http_stop(NULL);
+    ah_http_stop(NULL, 0);
 }
 
 static void test_cluster_pause_and_resume_through_embedded_store(void **state)
