@@ -33,8 +33,10 @@ struct ah_host_s {
     const ah_config_t *cfg;
     ah_state_t *state;
     ah_lua_t *lua;             /* owned by the worker thread once it starts; replaced on reload */
+    ah_lua_t *loading;         /* the fresh state of a reload while its init runs, else NULL */
     ah_lua_options_t lua_opts; /* how lua was opened, to open it again on reload */
-    pthread_mutex_t lua_lock;  /* held to swap h->lua (worker) and to interrupt it (watchdog) */
+    pthread_mutex_t lua_lock;  /* held to swap h->lua / h->loading (worker) and to interrupt
+                                  them (watchdog) */
     ah_metrics_t *metrics;     /* agent.metrics; outlives every Lua state */
     ah_lua_mongo_t *mongo;     /* agent.mongo's connection; outlives lua */
     ah_store_t *store;
@@ -242,16 +244,23 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
-    if (ah_lua_init(fresh, err, sizeof(err)) != AH_OK) {
+    pthread_mutex_lock(&h->lua_lock);
+    h->loading = fresh; /* its init is the running call: the watchdog must reach it */
+    pthread_mutex_unlock(&h->lua_lock);
+    int rc = ah_lua_init(fresh, err, sizeof(err));
+    pthread_mutex_lock(&h->lua_lock);
+    h->loading = NULL;
+    ah_lua_t *old = h->lua;
+    if (rc == AH_OK) {
+        h->lua = fresh;
+    }
+    pthread_mutex_unlock(&h->lua_lock);
+    if (rc != AH_OK) {
         ah_log_error("Reload failed in init, the previous script keeps running: %s", err);
         ah_lua_close(fresh);
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
-    pthread_mutex_lock(&h->lua_lock);
-    ah_lua_t *old = h->lua;
-    h->lua = fresh;
-    pthread_mutex_unlock(&h->lua_lock);
     ah_lua_close(old);
     ah_log_info("Reloaded script %s (state: %s)", h->script_label,
                 ah_run_state_name(ah_state_get(h->state)));
@@ -371,10 +380,13 @@ static void on_worker_done(uv_async_t *handle)
     }
 }
 
-static void host_interrupt_lua(ah_host_t *h)
+/* Interrupts the call numbered `generation` (from the watchdog's snapshot), whichever state
+ * runs it (the script's, or a reload's fresh one during its init), and no later call. */
+static void host_interrupt_lua(ah_host_t *h, uint64_t generation)
 {
     pthread_mutex_lock(&h->lua_lock);
-    ah_lua_interrupt(h->lua);
+    ah_lua_interrupt_call(h->lua, generation);
+    ah_lua_interrupt_call(h->loading, generation);
     pthread_mutex_unlock(&h->lua_lock);
 }
 
@@ -456,7 +468,7 @@ static void on_watchdog(uv_timer_t *timer)
         ah_log_error("A Lua call has run for more than BATCH_TIMEOUT (%gs): interrupting it; "
                      "/healthz reports the agent wedged until it returns",
                      h->cfg->batch_timeout);
-        host_interrupt_lua(h);
+        host_interrupt_lua(h, snap.call_generation);
     }
     if (snap.stop_requested_us == 0 || snap.state == AH_STATE_STOPPED) {
         return;
@@ -467,7 +479,7 @@ static void on_watchdog(uv_timer_t *timer)
         snap.batch_started_us != 0) {
         h->interrupted_for_stop = true;
         ah_log_warn("Shutdown is waiting for a Lua call for %.1fs: interrupting it", waited);
-        host_interrupt_lua(h);
+        host_interrupt_lua(h, snap.call_generation);
     }
     if (waited > h->cfg->shutdown_timeout) {
         ah_log_error("Shutdown did not finish within SHUTDOWN_TIMEOUT (%gs): a Lua call is "

@@ -36,7 +36,9 @@ struct ah_state_s {
     uint64_t commands_applied;
     uint64_t hook_errors;
     int64_t started_us;
-    _Atomic int64_t call_started_us; /* written by the worker only */
+    _Atomic int64_t call_started_us;  /* written by the worker only */
+    _Atomic uint64_t call_generation; /* number of the running call, 0 if none (worker only) */
+    _Atomic uint64_t calls_begun;     /* calls numbered so far (worker only) */
     atomic_bool call_overrun;
     double last_control_lag_ms;
     /* Script reload: requests are numbered; the worker completes them in order. */
@@ -364,7 +366,14 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     out->commands_applied = s->commands_applied;
     out->hook_errors = s->hook_errors;
     out->started_us = s->started_us;
-    out->batch_started_us = atomic_load(&s->call_started_us);
+    /* started time and generation of the same call: begin stores the time, then the
+     * generation; a generation that changed while reading means another call began or ended */
+    uint64_t generation;
+    do {
+        generation = atomic_load(&s->call_generation);
+        out->batch_started_us = atomic_load(&s->call_started_us);
+    } while (generation != atomic_load(&s->call_generation));
+    out->call_generation = out->batch_started_us != 0 ? generation : 0;
     out->last_control_lag_ms = s->last_control_lag_ms;
     out->wedged = atomic_load(&s->call_overrun) && out->batch_started_us != 0;
     out->reloads = s->reloads;
@@ -373,14 +382,19 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     pthread_mutex_unlock(&s->lock);
 }
 
-void ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us)
+uint64_t ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us)
 {
+    uint64_t generation = atomic_load_explicit(&s->calls_begun, memory_order_relaxed) + 1;
+    atomic_store_explicit(&s->calls_begun, generation, memory_order_relaxed);
     atomic_store_explicit(&s->call_overrun, false, memory_order_relaxed);
     atomic_store_explicit(&s->call_started_us, now_mono_us ? now_mono_us : 1, memory_order_release);
+    atomic_store_explicit(&s->call_generation, generation, memory_order_release);
+    return generation;
 }
 
 void ah_state_call_end(ah_state_t *s)
 {
+    atomic_store_explicit(&s->call_generation, 0, memory_order_release);
     atomic_store_explicit(&s->call_started_us, 0, memory_order_release);
     atomic_store_explicit(&s->call_overrun, false, memory_order_relaxed);
 }

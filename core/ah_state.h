@@ -66,6 +66,7 @@ typedef struct ah_state_snapshot_s {
     uint64_t hook_errors;
     int64_t started_us;         /* wall clock at creation */
     int64_t batch_started_us;   /* monotonic start of the running batch/hook, 0 if none */
+    uint64_t call_generation;   /* number of that call (ah_lua_interrupt_call), 0 if none */
     double last_control_lag_ms; /* command timestamp → applied, last cluster command */
     bool wedged;                /* a Lua call overran BATCH_TIMEOUT and is still running */
     uint64_t reloads;           /* successful script reloads */
@@ -121,8 +122,9 @@ ah_run_state_t ah_state_get(ah_state_t *s);
 void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out);
 
 /* Counters and markers kept by the Lua worker. */
-/* A batch or hook starts at now_mono_us (monotonic µs, e.g. ah_mono_coarse_us()). */
-void ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us);
+/* A batch or hook starts at now_mono_us (monotonic µs, e.g. ah_mono_coarse_us()). Returns its
+ * number (the call generation, > 0, unique for the state object's life). */
+uint64_t ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us);
 void ah_state_call_end(ah_state_t *s);
 void ah_state_count_batch(ah_state_t *s, bool ok);
 void ah_state_count_hook_error(ah_state_t *s);
