@@ -181,15 +181,18 @@ static void log_transition(ah_run_state_t to, const ah_event_t *ev)
                        : to == AH_STATE_RUNNING  ? "running"
                        : to == AH_STATE_STOPPING ? "shutting down"
                                                  : ah_run_state_name(to);
+    /* reason and updated_by come from a client (maybe through the store): escaped */
+    char by[AH_NAME_MAX * 4 + 1];
+    char reason[AH_REASON_MAX * 4 + 1];
+    ah_log_escape(ev->updated_by[0] ? ev->updated_by : "unknown", by, sizeof(by));
+    ah_log_escape(ev->reason[0] ? ev->reason : "no reason given", reason, sizeof(reason));
     if (ev->source == AH_SOURCE_CLUSTER || ev->source == AH_SOURCE_STARTUP) {
         ah_log_info("Agent %s (%s command '%s', version %lld, by %s: %s)", what,
                     ah_source_name(ev->source), ah_command_name(ev->command),
-                    (long long)ev->version, ev->updated_by[0] ? ev->updated_by : "unknown",
-                    ev->reason[0] ? ev->reason : "no reason given");
+                    (long long)ev->version, by, reason);
     } else {
         ah_log_info("Agent %s (%s command '%s' by %s: %s)", what, ah_source_name(ev->source),
-                    ah_command_name(ev->command), ev->updated_by[0] ? ev->updated_by : "unknown",
-                    ev->reason[0] ? ev->reason : "no reason given");
+                    ah_command_name(ev->command), by, reason);
     }
 }
 

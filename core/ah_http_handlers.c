@@ -60,19 +60,6 @@ void ah_http_reply_error(http_reply_t *reply, unsigned status, const char *fmt, 
     ah_json_close(&reply->body);
 }
 
-/* Copies s into out (size n) with control characters replaced by spaces, so that a client's
- * text cannot forge log lines. */
-static const char *log_safe(const char *s, char *out, size_t n)
-{
-    ah_strlcpy(out, s, n);
-    for (char *p = out; *p != '\0'; p++) {
-        if ((unsigned char)*p < 0x20 || *p == 0x7F) {
-            *p = ' ';
-        }
-    }
-    return out;
-}
-
 /* ---- request inputs --------------------------------------------------------------------- */
 
 /* Seconds between control checks in polling mode for the configured backend. */
@@ -219,11 +206,11 @@ static void run_cluster_command(void *arg, http_reply_t *reply)
     }
     /* The issuing agent applies its own command at once, without waiting for its watcher. */
     ah_state_offer_cluster(http->state, &doc);
-    char safe_by[AH_NAME_MAX + 1];
-    char safe_reason[AH_REASON_MAX + 1];
+    char safe_by[AH_NAME_MAX * 4 + 1];
+    char safe_reason[AH_REASON_MAX * 4 + 1];
     ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)", ah_command_name(cmd),
-                (long long)doc.version, log_safe(doc.updated_by, safe_by, sizeof(safe_by)),
-                log_safe(doc.reason, safe_reason, sizeof(safe_reason)));
+                (long long)doc.version, ah_log_escape(doc.updated_by, safe_by, sizeof(safe_by)),
+                ah_log_escape(doc.reason, safe_reason, sizeof(safe_reason)));
 
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
@@ -427,9 +414,9 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
         return;
     }
     ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
-    char safe_by[AH_NAME_MAX + 1];
+    char safe_by[AH_NAME_MAX * 4 + 1];
     ah_log_info("Local command %s requested through the API by %s", ah_command_name(cmd),
-                log_safe(updated_by, safe_by, sizeof(safe_by)));
+                ah_log_escape(updated_by, safe_by, sizeof(safe_by)));
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
     ah_buf_t *b = &reply->body;

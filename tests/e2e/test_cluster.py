@@ -312,3 +312,24 @@ def test_store_locked_at_startup_delays_the_agent_until_released_then_it_syncs(
     assert [e["source"] for e in ev if e["ev"] == "on_pause"] == ["startup"], ev
     assert count_events(ev, "batch_start") == 0, ev
     assert late.get("/readyz").status == 503
+
+
+def test_a_reason_or_name_cannot_forge_log_lines_on_any_agent(fleet, state_file, tmp_path):
+    agents = start_cluster(fleet, state_file, tmp_path, 2)
+    forged = "%0A%5BERROR%5D%20forged"  # "\n[ERROR] forged"
+    r = agents[0].post(f"/api/cluster/pause?reason=x{forged}&updated_by=ops{forged}")
+    assert r.status == 200, r.body
+    assert r.json()["reason"] == "x\n[ERROR] forged"  # stored and answered as given
+    for a in agents:
+        a.wait_state("paused")
+        a.wait_log(r"Agent paused \(cluster command")
+    r = agents[1].post(f"/api/agent/resume?reason=y{forged}&updated_by=me{forged}")
+    assert r.status == 200, r.body
+    agents[1].wait_state("running")
+    agents[1].wait_log(r"Agent running \(local command")
+    for a in agents:
+        lines = a.log_text().splitlines()
+        assert not [l for l in lines if "forged" in l and not l.startswith("[INFO]")], \
+            a.log_text()
+        assert any(r"(cluster command 'pause', version 1, by ops\n[ERROR] forged: x\n[ERROR] "
+                   r"forged)" in l for l in lines), a.log_text()
