@@ -464,8 +464,8 @@ static int command(agenthost_t *h, ah_command_t cmd, const char *reason)
     if (host == NULL) {
         return AGENTHOST_EINVAL;
     }
-    ah_host_command(host, cmd, reason != NULL ? reason : "");
-    return AGENTHOST_OK;
+    return ah_host_command(host, cmd, reason != NULL ? reason : "") == AH_OK ? AGENTHOST_OK
+                                                                             : AGENTHOST_EINVAL;
 }
 
 int agenthost_pause(agenthost_t *h, const char *reason)

@@ -168,9 +168,9 @@ void ah_host_request_stop(ah_host_t *h)
     ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "stop requested", "host");
 }
 
-void ah_host_command(ah_host_t *h, ah_command_t cmd, const char *reason)
+int ah_host_command(ah_host_t *h, ah_command_t cmd, const char *reason)
 {
-    ah_state_offer_local(h->state, cmd, AH_SOURCE_LOCAL, reason, "host");
+    return ah_state_offer_local(h->state, cmd, AH_SOURCE_LOCAL, reason, "host");
 }
 
 /* ---- the Lua worker ---------------------------------------------------------------------- */
@@ -329,6 +329,18 @@ static void *worker_main(void *arg)
 
 /* ---- the libuv loop ---------------------------------------------------------------------- */
 
+/* Logs why a signal's local command was refused (rc from ah_state_offer_local), if it was. */
+static void log_refused_signal(const char *name, int rc)
+{
+    if (rc == AH_EUNAVAIL) {
+        ah_log_warn("%s ignored: the agent is starting and has not synced to the cluster state "
+                    "yet",
+                    name);
+    } else if (rc != AH_OK) {
+        ah_log_warn("%s ignored: the agent is shutting down", name);
+    }
+}
+
 static void on_signal(uv_signal_t *handle, int signum)
 {
     ah_host_t *h = handle->data;
@@ -342,7 +354,8 @@ static void on_signal(uv_signal_t *handle, int signum)
         break;
     case SIGUSR1:
         ah_log_info("Received SIGUSR1: pausing this agent");
-        ah_state_offer_local(h->state, AH_CMD_PAUSE, AH_SOURCE_SIGNAL, "SIGUSR1", "signal");
+        log_refused_signal("SIGUSR1", ah_state_offer_local(h->state, AH_CMD_PAUSE, AH_SOURCE_SIGNAL,
+                                                           "SIGUSR1", "signal"));
         break;
     case SIGHUP:
         ah_log_info("Received SIGHUP: reloading the script between batches");
@@ -350,7 +363,8 @@ static void on_signal(uv_signal_t *handle, int signum)
         break;
     case SIGUSR2:
         ah_log_info("Received SIGUSR2: resuming this agent");
-        ah_state_offer_local(h->state, AH_CMD_RUNNING, AH_SOURCE_SIGNAL, "SIGUSR2", "signal");
+        log_refused_signal("SIGUSR2", ah_state_offer_local(h->state, AH_CMD_RUNNING,
+                                                           AH_SOURCE_SIGNAL, "SIGUSR2", "signal"));
         break;
     default:
         break;

@@ -41,8 +41,9 @@ int ah_host_run(ah_host_t *host, char *err, size_t errlen);
 #define AH_HOST_WEDGED 3
 /* Requests a graceful local shutdown (like SIGTERM). Thread-safe. */
 void ah_host_request_stop(ah_host_t *host);
-/* Issues a local command (pause / running / shutdown) to this agent only. Thread-safe. */
-void ah_host_command(ah_host_t *host, ah_command_t cmd, const char *reason);
+/* Issues a local command (pause / running / shutdown) to this agent only. Thread-safe. Returns
+ * as ah_state_offer_local(): AH_OK, AH_EINVAL (shutting down) or AH_EUNAVAIL (still starting). */
+int ah_host_command(ah_host_t *host, ah_command_t cmd, const char *reason);
 /* The state object (valid until ah_host_free), for reading snapshots. */
 ah_state_t *ah_host_state(ah_host_t *host);
 /* The HTTP port bound by the last ah_host_run() (0 before it listens). Thread-safe. */

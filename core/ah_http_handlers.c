@@ -413,7 +413,19 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
         return;
     }
-    ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
+    int rc = ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
+    if (rc == AH_EINVAL) {
+        ah_http_reply_error(reply, MHD_HTTP_CONFLICT,
+                            "the agent is shutting down (a shutdown is final): %s not applied",
+                            call->name);
+        return;
+    }
+    if (rc == AH_EUNAVAIL) {
+        ah_http_reply_error(reply, MHD_HTTP_CONFLICT,
+                            "the agent is starting: it has not synced to the cluster state yet; "
+                            "local pause and resume are accepted once it has (see /readyz)");
+        return;
+    }
     char safe_by[AH_NAME_MAX * 4 + 1];
     ah_log_info("Local command %s requested through the API by %s", ah_command_name(cmd),
                 ah_log_escape(updated_by, safe_by, sizeof(safe_by)));

@@ -205,11 +205,18 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
     notify_change(s);
 }
 
-void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
-                          const char *updated_by)
+int ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
+                         const char *updated_by)
 {
+    int rc = AH_OK;
     pthread_mutex_lock(&s->lock);
-    if (!s->shutdown_final) {
+    if (s->shutdown_final || s->state == AH_STATE_STOPPING || s->state == AH_STATE_STOPPED) {
+        rc = AH_EINVAL;
+    } else if (s->state == AH_STATE_STARTING && src != AH_SOURCE_STARTUP &&
+               cmd != AH_CMD_SHUTDOWN) {
+        /* the startup sync (and a cluster shutdown's hold) must come first */
+        rc = AH_EUNAVAIL;
+    } else {
         ah_event_t ev = {.command = cmd, .version = 0, .timestamp_us = ah_now_us(), .source = src};
         ah_strlcpy(ev.reason, reason, sizeof(ev.reason));
         ah_strlcpy(ev.updated_by, updated_by, sizeof(ev.updated_by));
@@ -224,7 +231,10 @@ void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, cons
         set_pending(s, &ev);
     }
     pthread_mutex_unlock(&s->lock);
-    notify_change(s);
+    if (rc == AH_OK) {
+        notify_change(s);
+    }
+    return rc;
 }
 
 bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)

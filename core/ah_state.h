@@ -95,9 +95,13 @@ void ah_state_free(ah_state_t *s);
  * version is higher than any seen before; otherwise it becomes the cluster view and the
  * pending event (source "startup" if the agent is still starting, else "cluster"). */
 void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc);
-/* A command for this pod only (API or signal). A local shutdown is final: nothing replaces it. */
-void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
-                          const char *updated_by);
+/* A command for this pod only (API or signal; source "startup" for the host's own startup
+ * command). A local shutdown is final: nothing replaces it. Returns AH_OK (pending), AH_EINVAL
+ * when the agent is already shutting down (a final shutdown is pending or applied), or
+ * AH_EUNAVAIL for a pause/resume while the agent is starting (it has not synced to the cluster
+ * state yet; a local shutdown is accepted). A refused command changes nothing. */
+int ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
+                         const char *updated_by);
 
 /* Lua worker: takes the pending event, if any. Returns true and fills *ev. */
 bool ah_state_take_event(ah_state_t *s, ah_event_t *ev);

@@ -130,7 +130,9 @@ int agenthost_stop(agenthost_t *host);
 /* Local commands for this host only (as `POST /api/agent/...` would), with an optional reason
  * (NULL: none; copied, truncated to 1024 bytes) shown to the script's hook as ev.reason and
  * ev.source == "local". They return at once; the worker applies them after the running batch.
- * Thread-safe. 0, or AGENTHOST_EINVAL before the host was started. */
+ * Thread-safe. 0, or AGENTHOST_EINVAL before the host was started or when the host refuses the
+ * command: it is shutting down (a shutdown is final), or it is still starting (pause and resume
+ * wait for its first sync to the cluster state; see agenthost_wait_state()). */
 int agenthost_pause(agenthost_t *host, const char *reason);
 int agenthost_resume(agenthost_t *host, const char *reason);
 int agenthost_shutdown(agenthost_t *host, const char *reason);

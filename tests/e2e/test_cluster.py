@@ -333,3 +333,57 @@ def test_a_reason_or_name_cannot_forge_log_lines_on_any_agent(fleet, state_file,
             a.log_text()
         assert any(r"(cluster command 'pause', version 1, by ops\n[ERROR] forged: x\n[ERROR] "
                    r"forged)" in l for l in lines), a.log_text()
+
+
+def test_a_local_resume_while_starting_neither_skips_the_sync_nor_the_shutdown_hold(
+        fleet, state_file, tmp_path):
+    import sqlite3
+    first = start_cluster(fleet, state_file, tmp_path, 1)[0]
+    r = first.post("/api/cluster/shutdown?reason=maintenance")
+    assert r.status == 200, r.body
+    assert first.wait_exit() == 0, first.log_text()
+
+    holder = sqlite3.connect(state_file, isolation_level=None, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    events = tmp_path / "late.jsonl"
+    late = fleet.start(RECORDER, env=agent_env(state_file, events), name="late")
+    try:
+        assert late.state()["state"] == "starting"
+        for path in ("/api/agent/resume", "/api/agent/pause"):
+            r = late.post(path)
+            assert r.status == 409, r.body
+            assert "has not synced to the cluster state yet" in r.json()["error"], r.body
+        late.signal(signal.SIGUSR2)
+        late.wait_log(r"SIGUSR2 ignored: the agent is starting")
+        assert late.state()["state"] == "starting" and late.state()["batches"] == 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    late.wait_state("paused", timeout=20)  # held paused by the cluster shutdown
+    assert late.wait_log(r"stays paused until POST /api/cluster/resume")
+    st = late.state()
+    assert st["applied_version"] == 1 and st["batches"] == 0 and not st["local_override"], st
+    r = late.post("/api/agent/resume")  # synced now: a local command is accepted again
+    assert r.status == 200, r.body
+
+
+def test_local_commands_after_a_final_shutdown_answer_409(fleet, state_file, tmp_path):
+    path = tmp_path / "slow_batch.lua"
+    path.write_text('jit.off()\nlocal M = {}\n'
+                    'function M.batch()\n'
+                    '    local t = os.clock() + 2\n'
+                    '    while os.clock() < t do local x = {} end\n'
+                    '    return 1\n'
+                    'end\nreturn M\n')
+    a = fleet.start(str(path), env=agent_env(state_file), name="slow")
+    a.wait_state("running", timeout=15)
+    # each batch spins 2 s and the next starts at once: after the first, one is always running
+    wait_for(lambda: a.state()["batches"] >= 1, 10, message="the first batch done")
+    r = a.post("/api/agent/shutdown?reason=final")
+    assert r.status == 200, r.body
+    for cmd in ("pause", "resume", "shutdown"):
+        r = a.post(f"/api/agent/{cmd}")  # the batch still runs: the agent is still up
+        assert r.status == 409, (cmd, r.body)
+        assert "the agent is shutting down" in r.json()["error"], r.body
+    assert a.wait_exit() == 0, a.log_text()
+

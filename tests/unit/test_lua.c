@@ -275,6 +275,13 @@ static void test_sleep_returns_early_when_a_command_arrives(void **unused)
     setenv("AH_TEST_SLEEP", "30", 1);
     ah_state_t *state = ah_state_new();
     assert_non_null(state);
+    /* synced and running: local commands are accepted (not while starting) */
+    assert_int_equal(ah_state_offer_local(state, AH_CMD_RUNNING, AH_SOURCE_STARTUP, "", ""), AH_OK);
+    ah_event_t ev;
+    ah_run_state_t from, to;
+    ah_hook_t hook;
+    assert_true(ah_state_take_event(state, &ev));
+    assert_int_equal(ah_state_apply(state, &ev, &from, &to, &hook), AH_OK);
     ah_lua_t *lua = open_ok(FIXTURE("sleepy.lua"), state, 0);
     offer_arg_t arg = {.state = state};
     atomic_init(&arg.done, false);
