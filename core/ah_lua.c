@@ -69,6 +69,7 @@ struct ah_lua_s {
     _Atomic uint64_t interrupt_seq;
     _Atomic uint64_t call_generation; /* the state object's number for the running call */
     _Atomic pthread_t thread;         /* the thread running the calls (the signal's target) */
+    bool thread_known;                /* `thread` was recorded by a call (Lua thread only) */
     atomic_bool hook_set;             /* a hook may be installed: the call's end must remove it */
     bool timed_out;                   /* the running call was stopped by the budget */
     int64_t deadline_us;              /* monotonic deadline of the running call, 0 if none */
@@ -168,7 +169,10 @@ static void budget_arm(ah_lua_t *lua)
     atomic_store_explicit(&lua->call_generation,
                           lua->state != NULL ? ah_state_call_begin_at(lua->state, now) : 0,
                           memory_order_relaxed);
-    atomic_store_explicit(&lua->thread, pthread_self(), memory_order_relaxed);
+    if (!lua->thread_known) { /* the state belongs to one thread: record it once */
+        atomic_store_explicit(&lua->thread, pthread_self(), memory_order_relaxed);
+        lua->thread_known = true;
+    }
     thread_lua = lua;
     /* Only this thread writes call_seq: a release store (a plain move on x86) is enough. */
     uint64_t seq = atomic_load_explicit(&lua->call_seq, memory_order_relaxed);
