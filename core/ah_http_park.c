@@ -20,9 +20,9 @@
 #include <string.h>
 #include <time.h>
 
-#define HTTP_STORE_WORKERS 2   /* threads running store work for the API */
-#define HTTP_STORE_QUEUE_MAX 8 /* jobs waiting for one of them; past this: 503 */
-#define HTTP_RETRY_AFTER_S 1   /* Retry-After of that 503 */
+#define HTTP_STORE_WORKERS 2    /* threads running store work for the API */
+#define HTTP_STORE_QUEUE_MAX 32 /* jobs waiting for one of them; past this: 503 */
+#define HTTP_RETRY_AFTER_S 1    /* Retry-After of that 503 */
 
 _Static_assert(HTTP_STORE_WORKERS <= sizeof(((ah_http_t *)0)->store_workers) /
                                          sizeof(((ah_http_t *)0)->store_workers[0]),

@@ -69,7 +69,6 @@ struct ah_lua_s {
     _Atomic uint64_t interrupt_seq;
     _Atomic uint64_t call_generation; /* the state object's number for the running call */
     _Atomic pthread_t thread;         /* the thread running the calls (the signal's target) */
-    bool thread_known;                /* `thread` was recorded by a call (Lua thread only) */
     atomic_bool hook_set;             /* a hook may be installed: the call's end must remove it */
     bool timed_out;                   /* the running call was stopped by the budget */
     int64_t deadline_us;              /* monotonic deadline of the running call, 0 if none */
@@ -115,6 +114,8 @@ static ah_lua_t *host_from_registry(lua_State *L)
 /* The state whose call runs on this thread (NULL between calls): read by the interrupt signal's
  * handler, which runs on this thread. */
 static _Thread_local ah_lua_t *volatile thread_lua;
+static _Thread_local pthread_t thread_self; /* pthread_self() of this thread, once known */
+static _Thread_local bool thread_self_known;
 
 static void budget_hook(lua_State *L, lua_Debug *ar);
 
@@ -169,9 +170,14 @@ static void budget_arm(ah_lua_t *lua)
     atomic_store_explicit(&lua->call_generation,
                           lua->state != NULL ? ah_state_call_begin_at(lua->state, now) : 0,
                           memory_order_relaxed);
-    if (!lua->thread_known) { /* the state belongs to one thread: record it once */
-        atomic_store_explicit(&lua->thread, pthread_self(), memory_order_relaxed);
-        lua->thread_known = true;
+    /* The thread running this call (the script's main chunk may run on another thread than
+     * its batches): compared with a per-thread copy, so no call of pthread_self() per call. */
+    if (!thread_self_known) {
+        thread_self = pthread_self();
+        thread_self_known = true;
+    }
+    if (!pthread_equal(atomic_load_explicit(&lua->thread, memory_order_relaxed), thread_self)) {
+        atomic_store_explicit(&lua->thread, thread_self, memory_order_relaxed);
     }
     thread_lua = lua;
     /* Only this thread writes call_seq: a release store (a plain move on x86) is enough. */

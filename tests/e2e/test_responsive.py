@@ -23,6 +23,8 @@ from mongo_fixture import mongo_server  # noqa: E402,F401
 
 RECORDER = script("recorder.lua")
 PROBE_TIMEOUT = 1.0  # what a Kubernetes probe would allow
+STORE_WORKERS = 2  # core/ah_http_park.c
+STORE_QUEUE_MAX = 32
 
 
 class Flood:
@@ -113,35 +115,32 @@ def test_a_full_store_queue_answers_503_with_retry_after_at_once(fleet, state_fi
     agent = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl"))
     agent.wait_state("running", timeout=15)
     lock = WriteLock(state_file)
+    waiting = []
+    clients = [threading.Thread(target=lambda: waiting.append(
+        agent.post("/api/cluster/pause?reason=queued", timeout=60)), daemon=True)
+        for _ in range(STORE_WORKERS + STORE_QUEUE_MAX)]
     try:
-        # Each short-lived request leaves its job behind (2 running, then up to 8 queued): the
-        # next one finds the queue full.
-        refused = None
-        for _ in range(30):
-            started = time.monotonic()
-            try:
-                r = agent.post("/api/cluster/pause?reason=queued", timeout=0.3)
-            except OSError:  # timed out: the job is queued or running
-                continue
-            if r.status == 503 and "Retry-After" in r.headers:
-                refused = (r, time.monotonic() - started)
-                break
-        assert refused is not None, "the queue never filled"
-        r, took = refused
-        assert took < PROBE_TIMEOUT
-        assert r.headers["Retry-After"] == "1"
+        for c in clients:
+            c.start()
+        wait_for(lambda: store_jobs(agent, "running") == STORE_WORKERS and
+                 store_jobs(agent, "queued") == STORE_QUEUE_MAX, 20, message="a full queue")
+        started = time.monotonic()
+        r = agent.post("/api/cluster/pause?reason=one+too+many", timeout=PROBE_TIMEOUT)
+        assert time.monotonic() - started < PROBE_TIMEOUT
+        assert r.status == 503 and r.headers.get("Retry-After") == "1", (r.status, r.headers)
         assert "too many requests waiting for the control store" in r.json()["error"]
-        assert store_jobs(agent, "running") == 2 and store_jobs(agent, "queued") == 8
-        assert metric(agent, "agenthost_http_store_rejected_total") >= 1
         hist = agent.get("/api/cluster/history", timeout=PROBE_TIMEOUT)
         assert hist.status == 503 and hist.headers.get("Retry-After") == "1", hist.body
+        assert metric(agent, "agenthost_http_store_rejected_total") == 2
         assert agent.get("/healthz", timeout=PROBE_TIMEOUT).status == 200
     finally:
         lock.release()
-    # the queue drains once the lock is gone
-    wait_for(lambda: store_jobs(agent, "queued") == 0 and store_jobs(agent, "running") == 0, 60,
-             message="the queue drains")
-    assert agent.get("/api/cluster/history").status == 200
+    # the queue drains once the lock is gone: every waiting command is written
+    for c in clients:
+        c.join(timeout=60)
+    assert sorted(r.status for r in waiting) == [200] * len(clients), \
+        [(r.status, r.body) for r in waiting if r.status != 200]
+    assert agent.get("/api/cluster/history?limit=1000").json()["count"] == len(clients)
 
 
 def test_sigterm_with_a_request_stuck_in_the_store_exits_within_shutdown_timeout(
