@@ -475,6 +475,7 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
 
 fail:
     ah_http_park_stop(http, 0); /* nothing was parked: nothing to wait for */
+    ah_http_park_free(http);
     free(http);
     return NULL;
 }
@@ -517,6 +518,7 @@ int ah_http_stop(ah_http_t *http, double seconds)
          * process exits next). */
         return AH_ETIMEOUT;
     }
+    ah_http_park_free(http);
     free(http);
     return AH_OK;
 }

@@ -128,6 +128,9 @@ http_request_t *ah_http_request_context(http_call_t *call);
  * request's answer when libmicrohttpd resumes it, and drops the connection's reference. */
 int ah_http_park_start(ah_http_t *http, char *err, size_t errlen);
 int ah_http_park_stop(ah_http_t *http, double seconds);
+/* Frees what ah_http_park_start() initialised, once libmicrohttpd is stopped (its threads may
+ * call ah_http_run_job() — answered 503 — until then). */
+void ah_http_park_free(ah_http_t *http);
 /* The agenthost_http_* lines of /metrics. */
 void ah_http_park_render_metrics(ah_http_t *http, ah_buf_t *out);
 /* The answer of a resumed request (taken from the park: called once). */

@@ -389,12 +389,13 @@ static bool jobs_idle(void *arg)
 
 int ah_http_park_stop(ah_http_t *http, double seconds)
 {
-    if (http->threads_started == 0) {
-        return AH_OK;
-    }
     ah_state_set_change_listener(http->state, NULL, NULL);
     pthread_mutex_lock(&http->park_lock);
-    http->park_stopping = true;
+    http->park_stopping = true; /* from now on requests are answered 503 without parking */
+    if (http->threads_started == 0) {
+        pthread_mutex_unlock(&http->park_lock);
+        return AH_OK;
+    }
     /* Drop the queued jobs (they never ran: answered 503 below), let the running ones finish
      * within the budget (a cluster shutdown's own answer comes from one), then answer
      * everything still parked. */
@@ -424,10 +425,14 @@ int ah_http_park_stop(ah_http_t *http, double seconds)
         pthread_join(http->store_workers[i], NULL);
     }
     http->threads_started = 0;
+    return AH_OK;
+}
+
+void ah_http_park_free(ah_http_t *http)
+{
     pthread_cond_destroy(&http->jobs_cond);
     pthread_cond_destroy(&http->park_cond);
     pthread_mutex_destroy(&http->park_lock);
-    return AH_OK;
 }
 
 void ah_http_park_render_metrics(ah_http_t *http, ah_buf_t *out)
