@@ -1,9 +1,11 @@
 /* The HTTP API (docs/API.md) on libmicrohttpd. One access handler drains any request body, routes
  * the request through one table to a handler of core/ah_http_handlers.c, which builds its whole
- * JSON body in an ah_buf_t before one response is queued. GET routes read only a state snapshot
- * (never the store, so they cannot block on MongoDB); cluster commands and history go through
- * the store. Requests are served on libmicrohttpd's worker threads; the only shared data are the
- * state object (thread-safe), the store (thread-safe) and the read-only configuration. */
+ * JSON body in an ah_buf_t before one response is queued, or parks the request (its answer is
+ * queued when the connection resumes). GET routes read only a state snapshot (never the store,
+ * so they cannot block on MongoDB); cluster commands and history go through the store on the
+ * store workers of core/ah_http_park.c. Requests are served on libmicrohttpd's worker threads,
+ * which never block; the only shared data are the state object (thread-safe), the store
+ * (thread-safe), the parked requests (park_lock) and the read-only configuration. */
 #include "ah_http.h"
 
 #include "ah_http_handlers.h"

@@ -1,7 +1,9 @@
 /* The routes of the HTTP API (docs/API.md): one handler per route, each reading its inputs,
  * doing its one thing through the state object or the store, and writing its whole JSON body
  * (the shapes of docs/API.md) into the reply. Routing, authorization and everything
- * libmicrohttpd are in core/ah_http.c. Handlers run on libmicrohttpd's threads. */
+ * libmicrohttpd are in core/ah_http.c. Handlers run on libmicrohttpd's threads and never block:
+ * what needs the store (cluster commands, history) is copied into a job that a store worker runs
+ * (run_*), and a reload waits parked (check_reload); see core/ah_http_park.c. */
 #include "ah_http_handlers.h"
 
 #include "ah_json.h"
