@@ -183,3 +183,24 @@ def test_probes_answer_while_mongodb_is_blackholed_under_load(fleet, tmp_path, m
         mongo_server.heal()
     wait_for(lambda: agent.post("/api/cluster/resume?reason=healed", timeout=30).status == 200,
              60, interval=0.5, message="commands work again after the blackhole")
+
+
+@pytest.mark.parametrize("mode", [{}, {"ENABLE_CHANGE_STREAMS": "false",
+                                       "CONTROL_POLLING_INTERVAL": "0.5"}],
+                         ids=["change_streams", "polling"])
+def test_sigterm_while_mongodb_is_blackholed_exits_within_shutdown_timeout(
+        fleet, tmp_path, mongo_server, mode):
+    # Closing the store waits for its watcher, stuck in a read MongoDB never answers (about
+    # 8-11 s before the shutdown timer): the timer armed at the signal ends the process at
+    # SHUTDOWN_TIMEOUT.
+    agent = fleet.start(RECORDER, env=mongo_agent_env(
+        mongo_server.uri, tmp_path / "ev.jsonl", SHUTDOWN_TIMEOUT=1, **mode), name="closing")
+    agent.wait_state("running", timeout=20)
+    mongo_server.blackhole(60)
+    started = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    rc = agent.wait_exit(timeout=30)
+    took = time.monotonic() - started
+    mongo_server.heal()
+    assert took < 5, f"exit took {took:.1f}s with SHUTDOWN_TIMEOUT=1:\n{agent.log_text()}"
+    assert rc in (0, 1), agent.log_text()
