@@ -363,8 +363,10 @@ def test_a_local_resume_while_starting_neither_skips_the_sync_nor_the_shutdown_h
     assert late.wait_log(r"stays paused until POST /api/cluster/resume")
     st = late.state()
     assert st["applied_version"] == 1 and st["batches"] == 0 and not st["local_override"], st
-    r = late.post("/api/agent/resume")  # synced now: a local command is accepted again
+    r = late.post("/api/agent/pause")  # synced now: a local command is accepted again
     assert r.status == 200, r.body
+    r = late.post("/api/agent/resume")  # but a held agent is released by a cluster command only
+    assert r.status == 409 and "held paused" in r.json()["error"], r.body
 
 
 def test_local_commands_after_a_final_shutdown_answer_409(fleet, state_file, tmp_path):
@@ -387,3 +389,18 @@ def test_local_commands_after_a_final_shutdown_answer_409(fleet, state_file, tmp
         assert "the agent is shutting down" in r.json()["error"], r.body
     assert a.wait_exit() == 0, a.log_text()
 
+def test_the_issuing_agent_logs_issued_before_its_own_transition(fleet, state_file, tmp_path):
+    a = start_cluster(fleet, state_file, tmp_path, 1)[0]
+    for command, line in (("pause", "Agent paused (cluster command 'pause'"),
+                          ("resume", "Agent running (cluster command 'running'")):
+        assert a.post(f"/api/cluster/{command}?reason=order").status == 200
+        a.wait_log(re.escape(line))
+        log = a.log_text()
+        issued = log.find(f"Cluster command {'running' if command == 'resume' else command} "
+                          "issued")
+        assert 0 <= issued < log.find(line), log
+    assert a.post("/api/agent/pause?reason=order").status == 200
+    a.wait_log(r"Agent paused \(local command")
+    log = a.log_text()
+    assert log.find("Local command pause requested through the API") < \
+        log.find("Agent paused (local command"), log
