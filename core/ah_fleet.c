@@ -106,19 +106,6 @@ static bool fleet_has_work(void *arg)
     return f->dirty || f->stopping || f->recheck;
 }
 
-/* Copies s into out (size n) with control characters replaced by spaces, so that a client's
- * text cannot forge log lines. */
-static const char *log_safe(const char *s, char *out, size_t n)
-{
-    ah_strlcpy(out, s, n);
-    for (char *p = out; *p != '\0'; p++) {
-        if ((unsigned char)*p < 0x20 || *p == 0x7F) {
-            *p = ' ';
-        }
-    }
-    return out;
-}
-
 int ah_fleet_issue(ah_state_t *state, ah_store_t *store, const ah_command_req_t *req,
                    ah_control_t *doc, char *err, size_t errlen)
 {
@@ -127,12 +114,12 @@ int ah_fleet_issue(ah_state_t *state, ah_store_t *store, const ah_command_req_t 
     ah_state_issue_begin(state);
     int rc = ah_store_command_req(store, req, doc, err, errlen);
     if (rc == AH_OK) {
-        char safe_by[AH_NAME_MAX + 1];
-        char safe_reason[AH_REASON_MAX + 1];
+        char safe_by[AH_NAME_MAX * 4 + 1];
+        char safe_reason[AH_REASON_MAX * 4 + 1];
         ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)",
                     ah_command_name(doc->command), (long long)doc->version,
-                    log_safe(doc->updated_by, safe_by, sizeof(safe_by)),
-                    log_safe(doc->reason, safe_reason, sizeof(safe_reason)));
+                    ah_log_escape(doc->updated_by, safe_by, sizeof(safe_by)),
+                    ah_log_escape(doc->reason, safe_reason, sizeof(safe_reason)));
     }
     if (rc == AH_OK || rc == AH_ECONFLICT) {
         /* the issuing agent applies its own command at once (or catches up with the current

@@ -1,9 +1,11 @@
 /* The HTTP API (docs/API.md) on libmicrohttpd. One access handler drains any request body, routes
  * the request through one table to a handler of core/ah_http_handlers.c, which builds its whole
- * JSON body in an ah_buf_t before one response is queued. GET routes read only a state snapshot
- * (never the store, so they cannot block on MongoDB); cluster commands and history go through
- * the store. Requests are served on libmicrohttpd's worker threads; the only shared data are the
- * state object (thread-safe), the store (thread-safe) and the read-only configuration. */
+ * JSON body in an ah_buf_t before one response is queued, or parks the request (its answer is
+ * queued when the connection resumes). GET routes read only a state snapshot (never the store,
+ * so they cannot block on MongoDB); cluster commands and history go through the store on the
+ * store workers of core/ah_http_park.c. Requests are served on libmicrohttpd's worker threads,
+ * which never block; the only shared data are the state object (thread-safe), the store
+ * (thread-safe), the parked requests (park_lock) and the read-only configuration. */
 #include "ah_http.h"
 
 #include "ah_http_handlers.h"
@@ -36,12 +38,14 @@
 #define HTTP_PATH_IN_ERROR 200 /* bytes of a path quoted in a 404 message */
 
 #define JSON_TYPE "application/json"
-#define HTTP_DRAIN_MS 2000 /* ah_http_stop(): max wait for requests in flight */
+#define HTTP_DRAIN_MS 2000            /* ah_http_stop(): max wait for requests in flight */
+#define HTTP_STOP_SEND_RESERVE_S 0.25 /* ah_http_stop(): budget kept to send the last answers */
 
-/* Request contexts that need no memory: an over-long URL (set by the URI log callback) and a
- * request without a body whose headers have been seen. libmicrohttpd 0.9.75 closes the
- * connection after any response queued during the first call of the access handler, so keep-alive
- * requires answering on the second call; these markers make that allocation-free. */
+/* Request contexts (http_request_t) are allocated only for requests that carry a body or are
+ * parked. Request contexts that need no memory: an over-long URL (set by the URI log callback) and
+ * a request without a body whose headers have been seen. libmicrohttpd 0.9.75 closes the connection
+ * after any response queued during the first call of the access handler, so keep-alive requires
+ * answering on the second call; these markers make that allocation-free. */
 static char url_too_long_marker;
 static char too_many_params_marker;
 static char headers_seen_marker;
@@ -202,13 +206,18 @@ static enum MHD_Result send_reply(struct MHD_Connection *conn, http_reply_t *rep
         ok = MHD_add_response_header(response, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer") ==
              MHD_YES;
     }
+    if (ok && reply->retry_after > 0) {
+        char seconds[16];
+        snprintf(seconds, sizeof(seconds), "%u", reply->retry_after);
+        ok = MHD_add_response_header(response, MHD_HTTP_HEADER_RETRY_AFTER, seconds) == MHD_YES;
+    }
     enum MHD_Result result = ok ? MHD_queue_response(conn, status, response) : MHD_NO;
     MHD_destroy_response(response);
     return result;
 }
 
-/* Builds and queues the answer to a complete request (or an error decided before routing); a
- * request the handler parked is answered when it resumes. */
+/* Builds and queues the answer to a complete request (or an error decided before routing);
+ * a request the handler parked is answered when it resumes. */
 static enum MHD_Result answer(ah_http_t *http, struct MHD_Connection *conn, void **req_cls,
                               const char *path, const char *method, unsigned early_status)
 {
@@ -440,8 +449,10 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
     http->state = state;
     http->store = store;
     http->metrics = metrics;
+    if (ah_http_park_start(http, err, errlen) != AH_OK) {
+        goto fail;
+    }
 
-    pthread_mutex_init(&http->park_lock, NULL);
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC |
                          MHD_ALLOW_SUSPEND_RESUME;
     flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES ? MHD_USE_EPOLL : MHD_USE_POLL;
@@ -466,7 +477,8 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
     return http;
 
 fail:
-    pthread_mutex_destroy(&http->park_lock);
+    ah_http_park_stop(http, 0); /* nothing was parked: nothing to wait for */
+    ah_http_park_free(http);
     free(http);
     return NULL;
 }
@@ -483,24 +495,40 @@ int ah_http_port(const ah_http_t *http)
     return http != NULL ? http->port : -1;
 }
 
-void ah_http_stop(ah_http_t *http)
+int ah_http_stop(ah_http_t *http, double seconds)
 {
     if (http == NULL) {
-        return;
+        return AH_OK;
     }
-    /* Stop accepting, then let requests in flight finish (their answers are queued but maybe
-     * not yet sent: e.g. the reply to the shutdown command that made the host stop), bounded by
-     * HTTP_DRAIN_MS, before the daemon closes every connection. */
-    ah_http_park_stop(http); /* parked requests are answered 503 and resumed */
+    int64_t deadline_us = ah_mono_us() + (int64_t)((seconds > 0 ? seconds : 0) * 1e6);
+    /* Stop accepting; answer every parked request (503) and wait for the store workers; then
+     * let requests in flight finish (their answers are queued but maybe not yet sent: e.g. the
+     * reply to the shutdown command that made the host stop), bounded by HTTP_DRAIN_MS and the
+     * caller's budget, before the daemon closes every connection. No handler blocks, so
+     * MHD_stop_daemon() returns promptly. */
     MHD_socket listen_fd = MHD_quiesce_daemon(http->daemon);
     if (listen_fd != MHD_INVALID_SOCKET) {
         close(listen_fd); /* a quiesced daemon leaves its listening socket to the caller */
     }
-    for (int waited = 0; atomic_load(&http->in_flight) > 0 && waited < HTTP_DRAIN_MS; waited += 5) {
+    /* The store workers get the budget but a moment kept for sending the last answers. */
+    double budget = (double)(deadline_us - ah_mono_us()) / 1e6;
+    double reserve = budget / 2 < HTTP_STOP_SEND_RESERVE_S ? budget / 2 : HTTP_STOP_SEND_RESERVE_S;
+    int park_rc = ah_http_park_stop(http, budget - reserve);
+    int64_t drain_until = ah_mono_us() + HTTP_DRAIN_MS * 1000;
+    if (drain_until > deadline_us) {
+        drain_until = deadline_us;
+    }
+    while (atomic_load(&http->in_flight) > 0 && ah_mono_us() < drain_until) {
         struct timespec ts = {0, 5 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
     MHD_stop_daemon(http->daemon);
-    pthread_mutex_destroy(&http->park_lock);
+    if (park_rc != AH_OK) {
+        /* A store worker is still inside a store call and uses http: leave it allocated (the
+         * process exits next). */
+        return AH_ETIMEOUT;
+    }
+    ah_http_park_free(http);
     free(http);
+    return AH_OK;
 }
