@@ -522,7 +522,6 @@ def test_twenty_waits_hold_no_server_thread(fleet, store):
     """Twenty requests waiting for an agent that cannot apply: the probes of the agent that
     holds them still answer at once (libmicrohttpd serves with 2 threads)."""
     import threading
-    import time
     a = start_fleet(fleet, store, 1)[0]
     start_agent(fleet, store, "slow", BATCH_SECONDS=30).wait_state("running", timeout=20)
     wait_records(a, lambda b: b["summary"]["total"] == 2, message="2 records")
@@ -535,7 +534,9 @@ def test_twenty_waits_hold_no_server_thread(fleet, store):
     threads = [threading.Thread(target=post, args=(i,)) for i in range(20)]
     for t in threads:
         t.start()
-    time.sleep(0.5)  # let them be parked (not a correctness wait: the checks below decide)
+    from agenthost_harness import metric
+    wait_for(lambda: metric(a, "agenthost_http_parked_requests") == 20, 10,
+             message="twenty parked requests")
     for _ in range(5):
         r = a.get("/healthz", timeout=2)
         assert r.status == 200, r.body
