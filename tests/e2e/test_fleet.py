@@ -3,7 +3,6 @@ GET /api/cluster/agents, staleness, the stopped record of a clean shutdown, and 
 sweep / TTL index, end to end with real agenthost processes on both stores: the embedded SQLite
 file and MongoDB (the wire-protocol test server of tests/mongo, one-member replica set)."""
 import datetime
-import os
 import re
 import signal
 import sqlite3
