@@ -31,8 +31,10 @@ struct ah_host_s {
     const ah_config_t *cfg;
     ah_state_t *state;
     ah_lua_t *lua;             /* owned by the worker thread once it starts; replaced on reload */
+    ah_lua_t *loading;         /* the fresh state of a reload while its init runs, else NULL */
     ah_lua_options_t lua_opts; /* how lua was opened, to open it again on reload */
-    pthread_mutex_t lua_lock;  /* held to swap h->lua (worker) and to interrupt it (watchdog) */
+    pthread_mutex_t lua_lock;  /* held to swap h->lua / h->loading (worker) and to interrupt or
+                                  wake them (other threads) */
     ah_metrics_t *metrics;     /* agent.metrics; outlives every Lua state */
     ah_lua_mongo_t *mongo;     /* agent.mongo's connection; outlives lua */
     ah_store_t *store;
@@ -73,6 +75,17 @@ static const char *hook_name(ah_hook_t hook)
     default:
         return "none";
     }
+}
+
+/* The state's waker (any thread): a command reaches the running call's loop, so that agent.sleep
+ * returns early. */
+static void host_wake_lua(void *ud)
+{
+    ah_host_t *h = ud;
+    pthread_mutex_lock(&h->lua_lock);
+    ah_lua_wake(h->lua);
+    ah_lua_wake(h->loading);
+    pthread_mutex_unlock(&h->lua_lock);
 }
 
 ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen)
@@ -130,6 +143,7 @@ ah_host_t *ah_host_new_with(const ah_config_t *cfg, const ah_host_options_t *hop
     if (h->lua == NULL) {
         goto fail;
     }
+    ah_state_set_waker(h->state, host_wake_lua, h);
     return h;
 fail:
     ah_host_free(h);
@@ -233,6 +247,7 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
 static void worker_reload(ah_host_t *h, uint64_t ticket)
 {
     char err[AH_ERRLEN * 4];
+    int rc;
     ah_log_info("Reloading script %s", h->script_label);
     ah_lua_t *fresh = ah_lua_open(&h->lua_opts, h->cfg->script_path, err, sizeof(err));
     if (fresh == NULL) {
@@ -240,16 +255,23 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
-    if (ah_lua_init(fresh, err, sizeof(err)) != AH_OK) {
+    pthread_mutex_lock(&h->lua_lock);
+    h->loading = fresh;
+    pthread_mutex_unlock(&h->lua_lock);
+    rc = ah_lua_init(fresh, err, sizeof(err));
+    pthread_mutex_lock(&h->lua_lock);
+    h->loading = NULL;
+    ah_lua_t *old = h->lua;
+    if (rc == AH_OK) {
+        h->lua = fresh;
+    }
+    pthread_mutex_unlock(&h->lua_lock);
+    if (rc != AH_OK) {
         ah_log_error("Reload failed in init, the previous script keeps running: %s", err);
         ah_lua_close(fresh);
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
-    pthread_mutex_lock(&h->lua_lock);
-    ah_lua_t *old = h->lua;
-    h->lua = fresh;
-    pthread_mutex_unlock(&h->lua_lock);
     ah_lua_close(old);
     ah_log_info("Reloaded script %s (state: %s)", h->script_label,
                 ah_run_state_name(ah_state_get(h->state)));
@@ -379,6 +401,16 @@ static void host_interrupt_lua(ah_host_t *h)
     pthread_mutex_unlock(&h->lua_lock);
 }
 
+/* True while the running call only waits (the worker's loop cancels its waits at BATCH_TIMEOUT
+ * itself, so such a call is not wedged). */
+static bool host_lua_waiting(ah_host_t *h)
+{
+    pthread_mutex_lock(&h->lua_lock);
+    bool waiting = ah_lua_waiting(h->lua);
+    pthread_mutex_unlock(&h->lua_lock);
+    return waiting;
+}
+
 /* Every WATCHDOG_INTERVAL_MS: reports a Lua call that overran BATCH_TIMEOUT (and asks it to
  * stop), and bounds shutdown by SHUTDOWN_TIMEOUT. */
 static void on_watchdog(uv_timer_t *timer)
@@ -388,7 +420,8 @@ static void on_watchdog(uv_timer_t *timer)
     ah_state_snapshot(h->state, &snap);
     int64_t now = ah_mono_us();
     if (snap.batch_started_us != 0 && !snap.wedged &&
-        (double)(now - snap.batch_started_us) / 1e6 > h->cfg->batch_timeout) {
+        (double)(now - snap.batch_started_us) / 1e6 > h->cfg->batch_timeout &&
+        !host_lua_waiting(h)) {
         ah_state_mark_overrun(h->state);
         ah_log_error("A Lua call has run for more than BATCH_TIMEOUT (%gs): interrupting it; "
                      "/healthz reports the agent wedged until it returns",

@@ -1,10 +1,13 @@
-/* The Lua host: one LuaJIT state running the operator's script (SPEC §3). It loads the script,
- * checks the contract (a returned table with a `batch` function), keeps the script's functions as
- * registry refs, and calls them through one protected wrapper with a traceback handler and a
- * time budget. It also provides the `agent` module to the script.
+/* The Lua host: one LuaJIT state running the operator's script. It loads the script, checks the
+ * contract (a returned table with a `batch` function), keeps the script's functions as registry
+ * refs, and calls them through one wrapper with a traceback, a time budget and the memory limit.
+ * Each call runs as a coroutine on the state's own libuv loop (the worker's loop): functions that
+ * wait (agent.sleep, task:join, agent.http) suspend the calling task and the loop runs the others;
+ * agent.spawn starts more tasks, and a call ends when its function and all its tasks have ended.
+ * It also provides the `agent` module to the script.
  *
  * Threads: everything here runs on the Lua worker thread that opened the state, except
- * ah_lua_interrupt(), which any thread may call. */
+ * ah_lua_interrupt(), ah_lua_waiting() and ah_lua_wake(), which any thread may call. */
 #ifndef AH_LUA_H
 #define AH_LUA_H
 
@@ -15,6 +18,7 @@ typedef struct ah_lua_s ah_lua_t;
 struct ah_lua_mongo_s;
 struct ah_metrics_s;
 struct lua_State;
+struct uv_loop_s;
 
 /* An extra C function offered to the script as agent.ext.<name> (and in require "agent.ext").
  * fn is a lua_CFunction; it runs on the Lua worker thread as a closure whose upvalue 1 is ud (a
@@ -60,9 +64,46 @@ int ah_lua_batch(ah_lua_t *lua, long long *items, char *err, size_t errlen);
 /* Calls the hook (on_pause / on_resume / on_shutdown) with ev, if defined. 0, AH_ELUA or
  * AH_ETIMEOUT. */
 int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen);
-/* Asks the running call to stop with an error at its next instruction check. Safe from any
- * thread and from signal handlers. Code running inside a JIT-compiled trace does not see the
- * request until it leaves the trace (LuaJIT does not run hooks in compiled code). */
+/* Asks the running call to stop: every wait of the call is cancelled (it resumes with nil, msg,
+ * "cancelled") and, when Lua code is running, the call is stopped with an error at its next
+ * instruction check. Safe from any thread and from signal handlers. Code running inside a
+ * JIT-compiled trace does not see the request until it leaves the trace (LuaJIT does not run
+ * hooks in compiled code). */
 void ah_lua_interrupt(ah_lua_t *lua);
+/* True while a call runs and every one of its tasks is suspended in a wait (the thread is in the
+ * loop, not in Lua code). Any thread; a hint that may be stale by the time it is read. The
+ * running call's own timer cancels its waits at BATCH_TIMEOUT, so a waiting call is not
+ * wedged. */
+bool ah_lua_waiting(ah_lua_t *lua);
+/* Wakes the state's loop so that waits that end on a pending command (agent.sleep) see it. Any
+ * thread (uv_async_send); lua must stay open meanwhile. */
+void ah_lua_wake(ah_lua_t *lua);
+
+/* ---- waiting, for C functions offered to the script (agent.http, agent.mongo) ----------- */
+
+/* Something a task waits for: started by a C function, completed by a loop callback. */
+typedef struct ah_lua_op_s ah_lua_op_t;
+struct ah_lua_op_s {
+    /* Called on the Lua thread when the wait is cancelled (BATCH_TIMEOUT, shutdown, the call's
+     * function failed, the state closes): stop the work now; ah_lua_op_done() must not be called
+     * for it afterwards. */
+    void (*cancel)(ah_lua_op_t *op);
+    void *task; /* internal: the waiting task, NULL when nobody waits */
+};
+/* The loop of the state L belongs to: handles of C functions live on it (closed before the state
+ * closes its loop, i.e. from __gc or when done). */
+struct uv_loop_s *ah_lua_loop(struct lua_State *L);
+/* Suspends the running task until ah_lua_op_done(op), then it resumes with `true`; when the wait
+ * is cancelled first, op->cancel(op) is called and it resumes with nil, msg, code ("timeout" or
+ * "cancelled"). If the call is already cancelled, op->cancel(op) is called at once and nil, msg,
+ * code returned without suspending. Raises (API misuse) when L is not a task of the running call,
+ * e.g. a coroutine the script created itself; the op is then not started by the caller yet, or
+ * the caller cancels it. Use as `return ah_lua_op_wait(L, op, "agent.http");`. */
+int ah_lua_op_wait(struct lua_State *L, ah_lua_op_t *op, const char *what);
+/* True when the running task of L may wait (ah_lua_op_wait would not raise). */
+bool ah_lua_can_wait(struct lua_State *L);
+/* Completes op: its task resumes with `true` at the next turn of the loop. Lua thread only
+ * (loop callbacks). A no-op when nobody waits for op any more. */
+void ah_lua_op_done(ah_lua_op_t *op);
 
 #endif

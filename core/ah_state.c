@@ -43,6 +43,8 @@ struct ah_state_s {
     char reload_error[AH_ERRLEN];
     uint64_t reloads;
     uint64_t reload_failures;
+    void (*waker)(void *ud); /* set once before threads start (ah_state_set_waker) */
+    void *waker_ud;
 };
 
 static const char *const state_names[] = {"starting", "running", "paused", "stopping", "stopped"};
@@ -131,6 +133,22 @@ void ah_state_free(ah_state_t *s)
     free(s);
 }
 
+void ah_state_set_waker(ah_state_t *s, void (*fn)(void *ud), void *ud)
+{
+    pthread_mutex_lock(&s->lock);
+    s->waker = fn;
+    s->waker_ud = ud;
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* Calls the waker, if any. Lock not held. */
+static void call_waker(ah_state_t *s)
+{
+    if (s->waker != NULL) {
+        s->waker(s->waker_ud);
+    }
+}
+
 static void set_pending(ah_state_t *s, const ah_event_t *ev)
 {
     s->pending = *ev;
@@ -160,6 +178,7 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
         set_pending(s, &ev);
     }
     pthread_mutex_unlock(&s->lock);
+    call_waker(s);
 }
 
 void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
@@ -176,6 +195,7 @@ void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, cons
         set_pending(s, &ev);
     }
     pthread_mutex_unlock(&s->lock);
+    call_waker(s);
 }
 
 bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
@@ -281,6 +301,14 @@ bool ah_state_should_stop(ah_state_t *s)
     return stop;
 }
 
+bool ah_state_wake_pending(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    bool pending = s->has_event || s->shutdown_final || s->reload_requested != s->reload_done;
+    pthread_mutex_unlock(&s->lock);
+    return pending;
+}
+
 bool ah_state_has_event(ah_state_t *s)
 {
     pthread_mutex_lock(&s->lock);
@@ -375,6 +403,7 @@ uint64_t ah_state_request_reload(ah_state_t *s)
     uint64_t ticket = ++s->reload_requested;
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    call_waker(s);
     return ticket;
 }
 

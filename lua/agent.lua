@@ -1,6 +1,7 @@
 --[[ The `agent` module offered to scripts (SPEC §3): `local agent = require "agent"`.
 The C half ("agent.core", registered by core/ah_lua.c) talks to the host; this file shapes
-the public table. Functions that misuse the API (bad arguments) raise; none of them yields. ]]
+the public table. Functions that misuse the API (bad arguments) raise. agent.sleep, task:join
+and agent.http suspend the calling task (a coroutine on the worker's loop) while they wait. ]]
 local core = require "agent.core"
 local json = require "cjson"
 
@@ -10,6 +11,7 @@ local agent = {
     id = core.id(),           -- this agent's name (AGENT_ID)
     state = core.state,       -- "starting" | "running" | "paused" | "stopping" | "stopped"
     sleep = core.sleep,       -- agent.sleep(s) -> true if woken early by a command or shutdown
+    spawn = core.spawn,       -- agent.spawn(fn, ...) -> task; task:join([timeout]) -> true, ...
     should_stop = core.should_stop, -- true once shutdown was requested
     env = core.env,           -- agent.env(name, default) -> os.getenv(name) or default
     now = core.now,           -- wall clock, seconds since the Unix epoch (with fractions)
