@@ -19,6 +19,7 @@
 #include "ah_lua.h"
 
 #include "ah_log.h"
+#include "ah_lua_http.h"
 #include "ah_lua_mongo.h"
 #include "ah_metrics.h"
 
@@ -1125,6 +1126,9 @@ static void register_preloads(lua_State *L, ah_lua_t *lua)
     lua_pushlightuserdata(L, lua->mongo);
     lua_pushcclosure(L, ah_lua_mongo_open, 1);
     lua_setfield(L, -2, "agent.mongo");
+
+    lua_pushcfunction(L, ah_lua_http_open);
+    lua_setfield(L, -2, "agent.http.core");
 
     for (const ah_lua_module_t *m = ah_lua_modules; m->name != NULL; m++) {
         lua_pushfstring(L, "@lua/%s.lua", m->name);
