@@ -22,7 +22,7 @@
 #define AH_NAME_MAX 255     /* max bytes of updated_by / agent_id */
 #define AH_TIMESTAMP_LEN 32 /* "2026-01-11T10:30:00.123456Z" + NUL */
 
-/* Commands as stored in the control document: resume is stored as "running" (seed). */
+/* Commands as stored in the control document: resume is stored as "running" (kept compatible with the original distributed-control API). */
 typedef enum {
     AH_CMD_NONE = 0,
     AH_CMD_PAUSE,

@@ -49,8 +49,8 @@ struct ah_host_s {
     uv_signal_t sig_hup;
     uv_timer_t watchdog;
     uv_async_t worker_done;
-    bool handles_open;
-    bool signals_open;                  /* the sig_* handles were initialised (AGENTHOST_SIGNALS) */
+    bool loop_open;    /* uv_loop_init() succeeded and uv_loop_close() has not run */
+    bool handles_open; /* close_handles() has not run since the loop was opened */
     char script_label[AH_NAME_MAX + 1]; /* cfg->script_path or the source's name, for logs */
 
     pthread_t worker;
@@ -88,13 +88,8 @@ static void host_wake_lua(void *ud)
     pthread_mutex_unlock(&h->lua_lock);
 }
 
-ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen)
-{
-    return ah_host_new_with(cfg, NULL, err, errlen);
-}
-
-ah_host_t *ah_host_new_with(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
-                            size_t errlen)
+ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
+                       size_t errlen)
 {
     ah_host_t *h = calloc(1, sizeof(*h));
     if (h == NULL) {
@@ -364,25 +359,21 @@ static void on_signal(uv_signal_t *handle, int signum)
     }
 }
 
+static void close_one_handle(uv_handle_t *handle, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(handle)) {
+        uv_close(handle, NULL);
+    }
+}
+
+/* Closes every handle of the loop, whichever were initialised; the next uv_run() completes the
+ * closes so that uv_loop_close() can succeed. Idempotent. */
 static void close_handles(ah_host_t *h)
 {
-    if (!h->handles_open) {
-        return;
-    }
-    h->handles_open = false;
-    uv_handle_t *handles[] = {
-        (uv_handle_t *)&h->watchdog, (uv_handle_t *)&h->worker_done, (uv_handle_t *)&h->sig_term,
-        (uv_handle_t *)&h->sig_int,  (uv_handle_t *)&h->sig_usr1,    (uv_handle_t *)&h->sig_usr2,
-        (uv_handle_t *)&h->sig_hup,
-    };
-    size_t count = sizeof(handles) / sizeof(handles[0]);
-    if (!h->signals_open) {
-        count = 2; /* only the watchdog and the async handle were initialised */
-    }
-    for (size_t i = 0; i < count; i++) {
-        if (!uv_is_closing(handles[i])) {
-            uv_close(handles[i], NULL);
-        }
+    if (h->handles_open) {
+        h->handles_open = false;
+        uv_walk(&h->loop, close_one_handle, NULL);
     }
 }
 
@@ -451,6 +442,8 @@ static void on_watchdog(uv_timer_t *timer)
     }
 }
 
+/* Initialises the loop and its handles (signals, watchdog, worker notification). On failure err
+ * names the call; the handles already initialised are closed by close_handles(). */
 static int open_handles(ah_host_t *h, char *err, size_t errlen)
 {
     int rc = uv_loop_init(&h->loop);
@@ -458,6 +451,8 @@ static int open_handles(ah_host_t *h, char *err, size_t errlen)
         snprintf(err, errlen, "uv_loop_init: %s", uv_strerror(rc));
         return AH_EIO;
     }
+    h->loop_open = true;
+    h->handles_open = true;
     struct {
         uv_signal_t *handle;
         int signum;
@@ -466,19 +461,37 @@ static int open_handles(ah_host_t *h, char *err, size_t errlen)
                 {&h->sig_usr1, SIGUSR1},
                 {&h->sig_usr2, SIGUSR2},
                 {&h->sig_hup, SIGHUP}};
+    const char *call = NULL;
     for (size_t i = 0; h->cfg->signals && i < sizeof(sigs) / sizeof(sigs[0]); i++) {
-        uv_signal_init(&h->loop, sigs[i].handle);
+        if ((rc = uv_signal_init(&h->loop, sigs[i].handle)) != 0) {
+            call = "uv_signal_init";
+            goto err;
+        }
         sigs[i].handle->data = h;
-        uv_signal_start(sigs[i].handle, on_signal, sigs[i].signum);
+        if ((rc = uv_signal_start(sigs[i].handle, on_signal, sigs[i].signum)) != 0) {
+            call = "uv_signal_start";
+            goto err;
+        }
     }
-    h->signals_open = h->cfg->signals;
-    uv_timer_init(&h->loop, &h->watchdog);
+    if ((rc = uv_timer_init(&h->loop, &h->watchdog)) != 0) {
+        call = "uv_timer_init";
+        goto err;
+    }
     h->watchdog.data = h;
-    uv_timer_start(&h->watchdog, on_watchdog, WATCHDOG_INTERVAL_MS, WATCHDOG_INTERVAL_MS);
-    uv_async_init(&h->loop, &h->worker_done, on_worker_done);
+    if ((rc = uv_timer_start(&h->watchdog, on_watchdog, WATCHDOG_INTERVAL_MS,
+                             WATCHDOG_INTERVAL_MS)) != 0) {
+        call = "uv_timer_start";
+        goto err;
+    }
+    if ((rc = uv_async_init(&h->loop, &h->worker_done, on_worker_done)) != 0) {
+        call = "uv_async_init";
+        goto err;
+    }
     h->worker_done.data = h;
-    h->handles_open = true;
     return AH_OK;
+err:
+    snprintf(err, errlen, "%s: %s", call, uv_strerror(rc));
+    return AH_EIO;
 }
 
 /* ---- store listener ---------------------------------------------------------------------- */
@@ -532,15 +545,16 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
 {
     int exit_code = 1;
     ah_log_info("Starting agent %s with script %s", h->cfg->agent_id, h->script_label);
-    if (open_handles(h, err, errlen) != AH_OK) {
-        return 1;
+    int rc = open_handles(h, err, errlen);
+    if (rc != AH_OK) {
+        goto out;
     }
-    int rc = open_store(h, err, errlen);
+    rc = open_store(h, err, errlen);
     if (rc != AH_OK) {
         exit_code = rc == AH_EINVAL ? 2 : 1;
         goto out;
     }
-    h->http = ah_http_start_with(h->cfg, h->state, h->store, h->metrics, err, errlen);
+    h->http = ah_http_start(h->cfg, h->state, h->store, h->metrics, err, errlen);
     if (h->http == NULL) {
         goto out;
     }
@@ -575,10 +589,13 @@ out:
     ah_lua_mongo_detach(h->mongo); /* the Lua worker has stopped: no client may outlive the pool */
     ah_store_close(h->store);
     h->store = NULL;
-    close_handles(h);
-    uv_run(&h->loop, UV_RUN_DEFAULT);
-    if (uv_loop_close(&h->loop) != 0) {
-        ah_log_error("internal: libuv loop still had open handles at exit");
+    if (h->loop_open) {
+        close_handles(h);
+        uv_run(&h->loop, UV_RUN_DEFAULT);
+        if (uv_loop_close(&h->loop) != 0) {
+            ah_log_error("internal: libuv loop still had open handles at exit");
+        }
+        h->loop_open = false;
     }
     if (exit_code == 0) {
         ah_log_info("Agent stopped");

@@ -171,9 +171,16 @@ void ah_json_num(ah_buf_t *b, const char *key, double value)
     json_key(b, key);
     if (!isfinite(value)) {
         ah_buf_append(b, "null", 4);
-    } else {
-        ah_buf_printf(b, "%.17g", value);
+        return;
     }
+    /* The shortest of %.15g / %.17g that reads back as the same double: 0.1 stays "0.1" rather
+     * than %.17g's "0.10000000000000001". */
+    char text[40];
+    snprintf(text, sizeof(text), "%.15g", value);
+    if (strtod(text, NULL) != value) {
+        snprintf(text, sizeof(text), "%.17g", value);
+    }
+    ah_buf_puts(b, text);
 }
 
 void ah_json_bool(ah_buf_t *b, const char *key, bool value)

@@ -1,4 +1,4 @@
-/* Logging: one line per message on stderr, either the seed's text form "[INFO] message" or,
+/* Logging: one line per message on stderr, either the text form "[INFO] message" or,
  * with LOG_FORMAT=json, one JSON object per line. Safe to call from any thread. */
 #ifndef AH_LOG_H
 #define AH_LOG_H
@@ -18,7 +18,7 @@ void ah_log_setup(ah_log_level_t level, bool json, const char *agent_id);
 /* Parses "debug" | "info" | "warn" | "warning" | "error" (case-insensitive). 0 or AH_EINVAL. */
 int ah_log_parse_level(const char *s, ah_log_level_t *out);
 bool ah_log_enabled(ah_log_level_t level);
-/* Logs one line. Text form: "[INFO] msg"; WARN prints as "[WARNING]" like the seed. */
+/* Logs one line. Text form: "[INFO] msg"; WARN prints as "[WARNING]" (kept compatible with the original distributed-control API). */
 void ah_log(ah_log_level_t level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define ah_log_debug(...) ah_log(AH_LOG_DEBUG, __VA_ARGS__)

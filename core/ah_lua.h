@@ -1,10 +1,10 @@
-/* The Lua host: one LuaJIT state running the operator's script. It loads the script, checks the
- * contract (a returned table with a `batch` function), keeps the script's functions as registry
- * refs, and calls them through one wrapper with a traceback, a time budget and the memory limit.
- * Each call runs as a coroutine on the state's own libuv loop (the worker's loop): functions that
- * wait (agent.sleep, task:join, agent.http) suspend the calling task and the loop runs the others;
- * agent.spawn starts more tasks, and a call ends when its function and all its tasks have ended.
- * It also provides the `agent` module to the script.
+/* The Lua host: one LuaJIT state running the operator's script (docs/LUA.md). It loads the script,
+ * checks the contract (a returned table with a `batch` function), keeps the script's functions as
+ * registry refs, and calls them through one wrapper with a traceback, a time budget and the memory
+ * limit. Each call runs as a coroutine on the state's own libuv loop (the worker's loop): functions
+ * that wait (agent.sleep, task:join, agent.http) suspend the calling task and the loop runs the
+ * others; agent.spawn starts more tasks, and a call ends when its function and all its tasks have
+ * ended. It also provides the `agent` module to the script.
  *
  * Threads: everything here runs on the Lua worker thread that opened the state, except
  * ah_lua_interrupt(), ah_lua_waiting() and ah_lua_wake(), which any thread may call. */

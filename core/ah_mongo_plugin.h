@@ -1,7 +1,7 @@
 /* The ABI between the core and the MongoDB plugin (agenthost_mongo.so, built from core/mongo/).
  * Everything that links mongo-c-driver lives in the plugin, so a process that never uses MongoDB
- * never maps libmongoc and what it pulls in (libcrypto, ICU, SASL, libmongocrypt: about 5 MiB of
- * resident memory). The core loads the plugin with dlopen on first use (ah_mongo.h) and calls it
+ * never maps libmongoc and what it pulls in (libcrypto, ICU, SASL, libmongocrypt; the resident cost is
+ * measured in docs/ARCHITECTURE.md). The core loads the plugin with dlopen on first use (ah_mongo.h) and calls it
  * only through this table; the plugin calls back into the core's ah_* functions, which the
  * agenthost executable and libagenthost.so export for it (docs/EMBEDDING.md).
  *

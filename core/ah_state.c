@@ -347,11 +347,6 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     pthread_mutex_unlock(&s->lock);
 }
 
-void ah_state_call_begin(ah_state_t *s)
-{
-    ah_state_call_begin_at(s, ah_mono_us());
-}
-
 void ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us)
 {
     atomic_store_explicit(&s->call_overrun, false, memory_order_relaxed);

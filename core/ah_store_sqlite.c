@@ -1,4 +1,4 @@
-/* The embedded control store (SPEC §5 "Embedded"): the control document and its audit trail in
+/* The embedded control store (docs/OPERATIONS.md): the control document and its audit trail in
  * one SQLite file that every local agent pointing at it shares. A command is one IMMEDIATE
  * transaction that bumps the version and appends the audit row, so versions stay gapless under
  * concurrent writers in several processes. Two connections: the API connection, used by any

@@ -1,6 +1,6 @@
 -- The agent script deployed by k8s/kustomization.yaml (mounted at /etc/agenthost/agent.lua).
 -- Replace the body of M.batch with your real work; the host calls it repeatedly while the
--- cluster is running and stops calling it while paused (see docs and SPEC §3).
+-- cluster is running and stops calling it while paused (see docs/LUA.md).
 local agent = require "agent"
 
 local M = {}

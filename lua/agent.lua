@@ -1,4 +1,4 @@
---[[ The `agent` module offered to scripts (SPEC §3): `local agent = require "agent"`.
+--[[ The `agent` module offered to scripts (docs/LUA.md): `local agent = require "agent"`.
 The C half ("agent.core", registered by core/ah_lua.c) talks to the host; this file shapes
 the public table. Functions that misuse the API (bad arguments) raise. agent.sleep, task:join
 and agent.http suspend the calling task (a coroutine on the worker's loop) while they wait. ]]

@@ -1,9 +1,9 @@
-/* The MongoDB control store (SPEC §5): the control document `global_control` and its audit
+/* The MongoDB control store (docs/OPERATIONS.md): the control document `global_control` and its audit
  * entries in <MONGODB_DATABASE>.agent_control, behind the store interface of ah_store.h. One
  * mongoc_client_pool_t serves everything: read/command/history pop a client per call (any
  * thread), and the watcher thread holds its own client for its whole life. The watcher detects
  * the watch mode (a change stream, or polling when the server refuses streams: standalone error
- * 40573), logs the seed's lines, delivers the document at start and after every change, and
+ * 40573), logs the lines of the original distributed-control API, delivers the document at start and after every change, and
  * survives every fault by reconnecting with exponential backoff and jitter: a change stream
  * resumes from its last token, a lost history or an invalidated stream leads to a re-read, and a
  * stream silent for CHANGE_STREAM_VERIFY_INTERVAL seconds is verified by a direct read. Short

@@ -1,5 +1,5 @@
 /* Benchmark: the host's cost per empty batch next to a bare lua_pcall loop, measured in the same
- * process (SPEC target: the host path within 2x of the raw call). Both run the script
+ * process (target: the host path within 2x of the raw call). Both run the script
  * `return {batch=function() return 0 end}`. The raw loop is what any embedder must do at least:
  * lua_rawgeti(ref) + lua_pcall with a traceback handler. The host loop is the Lua worker's
  * per-batch work from worker_main() in core/ah_host.c, with the real ah_state_t and ah_lua_t:

@@ -1,4 +1,4 @@
-"""Cluster control on MongoDB (SPEC §5): real agenthost processes against the wire-protocol test
+"""Cluster control on MongoDB (docs/OPERATIONS.md): real agenthost processes against the wire-protocol test
 server (tests/mongo), in change-stream mode (replica set), polling mode (standalone, or
 ENABLE_CHANGE_STREAMS=false) and mixed fleets, plus direct writes by another client and many
 concurrent writers."""
@@ -179,7 +179,7 @@ def test_polling_mode_propagates_within_interval(fleet, tmp_path, mongo_server,
 
 
 def test_mixed_fleet_and_direct_write_by_another_client(fleet, tmp_path, mongo_server):
-    """Stream agents and polling agents share one document; the seed's Check 4 (a foreign
+    """Stream agents and polling agents share one document; a foreign write check (a foreign
     updateOne with $inc) is applied by all of them."""
     streams = start_agents(fleet, tmp_path, mongo_server.uri, 2)
     polling = start_agents(fleet, tmp_path, mongo_server.uri, 2, first=3,

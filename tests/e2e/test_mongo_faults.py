@@ -1,4 +1,4 @@
-"""MongoDB faults (SPEC §5, issue 4): no command is missed, a running agent keeps running
+"""MongoDB faults (docs/OPERATIONS.md): no command is missed, a running agent keeps running
 batches and a paused agent runs none while MongoDB is gone, cluster commands answer 503 quickly
 and write nothing, and an agent that cannot read the state at startup runs no batch.
 
@@ -60,7 +60,7 @@ class Liveness:
 
 
 def write_direct(server, command="pause"):
-    """The seed's Check 4 through pymongo; returns the new version."""
+    """A foreign write through pymongo; returns the new version."""
     client = server.client()
     with client:
         doc = client.agenthost.agent_control.find_one_and_update(
