@@ -477,7 +477,7 @@ static int push_outcome(lua_State *to, task_handle_t *hd)
 }
 
 /* A task's coroutine returned or failed (status of lua_resume). */
-static void task_end(ah_lua_t *lua, task_t *t, int status)
+__attribute__((noinline)) static void task_end(ah_lua_t *lua, task_t *t, int status)
 {
     lua_State *L = lua->L;
     t->ended = true;
@@ -522,14 +522,17 @@ static void task_end(ah_lua_t *lua, task_t *t, int status)
 }
 
 /* Resumes t with nargs values from its stack, under the memory limit. */
-static void task_resume(ah_lua_t *lua, task_t *t, int nargs)
+static inline void task_resume(ah_lua_t *lua, task_t *t, int nargs)
 {
     lua->current = t;
     lua->memory_armed = lua->memory_limit > 0;
     int status = lua_resume(t->co, nargs);
     lua->memory_armed = false;
     lua->current = NULL;
-    if (status != LUA_YIELD) {
+    if (status == 0 && t == lua->main_task) {
+        t->ended = true; /* the common case, kept off task_end's path */
+        lua->main_status = 0;
+    } else if (status != LUA_YIELD) {
         task_end(lua, t, status);
     } else if (t->wait == WAIT_NONE) {
         /* coroutine.yield() in the task itself: the others run first */
@@ -573,7 +576,7 @@ static void on_wake(uv_async_t *handle)
 }
 
 /* Runs the loop until the main task and every task it spawned have ended. */
-static void run_loop(ah_lua_t *lua)
+__attribute__((noinline)) static void run_loop(ah_lua_t *lua)
 {
     bool deadline_armed = false;
     for (;;) {
@@ -618,7 +621,7 @@ static void free_task(uv_handle_t *handle)
 }
 
 /* The call has ended: reports failed tasks nobody joined, releases every spawned task. */
-static void finish_tasks(ah_lua_t *lua)
+__attribute__((noinline)) static void finish_tasks(ah_lua_t *lua)
 {
     lua_State *L = lua->L;
     task_t *t = lua->tasks;
@@ -672,7 +675,9 @@ static int call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     }
     lua->call_err = NULL;
     if (status == 0) {
-        lua_settop(main->co, nresults);
+        if (lua_gettop(main->co) != nresults) {
+            lua_settop(main->co, nresults);
+        }
         lua_xmove(main->co, L, nresults);
         return AH_OK;
     }

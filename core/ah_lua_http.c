@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 #include <lauxlib.h>
@@ -43,19 +44,27 @@ static const char registry_key_client = 'c';
 typedef struct client_s client_t;
 typedef struct transfer_s transfer_t;
 
-/* A socket curl asked us to watch. Freed in its close callback. */
+/* A socket curl asked us to watch. It stays (stopped) while curl keeps the connection idle in
+ * its cache, so a reused connection costs no new handle; it is closed when curl closes the
+ * socket (CURLOPT_CLOSESOCKETFUNCTION) or the client goes. Freed in its close callback. */
 typedef struct socket_watch_s {
     uv_poll_t poll;
     curl_socket_t fd;
     client_t *client;
+    int events;                  /* UV_READABLE | UV_WRITABLE being polled, 0 when stopped */
     struct socket_watch_s *next; /* client->sockets */
 } socket_watch_t;
+
+/* Easy handles kept for the next requests (curl_easy_reset), instead of a new one each time. */
+#define IDLE_EASY_MAX 128
 
 struct client_s {
     CURLM *multi;
     uv_timer_t timer;        /* curl's timeout; the client is freed in its close callback */
     transfer_t *transfers;   /* in the multi handle */
-    socket_watch_t *sockets; /* watched sockets */
+    socket_watch_t *sockets; /* watched sockets, active or idle */
+    CURL *idle_easy[IDLE_EASY_MAX];
+    int idle_count;
 };
 
 /* A growable byte buffer (malloc'd). */
@@ -151,7 +160,13 @@ static void transfer_free(transfer_t *t)
 {
     transfer_unlink(t);
     if (t->easy != NULL) {
-        curl_easy_cleanup(t->easy);
+        client_t *c = t->client;
+        if (c != NULL && c->idle_count < IDLE_EASY_MAX) {
+            curl_easy_reset(t->easy);
+            c->idle_easy[c->idle_count++] = t->easy;
+        } else {
+            curl_easy_cleanup(t->easy);
+        }
     }
     curl_slist_free_all(t->request_headers);
     free(t->body.data);
@@ -254,11 +269,18 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
     if (what == CURL_POLL_REMOVE) {
         if (w != NULL) {
             curl_multi_assign(c->multi, s, NULL);
-            watch_close(c, w);
+            uv_poll_stop(&w->poll); /* idle: kept for a reuse of the connection */
+            w->events = 0;
         }
         return 0;
     }
     if (w == NULL) {
+        for (w = c->sockets; w != NULL && w->fd != s; w = w->next) {
+        }
+    }
+    if (w != NULL) {
+        curl_multi_assign(c->multi, s, w);
+    } else {
         w = calloc(1, sizeof(*w));
         if (w == NULL) {
             return -1;
@@ -277,8 +299,24 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
     int events = 0;
     events |= (what & CURL_POLL_IN) ? UV_READABLE : 0;
     events |= (what & CURL_POLL_OUT) ? UV_WRITABLE : 0;
-    uv_poll_start(&w->poll, events, on_poll);
+    if (events != w->events) { /* uv_poll_start re-registers the fd with epoll every time */
+        uv_poll_start(&w->poll, events, on_poll);
+        w->events = events;
+    }
     return 0;
+}
+
+/* CURLOPT_CLOSESOCKETFUNCTION: curl closes a socket; its watch goes first. */
+static int on_close_socket(void *clientp, curl_socket_t s)
+{
+    client_t *c = clientp;
+    for (socket_watch_t *w = c->sockets; w != NULL; w = w->next) {
+        if (w->fd == s) {
+            watch_close(c, w);
+            break;
+        }
+    }
+    return close(s);
 }
 
 /* CURLMOPT_TIMERFUNCTION: (re)arm or stop the one timer. */
@@ -313,6 +351,9 @@ static int client_gc(lua_State *L)
         t->client = NULL;
     }
     curl_multi_cleanup(c->multi);
+    while (c->idle_count > 0) {
+        curl_easy_cleanup(c->idle_easy[--c->idle_count]);
+    }
     while (c->sockets != NULL) {
         watch_close(c, c->sockets);
     }
@@ -627,7 +668,7 @@ static int http_start(lua_State *L)
     t->op.cancel = transfer_cancel;
     t->client = client;
     t->max_body = max_body >= (double)SIZE_MAX ? SIZE_MAX : (size_t)max_body;
-    t->easy = curl_easy_init();
+    t->easy = client->idle_count > 0 ? client->idle_easy[--client->idle_count] : curl_easy_init();
     bool headers_ok = false;
     t->request_headers = build_headers(L, 3, &headers_ok);
     if (t->easy == NULL || !headers_ok) {
@@ -635,6 +676,8 @@ static int http_start(lua_State *L)
     }
     CURL *e = t->easy;
     curl_easy_setopt(e, CURLOPT_PRIVATE, t);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, on_close_socket);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, client);
     curl_easy_setopt(e, CURLOPT_URL, lua_tostring(L, full_url_idx));
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
