@@ -9,7 +9,7 @@
 #include "ah_http.h"
 #include "ah_log.h"
 #include "ah_lua.h"
-#include "ah_lua_mongo.h"
+#include "ah_mongo.h"
 #include "ah_metrics.h"
 #include "ah_store.h"
 
@@ -62,20 +62,6 @@ struct ah_host_s {
     bool interrupted_for_stop;
     bool wedged;
 };
-
-static const char *hook_name(ah_hook_t hook)
-{
-    switch (hook) {
-    case AH_HOOK_PAUSE:
-        return "on_pause";
-    case AH_HOOK_RESUME:
-        return "on_resume";
-    case AH_HOOK_SHUTDOWN:
-        return "on_shutdown";
-    default:
-        return "none";
-    }
-}
 
 /* The state's waker (any thread): a command reaches the running call's loop, so that agent.sleep
  * returns early. */
@@ -231,8 +217,8 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
     rc = ah_lua_hook(h->lua, hook, ev, err, sizeof(err));
     if (rc != AH_OK) {
         ah_state_count_hook_error(h->state);
-        ah_log_error("Lua error in %s (the transition to %s still holds): %s", hook_name(hook),
-                     ah_run_state_name(to), err);
+        ah_log_error("Lua error in %s (the transition to %s still holds): %s",
+                     ah_lua_hook_name(hook), ah_run_state_name(to), err);
     }
 }
 
@@ -283,8 +269,8 @@ static void *worker_main(void *arg)
         atomic_store(&h->worker_rc, 1);
         ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "init failed", "host");
     }
-    double idle_wait = IDLE_BACKOFF_MIN;
-    double error_wait = ERROR_BACKOFF_MIN;
+    int batch_errors = 0; /* consecutive failed batches: drive the error backoff */
+    int idle_batches = 0; /* consecutive batches without items: drive the idle backoff */
     for (;;) {
         ah_event_t ev;
         if (ah_state_take_event(h->state, &ev)) {
@@ -311,18 +297,19 @@ static void *worker_main(void *arg)
         int rc = ah_lua_batch(h->lua, &items, err, sizeof(err));
         ah_state_count_batch(h->state, rc == AH_OK);
         if (rc != AH_OK) {
+            double error_wait = ah_backoff(batch_errors, ERROR_BACKOFF_MIN, ERROR_BACKOFF_MAX);
             ah_log_error("Lua error in batch (retrying in %.1fs): %s", error_wait, err);
             ah_state_wait(h->state, error_wait);
-            error_wait = error_wait * 2 > ERROR_BACKOFF_MAX ? ERROR_BACKOFF_MAX : error_wait * 2;
+            batch_errors += batch_errors < 64;
             continue;
         }
-        error_wait = ERROR_BACKOFF_MIN;
+        batch_errors = 0;
         if (items > 0) {
-            idle_wait = IDLE_BACKOFF_MIN;
+            idle_batches = 0;
             continue;
         }
-        ah_state_wait(h->state, idle_wait);
-        idle_wait = idle_wait * 2 > IDLE_BACKOFF_MAX ? IDLE_BACKOFF_MAX : idle_wait * 2;
+        ah_state_wait(h->state, ah_backoff(idle_batches, IDLE_BACKOFF_MIN, IDLE_BACKOFF_MAX));
+        idle_batches += idle_batches < 64;
     }
     ah_state_set_stopped(h->state);
     uv_async_send(&h->worker_done);

@@ -17,7 +17,6 @@
 #include <strings.h>
 
 #define HTTP_HISTORY_DEFAULT 20
-#define HTTP_HISTORY_MAX 1000
 /* POST /api/agent/reload waits this long for the outcome. */
 #define RELOAD_WAIT_S 10
 #define METRICS_TYPE "text/plain; version=0.0.4"
@@ -118,7 +117,7 @@ static int query_text(const http_call_t *call, const char *key, const char *fall
     return AH_OK;
 }
 
-/* Parses "1".."1000" (plain decimal digits only). 0 or AH_EINVAL. */
+/* Parses "1"..AH_HISTORY_MAX (at most 4 plain decimal digits). 0 or AH_EINVAL. */
 static int parse_limit(const char *text, int *out)
 {
     if (text == NULL || text[0] == '\0' || strlen(text) > 4) {
@@ -131,7 +130,7 @@ static int parse_limit(const char *text, int *out)
         }
         value = value * 10 + (*p - '0');
     }
-    if (value < 1 || value > HTTP_HISTORY_MAX) {
+    if (value < 1 || value > AH_HISTORY_MAX) {
         return AH_EINVAL;
     }
     *out = value;
@@ -323,7 +322,7 @@ void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
         MHD_YES) {
         if (text == NULL || strlen(text) != len || parse_limit(text, &limit) != AH_OK) {
             ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
-                                "limit must be an integer between 1 and %d", HTTP_HISTORY_MAX);
+                                "limit must be an integer between 1 and %d", AH_HISTORY_MAX);
             return;
         }
     }

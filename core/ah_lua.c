@@ -20,7 +20,7 @@
 
 #include "ah_log.h"
 #include "ah_lua_http.h"
-#include "ah_lua_mongo.h"
+#include "ah_mongo.h"
 #include "ah_metrics.h"
 
 #include <assert.h>
@@ -44,7 +44,8 @@
 /* The generated table of lua/<name>.lua modules (cmake/embed_lua.cmake), NULL-terminated by name.
  */
 typedef struct {
-    const char *name;
+    const char *name; /* the require() name: lua/agent_queue.lua is "agent.queue" */
+    const char *file; /* the file under lua/, for the chunk name */
     const unsigned char *data;
     size_t size;
 } ah_lua_module_t;
@@ -1136,7 +1137,7 @@ static void register_preloads(lua_State *L, ah_lua_t *lua)
     lua_setfield(L, -2, "agent.http.core");
 
     for (const ah_lua_module_t *m = ah_lua_modules; m->name != NULL; m++) {
-        lua_pushfstring(L, "@lua/%s.lua", m->name);
+        lua_pushfstring(L, "@lua/%s", m->file);
         if (luaL_loadbuffer(L, (const char *)m->data, m->size, lua_tostring(L, -1)) != 0) {
             lua_error(L);
         }
@@ -1481,23 +1482,31 @@ static void push_event(lua_State *L, const ah_event_t *ev)
 }
 
 /* AH_HOOK_NONE (a transition without a hook) and an undefined hook are no-ops returning 0. */
-int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen)
+/* The script function a hook calls, or -1 for AH_HOOK_NONE. */
+static int hook_fn(ah_hook_t hook)
 {
-    int fn;
     switch (hook) {
     case AH_HOOK_PAUSE:
-        fn = FN_ON_PAUSE;
-        break;
+        return FN_ON_PAUSE;
     case AH_HOOK_RESUME:
-        fn = FN_ON_RESUME;
-        break;
+        return FN_ON_RESUME;
     case AH_HOOK_SHUTDOWN:
-        fn = FN_ON_SHUTDOWN;
-        break;
+        return FN_ON_SHUTDOWN;
     default:
-        return AH_OK;
+        return -1;
     }
-    if (lua->fn_refs[fn] == LUA_NOREF) {
+}
+
+const char *ah_lua_hook_name(ah_hook_t hook)
+{
+    int fn = hook_fn(hook);
+    return fn < 0 ? "none" : fn_names[fn];
+}
+
+int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen)
+{
+    int fn = hook_fn(hook);
+    if (fn < 0 || lua->fn_refs[fn] == LUA_NOREF) {
         return AH_OK;
     }
     if (ev == NULL) {

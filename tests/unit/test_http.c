@@ -1121,6 +1121,8 @@ static void test_metrics_exposes_every_family(void **state)
         assert_contains(r.body, line);
     }
     assert_contains(r.body, "\nagenthost_batches_total 1\n");
+    assert_contains(r.body, "\nagenthost_batch_errors_total 0\n");
+    assert_contains(r.body, "\nagenthost_hook_errors_total 0\n");
     assert_contains(r.body, "\nagenthost_state{state=\"starting\"} 0\n");
     assert_contains(r.body, "\nagenthost_state{state=\"running\"} 1\n");
     assert_contains(r.body, "\nagenthost_state{state=\"stopped\"} 0\n");
