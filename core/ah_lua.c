@@ -868,8 +868,8 @@ static void on_join_timer(uv_timer_t *timer)
 }
 
 /* task:join([timeout]) -> true, results... | false, error message; nil, msg, "timeout" when
- * the timeout passed first (the task keeps running), nil, msg, code when the call's waits are
- * cancelled. Upvalue 1: the ah_lua_t. */
+ * the timeout passed first (the task keeps running); nil, msg, "cancelled" when every task of
+ * the call waits for another one. Upvalue 1: the ah_lua_t. */
 static int task_join(lua_State *L)
 {
     ah_lua_t *lua = host_upvalue(L);
@@ -890,9 +890,8 @@ static int task_join(lua_State *L)
     if (target->joiner != NULL) {
         return luaL_error(L, "task:join: another task already waits for this task");
     }
-    if (lua->cancel_code != NULL) {
-        return push_cancelled(L, lua);
-    }
+    /* Not cut short when the call's waits are cancelled: the task unwinds through its own
+     * cancelled waits and the joiner gets its outcome. */
     target->joiner = self;
     self->joining = target;
     self->wait = WAIT_JOIN;
