@@ -1,7 +1,7 @@
 """agent.http against local HTTP/HTTPS servers started by the tests (real binary, fixture
 http_client.lua): statuses, headers, JSON, chunked and large bodies, the body cap, connection and
-DNS failures, TLS verification, redirects, keep-alive reuse, a server that never answers (cut at
-BATCH_TIMEOUT, or at shutdown), and a request from a hook."""
+DNS failures, TLS verification, redirects, keep-alive reuse, proxy variables, a server that never
+answers (cut at BATCH_TIMEOUT, or at shutdown), and a request from a hook."""
 import json
 import signal
 import time
@@ -127,6 +127,19 @@ def test_misuse_raises(suite_events):
 
 def test_concurrent_requests_from_tasks(suite_events):
     assert by_name(suite_events, "concurrent")[0]["ok"] == 20
+
+
+def test_proxy_variables_are_honoured(fleet, state_file, tmp_path):
+    with Server() as proxy:
+        a = start(fleet, state_file, tmp_path, "proxy", MODE="proxy", http_proxy=proxy.base,
+                  no_proxy="127.0.0.1", CLOSED_PORT=free_port())
+        ev = wait_events(a.events, lambda e: count_events(e, "direct") == 1, 15, "both requests")
+        e = by_name(ev, "proxied")[0]
+        assert (e["status"], e["body"]) == (201, "status 201"), e
+        assert proxy.requests == 1
+        assert by_name(ev, "direct")[0]["code"] == "connect"
+        a.signal(signal.SIGTERM)
+        assert a.wait_exit(20) == 0, a.log_text()
 
 
 def test_server_that_never_answers_is_cut_at_batch_timeout(fleet, state_file, tmp_path):

@@ -4,7 +4,7 @@ $EVENTS_FILE. Knobs (environment):
   BASE         the plain HTTP server, e.g. http://127.0.0.1:PORT
   TLS_BASE     the HTTPS server with a self-signed certificate (suite mode)
   CA_FILE      that certificate (suite mode)
-  MODE         suite | hang | hang_shutdown | webhook
+  MODE         suite | proxy | hang | hang_shutdown | webhook
 The first batch does the work of MODE; later batches sleep a little and return 0. ]]
 local agent = require "agent"
 local http = require "agent.http"
@@ -143,6 +143,11 @@ function M.batch()
             suite[name]()
         end
         record({ev = "suite_done"})
+    elseif mode == "proxy" then
+        -- http_proxy points at the test server: a name that resolves nowhere still answers
+        outcome("proxied", http.get("http://through-the-proxy.invalid/status/201"))
+        -- no_proxy lists 127.0.0.1: this one goes direct (CLOSED_PORT: nobody listens)
+        outcome("direct", http.get("http://127.0.0.1:" .. agent.env("CLOSED_PORT", "1") .. "/"))
     elseif mode == "hang" or mode == "hang_shutdown" then
         record({ev = "hang_start"})
         local t0 = agent.monotonic()
