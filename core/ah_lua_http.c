@@ -37,6 +37,7 @@
 #define DEFAULT_MAX_BODY (16.0 * 1024 * 1024)
 #define MAX_REDIRECTS 10
 #define MAX_HEADER_BYTES (256 * 1024)
+#define MAX_IDLE_CONNECTIONS 256
 
 /* Registry key of this state's client. */
 static const char registry_key_client = 'c';
@@ -398,6 +399,10 @@ static client_t *get_client(lua_State *L)
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
+    /* Idle connections kept for reuse. curl's default (4x the transfers running at the moment)
+     * shrinks between bursts of requests and closes connections that tasks reuse a moment
+     * later. */
+    curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, (long)MAX_IDLE_CONNECTIONS);
     *slot = c;
     return c;
 }
