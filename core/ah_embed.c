@@ -18,6 +18,7 @@
 #include <lua.h>
 
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -536,7 +537,13 @@ const char *agenthost_state_name(agenthost_state_t state)
 
 int agenthost_wait_state(agenthost_t *h, agenthost_state_t state, double timeout_seconds)
 {
-    int64_t deadline = ah_mono_us() + (int64_t)(timeout_seconds * 1e6);
+    if (isnan(timeout_seconds)) {
+        return AGENTHOST_EINVAL;
+    }
+    int64_t timeout_us; /* saturated: a huge timeout waits "forever" */
+    (void)ah_double_to_int64(timeout_seconds * 1e6, &timeout_us);
+    int64_t now = ah_mono_us();
+    int64_t deadline = timeout_us > INT64_MAX - now ? INT64_MAX : now + timeout_us;
     for (;;) {
         agenthost_state_t now = agenthost_state(h);
         if (now == state) {

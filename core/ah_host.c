@@ -91,7 +91,8 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
         goto fail;
     }
     /* agent.mongo: its own pool for AGENT_MONGODB_URI (or MONGODB_URI without a MongoDB control
-     * store); otherwise open_store() lends it the control store's pool. */
+     * store); otherwise the store's URI for a pool of its own, opened on first use (never the
+     * store's pool: no script can take the connections cluster commands need). */
     const char *own_uri = cfg->agent_mongodb_uri;
     if (own_uri == NULL && !cfg->distributed_control) {
         own_uri = cfg->mongodb_uri;
@@ -100,6 +101,9 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
                                 cfg->agent_id, err, errlen);
     if (h->mongo == NULL) {
         goto fail;
+    }
+    if (own_uri == NULL && cfg->mongodb_uri != NULL) {
+        ah_lua_mongo_set_store_uri(h->mongo, cfg->mongodb_uri);
     }
     ah_lua_options_t opts = {.agent_id = cfg->agent_id,
                              .state = h->state,
@@ -522,7 +526,6 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
                  detail);
         return AH_EINVAL;
     }
-    ah_lua_mongo_set_shared_pool(h->mongo, ah_store_mongo_pool(h->store));
     ah_store_listener_t listener = {
         .on_control = on_store_control, .on_status = on_store_status, .ud = h->state};
     return ah_store_watch_start(h->store, &listener, err, errlen);

@@ -140,7 +140,8 @@ agenthost_state_t agenthost_state(agenthost_t *host);
 /* "new" | "starting" | "running" | "paused" | "stopping" | "stopped" (static strings). */
 const char *agenthost_state_name(agenthost_state_t state);
 /* Waits until the host is in `state` (0) or timeout_seconds pass (AGENTHOST_ETIMEOUT); returns
- * AGENTHOST_EINVAL at once if the host stopped before reaching it. Thread-safe. */
+ * AGENTHOST_EINVAL at once if the host stopped before reaching it or timeout_seconds is NaN.
+ * Thread-safe. */
 int agenthost_wait_state(agenthost_t *host, agenthost_state_t state, double timeout_seconds);
 /* Batches run so far (successful or not). Thread-safe. */
 uint64_t agenthost_batches(agenthost_t *host);

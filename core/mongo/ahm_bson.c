@@ -258,13 +258,15 @@ static int append_table(lua_State *L, int idx, bson_t *out, const char *key, int
     if (kind != NULL && strcmp(kind, "date") == 0) {
         lua_getfield(L, idx, "ms");
         lua_Number ms = lua_tonumber(L, -1);
-        bool ok = lua_type(L, -1) == LUA_TNUMBER && isfinite(ms);
+        bool is_number = lua_type(L, -1) == LUA_TNUMBER;
         lua_pop(L, 1);
-        if (!ok) {
-            set_err(err, errlen, key, "a date needs a finite number field ms");
+        int64_t ms_int;
+        if (!is_number || ah_double_to_int64(ms, &ms_int) != AH_OK) {
+            set_err(err, errlen, key,
+                    "a date needs a field ms: a number of milliseconds in the int64 range");
             return AH_EINVAL;
         }
-        bson_append_date_time(out, key, keylen, (int64_t)ms);
+        bson_append_date_time(out, key, keylen, ms_int);
         return AH_OK;
     }
     size_t n = 0;
@@ -741,8 +743,17 @@ static lua_Number date_ms(lua_State *L, int idx)
 static int date_tostring(lua_State *L)
 {
     lua_Number ms = date_ms(L, 1);
+    int64_t ms_int;
+    /* ISO 8601 for years 0-9999; otherwise (or for a NaN) the number itself. */
+    if (ah_double_to_int64(ms, &ms_int) != AH_OK || ms_int < AH_TIMESTAMP_MIN_US / 1000 ||
+        ms_int > AH_TIMESTAMP_MAX_US / 1000) {
+        char text[64];
+        snprintf(text, sizeof(text), "date(%.17g ms, out of range)", (double)ms);
+        lua_pushstring(L, text);
+        return 1;
+    }
     char ts[AH_TIMESTAMP_LEN];
-    ah_format_timestamp((int64_t)ms * 1000, ts);
+    ah_format_timestamp(ms_int * 1000, ts);
     lua_pushstring(L, ts);
     return 1;
 }

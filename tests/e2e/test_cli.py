@@ -217,3 +217,11 @@ def test_version_names_the_driver_from_the_plugin():
     p = run_cli(["version"])
     assert p.returncode == 0, p.stderr
     assert re.search(r"libmongoc \d+\.\d+\.\d+", p.stdout), p.stdout
+
+
+@pytest.mark.parametrize("value", ["nan", "-nan", "inf", "1e300", "0", "-1", "5x", ""])
+def test_ctl_timeout_must_be_a_sane_number_of_seconds(value):
+    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", value])
+    assert p.returncode == 2, (value, p.stdout, p.stderr)
+    assert ("agenthost ctl: --timeout needs a number of seconds, more than 0 and at most 86400"
+            in p.stderr), p.stderr

@@ -5,6 +5,7 @@ docs/LUA_MONGO.md is the reference these tests hold the binding to."""
 import datetime
 import json
 import os
+import re
 import signal
 import sys
 import uuid
@@ -271,3 +272,23 @@ def test_queue_has_one_name_and_checks_the_job_before_using_it(fleet, tmp_path, 
         assert "lua_queue_misuse.lua:" in msg and msg.endswith(f"{method}: job table expected"), \
             (case, msg)
     stop(agent)
+
+
+def test_dates_beyond_int64_have_defined_text_and_encoding(fleet, tmp_path, state_file):
+    out = tmp_path / "dates.json"
+    env = agent_env(state_file, OUT_FILE=out)
+    env["AGENT_MONGODB_URI"] = ""
+    agent = fleet.start(script("lua_mongo_dates.lua"), env=env, name="dates")
+    r = wait_report(str(out), agent)
+    stop(agent)
+    assert r["epoch"] == "1970-01-01T00:00:00.000000Z"
+    assert r["last"] == "9999-12-31T23:59:59.999000Z"
+    assert r["huge"] == "date(1.0000000000000001e+300 ms, out of range)"
+    assert r["negative_huge"] == "date(-1.0000000000000001e+300 ms, out of range)"
+    assert r["past_9999"] == "date(253402300800000 ms, out of range)"
+    assert re.fullmatch(r"date\(-?nan ms, out of range\)", r["nan"]), r["nan"]
+    assert r["nan_equal"] is False and r["huge_less"] is True
+    bad = ("bad argument #1 to 'insert_one' (document: key 'd': a date needs a field ms: a "
+           "number of milliseconds in the int64 range)")
+    assert bad in r["encode_huge"], r["encode_huge"]
+    assert bad in r["encode_nan"], r["encode_nan"]
