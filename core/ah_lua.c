@@ -158,6 +158,7 @@ struct ah_lua_s {
     char cancel_msg[160];
     char *call_err; /* the running call's error buffer (filled when the main task fails) */
     size_t call_errlen;
+    int pending_work;            /* ah_lua_queue_work() jobs not finished yet */
     _Atomic uint64_t cancel_seq; /* call_seq of the call ah_lua_interrupt() asked to cancel */
     atomic_bool parked;          /* the running call is in the loop, not in Lua code */
 };
@@ -598,6 +599,7 @@ __attribute__((noinline)) static void run_loop(ah_lua_t *lua)
             if (lua->deadline_us > 0) {
                 int64_t left_us = lua->deadline_us - ah_mono_us();
                 uint64_t ms = left_us > 0 ? (uint64_t)(left_us + 999) / 1000 : 0;
+                uv_update_time(&lua->loop);
                 uv_timer_start(&lua->deadline, on_deadline, ms, 0);
             }
         }
@@ -709,6 +711,12 @@ bool ah_lua_can_wait(lua_State *L)
     return lua->current != NULL && lua->current->co == L;
 }
 
+int ah_lua_push_cancelled(lua_State *L)
+{
+    ah_lua_t *lua = host_from_registry(L);
+    return lua->cancel_code != NULL ? push_cancelled(L, lua) : 0;
+}
+
 int ah_lua_op_wait(lua_State *L, ah_lua_op_t *op, const char *what)
 {
     ah_lua_t *lua = host_from_registry(L);
@@ -734,6 +742,41 @@ void ah_lua_op_done(ah_lua_op_t *op)
     t->op = NULL;
     lua_pushboolean(t->co, 1);
     task_ready(t->lua, t, 1);
+}
+
+void ah_lua_op_done_ref(ah_lua_op_t *op, int ref)
+{
+    task_t *t = op->task;
+    if (t == NULL) {
+        return;
+    }
+    op->task = NULL;
+    t->op = NULL;
+    lua_checkstack(t->co, 2);
+    lua_pushboolean(t->co, 1);
+    lua_rawgeti(t->co, LUA_REGISTRYINDEX, ref);
+    task_ready(t->lua, t, 2);
+}
+
+lua_State *ah_lua_main(lua_State *L)
+{
+    return host_from_registry(L)->L;
+}
+
+int ah_lua_queue_work(lua_State *L, uv_work_t *req, uv_work_cb work, uv_after_work_cb after)
+{
+    ah_lua_t *lua = host_from_registry(L);
+    int rc = uv_queue_work(&lua->loop, req, work, after);
+    if (rc == 0) {
+        lua->pending_work++;
+    }
+    return rc;
+}
+
+void ah_lua_work_finished(uv_work_t *req)
+{
+    ah_lua_t *lua = req->loop->data;
+    lua->pending_work--;
 }
 
 /* ---- the agent.core module (C half of `agent`) ------------------------------------------- */
@@ -802,6 +845,7 @@ static int core_sleep(lua_State *L)
         lua_pushboolean(L, 1);
         return 1;
     }
+    uv_update_time(&lua->loop); /* the loop does not run between calls: its clock is stale */
     uv_timer_start(&t->timer, on_sleep_timer, (uint64_t)ceil(seconds * 1000.0), 0);
     t->wait = WAIT_SLEEP;
     return lua_yield(L, 0);
@@ -899,6 +943,7 @@ static int task_join(lua_State *L)
         if (timeout > SLEEP_MAX_SECONDS) {
             timeout = SLEEP_MAX_SECONDS;
         }
+        uv_update_time(&lua->loop);
         uv_timer_start(&self->timer, on_join_timer, (uint64_t)ceil(timeout * 1000.0), 0);
     }
     return lua_yield(L, 0);
@@ -1290,6 +1335,7 @@ static int loop_open(ah_lua_t *lua, char *err, size_t errlen)
         return AH_EIO;
     }
     lua->loop_open = true;
+    lua->loop.data = lua;
     rc = uv_async_init(&lua->loop, &lua->wake, on_wake);
     if (rc != 0) {
         snprintf(err, errlen, "uv_async_init: %s", uv_strerror(rc));
@@ -1398,7 +1444,12 @@ void ah_lua_close(ah_lua_t *lua)
     if (lua == NULL) {
         return;
     }
-    lua_close(lua->L); /* first: __gc of modules' objects may close their handles */
+    /* Background work (a driver call whose wait was cancelled) may still use memory the state
+     * owns: let it finish first. */
+    while (lua->pending_work > 0) {
+        uv_run(&lua->loop, UV_RUN_ONCE);
+    }
+    lua_close(lua->L); /* then: __gc of modules' objects may close their handles */
     loop_close(lua);
     if (lua->metrics_owned) {
         ah_metrics_free(lua->metrics);

@@ -104,8 +104,24 @@ struct uv_loop_s *ah_lua_loop(struct lua_State *L);
 int ah_lua_op_wait(struct lua_State *L, ah_lua_op_t *op, const char *what);
 /* True when the running task of L may wait (ah_lua_op_wait would not raise). */
 bool ah_lua_can_wait(struct lua_State *L);
+/* When the running call's waits are cancelled (BATCH_TIMEOUT, shutdown), pushes nil, msg, code
+ * on L and returns 3: a C function should return that before starting work nobody will wait
+ * for. Otherwise returns 0 and pushes nothing. */
+int ah_lua_push_cancelled(struct lua_State *L);
 /* Completes op: its task resumes with `true` at the next turn of the loop. Lua thread only
  * (loop callbacks). A no-op when nobody waits for op any more. */
 void ah_lua_op_done(ah_lua_op_t *op);
+/* The same, and the task resumes with `true` and the registry value ref (the ref stays the
+ * caller's). */
+void ah_lua_op_done_ref(ah_lua_op_t *op, int ref);
+/* The state's main thread (for registry refs released from loop callbacks). */
+struct lua_State *ah_lua_main(struct lua_State *L);
+/* uv_queue_work on the state's loop, counted: ah_lua_close() waits for every such work to finish
+ * before it closes the state (the work may use memory the state owns). after must call
+ * ah_lua_work_finished(req) first. 0 or a libuv error. */
+struct uv_work_s;
+int ah_lua_queue_work(struct lua_State *L, struct uv_work_s *req, void (*work)(struct uv_work_s *),
+                      void (*after)(struct uv_work_s *, int status));
+void ah_lua_work_finished(struct uv_work_s *req);
 
 #endif

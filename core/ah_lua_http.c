@@ -327,6 +327,8 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
     if (timeout_ms < 0) {
         uv_timer_stop(&c->timer);
     } else {
+        /* The worker's loop does not run between calls: refresh its clock first. */
+        uv_update_time(uv_handle_get_loop((uv_handle_t *)&c->timer));
         uv_timer_start(&c->timer, on_timeout, (uint64_t)timeout_ms, 0);
     }
     return 0;
@@ -609,9 +611,10 @@ static struct curl_slist *build_headers(lua_State *L, int idx, bool *ok)
     return list;
 }
 
-/* core.start(opts, body, headers) -> transfer. opts: the table given to agent.http.request;
- * body (string or nil) and headers (table or nil) as prepared by the Lua half. Raises on misuse
- * (bad options, not inside a task); the request starts on the loop at once. */
+/* core.start(opts, body, headers) -> transfer | nil, msg, code (the call's waits are already
+ * cancelled). opts: the table given to agent.http.request; body (string or nil) and headers
+ * (table or nil) as prepared by the Lua half. Raises on misuse (bad options, not inside a task);
+ * the request starts on the loop at once. */
 static int http_start(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -658,6 +661,10 @@ static int http_start(lua_State *L)
         return luaL_error(L, "agent.http: ca_file must be a path");
     }
     const char *ca_file = lua_tostring(L, -1);
+    int cancelled = ah_lua_push_cancelled(L);
+    if (cancelled != 0) {
+        return cancelled; /* the call's waits are cancelled: no request is started */
+    }
     client_t *client = get_client(L);
 
     /* Nothing below raises until the transfer is owned by its userdata. */

@@ -49,8 +49,12 @@ local function request(opts)
     elseif body ~= nil and type(body) ~= "string" then
         error("agent.http.request: body must be a string (use json for a table)", 2)
     end
-    local transfer = core.start(opts, body, headers)
-    local ok, msg, code = core.wait(transfer)
+    local transfer, msg, code = core.start(opts, body, headers)
+    if not transfer then
+        return nil, msg, code -- the call's waits are already cancelled
+    end
+    local ok
+    ok, msg, code = core.wait(transfer)
     if not ok then
         core.release(transfer)
         return nil, msg, code

@@ -97,3 +97,14 @@ def test_sigterm_wakes_waiting_tasks_and_on_shutdown_runs(fleet, state_file, tmp
     ev = read_events(a.events)
     shut = [e for e in ev if e["ev"] == "on_shutdown"]
     assert len(shut) == 1 and shut[0]["done"] == 50, ev[-3:]
+
+
+def test_a_sleep_after_idle_batches_lasts_its_time(fleet, state_file, tmp_path):
+    # The worker's loop does not run between calls; its clock must not make the first timer of
+    # a later call fire early.
+    a = start(fleet, state_file, tmp_path, "idle", MODE="sleep_after_idle")
+    ev = wait_events(a.events, lambda e: count_events(e, "slept") == 1, 20, "the sleep")
+    rec = [e for e in ev if e["ev"] == "slept"][0]
+    assert rec["idle_batches"] == 5 and rec["elapsed"] >= 0.45, rec
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit(20) == 0, a.log_text()

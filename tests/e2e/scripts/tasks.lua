@@ -1,7 +1,7 @@
 --[[ Fixture: tasks on the worker's loop (agent.spawn, task:join, agent.sleep). Records facts as
 JSON lines in $EVENTS_FILE. Knobs (environment):
   EVENTS_FILE  where to append the records (required)
-  MODE         many | join_error | pause_wait | budget | shutdown_wait
+  MODE         many | join_error | pause_wait | budget | shutdown_wait | sleep_after_idle
   TASKS        number of tasks (default 10)
   SLEEP        seconds each task sleeps (default 1)
   JIT          "off" turns the JIT compiler off
@@ -110,8 +110,21 @@ function modes.budget()
     record({ev = "budget", codes = codes, main_code = code, elapsed = agent.monotonic() - t0})
 end
 
+-- Idle batches first (the host waits 0.1, 0.2, 0.4, 0.8, 1 s between them, while the worker's
+-- loop does not run), then one that sleeps: the sleep must still last its time.
+local idle_batches = 0
+function modes.sleep_after_idle()
+    local t0 = agent.monotonic()
+    agent.sleep(0.5)
+    record({ev = "slept", elapsed = agent.monotonic() - t0, idle_batches = idle_batches})
+end
+
 return {
     batch = function()
+        if mode == "sleep_after_idle" and first and idle_batches < 5 then
+            idle_batches = idle_batches + 1
+            return 0
+        end
         if not first then
             agent.sleep(0.05)
             return 0
