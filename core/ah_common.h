@@ -17,6 +17,7 @@
 #define AH_ELUA (-5)     /* Lua error (message in the error buffer) */
 #define AH_ETIMEOUT (-6) /* an operation ran out of time */
 #define AH_ENOOP (-7)    /* nothing to do (e.g. a transition to the current state) */
+#define AH_EREFUSED (-8) /* refused in this state (a local resume of an agent held paused) */
 
 #define AH_ERRLEN 512       /* size of caller-provided error buffers */
 #define AH_REASON_MAX 1024  /* max bytes of a command's reason */

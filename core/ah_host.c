@@ -201,6 +201,13 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
                      ah_command_name(ev->command), (long long)ev->version, ah_run_state_name(from));
         return;
     }
+    if (rc == AH_EREFUSED) {
+        ah_log_warn("Local resume by %s refused: this agent is held paused because the "
+                    "cluster command is 'shutdown'; only a cluster command releases it "
+                    "(POST /api/cluster/resume, agenthost ctl resume)",
+                    ev->updated_by[0] ? ev->updated_by : "unknown");
+        return;
+    }
     if (rc != AH_OK) {
         return;
     }
@@ -209,9 +216,13 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
         ah_log_info("Synced to cluster state: '%s' (version %lld)", ah_command_name(ev->command),
                     (long long)ev->version);
         if (ev->command == AH_CMD_SHUTDOWN) {
-            ah_log_warn("The cluster command is 'shutdown': this agent stays paused until "
-                        "POST /api/cluster/resume");
+            ah_log_warn(
+                "The cluster command is 'shutdown': this agent stays paused until "
+                "POST /api/cluster/resume (agenthost ctl resume); a local resume is refused");
         }
+    }
+    if (ev->source == AH_SOURCE_CLUSTER) {
+        ah_state_issue_barrier(h->state); /* after this agent's own "issued" line, if it is one */
     }
     log_transition(to, ev);
     if (hook == AH_HOOK_NONE) {
@@ -223,6 +234,21 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
         ah_state_count_hook_error(h->state);
         ah_log_error("Lua error in %s (the transition to %s still holds): %s",
                      ah_lua_hook_name(hook), ah_run_state_name(to), err);
+    }
+}
+
+/* Before a Lua state is closed: runs the script's on_reload (when it is being replaced), then
+ * lets the agent module release what it holds (agent.queue's claims). Failures are logged; the
+ * state is closed anyway. */
+static void release_script(ah_host_t *h, ah_lua_t *lua, bool reloading)
+{
+    char err[AH_ERRLEN * 4];
+    if (reloading && ah_lua_on_reload(lua, err, sizeof(err)) != AH_OK) {
+        ah_state_count_hook_error(h->state);
+        ah_log_error("Lua error in on_reload (the new script replaces it anyway): %s", err);
+    }
+    if (ah_lua_release(lua, err, sizeof(err)) != AH_OK) {
+        ah_log_error("Lua error while releasing the script's claims: %s", err);
     }
 }
 
@@ -246,10 +272,6 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
     rc = ah_lua_init(fresh, err, sizeof(err));
     pthread_mutex_lock(&h->lua_lock);
     h->loading = NULL;
-    ah_lua_t *old = h->lua;
-    if (rc == AH_OK) {
-        h->lua = fresh;
-    }
     pthread_mutex_unlock(&h->lua_lock);
     if (rc != AH_OK) {
         ah_log_error("Reload failed in init, the previous script keeps running: %s", err);
@@ -257,6 +279,12 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
+    /* The old script lets go (its on_reload, then agent.queue's claims) before it is closed. */
+    release_script(h, h->lua, true);
+    pthread_mutex_lock(&h->lua_lock);
+    ah_lua_t *old = h->lua;
+    h->lua = fresh;
+    pthread_mutex_unlock(&h->lua_lock);
     ah_lua_close(old);
     ah_log_info("Reloaded script %s (state: %s)", h->script_label,
                 ah_run_state_name(ah_state_get(h->state)));
@@ -269,7 +297,15 @@ static void *worker_main(void *arg)
     char err[AH_ERRLEN * 4];
     if (ah_lua_init(h->lua, err, sizeof(err)) != AH_OK) {
         ah_log_error("Lua error in init: %s", err);
-        snprintf(h->worker_err, sizeof(h->worker_err), "init failed");
+        /* The error's first line (the traceback is in the log line above). */
+        static const char prefix[] = "init failed: ";
+        ah_strlcpy(h->worker_err, prefix, sizeof(h->worker_err));
+        size_t line = strcspn(err, "\n");
+        size_t room = sizeof(h->worker_err) - (sizeof(prefix) - 1);
+        if (line < room) {
+            err[line] = '\0';
+        }
+        ah_strlcpy(h->worker_err + sizeof(prefix) - 1, err, room);
         atomic_store(&h->worker_rc, 1);
         ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "init failed", "host");
     }
@@ -315,6 +351,7 @@ static void *worker_main(void *arg)
         ah_state_wait(h->state, ah_backoff(idle_batches, IDLE_BACKOFF_MIN, IDLE_BACKOFF_MAX));
         idle_batches += idle_batches < 64;
     }
+    release_script(h, h->lua, false);
     ah_state_set_stopped(h->state);
     uv_async_send(&h->worker_done);
     return NULL;
@@ -549,7 +586,10 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
         goto out;
     }
     atomic_store(&h->http_port, ah_http_port(h->http));
-    ah_log_info("HTTP API listening on %s:%d", h->cfg->http_bind, atomic_load(&h->http_port));
+    /* An IPv6 address is written in brackets, as in a URL: [::1]:8000. */
+    bool ipv6 = strchr(h->cfg->http_bind, ':') != NULL;
+    ah_log_info("HTTP API listening on %s%s%s:%d", ipv6 ? "[" : "", h->cfg->http_bind,
+                ipv6 ? "]" : "", atomic_load(&h->http_port));
     if (pthread_create(&h->worker, NULL, worker_main, h) != 0) {
         snprintf(err, errlen, "cannot start the Lua worker thread");
         goto out;

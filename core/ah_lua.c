@@ -52,9 +52,9 @@ typedef struct {
 extern const ah_lua_module_t ah_lua_modules[];
 
 /* The script's functions, resolved once after loading. */
-enum { FN_INIT = 0, FN_BATCH, FN_ON_PAUSE, FN_ON_RESUME, FN_ON_SHUTDOWN, FN_COUNT };
-static const char *const fn_names[FN_COUNT] = {"init", "batch", "on_pause", "on_resume",
-                                               "on_shutdown"};
+enum { FN_INIT = 0, FN_BATCH, FN_ON_PAUSE, FN_ON_RESUME, FN_ON_SHUTDOWN, FN_ON_RELOAD, FN_COUNT };
+static const char *const fn_names[FN_COUNT] = {"init",      "batch",       "on_pause",
+                                               "on_resume", "on_shutdown", "on_reload"};
 
 /* agent.sleep() never waits longer than this (a year); math.huge means "until woken". */
 #define SLEEP_MAX_SECONDS (365.0 * 86400.0)
@@ -564,7 +564,7 @@ static void on_wake(uv_async_t *handle)
         cancel_waits(lua, code_cancelled, "cancelled: the host stopped this call (shutdown)",
                      false);
     }
-    if (lua->state == NULL || !ah_state_wake_pending(lua->state)) {
+    if (lua->state == NULL || !ah_state_sleep(lua->state, 0)) {
         return;
     }
     task_t *main = lua->main_task;
@@ -841,7 +841,7 @@ static int core_sleep(lua_State *L)
     if (lua->cancel_code != NULL) {
         return push_cancelled(L, lua);
     }
-    if (lua->state != NULL && ah_state_wake_pending(lua->state)) {
+    if (lua->state != NULL && ah_state_sleep(lua->state, 0)) {
         lua_pushboolean(L, 1);
         return 1;
     }
@@ -976,6 +976,22 @@ static void register_task_meta(lua_State *L, ah_lua_t *lua)
     lua_pop(L, 1);
 }
 
+/* core.shutdown([reason]) -> true: asks for a local shutdown of this agent (final, like SIGTERM):
+ * the running call finishes, then on_shutdown runs and the process exits 0. Without a state
+ * (agenthost check) it does nothing and returns false. */
+static int core_shutdown(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    const char *reason = luaL_optstring(L, 1, "requested by the script");
+    if (lua->state == NULL) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    ah_state_offer_local(lua->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, reason, "script");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 static int core_should_stop(lua_State *L)
 {
     ah_lua_t *lua = host_upvalue(L);
@@ -1069,6 +1085,7 @@ static const luaL_Reg core_functions[] = {
     {"sleep", core_sleep},
     {"spawn", core_spawn},
     {"should_stop", core_should_stop},
+    {"shutdown", core_shutdown},
     {"env", core_env},
     {"now", core_now},
     {"monotonic", core_monotonic},
@@ -1217,6 +1234,79 @@ static void resolve_functions(lua_State *L, ah_lua_t *lua)
     }
 }
 
+/* Levenshtein distance between two short names (at most 32 bytes each; longer: a large value). */
+static size_t name_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a);
+    size_t lb = strlen(b);
+    if (la > 32 || lb > 32) {
+        return SIZE_MAX;
+    }
+    size_t row[33];
+    for (size_t j = 0; j <= lb; j++) {
+        row[j] = j;
+    }
+    for (size_t i = 1; i <= la; i++) {
+        size_t diagonal = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= lb; j++) {
+            size_t above = row[j];
+            size_t best = diagonal + (a[i - 1] != b[j - 1]);
+            if (above + 1 < best) {
+                best = above + 1;
+            }
+            if (row[j - 1] + 1 < best) {
+                best = row[j - 1] + 1;
+            }
+            row[j] = best;
+            diagonal = above;
+        }
+    }
+    return row[lb];
+}
+
+/* Warns about every "on_*" key of the script's table (on top of the stack) that names no hook:
+ * a misspelled hook would otherwise never run. Suggests the closest hook within two edits.
+ * Stack: [-0, +0]. */
+static void warn_unknown_hooks(lua_State *L, const ah_lua_t *lua)
+{
+    int module = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, module) != 0) {
+        lua_pop(L, 1); /* the value */
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            continue;
+        }
+        const char *key = lua_tostring(L, -1);
+        if (strncmp(key, "on_", 3) != 0) {
+            continue;
+        }
+        const char *closest = NULL;
+        size_t best = 3;
+        bool known = false;
+        for (int i = 0; i < FN_COUNT; i++) {
+            size_t d = name_distance(key, fn_names[i]);
+            known = known || d == 0;
+            if (d < best) {
+                best = d;
+                closest = fn_names[i];
+            }
+        }
+        if (known) {
+            continue;
+        }
+        if (closest != NULL) {
+            ah_log_warn("%s: the script's table has '%s', which is not a hook (did you mean "
+                        "'%s'?)",
+                        lua->script, key, closest);
+        } else {
+            ah_log_warn("%s: the script's table has '%s', which is not a hook (hooks: on_pause, "
+                        "on_resume, on_shutdown, on_reload)",
+                        lua->script, key);
+        }
+    }
+}
+
 /* ctx's __index: ctx.iteration is computed on access, so a batch does not pay for a table
  * write it rarely needs. Upvalue 1: the ah_lua_t. */
 static int ctx_index(lua_State *L)
@@ -1290,6 +1380,7 @@ static int open_protected(lua_State *L)
         luaL_error(L, "%s: script must return a table (got %s)", lua->script, luaL_typename(L, -1));
     }
     resolve_functions(L, lua);
+    warn_unknown_hooks(L, lua);
     return 0;
 }
 
@@ -1570,5 +1661,40 @@ int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, 
     int rc = call_user(lua, 1, 0, err, errlen);
     assert(lua_gettop(L) == top);
     (void)top;
+    return rc;
+}
+
+int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen)
+{
+    if (lua->fn_refs[FN_ON_RELOAD] == LUA_NOREF) {
+        return AH_OK;
+    }
+    lua_State *L = lua->L;
+    int top = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->fn_refs[FN_ON_RELOAD]);
+    lua_pushvalue(L, SLOT_CTX);
+    int rc = call_user(lua, 1, 0, err, errlen);
+    assert(lua_gettop(L) == top);
+    (void)top;
+    return rc;
+}
+
+int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen)
+{
+    lua_State *L = lua->L;
+    int top = lua_gettop(L);
+    int rc = AH_OK;
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_getfield(L, -1, "agent");
+    if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "_release");
+        if (lua_isfunction(L, -1)) {
+            rc = call_user(lua, 0, 0, err, errlen);
+        } else {
+            lua_pop(L, 1);
+        }
+    }
+    lua_settop(L, top);
     return rc;
 }

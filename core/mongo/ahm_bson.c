@@ -829,6 +829,46 @@ static int l_decimal128(lua_State *L)
     return 1;
 }
 
+/* mongo.to_json(t) -> string: the document (or array) t as relaxed Extended JSON, the way libbson
+ * writes it (ObjectId {"$oid": ...}, Date {"$date": "<ISO 8601>"}, int64 as a plain number,
+ * Decimal128 {"$numberDecimal": ...}, ...). t is any table agent.mongo accepts as a document or
+ * an array (a sequence without a mark is an array); anything else is misuse and raises. */
+static int l_to_json(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *kind = bson_kind(L, 1);
+    bool as_array =
+        (kind != NULL && strcmp(kind, "array") == 0) || (kind == NULL && lua_objlen(L, 1) > 0);
+    char err[AH_ERRLEN];
+    bson_t doc;
+    bson_init(&doc);
+    int rc = as_array ? ahm_bson_append_lua(L, 1, &doc, "", err, sizeof(err))
+                      : ahm_bson_from_lua(L, 1, &doc, err, sizeof(err));
+    if (rc != AH_OK) {
+        bson_destroy(&doc);
+        return luaL_argerror(L, 1, err);
+    }
+    size_t len = 0;
+    char *json = bson_as_relaxed_extended_json(&doc, &len);
+    bson_destroy(&doc);
+    if (json == NULL) {
+        return luaL_argerror(L, 1, "cannot be written as JSON (invalid UTF-8?)");
+    }
+    const char *text = json;
+    if (as_array) {
+        /* The array was written as the one field of {"": [...]}: keep the [...] only. libbson
+         * writes that document as '{ "" : ' + the array + ' }'. */
+        static const char prefix[] = "{ \"\" : ";
+        if (len >= sizeof(prefix) + 1 && strncmp(json, prefix, sizeof(prefix) - 1) == 0) {
+            text = json + sizeof(prefix) - 1;
+            len -= (sizeof(prefix) - 1) + 2;
+        }
+    }
+    lua_pushlstring(L, text, len);
+    bson_free(json);
+    return 1;
+}
+
 /* mongo.binary(data [, subtype]): a BSON binary value (subtype 0 by default). */
 static int l_binary(lua_State *L)
 {
@@ -1052,11 +1092,17 @@ void ahm_bson_init(lua_State *L)
 void ahm_bson_register(lua_State *L)
 {
     static const luaL_Reg fns[] = {
-        {"array", l_array},       {"document", l_document},
-        {"is_array", l_is_array}, {"oid", l_oid},
-        {"date", l_date},         {"int64", l_int64},
-        {"binary", l_binary},     {"decimal128", l_decimal128},
-        {"type", l_type},         {NULL, NULL},
+        {"array", l_array},
+        {"document", l_document},
+        {"is_array", l_is_array},
+        {"oid", l_oid},
+        {"date", l_date},
+        {"int64", l_int64},
+        {"binary", l_binary},
+        {"decimal128", l_decimal128},
+        {"type", l_type},
+        {"to_json", l_to_json},
+        {NULL, NULL},
     };
     luaL_register(L, NULL, fns);
     lua_pushlightuserdata(L, NULL);

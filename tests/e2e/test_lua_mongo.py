@@ -274,6 +274,48 @@ def test_queue_has_one_name_and_checks_the_job_before_using_it(fleet, tmp_path, 
     stop(agent)
 
 
+TO_JSON = """
+local agent = require "agent"
+local coll = agent.mongo.collection("to_json")
+local M = {}
+function M.init()
+    local doc = assert(coll:find_one({ _id = "d1" }))
+    local ok_plain = pcall(agent.json.encode, doc)
+    local f = assert(io.open(agent.env("OUT_FILE") .. ".tmp", "w"))
+    f:write(agent.json.encode({ plain_encode_fails = not ok_plain,
+                                doc = agent.mongo.to_json(doc),
+                                list = agent.mongo.to_json(doc.list) }))
+    f:close()
+    assert(os.rename(agent.env("OUT_FILE") .. ".tmp", agent.env("OUT_FILE")))
+end
+function M.batch() agent.sleep(1) return 0 end
+return M
+"""
+
+
+def test_to_json_writes_a_document_read_from_mongodb_as_relaxed_extended_json(
+        fleet, tmp_path, mongo_server):
+    oid = ObjectId()
+    when = datetime.datetime(2026, 11, 27, 3, 28, 26, 588000, tzinfo=datetime.timezone.utc)
+    mongo_server.client().agenthost.to_json.insert_one(
+        {"_id": "d1", "oid": oid, "at": when, "n": Int64(2**53 + 1), "price": Decimal128("1.25"),
+         "list": [1, "a", when], "none": None})
+    path = tmp_path / "to_json.lua"
+    path.write_text(TO_JSON)
+    out = tmp_path / "to_json.json"
+    agent = fleet.start(str(path), env=mongo_agent_env(mongo_server.uri, OUT_FILE=out),
+                        name="to-json")
+    r = wait_report(str(out), agent)
+    assert r["plain_encode_fails"] is True
+    doc = json.loads(r["doc"])
+    assert doc == {"_id": "d1", "oid": {"$oid": str(oid)},
+                   "at": {"$date": "2026-11-27T03:28:26.588Z"}, "n": 2**53 + 1,
+                   "price": {"$numberDecimal": "1.25"},
+                   "list": [1, "a", {"$date": "2026-11-27T03:28:26.588Z"}], "none": None}
+    assert json.loads(r["list"]) == doc["list"]
+    stop(agent)
+
+
 def test_dates_beyond_int64_have_defined_text_and_encoding(fleet, tmp_path, state_file):
     out = tmp_path / "dates.json"
     env = agent_env(state_file, OUT_FILE=out)
