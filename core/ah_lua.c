@@ -403,7 +403,7 @@ static void cancel_waits(ah_lua_t *lua, const char *code, const char *msg, bool 
  * created inside it); raises otherwise. */
 static task_t *waiting_task(lua_State *L, ah_lua_t *lua, const char *what)
 {
-    task_t *t = lua->current;
+    task_t *t = lua != NULL ? lua->current : NULL;
     if (t == NULL || t->co != L) {
         luaL_error(L,
                    "%s: cannot wait here: only the script's functions and tasks started by "
@@ -708,7 +708,7 @@ uv_loop_t *ah_lua_loop(lua_State *L)
 bool ah_lua_can_wait(lua_State *L)
 {
     ah_lua_t *lua = host_from_registry(L);
-    return lua->current != NULL && lua->current->co == L;
+    return lua != NULL && lua->current != NULL && lua->current->co == L;
 }
 
 int ah_lua_push_cancelled(lua_State *L)

@@ -110,7 +110,9 @@ struct uv_loop_s *ah_lua_loop(struct lua_State *L);
  * e.g. a coroutine the script created itself; the op is then not started by the caller yet, or
  * the caller cancels it. Use as `return ah_lua_op_wait(L, op, "agent.http");`. */
 int ah_lua_op_wait(struct lua_State *L, ah_lua_op_t *op, const char *what);
-/* True when the running task of L may wait (ah_lua_op_wait would not raise). */
+/* True when the running task of L may wait (ah_lua_op_wait would not raise). False for a
+ * coroutine the script created and for a lua_State that no ah_lua_t opened (an embedder's own,
+ * a benchmark's). */
 bool ah_lua_can_wait(struct lua_State *L);
 /* When the running call's waits are cancelled (BATCH_TIMEOUT, shutdown), pushes nil, msg, code
  * on L and returns 3: a C function should return that before starting work nobody will wait
