@@ -7,7 +7,8 @@
  * ended. It also provides the `agent` module to the script.
  *
  * Threads: everything here runs on the Lua worker thread that opened the state, except
- * ah_lua_interrupt(), ah_lua_waiting() and ah_lua_wake(), which any thread may call. */
+ * ah_lua_interrupt(), ah_lua_interrupt_call(), ah_lua_waiting(), ah_lua_waiting_call() and
+ * ah_lua_wake(), which any thread may call. */
 #ifndef AH_LUA_H
 #define AH_LUA_H
 
@@ -75,16 +76,25 @@ int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen);
  * loaded the module. 0, AH_ELUA or AH_ETIMEOUT. */
 int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen);
 /* Asks the running call to stop: every wait of the call is cancelled (it resumes with nil, msg,
- * "cancelled") and, when Lua code is running, the call is stopped with an error at its next
- * instruction check. Safe from any thread and from signal handlers. Code running inside a
+ * "cancelled") by the call's loop, and, when Lua code is running, the call is stopped with an
+ * error at its next instruction check. Safe from any thread and from signal handlers, as long as
+ * the thread that runs the calls has not been joined: the request reaches it as the real-time
+ * signal SIGRTMIN+5, whose handler (installed by the first ah_lua_open) installs the hook on that
+ * thread itself, and only while the call is not parked in its loop. Code running inside a
  * JIT-compiled trace does not see the request until it leaves the trace (LuaJIT does not run
  * hooks in compiled code). */
 void ah_lua_interrupt(ah_lua_t *lua);
+/* As ah_lua_interrupt, but only if the running call is the one the state object numbered
+ * `generation` (ah_state_snapshot_t.call_generation): a decision taken on a snapshot never
+ * stops a later call, nor a call of another state. */
+void ah_lua_interrupt_call(ah_lua_t *lua, uint64_t generation);
 /* True while a call runs and every one of its tasks is suspended in a wait (the thread is in the
  * loop, not in Lua code). Any thread; a hint that may be stale by the time it is read. The
  * running call's own timer cancels its waits at BATCH_TIMEOUT, so a waiting call is not
  * wedged. */
 bool ah_lua_waiting(ah_lua_t *lua);
+/* As ah_lua_waiting, for the call the state object numbered `generation` only. */
+bool ah_lua_waiting_call(ah_lua_t *lua, uint64_t generation);
 /* Wakes the state's loop so that waits that end on a pending command (agent.sleep) see it. Any
  * thread (uv_async_send); lua must stay open meanwhile. */
 void ah_lua_wake(ah_lua_t *lua);
