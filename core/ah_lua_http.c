@@ -66,6 +66,11 @@ struct client_s {
     socket_watch_t *sockets; /* watched sockets, active or idle */
     CURL *idle_easy[IDLE_EASY_MAX];
     int idle_count;
+    /* The proxy variables, read once when the client is created (curl would read five of them
+     * per request). NULL: curl reads the environment itself (see proxy_for). */
+    char *proxy_http;  /* http_proxy, else all_proxy/ALL_PROXY; "" for none */
+    char *proxy_https; /* https_proxy/HTTPS_PROXY, else all_proxy/ALL_PROXY; "" for none */
+    char *no_proxy;    /* no_proxy/NO_PROXY; "" for none */
 };
 
 /* A growable byte buffer (malloc'd). */
@@ -336,7 +341,52 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 
 static void free_client(uv_handle_t *handle)
 {
-    free(handle->data);
+    client_t *c = handle->data;
+    free(c->proxy_http);
+    free(c->proxy_https);
+    free(c->no_proxy);
+    free(c);
+}
+
+/* The first of the variables that is set (even to ""), as curl 7.88 looks them up. */
+static const char *first_env(const char *a, const char *b, const char *c)
+{
+    const char *v = getenv(a);
+    if (v == NULL && b != NULL) {
+        v = getenv(b);
+    }
+    if (v == NULL && c != NULL) {
+        v = getenv(c);
+    }
+    return v;
+}
+
+/* Reads the proxy variables the way libcurl does for each request (lower-case http_proxy only,
+ * for the CGI "Proxy:" header reason; https_proxy/HTTPS_PROXY; all_proxy/ALL_PROXY as the
+ * fallback; no_proxy/NO_PROXY). False when out of memory. */
+static bool read_proxy_env(client_t *c)
+{
+    const char *all = first_env("all_proxy", "ALL_PROXY", NULL);
+    const char *http = first_env("http_proxy", NULL, NULL);
+    const char *https = first_env("https_proxy", "HTTPS_PROXY", NULL);
+    const char *no = first_env("no_proxy", "NO_PROXY", NULL);
+    c->proxy_http = strdup(http != NULL ? http : all != NULL ? all : "");
+    c->proxy_https = strdup(https != NULL ? https : all != NULL ? all : "");
+    c->no_proxy = strdup(no != NULL ? no : "");
+    return c->proxy_http != NULL && c->proxy_https != NULL && c->no_proxy != NULL;
+}
+
+/* Sets the proxy of a request to url, from the variables read once: curl then reads no
+ * environment. When http and https would use different proxies and the request follows
+ * redirects (which may change the scheme), curl is left to choose per connection as before. */
+static void set_proxy(const client_t *c, CURL *e, const char *url, bool follow)
+{
+    if (follow && strcmp(c->proxy_http, c->proxy_https) != 0) {
+        return;
+    }
+    bool https = strncmp(url, "https://", 8) == 0;
+    curl_easy_setopt(e, CURLOPT_PROXY, https ? c->proxy_https : c->proxy_http);
+    curl_easy_setopt(e, CURLOPT_NOPROXY, c->no_proxy);
 }
 
 /* __gc of the client userdata (the state closes). */
@@ -390,8 +440,18 @@ static client_t *get_client(lua_State *L)
     if (c == NULL) {
         luaL_error(L, "agent.http: out of memory");
     }
+    if (!read_proxy_env(c)) {
+        free(c->proxy_http);
+        free(c->proxy_https);
+        free(c->no_proxy);
+        free(c);
+        luaL_error(L, "agent.http: out of memory");
+    }
     c->multi = curl_multi_init();
     if (c->multi == NULL) {
+        free(c->proxy_http);
+        free(c->proxy_https);
+        free(c->no_proxy);
         free(c);
         luaL_error(L, "agent.http: curl_multi_init failed");
     }
@@ -709,6 +769,7 @@ static int http_start(lua_State *L)
     curl_easy_setopt(e, CURLOPT_MAXREDIRS, (long)MAX_REDIRECTS);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, verify ? 1L : 0L);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, verify ? 2L : 0L);
+    set_proxy(client, e, lua_tostring(L, full_url_idx), follow);
     if (ca_file != NULL) {
         curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
     }
