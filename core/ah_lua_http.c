@@ -869,7 +869,8 @@ static const char *error_code(const transfer_t *t)
  * with ", "). Stack: [-0, +1]. */
 static void push_headers(lua_State *L, const transfer_t *t)
 {
-    lua_newtable(L);
+    lua_createtable(L, 0, 8);
+    char lower[128]; /* most names fit: lower-cased here instead of a luaL_Buffer per byte */
     const char *p = t->headers.data;
     const char *end = p + t->headers.len;
     while (p != NULL && p < end) {
@@ -877,12 +878,21 @@ static void push_headers(lua_State *L, const transfer_t *t)
         const char *line_end = eol != NULL ? eol : end;
         const char *colon = memchr(p, ':', (size_t)(line_end - p));
         if (colon != NULL && colon > p && !(line_end - p >= 5 && memcmp(p, "HTTP/", 5) == 0)) {
-            luaL_Buffer name;
-            luaL_buffinit(L, &name);
-            for (const char *c = p; c < colon; c++) {
-                luaL_addchar(&name, (char)tolower((unsigned char)*c));
+            size_t name_len = (size_t)(colon - p);
+            if (name_len <= sizeof(lower)) {
+                for (size_t i = 0; i < name_len; i++) {
+                    char ch = p[i];
+                    lower[i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch - 'A' + 'a') : ch;
+                }
+                lua_pushlstring(L, lower, name_len);
+            } else {
+                luaL_Buffer name;
+                luaL_buffinit(L, &name);
+                for (const char *c = p; c < colon; c++) {
+                    luaL_addchar(&name, (char)tolower((unsigned char)*c));
+                }
+                luaL_pushresult(&name);
             }
-            luaL_pushresult(&name);
             const char *v = colon + 1;
             const char *ve = line_end;
             while (v < ve && (*v == ' ' || *v == '\t')) {
