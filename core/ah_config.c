@@ -28,6 +28,7 @@ static const ah_config_var_t config_vars[] = {
     {"AGENTHOST_STATE_POLL", NULL, "0.1", "seconds between embedded store checks"},
     {"HTTP_BIND", "--bind", "0.0.0.0", "API listen address"},
     {"HTTP_PORT", "--port", "8000", "API port (0: any free port)"},
+    {"HTTP_CONSOLE", NULL, "true", "false: no fleet console at GET /"},
     {"AGENT_ID", "--agent-id", "$HOSTNAME", "this agent's name"},
     {"AGENT_API_TOKEN", NULL, "unset", "bearer token required by mutating routes"},
     {"LOG_LEVEL", "--log-level", "info", "debug|info|warn|error"},
@@ -67,6 +68,7 @@ void ah_config_defaults(ah_config_t *cfg)
     cfg->shutdown_timeout = 25.0;
     cfg->embedded_poll_interval = 0.1;
     cfg->signals = true;
+    cfg->http_console = true;
     cfg->change_stream_verify_interval = 60.0;
     char host[256] = "";
     const char *env_host = getenv("HOSTNAME");
@@ -211,6 +213,10 @@ int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *e
             cfg->change_stream_verify_interval = 0;
         } else if (parse_seconds(value, &cfg->change_stream_verify_interval) != 0) {
             expect = "a number of seconds >= 0 (0 disables)";
+        }
+    } else if (strcmp(name, "HTTP_CONSOLE") == 0) {
+        if (ah_config_parse_bool(value, &cfg->http_console) != 0) {
+            expect = "true/false/1/0/yes/no";
         }
     } else if (strcmp(name, "AGENTHOST_SIGNALS") == 0) {
         if (ah_config_parse_bool(value, &cfg->signals) != 0) {

@@ -1,5 +1,6 @@
-/* Configuration: built from the environment (docs: README.md, Settings), then overridden by command-line flags,
- * then validated. Invalid values are rejected with a message naming the variable. */
+/* Configuration: built from the environment (docs: README.md, Settings), then overridden by
+ * command-line flags, then validated. Invalid values are rejected with a message naming the
+ * variable. */
 #ifndef AH_CONFIG_H
 #define AH_CONFIG_H
 
@@ -19,6 +20,7 @@ typedef struct ah_config_s {
     char *state_path;         /* AGENTHOST_STATE, default ./agenthost-state.db */
     char *http_bind;          /* HTTP_BIND, default 0.0.0.0 */
     int http_port;            /* HTTP_PORT, default 8000; 0 = any free port */
+    bool http_console;        /* HTTP_CONSOLE, default true: the console at GET / */
     char *agent_id;           /* AGENT_ID, default $HOSTNAME, else gethostname() */
     char *api_token;          /* AGENT_API_TOKEN; NULL → no auth */
     ah_log_level_t log_level; /* LOG_LEVEL, default info */

@@ -1,11 +1,12 @@
-/* The HTTP API (docs/API.md) on libmicrohttpd. One access handler drains any request body, routes the
- * request through one table, and each route builds its whole JSON body in an ah_buf_t before one
- * response is queued. GET routes read only a state snapshot (never the store, so they cannot
+/* The HTTP API (docs/API.md) on libmicrohttpd. One access handler drains any request body, routes
+ * the request through one table, and each route builds its whole JSON body in an ah_buf_t before
+ * one response is queued. GET routes read only a state snapshot (never the store, so they cannot
  * block on MongoDB); cluster commands and history go through the store. Requests are served on
  * libmicrohttpd's worker threads; the only shared data are the state object (thread-safe), the
  * store (thread-safe) and the read-only configuration. */
 #include "ah_http.h"
 
+#include "ah_console.h"
 #include "ah_json.h"
 #include "ah_log.h"
 
@@ -70,9 +71,10 @@ static char headers_seen_marker;
 typedef struct http_reply_s {
     unsigned status;
     ah_buf_t body;
-    const char *content_type; /* NULL → application/json */
-    const char *allow;        /* Allow header (405) or NULL */
-    bool www_authenticate;    /* WWW-Authenticate: Bearer (401) */
+    const char *content_type;        /* NULL → application/json */
+    const char *allow;               /* Allow header (405) or NULL */
+    bool www_authenticate;           /* WWW-Authenticate: Bearer (401) */
+    const ah_console_asset_t *asset; /* a console file to send instead of body, or NULL */
 } http_reply_t;
 
 /* What a route handler receives. `name` is the tail of a prefix route (the command). */
@@ -774,6 +776,12 @@ static void route_request(ah_http_t *http, struct MHD_Connection *conn, const ch
                           const char *method, http_reply_t *reply)
 {
     http_call_t call = {.http = http, .conn = conn, .name = ""};
+    if (http->cfg->http_console && method_matches("GET", method)) {
+        reply->asset = ah_console_find(path);
+        if (reply->asset != NULL) {
+            return;
+        }
+    }
     for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
         const http_route_t *route = &routes[i];
         if (route->prefix) {
@@ -817,7 +825,12 @@ static enum MHD_Result send_reply(struct MHD_Connection *conn, http_reply_t *rep
     char *data = ah_buf_take(&reply->body, &len);
     struct MHD_Response *response;
     unsigned status = reply->status;
-    if (data == NULL) {
+    if (reply->asset != NULL) {
+        free(data);
+        reply->content_type = reply->asset->content_type;
+        response = MHD_create_response_from_buffer(reply->asset->size, (void *)reply->asset->data,
+                                                   MHD_RESPMEM_PERSISTENT);
+    } else if (data == NULL) {
         status = MHD_HTTP_INTERNAL_SERVER_ERROR;
         reply->content_type = NULL;
         response = MHD_create_response_from_buffer(sizeof(out_of_memory) - 1, (void *)out_of_memory,
@@ -834,7 +847,12 @@ static enum MHD_Result send_reply(struct MHD_Connection *conn, http_reply_t *rep
     bool ok =
         MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE,
                                 reply->content_type ? reply->content_type : JSON_TYPE) == MHD_YES &&
-        MHD_add_response_header(response, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") == MHD_YES;
+        MHD_add_response_header(response, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") == MHD_YES &&
+        MHD_add_response_header(response, "X-Content-Type-Options", "nosniff") == MHD_YES;
+    for (const ah_console_header_t *h = ah_console_headers(); ok && reply->asset != NULL && h->name;
+         h++) {
+        ok = MHD_add_response_header(response, h->name, h->value) == MHD_YES;
+    }
     if (ok && reply->allow != NULL) {
         ok = MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, reply->allow) == MHD_YES;
     }

@@ -11,6 +11,8 @@ PACKAGES=(
   libsqlite3-dev
   # tests
   libcmocka-dev python3 python3-pytest python3-pymongo python3-mongomock
+  # console tests (tests/console): a headless browser driven from pytest
+  chromium chromium-driver python3-selenium
   # deployment checks (manifest/schema validation with npm packages, kubectl kustomize)
   python3-yaml
 )
