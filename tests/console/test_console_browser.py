@@ -183,3 +183,23 @@ def test_keyboard_only_pause_and_a_narrow_window(fleet, state_file, page):
     agents[0].wait_state("paused", timeout=10)
     assert control(agents[0])["reason"] == "typed with keys"
     assert page.browser_errors() == []
+
+
+def test_history_is_paged(fleet, state_file, page):
+    agents = start_agents(fleet, state_file, 1)
+    for i in range(1, 26):
+        command = "pause" if i % 2 else "resume"
+        assert agents[0].post(f"/api/cluster/{command}?reason=step+{i}").status == 200
+    page.open(agents[0])
+    page.wait_text("history-page", lambda t: t == "Page 1 (entries 1–20)")
+    rows = page.history_rows()
+    assert [r[0] for r in rows] == [str(v) for v in range(25, 5, -1)]
+    assert rows[0][5] == "step 25"
+    assert page.el("history-newer").get_attribute("aria-disabled") == "true"
+    page.el("history-older").click()
+    page.wait_text("history-page", lambda t: t == "Page 2 (entries 21–25)")
+    assert [r[0] for r in page.history_rows()] == ["5", "4", "3", "2", "1"]
+    assert page.el("history-older").get_attribute("aria-disabled") == "true"
+    page.el("history-newer").click()
+    page.wait_text("history-page", lambda t: t == "Page 1 (entries 1–20)")
+    assert page.browser_errors() == []
