@@ -435,9 +435,11 @@
               'them). Agents do not restart by themselves.');
       setText(ok, 'Shut down all agents');
     } else {
+      const stale = view.fleet.summary.stale || 0;
       setText($('confirm-message'),
-              n + (n === 1 ? ' agent' : ' agents') + ' will stop. Agents do not restart by ' +
-              'themselves.');
+              n + (n === 1 ? ' agent' : ' agents') + ' will stop' +
+              (stale ? ' (' + stale + ' of them stale: not heard from lately, maybe gone)' : '') +
+              '. Agents do not restart by themselves.');
       setText(ok, 'Shut down ' + n + (n === 1 ? ' agent' : ' agents'));
     }
     return ask($('confirm-dialog'));
