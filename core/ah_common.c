@@ -1,7 +1,9 @@
 /* Implementation of the small shared helpers declared in ah_common.h. */
 #include "ah_common.h"
 
+#include <errno.h>
 #include <math.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -121,46 +123,106 @@ void ah_strlcpy(char *dst, const char *src, size_t n)
     dst[len] = '\0';
 }
 
+size_t ah_utf8_seq_len(const unsigned char *s, size_t n)
+{
+    size_t len;
+    if (s[0] < 0x80) {
+        return 1;
+    } else if ((s[0] & 0xE0) == 0xC0 && s[0] >= 0xC2) {
+        len = 2;
+    } else if ((s[0] & 0xF0) == 0xE0) {
+        len = 3;
+    } else if ((s[0] & 0xF8) == 0xF0 && s[0] <= 0xF4) {
+        len = 4;
+    } else {
+        return 0;
+    }
+    if (len > n) {
+        return 0;
+    }
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) {
+            return 0;
+        }
+    }
+    /* overlong forms and surrogates (3 bytes), overlong forms and past U+10FFFF (4 bytes) */
+    if (len == 3 && ((s[0] == 0xE0 && s[1] < 0xA0) || (s[0] == 0xED && s[1] >= 0xA0))) {
+        return 0;
+    }
+    if (len == 4 && ((s[0] == 0xF0 && s[1] < 0x90) || (s[0] == 0xF4 && s[1] >= 0x90))) {
+        return 0;
+    }
+    return len;
+}
+
 bool ah_utf8_valid(const char *str, size_t n)
 {
     const unsigned char *s = (const unsigned char *)str;
     size_t i = 0;
     while (i < n) {
-        unsigned char c = s[i];
-        size_t extra;
-        uint32_t cp;
-        if (c == 0) {
-            return false;
-        } else if (c < 0x80) {
-            i++;
-            continue;
-        } else if ((c & 0xE0) == 0xC0) {
-            extra = 1;
-            cp = c & 0x1F;
-        } else if ((c & 0xF0) == 0xE0) {
-            extra = 2;
-            cp = c & 0x0F;
-        } else if ((c & 0xF8) == 0xF0) {
-            extra = 3;
-            cp = c & 0x07;
-        } else {
+        size_t len = s[i] == 0 ? 0 : ah_utf8_seq_len(s + i, n - i);
+        if (len == 0) {
             return false;
         }
-        if (i + extra >= n) {
-            return false;
-        }
-        for (size_t k = 1; k <= extra; k++) {
-            if ((s[i + k] & 0xC0) != 0x80) {
-                return false;
-            }
-            cp = (cp << 6) | (s[i + k] & 0x3F);
-        }
-        /* reject overlong forms, surrogates and out-of-range code points */
-        if ((extra == 1 && cp < 0x80) || (extra == 2 && cp < 0x800) ||
-            (extra == 3 && cp < 0x10000) || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-            return false;
-        }
-        i += extra + 1;
+        i += len;
     }
     return true;
+}
+
+bool ah_cond_wait_until(pthread_cond_t *cond, pthread_mutex_t *lock, double seconds,
+                        bool (*done)(void *arg), void *arg)
+{
+    struct timespec deadline;
+    ah_mono_deadline(seconds, &deadline);
+    while (!done(arg)) {
+        if (pthread_cond_timedwait(cond, lock, &deadline) == ETIMEDOUT) {
+            return done(arg);
+        }
+    }
+    return true;
+}
+
+static bool flag_is_set(void *flag)
+{
+    return *(const bool *)flag;
+}
+
+bool ah_cond_wait_flag(pthread_cond_t *cond, pthread_mutex_t *lock, const bool *flag,
+                       double seconds)
+{
+    pthread_mutex_lock(lock);
+    bool set = ah_cond_wait_until(cond, lock, seconds, flag_is_set, (void *)flag);
+    pthread_mutex_unlock(lock);
+    return set;
+}
+
+void ah_sleep(double seconds)
+{
+    if (!(seconds > 0)) {
+        return;
+    }
+    struct timespec req;
+    req.tv_sec = (time_t)seconds;
+    req.tv_nsec = (long)((seconds - (double)req.tv_sec) * 1e9);
+    if (req.tv_nsec >= 1000000000L) {
+        req.tv_nsec = 999999999L;
+    }
+    struct timespec rem;
+    while (nanosleep(&req, &rem) != 0 && errno == EINTR) {
+        req = rem;
+    }
+}
+
+double ah_backoff(int failures, double min, double max)
+{
+    double delay = min;
+    for (int i = 0; i < failures && delay < max; i++) {
+        delay *= 2;
+    }
+    return delay > max ? max : delay;
+}
+
+double ah_jitter(unsigned int *seed, double lo, double hi)
+{
+    return lo + (hi - lo) * ((double)rand_r(seed) / ((double)RAND_MAX + 1.0));
 }

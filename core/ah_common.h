@@ -3,6 +3,7 @@
 #ifndef AH_COMMON_H
 #define AH_COMMON_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -21,8 +22,15 @@
 #define AH_REASON_MAX 1024  /* max bytes of a command's reason */
 #define AH_NAME_MAX 255     /* max bytes of updated_by / agent_id */
 #define AH_TIMESTAMP_LEN 32 /* "2026-01-11T10:30:00.123456Z" + NUL */
+/* Most audit entries one history request returns (the store, the HTTP API and the CLI). */
+#define AH_HISTORY_MAX 1000
 
-/* Commands as stored in the control document: resume is stored as "running" (kept compatible with the original distributed-control API). */
+/* A macro's value as a string literal: AH_XSTR(AH_HISTORY_MAX) is "1000". */
+#define AH_STR(x) #x
+#define AH_XSTR(x) AH_STR(x)
+
+/* Commands as stored in the control document: resume is stored as "running" (kept compatible with
+ * the original distributed-control API). */
 typedef enum {
     AH_CMD_NONE = 0,
     AH_CMD_PAUSE,
@@ -67,10 +75,29 @@ struct timespec;
 /* The CLOCK_MONOTONIC time `seconds` from now (negative/NaN → now; capped at a year), for
  * pthread_cond_timedwait() on condition variables created with CLOCK_MONOTONIC. */
 void ah_mono_deadline(double seconds, struct timespec *out);
+/* Waits on cond (lock held by the caller) until done(arg) is true or `seconds` have passed
+ * (the deadline of ah_mono_deadline: cond must use CLOCK_MONOTONIC). done is called with the
+ * lock held. Returns done(arg)'s last value: false means the time ran out. */
+bool ah_cond_wait_until(pthread_cond_t *cond, pthread_mutex_t *lock, double seconds,
+                        bool (*done)(void *arg), void *arg);
+/* Takes lock, waits on cond until *flag is true or `seconds` have passed (as ah_cond_wait_until),
+ * releases lock and returns *flag: the wait of a thread that stops when another sets a flag
+ * under lock. */
+bool ah_cond_wait_flag(pthread_cond_t *cond, pthread_mutex_t *lock, const bool *flag,
+                       double seconds);
+/* Sleeps the calling thread for `seconds` (>= 0), resuming after signals. */
+void ah_sleep(double seconds);
+/* Capped exponential backoff: min * 2^failures, at most max (failures 0 → min). */
+double ah_backoff(int failures, double min, double max);
+/* A uniformly random factor in [lo, hi) from the rand_r() state *seed. */
+double ah_jitter(unsigned int *seed, double lo, double hi);
 /* Formats ts_us as ISO 8601 UTC with microseconds: "2026-01-11T10:30:00.123456Z". */
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN]);
 /* Copies src into dst of size n, always NUL-terminated, truncating. src may be NULL (→ ""). */
 void ah_strlcpy(char *dst, const char *src, size_t n);
+/* Length (1-4) of the valid UTF-8 sequence at s (n > 0 bytes left), or 0 if it is not one
+ * (truncated, overlong, a surrogate or past U+10FFFF). A NUL byte is a sequence of length 1. */
+size_t ah_utf8_seq_len(const unsigned char *s, size_t n);
 /* True if the n bytes at s are valid UTF-8 without NUL bytes. */
 bool ah_utf8_valid(const char *s, size_t n);
 

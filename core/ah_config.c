@@ -1,75 +1,44 @@
-/* Implementation of ah_config.h. Every setting is described once in the vars table; the
- * environment and the flags both go through ah_config_set(), so validation lives in one place. */
+/* Implementation of ah_config.h. Every setting is one typed row of config_vars[]: defaults, the
+ * environment, the flags (all through ah_config_set()), validation, `--help` and
+ * ah_config_free() read that row and nothing else, so a setting is added in one place. */
 #include "ah_config.h"
 
 #include "ah_common.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <unistd.h>
 
-static const ah_config_var_t config_vars[] = {
-    {"MONGODB_URI", "--mongodb-uri", "unset", "MongoDB deployment for distributed control"},
-    {"MONGODB_DATABASE", "--mongodb-database", "agenthost", "database holding agent_control"},
-    {"AGENT_MONGODB_URI", "--agent-mongodb-uri", "MONGODB_URI",
-     "MongoDB deployment for the script's work data (agent.mongo)"},
-    {"AGENT_MONGODB_DATABASE", "--agent-mongodb-database",
-     "the URI's database, else MONGODB_DATABASE", "default database of agent.mongo.collection()"},
-    {"ENABLE_DISTRIBUTED_CONTROL", NULL, "true", "false: local control only"},
-    {"ENABLE_CHANGE_STREAMS", NULL, "true", "false: poll MongoDB instead of watching"},
-    {"CONTROL_POLLING_INTERVAL", "--polling-interval", "10", "seconds between polls"},
-    {"CHANGE_STREAM_VERIFY_INTERVAL", NULL, "60",
-     "seconds of stream silence before a verifying read (0: never)"},
-    {"AGENTHOST_STATE", "--state", "./agenthost-state.db", "embedded store file"},
-    {"AGENTHOST_STATE_POLL", NULL, "0.1", "seconds between embedded store checks"},
-    {"HTTP_BIND", "--bind", "0.0.0.0", "API listen address"},
-    {"HTTP_PORT", "--port", "8000", "API port (0: any free port)"},
-    {"HTTP_CONSOLE", NULL, "true", "false: no fleet console at GET /"},
-    {"AGENT_ID", "--agent-id", "$HOSTNAME", "this agent's name"},
-    {"AGENT_API_TOKEN", NULL, "unset", "bearer token required by mutating routes"},
-    {"LOG_LEVEL", "--log-level", "info", "debug|info|warn|error"},
-    {"LOG_FORMAT", "--log-format", "text", "text|json"},
-    {"LUA_MEMORY_LIMIT", "--lua-memory-limit", "0",
-     "bytes the script may allocate, e.g. 256m (0: no limit)"},
-    {"BATCH_TIMEOUT", "--batch-timeout", "300", "seconds a batch or hook may run"},
-    {"SHUTDOWN_TIMEOUT", "--shutdown-timeout", "25", "seconds shutdown may take before exit 1"},
-    {"AGENTHOST_SIGNALS", NULL, "true", "false: leave SIGTERM/SIGINT/SIGUSR1/SIGUSR2/SIGHUP alone"},
-    {"AGENTHOST_PLUGIN_DIR", NULL, "beside the binary",
-     "directory of agenthost_mongo.so, MongoDB support (env only)"},
-    {NULL, NULL, NULL, NULL},
-};
+#define KIB 1024.0
+#define MIB (1024.0 * 1024.0)
+#define GIB (1024.0 * 1024.0 * 1024.0)
 
-const ah_config_var_t *ah_config_vars(void)
+static int check_mongodb_uri(const char *value)
 {
-    return config_vars;
+    return strncmp(value, "mongodb://", 10) == 0 || strncmp(value, "mongodb+srv://", 14) == 0
+               ? AH_OK
+               : AH_EINVAL;
 }
 
-static char *dup_or_null(const char *s)
+static int check_database_name(const char *value)
 {
-    return s ? strdup(s) : NULL;
+    return strpbrk(value, "/\\. \"$") != NULL || strlen(value) > 63 ? AH_EINVAL : AH_OK;
 }
 
-void ah_config_defaults(ah_config_t *cfg)
+static int check_agent_id(const char *value)
 {
-    memset(cfg, 0, sizeof(*cfg));
-    cfg->mongodb_database = strdup("agenthost");
-    cfg->distributed_control = true;
-    cfg->change_streams = true;
-    cfg->polling_interval = 10.0;
-    cfg->state_path = strdup("./agenthost-state.db");
-    cfg->http_bind = strdup("0.0.0.0");
-    cfg->http_port = 8000;
-    cfg->log_level = AH_LOG_INFO;
-    cfg->batch_timeout = 300.0;
-    cfg->shutdown_timeout = 25.0;
-    cfg->embedded_poll_interval = 0.1;
-    cfg->signals = true;
-    cfg->http_console = true;
-    cfg->change_stream_verify_interval = 60.0;
+    return strlen(value) > AH_NAME_MAX || !ah_utf8_valid(value, strlen(value)) ? AH_EINVAL : AH_OK;
+}
+
+/* $HOSTNAME, else gethostname(), else "agent". */
+static char *default_agent_id(void)
+{
     char host[256] = "";
     const char *env_host = getenv("HOSTNAME");
     if (env_host != NULL && env_host[0] != '\0') {
@@ -77,24 +46,269 @@ void ah_config_defaults(ah_config_t *cfg)
     } else if (gethostname(host, sizeof(host) - 1) != 0 || host[0] == '\0') {
         ah_strlcpy(host, "agent", sizeof(host));
     }
-    cfg->agent_id = strdup(host);
+    return strdup(host);
 }
 
-void ah_config_free(ah_config_t *cfg)
+static int parse_log_level(ah_config_t *cfg, const ah_config_var_t *var, const char *value)
 {
-    if (cfg == NULL) {
-        return;
+    (void)var;
+    return ah_log_parse_level(value, &cfg->log_level);
+}
+
+static int parse_log_format(ah_config_t *cfg, const ah_config_var_t *var, const char *value)
+{
+    (void)var;
+    if (strcasecmp(value, "json") == 0) {
+        cfg->log_json = true;
+    } else if (strcasecmp(value, "text") == 0) {
+        cfg->log_json = false;
+    } else {
+        return AH_EINVAL;
     }
-    free(cfg->mongodb_uri);
-    free(cfg->mongodb_database);
-    free(cfg->agent_mongodb_uri);
-    free(cfg->agent_mongodb_db);
-    free(cfg->state_path);
-    free(cfg->http_bind);
-    free(cfg->agent_id);
-    free(cfg->api_token);
-    free(cfg->script_path);
-    memset(cfg, 0, sizeof(*cfg));
+    return AH_OK;
+}
+
+/* Read by core/ah_mongo.c from the environment, once per process, when MongoDB support is first
+ * needed; accepted here so that it is a known setting, refused when it would not take effect
+ * (set through the embedding API to another value). */
+static int parse_plugin_dir(ah_config_t *cfg, const ah_config_var_t *var, const char *value)
+{
+    (void)cfg;
+    const char *env = getenv(var->name);
+    return env != NULL && strcmp(env, value) == 0 ? AH_OK : AH_EINVAL;
+}
+
+#define FIELD(f) offsetof(ah_config_t, f)
+#define URI_EXPECT "a URI starting with mongodb:// or mongodb+srv://"
+#define DB_EXPECT "a MongoDB database name (1-63 characters, none of /\\. \"$)"
+#define BOOL_EXPECT "true/false/1/0/yes/no"
+
+/* Bounds: intervals and timeouts start at 10 ms (below that a timer or a poll only burns CPU);
+ * polls are at most an hour apart, a silent stream is verified at least daily, a Lua call or a
+ * shutdown may be given at most a day / an hour. */
+static const ah_config_var_t config_vars[] = {
+    {.name = "MONGODB_URI",
+     .flag = "--mongodb-uri",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(mongodb_uri),
+     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .check = check_mongodb_uri,
+     .expect = URI_EXPECT,
+     .help = "MongoDB deployment for distributed control"},
+    {.name = "MONGODB_DATABASE",
+     .flag = "--mongodb-database",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(mongodb_database),
+     .default_value = "agenthost",
+     .check = check_database_name,
+     .expect = DB_EXPECT,
+     .help = "database holding agent_control"},
+    {.name = "AGENT_MONGODB_URI",
+     .flag = "--agent-mongodb-uri",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(agent_mongodb_uri),
+     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .default_doc = "`MONGODB_URI`",
+     .check = check_mongodb_uri,
+     .expect = URI_EXPECT,
+     .help = "MongoDB deployment for the script's work data (agent.mongo)"},
+    {.name = "AGENT_MONGODB_DATABASE",
+     .flag = "--agent-mongodb-database",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(agent_mongodb_db),
+     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .default_doc = "the URI's database, else `MONGODB_DATABASE`",
+     .check = check_database_name,
+     .expect = DB_EXPECT,
+     .help = "default database of `agent.mongo.collection()`"},
+    {.name = "ENABLE_DISTRIBUTED_CONTROL",
+     .kind = AH_CONFIG_BOOL,
+     .offset = FIELD(distributed_control),
+     .default_value = "true",
+     .help = "false: local control only"},
+    {.name = "ENABLE_CHANGE_STREAMS",
+     .kind = AH_CONFIG_BOOL,
+     .offset = FIELD(change_streams),
+     .default_value = "true",
+     .help = "false: poll MongoDB instead of watching"},
+    {.name = "CONTROL_POLLING_INTERVAL",
+     .flag = "--polling-interval",
+     .kind = AH_CONFIG_SECONDS,
+     .offset = FIELD(polling_interval),
+     .default_value = "10",
+     .min = 0.01,
+     .max = 3600,
+     .help = "seconds between polls"},
+    {.name = "CHANGE_STREAM_VERIFY_INTERVAL",
+     .kind = AH_CONFIG_SECONDS,
+     .offset = FIELD(change_stream_verify_interval),
+     .flags = AH_CONFIG_ZERO_DISABLES,
+     .default_value = "60",
+     .min = 0.01,
+     .max = 86400,
+     .help = "seconds of stream silence before a verifying read (0: never)"},
+    {.name = "AGENTHOST_STATE",
+     .flag = "--state",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(state_path),
+     .default_value = "./agenthost-state.db",
+     .expect = "a file path",
+     .help = "embedded store file (agents sharing it form a local cluster)"},
+    {.name = "AGENTHOST_STATE_POLL",
+     .kind = AH_CONFIG_SECONDS,
+     .offset = FIELD(embedded_poll_interval),
+     .default_value = "0.1",
+     .min = 0.01,
+     .max = 60,
+     .help = "seconds between embedded store checks"},
+    {.name = "HTTP_BIND",
+     .flag = "--bind",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(http_bind),
+     .default_value = "0.0.0.0",
+     .expect = "an IPv4 address such as 0.0.0.0",
+     .help = "API listen address"},
+    {.name = "HTTP_PORT",
+     .flag = "--port",
+     .kind = AH_CONFIG_INT,
+     .offset = FIELD(http_port),
+     .default_value = "8000",
+     .min = 0,
+     .max = 65535,
+     .help = "API port (0: any free port)"},
+    {.name = "HTTP_CONSOLE",
+     .kind = AH_CONFIG_BOOL,
+     .offset = FIELD(http_console),
+     .default_value = "true",
+     .help = "false: no fleet console at GET /"},
+    {.name = "AGENT_ID",
+     .flag = "--agent-id",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(agent_id),
+     .default_doc = "`$HOSTNAME`",
+     .check = check_agent_id,
+     .compute_default = default_agent_id,
+     .expect = "a non-empty UTF-8 name of at most 255 bytes",
+     .help = "this agent's name"},
+    {.name = "AGENT_API_TOKEN",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(api_token),
+     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .help = "bearer token required by mutating routes"},
+    {.name = "LOG_LEVEL",
+     .flag = "--log-level",
+     .kind = AH_CONFIG_CUSTOM,
+     .offset = FIELD(log_level),
+     .default_value = "info",
+     .parse = parse_log_level,
+     .expect = "debug, info, warn or error",
+     .help = "debug, info, warn or error"},
+    {.name = "LOG_FORMAT",
+     .flag = "--log-format",
+     .kind = AH_CONFIG_CUSTOM,
+     .offset = FIELD(log_json),
+     .default_value = "text",
+     .parse = parse_log_format,
+     .expect = "text or json",
+     .help = "text or json"},
+    {.name = "LUA_MEMORY_LIMIT",
+     .flag = "--lua-memory-limit",
+     .kind = AH_CONFIG_BYTES,
+     .offset = FIELD(lua_memory_limit),
+     .flags = AH_CONFIG_ZERO_DISABLES,
+     .default_value = "0",
+     .min = MIB,
+     .max = 1024 * GIB,
+     .help = "bytes the script may allocate, e.g. 256m (0: no limit)"},
+    {.name = "BATCH_TIMEOUT",
+     .flag = "--batch-timeout",
+     .kind = AH_CONFIG_SECONDS,
+     .offset = FIELD(batch_timeout),
+     .default_value = "300",
+     .min = 0.01,
+     .max = 86400,
+     .help = "seconds a batch or hook may run"},
+    {.name = "SHUTDOWN_TIMEOUT",
+     .flag = "--shutdown-timeout",
+     .kind = AH_CONFIG_SECONDS,
+     .offset = FIELD(shutdown_timeout),
+     .default_value = "25",
+     .min = 0.01,
+     .max = 3600,
+     .help = "seconds shutdown may take before exit 1"},
+    {.name = "AGENTHOST_SIGNALS",
+     .kind = AH_CONFIG_BOOL,
+     .offset = FIELD(signals),
+     .default_value = "true",
+     .help = "false: leave SIGTERM/SIGINT/SIGUSR1/SIGUSR2/SIGHUP alone"},
+    {.name = "AGENTHOST_PLUGIN_DIR",
+     .kind = AH_CONFIG_CUSTOM,
+     .parse = parse_plugin_dir,
+     .default_doc = "beside the binary, then `../lib/agenthost`",
+     .expect = "to be set in the environment (it is read from there)",
+     .help = "directory of agenthost_mongo.so, MongoDB support (env only)"},
+    {.name = NULL},
+};
+
+const ah_config_var_t *ah_config_vars(void)
+{
+    return config_vars;
+}
+
+const ah_config_var_t *ah_config_find(const char *name)
+{
+    for (const ah_config_var_t *v = config_vars; v->name != NULL; v++) {
+        if (strcmp(v->name, name) == 0) {
+            return v;
+        }
+    }
+    return NULL;
+}
+
+const char *ah_config_default_doc(const ah_config_var_t *var)
+{
+    if (var->default_doc != NULL) {
+        return var->default_doc;
+    }
+    return var->default_value != NULL ? var->default_value : "unset";
+}
+
+/* Writes a byte count as the largest exact suffix: 1048576 → "1m". */
+static void format_bytes(double v, char *buf, size_t len)
+{
+    if (v >= GIB && fmod(v, GIB) == 0) {
+        snprintf(buf, len, "%.0fg", v / GIB);
+    } else if (v >= MIB && fmod(v, MIB) == 0) {
+        snprintf(buf, len, "%.0fm", v / MIB);
+    } else if (v >= KIB && fmod(v, KIB) == 0) {
+        snprintf(buf, len, "%.0fk", v / KIB);
+    } else {
+        snprintf(buf, len, "%.0f", v);
+    }
+}
+
+void ah_config_describe_range(const ah_config_var_t *var, char *buf, size_t len)
+{
+    const char *zero = (var->flags & AH_CONFIG_ZERO_DISABLES) ? "0 or " : "";
+    char lo[32], hi[32];
+    switch (var->kind) {
+    case AH_CONFIG_SECONDS:
+        snprintf(buf, len, "%s%g to %g s", zero, var->min, var->max);
+        break;
+    case AH_CONFIG_INT:
+        snprintf(buf, len, "%s%g to %g", zero, var->min, var->max);
+        break;
+    case AH_CONFIG_BYTES:
+        format_bytes(var->min, lo, sizeof(lo));
+        format_bytes(var->max, hi, sizeof(hi));
+        snprintf(buf, len, "%s%s to %s", zero, lo, hi);
+        break;
+    default:
+        if (len > 0) {
+            buf[0] = '\0';
+        }
+        break;
+    }
 }
 
 int ah_config_parse_bool(const char *s, bool *out)
@@ -114,51 +328,97 @@ int ah_config_parse_bool(const char *s, bool *out)
     return AH_EINVAL;
 }
 
-/* Parses a positive finite number of seconds. */
-static int parse_seconds(const char *s, double *out)
+/* Parses a whole decimal number such as 10, 0.5 or 2e3 (no spaces, hexadecimal, NaN or
+ * infinities). */
+static int parse_number(const char *s, const char *charset, double *out)
 {
     char *end = NULL;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno != 0 || end == s || *end != '\0' || !isfinite(v) || v <= 0) {
+    if (s[strspn(s, charset)] != '\0' || errno != 0 || end == s || *end != '\0' || !isfinite(v)) {
         return AH_EINVAL;
     }
     *out = v;
     return AH_OK;
 }
 
-/* Parses "0", "262144", "512k", "256m", "1g" (case-insensitive). A non-zero limit must be at
- * least 1 MiB: LuaJIT's libraries alone need several hundred KiB. */
-static int parse_bytes(const char *s, size_t *out)
+/* Parses "0", "262144", "512k", "256m", "1g" (case-insensitive) into a count of bytes. */
+static int parse_bytes(const char *s, double *out)
 {
     char *end = NULL;
     errno = 0;
     unsigned long long v = strtoull(s, &end, 10);
-    if (errno != 0 || end == s || s[0] == '-') {
+    if (!isdigit((unsigned char)s[0]) || errno != 0 || end == s || v > (1ULL << 50)) {
         return AH_EINVAL;
     }
-    unsigned long long mult = 1;
+    double mult = 1;
     if (*end == 'k' || *end == 'K') {
-        mult = 1ULL << 10;
+        mult = KIB;
         end++;
     } else if (*end == 'm' || *end == 'M') {
-        mult = 1ULL << 20;
+        mult = MIB;
         end++;
     } else if (*end == 'g' || *end == 'G') {
-        mult = 1ULL << 30;
+        mult = GIB;
         end++;
     }
-    if (*end != '\0' || (v != 0 && v * mult < (1ULL << 20)) || v > (1ULL << 40) / mult) {
+    if (*end != '\0') {
         return AH_EINVAL;
     }
-    *out = (size_t)(v * mult);
+    *out = (double)v * mult;
     return AH_OK;
+}
+
+/* Parses a number of the row's kind and checks its bounds. */
+static int parse_bounded(const ah_config_var_t *var, const char *value, double *out)
+{
+    double v;
+    int rc = var->kind == AH_CONFIG_BYTES
+                 ? parse_bytes(value, &v)
+                 : parse_number(
+                       value, var->kind == AH_CONFIG_INT ? "0123456789+-" : "0123456789.eE+-", &v);
+    if (rc != AH_OK) {
+        return rc;
+    }
+    if (var->kind == AH_CONFIG_INT && v != floor(v)) {
+        return AH_EINVAL;
+    }
+    if (v == 0 && (var->flags & AH_CONFIG_ZERO_DISABLES)) {
+        *out = 0;
+        return AH_OK;
+    }
+    if (v < var->min || v > var->max) {
+        return AH_EINVAL;
+    }
+    *out = v;
+    return AH_OK;
+}
+
+/* What a valid number of this row looks like, for the error message. */
+static void describe_expected(const ah_config_var_t *var, char *buf, size_t len)
+{
+    char range[64];
+    ah_config_describe_range(var, range, sizeof(range));
+    switch (var->kind) {
+    case AH_CONFIG_SECONDS:
+        snprintf(buf, len, "a number of seconds: %s", range);
+        break;
+    case AH_CONFIG_INT:
+        snprintf(buf, len, "an integer: %s", range);
+        break;
+    case AH_CONFIG_BYTES:
+        snprintf(buf, len, "a number of bytes with an optional k, m or g suffix: %s", range);
+        break;
+    default:
+        ah_strlcpy(buf, var->kind == AH_CONFIG_BOOL ? BOOL_EXPECT : var->expect, len);
+        break;
+    }
 }
 
 static int set_string(char **slot, const char *value)
 {
-    char *copy = dup_or_null(value);
-    if (value != NULL && copy == NULL) {
+    char *copy = NULL;
+    if (value != NULL && (copy = strdup(value)) == NULL) {
         return AH_ENOMEM;
     }
     free(*slot);
@@ -166,138 +426,88 @@ static int set_string(char **slot, const char *value)
     return AH_OK;
 }
 
+/* Stores value into the row's field. 0, AH_EINVAL (not a valid value) or AH_ENOMEM. */
+static int apply(ah_config_t *cfg, const ah_config_var_t *var, const char *value)
+{
+    char *field = (char *)cfg + var->offset;
+    double number = 0;
+    switch (var->kind) {
+    case AH_CONFIG_STRING:
+        if (value[0] == '\0') {
+            return (var->flags & AH_CONFIG_EMPTY_UNSETS) ? set_string((char **)field, NULL)
+                                                         : AH_EINVAL;
+        }
+        if (var->check != NULL && var->check(value) != AH_OK) {
+            return AH_EINVAL;
+        }
+        return set_string((char **)field, value);
+    case AH_CONFIG_BOOL:
+        return ah_config_parse_bool(value, (bool *)field);
+    case AH_CONFIG_SECONDS:
+        if (parse_bounded(var, value, &number) != AH_OK) {
+            return AH_EINVAL;
+        }
+        *(double *)field = number;
+        return AH_OK;
+    case AH_CONFIG_INT:
+        if (parse_bounded(var, value, &number) != AH_OK) {
+            return AH_EINVAL;
+        }
+        *(int *)field = (int)number;
+        return AH_OK;
+    case AH_CONFIG_BYTES:
+        if (parse_bounded(var, value, &number) != AH_OK) {
+            return AH_EINVAL;
+        }
+        *(size_t *)field = (size_t)number;
+        return AH_OK;
+    case AH_CONFIG_CUSTOM:
+        return var->parse(cfg, var, value);
+    }
+    return AH_EINVAL;
+}
+
+void ah_config_defaults(ah_config_t *cfg)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    for (const ah_config_var_t *v = config_vars; v->name != NULL; v++) {
+        if (v->default_value != NULL) {
+            /* The table's defaults are valid values (tests/unit/test_config.c); only AH_ENOMEM
+             * can fail here, and it leaves the field unset. */
+            (void)apply(cfg, v, v->default_value);
+        } else if (v->compute_default != NULL) {
+            *(char **)((char *)cfg + v->offset) = v->compute_default();
+        }
+    }
+}
+
+void ah_config_free(ah_config_t *cfg)
+{
+    if (cfg == NULL) {
+        return;
+    }
+    for (const ah_config_var_t *v = config_vars; v->name != NULL; v++) {
+        if (v->kind == AH_CONFIG_STRING) {
+            free(*(char **)((char *)cfg + v->offset));
+        }
+    }
+    free(cfg->script_path);
+    memset(cfg, 0, sizeof(*cfg));
+}
+
 int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *err, size_t errlen)
 {
-    int rc = AH_OK;
-    const char *expect = NULL;
-    if (strcmp(name, "MONGODB_URI") == 0) {
-        if (value[0] != '\0' && strncmp(value, "mongodb://", 10) != 0 &&
-            strncmp(value, "mongodb+srv://", 14) != 0) {
-            expect = "a URI starting with mongodb:// or mongodb+srv://";
-        } else {
-            rc = set_string(&cfg->mongodb_uri, value[0] ? value : NULL);
-        }
-    } else if (strcmp(name, "MONGODB_DATABASE") == 0) {
-        if (value[0] == '\0' || strpbrk(value, "/\\. \"$") != NULL || strlen(value) > 63) {
-            expect = "a MongoDB database name (1-63 characters, none of /\\. \"$)";
-        } else {
-            rc = set_string(&cfg->mongodb_database, value);
-        }
-    } else if (strcmp(name, "AGENT_MONGODB_URI") == 0) {
-        if (value[0] != '\0' && strncmp(value, "mongodb://", 10) != 0 &&
-            strncmp(value, "mongodb+srv://", 14) != 0) {
-            expect = "a URI starting with mongodb:// or mongodb+srv://";
-        } else {
-            rc = set_string(&cfg->agent_mongodb_uri, value[0] ? value : NULL);
-        }
-    } else if (strcmp(name, "AGENT_MONGODB_DATABASE") == 0) {
-        if (value[0] != '\0' && (strpbrk(value, "/\\. \"$") != NULL || strlen(value) > 63)) {
-            expect = "a MongoDB database name (1-63 characters, none of /\\. \"$)";
-        } else {
-            rc = set_string(&cfg->agent_mongodb_db, value[0] ? value : NULL);
-        }
-    } else if (strcmp(name, "ENABLE_DISTRIBUTED_CONTROL") == 0) {
-        if (ah_config_parse_bool(value, &cfg->distributed_control) != 0) {
-            expect = "true/false/1/0/yes/no";
-        }
-    } else if (strcmp(name, "ENABLE_CHANGE_STREAMS") == 0) {
-        if (ah_config_parse_bool(value, &cfg->change_streams) != 0) {
-            expect = "true/false/1/0/yes/no";
-        }
-    } else if (strcmp(name, "CONTROL_POLLING_INTERVAL") == 0) {
-        if (parse_seconds(value, &cfg->polling_interval) != 0) {
-            expect = "a number of seconds > 0";
-        }
-    } else if (strcmp(name, "CHANGE_STREAM_VERIFY_INTERVAL") == 0) {
-        if (strcmp(value, "0") == 0) {
-            cfg->change_stream_verify_interval = 0;
-        } else if (parse_seconds(value, &cfg->change_stream_verify_interval) != 0) {
-            expect = "a number of seconds >= 0 (0 disables)";
-        }
-    } else if (strcmp(name, "HTTP_CONSOLE") == 0) {
-        if (ah_config_parse_bool(value, &cfg->http_console) != 0) {
-            expect = "true/false/1/0/yes/no";
-        }
-    } else if (strcmp(name, "AGENTHOST_SIGNALS") == 0) {
-        if (ah_config_parse_bool(value, &cfg->signals) != 0) {
-            expect = "true/false/1/0/yes/no";
-        }
-    } else if (strcmp(name, "AGENTHOST_PLUGIN_DIR") == 0) {
-        /* Read by core/ah_mongo.c from the environment, once per process, when MongoDB support is
-         * first needed; accepted here so that it is a known setting, refused when it would not
-         * take effect (set through the embedding API to another value). */
-        const char *env = getenv(name);
-        if (env == NULL || strcmp(env, value) != 0) {
-            expect = "to be set in the environment (it is read from there)";
-        }
-    } else if (strcmp(name, "LUA_MEMORY_LIMIT") == 0) {
-        if (parse_bytes(value, &cfg->lua_memory_limit) != 0) {
-            expect = "a number of bytes with an optional k, m or g suffix (0: no limit), at least "
-                     "1m when set";
-        }
-    } else if (strcmp(name, "AGENTHOST_STATE_POLL") == 0) {
-        if (parse_seconds(value, &cfg->embedded_poll_interval) != 0) {
-            expect = "a number of seconds > 0";
-        }
-    } else if (strcmp(name, "BATCH_TIMEOUT") == 0) {
-        if (parse_seconds(value, &cfg->batch_timeout) != 0) {
-            expect = "a number of seconds > 0";
-        }
-    } else if (strcmp(name, "SHUTDOWN_TIMEOUT") == 0) {
-        if (parse_seconds(value, &cfg->shutdown_timeout) != 0) {
-            expect = "a number of seconds > 0";
-        }
-    } else if (strcmp(name, "AGENTHOST_STATE") == 0) {
-        if (value[0] == '\0') {
-            expect = "a file path";
-        } else {
-            rc = set_string(&cfg->state_path, value);
-        }
-    } else if (strcmp(name, "HTTP_BIND") == 0) {
-        if (value[0] == '\0') {
-            expect = "an IPv4 address such as 0.0.0.0";
-        } else {
-            rc = set_string(&cfg->http_bind, value);
-        }
-    } else if (strcmp(name, "HTTP_PORT") == 0) {
-        char *end = NULL;
-        errno = 0;
-        long port = strtol(value, &end, 10);
-        if (errno != 0 || end == value || *end != '\0' || port < 0 || port > 65535) {
-            expect = "a port number 0-65535";
-        } else {
-            cfg->http_port = (int)port;
-        }
-    } else if (strcmp(name, "AGENT_ID") == 0) {
-        if (value[0] == '\0' || strlen(value) > AH_NAME_MAX ||
-            !ah_utf8_valid(value, strlen(value))) {
-            expect = "a non-empty UTF-8 name of at most 255 bytes";
-        } else {
-            rc = set_string(&cfg->agent_id, value);
-        }
-    } else if (strcmp(name, "AGENT_API_TOKEN") == 0) {
-        rc = set_string(&cfg->api_token, value[0] ? value : NULL);
-    } else if (strcmp(name, "LOG_LEVEL") == 0) {
-        if (ah_log_parse_level(value, &cfg->log_level) != 0) {
-            expect = "debug, info, warn or error";
-        }
-    } else if (strcmp(name, "LOG_FORMAT") == 0) {
-        if (strcasecmp(value, "json") == 0) {
-            cfg->log_json = true;
-        } else if (strcasecmp(value, "text") == 0) {
-            cfg->log_json = false;
-        } else {
-            expect = "text or json";
-        }
-    } else {
+    const ah_config_var_t *var = ah_config_find(name);
+    if (var == NULL) {
         snprintf(err, errlen, "unknown setting %s", name);
         return AH_EINVAL;
     }
-    if (expect != NULL) {
+    int rc = apply(cfg, var, value);
+    if (rc == AH_EINVAL) {
+        char expect[160];
+        describe_expected(var, expect, sizeof(expect));
         snprintf(err, errlen, "invalid %s=\"%.200s\": expected %s", name, value, expect);
-        return AH_EINVAL;
-    }
-    if (rc != AH_OK) {
+    } else if (rc != AH_OK) {
         snprintf(err, errlen, "out of memory setting %s", name);
     }
     return rc;

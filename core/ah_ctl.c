@@ -15,6 +15,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+/* One line of the usage text per line of source. */
+/* clang-format off */
 static const char ctl_usage[] =
     "usage: agenthost ctl COMMAND [options]\n"
     "\n"
@@ -31,10 +33,11 @@ static const char ctl_usage[] =
     "  --reason TEXT      why (pause/resume/shutdown)\n"
     "  --updated-by NAME  who (default: ctl)\n"
     "  --local            act on the agent at --url only (/api/agent/*)\n"
-    "  --limit N          history entries (1-1000)\n"
+    "  --limit N          history entries (1-" AH_XSTR(AH_HISTORY_MAX) ")\n"
     "  --timeout SECONDS  give up after this long (default 10)\n"
     "\n"
     "exit codes: 0 success, 1 the agent answered an error or could not be reached, 2 bad usage\n";
+/* clang-format on */
 
 static void url_encode(ah_buf_t *b, const char *s)
 {

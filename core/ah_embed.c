@@ -353,7 +353,7 @@ static int host_create(agenthost_t *h)
                               .script_name = SOURCE_CHUNK_NAME,
                               .functions = h->functions,
                               .function_count = h->function_count};
-    ah_host_t *host = ah_host_new_with(&h->cfg, &opts, h->err, sizeof(h->err));
+    ah_host_t *host = ah_host_new(&h->cfg, &opts, h->err, sizeof(h->err));
     pthread_mutex_lock(&h->mu);
     h->host = host;
     h->phase = host != NULL ? PHASE_RUNNING : PHASE_DONE;

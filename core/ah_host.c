@@ -9,7 +9,7 @@
 #include "ah_http.h"
 #include "ah_log.h"
 #include "ah_lua.h"
-#include "ah_lua_mongo.h"
+#include "ah_mongo.h"
 #include "ah_metrics.h"
 #include "ah_store.h"
 
@@ -47,8 +47,8 @@ struct ah_host_s {
     uv_signal_t sig_hup;
     uv_timer_t watchdog;
     uv_async_t worker_done;
-    bool handles_open;
-    bool signals_open;                  /* the sig_* handles were initialised (AGENTHOST_SIGNALS) */
+    bool loop_open;    /* uv_loop_init() succeeded and uv_loop_close() has not run */
+    bool handles_open; /* close_handles() has not run since the loop was opened */
     char script_label[AH_NAME_MAX + 1]; /* cfg->script_path or the source's name, for logs */
 
     pthread_t worker;
@@ -61,27 +61,8 @@ struct ah_host_s {
     bool wedged;
 };
 
-static const char *hook_name(ah_hook_t hook)
-{
-    switch (hook) {
-    case AH_HOOK_PAUSE:
-        return "on_pause";
-    case AH_HOOK_RESUME:
-        return "on_resume";
-    case AH_HOOK_SHUTDOWN:
-        return "on_shutdown";
-    default:
-        return "none";
-    }
-}
-
-ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen)
-{
-    return ah_host_new_with(cfg, NULL, err, errlen);
-}
-
-ah_host_t *ah_host_new_with(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
-                            size_t errlen)
+ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
+                       size_t errlen)
 {
     ah_host_t *h = calloc(1, sizeof(*h));
     if (h == NULL) {
@@ -222,8 +203,8 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
     rc = ah_lua_hook(h->lua, hook, ev, err, sizeof(err));
     if (rc != AH_OK) {
         ah_state_count_hook_error(h->state);
-        ah_log_error("Lua error in %s (the transition to %s still holds): %s", hook_name(hook),
-                     ah_run_state_name(to), err);
+        ah_log_error("Lua error in %s (the transition to %s still holds): %s",
+                     ah_lua_hook_name(hook), ah_run_state_name(to), err);
     }
 }
 
@@ -266,8 +247,8 @@ static void *worker_main(void *arg)
         atomic_store(&h->worker_rc, 1);
         ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "init failed", "host");
     }
-    double idle_wait = IDLE_BACKOFF_MIN;
-    double error_wait = ERROR_BACKOFF_MIN;
+    int batch_errors = 0; /* consecutive failed batches: drive the error backoff */
+    int idle_batches = 0; /* consecutive batches without items: drive the idle backoff */
     for (;;) {
         ah_event_t ev;
         if (ah_state_take_event(h->state, &ev)) {
@@ -294,18 +275,19 @@ static void *worker_main(void *arg)
         int rc = ah_lua_batch(h->lua, &items, err, sizeof(err));
         ah_state_count_batch(h->state, rc == AH_OK);
         if (rc != AH_OK) {
+            double error_wait = ah_backoff(batch_errors, ERROR_BACKOFF_MIN, ERROR_BACKOFF_MAX);
             ah_log_error("Lua error in batch (retrying in %.1fs): %s", error_wait, err);
             ah_state_wait(h->state, error_wait);
-            error_wait = error_wait * 2 > ERROR_BACKOFF_MAX ? ERROR_BACKOFF_MAX : error_wait * 2;
+            batch_errors += batch_errors < 64;
             continue;
         }
-        error_wait = ERROR_BACKOFF_MIN;
+        batch_errors = 0;
         if (items > 0) {
-            idle_wait = IDLE_BACKOFF_MIN;
+            idle_batches = 0;
             continue;
         }
-        ah_state_wait(h->state, idle_wait);
-        idle_wait = idle_wait * 2 > IDLE_BACKOFF_MAX ? IDLE_BACKOFF_MAX : idle_wait * 2;
+        ah_state_wait(h->state, ah_backoff(idle_batches, IDLE_BACKOFF_MIN, IDLE_BACKOFF_MAX));
+        idle_batches += idle_batches < 64;
     }
     ah_state_set_stopped(h->state);
     uv_async_send(&h->worker_done);
@@ -342,25 +324,21 @@ static void on_signal(uv_signal_t *handle, int signum)
     }
 }
 
+static void close_one_handle(uv_handle_t *handle, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(handle)) {
+        uv_close(handle, NULL);
+    }
+}
+
+/* Closes every handle of the loop, whichever were initialised; the next uv_run() completes the
+ * closes so that uv_loop_close() can succeed. Idempotent. */
 static void close_handles(ah_host_t *h)
 {
-    if (!h->handles_open) {
-        return;
-    }
-    h->handles_open = false;
-    uv_handle_t *handles[] = {
-        (uv_handle_t *)&h->watchdog, (uv_handle_t *)&h->worker_done, (uv_handle_t *)&h->sig_term,
-        (uv_handle_t *)&h->sig_int,  (uv_handle_t *)&h->sig_usr1,    (uv_handle_t *)&h->sig_usr2,
-        (uv_handle_t *)&h->sig_hup,
-    };
-    size_t count = sizeof(handles) / sizeof(handles[0]);
-    if (!h->signals_open) {
-        count = 2; /* only the watchdog and the async handle were initialised */
-    }
-    for (size_t i = 0; i < count; i++) {
-        if (!uv_is_closing(handles[i])) {
-            uv_close(handles[i], NULL);
-        }
+    if (h->handles_open) {
+        h->handles_open = false;
+        uv_walk(&h->loop, close_one_handle, NULL);
     }
 }
 
@@ -418,6 +396,8 @@ static void on_watchdog(uv_timer_t *timer)
     }
 }
 
+/* Initialises the loop and its handles (signals, watchdog, worker notification). On failure err
+ * names the call; the handles already initialised are closed by close_handles(). */
 static int open_handles(ah_host_t *h, char *err, size_t errlen)
 {
     int rc = uv_loop_init(&h->loop);
@@ -425,6 +405,8 @@ static int open_handles(ah_host_t *h, char *err, size_t errlen)
         snprintf(err, errlen, "uv_loop_init: %s", uv_strerror(rc));
         return AH_EIO;
     }
+    h->loop_open = true;
+    h->handles_open = true;
     struct {
         uv_signal_t *handle;
         int signum;
@@ -433,19 +415,37 @@ static int open_handles(ah_host_t *h, char *err, size_t errlen)
                 {&h->sig_usr1, SIGUSR1},
                 {&h->sig_usr2, SIGUSR2},
                 {&h->sig_hup, SIGHUP}};
+    const char *call = NULL;
     for (size_t i = 0; h->cfg->signals && i < sizeof(sigs) / sizeof(sigs[0]); i++) {
-        uv_signal_init(&h->loop, sigs[i].handle);
+        if ((rc = uv_signal_init(&h->loop, sigs[i].handle)) != 0) {
+            call = "uv_signal_init";
+            goto err;
+        }
         sigs[i].handle->data = h;
-        uv_signal_start(sigs[i].handle, on_signal, sigs[i].signum);
+        if ((rc = uv_signal_start(sigs[i].handle, on_signal, sigs[i].signum)) != 0) {
+            call = "uv_signal_start";
+            goto err;
+        }
     }
-    h->signals_open = h->cfg->signals;
-    uv_timer_init(&h->loop, &h->watchdog);
+    if ((rc = uv_timer_init(&h->loop, &h->watchdog)) != 0) {
+        call = "uv_timer_init";
+        goto err;
+    }
     h->watchdog.data = h;
-    uv_timer_start(&h->watchdog, on_watchdog, WATCHDOG_INTERVAL_MS, WATCHDOG_INTERVAL_MS);
-    uv_async_init(&h->loop, &h->worker_done, on_worker_done);
+    if ((rc = uv_timer_start(&h->watchdog, on_watchdog, WATCHDOG_INTERVAL_MS,
+                             WATCHDOG_INTERVAL_MS)) != 0) {
+        call = "uv_timer_start";
+        goto err;
+    }
+    if ((rc = uv_async_init(&h->loop, &h->worker_done, on_worker_done)) != 0) {
+        call = "uv_async_init";
+        goto err;
+    }
     h->worker_done.data = h;
-    h->handles_open = true;
     return AH_OK;
+err:
+    snprintf(err, errlen, "%s: %s", call, uv_strerror(rc));
+    return AH_EIO;
 }
 
 /* ---- store listener ---------------------------------------------------------------------- */
@@ -499,15 +499,16 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
 {
     int exit_code = 1;
     ah_log_info("Starting agent %s with script %s", h->cfg->agent_id, h->script_label);
-    if (open_handles(h, err, errlen) != AH_OK) {
-        return 1;
+    int rc = open_handles(h, err, errlen);
+    if (rc != AH_OK) {
+        goto out;
     }
-    int rc = open_store(h, err, errlen);
+    rc = open_store(h, err, errlen);
     if (rc != AH_OK) {
         exit_code = rc == AH_EINVAL ? 2 : 1;
         goto out;
     }
-    h->http = ah_http_start_with(h->cfg, h->state, h->store, h->metrics, err, errlen);
+    h->http = ah_http_start(h->cfg, h->state, h->store, h->metrics, err, errlen);
     if (h->http == NULL) {
         goto out;
     }
@@ -542,10 +543,13 @@ out:
     ah_lua_mongo_detach(h->mongo); /* the Lua worker has stopped: no client may outlive the pool */
     ah_store_close(h->store);
     h->store = NULL;
-    close_handles(h);
-    uv_run(&h->loop, UV_RUN_DEFAULT);
-    if (uv_loop_close(&h->loop) != 0) {
-        ah_log_error("internal: libuv loop still had open handles at exit");
+    if (h->loop_open) {
+        close_handles(h);
+        uv_run(&h->loop, UV_RUN_DEFAULT);
+        if (uv_loop_close(&h->loop) != 0) {
+            ah_log_error("internal: libuv loop still had open handles at exit");
+        }
+        h->loop_open = false;
     }
     if (exit_code == 0) {
         ah_log_info("Agent stopped");

@@ -13,10 +13,7 @@
 
 typedef struct ah_host_s ah_host_t;
 
-/* Loads the script (a load or contract error returns NULL with err naming file:line; the caller
- * exits 2). cfg is borrowed and must outlive the host. */
-ah_host_t *ah_host_new(const ah_config_t *cfg, char *err, size_t errlen);
-/* What ah_host_new_with() adds to the config: the script as text instead of cfg->script_path,
+/* What ah_host_new() may add to the config: the script as text instead of cfg->script_path,
  * and extra C functions for agent.ext (ah_lua.h). Borrowed: they must outlive the host (a
  * reload opens the script again with them). */
 typedef struct ah_host_options_s {
@@ -25,9 +22,11 @@ typedef struct ah_host_options_s {
     const ah_lua_function_t *functions;
     size_t function_count;
 } ah_host_options_t;
-/* ah_host_new() with options (opts may be NULL). */
-ah_host_t *ah_host_new_with(const ah_config_t *cfg, const ah_host_options_t *opts, char *err,
-                            size_t errlen);
+/* Loads the script (a load or contract error returns NULL with err naming file:line; the caller
+ * exits 2). opts may be NULL (the script at cfg->script_path, no extra functions). cfg is
+ * borrowed and must outlive the host. */
+ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *opts, char *err,
+                       size_t errlen);
 /* Runs the agent until it stops. Returns the process exit code: 0 after a clean shutdown, 1 on
  * a runtime failure (err set), 2 when the store cannot be opened (bad AGENTHOST_STATE or
  * MONGODB_URI), or AH_HOST_WEDGED when the Lua worker did not finish within

@@ -14,13 +14,11 @@
 typedef struct ah_http_s ah_http_t;
 
 /* Starts listening on cfg->http_bind:cfg->http_port. store is NULL when distributed control is
- * disabled (cluster routes then answer 503). cfg, state and store must outlive the server.
- * Returns NULL with err set on failure (e.g. port in use). */
-ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store, char *err,
-                         size_t errlen);
-/* The same, also exporting the script-defined metrics of `metrics` (may be NULL) on /metrics. */
-ah_http_t *ah_http_start_with(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store,
-                              ah_metrics_t *metrics, char *err, size_t errlen);
+ * disabled (cluster routes then answer 503); metrics, the script-defined metrics exported on
+ * /metrics, may be NULL. cfg, state, store and metrics must outlive the server. Returns NULL with
+ * err set on failure (e.g. port in use). */
+ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store,
+                         ah_metrics_t *metrics, char *err, size_t errlen);
 /* The port actually bound (useful with HTTP_PORT=0). */
 int ah_http_port(const ah_http_t *http);
 /* Stops the server and waits for in-flight requests. NULL is accepted. */

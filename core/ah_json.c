@@ -1,6 +1,8 @@
 /* Implementation of the string buffer and JSON writers declared in ah_json.h. */
 #include "ah_json.h"
 
+#include "ah_common.h"
+
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -171,9 +173,16 @@ void ah_json_num(ah_buf_t *b, const char *key, double value)
     json_key(b, key);
     if (!isfinite(value)) {
         ah_buf_append(b, "null", 4);
-    } else {
-        ah_buf_printf(b, "%.17g", value);
+        return;
     }
+    /* The shortest of %.15g / %.17g that reads back as the same double: 0.1 stays "0.1" rather
+     * than %.17g's "0.10000000000000001". */
+    char text[40];
+    snprintf(text, sizeof(text), "%.15g", value);
+    if (strtod(text, NULL) != value) {
+        snprintf(text, sizeof(text), "%.17g", value);
+    }
+    ah_buf_puts(b, text);
 }
 
 void ah_json_bool(ah_buf_t *b, const char *key, bool value)
@@ -186,38 +195,6 @@ void ah_json_null(ah_buf_t *b, const char *key)
 {
     json_key(b, key);
     ah_buf_append(b, "null", 4);
-}
-
-/* Length of the valid UTF-8 sequence at s (n bytes left), or 0 if invalid. */
-static size_t utf8_seq_len(const unsigned char *s, size_t n)
-{
-    size_t len;
-    if (s[0] < 0x80) {
-        return 1;
-    } else if ((s[0] & 0xE0) == 0xC0 && s[0] >= 0xC2) {
-        len = 2;
-    } else if ((s[0] & 0xF0) == 0xE0) {
-        len = 3;
-    } else if ((s[0] & 0xF8) == 0xF0 && s[0] <= 0xF4) {
-        len = 4;
-    } else {
-        return 0;
-    }
-    if (len > n) {
-        return 0;
-    }
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80) {
-            return 0;
-        }
-    }
-    if (len == 3 && ((s[0] == 0xE0 && s[1] < 0xA0) || (s[0] == 0xED && s[1] >= 0xA0))) {
-        return 0; /* overlong or surrogate */
-    }
-    if (len == 4 && ((s[0] == 0xF0 && s[1] < 0x90) || (s[0] == 0xF4 && s[1] >= 0x90))) {
-        return 0;
-    }
-    return len;
 }
 
 void ah_json_escape(ah_buf_t *b, const char *str, size_t n)
@@ -250,7 +227,7 @@ void ah_json_escape(ah_buf_t *b, const char *str, size_t n)
             }
             ah_buf_append(b, str + start, i - start);
         } else {
-            size_t len = utf8_seq_len(s + i, n - i);
+            size_t len = ah_utf8_seq_len(s + i, n - i);
             if (len == 0) {
                 ah_buf_append(b, "\xEF\xBF\xBD", 3);
                 i++;

@@ -34,7 +34,8 @@ void ah_json_close_array(ah_buf_t *b);                  /* ] */
 void ah_json_open_object(ah_buf_t *b, const char *key); /* "key": {  (key NULL inside arrays) */
 void ah_json_str(ah_buf_t *b, const char *key, const char *value); /* NULL value → null */
 void ah_json_int(ah_buf_t *b, const char *key, int64_t value);
-void ah_json_num(ah_buf_t *b, const char *key, double value); /* non-finite → null */
+/* Writes the shortest decimal form that reads back as value (0.1 → 0.1); non-finite → null. */
+void ah_json_num(ah_buf_t *b, const char *key, double value);
 void ah_json_bool(ah_buf_t *b, const char *key, bool value);
 void ah_json_null(ah_buf_t *b, const char *key);
 /* Writes s (n bytes) as a JSON string literal with escapes; invalid UTF-8 bytes become U+FFFD. */

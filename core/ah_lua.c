@@ -11,7 +11,7 @@
 #include "ah_lua.h"
 
 #include "ah_log.h"
-#include "ah_lua_mongo.h"
+#include "ah_mongo.h"
 #include "ah_metrics.h"
 
 #include <assert.h>
@@ -34,7 +34,8 @@
 /* The generated table of lua/<name>.lua modules (cmake/embed_lua.cmake), NULL-terminated by name.
  */
 typedef struct {
-    const char *name;
+    const char *name; /* the require() name: lua/agent_queue.lua is "agent.queue" */
+    const char *file; /* the file under lua/, for the chunk name */
     const unsigned char *data;
     size_t size;
 } ah_lua_module_t;
@@ -319,20 +320,6 @@ static int core_log_enabled(lua_State *L)
     return 1;
 }
 
-static void sleep_really(double seconds)
-{
-    struct timespec req;
-    req.tv_sec = (time_t)seconds;
-    req.tv_nsec = (long)((seconds - (double)req.tv_sec) * 1e9);
-    if (req.tv_nsec >= 1000000000L) {
-        req.tv_nsec = 999999999L;
-    }
-    struct timespec rem;
-    while (nanosleep(&req, &rem) != 0 && errno == EINTR) {
-        req = rem;
-    }
-}
-
 /* core.sleep(seconds) -> true if woken early (a command arrived or shutdown was requested),
  * false if the full time passed. Never sleeps past the running call's budget: at the deadline it
  * raises the timeout error instead. */
@@ -359,7 +346,7 @@ static int core_sleep(lua_State *L)
     if (lua->state != NULL) {
         woken = ah_state_wait(lua->state, seconds);
     } else if (seconds > 0) {
-        sleep_really(seconds);
+        ah_sleep(seconds);
     }
     if (past_deadline && !woken) {
         return raise_timeout(L, lua);
@@ -569,7 +556,7 @@ static void register_preloads(lua_State *L, ah_lua_t *lua)
     lua_setfield(L, -2, "agent.mongo");
 
     for (const ah_lua_module_t *m = ah_lua_modules; m->name != NULL; m++) {
-        lua_pushfstring(L, "@lua/%s.lua", m->name);
+        lua_pushfstring(L, "@lua/%s", m->file);
         if (luaL_loadbuffer(L, (const char *)m->data, m->size, lua_tostring(L, -1)) != 0) {
             lua_error(L);
         }
@@ -846,23 +833,31 @@ static void push_event(lua_State *L, const ah_event_t *ev)
 }
 
 /* AH_HOOK_NONE (a transition without a hook) and an undefined hook are no-ops returning 0. */
-int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen)
+/* The script function a hook calls, or -1 for AH_HOOK_NONE. */
+static int hook_fn(ah_hook_t hook)
 {
-    int fn;
     switch (hook) {
     case AH_HOOK_PAUSE:
-        fn = FN_ON_PAUSE;
-        break;
+        return FN_ON_PAUSE;
     case AH_HOOK_RESUME:
-        fn = FN_ON_RESUME;
-        break;
+        return FN_ON_RESUME;
     case AH_HOOK_SHUTDOWN:
-        fn = FN_ON_SHUTDOWN;
-        break;
+        return FN_ON_SHUTDOWN;
     default:
-        return AH_OK;
+        return -1;
     }
-    if (lua->fn_refs[fn] == LUA_NOREF) {
+}
+
+const char *ah_lua_hook_name(ah_hook_t hook)
+{
+    int fn = hook_fn(hook);
+    return fn < 0 ? "none" : fn_names[fn];
+}
+
+int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen)
+{
+    int fn = hook_fn(hook);
+    if (fn < 0 || lua->fn_refs[fn] == LUA_NOREF) {
         return AH_OK;
     }
     if (ev == NULL) {

@@ -30,7 +30,7 @@ typedef struct ah_lua_options_s {
     ah_state_t *state;    /* for agent.state(), agent.sleep(), agent.should_stop(); may be NULL
                              (agenthost check): those functions then act as if running */
     double batch_timeout; /* seconds a call may run before it is interrupted */
-    struct ah_lua_mongo_s *mongo; /* agent.mongo's connection (ah_lua_mongo.h), not owned; must
+    struct ah_lua_mongo_s *mongo; /* agent.mongo's connection (ah_mongo.h), not owned; must
                                      outlive the state; NULL: every call fails "not configured" */
     const char *script_source; /* the script's text; NULL: load script_path (else it may be NULL) */
     const char *script_name;   /* chunk name and ctx.script for script_source; NULL: "script" */
@@ -57,6 +57,8 @@ int ah_lua_init(ah_lua_t *lua, char *err, size_t errlen);
 /* Calls M.batch(ctx). *items = the number returned (0 for nil/false/non-numbers). 0 or AH_ELUA
  * (AH_ETIMEOUT if it was interrupted for overrunning its budget). */
 int ah_lua_batch(ah_lua_t *lua, long long *items, char *err, size_t errlen);
+/* The script function a hook calls: "on_pause" | "on_resume" | "on_shutdown" | "none". */
+const char *ah_lua_hook_name(ah_hook_t hook);
 /* Calls the hook (on_pause / on_resume / on_shutdown) with ev, if defined. 0, AH_ELUA or
  * AH_ETIMEOUT. */
 int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen);

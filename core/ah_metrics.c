@@ -1,5 +1,6 @@
-/* Implementation of ah_metrics.h: a fixed-capacity array under one mutex. Metrics are few and
- * updated at batch granularity, so a mutex costs nothing measurable. */
+/* Implementation of ah_metrics.h: the script metrics are a fixed-capacity array under one mutex
+ * (few, updated at batch granularity, so the mutex costs nothing measurable); the Prometheus text
+ * format of /metrics, for the host's own metrics and the script's, is written here. */
 #include "ah_metrics.h"
 
 #include "ah_common.h"
@@ -132,14 +133,80 @@ double ah_metrics_get(ah_metrics_t *m, int index)
     return v;
 }
 
+/* ---- Prometheus text format ------------------------------------------------------------- */
+
+static void metric_header(ah_buf_t *b, const char *name, const char *type, const char *help)
+{
+    ah_buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void metric_u64(ah_buf_t *b, const char *name, const char *type, const char *help,
+                       uint64_t value)
+{
+    metric_header(b, name, type, help);
+    ah_buf_printf(b, "%s %llu\n", name, (unsigned long long)value);
+}
+
+static void metric_double(ah_buf_t *b, const char *name, const char *type, const char *help,
+                          double value)
+{
+    metric_header(b, name, type, help);
+    if (isfinite(value)) {
+        ah_buf_printf(b, "%s %.15g\n", name, value);
+    } else {
+        ah_buf_printf(b, "%s NaN\n", name);
+    }
+}
+
 void ah_metrics_render(ah_metrics_t *m, ah_buf_t *out)
 {
     pthread_mutex_lock(&m->lock);
     for (int i = 0; i < m->count; i++) {
         const metric_t *it = &m->items[i];
-        ah_buf_printf(out, "# HELP %s %s\n# TYPE %s %s\n%s %.15g\n", it->name,
-                      it->help[0] ? it->help : "Defined by the agent script.", it->name,
-                      it->kind == AH_METRIC_COUNTER ? "counter" : "gauge", it->name, it->value);
+        metric_header(out, it->name, it->kind == AH_METRIC_COUNTER ? "counter" : "gauge",
+                      it->help[0] ? it->help : "Defined by the agent script.");
+        ah_buf_printf(out, "%s %.15g\n", it->name, it->value);
     }
     pthread_mutex_unlock(&m->lock);
+}
+
+void ah_metrics_render_agent(const ah_state_snapshot_t *snap, double uptime_s, ah_buf_t *b)
+{
+    metric_u64(b, "agenthost_batches_total", "counter", "Batches run by the Lua worker.",
+               snap->batches);
+    metric_u64(b, "agenthost_batch_errors_total", "counter", "Batches that raised a Lua error.",
+               snap->batch_errors);
+    metric_u64(b, "agenthost_batch_overruns_total", "counter",
+               "Batches or hooks that overran BATCH_TIMEOUT.", snap->batch_overruns);
+    metric_u64(b, "agenthost_hook_errors_total", "counter", "Hooks that raised a Lua error.",
+               snap->hook_errors);
+    metric_header(b, "agenthost_state", "gauge", "Current run state (1 for the current one).");
+    for (int st = AH_STATE_STARTING; st <= AH_STATE_STOPPED; st++) {
+        ah_buf_printf(b, "agenthost_state{state=\"%s\"} %d\n", ah_run_state_name(st),
+                      snap->state == (ah_run_state_t)st ? 1 : 0);
+    }
+    metric_u64(b, "agenthost_control_version", "gauge", "Latest cluster control version seen.",
+               snap->cluster_known && snap->cluster.version > 0 ? (uint64_t)snap->cluster.version
+                                                                : 0);
+    metric_u64(b, "agenthost_applied_version", "gauge", "Cluster control version applied.",
+               snap->applied_version > 0 ? (uint64_t)snap->applied_version : 0);
+    metric_u64(b, "agenthost_commands_applied_total", "counter", "State transitions applied.",
+               snap->commands_applied);
+    metric_u64(b, "agenthost_store_connected", "gauge", "1 if the control store is reachable.",
+               snap->store.connected ? 1 : 0);
+    metric_u64(b, "agenthost_store_reconnects_total", "counter",
+               "Reconnections to the control store.", snap->store.reconnects);
+    metric_u64(b, "agenthost_stream_resumes_total", "counter", "Change stream resumptions.",
+               snap->store.stream_resumes);
+    metric_u64(b, "agenthost_polls_total", "counter", "Control store polls.", snap->store.polls);
+    metric_double(b, "agenthost_control_lag_seconds", "gauge",
+                  "Delay from the last cluster command's timestamp to its application.",
+                  snap->last_control_lag_ms >= 0 ? snap->last_control_lag_ms / 1000.0 : NAN);
+    metric_double(b, "agenthost_uptime_seconds", "gauge", "Seconds since the agent started.",
+                  uptime_s);
+    metric_u64(b, "agenthost_reloads_total", "counter", "Successful script reloads.",
+               snap->reloads);
+    metric_u64(b, "agenthost_reload_failures_total", "counter",
+               "Script reloads rejected (the previous script kept running).",
+               snap->reload_failures);
 }

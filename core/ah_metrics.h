@@ -1,4 +1,5 @@
-/* Script-defined metrics: a small thread-safe registry of named counters and gauges that Lua
+/* Metrics: the Prometheus text of /metrics (the host's agenthost_* metrics from a state snapshot)
+ * and script-defined metrics: a small thread-safe registry of named counters and gauges that Lua
  * scripts create through agent.metrics and /metrics exports in Prometheus text format. The
  * registry belongs to the host (not to a Lua state), so metrics survive a script reload.
  *
@@ -7,6 +8,7 @@
 #define AH_METRICS_H
 
 #include "ah_json.h"
+#include "ah_state.h"
 
 #include <stddef.h>
 
@@ -34,5 +36,8 @@ void ah_metrics_set(ah_metrics_t *m, int index, double value);
 double ah_metrics_get(ah_metrics_t *m, int index);
 /* Appends every metric in Prometheus text format (HELP, TYPE, value). */
 void ah_metrics_render(ah_metrics_t *m, ah_buf_t *out);
+/* Appends the host's own agenthost_* metrics (docs/API.md) for one state snapshot, in Prometheus
+ * text format. uptime_s: seconds since the agent started. */
+void ah_metrics_render_agent(const ah_state_snapshot_t *snap, double uptime_s, ah_buf_t *out);
 
 #endif

@@ -1,12 +1,10 @@
-/* Implementation of ah_mongo.h, and the core-side front of everything MongoDB: the
- * ah_store_mongo_* functions of ah_store.h and the ah_lua_mongo_* functions of ah_lua_mongo.h
- * load the plugin on first real use and forward to its table. The agent.mongo connection object
- * here only records its arguments until a script requires the module (or a URI of its own is
- * given), so an agent that never touches MongoDB never maps libmongoc. */
+/* Implementation of ah_mongo.h, the core-side front of everything MongoDB: the
+ * ah_store_mongo_* and ah_lua_mongo_* functions load the plugin on first real use and forward to
+ * its table. The agent.mongo connection object here only records its arguments until a script
+ * requires the module (or a URI of its own is given), so an agent that never touches MongoDB never
+ * maps libmongoc. */
 #define _GNU_SOURCE /* dladdr1, RTLD_DL_LINKMAP */
 #include "ah_mongo.h"
-
-#include "ah_lua_mongo.h"
 
 #include <dlfcn.h>
 #include <limits.h>
@@ -181,7 +179,7 @@ struct _mongoc_client_pool_t *ah_store_mongo_pool(ah_store_t *st)
     return plugin != NULL && st != NULL ? plugin->store_pool(st) : NULL;
 }
 
-/* ---- agent.mongo (ah_lua_mongo.h) ----------------------------------------------------------- */
+/* ---- agent.mongo (ah_mongo.h) --------------------------------------------------------------- */
 
 struct ah_lua_mongo_s {
     pthread_mutex_t mutex; /* guards impl and shared_pool */
@@ -190,7 +188,7 @@ struct ah_lua_mongo_s {
     char *agent_id;
     struct _mongoc_client_pool_t *shared_pool; /* lent by the control store, or NULL */
     const ah_mongo_plugin_t *plugin;           /* set with impl */
-    ah_mongo_lua_t *impl;                      /* the plugin's object, once created */
+    ahm_lua_t *impl;                           /* the plugin's object, once created */
 };
 
 static char *dup_or_null(const char *s)
@@ -277,8 +275,8 @@ void ah_lua_mongo_free(ah_lua_mongo_t *m)
 
 /* The plugin's object for m, created on first use from the recorded arguments. NULL with err
  * set if the plugin cannot be loaded or the object not created. */
-static ah_mongo_lua_t *impl_of(ah_lua_mongo_t *m, const ah_mongo_plugin_t *plugin, char *err,
-                               size_t errlen)
+static ahm_lua_t *impl_of(ah_lua_mongo_t *m, const ah_mongo_plugin_t *plugin, char *err,
+                          size_t errlen)
 {
     pthread_mutex_lock(&m->mutex);
     if (m->impl == NULL) {
@@ -288,7 +286,7 @@ static ah_mongo_lua_t *impl_of(ah_lua_mongo_t *m, const ah_mongo_plugin_t *plugi
             plugin->lua_set_shared_pool(m->impl, m->shared_pool);
         }
     }
-    ah_mongo_lua_t *impl = m->impl;
+    ahm_lua_t *impl = m->impl;
     pthread_mutex_unlock(&m->mutex);
     return impl;
 }
@@ -298,7 +296,7 @@ int ah_lua_mongo_open(lua_State *L)
     ah_lua_mongo_t *m = lua_touserdata(L, lua_upvalueindex(1));
     char err[AH_ERRLEN * 2];
     const ah_mongo_plugin_t *plugin = ah_mongo_load(err, sizeof(err));
-    ah_mongo_lua_t *impl = NULL;
+    ahm_lua_t *impl = NULL;
     if (plugin != NULL && m != NULL) {
         impl = impl_of(m, plugin, err, sizeof(err));
     }

@@ -252,20 +252,20 @@ void ah_state_set_stopped(ah_state_t *s)
     pthread_mutex_unlock(&s->lock);
 }
 
+/* ah_state_wait's condition (lock held): an event, a final shutdown or a reload is pending. */
+static bool worker_has_work(void *arg)
+{
+    const ah_state_t *s = arg;
+    return s->has_event || s->shutdown_final || s->reload_requested != s->reload_done;
+}
+
 bool ah_state_wait(ah_state_t *s, double seconds)
 {
     if (!(seconds > 0)) {
         return ah_state_has_event(s);
     }
-    struct timespec deadline;
-    ah_mono_deadline(seconds, &deadline);
     pthread_mutex_lock(&s->lock);
-    while (!s->has_event && !s->shutdown_final && s->reload_requested == s->reload_done) {
-        if (pthread_cond_timedwait(&s->wake, &s->lock, &deadline) == ETIMEDOUT) {
-            break;
-        }
-    }
-    bool woken = s->has_event || s->shutdown_final || s->reload_requested != s->reload_done;
+    bool woken = ah_cond_wait_until(&s->wake, &s->lock, seconds, worker_has_work, s);
     pthread_mutex_unlock(&s->lock);
     return woken;
 }
@@ -317,11 +317,6 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     out->reloads = s->reloads;
     out->reload_failures = s->reload_failures;
     pthread_mutex_unlock(&s->lock);
-}
-
-void ah_state_call_begin(ah_state_t *s)
-{
-    ah_state_call_begin_at(s, ah_mono_us());
 }
 
 void ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us)
@@ -400,17 +395,25 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
     pthread_mutex_unlock(&s->lock);
 }
 
+/* ah_state_wait_reload's condition (lock held): the awaited reload is done or the worker has
+ * stopped. */
+typedef struct {
+    const ah_state_t *s;
+    uint64_t ticket;
+} reload_wait_t;
+
+static bool reload_settled(void *arg)
+{
+    const reload_wait_t *w = arg;
+    return w->s->reload_done >= w->ticket || w->s->state == AH_STATE_STOPPED;
+}
+
 int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen)
 {
-    struct timespec deadline;
-    ah_mono_deadline(seconds, &deadline);
+    reload_wait_t wait = {s, ticket};
     int rc;
     pthread_mutex_lock(&s->lock);
-    while (s->reload_done < ticket && s->state != AH_STATE_STOPPED) {
-        if (pthread_cond_timedwait(&s->wake, &s->lock, &deadline) == ETIMEDOUT) {
-            break;
-        }
-    }
+    ah_cond_wait_until(&s->wake, &s->lock, seconds, reload_settled, &wait);
     if (s->reload_done < ticket) {
         rc = AH_ETIMEOUT;
         snprintf(err, errlen, "the reload is still pending (the current batch has not finished)");

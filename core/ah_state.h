@@ -1,7 +1,7 @@
 /* The agent's shared state: the one small, lock-protected object where the threads meet
- * (docs/ARCHITECTURE.md). It holds the run state and its transition table, the latest pending command
- * ("latest wins"), the agent's view of the cluster control document, the store's status and the
- * counters shown by the API and /metrics.
+ * (docs/ARCHITECTURE.md). It holds the run state and its transition table, the latest pending
+ * command ("latest wins"), the agent's view of the cluster control document, the store's status
+ * and the counters shown by the API and /metrics.
  *
  * Threads: any thread may offer commands and read snapshots; only the Lua worker takes events,
  * commits transitions and waits. Every function is thread-safe unless stated otherwise. */
@@ -119,8 +119,7 @@ ah_run_state_t ah_state_get(ah_state_t *s);
 void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out);
 
 /* Counters and markers kept by the Lua worker. */
-void ah_state_call_begin(ah_state_t *s); /* a batch or hook starts: records its start time */
-/* The same with the start time (monotonic µs, e.g. ah_mono_coarse_us()) given by the caller. */
+/* A batch or hook starts at now_mono_us (monotonic µs, e.g. ah_mono_coarse_us()). */
 void ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us);
 void ah_state_call_end(ah_state_t *s);
 void ah_state_count_batch(ah_state_t *s, bool ok);

@@ -1,7 +1,7 @@
 /* The control store interface: where the cluster's control document and its audit trail live.
  * Two implementations share it: the embedded SQLite store (ah_store_sqlite.c) and the MongoDB
- * store (core/mongo/ah_store_mongo.c, in the MongoDB plugin). The host only ever talks to this
- * interface.
+ * store (core/mongo/ahm_store.c, in the MongoDB plugin; opened by ah_store_mongo_open in
+ * ah_mongo.h). The host only ever talks to this interface.
  *
  * Threads: read/command/history may be called from any thread (HTTP handlers, the host) and
  * are internally serialised as needed. watch_start starts one watcher thread owned by the store;
@@ -48,7 +48,7 @@ int ah_store_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen);
  * the new document. 0, or AH_EUNAVAIL (nothing written) / AH_EIO with err set. */
 int ah_store_command(ah_store_t *st, ah_command_t cmd, const char *reason, const char *updated_by,
                      const char *agent_id, ah_control_t *out, char *err, size_t errlen);
-/* Newest-first audit entries, at most `limit` (1..1000), into out[limit]; *count set. */
+/* Newest-first audit entries, at most `limit` (1..AH_HISTORY_MAX), into out[limit]; *count set. */
 int ah_store_history(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
                      size_t errlen);
 /* Starts watching: the watcher thread first reads the document (retrying with backoff until it
@@ -59,21 +59,37 @@ int ah_store_watch_start(ah_store_t *st, const ah_store_listener_t *listener, ch
 /* Stops the watcher (joins its thread) and frees the store. NULL is accepted. */
 void ah_store_close(ah_store_t *st);
 
+/* ---- for implementations: the watcher's status reporter ----
+ *
+ * Both watchers keep their ah_store_status_t in one of these and change the connection fields
+ * only through it, so their connected / reconnect / error bookkeeping reads alike. Watcher
+ * thread only. */
+typedef struct ah_store_reporter_s {
+    ah_store_status_t status;
+    const ah_store_listener_t *listener; /* not owned; its on_status may be NULL */
+    int64_t min_gap_us;                  /* routine reports: at most one per this interval */
+    bool ever_connected;
+    int64_t last_report_us; /* monotonic time of the last report */
+    uint64_t reported_polls;
+} ah_store_reporter_t;
+
+/* Starts disconnected, latency unknown, with the given names (watch_mode may be ""). */
+void ah_store_reporter_init(ah_store_reporter_t *r, const ah_store_listener_t *listener,
+                            const char *backend, const char *topology, const char *watch_mode,
+                            int64_t min_gap_us);
+/* Reports the status: now when force, else only if polls moved since the last report and
+ * min_gap_us has passed (the routine counters). */
+void ah_store_report(ah_store_reporter_t *r, bool force);
+/* Records a successful round trip: the latency (< 0: unknown, kept) and, when disconnected, the
+ * (re)connection (counted in reconnects after the first). Returns true if it just (re)connected:
+ * the caller then reports with force. Does not report itself. */
+bool ah_store_note_connected(ah_store_reporter_t *r, double latency_ms);
+/* Records a failure: disconnected, last_error = message at the current wall-clock time, and
+ * reports at once. */
+void ah_store_note_failure(ah_store_reporter_t *r, const char *message);
+
 /* The embedded store: a SQLite file shared by all local agents that point at it.
  * poll_interval: seconds between cheap change checks (PRAGMA data_version). */
 ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *err, size_t errlen);
-
-/* The MongoDB store (cfg->mongodb_uri, cfg->mongodb_database, cfg->change_streams,
- * cfg->polling_interval, cfg->agent_id). Creating it does not contact the server: connection
- * problems show up in the watcher's status and as AH_EUNAVAIL from read/command/history. Returns
- * NULL with err set only for a bad configuration (e.g. an unparsable URI). cfg must outlive it. */
-ah_store_t *ah_store_mongo_open(const ah_config_t *cfg, char *err, size_t errlen);
-
-/* The MongoDB store's client pool, for the Lua binding (agent.mongo) to share: NULL when st is
- * NULL or not a MongoDB store. The pool is thread-safe and lives until ah_store_close(); every
- * client popped from it must be pushed back before that. Declared with an incomplete type so this
- * header needs no driver include. */
-struct _mongoc_client_pool_t;
-struct _mongoc_client_pool_t *ah_store_mongo_pool(ah_store_t *st);
 
 #endif

@@ -86,15 +86,6 @@ static void sqlite_error(char *err, size_t errlen, const ah_sqlite_store_t *st, 
              db != NULL ? sqlite3_errmsg(db) : "out of memory");
 }
 
-static void sleep_seconds(double seconds)
-{
-    struct timespec ts;
-    ts.tv_sec = (time_t)seconds;
-    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
-}
-
 /* Rolls back whatever transaction db has open; harmless when none is. */
 static void sqlite_rollback(sqlite3 *db)
 {
@@ -162,7 +153,7 @@ static int sqlite_connect(const ah_sqlite_store_t *st, bool create, sqlite3 **ou
                     : AH_EIO;
             goto cleanup;
         }
-        sleep_seconds(0.05 * attempt);
+        ah_sleep(0.05 * attempt);
     }
 
     *out = db;
@@ -374,7 +365,7 @@ static int sqlite_command(ah_store_t *base, ah_command_t cmd, const char *reason
         if (rc == SQLITE_OK || !sqlite_is_busy(rc)) {
             break;
         }
-        sleep_seconds(0.02 * attempt);
+        ah_sleep(0.02 * attempt);
     }
     if (rc != SQLITE_OK) {
         ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
@@ -422,19 +413,7 @@ cleanup:
 /* Watcher: waits up to `seconds` or until close() asks it to stop. Returns true if stopping. */
 static bool watch_wait(ah_sqlite_store_t *st, double seconds)
 {
-    struct timespec deadline;
-    bool stopping;
-
-    ah_mono_deadline(seconds, &deadline);
-    pthread_mutex_lock(&st->watch_lock);
-    while (!st->stopping) {
-        if (pthread_cond_timedwait(&st->watch_cond, &st->watch_lock, &deadline) == ETIMEDOUT) {
-            break;
-        }
-    }
-    stopping = st->stopping;
-    pthread_mutex_unlock(&st->watch_lock);
-    return stopping;
+    return ah_cond_wait_flag(&st->watch_cond, &st->watch_lock, &st->stopping, seconds);
 }
 
 /* Watcher: the connection's data_version into *out. 0, or AH_EIO with err set. */
@@ -463,24 +442,18 @@ static void *watch_main(void *arg)
 {
     ah_sqlite_store_t *st = arg;
     const ah_store_listener_t *listener = &st->listener;
-    ah_store_status_t status;
+    ah_store_reporter_t reporter;
     ah_control_t doc;
     sqlite3 *db = NULL;
     char err[AH_ERRLEN];
     bool need_read = true;
     bool reported_doc = false;
-    bool ever_connected = false;
     int64_t reported_version = 0;
     int64_t data_version = 0;
-    int64_t last_status_us = 0;
-    uint64_t reported_polls = 0;
-    double backoff = AH_SQLITE_BACKOFF_MIN_S;
+    int failures = 0; /* consecutive failures: drives the backoff */
 
-    memset(&status, 0, sizeof(status));
-    ah_strlcpy(status.backend, "embedded", sizeof(status.backend));
-    ah_strlcpy(status.topology, "embedded", sizeof(status.topology));
-    ah_strlcpy(status.watch_mode, "polling", sizeof(status.watch_mode));
-    status.latency_ms = -1.0;
+    ah_store_reporter_init(&reporter, listener, "embedded", "embedded", "polling",
+                           AH_SQLITE_STATUS_MIN_GAP_US);
 
     for (;;) {
         int64_t now_dv;
@@ -495,22 +468,11 @@ static void *watch_main(void *arg)
                 control_select(st, db, &doc, NULL, err, sizeof(err)) != 0) {
                 goto failed;
             }
-            status.latency_ms = (double)(ah_mono_us() - started_us) / 1000.0;
             data_version = now_dv;
             need_read = false;
-            backoff = AH_SQLITE_BACKOFF_MIN_S;
-            if (!status.connected) {
-                if (ever_connected) {
-                    status.reconnects++;
-                }
-                ever_connected = true;
-                status.connected = true;
-                last_status_us = 0; /* report now */
-            }
-            if (last_status_us == 0 && listener->on_status != NULL) {
-                listener->on_status(listener->ud, &status);
-                last_status_us = ah_mono_us();
-                reported_polls = status.polls;
+            failures = 0;
+            if (ah_store_note_connected(&reporter, (double)(ah_mono_us() - started_us) / 1000.0)) {
+                ah_store_report(&reporter, true);
             }
             if ((!reported_doc || doc.version != reported_version) &&
                 listener->on_control != NULL) {
@@ -526,34 +488,23 @@ static void *watch_main(void *arg)
         if (watch_data_version(st, db, &now_dv, err, sizeof(err)) != 0) {
             goto failed;
         }
-        status.polls++;
+        reporter.status.polls++;
         if (now_dv != data_version) {
             need_read = true;
         }
-        if (status.polls != reported_polls &&
-            ah_mono_us() - last_status_us >= AH_SQLITE_STATUS_MIN_GAP_US &&
-            listener->on_status != NULL) {
-            listener->on_status(listener->ud, &status);
-            last_status_us = ah_mono_us();
-            reported_polls = status.polls;
-        }
+        ah_store_report(&reporter, false);
         continue;
 
     failed:
-        status.connected = false;
-        ah_strlcpy(status.last_error, err, sizeof(status.last_error));
-        status.last_error_us = ah_now_us();
-        if (listener->on_status != NULL) {
-            listener->on_status(listener->ud, &status);
-        }
-        last_status_us = 0; /* the next success is reported at once */
+        ah_store_note_failure(&reporter, err);
         sqlite3_close_v2(db);
         db = NULL;
         need_read = true;
-        if (watch_wait(st, backoff)) {
+        if (watch_wait(st,
+                       ah_backoff(failures, AH_SQLITE_BACKOFF_MIN_S, AH_SQLITE_BACKOFF_MAX_S))) {
             break;
         }
-        backoff = fmin(backoff * 2.0, AH_SQLITE_BACKOFF_MAX_S);
+        failures += failures < 64;
     }
     sqlite3_close_v2(db);
     return NULL;

@@ -24,12 +24,34 @@ static const char usage[] =
     "\n"
     "Every command accepts --help. Settings come from the environment; flags override:\n";
 
+/* Prints a table cell without the Markdown backticks it carries for the README. */
+static void print_plain(FILE *out, const char *s, int width)
+{
+    int n = 0;
+    for (; *s != '\0'; s++) {
+        if (*s != '`') {
+            fputc(*s, out);
+            n++;
+        }
+    }
+    fprintf(out, "%*s", n < width ? width - n : 0, "");
+}
+
+/* The settings, one per line, from the same table that README.md's Settings section shows. */
 static void print_run_help(FILE *out)
 {
     fputs(usage, out);
     for (const ah_config_var_t *v = ah_config_vars(); v->name != NULL; v++) {
-        fprintf(out, "  %-27s %-21s default %-20s %s\n", v->name, v->flag ? v->flag : "",
-                v->default_value, v->help);
+        char range[64];
+        ah_config_describe_range(v, range, sizeof(range));
+        fprintf(out, "  %-30s %-25s default ", v->name, v->flag ? v->flag : "");
+        print_plain(out, ah_config_default_doc(v), 21);
+        fputc(' ', out);
+        print_plain(out, v->help, 0);
+        if (range[0] != '\0') {
+            fprintf(out, " [%s]", range);
+        }
+        fputc('\n', out);
     }
     fputs("\nexit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage, config or script\n",
           out);
@@ -111,7 +133,7 @@ static int cmd_run(int argc, char **argv)
         return 2;
     }
     ah_log_setup(cfg.log_level, cfg.log_json, cfg.agent_id);
-    ah_host_t *host = ah_host_new(&cfg, err, sizeof(err));
+    ah_host_t *host = ah_host_new(&cfg, NULL, err, sizeof(err));
     if (host == NULL) {
         fprintf(stderr, "agenthost: %s\n", err);
         ah_config_free(&cfg);

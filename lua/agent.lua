@@ -69,13 +69,10 @@ agent.metrics = {
 -- agent.memory() -> bytes used by this script's Lua state, LUA_MEMORY_LIMIT (0: none)
 agent.memory = core.memory
 
--- agent.mongo (core/mongo/ah_lua_mongo.c, in the MongoDB plugin) and agent.queue
+-- agent.mongo (core/mongo/ahm_lua.c, in the MongoDB plugin) and agent.queue
 -- (lua/agent_queue.lua) are loaded on first use, so a script that never touches MongoDB pays
 -- nothing. Reference: docs/LUA_MONGO.md.
-package.preload["agent.queue"] = function()
-    return require "agent_queue"
-end
-local lazy_modules = { mongo = "agent.mongo", queue = "agent_queue" }
+local lazy_modules = { mongo = "agent.mongo", queue = "agent.queue" }
 setmetatable(agent, {
     __index = function(t, key)
         local name = lazy_modules[key]

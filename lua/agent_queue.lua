@@ -140,12 +140,17 @@ function Queue:claim(n)
     return jobs
 end
 
--- Runs a fenced update of a held job. true, or false + "lost" when the claim is gone, or
--- nil, err, code.
-function Queue:_finish(job, update, what)
+-- Raises "<what>: job table expected" at the level of whoever called the public method that
+-- calls this (before the method indexes job).
+local function check_job(job, what)
     if type(job) ~= "table" or job._id == nil then
         error(what .. ": job table expected", 3)
     end
+end
+
+-- Runs a fenced update of a held job (checked by the caller). true, or false + "lost" when the
+-- claim is gone, or nil, err, code.
+function Queue:_finish(job, update, what)
     local res, err, code = self.coll:update_one(self:_fence(job), update)
     if res == nil then
         return nil, format("%s: %s", what, err), code
@@ -159,6 +164,7 @@ end
 
 --[[ q:ack(job [, result]) -> true | false, "lost" | nil, err: marks the job done with its result. ]]
 function Queue:ack(job, result)
+    check_job(job, "ack")
     local set = { status = "done", done_at = now_date() }
     if result ~= nil then
         set.result = result
@@ -169,6 +175,7 @@ end
 --[[ q:fail(job, err) -> true | false, "lost" | nil, err: back to pending with the error while the
 job has attempts left (attempts < max_attempts), otherwise status "failed". ]]
 function Queue:fail(job, why)
+    check_job(job, "fail")
     local message = tostring(why)
     local update
     if (job.attempts or 0) < self.max_attempts then
@@ -184,6 +191,7 @@ end
 --[[ q:release(job) -> true | false, "lost" | nil, err: gives an unprocessed claim back (pending;
 the claim does not count as an attempt). ]]
 function Queue:release(job)
+    check_job(job, "release")
     return self:_finish(job, {
         ["$set"] = { status = "pending" },
         ["$unset"] = { owner = "", lease_until = "" },
@@ -208,6 +216,7 @@ end
 
 --[[ q:renew(job) -> true | false, "lost" | nil, err: extends a held claim by another lease. ]]
 function Queue:renew(job)
+    check_job(job, "renew")
     local res, err, code = self.coll:update_one(self:_fence(job),
         { ["$set"] = { lease_until = now_date(self.lease) } })
     if res == nil then

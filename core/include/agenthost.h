@@ -43,12 +43,15 @@ extern "C" {
 #define AGENTHOST_ETIMEOUT (-6) /* agenthost_wait_state() ran out of time */
 
 /* Exit codes of agenthost_run() / agenthost_wait() (those of the agenthost binary). */
-#define AGENTHOST_EXIT_OK 0      /* clean shutdown */
-#define AGENTHOST_EXIT_FAILURE 1 /* runtime failure (init() failed, HTTP port unavailable...) */
-#define AGENTHOST_EXIT_CONFIG 2  /* configuration or script error (bad store path, bad script) */
-#define AGENTHOST_EXIT_WEDGED                                                                      \
-    3 /* a Lua call ignored shutdown past SHUTDOWN_TIMEOUT: the Lua                                \
-         worker still runs; see agenthost_free() */
+/* Clean shutdown. */
+#define AGENTHOST_EXIT_OK 0
+/* Runtime failure (init() failed, HTTP port unavailable...). */
+#define AGENTHOST_EXIT_FAILURE 1
+/* Configuration or script error (bad store path, bad script). */
+#define AGENTHOST_EXIT_CONFIG 2
+/* A Lua call ignored shutdown past SHUTDOWN_TIMEOUT: the Lua worker still runs; see
+ * agenthost_free(). */
+#define AGENTHOST_EXIT_WEDGED 3
 
 /* Run states, in order. AGENTHOST_STATE_NEW: created, not started yet. */
 typedef enum {

@@ -11,7 +11,7 @@
  *   find_one C:   52.1 us/op
  *   find_one Lua: 55.3 us/op
  *   overhead: +6.1% (target < 20%) */
-#include "ah_lua_mongo.h"
+#include "ah_mongo.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -7,7 +7,7 @@ from urllib.parse import quote
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from conftest import ARTIFACTS, REPO, WORKER, agent_env, start_agents, wait_for
+from console_harness import ARTIFACTS, REPO, WORKER, agent_env, start_agents, wait_for
 
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
 

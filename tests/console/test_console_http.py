@@ -4,7 +4,7 @@ import re
 from html.parser import HTMLParser
 
 from agenthost_harness import http
-from conftest import REPO, WORKER, agent_env
+from console_harness import REPO, WORKER, agent_env
 
 WEB = os.path.join(REPO, "web")
 ASSETS = {"/": "text/html; charset=utf-8", "/console.js": "text/javascript; charset=utf-8",

@@ -132,7 +132,7 @@ def accepted_env_vars():
     src = (REPO / "core" / "ah_config.c").read_text(encoding="utf-8")
     m = re.search(r"config_vars\s*\[\s*\]\s*=\s*\{(.*?)\n\s*\};", src, re.S)
     assert m, "config_vars table not found in core/ah_config.c"
-    names = set(re.findall(r'\{\s*"([A-Z][A-Z0-9_]*)"', m.group(1)))
+    names = set(re.findall(r'\.name\s*=\s*"([A-Z][A-Z0-9_]*)"', m.group(1)))
     assert {"MONGODB_URI", "AGENT_API_TOKEN", "HTTP_PORT"} <= names, names
     for c in (REPO / "core").glob("*.c"):
         names |= set(re.findall(r'getenv\s*\(\s*"([A-Z][A-Z0-9_]*)"\s*\)', c.read_text(encoding="utf-8")))
@@ -141,14 +141,16 @@ def accepted_env_vars():
 
 @pytest.fixture(scope="session")
 def http_literals():
-    path = REPO / "core" / "ah_http.c"
-    if not path.is_file():
-        pytest.skip("core/ah_http.c (the HTTP route table) is not in this checkout yet")
-    return set(c_string_literals(path.read_text(encoding="utf-8")))
+    """String literals of the route table (core/ah_http.c) and of the handlers, which parse the
+    command word of /api/{cluster,agent}/<word> (core/ah_http_handlers.c)."""
+    paths = [REPO / "core" / "ah_http.c", REPO / "core" / "ah_http_handlers.c"]
+    if not all(p.is_file() for p in paths):
+        pytest.skip("core/ah_http.c / ah_http_handlers.c (the HTTP routes) are not in this checkout")
+    return {lit for p in paths for lit in c_string_literals(p.read_text(encoding="utf-8"))}
 
 
 def route_exists(route, literals):
-    """True when the route is in ah_http.c, written either as one literal ("/healthz") or as a
+    """True when the route is in the HTTP sources, written either as one literal ("/healthz") or as a
     prefix literal plus a suffix literal ("/api/cluster/" and "pause")."""
     route = route.split("?", 1)[0]
     if route in literals:

@@ -149,6 +149,25 @@ class Agent:
                         message=f"{self.name} state {state}")
 
 
+def parse_metrics(text):
+    """The samples of a Prometheus text exposition: {"name" or 'name{labels}': value}. HELP and
+    TYPE lines are skipped, so a family that is declared but has no sample is absent."""
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$", line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        samples[m.group(1)] = float(m.group(2))
+    return samples
+
+
+def metric(agent, name):
+    """The value of one sample on agent's /metrics (name with labels, if any, as exposed:
+    'agenthost_state{state="running"}'); None when there is no such sample."""
+    return parse_metrics(agent.get("/metrics").body).get(name)
+
+
 class Fleet:
     """Tracks agents started by a test and kills leftovers at teardown."""
 

@@ -2,6 +2,7 @@
 import json
 import re
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,26 @@ def test_bad_config_exits_2_naming_the_variable(state_file, tmp_path, var, value
     p = run_cli(["run", RECORDER], env=env)
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert var in p.stdout + p.stderr, (p.stdout, p.stderr)
+
+
+def test_help_lists_every_setting_of_the_readme_with_its_range():
+    """`agenthost --help` and README's Settings table come from the same rows."""
+    p = run_cli(["run", "--help"])
+    assert p.returncode == 0, p.stderr
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    names = re.findall(r"^\| `([A-Z_]+)` \|", readme.split("## Settings", 1)[1].split("\n## ", 1)[0], re.M)
+    assert len(names) > 10, names
+    for name in names:
+        assert re.search(rf"^  {name} ", p.stdout, re.M), name
+    assert re.search(r"^  BATCH_TIMEOUT .*default 300 .*\[0\.01 to 86400 s\]$", p.stdout, re.M), p.stdout
+
+
+def test_out_of_range_setting_exits_2_with_the_range(state_file, tmp_path):
+    env = agent_env(state_file, tmp_path / "ev.jsonl")
+    env["BATCH_TIMEOUT"] = "1e300"
+    p = run_cli(["run", RECORDER], env=env)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert 'invalid BATCH_TIMEOUT="1e300": expected a number of seconds: 0.01 to 86400 s' in p.stderr
 
 
 def test_version_exits_0():

@@ -270,3 +270,39 @@ def test_agent_started_after_cluster_shutdown_starts_paused(fleet, state_file, t
     assert late.post("/api/cluster/resume?reason=back").status == 200
     wait_events(events, lambda e: count_events(e, "batch_start") >= 1, 10, "batches")
 
+
+
+def test_store_locked_at_startup_delays_the_agent_until_released_then_it_syncs(
+        fleet, state_file, tmp_path):
+    import sqlite3
+    first = start_cluster(fleet, state_file, tmp_path, 1)[0]
+    r = first.post("/api/cluster/pause?reason=before+restart")
+    assert r.status == 200 and r.json()["version"] == 1, r.body
+    first.wait_state("paused")
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0, first.log_text()
+
+    # Another process holds the store's write lock while the agent starts (shorter than the
+    # store's busy timeout of 5 s).
+    holder = sqlite3.connect(state_file, isolation_level=None, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    events = tmp_path / "late.jsonl"
+    late = fleet.start(RECORDER, env=agent_env(state_file, events), name="late", wait_port=False)
+    try:
+        late.wait_log(r"Initializing cluster coordination", timeout=15)
+        time.sleep(1.0)  # a window in which nothing may happen (the lock is still held)
+        assert late.proc.poll() is None, late.log_text()
+        assert not late.find_logs(r"HTTP API listening|Using embedded control store"), \
+            late.log_text()
+        assert read_events(str(events)) == []  # no init, no batch while the store is locked
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    late.port = int(late.wait_log(r"HTTP API listening on [^:]+:(\d+)", timeout=15).group(1))
+    late.wait_state("paused")
+    st = late.state()
+    assert st["applied_version"] == 1 and st["batches"] == 0, st
+    ev = wait_events(str(events), lambda e: count_events(e, "on_pause") == 1, 10, "on_pause")
+    assert [e["source"] for e in ev if e["ev"] == "on_pause"] == ["startup"], ev
+    assert count_events(ev, "batch_start") == 0, ev
+    assert late.get("/readyz").status == 503

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from agenthost_harness import agent_env, script, wait_for
+from agenthost_harness import agent_env, parse_metrics, script, wait_for
 
 TOKEN = "s3cret-token"
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -33,6 +33,9 @@ BAD_INPUT = [
     ("huge URL", "POST", "/api/cluster/pause?reason=" + "u" * 16384, True, 413, None),
     ("missing token", "POST", "/api/cluster/pause?reason=x", None, 401, None),
     ("wrong token", "POST", "/api/cluster/pause?reason=x", "nope", 401, None),
+    ("empty bearer token", "POST", "/api/cluster/pause?reason=x", "", 401, None),
+    ("blank bearer token", "POST", "/api/cluster/pause?reason=x", "   ", 401, None),
+    ("prefix of the token", "POST", "/api/cluster/pause?reason=x", TOKEN[:3], 401, None),
     ("missing token on agent route", "POST", "/api/agent/pause", None, 401, None),
     ("limit zero", "GET", "/api/cluster/history?limit=0", True, 400, None),
     ("limit not a number", "GET", "/api/cluster/history?limit=abc", True, 400, None),
@@ -62,6 +65,27 @@ def test_bad_input_is_rejected_with_json_error(agent, name, method, path, token,
     assert agent.get("/api/cluster/control-state").json() == before_cs
     st = agent.state()
     assert st["state"] == "running" and st["local_override"] is False
+
+
+def test_empty_authorization_schemes_are_rejected(agent):
+    for value in ("Bearer", "Bearer ", "bearer\t", "Basic " + TOKEN, TOKEN, ""):
+        r = agent.post("/api/agent/pause", headers={"Authorization": value})
+        assert r.status == 401, (value, r.status, r.body)
+        assert r.headers.get("WWW-Authenticate") == "Bearer", r.headers
+    assert agent.state()["state"] == "running"
+
+
+def test_an_empty_api_token_setting_leaves_commands_open(fleet, state_file, tmp_path):
+    a = fleet.start(script("recorder.lua"),
+                    env=agent_env(state_file, tmp_path / "ev.jsonl", AGENT_API_TOKEN=""),
+                    name="open")
+    a.wait_state("running", timeout=15)
+    r = a.post("/api/cluster/pause?reason=no+token+configured")
+    assert r.status == 200, r.body
+    a.wait_state("paused")
+    r = a.post("/api/cluster/resume", token="")  # an empty Bearer is no token at all
+    assert r.status == 200, r.body
+    a.wait_state("running")
 
 
 def test_right_token_is_accepted(agent):
@@ -127,21 +151,20 @@ def test_mongo_status_reports_embedded_backend(agent):
     assert st["backend"] == "embedded", st
 
 
-def test_metrics_are_prometheus_text(agent):
+def test_metrics_are_prometheus_text_with_the_agents_values(agent):
     wait_for(lambda: agent.state()["batches"] > 0, 10, message="a batch")
+    st = agent.state()
     text = agent.get("/metrics").body
-    names = set()
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", line)
-        assert m, f"not a Prometheus sample line: {line!r}"
-        float(m.group(3))
-        names.add(m.group(1))
-    for n in ("agenthost_batches_total", "agenthost_batch_errors_total", "agenthost_state",
-              "agenthost_control_version", "agenthost_commands_applied_total"):
-        assert n in names, (n, sorted(names))
-    assert re.search(r'^agenthost_state\{state="running"\} 1', text, re.M), text
+    samples = parse_metrics(text)  # fails on any line that is not a sample, HELP or TYPE
+    assert samples["agenthost_batches_total"] >= st["batches"] > 0
+    assert samples["agenthost_batch_errors_total"] == 0
+    assert samples["agenthost_hook_errors_total"] == 0
+    assert samples['agenthost_state{state="running"}'] == 1
+    assert samples['agenthost_state{state="paused"}'] == 0
+    assert samples["agenthost_applied_version"] == st["applied_version"]
+    assert samples["agenthost_commands_applied_total"] == 1  # the startup sync
+    for family in ("agenthost_batches_total", "agenthost_state"):
+        assert re.search(rf"^# TYPE {family} ", text, re.M), text
 
 
 def test_reason_of_1024_bytes_is_accepted(agent):

@@ -1,7 +1,7 @@
 """Bad scripts and misbehaving Lua: syntax errors, runtime errors, failing hooks, overruns."""
 import signal
 
-from agenthost_harness import (agent_env, count_events, run_cli, script, wait_events,
+from agenthost_harness import (agent_env, count_events, metric, run_cli, script, wait_events,
                                wait_for)
 
 
@@ -22,8 +22,11 @@ def test_runtime_error_in_batch_is_counted_and_agent_stays_up(fleet, state_file)
     a.wait_log(r"boom from fixture batch 1")
     a.wait_log(r"stack traceback")
     a.wait_log(r"explode_deeply")  # the traceback names the failing function
-    metrics = a.get("/metrics").body
-    assert "agenthost_batch_errors_total" in metrics
+    # The counter agrees with the state's count (both grow only after another backoff).
+    errors = a.state()["errors"]
+    assert errors >= 2
+    assert metric(a, "agenthost_batch_errors_total") in (errors, errors + 1)
+    assert metric(a, "agenthost_hook_errors_total") == 0
 
 
 def test_batch_recovers_after_errors(fleet, state_file):
@@ -47,9 +50,12 @@ def test_error_in_hook_still_transitions(fleet, state_file, tmp_path):
     i = next(i for i, e in enumerate(ev) if e["ev"] == "on_pause")
     assert count_events(ev[i + 1:], "batch_start") == 0
     assert a.get("/readyz").status == 503
+    assert metric(a, "agenthost_hook_errors_total") == 1
+    assert metric(a, "agenthost_batch_errors_total") == 0
     # Resuming still works after the failed hook.
     assert a.post("/api/cluster/resume").status == 200
     a.wait_state("running")
+    assert metric(a, "agenthost_hook_errors_total") == 1  # on_resume did not fail
 
 
 def test_batch_timeout_interrupts_interpreted_loop(fleet, state_file):

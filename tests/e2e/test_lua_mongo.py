@@ -253,3 +253,21 @@ def test_server_down_returns_nil_and_message_and_the_agent_keeps_running(fleet, 
     agent.wait_log(r"errors fixture alive: batch 2")
     assert agent.state()["state"] == "running"
     stop(agent)
+
+
+def test_queue_has_one_name_and_checks_the_job_before_using_it(fleet, tmp_path, state_file):
+    out = tmp_path / "queue.json"
+    env = agent_env(state_file, OUT_FILE=out)
+    env["AGENT_MONGODB_URI"] = ""
+    agent = fleet.start(script("lua_queue_misuse.lua"), env=env, name="queue-misuse")
+    r = wait_report(str(out), agent)
+    assert r["same_module"] is True
+    assert r["old_name_loads"] is False
+    for case, method in (("fail_nil", "fail"), ("fail_number", "fail"), ("renew_nil", "renew"),
+                         ("renew_string", "renew"), ("ack_nil", "ack"),
+                         ("release_table_without_id", "release")):
+        msg = r["misuse"][case]
+        # raised at the caller's line, not inside agent_queue.lua
+        assert "lua_queue_misuse.lua:" in msg and msg.endswith(f"{method}: job table expected"), \
+            (case, msg)
+    stop(agent)

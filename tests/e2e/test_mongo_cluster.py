@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import bson
 import pytest
 
-from agenthost_harness import (MONGO_DIR, count_events, mongo_agent_env, mongo_status,
+from agenthost_harness import (MONGO_DIR, count_events, metric, mongo_agent_env, mongo_status,
                                read_events, script, wait_events, wait_for)
 
 sys.path.insert(0, MONGO_DIR)
@@ -252,3 +252,31 @@ def test_concurrent_commands_are_gapless(fleet, tmp_path, mongo_server):
     for a in agents:
         st = a.state()
         assert st["applied_version"] == total and st["cluster_command"] == last, st
+
+
+@pytest.mark.parametrize("mode", ["change_streams", "polling"])
+def test_other_documents_in_agent_control_never_command_an_agent(fleet, tmp_path, mongo_server,
+                                                                  mode):
+    extra = {} if mode == "change_streams" else {"ENABLE_CHANGE_STREAMS": "false",
+                                                 "CONTROL_POLLING_INTERVAL": POLL}
+    agents = start_agents(fleet, tmp_path, mongo_server.uri, 2, **extra)
+    client, coll = control_collection(mongo_server)
+    with client:
+        # Looks like a control document, but only _id "global_control" is one.
+        coll.insert_one({"_id": "other", "command": "pause", "version": bson.Int64(999),
+                         "reason": "not a control document", "updated_by": "someone"})
+        coll.update_one({"_id": "other"}, {"$set": {"version": bson.Int64(1000)}})
+    # A real command written after it: once it is applied, the stream (in order) or the polls
+    # have passed the other document.
+    r = agents[0].post("/api/cluster/resume?reason=after+other")
+    assert r.status == 200, r.body
+    assert r.json()["version"] == 1, r.body
+    wait_applied(agents, 1, "running", timeout=POLL_DEADLINE)
+    for a in agents:
+        st = a.state()
+        assert st["state"] == "running" and st["applied_version"] == 1, st
+        assert st["cluster_command"] == "running", st
+        assert metric(a, "agenthost_control_version") == 1
+        ev = read_events(a.events)
+        assert count_events(ev, "on_pause") == 0, ev
+        assert not a.find_logs(r"not a control document"), a.log_text()

@@ -6,6 +6,7 @@ Every test starts two agents: `runner` (running) and `parked` (paused locally th
 /api/agent/pause, so it stays paused whatever happens to MongoDB). After each fault a new cluster
 command must reach both (applied_version)."""
 import datetime
+import time
 import os
 import sys
 
@@ -228,3 +229,71 @@ def test_startup_with_server_down_waits_then_syncs(fleet, tmp_path):
         wait_for(lambda: agent.state()["batches"] > 0, 10, message="batches after sync")
     finally:
         server.close()
+
+
+def start_one(fleet, tmp_path, uri, name, **extra):
+    events = tmp_path / f"{name}.jsonl"
+    a = fleet.start(RECORDER, env=mongo_agent_env(uri, events, **extra), name=name)
+    a.events = str(events)
+    a.wait_state("running", timeout=20)
+    return a
+
+
+def poll_times(server, after):
+    """Wall-clock times at which the server received a find on agent_control after `after`."""
+    return [e["t"] for e in server.command_log(command="find", collection="agent_control")
+            if e["t"] > after]
+
+
+def test_lost_change_events_are_caught_by_the_verifying_read(fleet, tmp_path, mongo_server):
+    a = start_one(fleet, tmp_path, mongo_server.uri, "verifier",
+                  CHANGE_STREAM_VERIFY_INTERVAL=1)
+    assert mongo_status(a)["watch_mode"] == "change_streams"
+    mongo_server.drop_change_events(True)  # the stream never sees the next write
+    version = write_direct(mongo_server, "pause")
+    wait_applied([a], version, timeout=15)
+    a.wait_state("paused")
+    a.wait_log(rf"The change stream missed version {version}: reopening it")
+    # The reopened stream delivers again once events flow.
+    mongo_server.drop_change_events(False)
+    version = write_direct(mongo_server, "running")
+    wait_applied([a], version, timeout=15)
+    a.wait_state("running")
+
+
+def test_failing_polls_back_off_exponentially(fleet, tmp_path, mongo_server):
+    interval = 0.1
+    a = start_one(fleet, tmp_path, mongo_server.uri, "poller", ENABLE_CHANGE_STREAMS="false",
+                  CONTROL_POLLING_INTERVAL=interval)
+    wait_for(lambda: mongo_status(a)["polls"] >= 2, 10, message="polls succeed")
+    since = time.time()
+    # Every find fails (a non-retryable server error, so the driver does not retry it).
+    mongo_server.configure_fail_point("alwaysOn", {"failCommands": ["find"], "errorCode": 2})
+    try:
+        polls = wait_for(lambda: (lambda t: t if len(t) >= 6 else None)(
+            poll_times(mongo_server, since)), 30, message="six failing polls")
+    finally:
+        mongo_server.configure_fail_point("off")
+    gaps = [b - t for t, b in zip(polls, polls[1:])][:5]
+    # The k-th retry waits interval * 2^k scaled by 50-100% (jitter); load only lengthens it.
+    for k, gap in enumerate(gaps):
+        assert gap >= 0.5 * interval * 2 ** k * 0.9, (k, gaps)
+    assert sum(gaps) >= 0.5 * interval * (2 ** 5 - 1) * 0.9, gaps
+    # Polls succeed again at the normal interval.
+    version = write_direct(mongo_server, "pause")
+    wait_applied([a], version)
+
+
+def test_polls_are_spread_by_jitter(fleet, tmp_path, mongo_server):
+    interval = 0.3
+    a = start_one(fleet, tmp_path, mongo_server.uri, "poller", ENABLE_CHANGE_STREAMS="false",
+                  CONTROL_POLLING_INTERVAL=interval)
+    since = time.time()
+    polls = wait_for(lambda: (lambda t: t if len(t) >= 16 else None)(
+        poll_times(mongo_server, since)), 30, message="sixteen polls")
+    gaps = [b - t for t, b in zip(polls, polls[1:])][:15]
+    # Each wait is interval * [0.9, 1.1): never (much) shorter than 90%, and not all alike.
+    # Scheduling delays only lengthen a gap, so the lower bound holds under load too.
+    assert min(gaps) >= 0.9 * interval - 0.01, gaps
+    assert max(gaps) - min(gaps) >= 0.015, gaps
+    assert mongo_status(a)["connected"] is True

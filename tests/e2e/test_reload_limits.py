@@ -1,7 +1,7 @@
 """Hot reload (SIGHUP, POST /api/agent/reload), LUA_MEMORY_LIMIT and agent.metrics."""
 import signal
 
-from agenthost_harness import agent_env, wait_for
+from agenthost_harness import agent_env, metric, wait_for
 
 VERSIONED = """
 local agent = require "agent"
@@ -30,13 +30,6 @@ def start_versioned(fleet, tmp_path, state_file, **env):
     a.wait_state("running", timeout=15)
     a.wait_log(r"batch from version 1")
     return a, path
-
-
-def metric(agent, name):
-    for line in agent.get("/metrics").body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
 
 
 def test_reload_with_a_good_script_runs_the_new_code_from_the_next_batch(fleet, tmp_path,

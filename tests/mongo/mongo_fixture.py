@@ -233,6 +233,18 @@ class MongoTestServer(object):
     def reset_stats(self):
         return self.control("resetStats")
 
+    def command_log(self, command=None, collection=None):
+        """Data commands received since start/reset_stats(), oldest first, as
+        [{"t": wall-clock seconds, "command", "db", "collection"}], optionally only one command
+        name and/or target collection."""
+        kw = {k: v for k, v in (("command", command), ("collection", collection)) if v}
+        return self.control("commandLog", **kw)["entries"]
+
+    def drop_change_events(self, on=True):
+        """While on, writes are applied but change streams never see them (as if the events
+        were lost), and stay unseen after it is turned off."""
+        return self.control("dropChangeEvents", on=on)
+
     def status(self):
         return self.control("status")
 

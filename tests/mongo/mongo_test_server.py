@@ -50,6 +50,7 @@ CODEC = CodecOptions(document_class=dict, tz_aware=False,
 
 MAX_BSON = 16 * 1024 * 1024
 MAX_MESSAGE = 48000000
+COMMAND_LOG_SIZE = 100000  # data commands kept for {testControl: "commandLog"}
 MAX_BATCH = 100000
 VERSION = "6.0.0"
 
@@ -207,6 +208,8 @@ class TestServer(object):
         self.fp_lock = threading.Lock()
         self.stats = collections.Counter()
         self.stats_lock = threading.Lock()
+        self.command_log = collections.deque(maxlen=COMMAND_LOG_SIZE)  # under stats_lock
+        self.drop_change_events = False
         self.cursors = {}
         self.retry_cache = collections.OrderedDict()
         self.cursors_lock = threading.Lock()
@@ -316,7 +319,7 @@ class TestServer(object):
         self.events.append({"seq": self.seq, "ts": ts, "wall": datetime.datetime.utcnow(),
                             "op": op, "db": db, "coll": coll, "id": doc_id,
                             "full": copy.deepcopy(full), "pre": copy.deepcopy(pre),
-                            "upd": upd})
+                            "upd": upd, "dropped": self.drop_change_events})
         if len(self.events) > self.changelog_size:
             self.trim(self.changelog_size)
         self.cond.notify_all()
@@ -364,6 +367,10 @@ class TestServer(object):
         name = next(iter(cmd)) if cmd else ""
         with self.stats_lock:
             self.stats[name] += 1
+            if name not in NON_DATA_COMMANDS:
+                target = cmd.get(name)
+                self.command_log.append({"t": time.time(), "command": name, "db": db,
+                                         "collection": target if isinstance(target, str) else None})
         try:
             self.check_failpoint(name, cmd, conn)
             fn = COMMANDS.get(name) or COMMANDS_CI.get(name.lower())
@@ -727,7 +734,7 @@ class TestServer(object):
             ev = self.events[i]
             i += 1
             cur.pos = ev["seq"]
-            if not cur.matches_ns(ev):
+            if ev.get("dropped") or not cur.matches_ns(ev):
                 continue
             if cur.coll is not None and ev["op"] == "dropDatabase":
                 doc = None
@@ -1297,7 +1304,19 @@ def cmd_test_control(srv, cmd, db, conn):
     if what == "resetStats":
         with srv.stats_lock:
             srv.stats.clear()
+            srv.command_log.clear()
         return {}
+    if what == "commandLog":
+        with srv.stats_lock:
+            entries = [dict(e) for e in srv.command_log]
+        for key in ("command", "collection"):
+            if cmd.get(key) is not None:
+                entries = [e for e in entries if e[key] == cmd[key]]
+        return {"entries": entries}
+    if what == "dropChangeEvents":
+        with srv.lock:
+            srv.drop_change_events = bool(cmd.get("on", True))
+        return {"on": srv.drop_change_events}
     if what == "status":
         with srv.lock:
             return {"mode": srv.mode, "primary": srv.primary, "blackholed": srv.blackholed(),
@@ -1308,7 +1327,7 @@ def cmd_test_control(srv, cmd, db, conn):
         srv.save()
         return {}
     raise CommandError(2, "unknown testControl %r (hangup, blackhole, heal, stepDown, stepUp, "
-                          "trimChangeLog, stats, resetStats, status, save)" % (what,))
+                          "trimChangeLog, stats, resetStats, commandLog, dropChangeEvents, status, save)" % (what,))
 
 
 COMMANDS = {

@@ -8,6 +8,7 @@
 #include "ah_common.h"
 #include "ah_config.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -152,6 +153,223 @@ static void test_bad_flags_are_rejected(void **unused)
     ah_config_free(&cfg);
 }
 
+/* Numbers outside their documented range, NaN, infinities and garbage are refused with a message
+ * naming the setting and the accepted range; the bounds themselves are accepted. */
+static void test_numbers_outside_their_range_are_refused(void **unused)
+{
+    static const struct {
+        const char *name;
+        const char *value;
+    } bad[] = {
+        {"CONTROL_POLLING_INTERVAL", "1e-9"},
+        {"CONTROL_POLLING_INTERVAL", "0.001"},
+        {"CONTROL_POLLING_INTERVAL", "3601"},
+        {"CONTROL_POLLING_INTERVAL", "inf"},
+        {"CONTROL_POLLING_INTERVAL", "-inf"},
+        {"CONTROL_POLLING_INTERVAL", "NaN"},
+        {"CONTROL_POLLING_INTERVAL", ""},
+        {"CONTROL_POLLING_INTERVAL", " 5"},
+        {"CHANGE_STREAM_VERIFY_INTERVAL", "-1"},
+        {"CHANGE_STREAM_VERIFY_INTERVAL", "1e-9"},
+        {"CHANGE_STREAM_VERIFY_INTERVAL", "86401"},
+        {"CHANGE_STREAM_VERIFY_INTERVAL", "nan"},
+        {"AGENTHOST_STATE_POLL", "0"},
+        {"AGENTHOST_STATE_POLL", "61"},
+        {"AGENTHOST_STATE_POLL", "infinity"},
+        {"BATCH_TIMEOUT", "1e300"},
+        {"BATCH_TIMEOUT", "86401"},
+        {"BATCH_TIMEOUT", "0x10"},
+        {"SHUTDOWN_TIMEOUT", "1e300"},
+        {"SHUTDOWN_TIMEOUT", "-0.5"},
+        {"SHUTDOWN_TIMEOUT", "nan"},
+        {"HTTP_PORT", "80.5"},
+        {"HTTP_PORT", "1e3"},
+        {"HTTP_PORT", "inf"},
+        {"HTTP_PORT", "99999999999999999999"},
+        {"LUA_MEMORY_LIMIT", "1023k"},
+        {"LUA_MEMORY_LIMIT", "1025g"},
+        {"LUA_MEMORY_LIMIT", "-1m"},
+        {"LUA_MEMORY_LIMIT", "10q"},
+        {"LUA_MEMORY_LIMIT", "99999999999999999999999"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        ah_config_t cfg;
+        char err[AH_ERRLEN] = "";
+        ah_config_defaults(&cfg);
+        if (ah_config_set(&cfg, bad[i].name, bad[i].value, err, sizeof(err)) != AH_EINVAL) {
+            fail_msg("%s=\"%s\" was accepted", bad[i].name, bad[i].value);
+        }
+        assert_non_null(strstr(err, bad[i].name));
+        assert_non_null(strstr(err, " to ")); /* the range is in the message */
+        ah_config_free(&cfg);
+    }
+    static const struct {
+        const char *name;
+        const char *value;
+    } good[] = {
+        {"CONTROL_POLLING_INTERVAL", "0.01"},
+        {"CONTROL_POLLING_INTERVAL", "3600"},
+        {"CHANGE_STREAM_VERIFY_INTERVAL", "0"},
+        {"CHANGE_STREAM_VERIFY_INTERVAL", "86400"},
+        {"AGENTHOST_STATE_POLL", "0.05"},
+        {"BATCH_TIMEOUT", "0.2"},
+        {"BATCH_TIMEOUT", "86400"},
+        {"SHUTDOWN_TIMEOUT", "3600"},
+        {"HTTP_PORT", "0"},
+        {"HTTP_PORT", "65535"},
+        {"LUA_MEMORY_LIMIT", "0"},
+        {"LUA_MEMORY_LIMIT", "1m"},
+        {"LUA_MEMORY_LIMIT", "1024G"},
+        {"LUA_MEMORY_LIMIT", "1048576"},
+    };
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        ah_config_t cfg;
+        char err[AH_ERRLEN] = "";
+        ah_config_defaults(&cfg);
+        if (ah_config_set(&cfg, good[i].name, good[i].value, err, sizeof(err)) != AH_OK) {
+            fail_msg("%s=\"%s\" was refused: %s", good[i].name, good[i].value, err);
+        }
+        ah_config_free(&cfg);
+    }
+    ah_config_t cfg;
+    char err[AH_ERRLEN];
+    ah_config_defaults(&cfg);
+    assert_int_equal(ah_config_set(&cfg, "LUA_MEMORY_LIMIT", "256m", err, sizeof(err)), AH_OK);
+    assert_true(cfg.lua_memory_limit == 256u << 20);
+    assert_int_equal(ah_config_set(&cfg, "BATCH_TIMEOUT", "1e300", err, sizeof(err)), AH_EINVAL);
+    assert_string_equal(err, "invalid BATCH_TIMEOUT=\"1e300\": expected a number of seconds: "
+                             "0.01 to 86400 s");
+    assert_true(cfg.batch_timeout == 300.0); /* a refused value leaves the setting alone */
+    assert_int_equal(ah_config_set(&cfg, "NO_SUCH_SETTING", "1", err, sizeof(err)), AH_EINVAL);
+    assert_string_equal(err, "unknown setting NO_SUCH_SETTING");
+    ah_config_free(&cfg);
+}
+
+/* Every row's documented default is a valid value and is what ah_config_defaults() sets. */
+static void test_every_default_in_the_table_is_valid(void **unused)
+{
+    for (const ah_config_var_t *v = ah_config_vars(); v->name != NULL; v++) {
+        assert_non_null(v->help);
+        if (v->default_value == NULL) {
+            continue;
+        }
+        ah_config_t defaults, set;
+        char err[AH_ERRLEN] = "";
+        ah_config_defaults(&defaults);
+        ah_config_defaults(&set);
+        if (ah_config_set(&set, v->name, v->default_value, err, sizeof(err)) != AH_OK) {
+            fail_msg("default of %s refused: %s", v->name, err);
+        }
+        size_t size = v->kind == AH_CONFIG_BOOL      ? sizeof(bool)
+                      : v->kind == AH_CONFIG_SECONDS ? sizeof(double)
+                      : v->kind == AH_CONFIG_INT     ? sizeof(int)
+                      : v->kind == AH_CONFIG_BYTES   ? sizeof(size_t)
+                                                     : 0;
+        assert_memory_equal((char *)&defaults + v->offset, (char *)&set + v->offset, size);
+        if (v->kind == AH_CONFIG_STRING) {
+            assert_string_equal(*(char **)((char *)&set + v->offset), v->default_value);
+        }
+        ah_config_free(&defaults);
+        ah_config_free(&set);
+    }
+}
+
+/* The line README.md's Settings table shows for one row. */
+static void readme_row(const ah_config_var_t *v, char *buf, size_t len)
+{
+    char flag[64] = "", def[128], range[64];
+    if (v->flag != NULL) {
+        snprintf(flag, sizeof(flag), "`%s`", v->flag);
+    }
+    if (v->default_doc != NULL) {
+        snprintf(def, sizeof(def), "%s", v->default_doc);
+    } else {
+        snprintf(def, sizeof(def), "`%s`", ah_config_default_doc(v));
+    }
+    ah_config_describe_range(v, range, sizeof(range));
+    snprintf(buf, len, "| `%s` | %s | %s | %s | %s |", v->name, flag, def, range, v->help);
+}
+
+/* README.md's Settings table is the table of ah_config_vars(), row for row, in order: a setting
+ * added, removed or changed in the code without the README (or the other way) fails here. */
+static void test_readme_settings_table_matches_the_code(void **unused)
+{
+    FILE *f = fopen(AH_TEST_SOURCE_DIR "/README.md", "r");
+    assert_non_null(f);
+    char line[1024];
+    bool in_settings = false;
+    const ah_config_var_t *next = ah_config_vars();
+    size_t rows = 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        line[strcspn(line, "\n")] = '\0';
+        if (strncmp(line, "## ", 3) == 0) {
+            in_settings = strcmp(line, "## Settings") == 0;
+            continue;
+        }
+        if (!in_settings || strncmp(line, "| `", 3) != 0) {
+            continue;
+        }
+        char want[1024];
+        if (next->name == NULL) {
+            fail_msg("README.md has a setting the code does not know:\n%s", line);
+        }
+        readme_row(next, want, sizeof(want));
+        if (strcmp(line, want) != 0) {
+            fail_msg("README.md Settings row differs from the code:\n  README: %s\n  code:   %s",
+                     line, want);
+        }
+        next++;
+        rows++;
+    }
+    fclose(f);
+    if (next->name != NULL) {
+        fail_msg("README.md's Settings table lacks %s", next->name);
+    }
+    assert_true(rows > 0);
+}
+
+/* The other docs that list settings (docs/OPERATIONS.md, docs/LUA.md) state the code's default
+ * in their second column: "| `NAME` | <default> | ...", with or without backticks. */
+static void check_doc_defaults(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    char line[2048];
+    size_t checked = 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        char name[64];
+        int used = 0;
+        if (sscanf(line, "| `%63[A-Z_]` | %n", name, &used) != 1 || used == 0) {
+            continue;
+        }
+        const ah_config_var_t *v = ah_config_find(name);
+        if (v == NULL) {
+            continue; /* e.g. a signal name */
+        }
+        const char *cell = line + used;
+        size_t cell_len = strcspn(cell, "|");
+        char want[128];
+        snprintf(want, sizeof(want), "%s", ah_config_default_doc(v));
+        bool plain = strncmp(cell, want, strlen(want)) == 0 && cell[strlen(want)] == ' ';
+        char quoted[140];
+        snprintf(quoted, sizeof(quoted), "`%s`", want);
+        bool ticked = strncmp(cell, quoted, strlen(quoted)) == 0 && cell[strlen(quoted)] == ' ';
+        if (!plain && !ticked) {
+            fail_msg("%s: %s is documented with default \"%.*s\", the code says \"%s\"", path, name,
+                     (int)cell_len, cell, want);
+        }
+        checked++;
+    }
+    fclose(f);
+    assert_true(checked > 0);
+}
+
+static void test_other_docs_state_the_defaults_of_the_code(void **unused)
+{
+    check_doc_defaults(AH_TEST_SOURCE_DIR "/docs/OPERATIONS.md");
+    check_doc_defaults(AH_TEST_SOURCE_DIR "/docs/LUA.md");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -161,6 +379,10 @@ int main(void)
         cmocka_unit_test(test_valid_environment_is_applied),
         cmocka_unit_test(test_flags_override_environment),
         cmocka_unit_test(test_bad_flags_are_rejected),
+        cmocka_unit_test(test_numbers_outside_their_range_are_refused),
+        cmocka_unit_test(test_every_default_in_the_table_is_valid),
+        cmocka_unit_test(test_readme_settings_table_matches_the_code),
+        cmocka_unit_test(test_other_docs_state_the_defaults_of_the_code),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -349,7 +349,7 @@ static int teardown(void **state)
 static void start(fixture_t *fx)
 {
     char err[AH_ERRLEN] = "";
-    fx->http = ah_http_start(&fx->cfg, fx->state, fx->store, err, sizeof(err));
+    fx->http = ah_http_start(&fx->cfg, fx->state, fx->store, NULL, err, sizeof(err));
     if (fx->http == NULL) {
         fail_msg("ah_http_start: %s", err);
     }
@@ -417,7 +417,7 @@ static void test_start_reports_port_and_port_in_use_fails(void **state)
     set_config(&cfg, "HTTP_BIND", "127.0.0.1");
     set_config(&cfg, "HTTP_PORT", port);
     char err[AH_ERRLEN] = "";
-    ah_http_t *second = ah_http_start(&cfg, fx->state, NULL, err, sizeof(err));
+    ah_http_t *second = ah_http_start(&cfg, fx->state, NULL, NULL, err, sizeof(err));
     assert_null(second);
     char expected[128];
     snprintf(expected, sizeof(expected), "cannot listen on 127.0.0.1:%d: Address already in use",
@@ -426,14 +426,14 @@ static void test_start_reports_port_and_port_in_use_fails(void **state)
 
     /* stopping releases the port at once */
     ah_http_stop(fx->http);
-    fx->http = ah_http_start(&cfg, fx->state, NULL, err, sizeof(err));
+    fx->http = ah_http_start(&cfg, fx->state, NULL, NULL, err, sizeof(err));
     if (fx->http == NULL) {
         fail_msg("restart on port %d: %s", fx->port, err);
     }
     assert_int_equal(ah_http_port(fx->http), fx->port);
 
     set_config(&cfg, "HTTP_BIND", "not-an-address");
-    assert_null(ah_http_start(&cfg, fx->state, NULL, err, sizeof(err)));
+    assert_null(ah_http_start(&cfg, fx->state, NULL, NULL, err, sizeof(err)));
     assert_string_equal(err, "invalid HTTP_BIND \"not-an-address\" (expected an IP address)");
     ah_config_free(&cfg);
     ah_http_stop(NULL);
@@ -1071,7 +1071,7 @@ static void test_healthz_ok_unless_wedged(void **state)
     assert_string_equal(r.body, "{\"status\":\"ok\",\"state\":\"starting\"}");
     resp_free(&r);
 
-    ah_state_call_begin(fx->state);
+    ah_state_call_begin_at(fx->state, ah_mono_us());
     ah_state_mark_overrun(fx->state);
     r = http_request(fx->port, "GET", "/healthz", NULL);
     assert_int_equal(r.status, 503);
@@ -1121,6 +1121,8 @@ static void test_metrics_exposes_every_family(void **state)
         assert_contains(r.body, line);
     }
     assert_contains(r.body, "\nagenthost_batches_total 1\n");
+    assert_contains(r.body, "\nagenthost_batch_errors_total 0\n");
+    assert_contains(r.body, "\nagenthost_hook_errors_total 0\n");
     assert_contains(r.body, "\nagenthost_state{state=\"starting\"} 0\n");
     assert_contains(r.body, "\nagenthost_state{state=\"running\"} 1\n");
     assert_contains(r.body, "\nagenthost_state{state=\"stopped\"} 0\n");
@@ -1176,7 +1178,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_cluster_shutdown_propagation_in_change_streams_mode,
                                         setup, teardown),
-        cmocka_unit_test_setup_teardown(test_control_state_fields_in_documented_order, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_control_state_fields_in_documented_order, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_control_state_unknown_yet_is_503, setup, teardown),
         cmocka_unit_test_setup_teardown(test_history_limit_validation, setup, teardown),
         cmocka_unit_test_setup_teardown(test_store_unavailable_is_503_and_writes_nothing, setup,

@@ -128,6 +128,24 @@ static void test_latest_command_wins_between_batches(void **unused)
     ah_state_free(s);
 }
 
+static void test_latest_wins_over_an_older_version_arriving_while_pending(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    /* Nothing is drained in between: v3 is pending when the late v2 arrives. */
+    ah_control_t d1 = doc(AH_CMD_RUNNING, 1);
+    ah_control_t d3 = doc(AH_CMD_PAUSE, 3);
+    ah_control_t d2 = doc(AH_CMD_RUNNING, 2);
+    ah_state_offer_cluster(s, &d1);
+    ah_state_offer_cluster(s, &d3);
+    ah_state_offer_cluster(s, &d2);
+    ah_event_t ev;
+    assert_true(ah_state_take_event(s, &ev));
+    assert_int_equal(ev.version, 3);
+    assert_int_equal(ev.command, AH_CMD_PAUSE);
+    assert_false(ah_state_take_event(s, &ev));
+    ah_state_free(s);
+}
+
 static void test_local_override_until_next_cluster_command(void **unused)
 {
     ah_state_t *s = ah_state_new();
@@ -203,6 +221,7 @@ int main(void)
         cmocka_unit_test(test_first_document_is_a_startup_sync),
         cmocka_unit_test(test_older_or_equal_versions_are_ignored),
         cmocka_unit_test(test_latest_command_wins_between_batches),
+        cmocka_unit_test(test_latest_wins_over_an_older_version_arriving_while_pending),
         cmocka_unit_test(test_local_override_until_next_cluster_command),
         cmocka_unit_test(test_local_shutdown_is_final),
         cmocka_unit_test(test_wait_returns_early_on_command),

@@ -1,6 +1,6 @@
 /* The MongoDB plugin's single exported symbol: the function table the core finds with dlsym
  * (ah_mongo_plugin.h). Everything else in agenthost_mongo.so has hidden visibility. */
-#include "ah_mongo_impl.h"
+#include "ahm.h"
 
 #include <mongoc/mongoc.h>
 
@@ -11,12 +11,12 @@
 __attribute__((visibility("default"))) const ah_mongo_plugin_t ah_mongo_plugin_v1 = {
     .abi_version = AH_MONGO_PLUGIN_ABI,
     .build_version = AH_VERSION,
-    .store_open = ah_mongo_store_open,
-    .store_pool = ah_mongo_store_pool,
-    .lua_new = ah_mongo_lua_new,
-    .lua_set_shared_pool = ah_mongo_lua_set_shared_pool,
-    .lua_detach = ah_mongo_lua_detach,
-    .lua_free = ah_mongo_lua_free,
-    .lua_open = ah_mongo_lua_open,
+    .store_open = ahm_store_open,
+    .store_pool = ahm_store_pool,
+    .lua_new = ahm_lua_new,
+    .lua_set_shared_pool = ahm_lua_set_shared_pool,
+    .lua_detach = ahm_lua_detach,
+    .lua_free = ahm_lua_free,
+    .lua_open = ahm_lua_open,
     .driver_version = mongoc_get_version,
 };

@@ -1,15 +1,16 @@
-/* The MongoDB control store (docs/OPERATIONS.md): the control document `global_control` and its audit
- * entries in <MONGODB_DATABASE>.agent_control, behind the store interface of ah_store.h. One
+/* The MongoDB control store (docs/OPERATIONS.md): the control document `global_control` and its
+ * audit entries in <MONGODB_DATABASE>.agent_control, behind the store interface of ah_store.h. One
  * mongoc_client_pool_t serves everything: read/command/history pop a client per call (any
  * thread), and the watcher thread holds its own client for its whole life. The watcher detects
  * the watch mode (a change stream, or polling when the server refuses streams: standalone error
- * 40573), logs the lines of the original distributed-control API, delivers the document at start and after every change, and
- * survives every fault by reconnecting with exponential backoff and jitter: a change stream
- * resumes from its last token, a lost history or an invalidated stream leads to a re-read, and a
- * stream silent for CHANGE_STREAM_VERIFY_INTERVAL seconds is verified by a direct read. Short
- * driver timeouts (set unless the URI has its own) make every failure show within seconds.
- * Part of the MongoDB plugin: the core reaches it through ah_store_mongo_open (core/ah_mongo.c). */
-#include "ah_mongo_impl.h"
+ * 40573), logs the lines of the original distributed-control API, delivers the document at start
+ * and after every change, and survives every fault by reconnecting with exponential backoff and
+ * jitter: a change stream resumes from its last token, a lost history or an invalidated stream
+ * leads to a re-read, and a stream silent for CHANGE_STREAM_VERIFY_INTERVAL seconds is verified by
+ * a direct read. Short driver timeouts (set unless the URI has its own) make every failure show
+ * within seconds. Part of the MongoDB plugin: the core reaches it through ah_store_mongo_open
+ * (core/ah_mongo.h). */
+#include "ahm.h"
 
 #include "ah_log.h"
 
@@ -36,12 +37,14 @@
 /* How long one change stream getMore waits on the server: bounds close() in the normal case. */
 #define AH_MONGO_MAX_AWAIT_MS 1000
 
-#define AH_MONGO_RETRY_MIN 0.25 /* first reconnect delay, seconds */
-#define AH_MONGO_RETRY_MAX 5.0  /* reconnect delay cap, seconds */
-#define AH_MONGO_POLL_RETRY_MAX                                                                    \
-    30.0 /* polling error backoff cap (unless the interval is longer)                              \
-          */
-#define AH_MONGO_STATUS_GAP_US 1000000 /* routine status reports: at most one per second */
+/* First reconnect delay, seconds. */
+#define AH_MONGO_RETRY_MIN 0.25
+/* Reconnect delay cap, seconds. */
+#define AH_MONGO_RETRY_MAX 5.0
+/* Polling error backoff cap, seconds (unless the polling interval is longer). */
+#define AH_MONGO_POLL_RETRY_MAX 30.0
+/* Routine status reports: at most one per second. */
+#define AH_MONGO_STATUS_GAP_US 1000000
 #define AH_MONGO_AUDIT_ATTEMPTS 4
 
 #define AH_MONGO_CODE_UNAUTHORIZED 13
@@ -66,7 +69,7 @@ typedef enum {
     AH_MONGO_MODE_POLLING,
 } ah_mongo_mode_t;
 
-typedef struct ah_store_mongo_s {
+typedef struct ahm_store_s {
     ah_store_t base; /* first member (ah_store.h) */
     const ah_config_t *cfg;
     mongoc_uri_t *uri;
@@ -82,18 +85,15 @@ typedef struct ah_store_mongo_s {
     pthread_t watcher;
     bool watcher_started;
     ah_store_listener_t listener;
-} ah_store_mongo_t;
+} ahm_store_t;
 
 /* The watcher thread's private state. */
 typedef struct ah_mongo_watch_s {
-    ah_store_mongo_t *ms;
+    ahm_store_t *ms;
     mongoc_client_t *client;
     mongoc_collection_t *coll;
     ah_mongo_mode_t mode;
-    ah_store_status_t status;
-    bool ever_connected;
-    int64_t last_report_us; /* monotonic; 0 = report at the next chance */
-    uint64_t reported_polls;
+    ah_store_reporter_t reporter; /* the status and when it was last reported */
     bool delivered;
     int64_t delivered_version;
     int failures; /* consecutive failures: drives the backoff */
@@ -135,12 +135,12 @@ static void mongo_global_init(void)
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 
-static ah_store_mongo_t *mongo_of(ah_store_t *st)
+static ahm_store_t *mongo_of(ah_store_t *st)
 {
-    return (ah_store_mongo_t *)st;
+    return (ahm_store_t *)st;
 }
 
-static bool mongo_closing(ah_store_mongo_t *ms)
+static bool mongo_closing(ahm_store_t *ms)
 {
     pthread_mutex_lock(&ms->mutex);
     bool closing = ms->closing;
@@ -149,39 +149,16 @@ static bool mongo_closing(ah_store_mongo_t *ms)
 }
 
 /* Waits up to `seconds` or until close(). Returns true if the store is closing. */
-static bool mongo_wait(ah_store_mongo_t *ms, double seconds)
+static bool mongo_wait(ahm_store_t *ms, double seconds)
 {
-    struct timespec deadline;
-    ah_mono_deadline(seconds, &deadline);
-    pthread_mutex_lock(&ms->mutex);
-    while (!ms->closing) {
-        if (pthread_cond_timedwait(&ms->cond, &ms->mutex, &deadline) == ETIMEDOUT) {
-            break;
-        }
-    }
-    bool closing = ms->closing;
-    pthread_mutex_unlock(&ms->mutex);
-    return closing;
+    return ah_cond_wait_flag(&ms->cond, &ms->mutex, &ms->closing, seconds);
 }
 
-/* A uniformly random factor in [lo, hi). */
-static double jitter(unsigned int *seed, double lo, double hi)
-{
-    return lo + (hi - lo) * ((double)rand_r(seed) / ((double)RAND_MAX + 1.0));
-}
-
-/* Exponential backoff: min * 2^failures capped at max, then scaled by a random 50-100% so a
- * fleet that lost the server together does not come back in lockstep. */
+/* Exponential backoff (ah_backoff), then scaled by a random 50-100% so a fleet that lost the
+ * server together does not come back in lockstep. */
 static double backoff_delay(int failures, double min, double max, unsigned int *seed)
 {
-    double delay = min;
-    for (int i = 0; i < failures && delay < max; i++) {
-        delay *= 2;
-    }
-    if (delay > max) {
-        delay = max;
-    }
-    return delay * jitter(seed, 0.5, 1.0);
+    return ah_backoff(failures, min, max) * ah_jitter(seed, 0.5, 1.0);
 }
 
 static ah_mongo_fault_t classify_error(const bson_error_t *error)
@@ -262,7 +239,7 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
 }
 
 /* Parses the control document and remembers its command as the fallback for the next one. */
-static int parse_and_remember(ah_store_mongo_t *ms, const bson_t *doc, ah_control_t *out)
+static int parse_and_remember(ahm_store_t *ms, const bson_t *doc, ah_control_t *out)
 {
     pthread_mutex_lock(&ms->mutex);
     ah_command_t fallback = ms->last_command;
@@ -276,6 +253,27 @@ static int parse_and_remember(ah_store_mongo_t *ms, const bson_t *doc, ah_contro
     return rc;
 }
 
+/* Parses the control document a findAndModify reply carries (its "value") into *out and
+ * remembers its command. what names the operation in the error. 0, or AH_EIO with err set. */
+static int parse_find_and_modify_reply(ahm_store_t *ms, const bson_t *reply, const char *what,
+                                       ah_control_t *out, char *err, size_t errlen)
+{
+    bson_iter_t it;
+    const uint8_t *data;
+    uint32_t len;
+    bson_t value;
+    if (!bson_iter_init_find(&it, reply, "value") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
+        snprintf(err, errlen, "MongoDB %s: no document returned", what);
+        return AH_EIO;
+    }
+    bson_iter_document(&it, &len, &data);
+    if (!bson_init_static(&value, data, len) || parse_and_remember(ms, &value, out) != AH_OK) {
+        snprintf(err, errlen, "MongoDB control document has no numeric version");
+        return AH_EIO;
+    }
+    return AH_OK;
+}
+
 static void append_now(bson_t *doc, const char *key, int64_t now_us)
 {
     bson_append_date_time(doc, key, -1, now_us / 1000);
@@ -283,8 +281,8 @@ static void append_now(bson_t *doc, const char *key, int64_t now_us)
 
 /* Creates the initial document if it does not exist (an upsert that only sets fields on insert,
  * so it never overwrites a concurrent writer) and returns it in *out. */
-static int ensure_control(ah_store_mongo_t *ms, mongoc_collection_t *coll, ah_control_t *out,
-                          char *err, size_t errlen)
+static int ensure_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control_t *out, char *err,
+                          size_t errlen)
 {
     int rc = AH_EIO;
     bson_t reply = BSON_INITIALIZER;
@@ -315,20 +313,7 @@ static int ensure_control(ah_store_mongo_t *ms, mongoc_collection_t *coll, ah_co
         rc = read_failure("create control document", &error, err, errlen);
         goto cleanup;
     }
-    bson_iter_t it;
-    if (!bson_iter_init_find(&it, &reply, "value") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
-        snprintf(err, errlen, "MongoDB create control document: no document returned");
-        goto cleanup;
-    }
-    const uint8_t *data;
-    uint32_t len;
-    bson_iter_document(&it, &len, &data);
-    bson_t value;
-    if (!bson_init_static(&value, data, len) || parse_and_remember(ms, &value, out) != AH_OK) {
-        snprintf(err, errlen, "MongoDB control document has no numeric version");
-        goto cleanup;
-    }
-    rc = AH_OK;
+    rc = parse_find_and_modify_reply(ms, &reply, "create control document", out, err, errlen);
 cleanup:
     mongoc_find_and_modify_opts_destroy(opts);
     bson_destroy(update);
@@ -339,8 +324,8 @@ cleanup:
 
 /* Reads the control document with one light query (a single-batch find with a projection),
  * creating it if it is missing. 0, AH_EUNAVAIL or AH_EIO with err set. */
-static int read_control(ah_store_mongo_t *ms, mongoc_collection_t *coll, ah_control_t *out,
-                        char *err, size_t errlen)
+static int read_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control_t *out, char *err,
+                        size_t errlen)
 {
     int rc = AH_EIO;
     bson_error_t error;
@@ -373,14 +358,13 @@ cleanup:
 
 /* ---- the store operations (any thread) ---------------------------------------------------- */
 
-static mongoc_collection_t *pop_collection(ah_store_mongo_t *ms, mongoc_client_t **client)
+static mongoc_collection_t *pop_collection(ahm_store_t *ms, mongoc_client_t **client)
 {
     *client = mongoc_client_pool_pop(ms->pool);
     return mongoc_client_get_collection(*client, ms->cfg->mongodb_database, AH_MONGO_COLLECTION);
 }
 
-static void push_collection(ah_store_mongo_t *ms, mongoc_client_t *client,
-                            mongoc_collection_t *coll)
+static void push_collection(ahm_store_t *ms, mongoc_client_t *client, mongoc_collection_t *coll)
 {
     mongoc_collection_destroy(coll);
     mongoc_client_pool_push(ms->pool, client);
@@ -388,7 +372,7 @@ static void push_collection(ah_store_mongo_t *ms, mongoc_client_t *client,
 
 static int mongo_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen)
 {
-    ah_store_mongo_t *ms = mongo_of(st);
+    ahm_store_t *ms = mongo_of(st);
     mongoc_client_t *client;
     mongoc_collection_t *coll = pop_collection(ms, &client);
     int rc = read_control(ms, coll, out, err, errlen);
@@ -398,7 +382,7 @@ static int mongo_read(ah_store_t *st, ah_control_t *out, char *err, size_t errle
 
 /* Inserts the audit entry of version doc->version. A duplicate key means it is already there
  * (a retried attempt that had succeeded). Retries a few times; 0 or AH_EIO. */
-static int insert_audit(ah_store_mongo_t *ms, mongoc_collection_t *coll, const ah_control_t *doc,
+static int insert_audit(ahm_store_t *ms, mongoc_collection_t *coll, const ah_control_t *doc,
                         char *err, size_t errlen)
 {
     char id[64];
@@ -434,7 +418,7 @@ static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
                          const char *updated_by, const char *agent_id, ah_control_t *out, char *err,
                          size_t errlen)
 {
-    ah_store_mongo_t *ms = mongo_of(st);
+    ahm_store_t *ms = mongo_of(st);
     int rc = AH_EIO;
     bson_error_t error;
     bson_t reply = BSON_INITIALIZER;
@@ -475,17 +459,8 @@ static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
         }
         goto cleanup;
     }
-    bson_iter_t it;
-    const uint8_t *data;
-    uint32_t len;
-    bson_t value;
-    if (!bson_iter_init_find(&it, &reply, "value") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
-        snprintf(err, errlen, "MongoDB findAndModify returned no document");
-        goto cleanup;
-    }
-    bson_iter_document(&it, &len, &data);
-    if (!bson_init_static(&value, data, len) || parse_and_remember(ms, &value, out) != AH_OK) {
-        snprintf(err, errlen, "MongoDB control document has no numeric version");
+    rc = parse_find_and_modify_reply(ms, &reply, "command", out, err, errlen);
+    if (rc != AH_OK) {
         goto cleanup;
     }
     /* The returned document is the authority for version and timestamp; the rest is ours. */
@@ -514,7 +489,7 @@ cleanup:
 static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
                          size_t errlen)
 {
-    ah_store_mongo_t *ms = mongo_of(st);
+    ahm_store_t *ms = mongo_of(st);
     int rc = AH_OK;
     bson_error_t error;
     const bson_t *doc;
@@ -543,21 +518,6 @@ static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *coun
 
 /* ---- the watcher thread ------------------------------------------------------------------- */
 
-static void report_status(ah_mongo_watch_t *w, bool force)
-{
-    const ah_store_listener_t *l = &w->ms->listener;
-    int64_t now = ah_mono_us();
-    if (!force && (w->status.polls == w->reported_polls ||
-                   now - w->last_report_us < AH_MONGO_STATUS_GAP_US)) {
-        return;
-    }
-    if (l->on_status != NULL) {
-        l->on_status(l->ud, &w->status);
-    }
-    w->last_report_us = now;
-    w->reported_polls = w->status.polls;
-}
-
 /* Fills status.topology from the driver's view of the servers (no extra round trip). */
 static void update_topology(ah_mongo_watch_t *w)
 {
@@ -578,35 +538,32 @@ static void update_topology(ah_mongo_watch_t *w)
     }
     mongoc_server_descriptions_destroy_all(sds, n);
     if (strcmp(topology, "unknown") != 0) {
-        ah_strlcpy(w->status.topology, topology, sizeof(w->status.topology));
+        ah_strlcpy(w->reporter.status.topology, topology, sizeof(w->reporter.status.topology));
     }
 }
 
 /* Records a successful round trip. */
 static void note_success(ah_mongo_watch_t *w, double latency_ms)
 {
-    bool changed = !w->status.connected;
-    if (latency_ms >= 0) {
-        w->status.latency_ms = latency_ms;
-    }
-    if (!w->status.connected) {
-        if (w->ever_connected) {
-            w->status.reconnects++;
+    bool connected_now = ah_store_note_connected(&w->reporter, latency_ms);
+    if (connected_now) {
+        if (w->reporter.status.reconnects > 0) {
             ah_log_info("[Distributed Control] MongoDB connection restored");
         }
-        w->status.connected = true;
-        w->ever_connected = true;
         update_topology(w);
     }
     w->failures = 0;
-    report_status(w, changed);
+    ah_store_report(&w->reporter, connected_now);
 }
 
 /* Records a failure; logs the first one of a streak. */
 static void note_failure(ah_mongo_watch_t *w, const char *what, const char *message)
 {
     char text[AH_ERRLEN];
-    snprintf(text, sizeof(text), "%s: %s", what, message);
+    /* A long driver message is cut at AH_ERRLEN - 1 bytes, as last_error would cut it. */
+    if (snprintf(text, sizeof(text), "%s: %s", what, message) < 0) {
+        ah_strlcpy(text, what, sizeof(text));
+    }
     if (w->failures == 0) {
         ah_log_warn("[Distributed Control] %s (retrying with backoff; the agent keeps its "
                     "current state)",
@@ -615,10 +572,7 @@ static void note_failure(ah_mongo_watch_t *w, const char *what, const char *mess
         ah_log_debug("[Distributed Control] %s (attempt %d)", text, w->failures + 1);
     }
     w->failures++;
-    w->status.connected = false;
-    ah_strlcpy(w->status.last_error, text, sizeof(w->status.last_error));
-    w->status.last_error_us = ah_now_us();
-    report_status(w, true);
+    ah_store_note_failure(&w->reporter, text);
 }
 
 static bool wait_backoff(ah_mongo_watch_t *w, double min, double max)
@@ -658,9 +612,10 @@ static int watch_read(ah_mongo_watch_t *w, const char *what)
 static void set_watch_mode(ah_mongo_watch_t *w, ah_mongo_mode_t mode)
 {
     w->mode = mode;
-    ah_strlcpy(w->status.watch_mode, mode == AH_MONGO_MODE_POLLING ? "polling" : "change_streams",
-               sizeof(w->status.watch_mode));
-    report_status(w, true);
+    ah_strlcpy(w->reporter.status.watch_mode,
+               mode == AH_MONGO_MODE_POLLING ? "polling" : "change_streams",
+               sizeof(w->reporter.status.watch_mode));
+    ah_store_report(&w->reporter, true);
 }
 
 static void use_polling(ah_mongo_watch_t *w, const char *why)
@@ -731,7 +686,7 @@ static bool handle_event(ah_mongo_watch_t *w, const bson_t *event)
  * polling. */
 static void run_streams(ah_mongo_watch_t *w)
 {
-    ah_store_mongo_t *ms = w->ms;
+    ahm_store_t *ms = w->ms;
     bson_t *token = NULL;
     bool need_read = true;
     while (!mongo_closing(ms)) {
@@ -771,7 +726,7 @@ static void run_streams(ah_mongo_watch_t *w)
             ah_log_info("Using MongoDB Change Streams (event-driven, real-time)");
             set_watch_mode(w, AH_MONGO_MODE_STREAMS);
         } else if (token != NULL) {
-            w->status.stream_resumes++;
+            w->reporter.status.stream_resumes++;
             ah_log_info("[Distributed Control] Change stream resumed");
         }
         /* The stream is open before the read, so a command written after the read is an event. */
@@ -813,7 +768,7 @@ static void run_streams(ah_mongo_watch_t *w)
                 break;
             }
             save_token(stream, &token);
-            report_status(w, false);
+            ah_store_report(&w->reporter, false);
             if (ms->verify_interval > 0 &&
                 (double)(ah_mono_us() - quiet_since) / 1e6 >= ms->verify_interval) {
                 int64_t before = w->delivered_version;
@@ -837,7 +792,8 @@ static void run_streams(ah_mongo_watch_t *w)
             need_read = true;
             continue;
         }
-        if (!w->status.connected && wait_backoff(w, AH_MONGO_RETRY_MIN, AH_MONGO_RETRY_MAX)) {
+        if (!w->reporter.status.connected &&
+            wait_backoff(w, AH_MONGO_RETRY_MIN, AH_MONGO_RETRY_MAX)) {
             break;
         }
     }
@@ -847,15 +803,15 @@ static void run_streams(ah_mongo_watch_t *w)
 /* Polling mode: one light query per interval (±10% jitter), delivered on a version change. */
 static void run_polling(ah_mongo_watch_t *w)
 {
-    ah_store_mongo_t *ms = w->ms;
+    ahm_store_t *ms = w->ms;
     double interval = ms->cfg->polling_interval;
     double retry_max = interval > AH_MONGO_POLL_RETRY_MAX ? interval : AH_MONGO_POLL_RETRY_MAX;
     while (!mongo_closing(ms)) {
-        w->status.polls++;
+        w->reporter.status.polls++;
         double wait;
         if (watch_read(w, "poll") == AH_OK) {
-            wait = interval * jitter(&w->seed, 0.9, 1.1);
-            report_status(w, false);
+            wait = interval * ah_jitter(&w->seed, 0.9, 1.1);
+            ah_store_report(&w->reporter, false);
         } else {
             wait = backoff_delay(w->failures - 1, interval, retry_max, &w->seed);
         }
@@ -867,19 +823,18 @@ static void run_polling(ah_mongo_watch_t *w)
 
 static void *watcher_main(void *arg)
 {
-    ah_store_mongo_t *ms = arg;
+    ahm_store_t *ms = arg;
     ah_mongo_watch_t w;
     memset(&w, 0, sizeof(w));
     w.ms = ms;
     w.seed = (unsigned int)(ah_now_us() ^ ((int64_t)getpid() << 16));
     w.client = mongoc_client_pool_pop(ms->pool);
     w.coll = mongoc_client_get_collection(w.client, ms->cfg->mongodb_database, AH_MONGO_COLLECTION);
-    ah_strlcpy(w.status.backend, "mongodb", sizeof(w.status.backend));
-    ah_strlcpy(w.status.topology, "unknown", sizeof(w.status.topology));
-    w.status.latency_ms = -1.0;
+    ah_store_reporter_init(&w.reporter, &ms->listener, "mongodb", "unknown", "",
+                           AH_MONGO_STATUS_GAP_US);
     if (ms->cfg->change_streams) {
         w.mode = AH_MONGO_MODE_DETECT;
-        report_status(&w, true);
+        ah_store_report(&w.reporter, true);
         run_streams(&w);
     } else {
         ah_log_info("Using polling fallback (interval: %gs) (ENABLE_CHANGE_STREAMS=false)",
@@ -897,7 +852,7 @@ static void *watcher_main(void *arg)
 static int mongo_watch_start(ah_store_t *st, const ah_store_listener_t *listener, char *err,
                              size_t errlen)
 {
-    ah_store_mongo_t *ms = mongo_of(st);
+    ahm_store_t *ms = mongo_of(st);
     if (ms->watcher_started) {
         snprintf(err, errlen, "the MongoDB watcher is already running");
         return AH_EINVAL;
@@ -913,7 +868,7 @@ static int mongo_watch_start(ah_store_t *st, const ah_store_listener_t *listener
 
 static void mongo_close(ah_store_t *st)
 {
-    ah_store_mongo_t *ms = mongo_of(st);
+    ahm_store_t *ms = mongo_of(st);
     pthread_mutex_lock(&ms->mutex);
     ms->closing = true;
     pthread_cond_broadcast(&ms->cond);
@@ -948,11 +903,11 @@ static void default_timeout(mongoc_uri_t *uri, const char *option, int32_t ms)
     }
 }
 
-ah_store_t *ah_mongo_store_open(const ah_config_t *cfg, char *err, size_t errlen)
+ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
 {
     bson_error_t error;
     pthread_once(&mongoc_once, mongo_global_init);
-    ah_store_mongo_t *ms = calloc(1, sizeof(*ms));
+    ahm_store_t *ms = calloc(1, sizeof(*ms));
     if (ms == NULL) {
         snprintf(err, errlen, "out of memory");
         return NULL;
@@ -999,7 +954,7 @@ fail:
 
 /* ---- sharing the pool --------------------------------------------------------------------- */
 
-mongoc_client_pool_t *ah_mongo_store_pool(ah_store_t *st)
+mongoc_client_pool_t *ahm_store_pool(ah_store_t *st)
 {
     if (st == NULL || st->ops != &mongo_ops) {
         return NULL;

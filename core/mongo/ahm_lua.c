@@ -1,12 +1,12 @@
-/* agent.mongo inside the MongoDB plugin: the binding behind the core's front ah_lua_mongo.h
- * (core/ah_mongo.c forwards to the ah_mongo_lua_* functions here). Every collection method follows
+/* agent.mongo inside the MongoDB plugin: the binding behind the core's front in ah_mongo.h
+ * (core/ah_mongo.c forwards to the ahm_lua_* functions here). Every collection method follows
  * one shape (STYLE rule 9): check and encode all arguments first (a misuse raises with nothing
  * acquired), then pop a client, run one driver call, push the client back, and turn the reply into
  * Lua values; a runtime failure comes back as nil, message, code. Values are mapped by
- * ah_bson_lua.c. */
-#include "ah_mongo_impl.h"
+ * ahm_bson.c. */
+#include "ahm.h"
 
-#include "ah_bson_lua.h"
+#include "ahm_bson.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,7 +25,7 @@
 
 typedef struct ah_lua_iterator_s ah_lua_iterator_t;
 
-struct ah_mongo_lua_s {
+struct ahm_lua_s {
     mongoc_client_pool_t *own_pool;    /* owned, or NULL */
     mongoc_client_pool_t *shared_pool; /* borrowed from the control store, or NULL */
     char database[DB_NAME_MAX + 1];
@@ -34,14 +34,14 @@ struct ah_mongo_lua_s {
 
 /* A collection object: a name, not a connection (clients are popped per call). */
 typedef struct {
-    ah_mongo_lua_t *m; /* may be NULL: not configured */
+    ahm_lua_t *m; /* may be NULL: not configured */
     char db[DB_NAME_MAX + 1];
     char name[COLLECTION_NAME_MAX + 1];
 } collection_t;
 
 /* An open find_iter() cursor; holds a pool client until it ends or is closed. */
 struct ah_lua_iterator_s {
-    ah_mongo_lua_t *m;
+    ahm_lua_t *m;
     mongoc_client_pool_t *pool;
     mongoc_client_t *client;
     mongoc_collection_t *coll;
@@ -51,11 +51,10 @@ struct ah_lua_iterator_s {
 
 /* ---- the connection object ------------------------------------------------------------------ */
 
-ah_mongo_lua_t *ah_mongo_lua_new(const char *own_uri, const char *database,
-                                 const char *default_database, const char *agent_id, char *err,
-                                 size_t errlen)
+ahm_lua_t *ahm_lua_new(const char *own_uri, const char *database, const char *default_database,
+                       const char *agent_id, char *err, size_t errlen)
 {
-    ah_mongo_lua_t *m = calloc(1, sizeof(*m));
+    ahm_lua_t *m = calloc(1, sizeof(*m));
     mongoc_uri_t *uri = NULL;
     if (m == NULL) {
         snprintf(err, errlen, "out of memory");
@@ -101,11 +100,11 @@ ah_mongo_lua_t *ah_mongo_lua_new(const char *own_uri, const char *database,
     return m;
 fail:
     mongoc_uri_destroy(uri);
-    ah_mongo_lua_free(m);
+    ahm_lua_free(m);
     return NULL;
 }
 
-void ah_mongo_lua_set_shared_pool(ah_mongo_lua_t *m, struct _mongoc_client_pool_t *pool)
+void ahm_lua_set_shared_pool(ahm_lua_t *m, struct _mongoc_client_pool_t *pool)
 {
     if (m != NULL && m->own_pool == NULL) {
         m->shared_pool = pool;
@@ -134,7 +133,7 @@ static void iterator_close(ah_lua_iterator_t *it)
     it->prev = it->next = NULL;
 }
 
-void ah_mongo_lua_detach(ah_mongo_lua_t *m)
+void ahm_lua_detach(ahm_lua_t *m)
 {
     if (m == NULL) {
         return;
@@ -145,7 +144,7 @@ void ah_mongo_lua_detach(ah_mongo_lua_t *m)
     m->shared_pool = NULL;
 }
 
-void ah_mongo_lua_free(ah_mongo_lua_t *m)
+void ahm_lua_free(ahm_lua_t *m)
 {
     if (m == NULL) {
         return;
@@ -159,7 +158,7 @@ void ah_mongo_lua_free(ah_mongo_lua_t *m)
     free(m);
 }
 
-static mongoc_client_pool_t *pool_of(ah_mongo_lua_t *m)
+static mongoc_client_pool_t *pool_of(ahm_lua_t *m)
 {
     if (m == NULL) {
         return NULL;
@@ -210,7 +209,7 @@ static bson_t *doc_arg(lua_State *L, bson_set_t *set, int arg, bool optional, co
     }
     bson_t *b = bson_set_new(set);
     char err[AH_ERRLEN];
-    if (t == LUA_TTABLE && ah_bson_from_lua(L, arg, b, err, sizeof(err)) != AH_OK) {
+    if (t == LUA_TTABLE && ahm_bson_from_lua(L, arg, b, err, sizeof(err)) != AH_OK) {
         snprintf(what, sizeof(what), "%s: %s", name, err);
         raise_arg(L, set, arg, what);
     }
@@ -302,7 +301,7 @@ static void opt_doc(lua_State *L, bson_set_t *set, int arg, const char *name, bs
     bson_t child;
     bson_append_document_begin(out, key, (int)strlen(key), &child);
     int rc =
-        t == LUA_TTABLE ? ah_bson_from_lua_ordered(L, -1, &child, err, sizeof(err)) : AH_EINVAL;
+        t == LUA_TTABLE ? ahm_bson_from_lua_ordered(L, -1, &child, err, sizeof(err)) : AH_EINVAL;
     bson_append_document_end(out, &child);
     lua_pop(L, 1);
     if (rc != AH_OK) {
@@ -378,7 +377,7 @@ static void set_reply_value(lua_State *L, const bson_t *reply, const char *key, 
     bson_iter_t iter;
     char err[AH_ERRLEN];
     if (bson_iter_init_find(&iter, reply, key) &&
-        ah_bson_push_value(L, &iter, err, sizeof(err)) == AH_OK) {
+        ahm_bson_push_value(L, &iter, err, sizeof(err)) == AH_OK) {
         lua_setfield(L, -2, field);
     }
 }
@@ -393,7 +392,7 @@ static int drain_cursor(lua_State *L, collection_t *c, const char *op, mongoc_cu
     int n = 0;
     char err[AH_ERRLEN];
     while (mongoc_cursor_next(cursor, &doc)) {
-        if (ah_bson_push(L, doc, false, err, sizeof(err)) != AH_OK) {
+        if (ahm_bson_push(L, doc, false, err, sizeof(err)) != AH_OK) {
             lua_settop(L, table - 1);
             return -push_decode_failure(L, op, err);
         }
@@ -522,7 +521,7 @@ static int coll_find_one(lua_State *L)
     char err[AH_ERRLEN];
     bson_error_t error;
     if (mongoc_cursor_next(cursor, &doc)) {
-        if (ah_bson_push(L, doc, false, err, sizeof(err)) != AH_OK) {
+        if (ahm_bson_push(L, doc, false, err, sizeof(err)) != AH_OK) {
             nret = push_decode_failure(L, "find_one", err);
         }
     } else if (mongoc_cursor_error(cursor, &error)) {
@@ -549,7 +548,7 @@ static int iterator_step(lua_State *L, ah_lua_iterator_t *it)
     const bson_t *doc;
     char err[AH_ERRLEN];
     if (mongoc_cursor_next(it->cursor, &doc)) {
-        if (ah_bson_push(L, doc, false, err, sizeof(err)) == AH_OK) {
+        if (ahm_bson_push(L, doc, false, err, sizeof(err)) == AH_OK) {
             return 1;
         }
         iterator_close(it);
@@ -612,7 +611,7 @@ static bson_t *insert_doc_arg(lua_State *L, bson_set_t *set, int arg, bson_t *ou
         BSON_APPEND_OID(out, "_id", &oid);
     }
     char err[AH_ERRLEN];
-    if (ah_bson_from_lua(L, arg, out, err, sizeof(err)) != AH_OK) {
+    if (ahm_bson_from_lua(L, arg, out, err, sizeof(err)) != AH_OK) {
         char what[AH_ERRLEN + 16];
         snprintf(what, sizeof(what), "document: %s", err);
         raise_arg(L, set, arg, what); /* destroys out, a member of set */
@@ -625,7 +624,7 @@ static void push_id_of(lua_State *L, const bson_t *doc)
     bson_iter_t iter;
     char err[AH_ERRLEN];
     if (!bson_iter_init_find(&iter, doc, "_id") ||
-        ah_bson_push_value(L, &iter, err, sizeof(err)) != AH_OK) {
+        ahm_bson_push_value(L, &iter, err, sizeof(err)) != AH_OK) {
         lua_pushnil(L);
     }
 }
@@ -692,7 +691,7 @@ static int coll_insert_many(lua_State *L)
                 BSON_APPEND_OID(&docs[done], "_id", &oid);
             }
             lua_pop(L, 1);
-            ok = ah_bson_from_lua(L, -1, &docs[done], err, sizeof(err)) == AH_OK;
+            ok = ahm_bson_from_lua(L, -1, &docs[done], err, sizeof(err)) == AH_OK;
         } else {
             snprintf(err, sizeof(err), "not a table");
         }
@@ -908,7 +907,7 @@ static int coll_find_one_and_update(lua_State *L)
     if (!ok) {
         nret = push_failure(L, c, "find_one_and_update", &error);
     } else if (bson_iter_init_find(&iter, &reply, "value") && BSON_ITER_HOLDS_DOCUMENT(&iter)) {
-        if (ah_bson_push_value(L, &iter, err, sizeof(err)) != AH_OK) {
+        if (ahm_bson_push_value(L, &iter, err, sizeof(err)) != AH_OK) {
             nret = push_decode_failure(L, "find_one_and_update", err);
         }
     } else {
@@ -963,7 +962,7 @@ static int coll_aggregate(lua_State *L)
     bson_set_t set = {.count = 0};
     bson_t *pipeline = bson_set_new(&set);
     char err[AH_ERRLEN];
-    if (ah_bson_array_from_lua(L, 2, pipeline, err, sizeof(err)) != AH_OK) {
+    if (ahm_bson_array_from_lua(L, 2, pipeline, err, sizeof(err)) != AH_OK) {
         raise_arg(L, &set, 2, err);
     }
     check_opts(L, &set, 3, allowed);
@@ -998,7 +997,7 @@ static int coll_create_index(lua_State *L)
     bson_set_t set = {.count = 0};
     bson_t *keys = bson_set_new(&set);
     char err[AH_ERRLEN];
-    if (ah_bson_from_lua_ordered(L, 2, keys, err, sizeof(err)) != AH_OK) {
+    if (ahm_bson_from_lua_ordered(L, 2, keys, err, sizeof(err)) != AH_OK) {
         raise_arg(L, &set, 2, err);
     }
     if (bson_count_keys(keys) == 0) {
@@ -1027,7 +1026,7 @@ static int coll_create_index(lua_State *L)
         auto_name = mongoc_collection_keys_to_index_string(keys);
         BSON_APPEND_UTF8(&index, "name", auto_name != NULL ? auto_name : "index");
     }
-    int rc = lua_istable(L, 3) ? ah_bson_from_lua(L, 3, &index, err, sizeof(err)) : AH_OK;
+    int rc = lua_istable(L, 3) ? ahm_bson_from_lua(L, 3, &index, err, sizeof(err)) : AH_OK;
     bson_append_document_end(&indexes, &index);
     bson_append_array_end(cmd, &indexes);
     if (rc != AH_OK) {
@@ -1072,7 +1071,7 @@ static bool valid_name(const char *s, size_t len, size_t max, const char *forbid
 /* mongo.collection(name [, db]) -> collection object (no I/O). */
 static int l_collection(lua_State *L)
 {
-    ah_mongo_lua_t *m = lua_touserdata(L, lua_upvalueindex(1));
+    ahm_lua_t *m = lua_touserdata(L, lua_upvalueindex(1));
     size_t len;
     const char *name = luaL_checklstring(L, 1, &len);
     luaL_argcheck(L, valid_name(name, len, COLLECTION_NAME_MAX, "$"), 1,
@@ -1106,10 +1105,10 @@ static int iterator_gc(lua_State *L)
     return 0;
 }
 
-int ah_mongo_lua_open(lua_State *L)
+int ahm_lua_open(lua_State *L)
 {
-    ah_mongo_lua_t *m = lua_touserdata(L, lua_upvalueindex(1));
-    ah_bson_lua_init(L);
+    ahm_lua_t *m = lua_touserdata(L, lua_upvalueindex(1));
+    ahm_bson_init(L);
 
     static const luaL_Reg methods[] = {
         {"find", coll_find},
@@ -1150,7 +1149,7 @@ int ah_mongo_lua_open(lua_State *L)
     lua_pop(L, 1);
 
     lua_newtable(L);
-    ah_bson_lua_register(L);
+    ahm_bson_register(L);
     lua_pushlightuserdata(L, m);
     lua_pushcclosure(L, l_collection, 1);
     lua_setfield(L, -2, "collection");

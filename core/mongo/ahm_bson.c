@@ -1,9 +1,9 @@
-/* Implementation of ah_bson_lua.h. Lua values that stand for a BSON type carry a metatable with a
+/* Implementation of ahm_bson.h. Lua values that stand for a BSON type carry a metatable with a
  * `__bson` field naming the type ("array", "document", "date", "oid", "raw"), so the encoder
  * needs one raw lookup per table or userdata. 64-bit integers are LuaJIT int64_t cdata, created
  * and typed through two small FFI helpers kept in the registry; their payload is read and
  * written through lua_topointer(), which LuaJIT resolves to the cdata's data. */
-#include "ah_bson_lua.h"
+#include "ahm_bson.h"
 
 #include <errno.h>
 #include <math.h>
@@ -250,7 +250,7 @@ static int append_elements(lua_State *L, int idx, size_t n, bson_t *out, int dep
 static int append_table(lua_State *L, int idx, bson_t *out, const char *key, int keylen, int depth,
                         char *err, size_t errlen)
 {
-    if (depth >= AH_BSON_MAX_DEPTH) {
+    if (depth >= AHM_BSON_MAX_DEPTH) {
         set_err(err, errlen, key, "nesting deeper than 100 levels (a cycle?)");
         return AH_EINVAL;
     }
@@ -394,14 +394,14 @@ static int append_value(lua_State *L, int idx, bson_t *out, const char *key, int
     }
 }
 
-int ah_bson_append_lua(lua_State *L, int idx, bson_t *out, const char *key, char *err,
-                       size_t errlen)
+int ahm_bson_append_lua(lua_State *L, int idx, bson_t *out, const char *key, char *err,
+                        size_t errlen)
 {
     idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
     return append_value(L, idx, out, key, (int)strlen(key), 0, err, errlen);
 }
 
-int ah_bson_from_lua(lua_State *L, int idx, bson_t *out, char *err, size_t errlen)
+int ahm_bson_from_lua(lua_State *L, int idx, bson_t *out, char *err, size_t errlen)
 {
     idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
     if (lua_type(L, idx) != LUA_TTABLE) {
@@ -434,11 +434,11 @@ static bool is_pair_list(lua_State *L, int idx)
     return pair;
 }
 
-int ah_bson_from_lua_ordered(lua_State *L, int idx, bson_t *out, char *err, size_t errlen)
+int ahm_bson_from_lua_ordered(lua_State *L, int idx, bson_t *out, char *err, size_t errlen)
 {
     idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
     if (lua_type(L, idx) != LUA_TTABLE || !is_pair_list(L, idx)) {
-        return ah_bson_from_lua(L, idx, out, err, errlen);
+        return ahm_bson_from_lua(L, idx, out, err, errlen);
     }
     size_t n = lua_objlen(L, idx);
     for (size_t i = 1; i <= n; i++) {
@@ -474,7 +474,7 @@ int ah_bson_from_lua_ordered(lua_State *L, int idx, bson_t *out, char *err, size
     return AH_OK;
 }
 
-int ah_bson_array_from_lua(lua_State *L, int idx, bson_t *out, char *err, size_t errlen)
+int ahm_bson_array_from_lua(lua_State *L, int idx, bson_t *out, char *err, size_t errlen)
 {
     idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
     if (lua_type(L, idx) != LUA_TTABLE) {
@@ -500,8 +500,8 @@ static int push_iter_value(lua_State *L, const bson_iter_t *iter, int depth, cha
 static int push_container(lua_State *L, bson_iter_t *iter, bool as_array, int depth, char *err,
                           size_t errlen)
 {
-    if (depth >= AH_BSON_MAX_DEPTH) {
-        snprintf(err, errlen, "document nesting deeper than %d levels", AH_BSON_MAX_DEPTH);
+    if (depth >= AHM_BSON_MAX_DEPTH) {
+        snprintf(err, errlen, "document nesting deeper than %d levels", AHM_BSON_MAX_DEPTH);
         return AH_EINVAL;
     }
     if (!lua_checkstack(L, 4)) {
@@ -591,7 +591,7 @@ static int push_iter_value(lua_State *L, const bson_iter_t *iter, int depth, cha
     }
 }
 
-int ah_bson_push(lua_State *L, const bson_t *doc, bool as_array, char *err, size_t errlen)
+int ahm_bson_push(lua_State *L, const bson_t *doc, bool as_array, char *err, size_t errlen)
 {
     bson_iter_t iter;
     if (!bson_iter_init(&iter, doc)) {
@@ -601,7 +601,7 @@ int ah_bson_push(lua_State *L, const bson_t *doc, bool as_array, char *err, size
     return push_container(L, &iter, as_array, 0, err, errlen);
 }
 
-int ah_bson_push_value(lua_State *L, const bson_iter_t *iter, char *err, size_t errlen)
+int ahm_bson_push_value(lua_State *L, const bson_iter_t *iter, char *err, size_t errlen)
 {
     return push_iter_value(L, iter, 0, err, errlen);
 }
@@ -995,7 +995,7 @@ static void new_metatable(lua_State *L, const char *name, const char *kind, cons
     lua_pop(L, 1);
 }
 
-void ah_bson_lua_init(lua_State *L)
+void ahm_bson_init(lua_State *L)
 {
     push_registry(L, &key_int64_new);
     bool done = !lua_isnil(L, -1);
@@ -1038,7 +1038,7 @@ void ah_bson_lua_init(lua_State *L)
     lua_rawset(L, LUA_REGISTRYINDEX);
 }
 
-void ah_bson_lua_register(lua_State *L)
+void ahm_bson_register(lua_State *L)
 {
     static const luaL_Reg fns[] = {
         {"array", l_array},       {"document", l_document},
