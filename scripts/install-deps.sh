@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Installs every Debian package agenthost needs to build, run and test. Idempotent: when all
 # packages are present it only checks (well under a second). Needs root (or sudo) to install.
+#   --bench      also what scripts/bench.sh needs
+#   --container  also what tests/container needs (scripts/test.sh installs it before running them):
+#                podman with runc (crun refuses hybrid cgroup layouts) and the CNI plugins and
+#                iptables its networks and published ports use; debootstrap for the base images
 set -euo pipefail
 
 PACKAGES=(
@@ -16,9 +20,12 @@ PACKAGES=(
   # deployment checks (manifest/schema validation with npm packages, kubectl kustomize)
   python3-yaml
 )
-if [[ "${1:-}" == "--bench" ]]; then
-  PACKAGES+=(wrk nginx-light curl)
-fi
+case "${1:-}" in
+  "") ;;
+  --bench) PACKAGES+=(wrk nginx-light curl) ;;
+  --container) PACKAGES+=(podman runc containernetworking-plugins iptables debootstrap) ;;
+  *) echo "usage: $0 [--bench | --container]" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -2,7 +2,6 @@
 (npm dockerfile-utils, the compose-spec JSON schema), use Debian bookworm images, and name only
 packages that exist in Debian bookworm (apt-cache; skipped where apt has no bookworm lists)."""
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -109,7 +108,32 @@ def test_compose_replica_set_shape():
         src = s["volumes"][0].split(":")[0]
         assert (REPO / src).is_file(), src
     assert len({svcs[n]["environment"]["AGENT_ID"] for n in agents}) == 3
-    assert len({svcs[n]["ports"][0].split(":")[0] for n in agents}) == 3
+    # Published on loopback only (the fallback token is public), each on its own host port.
+    assert {svcs[n]["ports"][0].rsplit(":", 2)[0] for n in agents} == {"127.0.0.1"}
+    assert len({svcs[n]["ports"][0].rsplit(":", 2)[1] for n in agents}) == 3
+
+
+def test_compose_stop_grace_period_outlasts_shutdown_timeout():
+    """`docker compose stop` SIGKILLs after stop_grace_period (10 s when unset): it must outlast
+    SHUTDOWN_TIMEOUT, which outlasts BATCH_TIMEOUT (tests/container runs the stop)."""
+    svcs = yaml.safe_load(COMPOSE.read_text())["services"]
+    for n in ("agent1", "agent2", "agent3"):
+        env = svcs[n]["environment"]
+        m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", svcs[n]["stop_grace_period"])
+        assert m and any(m.groups()), svcs[n]["stop_grace_period"]
+        grace = int(m.group(1) or 0) * 60 + int(m.group(2) or 0)
+        assert float(env["BATCH_TIMEOUT"]) < float(env["SHUTDOWN_TIMEOUT"]) < grace, n
+
+
+def test_dockerfile_has_no_syntax_directive_and_documents_stop_timeout():
+    text = DOCKERFILE.read_text()
+    assert not re.match(r"#\s*syntax\s*=", text, re.I)
+    m = re.search(r"docker run .*--stop-timeout (\d+)", text)
+    default = re.search(r"SHUTDOWN_TIMEOUT \((\d+) s by default\)", text)
+    assert m and default and int(m.group(1)) > int(default.group(1))
+    # ... and that default is the binary's.
+    config = (REPO / "core" / "ah_config.c").read_text()
+    assert re.search(r'"SHUTDOWN_TIMEOUT",\s*"[^"]*",\s*"%s"' % default.group(1), config)
 
 
 def test_compose_images_are_pinned():
