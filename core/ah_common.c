@@ -93,8 +93,33 @@ void ah_mono_deadline(double seconds, struct timespec *out)
     }
 }
 
+int ah_double_to_int64(double v, int64_t *out)
+{
+    /* -2^63 is exact as a double; 2^63 is the first value past INT64_MAX. */
+    if (v >= -9223372036854775808.0 && v < 9223372036854775808.0) {
+        *out = (int64_t)v;
+        return AH_OK;
+    }
+    *out = isnan(v) ? 0 : (v < 0 ? INT64_MIN : INT64_MAX);
+    return AH_EINVAL;
+}
+
+int64_t ah_int64_mul_sat(int64_t a, int64_t b)
+{
+    int64_t r;
+    if (__builtin_mul_overflow(a, b, &r)) {
+        return (a < 0) != (b < 0) ? INT64_MIN : INT64_MAX;
+    }
+    return r;
+}
+
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN])
 {
+    if (ts_us < AH_TIMESTAMP_MIN_US) {
+        ts_us = AH_TIMESTAMP_MIN_US;
+    } else if (ts_us > AH_TIMESTAMP_MAX_US) {
+        ts_us = AH_TIMESTAMP_MAX_US;
+    }
     time_t secs = (time_t)(ts_us / 1000000);
     long micros = (long)(ts_us % 1000000);
     if (micros < 0) {
@@ -102,11 +127,13 @@ void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN])
         secs -= 1;
     }
     struct tm tm;
-    gmtime_r(&secs, &tm);
-    char date[24];
-    size_t n = strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%S", &tm);
-    date[n] = '\0';
-    snprintf(out, AH_TIMESTAMP_LEN, "%.19s.%06ldZ", date, micros);
+    gmtime_r(&secs, &tm); /* cannot fail for years 0-9999 */
+    /* Not strftime: glibc's %Y does not pad the years before 1000 to four digits. The fields
+     * are in range, so the text fits AH_TIMESTAMP_LEN; the larger buffer is for the compiler. */
+    char text[128];
+    snprintf(text, sizeof(text), "%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, micros);
+    ah_strlcpy(out, text, AH_TIMESTAMP_LEN);
 }
 
 void ah_strlcpy(char *dst, const char *src, size_t n)
@@ -200,6 +227,9 @@ void ah_sleep(double seconds)
 {
     if (!(seconds > 0)) {
         return;
+    }
+    if (seconds > 365.0 * 86400.0) { /* as ah_mono_deadline; keeps the cast defined */
+        seconds = 365.0 * 86400.0;
     }
     struct timespec req;
     req.tv_sec = (time_t)seconds;

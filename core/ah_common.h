@@ -17,6 +17,7 @@
 #define AH_ELUA (-5)     /* Lua error (message in the error buffer) */
 #define AH_ETIMEOUT (-6) /* an operation ran out of time */
 #define AH_ENOOP (-7)    /* nothing to do (e.g. a transition to the current state) */
+#define AH_EREFUSED (-8) /* refused in this state (a local resume of an agent held paused) */
 
 #define AH_ERRLEN 512       /* size of caller-provided error buffers */
 #define AH_REASON_MAX 1024  /* max bytes of a command's reason */
@@ -65,6 +66,14 @@ int ah_command_parse(const char *name, ah_command_t *out);
 /* "cluster" | "local" | "signal" | "startup". */
 const char *ah_source_name(ah_source_t src);
 
+/* The one checked double -> integer conversion (a cast of a NaN or of a value outside the
+ * target's range is undefined behaviour in C). Truncates v toward zero into *out and returns
+ * 0 when the result fits in int64_t; otherwise returns AH_EINVAL and stores the nearest bound
+ * (INT64_MIN or INT64_MAX; 0 for NaN), so a caller may either reject or saturate. */
+int ah_double_to_int64(double v, int64_t *out);
+/* a * b, saturated at INT64_MIN / INT64_MAX instead of overflowing (for unit scaling). */
+int64_t ah_int64_mul_sat(int64_t a, int64_t b);
+
 /* Wall clock, microseconds since the Unix epoch. */
 int64_t ah_now_us(void);
 /* Monotonic clock, microseconds. */
@@ -91,7 +100,12 @@ void ah_sleep(double seconds);
 double ah_backoff(int failures, double min, double max);
 /* A uniformly random factor in [lo, hi) from the rand_r() state *seed. */
 double ah_jitter(unsigned int *seed, double lo, double hi);
-/* Formats ts_us as ISO 8601 UTC with microseconds: "2026-01-11T10:30:00.123456Z". */
+/* The instants ah_format_timestamp can write: 0000-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z.
+ */
+#define AH_TIMESTAMP_MIN_US (-62167219200000000LL)
+#define AH_TIMESTAMP_MAX_US (253402300799999999LL)
+/* Formats ts_us as ISO 8601 UTC with microseconds: "2026-01-11T10:30:00.123456Z"; an instant
+ * outside years 0-9999 (a foreign writer's date, say) is clamped to that range. */
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN]);
 /* Copies src into dst of size n, always NUL-terminated, truncating. src may be NULL (→ ""). */
 void ah_strlcpy(char *dst, const char *src, size_t n);

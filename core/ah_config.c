@@ -5,9 +5,11 @@
 
 #include "ah_common.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
+#include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +36,17 @@ static int check_database_name(const char *value)
 static int check_agent_id(const char *value)
 {
     return strlen(value) > AH_NAME_MAX || !ah_utf8_valid(value, strlen(value)) ? AH_EINVAL : AH_OK;
+}
+
+/* HTTP_BIND: an IPv4 or IPv6 literal, or "localhost" (what the API's listener accepts). */
+static int check_bind_address(const char *value)
+{
+    unsigned char addr[sizeof(struct in6_addr)];
+    if (strcmp(value, "localhost") == 0 || inet_pton(AF_INET, value, addr) == 1 ||
+        inet_pton(AF_INET6, value, addr) == 1) {
+        return AH_OK;
+    }
+    return AH_EINVAL;
 }
 
 /* $HOSTNAME, else gethostname(), else "agent". */
@@ -166,7 +179,8 @@ static const ah_config_var_t config_vars[] = {
      .kind = AH_CONFIG_STRING,
      .offset = FIELD(http_bind),
      .default_value = "0.0.0.0",
-     .expect = "an IPv4 address such as 0.0.0.0",
+     .check = check_bind_address,
+     .expect = "an IPv4 or IPv6 address such as 0.0.0.0, 127.0.0.1 or ::1, or localhost",
      .help = "API listen address"},
     {.name = "HTTP_PORT",
      .flag = "--port",

@@ -236,8 +236,13 @@ int ah_ctl_main(int argc, char **argv)
         } else if (strcmp(a, "--limit") == 0) {
             slot = &limit;
         } else if (strcmp(a, "--timeout") == 0) {
-            if (i + 1 >= argc || (timeout_s = strtod(argv[i + 1], NULL)) <= 0) {
-                fprintf(stderr, "agenthost ctl: --timeout needs a number of seconds > 0\n");
+            /* A number, not NaN, not past a day: the deadline is computed in microseconds. */
+            char *end = NULL;
+            timeout_s = i + 1 < argc ? strtod(argv[i + 1], &end) : 0;
+            if (i + 1 >= argc || end == argv[i + 1] || *end != '\0' ||
+                !(timeout_s > 0 && timeout_s <= 86400)) {
+                fprintf(stderr, "agenthost ctl: --timeout needs a number of seconds, more than "
+                                "0 and at most 86400\n");
                 return 2;
             }
             i++;

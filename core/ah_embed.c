@@ -18,6 +18,7 @@
 #include <lua.h>
 
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -84,13 +85,44 @@ const char *agenthost_version(void)
 
 /* ---- configuration ----------------------------------------------------------------------- */
 
+/* Where an embedded host's defaults differ from the binary's: a library must not open the
+ * program's API to the network, take a fixed port or the process's signals (agenthost.h). */
+static const char *const embed_defaults[][2] = {
+    {"HTTP_BIND", "127.0.0.1"},
+    {"HTTP_PORT", "0"},
+    {"AGENTHOST_SIGNALS", "false"},
+};
+
+/* The binary's defaults, then embed_defaults. */
+static void embed_config_defaults(ah_config_t *cfg)
+{
+    ah_config_defaults(cfg);
+    char unused[AH_ERRLEN];
+    for (size_t i = 0; i < sizeof(embed_defaults) / sizeof(embed_defaults[0]); i++) {
+        /* valid values (checked by the embedding test); only AH_ENOMEM could fail */
+        (void)ah_config_set(cfg, embed_defaults[i][0], embed_defaults[i][1], unused,
+                            sizeof(unused));
+    }
+}
+
+/* True if the settings list names `name`. */
+static bool was_set(const agenthost_config_t *c, const char *name)
+{
+    for (size_t i = 0; c != NULL && i < c->count; i++) {
+        if (strcmp(c->settings[i].name, name) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
 agenthost_config_t *agenthost_config_new(void)
 {
     agenthost_config_t *c = calloc(1, sizeof(*c));
     if (c == NULL) {
         return NULL;
     }
-    ah_config_defaults(&c->cfg);
+    embed_config_defaults(&c->cfg);
     if (c->cfg.state_path == NULL || c->cfg.agent_id == NULL) {
         agenthost_config_free(c);
         return NULL;
@@ -240,7 +272,7 @@ agenthost_t *agenthost_new(const agenthost_config_t *cfg, const char *script_pat
     }
     pthread_mutex_init(&h->mu, NULL);
     atomic_init(&h->exit_code, AGENTHOST_EXIT_OK);
-    ah_config_defaults(&h->cfg);
+    embed_config_defaults(&h->cfg);
     char msg[AH_ERRLEN];
     for (size_t i = 0; cfg != NULL && i < cfg->count; i++) {
         if (ah_config_set(&h->cfg, cfg->settings[i].name, cfg->settings[i].value, msg,
@@ -248,6 +280,11 @@ agenthost_t *agenthost_new(const agenthost_config_t *cfg, const char *script_pat
             set_err(err, errlen, msg);
             goto fail;
         }
+    }
+    /* No store named: local control only, rather than a state file in the working directory. */
+    if (!was_set(cfg, "ENABLE_DISTRIBUTED_CONTROL") && !was_set(cfg, "AGENTHOST_STATE") &&
+        !was_set(cfg, "MONGODB_URI")) {
+        h->cfg.distributed_control = false;
     }
     if (script_path != NULL) {
         h->cfg.script_path = strdup(script_path);
@@ -371,9 +408,10 @@ static int host_run(agenthost_t *h)
 {
     char err[AH_ERRLEN * 4] = "";
     int code = ah_host_run(h->host, err, sizeof(err));
-    if (code != AGENTHOST_EXIT_OK) {
-        ah_strlcpy(h->err, err, sizeof(h->err));
-    }
+    pthread_mutex_lock(&h->mu);
+    /* The outcome of this run replaces any earlier error: "" after a clean stop. */
+    ah_strlcpy(h->err, code != AGENTHOST_EXIT_OK ? err : "", sizeof(h->err));
+    pthread_mutex_unlock(&h->mu);
     if (code == AH_HOST_WEDGED) {
         h->wedged = true;
         if (h->err[0] == '\0') {
@@ -458,10 +496,40 @@ int agenthost_stop(agenthost_t *h)
     return h->threaded ? agenthost_wait(h) : AGENTHOST_OK;
 }
 
-static int command(agenthost_t *h, ah_command_t cmd, const char *reason)
+/* Sets h->err under mu (commands may come from any thread). */
+static void set_host_err(agenthost_t *h, const char *what, const char *problem)
 {
-    ah_host_t *host = created_host(h);
-    if (host == NULL) {
+    pthread_mutex_lock(&h->mu);
+    snprintf(h->err, sizeof(h->err), "%s: %s", what, problem);
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* A local command, refused (AGENTHOST_EINVAL, with the reason in h->err) when the host would
+ * drop it: not started, stopped or stopping, or a resume while held paused by a cluster
+ * shutdown. A shutdown of a host that is already stopping or stopped is not an error. */
+static int command(agenthost_t *h, ah_command_t cmd, const char *reason, const char *what)
+{
+    pthread_mutex_lock(&h->mu);
+    ah_host_t *host = h->host;
+    phase_t phase = h->phase;
+    pthread_mutex_unlock(&h->mu);
+    if (host == NULL && phase == PHASE_NEW) {
+        set_host_err(h, what, "the host has not been started (agenthost_start/agenthost_run)");
+        return AGENTHOST_EINVAL;
+    }
+    ah_state_t *state = host != NULL ? ah_host_state(host) : NULL;
+    bool stopping = host == NULL || phase == PHASE_DONE || ah_state_should_stop(state);
+    if (stopping) {
+        if (cmd == AH_CMD_SHUTDOWN) {
+            return AGENTHOST_OK;
+        }
+        set_host_err(h, what, "the host is stopping or has stopped; the command was not applied");
+        return AGENTHOST_EINVAL;
+    }
+    if (cmd == AH_CMD_RUNNING && ah_state_held(state)) {
+        set_host_err(h, what,
+                     "the host is held paused because the cluster command is 'shutdown'; only a "
+                     "cluster resume releases it");
         return AGENTHOST_EINVAL;
     }
     ah_host_command(host, cmd, reason != NULL ? reason : "");
@@ -470,17 +538,17 @@ static int command(agenthost_t *h, ah_command_t cmd, const char *reason)
 
 int agenthost_pause(agenthost_t *h, const char *reason)
 {
-    return command(h, AH_CMD_PAUSE, reason);
+    return command(h, AH_CMD_PAUSE, reason, "agenthost_pause");
 }
 
 int agenthost_resume(agenthost_t *h, const char *reason)
 {
-    return command(h, AH_CMD_RUNNING, reason);
+    return command(h, AH_CMD_RUNNING, reason, "agenthost_resume");
 }
 
 int agenthost_shutdown(agenthost_t *h, const char *reason)
 {
-    return command(h, AH_CMD_SHUTDOWN, reason);
+    return command(h, AH_CMD_SHUTDOWN, reason, "agenthost_shutdown");
 }
 
 static agenthost_state_t public_state(ah_run_state_t st)
@@ -536,7 +604,13 @@ const char *agenthost_state_name(agenthost_state_t state)
 
 int agenthost_wait_state(agenthost_t *h, agenthost_state_t state, double timeout_seconds)
 {
-    int64_t deadline = ah_mono_us() + (int64_t)(timeout_seconds * 1e6);
+    if (isnan(timeout_seconds)) {
+        return AGENTHOST_EINVAL;
+    }
+    int64_t timeout_us; /* saturated: a huge timeout waits "forever" */
+    (void)ah_double_to_int64(timeout_seconds * 1e6, &timeout_us);
+    int64_t now = ah_mono_us();
+    int64_t deadline = timeout_us > INT64_MAX - now ? INT64_MAX : now + timeout_us;
     for (;;) {
         agenthost_state_t now = agenthost_state(h);
         if (now == state) {

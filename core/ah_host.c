@@ -78,7 +78,8 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
         goto fail;
     }
     /* agent.mongo: its own pool for AGENT_MONGODB_URI (or MONGODB_URI without a MongoDB control
-     * store); otherwise open_store() lends it the control store's pool. */
+     * store); otherwise the store's URI for a pool of its own, opened on first use (never the
+     * store's pool: no script can take the connections cluster commands need). */
     const char *own_uri = cfg->agent_mongodb_uri;
     if (own_uri == NULL && !cfg->distributed_control) {
         own_uri = cfg->mongodb_uri;
@@ -87,6 +88,9 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
                                 cfg->agent_id, err, errlen);
     if (h->mongo == NULL) {
         goto fail;
+    }
+    if (own_uri == NULL && cfg->mongodb_uri != NULL) {
+        ah_lua_mongo_set_store_uri(h->mongo, cfg->mongodb_uri);
     }
     ah_lua_options_t opts = {.agent_id = cfg->agent_id,
                              .state = h->state,
@@ -183,6 +187,13 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
                      ah_command_name(ev->command), (long long)ev->version, ah_run_state_name(from));
         return;
     }
+    if (rc == AH_EREFUSED) {
+        ah_log_warn("Local resume by %s refused: this agent is held paused because the "
+                    "cluster command is 'shutdown'; only a cluster command releases it "
+                    "(POST /api/cluster/resume, agenthost ctl resume)",
+                    ev->updated_by[0] ? ev->updated_by : "unknown");
+        return;
+    }
     if (rc != AH_OK) {
         return;
     }
@@ -191,9 +202,13 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
         ah_log_info("Synced to cluster state: '%s' (version %lld)", ah_command_name(ev->command),
                     (long long)ev->version);
         if (ev->command == AH_CMD_SHUTDOWN) {
-            ah_log_warn("The cluster command is 'shutdown': this agent stays paused until "
-                        "POST /api/cluster/resume");
+            ah_log_warn(
+                "The cluster command is 'shutdown': this agent stays paused until "
+                "POST /api/cluster/resume (agenthost ctl resume); a local resume is refused");
         }
+    }
+    if (ev->source == AH_SOURCE_CLUSTER) {
+        ah_state_issue_barrier(h->state); /* after this agent's own "issued" line, if it is one */
     }
     log_transition(to, ev);
     if (hook == AH_HOOK_NONE) {
@@ -205,6 +220,21 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
         ah_state_count_hook_error(h->state);
         ah_log_error("Lua error in %s (the transition to %s still holds): %s",
                      ah_lua_hook_name(hook), ah_run_state_name(to), err);
+    }
+}
+
+/* Before a Lua state is closed: runs the script's on_reload (when it is being replaced), then
+ * lets the agent module release what it holds (agent.queue's claims). Failures are logged; the
+ * state is closed anyway. */
+static void release_script(ah_host_t *h, ah_lua_t *lua, bool reloading)
+{
+    char err[AH_ERRLEN * 4];
+    if (reloading && ah_lua_on_reload(lua, err, sizeof(err)) != AH_OK) {
+        ah_state_count_hook_error(h->state);
+        ah_log_error("Lua error in on_reload (the new script replaces it anyway): %s", err);
+    }
+    if (ah_lua_release(lua, err, sizeof(err)) != AH_OK) {
+        ah_log_error("Lua error while releasing the script's claims: %s", err);
     }
 }
 
@@ -227,6 +257,8 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
+    /* The old script lets go (its on_reload, then agent.queue's claims) before it is closed. */
+    release_script(h, h->lua, true);
     pthread_mutex_lock(&h->lua_lock);
     ah_lua_t *old = h->lua;
     h->lua = fresh;
@@ -243,7 +275,15 @@ static void *worker_main(void *arg)
     char err[AH_ERRLEN * 4];
     if (ah_lua_init(h->lua, err, sizeof(err)) != AH_OK) {
         ah_log_error("Lua error in init: %s", err);
-        snprintf(h->worker_err, sizeof(h->worker_err), "init failed");
+        /* The error's first line (the traceback is in the log line above). */
+        static const char prefix[] = "init failed: ";
+        ah_strlcpy(h->worker_err, prefix, sizeof(h->worker_err));
+        size_t line = strcspn(err, "\n");
+        size_t room = sizeof(h->worker_err) - (sizeof(prefix) - 1);
+        if (line < room) {
+            err[line] = '\0';
+        }
+        ah_strlcpy(h->worker_err + sizeof(prefix) - 1, err, room);
         atomic_store(&h->worker_rc, 1);
         ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "init failed", "host");
     }
@@ -289,6 +329,7 @@ static void *worker_main(void *arg)
         ah_state_wait(h->state, ah_backoff(idle_batches, IDLE_BACKOFF_MIN, IDLE_BACKOFF_MAX));
         idle_batches += idle_batches < 64;
     }
+    release_script(h, h->lua, false);
     ah_state_set_stopped(h->state);
     uv_async_send(&h->worker_done);
     return NULL;
@@ -489,7 +530,6 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
                  detail);
         return AH_EINVAL;
     }
-    ah_lua_mongo_set_shared_pool(h->mongo, ah_store_mongo_pool(h->store));
     ah_store_listener_t listener = {
         .on_control = on_store_control, .on_status = on_store_status, .ud = h->state};
     return ah_store_watch_start(h->store, &listener, err, errlen);
@@ -513,7 +553,10 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
         goto out;
     }
     atomic_store(&h->http_port, ah_http_port(h->http));
-    ah_log_info("HTTP API listening on %s:%d", h->cfg->http_bind, atomic_load(&h->http_port));
+    /* An IPv6 address is written in brackets, as in a URL: [::1]:8000. */
+    bool ipv6 = strchr(h->cfg->http_bind, ':') != NULL;
+    ah_log_info("HTTP API listening on %s%s%s:%d", ipv6 ? "[" : "", h->cfg->http_bind,
+                ipv6 ? "]" : "", atomic_load(&h->http_port));
     if (pthread_create(&h->worker, NULL, worker_main, h) != 0) {
         snprintf(err, errlen, "cannot start the Lua worker thread");
         goto out;

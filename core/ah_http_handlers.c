@@ -198,8 +198,22 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
     }
     ah_control_t doc;
     char err[AH_ERRLEN] = "";
+    /* Between begin and end this agent logs no cluster transition: its own "Agent paused"
+     * follows the "issued" line even when its watcher sees the write first (change streams). */
+    ah_state_issue_begin(http->state);
     int rc = ah_store_command(http->store, cmd, reason, updated_by, http->cfg->agent_id, &doc, err,
                               sizeof(err));
+    if (rc == AH_OK) {
+        char safe_by[AH_NAME_MAX + 1];
+        char safe_reason[AH_REASON_MAX + 1];
+        ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)",
+                    ah_command_name(cmd), (long long)doc.version,
+                    log_safe(doc.updated_by, safe_by, sizeof(safe_by)),
+                    log_safe(doc.reason, safe_reason, sizeof(safe_reason)));
+        /* The issuing agent applies its own command at once, without waiting for its watcher. */
+        ah_state_offer_cluster(http->state, &doc);
+    }
+    ah_state_issue_end(http->state);
     if (rc == AH_EUNAVAIL || rc == AH_EIO) {
         ah_log_warn("Cluster command %s refused: control store unavailable: %s",
                     ah_command_name(cmd), err);
@@ -216,13 +230,6 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
                             err);
         return;
     }
-    /* The issuing agent applies its own command at once, without waiting for its watcher. */
-    ah_state_offer_cluster(http->state, &doc);
-    char safe_by[AH_NAME_MAX + 1];
-    char safe_reason[AH_REASON_MAX + 1];
-    ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)", ah_command_name(cmd),
-                (long long)doc.version, log_safe(doc.updated_by, safe_by, sizeof(safe_by)),
-                log_safe(doc.reason, safe_reason, sizeof(safe_reason)));
 
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
@@ -377,10 +384,20 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
         return;
     }
-    ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
+    if (cmd == AH_CMD_RUNNING && ah_state_held(http->state)) {
+        /* The state machine refuses it too (a race with the hold is settled there); this only
+         * tells the caller at once. */
+        ah_http_reply_error(
+            reply, 409,
+            "this agent is held paused because the cluster command is 'shutdown': only a "
+            "cluster command releases it (POST /api/cluster/resume, agenthost ctl resume)");
+        return;
+    }
+    /* Logged first, so that the agent's own "Agent paused" line follows it. */
     char safe_by[AH_NAME_MAX + 1];
     ah_log_info("Local command %s requested through the API by %s", ah_command_name(cmd),
                 log_safe(updated_by, safe_by, sizeof(safe_by)));
+    ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
     ah_buf_t *b = &reply->body;

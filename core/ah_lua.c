@@ -42,9 +42,9 @@ typedef struct {
 extern const ah_lua_module_t ah_lua_modules[];
 
 /* The script's functions, resolved once after loading. */
-enum { FN_INIT = 0, FN_BATCH, FN_ON_PAUSE, FN_ON_RESUME, FN_ON_SHUTDOWN, FN_COUNT };
-static const char *const fn_names[FN_COUNT] = {"init", "batch", "on_pause", "on_resume",
-                                               "on_shutdown"};
+enum { FN_INIT = 0, FN_BATCH, FN_ON_PAUSE, FN_ON_RESUME, FN_ON_SHUTDOWN, FN_ON_RELOAD, FN_COUNT };
+static const char *const fn_names[FN_COUNT] = {"init",      "batch",       "on_pause",
+                                               "on_resume", "on_shutdown", "on_reload"};
 
 /* agent.sleep() never waits longer than this (a year); math.huge means "until woken". */
 #define SLEEP_MAX_SECONDS (365.0 * 86400.0)
@@ -344,7 +344,7 @@ static int core_sleep(lua_State *L)
     }
     bool woken = false;
     if (lua->state != NULL) {
-        woken = ah_state_wait(lua->state, seconds);
+        woken = ah_state_sleep(lua->state, seconds);
     } else if (seconds > 0) {
         ah_sleep(seconds);
     }
@@ -352,6 +352,22 @@ static int core_sleep(lua_State *L)
         return raise_timeout(L, lua);
     }
     lua_pushboolean(L, woken);
+    return 1;
+}
+
+/* core.shutdown([reason]) -> true: asks for a local shutdown of this agent (final, like SIGTERM):
+ * the running call finishes, then on_shutdown runs and the process exits 0. Without a state
+ * (agenthost check) it does nothing and returns false. */
+static int core_shutdown(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    const char *reason = luaL_optstring(L, 1, "requested by the script");
+    if (lua->state == NULL) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    ah_state_offer_local(lua->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, reason, "script");
+    lua_pushboolean(L, 1);
     return 1;
 }
 
@@ -447,6 +463,7 @@ static const luaL_Reg core_functions[] = {
     {"log_enabled", core_log_enabled},
     {"sleep", core_sleep},
     {"should_stop", core_should_stop},
+    {"shutdown", core_shutdown},
     {"env", core_env},
     {"now", core_now},
     {"monotonic", core_monotonic},
@@ -592,6 +609,79 @@ static void resolve_functions(lua_State *L, ah_lua_t *lua)
     }
 }
 
+/* Levenshtein distance between two short names (at most 32 bytes each; longer: a large value). */
+static size_t name_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a);
+    size_t lb = strlen(b);
+    if (la > 32 || lb > 32) {
+        return SIZE_MAX;
+    }
+    size_t row[33];
+    for (size_t j = 0; j <= lb; j++) {
+        row[j] = j;
+    }
+    for (size_t i = 1; i <= la; i++) {
+        size_t diagonal = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= lb; j++) {
+            size_t above = row[j];
+            size_t best = diagonal + (a[i - 1] != b[j - 1]);
+            if (above + 1 < best) {
+                best = above + 1;
+            }
+            if (row[j - 1] + 1 < best) {
+                best = row[j - 1] + 1;
+            }
+            row[j] = best;
+            diagonal = above;
+        }
+    }
+    return row[lb];
+}
+
+/* Warns about every "on_*" key of the script's table (on top of the stack) that names no hook:
+ * a misspelled hook would otherwise never run. Suggests the closest hook within two edits.
+ * Stack: [-0, +0]. */
+static void warn_unknown_hooks(lua_State *L, const ah_lua_t *lua)
+{
+    int module = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, module) != 0) {
+        lua_pop(L, 1); /* the value */
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            continue;
+        }
+        const char *key = lua_tostring(L, -1);
+        if (strncmp(key, "on_", 3) != 0) {
+            continue;
+        }
+        const char *closest = NULL;
+        size_t best = 3;
+        bool known = false;
+        for (int i = 0; i < FN_COUNT; i++) {
+            size_t d = name_distance(key, fn_names[i]);
+            known = known || d == 0;
+            if (d < best) {
+                best = d;
+                closest = fn_names[i];
+            }
+        }
+        if (known) {
+            continue;
+        }
+        if (closest != NULL) {
+            ah_log_warn("%s: the script's table has '%s', which is not a hook (did you mean "
+                        "'%s'?)",
+                        lua->script, key, closest);
+        } else {
+            ah_log_warn("%s: the script's table has '%s', which is not a hook (hooks: on_pause, "
+                        "on_resume, on_shutdown, on_reload)",
+                        lua->script, key);
+        }
+    }
+}
+
 /* ctx's __index: ctx.iteration is computed on access, so a batch does not pay for a table
  * write it rarely needs. Upvalue 1: the ah_lua_t. */
 static int ctx_index(lua_State *L)
@@ -666,6 +756,7 @@ static int open_protected(lua_State *L)
         luaL_error(L, "%s: script must return a table (got %s)", lua->script, luaL_typename(L, -1));
     }
     resolve_functions(L, lua);
+    warn_unknown_hooks(L, lua);
     return 0;
 }
 
@@ -871,5 +962,40 @@ int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, 
     int rc = call_user(lua, 1, 0, err, errlen);
     assert(lua_gettop(L) == top);
     (void)top;
+    return rc;
+}
+
+int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen)
+{
+    if (lua->fn_refs[FN_ON_RELOAD] == LUA_NOREF) {
+        return AH_OK;
+    }
+    lua_State *L = lua->L;
+    int top = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lua->fn_refs[FN_ON_RELOAD]);
+    lua_pushvalue(L, SLOT_CTX);
+    int rc = call_user(lua, 1, 0, err, errlen);
+    assert(lua_gettop(L) == top);
+    (void)top;
+    return rc;
+}
+
+int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen)
+{
+    lua_State *L = lua->L;
+    int top = lua_gettop(L);
+    int rc = AH_OK;
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_getfield(L, -1, "agent");
+    if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "_release");
+        if (lua_isfunction(L, -1)) {
+            rc = call_user(lua, 0, 0, err, errlen);
+        } else {
+            lua_pop(L, 1);
+        }
+    }
+    lua_settop(L, top);
     return rc;
 }

@@ -45,7 +45,8 @@ typedef struct ah_lua_options_s {
  * that modules next to the script are found first, loads (from script_path, or from
  * opts->script_source when set) and runs the script and checks that it
  * returned a table with a `batch` function (optional: init, on_pause, on_resume, on_shutdown,
- * each a function if present). On failure returns NULL with err naming file:line and the problem.
+ * on_reload, each a function if present; other "on_*" keys are logged as warnings). On failure
+ * returns NULL with err naming file:line and the problem.
  */
 ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, char *err,
                       size_t errlen);
@@ -62,6 +63,13 @@ const char *ah_lua_hook_name(ah_hook_t hook);
 /* Calls the hook (on_pause / on_resume / on_shutdown) with ev, if defined. 0, AH_ELUA or
  * AH_ETIMEOUT. */
 int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, size_t errlen);
+/* Calls M.on_reload(ctx) if the script defines it: the old script's chance to let go of what it
+ * holds once its replacement has loaded, before the host closes it. 0, AH_ELUA or AH_ETIMEOUT. */
+int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen);
+/* Before the state closes (reload, shutdown): lets the agent module give back what it holds for
+ * the script (agent.queue's claims) by calling its internal release function, if the script
+ * loaded the module. 0, AH_ELUA or AH_ETIMEOUT. */
+int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen);
 /* Asks the running call to stop with an error at its next instruction check. Safe from any
  * thread and from signal handlers. Code running inside a JIT-compiled trace does not see the
  * request until it leaves the trace (LuaJIT does not run hooks in compiled code). */

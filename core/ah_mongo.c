@@ -172,23 +172,16 @@ ah_store_t *ah_store_mongo_open(const ah_config_t *cfg, char *err, size_t errlen
     return plugin != NULL ? plugin->store_open(cfg, err, errlen) : NULL;
 }
 
-struct _mongoc_client_pool_t *ah_store_mongo_pool(ah_store_t *st)
-{
-    /* A MongoDB store can only exist once the plugin is loaded. */
-    const ah_mongo_plugin_t *plugin = ah_mongo_loaded();
-    return plugin != NULL && st != NULL ? plugin->store_pool(st) : NULL;
-}
-
 /* ---- agent.mongo (ah_mongo.h) --------------------------------------------------------------- */
 
 struct ah_lua_mongo_s {
-    pthread_mutex_t mutex; /* guards impl and shared_pool */
+    pthread_mutex_t mutex; /* guards impl */
     char *database;        /* the arguments of ah_lua_mongo_new, for a later lua_new */
     char *default_database;
     char *agent_id;
-    struct _mongoc_client_pool_t *shared_pool; /* lent by the control store, or NULL */
-    const ah_mongo_plugin_t *plugin;           /* set with impl */
-    ahm_lua_t *impl;                           /* the plugin's object, once created */
+    char *store_uri; /* the control store's URI (ah_lua_mongo_set_store_uri), or NULL */
+    const ah_mongo_plugin_t *plugin; /* set with impl */
+    ahm_lua_t *impl;                 /* the plugin's object, once created */
 };
 
 static char *dup_or_null(const char *s)
@@ -232,16 +225,14 @@ fail:
     return NULL;
 }
 
-void ah_lua_mongo_set_shared_pool(ah_lua_mongo_t *m, struct _mongoc_client_pool_t *pool)
+void ah_lua_mongo_set_store_uri(ah_lua_mongo_t *m, const char *uri)
 {
     if (m == NULL) {
         return;
     }
     pthread_mutex_lock(&m->mutex);
-    m->shared_pool = pool;
-    if (m->impl != NULL) {
-        m->plugin->lua_set_shared_pool(m->impl, pool);
-    }
+    free(m->store_uri);
+    m->store_uri = dup_or_null(uri);
     pthread_mutex_unlock(&m->mutex);
 }
 
@@ -251,7 +242,6 @@ void ah_lua_mongo_detach(ah_lua_mongo_t *m)
         return;
     }
     pthread_mutex_lock(&m->mutex);
-    m->shared_pool = NULL;
     if (m->impl != NULL) {
         m->plugin->lua_detach(m->impl);
     }
@@ -266,6 +256,7 @@ void ah_lua_mongo_free(ah_lua_mongo_t *m)
     if (m->impl != NULL) {
         m->plugin->lua_free(m->impl);
     }
+    free(m->store_uri);
     free(m->agent_id);
     free(m->default_database);
     free(m->database);
@@ -280,10 +271,10 @@ static ahm_lua_t *impl_of(ah_lua_mongo_t *m, const ah_mongo_plugin_t *plugin, ch
 {
     pthread_mutex_lock(&m->mutex);
     if (m->impl == NULL) {
-        m->impl = plugin->lua_new(NULL, m->database, m->default_database, m->agent_id, err, errlen);
+        m->impl = plugin->lua_new(m->store_uri, m->database, m->default_database, m->agent_id, err,
+                                  errlen);
         if (m->impl != NULL) {
             m->plugin = plugin;
-            plugin->lua_set_shared_pool(m->impl, m->shared_pool);
         }
     }
     ahm_lua_t *impl = m->impl;

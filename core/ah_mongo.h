@@ -37,34 +37,28 @@ const ah_mongo_plugin_t *ah_mongo_loaded(void);
  * NULL with err set only for a bad configuration (e.g. an unparsable URI). cfg must outlive it. */
 ah_store_t *ah_store_mongo_open(const ah_config_t *cfg, char *err, size_t errlen);
 
-/* The MongoDB store's client pool, for the Lua binding (agent.mongo) to share: NULL when st is
- * NULL or not a MongoDB store. The pool is thread-safe and lives until ah_store_close(); every
- * client popped from it must be pushed back before that. Declared with an incomplete type so this
- * header needs no driver include. */
-struct _mongoc_client_pool_t;
-struct _mongoc_client_pool_t *ah_store_mongo_pool(ah_store_t *st);
-
 /* ---- agent.mongo ----
  *
  * agent.mongo: MongoDB access for scripts, a Lua binding over mongo-c-driver. The binding lives in
  * the MongoDB plugin (core/mongo/ahm_lua.c); these functions are its front in the core
  * (core/ah_mongo.c), which loads the plugin only when it is needed: for a URI of the binding's
  * own, or when a script requires "agent.mongo". The connection
- * object (ah_lua_mongo_t) is created by the host and outlives the Lua state: it either owns a
- * client pool (AGENT_MONGODB_URI, or MONGODB_URI without a MongoDB control store) or borrows the
- * control store's pool (ah_store_mongo_pool). Without either, every call returns
+ * object (ah_lua_mongo_t) is created by the host and outlives the Lua state: it owns a client pool
+ * (AGENT_MONGODB_URI; else MONGODB_URI, opened on first use), never the control store's, so no
+ * script can take the connections cluster commands need. Without a URI, every call returns
  * nil, "agent.mongo: no MongoDB configured (set AGENT_MONGODB_URI or MONGODB_URI)".
  * docs/LUA_MONGO.md is the script-facing reference.
  *
- * Threads: new/free on the host's thread; set_shared_pool before the Lua worker starts; detach
- * after it has stopped; the Lua functions on the Lua worker thread. Each Lua call pops a client
- * from the pool and pushes it back before returning; only an open find_iter() iterator keeps
- * one across calls (released at its end, by it:close(), by the GC or by detach). */
+ * Threads: new/free on the host's thread; detach after the Lua worker has stopped; the Lua
+ * functions on the Lua worker thread. Each Lua call takes a client from the pool and gives it
+ * back before it builds any Lua value; only an open find_iter() iterator keeps one across calls
+ * (released at its end, by it:close(), by the GC or by detach). With every client taken, a call
+ * collects garbage, waits at most the pool's waitQueueTimeoutMS and returns nil, msg, -1. */
 
 typedef struct ah_lua_mongo_s ah_lua_mongo_t;
 
-/* Creates the connection object. own_uri: a URI the binding opens its own pool for (NULL: none,
- * the host may lend one with ah_lua_mongo_set_shared_pool). database: the default database for
+/* Creates the connection object. own_uri: the URI the binding opens its own pool for (NULL: not
+ * configured). database: the default database for
  * agent.mongo.collection(name); NULL → the database named in own_uri, else default_database.
  * Does not contact the server. Without own_uri it only records its arguments (no plugin load).
  * NULL with err set on a bad URI, a plugin that cannot be loaded (own_uri given) or out of
@@ -72,11 +66,12 @@ typedef struct ah_lua_mongo_s ah_lua_mongo_t;
 ah_lua_mongo_t *ah_lua_mongo_new(const char *own_uri, const char *database,
                                  const char *default_database, const char *agent_id, char *err,
                                  size_t errlen);
-/* Lends the control store's pool (not owned; ignored when the object owns a pool). */
-void ah_lua_mongo_set_shared_pool(ah_lua_mongo_t *m, struct _mongoc_client_pool_t *pool);
-/* Closes every open iterator (returning its client to the pool) and forgets a borrowed pool:
- * call after the Lua worker stopped and before the lending store closes. Later calls fail with
- * "no MongoDB configured". NULL is accepted. */
+/* Records the control store's URI: without an own_uri, the binding opens a pool of its own for
+ * it when a script first requires "agent.mongo" (never the store's pool). Call before the script
+ * is loaded. NULL is accepted for m. */
+void ah_lua_mongo_set_store_uri(ah_lua_mongo_t *m, const char *uri);
+/* Closes every open iterator (returning its client to the pool): call after the Lua worker
+ * stopped. NULL is accepted. */
 void ah_lua_mongo_detach(ah_lua_mongo_t *m);
 /* Frees the object (and its own pool). Call after the Lua state that used it is closed. NULL is
  * accepted. */

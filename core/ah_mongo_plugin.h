@@ -19,7 +19,7 @@
 #include <lua.h>
 
 /* Bump on any change to this table or to the types it passes. */
-#define AH_MONGO_PLUGIN_ABI 1
+#define AH_MONGO_PLUGIN_ABI 2
 #define AH_MONGO_PLUGIN_SYMBOL "ah_mongo_plugin_v1"
 #define AH_MONGO_PLUGIN_FILE "agenthost_mongo.so"
 
@@ -29,13 +29,11 @@ typedef struct ahm_lua_s ahm_lua_t;
 typedef struct ah_mongo_plugin_s {
     int abi_version;           /* AH_MONGO_PLUGIN_ABI: checked first */
     const char *build_version; /* AH_VERSION of the build: must equal the core's */
-    /* ah_store_mongo_open / ah_store_mongo_pool (ah_mongo.h) */
+    /* ah_store_mongo_open (ah_mongo.h) */
     ah_store_t *(*store_open)(const ah_config_t *cfg, char *err, size_t errlen);
-    struct _mongoc_client_pool_t *(*store_pool)(ah_store_t *st);
-    /* ah_lua_mongo_new / _set_shared_pool / _detach / _free / _open (ah_mongo.h) */
+    /* ah_lua_mongo_new / _detach / _free / _open (ah_mongo.h) */
     ahm_lua_t *(*lua_new)(const char *own_uri, const char *database, const char *default_database,
                           const char *agent_id, char *err, size_t errlen);
-    void (*lua_set_shared_pool)(ahm_lua_t *m, struct _mongoc_client_pool_t *pool);
     void (*lua_detach)(ahm_lua_t *m);
     void (*lua_free)(ahm_lua_t *m);
     lua_CFunction lua_open; /* upvalue 1: the ahm_lua_t (NULL: not configured) */

@@ -16,8 +16,9 @@
 
 struct ah_state_s {
     pthread_mutex_t lock;
-    pthread_cond_t wake; /* signalled when an event becomes pending */
-    _Atomic int state;   /* ah_run_state_t; written under lock, read lock-free */
+    pthread_mutex_t issue_lock; /* held by an HTTP thread issuing a cluster command (see .h) */
+    pthread_cond_t wake;        /* signalled when an event becomes pending */
+    _Atomic int state;          /* ah_run_state_t; written under lock, read lock-free */
     bool cluster_known;
     ah_control_t cluster;
     int64_t seen_version; /* highest cluster version offered */
@@ -26,6 +27,8 @@ struct ah_state_s {
     atomic_bool has_event; /* written under lock; read lock-free as a hint */
     ah_event_t pending;
     bool shutdown_final; /* a local/signal shutdown is pending or applied: nothing replaces it */
+    _Atomic bool held;   /* paused because the cluster command was shutdown at startup (the
+                            table's "held" row); written under lock by the worker */
     ah_store_status_t store;
     _Atomic uint64_t batches;
     _Atomic uint64_t batch_errors;
@@ -55,49 +58,115 @@ const char *ah_run_state_name(ah_run_state_t st)
     return state_names[st];
 }
 
-/* The transition table: target state and hook for each (state, command). */
-static const struct {
-    ah_run_state_t to;
-    ah_hook_t hook;
-    int rc;
-} transitions[AH_STATE_STOPPED + 1][AH_CMD_SHUTDOWN + 1] = {
-    [AH_STATE_STARTING] =
-        {
-            [AH_CMD_PAUSE] = {AH_STATE_PAUSED, AH_HOOK_PAUSE, AH_OK},
-            [AH_CMD_RUNNING] = {AH_STATE_RUNNING, AH_HOOK_NONE, AH_OK},
-            [AH_CMD_SHUTDOWN] = {AH_STATE_STOPPING, AH_HOOK_SHUTDOWN, AH_OK},
-        },
-    [AH_STATE_RUNNING] =
-        {
-            [AH_CMD_PAUSE] = {AH_STATE_PAUSED, AH_HOOK_PAUSE, AH_OK},
-            [AH_CMD_RUNNING] = {AH_STATE_RUNNING, AH_HOOK_NONE, AH_ENOOP},
-            [AH_CMD_SHUTDOWN] = {AH_STATE_STOPPING, AH_HOOK_SHUTDOWN, AH_OK},
-        },
-    [AH_STATE_PAUSED] =
-        {
-            [AH_CMD_PAUSE] = {AH_STATE_PAUSED, AH_HOOK_NONE, AH_ENOOP},
-            [AH_CMD_RUNNING] = {AH_STATE_RUNNING, AH_HOOK_RESUME, AH_OK},
-            [AH_CMD_SHUTDOWN] = {AH_STATE_STOPPING, AH_HOOK_SHUTDOWN, AH_OK},
-        },
+/* The rows of the transition table: the run states, plus "held", the paused state of an agent
+ * that started while the cluster command was shutdown. It is "paused" to everyone else; it
+ * differs in what it accepts: only a cluster command releases it (an operator resumes the
+ * cluster), a local resume is refused. */
+enum { ROW_HELD = AH_STATE_STOPPED + 1, ROW_COUNT };
+/* The columns' second index: where a command comes from. */
+enum {
+    ORIGIN_CLUSTER = 0 /* cluster and startup sync */,
+    ORIGIN_LOCAL /* API, signal */,
+    ORIGIN_COUNT
 };
+
+typedef struct {
+    int to; /* a row */
+    ah_hook_t hook;
+    int rc; /* AH_OK, AH_ENOOP or AH_EREFUSED; a missing entry (stopping, stopped) is AH_EINVAL */
+} transition_t;
+
+#define BOTH(to, hook, rc)                                                                         \
+    {                                                                                              \
+        {to, hook, rc},                                                                            \
+        {                                                                                          \
+            to, hook, rc                                                                           \
+        }                                                                                          \
+    }
+
+/* The transition table: target row and hook for each (row, command, origin). */
+static const transition_t transitions[ROW_COUNT][AH_CMD_SHUTDOWN + 1][ORIGIN_COUNT] =
+    {
+        [AH_STATE_STARTING] =
+            {
+                [AH_CMD_PAUSE] = BOTH(AH_STATE_PAUSED, AH_HOOK_PAUSE, AH_OK),
+                [AH_CMD_RUNNING] = BOTH(AH_STATE_RUNNING, AH_HOOK_NONE, AH_OK),
+                /* The cluster was shut down before this agent started: hold it paused and
+                 * reachable, so that an operator can resume the cluster through any pod. */
+                [AH_CMD_SHUTDOWN] = {[ORIGIN_CLUSTER] = {ROW_HELD, AH_HOOK_PAUSE, AH_OK},
+                                     [ORIGIN_LOCAL] = {AH_STATE_STOPPING, AH_HOOK_SHUTDOWN, AH_OK}},
+            },
+        [AH_STATE_RUNNING] =
+            {
+                [AH_CMD_PAUSE] = BOTH(AH_STATE_PAUSED, AH_HOOK_PAUSE, AH_OK),
+                [AH_CMD_RUNNING] = BOTH(AH_STATE_RUNNING, AH_HOOK_NONE, AH_ENOOP),
+                [AH_CMD_SHUTDOWN] = BOTH(AH_STATE_STOPPING, AH_HOOK_SHUTDOWN, AH_OK),
+            },
+        [AH_STATE_PAUSED] =
+            {
+                [AH_CMD_PAUSE] = BOTH(AH_STATE_PAUSED, AH_HOOK_NONE, AH_ENOOP),
+                [AH_CMD_RUNNING] = BOTH(AH_STATE_RUNNING, AH_HOOK_RESUME, AH_OK),
+                [AH_CMD_SHUTDOWN] = BOTH(AH_STATE_STOPPING, AH_HOOK_SHUTDOWN, AH_OK),
+            },
+        [ROW_HELD] =
+            {
+                /* A cluster pause replaces the shutdown: an ordinary pause from now on. */
+                [AH_CMD_PAUSE] = {[ORIGIN_CLUSTER] = {AH_STATE_PAUSED, AH_HOOK_NONE, AH_OK},
+                                  [ORIGIN_LOCAL] = {ROW_HELD, AH_HOOK_NONE, AH_ENOOP}},
+                [AH_CMD_RUNNING] = {[ORIGIN_CLUSTER] = {AH_STATE_RUNNING, AH_HOOK_RESUME, AH_OK},
+                                    [ORIGIN_LOCAL] = {ROW_HELD, AH_HOOK_NONE, AH_EREFUSED}},
+                [AH_CMD_SHUTDOWN] = BOTH(AH_STATE_STOPPING, AH_HOOK_SHUTDOWN, AH_OK),
+            },
+};
+
+/* Looks up (row, cmd, src): 0 (or AH_ENOOP / AH_EREFUSED) with the target row and hook, or
+ * AH_EINVAL when the row accepts no commands. */
+static int target_row(int row, ah_command_t cmd, ah_source_t src, int *to, ah_hook_t *hook)
+{
+    if (cmd == AH_CMD_NONE || (unsigned)cmd > AH_CMD_SHUTDOWN || row < 0 || row >= ROW_COUNT ||
+        row == AH_STATE_STOPPING || row == AH_STATE_STOPPED) {
+        return AH_EINVAL;
+    }
+    int origin =
+        src == AH_SOURCE_CLUSTER || src == AH_SOURCE_STARTUP ? ORIGIN_CLUSTER : ORIGIN_LOCAL;
+    const transition_t *t = &transitions[row][cmd][origin];
+    *to = t->to;
+    *hook = t->hook;
+    return t->rc;
+}
+
+/* A row as the run state everyone sees: held is paused. */
+static ah_run_state_t row_state(int row)
+{
+    return row == ROW_HELD ? AH_STATE_PAUSED : (ah_run_state_t)row;
+}
+
+static int target(int row, ah_command_t cmd, ah_source_t src, ah_run_state_t *to, bool *held,
+                  ah_hook_t *hook)
+{
+    int to_row = row;
+    int rc = target_row(row, cmd, src, &to_row, hook);
+    if (rc == AH_OK || rc == AH_ENOOP || rc == AH_EREFUSED) {
+        *to = row_state(to_row);
+        *held = to_row == ROW_HELD;
+    }
+    return rc;
+}
 
 int ah_state_target(ah_run_state_t from, ah_command_t cmd, ah_source_t src, ah_run_state_t *to,
                     ah_hook_t *hook)
 {
-    if (cmd == AH_CMD_NONE || (unsigned)cmd > AH_CMD_SHUTDOWN || from == AH_STATE_STOPPING ||
-        from == AH_STATE_STOPPED || (unsigned)from > AH_STATE_STOPPED) {
+    bool held;
+    if ((unsigned)from > AH_STATE_STOPPED) {
         return AH_EINVAL;
     }
-    if (from == AH_STATE_STARTING && cmd == AH_CMD_SHUTDOWN && src == AH_SOURCE_STARTUP) {
-        /* The cluster was shut down before this agent started: hold it paused and reachable,
-         * so that an operator can resume the cluster through any pod. */
-        *to = AH_STATE_PAUSED;
-        *hook = AH_HOOK_PAUSE;
-        return AH_OK;
-    }
-    *to = transitions[from][cmd].to;
-    *hook = transitions[from][cmd].hook;
-    return transitions[from][cmd].rc;
+    return target((int)from, cmd, src, to, &held, hook);
+}
+
+int ah_state_target_held(ah_command_t cmd, ah_source_t src, ah_run_state_t *to, bool *held,
+                         ah_hook_t *hook)
+{
+    return target(ROW_HELD, cmd, src, to, held, hook);
 }
 
 ah_state_t *ah_state_new(void)
@@ -110,6 +179,7 @@ ah_state_t *ah_state_new(void)
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->issue_lock, NULL);
     pthread_cond_init(&s->wake, &attr);
     pthread_condattr_destroy(&attr);
     s->state = AH_STATE_STARTING;
@@ -127,6 +197,7 @@ void ah_state_free(ah_state_t *s)
         return;
     }
     pthread_cond_destroy(&s->wake);
+    pthread_mutex_destroy(&s->issue_lock);
     pthread_mutex_destroy(&s->lock);
     free(s);
 }
@@ -209,10 +280,11 @@ static void note_applied_locked(ah_state_t *s, const ah_event_t *ev)
     }
 }
 
-static void state_commit(ah_state_t *s, ah_run_state_t to, const ah_event_t *ev)
+static void state_commit(ah_state_t *s, ah_run_state_t to, bool held, const ah_event_t *ev)
 {
     pthread_mutex_lock(&s->lock);
     s->state = to;
+    s->held = held;
     s->commands_applied++;
     note_applied_locked(s, ev);
     if (to == AH_STATE_STOPPING) {
@@ -235,9 +307,10 @@ int ah_state_apply(ah_state_t *s, const ah_event_t *ev, ah_run_state_t *from, ah
     *from = ah_state_get(s); /* only the worker changes the state: no lock needed across */
     *to = *from;
     *hook = AH_HOOK_NONE;
-    int rc = ah_state_target(*from, ev->command, ev->source, to, hook);
+    bool held = atomic_load(&s->held);
+    int rc = target(held ? ROW_HELD : (int)*from, ev->command, ev->source, to, &held, hook);
     if (rc == AH_OK) {
-        state_commit(s, *to, ev);
+        state_commit(s, *to, held, ev);
     } else if (rc == AH_ENOOP) {
         state_note_applied(s, ev);
     }
@@ -257,6 +330,29 @@ static bool worker_has_work(void *arg)
 {
     const ah_state_t *s = arg;
     return s->has_event || s->shutdown_final || s->reload_requested != s->reload_done;
+}
+
+/* ah_state_sleep's condition (lock held): as worker_has_work, except that the startup sync does
+ * not count (it is applied after init returns, so it must not cut a sleep in init short). */
+static bool sleep_ends(void *arg)
+{
+    const ah_state_t *s = arg;
+    return (s->has_event && s->pending.source != AH_SOURCE_STARTUP) || s->shutdown_final ||
+           s->reload_requested != s->reload_done;
+}
+
+bool ah_state_sleep(ah_state_t *s, double seconds)
+{
+    pthread_mutex_lock(&s->lock);
+    bool woken = seconds > 0 ? ah_cond_wait_until(&s->wake, &s->lock, seconds, sleep_ends, s)
+                             : sleep_ends(s);
+    pthread_mutex_unlock(&s->lock);
+    return woken;
+}
+
+bool ah_state_held(ah_state_t *s)
+{
+    return atomic_load(&s->held);
 }
 
 bool ah_state_wait(ah_state_t *s, double seconds)
@@ -302,6 +398,7 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     out->cluster = s->cluster;
     out->applied_version = s->applied_version;
     out->local_override = s->local_override;
+    out->held = s->held;
     out->shutdown_requested =
         s->shutdown_final || (s->has_event && s->pending.command == AH_CMD_SHUTDOWN);
     out->store = s->store;
@@ -427,4 +524,20 @@ int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *e
     }
     pthread_mutex_unlock(&s->lock);
     return rc;
+}
+
+void ah_state_issue_begin(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->issue_lock);
+}
+
+void ah_state_issue_end(ah_state_t *s)
+{
+    pthread_mutex_unlock(&s->issue_lock);
+}
+
+void ah_state_issue_barrier(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->issue_lock);
+    pthread_mutex_unlock(&s->issue_lock);
 }

@@ -57,6 +57,8 @@ typedef struct ah_state_snapshot_s {
     ah_control_t cluster; /* the latest control document seen */
     int64_t applied_version;
     bool local_override; /* the last applied command was local (API or signal) */
+    bool held; /* paused because the cluster command was shutdown when the agent started: only a
+                  cluster command releases it */
     bool shutdown_requested;
     ah_store_status_t store;
     uint64_t batches;
@@ -79,9 +81,15 @@ const char *ah_run_state_name(ah_run_state_t st); /* "starting" | "running" | ..
 /* The transition table. Given the current state, a command and its source, returns 0 and fills
  * *to and *hook; AH_ENOOP when the command does not change the state (e.g. pause while paused);
  * AH_EINVAL when the state accepts no commands (stopping, stopped). A startup sync to
- * "shutdown" holds the agent paused (it must stay reachable so an operator can resume). */
+ * "shutdown" holds the agent paused (it must stay reachable so an operator can resume): *to is
+ * paused, and the agent is then in the table's "held" row (ah_state_target_held). */
 int ah_state_target(ah_run_state_t from, ah_command_t cmd, ah_source_t src, ah_run_state_t *to,
                     ah_hook_t *hook);
+/* The same for an agent held paused by a cluster shutdown: a cluster command releases it (resume
+ * runs it, pause makes it ordinarily paused, shutdown stops it), a local shutdown stops it, a
+ * local pause is AH_ENOOP and a local resume AH_EREFUSED. *held tells whether it stays held. */
+int ah_state_target_held(ah_command_t cmd, ah_source_t src, ah_run_state_t *to, bool *held,
+                         ah_hook_t *hook);
 
 /* Creates the state object in AH_STATE_STARTING. NULL on allocation failure. */
 ah_state_t *ah_state_new(void);
@@ -98,10 +106,11 @@ void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, cons
 
 /* Lua worker: takes the pending event, if any. Returns true and fills *ev. */
 bool ah_state_take_event(ah_state_t *s, ah_event_t *ev);
-/* Lua worker: applies ev through the transition table (ah_state_target) from the current state,
- * reported in *from. AH_OK: the new state *to is committed and *hook is to be run next;
- * AH_ENOOP: the state stays, ev counts as applied (applied_version, local_override);
- * AH_EINVAL: the state accepts no commands (stopping, stopped), ev is dropped. */
+/* Lua worker: applies ev through the transition table (ah_state_target, or ah_state_target_held
+ * while held) from the current state, reported in *from. AH_OK: the new state *to is committed
+ * and *hook is to be run next; AH_ENOOP: the state stays, ev counts as applied (applied_version,
+ * local_override); AH_EREFUSED: a local resume of a held agent, ev is dropped; AH_EINVAL: the
+ * state accepts no commands (stopping, stopped), ev is dropped. */
 int ah_state_apply(ah_state_t *s, const ah_event_t *ev, ah_run_state_t *from, ah_run_state_t *to,
                    ah_hook_t *hook);
 /* Sets the final state (stopped) when the worker exits. */
@@ -110,6 +119,11 @@ void ah_state_set_stopped(ah_state_t *s);
 /* Waits up to `seconds` until an event is pending or a wake-up. Returns true if woken early.
  * Any thread may wait (agent.sleep runs on the Lua worker). */
 bool ah_state_wait(ah_state_t *s, double seconds);
+/* agent.sleep's wait: like ah_state_wait, but a pending startup sync does not end it (the sync
+ * is applied only after init returns). seconds <= 0: whether a sleep would end now. */
+bool ah_state_sleep(ah_state_t *s, double seconds);
+/* True while the agent is held paused by a cluster shutdown seen at startup. */
+bool ah_state_held(ah_state_t *s);
 /* True once a pending or applied command asks this agent to shut down. */
 bool ah_state_should_stop(ah_state_t *s);
 /* True while an event is pending (used by agent.sleep to return early). */
@@ -139,6 +153,15 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
 /* Waits up to `seconds` for the outcome of ticket. 0 if the new script runs, AH_ELUA with err
  * when it was rejected (the old script keeps running), AH_ETIMEOUT if still pending. */
 int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen);
+
+/* Log order on the issuing agent. An HTTP thread issuing a cluster command holds the issue lock
+ * from before the store write until it has logged "issued" and offered the document; the worker
+ * passes the barrier before it logs a cluster transition, so this agent's "Agent paused" never
+ * precedes its own "Cluster command pause issued" (its watcher may deliver the write first).
+ * The barrier waits at most one store write. */
+void ah_state_issue_begin(ah_state_t *s);
+void ah_state_issue_end(ah_state_t *s);
+void ah_state_issue_barrier(ah_state_t *s);
 
 /* Store watcher: publishes the store's status (copied). */
 void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st);

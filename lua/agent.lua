@@ -5,12 +5,25 @@ local core = require "agent.core"
 local json = require "cjson"
 
 local format, select, tostring = string.format, select, tostring
+local pairs, pcall, setmetatable, type = pairs, pcall, setmetatable, type
+
+-- Misuse is reported at the line of the script that called the public function, not here:
+-- calls fn(...) and re-raises its error `level` levels above the function that calls this
+-- helper (2: that function's caller).
+local function call_or_raise(level, fn, ...)
+    local ok, res = pcall(fn, ...)
+    if not ok then
+        error(tostring(res), level + 1)
+    end
+    return res
+end
 
 local agent = {
     id = core.id(),           -- this agent's name (AGENT_ID)
     state = core.state,       -- "starting" | "running" | "paused" | "stopping" | "stopped"
     sleep = core.sleep,       -- agent.sleep(s) -> true if woken early by a command or shutdown
     should_stop = core.should_stop, -- true once shutdown was requested
+    shutdown = core.shutdown, -- agent.shutdown([reason]): a local, final shutdown of this agent
     env = core.env,           -- agent.env(name, default) -> os.getenv(name) or default
     now = core.now,           -- wall clock, seconds since the Unix epoch (with fractions)
     monotonic = core.monotonic, -- monotonic clock, seconds
@@ -26,7 +39,12 @@ local function logger(level)
             return
         end
         if select("#", ...) > 0 then
-            log(level, format(fmt, ...))
+            local ok, msg = pcall(format, fmt, ...)
+            if not ok then
+                msg = tostring(msg):gsub("to '%?'", "to 'format'", 1)
+                error(format("agent.log.%s: %s", level, msg), 2)
+            end
+            log(level, msg)
         else
             log(level, tostring(fmt))
         end
@@ -43,28 +61,95 @@ agent.log = {
 -- agent.metrics: script-defined Prometheus metrics, exported on /metrics with the host's own.
 -- Declaring the same name again returns the same metric (so a reloaded script keeps counting).
 local metric_update, metric_get = core.metric_update, core.metric_get
+local getmetatable = getmetatable
 local Counter, Gauge = {}, {}
 Counter.__index, Gauge.__index = Counter, Gauge
+
+-- Raises at the script's line unless m is a metric of `class` (catches metric.inc() written
+-- with a dot). level: error's level as seen from the caller of this helper (2: its caller).
+local function check_metric(m, class, call, level)
+    if getmetatable(m) ~= class then
+        error(format("agent.metrics: call %s with a colon (metric:%s)", call, call), level + 1)
+    end
+end
+
 function Counter:inc(n)
+    check_metric(self, Counter, "inc(n)", 2)
     n = n or 1
     if type(n) ~= "number" or n < 0 or n ~= n then
         error("agent.metrics: a counter only goes up (inc needs a number >= 0)", 2)
     end
     metric_update(self.index, "add", n)
 end
-function Counter:value() return metric_get(self.index) end
-function Gauge:set(v) metric_update(self.index, "set", v) end
-function Gauge:add(v) metric_update(self.index, "add", v) end
-function Gauge:value() return metric_get(self.index) end
+function Counter:value()
+    check_metric(self, Counter, "value()", 2)
+    return metric_get(self.index)
+end
+local function check_gauge_value(gauge, v, what)
+    check_metric(gauge, Gauge, what .. "(v)", 3)
+    if type(v) ~= "number" then
+        error(format("agent.metrics: gauge:%s needs a number (got %s)", what, type(v)), 3)
+    end
+end
+function Gauge:set(v)
+    check_gauge_value(self, v, "set")
+    metric_update(self.index, "set", v)
+end
+function Gauge:add(v)
+    check_gauge_value(self, v, "add")
+    metric_update(self.index, "add", v)
+end
+function Gauge:value()
+    check_metric(self, Gauge, "value()", 2)
+    return metric_get(self.index)
+end
+
+-- Declares (or finds) the metric; a bad name or help, or the name taken by the other kind,
+-- raises at the script's line.
+local function declare(kind, class, name, help)
+    if type(name) ~= "string" then
+        error(format("agent.metrics.%s: name must be a string (got %s)", kind, type(name)), 3)
+    end
+    if help ~= nil and type(help) ~= "string" then
+        error(format("agent.metrics.%s: help must be a string (got %s)", kind, type(help)), 3)
+    end
+    local index = call_or_raise(3, core.metric_declare, kind, name, help)
+    return setmetatable({ name = name, index = index }, class)
+end
 
 agent.metrics = {
+    -- not tail calls: the error levels above count this frame
     counter = function(name, help)
-        return setmetatable({ name = name, index = core.metric_declare("counter", name, help) }, Counter)
+        local metric = declare("counter", Counter, name, help)
+        return metric
     end,
     gauge = function(name, help)
-        return setmetatable({ name = name, index = core.metric_declare("gauge", name, help) }, Gauge)
+        local metric = declare("gauge", Gauge, name, help)
+        return metric
     end,
 }
+
+-- Objects that hold something for the script outside the process (agent.queue's claims) and
+-- give it back when the host closes the state (reload, shutdown): object -> release function.
+-- Weak keys: an object the script dropped is not kept alive for this.
+local releasers = setmetatable({}, { __mode = "k" })
+
+-- Internal (agent.queue): registers release(obj) to run before the state closes.
+function agent._release_on_close(obj, release)
+    releasers[obj] = release
+end
+
+-- Internal (called by the host before it closes the state): runs every registered release; a
+-- failing one is logged and the others still run.
+function agent._release()
+    for obj, release in pairs(releasers) do
+        local ok, err = pcall(release, obj)
+        if not ok then
+            agent.log.warn("releasing %s before the script closed failed: %s", tostring(obj),
+                tostring(err))
+        end
+    end
+end
 
 -- agent.memory() -> bytes used by this script's Lua state, LUA_MEMORY_LIMIT (0: none)
 agent.memory = core.memory
@@ -79,7 +164,7 @@ setmetatable(agent, {
         if name == nil then
             return nil
         end
-        local module = require(name)
+        local module = call_or_raise(2, require, name)
         rawset(t, key, module)
         return module
     end,

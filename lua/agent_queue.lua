@@ -37,7 +37,11 @@ end
   lease         seconds a claim is valid before others may reclaim it (default 30)
   owner         claim owner (default agent.id)
   max_attempts  claims a job gets before fail() marks it failed (default 3)
-  sort          claim order, as ordered pairs (default {{"_id", 1}}: oldest first) ]]
+  sort          claim order, as ordered pairs (default {{"_id", 1}}: oldest first)
+  release_on_close  false: keep this object's claims when the host closes the script (default
+                true: a reload or a shutdown releases them, see release_held)
+  index         false: do not create the claim index (default true: created by the first claim,
+                see claim_index_keys) ]]
 function M.open(opts)
     opts = opts or {}
     if type(opts) ~= "table" then
@@ -57,8 +61,15 @@ function M.open(opts)
     if type(max_attempts) ~= "number" or max_attempts < 1 then
         error("agent.queue.open: max_attempts must be >= 1", 2)
     end
-    return setmetatable({
+    if opts.index ~= nil and type(opts.index) ~= "boolean" then
+        error("agent.queue.open: index must be a boolean", 2)
+    end
+    if opts.release_on_close ~= nil and type(opts.release_on_close) ~= "boolean" then
+        error("agent.queue.open: release_on_close must be a boolean", 2)
+    end
+    local q = setmetatable({
         coll = coll,
+        index_pending = opts.index ~= false,
         lease = lease,
         owner = tostring(opts.owner or agent.id),
         max_attempts = max_attempts,
@@ -66,6 +77,10 @@ function M.open(opts)
         held = {}, -- tostring(_id) -> job, the claims this queue object believes it holds
         held_count = 0,
     }, Queue)
+    if opts.release_on_close ~= false then
+        agent._release_on_close(q, Queue.release_held)
+    end
+    return q
 end
 
 local function id_key(job)
@@ -93,6 +108,35 @@ function Queue:_fence(job)
     return { _id = job._id, status = "claimed", owner = self.owner, attempts = job.attempts }
 end
 
+--[[ The keys of the index claim needs: status, then the sort keys, so that both branches of the
+claim filter (pending; claimed with an expired lease) are index scans already in claim order. ]]
+local function claim_index_keys(sort)
+    local keys = { { "status", 1 } }
+    if type(sort) == "table" and sort[1] ~= nil then
+        for _, pair in ipairs(sort) do
+            keys[#keys + 1] = { pair[1], pair[2] }
+        end
+    elseif type(sort) == "table" then
+        for k, v in pairs(sort) do
+            keys[#keys + 1] = { k, v }
+        end
+    end
+    return keys
+end
+M.claim_index_keys = claim_index_keys
+
+-- Creates the claim index once per queue object (createIndexes is a no-op when it exists). A
+-- failure (e.g. a user without the createIndex privilege) is logged once and claiming goes on.
+function Queue:_ensure_index()
+    self.index_pending = false
+    local name, err = self.coll:create_index(claim_index_keys(self.sort))
+    if name == nil then
+        agent.log.warn("agent.queue: cannot create the claim index on %s (%s); claims scan the "
+            .. "collection until it exists (open with index = false to skip)", tostring(self.coll),
+            tostring(err))
+    end
+end
+
 --[[ q:claim(n) -> jobs[, err]: claims up to n jobs, one atomic find_one_and_update each, taking
 pending jobs and claimed ones whose lease has expired. jobs is always a table (possibly empty);
 err is set when a failure stopped the claiming early (jobs then holds what was claimed before).
@@ -101,6 +145,9 @@ function Queue:claim(n)
     n = n or 1
     if type(n) ~= "number" or n < 1 then
         error("claim: n must be a positive number", 2)
+    end
+    if self.index_pending then
+        self:_ensure_index()
     end
     local jobs = {}
     while #jobs < n do
@@ -169,7 +216,9 @@ function Queue:ack(job, result)
     if result ~= nil then
         set.result = result
     end
-    return self:_finish(job, { ["$set"] = set, ["$unset"] = { lease_until = "" } }, "ack")
+    -- error goes: it belonged to an earlier failed attempt, not to this result
+    return self:_finish(job, { ["$set"] = set, ["$unset"] = { lease_until = "", error = "" } },
+        "ack")
 end
 
 --[[ q:fail(job, err) -> true | false, "lost" | nil, err: back to pending with the error while the
@@ -214,6 +263,28 @@ function Queue:release_all()
     return res.modified
 end
 
+--[[ q:release_held() -> n[, err]: releases every claim this queue object holds (held_jobs), each
+fenced like release; n counts the jobs given back, err is the first failure. The host calls it
+before it closes the script (reload, shutdown) unless the queue was opened with
+release_on_close = false. ]]
+function Queue:release_held()
+    if self.held_count == 0 then
+        return 0
+    end
+    local n, first_err = 0, nil
+    for _, job in ipairs(self:held_jobs()) do
+        local ok, err = self:release(job)
+        if ok then
+            n = n + 1
+        elseif ok == nil and first_err == nil then
+            first_err = err
+        end
+    end
+    agent.log.info("agent.queue: released %d claim(s) on %s%s", n, tostring(self.coll),
+        first_err and (" (" .. first_err .. ")") or "")
+    return n, first_err
+end
+
 --[[ q:renew(job) -> true | false, "lost" | nil, err: extends a held claim by another lease. ]]
 function Queue:renew(job)
     check_job(job, "renew")
@@ -222,7 +293,10 @@ function Queue:renew(job)
     if res == nil then
         return nil, format("renew: %s", err), code
     end
-    return res.matched == 1 or false, res.matched == 1 and nil or "lost"
+    if res.matched == 0 then
+        return false, "lost"
+    end
+    return true
 end
 
 --[[ q:reclaim_expired() -> n | nil, err: puts every claim whose lease expired back to pending. ]]
@@ -242,6 +316,9 @@ table with a payload field keeps its other fields too (e.g. _id, priority). ]]
 function Queue:enqueue(jobs)
     if type(jobs) ~= "table" then
         error("enqueue: table expected", 2)
+    end
+    if next(jobs) == nil then
+        return {} -- an empty list: nothing to insert (a job with no payload is {payload = {}})
     end
     if jobs[1] == nil then
         jobs = { jobs }

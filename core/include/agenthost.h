@@ -2,9 +2,9 @@
  *
  * A host runs one operator Lua script as a pulling agent, exactly like the `agenthost` binary:
  * a Lua worker thread calling batch(), the control store (embedded SQLite file or MongoDB), the
- * HTTP API, and a libuv loop for the watchdog and (unless AGENTHOST_SIGNALS=false) the signals
+ * HTTP API, and a libuv loop for the watchdog and (only with AGENTHOST_SIGNALS=true) the signals
  * SIGTERM/SIGINT (graceful shutdown), SIGUSR1/SIGUSR2 (pause/resume) and SIGHUP (reload the
- * script). An embedding program usually sets AGENTHOST_SIGNALS=false and keeps its signals.
+ * script). Its defaults are safe for a library: see agenthost_config_new().
  *
  * Life cycle: agenthost_config_new() + agenthost_config_set() → agenthost_new() →
  * agenthost_register() (optional, before starting) → agenthost_run() (blocks) or
@@ -71,13 +71,18 @@ const char *agenthost_version(void);
 
 /* ---- configuration ----------------------------------------------------------------------- */
 
-/* A configuration holding the defaults of the agenthost binary (it does NOT read the
- * environment; see agenthost_config_from_env()). NULL when out of memory. The caller owns it
- * and releases it with agenthost_config_free(). */
+/* A configuration holding the embedding defaults (it does NOT read the environment; see
+ * agenthost_config_from_env()): the binary's, except HTTP_BIND=127.0.0.1, HTTP_PORT=0 (any free
+ * port), AGENTHOST_SIGNALS=false and no control store (local control only, no file created)
+ * unless AGENTHOST_STATE, MONGODB_URI or ENABLE_DISTRIBUTED_CONTROL is set. agenthost_new(NULL,
+ * ...) uses the same defaults. NULL when out of memory. The caller owns it and releases it with
+ * agenthost_config_free(). */
 agenthost_config_t *agenthost_config_new(void);
 /* Sets one setting by its environment variable name (the names of `agenthost run --help`, e.g.
  * "HTTP_PORT", "AGENTHOST_STATE", "AGENT_ID", "MONGODB_URI", "LOG_LEVEL", "AGENTHOST_SIGNALS").
- * name and value are copied. Returns 0, or AGENTHOST_EINVAL (unknown name, invalid value) /
+ * name and value are copied. Every value is validated here (numbers and their bounds, HTTP_BIND
+ * an IPv4/IPv6 address, ...), so a bad one never reaches agenthost_start(). Returns 0, or
+ * AGENTHOST_EINVAL (unknown name, invalid value) /
  * AGENTHOST_ENOMEM with the reason in err (err may be NULL if errlen is 0). */
 int agenthost_config_set(agenthost_config_t *cfg, const char *name, const char *value, char *err,
                          size_t errlen);
@@ -115,7 +120,10 @@ void *agenthost_userdata(lua_State *L);
  * the host was already started. */
 int agenthost_run(agenthost_t *host);
 /* Starts the host on a new thread and returns once the script has loaded (a load or contract
- * error returns AGENTHOST_ESCRIPT here). 0 or a negative code; reason in agenthost_error(). */
+ * error returns AGENTHOST_ESCRIPT here), with the host in AGENTHOST_STATE_STARTING: the store,
+ * the HTTP API, init() and the startup sync follow on the host's threads (a failure there ends
+ * the run; agenthost_wait() returns its code). 0 or a negative code; reason in agenthost_error().
+ */
 int agenthost_start(agenthost_t *host);
 /* Waits for a host started with agenthost_start() to stop; returns its AGENTHOST_EXIT_* code
  * (again on later calls). AGENTHOST_EINVAL if it was not started with agenthost_start(). Call
@@ -130,7 +138,9 @@ int agenthost_stop(agenthost_t *host);
 /* Local commands for this host only (as `POST /api/agent/...` would), with an optional reason
  * (NULL: none; copied, truncated to 1024 bytes) shown to the script's hook as ev.reason and
  * ev.source == "local". They return at once; the worker applies them after the running batch.
- * Thread-safe. 0, or AGENTHOST_EINVAL before the host was started. */
+ * Thread-safe. 0, or AGENTHOST_EINVAL with the reason in agenthost_error() when the command would
+ * be dropped: before the host was started, once it is stopping or stopped (agenthost_shutdown()
+ * then returns 0), or a resume while the host is held paused by a cluster shutdown. */
 int agenthost_pause(agenthost_t *host, const char *reason);
 int agenthost_resume(agenthost_t *host, const char *reason);
 int agenthost_shutdown(agenthost_t *host, const char *reason);
@@ -140,15 +150,17 @@ agenthost_state_t agenthost_state(agenthost_t *host);
 /* "new" | "starting" | "running" | "paused" | "stopping" | "stopped" (static strings). */
 const char *agenthost_state_name(agenthost_state_t state);
 /* Waits until the host is in `state` (0) or timeout_seconds pass (AGENTHOST_ETIMEOUT); returns
- * AGENTHOST_EINVAL at once if the host stopped before reaching it. Thread-safe. */
+ * AGENTHOST_EINVAL at once if the host stopped before reaching it or timeout_seconds is NaN.
+ * Thread-safe. */
 int agenthost_wait_state(agenthost_t *host, agenthost_state_t state, double timeout_seconds);
 /* Batches run so far (successful or not). Thread-safe. */
 uint64_t agenthost_batches(agenthost_t *host);
 /* The port the HTTP API listens on (useful with HTTP_PORT=0), 0 before it listens. Thread-safe.
  */
 int agenthost_http_port(agenthost_t *host);
-/* The last error message of this host ("" if none). Owned by the host; valid until the next
- * call on it from the same thread. */
+/* The last error message of this host ("" if none): the reason of a failed call, or the outcome
+ * of the run once it ended ("" after a clean stop; "init failed: <the Lua error>" when init()
+ * failed). Owned by the host; valid until the next call on it from the same thread. */
 const char *agenthost_error(const agenthost_t *host);
 
 /* Frees the host. NULL is accepted. A host started with agenthost_start() and still running is

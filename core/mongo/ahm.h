@@ -12,12 +12,10 @@
 
 /* The MongoDB control store (core/mongo/ahm_store.c). */
 ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen);
-struct _mongoc_client_pool_t *ahm_store_pool(ah_store_t *st);
 
 /* agent.mongo (core/mongo/ahm_lua.c). */
 ahm_lua_t *ahm_lua_new(const char *own_uri, const char *database, const char *default_database,
                        const char *agent_id, char *err, size_t errlen);
-void ahm_lua_set_shared_pool(ahm_lua_t *m, struct _mongoc_client_pool_t *pool);
 void ahm_lua_detach(ahm_lua_t *m);
 void ahm_lua_free(ahm_lua_t *m);
 int ahm_lua_open(lua_State *L);

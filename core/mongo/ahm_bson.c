@@ -258,13 +258,15 @@ static int append_table(lua_State *L, int idx, bson_t *out, const char *key, int
     if (kind != NULL && strcmp(kind, "date") == 0) {
         lua_getfield(L, idx, "ms");
         lua_Number ms = lua_tonumber(L, -1);
-        bool ok = lua_type(L, -1) == LUA_TNUMBER && isfinite(ms);
+        bool is_number = lua_type(L, -1) == LUA_TNUMBER;
         lua_pop(L, 1);
-        if (!ok) {
-            set_err(err, errlen, key, "a date needs a finite number field ms");
+        int64_t ms_int;
+        if (!is_number || ah_double_to_int64(ms, &ms_int) != AH_OK) {
+            set_err(err, errlen, key,
+                    "a date needs a field ms: a number of milliseconds in the int64 range");
             return AH_EINVAL;
         }
-        bson_append_date_time(out, key, keylen, (int64_t)ms);
+        bson_append_date_time(out, key, keylen, ms_int);
         return AH_OK;
     }
     size_t n = 0;
@@ -741,8 +743,17 @@ static lua_Number date_ms(lua_State *L, int idx)
 static int date_tostring(lua_State *L)
 {
     lua_Number ms = date_ms(L, 1);
+    int64_t ms_int;
+    /* ISO 8601 for years 0-9999; otherwise (or for a NaN) the number itself. */
+    if (ah_double_to_int64(ms, &ms_int) != AH_OK || ms_int < AH_TIMESTAMP_MIN_US / 1000 ||
+        ms_int > AH_TIMESTAMP_MAX_US / 1000) {
+        char text[64];
+        snprintf(text, sizeof(text), "date(%.17g ms, out of range)", (double)ms);
+        lua_pushstring(L, text);
+        return 1;
+    }
     char ts[AH_TIMESTAMP_LEN];
-    ah_format_timestamp((int64_t)ms * 1000, ts);
+    ah_format_timestamp(ms_int * 1000, ts);
     lua_pushstring(L, ts);
     return 1;
 }
@@ -815,6 +826,46 @@ static int l_decimal128(lua_State *L)
     bson_append_decimal128(&tmp, "v", 1, &dec);
     push_raw_bytes(L, bson_get_data(&tmp), tmp.len);
     bson_destroy(&tmp);
+    return 1;
+}
+
+/* mongo.to_json(t) -> string: the document (or array) t as relaxed Extended JSON, the way libbson
+ * writes it (ObjectId {"$oid": ...}, Date {"$date": "<ISO 8601>"}, int64 as a plain number,
+ * Decimal128 {"$numberDecimal": ...}, ...). t is any table agent.mongo accepts as a document or
+ * an array (a sequence without a mark is an array); anything else is misuse and raises. */
+static int l_to_json(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *kind = bson_kind(L, 1);
+    bool as_array =
+        (kind != NULL && strcmp(kind, "array") == 0) || (kind == NULL && lua_objlen(L, 1) > 0);
+    char err[AH_ERRLEN];
+    bson_t doc;
+    bson_init(&doc);
+    int rc = as_array ? ahm_bson_append_lua(L, 1, &doc, "", err, sizeof(err))
+                      : ahm_bson_from_lua(L, 1, &doc, err, sizeof(err));
+    if (rc != AH_OK) {
+        bson_destroy(&doc);
+        return luaL_argerror(L, 1, err);
+    }
+    size_t len = 0;
+    char *json = bson_as_relaxed_extended_json(&doc, &len);
+    bson_destroy(&doc);
+    if (json == NULL) {
+        return luaL_argerror(L, 1, "cannot be written as JSON (invalid UTF-8?)");
+    }
+    const char *text = json;
+    if (as_array) {
+        /* The array was written as the one field of {"": [...]}: keep the [...] only. libbson
+         * writes that document as '{ "" : ' + the array + ' }'. */
+        static const char prefix[] = "{ \"\" : ";
+        if (len >= sizeof(prefix) + 1 && strncmp(json, prefix, sizeof(prefix) - 1) == 0) {
+            text = json + sizeof(prefix) - 1;
+            len -= (sizeof(prefix) - 1) + 2;
+        }
+    }
+    lua_pushlstring(L, text, len);
+    bson_free(json);
     return 1;
 }
 
@@ -1041,11 +1092,17 @@ void ahm_bson_init(lua_State *L)
 void ahm_bson_register(lua_State *L)
 {
     static const luaL_Reg fns[] = {
-        {"array", l_array},       {"document", l_document},
-        {"is_array", l_is_array}, {"oid", l_oid},
-        {"date", l_date},         {"int64", l_int64},
-        {"binary", l_binary},     {"decimal128", l_decimal128},
-        {"type", l_type},         {NULL, NULL},
+        {"array", l_array},
+        {"document", l_document},
+        {"is_array", l_is_array},
+        {"oid", l_oid},
+        {"date", l_date},
+        {"int64", l_int64},
+        {"binary", l_binary},
+        {"decimal128", l_decimal128},
+        {"type", l_type},
+        {"to_json", l_to_json},
+        {NULL, NULL},
     };
     luaL_register(L, NULL, fns);
     lua_pushlightuserdata(L, NULL);

@@ -1,8 +1,11 @@
 /* agent.mongo inside the MongoDB plugin: the binding behind the core's front in ah_mongo.h
  * (core/ah_mongo.c forwards to the ahm_lua_* functions here). Every collection method follows
- * one shape (STYLE rule 9): check and encode all arguments first (a misuse raises with nothing
- * acquired), then pop a client, run one driver call, push the client back, and turn the reply into
- * Lua values; a runtime failure comes back as nil, message, code. Values are mapped by
+ * one shape (STYLE rule 9): check and encode all arguments into a call object (a userdata whose
+ * __gc frees them, so a misuse raises with nothing lost), then take a client, run one driver
+ * call that copies the reply out (work_*: no Lua), give the client back, and only then turn the
+ * copy into Lua values; a runtime failure comes back as nil, message, code. No client is ever
+ * out while something can raise, except the one a find_iter iterator owns (a userdata with
+ * __gc). The binding has a pool of its own, never the control store's. Values are mapped by
  * ahm_bson.c. */
 #include "ahm.h"
 
@@ -17,17 +20,20 @@
 
 #define MT_COLLECTION "agent.mongo.collection"
 #define MT_ITERATOR "agent.mongo.iterator"
+#define MT_CALL "agent.mongo.call"
 
 #define NOT_CONFIGURED "agent.mongo: no MongoDB configured (set AGENT_MONGODB_URI or MONGODB_URI)"
 #define DB_NAME_MAX 63
 #define COLLECTION_NAME_MAX 255
 #define OWN_POOL_TIMEOUT_MS 2000 /* serverSelectionTimeoutMS / connectTimeoutMS defaults */
+#define POOL_WAIT_MS 1000       /* waitQueueTimeoutMS default: the longest wait for a free client */
+#define AHM_CODE_NO_CLIENT (-1) /* the code of "no free connection in the pool" */
 
 typedef struct ah_lua_iterator_s ah_lua_iterator_t;
 
 struct ahm_lua_s {
-    mongoc_client_pool_t *own_pool;    /* owned, or NULL */
-    mongoc_client_pool_t *shared_pool; /* borrowed from the control store, or NULL */
+    mongoc_client_pool_t *own_pool; /* owned, or NULL: not configured */
+    int32_t pool_wait_ms;           /* its waitQueueTimeoutMS */
     char database[DB_NAME_MAX + 1];
     ah_lua_iterator_t *iterators; /* open find_iter() iterators (Lua thread only) */
 };
@@ -39,7 +45,8 @@ typedef struct {
     char name[COLLECTION_NAME_MAX + 1];
 } collection_t;
 
-/* An open find_iter() cursor; holds a pool client until it ends or is closed. */
+/* A find_iter() cursor; holds a pool client from its opening until it ends, is closed or is
+ * collected (cursor NULL: not opened yet, or closed). */
 struct ah_lua_iterator_s {
     ahm_lua_t *m;
     mongoc_client_pool_t *pool;
@@ -75,6 +82,12 @@ ahm_lua_t *ahm_lua_new(const char *own_uri, const char *database, const char *de
                 mongoc_uri_set_option_as_int32(uri, timeouts[i], OWN_POOL_TIMEOUT_MS);
             }
         }
+        /* A call never waits for a client without a bound (0 would mean forever). */
+        m->pool_wait_ms = mongoc_uri_get_option_as_int32(uri, MONGOC_URI_WAITQUEUETIMEOUTMS, 0);
+        if (m->pool_wait_ms <= 0) {
+            m->pool_wait_ms = POOL_WAIT_MS;
+            mongoc_uri_set_option_as_int32(uri, MONGOC_URI_WAITQUEUETIMEOUTMS, POOL_WAIT_MS);
+        }
         m->own_pool = mongoc_client_pool_new_with_error(uri, &error);
         if (m->own_pool == NULL) {
             snprintf(err, errlen, "AGENT_MONGODB_URI cannot be used: %s", error.message);
@@ -102,13 +115,6 @@ fail:
     mongoc_uri_destroy(uri);
     ahm_lua_free(m);
     return NULL;
-}
-
-void ahm_lua_set_shared_pool(ahm_lua_t *m, struct _mongoc_client_pool_t *pool)
-{
-    if (m != NULL && m->own_pool == NULL) {
-        m->shared_pool = pool;
-    }
 }
 
 static void iterator_close(ah_lua_iterator_t *it)
@@ -141,7 +147,6 @@ void ahm_lua_detach(ahm_lua_t *m)
     while (m->iterators != NULL) {
         iterator_close(m->iterators);
     }
-    m->shared_pool = NULL;
 }
 
 void ahm_lua_free(ahm_lua_t *m)
@@ -163,61 +168,148 @@ static mongoc_client_pool_t *pool_of(ahm_lua_t *m)
     if (m == NULL) {
         return NULL;
     }
-    return m->own_pool != NULL ? m->own_pool : m->shared_pool;
+    return m->own_pool;
+}
+
+/* ---- one call's C-owned data ---------------------------------------------------------------- */
+
+#define CALL_ARGS 4
+
+/* What one collection call owns in C, kept in a userdata (MT_CALL) that the method pushes first:
+ * a Lua error anywhere (an argument that cannot be encoded, the memory limit or the timeout hook
+ * while the result is built) leaves nothing behind, since __gc frees what is left. The argument
+ * checks fill args (Lua thread); the driver work (work_*: no Lua, so it may run on any thread)
+ * fills ok/error/reply/docs/count from a client it takes and gives back; the result builders
+ * (build_*: Lua thread) read them once the client is back in the pool. */
+typedef struct {
+    int given;               /* how many arguments the method was called with */
+    bson_t *args[CALL_ARGS]; /* encoded arguments (bson_new) */
+    int nargs;
+    bson_t **docs; /* insert_many: the documents to insert; cursors: the documents read */
+    size_t ndocs, cap;
+    bson_t *reply; /* a write's or command's reply (a copy), or NULL */
+    int64_t count;
+    int flags; /* per method (update kind, delete_many, find_one_and_update flags) */
+    bool ok;
+    bson_error_t error;
+} call_t;
+
+static void call_clear(call_t *call)
+{
+    for (int i = 0; i < call->nargs; i++) {
+        bson_destroy(call->args[i]);
+    }
+    call->nargs = 0;
+    for (size_t i = 0; i < call->ndocs; i++) {
+        bson_destroy(call->docs[i]);
+    }
+    free(call->docs);
+    call->docs = NULL;
+    call->ndocs = call->cap = 0;
+    if (call->reply != NULL) {
+        bson_destroy(call->reply);
+        call->reply = NULL;
+    }
+}
+
+static int call_gc(lua_State *L)
+{
+    call_clear(lua_touserdata(L, 1));
+    return 0;
+}
+
+/* Sets the stack to the method's nparams arguments (missing ones nil, so argument indexes stay
+ * valid) and pushes a new, empty call object above them. */
+static call_t *call_new(lua_State *L, int nparams)
+{
+    int given = lua_gettop(L);
+    lua_settop(L, nparams);
+    call_t *call = lua_newuserdata(L, sizeof(*call));
+    memset(call, 0, sizeof(*call));
+    call->given = given;
+    luaL_getmetatable(L, MT_CALL);
+    lua_setmetatable(L, -2);
+    return call;
+}
+
+/* Frees the call's data now (not at the next collection) and returns nret: the last step of a
+ * method. */
+static int call_finish(call_t *call, int nret)
+{
+    call_clear(call);
+    return nret;
+}
+
+/* A new empty argument document owned by call. Raises on out of memory (nothing acquired). */
+static bson_t *call_arg_new(lua_State *L, call_t *call)
+{
+    bson_t *b = call->nargs < CALL_ARGS ? bson_new() : NULL;
+    if (b == NULL) {
+        luaL_error(L, "agent.mongo: out of memory");
+    }
+    call->args[call->nargs++] = b;
+    return b;
+}
+
+/* Appends a document (taking ownership) to call->docs; false when out of memory (doc freed).
+ * No Lua: driver work may call it. */
+static bool call_add_doc(call_t *call, bson_t *doc)
+{
+    if (doc == NULL) {
+        return false;
+    }
+    if (call->ndocs == call->cap) {
+        size_t cap = call->cap ? call->cap * 2 : 16;
+        bson_t **grown = realloc(call->docs, cap * sizeof(*grown));
+        if (grown == NULL) {
+            bson_destroy(doc);
+            return false;
+        }
+        call->docs = grown;
+        call->cap = cap;
+    }
+    call->docs[call->ndocs++] = doc;
+    return true;
 }
 
 /* ---- argument helpers (may raise; call before acquiring anything) ------------------------ */
 
-typedef struct {
-    bson_t docs[4];
-    int count;
-} bson_set_t;
-
-static bson_t *bson_set_new(bson_set_t *set)
-{
-    bson_t *b = &set->docs[set->count++];
-    bson_init(b);
-    return b;
-}
-
-static void bson_set_destroy(bson_set_t *set)
-{
-    for (int i = 0; i < set->count; i++) {
-        bson_destroy(&set->docs[i]);
-    }
-    set->count = 0;
-}
-
-/* Raises "bad argument #arg to 'fn' (what)" after releasing the set. */
-static int raise_arg(lua_State *L, bson_set_t *set, int arg, const char *what)
+/* Raises "bad argument #arg to 'fn' (what)"; what the call holds is freed by its __gc. */
+static int raise_arg(lua_State *L, int arg, const char *what)
 {
     char msg[AH_ERRLEN];
     ah_strlcpy(msg, what, sizeof(msg));
-    bson_set_destroy(set);
     return luaL_argerror(L, arg, msg);
+}
+
+/* luaL_typename of argument arg as the caller passed it ("no value" past the last one). */
+static const char *arg_typename(lua_State *L, call_t *call, int arg)
+{
+    return arg > call->given ? "no value" : luaL_typename(L, arg);
 }
 
 /* Encodes the document argument `name` (a table, or nil when optional → {}). Errors read
  * "bad argument #n to 'fn' (<name>: <problem>)". */
-static bson_t *doc_arg(lua_State *L, bson_set_t *set, int arg, bool optional, const char *name)
+static bson_t *doc_arg(lua_State *L, call_t *call, int arg, bool optional, const char *name)
 {
     int t = lua_type(L, arg);
     char what[AH_ERRLEN + 64];
     if (!(t == LUA_TTABLE || (optional && t <= LUA_TNIL))) {
-        snprintf(what, sizeof(what), "%s: table expected, got %s", name, luaL_typename(L, arg));
-        raise_arg(L, set, arg, what);
+        snprintf(what, sizeof(what), "%s: table expected, got %s", name,
+                 arg_typename(L, call, arg));
+        raise_arg(L, arg, what);
     }
-    bson_t *b = bson_set_new(set);
+    bson_t *b = call_arg_new(L, call);
     char err[AH_ERRLEN];
     if (t == LUA_TTABLE && ahm_bson_from_lua(L, arg, b, err, sizeof(err)) != AH_OK) {
         snprintf(what, sizeof(what), "%s: %s", name, err);
-        raise_arg(L, set, arg, what);
+        raise_arg(L, arg, what);
     }
     return b;
 }
 
 /* Checks that the options argument is nil or a table whose keys are all in allowed. */
-static void check_opts(lua_State *L, bson_set_t *set, int arg, const char *const *allowed)
+static void check_opts(lua_State *L, int arg, const char *const *allowed)
 {
     int t = lua_type(L, arg);
     if (t <= LUA_TNIL) {
@@ -226,7 +318,7 @@ static void check_opts(lua_State *L, bson_set_t *set, int arg, const char *const
     if (t != LUA_TTABLE) {
         char what[64];
         snprintf(what, sizeof(what), "options table expected, got %s", luaL_typename(L, arg));
-        raise_arg(L, set, arg, what);
+        raise_arg(L, arg, what);
     }
     lua_pushnil(L);
     while (lua_next(L, arg) != 0) {
@@ -242,7 +334,7 @@ static void check_opts(lua_State *L, bson_set_t *set, int arg, const char *const
             snprintf(what, sizeof(what), "unknown option '%s'",
                      lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "(not a string)");
             lua_pop(L, 1);
-            raise_arg(L, set, arg, what);
+            raise_arg(L, arg, what);
         }
     }
 }
@@ -258,7 +350,7 @@ static int opt_field(lua_State *L, int arg, const char *name)
     return lua_type(L, -1);
 }
 
-static bool opt_bool(lua_State *L, bson_set_t *set, int arg, const char *name, bool dflt)
+static bool opt_bool(lua_State *L, int arg, const char *name, bool dflt)
 {
     int t = opt_field(L, arg, name);
     bool v = t == LUA_TNIL ? dflt : lua_toboolean(L, -1);
@@ -266,13 +358,13 @@ static bool opt_bool(lua_State *L, bson_set_t *set, int arg, const char *name, b
     if (t != LUA_TNIL && t != LUA_TBOOLEAN) {
         char what[96];
         snprintf(what, sizeof(what), "option '%s' must be a boolean", name);
-        raise_arg(L, set, arg, what);
+        raise_arg(L, arg, what);
     }
     return v;
 }
 
 /* A non-negative integer option; -1 when absent. */
-static int64_t opt_count(lua_State *L, bson_set_t *set, int arg, const char *name)
+static int64_t opt_count(lua_State *L, int arg, const char *name)
 {
     int t = opt_field(L, arg, name);
     lua_Number n = lua_tonumber(L, -1);
@@ -280,17 +372,18 @@ static int64_t opt_count(lua_State *L, bson_set_t *set, int arg, const char *nam
     if (t == LUA_TNIL) {
         return -1;
     }
-    if (t != LUA_TNUMBER || !(n >= 0 && n < 9007199254740992.0) || n != (lua_Number)(int64_t)n) {
+    int64_t v;
+    if (t != LUA_TNUMBER || !(n >= 0 && n < 9007199254740992.0) ||
+        ah_double_to_int64(n, &v) != AH_OK || (lua_Number)v != n) {
         char what[96];
         snprintf(what, sizeof(what), "option '%s' must be a non-negative integer", name);
-        raise_arg(L, set, arg, what);
+        raise_arg(L, arg, what);
     }
-    return (int64_t)n;
+    return v;
 }
 
 /* Appends opts[name] (a table; ordered pairs allowed) to out under key. */
-static void opt_doc(lua_State *L, bson_set_t *set, int arg, const char *name, bson_t *out,
-                    const char *key)
+static void opt_doc(lua_State *L, int arg, const char *name, bson_t *out, const char *key)
 {
     int t = opt_field(L, arg, name);
     if (t == LUA_TNIL) {
@@ -308,7 +401,7 @@ static void opt_doc(lua_State *L, bson_set_t *set, int arg, const char *name, bs
         char what[AH_ERRLEN + 64];
         snprintf(what, sizeof(what), "option '%s': %s", name,
                  t == LUA_TTABLE ? err : "must be a table");
-        raise_arg(L, set, arg, what);
+        raise_arg(L, arg, what);
     }
 }
 
@@ -317,26 +410,20 @@ static collection_t *check_collection(lua_State *L)
     return luaL_checkudata(L, 1, MT_COLLECTION);
 }
 
-/* ---- acquiring and results ----------------------------------------------------------------- */
+/* ---- taking a client ----------------------------------------------------------------------- */
 
-/* Pops a client and opens the collection. false (and pushes nil, NOT_CONFIGURED) when there is
- * no pool. */
-static bool acquire(lua_State *L, collection_t *c, mongoc_client_pool_t **pool,
-                    mongoc_client_t **client, mongoc_collection_t **coll)
+/* A client from pool, or NULL when none came free in time. First without waiting; when all
+ * maxPoolSize clients are out, collects garbage (unreachable iterators give theirs back) and
+ * then waits at most the pool's waitQueueTimeoutMS. Lua thread, nothing acquired yet: the
+ * collection may run finalizers that raise. */
+static mongoc_client_t *pop_client(lua_State *L, mongoc_client_pool_t *pool)
 {
-    *pool = pool_of(c->m);
-    if (*pool == NULL) {
-        return false;
+    mongoc_client_t *client = mongoc_client_pool_try_pop(pool);
+    if (client == NULL) {
+        lua_gc(L, LUA_GCCOLLECT, 0);
+        client = mongoc_client_pool_pop(pool); /* bounded: waitQueueTimeoutMS > 0 */
     }
-    *client = mongoc_client_pool_pop(*pool);
-    *coll = mongoc_client_get_collection(*client, c->db, c->name);
-    return true;
-}
-
-static void release(mongoc_client_pool_t *pool, mongoc_client_t *client, mongoc_collection_t *coll)
-{
-    mongoc_collection_destroy(coll);
-    mongoc_client_pool_push(pool, client);
+    return client;
 }
 
 static int push_not_configured(lua_State *L)
@@ -345,6 +432,41 @@ static int push_not_configured(lua_State *L)
     lua_pushliteral(L, NOT_CONFIGURED);
     return 2;
 }
+
+static int push_no_client(lua_State *L, collection_t *c, const char *op)
+{
+    lua_pushnil(L);
+    lua_pushfstring(L,
+                    "agent.mongo: %s on %s.%s failed: no free connection in the pool after %d ms "
+                    "(all maxPoolSize clients are in use, e.g. by open find_iter iterators)",
+                    op, c->db, c->name, (int)c->m->pool_wait_ms);
+    lua_pushinteger(L, AHM_CODE_NO_CLIENT);
+    return 3;
+}
+
+typedef void (*work_fn)(mongoc_collection_t *coll, call_t *call);
+
+/* Runs work with a client of c's pool and gives the client back before returning: no Lua
+ * value is built while a client is out. Returns 0, or pushes the failure (not configured, no
+ * free client) and returns its count. */
+static int run(lua_State *L, collection_t *c, call_t *call, const char *op, work_fn work)
+{
+    mongoc_client_pool_t *pool = pool_of(c->m);
+    if (pool == NULL) {
+        return push_not_configured(L);
+    }
+    mongoc_client_t *client = pop_client(L, pool);
+    if (client == NULL) {
+        return push_no_client(L, c, op);
+    }
+    mongoc_collection_t *coll = mongoc_client_get_collection(client, c->db, c->name);
+    work(coll, call);
+    mongoc_collection_destroy(coll);
+    mongoc_client_pool_push(pool, client);
+    return 0;
+}
+
+/* ---- results -------------------------------------------------------------------------------- */
 
 /* Pushes nil, "agent.mongo: <op> on db.coll: <message>", code. */
 static int push_failure(lua_State *L, collection_t *c, const char *op, const bson_error_t *error)
@@ -365,7 +487,7 @@ static int push_decode_failure(lua_State *L, const char *op, const char *err)
 static int64_t reply_int(const bson_t *reply, const char *key)
 {
     bson_iter_t iter;
-    if (bson_iter_init_find(&iter, reply, key) && BSON_ITER_HOLDS_NUMBER(&iter)) {
+    if (reply != NULL && bson_iter_init_find(&iter, reply, key) && BSON_ITER_HOLDS_NUMBER(&iter)) {
         return bson_iter_as_int64(&iter);
     }
     return 0;
@@ -376,32 +498,45 @@ static void set_reply_value(lua_State *L, const bson_t *reply, const char *key, 
 {
     bson_iter_t iter;
     char err[AH_ERRLEN];
-    if (bson_iter_init_find(&iter, reply, key) &&
+    if (reply != NULL && bson_iter_init_find(&iter, reply, key) &&
         ahm_bson_push_value(L, &iter, err, sizeof(err)) == AH_OK) {
         lua_setfield(L, -2, field);
     }
 }
 
-/* Drains cursor into an array of documents. Stack: [-0, +1] on success; on failure pushes the
- * failure triple and returns its size as a negative number. */
-static int drain_cursor(lua_State *L, collection_t *c, const char *op, mongoc_cursor_t *cursor)
+/* Copies every document of cursor into call->docs, then destroys the cursor. No Lua. */
+static void drain_cursor(mongoc_cursor_t *cursor, call_t *call)
 {
-    lua_newtable(L);
-    int table = lua_gettop(L);
     const bson_t *doc;
-    int n = 0;
-    char err[AH_ERRLEN];
-    while (mongoc_cursor_next(cursor, &doc)) {
-        if (ahm_bson_push(L, doc, false, err, sizeof(err)) != AH_OK) {
-            lua_settop(L, table - 1);
-            return -push_decode_failure(L, op, err);
+    call->ok = true;
+    while (call->ok && mongoc_cursor_next(cursor, &doc)) {
+        if (!call_add_doc(call, bson_copy(doc))) {
+            call->ok = false;
+            bson_set_error(&call->error, MONGOC_ERROR_BSON, MONGOC_ERROR_BSON_INVALID,
+                           "out of memory copying the reply");
         }
-        lua_rawseti(L, table, ++n);
     }
-    bson_error_t error;
-    if (mongoc_cursor_error(cursor, &error)) {
-        lua_settop(L, table - 1);
-        return -push_failure(L, c, op, &error);
+    if (call->ok && mongoc_cursor_error(cursor, &call->error)) {
+        call->ok = false;
+    }
+    mongoc_cursor_destroy(cursor);
+}
+
+/* Pushes call->docs as an array of documents, or the failure. Returns the number pushed. */
+static int build_docs(lua_State *L, collection_t *c, const char *op, call_t *call)
+{
+    if (!call->ok) {
+        return push_failure(L, c, op, &call->error);
+    }
+    lua_createtable(L, (int)(call->ndocs < INT32_MAX ? call->ndocs : 0), 0);
+    int table = lua_gettop(L);
+    char err[AH_ERRLEN];
+    for (size_t i = 0; i < call->ndocs; i++) {
+        if (ahm_bson_push(L, call->docs[i], false, err, sizeof(err)) != AH_OK) {
+            lua_settop(L, table - 1);
+            return push_decode_failure(L, op, err);
+        }
+        lua_rawseti(L, table, (int)i + 1);
     }
     luaL_getmetatable(L, "agent.mongo.array");
     lua_setmetatable(L, table);
@@ -413,79 +548,90 @@ static int drain_cursor(lua_State *L, collection_t *c, const char *op, mongoc_cu
 static const char *const find_options[] = {"projection", "sort",       "limit", "skip",
                                            "iterator",   "batch_size", NULL};
 
-/* Encodes (filter, opts) of find/find_one/find_iter into set: returns the filter; *opts gets
- * the driver options. */
-static bson_t *find_args(lua_State *L, bson_set_t *set, bool one, bson_t **opts, bool *iterator)
+/* Encodes (filter, opts) of find/find_one/find_iter into call->args[0] and [1]. */
+static void find_args(lua_State *L, call_t *call, bool one, bool *iterator)
 {
-    bson_t *filter = doc_arg(L, set, 2, true, "filter");
-    check_opts(L, set, 3, find_options);
-    *opts = bson_set_new(set);
-    opt_doc(L, set, 3, "projection", *opts, "projection");
-    opt_doc(L, set, 3, "sort", *opts, "sort");
-    int64_t skip = opt_count(L, set, 3, "skip");
-    int64_t limit = opt_count(L, set, 3, "limit");
-    int64_t batch = opt_count(L, set, 3, "batch_size");
+    doc_arg(L, call, 2, true, "filter");
+    check_opts(L, 3, find_options);
+    bson_t *opts = call_arg_new(L, call);
+    opt_doc(L, 3, "projection", opts, "projection");
+    opt_doc(L, 3, "sort", opts, "sort");
+    int64_t skip = opt_count(L, 3, "skip");
+    int64_t limit = opt_count(L, 3, "limit");
+    int64_t batch = opt_count(L, 3, "batch_size");
     if (skip >= 0) {
-        BSON_APPEND_INT64(*opts, "skip", skip);
+        BSON_APPEND_INT64(opts, "skip", skip);
     }
     if (one) {
-        BSON_APPEND_INT64(*opts, "limit", 1);
-        BSON_APPEND_BOOL(*opts, "singleBatch", true);
+        BSON_APPEND_INT64(opts, "limit", 1);
+        BSON_APPEND_BOOL(opts, "singleBatch", true);
     } else if (limit > 0) {
-        BSON_APPEND_INT64(*opts, "limit", limit);
+        BSON_APPEND_INT64(opts, "limit", limit);
     }
     if (batch > 0 && batch <= INT32_MAX) {
-        BSON_APPEND_INT32(*opts, "batchSize", (int32_t)batch);
+        BSON_APPEND_INT32(opts, "batchSize", (int32_t)batch);
     }
-    *iterator = opt_bool(L, set, 3, "iterator", false);
-    return filter;
+    *iterator = opt_bool(L, 3, "iterator", false);
 }
 
-static int push_iterator(lua_State *L, collection_t *c, mongoc_client_pool_t *pool,
-                         mongoc_client_t *client, mongoc_collection_t *coll,
-                         mongoc_cursor_t *cursor)
+static void work_find(mongoc_collection_t *coll, call_t *call)
+{
+    drain_cursor(mongoc_collection_find_with_opts(coll, call->args[0], call->args[1], NULL), call);
+}
+
+/* Pushes a new iterator that holds nothing yet (created before a client is taken, so that
+ * pushing it cannot fail while a client is out). Stack: [-0, +1]. */
+static ah_lua_iterator_t *iterator_new(lua_State *L, collection_t *c)
 {
     ah_lua_iterator_t *it = lua_newuserdata(L, sizeof(*it));
     memset(it, 0, sizeof(*it));
     it->m = c->m;
+    luaL_getmetatable(L, MT_ITERATOR);
+    lua_setmetatable(L, -2);
+    return it;
+}
+
+/* find_iter: takes a client for the iterator at the top of the stack and opens its cursor.
+ * Returns 1 (the iterator), or pushes the failure and returns its count. */
+static int iterator_open(lua_State *L, collection_t *c, call_t *call, ah_lua_iterator_t *it)
+{
+    mongoc_client_pool_t *pool = pool_of(c->m);
+    if (pool == NULL) {
+        return push_not_configured(L);
+    }
+    mongoc_client_t *client = pop_client(L, pool);
+    if (client == NULL) {
+        return push_no_client(L, c, "find_iter");
+    }
+    /* From here to the return nothing can raise: the iterator owns the client. */
     it->pool = pool;
     it->client = client;
-    it->coll = coll;
-    it->cursor = cursor;
+    it->coll = mongoc_client_get_collection(client, c->db, c->name);
+    it->cursor = mongoc_collection_find_with_opts(it->coll, call->args[0], call->args[1], NULL);
     it->next = c->m->iterators;
     if (it->next != NULL) {
         it->next->prev = it;
     }
     c->m->iterators = it;
-    luaL_getmetatable(L, MT_ITERATOR);
-    lua_setmetatable(L, -2);
     return 1;
 }
 
 static int find_common(lua_State *L, bool force_iterator)
 {
     collection_t *c = check_collection(L);
-    bson_set_t set = {.count = 0};
-    bson_t *opts;
+    call_t *call = call_new(L, 3);
     bool iterator;
-    bson_t *filter = find_args(L, &set, false, &opts, &iterator);
-    iterator = iterator || force_iterator;
-    mongoc_client_pool_t *pool;
-    mongoc_client_t *client;
-    mongoc_collection_t *coll;
-    if (!acquire(L, c, &pool, &client, &coll)) {
-        bson_set_destroy(&set);
-        return push_not_configured(L);
+    find_args(L, call, false, &iterator);
+    if (iterator || force_iterator) {
+        ah_lua_iterator_t *it = iterator_new(L, c);
+        int nret = iterator_open(L, c, call, it);
+        return call_finish(call, nret); /* the cursor keeps its own copies of the arguments */
     }
-    mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
-    bson_set_destroy(&set);
-    if (iterator) {
-        return push_iterator(L, c, pool, client, coll, cursor); /* owns the client now */
+    int nret = run(L, c, call, "find", work_find);
+    if (nret == 0) {
+        nret = build_docs(L, c, "find", call);
     }
-    int rc = drain_cursor(L, c, "find", cursor);
-    mongoc_cursor_destroy(cursor);
-    release(pool, client, coll);
-    return rc < 0 ? -rc : rc;
+    return call_finish(call, nret);
 }
 
 /* coll:find([filter [, opts]]) -> array of documents | iterator (opts.iterator) | nil, msg, code */
@@ -504,41 +650,30 @@ static int coll_find_iter(lua_State *L)
 static int coll_find_one(lua_State *L)
 {
     collection_t *c = check_collection(L);
-    bson_set_t set = {.count = 0};
-    bson_t *opts;
+    call_t *call = call_new(L, 3);
     bool iterator;
-    bson_t *filter = find_args(L, &set, true, &opts, &iterator);
-    mongoc_client_pool_t *pool;
-    mongoc_client_t *client;
-    mongoc_collection_t *coll;
-    if (!acquire(L, c, &pool, &client, &coll)) {
-        bson_set_destroy(&set);
-        return push_not_configured(L);
+    find_args(L, call, true, &iterator);
+    int nret = run(L, c, call, "find_one", work_find);
+    if (nret != 0) {
+        return call_finish(call, nret);
     }
-    mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
-    const bson_t *doc;
-    int nret = 1;
     char err[AH_ERRLEN];
-    bson_error_t error;
-    if (mongoc_cursor_next(cursor, &doc)) {
-        if (ahm_bson_push(L, doc, false, err, sizeof(err)) != AH_OK) {
-            nret = push_decode_failure(L, "find_one", err);
-        }
-    } else if (mongoc_cursor_error(cursor, &error)) {
-        nret = push_failure(L, c, "find_one", &error);
-    } else {
+    nret = 1;
+    if (!call->ok) {
+        nret = push_failure(L, c, "find_one", &call->error);
+    } else if (call->ndocs == 0) {
         lua_pushnil(L);
+    } else if (ahm_bson_push(L, call->docs[0], false, err, sizeof(err)) != AH_OK) {
+        nret = push_decode_failure(L, "find_one", err);
     }
-    mongoc_cursor_destroy(cursor);
-    release(pool, client, coll);
-    bson_set_destroy(&set);
-    return nret;
+    return call_finish(call, nret);
 }
 
 /* ---- iterators ----------------------------------------------------------------------------- */
 
 /* Pushes the next document, or nil at the end, or nil, msg, code on failure; the iterator is
- * closed at the end and on failure. */
+ * closed at the end and on failure. The iterator (a userdata with __gc) owns its client, so a
+ * Lua error while the document is pushed loses nothing. */
 static int iterator_step(lua_State *L, ah_lua_iterator_t *it)
 {
     if (it->cursor == NULL) {
@@ -593,15 +728,11 @@ static int iterator_close_l(lua_State *L)
 
 /* ---- writes -------------------------------------------------------------------------------- */
 
-/* Encodes a document to insert into out (an empty member of set), with an _id first (a new
- * ObjectId when the table has none). */
-static bson_t *insert_doc_arg(lua_State *L, bson_set_t *set, int arg, bson_t *out)
+/* Encodes a document to insert into out, with an _id first (a new ObjectId when the table has
+ * none). */
+static void insert_doc_encode(lua_State *L, int arg, bson_t *out, char *err, size_t errlen,
+                              bool *ok)
 {
-    if (lua_type(L, arg) != LUA_TTABLE) {
-        char what[64];
-        snprintf(what, sizeof(what), "document: table expected, got %s", luaL_typename(L, arg));
-        raise_arg(L, set, arg, what);
-    }
     lua_getfield(L, arg, "_id");
     bool has_id = !lua_isnil(L, -1);
     lua_pop(L, 1);
@@ -610,13 +741,7 @@ static bson_t *insert_doc_arg(lua_State *L, bson_set_t *set, int arg, bson_t *ou
         bson_oid_init(&oid, NULL);
         BSON_APPEND_OID(out, "_id", &oid);
     }
-    char err[AH_ERRLEN];
-    if (ahm_bson_from_lua(L, arg, out, err, sizeof(err)) != AH_OK) {
-        char what[AH_ERRLEN + 16];
-        snprintf(what, sizeof(what), "document: %s", err);
-        raise_arg(L, set, arg, what); /* destroys out, a member of set */
-    }
-    return out;
+    *ok = ahm_bson_from_lua(L, arg, out, err, errlen) == AH_OK;
 }
 
 static void push_id_of(lua_State *L, const bson_t *doc)
@@ -629,32 +754,50 @@ static void push_id_of(lua_State *L, const bson_t *doc)
     }
 }
 
+static void work_insert_one(mongoc_collection_t *coll, call_t *call)
+{
+    call->ok = mongoc_collection_insert_one(coll, call->args[0], NULL, NULL, &call->error);
+}
+
 /* coll:insert_one(doc) -> {inserted_id = id} | nil, msg, code */
 static int coll_insert_one(lua_State *L)
 {
     collection_t *c = check_collection(L);
-    bson_set_t set = {.count = 0};
-    bson_t *doc = insert_doc_arg(L, &set, 2, bson_set_new(&set));
-    mongoc_client_pool_t *pool;
-    mongoc_client_t *client;
-    mongoc_collection_t *coll;
-    if (!acquire(L, c, &pool, &client, &coll)) {
-        bson_set_destroy(&set);
-        return push_not_configured(L);
+    call_t *call = call_new(L, 2);
+    if (lua_type(L, 2) != LUA_TTABLE) {
+        char what[64];
+        snprintf(what, sizeof(what), "document: table expected, got %s", arg_typename(L, call, 2));
+        raise_arg(L, 2, what);
     }
-    bson_error_t error;
-    bool ok = mongoc_collection_insert_one(coll, doc, NULL, NULL, &error);
-    release(pool, client, coll);
-    int nret = 1;
-    if (ok) {
-        lua_createtable(L, 0, 1);
-        push_id_of(L, doc);
-        lua_setfield(L, -2, "inserted_id");
-    } else {
-        nret = push_failure(L, c, "insert_one", &error);
+    bson_t *doc = call_arg_new(L, call);
+    char err[AH_ERRLEN];
+    bool ok;
+    insert_doc_encode(L, 2, doc, err, sizeof(err), &ok);
+    if (!ok) {
+        char what[AH_ERRLEN + 16];
+        snprintf(what, sizeof(what), "document: %s", err);
+        raise_arg(L, 2, what);
     }
-    bson_set_destroy(&set);
-    return nret;
+    int nret = run(L, c, call, "insert_one", work_insert_one);
+    if (nret != 0) {
+        return call_finish(call, nret);
+    }
+    if (!call->ok) {
+        return call_finish(call, push_failure(L, c, "insert_one", &call->error));
+    }
+    lua_createtable(L, 0, 1);
+    push_id_of(L, doc);
+    lua_setfield(L, -2, "inserted_id");
+    return call_finish(call, 1);
+}
+
+static void work_insert_many(mongoc_collection_t *coll, call_t *call)
+{
+    bson_t reply;
+    call->ok = mongoc_collection_insert_many(coll, (const bson_t **)call->docs, call->ndocs,
+                                             call->args[0], &reply, &call->error);
+    call->reply = bson_copy(&reply);
+    bson_destroy(&reply);
 }
 
 /* coll:insert_many(docs [, {ordered = true}]) -> {inserted = n, inserted_ids = {...}} */
@@ -663,88 +806,69 @@ static int coll_insert_many(lua_State *L)
     static const char *const allowed[] = {"ordered", NULL};
     collection_t *c = check_collection(L);
     luaL_checktype(L, 2, LUA_TTABLE);
-    bson_set_t set = {.count = 0};
-    check_opts(L, &set, 3, allowed);
-    bool ordered = opt_bool(L, &set, 3, "ordered", true);
+    call_t *call = call_new(L, 3);
+    check_opts(L, 3, allowed);
+    bool ordered = opt_bool(L, 3, "ordered", true);
     size_t n = lua_objlen(L, 2);
     luaL_argcheck(L, n > 0, 2, "expected a non-empty array of documents");
     luaL_argcheck(L, n <= 100000, 2, "at most 100000 documents per call");
-    bson_t *docs = malloc(n * sizeof(bson_t));
-    const bson_t **ptrs = malloc(n * sizeof(bson_t *));
-    if (docs == NULL || ptrs == NULL) {
-        free(docs);
-        free(ptrs);
-        return luaL_error(L, "agent.mongo: insert_many: out of memory");
-    }
     char err[AH_ERRLEN] = "";
-    size_t done = 0;
-    for (; done < n; done++) {
-        lua_rawgeti(L, 2, (int)(done + 1));
-        bson_init(&docs[done]);
-        ptrs[done] = &docs[done];
+    for (size_t i = 0; i < n; i++) {
+        bson_t *doc = bson_new();
+        if (!call_add_doc(call, doc)) {
+            return luaL_error(L, "agent.mongo: insert_many: out of memory");
+        }
+        lua_rawgeti(L, 2, (int)(i + 1));
         bool ok = lua_type(L, -1) == LUA_TTABLE;
         if (ok) {
-            lua_getfield(L, -1, "_id");
-            if (lua_isnil(L, -1)) {
-                bson_oid_t oid;
-                bson_oid_init(&oid, NULL);
-                BSON_APPEND_OID(&docs[done], "_id", &oid);
-            }
-            lua_pop(L, 1);
-            ok = ahm_bson_from_lua(L, -1, &docs[done], err, sizeof(err)) == AH_OK;
+            insert_doc_encode(L, lua_gettop(L), doc, err, sizeof(err), &ok);
         } else {
             snprintf(err, sizeof(err), "not a table");
         }
         lua_pop(L, 1);
         if (!ok) {
             char what[AH_ERRLEN + 64];
-            snprintf(what, sizeof(what), "document %d: %s", (int)done + 1, err);
-            for (size_t i = 0; i <= done; i++) {
-                bson_destroy(&docs[i]);
-            }
-            free(docs);
-            free(ptrs);
+            snprintf(what, sizeof(what), "document %d: %s", (int)i + 1, err);
             return luaL_argerror(L, 2, what);
         }
     }
-    bson_t *opts = bson_set_new(&set);
+    bson_t *opts = call_arg_new(L, call);
     BSON_APPEND_BOOL(opts, "ordered", ordered);
-    mongoc_client_pool_t *pool;
-    mongoc_client_t *client;
-    mongoc_collection_t *coll;
-    int nret = 1;
-    if (!acquire(L, c, &pool, &client, &coll)) {
-        nret = push_not_configured(L);
-    } else {
-        bson_t reply;
-        bson_error_t error;
-        bool ok = mongoc_collection_insert_many(coll, ptrs, n, opts, &reply, &error);
-        release(pool, client, coll);
-        if (ok) {
-            lua_createtable(L, 0, 2);
-            lua_pushnumber(L, (lua_Number)reply_int(&reply, "insertedCount"));
-            lua_setfield(L, -2, "inserted");
-            lua_createtable(L, (int)n, 0);
-            for (size_t i = 0; i < n; i++) {
-                push_id_of(L, &docs[i]);
-                lua_rawseti(L, -2, (int)i + 1);
-            }
-            lua_setfield(L, -2, "inserted_ids");
-        } else {
-            nret = push_failure(L, c, "insert_many", &error);
-        }
-        bson_destroy(&reply);
+    int nret = run(L, c, call, "insert_many", work_insert_many);
+    if (nret != 0) {
+        return call_finish(call, nret);
     }
+    if (!call->ok) {
+        return call_finish(call, push_failure(L, c, "insert_many", &call->error));
+    }
+    lua_createtable(L, 0, 2);
+    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "insertedCount"));
+    lua_setfield(L, -2, "inserted");
+    lua_createtable(L, (int)n, 0);
     for (size_t i = 0; i < n; i++) {
-        bson_destroy(&docs[i]);
+        push_id_of(L, call->docs[i]);
+        lua_rawseti(L, -2, (int)i + 1);
     }
-    free(docs);
-    free(ptrs);
-    bson_set_destroy(&set);
-    return nret;
+    lua_setfield(L, -2, "inserted_ids");
+    return call_finish(call, 1);
 }
 
 typedef enum { UPDATE_ONE, UPDATE_MANY, REPLACE_ONE } update_kind_t;
+
+static void work_update(mongoc_collection_t *coll, call_t *call)
+{
+    bson_t reply;
+    const bson_t *filter = call->args[0], *update = call->args[1], *opts = call->args[2];
+    if (call->flags == UPDATE_ONE) {
+        call->ok = mongoc_collection_update_one(coll, filter, update, opts, &reply, &call->error);
+    } else if (call->flags == UPDATE_MANY) {
+        call->ok = mongoc_collection_update_many(coll, filter, update, opts, &reply, &call->error);
+    } else {
+        call->ok = mongoc_collection_replace_one(coll, filter, update, opts, &reply, &call->error);
+    }
+    call->reply = bson_copy(&reply);
+    bson_destroy(&reply);
+}
 
 /* update_one/update_many/replace_one(filter, update [, {upsert = bool}])
  * -> {matched = n, modified = n, upserted_id = id|nil} | nil, msg, code */
@@ -753,46 +877,29 @@ static int update_common(lua_State *L, update_kind_t kind)
     static const char *const allowed[] = {"upsert", NULL};
     static const char *const names[] = {"update_one", "update_many", "replace_one"};
     collection_t *c = check_collection(L);
-    bson_set_t set = {.count = 0};
-    bson_t *filter = doc_arg(L, &set, 2, false, "filter");
-    bson_t *update = doc_arg(L, &set, 3, false, "update");
-    check_opts(L, &set, 4, allowed);
-    bson_t *opts = bson_set_new(&set);
-    if (opt_bool(L, &set, 4, "upsert", false)) {
+    call_t *call = call_new(L, 4);
+    call->flags = (int)kind;
+    doc_arg(L, call, 2, false, "filter");
+    doc_arg(L, call, 3, false, "update");
+    check_opts(L, 4, allowed);
+    bson_t *opts = call_arg_new(L, call);
+    if (opt_bool(L, 4, "upsert", false)) {
         BSON_APPEND_BOOL(opts, "upsert", true);
     }
-    mongoc_client_pool_t *pool;
-    mongoc_client_t *client;
-    mongoc_collection_t *coll;
-    if (!acquire(L, c, &pool, &client, &coll)) {
-        bson_set_destroy(&set);
-        return push_not_configured(L);
+    int nret = run(L, c, call, names[kind], work_update);
+    if (nret != 0) {
+        return call_finish(call, nret);
     }
-    bson_t reply;
-    bson_error_t error;
-    bool ok;
-    if (kind == UPDATE_ONE) {
-        ok = mongoc_collection_update_one(coll, filter, update, opts, &reply, &error);
-    } else if (kind == UPDATE_MANY) {
-        ok = mongoc_collection_update_many(coll, filter, update, opts, &reply, &error);
-    } else {
-        ok = mongoc_collection_replace_one(coll, filter, update, opts, &reply, &error);
+    if (!call->ok) {
+        return call_finish(call, push_failure(L, c, names[kind], &call->error));
     }
-    release(pool, client, coll);
-    int nret = 1;
-    if (ok) {
-        lua_createtable(L, 0, 3);
-        lua_pushnumber(L, (lua_Number)reply_int(&reply, "matchedCount"));
-        lua_setfield(L, -2, "matched");
-        lua_pushnumber(L, (lua_Number)reply_int(&reply, "modifiedCount"));
-        lua_setfield(L, -2, "modified");
-        set_reply_value(L, &reply, "upsertedId", "upserted_id");
-    } else {
-        nret = push_failure(L, c, names[kind], &error);
-    }
-    bson_destroy(&reply);
-    bson_set_destroy(&set);
-    return nret;
+    lua_createtable(L, 0, 3);
+    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "matchedCount"));
+    lua_setfield(L, -2, "matched");
+    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "modifiedCount"));
+    lua_setfield(L, -2, "modified");
+    set_reply_value(L, call->reply, "upsertedId", "upserted_id");
+    return call_finish(call, 1);
 }
 
 static int coll_update_one(lua_State *L)
@@ -810,35 +917,35 @@ static int coll_replace_one(lua_State *L)
     return update_common(L, REPLACE_ONE);
 }
 
+static void work_delete(mongoc_collection_t *coll, call_t *call)
+{
+    bson_t reply;
+    call->ok = call->flags
+                   ? mongoc_collection_delete_many(coll, call->args[0], NULL, &reply, &call->error)
+                   : mongoc_collection_delete_one(coll, call->args[0], NULL, &reply, &call->error);
+    call->reply = bson_copy(&reply);
+    bson_destroy(&reply);
+}
+
 /* delete_one/delete_many(filter) -> {deleted = n} | nil, msg, code */
 static int delete_common(lua_State *L, bool many)
 {
+    const char *op = many ? "delete_many" : "delete_one";
     collection_t *c = check_collection(L);
-    bson_set_t set = {.count = 0};
-    bson_t *filter = doc_arg(L, &set, 2, false, "filter");
-    mongoc_client_pool_t *pool;
-    mongoc_client_t *client;
-    mongoc_collection_t *coll;
-    if (!acquire(L, c, &pool, &client, &coll)) {
-        bson_set_destroy(&set);
-        return push_not_configured(L);
+    call_t *call = call_new(L, 2);
+    call->flags = many;
+    doc_arg(L, call, 2, false, "filter");
+    int nret = run(L, c, call, op, work_delete);
+    if (nret != 0) {
+        return call_finish(call, nret);
     }
-    bson_t reply;
-    bson_error_t error;
-    bool ok = many ? mongoc_collection_delete_many(coll, filter, NULL, &reply, &error)
-                   : mongoc_collection_delete_one(coll, filter, NULL, &reply, &error);
-    release(pool, client, coll);
-    int nret = 1;
-    if (ok) {
-        lua_createtable(L, 0, 1);
-        lua_pushnumber(L, (lua_Number)reply_int(&reply, "deletedCount"));
-        lua_setfield(L, -2, "deleted");
-    } else {
-        nret = push_failure(L, c, many ? "delete_many" : "delete_one", &error);
+    if (!call->ok) {
+        return call_finish(call, push_failure(L, c, op, &call->error));
     }
-    bson_destroy(&reply);
-    bson_set_destroy(&set);
-    return nret;
+    lua_createtable(L, 0, 1);
+    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "deletedCount"));
+    lua_setfield(L, -2, "deleted");
+    return call_finish(call, 1);
 }
 
 static int coll_delete_one(lua_State *L)
@@ -851,71 +958,83 @@ static int coll_delete_many(lua_State *L)
     return delete_common(L, true);
 }
 
+/* Sets the sub-document extra[key] with set() on fam, if present. */
+static void fam_set_sub(mongoc_find_and_modify_opts_t *fam, const bson_t *extra, const char *key,
+                        bool (*set)(mongoc_find_and_modify_opts_t *, const bson_t *))
+{
+    bson_iter_t iter;
+    if (bson_iter_init_find(&iter, extra, key) && BSON_ITER_HOLDS_DOCUMENT(&iter)) {
+        uint32_t len;
+        const uint8_t *data;
+        bson_t sub;
+        bson_iter_document(&iter, &len, &data);
+        if (bson_init_static(&sub, data, len)) {
+            set(fam, &sub);
+        }
+    }
+}
+
+static void work_find_one_and_update(mongoc_collection_t *coll, call_t *call)
+{
+    mongoc_find_and_modify_opts_t *fam = mongoc_find_and_modify_opts_new();
+    mongoc_find_and_modify_opts_set_update(fam, call->args[1]);
+    mongoc_find_and_modify_opts_set_flags(fam, (mongoc_find_and_modify_flags_t)call->flags);
+    fam_set_sub(fam, call->args[2], "sort", mongoc_find_and_modify_opts_set_sort);
+    fam_set_sub(fam, call->args[2], "projection", mongoc_find_and_modify_opts_set_fields);
+    bson_t reply;
+    call->ok =
+        mongoc_collection_find_and_modify_with_opts(coll, call->args[0], fam, &reply, &call->error);
+    mongoc_find_and_modify_opts_destroy(fam);
+    call->reply = bson_copy(&reply);
+    bson_destroy(&reply);
+}
+
 /* coll:find_one_and_update(filter, update [, {sort, upsert, new, projection}])
  * -> the document (old one unless new = true) | nil (no match) | nil, msg, code */
 static int coll_find_one_and_update(lua_State *L)
 {
     static const char *const allowed[] = {"sort", "upsert", "new", "projection", NULL};
     collection_t *c = check_collection(L);
-    bson_set_t set = {.count = 0};
-    bson_t *filter = doc_arg(L, &set, 2, false, "filter");
-    bson_t *update = doc_arg(L, &set, 3, false, "update");
-    check_opts(L, &set, 4, allowed);
-    bson_t *extra = bson_set_new(&set); /* holds the sort and projection documents */
-    opt_doc(L, &set, 4, "sort", extra, "sort");
-    opt_doc(L, &set, 4, "projection", extra, "projection");
+    call_t *call = call_new(L, 4);
+    doc_arg(L, call, 2, false, "filter");
+    doc_arg(L, call, 3, false, "update");
+    check_opts(L, 4, allowed);
+    bson_t *extra = call_arg_new(L, call); /* holds the sort and projection documents */
+    opt_doc(L, 4, "sort", extra, "sort");
+    opt_doc(L, 4, "projection", extra, "projection");
     int flags = MONGOC_FIND_AND_MODIFY_NONE;
-    if (opt_bool(L, &set, 4, "upsert", false)) {
+    if (opt_bool(L, 4, "upsert", false)) {
         flags |= MONGOC_FIND_AND_MODIFY_UPSERT;
     }
-    if (opt_bool(L, &set, 4, "new", false)) {
+    if (opt_bool(L, 4, "new", false)) {
         flags |= MONGOC_FIND_AND_MODIFY_RETURN_NEW;
     }
-    mongoc_client_pool_t *pool;
-    mongoc_client_t *client;
-    mongoc_collection_t *coll;
-    if (!acquire(L, c, &pool, &client, &coll)) {
-        bson_set_destroy(&set);
-        return push_not_configured(L);
+    call->flags = flags;
+    int nret = run(L, c, call, "find_one_and_update", work_find_one_and_update);
+    if (nret != 0) {
+        return call_finish(call, nret);
     }
-    mongoc_find_and_modify_opts_t *fam = mongoc_find_and_modify_opts_new();
-    mongoc_find_and_modify_opts_set_update(fam, update);
-    mongoc_find_and_modify_opts_set_flags(fam, (mongoc_find_and_modify_flags_t)flags);
+    nret = 1;
     bson_iter_t iter;
-    bson_t sub;
-    if (bson_iter_init_find(&iter, extra, "sort")) {
-        uint32_t len;
-        const uint8_t *data;
-        bson_iter_document(&iter, &len, &data);
-        bson_init_static(&sub, data, len);
-        mongoc_find_and_modify_opts_set_sort(fam, &sub);
-    }
-    if (bson_iter_init_find(&iter, extra, "projection")) {
-        uint32_t len;
-        const uint8_t *data;
-        bson_iter_document(&iter, &len, &data);
-        bson_init_static(&sub, data, len);
-        mongoc_find_and_modify_opts_set_fields(fam, &sub);
-    }
-    bson_t reply;
-    bson_error_t error;
-    bool ok = mongoc_collection_find_and_modify_with_opts(coll, filter, fam, &reply, &error);
-    mongoc_find_and_modify_opts_destroy(fam);
-    release(pool, client, coll);
-    int nret = 1;
     char err[AH_ERRLEN];
-    if (!ok) {
-        nret = push_failure(L, c, "find_one_and_update", &error);
-    } else if (bson_iter_init_find(&iter, &reply, "value") && BSON_ITER_HOLDS_DOCUMENT(&iter)) {
+    if (!call->ok) {
+        nret = push_failure(L, c, "find_one_and_update", &call->error);
+    } else if (call->reply != NULL && bson_iter_init_find(&iter, call->reply, "value") &&
+               BSON_ITER_HOLDS_DOCUMENT(&iter)) {
         if (ahm_bson_push_value(L, &iter, err, sizeof(err)) != AH_OK) {
             nret = push_decode_failure(L, "find_one_and_update", err);
         }
     } else {
         lua_pushnil(L);
     }
-    bson_destroy(&reply);
-    bson_set_destroy(&set);
-    return nret;
+    return call_finish(call, nret);
+}
+
+static void work_count(mongoc_collection_t *coll, call_t *call)
+{
+    call->count = mongoc_collection_count_documents(coll, call->args[0], call->args[1], NULL, NULL,
+                                                    &call->error);
+    call->ok = call->count >= 0;
 }
 
 /* coll:count([filter [, {limit, skip}]]) -> n | nil, msg, code */
@@ -923,34 +1042,34 @@ static int coll_count(lua_State *L)
 {
     static const char *const allowed[] = {"limit", "skip", NULL};
     collection_t *c = check_collection(L);
-    bson_set_t set = {.count = 0};
-    bson_t *filter = doc_arg(L, &set, 2, true, "filter");
-    check_opts(L, &set, 3, allowed);
-    bson_t *opts = bson_set_new(&set);
-    int64_t limit = opt_count(L, &set, 3, "limit");
-    int64_t skip = opt_count(L, &set, 3, "skip");
+    call_t *call = call_new(L, 3);
+    doc_arg(L, call, 2, true, "filter");
+    check_opts(L, 3, allowed);
+    bson_t *opts = call_arg_new(L, call);
+    int64_t limit = opt_count(L, 3, "limit");
+    int64_t skip = opt_count(L, 3, "skip");
     if (limit > 0) {
         BSON_APPEND_INT64(opts, "limit", limit);
     }
     if (skip > 0) {
         BSON_APPEND_INT64(opts, "skip", skip);
     }
-    mongoc_client_pool_t *pool;
-    mongoc_client_t *client;
-    mongoc_collection_t *coll;
-    if (!acquire(L, c, &pool, &client, &coll)) {
-        bson_set_destroy(&set);
-        return push_not_configured(L);
+    int nret = run(L, c, call, "count", work_count);
+    if (nret != 0) {
+        return call_finish(call, nret);
     }
-    bson_error_t error;
-    int64_t n = mongoc_collection_count_documents(coll, filter, opts, NULL, NULL, &error);
-    release(pool, client, coll);
-    bson_set_destroy(&set);
-    if (n < 0) {
-        return push_failure(L, c, "count", &error);
+    if (!call->ok) {
+        return call_finish(call, push_failure(L, c, "count", &call->error));
     }
-    lua_pushnumber(L, (lua_Number)n);
-    return 1;
+    lua_pushnumber(L, (lua_Number)call->count);
+    return call_finish(call, 1);
+}
+
+static void work_aggregate(mongoc_collection_t *coll, call_t *call)
+{
+    drain_cursor(
+        mongoc_collection_aggregate(coll, MONGOC_QUERY_NONE, call->args[0], call->args[1], NULL),
+        call);
 }
 
 /* coll:aggregate(pipeline [, {batch_size}]) -> array of documents | nil, msg, code */
@@ -959,32 +1078,31 @@ static int coll_aggregate(lua_State *L)
     static const char *const allowed[] = {"batch_size", NULL};
     collection_t *c = check_collection(L);
     luaL_checktype(L, 2, LUA_TTABLE);
-    bson_set_t set = {.count = 0};
-    bson_t *pipeline = bson_set_new(&set);
+    call_t *call = call_new(L, 3);
+    bson_t *pipeline = call_arg_new(L, call);
     char err[AH_ERRLEN];
     if (ahm_bson_array_from_lua(L, 2, pipeline, err, sizeof(err)) != AH_OK) {
-        raise_arg(L, &set, 2, err);
+        raise_arg(L, 2, err);
     }
-    check_opts(L, &set, 3, allowed);
-    bson_t *opts = bson_set_new(&set);
-    int64_t batch = opt_count(L, &set, 3, "batch_size");
+    check_opts(L, 3, allowed);
+    bson_t *opts = call_arg_new(L, call);
+    int64_t batch = opt_count(L, 3, "batch_size");
     if (batch > 0 && batch <= INT32_MAX) {
         BSON_APPEND_INT32(opts, "batchSize", (int32_t)batch);
     }
-    mongoc_client_pool_t *pool;
-    mongoc_client_t *client;
-    mongoc_collection_t *coll;
-    if (!acquire(L, c, &pool, &client, &coll)) {
-        bson_set_destroy(&set);
-        return push_not_configured(L);
+    int nret = run(L, c, call, "aggregate", work_aggregate);
+    if (nret == 0) {
+        nret = build_docs(L, c, "aggregate", call);
     }
-    mongoc_cursor_t *cursor =
-        mongoc_collection_aggregate(coll, MONGOC_QUERY_NONE, pipeline, opts, NULL);
-    int rc = drain_cursor(L, c, "aggregate", cursor);
-    mongoc_cursor_destroy(cursor);
-    release(pool, client, coll);
-    bson_set_destroy(&set);
-    return rc < 0 ? -rc : rc;
+    return call_finish(call, nret);
+}
+
+static void work_write_command(mongoc_collection_t *coll, call_t *call)
+{
+    bson_t reply;
+    call->ok =
+        mongoc_collection_write_command_with_opts(coll, call->args[1], NULL, &reply, &call->error);
+    bson_destroy(&reply);
 }
 
 /* coll:create_index(keys [, opts]) -> index name | nil, msg, code. keys: a table or ordered
@@ -994,64 +1112,60 @@ static int coll_create_index(lua_State *L)
 {
     collection_t *c = check_collection(L);
     luaL_checktype(L, 2, LUA_TTABLE);
-    bson_set_t set = {.count = 0};
-    bson_t *keys = bson_set_new(&set);
+    call_t *call = call_new(L, 3);
+    bson_t *keys = call_arg_new(L, call);
     char err[AH_ERRLEN];
     if (ahm_bson_from_lua_ordered(L, 2, keys, err, sizeof(err)) != AH_OK) {
-        raise_arg(L, &set, 2, err);
+        raise_arg(L, 2, err);
     }
     if (bson_count_keys(keys) == 0) {
-        raise_arg(L, &set, 2, "at least one key expected");
+        raise_arg(L, 2, "at least one key expected");
     }
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
     }
-    char *auto_name = NULL;
     const char *name = NULL;
     if (lua_istable(L, 3)) {
         lua_getfield(L, 3, "name");
         if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING) {
-            raise_arg(L, &set, 3, "option 'name' must be a string");
+            raise_arg(L, 3, "option 'name' must be a string");
         }
         name = lua_tostring(L, -1); /* kept alive by the options table */
         lua_pop(L, 1);
     }
-    bson_t *cmd = bson_set_new(&set);
+    bson_t *cmd = call_arg_new(L, call);
     BSON_APPEND_UTF8(cmd, "createIndexes", c->name);
     bson_t indexes, index;
     BSON_APPEND_ARRAY_BEGIN(cmd, "indexes", &indexes);
     BSON_APPEND_DOCUMENT_BEGIN(&indexes, "0", &index);
     BSON_APPEND_DOCUMENT(&index, "key", keys);
     if (name == NULL) {
-        auto_name = mongoc_collection_keys_to_index_string(keys);
+        char *auto_name = mongoc_collection_keys_to_index_string(keys);
         BSON_APPEND_UTF8(&index, "name", auto_name != NULL ? auto_name : "index");
+        bson_free(auto_name);
     }
     int rc = lua_istable(L, 3) ? ahm_bson_from_lua(L, 3, &index, err, sizeof(err)) : AH_OK;
     bson_append_document_end(&indexes, &index);
     bson_append_array_end(cmd, &indexes);
     if (rc != AH_OK) {
-        bson_free(auto_name);
-        raise_arg(L, &set, 3, err);
+        raise_arg(L, 3, err);
     }
-    lua_pushstring(L, name != NULL ? name : (auto_name != NULL ? auto_name : "index"));
-    bson_free(auto_name);
-    mongoc_client_pool_t *pool;
-    mongoc_client_t *client;
-    mongoc_collection_t *coll;
-    if (!acquire(L, c, &pool, &client, &coll)) {
-        bson_set_destroy(&set);
-        return push_not_configured(L);
+    /* The name, read back from the command: pushed before a client is taken. */
+    bson_iter_t iter;
+    if (bson_iter_init(&iter, cmd) && bson_iter_find_descendant(&iter, "indexes.0.name", &iter) &&
+        BSON_ITER_HOLDS_UTF8(&iter)) {
+        lua_pushstring(L, bson_iter_utf8(&iter, NULL));
+    } else {
+        lua_pushstring(L, name != NULL ? name : "index");
     }
-    bson_t reply;
-    bson_error_t error;
-    bool ok = mongoc_collection_write_command_with_opts(coll, cmd, NULL, &reply, &error);
-    release(pool, client, coll);
-    bson_destroy(&reply);
-    bson_set_destroy(&set);
-    if (!ok) {
-        return push_failure(L, c, "create_index", &error);
+    int nret = run(L, c, call, "create_index", work_write_command);
+    if (nret != 0) {
+        return call_finish(call, nret);
     }
-    return 1; /* the name pushed above */
+    if (!call->ok) {
+        return call_finish(call, push_failure(L, c, "create_index", &call->error));
+    }
+    return call_finish(call, 1); /* the name pushed above */
 }
 
 static int coll_tostring(lua_State *L)
@@ -1144,6 +1258,11 @@ int ahm_lua_open(lua_State *L)
         lua_pushcfunction(L, iterator_call);
         lua_setfield(L, -2, "__call");
         lua_pushcfunction(L, iterator_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, MT_CALL)) {
+        lua_pushcfunction(L, call_gc);
         lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);

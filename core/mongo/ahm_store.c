@@ -230,7 +230,7 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
                     out->version, name[0] ? "an unknown" : "no", name, ah_command_name(fallback));
     }
     if (bson_iter_init_find(&it, doc, "timestamp") && BSON_ITER_HOLDS_DATE_TIME(&it)) {
-        out->timestamp_us = bson_iter_date_time(&it) * 1000;
+        out->timestamp_us = ah_int64_mul_sat(bson_iter_date_time(&it), 1000); /* any writer */
     }
     copy_utf8_field(doc, "reason", out->reason, sizeof(out->reason));
     copy_utf8_field(doc, "updated_by", out->updated_by, sizeof(out->updated_by));
@@ -950,14 +950,4 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
 fail:
     mongo_close(&ms->base);
     return NULL;
-}
-
-/* ---- sharing the pool --------------------------------------------------------------------- */
-
-mongoc_client_pool_t *ahm_store_pool(ah_store_t *st)
-{
-    if (st == NULL || st->ops != &mongo_ops) {
-        return NULL;
-    }
-    return mongo_of(st)->pool;
 }

@@ -133,7 +133,8 @@ def test_dockerfile_has_no_syntax_directive_and_documents_stop_timeout():
     assert m and default and int(m.group(1)) > int(default.group(1))
     # ... and that default is the binary's.
     config = (REPO / "core" / "ah_config.c").read_text()
-    assert re.search(r'"SHUTDOWN_TIMEOUT",\s*"[^"]*",\s*"%s"' % default.group(1), config)
+    row = re.search(r'\{\.name = "SHUTDOWN_TIMEOUT"[^}]*\}', config)
+    assert row and re.search(r'\.default_value = "%s"' % default.group(1), row.group(0))
 
 
 def test_compose_images_are_pinned():

@@ -78,7 +78,7 @@ class Agent:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if wait_port:
-            m = self.wait_log(r"HTTP API listening on [^:]+:(\d+)", timeout=15)
+            m = self.wait_log(r"HTTP API listening on \S*:(\d+)", timeout=15)
             self.port = int(m.group(1))
         return self
 

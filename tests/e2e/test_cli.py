@@ -22,6 +22,8 @@ BAD_CONFIG = [
     ("LOG_LEVEL", "loud"),
     ("BATCH_TIMEOUT", "0"),
     ("SHUTDOWN_TIMEOUT", "x"),
+    ("HTTP_BIND", "not an ip"),
+    ("HTTP_BIND", "example.com"),
 ]
 
 
@@ -196,3 +198,20 @@ def test_version_names_the_driver_from_the_plugin():
     p = run_cli(["version"])
     assert p.returncode == 0, p.stderr
     assert re.search(r"libmongoc \d+\.\d+\.\d+", p.stdout), p.stdout
+
+
+def test_an_ipv6_bind_is_logged_in_brackets(fleet, state_file, tmp_path):
+    a = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl", HTTP_BIND="::1"),
+                    name="v6")
+    m = a.wait_log(r"HTTP API listening on (\S+)")
+    assert re.fullmatch(r"\[::1\]:\d+", m.group(1)), m.group(0)
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0, a.log_text()
+
+
+@pytest.mark.parametrize("value", ["nan", "-nan", "inf", "1e300", "0", "-1", "5x", ""])
+def test_ctl_timeout_must_be_a_sane_number_of_seconds(value):
+    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", value])
+    assert p.returncode == 2, (value, p.stdout, p.stderr)
+    assert ("agenthost ctl: --timeout needs a number of seconds, more than 0 and at most 86400"
+            in p.stderr), p.stderr

@@ -306,3 +306,20 @@ def test_store_locked_at_startup_delays_the_agent_until_released_then_it_syncs(
     assert [e["source"] for e in ev if e["ev"] == "on_pause"] == ["startup"], ev
     assert count_events(ev, "batch_start") == 0, ev
     assert late.get("/readyz").status == 503
+
+
+def test_the_issuing_agent_logs_issued_before_its_own_transition(fleet, state_file, tmp_path):
+    a = start_cluster(fleet, state_file, tmp_path, 1)[0]
+    for command, line in (("pause", "Agent paused (cluster command 'pause'"),
+                          ("resume", "Agent running (cluster command 'running'")):
+        assert a.post(f"/api/cluster/{command}?reason=order").status == 200
+        a.wait_log(re.escape(line))
+        log = a.log_text()
+        issued = log.find(f"Cluster command {'running' if command == 'resume' else command} "
+                          "issued")
+        assert 0 <= issued < log.find(line), log
+    assert a.post("/api/agent/pause?reason=order").status == 200
+    a.wait_log(r"Agent paused \(local command")
+    log = a.log_text()
+    assert log.find("Local command pause requested through the API") < \
+        log.find("Agent paused (local command"), log

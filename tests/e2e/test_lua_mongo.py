@@ -5,6 +5,7 @@ docs/LUA_MONGO.md is the reference these tests hold the binding to."""
 import datetime
 import json
 import os
+import re
 import signal
 import sys
 import uuid
@@ -271,3 +272,65 @@ def test_queue_has_one_name_and_checks_the_job_before_using_it(fleet, tmp_path, 
         assert "lua_queue_misuse.lua:" in msg and msg.endswith(f"{method}: job table expected"), \
             (case, msg)
     stop(agent)
+
+
+TO_JSON = """
+local agent = require "agent"
+local coll = agent.mongo.collection("to_json")
+local M = {}
+function M.init()
+    local doc = assert(coll:find_one({ _id = "d1" }))
+    local ok_plain = pcall(agent.json.encode, doc)
+    local f = assert(io.open(agent.env("OUT_FILE") .. ".tmp", "w"))
+    f:write(agent.json.encode({ plain_encode_fails = not ok_plain,
+                                doc = agent.mongo.to_json(doc),
+                                list = agent.mongo.to_json(doc.list) }))
+    f:close()
+    assert(os.rename(agent.env("OUT_FILE") .. ".tmp", agent.env("OUT_FILE")))
+end
+function M.batch() agent.sleep(1) return 0 end
+return M
+"""
+
+
+def test_to_json_writes_a_document_read_from_mongodb_as_relaxed_extended_json(
+        fleet, tmp_path, mongo_server):
+    oid = ObjectId()
+    when = datetime.datetime(2026, 11, 27, 3, 28, 26, 588000, tzinfo=datetime.timezone.utc)
+    mongo_server.client().agenthost.to_json.insert_one(
+        {"_id": "d1", "oid": oid, "at": when, "n": Int64(2**53 + 1), "price": Decimal128("1.25"),
+         "list": [1, "a", when], "none": None})
+    path = tmp_path / "to_json.lua"
+    path.write_text(TO_JSON)
+    out = tmp_path / "to_json.json"
+    agent = fleet.start(str(path), env=mongo_agent_env(mongo_server.uri, OUT_FILE=out),
+                        name="to-json")
+    r = wait_report(str(out), agent)
+    assert r["plain_encode_fails"] is True
+    doc = json.loads(r["doc"])
+    assert doc == {"_id": "d1", "oid": {"$oid": str(oid)},
+                   "at": {"$date": "2026-11-27T03:28:26.588Z"}, "n": 2**53 + 1,
+                   "price": {"$numberDecimal": "1.25"},
+                   "list": [1, "a", {"$date": "2026-11-27T03:28:26.588Z"}], "none": None}
+    assert json.loads(r["list"]) == doc["list"]
+    stop(agent)
+
+
+def test_dates_beyond_int64_have_defined_text_and_encoding(fleet, tmp_path, state_file):
+    out = tmp_path / "dates.json"
+    env = agent_env(state_file, OUT_FILE=out)
+    env["AGENT_MONGODB_URI"] = ""
+    agent = fleet.start(script("lua_mongo_dates.lua"), env=env, name="dates")
+    r = wait_report(str(out), agent)
+    stop(agent)
+    assert r["epoch"] == "1970-01-01T00:00:00.000000Z"
+    assert r["last"] == "9999-12-31T23:59:59.999000Z"
+    assert r["huge"] == "date(1.0000000000000001e+300 ms, out of range)"
+    assert r["negative_huge"] == "date(-1.0000000000000001e+300 ms, out of range)"
+    assert r["past_9999"] == "date(253402300800000 ms, out of range)"
+    assert re.fullmatch(r"date\(-?nan ms, out of range\)", r["nan"]), r["nan"]
+    assert r["nan_equal"] is False and r["huge_less"] is True
+    bad = ("bad argument #1 to 'insert_one' (document: key 'd': a date needs a field ms: a "
+           "number of milliseconds in the int64 range)")
+    assert bad in r["encode_huge"], r["encode_huge"]
+    assert bad in r["encode_nan"], r["encode_nan"]

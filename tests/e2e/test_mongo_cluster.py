@@ -280,3 +280,18 @@ def test_other_documents_in_agent_control_never_command_an_agent(fleet, tmp_path
         ev = read_events(a.events)
         assert count_events(ev, "on_pause") == 0, ev
         assert not a.find_logs(r"not a control document"), a.log_text()
+
+
+def test_cluster_timestamps_carry_milliseconds_and_the_issuer_logs_issued_before_paused(
+        fleet, tmp_path, mongo_server):
+    a = start_agents(fleet, tmp_path, mongo_server.uri, 1)[0]
+    r = a.post("/api/cluster/pause?reason=ms")
+    assert r.status == 200, r.body
+    # BSON Dates hold milliseconds: six digits, the last three zero (docs/API.md, Timestamps)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}000Z", r.json()["timestamp"]), r.body
+    a.wait_state("paused")
+    a.wait_log(r"Agent paused \(cluster command 'pause'")
+    assert lines_in_order(a, ["Cluster command pause issued", "Agent paused (cluster command"]), \
+        a.log_text()
+    history = a.get("/api/cluster/history").json()["entries"]
+    assert history[0]["timestamp"].endswith("000Z"), history

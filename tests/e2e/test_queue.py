@@ -40,3 +40,29 @@ def test_fail_retries_until_max_attempts_then_marks_the_job_failed(fleet, tmp_pa
     # max_attempts = 3: pending, pending, failed; a failed job is never claimed again.
     assert r["after_fail"] == [["pending", 1], ["pending", 2], ["failed", 3], "unclaimable"]
     assert coll.find_one({"_id": "flaky"})["error"] == "attempt 3"
+
+
+def test_renew_returns_true_alone_and_false_lost_once_the_claim_is_gone(fleet, tmp_path,
+                                                                        mongo_server):
+    r, _ = run_contract(fleet, tmp_path, mongo_server)
+    assert r["renew"] == {"n": 1, "1": True}
+    assert r["renew_after_fail"] == {"n": 1, "1": True}
+    assert r["renew_after_ack"] == {"n": 2, "1": False, "2": "lost"}
+
+
+def test_enqueue_of_an_empty_list_inserts_nothing(fleet, tmp_path, mongo_server):
+    r, _ = run_contract(fleet, tmp_path, mongo_server)
+    assert r["empty_enqueue"] == [0, 0]
+
+
+def test_ack_after_a_failed_attempt_drops_the_old_error(fleet, tmp_path, mongo_server):
+    _, coll = run_contract(fleet, tmp_path, mongo_server)
+    job = coll.find_one({"_id": "renewed"})
+    assert job["status"] == "done" and job["attempts"] == 2 and job["result"] == {"ok": True}
+    assert "error" not in job and "lease_until" not in job
+
+
+def test_the_first_claim_creates_the_claim_index(fleet, tmp_path, mongo_server):
+    _, coll = run_contract(fleet, tmp_path, mongo_server)
+    keys = [list(ix["key"]) for ix in coll.index_information().values()]
+    assert [("status", 1), ("_id", 1)] in keys, keys

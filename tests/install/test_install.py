@@ -322,6 +322,10 @@ int main(int argc, char **argv)
     EXPECT(agenthost_config_set(cfg, "NO_SUCH_SETTING", "1", err, sizeof(err)) ==
            AGENTHOST_EINVAL);
     EXPECT(strstr(err, "NO_SUCH_SETTING") != NULL);
+    /* A bad value is refused when it is set, with the setting and what it expects. */
+    EXPECT(agenthost_config_set(cfg, "HTTP_BIND", "not an ip", err, sizeof(err)) ==
+           AGENTHOST_EINVAL);
+    EXPECT(strstr(err, "HTTP_BIND") != NULL && strstr(err, "IPv4 or IPv6") != NULL);
     EXPECT(agenthost_config_set(cfg, "AGENTHOST_STATE", state, err, sizeof(err)) == 0);
     EXPECT(agenthost_config_set(cfg, "HTTP_PORT", "0", err, sizeof(err)) == 0);
     EXPECT(agenthost_config_set(cfg, "HTTP_BIND", "127.0.0.1", err, sizeof(err)) == 0);
@@ -341,7 +345,18 @@ int main(int argc, char **argv)
     EXPECT(strstr(agenthost_error(bad), "batch") != NULL);
     EXPECT(agenthost_state(bad) == AGENTHOST_STATE_STOPPED);
     EXPECT(agenthost_pause(bad, NULL) == AGENTHOST_EINVAL);
+    EXPECT(strstr(agenthost_error(bad), "agenthost_pause: the host is stopping or has stopped") !=
+           NULL);
     agenthost_free(bad);
+
+    /* A failing init: exit 1, and agenthost_error() carries the Lua error. */
+    agenthost_t *failing = agenthost_new(
+        cfg, NULL, "return { init = function() error('no database today') end,\n"
+                   "         batch = function() end }", err, sizeof(err));
+    EXPECT(failing != NULL);
+    EXPECT(agenthost_run(failing) == AGENTHOST_EXIT_FAILURE);
+    EXPECT(strstr(agenthost_error(failing), "init failed: embedded:1: no database today") != NULL);
+    agenthost_free(failing);
 
     /* agent.ext at the script's top level and through require "agent.ext"; agenthost_run on
      * another thread, stopped by a local shutdown command. */
@@ -359,6 +374,7 @@ int main(int argc, char **argv)
     EXPECT(agenthost_register(h, "add", add, &base) == 0);
     EXPECT(agenthost_register(h, "add", add, &base) == AGENTHOST_EINVAL);
     EXPECT(agenthost_pause(h, "too early") == AGENTHOST_EINVAL);
+    EXPECT(strstr(agenthost_error(h), "agenthost_pause: the host has not been started") != NULL);
     EXPECT(agenthost_wait(h) == AGENTHOST_EINVAL);
     pthread_t t;
     EXPECT(pthread_create(&t, NULL, runner, h) == 0);
@@ -372,12 +388,77 @@ int main(int argc, char **argv)
     EXPECT(*(int *)code == AGENTHOST_EXIT_OK);
     EXPECT(agenthost_state(h) == AGENTHOST_STATE_STOPPED);
     EXPECT(agenthost_wait_state(h, AGENTHOST_STATE_RUNNING, 1) == AGENTHOST_EINVAL);
+    /* The errors of the calls before are gone after a clean stop. */
+    EXPECT(strcmp(agenthost_error(h), "") == 0);
+    /* After the stop a pause is refused, not silently dropped; a shutdown is already done. */
+    EXPECT(agenthost_pause(h, "late") == AGENTHOST_EINVAL);
+    EXPECT(strstr(agenthost_error(h), "stopping or has stopped") != NULL);
+    EXPECT(agenthost_resume(h, "late") == AGENTHOST_EINVAL);
+    EXPECT(agenthost_shutdown(h, "again") == 0);
     EXPECT(agenthost_stop(h) == 0);
     agenthost_free(h);
     printf("api check: OK\n");
     return 0;
 }
 """
+
+
+DEFAULTS_CHECK = r"""
+#include <agenthost.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+#define EXPECT(c) do { if (!(c)) { fprintf(stderr, "FAILED line %d: %s\n", __LINE__, #c); \
+    return 1; } } while (0)
+
+static volatile sig_atomic_t usr1_seen;
+static void on_usr1(int sig) { (void)sig; usr1_seen = 1; }
+
+/* agenthost_new(NULL, ...): loopback, any free port, no state file, the program's signals. */
+int main(void)
+{
+    char err[512] = "";
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_usr1;
+    EXPECT(sigaction(SIGUSR1, &sa, NULL) == 0);
+    agenthost_t *h = agenthost_new(NULL, NULL,
+        "local agent = require 'agent'\n"
+        "return { batch = function() agent.sleep(0.05) return 0 end }", err, sizeof(err));
+    EXPECT(h != NULL);
+    EXPECT(agenthost_start(h) == 0);
+    EXPECT(agenthost_wait_state(h, AGENTHOST_STATE_RUNNING, 20) == 0);
+    EXPECT(agenthost_http_port(h) > 0 && agenthost_http_port(h) != 8000);
+    EXPECT(raise(SIGUSR1) == 0);
+    EXPECT(usr1_seen == 1);
+    EXPECT(agenthost_state(h) == AGENTHOST_STATE_RUNNING);
+    EXPECT(agenthost_stop(h) == AGENTHOST_EXIT_OK);
+    agenthost_free(h);
+    printf("defaults check: OK\n");
+    return 0;
+}
+"""
+
+
+def test_embedding_defaults_are_loopback_any_port_no_state_file_no_signals(prefix, tmp_root,
+                                                                            sanitize_flags):
+    env = pc_env(prefix)
+    src = tmp_root / "defaults_check.c"
+    src.write_text(DEFAULTS_CHECK)
+    exe = tmp_root / "defaults_check"
+    cflags = check(["pkg-config", "--cflags", "agenthost"], env=env).stdout.split()
+    libs = check(["pkg-config", "--libs", "agenthost"], env=env).stdout.split()
+    check(["cc", "-g", "-Wall", "-Wextra", "-Werror", *sanitize_flags.split(), "-o", str(exe),
+           str(src), *cflags, *libs, "-lpthread"])
+    work = tmp_root / "defaults_cwd"
+    work.mkdir(exist_ok=True)
+    res = run([str(exe)], cwd=work, env=pc_env(prefix, LD_LIBRARY_PATH=str(prefix / "lib")))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "defaults check: OK" in res.stdout
+    assert re.search(r"HTTP API listening on 127\.0\.0\.1:\d+", res.stderr), res.stderr
+    assert "ENABLE_DISTRIBUTED_CONTROL=false" in res.stderr, res.stderr
+    assert list(work.iterdir()) == []  # no ./agenthost-state.db
 
 
 MONGO_CHECK = r"""

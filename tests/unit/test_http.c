@@ -432,7 +432,16 @@ static void test_start_reports_port_and_port_in_use_fails(void **state)
     }
     assert_int_equal(ah_http_port(fx->http), fx->port);
 
-    set_config(&cfg, "HTTP_BIND", "not-an-address");
+    /* The setting is refused when set; the listener checks what it is given all the same. */
+    char set_err[AH_ERRLEN] = "";
+    assert_int_equal(ah_config_set(&cfg, "HTTP_BIND", "not-an-address", set_err, sizeof(set_err)),
+                     AH_EINVAL);
+    assert_non_null(strstr(set_err, "invalid HTTP_BIND=\"not-an-address\": expected an IPv4 or "
+                                    "IPv6 address"));
+    set_config(&cfg, "HTTP_BIND", "::1");
+    set_config(&cfg, "HTTP_BIND", "localhost");
+    free(cfg.http_bind);
+    cfg.http_bind = strdup("not-an-address");
     assert_null(ah_http_start(&cfg, fx->state, NULL, NULL, err, sizeof(err)));
     assert_string_equal(err, "invalid HTTP_BIND \"not-an-address\" (expected an IP address)");
     ah_config_free(&cfg);

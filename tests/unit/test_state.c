@@ -56,6 +56,82 @@ static void test_transition_table(void **unused)
                      AH_EINVAL);
 }
 
+static void test_held_row_only_a_cluster_command_releases(void **unused)
+{
+    static const struct {
+        ah_command_t cmd;
+        ah_source_t src;
+        int rc;
+        ah_run_state_t to;
+        bool held;
+        ah_hook_t hook;
+    } rows[] = {
+        {AH_CMD_RUNNING, AH_SOURCE_LOCAL, AH_EREFUSED, AH_STATE_PAUSED, true, AH_HOOK_NONE},
+        {AH_CMD_RUNNING, AH_SOURCE_SIGNAL, AH_EREFUSED, AH_STATE_PAUSED, true, AH_HOOK_NONE},
+        {AH_CMD_PAUSE, AH_SOURCE_LOCAL, AH_ENOOP, AH_STATE_PAUSED, true, AH_HOOK_NONE},
+        {AH_CMD_SHUTDOWN, AH_SOURCE_SIGNAL, AH_OK, AH_STATE_STOPPING, false, AH_HOOK_SHUTDOWN},
+        {AH_CMD_RUNNING, AH_SOURCE_CLUSTER, AH_OK, AH_STATE_RUNNING, false, AH_HOOK_RESUME},
+        {AH_CMD_PAUSE, AH_SOURCE_CLUSTER, AH_OK, AH_STATE_PAUSED, false, AH_HOOK_NONE},
+        {AH_CMD_SHUTDOWN, AH_SOURCE_CLUSTER, AH_OK, AH_STATE_STOPPING, false, AH_HOOK_SHUTDOWN},
+    };
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+        ah_run_state_t to = AH_STATE_STOPPED;
+        bool held = !rows[i].held;
+        ah_hook_t hook = AH_HOOK_SHUTDOWN;
+        assert_int_equal(ah_state_target_held(rows[i].cmd, rows[i].src, &to, &held, &hook),
+                         rows[i].rc);
+        assert_int_equal(to, rows[i].to);
+        assert_int_equal(held, rows[i].held);
+        assert_int_equal(hook, rows[i].hook);
+    }
+}
+
+/* Applies one pending event the way the worker does; returns ah_state_apply's code. */
+static int apply_next(ah_state_t *s)
+{
+    ah_event_t ev;
+    assert_true(ah_state_take_event(s, &ev));
+    ah_run_state_t from;
+    ah_run_state_t to;
+    ah_hook_t hook;
+    return ah_state_apply(s, &ev, &from, &to, &hook);
+}
+
+static ah_control_t doc(ah_command_t cmd, int64_t version);
+
+static void test_startup_shutdown_holds_until_a_cluster_resume(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    ah_control_t d = doc(AH_CMD_SHUTDOWN, 3);
+    ah_state_offer_cluster(s, &d);
+    assert_int_equal(apply_next(s), AH_OK);
+    assert_int_equal(ah_state_get(s), AH_STATE_PAUSED);
+    assert_true(ah_state_held(s));
+    ah_state_offer_local(s, AH_CMD_RUNNING, AH_SOURCE_SIGNAL, "SIGUSR2", "signal");
+    assert_int_equal(apply_next(s), AH_EREFUSED);
+    assert_int_equal(ah_state_get(s), AH_STATE_PAUSED);
+    assert_true(ah_state_held(s));
+    ah_control_t resume = doc(AH_CMD_RUNNING, 4);
+    ah_state_offer_cluster(s, &resume);
+    assert_int_equal(apply_next(s), AH_OK);
+    assert_int_equal(ah_state_get(s), AH_STATE_RUNNING);
+    assert_false(ah_state_held(s));
+    ah_state_free(s);
+}
+
+static void test_sleep_is_not_cut_short_by_the_startup_sync(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    ah_control_t d = doc(AH_CMD_RUNNING, 1);
+    ah_state_offer_cluster(s, &d); /* pending, source startup */
+    assert_false(ah_state_sleep(s, 0));
+    assert_false(ah_state_sleep(s, 0.05));
+    assert_true(ah_state_wait(s, 0.05)); /* the worker itself is woken by it */
+    ah_state_offer_local(s, AH_CMD_PAUSE, AH_SOURCE_LOCAL, "", "");
+    assert_true(ah_state_sleep(s, 30));
+    ah_state_free(s);
+}
+
 static ah_control_t doc(ah_command_t cmd, int64_t version)
 {
     ah_control_t d;
@@ -225,6 +301,9 @@ int main(void)
         cmocka_unit_test(test_local_override_until_next_cluster_command),
         cmocka_unit_test(test_local_shutdown_is_final),
         cmocka_unit_test(test_wait_returns_early_on_command),
+        cmocka_unit_test(test_held_row_only_a_cluster_command_releases),
+        cmocka_unit_test(test_startup_shutdown_holds_until_a_cluster_resume),
+        cmocka_unit_test(test_sleep_is_not_cut_short_by_the_startup_sync),
         cmocka_unit_test(test_timestamps_are_iso8601_utc_with_microseconds),
         cmocka_unit_test(test_utf8_validation),
     };

@@ -62,6 +62,20 @@ function M.init()
         r.after_fail[attempt] = { doc.status, doc.attempts }
     end
 
+    -- 3. renew's values, enqueue of an empty list, ack after a failed attempt.
+    local e = agent.queue.open { collection = coll, lease = 30, owner = "edges", max_attempts = 3 }
+    local before = coll:count({})
+    local ids = assert(e:enqueue({}))
+    r.empty_enqueue = { #ids, coll:count({}) - before }
+    assert(e:enqueue({ _id = "renewed", payload = { n = 3 } }))
+    local job = claim_within(e, 10)
+    r.renew = pack(e:renew(job))
+    assert(e:fail(job, "first try failed"))
+    job = claim_within(e, 10)
+    r.renew_after_fail = pack(e:renew(job))
+    assert(e:ack(job, { ok = true }) == true)
+    r.renew_after_ack = pack(e:renew(job))
+
     local f = assert(io.open(out_file .. ".tmp", "w"))
     f:write(json.encode(r))
     f:close()
