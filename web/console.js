@@ -565,10 +565,10 @@
         if (r.body && r.body.current) {
           renderControl({ body: r.body.current }, {});
         }
-      } else if (r.status === 0 && command === 'shutdown') {
-        setProgress(label + ': no answer',
-                    'The agent serving this page stops with the fleet, so it may go before it ' +
-                    'answers. Check from another agent.', null, 'late');
+      } else if (command === 'shutdown' && (r.status === 0 || r.status === 503)) {
+        setProgress(label + ': ' + (r.status === 0 ? 'no answer' : r.error),
+                    'The agent serving this page stops with the fleet, so it may not report ' +
+                    'the outcome. Check from another agent.', null, 'late');
       } else if (r.error) {
         setHidden($('progress'), true);
         showError(commandName(command) + ' failed (' + (r.status || 'no answer') + '): ' +
