@@ -17,6 +17,8 @@ PACKAGES=(
   libcmocka-dev python3 python3-pytest python3-pymongo python3-mongomock
   # console tests (tests/console): a headless browser driven from pytest
   chromium chromium-driver python3-selenium
+  # fuzz targets (scripts/fuzz.sh): clang with libFuzzer and the sanitizer runtimes
+  clang libclang-rt-14-dev
   # deployment checks (manifest/schema validation with npm packages, kubectl kustomize)
   python3-yaml
 )

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test: installs dependencies, builds, runs the unit tests (CTest), the MongoDB test
 # server's own tests and the end-to-end tests (pytest), then does it all again in an
-# AddressSanitizer + UndefinedBehaviorSanitizer build and fails on any sanitizer report, and
+# AddressSanitizer + UndefinedBehaviorSanitizer build and fails on any sanitizer report, then
+# builds the libFuzzer targets with clang and runs each for a few seconds (scripts/fuzz.sh), and
 # finally builds the container image from the Dockerfile and runs it with podman (tests/container:
 # about a minute once the base images exist; making them takes about 30 s more, once per machine).
-# Set SKIP_SANITIZE=1 to skip the sanitizer pass, SKIP_CONTAINER=1 to skip the container checks,
-# during development.
+# Set SKIP_SANITIZE=1 to skip the sanitizer pass, SKIP_FUZZ=1 to skip the fuzz targets,
+# SKIP_CONTAINER=1 to skip the container checks, during development.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -43,6 +44,13 @@ if [[ "${SKIP_SANITIZE:-0}" != "1" ]]; then
     exit 1
   fi
   rm -rf "$reports"
+fi
+if [[ "${SKIP_FUZZ:-0}" != "1" ]]; then
+  # Every fuzz target replays its corpus (the regression inputs included), then fuzzes briefly.
+  echo "== fuzz targets (clang, ASan/UBSan; a few seconds each)"
+  scripts/fuzz.sh "${FUZZ_SECONDS:-5}"
+else
+  echo "== fuzz targets SKIPPED (SKIP_FUZZ=1)" >&2
 fi
 if [[ "${SKIP_CONTAINER:-0}" != "1" ]]; then
   echo "== container image (podman: tests/container)"

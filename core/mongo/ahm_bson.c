@@ -1,8 +1,9 @@
-/* Implementation of ahm_bson.h. Lua values that stand for a BSON type carry a metatable with a
- * `__bson` field naming the type ("array", "document", "date", "oid", "raw"), so the encoder
- * needs one raw lookup per table or userdata. 64-bit integers are LuaJIT int64_t cdata, created
- * and typed through two small FFI helpers kept in the registry; their payload is read and
- * written through lua_topointer(), which LuaJIT resolves to the cdata's data. */
+/* Implementation of ahm_bson.h. Lua values that stand for a BSON type carry one of our
+ * metatables (its `__bson` field names the type: "array", "document", "date", "oid", "raw");
+ * the encoder tells them by the metatable itself, since a script can forge the field. 64-bit
+ * integers are LuaJIT int64_t cdata, created and typed through two small FFI helpers kept in the
+ * registry; their payload is read and written through lua_topointer(), which LuaJIT resolves to the
+ * cdata's data. */
 #include "ahm_bson.h"
 
 #include <errno.h>
@@ -54,18 +55,70 @@ static void set_err(char *err, size_t errlen, const char *key, const char *what)
     }
 }
 
-/* The `__bson` kind of the value at idx's metatable, or NULL (no metatable or a foreign one).
- * Stack: [-0, +0]. */
+/* The kind ("array", "document", "date", "oid", "raw") of the value at idx, decided by its
+ * metatable being one of ours (the same table, not a look-alike: a script can forge a `__bson`
+ * field on any metatable), or NULL. A userdata of kind oid or raw must still be checked with
+ * oid_at/raw_at (debug.setmetatable can put our metatable on any userdata). Stack: [-0, +0]. */
 static const char *bson_kind(lua_State *L, int idx)
 {
+    static const char *const kinds[][2] = {
+        {MT_ARRAY, "array"}, {MT_DOCUMENT, "document"}, {MT_DATE, "date"},
+        {MT_OID, "oid"},     {MT_RAW, "raw"},
+    };
     if (!lua_getmetatable(L, idx)) {
         return NULL;
     }
-    lua_pushliteral(L, "__bson");
-    lua_rawget(L, -2);
-    const char *kind = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-    lua_pop(L, 2); /* the string stays alive: it is interned in the metatable */
+    const char *kind = NULL;
+    for (size_t i = 0; kind == NULL && i < sizeof(kinds) / sizeof(kinds[0]); i++) {
+        luaL_getmetatable(L, kinds[i][0]);
+        if (lua_rawequal(L, -1, -2)) {
+            kind = kinds[i][1];
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
     return kind;
+}
+
+/* The ObjectId in the userdata at idx, or NULL if it is not one of ours of the right size. */
+static bson_oid_t *oid_at(lua_State *L, int idx)
+{
+    const char *kind = lua_type(L, idx) == LUA_TUSERDATA ? bson_kind(L, idx) : NULL;
+    if (kind == NULL || strcmp(kind, "oid") != 0 || lua_objlen(L, idx) < sizeof(bson_oid_t)) {
+        return NULL;
+    }
+    return lua_touserdata(L, idx);
+}
+
+/* The raw value in the userdata at idx, or NULL if it is not one of ours holding its bytes. */
+static raw_value_t *raw_at(lua_State *L, int idx)
+{
+    const char *kind = lua_type(L, idx) == LUA_TUSERDATA ? bson_kind(L, idx) : NULL;
+    size_t size = lua_objlen(L, idx);
+    if (kind == NULL || strcmp(kind, "raw") != 0 || size < sizeof(raw_value_t)) {
+        return NULL;
+    }
+    raw_value_t *raw = lua_touserdata(L, idx);
+    return raw->len <= size - sizeof(raw_value_t) ? raw : NULL;
+}
+
+/* oid_at/raw_at for the metamethods: raises "bad argument" instead of returning NULL. */
+static bson_oid_t *check_oid(lua_State *L, int idx)
+{
+    bson_oid_t *oid = oid_at(L, idx);
+    if (oid == NULL) {
+        luaL_typerror(L, idx, "ObjectId");
+    }
+    return oid;
+}
+
+static raw_value_t *check_raw(lua_State *L, int idx)
+{
+    raw_value_t *raw = raw_at(L, idx);
+    if (raw == NULL) {
+        luaL_typerror(L, idx, "BSON value");
+    }
+    return raw;
 }
 
 static void push_registry(lua_State *L, const void *key)
@@ -215,6 +268,11 @@ static int append_fields(lua_State *L, int idx, bson_t *out, int depth, char *er
             set_err(err, errlen, NULL, "document keys must not contain NUL bytes");
             return AH_EINVAL;
         }
+        if (!bson_utf8_validate(key, keylen, false)) { /* libbson and the server refuse them */
+            lua_pop(L, 2);
+            set_err(err, errlen, NULL, "document keys must be valid UTF-8");
+            return AH_EINVAL;
+        }
         int rc = append_value(L, lua_gettop(L), out, key, (int)keylen, depth, err, errlen);
         lua_pop(L, 1);
         if (rc != AH_OK) {
@@ -256,7 +314,8 @@ static int append_table(lua_State *L, int idx, bson_t *out, const char *key, int
     }
     const char *kind = bson_kind(L, idx);
     if (kind != NULL && strcmp(kind, "date") == 0) {
-        lua_getfield(L, idx, "ms");
+        lua_pushliteral(L, "ms");
+        lua_rawget(L, idx); /* raw: a metamethod must not raise in here */
         lua_Number ms = lua_tonumber(L, -1);
         bool is_number = lua_type(L, -1) == LUA_TNUMBER;
         lua_pop(L, 1);
@@ -360,14 +419,15 @@ static int append_value(lua_State *L, int idx, bson_t *out, const char *key, int
         set_err(err, errlen, key, "cannot store a light userdata");
         return AH_EINVAL;
     case LUA_TUSERDATA: {
-        const char *kind = bson_kind(L, idx);
-        if (kind != NULL && strcmp(kind, "oid") == 0) {
-            bson_append_oid(out, key, keylen, lua_touserdata(L, idx));
+        const bson_oid_t *oid = oid_at(L, idx);
+        if (oid != NULL) {
+            bson_append_oid(out, key, keylen, oid);
             return AH_OK;
         }
-        if (kind != NULL && strcmp(kind, "raw") == 0) {
+        const raw_value_t *raw = raw_at(L, idx);
+        if (raw != NULL) {
             bson_iter_t iter;
-            if (!raw_iter(lua_touserdata(L, idx), &iter)) {
+            if (!raw_iter(raw, &iter)) {
                 set_err(err, errlen, key, "corrupt raw BSON value");
                 return AH_EINVAL;
             }
@@ -466,6 +526,11 @@ int ahm_bson_from_lua_ordered(lua_State *L, int idx, bson_t *out, char *err, siz
             snprintf(err, errlen, "keys must not contain NUL bytes");
             return AH_EINVAL;
         }
+        if (!bson_utf8_validate(key, keylen, false)) {
+            lua_pop(L, 2);
+            snprintf(err, errlen, "keys must be valid UTF-8");
+            return AH_EINVAL;
+        }
         lua_rawgeti(L, pair, 2);
         int rc = append_value(L, lua_gettop(L), out, key, (int)keylen, 1, err, errlen);
         lua_pop(L, 3);
@@ -524,6 +589,11 @@ static int push_container(lua_State *L, bson_iter_t *iter, bool as_array, int de
             return AH_EINVAL;
         }
         lua_rawset(L, table);
+    }
+    if (iter->err_off != 0) { /* the walk stopped at a corrupt element, not at the end */
+        lua_settop(L, table - 1);
+        snprintf(err, errlen, "malformed BSON document");
+        return AH_EINVAL;
     }
     if (as_array) {
         luaL_getmetatable(L, MT_ARRAY);
@@ -697,15 +767,15 @@ static int l_oid(lua_State *L)
 static int oid_tostring(lua_State *L)
 {
     char hex[25];
-    bson_oid_to_string(luaL_checkudata(L, 1, MT_OID), hex);
+    bson_oid_to_string(check_oid(L, 1), hex);
     lua_pushstring(L, hex);
     return 1;
 }
 
 static int oid_eq(lua_State *L)
 {
-    bson_oid_t *a = luaL_checkudata(L, 1, MT_OID);
-    bson_oid_t *b = luaL_checkudata(L, 2, MT_OID);
+    bson_oid_t *a = check_oid(L, 1);
+    bson_oid_t *b = check_oid(L, 2);
     lua_pushboolean(L, bson_oid_equal(a, b));
     return 1;
 }
@@ -713,7 +783,7 @@ static int oid_eq(lua_State *L)
 /* oid:time() -> the creation time embedded in the ObjectId, seconds since the epoch. */
 static int oid_time(lua_State *L)
 {
-    lua_pushnumber(L, (lua_Number)bson_oid_get_time_t(luaL_checkudata(L, 1, MT_OID)));
+    lua_pushnumber(L, (lua_Number)bson_oid_get_time_t(check_oid(L, 1)));
     return 1;
 }
 
@@ -888,7 +958,7 @@ static int l_binary(lua_State *L)
 
 static int raw_tostring(lua_State *L)
 {
-    raw_value_t *raw = luaL_checkudata(L, 1, MT_RAW);
+    raw_value_t *raw = check_raw(L, 1);
     bson_iter_t iter;
     if (!raw_iter(raw, &iter)) {
         lua_pushliteral(L, "raw(corrupt)");
@@ -925,8 +995,8 @@ static int raw_tostring(lua_State *L)
 
 static int raw_eq(lua_State *L)
 {
-    raw_value_t *a = luaL_checkudata(L, 1, MT_RAW);
-    raw_value_t *b = luaL_checkudata(L, 2, MT_RAW);
+    raw_value_t *a = check_raw(L, 1);
+    raw_value_t *b = check_raw(L, 2);
     lua_pushboolean(L, a->len == b->len && memcmp(a->data, b->data, a->len) == 0);
     return 1;
 }
@@ -934,7 +1004,7 @@ static int raw_eq(lua_State *L)
 /* raw.type -> the BSON type name; raw.data / raw.subtype for binary values. */
 static int raw_index(lua_State *L)
 {
-    raw_value_t *raw = luaL_checkudata(L, 1, MT_RAW);
+    raw_value_t *raw = check_raw(L, 1);
     const char *field = luaL_checkstring(L, 2);
     bson_iter_t iter;
     if (!raw_iter(raw, &iter)) {
@@ -999,7 +1069,7 @@ static int l_type(lua_State *L)
             name = "date";
         } else if (kind != NULL && strcmp(kind, "array") == 0) {
             name = "array";
-        } else if (kind != NULL) {
+        } else if (kind != NULL && strcmp(kind, "document") == 0) {
             name = "document";
         } else {
             size_t n;
@@ -1010,10 +1080,9 @@ static int l_type(lua_State *L)
         break;
     }
     case LUA_TUSERDATA: {
-        const char *kind = bson_kind(L, 1);
-        if (kind != NULL && strcmp(kind, "oid") == 0) {
+        if (oid_at(L, 1) != NULL) {
             name = "objectid";
-        } else if (kind != NULL && strcmp(kind, "raw") == 0) {
+        } else if (raw_at(L, 1) != NULL) {
             lua_getfield(L, 1, "type");
             return 1;
         }

@@ -220,6 +220,18 @@ def check_misuse(misuse):
     assert "bad argument #2 to 'update_one' (update: table expected, got no value)" in \
         misuse["update_missing"]
     assert "not valid UTF-8" in misuse["invalid_utf8"]
+    assert "document keys must be valid UTF-8" in misuse["key_not_utf8"]
+    assert "key 'd': a date needs a field ms: a number of milliseconds in the int64 range" in \
+        misuse["date_past_int64"]
+
+
+def check_look_alikes(look):
+    """Only agent.mongo's own values are written as ObjectIds/dates (docs/LUA_MONGO.md)."""
+    assert "key 'v': cannot store this userdata" in look["forged_oid"]
+    assert "key 'v': cannot store this userdata" in look["moved_oid"]
+    assert "ObjectId expected, got userdata" in look["moved_oid_tostring"]
+    # a plain (empty) table: encoded as a document, so the call fails only for want of a server
+    assert look["fake_date"] == "no error"
 
 
 def test_without_any_uri_every_call_fails_with_a_clear_message(fleet, tmp_path, state_file):
@@ -232,6 +244,7 @@ def test_without_any_uri_every_call_fails_with_a_clear_message(fleet, tmp_path, 
     assert r["find_one"] == [True, NOT_CONFIGURED]
     assert r["insert_one"] == [True, NOT_CONFIGURED]
     check_misuse(r["misuse"])
+    check_look_alikes(r["look_alikes"])
     agent.wait_log(r"errors fixture alive: batch 2")
     stop(agent)
 

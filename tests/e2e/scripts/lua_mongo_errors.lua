@@ -44,6 +44,22 @@ function M.init()
         bad_int64 = err_of(mongo.int64, 1.5),
         update_missing = err_of(function() local a, b = coll:update_one({}) return a, b end),
         invalid_utf8 = err_of(function() local a, b = coll:insert_one({ s = "\255\254" }) return a, b end),
+        key_not_utf8 = err_of(function() local a, b = coll:insert_one({ ["\255"] = 1 }) return a, b end),
+        date_past_int64 = err_of(function() local a, b = coll:insert_one({ d = mongo.date(2 ^ 63) }) return a, b end),
+    }
+    -- Values that only look like agent.mongo's (found by tests/fuzz/fuzz_bson.c): an empty
+    -- userdata with a forged __bson field, or with our own metatable moved onto it, was read
+    -- past its end as an ObjectId; a forged date's __index raised out of the encoder.
+    local forged = newproxy(true)
+    getmetatable(forged).__bson = "oid"
+    local moved = newproxy(false)
+    debug.setmetatable(moved, getmetatable(mongo.oid()))
+    local fake_date = setmetatable({}, { __bson = "date", __index = function() error("forged __index") end })
+    r.look_alikes = {
+        forged_oid = err_of(function() local a, b = coll:insert_one({ v = forged }) return a, b end),
+        moved_oid = err_of(function() local a, b = coll:insert_one({ v = moved }) return a, b end),
+        moved_oid_tostring = err_of(tostring, moved),
+        fake_date = err_of(function() local a, b = coll:insert_one({ v = fake_date }) return a, b end),
     }
     local f = assert(io.open(out_file .. ".tmp", "w"))
     f:write(json.encode(r))
