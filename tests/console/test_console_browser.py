@@ -60,6 +60,8 @@ def test_pause_from_the_page_reaches_the_fleet_and_the_history(fleet, state_file
     page.wait_text("cluster-command", lambda t: t == "pause")
     page.wait_text("history-rows", lambda t: "maintenance window" in t)
     assert page.history_rows()[0][1] == "pause"
+    page.wait_text("agent-state", lambda t: t == "paused")
+    # the picture in docs/CONSOLE.md
     os.makedirs(ARTIFACTS, exist_ok=True)
     shot = os.path.join(ARTIFACTS, "console.png")
     page.driver.save_screenshot(shot)
