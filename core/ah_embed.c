@@ -532,7 +532,17 @@ static int command(agenthost_t *h, ah_command_t cmd, const char *reason, const c
                      "cluster resume releases it");
         return AGENTHOST_EINVAL;
     }
-    ah_host_command(host, cmd, reason != NULL ? reason : "");
+    int rc = ah_host_command(host, cmd, reason != NULL ? reason : "");
+    if (rc == AH_EUNAVAIL) {
+        set_host_err(h, what,
+                     "the host is starting: pause and resume are accepted once it has synced to "
+                     "the cluster state (agenthost_wait_state)");
+        return AGENTHOST_EINVAL;
+    }
+    if (rc != AH_OK && cmd != AH_CMD_SHUTDOWN) { /* a shutdown raced with the check above */
+        set_host_err(h, what, "the host is stopping or has stopped; the command was not applied");
+        return AGENTHOST_EINVAL;
+    }
     return AGENTHOST_OK;
 }
 

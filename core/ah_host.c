@@ -15,6 +15,8 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <time.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,8 +33,10 @@ struct ah_host_s {
     const ah_config_t *cfg;
     ah_state_t *state;
     ah_lua_t *lua;             /* owned by the worker thread once it starts; replaced on reload */
+    ah_lua_t *loading;         /* the fresh state of a reload while its init runs, else NULL */
     ah_lua_options_t lua_opts; /* how lua was opened, to open it again on reload */
-    pthread_mutex_t lua_lock;  /* held to swap h->lua (worker) and to interrupt it (watchdog) */
+    pthread_mutex_t lua_lock;  /* held to swap h->lua / h->loading (worker) and to interrupt
+                                  them (watchdog) */
     ah_metrics_t *metrics;     /* agent.metrics; outlives every Lua state */
     ah_lua_mongo_t *mongo;     /* agent.mongo's connection; outlives lua */
     ah_store_t *store;
@@ -56,9 +60,19 @@ struct ah_host_s {
     atomic_int worker_rc; /* 0, or 1 when the worker failed (init error) */
     char worker_err[AH_ERRLEN];
 
-    int64_t stop_seen_us; /* monotonic time the watchdog first saw a shutdown request */
     bool interrupted_for_stop;
     bool wedged;
+
+    /* The hard-exit timer (ah_host_options_t.exit_on_shutdown_timeout): a thread armed by the
+     * watchdog when it first sees a shutdown request; it _exit()s the process at the
+     * SHUTDOWN_TIMEOUT deadline unless ah_host_run() disarms it first. */
+    bool exit_on_timeout;
+    pthread_mutex_t exit_lock;
+    pthread_cond_t exit_cond; /* on CLOCK_MONOTONIC */
+    bool exit_disarmed;       /* under exit_lock */
+    bool exit_armed;          /* the thread was started (main thread only) */
+    int64_t exit_deadline_us; /* monotonic; set before the thread starts */
+    pthread_t exit_timer;
 };
 
 ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
@@ -71,6 +85,12 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
     }
     h->cfg = cfg;
     pthread_mutex_init(&h->lua_lock, NULL);
+    pthread_mutex_init(&h->exit_lock, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&h->exit_cond, &attr);
+    pthread_condattr_destroy(&attr);
     h->state = ah_state_new();
     h->metrics = ah_metrics_new();
     if (h->state == NULL || h->metrics == NULL) {
@@ -99,6 +119,7 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
                              .metrics = h->metrics,
                              .memory_limit = cfg->lua_memory_limit};
     if (hopts != NULL) {
+        h->exit_on_timeout = hopts->exit_on_shutdown_timeout;
         opts.script_source = hopts->script_source;
         opts.script_name = hopts->script_name;
         opts.functions = hopts->functions;
@@ -131,6 +152,8 @@ void ah_host_free(ah_host_t *h)
     ah_metrics_free(h->metrics);
     ah_state_free(h->state);
     pthread_mutex_destroy(&h->lua_lock);
+    pthread_cond_destroy(&h->exit_cond);
+    pthread_mutex_destroy(&h->exit_lock);
     free(h);
 }
 
@@ -149,9 +172,9 @@ void ah_host_request_stop(ah_host_t *h)
     ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "stop requested", "host");
 }
 
-void ah_host_command(ah_host_t *h, ah_command_t cmd, const char *reason)
+int ah_host_command(ah_host_t *h, ah_command_t cmd, const char *reason)
 {
-    ah_state_offer_local(h->state, cmd, AH_SOURCE_LOCAL, reason, "host");
+    return ah_state_offer_local(h->state, cmd, AH_SOURCE_LOCAL, reason, "host");
 }
 
 /* ---- the Lua worker ---------------------------------------------------------------------- */
@@ -162,15 +185,18 @@ static void log_transition(ah_run_state_t to, const ah_event_t *ev)
                        : to == AH_STATE_RUNNING  ? "running"
                        : to == AH_STATE_STOPPING ? "shutting down"
                                                  : ah_run_state_name(to);
+    /* reason and updated_by come from a client (maybe through the store): escaped */
+    char by[AH_NAME_MAX * 4 + 1];
+    char reason[AH_REASON_MAX * 4 + 1];
+    ah_log_escape(ev->updated_by[0] ? ev->updated_by : "unknown", by, sizeof(by));
+    ah_log_escape(ev->reason[0] ? ev->reason : "no reason given", reason, sizeof(reason));
     if (ev->source == AH_SOURCE_CLUSTER || ev->source == AH_SOURCE_STARTUP) {
         ah_log_info("Agent %s (%s command '%s', version %lld, by %s: %s)", what,
                     ah_source_name(ev->source), ah_command_name(ev->command),
-                    (long long)ev->version, ev->updated_by[0] ? ev->updated_by : "unknown",
-                    ev->reason[0] ? ev->reason : "no reason given");
+                    (long long)ev->version, by, reason);
     } else {
         ah_log_info("Agent %s (%s command '%s' by %s: %s)", what, ah_source_name(ev->source),
-                    ah_command_name(ev->command), ev->updated_by[0] ? ev->updated_by : "unknown",
-                    ev->reason[0] ? ev->reason : "no reason given");
+                    ah_command_name(ev->command), by, reason);
     }
 }
 
@@ -251,7 +277,14 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
-    if (ah_lua_init(fresh, err, sizeof(err)) != AH_OK) {
+    pthread_mutex_lock(&h->lua_lock);
+    h->loading = fresh; /* its init is the running call: the watchdog must reach it */
+    pthread_mutex_unlock(&h->lua_lock);
+    int rc = ah_lua_init(fresh, err, sizeof(err));
+    pthread_mutex_lock(&h->lua_lock);
+    h->loading = NULL;
+    pthread_mutex_unlock(&h->lua_lock);
+    if (rc != AH_OK) {
         ah_log_error("Reload failed in init, the previous script keeps running: %s", err);
         ah_lua_close(fresh);
         ah_state_finish_reload(h->state, ticket, false, err);
@@ -337,6 +370,18 @@ static void *worker_main(void *arg)
 
 /* ---- the libuv loop ---------------------------------------------------------------------- */
 
+/* Logs why a signal's local command was refused (rc from ah_state_offer_local), if it was. */
+static void log_refused_signal(const char *name, int rc)
+{
+    if (rc == AH_EUNAVAIL) {
+        ah_log_warn("%s ignored: the agent is starting and has not synced to the cluster state "
+                    "yet",
+                    name);
+    } else if (rc != AH_OK) {
+        ah_log_warn("%s ignored: the agent is shutting down", name);
+    }
+}
+
 static void on_signal(uv_signal_t *handle, int signum)
 {
     ah_host_t *h = handle->data;
@@ -350,7 +395,8 @@ static void on_signal(uv_signal_t *handle, int signum)
         break;
     case SIGUSR1:
         ah_log_info("Received SIGUSR1: pausing this agent");
-        ah_state_offer_local(h->state, AH_CMD_PAUSE, AH_SOURCE_SIGNAL, "SIGUSR1", "signal");
+        log_refused_signal("SIGUSR1", ah_state_offer_local(h->state, AH_CMD_PAUSE, AH_SOURCE_SIGNAL,
+                                                           "SIGUSR1", "signal"));
         break;
     case SIGHUP:
         ah_log_info("Received SIGHUP: reloading the script between batches");
@@ -358,7 +404,8 @@ static void on_signal(uv_signal_t *handle, int signum)
         break;
     case SIGUSR2:
         ah_log_info("Received SIGUSR2: resuming this agent");
-        ah_state_offer_local(h->state, AH_CMD_RUNNING, AH_SOURCE_SIGNAL, "SIGUSR2", "signal");
+        log_refused_signal("SIGUSR2", ah_state_offer_local(h->state, AH_CMD_RUNNING,
+                                                           AH_SOURCE_SIGNAL, "SIGUSR2", "signal"));
         break;
     default:
         break;
@@ -391,11 +438,78 @@ static void on_worker_done(uv_async_t *handle)
     }
 }
 
-static void host_interrupt_lua(ah_host_t *h)
+/* Interrupts the call numbered `generation` (from the watchdog's snapshot), whichever state
+ * runs it (the script's, or a reload's fresh one during its init), and no later call. */
+static void host_interrupt_lua(ah_host_t *h, uint64_t generation)
 {
     pthread_mutex_lock(&h->lua_lock);
-    ah_lua_interrupt(h->lua);
+    ah_lua_interrupt_call(h->lua, generation);
+    ah_lua_interrupt_call(h->loading, generation);
     pthread_mutex_unlock(&h->lua_lock);
+}
+
+/* ---- bounded shutdown --------------------------------------------------------------------- */
+
+/* The monotonic time by which the shutdown under way must be over (SHUTDOWN_TIMEOUT after it
+ * was requested; from now if no request is recorded, e.g. the worker failed). */
+static int64_t shutdown_deadline_us(ah_host_t *h)
+{
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(h->state, &snap);
+    int64_t from = snap.stop_requested_us != 0 ? snap.stop_requested_us : ah_mono_us();
+    return from + (int64_t)(h->cfg->shutdown_timeout * 1e6);
+}
+
+static bool exit_disarmed(void *arg)
+{
+    const ah_host_t *h = arg;
+    return h->exit_disarmed;
+}
+
+/* The hard-exit timer: nothing in the teardown may outlive SHUTDOWN_TIMEOUT, whatever it waits
+ * on (a store call, a store close, a connection). */
+static void *exit_timer_main(void *arg)
+{
+    ah_host_t *h = arg;
+    pthread_mutex_lock(&h->exit_lock);
+    double seconds = (double)(h->exit_deadline_us - ah_mono_us()) / 1e6;
+    bool disarmed = ah_cond_wait_until(&h->exit_cond, &h->exit_lock, seconds, exit_disarmed, h);
+    pthread_mutex_unlock(&h->exit_lock);
+    if (!disarmed) {
+        ah_log_error("Shutdown did not finish within SHUTDOWN_TIMEOUT (%gs): exiting now",
+                     h->cfg->shutdown_timeout);
+        _exit(1);
+    }
+    return NULL;
+}
+
+/* Main thread: starts the hard-exit timer once (when enabled). */
+static void arm_exit_timer(ah_host_t *h, int64_t deadline_us)
+{
+    if (!h->exit_on_timeout || h->exit_armed) {
+        return;
+    }
+    h->exit_deadline_us = deadline_us;
+    if (pthread_create(&h->exit_timer, NULL, exit_timer_main, h) != 0) {
+        ah_log_warn("cannot start the shutdown timer thread: SHUTDOWN_TIMEOUT bounds only the "
+                    "Lua worker");
+        return;
+    }
+    h->exit_armed = true;
+}
+
+/* Main thread: stops the hard-exit timer, if it runs. */
+static void disarm_exit_timer(ah_host_t *h)
+{
+    if (!h->exit_armed) {
+        return;
+    }
+    pthread_mutex_lock(&h->exit_lock);
+    h->exit_disarmed = true;
+    pthread_cond_broadcast(&h->exit_cond);
+    pthread_mutex_unlock(&h->exit_lock);
+    pthread_join(h->exit_timer, NULL);
+    h->exit_armed = false;
 }
 
 /* Every WATCHDOG_INTERVAL_MS: reports a Lua call that overran BATCH_TIMEOUT (and asks it to
@@ -412,21 +526,18 @@ static void on_watchdog(uv_timer_t *timer)
         ah_log_error("A Lua call has run for more than BATCH_TIMEOUT (%gs): interrupting it; "
                      "/healthz reports the agent wedged until it returns",
                      h->cfg->batch_timeout);
-        host_interrupt_lua(h);
+        host_interrupt_lua(h, snap.call_generation);
     }
-    if (!snap.shutdown_requested || snap.state == AH_STATE_STOPPED) {
+    if (snap.stop_requested_us == 0 || snap.state == AH_STATE_STOPPED) {
         return;
     }
-    if (h->stop_seen_us == 0) {
-        h->stop_seen_us = now;
-        return;
-    }
-    double waited = (double)(now - h->stop_seen_us) / 1e6;
+    arm_exit_timer(h, snap.stop_requested_us + (int64_t)(h->cfg->shutdown_timeout * 1e6));
+    double waited = (double)(now - snap.stop_requested_us) / 1e6;
     if (!h->interrupted_for_stop && waited > h->cfg->shutdown_timeout * 0.8 &&
         snap.batch_started_us != 0) {
         h->interrupted_for_stop = true;
         ah_log_warn("Shutdown is waiting for a Lua call for %.1fs: interrupting it", waited);
-        host_interrupt_lua(h);
+        host_interrupt_lua(h, snap.call_generation);
     }
     if (waited > h->cfg->shutdown_timeout) {
         ah_log_error("Shutdown did not finish within SHUTDOWN_TIMEOUT (%gs): a Lua call is "
@@ -564,9 +675,7 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
     h->worker_started = true;
     uv_run(&h->loop, UV_RUN_DEFAULT);
     if (h->wedged) {
-        ah_http_stop(h->http);
-        h->http = NULL;
-        return AH_HOST_WEDGED;
+        return AH_HOST_WEDGED; /* nothing more may wait: the caller exits the process */
     }
     pthread_join(h->worker, NULL);
     h->worker_started = false;
@@ -581,7 +690,19 @@ out:
         pthread_join(h->worker, NULL);
         h->worker_started = false;
     }
-    ah_http_stop(h->http);
+    int64_t deadline_us = shutdown_deadline_us(h);
+    arm_exit_timer(h, deadline_us);
+    if (ah_http_stop(h->http, (double)(deadline_us - ah_mono_us()) / 1e6) != AH_OK) {
+        h->http = NULL;
+        snprintf(err, errlen,
+                 "shutdown did not finish within SHUTDOWN_TIMEOUT (%gs): a control store call "
+                 "is still running",
+                 h->cfg->shutdown_timeout);
+        ah_log_error("Shutdown did not finish within SHUTDOWN_TIMEOUT (%gs): a control store "
+                     "call is still running; exiting without closing the store",
+                     h->cfg->shutdown_timeout);
+        return AH_HOST_WEDGED;
+    }
     h->http = NULL;
     ah_lua_mongo_detach(h->mongo); /* the Lua worker has stopped: no client may outlive the pool */
     ah_store_close(h->store);
@@ -594,6 +715,7 @@ out:
         }
         h->loop_open = false;
     }
+    disarm_exit_timer(h);
     if (exit_code == 0) {
         ah_log_info("Agent stopped");
     }

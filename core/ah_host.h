@@ -21,6 +21,11 @@ typedef struct ah_host_options_s {
     const char *script_name;   /* chunk name for script_source (NULL: "script") */
     const ah_lua_function_t *functions;
     size_t function_count;
+    /* Once a shutdown is requested, _exit(1) the process if ah_host_run() has not returned
+     * within SHUTDOWN_TIMEOUT (whatever it waits on). For programs whose process is the agent
+     * (the agenthost binary); an embedder gets AH_HOST_WEDGED back instead, and a teardown step
+     * that blocks (e.g. closing a store that hangs) then delays that return. */
+    bool exit_on_shutdown_timeout;
 } ah_host_options_t;
 /* Loads the script (a load or contract error returns NULL with err naming file:line; the caller
  * exits 2). opts may be NULL (the script at cfg->script_path, no extra functions). cfg is
@@ -36,8 +41,9 @@ int ah_host_run(ah_host_t *host, char *err, size_t errlen);
 #define AH_HOST_WEDGED 3
 /* Requests a graceful local shutdown (like SIGTERM). Thread-safe. */
 void ah_host_request_stop(ah_host_t *host);
-/* Issues a local command (pause / running / shutdown) to this agent only. Thread-safe. */
-void ah_host_command(ah_host_t *host, ah_command_t cmd, const char *reason);
+/* Issues a local command (pause / running / shutdown) to this agent only. Thread-safe. Returns
+ * as ah_state_offer_local(): AH_OK, AH_EINVAL (shutting down) or AH_EUNAVAIL (still starting). */
+int ah_host_command(ah_host_t *host, ah_command_t cmd, const char *reason);
 /* The state object (valid until ah_host_free), for reading snapshots. */
 ah_state_t *ah_host_state(ah_host_t *host);
 /* The HTTP port bound by the last ah_host_run() (0 before it listens). Thread-safe. */

@@ -1,9 +1,11 @@
 /* The HTTP API (docs/API.md) on libmicrohttpd. One access handler drains any request body, routes
  * the request through one table to a handler of core/ah_http_handlers.c, which builds its whole
- * JSON body in an ah_buf_t before one response is queued. GET routes read only a state snapshot
- * (never the store, so they cannot block on MongoDB); cluster commands and history go through
- * the store. Requests are served on libmicrohttpd's worker threads; the only shared data are the
- * state object (thread-safe), the store (thread-safe) and the read-only configuration. */
+ * JSON body in an ah_buf_t before one response is queued, or parks the request (its answer is
+ * queued when the connection resumes). GET routes read only a state snapshot (never the store,
+ * so they cannot block on MongoDB); cluster commands and history go through the store on the
+ * store workers of core/ah_http_park.c. Requests are served on libmicrohttpd's worker threads,
+ * which never block; the only shared data are the state object (thread-safe), the store
+ * (thread-safe), the parked requests (park_lock) and the read-only configuration. */
 #include "ah_http.h"
 
 #include "ah_http_handlers.h"
@@ -37,20 +39,35 @@
 #define HTTP_PATH_IN_ERROR 200 /* bytes of a path quoted in a 404 message */
 
 #define JSON_TYPE "application/json"
-#define HTTP_DRAIN_MS 2000 /* ah_http_stop(): max wait for requests in flight */
+#define HTTP_DRAIN_MS 2000            /* ah_http_stop(): max wait for requests in flight */
+#define HTTP_STOP_SEND_RESERVE_S 0.25 /* ah_http_stop(): budget kept to send the last answers */
 
-/* Per-request context, allocated only for requests that carry a body. */
-typedef struct http_request_s {
-    size_t body_bytes;
-} http_request_t;
-
-/* Request contexts that need no memory: an over-long URL (set by the URI log callback) and a
- * request without a body whose headers have been seen. libmicrohttpd 0.9.75 closes the
- * connection after any response queued during the first call of the access handler, so keep-alive
- * requires answering on the second call; these markers make that allocation-free. */
+/* Request contexts (http_request_t) are allocated only for requests that carry a body or are
+ * parked. Request contexts that need no memory: an over-long URL (set by the URI log callback) and
+ * a request without a body whose headers have been seen. libmicrohttpd 0.9.75 closes the connection
+ * after any response queued during the first call of the access handler, so keep-alive requires
+ * answering on the second call; these markers make that allocation-free. */
 static char url_too_long_marker;
 static char too_many_params_marker;
 static char headers_seen_marker;
+
+static bool is_marker(const void *req_cls)
+{
+    return req_cls == &url_too_long_marker || req_cls == &too_many_params_marker ||
+           req_cls == &headers_seen_marker;
+}
+
+http_request_t *ah_http_request_context(http_call_t *call)
+{
+    if (*call->req_cls != NULL && !is_marker(*call->req_cls)) {
+        return *call->req_cls;
+    }
+    http_request_t *req = calloc(1, sizeof(*req));
+    if (req != NULL) {
+        *call->req_cls = req;
+    }
+    return req;
+}
 
 /* ---- authorization ----------------------------------------------------------------------- */
 
@@ -116,10 +133,10 @@ static bool method_matches(const char *route_method, const char *method)
 }
 
 /* Fills the reply for one complete request. */
-static void route_request(ah_http_t *http, struct MHD_Connection *conn, const char *path,
-                          const char *method, http_reply_t *reply)
+static void route_request(ah_http_t *http, struct MHD_Connection *conn, void **req_cls,
+                          const char *path, const char *method, http_reply_t *reply)
 {
-    http_call_t call = {.http = http, .conn = conn, .name = ""};
+    http_call_t call = {.http = http, .conn = conn, .name = "", .req_cls = req_cls};
     for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
         const http_route_t *route = &routes[i];
         if (route->prefix) {
@@ -190,6 +207,11 @@ static enum MHD_Result send_reply(struct MHD_Connection *conn, http_reply_t *rep
         ok = MHD_add_response_header(response, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer") ==
              MHD_YES;
     }
+    if (ok && reply->retry_after > 0) {
+        char seconds[16];
+        snprintf(seconds, sizeof(seconds), "%u", reply->retry_after);
+        ok = MHD_add_response_header(response, MHD_HTTP_HEADER_RETRY_AFTER, seconds) == MHD_YES;
+    }
     enum MHD_Result result = ok ? MHD_queue_response(conn, status, response) : MHD_NO;
     MHD_destroy_response(response);
     return result;
@@ -218,9 +240,10 @@ static enum MHD_Result send_console_file(struct MHD_Connection *conn,
     return result;
 }
 
-/* Builds and queues the answer to a complete request (or an error decided before routing). */
-static enum MHD_Result answer(ah_http_t *http, struct MHD_Connection *conn, const char *path,
-                              const char *method, unsigned early_status)
+/* Builds and queues the answer to a complete request (or an error decided before routing);
+ * a request the handler parked is answered when it resumes. */
+static enum MHD_Result answer(ah_http_t *http, struct MHD_Connection *conn, void **req_cls,
+                              const char *path, const char *method, unsigned early_status)
 {
     /* The console's files come first: they are not API routes (docs/CONSOLE.md). */
     const ah_console_asset_t *asset = NULL;
@@ -240,7 +263,11 @@ static enum MHD_Result answer(ah_http_t *http, struct MHD_Connection *conn, cons
         ah_http_reply_error(&reply, MHD_HTTP_CONTENT_TOO_LARGE,
                             "request body too large (max %d bytes)", HTTP_BODY_MAX);
     } else {
-        route_request(http, conn, path, method, &reply);
+        route_request(http, conn, req_cls, path, method, &reply);
+        if (reply.parked) {
+            ah_buf_free(&reply.body);
+            return MHD_YES;
+        }
     }
     return send_reply(conn, &reply);
 }
@@ -279,10 +306,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     (void)upload_data;
     if (*req_cls == &url_too_long_marker) {
         /* answered at once: libmicrohttpd then closes the connection, which is what we want */
-        return answer(http, conn, url, method, MHD_HTTP_URI_TOO_LONG);
+        return answer(http, conn, req_cls, url, method, MHD_HTTP_URI_TOO_LONG);
     }
     if (*req_cls == &too_many_params_marker) {
-        return answer(http, conn, url, method, MHD_HTTP_BAD_REQUEST);
+        return answer(http, conn, req_cls, url, method, MHD_HTTP_BAD_REQUEST);
     }
     if (*req_cls == NULL) {
         bool too_large;
@@ -291,7 +318,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             return MHD_YES;
         }
         if (too_large) {
-            return answer(http, conn, url, method, MHD_HTTP_CONTENT_TOO_LARGE);
+            return answer(http, conn, req_cls, url, method, MHD_HTTP_CONTENT_TOO_LARGE);
         }
         http_request_t *req = calloc(1, sizeof(*req));
         if (req == NULL) {
@@ -302,15 +329,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (*req_cls == &headers_seen_marker) {
         /* a body despite no Content-Length/Transfer-Encoding cannot happen: refuse it */
-        return *upload_data_size > 0 ? MHD_NO : answer(http, conn, url, method, 0);
+        return *upload_data_size > 0 ? MHD_NO : answer(http, conn, req_cls, url, method, 0);
     }
     http_request_t *req = *req_cls;
+    if (req->park != NULL) {
+        /* resumed: the parked request has its answer */
+        return send_reply(conn, ah_http_park_reply(req->park));
+    }
     if (*upload_data_size > 0) {
         req->body_bytes += *upload_data_size;
         *upload_data_size = 0;
         return req->body_bytes > HTTP_BODY_DRAIN_MAX ? MHD_NO : MHD_YES;
     }
-    return answer(http, conn, url, method,
+    return answer(http, conn, req_cls, url, method,
                   req->body_bytes > HTTP_BODY_MAX ? MHD_HTTP_CONTENT_TOO_LARGE : 0);
 }
 
@@ -352,9 +383,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     atomic_fetch_sub(&http->in_flight, 1);
     (void)conn;
     (void)toe;
-    if (*req_cls != NULL && *req_cls != &url_too_long_marker &&
-        *req_cls != &too_many_params_marker && *req_cls != &headers_seen_marker) {
-        free(*req_cls);
+    if (*req_cls != NULL && !is_marker(*req_cls)) {
+        http_request_t *req = *req_cls;
+        ah_http_park_connection_done(req->park); /* NULL when it was never parked */
+        free(req);
     }
     *req_cls = NULL;
 }
@@ -447,8 +479,12 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
     http->state = state;
     http->store = store;
     http->metrics = metrics;
+    if (ah_http_park_start(http, err, errlen) != AH_OK) {
+        goto fail;
+    }
 
-    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC;
+    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC |
+                         MHD_ALLOW_SUSPEND_RESUME;
     flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES ? MHD_USE_EPOLL : MHD_USE_POLL;
     if (ipv6) {
         flags |= MHD_USE_IPv6;
@@ -471,6 +507,8 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
     return http;
 
 fail:
+    ah_http_park_stop(http, 0); /* nothing was parked: nothing to wait for */
+    ah_http_park_free(http);
     free(http);
     return NULL;
 }
@@ -480,22 +518,40 @@ int ah_http_port(const ah_http_t *http)
     return http != NULL ? http->port : -1;
 }
 
-void ah_http_stop(ah_http_t *http)
+int ah_http_stop(ah_http_t *http, double seconds)
 {
     if (http == NULL) {
-        return;
+        return AH_OK;
     }
-    /* Stop accepting, then let requests in flight finish (their answers are queued but maybe
-     * not yet sent: e.g. the reply to the shutdown command that made the host stop), bounded by
-     * HTTP_DRAIN_MS, before the daemon closes every connection. */
+    int64_t deadline_us = ah_mono_us() + (int64_t)((seconds > 0 ? seconds : 0) * 1e6);
+    /* Stop accepting; answer every parked request (503) and wait for the store workers; then
+     * let requests in flight finish (their answers are queued but maybe not yet sent: e.g. the
+     * reply to the shutdown command that made the host stop), bounded by HTTP_DRAIN_MS and the
+     * caller's budget, before the daemon closes every connection. No handler blocks, so
+     * MHD_stop_daemon() returns promptly. */
     MHD_socket listen_fd = MHD_quiesce_daemon(http->daemon);
     if (listen_fd != MHD_INVALID_SOCKET) {
         close(listen_fd); /* a quiesced daemon leaves its listening socket to the caller */
     }
-    for (int waited = 0; atomic_load(&http->in_flight) > 0 && waited < HTTP_DRAIN_MS; waited += 5) {
+    /* The store workers get the budget but a moment kept for sending the last answers. */
+    double budget = (double)(deadline_us - ah_mono_us()) / 1e6;
+    double reserve = budget / 2 < HTTP_STOP_SEND_RESERVE_S ? budget / 2 : HTTP_STOP_SEND_RESERVE_S;
+    int park_rc = ah_http_park_stop(http, budget - reserve);
+    int64_t drain_until = ah_mono_us() + HTTP_DRAIN_MS * 1000;
+    if (drain_until > deadline_us) {
+        drain_until = deadline_us;
+    }
+    while (atomic_load(&http->in_flight) > 0 && ah_mono_us() < drain_until) {
         struct timespec ts = {0, 5 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
     MHD_stop_daemon(http->daemon);
+    if (park_rc != AH_OK) {
+        /* A store worker is still inside a store call and uses http: leave it allocated (the
+         * process exits next). */
+        return AH_ETIMEOUT;
+    }
+    ah_http_park_free(http);
     free(http);
+    return AH_OK;
 }

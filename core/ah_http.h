@@ -1,8 +1,9 @@
 /* The HTTP API (docs/API.md) on libmicrohttpd: cluster routes (through the store), agent routes
  * (through the state object), /api/mongo/status, /healthz, /readyz and /metrics.
  *
- * Threads: requests are served on libmicrohttpd's own threads. GET handlers only read the state
- * snapshot; only cluster commands (and history) touch the store. */
+ * Threads: requests are served on libmicrohttpd's own threads, which never block: GET handlers
+ * read the state snapshot; cluster commands and history run on the module's store workers and
+ * reload waits hold no thread (the request is parked, core/ah_http_park.c). */
 #ifndef AH_HTTP_H
 #define AH_HTTP_H
 
@@ -21,7 +22,11 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
                          ah_metrics_t *metrics, char *err, size_t errlen);
 /* The port actually bound (useful with HTTP_PORT=0). */
 int ah_http_port(const ah_http_t *http);
-/* Stops the server and waits for in-flight requests. NULL is accepted. */
-void ah_http_stop(ah_http_t *http);
+/* Stops the server within `seconds`: requests still parked (waiting for the store or for a state)
+ * are answered 503, the store workers are waited for, requests in flight get a moment to finish.
+ * AH_OK: everything is stopped and freed. AH_ETIMEOUT: a store worker is still inside a store
+ * call; it keeps using the server and the store, so the caller must neither close the store nor
+ * expect a clean exit (the process should exit). NULL is accepted. */
+int ah_http_stop(ah_http_t *http, double seconds);
 
 #endif

@@ -1,7 +1,9 @@
 /* The routes of the HTTP API (docs/API.md): one handler per route, each reading its inputs,
  * doing its one thing through the state object or the store, and writing its whole JSON body
  * (the shapes of docs/API.md) into the reply. Routing, authorization and everything
- * libmicrohttpd are in core/ah_http.c. Handlers run on libmicrohttpd's threads. */
+ * libmicrohttpd are in core/ah_http.c. Handlers run on libmicrohttpd's threads and never block:
+ * what needs the store (cluster commands, history) is copied into a job that a store worker runs
+ * (run_*), and a reload waits parked (check_reload); see core/ah_http_park.c. */
 #include "ah_http_handlers.h"
 
 #include "ah_json.h"
@@ -58,19 +60,6 @@ void ah_http_reply_error(http_reply_t *reply, unsigned status, const char *fmt, 
     ah_json_str(&reply->body, "status", "error");
     ah_json_str(&reply->body, "error", message);
     ah_json_close(&reply->body);
-}
-
-/* Copies s into out (size n) with control characters replaced by spaces, so that a client's
- * text cannot forge log lines. */
-static const char *log_safe(const char *s, char *out, size_t n)
-{
-    ah_strlcpy(out, s, n);
-    for (char *p = out; *p != '\0'; p++) {
-        if ((unsigned char)*p < 0x20 || *p == 0x7F) {
-            *p = ' ';
-        }
-    }
-    return out;
 }
 
 /* ---- request inputs --------------------------------------------------------------------- */
@@ -183,33 +172,34 @@ static const char *const propagation_verbs[] = {
     [AH_CMD_SHUTDOWN] = "shutdown gracefully",
 };
 
-void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
-{
-    ah_http_t *http = call->http;
+/* A cluster command on its way to a store worker: the inputs, copied out of the connection. */
+typedef struct cluster_command_job_s {
+    ah_http_t *http;
     ah_command_t cmd;
-    const char *reason;
-    const char *updated_by;
-    if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
-        return;
-    }
-    if (http->store == NULL) {
-        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
-        return;
-    }
+    char reason[AH_REASON_MAX + 1];
+    char updated_by[AH_NAME_MAX + 1];
+} cluster_command_job_t;
+
+/* Store worker: writes the command and answers with the new document. */
+static void run_cluster_command(void *arg, http_reply_t *reply)
+{
+    const cluster_command_job_t *job = arg;
+    ah_http_t *http = job->http;
+    ah_command_t cmd = job->cmd;
     ah_control_t doc;
     char err[AH_ERRLEN] = "";
     /* Between begin and end this agent logs no cluster transition: its own "Agent paused"
      * follows the "issued" line even when its watcher sees the write first (change streams). */
     ah_state_issue_begin(http->state);
-    int rc = ah_store_command(http->store, cmd, reason, updated_by, http->cfg->agent_id, &doc, err,
-                              sizeof(err));
+    int rc = ah_store_command(http->store, cmd, job->reason, job->updated_by, http->cfg->agent_id,
+                              &doc, err, sizeof(err));
     if (rc == AH_OK) {
-        char safe_by[AH_NAME_MAX + 1];
-        char safe_reason[AH_REASON_MAX + 1];
+        char safe_by[AH_NAME_MAX * 4 + 1];
+        char safe_reason[AH_REASON_MAX * 4 + 1];
         ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)",
                     ah_command_name(cmd), (long long)doc.version,
-                    log_safe(doc.updated_by, safe_by, sizeof(safe_by)),
-                    log_safe(doc.reason, safe_reason, sizeof(safe_reason)));
+                    ah_log_escape(doc.updated_by, safe_by, sizeof(safe_by)),
+                    ah_log_escape(doc.reason, safe_reason, sizeof(safe_reason)));
         /* The issuing agent applies its own command at once, without waiting for its watcher. */
         ah_state_offer_cluster(http->state, &doc);
     }
@@ -256,6 +246,32 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
     ah_json_str(b, "reason", doc.reason);
     ah_json_str(b, "propagation", propagation);
     ah_json_close(b);
+}
+
+/* POST /api/cluster/<command>: checked here, written to the store by a store worker. */
+void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
+{
+    ah_http_t *http = call->http;
+    ah_command_t cmd;
+    const char *reason;
+    const char *updated_by;
+    if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
+        return;
+    }
+    if (http->store == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    cluster_command_job_t *job = calloc(1, sizeof(*job));
+    if (job == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
+    }
+    job->http = http;
+    job->cmd = cmd;
+    ah_strlcpy(job->reason, reason, sizeof(job->reason));
+    ah_strlcpy(job->updated_by, updated_by, sizeof(job->updated_by));
+    ah_http_run_job(call, reply, run_cluster_command, job, free);
 }
 
 void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply)
@@ -316,23 +332,17 @@ void ah_http_handle_stats(http_call_t *call, http_reply_t *reply)
     ah_json_close(b);
 }
 
-void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
+/* History on its way to a store worker. */
+typedef struct history_job_s {
+    ah_store_t *store;
+    int limit;
+} history_job_t;
+
+/* Store worker: reads the audit entries and answers with them. */
+static void run_history(void *arg, http_reply_t *reply)
 {
-    if (call->http->store == NULL) {
-        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
-        return;
-    }
-    int limit = HTTP_HISTORY_DEFAULT;
-    const char *text = NULL;
-    size_t len = 0;
-    if (MHD_lookup_connection_value_n(call->conn, MHD_GET_ARGUMENT_KIND, "limit", 5, &text, &len) ==
-        MHD_YES) {
-        if (text == NULL || strlen(text) != len || parse_limit(text, &limit) != AH_OK) {
-            ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
-                                "limit must be an integer between 1 and %d", AH_HISTORY_MAX);
-            return;
-        }
-    }
+    const history_job_t *job = arg;
+    int limit = job->limit;
     ah_control_t *entries = calloc((size_t)limit, sizeof(*entries));
     if (entries == NULL) {
         ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
@@ -340,7 +350,7 @@ void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
     }
     int count = 0;
     char err[AH_ERRLEN] = "";
-    int rc = ah_store_history(call->http->store, limit, entries, &count, err, sizeof(err));
+    int rc = ah_store_history(job->store, limit, entries, &count, err, sizeof(err));
     if (rc != AH_OK) {
         ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
                             err);
@@ -367,6 +377,34 @@ cleanup:
     free(entries);
 }
 
+/* GET /api/cluster/history: checked here, read from the store by a store worker. */
+void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
+{
+    if (call->http->store == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    int limit = HTTP_HISTORY_DEFAULT;
+    const char *text = NULL;
+    size_t len = 0;
+    if (MHD_lookup_connection_value_n(call->conn, MHD_GET_ARGUMENT_KIND, "limit", 5, &text, &len) ==
+        MHD_YES) {
+        if (text == NULL || strlen(text) != len || parse_limit(text, &limit) != AH_OK) {
+            ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                                "limit must be an integer between 1 and %d", AH_HISTORY_MAX);
+            return;
+        }
+    }
+    history_job_t *job = calloc(1, sizeof(*job));
+    if (job == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
+    }
+    job->store = call->http->store;
+    job->limit = limit;
+    ah_http_run_job(call, reply, run_history, job, free);
+}
+
 /* ---- agent routes ----------------------------------------------------------------------- */
 
 static const char *const requested_messages[] = {
@@ -388,16 +426,31 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
         /* The state machine refuses it too (a race with the hold is settled there); this only
          * tells the caller at once. */
         ah_http_reply_error(
-            reply, 409,
+            reply, MHD_HTTP_CONFLICT,
             "this agent is held paused because the cluster command is 'shutdown': only a "
             "cluster command releases it (POST /api/cluster/resume, agenthost ctl resume)");
         return;
     }
     /* Logged first, so that the agent's own "Agent paused" line follows it. */
-    char safe_by[AH_NAME_MAX + 1];
+    char safe_by[AH_NAME_MAX * 4 + 1];
     ah_log_info("Local command %s requested through the API by %s", ah_command_name(cmd),
-                log_safe(updated_by, safe_by, sizeof(safe_by)));
-    ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
+                ah_log_escape(updated_by, safe_by, sizeof(safe_by)));
+    int rc = ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
+    if (rc == AH_EINVAL) {
+        ah_log_warn("Local command %s refused: the agent is shutting down", ah_command_name(cmd));
+        ah_http_reply_error(reply, MHD_HTTP_CONFLICT,
+                            "the agent is shutting down (a shutdown is final): %s not applied",
+                            call->name);
+        return;
+    }
+    if (rc == AH_EUNAVAIL) {
+        ah_log_warn("Local command %s refused: the agent is starting (not synced yet)",
+                    ah_command_name(cmd));
+        ah_http_reply_error(reply, MHD_HTTP_CONFLICT,
+                            "the agent is starting: it has not synced to the cluster state yet; "
+                            "local pause and resume are accepted once it has (see /readyz)");
+        return;
+    }
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
     ah_buf_t *b = &reply->body;
@@ -416,21 +469,30 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     ah_json_close(b);
 }
 
-/* POST /api/agent/reload: loads the script again between batches and answers with the outcome
- * (waiting up to RELOAD_WAIT_S for the current batch to finish; 202 if it is still running). */
-void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
+/* A reload request waiting for its outcome (parked: no thread waits). */
+typedef struct reload_wait_s {
+    ah_http_t *http;
+    uint64_t ticket;
+} reload_wait_t;
+
+/* Park check: answers with the reload's outcome once known; 202 at the deadline or when the
+ * worker has stopped without getting to it. */
+static bool check_reload(void *arg, bool expired, http_reply_t *reply)
 {
-    ah_http_t *http = call->http;
-    uint64_t ticket = ah_state_request_reload(http->state);
+    const reload_wait_t *wait = arg;
+    ah_http_t *http = wait->http;
     char err[AH_ERRLEN];
-    int rc = ah_state_wait_reload(http->state, ticket, RELOAD_WAIT_S, err, sizeof(err));
+    int rc = ah_state_reload_outcome(http->state, wait->ticket, err, sizeof(err));
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(http->state, &snap);
+    if (rc == AH_ETIMEOUT && !expired && snap.state != AH_STATE_STOPPED) {
+        return false;
+    }
     if (rc == AH_ELUA) {
         ah_http_reply_error(reply, MHD_HTTP_UNPROCESSABLE_CONTENT,
                             "reload failed, the previous script keeps running: %s", err);
-        return;
+        return true;
     }
-    ah_state_snapshot_t snap;
-    ah_state_snapshot(http->state, &snap);
     ah_buf_t *b = &reply->body;
     if (rc == AH_ETIMEOUT) {
         reply->status = MHD_HTTP_ACCEPTED;
@@ -444,6 +506,22 @@ void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
     ah_json_str(b, "state", ah_run_state_name(snap.state));
     ah_json_int(b, "reloads", (int64_t)snap.reloads);
     ah_json_close(b);
+    return true;
+}
+
+/* POST /api/agent/reload: loads the script again between batches and answers with the outcome
+ * (the request is parked up to RELOAD_WAIT_S for the current batch to finish; 202 if it is still
+ * running). */
+void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
+{
+    reload_wait_t *wait = calloc(1, sizeof(*wait));
+    if (wait == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
+    }
+    wait->http = call->http;
+    wait->ticket = ah_state_request_reload(call->http->state);
+    ah_http_park_release(ah_http_park(call, reply, RELOAD_WAIT_S, check_reload, wait, free));
 }
 
 /* Seconds since started_us, rounded to milliseconds. */
@@ -577,6 +655,7 @@ void ah_http_handle_metrics(http_call_t *call, http_reply_t *reply)
     ah_state_snapshot(call->http->state, &snap);
     reply->content_type = METRICS_TYPE;
     ah_metrics_render_agent(&snap, uptime_seconds(&snap), &reply->body);
+    ah_http_park_render_metrics(call->http, &reply->body);
     if (call->http->metrics != NULL) {
         ah_metrics_render(call->http->metrics, &reply->body); /* agent.metrics */
     }

@@ -64,6 +64,64 @@ static void write_all(const char *p, size_t n)
     }
 }
 
+/* Appends msg to a text record: a line break continues on an indented line (none after a
+ * trailing one), other control characters are escaped. */
+static void append_text_safe(ah_buf_t *line, const char *msg)
+{
+    size_t len = strlen(msg);
+    while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == '\r')) {
+        len--;
+    }
+    size_t start = 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)msg[i];
+        if (c >= 0x20 && c != 0x7f) {
+            continue;
+        }
+        if (c == '\t') {
+            continue;
+        }
+        ah_buf_append(line, msg + start, i - start);
+        start = i + 1;
+        if (c == '\n') {
+            ah_buf_append(line, "\n    ", 5);
+        } else if (c == '\r') {
+            ah_buf_append(line, "\\r", 2);
+        } else {
+            ah_buf_printf(line, "\\x%02x", c);
+        }
+    }
+    ah_buf_append(line, msg + start, len - start);
+}
+
+const char *ah_log_escape(const char *s, char *out, size_t n)
+{
+    size_t used = 0;
+    if (n == 0) {
+        return out;
+    }
+    for (const unsigned char *p = (const unsigned char *)(s != NULL ? s : ""); *p != '\0'; p++) {
+        char esc[5];
+        size_t len = 1;
+        esc[0] = (char)*p;
+        if (*p == '\n' || *p == '\r' || *p == '\t') {
+            esc[0] = '\\';
+            esc[1] = *p == '\n' ? 'n' : *p == '\r' ? 'r' : 't';
+            len = 2;
+        } else if (*p < 0x20 || *p == 0x7f) {
+            snprintf(esc, sizeof(esc), "\\x%02x", *p);
+            len = 4;
+        }
+        if (used + len >= n) {
+            break;
+        }
+        memcpy(out + used, esc, len);
+        used += len;
+    }
+    out[used] = '\0';
+    return out;
+}
+
 void ah_log(ah_log_level_t level, const char *fmt, ...)
 {
     if (level < log_level || level > AH_LOG_ERROR) {
@@ -89,7 +147,9 @@ void ah_log(ah_log_level_t level, const char *fmt, ...)
         ah_json_close(&line);
         ah_buf_append(&line, "\n", 1);
     } else {
-        ah_buf_printf(&line, "[%s] %s\n", level_names[level], msg);
+        ah_buf_printf(&line, "[%s] ", level_names[level]);
+        append_text_safe(&line, msg);
+        ah_buf_append(&line, "\n", 1);
     }
     if (ah_buf_ok(&line)) {
         write_all(line.data, line.len);

@@ -5,9 +5,9 @@
  * kept as registry refs. Every later call of user Lua goes through call_user(), the one wrapper
  * that installs the traceback handler, arms and disarms the time budget, marks the call in the
  * shared state and turns errors into "<error>\n<traceback>". The budget is enforced the way
- * luajit.c handles SIGINT: ah_lua_interrupt() installs a hook from another thread and the hook
- * raises the timeout error inside the Lua thread; a call sequence number makes a late interrupt
- * harmless. */
+ * luajit.c handles SIGINT: ah_lua_interrupt() signals the Lua thread, whose handler installs a
+ * hook, and the hook raises the timeout error inside the Lua thread; a call sequence number
+ * makes a late interrupt harmless. */
 #include "ah_lua.h"
 
 #include "ah_log.h"
@@ -18,6 +18,8 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,9 +67,11 @@ struct ah_lua_s {
      * thread (atomics); the rest is Lua-thread only. */
     _Atomic uint64_t call_seq;
     _Atomic uint64_t interrupt_seq;
-    atomic_bool hook_set; /* a hook may be installed: the call's end must remove it */
-    bool timed_out;       /* the running call was stopped by the budget */
-    int64_t deadline_us;  /* monotonic deadline of the running call, 0 if none */
+    _Atomic uint64_t call_generation; /* the state object's number for the running call */
+    _Atomic pthread_t thread;         /* the thread running the calls (the signal's target) */
+    atomic_bool hook_set;             /* a hook may be installed: the call's end must remove it */
+    bool timed_out;                   /* the running call was stopped by the budget */
+    int64_t deadline_us;              /* monotonic deadline of the running call, 0 if none */
 
     /* agent.mongo's connection (not owned; may be NULL: calls fail "not configured"). */
     ah_lua_mongo_t *mongo;
@@ -106,6 +110,12 @@ static ah_lua_t *host_from_registry(lua_State *L)
 }
 
 /* ---- time budget ------------------------------------------------------------------------- */
+
+/* The state whose call runs on this thread (NULL between calls): read by the interrupt signal's
+ * handler, which runs on this thread. */
+static _Thread_local ah_lua_t *volatile thread_lua;
+static _Thread_local pthread_t thread_self; /* pthread_self() of this thread, once known */
+static _Thread_local bool thread_self_known;
 
 static void budget_hook(lua_State *L, lua_Debug *ar);
 
@@ -155,17 +165,28 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
  * ah_lua_interrupt() and the deadline in agent.sleep() enforce the budget instead. */
 static void budget_arm(ah_lua_t *lua)
 {
+    int64_t now = ah_mono_coarse_us(); /* one cheap clock read per call */
+    /* The generation and the thread are published by the release store of call_seq below. */
+    atomic_store_explicit(&lua->call_generation,
+                          lua->state != NULL ? ah_state_call_begin_at(lua->state, now) : 0,
+                          memory_order_relaxed);
+    /* The thread running this call (the script's main chunk may run on another thread than
+     * its batches): compared with a per-thread copy, so no call of pthread_self() per call. */
+    if (!thread_self_known) {
+        thread_self = pthread_self();
+        thread_self_known = true;
+    }
+    if (!pthread_equal(atomic_load_explicit(&lua->thread, memory_order_relaxed), thread_self)) {
+        atomic_store_explicit(&lua->thread, thread_self, memory_order_relaxed);
+    }
+    thread_lua = lua;
     /* Only this thread writes call_seq: a release store (a plain move on x86) is enough. */
     uint64_t seq = atomic_load_explicit(&lua->call_seq, memory_order_relaxed);
     atomic_store_explicit(&lua->call_seq, seq + 1, memory_order_release);
     lua->timed_out = false;
     lua->deadline_us = 0;
-    int64_t now = ah_mono_coarse_us(); /* one cheap clock read per call */
     if (lua->batch_timeout > 0) {
         lua->deadline_us = now + (int64_t)(lua->batch_timeout * 1e6);
-    }
-    if (lua->state != NULL) {
-        ah_state_call_begin_at(lua->state, now);
     }
 }
 
@@ -184,9 +205,51 @@ static void budget_disarm(ah_lua_t *lua)
         lua_sethook(lua->L, NULL, 0, 0);
     }
     lua->deadline_us = 0;
+    thread_lua = NULL; /* an interrupt signal arriving from now on is stale */
     if (lua->state != NULL) {
         ah_state_call_end(lua->state);
     }
+}
+
+/* Interrupting from another thread. lua_sethook() on a state whose thread may itself be calling
+ * lua_sethook() (at the end of every call, in the hook) races; so, like luajit.c, whose SIGINT
+ * handler runs on the Lua thread, the hook is installed on the Lua thread itself: the
+ * interrupter records which call it aims at (interrupt_seq) and sends AH_LUA_INTERRUPT_SIGNAL to
+ * that thread, whose handler installs the hook on the state running there (thread_lua). The hook
+ * compares sequence numbers, so a signal that arrives late does nothing. */
+#define AH_LUA_INTERRUPT_SIGNAL (SIGRTMIN + 5)
+
+static void on_interrupt_signal(int signum)
+{
+    (void)signum;
+    int saved_errno = errno;
+    ah_lua_t *lua = thread_lua;
+    if (lua != NULL && atomic_load(&lua->interrupt_seq) != 0) {
+        atomic_store(&lua->hook_set, true);
+        lua_sethook(lua->L, budget_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+    }
+    errno = saved_errno;
+}
+
+static pthread_once_t interrupt_signal_once = PTHREAD_ONCE_INIT;
+
+static void install_interrupt_signal(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_interrupt_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(AH_LUA_INTERRUPT_SIGNAL, &sa, NULL) != 0) {
+        ah_log_error("cannot install the Lua interrupt signal handler: %s", strerror(errno));
+    }
+}
+
+/* Aims an interrupt at the call numbered seq (odd) and signals its thread. */
+static void interrupt_call_seq(ah_lua_t *lua, uint64_t seq)
+{
+    atomic_store(&lua->interrupt_seq, seq);
+    pthread_kill(atomic_load(&lua->thread), AH_LUA_INTERRUPT_SIGNAL);
 }
 
 void ah_lua_interrupt(ah_lua_t *lua)
@@ -198,11 +261,21 @@ void ah_lua_interrupt(ah_lua_t *lua)
     if ((seq & 1) == 0) {
         return; /* no call running: nothing to stop */
     }
-    atomic_store(&lua->interrupt_seq, seq);
-    atomic_store(&lua->hook_set, true);
-    /* As luajit.c does from its SIGINT handler: LuaJIT's lua_sethook only stores the hook and
-     * switches the dispatch table, so it may be called while the Lua thread runs. */
-    lua_sethook(lua->L, budget_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+    interrupt_call_seq(lua, seq);
+}
+
+void ah_lua_interrupt_call(ah_lua_t *lua, uint64_t generation)
+{
+    if (lua == NULL || generation == 0) {
+        return;
+    }
+    uint64_t seq = atomic_load(&lua->call_seq);
+    /* seq first: if the generation still matches after it, seq is that call's (a later call
+     * would have changed the generation before making seq odd again). */
+    if ((seq & 1) == 0 || atomic_load(&lua->call_generation) != generation) {
+        return;
+    }
+    interrupt_call_seq(lua, seq);
 }
 
 /* ---- the one call wrapper ---------------------------------------------------------------- */
@@ -785,6 +858,9 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     }
     atomic_init(&lua->call_seq, 0);
     atomic_init(&lua->interrupt_seq, 0);
+    atomic_init(&lua->call_generation, 0);
+    atomic_init(&lua->thread, pthread_self());
+    pthread_once(&interrupt_signal_once, install_interrupt_signal);
     atomic_init(&lua->hook_set, false);
 
     lua->script = strdup(script_path);

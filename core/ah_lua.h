@@ -71,8 +71,15 @@ int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen);
  * loaded the module. 0, AH_ELUA or AH_ETIMEOUT. */
 int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen);
 /* Asks the running call to stop with an error at its next instruction check. Safe from any
- * thread and from signal handlers. Code running inside a JIT-compiled trace does not see the
- * request until it leaves the trace (LuaJIT does not run hooks in compiled code). */
+ * thread and from signal handlers, as long as the thread that runs the calls has not been
+ * joined: the request reaches it as the real-time signal SIGRTMIN+5, whose handler (installed by
+ * the first ah_lua_open) installs the hook on that thread itself. Code running inside a
+ * JIT-compiled trace does not see the request until it leaves the trace (LuaJIT does not run
+ * hooks in compiled code). */
 void ah_lua_interrupt(ah_lua_t *lua);
+/* As ah_lua_interrupt, but only if the running call is the one the state object numbered
+ * `generation` (ah_state_snapshot_t.call_generation): a decision taken on a snapshot never
+ * stops a later call, nor a call of another state. */
+void ah_lua_interrupt_call(ah_lua_t *lua, uint64_t generation);
 
 #endif

@@ -14,6 +14,8 @@
 #include <string.h>
 #include <time.h>
 
+#define RELOAD_OUTCOMES 8 /* reload outcomes kept for requesters that have not looked yet */
+
 struct ah_state_s {
     pthread_mutex_t lock;
     pthread_mutex_t issue_lock; /* held by an HTTP thread issuing a cluster command (see .h) */
@@ -27,8 +29,9 @@ struct ah_state_s {
     atomic_bool has_event; /* written under lock; read lock-free as a hint */
     ah_event_t pending;
     bool shutdown_final; /* a local/signal shutdown is pending or applied: nothing replaces it */
-    _Atomic bool held;   /* paused because the cluster command was shutdown at startup (the
-                            table's "held" row); written under lock by the worker */
+    int64_t stop_requested_us; /* monotonic: when the pending or applied shutdown was offered */
+    _Atomic bool held;         /* paused because the cluster command was shutdown at startup (the
+                                  table's "held" row); written under lock by the worker */
     ah_store_status_t store;
     _Atomic uint64_t batches;
     _Atomic uint64_t batch_errors;
@@ -36,16 +39,29 @@ struct ah_state_s {
     uint64_t commands_applied;
     uint64_t hook_errors;
     int64_t started_us;
-    _Atomic int64_t call_started_us; /* written by the worker only */
+    _Atomic int64_t call_started_us;  /* written by the worker only */
+    _Atomic uint64_t call_generation; /* number of the running call, 0 if none (worker only) */
+    _Atomic uint64_t calls_begun;     /* calls numbered so far (worker only) */
     atomic_bool call_overrun;
     double last_control_lag_ms;
     /* Script reload: requests are numbered; the worker completes them in order. */
     _Atomic uint64_t reload_requested; /* number of the latest request */
     _Atomic uint64_t reload_done;      /* number of the latest completed request */
-    bool reload_ok;
-    char reload_error[AH_ERRLEN];
+    /* The outcomes of the latest reloads: entry i answered every request numbered from the
+     * previous entry's `upto` + 1 through its own `upto` (requests merged into one load). */
+    struct {
+        uint64_t upto;
+        bool ok;
+        char error[AH_ERRLEN];
+    } reload_outcomes[RELOAD_OUTCOMES];
+    unsigned reload_next; /* slot of reload_outcomes written next */
     uint64_t reloads;
     uint64_t reload_failures;
+    /* The change listener; listener_lock is taken around every call and every change of it
+     * (never while `lock` is held), so removing it waits for a call in progress. */
+    pthread_mutex_t listener_lock;
+    void (*on_change)(void *ud);
+    void *on_change_ud;
 };
 
 static const char *const state_names[] = {"starting", "running", "paused", "stopping", "stopped"};
@@ -179,6 +195,7 @@ ah_state_t *ah_state_new(void)
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->listener_lock, NULL);
     pthread_mutex_init(&s->issue_lock, NULL);
     pthread_cond_init(&s->wake, &attr);
     pthread_condattr_destroy(&attr);
@@ -199,7 +216,26 @@ void ah_state_free(ah_state_t *s)
     pthread_cond_destroy(&s->wake);
     pthread_mutex_destroy(&s->issue_lock);
     pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->listener_lock);
     free(s);
+}
+
+/* Tells the change listener, if any. Called without s->lock held. */
+static void notify_change(ah_state_t *s)
+{
+    pthread_mutex_lock(&s->listener_lock);
+    if (s->on_change != NULL) {
+        s->on_change(s->on_change_ud);
+    }
+    pthread_mutex_unlock(&s->listener_lock);
+}
+
+void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud)
+{
+    pthread_mutex_lock(&s->listener_lock);
+    s->on_change = fn;
+    s->on_change_ud = fn != NULL ? ud : NULL;
+    pthread_mutex_unlock(&s->listener_lock);
 }
 
 static void set_pending(ah_state_t *s, const ah_event_t *ev)
@@ -229,24 +265,47 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
         ah_strlcpy(ev.reason, doc->reason, sizeof(ev.reason));
         ah_strlcpy(ev.updated_by, doc->updated_by, sizeof(ev.updated_by));
         set_pending(s, &ev);
+        if (ev.source == AH_SOURCE_CLUSTER && s->state != AH_STATE_STOPPING) {
+            /* latest wins: a pending cluster shutdown replaced by a resume no longer stops */
+            s->stop_requested_us = ev.command != AH_CMD_SHUTDOWN ? 0
+                                   : s->stop_requested_us != 0   ? s->stop_requested_us
+                                                                 : ah_mono_us();
+        }
     }
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
-void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
-                          const char *updated_by)
+int ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
+                         const char *updated_by)
 {
+    int rc = AH_OK;
     pthread_mutex_lock(&s->lock);
-    if (!s->shutdown_final) {
+    if (s->shutdown_final || s->state == AH_STATE_STOPPING || s->state == AH_STATE_STOPPED) {
+        rc = AH_EINVAL;
+    } else if (s->state == AH_STATE_STARTING && src != AH_SOURCE_STARTUP &&
+               cmd != AH_CMD_SHUTDOWN) {
+        /* the startup sync (and a cluster shutdown's hold) must come first */
+        rc = AH_EUNAVAIL;
+    } else {
         ah_event_t ev = {.command = cmd, .version = 0, .timestamp_us = ah_now_us(), .source = src};
         ah_strlcpy(ev.reason, reason, sizeof(ev.reason));
         ah_strlcpy(ev.updated_by, updated_by, sizeof(ev.updated_by));
         if (cmd == AH_CMD_SHUTDOWN && src != AH_SOURCE_STARTUP) {
             s->shutdown_final = true;
+            if (s->stop_requested_us == 0) {
+                s->stop_requested_us = ah_mono_us();
+            }
+        } else if (s->state != AH_STATE_STOPPING) {
+            s->stop_requested_us = 0; /* it replaces a pending cluster shutdown */
         }
         set_pending(s, &ev);
     }
     pthread_mutex_unlock(&s->lock);
+    if (rc == AH_OK) {
+        notify_change(s);
+    }
+    return rc;
 }
 
 bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
@@ -289,9 +348,13 @@ static void state_commit(ah_state_t *s, ah_run_state_t to, bool held, const ah_e
     note_applied_locked(s, ev);
     if (to == AH_STATE_STOPPING) {
         s->shutdown_final = true;
+        if (s->stop_requested_us == 0) {
+            s->stop_requested_us = ah_mono_us();
+        }
     }
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 static void state_note_applied(ah_state_t *s, const ah_event_t *ev)
@@ -299,6 +362,7 @@ static void state_note_applied(ah_state_t *s, const ah_event_t *ev)
     pthread_mutex_lock(&s->lock);
     note_applied_locked(s, ev);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 int ah_state_apply(ah_state_t *s, const ah_event_t *ev, ah_run_state_t *from, ah_run_state_t *to,
@@ -323,6 +387,7 @@ void ah_state_set_stopped(ah_state_t *s)
     s->state = AH_STATE_STOPPED;
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 /* ah_state_wait's condition (lock held): an event, a final shutdown or a reload is pending. */
@@ -408,22 +473,35 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     out->commands_applied = s->commands_applied;
     out->hook_errors = s->hook_errors;
     out->started_us = s->started_us;
-    out->batch_started_us = atomic_load(&s->call_started_us);
+    /* started time and generation of the same call: begin stores the time, then the
+     * generation; a generation that changed while reading means another call began or ended */
+    uint64_t generation;
+    do {
+        generation = atomic_load(&s->call_generation);
+        out->batch_started_us = atomic_load(&s->call_started_us);
+    } while (generation != atomic_load(&s->call_generation));
+    out->call_generation = out->batch_started_us != 0 ? generation : 0;
     out->last_control_lag_ms = s->last_control_lag_ms;
     out->wedged = atomic_load(&s->call_overrun) && out->batch_started_us != 0;
     out->reloads = s->reloads;
     out->reload_failures = s->reload_failures;
+    out->stop_requested_us = s->stop_requested_us;
     pthread_mutex_unlock(&s->lock);
 }
 
-void ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us)
+uint64_t ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us)
 {
+    uint64_t generation = atomic_load_explicit(&s->calls_begun, memory_order_relaxed) + 1;
+    atomic_store_explicit(&s->calls_begun, generation, memory_order_relaxed);
     atomic_store_explicit(&s->call_overrun, false, memory_order_relaxed);
     atomic_store_explicit(&s->call_started_us, now_mono_us ? now_mono_us : 1, memory_order_release);
+    atomic_store_explicit(&s->call_generation, generation, memory_order_release);
+    return generation;
 }
 
 void ah_state_call_end(ah_state_t *s)
 {
+    atomic_store_explicit(&s->call_generation, 0, memory_order_release);
     atomic_store_explicit(&s->call_started_us, 0, memory_order_release);
     atomic_store_explicit(&s->call_overrun, false, memory_order_relaxed);
 }
@@ -481,8 +559,11 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
 {
     pthread_mutex_lock(&s->lock);
     s->reload_done = ticket;
-    s->reload_ok = ok;
-    ah_strlcpy(s->reload_error, ok ? "" : error, sizeof(s->reload_error));
+    unsigned slot = s->reload_next++ % RELOAD_OUTCOMES;
+    s->reload_outcomes[slot].upto = ticket;
+    s->reload_outcomes[slot].ok = ok;
+    ah_strlcpy(s->reload_outcomes[slot].error, ok ? "" : error,
+               sizeof(s->reload_outcomes[slot].error));
     if (ok) {
         s->reloads++;
     } else {
@@ -490,6 +571,7 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
     }
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    notify_change(s);
 }
 
 /* ah_state_wait_reload's condition (lock held): the awaited reload is done or the worker has
@@ -505,23 +587,45 @@ static bool reload_settled(void *arg)
     return w->s->reload_done >= w->ticket || w->s->state == AH_STATE_STOPPED;
 }
 
+/* The outcome of request `ticket` (lock held): AH_OK, AH_ELUA with err, or AH_ETIMEOUT while it
+ * is pending. A request merged with others shares the outcome of the one load that served them;
+ * a later load does not change it. */
+static int reload_outcome_locked(const ah_state_t *s, uint64_t ticket, char *err, size_t errlen)
+{
+    if (s->reload_done < ticket) {
+        snprintf(err, errlen, "the reload is still pending (the current batch has not finished)");
+        return AH_ETIMEOUT;
+    }
+    /* The load that covered the ticket is the kept one with the smallest `upto` >= ticket (the
+     * latest load is always kept, and reload_done >= ticket, so there is one). */
+    int best = -1;
+    for (unsigned i = 0; i < RELOAD_OUTCOMES; i++) {
+        uint64_t upto = s->reload_outcomes[i].upto;
+        if (upto >= ticket && (best < 0 || upto < s->reload_outcomes[best].upto)) {
+            best = (int)i;
+        }
+    }
+    if (best < 0 || s->reload_outcomes[best].ok) {
+        return AH_OK;
+    }
+    snprintf(err, errlen, "%s", s->reload_outcomes[best].error);
+    return AH_ELUA;
+}
+
+int ah_state_reload_outcome(ah_state_t *s, uint64_t ticket, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&s->lock);
+    int rc = reload_outcome_locked(s, ticket, err, errlen);
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+}
+
 int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen)
 {
     reload_wait_t wait = {s, ticket};
-    int rc;
     pthread_mutex_lock(&s->lock);
     ah_cond_wait_until(&s->wake, &s->lock, seconds, reload_settled, &wait);
-    if (s->reload_done < ticket) {
-        rc = AH_ETIMEOUT;
-        snprintf(err, errlen, "the reload is still pending (the current batch has not finished)");
-    } else if (s->reload_done > ticket) {
-        rc = AH_OK; /* superseded by a later request, which loaded the newer file */
-    } else if (s->reload_ok) {
-        rc = AH_OK;
-    } else {
-        rc = AH_ELUA;
-        snprintf(err, errlen, "%s", s->reload_error);
-    }
+    int rc = reload_outcome_locked(s, ticket, err, errlen);
     pthread_mutex_unlock(&s->lock);
     return rc;
 }

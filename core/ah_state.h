@@ -68,10 +68,13 @@ typedef struct ah_state_snapshot_s {
     uint64_t hook_errors;
     int64_t started_us;         /* wall clock at creation */
     int64_t batch_started_us;   /* monotonic start of the running batch/hook, 0 if none */
+    uint64_t call_generation;   /* number of that call (ah_lua_interrupt_call), 0 if none */
     double last_control_lag_ms; /* command timestamp → applied, last cluster command */
     bool wedged;                /* a Lua call overran BATCH_TIMEOUT and is still running */
     uint64_t reloads;           /* successful script reloads */
     uint64_t reload_failures;   /* reloads that kept the old script */
+    int64_t stop_requested_us;  /* monotonic time the shutdown now under way was requested; 0:
+                                   none (SHUTDOWN_TIMEOUT counts from here) */
 } ah_state_snapshot_t;
 
 typedef struct ah_state_s ah_state_t;
@@ -100,9 +103,13 @@ void ah_state_free(ah_state_t *s);
  * version is higher than any seen before; otherwise it becomes the cluster view and the
  * pending event (source "startup" if the agent is still starting, else "cluster"). */
 void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc);
-/* A command for this pod only (API or signal). A local shutdown is final: nothing replaces it. */
-void ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
-                          const char *updated_by);
+/* A command for this pod only (API or signal; source "startup" for the host's own startup
+ * command). A local shutdown is final: nothing replaces it. Returns AH_OK (pending), AH_EINVAL
+ * when the agent is already shutting down (a final shutdown is pending or applied), or
+ * AH_EUNAVAIL for a pause/resume while the agent is starting (it has not synced to the cluster
+ * state yet; a local shutdown is accepted). A refused command changes nothing. */
+int ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
+                         const char *updated_by);
 
 /* Lua worker: takes the pending event, if any. Returns true and fills *ev. */
 bool ah_state_take_event(ah_state_t *s, ah_event_t *ev);
@@ -133,8 +140,9 @@ ah_run_state_t ah_state_get(ah_state_t *s);
 void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out);
 
 /* Counters and markers kept by the Lua worker. */
-/* A batch or hook starts at now_mono_us (monotonic µs, e.g. ah_mono_coarse_us()). */
-void ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us);
+/* A batch or hook starts at now_mono_us (monotonic µs, e.g. ah_mono_coarse_us()). Returns its
+ * number (the call generation, > 0, unique for the state object's life). */
+uint64_t ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us);
 void ah_state_call_end(ah_state_t *s);
 void ah_state_count_batch(ah_state_t *s, bool ok);
 void ah_state_count_hook_error(ah_state_t *s);
@@ -153,6 +161,17 @@ void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char 
 /* Waits up to `seconds` for the outcome of ticket. 0 if the new script runs, AH_ELUA with err
  * when it was rejected (the old script keeps running), AH_ETIMEOUT if still pending. */
 int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *err, size_t errlen);
+/* The outcome of ticket now, without waiting: as ah_state_wait_reload with 0 seconds, except
+ * that a stopped worker is not waited for. */
+int ah_state_reload_outcome(ah_state_t *s, uint64_t ticket, char *err, size_t errlen);
+
+/* Registers fn(ud), called after every change a waiting request may be looking for: a
+ * committed transition, a finished reload, the worker's stop, a new cluster document. One
+ * listener (the HTTP module's parked requests); fn NULL removes it, and once this returns fn is
+ * not running and will not be called again. fn runs on the thread that made the change, without
+ * the state lock, and must only wake someone (it must not block or call back into the state
+ * object). */
+void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud);
 
 /* Log order on the issuing agent. An HTTP thread issuing a cluster command holds the issue lock
  * from before the store write until it has logged "issued" and offered the document; the worker

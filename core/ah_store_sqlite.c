@@ -23,6 +23,8 @@
 
 #define AH_SQLITE_BUSY_TIMEOUT_MS 5000
 #define AH_SQLITE_TXN_ATTEMPTS 4            /* whole-transaction attempts on SQLITE_BUSY */
+#define AH_SQLITE_OPEN_BUSY_MS 200          /* open: lock wait before deferring the connection */
+#define AH_SQLITE_WATCH_BUSY_MS 250         /* watcher: lock wait per (re)connection attempt */
 #define AH_SQLITE_BACKOFF_MIN_S 0.2         /* watcher: first retry delay after a failure */
 #define AH_SQLITE_BACKOFF_MAX_S 10.0        /* watcher: retry delay cap */
 #define AH_SQLITE_STATUS_MIN_GAP_US 1000000 /* watcher: at most one routine status per second */
@@ -94,11 +96,12 @@ static void sqlite_rollback(sqlite3 *db)
     }
 }
 
-/* Opens a connection to st->path with the store's pragmas. create: also create the file, the
- * schema and the initial document. Returns 0 and *out, or AH_EUNAVAIL/AH_EIO with err set
- * (*out NULL). */
-static int sqlite_connect(const ah_sqlite_store_t *st, bool create, sqlite3 **out, char *err,
-                          size_t errlen)
+/* Opens a connection to st->path with the store's pragmas, waiting up to busy_ms for another
+ * connection's lock, `attempts` times. create: also create the file, the schema and the initial
+ * document. Returns 0 and *out, or AH_EUNAVAIL/AH_EIO with err set (*out NULL); *busy (may be
+ * NULL) tells whether the failure was another connection's lock. */
+static int sqlite_connect(const ah_sqlite_store_t *st, bool create, int busy_ms, int attempts,
+                          sqlite3 **out, bool *busy, char *err, size_t errlen)
 {
     sqlite3 *db = NULL;
     sqlite3_stmt *stmt = NULL;
@@ -107,13 +110,16 @@ static int sqlite_connect(const ah_sqlite_store_t *st, bool create, sqlite3 **ou
     int rc;
 
     *out = NULL;
+    if (busy != NULL) {
+        *busy = false;
+    }
     rc = sqlite3_open_v2(st->path, &db, flags, NULL);
     if (rc != SQLITE_OK) {
         sqlite_error(err, errlen, st, db, "cannot open");
         ret = AH_EUNAVAIL;
         goto cleanup;
     }
-    sqlite3_busy_timeout(db, AH_SQLITE_BUSY_TIMEOUT_MS);
+    sqlite3_busy_timeout(db, busy_ms);
 
     /* Several agents may open a fresh file at once: the journal-mode switch and the schema can
      * meet a lock that the busy handler does not wait for, so the setup is retried. */
@@ -146,7 +152,10 @@ static int sqlite_connect(const ah_sqlite_store_t *st, bool create, sqlite3 **ou
         rc = sqlite3_extended_errcode(db);
         sqlite_error(err, errlen, st, db, "cannot set up");
         sqlite_rollback(db);
-        if (!sqlite_is_busy(rc) || attempt >= AH_SQLITE_TXN_ATTEMPTS) {
+        if (busy != NULL) {
+            *busy = sqlite_is_busy(rc);
+        }
+        if (!sqlite_is_busy(rc) || attempt >= attempts) {
             ret =
                 sqlite_is_busy(rc) || (rc & 0xff) == SQLITE_CANTOPEN || (rc & 0xff) == SQLITE_NOTADB
                     ? AH_EUNAVAIL
@@ -313,6 +322,17 @@ cleanup:
     return rc;
 }
 
+/* The API connection (api_lock held): opened here when the store was locked at open. 0, or
+ * AH_EUNAVAIL/AH_EIO with err set. */
+static int api_connect_locked(ah_sqlite_store_t *st, char *err, size_t errlen)
+{
+    if (st->api_db != NULL) {
+        return 0;
+    }
+    return sqlite_connect(st, true, AH_SQLITE_BUSY_TIMEOUT_MS, AH_SQLITE_TXN_ATTEMPTS, &st->api_db,
+                          NULL, err, errlen);
+}
+
 static int sqlite_read(ah_store_t *base, ah_control_t *out, char *err, size_t errlen)
 {
     ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
@@ -321,6 +341,10 @@ static int sqlite_read(ah_store_t *base, ah_control_t *out, char *err, size_t er
     int ret;
 
     pthread_mutex_lock(&st->api_lock);
+    ret = api_connect_locked(st, err, errlen);
+    if (ret != 0) {
+        goto cleanup;
+    }
     ret = control_select(st, st->api_db, out, &missing, err, errlen);
     if (ret != 0 && missing) {
         /* Deleted behind our back: re-created like at open, at the last audited version. */
@@ -359,7 +383,8 @@ static int sqlite_command(ah_store_t *base, ah_command_t cmd, const char *reason
     ah_strlcpy(doc.agent_id, agent_id, sizeof(doc.agent_id));
 
     pthread_mutex_lock(&st->api_lock);
-    for (int attempt = 1; attempt <= AH_SQLITE_TXN_ATTEMPTS; attempt++) {
+    ret = api_connect_locked(st, err, errlen);
+    for (int attempt = 1; ret == 0 && attempt <= AH_SQLITE_TXN_ATTEMPTS; attempt++) {
         doc.timestamp_us = ah_now_us();
         rc = command_txn(st, st->api_db, &doc, err, errlen);
         if (rc == SQLITE_OK || !sqlite_is_busy(rc)) {
@@ -367,7 +392,7 @@ static int sqlite_command(ah_store_t *base, ah_command_t cmd, const char *reason
         }
         ah_sleep(0.02 * attempt);
     }
-    if (rc != SQLITE_OK) {
+    if (ret == 0 && rc != SQLITE_OK) {
         ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
     }
     pthread_mutex_unlock(&st->api_lock);
@@ -388,6 +413,10 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
 
     *count = 0;
     pthread_mutex_lock(&st->api_lock);
+    if ((ret = api_connect_locked(st, err, errlen)) != 0) {
+        goto cleanup;
+    }
+    ret = AH_EIO;
     if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_history, -1, &stmt, NULL) != SQLITE_OK) {
         sqlite_error(err, errlen, st, st->api_db, "history failed");
         goto cleanup;
@@ -458,7 +487,10 @@ static void *watch_main(void *arg)
     for (;;) {
         int64_t now_dv;
 
-        if (db == NULL && sqlite_connect(st, false, &db, err, sizeof(err)) != 0) {
+        /* create: the file may still lack its schema if it was locked when the store opened;
+         * a short lock wait: the backoff below does the waiting, and close is not delayed. */
+        if (db == NULL && sqlite_connect(st, true, AH_SQLITE_WATCH_BUSY_MS, 1, &db, NULL, err,
+                                         sizeof(err)) != 0) {
             goto failed;
         }
         if (need_read) {
@@ -610,9 +642,17 @@ ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *e
     }
     pthread_condattr_destroy(&cond_attr);
     cond_attr_init = false;
-    if (sqlite_connect(st, true, &st->api_db, err, errlen) != 0) {
+    /* Another process may hold the write lock: then the API connection is opened by the first
+     * call that needs it and the watcher retries with backoff (the agent starts, not ready,
+     * and syncs when the lock is released). Any other failure is a configuration error. */
+    bool busy = false;
+    if (sqlite_connect(st, true, AH_SQLITE_OPEN_BUSY_MS, 1, &st->api_db, &busy, err, errlen) != 0 &&
+        !busy) {
         pthread_cond_destroy(&st->watch_cond);
         goto fail;
+    }
+    if (st->api_db != NULL) {
+        sqlite3_busy_timeout(st->api_db, AH_SQLITE_BUSY_TIMEOUT_MS);
     }
     return &st->base;
 

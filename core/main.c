@@ -133,7 +133,8 @@ static int cmd_run(int argc, char **argv)
         return 2;
     }
     ah_log_setup(cfg.log_level, cfg.log_json, cfg.agent_id);
-    ah_host_t *host = ah_host_new(&cfg, NULL, err, sizeof(err));
+    ah_host_options_t hopts = {.exit_on_shutdown_timeout = true};
+    ah_host_t *host = ah_host_new(&cfg, &hopts, err, sizeof(err));
     if (host == NULL) {
         fprintf(stderr, "agenthost: %s\n", err);
         ah_config_free(&cfg);

@@ -4,7 +4,7 @@
 # itself broke (build failure, an agent that would not start, a missing tool).
 #
 #   scripts/bench.sh                 all sections
-#   scripts/bench.sh idle rps        only the named sections (batch idle rps startup)
+#   scripts/bench.sh idle rps        only the named sections (batch idle rps startup probes ...)
 #
 # Environment: BUILD_DIR (default build; built with scripts/build.sh unless BENCH_NO_BUILD=1),
 # AGENTHOST (the binary, default $BUILD_DIR/agenthost), BENCH_BATCH (the bench_batch binary,
@@ -16,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECTIONS=(batch idle rps startup mongo lua_mongo)
+SECTIONS=(batch idle rps startup probes mongo lua_mongo)
 BUILD_DIR=${BUILD_DIR:-build}
 AGENTHOST=${AGENTHOST:-$BUILD_DIR/agenthost}
 BENCH_BATCH=${BENCH_BATCH:-$BUILD_DIR/tests/bench/bench_batch}
@@ -255,6 +255,32 @@ section_startup() {
     med=$(echo "$out" | sed -n 's/^RESULT median_ms=\([0-9.]*\).*/\1/p')
     echo "startup: exec to /readyz 200 (embedded store, fresh file) median $med ms of 10" \
         "(target <= 100 ms) $(verdict fcmp "$med <= 100")"
+}
+
+section_probes() {
+    # /healthz while the store hangs (MongoDB blackholed; the embedded store write-locked) and 8
+    # clients call the store routes; SIGTERM to exit with a request stuck in the store.
+    local out r
+    if ! out=$("$PY" "$ROOT/tests/bench/probes_bench.py" "$AGENTHOST" "$HELLO" \
+        "${BENCH_PROBE_SECONDS:-10}" 2>&1); then
+        echo "$out" | tail -20 | sed 's/^/  /'
+        die_section "probes" "the probe benchmark failed"
+        return
+    fi
+    echo "$out" | grep -v '^RESULT' | sed 's/^/  /'
+    r=$(echo "$out" | sed -n 's/^RESULT //p')
+    local bh_p99 lk_p99 bh_failed lk_failed term_max limit
+    bh_p99=$(echo "$r" | sed -n 's/.*blackhole_p99_ms=\([0-9.]*\).*/\1/p')
+    lk_p99=$(echo "$r" | sed -n 's/.*locked_p99_ms=\([0-9.]*\).*/\1/p')
+    bh_failed=$(echo "$r" | sed -n 's/.*blackhole_failed=\([0-9]*\).*/\1/p')
+    lk_failed=$(echo "$r" | sed -n 's/.*locked_failed=\([0-9]*\).*/\1/p')
+    term_max=$(echo "$r" | sed -n 's/.*sigterm_max_s=\([0-9.]*\).*/\1/p')
+    limit=$(echo "$r" | sed -n 's/.*shutdown_timeout_s=\([0-9.]*\).*/\1/p')
+    echo "probes: /healthz p99 $bh_p99 ms blackholed, $lk_p99 ms locked, $((bh_failed + lk_failed))" \
+        "failed (target p99 < 100 ms, none failed)" \
+        "$(verdict fcmp "$bh_p99 < 100 && $lk_p99 < 100 && $bh_failed + $lk_failed == 0");" \
+        "SIGTERM to exit with a request stuck in the store $term_max s" \
+        "(target <= SHUTDOWN_TIMEOUT $limit + 0.5 s) $(verdict fcmp "$term_max <= $limit + 0.5")"
 }
 
 section_mongo() {

@@ -140,7 +140,9 @@ int agenthost_stop(agenthost_t *host);
  * ev.source == "local". They return at once; the worker applies them after the running batch.
  * Thread-safe. 0, or AGENTHOST_EINVAL with the reason in agenthost_error() when the command would
  * be dropped: before the host was started, once it is stopping or stopped (agenthost_shutdown()
- * then returns 0), or a resume while the host is held paused by a cluster shutdown. */
+ * then returns 0), a resume while the host is held paused by a cluster shutdown, or a pause or
+ * resume while it is still starting (it has not synced to the cluster state yet: wait with
+ * agenthost_wait_state()). */
 int agenthost_pause(agenthost_t *host, const char *reason);
 int agenthost_resume(agenthost_t *host, const char *reason);
 int agenthost_shutdown(agenthost_t *host, const char *reason);

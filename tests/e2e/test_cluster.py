@@ -282,24 +282,30 @@ def test_store_locked_at_startup_delays_the_agent_until_released_then_it_syncs(
     first.signal(signal.SIGTERM)
     assert first.wait_exit() == 0, first.log_text()
 
-    # Another process holds the store's write lock while the agent starts (shorter than the
-    # store's busy timeout of 5 s).
+    # Another process holds the store's write lock while the agent starts, longer than the
+    # store's busy timeout (5 s): the agent starts like on an unreachable MongoDB — API up,
+    # probes answering, not ready, no batch — and syncs once the lock is released.
     holder = sqlite3.connect(state_file, isolation_level=None, timeout=0)
     holder.execute("BEGIN IMMEDIATE")
     events = tmp_path / "late.jsonl"
-    late = fleet.start(RECORDER, env=agent_env(state_file, events), name="late", wait_port=False)
+    late = fleet.start(RECORDER, env=agent_env(state_file, events), name="late")
     try:
-        late.wait_log(r"Initializing cluster coordination", timeout=15)
-        time.sleep(1.0)  # a window in which nothing may happen (the lock is still held)
+        wait_for(lambda: "locked" in late.get("/readyz", timeout=1).json()["reason"], 15,
+                 message="/readyz names the lock")
+        deadline = time.monotonic() + 6.0  # past the busy timeout: still up, still starting
+        while time.monotonic() < deadline:
+            assert late.get("/healthz", timeout=1).status == 200
+            ready = late.get("/readyz", timeout=1)
+            assert ready.status == 503 and ready.json()["state"] == "starting", ready.body
+            assert "control store" in ready.json()["reason"], ready.body
+            time.sleep(0.2)
         assert late.proc.poll() is None, late.log_text()
-        assert not late.find_logs(r"HTTP API listening|Using embedded control store"), \
-            late.log_text()
-        assert read_events(str(events)) == []  # no init, no batch while the store is locked
+        assert late.state()["batches"] == 0
+        assert count_events(read_events(str(events)), "batch_start") == 0
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    late.port = int(late.wait_log(r"HTTP API listening on [^:]+:(\d+)", timeout=15).group(1))
-    late.wait_state("paused")
+    late.wait_state("paused", timeout=20)
     st = late.state()
     assert st["applied_version"] == 1 and st["batches"] == 0, st
     ev = wait_events(str(events), lambda e: count_events(e, "on_pause") == 1, 10, "on_pause")
@@ -307,6 +313,81 @@ def test_store_locked_at_startup_delays_the_agent_until_released_then_it_syncs(
     assert count_events(ev, "batch_start") == 0, ev
     assert late.get("/readyz").status == 503
 
+
+def test_a_reason_or_name_cannot_forge_log_lines_on_any_agent(fleet, state_file, tmp_path):
+    agents = start_cluster(fleet, state_file, tmp_path, 2)
+    forged = "%0A%5BERROR%5D%20forged"  # "\n[ERROR] forged"
+    r = agents[0].post(f"/api/cluster/pause?reason=x{forged}&updated_by=ops{forged}")
+    assert r.status == 200, r.body
+    assert r.json()["reason"] == "x\n[ERROR] forged"  # stored and answered as given
+    for a in agents:
+        a.wait_state("paused")
+        a.wait_log(r"Agent paused \(cluster command")
+    r = agents[1].post(f"/api/agent/resume?reason=y{forged}&updated_by=me{forged}")
+    assert r.status == 200, r.body
+    agents[1].wait_state("running")
+    agents[1].wait_log(r"Agent running \(local command")
+    for a in agents:
+        lines = a.log_text().splitlines()
+        assert not [l for l in lines if "forged" in l and not l.startswith("[INFO]")], \
+            a.log_text()
+        assert any(r"(cluster command 'pause', version 1, by ops\n[ERROR] forged: x\n[ERROR] "
+                   r"forged)" in l for l in lines), a.log_text()
+
+
+def test_a_local_resume_while_starting_neither_skips_the_sync_nor_the_shutdown_hold(
+        fleet, state_file, tmp_path):
+    import sqlite3
+    first = start_cluster(fleet, state_file, tmp_path, 1)[0]
+    r = first.post("/api/cluster/shutdown?reason=maintenance")
+    assert r.status == 200, r.body
+    assert first.wait_exit() == 0, first.log_text()
+
+    holder = sqlite3.connect(state_file, isolation_level=None, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    events = tmp_path / "late.jsonl"
+    late = fleet.start(RECORDER, env=agent_env(state_file, events), name="late")
+    try:
+        assert late.state()["state"] == "starting"
+        for path in ("/api/agent/resume", "/api/agent/pause"):
+            r = late.post(path)
+            assert r.status == 409, r.body
+            assert "has not synced to the cluster state yet" in r.json()["error"], r.body
+        late.signal(signal.SIGUSR2)
+        late.wait_log(r"SIGUSR2 ignored: the agent is starting")
+        assert late.state()["state"] == "starting" and late.state()["batches"] == 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    late.wait_state("paused", timeout=20)  # held paused by the cluster shutdown
+    assert late.wait_log(r"stays paused until POST /api/cluster/resume")
+    st = late.state()
+    assert st["applied_version"] == 1 and st["batches"] == 0 and not st["local_override"], st
+    r = late.post("/api/agent/pause")  # synced now: a local command is accepted again
+    assert r.status == 200, r.body
+    r = late.post("/api/agent/resume")  # but a held agent is released by a cluster command only
+    assert r.status == 409 and "held paused" in r.json()["error"], r.body
+
+
+def test_local_commands_after_a_final_shutdown_answer_409(fleet, state_file, tmp_path):
+    path = tmp_path / "slow_batch.lua"
+    path.write_text('jit.off()\nlocal M = {}\n'
+                    'function M.batch()\n'
+                    '    local t = os.clock() + 2\n'
+                    '    while os.clock() < t do local x = {} end\n'
+                    '    return 1\n'
+                    'end\nreturn M\n')
+    a = fleet.start(str(path), env=agent_env(state_file), name="slow")
+    a.wait_state("running", timeout=15)
+    # each batch spins 2 s and the next starts at once: after the first, one is always running
+    wait_for(lambda: a.state()["batches"] >= 1, 10, message="the first batch done")
+    r = a.post("/api/agent/shutdown?reason=final")
+    assert r.status == 200, r.body
+    for cmd in ("pause", "resume", "shutdown"):
+        r = a.post(f"/api/agent/{cmd}")  # the batch still runs: the agent is still up
+        assert r.status == 409, (cmd, r.body)
+        assert "the agent is shutting down" in r.json()["error"], r.body
+    assert a.wait_exit() == 0, a.log_text()
 
 def test_the_issuing_agent_logs_issued_before_its_own_transition(fleet, state_file, tmp_path):
     a = start_cluster(fleet, state_file, tmp_path, 1)[0]

@@ -98,3 +98,17 @@ def test_check_rejects_script_without_batch():
     p = run_cli(["check", script("no_batch.lua")])
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert "batch" in p.stdout + p.stderr
+
+
+def test_a_scripts_multi_line_message_continues_indented_and_control_bytes_are_escaped(
+        fleet, state_file, tmp_path):
+    path = tmp_path / "multiline.lua"
+    path.write_text('local agent = require "agent"\n'
+                    'local M = {}\n'
+                    'function M.init() agent.log.warn("first\\n[ERROR] forged\\r\\27[31mred") end\n'
+                    'function M.batch() agent.sleep(1) return 0 end\n'
+                    'return M\n')
+    a = fleet.start(str(path), env=agent_env(state_file), name="multiline")
+    a.wait_log(r"^\[WARNING\] first$")
+    a.wait_log(r"^    \[ERROR\] forged\\r\\x1b\[31mred$")
+    assert not a.find_logs(r"^\[ERROR\]"), a.log_text()

@@ -133,3 +133,71 @@ def test_metric_names_are_validated(fleet, tmp_path, state_file):
     r = run_cli(["check", str(path)])
     assert r.returncode == 2
     assert "invalid metric name" in r.stderr
+
+
+SPINNING = """
+jit.off()  -- interpreted: hooks (the BATCH_TIMEOUT interrupt) reach it
+local agent = require "agent"
+local M = {{}}
+local function spin(seconds)
+    local until_clock = os.clock() + seconds
+    while os.clock() < until_clock do local x = {{}} end
+end
+function M.init()
+    agent.log.info("init of version {version}")
+    spin({init_seconds})
+end
+function M.batch()
+    agent.log.info("spinning batch of version {version}")
+    spin({batch_seconds})
+    return 1
+end
+return M
+"""
+
+
+def write_spinning(path, version, init_seconds=0, batch_seconds=0.05):
+    path.write_text(SPINNING.format(version=version, init_seconds=init_seconds,
+                                    batch_seconds=batch_seconds))
+
+
+def test_a_reloaded_scripts_endless_init_is_interrupted_and_the_old_script_keeps_running(
+        fleet, tmp_path, state_file):
+    path = tmp_path / "spinning.lua"
+    write_spinning(path, 1)
+    a = fleet.start(str(path), env=agent_env(state_file, BATCH_TIMEOUT=1), name="reloader")
+    a.wait_state("running", timeout=15)
+    a.wait_log(r"spinning batch of version 1")
+    write_spinning(path, 2, init_seconds=3600)
+    r = a.post("/api/agent/reload", timeout=15)
+    assert r.status == 422, r.body  # not 202 after 10 s with the agent wedged in init
+    assert "BATCH_TIMEOUT" in r.json()["error"], r.body
+    assert a.find_logs(r"init of version 2")
+    count = len(a.find_logs(r"spinning batch of version 1"))
+    a.wait_log(r"spinning batch of version 1", count=count + 3)
+    wait_for(lambda: a.get("/healthz").status == 200, 10, message="healthz 200 again")
+
+
+def test_concurrent_reloads_of_a_broken_script_all_answer_422(fleet, tmp_path, state_file):
+    import threading
+    path = tmp_path / "spinning.lua"
+    write_spinning(path, 1, batch_seconds=1.0)
+    a = fleet.start(str(path), env=agent_env(state_file), name="reloader")
+    a.wait_state("running", timeout=15)
+    a.wait_log(r"spinning batch of version 1")
+    count = len(a.find_logs(r"spinning batch of version 1"))
+    path.write_text("this is not Lua\n")
+    # Both requests arrive while the same batch runs: one load serves both.
+    a.wait_log(r"spinning batch of version 1", count=count + 1)
+    answers = []
+    clients = [threading.Thread(target=lambda: answers.append(
+        a.post("/api/agent/reload", timeout=15))) for _ in range(2)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    assert [r.status for r in answers] == [422, 422], [(r.status, r.body) for r in answers]
+    for r in answers:
+        assert "reload failed, the previous script keeps running" in r.json()["error"]
+    assert metric(a, "agenthost_reload_failures_total") == 1  # merged into one load
+    assert metric(a, "agenthost_reloads_total") == 0

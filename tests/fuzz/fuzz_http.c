@@ -91,7 +91,7 @@ static void stop_server(void)
 {
     atomic_store(&server.stop, true);
     pthread_join(server.worker, NULL);
-    ah_http_stop(server.http);
+    ah_http_stop(server.http, 5);
     ah_store_close(server.store);
     ah_metrics_free(server.metrics);
     ah_state_free(server.state);

@@ -331,7 +331,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     fixture_t *fx = *state;
-    ah_http_stop(fx->http);
+    ah_http_stop(fx->http, 5);
     ah_store_close(fx->store);
     ah_state_free(fx->state);
     ah_config_free(&fx->cfg);
@@ -386,6 +386,14 @@ static void worker_apply(ah_state_t *s)
     }
 }
 
+/* Takes the state out of "starting" as the startup sync would (running). */
+static void sync_running(ah_state_t *s)
+{
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_RUNNING, AH_SOURCE_STARTUP, "", "system"),
+                     AH_OK);
+    worker_apply(s);
+}
+
 static void offer_cluster(ah_state_t *s, ah_command_t cmd, int64_t version, int64_t ts,
                           const char *reason, const char *updated_by)
 {
@@ -425,7 +433,7 @@ static void test_start_reports_port_and_port_in_use_fails(void **state)
     assert_string_equal(err, expected);
 
     /* stopping releases the port at once */
-    ah_http_stop(fx->http);
+    ah_http_stop(fx->http, 5);
     fx->http = ah_http_start(&cfg, fx->state, NULL, NULL, err, sizeof(err));
     if (fx->http == NULL) {
         fail_msg("restart on port %d: %s", fx->port, err);
@@ -445,7 +453,7 @@ static void test_start_reports_port_and_port_in_use_fails(void **state)
     assert_null(ah_http_start(&cfg, fx->state, NULL, NULL, err, sizeof(err)));
     assert_string_equal(err, "invalid HTTP_BIND \"not-an-address\" (expected an IP address)");
     ah_config_free(&cfg);
-    ah_http_stop(NULL);
+    ah_http_stop(NULL, 0);
 }
 
 static void test_cluster_pause_and_resume_through_embedded_store(void **state)
@@ -621,7 +629,8 @@ static void test_store_unavailable_is_503_and_writes_nothing(void **state)
 static void test_distributed_control_disabled_is_503(void **state)
 {
     fixture_t *fx = *state;
-    start(fx); /* store NULL */
+    start(fx);               /* store NULL */
+    sync_running(fx->state); /* local commands are refused while starting */
     const char *message = "distributed control is disabled (ENABLE_DISTRIBUTED_CONTROL=false); "
                           "use /api/agent/* for this pod";
     const char *routes[][2] = {{"POST", "/api/cluster/pause"},
@@ -818,6 +827,7 @@ static void test_bad_parameters_are_400(void **state)
 {
     fixture_t *fx = *state;
     start_with_fake(fx);
+    sync_running(fx->state); /* local commands are refused while starting */
     size_t cap = 6000;
     char *target = malloc(cap);
     assert_non_null(target);
@@ -926,6 +936,7 @@ static void test_many_query_parameters_are_refused_promptly(void **state)
 {
     fixture_t *fx = *state;
     start_with_fake(fx);
+    sync_running(fx->state); /* local commands are refused while starting */
     const size_t sizes[] = {4000, 8000, 16 * 1024, 60 * 1024};
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
         char *target = malloc(sizes[i] + 1);
@@ -969,6 +980,7 @@ static void test_request_bodies_are_drained_and_bounded(void **state)
 {
     fixture_t *fx = *state;
     start_with_fake(fx);
+    sync_running(fx->state); /* local commands are refused while starting */
     char request[16384];
     char body[10000];
     memset(body, 'b', sizeof(body));
@@ -982,7 +994,7 @@ static void test_request_bodies_are_drained_and_bounded(void **state)
     http_resp_t r = http_raw(fx->port, request, (size_t)n);
     assert_int_equal(r.status, 200);
     assert_contains(r.body, "Pause requested for this agent");
-    assert_contains(r.body, "{\"status\":\"ok\",\"state\":\"starting\"}");
+    assert_contains(r.body, "{\"status\":\"ok\",\"state\":\"running\"}");
     resp_free(&r);
 
     /* announced too large: 413 at once */

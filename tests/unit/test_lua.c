@@ -275,6 +275,13 @@ static void test_sleep_returns_early_when_a_command_arrives(void **unused)
     setenv("AH_TEST_SLEEP", "30", 1);
     ah_state_t *state = ah_state_new();
     assert_non_null(state);
+    /* synced and running: local commands are accepted (not while starting) */
+    assert_int_equal(ah_state_offer_local(state, AH_CMD_RUNNING, AH_SOURCE_STARTUP, "", ""), AH_OK);
+    ah_event_t ev;
+    ah_run_state_t from, to;
+    ah_hook_t hook;
+    assert_true(ah_state_take_event(state, &ev));
+    assert_int_equal(ah_state_apply(state, &ev, &from, &to, &hook), AH_OK);
     ah_lua_t *lua = open_ok(FIXTURE("sleepy.lua"), state, 0);
     offer_arg_t arg = {.state = state};
     atomic_init(&arg.done, false);
@@ -407,6 +414,63 @@ static void test_late_interrupt_does_not_break_the_next_call(void **unused)
     ah_lua_close(lua);
 }
 
+typedef struct {
+    ah_lua_t *lua;
+    ah_state_t *state;
+    atomic_bool stale_sent;
+} stale_interrupter_t;
+
+/* Takes the generation of the first call it sees (as the watchdog's snapshot would), waits until
+ * that call has ended and the next one runs, then interrupts with the old generation. */
+static void *interrupt_with_a_stale_generation(void *p)
+{
+    stale_interrupter_t *it = p;
+    uint64_t first = 0;
+    for (int i = 0; i < 20000 && !atomic_load(&it->stale_sent); i++) {
+        ah_state_snapshot_t snap;
+        ah_state_snapshot(it->state, &snap);
+        if (first == 0) {
+            first = snap.call_generation;
+        } else if (snap.call_generation != 0 && snap.call_generation != first) {
+            ah_lua_interrupt_call(it->lua, first); /* decided on the first call's snapshot */
+            atomic_store(&it->stale_sent, true);
+        }
+        sleep_ms(1);
+    }
+    return NULL;
+}
+
+static void test_an_interrupt_decided_for_one_call_never_stops_the_next(void **unused)
+{
+    setenv("AH_TEST_SPIN_MS", "300", 1);
+    ah_state_t *state = ah_state_new();
+    assert_non_null(state);
+    ah_lua_t *lua = open_ok(FIXTURE("spin.lua"), state, 0);
+    stale_interrupter_t it = {.lua = lua, .state = state};
+    atomic_init(&it.stale_sent, false);
+    pthread_t thread;
+    assert_int_equal(pthread_create(&thread, NULL, interrupt_with_a_stale_generation, &it), 0);
+    /* Calls go on until the stale interrupt has been sent during one of them: every one
+     * completes. */
+    for (int i = 0; i < 100 && !atomic_load(&it.stale_sent); i++) {
+        assert_int_equal(batch_ok(lua), 1);
+    }
+    assert_int_equal(batch_ok(lua), 1);
+    pthread_join(thread, NULL);
+    assert_true(atomic_load(&it.stale_sent));
+
+    /* The current generation does stop the running call. */
+    setenv("AH_TEST_SPIN_MS", "20000", 1);
+    single_interrupt_t current = {.lua = lua, .state = state, .delay_ms = 50};
+    assert_int_equal(pthread_create(&thread, NULL, interrupt_once_running, &current), 0);
+    char err[AH_ERRLEN] = "";
+    long long items = -1;
+    assert_int_equal(ah_lua_batch(lua, &items, err, sizeof(err)), AH_ETIMEOUT);
+    pthread_join(thread, NULL);
+    ah_lua_close(lua);
+    ah_state_free(state);
+}
+
 static void test_sleep_never_outlasts_the_budget(void **unused)
 {
     setenv("AH_TEST_SLEEP", "30", 1);
@@ -459,6 +523,7 @@ int main(void)
         cmocka_unit_test(test_interrupt_stops_an_interpreted_busy_loop),
         cmocka_unit_test(test_interrupt_survives_a_script_that_catches_it),
         cmocka_unit_test(test_late_interrupt_does_not_break_the_next_call),
+        cmocka_unit_test(test_an_interrupt_decided_for_one_call_never_stops_the_next),
         cmocka_unit_test(test_sleep_never_outlasts_the_budget),
         cmocka_unit_test(test_many_calls_keep_the_stack_balanced),
     };

@@ -127,7 +127,10 @@ static void test_sleep_is_not_cut_short_by_the_startup_sync(void **unused)
     assert_false(ah_state_sleep(s, 0));
     assert_false(ah_state_sleep(s, 0.05));
     assert_true(ah_state_wait(s, 0.05)); /* the worker itself is woken by it */
-    ah_state_offer_local(s, AH_CMD_PAUSE, AH_SOURCE_LOCAL, "", "");
+    /* a local pause is refused while starting (the sync stays pending); a shutdown ends it */
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_PAUSE, AH_SOURCE_LOCAL, "", ""), AH_EUNAVAIL);
+    assert_false(ah_state_sleep(s, 0));
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_SHUTDOWN, AH_SOURCE_SIGNAL, "", ""), AH_OK);
     assert_true(ah_state_sleep(s, 30));
     ah_state_free(s);
 }
@@ -261,9 +264,33 @@ static void test_local_shutdown_is_final(void **unused)
     ah_state_free(s);
 }
 
+static void test_local_commands_wait_for_the_startup_sync_and_end_at_a_final_shutdown(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    /* starting: pause/resume refused (the startup sync comes first); nothing pending */
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_RUNNING, AH_SOURCE_LOCAL, "", ""), AH_EUNAVAIL);
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_PAUSE, AH_SOURCE_SIGNAL, "", ""), AH_EUNAVAIL);
+    assert_false(ah_state_has_event(s));
+    /* a startup document offered, then a local resume: the document stays pending */
+    ah_control_t d1 = doc(AH_CMD_SHUTDOWN, 1);
+    ah_state_offer_cluster(s, &d1);
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_RUNNING, AH_SOURCE_LOCAL, "", ""), AH_EUNAVAIL);
+    drain(s);
+    ah_state_snapshot_t snap;
+    ah_state_snapshot(s, &snap);
+    assert_int_equal(snap.state, AH_STATE_PAUSED); /* held by the cluster shutdown */
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "", ""), AH_OK);
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_RUNNING, AH_SOURCE_LOCAL, "", ""), AH_EINVAL);
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "", ""), AH_EINVAL);
+    ah_state_free(s);
+}
+
 static void test_wait_returns_early_on_command(void **unused)
 {
     ah_state_t *s = ah_state_new();
+    ah_control_t d1 = doc(AH_CMD_RUNNING, 1);
+    ah_state_offer_cluster(s, &d1);
+    drain(s);
     assert_false(ah_state_wait(s, 0.01));
     ah_state_offer_local(s, AH_CMD_PAUSE, AH_SOURCE_LOCAL, "", "");
     int64_t t0 = ah_mono_us();
@@ -300,6 +327,7 @@ int main(void)
         cmocka_unit_test(test_latest_wins_over_an_older_version_arriving_while_pending),
         cmocka_unit_test(test_local_override_until_next_cluster_command),
         cmocka_unit_test(test_local_shutdown_is_final),
+        cmocka_unit_test(test_local_commands_wait_for_the_startup_sync_and_end_at_a_final_shutdown),
         cmocka_unit_test(test_wait_returns_early_on_command),
         cmocka_unit_test(test_held_row_only_a_cluster_command_releases),
         cmocka_unit_test(test_startup_shutdown_holds_until_a_cluster_resume),
