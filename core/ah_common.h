@@ -10,14 +10,15 @@
 
 /* Return codes: 0 on success, a negative AH_E* on failure. */
 #define AH_OK 0
-#define AH_EINVAL (-1)   /* bad argument or input */
-#define AH_ENOMEM (-2)   /* allocation failed */
-#define AH_EIO (-3)      /* store or system I/O failed */
-#define AH_EUNAVAIL (-4) /* store unreachable or disabled */
-#define AH_ELUA (-5)     /* Lua error (message in the error buffer) */
-#define AH_ETIMEOUT (-6) /* an operation ran out of time */
-#define AH_ENOOP (-7)    /* nothing to do (e.g. a transition to the current state) */
-#define AH_EREFUSED (-8) /* refused in this state (a local resume of an agent held paused) */
+#define AH_EINVAL (-1)    /* bad argument or input */
+#define AH_ENOMEM (-2)    /* allocation failed */
+#define AH_EIO (-3)       /* store or system I/O failed */
+#define AH_EUNAVAIL (-4)  /* store unreachable or disabled */
+#define AH_ELUA (-5)      /* Lua error (message in the error buffer) */
+#define AH_ETIMEOUT (-6)  /* an operation ran out of time */
+#define AH_ENOOP (-7)     /* nothing to do (e.g. a transition to the current state) */
+#define AH_EREFUSED (-8)  /* refused in this state (a local resume of an agent held paused) */
+#define AH_ECONFLICT (-9) /* a conditional write found another version (nothing written) */
 
 #define AH_ERRLEN 512       /* size of caller-provided error buffers */
 #define AH_REASON_MAX 1024  /* max bytes of a command's reason */
@@ -25,6 +26,10 @@
 #define AH_TIMESTAMP_LEN 32 /* "2026-01-11T10:30:00.123456Z" + NUL */
 /* Most audit entries one history request returns (the store, the HTTP API and the CLI). */
 #define AH_HISTORY_MAX 1000
+/* Longest timed pause (POST /api/cluster/pause?for=|until=), seconds: 30 days. */
+#define AH_PAUSE_MAX_S 2592000
+/* Most agent status records one fleet listing reads (the store and the HTTP API). */
+#define AH_AGENTS_MAX 10000
 
 /* A macro's value as a string literal: AH_XSTR(AH_HISTORY_MAX) is "1000". */
 #define AH_STR(x) #x
@@ -56,6 +61,7 @@ typedef struct ah_control_s {
     char updated_by[AH_NAME_MAX + 1];
     char
         agent_id[AH_NAME_MAX + 1]; /* audit entries only: the agent that wrote it ("" if unknown) */
+    int64_t expires_us;            /* a timed pause: when it ends (µs since the epoch); 0: none */
 } ah_control_t;
 
 /* "pause" | "running" | "shutdown" | "none". Never NULL. */

@@ -34,6 +34,8 @@ struct ah_config_s {
     double change_stream_verify_interval; /* CHANGE_STREAM_VERIFY_INTERVAL, seconds; 0 = never */
     size_t lua_memory_limit;              /* LUA_MEMORY_LIMIT, bytes; 0 = no limit */
     double embedded_poll_interval;        /* AGENTHOST_STATE_POLL, seconds */
+    double heartbeat_interval;            /* AGENT_HEARTBEAT_INTERVAL, seconds */
+    double status_ttl;                    /* AGENT_STATUS_TTL, seconds */
     char *script_path;                    /* the Lua script (positional argument) */
     bool signals;                         /* AGENTHOST_SIGNALS: handle SIGTERM/INT/USR1/USR2/HUP */
 };

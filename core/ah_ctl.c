@@ -3,6 +3,7 @@
 #include "ah_ctl.h"
 
 #include "ah_common.h"
+#include "ah_ctl_fleet.h"
 #include "ah_json.h"
 
 #include <errno.h>
@@ -25,6 +26,8 @@ static const char ctl_usage[] =
     "  state                       cluster control state; with --local: this agent's state\n"
     "  stats                       cluster statistics\n"
     "  history                     audit trail, newest first (--limit N, default 20)\n"
+    "  agents                      every agent's status (--version N: only those behind N;\n"
+    "                              --json: the raw answer)\n"
     "\n"
     "options:\n"
     "  --url URL          agent API (default $AGENTHOST_URL, else http://127.0.0.1:$HTTP_PORT,\n"
@@ -33,6 +36,11 @@ static const char ctl_usage[] =
     "  --reason TEXT      why (pause/resume/shutdown)\n"
     "  --updated-by NAME  who (default: ctl)\n"
     "  --local            act on the agent at --url only (/api/agent/*)\n"
+    "  --if-version N     cluster command: only if the current version is N (else 409, exit 1)\n"
+    "  --for DURATION     pause: end it automatically after 90s, 15m, 2h, ... (or seconds)\n"
+    "  --until TIME       pause: end it automatically at an ISO 8601 UTC time\n"
+    "  --wait SECONDS     cluster command: answer once every live agent applied it (exit 0),\n"
+    "                     or after SECONDS listing the stragglers (exit 1)\n"
     "  --limit N          history entries (1-" AH_XSTR(AH_HISTORY_MAX) ")\n"
     "  --timeout SECONDS  give up after this long (default 10)\n"
     "\n"
@@ -214,6 +222,12 @@ int ah_ctl_main(int argc, char **argv)
     const char *reason = NULL;
     const char *updated_by = "ctl";
     const char *limit = NULL;
+    const char *if_version = NULL; /* cluster command options, passed through as given */
+    const char *pause_for = NULL;
+    const char *pause_until = NULL;
+    const char *wait = NULL;           /* --wait: passed through; the answer decides the exit */
+    const char *agents_version = NULL; /* ctl agents --version */
+    bool raw_json = false;
     double timeout_s = 10;
     bool local = false;
     for (int i = 1; i < argc; i++) {
@@ -225,6 +239,13 @@ int ah_ctl_main(int argc, char **argv)
         } else if (strcmp(a, "--local") == 0) {
             local = true;
             continue;
+        } else if (strcmp(a, "--json") == 0) {
+            raw_json = true;
+            continue;
+        } else if (strcmp(a, "--wait") == 0) {
+            slot = &wait;
+        } else if (strcmp(a, "--version") == 0) {
+            slot = &agents_version;
         } else if (strcmp(a, "--url") == 0) {
             slot = &url;
         } else if (strcmp(a, "--token") == 0) {
@@ -235,6 +256,12 @@ int ah_ctl_main(int argc, char **argv)
             slot = &updated_by;
         } else if (strcmp(a, "--limit") == 0) {
             slot = &limit;
+        } else if (strcmp(a, "--if-version") == 0) {
+            slot = &if_version;
+        } else if (strcmp(a, "--for") == 0) {
+            slot = &pause_for;
+        } else if (strcmp(a, "--until") == 0) {
+            slot = &pause_until;
         } else if (strcmp(a, "--timeout") == 0) {
             /* A number, not NaN, not past a day: the deadline is computed in microseconds. */
             char *end = NULL;
@@ -271,7 +298,8 @@ int ah_ctl_main(int argc, char **argv)
         return 2;
     }
 
-    if (local && (strcmp(command, "stats") == 0 || strcmp(command, "history") == 0)) {
+    if (local && (strcmp(command, "stats") == 0 || strcmp(command, "history") == 0 ||
+                  strcmp(command, "agents") == 0)) {
         fprintf(stderr, "agenthost ctl: --local applies to pause, resume, shutdown and state\n");
         return 2;
     }
@@ -288,10 +316,34 @@ int ah_ctl_main(int argc, char **argv)
             ah_buf_puts(&path, "&reason=");
             url_encode(&path, reason);
         }
+        const struct {
+            const char *name;
+            const char *value;
+        } options[] = {
+            {"if_version", if_version}, {"for", pause_for}, {"until", pause_until}, {"wait", wait}};
+        for (size_t k = 0; k < sizeof(options) / sizeof(options[0]); k++) {
+            if (options[k].value == NULL) {
+                continue;
+            }
+            if (local) {
+                fprintf(stderr, "agenthost ctl: --%s applies to cluster commands only\n",
+                        options[k].name);
+                ah_buf_free(&path);
+                return 2;
+            }
+            ah_buf_printf(&path, "&%s=", options[k].name);
+            url_encode(&path, options[k].value);
+        }
     } else if (strcmp(command, "state") == 0) {
         ah_buf_puts(&path, local ? "/api/agent/state" : "/api/cluster/control-state");
     } else if (strcmp(command, "stats") == 0) {
         ah_buf_puts(&path, "/api/cluster/stats");
+    } else if (strcmp(command, "agents") == 0) {
+        ah_buf_puts(&path, "/api/cluster/agents");
+        if (agents_version != NULL) {
+            ah_buf_puts(&path, "?version=");
+            url_encode(&path, agents_version);
+        }
     } else if (strcmp(command, "history") == 0) {
         ah_buf_puts(&path, "/api/cluster/history");
         if (limit != NULL) {
@@ -303,6 +355,17 @@ int ah_ctl_main(int argc, char **argv)
         ah_buf_free(&path);
         return 2;
     }
+    if (wait != NULL && !is_command) {
+        fprintf(stderr, "agenthost ctl: --wait applies to pause, resume and shutdown\n");
+        ah_buf_free(&path);
+        return 2;
+    }
+    if (wait != NULL) { /* the answer comes after the wait: give the request that long more */
+        double seconds = strtod(wait, NULL);
+        if (seconds > 0 && seconds <= 300 && timeout_s < seconds + 10) {
+            timeout_s = seconds + 10;
+        }
+    }
     char err[AH_ERRLEN];
     char *body = NULL;
     int status =
@@ -312,11 +375,18 @@ int ah_ctl_main(int argc, char **argv)
         fprintf(stderr, "agenthost ctl: %s\n", err);
         return 1;
     }
-    printf("%s\n", body);
-    free(body);
+    int rc = 0;
+    if (status >= 200 && status <= 299 && strcmp(command, "agents") == 0 && !raw_json) {
+        rc = ah_ctl_fleet_print_agents(body, stdout, stderr);
+    } else {
+        printf("%s\n", body);
+    }
     if (status < 200 || status > 299) {
         fprintf(stderr, "agenthost ctl: the agent answered HTTP %d\n", status);
-        return 1;
+        rc = 1;
+    } else if (wait != NULL) {
+        rc = ah_ctl_fleet_wait_outcome(body, stderr);
     }
-    return 0;
+    free(body);
+    return rc;
 }

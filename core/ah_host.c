@@ -6,6 +6,7 @@
  * commits the transition, then runs the hook. */
 #include "ah_host.h"
 
+#include "ah_fleet.h"
 #include "ah_http.h"
 #include "ah_log.h"
 #include "ah_lua.h"
@@ -40,6 +41,7 @@ struct ah_host_s {
     ah_metrics_t *metrics;     /* agent.metrics; outlives every Lua state */
     ah_lua_mongo_t *mongo;     /* agent.mongo's connection; outlives lua */
     ah_store_t *store;
+    ah_fleet_t *fleet; /* this agent's status record; NULL without a store */
     ah_http_t *http;
     atomic_int http_port; /* read by any thread (ah_host_http_port) */
 
@@ -612,6 +614,15 @@ static void on_store_status(void *ud, const ah_store_status_t *status)
     ah_state_set_store_status(ud, status);
 }
 
+static void on_state_change(void *ud, bool record_changed)
+{
+    if (record_changed) {
+        ah_fleet_changed(ud);
+    } else {
+        ah_fleet_control_changed(ud);
+    }
+}
+
 static int open_store(ah_host_t *h, char *err, size_t errlen)
 {
     const ah_config_t *cfg = h->cfg;
@@ -641,6 +652,11 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
                  detail);
         return AH_EINVAL;
     }
+    h->fleet = ah_fleet_start(cfg, h->state, h->store, err, errlen);
+    if (h->fleet == NULL) {
+        return AH_EIO;
+    }
+    ah_state_set_fleet_listener(h->state, on_state_change, h->fleet);
     ah_store_listener_t listener = {
         .on_control = on_store_control, .on_status = on_store_status, .ud = h->state};
     return ah_store_watch_start(h->store, &listener, err, errlen);
@@ -663,6 +679,7 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
     if (h->http == NULL) {
         goto out;
     }
+    ah_http_set_fleet(h->http, h->fleet);
     atomic_store(&h->http_port, ah_http_port(h->http));
     /* An IPv6 address is written in brackets, as in a URL: [::1]:8000. */
     bool ipv6 = strchr(h->cfg->http_bind, ':') != NULL;
@@ -692,6 +709,7 @@ out:
     }
     int64_t deadline_us = shutdown_deadline_us(h);
     arm_exit_timer(h, deadline_us);
+    ah_fleet_stop_waits(h->fleet); /* its callbacks answer parked requests of h->http */
     if (ah_http_stop(h->http, (double)(deadline_us - ah_mono_us()) / 1e6) != AH_OK) {
         h->http = NULL;
         snprintf(err, errlen,
@@ -705,8 +723,12 @@ out:
     }
     h->http = NULL;
     ah_lua_mongo_detach(h->mongo); /* the Lua worker has stopped: no client may outlive the pool */
+    ah_fleet_stop(h->fleet);       /* the last record: "stopped" after a clean shutdown */
     ah_store_close(h->store);
     h->store = NULL;
+    ah_fleet_free(h->fleet); /* the watcher, which reports changes to it, has stopped */
+    h->fleet = NULL;
+    ah_state_set_fleet_listener(h->state, NULL, NULL);
     if (h->loop_open) {
         close_handles(h);
         uv_run(&h->loop, UV_RUN_DEFAULT);

@@ -115,6 +115,7 @@ static const http_route_t routes[] = {
     {"/api/cluster/control-state", "GET", false, ah_http_handle_control_state},
     {"/api/cluster/stats", "GET", false, ah_http_handle_stats},
     {"/api/cluster/history", "GET", false, ah_http_handle_history},
+    {"/api/cluster/agents", "GET", false, ah_http_handle_cluster_agents},
     {"/api/agent/state", "GET", false, ah_http_handle_agent_state},
     {"/api/agent/reload", "POST", false, ah_http_handle_agent_reload},
     {"/api/mongo/status", "GET", false, ah_http_handle_mongo_status},
@@ -511,6 +512,13 @@ fail:
     ah_http_park_free(http);
     free(http);
     return NULL;
+}
+
+void ah_http_set_fleet(ah_http_t *http, ah_fleet_t *fleet)
+{
+    if (http != NULL) {
+        atomic_store(&http->fleet, fleet);
+    }
 }
 
 int ah_http_port(const ah_http_t *http)

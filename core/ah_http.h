@@ -20,6 +20,11 @@ typedef struct ah_http_s ah_http_t;
  * err set on failure (e.g. port in use). */
 ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store,
                          ah_metrics_t *metrics, char *err, size_t errlen);
+typedef struct ah_fleet_s ah_fleet_t;
+/* Lends the server the fleet view (core/ah_fleet.h) that answers cluster commands with wait=;
+ * until then (and with NULL) such a command answers 503. Any thread; fleet must outlive the
+ * server. */
+void ah_http_set_fleet(ah_http_t *http, ah_fleet_t *fleet);
 /* The port actually bound (useful with HTTP_PORT=0). */
 int ah_http_port(const ah_http_t *http);
 /* Stops the server within `seconds`: requests still parked (waiting for the store or for a state)

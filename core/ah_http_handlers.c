@@ -6,6 +6,7 @@
  * (run_*), and a reload waits parked (check_reload); see core/ah_http_park.c. */
 #include "ah_http_handlers.h"
 
+#include "ah_fleet.h"
 #include "ah_json.h"
 #include "ah_log.h"
 
@@ -19,6 +20,9 @@
 #include <strings.h>
 
 #define HTTP_HISTORY_DEFAULT 20
+/* wait=: how long past the wait a parked command may take to be written before the park's own
+ * deadline answers it (the store's timeouts end a write well before). */
+#define HTTP_WAIT_WRITE_ALLOWANCE_S 60
 /* POST /api/agent/reload waits this long for the outcome. */
 #define RELOAD_WAIT_S 10
 #define METRICS_TYPE "text/plain; version=0.0.4"
@@ -37,6 +41,24 @@ static void json_timestamp(ah_buf_t *b, const char *key, int64_t ts_us)
     }
     char text[AH_TIMESTAMP_LEN];
     ah_format_timestamp(ts_us, text);
+    ah_json_str(b, key, text);
+}
+
+/* Writes "key": "<timestamp with milliseconds>" (the precision of a MongoDB Date), or null when
+ * ts_us is 0. */
+static void json_timestamp_ms(ah_buf_t *b, const char *key, int64_t ts_us)
+{
+    if (ts_us == 0) {
+        ah_json_null(b, key);
+        return;
+    }
+    char text[AH_TIMESTAMP_LEN];
+    ah_format_timestamp(ts_us - ts_us % 1000 - (ts_us % 1000 < 0 ? 1000 : 0), text);
+    char *dot = strchr(text, '.');
+    if (dot != NULL && strlen(dot) == 8) { /* ".123456Z" → ".123Z" */
+        dot[4] = 'Z';
+        dot[5] = '\0';
+    }
     ah_json_str(b, key, text);
 }
 
@@ -126,6 +148,47 @@ static int parse_limit(const char *text, int *out)
     return AH_OK;
 }
 
+/* Parses a version: 0..2^53 in plain decimal digits. 0 or AH_EINVAL. */
+static int parse_version(const char *text, int64_t *out)
+{
+    if (text == NULL || text[0] == '\0' || strlen(text) > 16) {
+        return AH_EINVAL;
+    }
+    int64_t value = 0;
+    for (const char *p = text; *p != '\0'; p++) {
+        if (*p < '0' || *p > '9') {
+            return AH_EINVAL;
+        }
+        value = value * 10 + (*p - '0');
+    }
+    if (value > (INT64_C(1) << 53)) {
+        return AH_EINVAL;
+    }
+    *out = value;
+    return AH_OK;
+}
+
+/* Reads the optional integer query parameter `key` (0..2^53) into *out (unchanged when absent;
+ * *present says which). On a bad value answers 400 naming it and returns AH_EINVAL. */
+static int query_version(const http_call_t *call, const char *key, int64_t *out, bool *present,
+                         http_reply_t *reply)
+{
+    const char *text = NULL;
+    size_t len = 0;
+    *present = false;
+    if (MHD_lookup_connection_value_n(call->conn, MHD_GET_ARGUMENT_KIND, key, strlen(key), &text,
+                                      &len) != MHD_YES) {
+        return AH_OK;
+    }
+    if (text == NULL || strlen(text) != len || parse_version(text, out) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "%s must be an integer from 0 to 9007199254740992", key);
+        return AH_EINVAL;
+    }
+    *present = true;
+    return AH_OK;
+}
+
 int ah_http_parse_command_word(const char *word, ah_command_t *out)
 {
     if (strcmp(word, "pause") == 0) {
@@ -158,6 +221,178 @@ static int command_inputs(const http_call_t *call, ah_command_t *cmd, const char
     return AH_OK;
 }
 
+/* Parses a pause duration: a decimal number of seconds with an optional unit s, m or h ("90s",
+ * "15m", "2h", "90", "1.5h"), more than 0 and at most AH_PAUSE_MAX_S. 0 or AH_EINVAL. */
+static int parse_duration(const char *text, double *out)
+{
+    if (text == NULL || text[0] == '\0' || strlen(text) > 32 ||
+        !(text[0] >= '0' && text[0] <= '9')) {
+        return AH_EINVAL;
+    }
+    char *end = NULL;
+    double value = strtod(text, &end);
+    double unit = 1;
+    if (*end == 's') {
+        end++;
+    } else if (*end == 'm') {
+        unit = 60;
+        end++;
+    } else if (*end == 'h') {
+        unit = 3600;
+        end++;
+    }
+    value *= unit;
+    if (*end != '\0' || !isfinite(value) || !(value > 0) || value > AH_PAUSE_MAX_S ||
+        strpbrk(text, "eExXpP") != NULL) {
+        return AH_EINVAL;
+    }
+    *out = value;
+    return AH_OK;
+}
+
+/* Parses an ISO 8601 UTC time "YYYY-MM-DDTHH:MM:SS[.fraction](Z|+00:00)" into µs since the
+ * epoch. 0 or AH_EINVAL. */
+static int parse_utc_time(const char *text, int64_t *out)
+{
+    int year, month, day, hour, minute, second, used = 0;
+    if (text == NULL || strlen(text) > 40 ||
+        sscanf(text, "%4d-%2d-%2dT%2d:%2d:%2d%n", &year, &month, &day, &hour, &minute, &second,
+               &used) != 6 ||
+        used != 19) {
+        return AH_EINVAL;
+    }
+    for (int i = 0; i < 19; i++) { /* no signs or spaces that sscanf would skip */
+        bool digit = text[i] >= '0' && text[i] <= '9';
+        bool sep = (i == 4 || i == 7)     ? text[i] == '-'
+                   : i == 10              ? text[i] == 'T'
+                   : (i == 13 || i == 16) ? text[i] == ':'
+                                          : digit;
+        if (!sep) {
+            return AH_EINVAL;
+        }
+    }
+    const char *p = text + 19;
+    int64_t fraction_us = 0;
+    if (*p == '.') {
+        p++;
+        int digits = 0;
+        int64_t scale = 100000;
+        while (*p >= '0' && *p <= '9') {
+            if (digits < 6) {
+                fraction_us += (*p - '0') * scale;
+                scale /= 10;
+            }
+            digits++;
+            p++;
+        }
+        if (digits == 0 || digits > 9) {
+            return AH_EINVAL;
+        }
+    }
+    if (strcmp(p, "Z") != 0 && strcmp(p, "+00:00") != 0) {
+        return AH_EINVAL;
+    }
+    if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 59 ||
+        year < 1970) {
+        return AH_EINVAL;
+    }
+    struct tm tm = {.tm_year = year - 1900,
+                    .tm_mon = month - 1,
+                    .tm_mday = day,
+                    .tm_hour = hour,
+                    .tm_min = minute,
+                    .tm_sec = second};
+    time_t t = timegm(&tm);
+    if (t == (time_t)-1 || tm.tm_mday != day) { /* 2026-02-30 normalised to March */
+        return AH_EINVAL;
+    }
+    *out = (int64_t)t * 1000000 + fraction_us;
+    return AH_OK;
+}
+
+/* Looks up query parameter key: NULL when absent, "" for "?key" without a value. */
+static const char *query_raw(const http_call_t *call, const char *key, size_t *len)
+{
+    const char *value = NULL;
+    *len = 0;
+    if (MHD_lookup_connection_value_n(call->conn, MHD_GET_ARGUMENT_KIND, key, strlen(key), &value,
+                                      len) != MHD_YES) {
+        return NULL;
+    }
+    return value != NULL ? value : "";
+}
+
+/* The options of a cluster command beyond reason and updated_by: if_version, and for pause
+ * for/until. Fills req; AH_EINVAL with a 400 naming the parameter already set. */
+static int cluster_command_options(const http_call_t *call, ah_command_req_t *req,
+                                   http_reply_t *reply)
+{
+    bool present = false;
+    req->if_version = -1;
+    req->expires_us = 0;
+    if (query_version(call, "if_version", &req->if_version, &present, reply) != AH_OK) {
+        return AH_EINVAL;
+    }
+    if (!present) {
+        req->if_version = -1;
+    }
+    size_t for_len = 0, until_len = 0;
+    const char *for_text = query_raw(call, "for", &for_len);
+    const char *until_text = query_raw(call, "until", &until_len);
+    if (for_text == NULL && until_text == NULL) {
+        return AH_OK;
+    }
+    const char *which = for_text != NULL ? "for" : "until";
+    if (req->command != AH_CMD_PAUSE) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST, "%s is only accepted by pause", which);
+        return AH_EINVAL;
+    }
+    if (for_text != NULL && until_text != NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST, "give for or until, not both");
+        return AH_EINVAL;
+    }
+    int64_t now_us = ah_now_us();
+    if (for_text != NULL) {
+        double seconds = 0;
+        if (strlen(for_text) != for_len || parse_duration(for_text, &seconds) != AH_OK) {
+            ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                                "for must be a duration such as 90s, 15m, 2h or plain seconds, "
+                                "more than 0 and at most %ds",
+                                AH_PAUSE_MAX_S);
+            return AH_EINVAL;
+        }
+        /* milliseconds: the precision of a MongoDB Date, so both stores say the same */
+        req->expires_us = (now_us + (int64_t)(seconds * 1e6)) / 1000 * 1000;
+        return AH_OK;
+    }
+    int64_t until_us = 0;
+    if (strlen(until_text) != until_len || parse_utc_time(until_text, &until_us) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "until must be an ISO 8601 UTC time such as 2026-01-11T10:30:00Z");
+        return AH_EINVAL;
+    }
+    if (until_us <= now_us || until_us - now_us > (int64_t)AH_PAUSE_MAX_S * 1000000) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "until must be in the future, at most %ds from now", AH_PAUSE_MAX_S);
+        return AH_EINVAL;
+    }
+    req->expires_us = until_us / 1000 * 1000;
+    return AH_OK;
+}
+
+/* Writes the fields of the control-state body (docs/API.md) into an open object. */
+static void write_control_state(ah_buf_t *b, const ah_control_t *doc, const char *watch_mode)
+{
+    ah_json_str(b, "command", ah_command_name(doc->command));
+    ah_json_int(b, "version", doc->version);
+    json_timestamp(b, "timestamp", doc->timestamp_us);
+    ah_json_str(b, "reason", doc->reason);
+    ah_json_str(b, "updated_by", doc->updated_by);
+    json_str_or_null(b, "watch_mode", watch_mode);
+    ah_json_str(b, "note", "All agents in the cluster are subscribed to this state");
+    json_timestamp(b, "expires_at", doc->expires_us);
+}
+
 /* ---- cluster routes --------------------------------------------------------------------- */
 
 static const char *const issued_messages[] = {
@@ -172,38 +407,53 @@ static const char *const propagation_verbs[] = {
     [AH_CMD_SHUTDOWN] = "shutdown gracefully",
 };
 
-/* A cluster command on its way to a store worker: the inputs, copied out of the connection. */
-typedef struct cluster_command_job_s {
-    ah_http_t *http;
-    ah_command_t cmd;
-    char reason[AH_REASON_MAX + 1];
-    char updated_by[AH_NAME_MAX + 1];
-} cluster_command_job_t;
-
-/* Store worker: writes the command and answers with the new document. */
-static void run_cluster_command(void *arg, http_reply_t *reply)
+/* Writes the "wait" object of a cluster command's answer. */
+static void write_wait(ah_buf_t *b, const ah_fleet_outcome_t *outcome)
 {
-    const cluster_command_job_t *job = arg;
-    ah_http_t *http = job->http;
-    ah_command_t cmd = job->cmd;
-    ah_control_t doc;
-    char err[AH_ERRLEN] = "";
-    /* Between begin and end this agent logs no cluster transition: its own "Agent paused"
-     * follows the "issued" line even when its watcher sees the write first (change streams). */
-    ah_state_issue_begin(http->state);
-    int rc = ah_store_command(http->store, cmd, job->reason, job->updated_by, http->cfg->agent_id,
-                              &doc, err, sizeof(err));
-    if (rc == AH_OK) {
-        char safe_by[AH_NAME_MAX * 4 + 1];
-        char safe_reason[AH_REASON_MAX * 4 + 1];
-        ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)",
-                    ah_command_name(cmd), (long long)doc.version,
-                    ah_log_escape(doc.updated_by, safe_by, sizeof(safe_by)),
-                    ah_log_escape(doc.reason, safe_reason, sizeof(safe_reason)));
-        /* The issuing agent applies its own command at once, without waiting for its watcher. */
-        ah_state_offer_cluster(http->state, &doc);
+    static const struct {
+        const char *key;
+        ah_fleet_ack_t ack;
+    } lists[] = {{"acknowledged", AH_FLEET_ACKNOWLEDGED},
+                 {"pending", AH_FLEET_PENDING},
+                 {"excluded", AH_FLEET_EXCLUDED}};
+    ah_json_open_object(b, "wait");
+    ah_json_bool(b, "complete", outcome->complete);
+    for (size_t k = 0; k < sizeof(lists) / sizeof(lists[0]); k++) {
+        ah_json_open_array(b, lists[k].key);
+        for (int i = 0; i < outcome->count; i++) {
+            if (outcome->acks[i] == lists[k].ack) {
+                ah_json_str(b, NULL, outcome->recs[i].agent_id);
+            }
+        }
+        ah_json_close_array(b);
     }
-    ah_state_issue_end(http->state);
+    ah_json_num(b, "waited_s", round(outcome->waited_s * 1000.0) / 1000.0);
+    if (outcome->error != NULL && outcome->error[0] != '\0') {
+        ah_json_str(b, "error", outcome->error);
+    }
+    ah_json_close(b);
+}
+
+/* The answer to a cluster command whose write (ah_fleet_issue: logged, and offered to the state)
+ * returned rc, err and doc; with wait != NULL the "wait" object is added to the success body. */
+static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char *err,
+                          const ah_control_t *doc, const ah_fleet_outcome_t *wait,
+                          http_reply_t *reply)
+{
+    if (rc == AH_ECONFLICT) {
+        ah_state_snapshot_t snap;
+        ah_state_snapshot(http->state, &snap);
+        reply->status = MHD_HTTP_CONFLICT;
+        ah_buf_t *b = &reply->body;
+        ah_json_open(b);
+        ah_json_str(b, "status", "error");
+        ah_json_str(b, "error", err);
+        ah_json_open_object(b, "current");
+        write_control_state(b, doc, snap.store.watch_mode);
+        ah_json_close(b);
+        ah_json_close(b);
+        return;
+    }
     if (rc == AH_EUNAVAIL || rc == AH_EIO) {
         ah_log_warn("Cluster command %s refused: control store unavailable: %s",
                     ah_command_name(cmd), err);
@@ -234,32 +484,143 @@ static void run_cluster_command(void *arg, http_reply_t *reply)
                  propagation_verbs[cmd], interval, interval);
     }
     char timestamp[AH_TIMESTAMP_LEN];
-    ah_format_timestamp(doc.timestamp_us, timestamp);
+    ah_format_timestamp(doc->timestamp_us, timestamp);
 
     ah_buf_t *b = &reply->body;
     ah_json_open(b);
     ah_json_str(b, "status", "success");
     ah_json_str(b, "message", issued_messages[cmd]);
-    ah_json_str(b, "command", ah_command_name(doc.command));
-    ah_json_int(b, "version", doc.version);
+    ah_json_str(b, "command", ah_command_name(doc->command));
+    ah_json_int(b, "version", doc->version);
     ah_json_str(b, "timestamp", timestamp);
-    ah_json_str(b, "reason", doc.reason);
+    ah_json_str(b, "reason", doc->reason);
     ah_json_str(b, "propagation", propagation);
+    json_timestamp(b, "expires_at", doc->expires_us);
+    if (wait != NULL) {
+        write_wait(b, wait);
+    }
     ah_json_close(b);
 }
 
-/* POST /api/cluster/<command>: checked here, written to the store by a store worker. */
+/* Reads wait=SECONDS: a decimal number, more than 0 and at most AH_FLEET_WAIT_MAX_S. */
+static int query_wait(const http_call_t *call, double *out, bool *present, http_reply_t *reply)
+{
+    size_t len = 0;
+    const char *text = query_raw(call, "wait", &len);
+    *present = text != NULL;
+    if (text == NULL) {
+        return AH_OK;
+    }
+    char *end = NULL;
+    double value = strlen(text) == len && text[0] >= '0' && text[0] <= '9' && len <= 16
+                       ? strtod(text, &end)
+                       : NAN;
+    if (end == NULL || *end != '\0' || !isfinite(value) || !(value > 0) ||
+        value > AH_FLEET_WAIT_MAX_S || strpbrk(text, "eExXpP") != NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "wait must be a number of seconds, more than 0 and at most %g",
+                            AH_FLEET_WAIT_MAX_S);
+        return AH_EINVAL;
+    }
+    *out = value;
+    return AH_OK;
+}
+
+/* A cluster command on its way to a store worker: the request, its strings copied out of the
+ * connection. */
+typedef struct cluster_command_job_s {
+    ah_http_t *http;
+    ah_command_req_t req; /* reason and updated_by point into the job */
+    char reason[AH_REASON_MAX + 1];
+    char updated_by[AH_NAME_MAX + 1];
+} cluster_command_job_t;
+
+/* Store worker: writes the command (ah_fleet_issue) and answers. */
+static void run_cluster_command(void *arg, http_reply_t *reply)
+{
+    cluster_command_job_t *job = arg;
+    ah_control_t doc;
+    char err[AH_ERRLEN] = "";
+    job->req.reason = job->reason;
+    job->req.updated_by = job->updated_by;
+    int rc = ah_fleet_issue(job->http->state, job->http->store, &job->req, &doc, err, sizeof(err));
+    command_reply(job->http, job->req.command, rc, err, &doc, NULL, reply);
+}
+
+/* A cluster command with wait=: parked until the fleet's waiter has written it and every live
+ * agent applied it, or the wait ran out (no HTTP thread is held meanwhile). */
+typedef struct cluster_wait_s {
+    ah_http_t *http;
+    http_park_t *park;
+    ah_command_t command;
+} cluster_wait_t;
+
+/* The fleet waiter's callback: answers the parked request. */
+static void cluster_wait_done(void *ud, const ah_fleet_outcome_t *outcome)
+{
+    cluster_wait_t *cw = ud;
+    http_reply_t reply = {.status = MHD_HTTP_OK};
+    ah_buf_init(&reply.body);
+    command_reply(cw->http, cw->command, outcome->command_rc, outcome->command_error, outcome->doc,
+                  outcome->command_rc == AH_OK ? outcome : NULL, &reply);
+    ah_http_park_answer(cw->park, &reply);
+    ah_http_park_release(cw->park);
+    free(cw);
+}
+
 void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
 {
     ah_http_t *http = call->http;
+    int64_t started_us = ah_mono_us();
     ah_command_t cmd;
     const char *reason;
     const char *updated_by;
     if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
         return;
     }
+    ah_command_req_t req = {.command = cmd,
+                            .reason = reason,
+                            .updated_by = updated_by,
+                            .agent_id = http->cfg->agent_id};
+    double wait_s = 0;
+    bool wait = false;
+    if (cluster_command_options(call, &req, reply) != AH_OK ||
+        query_wait(call, &wait_s, &wait, reply) != AH_OK) {
+        return;
+    }
     if (http->store == NULL) {
         ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    if (wait) {
+        ah_fleet_t *fleet = atomic_load(&http->fleet);
+        cluster_wait_t *cw = calloc(1, sizeof(*cw));
+        if (fleet == NULL || cw == NULL) {
+            free(cw);
+            ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                "cannot wait: the fleet view is not running");
+            return;
+        }
+        cw->http = http;
+        cw->command = cmd;
+        /* The waiter answers; the park's own deadline (the write's allowance later) is only a
+         * safety net. */
+        cw->park =
+            ah_http_park(call, reply, wait_s + HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
+        if (cw->park == NULL) {
+            free(cw);
+            return; /* reply: 503 (stopping) or 500 */
+        }
+        if (ah_fleet_command_wait(fleet, &req, wait_s, started_us, cluster_wait_done, cw) !=
+            AH_OK) {
+            http_reply_t refused = {.status = MHD_HTTP_OK};
+            ah_buf_init(&refused.body);
+            ah_http_reply_error(&refused, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                "the agent is shutting down");
+            ah_http_park_answer(cw->park, &refused);
+            ah_http_park_release(cw->park);
+            free(cw);
+        }
         return;
     }
     cluster_command_job_t *job = calloc(1, sizeof(*job));
@@ -268,7 +629,7 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
         return;
     }
     job->http = http;
-    job->cmd = cmd;
+    job->req = req;
     ah_strlcpy(job->reason, reason, sizeof(job->reason));
     ah_strlcpy(job->updated_by, updated_by, sizeof(job->updated_by));
     ah_http_run_job(call, reply, run_cluster_command, job, free);
@@ -288,16 +649,9 @@ void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply)
                                                              : "store not read yet");
         return;
     }
-    ah_buf_t *b = &reply->body;
-    ah_json_open(b);
-    ah_json_str(b, "command", ah_command_name(snap.cluster.command));
-    ah_json_int(b, "version", snap.cluster.version);
-    json_timestamp(b, "timestamp", snap.cluster.timestamp_us);
-    ah_json_str(b, "reason", snap.cluster.reason);
-    ah_json_str(b, "updated_by", snap.cluster.updated_by);
-    json_str_or_null(b, "watch_mode", snap.store.watch_mode);
-    ah_json_str(b, "note", "All agents in the cluster are subscribed to this state");
-    ah_json_close(b);
+    ah_json_open(&reply->body);
+    write_control_state(&reply->body, &snap.cluster, snap.store.watch_mode);
+    ah_json_close(&reply->body);
 }
 
 void ah_http_handle_stats(http_call_t *call, http_reply_t *reply)
@@ -322,12 +676,14 @@ void ah_http_handle_stats(http_call_t *call, http_reply_t *reply)
         json_timestamp(b, "last_updated", snap.cluster.timestamp_us);
         ah_json_str(b, "updated_by", snap.cluster.updated_by);
         ah_json_str(b, "reason", snap.cluster.reason);
+        json_timestamp(b, "expires_at", snap.cluster.expires_us);
     } else {
         ah_json_null(b, "current_command");
         ah_json_null(b, "current_version");
         ah_json_null(b, "last_updated");
         ah_json_null(b, "updated_by");
         ah_json_null(b, "reason");
+        ah_json_null(b, "expires_at");
     }
     ah_json_close(b);
 }
@@ -375,6 +731,155 @@ static void run_history(void *arg, http_reply_t *reply)
     ah_json_close(b);
 cleanup:
     free(entries);
+}
+
+/* The run states in the order a fleet summary lists them. */
+static const char *const summary_states[] = {"starting", "running", "paused", "stopping",
+                                             "stopped"};
+
+/* Writes the body of GET /api/cluster/agents: the fleet of recs (sorted by agent_id) against
+ * the cluster's current version; with filtered, only the agents behind `wanted` are listed. */
+static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
+                         const ah_agent_status_t *recs, int count, bool filtered, int64_t wanted)
+{
+    int64_t now_us = ah_now_us();
+    double interval = cfg->heartbeat_interval;
+    int state_counts[sizeof(summary_states) / sizeof(summary_states[0])] = {0};
+    int other_states = 0, applied_current = 0, stale = 0, listed = 0;
+    for (int i = 0; i < count; i++) {
+        const ah_agent_status_t *r = &recs[i];
+        size_t k = 0;
+        while (k < sizeof(summary_states) / sizeof(summary_states[0]) &&
+               strcmp(r->state, summary_states[k]) != 0) {
+            k++;
+        }
+        if (k < sizeof(summary_states) / sizeof(summary_states[0])) {
+            state_counts[k]++;
+        } else {
+            other_states++;
+        }
+        applied_current += r->applied_version >= version;
+        stale += ah_fleet_is_stale(r, now_us, interval);
+        listed += !filtered || r->applied_version < wanted;
+    }
+    ah_json_open(b);
+    ah_json_int(b, "count", listed);
+    ah_json_int(b, "version", version);
+    ah_json_open_object(b, "summary");
+    ah_json_int(b, "total", count);
+    ah_json_open_object(b, "states");
+    for (size_t k = 0; k < sizeof(summary_states) / sizeof(summary_states[0]); k++) {
+        if (state_counts[k] > 0) {
+            ah_json_int(b, summary_states[k], state_counts[k]);
+        }
+    }
+    if (other_states > 0) {
+        ah_json_int(b, "unknown", other_states);
+    }
+    ah_json_close(b);
+    ah_json_int(b, "applied_current", applied_current);
+    ah_json_int(b, "stale", stale);
+    ah_json_close(b);
+    ah_json_open_array(b, "agents");
+    for (int i = 0; i < count; i++) {
+        const ah_agent_status_t *r = &recs[i];
+        if (filtered && r->applied_version >= wanted) {
+            continue;
+        }
+        ah_json_open_object(b, NULL);
+        ah_json_str(b, "agent_id", r->agent_id);
+        ah_json_str(b, "state", r->state);
+        ah_json_int(b, "applied_version", r->applied_version);
+        json_str_or_null(b, "watch_mode", r->watch_mode);
+        json_timestamp_ms(b, "last_seen", r->last_seen_us);
+        json_timestamp_ms(b, "started_at", r->started_us);
+        ah_json_str(b, "host", r->host);
+        ah_json_int(b, "pid", r->pid);
+        ah_json_str(b, "agenthost_version", r->agenthost_version);
+        ah_json_int(b, "batches", r->batches);
+        ah_json_int(b, "errors", r->errors);
+        ah_json_bool(b, "stale", ah_fleet_is_stale(r, now_us, interval));
+        ah_json_close(b);
+    }
+    ah_json_close_array(b);
+    ah_json_close(b);
+}
+
+/* A parked GET /api/cluster/agents, answered by the fleet's waiter thread after its reads. */
+typedef struct agents_read_s {
+    ah_http_t *http;
+    http_park_t *park;
+    bool filtered;
+    int64_t wanted;
+} agents_read_t;
+
+static void agents_read_done(void *ud, const ah_fleet_outcome_t *outcome)
+{
+    agents_read_t *ar = ud;
+    http_reply_t reply = {.status = MHD_HTTP_OK};
+    ah_buf_init(&reply.body);
+    if (outcome->command_rc != AH_OK) {
+        ah_http_reply_error(&reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
+                            outcome->command_error);
+    } else {
+        write_agents(&reply.body, ar->http->cfg, outcome->doc->version, outcome->recs,
+                     outcome->count, ar->filtered, ar->wanted);
+    }
+    ah_http_park_answer(ar->park, &reply);
+    ah_http_park_release(ar->park);
+    free(ar);
+}
+
+/* GET /api/cluster/agents[?version=N]: the status records of the fleet, read from the store by
+ * the fleet's waiter thread while the request is parked (directly, without a fleet). */
+void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
+{
+    ah_http_t *http = call->http;
+    if (http->store == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    int64_t wanted = 0;
+    bool filtered = false;
+    if (query_version(call, "version", &wanted, &filtered, reply) != AH_OK) {
+        return;
+    }
+    ah_fleet_t *fleet = atomic_load(&http->fleet);
+    if (fleet != NULL) {
+        agents_read_t *ar = calloc(1, sizeof(*ar));
+        if (ar == NULL) {
+            ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+            return;
+        }
+        *ar = (agents_read_t){.http = http, .filtered = filtered, .wanted = wanted};
+        ar->park = ah_http_park(call, reply, HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
+        if (ar->park == NULL) {
+            free(ar);
+            return; /* reply: 503 (stopping) or 500 */
+        }
+        if (ah_fleet_read(fleet, agents_read_done, ar) != AH_OK) {
+            http_reply_t refused = {.status = MHD_HTTP_OK};
+            ah_buf_init(&refused.body);
+            ah_http_reply_error(&refused, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                "the agent is shutting down");
+            ah_http_park_answer(ar->park, &refused);
+            ah_http_park_release(ar->park);
+            free(ar);
+        }
+        return;
+    }
+    ah_control_t doc;
+    ah_agent_status_t *recs = NULL;
+    int count = 0;
+    char err[AH_ERRLEN] = "";
+    if (ah_store_read(http->store, &doc, err, sizeof(err)) != AH_OK ||
+        ah_store_list_status(http->store, &recs, &count, err, sizeof(err)) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
+                            err);
+        return;
+    }
+    write_agents(&reply->body, http->cfg, doc.version, recs, count, filtered, wanted);
+    free(recs);
 }
 
 /* GET /api/cluster/history: checked here, read from the store by a store worker. */

@@ -13,6 +13,7 @@
 #include <stdbool.h>
 
 typedef struct http_park_s http_park_t;
+typedef struct ah_fleet_s ah_fleet_t;
 
 struct ah_http_s {
     struct MHD_Daemon *daemon;
@@ -21,7 +22,8 @@ struct ah_http_s {
     ah_store_t *store;     /* NULL: distributed control disabled */
     ah_metrics_t *metrics; /* script-defined metrics; NULL: none */
     int port;
-    atomic_int in_flight; /* requests begun (URI seen) and not yet completed */
+    atomic_int in_flight;        /* requests begun (URI seen) and not yet completed */
+    _Atomic(ah_fleet_t *) fleet; /* the fleet view (wait=, agents); NULL until ah_http_set_fleet */
 
     /* Parked requests and store work (core/ah_http_park.c). park_lock guards everything below;
      * park_cond wakes the park thread (a deadline, a state change, stop), jobs_cond the store
@@ -148,6 +150,7 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply); /* 
 void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_stats(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_history(http_call_t *call, http_reply_t *reply);
+void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply); /* POST */
 void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply);  /* POST */
 void ah_http_handle_agent_state(http_call_t *call, http_reply_t *reply);

@@ -57,6 +57,10 @@ struct ah_state_s {
     unsigned reload_next; /* slot of reload_outcomes written next */
     uint64_t reloads;
     uint64_t reload_failures;
+    /* The fleet listener: told (without the lock) when what a status record shows changes, or a
+     * newer control document arrives; set before threads. */
+    void (*fleet_listener)(void *ud, bool record_changed);
+    void *fleet_listener_ud;
     /* The change listener; listener_lock is taken around every call and every change of it
      * (never while `lock` is held), so removing it waits for a call in progress. */
     pthread_mutex_t listener_lock;
@@ -245,6 +249,20 @@ static void set_pending(ah_state_t *s, const ah_event_t *ev)
     pthread_cond_broadcast(&s->wake);
 }
 
+void ah_state_set_fleet_listener(ah_state_t *s, void (*fn)(void *ud, bool record_changed), void *ud)
+{
+    s->fleet_listener = fn;
+    s->fleet_listener_ud = ud;
+}
+
+/* Tells the fleet listener, if any. Called without the lock. */
+static void notify_fleet(ah_state_t *s, bool record_changed)
+{
+    if (s->fleet_listener != NULL) {
+        s->fleet_listener(s->fleet_listener_ud, record_changed);
+    }
+}
+
 void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
 {
     pthread_mutex_lock(&s->lock);
@@ -273,6 +291,7 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
         }
     }
     pthread_mutex_unlock(&s->lock);
+    notify_fleet(s, false);
     notify_change(s);
 }
 
@@ -354,6 +373,7 @@ static void state_commit(ah_state_t *s, ah_run_state_t to, bool held, const ah_e
     }
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    notify_fleet(s, true);
     notify_change(s);
 }
 
@@ -362,6 +382,7 @@ static void state_note_applied(ah_state_t *s, const ah_event_t *ev)
     pthread_mutex_lock(&s->lock);
     note_applied_locked(s, ev);
     pthread_mutex_unlock(&s->lock);
+    notify_fleet(s, true);
     notify_change(s);
 }
 
@@ -387,6 +408,7 @@ void ah_state_set_stopped(ah_state_t *s)
     s->state = AH_STATE_STOPPED;
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    notify_fleet(s, true);
     notify_change(s);
 }
 
@@ -535,8 +557,12 @@ void ah_state_mark_overrun(ah_state_t *s)
 void ah_state_set_store_status(ah_state_t *s, const ah_store_status_t *st)
 {
     pthread_mutex_lock(&s->lock);
+    bool mode_changed = strcmp(s->store.watch_mode, st->watch_mode) != 0;
     s->store = *st;
     pthread_mutex_unlock(&s->lock);
+    if (mode_changed) {
+        notify_fleet(s, true);
+    }
 }
 
 uint64_t ah_state_request_reload(ah_state_t *s)

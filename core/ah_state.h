@@ -173,6 +173,14 @@ int ah_state_reload_outcome(ah_state_t *s, uint64_t ticket, char *err, size_t er
  * object). */
 void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud);
 
+/* Sets the function told (without the state lock, on the thread that made the change) after
+ * every change an agent's status record shows — a committed transition, an applied command, the
+ * final stop, a new watch mode (record_changed true) — and when a newer control document is
+ * accepted (record_changed false). fn must not block. Call before other threads use the state;
+ * NULL removes it. */
+void ah_state_set_fleet_listener(ah_state_t *s, void (*fn)(void *ud, bool record_changed),
+                                 void *ud);
+
 /* Log order on the issuing agent. An HTTP thread issuing a cluster command holds the issue lock
  * from before the store write until it has logged "issued" and offered the document; the worker
  * passes the barrier before it logs a cluster transition, so this agent's "Agent paused" never

@@ -13,12 +13,32 @@ int ah_store_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen)
 int ah_store_command(ah_store_t *st, ah_command_t cmd, const char *reason, const char *updated_by,
                      const char *agent_id, ah_control_t *out, char *err, size_t errlen)
 {
-    if (cmd != AH_CMD_PAUSE && cmd != AH_CMD_RUNNING && cmd != AH_CMD_SHUTDOWN) {
+    ah_command_req_t req = {.command = cmd,
+                            .reason = reason,
+                            .updated_by = updated_by,
+                            .agent_id = agent_id,
+                            .if_version = -1};
+    return ah_store_command_req(st, &req, out, err, errlen);
+}
+
+int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
+                         size_t errlen)
+{
+    if (req->command != AH_CMD_PAUSE && req->command != AH_CMD_RUNNING &&
+        req->command != AH_CMD_SHUTDOWN) {
         snprintf(err, errlen, "unknown command");
         return AH_EINVAL;
     }
-    return st->ops->command(st, cmd, reason ? reason : "", updated_by ? updated_by : "",
-                            agent_id ? agent_id : "", out, err, errlen);
+    if (req->expires_us != 0 && req->command != AH_CMD_PAUSE) {
+        snprintf(err, errlen, "only a pause can expire");
+        return AH_EINVAL;
+    }
+    ah_command_req_t full = *req;
+    full.reason = req->reason ? req->reason : "";
+    full.updated_by = req->updated_by ? req->updated_by : "";
+    full.agent_id = req->agent_id ? req->agent_id : "";
+    ah_control_t ignored;
+    return st->ops->command(st, &full, out != NULL ? out : &ignored, err, errlen);
 }
 
 int ah_store_history(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
@@ -35,6 +55,32 @@ int ah_store_watch_start(ah_store_t *st, const ah_store_listener_t *listener, ch
                          size_t errlen)
 {
     return st->ops->watch_start(st, listener, err, errlen);
+}
+
+int ah_store_put_status(ah_store_t *st, const ah_agent_status_t *rec, double ttl, char *err,
+                        size_t errlen)
+{
+    if (rec == NULL || rec->agent_id[0] == '\0') {
+        snprintf(err, errlen, "a status record needs an agent id");
+        return AH_EINVAL;
+    }
+    if (st->ops->put_status == NULL) {
+        snprintf(err, errlen, "this store keeps no status records");
+        return AH_EUNAVAIL;
+    }
+    return st->ops->put_status(st, rec, ttl, err, errlen);
+}
+
+int ah_store_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
+                         size_t errlen)
+{
+    *out = NULL;
+    *count = 0;
+    if (st->ops->list_status == NULL) {
+        snprintf(err, errlen, "this store keeps no status records");
+        return AH_EUNAVAIL;
+    }
+    return st->ops->list_status(st, out, count, err, errlen);
 }
 
 void ah_store_close(ah_store_t *st)

@@ -1,10 +1,12 @@
-/* The control store interface: where the cluster's control document and its audit trail live.
+/* The control store interface: where the cluster's control document, its audit trail and the
+ * agents' status records live.
  * Two implementations share it: the embedded SQLite store (ah_store_sqlite.c) and the MongoDB
  * store (core/mongo/ahm_store.c, in the MongoDB plugin; opened by ah_store_mongo_open in
  * ah_mongo.h). The host only ever talks to this interface.
  *
- * Threads: read/command/history may be called from any thread (HTTP handlers, the host) and
- * are internally serialised as needed. watch_start starts one watcher thread owned by the store;
+ * Threads: read/command/history and the status records (put_status/list_status) may be called
+ * from any thread (HTTP handlers, the fleet's threads, the host) and are internally serialised
+ * as needed. watch_start starts one watcher thread owned by the store;
  * it reports through the listener (callbacks run on the watcher thread and must not block).
  * close stops the watcher and frees everything. */
 #ifndef AH_STORE_H
@@ -16,6 +18,25 @@
 
 typedef struct ah_store_s ah_store_t;
 
+/* Longest agenthost version string a status record carries. */
+#define AH_VERSION_TEXT_MAX 31
+
+/* One agent's status record (docs/API.md, GET /api/cluster/agents): written by the agent itself
+ * on every state change and every AGENT_HEARTBEAT_INTERVAL. */
+typedef struct ah_agent_status_s {
+    char agent_id[AH_NAME_MAX + 1];
+    char state[16];          /* ah_run_state_name() */
+    int64_t applied_version; /* the last cluster version this agent applied */
+    char watch_mode[32];     /* "polling" | "change_streams" | "" (not known yet) */
+    int64_t last_seen_us;    /* wall clock of the write, µs since the epoch */
+    int64_t started_us;      /* wall clock of the agent's start */
+    char host[AH_NAME_MAX + 1];
+    int64_t pid;
+    char agenthost_version[AH_VERSION_TEXT_MAX + 1];
+    int64_t batches;
+    int64_t errors;
+} ah_agent_status_t;
+
 typedef struct ah_store_listener_s {
     /* A control document was read: at start (initial sync) and after every change. */
     void (*on_control)(void *ud, const ah_control_t *doc);
@@ -24,15 +45,29 @@ typedef struct ah_store_listener_s {
     void *ud;
 } ah_store_listener_t;
 
+/* A cluster command to write (ah_store_command_req). The strings are never NULL. */
+typedef struct ah_command_req_s {
+    ah_command_t command;
+    const char *reason;
+    const char *updated_by;
+    const char *agent_id; /* the writing agent, for the audit entry */
+    int64_t if_version;   /* >= 0: write only if the current version is this one; < 0: always */
+    int64_t expires_us;   /* pause only: when the pause ends (µs since the epoch); 0: never */
+} ah_command_req_t;
+
 typedef struct ah_store_ops_s {
     int (*read)(ah_store_t *st, ah_control_t *out, char *err, size_t errlen);
-    int (*command)(ah_store_t *st, ah_command_t cmd, const char *reason, const char *updated_by,
-                   const char *agent_id, ah_control_t *out, char *err, size_t errlen);
+    int (*command)(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
+                   size_t errlen);
     int (*history)(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
                    size_t errlen);
     int (*watch_start)(ah_store_t *st, const ah_store_listener_t *listener, char *err,
                        size_t errlen);
     void (*close)(ah_store_t *st);
+    int (*put_status)(ah_store_t *st, const ah_agent_status_t *rec, double ttl, char *err,
+                      size_t errlen);
+    int (*list_status)(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
+                       size_t errlen);
 } ah_store_ops_t;
 
 /* Implementations embed this as their first member. */
@@ -48,6 +83,13 @@ int ah_store_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen);
  * the new document. 0, or AH_EUNAVAIL (nothing written) / AH_EIO with err set. */
 int ah_store_command(ah_store_t *st, ah_command_t cmd, const char *reason, const char *updated_by,
                      const char *agent_id, ah_control_t *out, char *err, size_t errlen);
+/* The same with a condition and an expiry (req->reason etc. may be NULL → ""): with
+ * if_version >= 0 the write is one atomic conditional update (embedded: `UPDATE ... WHERE
+ * version = N`; MongoDB: a findAndModify filtered on the version); when the version differs
+ * nothing is written and AH_ECONFLICT is returned with *out set to the current document (err
+ * says both versions). The written document carries expires_us (pause only, else 0). */
+int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
+                         size_t errlen);
 /* Newest-first audit entries, at most `limit` (1..AH_HISTORY_MAX), into out[limit]; *count set. */
 int ah_store_history(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
                      size_t errlen);
@@ -55,6 +97,17 @@ int ah_store_history(ah_store_t *st, int limit, ah_control_t *out, int *count, c
  * succeeds or the store closes), reports it, then reports every later change. The listener is
  * copied. Call at most once. */
 int ah_store_watch_start(ah_store_t *st, const ah_store_listener_t *listener, char *err,
+                         size_t errlen);
+/* Writes (inserts or replaces) the status record rec->agent_id. ttl: seconds after which a
+ * record that is not written again is removed (MongoDB: a TTL index on last_seen, created on
+ * the first write; embedded: a sweep at most once a minute). One round trip; may block up to the
+ * store's timeouts, so it is called from a thread of its own (ah_fleet.c). 0, or
+ * AH_EUNAVAIL/AH_EIO with err set. */
+int ah_store_put_status(ah_store_t *st, const ah_agent_status_t *rec, double ttl, char *err,
+                        size_t errlen);
+/* Reads every status record, sorted by agent_id, into a new array *out (free() it; NULL when
+ * *count is 0). At most AH_AGENTS_MAX records. 0, or AH_EUNAVAIL/AH_EIO/AH_ENOMEM with err set. */
+int ah_store_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
                          size_t errlen);
 /* Stops the watcher (joins its thread) and frees the store. NULL is accepted. */
 void ah_store_close(ah_store_t *st);

@@ -4,7 +4,8 @@
  * concurrent writers in several processes. Two connections: the API connection, used by any
  * thread under api_lock, and the watcher's own connection, owned by the watcher thread, which
  * polls the cheap `PRAGMA data_version` (it only changes for commits made through *other*
- * connections, which is why the watcher cannot share the API connection).
+ * connections, which is why the watcher cannot share the API connection). The agents' status
+ * records (table agent_status) live in the same file and go through the API connection.
  *
  * Error mapping: the file cannot be opened or stays locked past the busy timeout and retries →
  * AH_EUNAVAIL (nothing written); any other SQLite failure → AH_EIO. Messages include
@@ -28,14 +29,16 @@
 #define AH_SQLITE_BACKOFF_MIN_S 0.2         /* watcher: first retry delay after a failure */
 #define AH_SQLITE_BACKOFF_MAX_S 10.0        /* watcher: retry delay cap */
 #define AH_SQLITE_STATUS_MIN_GAP_US 1000000 /* watcher: at most one routine status per second */
+#define AH_SQLITE_SWEEP_GAP_US 60000000     /* status records: at most one sweep a minute */
 
 typedef struct ah_sqlite_store_s {
     ah_store_t base; /* must stay first */
     char *path;
     double poll_interval;
 
-    pthread_mutex_t api_lock; /* guards api_db and its error message */
+    pthread_mutex_t api_lock; /* guards api_db and its error message, last_sweep_us */
     sqlite3 *api_db;
+    int64_t last_sweep_us; /* monotonic time of the last sweep of old status records, 0: none */
 
     pthread_mutex_t watch_lock; /* guards stopping; watch_cond wakes the watcher early */
     pthread_cond_t watch_cond;  /* on CLOCK_MONOTONIC */
@@ -48,23 +51,47 @@ typedef struct ah_sqlite_store_s {
 static const char ah_sqlite_schema[] =
     "CREATE TABLE IF NOT EXISTS control ("
     " id TEXT PRIMARY KEY, command TEXT NOT NULL, version INTEGER NOT NULL,"
-    " timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL, updated_by TEXT NOT NULL);"
+    " timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL, updated_by TEXT NOT NULL,"
+    " expires_us INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS audit ("
     " version INTEGER PRIMARY KEY, command TEXT NOT NULL, timestamp_us INTEGER NOT NULL,"
-    " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);";
+    " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS agent_status ("
+    " agent_id TEXT PRIMARY KEY, state TEXT NOT NULL, applied_version INTEGER NOT NULL,"
+    " watch_mode TEXT NOT NULL, last_seen_us INTEGER NOT NULL, started_us INTEGER NOT NULL,"
+    " host TEXT NOT NULL, pid INTEGER NOT NULL, agenthost_version TEXT NOT NULL,"
+    " batches INTEGER NOT NULL, errors INTEGER NOT NULL);";
+
+static const char ah_sqlite_put_status[] =
+    "INSERT OR REPLACE INTO agent_status (agent_id, state, applied_version, watch_mode,"
+    " last_seen_us, started_us, host, pid, agenthost_version, batches, errors)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+
+static const char ah_sqlite_sweep_status[] = "DELETE FROM agent_status WHERE last_seen_us < ?1";
+
+static const char ah_sqlite_select_status[] =
+    "SELECT agent_id, state, applied_version, watch_mode, last_seen_us, started_us, host, pid,"
+    " agenthost_version, batches, errors FROM agent_status ORDER BY agent_id LIMIT ?1";
 
 static const char ah_sqlite_insert_initial[] =
     "INSERT OR IGNORE INTO control (id, command, version, timestamp_us, reason, updated_by)"
     " VALUES ('global_control', 'running', (SELECT IFNULL(MAX(version), 0) FROM audit), ?1,"
     " 'initial state', 'system')";
 
+/* A file written before timed pauses existed lacks the column: added at open. */
+static const char ah_sqlite_has_expires[] = "SELECT expires_us FROM control LIMIT 0";
+static const char ah_sqlite_add_expires[] =
+    "ALTER TABLE control ADD COLUMN expires_us INTEGER NOT NULL DEFAULT 0";
+
 static const char ah_sqlite_select_control[] =
-    "SELECT command, version, timestamp_us, reason, updated_by FROM control"
+    "SELECT command, version, timestamp_us, reason, updated_by, expires_us FROM control"
     " WHERE id = 'global_control'";
 
+/* ?6 < 0: unconditional; else only when the version is ?6 (compare-and-set). */
 static const char ah_sqlite_update_control[] =
     "UPDATE control SET version = version + 1, command = ?1, timestamp_us = ?2, reason = ?3,"
-    " updated_by = ?4 WHERE id = 'global_control' RETURNING version";
+    " updated_by = ?4, expires_us = ?5 WHERE id = 'global_control' AND (?6 < 0 OR version = ?6)"
+    " RETURNING version";
 
 static const char ah_sqlite_insert_audit[] =
     "INSERT INTO audit (version, command, timestamp_us, reason, updated_by, agent_id)"
@@ -133,6 +160,12 @@ static int sqlite_connect(const ah_sqlite_store_t *st, bool create, int busy_ms,
             if (rc == SQLITE_OK) {
                 rc = sqlite3_exec(db, ah_sqlite_schema, NULL, NULL, NULL);
             }
+            if (rc == SQLITE_OK &&
+                sqlite3_prepare_v2(db, ah_sqlite_has_expires, -1, &stmt, NULL) != SQLITE_OK) {
+                rc = sqlite3_exec(db, ah_sqlite_add_expires, NULL, NULL, NULL);
+            }
+            sqlite3_finalize(stmt);
+            stmt = NULL;
             if (rc == SQLITE_OK) {
                 rc = sqlite3_prepare_v2(db, ah_sqlite_insert_initial, -1, &stmt, NULL);
             }
@@ -225,6 +258,7 @@ static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t
         goto cleanup;
     }
     control_from_row(stmt, false, out);
+    out->expires_us = sqlite3_column_int64(stmt, 5);
     if (out->command == AH_CMD_NONE) {
         snprintf(err, errlen, "embedded store '%s': read failed: unknown command '%s'", st->path,
                  (const char *)sqlite3_column_text(stmt, 0));
@@ -238,8 +272,11 @@ cleanup:
 
 /* One attempt at the command transaction on the API connection (api_lock held): fills
  * doc->version. Returns SQLITE_OK, or the extended result code of the failure with err set and
- * the transaction rolled back. */
-static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *doc, char *err,
+ * the transaction rolled back. With if_version >= 0 and another current version: returns
+ * SQLITE_OK with *conflict set and *current read inside the same transaction (nothing
+ * written). */
+static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *doc,
+                       int64_t if_version, bool *conflict, ah_control_t *current, char *err,
                        size_t errlen)
 {
     sqlite3_stmt *stmt = NULL;
@@ -272,7 +309,17 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
     sqlite3_bind_int64(stmt, 2, doc->timestamp_us);
     sqlite3_bind_text(stmt, 3, doc->reason, -1, SQLITE_STATIC);
     sqlite3_bind_text(stmt, 4, doc->updated_by, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 5, doc->expires_us);
+    sqlite3_bind_int64(stmt, 6, if_version);
     rc = sqlite3_step(stmt);
+    if (rc == SQLITE_DONE && if_version >= 0) {
+        sqlite3_finalize(stmt);
+        stmt = NULL;
+        *conflict = true;
+        rc = control_select(st, db, current, NULL, err, errlen) == 0 ? SQLITE_OK : SQLITE_ERROR;
+        sqlite_rollback(db);
+        goto cleanup;
+    }
     if (rc != SQLITE_ROW) {
         goto cleanup;
     }
@@ -367,26 +414,28 @@ cleanup:
     return ret;
 }
 
-static int sqlite_command(ah_store_t *base, ah_command_t cmd, const char *reason,
-                          const char *updated_by, const char *agent_id, ah_control_t *out,
+static int sqlite_command(ah_store_t *base, const ah_command_req_t *req, ah_control_t *out,
                           char *err, size_t errlen)
 {
     ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
     ah_control_t doc;
+    ah_control_t current;
+    bool conflict = false;
     int rc = SQLITE_OK;
     int ret = 0;
 
     memset(&doc, 0, sizeof(doc));
-    doc.command = cmd;
-    ah_strlcpy(doc.reason, reason, sizeof(doc.reason));
-    ah_strlcpy(doc.updated_by, updated_by, sizeof(doc.updated_by));
-    ah_strlcpy(doc.agent_id, agent_id, sizeof(doc.agent_id));
+    doc.command = req->command;
+    ah_strlcpy(doc.reason, req->reason, sizeof(doc.reason));
+    ah_strlcpy(doc.updated_by, req->updated_by, sizeof(doc.updated_by));
+    ah_strlcpy(doc.agent_id, req->agent_id, sizeof(doc.agent_id));
+    doc.expires_us = req->expires_us;
 
     pthread_mutex_lock(&st->api_lock);
     ret = api_connect_locked(st, err, errlen);
     for (int attempt = 1; ret == 0 && attempt <= AH_SQLITE_TXN_ATTEMPTS; attempt++) {
         doc.timestamp_us = ah_now_us();
-        rc = command_txn(st, st->api_db, &doc, err, errlen);
+        rc = command_txn(st, st->api_db, &doc, req->if_version, &conflict, &current, err, errlen);
         if (rc == SQLITE_OK || !sqlite_is_busy(rc)) {
             break;
         }
@@ -394,10 +443,16 @@ static int sqlite_command(ah_store_t *base, ah_command_t cmd, const char *reason
     }
     if (ret == 0 && rc != SQLITE_OK) {
         ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+    } else if (conflict) {
+        snprintf(err, errlen, "version conflict: expected %lld, current is %lld",
+                 (long long)req->if_version, (long long)current.version);
+        ret = AH_ECONFLICT;
     }
     pthread_mutex_unlock(&st->api_lock);
-    if (ret == 0 && out != NULL) {
+    if (ret == 0) {
         *out = doc;
+    } else if (ret == AH_ECONFLICT) {
+        *out = current;
     }
     return ret;
 }
@@ -436,6 +491,138 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
 cleanup:
     sqlite3_finalize(stmt);
     pthread_mutex_unlock(&st->api_lock);
+    return ret;
+}
+
+/* One attempt at writing a status record (and, when due, sweeping old ones) on the API
+ * connection (api_lock held). Returns SQLITE_OK or the failing result code. */
+static int put_status_once(sqlite3 *db, const ah_agent_status_t *rec, int64_t sweep_before_us)
+{
+    sqlite3_stmt *stmt = NULL;
+    int rc = sqlite3_prepare_v2(db, ah_sqlite_put_status, -1, &stmt, NULL);
+    if (rc != SQLITE_OK) {
+        goto cleanup;
+    }
+    sqlite3_bind_text(stmt, 1, rec->agent_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 2, rec->state, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 3, rec->applied_version);
+    sqlite3_bind_text(stmt, 4, rec->watch_mode, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 5, rec->last_seen_us);
+    sqlite3_bind_int64(stmt, 6, rec->started_us);
+    sqlite3_bind_text(stmt, 7, rec->host, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 8, rec->pid);
+    sqlite3_bind_text(stmt, 9, rec->agenthost_version, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 10, rec->batches);
+    sqlite3_bind_int64(stmt, 11, rec->errors);
+    rc = sqlite3_step(stmt);
+    if (rc != SQLITE_DONE) {
+        goto cleanup;
+    }
+    rc = SQLITE_OK;
+    if (sweep_before_us > 0) {
+        sqlite3_finalize(stmt);
+        stmt = NULL;
+        rc = sqlite3_prepare_v2(db, ah_sqlite_sweep_status, -1, &stmt, NULL);
+        if (rc != SQLITE_OK) {
+            goto cleanup;
+        }
+        sqlite3_bind_int64(stmt, 1, sweep_before_us);
+        rc = sqlite3_step(stmt) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(db);
+    }
+cleanup:
+    sqlite3_finalize(stmt);
+    return rc;
+}
+
+static int sqlite_put_status(ah_store_t *base, const ah_agent_status_t *rec, double ttl, char *err,
+                             size_t errlen)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    int rc = SQLITE_OK;
+    int ret = 0;
+
+    pthread_mutex_lock(&st->api_lock);
+    int64_t now_mono = ah_mono_us();
+    int64_t sweep_before_us = 0;
+    if (ttl > 0 &&
+        (st->last_sweep_us == 0 || now_mono - st->last_sweep_us >= AH_SQLITE_SWEEP_GAP_US)) {
+        sweep_before_us = ah_now_us() - (int64_t)(ttl * 1e6);
+    }
+    for (int attempt = 1; attempt <= AH_SQLITE_TXN_ATTEMPTS; attempt++) {
+        rc = put_status_once(st->api_db, rec, sweep_before_us);
+        if (rc == SQLITE_OK || !sqlite_is_busy(rc)) {
+            break;
+        }
+        ah_sleep(0.02 * attempt);
+    }
+    if (rc != SQLITE_OK) {
+        sqlite_error(err, errlen, st, st->api_db, "status write failed");
+        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+    } else if (sweep_before_us > 0) {
+        st->last_sweep_us = now_mono;
+    }
+    pthread_mutex_unlock(&st->api_lock);
+    return ret;
+}
+
+static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *count, char *err,
+                              size_t errlen)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    sqlite3_stmt *stmt = NULL;
+    ah_agent_status_t *recs = NULL;
+    int cap = 0, n = 0;
+    int ret = AH_EIO;
+    int rc = SQLITE_DONE;
+
+    pthread_mutex_lock(&st->api_lock);
+    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_status, -1, &stmt, NULL) != SQLITE_OK) {
+        sqlite_error(err, errlen, st, st->api_db, "status read failed");
+        ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    sqlite3_bind_int(stmt, 1, AH_AGENTS_MAX);
+    while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+        if (n == cap) {
+            int grown = cap == 0 ? 16 : cap * 2;
+            ah_agent_status_t *bigger = realloc(recs, (size_t)grown * sizeof(*recs));
+            if (bigger == NULL) {
+                snprintf(err, errlen, "embedded store '%s': status read: out of memory", st->path);
+                ret = AH_ENOMEM;
+                goto cleanup;
+            }
+            recs = bigger;
+            cap = grown;
+        }
+        ah_agent_status_t *r = &recs[n++];
+        memset(r, 0, sizeof(*r));
+        ah_strlcpy(r->agent_id, (const char *)sqlite3_column_text(stmt, 0), sizeof(r->agent_id));
+        ah_strlcpy(r->state, (const char *)sqlite3_column_text(stmt, 1), sizeof(r->state));
+        r->applied_version = sqlite3_column_int64(stmt, 2);
+        ah_strlcpy(r->watch_mode, (const char *)sqlite3_column_text(stmt, 3),
+                   sizeof(r->watch_mode));
+        r->last_seen_us = sqlite3_column_int64(stmt, 4);
+        r->started_us = sqlite3_column_int64(stmt, 5);
+        ah_strlcpy(r->host, (const char *)sqlite3_column_text(stmt, 6), sizeof(r->host));
+        r->pid = sqlite3_column_int64(stmt, 7);
+        ah_strlcpy(r->agenthost_version, (const char *)sqlite3_column_text(stmt, 8),
+                   sizeof(r->agenthost_version));
+        r->batches = sqlite3_column_int64(stmt, 9);
+        r->errors = sqlite3_column_int64(stmt, 10);
+    }
+    if (rc != SQLITE_DONE) {
+        sqlite_error(err, errlen, st, st->api_db, "status read failed");
+        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    *out = recs;
+    *count = n;
+    recs = NULL;
+    ret = 0;
+cleanup:
+    sqlite3_finalize(stmt);
+    pthread_mutex_unlock(&st->api_lock);
+    free(recs);
     return ret;
 }
 
@@ -597,6 +784,8 @@ static const ah_store_ops_t ah_sqlite_ops = {
     .history = sqlite_history,
     .watch_start = sqlite_watch_start,
     .close = sqlite_close,
+    .put_status = sqlite_put_status,
+    .list_status = sqlite_list_status,
 };
 
 ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *err, size_t errlen)

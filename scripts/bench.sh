@@ -16,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECTIONS=(batch idle rps startup probes mongo lua_mongo)
+SECTIONS=(batch idle rps startup probes mongo lua_mongo fleet)
 BUILD_DIR=${BUILD_DIR:-build}
 AGENTHOST=${AGENTHOST:-$BUILD_DIR/agenthost}
 BENCH_BATCH=${BENCH_BATCH:-$BUILD_DIR/tests/bench/bench_batch}
@@ -303,6 +303,19 @@ section_lua_mongo() {
     if ! out=$(BUILD_DIR=$BUILD_DIR "$ROOT/scripts/bench_find_one.sh" 2>&1); then
         echo "$out" | tail -20 | sed 's/^/  /'
         die_section "lua_mongo" "the agent.mongo benchmark failed"
+        return
+    fi
+    echo "$out" | sed 's/^/  /'
+}
+
+section_fleet() {
+    # 100 agents on the MongoDB test server (change streams) and on the embedded store: time from
+    # POST ...?wait=30 to "complete" for 3 commands, idle database commands per agent per minute
+    # counted at the server, connections per agent (tests/bench/bench_fleet.py).
+    local out
+    if ! out=$(AGENTHOST_BIN="$AGENTHOST" "$PY" "$ROOT/tests/bench/bench_fleet.py" 2>&1); then
+        echo "$out" | tail -30 | sed 's/^/  /'
+        die_section "fleet" "the fleet benchmark failed"
         return
     fi
     echo "$out" | sed 's/^/  /'

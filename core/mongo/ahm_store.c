@@ -1,7 +1,13 @@
 /* The MongoDB control store (docs/OPERATIONS.md): the control document `global_control` and its
- * audit entries in <MONGODB_DATABASE>.agent_control, behind the store interface of ah_store.h. One
- * mongoc_client_pool_t serves everything: read/command/history pop a client per call (any
- * thread), and the watcher thread holds its own client for its whole life. The watcher detects
+ * audit entries in <MONGODB_DATABASE>.agent_control, and the agents' status records in
+ * <MONGODB_DATABASE>.agent_status, behind the store interface of ah_store.h. Two single-threaded
+ * clients, one connection each (a single-threaded client monitors the server on its own socket,
+ * so there is no extra monitoring connection): the API client serves read/command/history and
+ * the status records from any thread, one call at a time under api_lock; the watcher thread owns
+ * the other one. The watcher's change stream waits up to AH_MONGO_MAX_AWAIT_MS per getMore (the
+ * server answers a change at once), on a socket timeout longer than that wait; close() does not
+ * wait for it: it kills the stream's cursor (its id is learnt from the driver's command
+ * monitoring), which ends the getMore at once. The watcher detects
  * the watch mode (a change stream, or polling when the server refuses streams: standalone error
  * 40573), logs the lines of the original distributed-control API, delivers the document at start
  * and after every change, and survives every fault by reconnecting with exponential backoff and
@@ -20,6 +26,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,13 +36,20 @@
 #define AH_MONGO_COLLECTION "agent_control"
 #define AH_MONGO_DOC_ID "global_control"
 #define AH_MONGO_AUDIT_KIND "audit"
+#define AH_MONGO_STATUS_COLLECTION "agent_status"
+#define AH_MONGO_STATUS_TTL_INDEX "last_seen_ttl"
 
 /* Driver timeouts applied when the URI does not set them (milliseconds). */
 #define AH_MONGO_SERVER_SELECTION_MS 2000
 #define AH_MONGO_CONNECT_MS 2000
 #define AH_MONGO_SOCKET_MS 5000
-/* How long one change stream getMore waits on the server: bounds close() in the normal case. */
-#define AH_MONGO_MAX_AWAIT_MS 1000
+/* How long one change stream getMore waits on the server when nothing changes: an idle agent's
+ * getMore rate (4 a minute). A change is answered at once; close() kills the cursor. */
+#define AH_MONGO_MAX_AWAIT_MS 15000
+/* The watcher's socket timeout (unless the URI sets one): the await plus this margin. */
+#define AH_MONGO_AWAIT_SOCKET_MARGIN_MS 10000
+/* close(): how often it kills the stream's cursor again while the watcher has not exited. */
+#define AH_MONGO_CLOSE_KILL_EVERY_S 0.2
 
 /* First reconnect delay, seconds. */
 #define AH_MONGO_RETRY_MIN 0.25
@@ -73,17 +87,22 @@ typedef struct ahm_store_s {
     ah_store_t base; /* first member (ah_store.h) */
     const ah_config_t *cfg;
     mongoc_uri_t *uri;
-    mongoc_client_pool_t *pool;
-    double verify_interval; /* seconds; 0 = never verify a silent stream */
+    mongoc_uri_t *watch_uri;       /* uri with the watcher's longer socket timeout */
+    pthread_mutex_t api_lock;      /* one API call at a time on api_client */
+    mongoc_client_t *api_client;   /* read/command/history/status records */
+    _Atomic int64_t stream_cursor; /* the watcher's change stream cursor id, 0: none */
+    double verify_interval;        /* seconds; 0 = never verify a silent stream */
     int max_await_ms;
 
     pthread_mutex_t mutex; /* guards everything below */
     pthread_cond_t cond;   /* signalled by close() */
     bool closing;
+    bool status_index_done;    /* the TTL index of agent_status was created (or refused) */
     ah_command_t last_command; /* last known command: fallback for foreign writes */
 
     pthread_t watcher;
     bool watcher_started;
+    bool watcher_done; /* the watcher thread is about to return (guarded by mutex) */
     ah_store_listener_t listener;
 } ahm_store_t;
 
@@ -235,6 +254,9 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
     copy_utf8_field(doc, "reason", out->reason, sizeof(out->reason));
     copy_utf8_field(doc, "updated_by", out->updated_by, sizeof(out->updated_by));
     copy_utf8_field(doc, "agent_id", out->agent_id, sizeof(out->agent_id));
+    if (bson_iter_init_find(&it, doc, "expires_at") && BSON_ITER_HOLDS_DATE_TIME(&it)) {
+        out->expires_us = ah_int64_mul_sat(bson_iter_date_time(&it), 1000); /* any writer */
+    }
     return AH_OK;
 }
 
@@ -331,10 +353,10 @@ static int read_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control_t
     bson_error_t error;
     const bson_t *doc;
     bson_t *filter = BCON_NEW("_id", BCON_UTF8(AH_MONGO_DOC_ID));
-    bson_t *opts =
-        BCON_NEW("projection", "{", "_id", BCON_INT32(0), "command", BCON_INT32(1), "version",
-                 BCON_INT32(1), "timestamp", BCON_INT32(1), "reason", BCON_INT32(1), "updated_by",
-                 BCON_INT32(1), "}", "limit", BCON_INT64(1), "singleBatch", BCON_BOOL(true));
+    bson_t *opts = BCON_NEW("projection", "{", "_id", BCON_INT32(0), "command", BCON_INT32(1),
+                            "version", BCON_INT32(1), "timestamp", BCON_INT32(1), "reason",
+                            BCON_INT32(1), "updated_by", BCON_INT32(1), "expires_at", BCON_INT32(1),
+                            "}", "limit", BCON_INT64(1), "singleBatch", BCON_BOOL(true));
     mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
     if (mongoc_cursor_next(cursor, &doc)) {
         if (parse_and_remember(ms, doc, out) != AH_OK) {
@@ -358,16 +380,26 @@ cleanup:
 
 /* ---- the store operations (any thread) ---------------------------------------------------- */
 
+/* Takes the API client (api_lock) and returns collection `name` of the control database on it;
+ * *client is the API client. Release with push_collection(). */
+static mongoc_collection_t *pop_named_collection(ahm_store_t *ms, const char *name,
+                                                 mongoc_client_t **client)
+{
+    pthread_mutex_lock(&ms->api_lock);
+    *client = ms->api_client;
+    return mongoc_client_get_collection(*client, ms->cfg->mongodb_database, name);
+}
+
 static mongoc_collection_t *pop_collection(ahm_store_t *ms, mongoc_client_t **client)
 {
-    *client = mongoc_client_pool_pop(ms->pool);
-    return mongoc_client_get_collection(*client, ms->cfg->mongodb_database, AH_MONGO_COLLECTION);
+    return pop_named_collection(ms, AH_MONGO_COLLECTION, client);
 }
 
 static void push_collection(ahm_store_t *ms, mongoc_client_t *client, mongoc_collection_t *coll)
 {
+    (void)client;
     mongoc_collection_destroy(coll);
-    mongoc_client_pool_push(ms->pool, client);
+    pthread_mutex_unlock(&ms->api_lock);
 }
 
 static int mongo_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen)
@@ -414,8 +446,7 @@ static int insert_audit(ahm_store_t *ms, mongoc_collection_t *coll, const ah_con
     return rc;
 }
 
-static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
-                         const char *updated_by, const char *agent_id, ah_control_t *out, char *err,
+static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
                          size_t errlen)
 {
     ahm_store_t *ms = mongo_of(st);
@@ -423,24 +454,38 @@ static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
     bson_error_t error;
     bson_t reply = BSON_INITIALIZER;
     int64_t now_us = ah_now_us();
+    bool conditional = req->if_version >= 0;
     mongoc_client_t *client;
     mongoc_collection_t *coll = pop_collection(ms, &client);
     bson_t *query = BCON_NEW("_id", BCON_UTF8(AH_MONGO_DOC_ID));
+    if (conditional) {
+        BSON_APPEND_INT64(query, "version", req->if_version);
+    }
     bson_t *update = bson_new();
     bson_t child;
     BSON_APPEND_DOCUMENT_BEGIN(update, "$inc", &child);
     BSON_APPEND_INT64(&child, "version", 1);
     bson_append_document_end(update, &child);
     BSON_APPEND_DOCUMENT_BEGIN(update, "$set", &child);
-    BSON_APPEND_UTF8(&child, "command", ah_command_name(cmd));
+    BSON_APPEND_UTF8(&child, "command", ah_command_name(req->command));
     append_now(&child, "timestamp", now_us);
-    BSON_APPEND_UTF8(&child, "reason", reason);
-    BSON_APPEND_UTF8(&child, "updated_by", updated_by);
+    BSON_APPEND_UTF8(&child, "reason", req->reason);
+    BSON_APPEND_UTF8(&child, "updated_by", req->updated_by);
+    if (req->expires_us != 0) {
+        append_now(&child, "expires_at", req->expires_us);
+    }
     bson_append_document_end(update, &child);
+    if (req->expires_us == 0) { /* a plain command keeps the original document's fields */
+        BSON_APPEND_DOCUMENT_BEGIN(update, "$unset", &child);
+        BSON_APPEND_UTF8(&child, "expires_at", "");
+        bson_append_document_end(update, &child);
+    }
     mongoc_find_and_modify_opts_t *opts = mongoc_find_and_modify_opts_new();
     mongoc_find_and_modify_opts_set_update(opts, update);
-    mongoc_find_and_modify_opts_set_flags(opts, MONGOC_FIND_AND_MODIFY_UPSERT |
-                                                    MONGOC_FIND_AND_MODIFY_RETURN_NEW);
+    /* A conditional write never inserts: a missing document is a conflict with version 0. */
+    mongoc_find_and_modify_opts_set_flags(
+        opts, conditional ? MONGOC_FIND_AND_MODIFY_RETURN_NEW
+                          : MONGOC_FIND_AND_MODIFY_UPSERT | MONGOC_FIND_AND_MODIFY_RETURN_NEW);
 
     if (!mongoc_collection_find_and_modify_with_opts(coll, query, opts, &reply, &error)) {
         if (error_before_send(&error)) {
@@ -459,22 +504,35 @@ static int mongo_command(ah_store_t *st, ah_command_t cmd, const char *reason,
         }
         goto cleanup;
     }
+    bson_iter_t it;
+    if (conditional && (!bson_iter_init_find(&it, &reply, "value") || BSON_ITER_HOLDS_NULL(&it))) {
+        /* Nothing matched: another version is current. Report it. */
+        rc = read_control(ms, coll, out, err, errlen);
+        if (rc == AH_OK) {
+            snprintf(err, errlen, "version conflict: expected %" PRId64 ", current is %" PRId64,
+                     req->if_version, out->version);
+            rc = AH_ECONFLICT;
+        }
+        goto cleanup;
+    }
     rc = parse_find_and_modify_reply(ms, &reply, "command", out, err, errlen);
     if (rc != AH_OK) {
         goto cleanup;
     }
     /* The returned document is the authority for version and timestamp; the rest is ours. */
-    out->command = cmd;
-    ah_strlcpy(out->reason, reason, sizeof(out->reason));
-    ah_strlcpy(out->updated_by, updated_by, sizeof(out->updated_by));
-    ah_strlcpy(out->agent_id, agent_id, sizeof(out->agent_id));
+    out->command = req->command;
+    ah_strlcpy(out->reason, req->reason, sizeof(out->reason));
+    ah_strlcpy(out->updated_by, req->updated_by, sizeof(out->updated_by));
+    ah_strlcpy(out->agent_id, req->agent_id, sizeof(out->agent_id));
+    out->expires_us = req->expires_us;
     char audit_err[AH_ERRLEN];
     if (insert_audit(ms, coll, out, audit_err, sizeof(audit_err)) != AH_OK) {
         /* The command itself is applied and will reach every agent; only its audit entry is
          * missing. Not an error for the caller. */
         ah_log_error("Command '%s' version %" PRId64 " is applied but its audit entry could not "
                      "be written after %d attempts: %s",
-                     ah_command_name(cmd), out->version, AH_MONGO_AUDIT_ATTEMPTS, audit_err);
+                     ah_command_name(req->command), out->version, AH_MONGO_AUDIT_ATTEMPTS,
+                     audit_err);
     }
     rc = AH_OK;
 cleanup:
@@ -509,6 +567,162 @@ static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *coun
         *count = 0;
         rc = read_failure("read history", &error, err, errlen);
     }
+    mongoc_cursor_destroy(cursor);
+    bson_destroy(opts);
+    bson_destroy(filter);
+    push_collection(ms, client, coll);
+    return rc;
+}
+
+/* ---- agent status records (any thread; the fleet writer and the HTTP API) ----------------- */
+
+/* Creates the TTL index on agent_status.last_seen once per process (the first status write).
+ * A server or role that refuses it is logged once: records then stay until deleted by hand. */
+static void ensure_status_index(ahm_store_t *ms, mongoc_client_t *client, double ttl)
+{
+    pthread_mutex_lock(&ms->mutex);
+    bool done = ms->status_index_done;
+    ms->status_index_done = true;
+    pthread_mutex_unlock(&ms->mutex);
+    if (done) {
+        return;
+    }
+    bson_error_t error;
+    mongoc_database_t *db = mongoc_client_get_database(client, ms->cfg->mongodb_database);
+    bson_t *cmd =
+        BCON_NEW("createIndexes", BCON_UTF8(AH_MONGO_STATUS_COLLECTION), "indexes", "[", "{", "key",
+                 "{", "last_seen", BCON_INT32(1), "}", "name", BCON_UTF8(AH_MONGO_STATUS_TTL_INDEX),
+                 "expireAfterSeconds", BCON_INT64((int64_t)ceil(ttl)), "}", "]");
+    bson_t reply;
+    if (!mongoc_database_write_command_with_opts(db, cmd, NULL, &reply, &error)) {
+        if (classify_error(&error) == AH_MONGO_FAULT_NETWORK) {
+            pthread_mutex_lock(&ms->mutex);
+            ms->status_index_done = false; /* try again with the next write */
+            pthread_mutex_unlock(&ms->mutex);
+        } else {
+            ah_log_warn("Cannot create the TTL index of %s.%s (records of vanished agents stay "
+                        "until deleted): %s (code %" PRIu32 ")",
+                        ms->cfg->mongodb_database, AH_MONGO_STATUS_COLLECTION, error.message,
+                        error.code);
+        }
+    }
+    bson_destroy(&reply);
+    bson_destroy(cmd);
+    mongoc_database_destroy(db);
+}
+
+static int mongo_put_status(ah_store_t *st, const ah_agent_status_t *rec, double ttl, char *err,
+                            size_t errlen)
+{
+    ahm_store_t *ms = mongo_of(st);
+    int rc = AH_OK;
+    bson_error_t error;
+    mongoc_client_t *client;
+    mongoc_collection_t *coll = pop_named_collection(ms, AH_MONGO_STATUS_COLLECTION, &client);
+    if (ttl > 0) {
+        ensure_status_index(ms, client, ttl);
+    }
+    bson_t *query = BCON_NEW("_id", BCON_UTF8(rec->agent_id));
+    bson_t *update = bson_new();
+    bson_t set;
+    BSON_APPEND_DOCUMENT_BEGIN(update, "$set", &set);
+    BSON_APPEND_UTF8(&set, "state", rec->state);
+    BSON_APPEND_INT64(&set, "applied_version", rec->applied_version);
+    BSON_APPEND_UTF8(&set, "watch_mode", rec->watch_mode);
+    append_now(&set, "last_seen", rec->last_seen_us);
+    append_now(&set, "started_at", rec->started_us);
+    BSON_APPEND_UTF8(&set, "host", rec->host);
+    BSON_APPEND_INT64(&set, "pid", rec->pid);
+    BSON_APPEND_UTF8(&set, "agenthost_version", rec->agenthost_version);
+    BSON_APPEND_INT64(&set, "batches", rec->batches);
+    BSON_APPEND_INT64(&set, "errors", rec->errors);
+    bson_append_document_end(update, &set);
+    bson_t *opts = BCON_NEW("upsert", BCON_BOOL(true));
+    if (!mongoc_collection_update_one(coll, query, update, opts, NULL, &error)) {
+        rc = read_failure("write agent status", &error, err, errlen);
+    }
+    bson_destroy(opts);
+    bson_destroy(update);
+    bson_destroy(query);
+    push_collection(ms, client, coll);
+    return rc;
+}
+
+/* A number field as int64 (any numeric type), else 0. */
+static int64_t int64_field(const bson_t *doc, const char *key)
+{
+    bson_iter_t it;
+    if (bson_iter_init_find(&it, doc, key) && BSON_ITER_HOLDS_NUMBER(&it)) {
+        return bson_iter_as_int64(&it);
+    }
+    return 0;
+}
+
+/* A Date field in µs since the epoch, else 0. */
+static int64_t date_field_us(const bson_t *doc, const char *key)
+{
+    bson_iter_t it;
+    if (bson_iter_init_find(&it, doc, key) && BSON_ITER_HOLDS_DATE_TIME(&it)) {
+        return ah_int64_mul_sat(bson_iter_date_time(&it), 1000);
+    }
+    return 0;
+}
+
+static int mongo_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
+                             size_t errlen)
+{
+    ahm_store_t *ms = mongo_of(st);
+    int rc = AH_OK;
+    bson_error_t error;
+    const bson_t *doc;
+    ah_agent_status_t *recs = NULL;
+    int cap = 0, n = 0;
+    mongoc_client_t *client;
+    mongoc_collection_t *coll = pop_named_collection(ms, AH_MONGO_STATUS_COLLECTION, &client);
+    bson_t *filter = bson_new();
+    bson_t *opts = BCON_NEW("sort", "{", "_id", BCON_INT32(1), "}", "limit",
+                            BCON_INT64(AH_AGENTS_MAX), "batchSize", BCON_INT64(AH_AGENTS_MAX));
+    mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
+    while (mongoc_cursor_next(cursor, &doc)) {
+        bson_iter_t it;
+        if (!bson_iter_init_find(&it, doc, "_id") || !BSON_ITER_HOLDS_UTF8(&it)) {
+            continue; /* not a record of ours */
+        }
+        if (n == cap) {
+            int grown = cap == 0 ? 16 : cap * 2;
+            ah_agent_status_t *bigger = realloc(recs, (size_t)grown * sizeof(*recs));
+            if (bigger == NULL) {
+                snprintf(err, errlen, "out of memory reading agent status");
+                rc = AH_ENOMEM;
+                goto cleanup;
+            }
+            recs = bigger;
+            cap = grown;
+        }
+        ah_agent_status_t *r = &recs[n++];
+        memset(r, 0, sizeof(*r));
+        ah_strlcpy(r->agent_id, bson_iter_utf8(&it, NULL), sizeof(r->agent_id));
+        copy_utf8_field(doc, "state", r->state, sizeof(r->state));
+        r->applied_version = int64_field(doc, "applied_version");
+        copy_utf8_field(doc, "watch_mode", r->watch_mode, sizeof(r->watch_mode));
+        r->last_seen_us = date_field_us(doc, "last_seen");
+        r->started_us = date_field_us(doc, "started_at");
+        copy_utf8_field(doc, "host", r->host, sizeof(r->host));
+        r->pid = int64_field(doc, "pid");
+        copy_utf8_field(doc, "agenthost_version", r->agenthost_version,
+                        sizeof(r->agenthost_version));
+        r->batches = int64_field(doc, "batches");
+        r->errors = int64_field(doc, "errors");
+    }
+    if (mongoc_cursor_error(cursor, &error)) {
+        rc = read_failure("read agent status", &error, err, errlen);
+        goto cleanup;
+    }
+    *out = recs;
+    *count = n;
+    recs = NULL;
+cleanup:
+    free(recs);
     mongoc_cursor_destroy(cursor);
     bson_destroy(opts);
     bson_destroy(filter);
@@ -756,6 +970,9 @@ static void run_streams(ah_mongo_watch_t *w)
                 }
                 continue;
             }
+            if (mongo_closing(ms)) {
+                break; /* close() killed the cursor: not a fault */
+            }
             if (mongoc_change_stream_error_document(stream, &error, &reply)) {
                 if (classify_error(&error) == AH_MONGO_FAULT_HISTORY) {
                     ah_log_warn("[Distributed Control] Change stream history lost (%s): "
@@ -821,6 +1038,45 @@ static void run_polling(ah_mongo_watch_t *w)
     }
 }
 
+/* Command monitoring of the watcher's client: remembers the id of the change stream's cursor
+ * (from the aggregate that opens it and every getMore), so that close() can kill it. */
+static void watch_command_succeeded(const mongoc_apm_command_succeeded_t *event)
+{
+    const char *name = mongoc_apm_command_succeeded_get_command_name(event);
+    if (strcmp(name, "aggregate") != 0 && strcmp(name, "getMore") != 0) {
+        return;
+    }
+    ahm_store_t *ms = mongoc_apm_command_succeeded_get_context(event);
+    bson_iter_t it, id;
+    if (bson_iter_init(&it, mongoc_apm_command_succeeded_get_reply(event)) &&
+        bson_iter_find_descendant(&it, "cursor.id", &id) && BSON_ITER_HOLDS_NUMBER(&id)) {
+        atomic_store(&ms->stream_cursor, bson_iter_as_int64(&id));
+    }
+}
+
+/* The watcher's own client: ms->watch_uri, error API 2, the appname, command monitoring. NULL
+ * with a log line when the URI cannot make one (it was accepted at open, so this is unlikely). */
+static mongoc_client_t *watch_client_new(ahm_store_t *ms)
+{
+    bson_error_t error;
+    mongoc_client_t *client = mongoc_client_new_from_uri_with_error(ms->watch_uri, &error);
+    if (client == NULL) {
+        ah_log_error("[Distributed Control] cannot create the watcher's MongoDB client: %s",
+                     error.message);
+        return NULL;
+    }
+    mongoc_client_set_error_api(client, MONGOC_ERROR_API_VERSION_2);
+    char appname[128];
+    snprintf(appname, sizeof(appname), "agenthost/%.100s",
+             ms->cfg->agent_id ? ms->cfg->agent_id : "");
+    mongoc_client_set_appname(client, appname);
+    mongoc_apm_callbacks_t *callbacks = mongoc_apm_callbacks_new();
+    mongoc_apm_set_command_succeeded_cb(callbacks, watch_command_succeeded);
+    mongoc_client_set_apm_callbacks(client, callbacks, ms);
+    mongoc_apm_callbacks_destroy(callbacks);
+    return client;
+}
+
 static void *watcher_main(void *arg)
 {
     ahm_store_t *ms = arg;
@@ -828,7 +1084,10 @@ static void *watcher_main(void *arg)
     memset(&w, 0, sizeof(w));
     w.ms = ms;
     w.seed = (unsigned int)(ah_now_us() ^ ((int64_t)getpid() << 16));
-    w.client = mongoc_client_pool_pop(ms->pool);
+    w.client = watch_client_new(ms);
+    if (w.client == NULL) {
+        goto done;
+    }
     w.coll = mongoc_client_get_collection(w.client, ms->cfg->mongodb_database, AH_MONGO_COLLECTION);
     ah_store_reporter_init(&w.reporter, &ms->listener, "mongodb", "unknown", "",
                            AH_MONGO_STATUS_GAP_US);
@@ -845,8 +1104,41 @@ static void *watcher_main(void *arg)
         run_polling(&w);
     }
     mongoc_collection_destroy(w.coll);
-    mongoc_client_pool_push(ms->pool, w.client);
+    mongoc_client_destroy(w.client);
+done:
+    pthread_mutex_lock(&ms->mutex);
+    ms->watcher_done = true;
+    pthread_cond_broadcast(&ms->cond);
+    pthread_mutex_unlock(&ms->mutex);
     return NULL;
+}
+
+/* close(): kills the watcher's change stream cursor, if one is open, through the API client: a
+ * getMore waiting on it returns at once (CursorKilled). Users may always kill their own cursors
+ * (MongoDB 4.2+), so the role needs nothing for it. */
+static void kill_stream_cursor(ahm_store_t *ms)
+{
+    int64_t id = atomic_load(&ms->stream_cursor);
+    if (id == 0 || ms->api_client == NULL) {
+        return;
+    }
+    bson_error_t error;
+    bson_t *cmd = BCON_NEW("killCursors", BCON_UTF8(AH_MONGO_COLLECTION), "cursors", "[",
+                           BCON_INT64(id), "]");
+    pthread_mutex_lock(&ms->api_lock);
+    if (!mongoc_client_command_simple(ms->api_client, ms->cfg->mongodb_database, cmd, NULL, NULL,
+                                      &error)) {
+        ah_log_debug("[Distributed Control] killCursors at close: %s", error.message);
+    }
+    pthread_mutex_unlock(&ms->api_lock);
+    bson_destroy(cmd);
+}
+
+/* ah_cond_wait_until's condition (mutex held). */
+static bool watcher_is_done(void *arg)
+{
+    const ahm_store_t *ms = arg;
+    return ms->watcher_done;
 }
 
 static int mongo_watch_start(ah_store_t *st, const ah_store_listener_t *listener, char *err,
@@ -874,12 +1166,24 @@ static void mongo_close(ah_store_t *st)
     pthread_cond_broadcast(&ms->cond);
     pthread_mutex_unlock(&ms->mutex);
     if (ms->watcher_started) {
+        /* The watcher may be inside a getMore that waits up to AH_MONGO_MAX_AWAIT_MS: end it by
+         * killing its cursor, again if the stream was just (re)opened, until the thread is out. */
+        for (;;) {
+            pthread_mutex_lock(&ms->mutex);
+            bool done = ah_cond_wait_until(&ms->cond, &ms->mutex, AH_MONGO_CLOSE_KILL_EVERY_S,
+                                           watcher_is_done, ms);
+            pthread_mutex_unlock(&ms->mutex);
+            if (done) {
+                break;
+            }
+            kill_stream_cursor(ms);
+        }
         pthread_join(ms->watcher, NULL);
     }
-    if (ms->pool != NULL) {
-        mongoc_client_pool_destroy(ms->pool);
-    }
+    mongoc_client_destroy(ms->api_client); /* NULL is a no-op */
+    mongoc_uri_destroy(ms->watch_uri);
     mongoc_uri_destroy(ms->uri);
+    pthread_mutex_destroy(&ms->api_lock);
     pthread_cond_destroy(&ms->cond);
     pthread_mutex_destroy(&ms->mutex);
     free(ms);
@@ -891,6 +1195,8 @@ static const ah_store_ops_t mongo_ops = {
     .history = mongo_history,
     .watch_start = mongo_watch_start,
     .close = mongo_close,
+    .put_status = mongo_put_status,
+    .list_status = mongo_list_status,
 };
 
 /* ---- opening ------------------------------------------------------------------------------ */
@@ -916,6 +1222,7 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
     ms->cfg = cfg;
     ms->last_command = AH_CMD_RUNNING;
     pthread_mutex_init(&ms->mutex, NULL);
+    pthread_mutex_init(&ms->api_lock, NULL);
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
@@ -929,23 +1236,36 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
     }
     default_timeout(ms->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, AH_MONGO_SERVER_SELECTION_MS);
     default_timeout(ms->uri, MONGOC_URI_CONNECTTIMEOUTMS, AH_MONGO_CONNECT_MS);
+    bool own_socket_timeout = mongoc_uri_has_option(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS);
     default_timeout(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS, AH_MONGO_SOCKET_MS);
-    /* A getMore must come back well before the socket timeout would call it a failure. */
-    int32_t socket_ms =
-        mongoc_uri_get_option_as_int32(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS, AH_MONGO_SOCKET_MS);
     ms->max_await_ms = AH_MONGO_MAX_AWAIT_MS;
-    if (socket_ms > 0 && socket_ms < 2 * ms->max_await_ms) {
-        ms->max_await_ms = socket_ms / 2 > 1 ? socket_ms / 2 : 1;
+    if (ms->verify_interval > 0 && ms->verify_interval * 1000.0 < ms->max_await_ms) {
+        /* a silent stream is verified between two getMores: wait no longer than that */
+        ms->max_await_ms =
+            ms->verify_interval * 1000.0 >= 1 ? (int)(ms->verify_interval * 1000.0) : 1;
     }
-    ms->pool = mongoc_client_pool_new_with_error(ms->uri, &error);
-    if (ms->pool == NULL) {
+    ms->watch_uri = mongoc_uri_copy(ms->uri);
+    if (own_socket_timeout) {
+        /* The URI's socket timeout also bounds the stream: a getMore must come back well before
+         * it would call the wait a failure. */
+        int32_t socket_ms =
+            mongoc_uri_get_option_as_int32(ms->uri, MONGOC_URI_SOCKETTIMEOUTMS, AH_MONGO_SOCKET_MS);
+        if (socket_ms > 0 && socket_ms < 2 * ms->max_await_ms) {
+            ms->max_await_ms = socket_ms / 2 > 1 ? socket_ms / 2 : 1;
+        }
+    } else {
+        mongoc_uri_set_option_as_int32(ms->watch_uri, MONGOC_URI_SOCKETTIMEOUTMS,
+                                       AH_MONGO_MAX_AWAIT_MS + AH_MONGO_AWAIT_SOCKET_MARGIN_MS);
+    }
+    ms->api_client = mongoc_client_new_from_uri_with_error(ms->uri, &error);
+    if (ms->api_client == NULL) {
         snprintf(err, errlen, "MONGODB_URI cannot be used: %s", error.message);
         goto fail;
     }
-    mongoc_client_pool_set_error_api(ms->pool, MONGOC_ERROR_API_VERSION_2);
+    mongoc_client_set_error_api(ms->api_client, MONGOC_ERROR_API_VERSION_2);
     char appname[128];
     snprintf(appname, sizeof(appname), "agenthost/%.100s", cfg->agent_id ? cfg->agent_id : "");
-    mongoc_client_pool_set_appname(ms->pool, appname);
+    mongoc_client_set_appname(ms->api_client, appname);
     return &ms->base;
 fail:
     mongo_close(&ms->base);

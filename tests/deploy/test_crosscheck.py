@@ -17,6 +17,7 @@ CTL_ROUTES = {
     "state": ("GET", "/api/cluster/control-state"),
     "stats": ("GET", "/api/cluster/stats"),
     "history": ("GET", "/api/cluster/history"),
+    "agents": ("GET", "/api/cluster/agents"),
 }
 
 

@@ -191,6 +191,9 @@ def test_mongo_replica_set_and_init_job(k8s_objects):
     assert 'rs.initiate({_id: "rs0"' in script
     assert 'role: "agentControl"' in script and 'collection: "agent_control"' in script
     assert '["find", "insert", "update", "changeStream"]' in script
+    # the status records of GET /api/cluster/agents: upserts and the TTL index
+    assert 'collection: "agent_status"' in script
+    assert '["find", "insert", "update", "createIndex"]' in script
     assert 'user: "agenthost"' in script
     # The agents' MongoDB URI names the same set, members, user and database.
     uri = by_kind(k8s_objects, "Secret")["agenthost-secrets"]["stringData"]["mongodb-uri"]

@@ -106,16 +106,17 @@ def test_reads_need_no_token(agent):
 def test_control_state_and_stats_shape(agent):
     cs = agent.get("/api/cluster/control-state").json()
     assert list(cs) == ["command", "version", "timestamp", "reason", "updated_by", "watch_mode",
-                        "note"]
+                        "note", "expires_at"]
     assert cs["command"] == "running" and cs["version"] == 0
     assert cs["watch_mode"] == "polling"
     stats = agent.get("/api/cluster/stats").json()
     assert list(stats) == ["watch_mode", "polling_interval", "current_command",
-                           "current_version", "last_updated", "updated_by", "reason"]
+                           "current_version", "last_updated", "updated_by", "reason",
+                           "expires_at"]
     assert stats["watch_mode"] == "polling" and stats["current_version"] == 0
     r = agent.post("/api/cluster/pause?reason=shape&updated_by=t", token=TOKEN).json()
     assert list(r) == ["status", "message", "command", "version", "timestamp", "reason",
-                       "propagation"]
+                       "propagation", "expires_at"]
     assert TS_RE.match(r["timestamp"]), r
     wait_for(lambda: agent.get("/api/cluster/stats").json()["current_version"] == 1, 10,
              message="stats follow the command")

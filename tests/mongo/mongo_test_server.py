@@ -166,6 +166,7 @@ class ChangeStreamCursor(object):
         self.before_change = before_change
         self.pos = pos
         self.closed = False
+        self.killed = False  # by killCursors: a getMore waiting on it fails with CursorKilled
         self.lock = threading.Lock()
 
     def matches_ns(self, ev):
@@ -764,6 +765,9 @@ class TestServer(object):
                     code = 11602 if interrupted else 10107
                     raise CommandError(code, "not primary (change stream getMore)",
                                        ["ResumableChangeStreamError"])
+                if cur.killed:
+                    # mongod >= 4.0 interrupts a getMore whose cursor is killed meanwhile
+                    raise CommandError(237, "cursor id %d was killed" % cur.id)
                 batch = self.collect_events(cur, limit)
                 if batch or cur.closed:
                     break
@@ -1056,7 +1060,10 @@ def cmd_kill_cursors(srv, cmd, db, conn):
             missing.append(cid)
         else:
             if isinstance(cur, ChangeStreamCursor):
-                cur.closed = True
+                with srv.cond:
+                    cur.closed = True
+                    cur.killed = True
+                    srv.cond.notify_all()
             killed.append(cid)
     return {"cursorsKilled": killed, "cursorsNotFound": missing, "cursorsAlive": [],
             "cursorsUnknown": []}

@@ -199,8 +199,7 @@ static int fake_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen
     return AH_OK;
 }
 
-static int fake_command(ah_store_t *st, ah_command_t cmd, const char *reason,
-                        const char *updated_by, const char *agent_id, ah_control_t *out, char *err,
+static int fake_command(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
                         size_t errlen)
 {
     fake_store_t *fs = (fake_store_t *)st;
@@ -208,13 +207,18 @@ static int fake_command(ah_store_t *st, ah_command_t cmd, const char *reason,
     int rc = fs->fail_rc;
     if (rc != AH_OK) {
         snprintf(err, errlen, "connection refused");
+    } else if (req->if_version >= 0 && req->if_version != fs->doc.version) {
+        snprintf(err, errlen, "version conflict");
+        *out = fs->doc;
+        rc = AH_ECONFLICT;
     } else {
-        fs->doc.command = cmd;
+        fs->doc.command = req->command;
         fs->doc.version++;
         fs->doc.timestamp_us = ah_now_us();
-        ah_strlcpy(fs->doc.reason, reason, sizeof(fs->doc.reason));
-        ah_strlcpy(fs->doc.updated_by, updated_by, sizeof(fs->doc.updated_by));
-        ah_strlcpy(fs->doc.agent_id, agent_id, sizeof(fs->doc.agent_id));
+        fs->doc.expires_us = req->expires_us;
+        ah_strlcpy(fs->doc.reason, req->reason, sizeof(fs->doc.reason));
+        ah_strlcpy(fs->doc.updated_by, req->updated_by, sizeof(fs->doc.updated_by));
+        ah_strlcpy(fs->doc.agent_id, req->agent_id, sizeof(fs->doc.agent_id));
         if (fs->naudit < 32) {
             fs->audit[fs->naudit++] = fs->doc;
         }
@@ -480,7 +484,7 @@ static void test_cluster_pause_and_resume_through_embedded_store(void **state)
              "{\"status\":\"success\",\"message\":\"Pause command issued to all agents in the "
              "cluster\",\"command\":\"pause\",\"version\":1,\"timestamp\":\"%s\",\"reason\":"
              "\"Maintenance window\",\"propagation\":\"Agents will pause within 0.05s (polling "
-             "every 0.05s)\"}",
+             "every 0.05s)\",\"expires_at\":null}",
              ts);
     assert_string_equal(r.body, expected);
     resp_free(&r);
@@ -526,8 +530,10 @@ static void test_cluster_shutdown_propagation_in_change_streams_mode(void **stat
                                               "timestamp", "reason", "propagation", NULL});
     assert_contains(r.body, "\"message\":\"Shutdown command issued to all agents in the cluster\"");
     assert_contains(r.body, "\"command\":\"shutdown\",\"version\":1,");
-    assert_contains(r.body, "\"reason\":\"Emergency stop\",\"propagation\":\"Agents will shutdown "
-                            "gracefully within seconds (event-driven via Change Streams)\"}");
+    assert_contains(
+        r.body,
+        "\"reason\":\"Emergency stop\",\"propagation\":\"Agents will shutdown "
+        "gracefully within seconds (event-driven via Change Streams)\",\"expires_at\":null}");
     resp_free(&r);
     assert_int_equal(fake_writes(fx->fake), 1);
 }
@@ -546,15 +552,16 @@ static void test_control_state_fields_in_documented_order(void **state)
         "{\"command\":\"pause\",\"version\":42,\"timestamp\":\"2026-01-11T10:30:00.123456Z\","
         "\"reason\":\"Maintenance window\",\"updated_by\":\"ops_team\",\"watch_mode\":"
         "\"change_streams\",\"note\":\"All agents in the cluster are subscribed to this "
-        "state\"}");
+        "state\",\"expires_at\":null}");
     resp_free(&r);
 
     r = http_request(fx->port, "GET", "/api/cluster/stats", NULL);
     assert_int_equal(r.status, 200);
-    assert_string_equal(r.body, "{\"watch_mode\":\"change_streams\",\"polling_interval\":null,"
-                                "\"current_command\":\"pause\",\"current_version\":42,"
-                                "\"last_updated\":\"2026-01-11T10:30:00.123456Z\",\"updated_by\":"
-                                "\"ops_team\",\"reason\":\"Maintenance window\"}");
+    assert_string_equal(r.body,
+                        "{\"watch_mode\":\"change_streams\",\"polling_interval\":null,"
+                        "\"current_command\":\"pause\",\"current_version\":42,"
+                        "\"last_updated\":\"2026-01-11T10:30:00.123456Z\",\"updated_by\":"
+                        "\"ops_team\",\"reason\":\"Maintenance window\",\"expires_at\":null}");
     resp_free(&r);
 
     /* HEAD: same headers, no body */
@@ -585,7 +592,8 @@ static void test_control_state_unknown_yet_is_503(void **state)
     assert_int_equal(r.status, 200);
     assert_string_equal(r.body, "{\"watch_mode\":null,\"polling_interval\":0.05,"
                                 "\"current_command\":null,\"current_version\":null,"
-                                "\"last_updated\":null,\"updated_by\":null,\"reason\":null}");
+                                "\"last_updated\":null,\"updated_by\":null,\"reason\":null,"
+                                "\"expires_at\":null}");
     resp_free(&r);
 }
 

@@ -511,6 +511,141 @@ static void test_file_that_is_not_a_database_fails(void **state)
     assert_non_null(strstr(err, "not a database"));
 }
 
+/* ---- status records, compare-and-set, timed pauses ---------------------------------------- */
+
+static ah_agent_status_t status_record(const char *id, const char *state, int64_t applied,
+                                       int64_t last_seen_us)
+{
+    ah_agent_status_t rec;
+    memset(&rec, 0, sizeof(rec));
+    snprintf(rec.agent_id, sizeof(rec.agent_id), "%s", id);
+    snprintf(rec.state, sizeof(rec.state), "%s", state);
+    rec.applied_version = applied;
+    snprintf(rec.watch_mode, sizeof(rec.watch_mode), "polling");
+    rec.last_seen_us = last_seen_us;
+    rec.started_us = last_seen_us - 1000000;
+    snprintf(rec.host, sizeof(rec.host), "host-%s", id);
+    rec.pid = 4242;
+    snprintf(rec.agenthost_version, sizeof(rec.agenthost_version), "0.0.0");
+    rec.batches = 7;
+    rec.errors = 1;
+    return rec;
+}
+
+static void test_status_records_upsert_list_sorted_and_sweep(void **state)
+{
+    fixture_t *fx = *state;
+    ah_store_t *st = open_store(fx, 1.0);
+    char err[AH_ERRLEN] = "";
+    int64_t now = ah_now_us();
+    ah_agent_status_t b = status_record("b", "running", 0, now);
+    ah_agent_status_t a = status_record("a", "paused", 3, now);
+    ah_agent_status_t old = status_record("old", "running", 0, now - 7200 * INT64_C(1000000));
+    assert_int_equal(ah_store_put_status(st, &old, 0, err, sizeof(err)), 0); /* no sweep */
+    assert_int_equal(ah_store_put_status(st, &b, 0, err, sizeof(err)), 0);
+    assert_int_equal(ah_store_put_status(st, &a, 0, err, sizeof(err)), 0);
+    a.applied_version = 4; /* a second write replaces the record */
+    assert_int_equal(ah_store_put_status(st, &a, 0, err, sizeof(err)), 0);
+
+    ah_agent_status_t *recs = NULL;
+    int count = 0;
+    assert_int_equal(ah_store_list_status(st, &recs, &count, err, sizeof(err)), 0);
+    assert_int_equal(count, 3);
+    assert_string_equal(recs[0].agent_id, "a");
+    assert_string_equal(recs[1].agent_id, "b");
+    assert_string_equal(recs[2].agent_id, "old");
+    assert_int_equal(recs[0].applied_version, 4);
+    assert_string_equal(recs[0].state, "paused");
+    assert_string_equal(recs[0].host, "host-a");
+    assert_int_equal(recs[0].pid, 4242);
+    assert_int_equal(recs[0].last_seen_us, now);
+    assert_int_equal(recs[0].batches, 7);
+    free(recs);
+
+    /* a write with a TTL sweeps the records it has outlived */
+    assert_int_equal(ah_store_put_status(st, &b, 3600, err, sizeof(err)), 0);
+    assert_int_equal(ah_store_list_status(st, &recs, &count, err, sizeof(err)), 0);
+    assert_int_equal(count, 2);
+    assert_string_equal(recs[1].agent_id, "b");
+    free(recs);
+
+    ah_agent_status_t nameless = status_record("", "running", 0, now);
+    assert_int_equal(ah_store_put_status(st, &nameless, 0, err, sizeof(err)), AH_EINVAL);
+    ah_store_close(st);
+}
+
+static void test_compare_and_set_writes_only_on_the_expected_version(void **state)
+{
+    fixture_t *fx = *state;
+    ah_store_t *st = open_store(fx, 1.0);
+    char err[AH_ERRLEN] = "";
+    ah_control_t doc;
+    ah_command_req_t req = {.command = AH_CMD_PAUSE,
+                            .reason = "r",
+                            .updated_by = "u",
+                            .agent_id = "agent-a",
+                            .if_version = 3};
+    assert_int_equal(ah_store_command_req(st, &req, &doc, err, sizeof(err)), AH_ECONFLICT);
+    assert_string_equal(err, "version conflict: expected 3, current is 0");
+    assert_int_equal(doc.version, 0);
+    assert_int_equal(doc.command, AH_CMD_RUNNING);
+    ah_control_t hist[4];
+    int n = -1;
+    assert_int_equal(ah_store_history(st, 4, hist, &n, err, sizeof(err)), 0);
+    assert_int_equal(n, 0); /* nothing written */
+
+    req.if_version = 0;
+    req.expires_us = ah_now_us() + 60 * INT64_C(1000000);
+    assert_int_equal(ah_store_command_req(st, &req, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.version, 1);
+    assert_int_equal(doc.expires_us, req.expires_us);
+    ah_control_t read;
+    assert_int_equal(ah_store_read(st, &read, err, sizeof(err)), 0);
+    assert_int_equal(read.version, 1);
+    assert_int_equal(read.expires_us, req.expires_us);
+
+    /* a plain command clears the expiry; only a pause may carry one */
+    assert_int_equal(ah_store_command(st, AH_CMD_RUNNING, "", "u", "a", &doc, err, sizeof(err)), 0);
+    assert_int_equal(ah_store_read(st, &read, err, sizeof(err)), 0);
+    assert_int_equal(read.expires_us, 0);
+    ah_command_req_t bad = {.command = AH_CMD_RUNNING, .if_version = -1, .expires_us = 5};
+    assert_int_equal(ah_store_command_req(st, &bad, &doc, err, sizeof(err)), AH_EINVAL);
+    ah_store_close(st);
+}
+
+/* A file written before timed pauses and status records existed gains both at open. */
+static void test_file_of_an_older_version_is_upgraded(void **state)
+{
+    fixture_t *fx = *state;
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open(fx->path, &db), SQLITE_OK);
+    assert_int_equal(
+        sqlite3_exec(db,
+                     "CREATE TABLE control (id TEXT PRIMARY KEY, command TEXT NOT NULL,"
+                     " version INTEGER NOT NULL, timestamp_us INTEGER NOT NULL,"
+                     " reason TEXT NOT NULL, updated_by TEXT NOT NULL);"
+                     "CREATE TABLE audit (version INTEGER PRIMARY KEY, command TEXT NOT NULL,"
+                     " timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL,"
+                     " updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);"
+                     "INSERT INTO control VALUES ('global_control', 'pause', 9, 1, 'old', 'ops');",
+                     NULL, NULL, NULL),
+        SQLITE_OK);
+    sqlite3_close(db);
+    ah_store_t *st = open_store(fx, 1.0);
+    char err[AH_ERRLEN] = "";
+    ah_control_t doc;
+    assert_int_equal(ah_store_read(st, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.version, 9);
+    assert_int_equal(doc.command, AH_CMD_PAUSE);
+    assert_int_equal(doc.expires_us, 0);
+    ah_command_req_t req = {.command = AH_CMD_PAUSE, .if_version = 9, .expires_us = 123000};
+    assert_int_equal(ah_store_command_req(st, &req, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.version, 10);
+    ah_agent_status_t rec = status_record("x", "paused", 10, ah_now_us());
+    assert_int_equal(ah_store_put_status(st, &rec, 60, err, sizeof(err)), 0);
+    ah_store_close(st);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -530,6 +665,11 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_unopenable_path_fails_naming_the_path, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_file_that_is_not_a_database_fails, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_status_records_upsert_list_sorted_and_sweep, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_compare_and_set_writes_only_on_the_expected_version,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_file_of_an_older_version_is_upgraded, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
