@@ -502,12 +502,14 @@
     const pending = w.pending || [];
     const total = acked.length + pending.length;
     const secs = typeof w.waited_s === 'number' ? w.waited_s.toFixed(2) + ' s' : '';
+    const excluded = w.excluded && w.excluded.length
+      ? ' Not waited for (stale, stopping or stopped): ' + w.excluded.join(', ') + '.' : '';
     if (w.complete) {
       setProgress(label + ': ' + acked.length + ' of ' + total + ' applied',
-                  'Complete in ' + secs + '.', 1, 'done');
+                  'Complete in ' + secs + '.' + excluded, 1, 'done');
     } else {
       setProgress(label + ': ' + acked.length + ' of ' + total + ' applied — timed out',
-                  'Not applied after ' + secs + ': ' + pending.join(', '),
+                  'Not applied after ' + secs + ': ' + pending.join(', ') + '.' + excluded,
                   total ? acked.length / total : 0, 'late');
     }
   }
