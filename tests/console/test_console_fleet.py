@@ -90,6 +90,10 @@ def test_a_killed_agent_turns_stale(fleet, state_file, page):
     page.wait_text("fleet-summary", lambda t: "1 stale" in t)
     for name in ("agent-1", "agent-2"):
         assert "stale" not in page.fleet_rows()[name]["class"]
+    # a pause waits for the live agents only, and names the one it did not wait for
+    page.el("pause-button").click()
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 applied", 15)
+    assert "Not waited for (stale, stopping or stopped): agent-3." in page.text("progress-detail")
     # the shutdown confirmation counts it, and says it may be gone
     page.el("shutdown-button").click()
     wait_for(lambda: page.dialog_open("confirm-dialog"), 5, message="confirmation")
