@@ -61,6 +61,13 @@ class Page:
                  message=f"#{element_id} text (last: {last.get('text')!r})")
         return last["text"]
 
+    def act(self, button_id):
+        """Clicks an action button once the page is not busy with the previous command (a click
+        during one is ignored)."""
+        wait_for(lambda: self.el(button_id).get_attribute("aria-disabled") != "true", 40,
+                 interval=0.05, message=f"#{button_id} enabled")
+        self.el(button_id).click()
+
     def visible(self, element_id):
         return self.el(element_id).is_displayed()
 

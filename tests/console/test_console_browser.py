@@ -47,7 +47,7 @@ def test_pause_from_the_page_reaches_the_fleet_and_the_history(fleet, state_file
     page.open(agents[0])
     page.wait_text("cluster-version", lambda t: t == "0")
     page.el("reason").send_keys("maintenance window")
-    page.el("pause-button").click()
+    page.act("pause-button")
     for a in agents:
         a.wait_state("paused", timeout=15)
     page.wait_text("progress-text", lambda t: t == "Pause (version 1): 3 of 3 applied")
@@ -83,7 +83,7 @@ def test_a_hostile_reason_is_shown_as_text_and_runs_nothing(fleet, state_file, p
     page.wait_text("history-rows", lambda t: HOSTILE in t)
     # the same text typed into the page goes out and comes back as text too
     page.el("reason").send_keys(HOSTILE + " again")
-    page.el("resume-button").click()
+    page.act("resume-button")
     page.wait_text("cluster-reason", lambda t: t == HOSTILE + " again")
     d = page.driver
     assert d.find_elements(By.CSS_SELECTOR, "main img, main script, main b") == []
@@ -96,7 +96,7 @@ def test_a_wrong_token_shows_an_error_and_changes_nothing(fleet, state_file, pag
     page.open(agents[0])
     page.wait_text("cluster-version", lambda t: t == "0")
     page.el("reason").send_keys("needs a token")
-    page.el("pause-button").click()
+    page.act("pause-button")
     wait_for(lambda: page.dialog_open("token-dialog"), 5, message="token dialog")
     assert "requires an API token" in page.text("token-message")
     page.el("token-input").send_keys("wrong-token", Keys.ENTER)
@@ -109,11 +109,12 @@ def test_a_wrong_token_shows_an_error_and_changes_nothing(fleet, state_file, pag
     assert page.driver.execute_script("return sessionStorage.getItem('agenthost.token')") is None
 
     # the right token: sent, kept for this tab, and never part of a URL
-    page.el("pause-button").click()
+    page.act("pause-button")
     wait_for(lambda: page.dialog_open("token-dialog"), 5, message="token dialog")
     page.el("token-input").send_keys("s3cret-token", Keys.ENTER)
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 applied")
     for a in agents:
-        a.wait_state("paused", timeout=10)
+        assert a.state()["state"] == "paused"
     assert control(agents[1])["reason"] == "needs a token"
     assert page.driver.execute_script(
         "return sessionStorage.getItem('agenthost.token')") == "s3cret-token"
@@ -123,7 +124,7 @@ def test_a_wrong_token_shows_an_error_and_changes_nothing(fleet, state_file, pag
         ".concat([location.href])")
     assert urls and not any("s3cret" in u for u in urls), urls
     # later commands reuse the stored token without asking
-    page.el("resume-button").click()
+    page.act("resume-button")
     for a in agents:
         a.wait_state("running", timeout=10)
     assert not page.dialog_open("token-dialog")
@@ -134,7 +135,7 @@ def test_shutdown_asks_for_confirmation_first(fleet, state_file, page):
     agents = start_agents(fleet, state_file, 2)
     page.open(agents[0])
     page.wait_text("cluster-version", lambda t: t == "0")
-    page.el("shutdown-button").click()
+    page.act("shutdown-button")
     wait_for(lambda: page.dialog_open("confirm-dialog"), 5, message="confirmation")
     message = page.text("confirm-message")
     assert message.startswith("2 agents will stop."), message
@@ -142,7 +143,7 @@ def test_shutdown_asks_for_confirmation_first(fleet, state_file, page):
     page.el("confirm-cancel").click()
     assert not page.dialog_open("confirm-dialog")
     assert control(agents[1])["version"] == 0
-    page.el("shutdown-button").click()
+    page.act("shutdown-button")
     wait_for(lambda: page.dialog_open("confirm-dialog"), 5, message="confirmation")
     page.el("confirm-ok").click()
     for a in agents:

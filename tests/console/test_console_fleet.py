@@ -31,7 +31,7 @@ def test_pause_from_the_page_reaches_3_of_3_applied(fleet, state_file, page):
     page.wait_text("cluster-version", lambda t: t == "0")
     page.el("reason").send_keys("drain for the upgrade")
     page.el("duration").send_keys("15m")
-    page.el("pause-button").click()
+    page.act("pause-button")
     page.wait_text("progress-text", lambda t: t == "Pause (version 1): 3 of 3 applied", 15)
     assert page.text("progress-detail").startswith("Complete in ")
     for a in agents:
@@ -64,7 +64,7 @@ def test_a_stale_if_version_shows_the_conflict_and_changes_nothing(fleet, state_
     r = agents[1].post("/api/cluster/pause?reason=someone+else&updated_by=bob")
     assert r.status == 200 and r.json()["version"] == 1
     page.el("reason").send_keys("mine")
-    page.el("resume-button").click()
+    page.act("resume-button")
     text = page.wait_text("error-text", lambda t: "someone else changed" in t)
     assert "expected 0, current is 1" in text, text
     assert "pause (version 1) by bob" in text and "reason: someone else" in text, text
@@ -91,11 +91,11 @@ def test_a_killed_agent_turns_stale(fleet, state_file, page):
     for name in ("agent-1", "agent-2"):
         assert "stale" not in page.fleet_rows()[name]["class"]
     # a pause waits for the live agents only, and names the one it did not wait for
-    page.el("pause-button").click()
+    page.act("pause-button")
     page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 applied", 15)
     assert "Not waited for (stale, stopping or stopped): agent-3." in page.text("progress-detail")
     # the shutdown confirmation counts it, and says it may be gone
-    page.el("shutdown-button").click()
+    page.act("shutdown-button")
     wait_for(lambda: page.dialog_open("confirm-dialog"), 5, message="confirmation")
     assert page.text("confirm-message").startswith("3 agents will stop (1 of them stale")
     page.el("confirm-cancel").click()
