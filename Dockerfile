@@ -19,7 +19,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       build-essential cmake pkg-config \
       libluajit-5.1-dev libmongoc-dev libbson-dev libuv1-dev lua-cjson-dev \
-      libmicrohttpd-dev libsqlite3-dev \
+      libmicrohttpd-dev libsqlite3-dev libcurl4-openssl-dev \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -39,12 +39,12 @@ FROM debian:bookworm-slim AS runtime
 # Runtime libraries only (lua-cjson is linked statically). libmongoc/libbson serve only the
 # MongoDB plugin (/usr/local/lib/agenthost/agenthost_mongo.so, loaded when MONGODB_URI is set or a
 # script uses agent.mongo); the image runs both stores, so they stay. ca-certificates: TLS to
-# MongoDB (mongodb+srv:// / Atlas). No curl: the HEALTHCHECK below uses bash's /dev/tcp instead, so the
-# image carries no HTTP client and its dependencies.
+# MongoDB (mongodb+srv:// / Atlas) and HTTPS from agent.http. libcurl4: agent.http and
+# `agenthost ctl` (the curl tool is not installed: the HEALTHCHECK below uses bash's /dev/tcp).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       libluajit-5.1-2 libmongoc-1.0-0 libbson-1.0-0 libuv1 libmicrohttpd12 libsqlite3-0 \
-      ca-certificates \
+      libcurl4 ca-certificates \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 agenthost \

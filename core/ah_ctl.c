@@ -1,20 +1,17 @@
-/* Implementation of ah_ctl.h: argument parsing, URL building with percent-encoding, and a
- * blocking HTTP/1.1 client with a deadline (poll-based, no extra dependency). */
+/* Implementation of ah_ctl.h: argument parsing, URL building with percent-encoding, and one
+ * blocking request with libcurl (the codebase's one HTTP client, shared with agent.http). */
 #include "ah_ctl.h"
 
 #include "ah_common.h"
 #include "ah_ctl_fleet.h"
 #include "ah_json.h"
+#include "ah_lua_http.h"
 
-#include <errno.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
+
+#include <curl/curl.h>
 
 /* One line of the usage text per line of source. */
 /* clang-format off */
@@ -61,14 +58,29 @@ static void url_encode(ah_buf_t *b, const char *s)
     }
 }
 
-/* Parses http://HOST[:PORT][/] into host (size n) and port. */
+/* True when s has a character that must never reach a request line or a header: CR, LF, NUL
+ * or another control character (a header injection). */
+static bool has_control_chars(const char *s)
+{
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p < 0x20 || *p == 0x7f) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Parses http://HOST[:PORT][/] (HOST may be [IPv6]) into host (size n) and port. */
 static int parse_url(const char *url, char *host, size_t n, int *port)
 {
-    if (strncmp(url, "http://", 7) != 0) {
+    if (strncmp(url, "http://", 7) != 0 || has_control_chars(url)) {
         return AH_EINVAL;
     }
     const char *p = url + 7;
-    size_t len = strcspn(p, ":/");
+    size_t len = *p == '[' ? strcspn(p, "]") + 1 : strcspn(p, ":/");
+    if (*p == '[' && p[len - 1] != ']') {
+        return AH_EINVAL;
+    }
     if (len == 0 || len >= n) {
         return AH_EINVAL;
     }
@@ -91,121 +103,93 @@ static int parse_url(const char *url, char *host, size_t n, int *port)
     return AH_OK;
 }
 
-static int remaining_ms(int64_t deadline_us)
+/* curl's write callback: appends to an ah_buf_t, up to 16 MiB. */
+static size_t collect_body(char *ptr, size_t size, size_t nmemb, void *userdata)
 {
-    int64_t left = deadline_us - ah_mono_us();
-    return left <= 0 ? 0 : (int)(left / 1000) + 1;
+    ah_buf_t *b = userdata;
+    size_t n = size * nmemb;
+    if (b->len + n > (16u << 20)) {
+        return 0;
+    }
+    ah_buf_append(b, ptr, n);
+    return ah_buf_ok(b) ? n : 0;
 }
 
-int ah_ctl_request(const char *host, int port, const char *method, const char *path,
-                   const char *token, double timeout_s, char **body, char *err, size_t errlen)
+int ah_ctl_request(const char *base_url, const char *method, const char *path, const char *token,
+                   double timeout_s, char **body, char *err, size_t errlen)
 {
-    int rc = AH_EIO;
-    int fd = -1;
-    struct addrinfo *res = NULL;
-    ah_buf_t req, resp;
-    ah_buf_init(&req);
-    ah_buf_init(&resp);
     *body = NULL;
-    int64_t deadline = ah_mono_us() + (int64_t)(timeout_s * 1e6);
-
-    char portstr[16];
-    snprintf(portstr, sizeof(portstr), "%d", port);
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
-    int gai = getaddrinfo(host, portstr, &hints, &res);
-    if (gai != 0) {
-        snprintf(err, errlen, "cannot resolve %s: %s", host, gai_strerror(gai));
-        goto out;
+    if (has_control_chars(base_url) || has_control_chars(path)) {
+        snprintf(err, errlen, "the URL contains CR, LF or another control character");
+        return AH_EINVAL;
     }
-    fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) {
-        snprintf(err, errlen, "socket: %s", strerror(errno));
-        goto out;
+    if (token != NULL && has_control_chars(token)) {
+        snprintf(err, errlen, "the token contains CR, LF or another control character");
+        return AH_EINVAL;
     }
-    if (connect(fd, res->ai_addr, res->ai_addrlen) != 0 && errno != EINPROGRESS) {
-        snprintf(err, errlen, "cannot connect to %s:%d: %s", host, port, strerror(errno));
-        goto out;
+    if (ah_curl_init() != AH_OK) {
+        snprintf(err, errlen, "curl_global_init failed");
+        return AH_EIO;
     }
-    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-    if (poll(&pfd, 1, remaining_ms(deadline)) != 1) {
-        snprintf(err, errlen, "cannot connect to %s:%d: timed out", host, port);
-        rc = AH_ETIMEOUT;
-        goto out;
-    }
-    int soerr = 0;
-    socklen_t slen = sizeof(soerr);
-    getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &slen);
-    if (soerr != 0) {
-        snprintf(err, errlen, "cannot connect to %s:%d: %s", host, port, strerror(soerr));
-        goto out;
-    }
-    ah_buf_printf(&req, "%s %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n", method, path,
-                  host, port);
+    int rc = AH_EIO;
+    ah_buf_t url, auth, resp;
+    ah_buf_init(&url);
+    ah_buf_init(&auth);
+    ah_buf_init(&resp);
+    struct curl_slist *headers = NULL;
+    CURL *curl = curl_easy_init();
+    size_t base_len = strlen(base_url);
+    ah_buf_append(&url, base_url,
+                  base_len > 0 && base_url[base_len - 1] == '/' ? base_len - 1 : base_len);
+    ah_buf_puts(&url, path);
     if (token != NULL && token[0] != '\0') {
-        ah_buf_printf(&req, "Authorization: Bearer %s\r\n", token);
+        ah_buf_printf(&auth, "Authorization: Bearer %s", token);
+        headers = curl_slist_append(NULL, auth.data != NULL ? auth.data : "");
     }
-    ah_buf_puts(&req, strcmp(method, "POST") == 0 ? "Content-Length: 0\r\n\r\n" : "\r\n");
-    if (!ah_buf_ok(&req)) {
+    if (curl == NULL || !ah_buf_ok(&url) || !ah_buf_ok(&auth) ||
+        (token != NULL && token[0] != '\0' && headers == NULL)) {
         snprintf(err, errlen, "out of memory");
         rc = AH_ENOMEM;
         goto out;
     }
-    size_t sent = 0;
-    while (sent < req.len) {
-        pfd.events = POLLOUT;
-        if (poll(&pfd, 1, remaining_ms(deadline)) != 1) {
-            snprintf(err, errlen, "timed out sending the request");
-            rc = AH_ETIMEOUT;
-            goto out;
-        }
-        ssize_t w = send(fd, req.data + sent, req.len - sent, MSG_NOSIGNAL);
-        if (w < 0 && errno != EAGAIN && errno != EINTR) {
-            snprintf(err, errlen, "send: %s", strerror(errno));
-            goto out;
-        }
-        sent += w > 0 ? (size_t)w : 0;
+    char curl_err[CURL_ERROR_SIZE] = "";
+    curl_easy_setopt(curl, CURLOPT_URL, url.data);
+    curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, curl_err);
+    curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, (long)(timeout_s * 1000.0) + 1);
+    curl_easy_setopt(curl, CURLOPT_USERAGENT, "agenthost-ctl/" AH_VERSION);
+    curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, collect_body);
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, &resp);
+    if (strcmp(method, "POST") == 0) {
+        curl_easy_setopt(curl, CURLOPT_POST, 1L);
+        curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, 0L);
+        curl_easy_setopt(curl, CURLOPT_POSTFIELDS, "");
     }
-    for (;;) {
-        pfd.events = POLLIN;
-        if (poll(&pfd, 1, remaining_ms(deadline)) != 1) {
-            snprintf(err, errlen, "timed out waiting for the answer");
-            rc = AH_ETIMEOUT;
-            goto out;
-        }
-        char chunk[4096];
-        ssize_t r = recv(fd, chunk, sizeof(chunk), 0);
-        if (r == 0) {
-            break;
-        }
-        if (r < 0) {
-            if (errno == EAGAIN || errno == EINTR) {
-                continue;
-            }
-            snprintf(err, errlen, "recv: %s", strerror(errno));
-            goto out;
-        }
-        ah_buf_append(&resp, chunk, (size_t)r);
-        if (resp.len > (16u << 20)) {
-            snprintf(err, errlen, "answer too large");
-            goto out;
-        }
-    }
-    int status = 0;
-    if (resp.data == NULL || sscanf(resp.data, "HTTP/1.%*d %d", &status) != 1 || status < 100) {
-        snprintf(err, errlen, "malformed HTTP answer");
+    /* curl tries every address the name resolves to (IPv6 and IPv4, "happy eyeballs"). */
+    CURLcode cc = curl_easy_perform(curl);
+    if (cc != CURLE_OK) {
+        snprintf(err, errlen, "%s: %s", url.data, curl_err[0] ? curl_err : curl_easy_strerror(cc));
+        rc = cc == CURLE_OPERATION_TIMEDOUT ? AH_ETIMEOUT : AH_EIO;
         goto out;
     }
-    const char *sep = strstr(resp.data, "\r\n\r\n");
-    *body = strdup(sep ? sep + 4 : "");
-    rc = status;
+    long status = 0;
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+    *body = strndup(resp.data != NULL ? resp.data : "", resp.len);
+    if (*body == NULL) {
+        snprintf(err, errlen, "out of memory");
+        rc = AH_ENOMEM;
+        goto out;
+    }
+    rc = (int)status;
 out:
-    if (res != NULL) {
-        freeaddrinfo(res);
+    curl_slist_free_all(headers);
+    if (curl != NULL) {
+        curl_easy_cleanup(curl);
     }
-    if (fd >= 0) {
-        close(fd);
-    }
-    ah_buf_free(&req);
+    ah_buf_free(&url);
+    ah_buf_free(&auth);
     ah_buf_free(&resp);
     return rc;
 }
@@ -293,6 +277,11 @@ int ah_ctl_main(int argc, char **argv)
     }
     char host[256];
     int port;
+    if (token != NULL && has_control_chars(token)) {
+        fprintf(stderr, "agenthost ctl: the token (--token or AGENT_API_TOKEN) contains CR, LF or "
+                        "another control character\n");
+        return 2;
+    }
     if (parse_url(url, host, sizeof(host), &port) != AH_OK) {
         fprintf(stderr, "agenthost ctl: invalid --url \"%s\" (expected http://HOST[:PORT])\n", url);
         return 2;
@@ -368,12 +357,11 @@ int ah_ctl_main(int argc, char **argv)
     }
     char err[AH_ERRLEN];
     char *body = NULL;
-    int status =
-        ah_ctl_request(host, port, method, path.data, token, timeout_s, &body, err, sizeof(err));
+    int status = ah_ctl_request(url, method, path.data, token, timeout_s, &body, err, sizeof(err));
     ah_buf_free(&path);
     if (status < 0) {
         fprintf(stderr, "agenthost ctl: %s\n", err);
-        return 1;
+        return status == AH_EINVAL ? 2 : 1;
     }
     int rc = 0;
     if (status >= 200 && status <= 299 && strcmp(command, "agents") == 0 && !raw_json) {

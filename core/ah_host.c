@@ -36,8 +36,8 @@ struct ah_host_s {
     ah_lua_t *lua;             /* owned by the worker thread once it starts; replaced on reload */
     ah_lua_t *loading;         /* the fresh state of a reload while its init runs, else NULL */
     ah_lua_options_t lua_opts; /* how lua was opened, to open it again on reload */
-    pthread_mutex_t lua_lock;  /* held to swap h->lua / h->loading (worker) and to interrupt
-                                  them (watchdog) */
+    pthread_mutex_t lua_lock;  /* held to swap h->lua / h->loading (worker) and to interrupt or
+                                  wake them (other threads) */
     ah_metrics_t *metrics;     /* agent.metrics; outlives every Lua state */
     ah_lua_mongo_t *mongo;     /* agent.mongo's connection; outlives lua */
     ah_store_t *store;
@@ -76,6 +76,17 @@ struct ah_host_s {
     int64_t exit_deadline_us; /* monotonic; set before the thread starts */
     pthread_t exit_timer;
 };
+
+/* The state's waker (any thread): a command reaches the running call's loop, so that agent.sleep
+ * returns early. */
+static void host_wake_lua(void *ud)
+{
+    ah_host_t *h = ud;
+    pthread_mutex_lock(&h->lua_lock);
+    ah_lua_wake(h->lua);
+    ah_lua_wake(h->loading);
+    pthread_mutex_unlock(&h->lua_lock);
+}
 
 ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
                        size_t errlen)
@@ -138,6 +149,7 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
     if (h->lua == NULL) {
         goto fail;
     }
+    ah_state_set_waker(h->state, host_wake_lua, h);
     return h;
 fail:
     ah_host_free(h);
@@ -450,6 +462,18 @@ static void host_interrupt_lua(ah_host_t *h, uint64_t generation)
     pthread_mutex_unlock(&h->lua_lock);
 }
 
+/* True while the call numbered `generation` (from the watchdog's snapshot) only waits, whichever
+ * state runs it: the worker's loop cancels its waits at BATCH_TIMEOUT itself, so such a call is
+ * not wedged. */
+static bool host_lua_waiting(ah_host_t *h, uint64_t generation)
+{
+    pthread_mutex_lock(&h->lua_lock);
+    bool waiting =
+        ah_lua_waiting_call(h->lua, generation) || ah_lua_waiting_call(h->loading, generation);
+    pthread_mutex_unlock(&h->lua_lock);
+    return waiting;
+}
+
 /* ---- bounded shutdown --------------------------------------------------------------------- */
 
 /* The monotonic time by which the shutdown under way must be over (SHUTDOWN_TIMEOUT after it
@@ -523,7 +547,8 @@ static void on_watchdog(uv_timer_t *timer)
     ah_state_snapshot(h->state, &snap);
     int64_t now = ah_mono_us();
     if (snap.batch_started_us != 0 && !snap.wedged &&
-        (double)(now - snap.batch_started_us) / 1e6 > h->cfg->batch_timeout) {
+        (double)(now - snap.batch_started_us) / 1e6 > h->cfg->batch_timeout &&
+        !host_lua_waiting(h, snap.call_generation)) {
         ah_state_mark_overrun(h->state);
         ah_log_error("A Lua call has run for more than BATCH_TIMEOUT (%gs): interrupting it; "
                      "/healthz reports the agent wedged until it returns",

@@ -1,10 +1,14 @@
 /* The Lua host: one LuaJIT state running the operator's script (docs/LUA.md). It loads the script,
  * checks the contract (a returned table with a `batch` function), keeps the script's functions as
- * registry refs, and calls them through one protected wrapper with a traceback handler and a
- * time budget. It also provides the `agent` module to the script.
+ * registry refs, and calls them through one wrapper with a traceback, a time budget and the memory
+ * limit. Each call runs as a coroutine on the state's own libuv loop (the worker's loop): functions
+ * that wait (agent.sleep, task:join, agent.http) suspend the calling task and the loop runs the
+ * others; agent.spawn starts more tasks, and a call ends when its function and all its tasks have
+ * ended. It also provides the `agent` module to the script.
  *
  * Threads: everything here runs on the Lua worker thread that opened the state, except
- * ah_lua_interrupt(), which any thread may call. */
+ * ah_lua_interrupt(), ah_lua_interrupt_call(), ah_lua_waiting(), ah_lua_waiting_call() and
+ * ah_lua_wake(), which any thread may call. */
 #ifndef AH_LUA_H
 #define AH_LUA_H
 
@@ -15,6 +19,7 @@ typedef struct ah_lua_s ah_lua_t;
 struct ah_lua_mongo_s;
 struct ah_metrics_s;
 struct lua_State;
+struct uv_loop_s;
 
 /* An extra C function offered to the script as agent.ext.<name> (and in require "agent.ext").
  * fn is a lua_CFunction; it runs on the Lua worker thread as a closure whose upvalue 1 is ud (a
@@ -70,10 +75,12 @@ int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen);
  * the script (agent.queue's claims) by calling its internal release function, if the script
  * loaded the module. 0, AH_ELUA or AH_ETIMEOUT. */
 int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen);
-/* Asks the running call to stop with an error at its next instruction check. Safe from any
- * thread and from signal handlers, as long as the thread that runs the calls has not been
- * joined: the request reaches it as the real-time signal SIGRTMIN+5, whose handler (installed by
- * the first ah_lua_open) installs the hook on that thread itself. Code running inside a
+/* Asks the running call to stop: every wait of the call is cancelled (it resumes with nil, msg,
+ * "cancelled") by the call's loop, and, when Lua code is running, the call is stopped with an
+ * error at its next instruction check. Safe from any thread and from signal handlers, as long as
+ * the thread that runs the calls has not been joined: the request reaches it as the real-time
+ * signal SIGRTMIN+5, whose handler (installed by the first ah_lua_open) installs the hook on that
+ * thread itself, and only while the call is not parked in its loop. Code running inside a
  * JIT-compiled trace does not see the request until it leaves the trace (LuaJIT does not run
  * hooks in compiled code). */
 void ah_lua_interrupt(ah_lua_t *lua);
@@ -81,5 +88,60 @@ void ah_lua_interrupt(ah_lua_t *lua);
  * `generation` (ah_state_snapshot_t.call_generation): a decision taken on a snapshot never
  * stops a later call, nor a call of another state. */
 void ah_lua_interrupt_call(ah_lua_t *lua, uint64_t generation);
+/* True while a call runs and every one of its tasks is suspended in a wait (the thread is in the
+ * loop, not in Lua code). Any thread; a hint that may be stale by the time it is read. The
+ * running call's own timer cancels its waits at BATCH_TIMEOUT, so a waiting call is not
+ * wedged. */
+bool ah_lua_waiting(ah_lua_t *lua);
+/* As ah_lua_waiting, for the call the state object numbered `generation` only. */
+bool ah_lua_waiting_call(ah_lua_t *lua, uint64_t generation);
+/* Wakes the state's loop so that waits that end on a pending command (agent.sleep) see it. Any
+ * thread (uv_async_send); lua must stay open meanwhile. */
+void ah_lua_wake(ah_lua_t *lua);
+
+/* ---- waiting, for C functions offered to the script (agent.http, agent.mongo) ----------- */
+
+/* Something a task waits for: started by a C function, completed by a loop callback. */
+typedef struct ah_lua_op_s ah_lua_op_t;
+struct ah_lua_op_s {
+    /* Called on the Lua thread when the wait is cancelled (BATCH_TIMEOUT, shutdown, the call's
+     * function failed, the state closes): stop the work now; ah_lua_op_done() must not be called
+     * for it afterwards. */
+    void (*cancel)(ah_lua_op_t *op);
+    void *task; /* internal: the waiting task, NULL when nobody waits */
+};
+/* The loop of the state L belongs to: handles of C functions live on it (closed before the state
+ * closes its loop, i.e. from __gc or when done). */
+struct uv_loop_s *ah_lua_loop(struct lua_State *L);
+/* Suspends the running task until ah_lua_op_done(op), then it resumes with `true`; when the wait
+ * is cancelled first, op->cancel(op) is called and it resumes with nil, msg, code ("timeout" or
+ * "cancelled"). If the call is already cancelled, op->cancel(op) is called at once and nil, msg,
+ * code returned without suspending. Raises (API misuse) when L is not a task of the running call,
+ * e.g. a coroutine the script created itself; the op is then not started by the caller yet, or
+ * the caller cancels it. Use as `return ah_lua_op_wait(L, op, "agent.http");`. */
+int ah_lua_op_wait(struct lua_State *L, ah_lua_op_t *op, const char *what);
+/* True when the running task of L may wait (ah_lua_op_wait would not raise). False for a
+ * coroutine the script created and for a lua_State that no ah_lua_t opened (an embedder's own,
+ * a benchmark's). */
+bool ah_lua_can_wait(struct lua_State *L);
+/* When the running call's waits are cancelled (BATCH_TIMEOUT, shutdown), pushes nil, msg, code
+ * on L and returns 3: a C function should return that before starting work nobody will wait
+ * for. Otherwise returns 0 and pushes nothing. */
+int ah_lua_push_cancelled(struct lua_State *L);
+/* Completes op: its task resumes with `true` at the next turn of the loop. Lua thread only
+ * (loop callbacks). A no-op when nobody waits for op any more. */
+void ah_lua_op_done(ah_lua_op_t *op);
+/* The same, and the task resumes with `true` and the registry value ref (the ref stays the
+ * caller's). */
+void ah_lua_op_done_ref(ah_lua_op_t *op, int ref);
+/* The state's main thread (for registry refs released from loop callbacks). */
+struct lua_State *ah_lua_main(struct lua_State *L);
+/* uv_queue_work on the state's loop, counted: ah_lua_close() waits for every such work to finish
+ * before it closes the state (the work may use memory the state owns). after must call
+ * ah_lua_work_finished(req) first. 0 or a libuv error. */
+struct uv_work_s;
+int ah_lua_queue_work(struct lua_State *L, struct uv_work_s *req, void (*work)(struct uv_work_s *),
+                      void (*after)(struct uv_work_s *, int status));
+void ah_lua_work_finished(struct uv_work_s *req);
 
 #endif

@@ -61,6 +61,8 @@ struct ah_state_s {
      * newer control document arrives; set before threads. */
     void (*fleet_listener)(void *ud, bool record_changed);
     void *fleet_listener_ud;
+    void (*waker)(void *ud); /* set once before threads start (ah_state_set_waker) */
+    void *waker_ud;
     /* The change listener; listener_lock is taken around every call and every change of it
      * (never while `lock` is held), so removing it waits for a call in progress. */
     pthread_mutex_t listener_lock;
@@ -224,6 +226,22 @@ void ah_state_free(ah_state_t *s)
     free(s);
 }
 
+void ah_state_set_waker(ah_state_t *s, void (*fn)(void *ud), void *ud)
+{
+    pthread_mutex_lock(&s->lock);
+    s->waker = fn;
+    s->waker_ud = ud;
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* Calls the waker, if any. Lock not held. */
+static void call_waker(ah_state_t *s)
+{
+    if (s->waker != NULL) {
+        s->waker(s->waker_ud);
+    }
+}
+
 /* Tells the change listener, if any. Called without s->lock held. */
 static void notify_change(ah_state_t *s)
 {
@@ -292,6 +310,7 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
     }
     pthread_mutex_unlock(&s->lock);
     notify_fleet(s, false);
+    call_waker(s);
     notify_change(s);
 }
 
@@ -322,6 +341,7 @@ int ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const
     }
     pthread_mutex_unlock(&s->lock);
     if (rc == AH_OK) {
+        call_waker(s);
         notify_change(s);
     }
     return rc;
@@ -571,6 +591,7 @@ uint64_t ah_state_request_reload(ah_state_t *s)
     uint64_t ticket = ++s->reload_requested;
     pthread_cond_broadcast(&s->wake);
     pthread_mutex_unlock(&s->lock);
+    call_waker(s);
     return ticket;
 }
 

@@ -133,8 +133,13 @@ bool ah_state_sleep(ah_state_t *s, double seconds);
 bool ah_state_held(ah_state_t *s);
 /* True once a pending or applied command asks this agent to shut down. */
 bool ah_state_should_stop(ah_state_t *s);
-/* True while an event is pending (used by agent.sleep to return early). */
+/* True while an event is pending. */
 bool ah_state_has_event(ah_state_t *s);
+/* Sets the function called (on the offering thread, after the lock is released) whenever
+ * ah_state_sleep(s, 0) may have become true: the Lua worker's loop uses it to wake
+ * agent.sleep. Call before other threads use the state; fn must not call back into the state
+ * with the expectation of blocking. NULL: none. */
+void ah_state_set_waker(ah_state_t *s, void (*fn)(void *ud), void *ud);
 
 ah_run_state_t ah_state_get(ah_state_t *s);
 void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out);

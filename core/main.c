@@ -149,6 +149,9 @@ static int cmd_run(int argc, char **argv)
     }
     ah_host_free(host);
     ah_config_free(&cfg);
+    /* Join libuv's thread pool (agent.mongo's driver calls ran there): the threads' exit
+     * handlers free what they hold (OpenSSL's per-thread state) before the process ends. */
+    uv_library_shutdown();
     return rc;
 }
 

@@ -1,6 +1,7 @@
 --[[ The `agent` module offered to scripts (docs/LUA.md): `local agent = require "agent"`.
 The C half ("agent.core", registered by core/ah_lua.c) talks to the host; this file shapes
-the public table. Functions that misuse the API (bad arguments) raise; none of them yields. ]]
+the public table. Functions that misuse the API (bad arguments) raise. agent.sleep, task:join
+and agent.http suspend the calling task (a coroutine on the worker's loop) while they wait. ]]
 local core = require "agent.core"
 local json = require "cjson"
 
@@ -22,6 +23,7 @@ local agent = {
     id = core.id(),           -- this agent's name (AGENT_ID)
     state = core.state,       -- "starting" | "running" | "paused" | "stopping" | "stopped"
     sleep = core.sleep,       -- agent.sleep(s) -> true if woken early by a command or shutdown
+    spawn = core.spawn,       -- agent.spawn(fn, ...) -> task; task:join([timeout]) -> true, ...
     should_stop = core.should_stop, -- true once shutdown was requested
     shutdown = core.shutdown, -- agent.shutdown([reason]): a local, final shutdown of this agent
     env = core.env,           -- agent.env(name, default) -> os.getenv(name) or default
@@ -154,10 +156,10 @@ end
 -- agent.memory() -> bytes used by this script's Lua state, LUA_MEMORY_LIMIT (0: none)
 agent.memory = core.memory
 
--- agent.mongo (core/mongo/ahm_lua.c, in the MongoDB plugin) and agent.queue
--- (lua/agent_queue.lua) are loaded on first use, so a script that never touches MongoDB pays
--- nothing. Reference: docs/LUA_MONGO.md.
-local lazy_modules = { mongo = "agent.mongo", queue = "agent.queue" }
+-- agent.http (lua/agent_http.lua over core/ah_lua_http.c), agent.mongo (core/mongo/ahm_lua.c, in
+-- the MongoDB plugin) and agent.queue (lua/agent_queue.lua) are loaded on first use, so a script
+-- that never touches them pays nothing. Reference: docs/LUA.md, docs/LUA_MONGO.md.
+local lazy_modules = { mongo = "agent.mongo", queue = "agent.queue", http = "agent.http" }
 setmetatable(agent, {
     __index = function(t, key)
         local name = lazy_modules[key]

@@ -4,7 +4,8 @@
 # itself broke (build failure, an agent that would not start, a missing tool).
 #
 #   scripts/bench.sh                 all sections
-#   scripts/bench.sh idle rps        only the named sections (batch idle rps startup probes ...)
+#   scripts/bench.sh idle rps        only the named sections (batch idle rps startup probes
+#                                    mongo lua_mongo http)
 #
 # Environment: BUILD_DIR (default build; built with scripts/build.sh unless BENCH_NO_BUILD=1),
 # AGENTHOST (the binary, default $BUILD_DIR/agenthost), BENCH_BATCH (the bench_batch binary,
@@ -16,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECTIONS=(batch idle rps startup probes mongo lua_mongo fleet)
+SECTIONS=(batch idle rps startup probes mongo lua_mongo fleet http)
 BUILD_DIR=${BUILD_DIR:-build}
 AGENTHOST=${AGENTHOST:-$BUILD_DIR/agenthost}
 BENCH_BATCH=${BENCH_BATCH:-$BUILD_DIR/tests/bench/bench_batch}
@@ -176,7 +177,7 @@ section_idle() {
     stop_pid "$AGENT_PID"
 }
 
-start_nginx() { # start_nginx ROOTDIR PORT: sets NGINX_PID
+start_nginx() { # start_nginx ROOTDIR PORT [PROBE_FILE]: sets NGINX_PID
     local dir=$TMP/nginx
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<CONF
@@ -203,7 +204,7 @@ CONF
     nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" 2>"$dir/stderr.log" &
     NGINX_PID=$!
     PIDS+=("$NGINX_PID")
-    wait_http "http://127.0.0.1:$2/control-state.json" 200 10
+    wait_http "http://127.0.0.1:$2/${3:-control-state.json}" 200 10
 }
 
 section_rps() {
@@ -242,6 +243,106 @@ section_rps() {
     echo "requests/s: GET /api/cluster/control-state $(printf '%.0f' "$ah")" \
         "(target >= 20000) $(verdict fcmp "$ah >= 20000"); nginx static $body_size-byte file" \
         "$(printf '%.0f' "$nx"); ratio ${ratio}x (target >= 0.5x) $(verdict fcmp "$ratio >= 0.5")"
+}
+
+# wait_log FILE PATTERN SECONDS: polls until FILE has a line matching PATTERN; prints it.
+wait_log() {
+    local deadline=$((SECONDS + $3)) line
+    while ((SECONDS <= deadline)); do
+        if line=$(grep -m1 -E "$2" "$1" 2>/dev/null); then
+            echo "$line"
+            return 0
+        fi
+        sleep 0.05
+    done
+    return 1
+}
+
+# start_agent_env NAME SCRIPT VAR=VALUE...: start_agent with extra environment.
+start_agent_env() {
+    local name=$1 script=$2
+    shift 2
+    (export "$@" && start_agent "$name" "$script" && echo "$AGENT_PID $AGENT_URL" >"$TMP/$name.pid")
+    local rc=$?
+    read -r AGENT_PID AGENT_URL <"$TMP/$name.pid" 2>/dev/null || return 1
+    PIDS+=("$AGENT_PID")
+    return $rc
+}
+
+section_http() {
+    # agent.http: 64 tasks looping agent.http.get against nginx, next to wrk -c64 on the same
+    # nginx; RSS with 10,000 idle tasks; the empty batch against a raw lua_pcall.
+    local port line ah_req ah_sec errors ah nx ratio base tasks per out host raw bratio
+    for tool in wrk nginx curl; do
+        if ! command -v "$tool" >/dev/null; then
+            die_section "http" "$tool not installed (scripts/install-deps.sh --bench)"
+            return
+        fi
+    done
+    mkdir -p "$TMP/www"
+    chmod 755 "$TMP" "$TMP/www"
+    echo '{"items":[1,2,3],"next":null}' >"$TMP/www/page.json"
+    chmod 644 "$TMP/www/page.json"
+    port=$(free_port)
+    if ! start_nginx "$TMP/www" "$port" page.json; then
+        die_section "http" "nginx did not start"
+        return
+    fi
+    nx=$(wrk_rps "http://127.0.0.1:$port/page.json")
+    if ! start_agent_env http_rps "$ROOT/tests/bench/http_tasks.lua" MODE=rps TASKS=64 SECONDS=5 \
+        "URL=http://127.0.0.1:$port/page.json" BATCH_TIMEOUT=60; then
+        stop_pid "$NGINX_PID"
+        die_section "http" "agenthost did not become ready"
+        return
+    fi
+    if ! line=$(wait_log "$TMP/http_rps/agent.log" "HTTPBENCH" 30); then
+        stop_pid "$AGENT_PID"
+        stop_pid "$NGINX_PID"
+        die_section "http" "the agent printed no HTTPBENCH line"
+        return
+    fi
+    stop_pid "$AGENT_PID"
+    stop_pid "$NGINX_PID"
+    ah_req=$(echo "$line" | sed -n 's/.*requests=\([0-9]*\).*/\1/p')
+    ah_sec=$(echo "$line" | sed -n 's/.*seconds=\([0-9.]*\).*/\1/p')
+    errors=$(echo "$line" | sed -n 's/.*errors=\([0-9]*\).*/\1/p')
+    ah=$(awk -v r="$ah_req" -v s="$ah_sec" 'BEGIN { printf "%.0f", r / s }')
+    ratio=$(awk -v a="$ah" -v n="$nx" 'BEGIN { printf "%.2f", a / n }')
+    echo "http: 64 tasks agent.http.get $ah req/s ($errors errors), wrk -c64 $(printf '%.0f' "$nx")" \
+        "req/s on the same nginx; ratio ${ratio}x (target >= 0.5x) $(verdict fcmp "$ratio >= 0.5")"
+
+    if ! start_agent_env http_idle "$ROOT/tests/bench/http_tasks.lua" MODE=idle TASKS=10000 \
+        BATCH_TIMEOUT=120; then
+        die_section "http" "agenthost (idle tasks) did not become ready"
+        return
+    fi
+    if ! wait_log "$TMP/http_idle/agent.log" "IDLE_BASE" 10 >/dev/null; then
+        stop_pid "$AGENT_PID"
+        die_section "http" "no IDLE_BASE line"
+        return
+    fi
+    sleep 1
+    base=$(rss_kib "$AGENT_PID")
+    if ! line=$(wait_log "$TMP/http_idle/agent.log" "TASKS_SLEEPING" 30); then
+        stop_pid "$AGENT_PID"
+        die_section "http" "no TASKS_SLEEPING line"
+        return
+    fi
+    tasks=$(rss_kib "$AGENT_PID")
+    stop_pid "$AGENT_PID"
+    per=$(awk -v a="$base" -v b="$tasks" 'BEGIN { printf "%.0f", (b - a) * 1024 / 10000 }')
+    echo "http: 10,000 idle tasks: RSS $(mib "$base") -> $(mib "$tasks") MiB," \
+        "about $per bytes per task ($(echo "$line" | sed 's/.*lua_kib=/Lua heap KiB /'))"
+
+    if ! out=$("$BENCH_BATCH" 2000000 5); then
+        die_section "http" "bench_batch failed"
+        return
+    fi
+    raw=$(echo "$out" | sed -n 's/^RESULT.* raw_ns=\([0-9.]*\).*/\1/p')
+    host=$(echo "$out" | sed -n 's/^RESULT.* host_ns=\([0-9.]*\).*/\1/p')
+    bratio=$(echo "$out" | sed -n 's/^RESULT.* ratio=\([0-9.]*\).*/\1/p')
+    echo "http: empty batch (a coroutine per call) $host ns vs raw lua_pcall $raw ns," \
+        "ratio ${bratio}x (target < 3x) $(verdict fcmp "$bratio < 3")"
 }
 
 section_startup() {

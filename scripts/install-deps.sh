@@ -12,7 +12,7 @@ PACKAGES=(
   build-essential cmake pkg-config
   # runtime libraries (the -dev packages pull them in)
   libluajit-5.1-dev libmongoc-dev libbson-dev libuv1-dev lua-cjson-dev libmicrohttpd-dev
-  libsqlite3-dev
+  libsqlite3-dev libcurl4-openssl-dev
   # tests
   libcmocka-dev python3 python3-pytest python3-pymongo python3-mongomock
   # console tests (tests/console): a headless browser driven from pytest

@@ -6,7 +6,20 @@
  * copy into Lua values; a runtime failure comes back as nil, message, code. No client is ever
  * out while something can raise, except the one a find_iter iterator owns (a userdata with
  * __gc). The binding has a pool of its own, never the control store's. Values are mapped by
- * ahm_bson.c. */
+ * ahm_bson.c.
+ *
+ * Inside a task of the worker's loop (core/ah_lua.c) the driver call does not block the Lua
+ * thread: run_then() hands the call object to libuv's thread pool (ah_lua_queue_work), where the
+ * work takes a client, runs and copies the reply out as BSON, and the task waits
+ * (ah_lua_op_wait), then resumes with (true, call). Every method is called through a Lua
+ * wrapper, `return finish(method(...))` (wrap_methods): a Lua frame survives the yield, and
+ * finish() builds the Lua values from the copy inside the task, so a Lua error while building
+ * (the memory limit) is raised in the script as before. Argument errors are worded as if the
+ * script had called the C method itself (method_argerror). A cancelled wait (BATCH_TIMEOUT,
+ * shutdown) leaves the driver call to finish on its thread; the call object stays referenced
+ * until then. Outside a
+ * task (a coroutine the script created itself) the call runs inline, as before. find_iter iterators
+ * stay inline (each step may read the next batch). */
 #include "ahm.h"
 
 #include "ahm_bson.h"
@@ -17,6 +30,9 @@
 
 #include <lauxlib.h>
 #include <mongoc/mongoc.h>
+#include <uv.h>
+
+#include "ah_lua.h"
 
 #define MT_COLLECTION "agent.mongo.collection"
 #define MT_ITERATOR "agent.mongo.iterator"
@@ -181,7 +197,7 @@ static mongoc_client_pool_t *pool_of(ahm_lua_t *m)
  * checks fill args (Lua thread); the driver work (work_*: no Lua, so it may run on any thread)
  * fills ok/error/reply/docs/count from a client it takes and gives back; the result builders
  * (build_*: Lua thread) read them once the client is back in the pool. */
-typedef struct {
+typedef struct call_s {
     int given;               /* how many arguments the method was called with */
     bson_t *args[CALL_ARGS]; /* encoded arguments (bson_new) */
     int nargs;
@@ -192,6 +208,20 @@ typedef struct {
     int flags; /* per method (update kind, delete_many, find_one_and_update flags) */
     bool ok;
     bson_error_t error;
+    /* Run on the thread pool (run_then): what to do, and the wait of the task. */
+    collection_t *c;     /* &target while run_then() runs it */
+    collection_t target; /* a copy: the collection object may be gone when the work ends */
+    const char *op;      /* method name, for messages */
+    void (*work)(mongoc_collection_t *, struct call_s *);
+    int (*build)(lua_State *L, collection_t *c, struct call_s *call);
+    mongoc_client_pool_t *pool;
+    mongoc_client_t *client; /* taken on the Lua thread when one was free, else on the pool */
+    bool no_client;          /* none came free in time */
+    ah_lua_op_t wait;
+    uv_work_t req;
+    lua_State *main; /* the state's main thread, for self_ref */
+    int self_ref;    /* keeps this object alive while the thread pool uses it */
+    int index;       /* its stack index in the method */
 } call_t;
 
 static void call_clear(call_t *call)
@@ -227,6 +257,8 @@ static call_t *call_new(lua_State *L, int nparams)
     call_t *call = lua_newuserdata(L, sizeof(*call));
     memset(call, 0, sizeof(*call));
     call->given = given;
+    call->self_ref = LUA_NOREF;
+    call->index = lua_gettop(L);
     luaL_getmetatable(L, MT_CALL);
     lua_setmetatable(L, -2);
     return call;
@@ -275,11 +307,41 @@ static bool call_add_doc(call_t *call, bson_t *doc)
 /* ---- argument helpers (may raise; call before acquiring anything) ------------------------ */
 
 /* Raises "bad argument #arg to 'fn' (what)"; what the call holds is freed by its __gc. */
-static int raise_arg(lua_State *L, int arg, const char *what)
+/* luaL_argerror for a collection method called through its wrapper: the message names the
+ * method (the wrapper's upvalue carries its name) and the argument as the script counts it
+ * (self is not counted), at the script's line. */
+static int method_argerror(lua_State *L, int arg, const char *what)
 {
     char msg[AH_ERRLEN];
     ah_strlcpy(msg, what, sizeof(msg));
-    return luaL_argerror(L, arg, msg);
+    lua_Debug ar;
+    const char *name = "?";
+    if (lua_getstack(L, 0, &ar) && lua_getinfo(L, "n", &ar) && ar.name != NULL) {
+        name = ar.name;
+    }
+    luaL_where(L, 2); /* level 1 is the wrapper */
+    if (arg == 1) {
+        lua_pushfstring(L, "calling '%s' on bad self (%s)", name, msg);
+    } else {
+        lua_pushfstring(L, "bad argument #%d to '%s' (%s)", arg - 1, name, msg);
+    }
+    lua_concat(L, 2);
+    return lua_error(L);
+}
+
+static int raise_arg(lua_State *L, int arg, const char *what)
+{
+    return method_argerror(L, arg, what);
+}
+
+/* luaL_checktype(L, arg, LUA_TTABLE) for a collection method. */
+static void check_table(lua_State *L, int arg)
+{
+    if (lua_type(L, arg) != LUA_TTABLE) {
+        char what[64];
+        snprintf(what, sizeof(what), "table expected, got %s", luaL_typename(L, arg));
+        method_argerror(L, arg, what);
+    }
 }
 
 /* luaL_typename of argument arg as the caller passed it ("no value" past the last one). */
@@ -407,7 +469,19 @@ static void opt_doc(lua_State *L, int arg, const char *name, bson_t *out, const 
 
 static collection_t *check_collection(lua_State *L)
 {
-    return luaL_checkudata(L, 1, MT_COLLECTION);
+    collection_t *c = lua_touserdata(L, 1);
+    bool ok = c != NULL && lua_getmetatable(L, 1);
+    if (ok) {
+        luaL_getmetatable(L, MT_COLLECTION);
+        ok = lua_rawequal(L, -1, -2);
+        lua_pop(L, 2);
+    }
+    if (!ok) {
+        char what[64];
+        snprintf(what, sizeof(what), "%s expected, got %s", MT_COLLECTION, luaL_typename(L, 1));
+        method_argerror(L, 1, what);
+    }
+    return c;
 }
 
 /* ---- taking a client ----------------------------------------------------------------------- */
@@ -464,6 +538,126 @@ static int run(lua_State *L, collection_t *c, call_t *call, const char *op, work
     mongoc_collection_destroy(coll);
     mongoc_client_pool_push(pool, client);
     return 0;
+}
+
+typedef int (*build_fn)(lua_State *L, collection_t *c, call_t *call);
+
+/* Thread pool: takes a client unless the Lua thread got one (waiting at most the pool's
+ * waitQueueTimeoutMS), runs the work, gives the client back. No Lua. */
+static void work_on_pool(uv_work_t *req)
+{
+    call_t *call = req->data;
+    if (call->client == NULL) {
+        call->client = mongoc_client_pool_pop(call->pool);
+        if (call->client == NULL) {
+            call->no_client = true;
+            return;
+        }
+    }
+    mongoc_collection_t *coll =
+        mongoc_client_get_collection(call->client, call->c->db, call->c->name);
+    call->work(coll, call);
+    mongoc_collection_destroy(coll);
+    mongoc_client_pool_push(call->pool, call->client);
+    call->client = NULL;
+}
+
+/* Loop thread: the work is done; the task (if it still waits) resumes with (true, call) and its
+ * method's wrapper builds the result (l_finish). */
+static void work_done(uv_work_t *req, int status)
+{
+    call_t *call = req->data;
+    ah_lua_work_finished(req);
+    if (status != 0 && call->client != NULL) { /* never ran (cancelled before it started) */
+        mongoc_client_pool_push(call->pool, call->client);
+        call->client = NULL;
+    }
+    ah_lua_op_done_ref(&call->wait, call->self_ref);
+    luaL_unref(call->main, LUA_REGISTRYINDEX, call->self_ref);
+    call->self_ref = LUA_NOREF;
+}
+
+/* ah_lua_op_t.cancel: the task stopped waiting; the driver call cannot be stopped, it finishes
+ * on its thread and work_done releases the call object. */
+static void work_cancel(ah_lua_op_t *op)
+{
+    (void)op;
+}
+
+/* Runs work for call and builds its result: inside a task, on the thread pool while the task
+ * waits (the task resumes with the result); otherwise inline. Returns what the method returns
+ * (or yields). */
+static int run_then(lua_State *L, collection_t *c, call_t *call, const char *op,
+                    void (*work)(mongoc_collection_t *, call_t *), build_fn build)
+{
+    call->target = *c;
+    c = &call->target;
+    call->c = c;
+    call->op = op;
+    call->work = work;
+    call->build = build;
+    if (!ah_lua_can_wait(L)) {
+        int nret = run(L, c, call, op, work);
+        if (nret == 0) {
+            nret = build(L, c, call);
+        }
+        return call_finish(call, nret);
+    }
+    int cancelled = ah_lua_push_cancelled(L);
+    if (cancelled != 0) {
+        return call_finish(call, cancelled); /* nobody would wait for the work */
+    }
+    call->pool = pool_of(c->m);
+    if (call->pool == NULL) {
+        return call_finish(call, push_not_configured(L));
+    }
+    call->client = mongoc_client_pool_try_pop(call->pool);
+    if (call->client == NULL) {
+        lua_gc(L, LUA_GCCOLLECT, 0); /* unreachable iterators give theirs back */
+        call->client = mongoc_client_pool_try_pop(call->pool);
+    }
+    /* Nothing below raises while the client is out: the reference is taken first. */
+    lua_pushvalue(L, call->index);
+    call->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    call->main = ah_lua_main(L);
+    call->wait.cancel = work_cancel;
+    call->req.data = call;
+    if (ah_lua_queue_work(L, &call->req, work_on_pool, work_done) != 0) {
+        if (call->client != NULL) {
+            mongoc_client_pool_push(call->pool, call->client);
+            call->client = NULL;
+        }
+        luaL_unref(L, LUA_REGISTRYINDEX, call->self_ref);
+        call->self_ref = LUA_NOREF;
+        int nret = run(L, c, call, op, work);
+        if (nret == 0) {
+            nret = build(L, c, call);
+        }
+        return call_finish(call, nret);
+    }
+    return ah_lua_op_wait(L, &call->wait, "agent.mongo");
+}
+
+/* finish(...): the second half of every method's wrapper. (true, call) from a call that ran on
+ * the thread pool becomes the method's result, built here inside the task; anything else (an
+ * inline result, the nil, msg, code of a cancelled wait) is returned as is. */
+static int l_finish(lua_State *L)
+{
+    int n = lua_gettop(L);
+    if (n == 2 && lua_type(L, 1) == LUA_TBOOLEAN && lua_toboolean(L, 1) &&
+        lua_type(L, 2) == LUA_TUSERDATA && lua_getmetatable(L, 2)) {
+        luaL_getmetatable(L, MT_CALL);
+        bool is_call = lua_rawequal(L, -1, -2);
+        lua_pop(L, 2);
+        if (is_call) {
+            call_t *call = lua_touserdata(L, 2);
+            if (call->no_client) {
+                return call_finish(call, push_no_client(L, call->c, call->op));
+            }
+            return call_finish(call, call->build(L, call->c, call));
+        }
+    }
+    return n;
 }
 
 /* ---- results -------------------------------------------------------------------------------- */
@@ -616,6 +810,11 @@ static int iterator_open(lua_State *L, collection_t *c, call_t *call, ah_lua_ite
     return 1;
 }
 
+static int build_find(lua_State *L, collection_t *c, call_t *call)
+{
+    return build_docs(L, c, "find", call);
+}
+
 static int find_common(lua_State *L, bool force_iterator)
 {
     collection_t *c = check_collection(L);
@@ -627,11 +826,7 @@ static int find_common(lua_State *L, bool force_iterator)
         int nret = iterator_open(L, c, call, it);
         return call_finish(call, nret); /* the cursor keeps its own copies of the arguments */
     }
-    int nret = run(L, c, call, "find", work_find);
-    if (nret == 0) {
-        nret = build_docs(L, c, "find", call);
-    }
-    return call_finish(call, nret);
+    return run_then(L, c, call, "find", work_find, build_find);
 }
 
 /* coll:find([filter [, opts]]) -> array of documents | iterator (opts.iterator) | nil, msg, code */
@@ -646,6 +841,20 @@ static int coll_find_iter(lua_State *L)
     return find_common(L, true);
 }
 
+static int build_find_one(lua_State *L, collection_t *c, call_t *call)
+{
+    char err[AH_ERRLEN];
+    if (!call->ok) {
+        return push_failure(L, c, "find_one", &call->error);
+    }
+    if (call->ndocs == 0) {
+        lua_pushnil(L);
+    } else if (ahm_bson_push(L, call->docs[0], false, err, sizeof(err)) != AH_OK) {
+        return push_decode_failure(L, "find_one", err);
+    }
+    return 1;
+}
+
 /* coll:find_one([filter [, opts]]) -> document | nil (none) | nil, msg, code */
 static int coll_find_one(lua_State *L)
 {
@@ -653,20 +862,7 @@ static int coll_find_one(lua_State *L)
     call_t *call = call_new(L, 3);
     bool iterator;
     find_args(L, call, true, &iterator);
-    int nret = run(L, c, call, "find_one", work_find);
-    if (nret != 0) {
-        return call_finish(call, nret);
-    }
-    char err[AH_ERRLEN];
-    nret = 1;
-    if (!call->ok) {
-        nret = push_failure(L, c, "find_one", &call->error);
-    } else if (call->ndocs == 0) {
-        lua_pushnil(L);
-    } else if (ahm_bson_push(L, call->docs[0], false, err, sizeof(err)) != AH_OK) {
-        nret = push_decode_failure(L, "find_one", err);
-    }
-    return call_finish(call, nret);
+    return run_then(L, c, call, "find_one", work_find, build_find_one);
 }
 
 /* ---- iterators ----------------------------------------------------------------------------- */
@@ -759,6 +955,17 @@ static void work_insert_one(mongoc_collection_t *coll, call_t *call)
     call->ok = mongoc_collection_insert_one(coll, call->args[0], NULL, NULL, &call->error);
 }
 
+static int build_insert_one(lua_State *L, collection_t *c, call_t *call)
+{
+    if (!call->ok) {
+        return push_failure(L, c, "insert_one", &call->error);
+    }
+    lua_createtable(L, 0, 1);
+    push_id_of(L, call->args[0]);
+    lua_setfield(L, -2, "inserted_id");
+    return 1;
+}
+
 /* coll:insert_one(doc) -> {inserted_id = id} | nil, msg, code */
 static int coll_insert_one(lua_State *L)
 {
@@ -778,17 +985,7 @@ static int coll_insert_one(lua_State *L)
         snprintf(what, sizeof(what), "document: %s", err);
         raise_arg(L, 2, what);
     }
-    int nret = run(L, c, call, "insert_one", work_insert_one);
-    if (nret != 0) {
-        return call_finish(call, nret);
-    }
-    if (!call->ok) {
-        return call_finish(call, push_failure(L, c, "insert_one", &call->error));
-    }
-    lua_createtable(L, 0, 1);
-    push_id_of(L, doc);
-    lua_setfield(L, -2, "inserted_id");
-    return call_finish(call, 1);
+    return run_then(L, c, call, "insert_one", work_insert_one, build_insert_one);
 }
 
 static void work_insert_many(mongoc_collection_t *coll, call_t *call)
@@ -800,18 +997,39 @@ static void work_insert_many(mongoc_collection_t *coll, call_t *call)
     bson_destroy(&reply);
 }
 
+static int build_insert_many(lua_State *L, collection_t *c, call_t *call)
+{
+    if (!call->ok) {
+        return push_failure(L, c, "insert_many", &call->error);
+    }
+    lua_createtable(L, 0, 2);
+    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "insertedCount"));
+    lua_setfield(L, -2, "inserted");
+    lua_createtable(L, (int)call->ndocs, 0);
+    for (size_t i = 0; i < call->ndocs; i++) {
+        push_id_of(L, call->docs[i]);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    lua_setfield(L, -2, "inserted_ids");
+    return 1;
+}
+
 /* coll:insert_many(docs [, {ordered = true}]) -> {inserted = n, inserted_ids = {...}} */
 static int coll_insert_many(lua_State *L)
 {
     static const char *const allowed[] = {"ordered", NULL};
     collection_t *c = check_collection(L);
-    luaL_checktype(L, 2, LUA_TTABLE);
+    check_table(L, 2);
     call_t *call = call_new(L, 3);
     check_opts(L, 3, allowed);
     bool ordered = opt_bool(L, 3, "ordered", true);
     size_t n = lua_objlen(L, 2);
-    luaL_argcheck(L, n > 0, 2, "expected a non-empty array of documents");
-    luaL_argcheck(L, n <= 100000, 2, "at most 100000 documents per call");
+    if (n == 0) {
+        method_argerror(L, 2, "expected a non-empty array of documents");
+    }
+    if (n > 100000) {
+        method_argerror(L, 2, "at most 100000 documents per call");
+    }
     char err[AH_ERRLEN] = "";
     for (size_t i = 0; i < n; i++) {
         bson_t *doc = bson_new();
@@ -829,28 +1047,12 @@ static int coll_insert_many(lua_State *L)
         if (!ok) {
             char what[AH_ERRLEN + 64];
             snprintf(what, sizeof(what), "document %d: %s", (int)i + 1, err);
-            return luaL_argerror(L, 2, what);
+            return method_argerror(L, 2, what);
         }
     }
     bson_t *opts = call_arg_new(L, call);
     BSON_APPEND_BOOL(opts, "ordered", ordered);
-    int nret = run(L, c, call, "insert_many", work_insert_many);
-    if (nret != 0) {
-        return call_finish(call, nret);
-    }
-    if (!call->ok) {
-        return call_finish(call, push_failure(L, c, "insert_many", &call->error));
-    }
-    lua_createtable(L, 0, 2);
-    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "insertedCount"));
-    lua_setfield(L, -2, "inserted");
-    lua_createtable(L, (int)n, 0);
-    for (size_t i = 0; i < n; i++) {
-        push_id_of(L, call->docs[i]);
-        lua_rawseti(L, -2, (int)i + 1);
-    }
-    lua_setfield(L, -2, "inserted_ids");
-    return call_finish(call, 1);
+    return run_then(L, c, call, "insert_many", work_insert_many, build_insert_many);
 }
 
 typedef enum { UPDATE_ONE, UPDATE_MANY, REPLACE_ONE } update_kind_t;
@@ -870,6 +1072,20 @@ static void work_update(mongoc_collection_t *coll, call_t *call)
     bson_destroy(&reply);
 }
 
+static int build_update(lua_State *L, collection_t *c, call_t *call)
+{
+    if (!call->ok) {
+        return push_failure(L, c, call->op, &call->error);
+    }
+    lua_createtable(L, 0, 3);
+    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "matchedCount"));
+    lua_setfield(L, -2, "matched");
+    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "modifiedCount"));
+    lua_setfield(L, -2, "modified");
+    set_reply_value(L, call->reply, "upsertedId", "upserted_id");
+    return 1;
+}
+
 /* update_one/update_many/replace_one(filter, update [, {upsert = bool}])
  * -> {matched = n, modified = n, upserted_id = id|nil} | nil, msg, code */
 static int update_common(lua_State *L, update_kind_t kind)
@@ -886,20 +1102,7 @@ static int update_common(lua_State *L, update_kind_t kind)
     if (opt_bool(L, 4, "upsert", false)) {
         BSON_APPEND_BOOL(opts, "upsert", true);
     }
-    int nret = run(L, c, call, names[kind], work_update);
-    if (nret != 0) {
-        return call_finish(call, nret);
-    }
-    if (!call->ok) {
-        return call_finish(call, push_failure(L, c, names[kind], &call->error));
-    }
-    lua_createtable(L, 0, 3);
-    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "matchedCount"));
-    lua_setfield(L, -2, "matched");
-    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "modifiedCount"));
-    lua_setfield(L, -2, "modified");
-    set_reply_value(L, call->reply, "upsertedId", "upserted_id");
-    return call_finish(call, 1);
+    return run_then(L, c, call, names[kind], work_update, build_update);
 }
 
 static int coll_update_one(lua_State *L)
@@ -927,6 +1130,17 @@ static void work_delete(mongoc_collection_t *coll, call_t *call)
     bson_destroy(&reply);
 }
 
+static int build_delete(lua_State *L, collection_t *c, call_t *call)
+{
+    if (!call->ok) {
+        return push_failure(L, c, call->op, &call->error);
+    }
+    lua_createtable(L, 0, 1);
+    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "deletedCount"));
+    lua_setfield(L, -2, "deleted");
+    return 1;
+}
+
 /* delete_one/delete_many(filter) -> {deleted = n} | nil, msg, code */
 static int delete_common(lua_State *L, bool many)
 {
@@ -935,17 +1149,7 @@ static int delete_common(lua_State *L, bool many)
     call_t *call = call_new(L, 2);
     call->flags = many;
     doc_arg(L, call, 2, false, "filter");
-    int nret = run(L, c, call, op, work_delete);
-    if (nret != 0) {
-        return call_finish(call, nret);
-    }
-    if (!call->ok) {
-        return call_finish(call, push_failure(L, c, op, &call->error));
-    }
-    lua_createtable(L, 0, 1);
-    lua_pushnumber(L, (lua_Number)reply_int(call->reply, "deletedCount"));
-    lua_setfield(L, -2, "deleted");
-    return call_finish(call, 1);
+    return run_then(L, c, call, op, work_delete, build_delete);
 }
 
 static int coll_delete_one(lua_State *L)
@@ -989,6 +1193,24 @@ static void work_find_one_and_update(mongoc_collection_t *coll, call_t *call)
     bson_destroy(&reply);
 }
 
+static int build_find_one_and_update(lua_State *L, collection_t *c, call_t *call)
+{
+    bson_iter_t iter;
+    char err[AH_ERRLEN];
+    if (!call->ok) {
+        return push_failure(L, c, "find_one_and_update", &call->error);
+    }
+    if (call->reply != NULL && bson_iter_init_find(&iter, call->reply, "value") &&
+        BSON_ITER_HOLDS_DOCUMENT(&iter)) {
+        if (ahm_bson_push_value(L, &iter, err, sizeof(err)) != AH_OK) {
+            return push_decode_failure(L, "find_one_and_update", err);
+        }
+    } else {
+        lua_pushnil(L);
+    }
+    return 1;
+}
+
 /* coll:find_one_and_update(filter, update [, {sort, upsert, new, projection}])
  * -> the document (old one unless new = true) | nil (no match) | nil, msg, code */
 static int coll_find_one_and_update(lua_State *L)
@@ -1010,24 +1232,8 @@ static int coll_find_one_and_update(lua_State *L)
         flags |= MONGOC_FIND_AND_MODIFY_RETURN_NEW;
     }
     call->flags = flags;
-    int nret = run(L, c, call, "find_one_and_update", work_find_one_and_update);
-    if (nret != 0) {
-        return call_finish(call, nret);
-    }
-    nret = 1;
-    bson_iter_t iter;
-    char err[AH_ERRLEN];
-    if (!call->ok) {
-        nret = push_failure(L, c, "find_one_and_update", &call->error);
-    } else if (call->reply != NULL && bson_iter_init_find(&iter, call->reply, "value") &&
-               BSON_ITER_HOLDS_DOCUMENT(&iter)) {
-        if (ahm_bson_push_value(L, &iter, err, sizeof(err)) != AH_OK) {
-            nret = push_decode_failure(L, "find_one_and_update", err);
-        }
-    } else {
-        lua_pushnil(L);
-    }
-    return call_finish(call, nret);
+    return run_then(L, c, call, "find_one_and_update", work_find_one_and_update,
+                    build_find_one_and_update);
 }
 
 static void work_count(mongoc_collection_t *coll, call_t *call)
@@ -1035,6 +1241,15 @@ static void work_count(mongoc_collection_t *coll, call_t *call)
     call->count = mongoc_collection_count_documents(coll, call->args[0], call->args[1], NULL, NULL,
                                                     &call->error);
     call->ok = call->count >= 0;
+}
+
+static int build_count(lua_State *L, collection_t *c, call_t *call)
+{
+    if (!call->ok) {
+        return push_failure(L, c, "count", &call->error);
+    }
+    lua_pushnumber(L, (lua_Number)call->count);
+    return 1;
 }
 
 /* coll:count([filter [, {limit, skip}]]) -> n | nil, msg, code */
@@ -1054,15 +1269,7 @@ static int coll_count(lua_State *L)
     if (skip > 0) {
         BSON_APPEND_INT64(opts, "skip", skip);
     }
-    int nret = run(L, c, call, "count", work_count);
-    if (nret != 0) {
-        return call_finish(call, nret);
-    }
-    if (!call->ok) {
-        return call_finish(call, push_failure(L, c, "count", &call->error));
-    }
-    lua_pushnumber(L, (lua_Number)call->count);
-    return call_finish(call, 1);
+    return run_then(L, c, call, "count", work_count, build_count);
 }
 
 static void work_aggregate(mongoc_collection_t *coll, call_t *call)
@@ -1072,12 +1279,17 @@ static void work_aggregate(mongoc_collection_t *coll, call_t *call)
         call);
 }
 
+static int build_aggregate(lua_State *L, collection_t *c, call_t *call)
+{
+    return build_docs(L, c, "aggregate", call);
+}
+
 /* coll:aggregate(pipeline [, {batch_size}]) -> array of documents | nil, msg, code */
 static int coll_aggregate(lua_State *L)
 {
     static const char *const allowed[] = {"batch_size", NULL};
     collection_t *c = check_collection(L);
-    luaL_checktype(L, 2, LUA_TTABLE);
+    check_table(L, 2);
     call_t *call = call_new(L, 3);
     bson_t *pipeline = call_arg_new(L, call);
     char err[AH_ERRLEN];
@@ -1090,11 +1302,7 @@ static int coll_aggregate(lua_State *L)
     if (batch > 0 && batch <= INT32_MAX) {
         BSON_APPEND_INT32(opts, "batchSize", (int32_t)batch);
     }
-    int nret = run(L, c, call, "aggregate", work_aggregate);
-    if (nret == 0) {
-        nret = build_docs(L, c, "aggregate", call);
-    }
-    return call_finish(call, nret);
+    return run_then(L, c, call, "aggregate", work_aggregate, build_aggregate);
 }
 
 static void work_write_command(mongoc_collection_t *coll, call_t *call)
@@ -1105,13 +1313,29 @@ static void work_write_command(mongoc_collection_t *coll, call_t *call)
     bson_destroy(&reply);
 }
 
+/* The index name, read back from the command (call->args[1]). */
+static int build_create_index(lua_State *L, collection_t *c, call_t *call)
+{
+    if (!call->ok) {
+        return push_failure(L, c, "create_index", &call->error);
+    }
+    bson_iter_t iter;
+    if (bson_iter_init(&iter, call->args[1]) &&
+        bson_iter_find_descendant(&iter, "indexes.0.name", &iter) && BSON_ITER_HOLDS_UTF8(&iter)) {
+        lua_pushstring(L, bson_iter_utf8(&iter, NULL));
+    } else {
+        lua_pushliteral(L, "index");
+    }
+    return 1;
+}
+
 /* coll:create_index(keys [, opts]) -> index name | nil, msg, code. keys: a table or ordered
  * pairs; opts: index options under their MongoDB names (name, unique, sparse,
  * expireAfterSeconds, partialFilterExpression, ...). */
 static int coll_create_index(lua_State *L)
 {
     collection_t *c = check_collection(L);
-    luaL_checktype(L, 2, LUA_TTABLE);
+    check_table(L, 2);
     call_t *call = call_new(L, 3);
     bson_t *keys = call_arg_new(L, call);
     char err[AH_ERRLEN];
@@ -1122,7 +1346,7 @@ static int coll_create_index(lua_State *L)
         raise_arg(L, 2, "at least one key expected");
     }
     if (!lua_isnoneornil(L, 3)) {
-        luaL_checktype(L, 3, LUA_TTABLE);
+        check_table(L, 3);
     }
     const char *name = NULL;
     if (lua_istable(L, 3)) {
@@ -1150,22 +1374,7 @@ static int coll_create_index(lua_State *L)
     if (rc != AH_OK) {
         raise_arg(L, 3, err);
     }
-    /* The name, read back from the command: pushed before a client is taken. */
-    bson_iter_t iter;
-    if (bson_iter_init(&iter, cmd) && bson_iter_find_descendant(&iter, "indexes.0.name", &iter) &&
-        BSON_ITER_HOLDS_UTF8(&iter)) {
-        lua_pushstring(L, bson_iter_utf8(&iter, NULL));
-    } else {
-        lua_pushstring(L, name != NULL ? name : "index");
-    }
-    int nret = run(L, c, call, "create_index", work_write_command);
-    if (nret != 0) {
-        return call_finish(call, nret);
-    }
-    if (!call->ok) {
-        return call_finish(call, push_failure(L, c, "create_index", &call->error));
-    }
-    return call_finish(call, 1); /* the name pushed above */
+    return run_then(L, c, call, "create_index", work_write_command, build_create_index);
 }
 
 static int coll_tostring(lua_State *L)
@@ -1219,6 +1428,31 @@ static int iterator_gc(lua_State *L)
     return 0;
 }
 
+/* Replaces every method in the table at idx by `return finish(<name>(...))` with the C method
+ * as the upvalue <name> (so that method_argerror finds the method's name): a Lua frame, which
+ * survives the method's yield. Stack: [-0, +0]. */
+static void wrap_methods(lua_State *L, int idx)
+{
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        const char *name = lua_tostring(L, -2);
+        lua_pushfstring(L,
+                        "local finish, %s = ...\nreturn function(...) return finish(%s(...)) end",
+                        name, name);
+        if (luaL_loadbuffer(L, lua_tostring(L, -1), lua_objlen(L, -1), "=agent.mongo") != 0) {
+            lua_error(L);
+        }
+        lua_remove(L, -2);              /* the source */
+        lua_pushcfunction(L, l_finish); /* finish */
+        lua_pushvalue(L, -3);           /* the C method */
+        lua_call(L, 2, 1);
+        lua_pushvalue(L, -3); /* the key */
+        lua_insert(L, -2);
+        lua_rawset(L, idx);
+        lua_pop(L, 1); /* the C method; the key stays for lua_next */
+    }
+}
+
 int ahm_lua_open(lua_State *L)
 {
     ahm_lua_t *m = lua_touserdata(L, lua_upvalueindex(1));
@@ -1244,6 +1478,7 @@ int ahm_lua_open(lua_State *L)
     if (luaL_newmetatable(L, MT_COLLECTION)) {
         lua_newtable(L);
         luaL_register(L, NULL, methods);
+        wrap_methods(L, lua_gettop(L));
         lua_setfield(L, -2, "__index");
         lua_pushcfunction(L, coll_tostring);
         lua_setfield(L, -2, "__tostring");

@@ -103,6 +103,27 @@ def test_ctl_against_dead_port_exits_1():
     assert p.stderr.strip()
 
 
+def test_ctl_by_host_name_and_refuses_header_injection(fleet, state_file, tmp_path):
+    a = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl",
+                                            AGENT_API_TOKEN="tok"), name="ctl-name")
+    a.wait_state("running", timeout=15)
+    # A name, not an address: resolved by the client (every address it resolves to is tried).
+    p = run_cli(["ctl", "state", "--local", "--url", f"http://localhost:{a.port}",
+                 "--token", "tok"])
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert json.loads(p.stdout)["state"] == "running"
+    for bad in ("tok\r\nX-Injected: 1", "tok\nX", "tok\x01"):
+        p = run_cli(["ctl", "pause", "--url", a.url, "--token", bad])
+        assert p.returncode == 2, (p.stdout, p.stderr)
+        assert "contains CR, LF" in p.stderr, p.stderr
+        p = run_cli(["ctl", "pause", "--url", a.url], env={"AGENT_API_TOKEN": bad})
+        assert p.returncode == 2, (p.stdout, p.stderr)
+    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{a.port}\r\nHost: evil"])
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert a.state()["state"] == "running"  # nothing was sent
+    assert a.get("/api/cluster/history").json()["count"] == 0
+
+
 def test_ctl_bad_usage_exits_2():
     p = run_cli(["ctl", "explode", "--url", "http://127.0.0.1:1"])
     assert p.returncode == 2, (p.stdout, p.stderr)

@@ -270,6 +270,11 @@ static void *offer_pause_until_done(void *p)
     return NULL;
 }
 
+static void wake_lua(void *lua)
+{
+    ah_lua_wake(lua);
+}
+
 static void test_sleep_returns_early_when_a_command_arrives(void **unused)
 {
     setenv("AH_TEST_SLEEP", "30", 1);
@@ -283,6 +288,8 @@ static void test_sleep_returns_early_when_a_command_arrives(void **unused)
     assert_true(ah_state_take_event(state, &ev));
     assert_int_equal(ah_state_apply(state, &ev, &from, &to, &hook), AH_OK);
     ah_lua_t *lua = open_ok(FIXTURE("sleepy.lua"), state, 0);
+    /* What the host does: a command wakes the state's loop. */
+    ah_state_set_waker(state, wake_lua, lua);
     offer_arg_t arg = {.state = state};
     atomic_init(&arg.done, false);
     pthread_t thread;
@@ -484,6 +491,54 @@ static void test_sleep_never_outlasts_the_budget(void **unused)
     ah_lua_close(lua);
 }
 
+/* ---- tasks --------------------------------------------------------------------------------- */
+
+static void test_tasks_wait_concurrently_and_join(void **unused)
+{
+    setenv("AH_TEST_TASKS", "concurrent", 1);
+    ah_lua_t *lua = open_ok(FIXTURE("tasks.lua"), NULL, 30);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(batch_ok(lua), 50 * 51 / 2);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double elapsed = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+    assert_true(elapsed < 5.0); /* 50 sleeps of 0.2 s one after the other would take 10 s */
+    assert_int_equal(batch_ok(lua), 50 * 51 / 2); /* the loop is reusable */
+    ah_lua_close(lua); /* debug builds assert that uv_loop_close() returned 0 */
+}
+
+static void test_tasks_waiting_for_each_other_are_cancelled(void **unused)
+{
+    setenv("AH_TEST_TASKS", "deadlock", 1);
+    ah_lua_t *lua = open_ok(FIXTURE("tasks.lua"), NULL, 0); /* no deadline to end it */
+    assert_int_equal(batch_ok(lua), 0);
+    setenv("AH_TEST_TASKS", "after_deadlock", 1);
+    assert_int_equal(batch_ok(lua), 2);
+    ah_lua_close(lua);
+}
+
+static void test_waiting_in_a_script_coroutine_raises(void **unused)
+{
+    setenv("AH_TEST_TASKS", "foreign_coroutine", 1);
+    ah_lua_t *lua = open_ok(FIXTURE("tasks.lua"), NULL, 5);
+    assert_int_equal(batch_ok(lua), 1);
+    ah_lua_close(lua);
+}
+
+static void test_failing_function_cancels_its_tasks_then_reports(void **unused)
+{
+    setenv("AH_TEST_TASKS", "main_fails", 1);
+    ah_lua_t *lua = open_ok(FIXTURE("tasks.lua"), NULL, 30);
+    char err[AH_ERRLEN] = "";
+    long long items = -1;
+    assert_int_equal(ah_lua_batch(lua, &items, err, sizeof(err)), AH_ELUA);
+    assert_non_null(strstr(err, "main failed"));
+    assert_non_null(strstr(err, "stack traceback"));
+    setenv("AH_TEST_TASKS", "after_main_fails", 1);
+    assert_int_equal(batch_ok(lua), 1); /* the task saw "cancelled"; a new coroutine runs */
+    ah_lua_close(lua);
+}
+
 static void test_many_calls_keep_the_stack_balanced(void **unused)
 {
     /* Debug builds assert lua_gettop before == after in every call; a leak of one slot per call
@@ -525,6 +580,10 @@ int main(void)
         cmocka_unit_test(test_late_interrupt_does_not_break_the_next_call),
         cmocka_unit_test(test_an_interrupt_decided_for_one_call_never_stops_the_next),
         cmocka_unit_test(test_sleep_never_outlasts_the_budget),
+        cmocka_unit_test(test_tasks_wait_concurrently_and_join),
+        cmocka_unit_test(test_tasks_waiting_for_each_other_are_cancelled),
+        cmocka_unit_test(test_waiting_in_a_script_coroutine_raises),
+        cmocka_unit_test(test_failing_function_cancels_its_tasks_then_reports),
         cmocka_unit_test(test_many_calls_keep_the_stack_balanced),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,0 +1,935 @@
+/* Implementation of ah_lua_http.h. One client per Lua state (a full userdata kept in the
+ * registry): a curl multi handle whose sockets are watched by uv_poll_t handles and whose timeout
+ * is one uv_timer_t, all on the state's loop (ah_lua_loop). A request is a transfer (a full
+ * userdata "agent.http.transfer" owning the easy handle and the buffers): core.start() validates
+ * the options (misuse raises before anything is allocated) and adds it to the multi handle,
+ * core.wait() suspends the task until curl reports it done (ah_lua_op_wait), core.result() builds
+ * the response table inside the task, under the script's memory limit. A cancelled wait removes
+ * the easy handle from the multi handle at once.
+ *
+ * Lifetimes: everything is released by __gc, in any order when the state closes: a transfer
+ * removes itself from its client; a client detaches its remaining transfers, cleans up the multi
+ * handle and closes its handles (their memory is freed in the close callbacks, which the state's
+ * loop runs before it closes). */
+#include "ah_lua_http.h"
+
+#include "ah_common.h"
+#include "ah_lua.h"
+
+#include <ctype.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <uv.h>
+
+#define TRANSFER_META "agent.http.transfer"
+#define CLIENT_META "agent.http.client"
+#define DEFAULT_TIMEOUT 30.0
+#define DEFAULT_CONNECT_TIMEOUT 10.0
+#define DEFAULT_MAX_BODY (16.0 * 1024 * 1024)
+#define MAX_REDIRECTS 10
+#define MAX_HEADER_BYTES (256 * 1024)
+#define MAX_IDLE_CONNECTIONS 256
+
+/* Registry key of this state's client. */
+static const char registry_key_client = 'c';
+
+typedef struct client_s client_t;
+typedef struct transfer_s transfer_t;
+
+/* A socket curl asked us to watch. It stays (stopped) while curl keeps the connection idle in
+ * its cache, so a reused connection costs no new handle; it is closed when curl closes the
+ * socket (CURLOPT_CLOSESOCKETFUNCTION) or the client goes. Freed in its close callback. */
+typedef struct socket_watch_s {
+    uv_poll_t poll;
+    curl_socket_t fd;
+    client_t *client;
+    int events;                  /* UV_READABLE | UV_WRITABLE being polled, 0 when stopped */
+    struct socket_watch_s *next; /* client->sockets */
+} socket_watch_t;
+
+/* Easy handles kept for the next requests (curl_easy_reset), instead of a new one each time. */
+#define IDLE_EASY_MAX 128
+
+struct client_s {
+    CURLM *multi;
+    uv_timer_t timer;        /* curl's timeout; the client is freed in its close callback */
+    transfer_t *transfers;   /* in the multi handle */
+    socket_watch_t *sockets; /* watched sockets, active or idle */
+    CURL *idle_easy[IDLE_EASY_MAX];
+    int idle_count;
+};
+
+/* A growable byte buffer (malloc'd). */
+typedef struct {
+    char *data;
+    size_t len;
+    size_t cap;
+} bytes_t;
+
+struct transfer_s {
+    ah_lua_op_t op; /* the task's wait */
+    client_t *client;
+    CURL *easy;
+    struct curl_slist *request_headers;
+    transfer_t *prev, *next; /* client->transfers while in the multi handle */
+    bool in_multi;
+    bool done;
+    CURLcode result;
+    bool too_large;
+    size_t max_body;
+    bytes_t body;
+    bytes_t headers; /* header lines of the last response ("HTTP/..." starts a new one) */
+    char error[CURL_ERROR_SIZE];
+};
+
+/* ---- process-wide ------------------------------------------------------------------------ */
+
+static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+static CURLcode curl_init_result;
+
+static void curl_init_once(void)
+{
+    curl_init_result = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+int ah_curl_init(void)
+{
+    pthread_once(&curl_once, curl_init_once);
+    return curl_init_result == CURLE_OK ? AH_OK : AH_EIO;
+}
+
+/* ---- buffers ----------------------------------------------------------------------------- */
+
+/* Appends n bytes; false when out of memory. */
+static bool bytes_append(bytes_t *b, const char *p, size_t n)
+{
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + n) {
+            cap *= 2;
+        }
+        char *grown = realloc(b->data, cap);
+        if (grown == NULL) {
+            return false;
+        }
+        b->data = grown;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    return true;
+}
+
+/* ---- transfers --------------------------------------------------------------------------- */
+
+static void transfer_unlink(transfer_t *t)
+{
+    if (!t->in_multi) {
+        return;
+    }
+    client_t *c = t->client;
+    curl_multi_remove_handle(c->multi, t->easy);
+    if (t->prev != NULL) {
+        t->prev->next = t->next;
+    } else {
+        c->transfers = t->next;
+    }
+    if (t->next != NULL) {
+        t->next->prev = t->prev;
+    }
+    t->prev = t->next = NULL;
+    t->in_multi = false;
+}
+
+/* ah_lua_op_t.cancel: the task stopped waiting (BATCH_TIMEOUT, shutdown): stop the transfer. */
+static void transfer_cancel(ah_lua_op_t *op)
+{
+    transfer_t *t = (transfer_t *)op;
+    transfer_unlink(t);
+}
+
+static void transfer_free(transfer_t *t)
+{
+    transfer_unlink(t);
+    if (t->easy != NULL) {
+        client_t *c = t->client;
+        if (c != NULL && c->idle_count < IDLE_EASY_MAX) {
+            curl_easy_reset(t->easy);
+            c->idle_easy[c->idle_count++] = t->easy;
+        } else {
+            curl_easy_cleanup(t->easy);
+        }
+    }
+    curl_slist_free_all(t->request_headers);
+    free(t->body.data);
+    free(t->headers.data);
+    free(t);
+}
+
+static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+    transfer_t *t = userdata;
+    size_t n = size * nmemb;
+    if (t->body.len + n > t->max_body) {
+        t->too_large = true;
+        return 0; /* curl stops with CURLE_WRITE_ERROR */
+    }
+    return bytes_append(&t->body, ptr, n) ? n : 0;
+}
+
+static size_t on_header(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+    transfer_t *t = userdata;
+    size_t n = size * nmemb;
+    if (n >= 5 && memcmp(ptr, "HTTP/", 5) == 0) {
+        t->headers.len = 0; /* a new response (after a redirect or 100 Continue) */
+    }
+    if (t->headers.len + n > MAX_HEADER_BYTES) {
+        t->too_large = true;
+        return 0;
+    }
+    return bytes_append(&t->headers, ptr, n) ? n : 0;
+}
+
+/* ---- the client: curl's event-loop callbacks --------------------------------------------- */
+
+/* Hands every finished transfer to its task. */
+static void check_done(client_t *c)
+{
+    CURLMsg *msg;
+    int pending;
+    while ((msg = curl_multi_info_read(c->multi, &pending)) != NULL) {
+        if (msg->msg != CURLMSG_DONE) {
+            continue;
+        }
+        transfer_t *t = NULL;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&t);
+        CURLcode result = msg->data.result;
+        transfer_unlink(t); /* msg is invalid from here */
+        t->result = result;
+        t->done = true;
+        ah_lua_op_done(&t->op);
+    }
+}
+
+static void on_poll(uv_poll_t *handle, int status, int events)
+{
+    socket_watch_t *w = handle->data;
+    client_t *c = w->client;
+    int flags = 0;
+    if (status < 0) {
+        flags = CURL_CSELECT_ERR;
+    } else {
+        flags |= (events & UV_READABLE) ? CURL_CSELECT_IN : 0;
+        flags |= (events & UV_WRITABLE) ? CURL_CSELECT_OUT : 0;
+    }
+    int running;
+    curl_multi_socket_action(c->multi, w->fd, flags, &running);
+    check_done(c);
+}
+
+static void on_timeout(uv_timer_t *timer)
+{
+    client_t *c = timer->data;
+    int running;
+    curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_done(c);
+}
+
+static void free_watch(uv_handle_t *handle)
+{
+    free(handle->data);
+}
+
+static void watch_close(client_t *c, socket_watch_t *w)
+{
+    for (socket_watch_t **p = &c->sockets; *p != NULL; p = &(*p)->next) {
+        if (*p == w) {
+            *p = w->next;
+            break;
+        }
+    }
+    uv_poll_stop(&w->poll);
+    uv_close((uv_handle_t *)&w->poll, free_watch);
+}
+
+/* CURLMOPT_SOCKETFUNCTION: watch s for what curl wants, or stop watching it. */
+static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+    client_t *c = userp;
+    socket_watch_t *w = socketp;
+    if (what == CURL_POLL_REMOVE) {
+        if (w != NULL) {
+            curl_multi_assign(c->multi, s, NULL);
+            uv_poll_stop(&w->poll); /* idle: kept for a reuse of the connection */
+            w->events = 0;
+        }
+        return 0;
+    }
+    if (w == NULL) {
+        for (w = c->sockets; w != NULL && w->fd != s; w = w->next) {
+        }
+    }
+    if (w != NULL) {
+        curl_multi_assign(c->multi, s, w);
+    } else {
+        w = calloc(1, sizeof(*w));
+        if (w == NULL) {
+            return -1;
+        }
+        if (uv_poll_init_socket(uv_handle_get_loop((uv_handle_t *)&c->timer), &w->poll, s) != 0) {
+            free(w);
+            return -1;
+        }
+        w->fd = s;
+        w->client = c;
+        w->poll.data = w;
+        w->next = c->sockets;
+        c->sockets = w;
+        curl_multi_assign(c->multi, s, w);
+    }
+    int events = 0;
+    events |= (what & CURL_POLL_IN) ? UV_READABLE : 0;
+    events |= (what & CURL_POLL_OUT) ? UV_WRITABLE : 0;
+    if (events != w->events) { /* uv_poll_start re-registers the fd with epoll every time */
+        uv_poll_start(&w->poll, events, on_poll);
+        w->events = events;
+    }
+    return 0;
+}
+
+/* CURLOPT_CLOSESOCKETFUNCTION: curl closes a socket; its watch goes first. */
+static int on_close_socket(void *clientp, curl_socket_t s)
+{
+    client_t *c = clientp;
+    for (socket_watch_t *w = c->sockets; w != NULL; w = w->next) {
+        if (w->fd == s) {
+            watch_close(c, w);
+            break;
+        }
+    }
+    return close(s);
+}
+
+/* CURLMOPT_TIMERFUNCTION: (re)arm or stop the one timer. */
+static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
+{
+    client_t *c = userp;
+    if (timeout_ms < 0) {
+        uv_timer_stop(&c->timer);
+    } else {
+        /* The worker's loop does not run between calls: refresh its clock first. */
+        uv_update_time(uv_handle_get_loop((uv_handle_t *)&c->timer));
+        uv_timer_start(&c->timer, on_timeout, (uint64_t)timeout_ms, 0);
+    }
+    return 0;
+}
+
+static void free_client(uv_handle_t *handle)
+{
+    free(handle->data);
+}
+
+/* __gc of the client userdata (the state closes). */
+static int client_gc(lua_State *L)
+{
+    client_t **slot = luaL_checkudata(L, 1, CLIENT_META);
+    client_t *c = *slot;
+    if (c == NULL) {
+        return 0;
+    }
+    *slot = NULL;
+    while (c->transfers != NULL) {
+        transfer_t *t = c->transfers;
+        transfer_unlink(t);
+        t->client = NULL;
+    }
+    curl_multi_cleanup(c->multi);
+    while (c->idle_count > 0) {
+        curl_easy_cleanup(c->idle_easy[--c->idle_count]);
+    }
+    while (c->sockets != NULL) {
+        watch_close(c, c->sockets);
+    }
+    uv_timer_stop(&c->timer);
+    uv_close((uv_handle_t *)&c->timer, free_client);
+    return 0;
+}
+
+/* The state's client, created on first use. Raises on failure. */
+static client_t *get_client(lua_State *L)
+{
+    lua_pushlightuserdata(L, (void *)&registry_key_client);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    client_t **slot = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (slot != NULL && *slot != NULL) {
+        return *slot;
+    }
+    if (ah_curl_init() != AH_OK) {
+        luaL_error(L, "agent.http: curl_global_init failed");
+    }
+    lua_pushlightuserdata(L, (void *)&registry_key_client);
+    slot = lua_newuserdata(L, sizeof(*slot));
+    *slot = NULL;
+    luaL_newmetatable(L, CLIENT_META);
+    lua_pushcfunction(L, client_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    client_t *c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        luaL_error(L, "agent.http: out of memory");
+    }
+    c->multi = curl_multi_init();
+    if (c->multi == NULL) {
+        free(c);
+        luaL_error(L, "agent.http: curl_multi_init failed");
+    }
+    uv_timer_init(ah_lua_loop(L), &c->timer);
+    c->timer.data = c;
+    curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+    curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
+    curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
+    curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
+    /* Idle connections kept for reuse. curl's default (4x the transfers running at the moment)
+     * shrinks between bursts of requests and closes connections that tasks reuse a moment
+     * later. */
+    curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, (long)MAX_IDLE_CONNECTIONS);
+    *slot = c;
+    return c;
+}
+
+/* ---- Lua functions ----------------------------------------------------------------------- */
+
+/* Field `name` of the options table at index 1 as a number of seconds >= 0, or def. */
+static double opt_seconds(lua_State *L, const char *name, double def)
+{
+    lua_getfield(L, 1, name);
+    double v = def;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0)) {
+            luaL_error(L, "agent.http: %s must be a number of seconds >= 0", name);
+        }
+        v = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+static bool opt_bool(lua_State *L, const char *name, bool def)
+{
+    lua_getfield(L, 1, name);
+    bool v = def;
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isboolean(L, -1)) {
+            luaL_error(L, "agent.http: %s must be a boolean", name);
+        }
+        v = lua_toboolean(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* A header name: an HTTP token. */
+static bool is_token(const char *s, size_t n)
+{
+    if (n == 0) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch <= 32 || ch >= 127 || strchr("()<>@,;:\\\"/[]?={}", ch) != NULL) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* A header value: no CR, LF or NUL (no header injection). */
+static bool is_header_value(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '\r' || s[i] == '\n' || s[i] == '\0') {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Checks the headers table at index idx (nil accepted): string keys that are tokens, string or
+ * number values without CR/LF. Raises on misuse. */
+static void check_headers(lua_State *L, int idx)
+{
+    if (lua_isnil(L, idx)) {
+        return;
+    }
+    if (!lua_istable(L, idx)) {
+        luaL_error(L, "agent.http: headers must be a table of name = value");
+    }
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        size_t kn, vn;
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            luaL_error(L, "agent.http: header names must be strings");
+        }
+        const char *k = lua_tolstring(L, -2, &kn);
+        if (!is_token(k, kn)) {
+            luaL_error(L, "agent.http: invalid header name '%s'", k);
+        }
+        int vt = lua_type(L, -1);
+        if (vt != LUA_TSTRING && vt != LUA_TNUMBER) {
+            luaL_error(L, "agent.http: header %s must be a string or a number", k);
+        }
+        const char *v = lua_tolstring(L, -1, &vn); /* a number becomes a string: keys untouched */
+        if (!is_header_value(v, vn)) {
+            luaL_error(L, "agent.http: header %s contains CR, LF or NUL", k);
+        }
+        lua_pop(L, 1);
+    }
+}
+
+/* Appends s percent-encoded (RFC 3986 unreserved characters kept). */
+static void add_escaped(luaL_Buffer *b, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (isalnum(ch) || ch == '-' || ch == '.' || ch == '_' || ch == '~') {
+            luaL_addchar(b, (char)ch);
+        } else {
+            luaL_addchar(b, '%');
+            luaL_addchar(b, hex[ch >> 4]);
+            luaL_addchar(b, hex[ch & 15]);
+        }
+    }
+}
+
+/* Pushes url with the query table at index qidx appended (keys sorted, so a request is
+ * reproducible). Raises on a bad query table. Stack: [-0, +1]. */
+static void push_url(lua_State *L, const char *url, int qidx)
+{
+    if (lua_isnil(L, qidx)) {
+        lua_pushstring(L, url);
+        return;
+    }
+    if (!lua_istable(L, qidx)) {
+        luaL_error(L, "agent.http: query must be a table of name = value");
+    }
+    lua_newtable(L); /* the sorted keys */
+    int keys = lua_gettop(L);
+    int n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, qidx) != 0) {
+        int vt = lua_type(L, -1);
+        if (lua_type(L, -2) != LUA_TSTRING ||
+            (vt != LUA_TSTRING && vt != LUA_TNUMBER && vt != LUA_TBOOLEAN)) {
+            luaL_error(L, "agent.http: query must map strings to strings, numbers or booleans");
+        }
+        lua_pop(L, 1);
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, keys, ++n);
+    }
+    lua_getglobal(L, "table");
+    lua_getfield(L, -1, "sort");
+    lua_pushvalue(L, keys);
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    const char *hash = strchr(url, '#');
+    size_t url_len = hash != NULL ? (size_t)(hash - url) : strlen(url);
+    luaL_addlstring(&b, url, url_len);
+    char sep = memchr(url, '?', url_len) != NULL ? '&' : '?';
+    for (int i = 1; i <= n; i++) {
+        luaL_addchar(&b, sep);
+        sep = '&';
+        lua_rawgeti(L, keys, i);
+        size_t kn;
+        const char *k = lua_tolstring(L, -1, &kn);
+        lua_pop(L, 1); /* the key stays referenced by the keys table */
+        add_escaped(&b, k, kn);
+        luaL_addchar(&b, '=');
+        lua_getfield(L, qidx, k);
+        const char *v;
+        size_t vn;
+        if (lua_isboolean(L, -1)) {
+            v = lua_toboolean(L, -1) ? "true" : "false";
+            vn = strlen(v);
+        } else {
+            v = lua_tolstring(L, -1, &vn);
+        }
+        lua_pop(L, 1);
+        add_escaped(&b, v, vn);
+    }
+    luaL_pushresult(&b);
+    lua_remove(L, keys);
+}
+
+/* Builds the request header list from the headers table at idx (checked). NULL on OOM. */
+static struct curl_slist *build_headers(lua_State *L, int idx, bool *ok)
+{
+    struct curl_slist *list = curl_slist_append(NULL, "Expect:"); /* no 100-continue round trip */
+    *ok = list != NULL;
+    if (!*ok || lua_isnil(L, idx)) {
+        return list;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        const char *k = lua_tostring(L, -2);
+        const char *v = lua_tostring(L, -1);
+        size_t n = strlen(k) + strlen(v) + 3;
+        char *line = malloc(n);
+        struct curl_slist *grown = NULL;
+        if (line != NULL) {
+            /* "Name;" sends an empty value; "Name: v" a value */
+            if (v[0] == '\0') {
+                snprintf(line, n, "%s;", k);
+            } else {
+                snprintf(line, n, "%s: %s", k, v);
+            }
+            grown = curl_slist_append(list, line);
+            free(line);
+        }
+        if (grown == NULL) {
+            *ok = false;
+            lua_pop(L, 2);
+            return list;
+        }
+        list = grown;
+        lua_pop(L, 1);
+    }
+    return list;
+}
+
+/* core.start(opts, body, headers) -> transfer | nil, msg, code (the call's waits are already
+ * cancelled). opts: the table given to agent.http.request; body (string or nil) and headers
+ * (table or nil) as prepared by the Lua half. Raises on misuse (bad options, not inside a task);
+ * the request starts on the loop at once. */
+static int http_start(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    size_t body_len = 0;
+    const char *body = luaL_optlstring(L, 2, NULL, &body_len);
+    lua_settop(L, 3);
+    if (!ah_lua_can_wait(L)) {
+        return luaL_error(L, "agent.http: cannot wait here: only the script's functions and tasks "
+                             "started by agent.spawn can wait (not a coroutine the script created "
+                             "itself)");
+    }
+    lua_getfield(L, 1, "url");
+    const char *url = lua_tostring(L, -1);
+    if (lua_type(L, -1) != LUA_TSTRING ||
+        (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)) {
+        return luaL_error(L, "agent.http: url must be a string starting with http:// or https://");
+    }
+    int url_idx = lua_gettop(L);
+    lua_getfield(L, 1, "method");
+    const char *method = lua_isnil(L, -1) ? (body != NULL ? "POST" : "GET") : lua_tostring(L, -1);
+    if (method == NULL || lua_type(L, -1) == LUA_TNUMBER || !is_token(method, strlen(method))) {
+        return luaL_error(L, "agent.http: method must be an HTTP method name such as \"GET\"");
+    }
+    int method_idx = lua_gettop(L);
+    check_headers(L, 3);
+    lua_getfield(L, 1, "query");
+    push_url(L, url, lua_gettop(L));
+    int full_url_idx = lua_gettop(L);
+    double timeout = opt_seconds(L, "timeout", DEFAULT_TIMEOUT);
+    double connect_timeout = opt_seconds(L, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+    double max_body = DEFAULT_MAX_BODY;
+    lua_getfield(L, 1, "max_body");
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0)) {
+            return luaL_error(L, "agent.http: max_body must be a number of bytes >= 0");
+        }
+        max_body = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    bool follow = opt_bool(L, "follow_redirects", true);
+    bool verify = opt_bool(L, "tls_verify", true);
+    lua_getfield(L, 1, "ca_file");
+    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING) {
+        return luaL_error(L, "agent.http: ca_file must be a path");
+    }
+    const char *ca_file = lua_tostring(L, -1);
+    int cancelled = ah_lua_push_cancelled(L);
+    if (cancelled != 0) {
+        return cancelled; /* the call's waits are cancelled: no request is started */
+    }
+    client_t *client = get_client(L);
+
+    /* Nothing below raises until the transfer is owned by its userdata. */
+    transfer_t **slot = lua_newuserdata(L, sizeof(*slot));
+    *slot = NULL;
+    luaL_getmetatable(L, TRANSFER_META);
+    lua_setmetatable(L, -2);
+    transfer_t *t = calloc(1, sizeof(*t));
+    if (t == NULL) {
+        return luaL_error(L, "agent.http: out of memory");
+    }
+    *slot = t;
+    t->op.cancel = transfer_cancel;
+    t->client = client;
+    t->max_body = max_body >= (double)SIZE_MAX ? SIZE_MAX : (size_t)max_body;
+    t->easy = client->idle_count > 0 ? client->idle_easy[--client->idle_count] : curl_easy_init();
+    bool headers_ok = false;
+    t->request_headers = build_headers(L, 3, &headers_ok);
+    if (t->easy == NULL || !headers_ok) {
+        return luaL_error(L, "agent.http: out of memory");
+    }
+    CURL *e = t->easy;
+    curl_easy_setopt(e, CURLOPT_PRIVATE, t);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, on_close_socket);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, client);
+    curl_easy_setopt(e, CURLOPT_URL, lua_tostring(L, full_url_idx));
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->error);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, t->request_headers);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "agenthost/" AH_VERSION);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)ceil(fmin(timeout, 86400.0 * 24) * 1000.0));
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
+                     (long)ceil(fmin(connect_timeout, 86400.0 * 24) * 1000.0));
+    curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)fmin(max_body, 9e18));
+    curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, follow ? 1L : 0L);
+    curl_easy_setopt(e, CURLOPT_MAXREDIRS, (long)MAX_REDIRECTS);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, verify ? 1L : 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, verify ? 2L : 0L);
+    if (ca_file != NULL) {
+        curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
+    }
+    method = lua_tostring(L, method_idx) != NULL ? lua_tostring(L, method_idx) : method;
+    if (strcmp(method, "HEAD") == 0) {
+        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+    } else if (body != NULL) {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+        curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, body);
+        if (strcmp(method, "POST") != 0) {
+            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+        }
+    } else if (strcmp(method, "GET") != 0) {
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+    }
+    if (curl_multi_add_handle(client->multi, e) != CURLM_OK) {
+        return luaL_error(L, "agent.http: cannot start the request");
+    }
+    t->in_multi = true;
+    t->next = client->transfers;
+    if (t->next != NULL) {
+        t->next->prev = t;
+    }
+    client->transfers = t;
+    (void)url_idx;
+    return 1;
+}
+
+static int push_response(lua_State *L, transfer_t *t);
+
+static transfer_t *check_transfer(lua_State *L)
+{
+    transfer_t **slot = luaL_checkudata(L, 1, TRANSFER_META);
+    if (*slot == NULL) {
+        luaL_error(L, "agent.http: the request was released");
+    }
+    return *slot;
+}
+
+/* core.wait(transfer) -> true when done; nil, msg, code when the wait was cancelled. */
+static int http_wait(lua_State *L)
+{
+    transfer_t *t = check_transfer(L);
+    if (t->done) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (!t->in_multi) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "agent.http: the request was cancelled");
+        lua_pushliteral(L, "cancelled");
+        return 3;
+    }
+    return ah_lua_op_wait(L, &t->op, "agent.http");
+}
+
+/* The error code a script sees for a failed transfer. */
+static const char *error_code(const transfer_t *t)
+{
+    switch (t->result) {
+    case CURLE_OPERATION_TIMEDOUT:
+        return "timeout";
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+        return "resolve";
+    case CURLE_COULDNT_CONNECT:
+        return "connect";
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_ISSUER_ERROR:
+    case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+    case CURLE_SSL_INVALIDCERTSTATUS:
+    case CURLE_SSL_CRL_BADFILE:
+    case CURLE_SSL_SHUTDOWN_FAILED:
+    case CURLE_SSL_ENGINE_NOTFOUND:
+    case CURLE_SSL_ENGINE_SETFAILED:
+    case CURLE_SSL_ENGINE_INITFAILED:
+    case CURLE_USE_SSL_FAILED:
+        return "tls";
+    case CURLE_FILESIZE_EXCEEDED:
+        return "too_large";
+    case CURLE_WRITE_ERROR:
+        return t->too_large ? "too_large" : "io";
+    case CURLE_TOO_MANY_REDIRECTS:
+        return "redirects";
+    case CURLE_OUT_OF_MEMORY:
+        return "memory";
+    default:
+        return "io";
+    }
+}
+
+/* Pushes the response headers as a table of lower-case name = value (repeated headers joined
+ * with ", "). Stack: [-0, +1]. */
+static void push_headers(lua_State *L, const transfer_t *t)
+{
+    lua_newtable(L);
+    const char *p = t->headers.data;
+    const char *end = p + t->headers.len;
+    while (p != NULL && p < end) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        const char *line_end = eol != NULL ? eol : end;
+        const char *colon = memchr(p, ':', (size_t)(line_end - p));
+        if (colon != NULL && colon > p && !(line_end - p >= 5 && memcmp(p, "HTTP/", 5) == 0)) {
+            luaL_Buffer name;
+            luaL_buffinit(L, &name);
+            for (const char *c = p; c < colon; c++) {
+                luaL_addchar(&name, (char)tolower((unsigned char)*c));
+            }
+            luaL_pushresult(&name);
+            const char *v = colon + 1;
+            const char *ve = line_end;
+            while (v < ve && (*v == ' ' || *v == '\t')) {
+                v++;
+            }
+            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) {
+                ve--;
+            }
+            lua_pushvalue(L, -1);
+            lua_rawget(L, -3);
+            if (lua_isstring(L, -1)) {
+                lua_pushliteral(L, ", ");
+                lua_pushlstring(L, v, (size_t)(ve - v));
+                lua_concat(L, 3);
+            } else {
+                lua_pop(L, 1);
+                lua_pushlstring(L, v, (size_t)(ve - v));
+            }
+            lua_rawset(L, -3);
+        }
+        p = eol != NULL ? eol + 1 : NULL;
+    }
+}
+
+/* Frees the transfer of the userdata at index 1 now (its easy handle and buffers are not left
+ * to the garbage collector, which does not see their size). */
+static void release_transfer(lua_State *L)
+{
+    transfer_t **slot = lua_touserdata(L, 1);
+    transfer_free(*slot);
+    *slot = NULL;
+}
+
+/* core.result(transfer) -> {status, headers, body} | nil, msg, code. Releases the transfer. */
+static int http_result(lua_State *L)
+{
+    transfer_t *t = check_transfer(L);
+    if (!t->done) {
+        return luaL_error(L, "agent.http: the request has not finished");
+    }
+    int n = push_response(L, t);
+    release_transfer(L);
+    return n;
+}
+
+/* core.release(transfer): frees a transfer whose wait was cancelled. */
+static int http_release(lua_State *L)
+{
+    check_transfer(L);
+    release_transfer(L);
+    return 0;
+}
+
+/* Pushes the response table or nil, msg, code; returns the count. Allocates (may raise): the
+ * transfer stays owned by its userdata meanwhile. */
+static int push_response(lua_State *L, transfer_t *t)
+{
+    if (t->result != CURLE_OK) {
+        const char *code = error_code(t);
+        lua_pushnil(L);
+        if (strcmp(code, "too_large") == 0) {
+            lua_pushfstring(L, "agent.http: the response is larger than max_body (%d bytes)",
+                            (int)(t->max_body > INT_MAX ? INT_MAX : t->max_body));
+        } else {
+            lua_pushfstring(L, "agent.http: %s",
+                            t->error[0] ? t->error : curl_easy_strerror(t->result));
+        }
+        lua_pushstring(L, code);
+        return 3;
+    }
+    long status = 0;
+    curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, status);
+    lua_setfield(L, -2, "status");
+    push_headers(L, t);
+    lua_setfield(L, -2, "headers");
+    lua_pushlstring(L, t->body.data != NULL ? t->body.data : "", t->body.len);
+    lua_setfield(L, -2, "body");
+    return 1;
+}
+
+/* __gc of a transfer: stops it if it still runs, frees it. */
+static int transfer_gc(lua_State *L)
+{
+    transfer_t **slot = luaL_checkudata(L, 1, TRANSFER_META);
+    transfer_t *t = *slot;
+    *slot = NULL;
+    if (t != NULL) {
+        if (t->client == NULL) {
+            t->in_multi = false; /* the client went first and detached it */
+        }
+        transfer_free(t);
+    }
+    return 0;
+}
+
+int ah_lua_http_open(lua_State *L)
+{
+    luaL_newmetatable(L, TRANSFER_META);
+    lua_pushcfunction(L, transfer_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+    static const luaL_Reg functions[] = {
+        {"start", http_start},     {"wait", http_wait}, {"result", http_result},
+        {"release", http_release}, {NULL, NULL},
+    };
+    lua_newtable(L);
+    luaL_register(L, NULL, functions);
+    return 1;
+}

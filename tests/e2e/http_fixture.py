@@ -1,0 +1,135 @@
+"""A local HTTP/HTTPS server for agent.http tests (started by the tests, in a thread).
+
+Endpoints:
+  /status/N          status N, body "status N"
+  /headers           the request's headers as JSON; responds with X-Test and two Set-Cookie
+  /echo              method, query string, body and content type of the request as JSON
+  /bytes?size=N      N bytes with Content-Length
+  /chunked?size=N    N bytes, chunked transfer encoding
+  /redirect?n=K      302 to /redirect?n=K-1, and /status/200 at 0
+  /conn              the client's port (a new port means a new connection)
+  /hang              reads the request and never answers
+"""
+import json
+import os
+import socketserver
+import ssl
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def _send(self, status, body, ctype="text/plain", extra=()):
+        data = body if isinstance(body, bytes) else body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _route(self):
+        url = urlparse(self.path)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        body = self._body()
+        self.server.requests += 1
+        if url.path.startswith("/status/"):
+            n = int(url.path.split("/")[2])
+            return self._send(n, "" if n == 204 else f"status {n}")
+        if url.path == "/headers":
+            return self._send(200, json.dumps(dict(self.headers.items())), "application/json",
+                              [("X-Test", "yes"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")])
+        if url.path == "/echo":
+            return self._send(200, json.dumps({
+                "method": self.command, "query": url.query, "body": body.decode(),
+                "content_type": self.headers.get("Content-Type")}), "application/json")
+        if url.path == "/bytes":
+            return self._send(200, b"x" * int(q.get("size", "0")), "application/octet-stream")
+        if url.path == "/chunked":
+            size = int(q.get("size", "0"))
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b"y" * 65536
+            left = size
+            while left > 0:
+                part = chunk[:min(left, len(chunk))]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                left -= len(part)
+            self.wfile.write(b"0\r\n\r\n")
+            return None
+        if url.path == "/redirect":
+            n = int(q.get("n", "0"))
+            target = f"/redirect?n={n - 1}" if n > 0 else "/status/200"
+            return self._send(302, "", extra=[("Location", target)])
+        if url.path == "/conn":
+            return self._send(200, str(self.client_address[1]))
+        if url.path == "/hang":
+            self.server.hanging.set()
+            self.server.release.wait(120)
+            self.close_connection = True
+            return None
+        return self._send(404, "not found")
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _route
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients that hang up early (the body cap, TLS rejections) are expected
+
+    def __init__(self, tls_context=None):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.requests = 0
+        self.hanging = threading.Event()
+        self.release = threading.Event()
+        if tls_context is not None:
+            self.socket = tls_context.wrap_socket(self.socket, server_side=True)
+        self.scheme = "https" if tls_context is not None else "http"
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def base(self):
+        host = "localhost" if self.scheme == "https" else "127.0.0.1"
+        return f"{self.scheme}://{host}:{self.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+def self_signed_cert(directory):
+    """A self-signed certificate for localhost; returns (cert_path, key_path)."""
+    cert = os.path.join(directory, "cert.pem")
+    key = os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def tls_context(cert, key):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
