@@ -10,6 +10,7 @@
 
 #include "ah_http_handlers.h"
 
+#include "ah_console.h"
 #include "ah_json.h"
 #include "ah_log.h"
 
@@ -198,7 +199,8 @@ static enum MHD_Result send_reply(struct MHD_Connection *conn, http_reply_t *rep
     bool ok =
         MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE,
                                 reply->content_type ? reply->content_type : JSON_TYPE) == MHD_YES &&
-        MHD_add_response_header(response, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") == MHD_YES;
+        MHD_add_response_header(response, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") == MHD_YES &&
+        MHD_add_response_header(response, "X-Content-Type-Options", "nosniff") == MHD_YES;
     if (ok && reply->allow != NULL) {
         ok = MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, reply->allow) == MHD_YES;
     }
@@ -216,11 +218,40 @@ static enum MHD_Result send_reply(struct MHD_Connection *conn, http_reply_t *rep
     return result;
 }
 
+/* Queues one console file (static data, never copied) with the console's headers. MHD_NO
+ * closes the connection. */
+static enum MHD_Result send_console_file(struct MHD_Connection *conn,
+                                         const ah_console_asset_t *asset)
+{
+    struct MHD_Response *response =
+        MHD_create_response_from_buffer(asset->size, (void *)asset->data, MHD_RESPMEM_PERSISTENT);
+    if (response == NULL) {
+        return MHD_NO;
+    }
+    bool ok =
+        MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE, asset->content_type) ==
+            MHD_YES &&
+        MHD_add_response_header(response, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") == MHD_YES &&
+        MHD_add_response_header(response, "X-Content-Type-Options", "nosniff") == MHD_YES;
+    for (const ah_console_header_t *h = ah_console_headers(); ok && h->name != NULL; h++) {
+        ok = MHD_add_response_header(response, h->name, h->value) == MHD_YES;
+    }
+    enum MHD_Result result = ok ? MHD_queue_response(conn, MHD_HTTP_OK, response) : MHD_NO;
+    MHD_destroy_response(response);
+    return result;
+}
+
 /* Builds and queues the answer to a complete request (or an error decided before routing);
  * a request the handler parked is answered when it resumes. */
 static enum MHD_Result answer(ah_http_t *http, struct MHD_Connection *conn, void **req_cls,
                               const char *path, const char *method, unsigned early_status)
 {
+    /* The console's files come first: they are not API routes (docs/CONSOLE.md). */
+    const ah_console_asset_t *asset = NULL;
+    if (early_status == 0 && http->cfg->http_console && method_matches("GET", method) &&
+        (asset = ah_console_find(path)) != NULL) {
+        return send_console_file(conn, asset);
+    }
     http_reply_t reply = {.status = MHD_HTTP_OK};
     ah_buf_init(&reply.body);
     if (early_status == MHD_HTTP_URI_TOO_LONG) {

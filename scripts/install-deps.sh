@@ -15,6 +15,8 @@ PACKAGES=(
   libsqlite3-dev libcurl4-openssl-dev
   # tests
   libcmocka-dev python3 python3-pytest python3-pymongo python3-mongomock
+  # console tests (tests/console): a headless browser driven from pytest
+  chromium chromium-driver python3-selenium
   # fuzz targets (scripts/fuzz.sh): clang with libFuzzer and the sanitizer runtimes
   clang libclang-rt-14-dev
   # deployment checks (manifest/schema validation with npm packages, kubectl kustomize)

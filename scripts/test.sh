@@ -20,7 +20,7 @@ run_suite() { # $1 = build dir
   ctest --test-dir "$dir" --output-on-failure -j2
   echo "== end-to-end tests ($dir)"
   AGENTHOST_BIN="$repo/$dir/agenthost" MONGO_C_DRIVER_CHECK="$repo/$dir/tests/mongo/mongo_c_driver_check" \
-    "$PY" -m pytest -q -p no:cacheprovider tests/mongo tests/e2e tests/deploy tests/install
+    "$PY" -m pytest -q -p no:cacheprovider tests/mongo tests/e2e tests/console tests/deploy tests/install
 }
 
 echo "== build (release)"
