@@ -14,6 +14,7 @@
 #include "ah_lua_http.h"
 
 #include "ah_common.h"
+#include "ah_json.h"
 #include "ah_lua.h"
 
 #include <ctype.h>
@@ -73,13 +74,6 @@ struct client_s {
     char *no_proxy;    /* no_proxy/NO_PROXY; "" for none */
 };
 
-/* A growable byte buffer (malloc'd). */
-typedef struct {
-    char *data;
-    size_t len;
-    size_t cap;
-} bytes_t;
-
 struct transfer_s {
     ah_lua_op_t op; /* the task's wait */
     client_t *client;
@@ -91,8 +85,8 @@ struct transfer_s {
     CURLcode result;
     bool too_large;
     size_t max_body;
-    bytes_t body;
-    bytes_t headers; /* header lines of the last response ("HTTP/..." starts a new one) */
+    ah_buf_t body;
+    ah_buf_t headers; /* header lines of the last response ("HTTP/..." starts a new one) */
     char error[CURL_ERROR_SIZE];
 };
 
@@ -110,28 +104,6 @@ int ah_curl_init(void)
 {
     pthread_once(&curl_once, curl_init_once);
     return curl_init_result == CURLE_OK ? AH_OK : AH_EIO;
-}
-
-/* ---- buffers ----------------------------------------------------------------------------- */
-
-/* Appends n bytes; false when out of memory. */
-static bool bytes_append(bytes_t *b, const char *p, size_t n)
-{
-    if (b->len + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->len + n) {
-            cap *= 2;
-        }
-        char *grown = realloc(b->data, cap);
-        if (grown == NULL) {
-            return false;
-        }
-        b->data = grown;
-        b->cap = cap;
-    }
-    memcpy(b->data + b->len, p, n);
-    b->len += n;
-    return true;
 }
 
 /* ---- transfers --------------------------------------------------------------------------- */
@@ -175,8 +147,8 @@ static void transfer_free(transfer_t *t)
         }
     }
     curl_slist_free_all(t->request_headers);
-    free(t->body.data);
-    free(t->headers.data);
+    ah_buf_free(&t->body);
+    ah_buf_free(&t->headers);
     free(t);
 }
 
@@ -188,7 +160,8 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata)
         t->too_large = true;
         return 0; /* curl stops with CURLE_WRITE_ERROR */
     }
-    return bytes_append(&t->body, ptr, n) ? n : 0;
+    ah_buf_append(&t->body, ptr, n);
+    return ah_buf_ok(&t->body) ? n : 0;
 }
 
 static size_t on_header(char *ptr, size_t size, size_t nmemb, void *userdata)
@@ -202,7 +175,8 @@ static size_t on_header(char *ptr, size_t size, size_t nmemb, void *userdata)
         t->too_large = true;
         return 0;
     }
-    return bytes_append(&t->headers, ptr, n) ? n : 0;
+    ah_buf_append(&t->headers, ptr, n);
+    return ah_buf_ok(&t->headers) ? n : 0;
 }
 
 /* ---- the client: curl's event-loop callbacks --------------------------------------------- */
