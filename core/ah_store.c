@@ -3,6 +3,7 @@
 #include "ah_store.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 int ah_store_read(ah_store_t *st, ah_control_t *out, char *err, size_t errlen)
@@ -139,4 +140,20 @@ void ah_store_note_failure(ah_store_reporter_t *r, const char *message)
     ah_strlcpy(r->status.last_error, message, sizeof(r->status.last_error));
     r->status.last_error_us = ah_now_us();
     ah_store_report(r, true);
+}
+
+ah_agent_status_t *ah_store_status_append(ah_agent_status_t **recs, int *count, int *cap)
+{
+    if (*count == *cap) {
+        int grown = *cap == 0 ? 16 : *cap * 2;
+        ah_agent_status_t *bigger = realloc(*recs, (size_t)grown * sizeof(**recs));
+        if (bigger == NULL) {
+            return NULL;
+        }
+        *recs = bigger;
+        *cap = grown;
+    }
+    ah_agent_status_t *r = &(*recs)[(*count)++];
+    memset(r, 0, sizeof(*r));
+    return r;
 }

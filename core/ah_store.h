@@ -112,6 +112,11 @@ int ah_store_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, ch
 /* Stops the watcher (joins its thread) and frees the store. NULL is accepted. */
 void ah_store_close(ah_store_t *st);
 
+/* For list_status implementations: appends one zeroed record to the array *recs (*count used,
+ * *cap allocated), growing it by doubling. Returns the new record, or NULL when out of memory
+ * (*recs, *count and *cap unchanged). */
+ah_agent_status_t *ah_store_status_append(ah_agent_status_t **recs, int *count, int *cap);
+
 /* ---- for implementations: the watcher's status reporter ----
  *
  * Both watchers keep their ah_store_status_t in one of these and change the connection fields

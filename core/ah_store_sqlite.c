@@ -583,19 +583,12 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
     }
     sqlite3_bind_int(stmt, 1, AH_AGENTS_MAX);
     while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
-        if (n == cap) {
-            int grown = cap == 0 ? 16 : cap * 2;
-            ah_agent_status_t *bigger = realloc(recs, (size_t)grown * sizeof(*recs));
-            if (bigger == NULL) {
-                snprintf(err, errlen, "embedded store '%s': status read: out of memory", st->path);
-                ret = AH_ENOMEM;
-                goto cleanup;
-            }
-            recs = bigger;
-            cap = grown;
+        ah_agent_status_t *r = ah_store_status_append(&recs, &n, &cap);
+        if (r == NULL) {
+            snprintf(err, errlen, "embedded store '%s': status read: out of memory", st->path);
+            ret = AH_ENOMEM;
+            goto cleanup;
         }
-        ah_agent_status_t *r = &recs[n++];
-        memset(r, 0, sizeof(*r));
         ah_strlcpy(r->agent_id, (const char *)sqlite3_column_text(stmt, 0), sizeof(r->agent_id));
         ah_strlcpy(r->state, (const char *)sqlite3_column_text(stmt, 1), sizeof(r->state));
         r->applied_version = sqlite3_column_int64(stmt, 2);

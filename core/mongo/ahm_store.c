@@ -688,19 +688,12 @@ static int mongo_list_status(ah_store_t *st, ah_agent_status_t **out, int *count
         if (!bson_iter_init_find(&it, doc, "_id") || !BSON_ITER_HOLDS_UTF8(&it)) {
             continue; /* not a record of ours */
         }
-        if (n == cap) {
-            int grown = cap == 0 ? 16 : cap * 2;
-            ah_agent_status_t *bigger = realloc(recs, (size_t)grown * sizeof(*recs));
-            if (bigger == NULL) {
-                snprintf(err, errlen, "out of memory reading agent status");
-                rc = AH_ENOMEM;
-                goto cleanup;
-            }
-            recs = bigger;
-            cap = grown;
+        ah_agent_status_t *r = ah_store_status_append(&recs, &n, &cap);
+        if (r == NULL) {
+            snprintf(err, errlen, "out of memory reading agent status");
+            rc = AH_ENOMEM;
+            goto cleanup;
         }
-        ah_agent_status_t *r = &recs[n++];
-        memset(r, 0, sizeof(*r));
         ah_strlcpy(r->agent_id, bson_iter_utf8(&it, NULL), sizeof(r->agent_id));
         copy_utf8_field(doc, "state", r->state, sizeof(r->state));
         r->applied_version = int64_field(doc, "applied_version");
