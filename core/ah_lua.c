@@ -67,6 +67,7 @@ static const char *const fn_names[FN_COUNT] = {"init",      "batch",       "on_p
 /* Cancellation codes of waits (the third value a cancelled wait returns). */
 static const char code_timeout[] = "timeout";
 static const char code_cancelled[] = "cancelled";
+static const char code_unknown[] = "unknown";
 
 typedef struct task_s task_t;
 typedef struct task_handle_s task_handle_t;
@@ -443,9 +444,22 @@ static int push_cancelled(lua_State *L, ah_lua_t *lua)
     return 3;
 }
 
-/* Stops what t waits for, without resuming it. */
-static void task_stop_wait(task_t *t)
+/* Pushes nil, the cancellation message, "unknown": the wait was cancelled after its work had
+ * started, so it may have taken effect. Stack: [-0, +3]. */
+static int push_unknown(lua_State *L, ah_lua_t *lua)
 {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s; the operation had already started and may have been applied",
+                    lua->cancel_msg);
+    lua_pushstring(L, code_unknown);
+    return 3;
+}
+
+/* Stops what t waits for, without resuming it. Returns true when the work waited for had
+ * started and may still take effect (ah_lua_op_t.outcome_unknown). */
+static bool task_stop_wait(task_t *t)
+{
+    bool unknown = false;
     switch (t->wait) {
     case WAIT_SLEEP:
         uv_timer_stop(&t->timer);
@@ -462,7 +476,9 @@ static void task_stop_wait(task_t *t)
         t->op = NULL;
         if (op != NULL) {
             op->task = NULL;
+            op->outcome_unknown = false;
             op->cancel(op);
+            unknown = op->outcome_unknown;
         }
         break;
     }
@@ -470,6 +486,7 @@ static void task_stop_wait(task_t *t)
         break;
     }
     t->wait = WAIT_NONE;
+    return unknown;
 }
 
 /* Cancels every wait of the running call: each resumes with nil, msg, code, and every later wait
@@ -487,9 +504,9 @@ static void cancel_waits(ah_lua_t *lua, const char *code, const char *msg, bool 
         if (t->ended || t->wait == WAIT_NONE || (t->wait == WAIT_JOIN && !joins_too)) {
             continue;
         }
-        task_stop_wait(t);
+        bool unknown = task_stop_wait(t);
         lua_checkstack(t->co, 3);
-        task_ready(lua, t, push_cancelled(t->co, lua));
+        task_ready(lua, t, unknown ? push_unknown(t->co, lua) : push_cancelled(t->co, lua));
     }
 }
 
@@ -1542,6 +1559,28 @@ static int loop_open(ah_lua_t *lua, char *err, size_t errlen)
     return AH_OK;
 }
 
+/* Closes the Lua state; the one way any path does it. Work in flight on the thread pool
+ * (ah_lua_queue_work: a driver call whose wait was cancelled, or whose call failed) owns
+ * memory and a completion callback that reaches into the state: the loop runs until every such
+ * job has called back first. Jobs that had not started were cancelled by their op (uv_cancel)
+ * and call back at once; a running one is bounded by its own timeouts (the driver's
+ * socketTimeoutMS / serverSelectionTimeoutMS) and, at exit, by SHUTDOWN_TIMEOUT. */
+static void close_state(ah_lua_t *lua)
+{
+    if (lua->pending_work > 0) {
+        int64_t start = ah_mono_us();
+        ah_log_debug(
+            "waiting for %d job(s) in flight on the thread pool before closing the Lua state",
+            lua->pending_work);
+        while (lua->pending_work > 0) {
+            uv_run(&lua->loop, UV_RUN_ONCE);
+        }
+        ah_log_debug("jobs in flight finished after %.3fs", (double)(ah_mono_us() - start) / 1e6);
+    }
+    lua_close(lua->L);
+    lua->L = NULL;
+}
+
 ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, char *err,
                       size_t errlen)
 {
@@ -1615,7 +1654,7 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     return lua;
 
 fail_state:
-    lua_close(lua->L);
+    close_state(lua);
 fail_script:
     if (lua->metrics_owned) {
         ah_metrics_free(lua->metrics);
@@ -1633,12 +1672,7 @@ void ah_lua_close(ah_lua_t *lua)
     if (lua == NULL) {
         return;
     }
-    /* Background work (a driver call whose wait was cancelled) may still use memory the state
-     * owns: let it finish first. */
-    while (lua->pending_work > 0) {
-        uv_run(&lua->loop, UV_RUN_ONCE);
-    }
-    lua_close(lua->L); /* then: __gc of modules' objects may close their handles */
+    close_state(lua); /* then: __gc of modules' objects may close their handles */
     loop_close(lua);
     if (lua->metrics_owned) {
         ah_metrics_free(lua->metrics);
