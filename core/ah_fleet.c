@@ -201,7 +201,10 @@ static void *fleet_main(void *arg)
                 spread_version = pause_version;
                 spread_us = (int64_t)(ah_jitter(&seed, 0, FLEET_EXPIRY_SPREAD_S) * 1e6);
             }
-            int64_t expiry_mono = ah_mono_us() + (expires_us - ah_now_us()) + spread_us;
+            /* saturated: expires_us comes from the store, maybe from a foreign writer */
+            int64_t expiry_mono = ah_int64_add_sat(
+                ah_int64_add_sat(ah_mono_us(), ah_int64_sub_sat(expires_us, ah_now_us())),
+                spread_us);
             if (expiry_mono < expiry_retry_us) {
                 expiry_mono = expiry_retry_us;
             }

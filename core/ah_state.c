@@ -49,6 +49,7 @@ struct ah_state_s {
     /* Script reload: requests are numbered; the worker completes them in order. */
     _Atomic uint64_t reload_requested; /* number of the latest request */
     _Atomic uint64_t reload_done;      /* number of the latest completed request */
+    _Atomic uint64_t reload_serving;   /* the request the worker took (its load may be running) */
     /* The outcomes of the latest reloads: entry i answered every request numbered from the
      * previous entry's `upto` + 1 through its own `upto` (requests merged into one load). */
     struct {
@@ -449,7 +450,7 @@ static bool sleep_ends(void *arg)
 {
     const ah_state_t *s = arg;
     return (s->has_event && s->pending.source != AH_SOURCE_STARTUP) || s->shutdown_final ||
-           s->reload_requested != s->reload_done;
+           (s->reload_requested != s->reload_done && s->reload_requested != s->reload_serving);
 }
 
 bool ah_state_sleep(ah_state_t *s, double seconds)
@@ -603,7 +604,11 @@ uint64_t ah_state_take_reload(ah_state_t *s)
 {
     /* Lock-free: called between every two batches. */
     uint64_t requested = atomic_load(&s->reload_requested);
-    return requested != atomic_load(&s->reload_done) ? requested : 0;
+    if (requested == atomic_load(&s->reload_done)) {
+        return 0;
+    }
+    atomic_store(&s->reload_serving, requested);
+    return requested;
 }
 
 void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char *error)

@@ -75,3 +75,80 @@ def test_status_records_are_written_after_a_startup_write_lock(fleet, state_file
 
     assert wait_for(record, 15, message="the agent's status record") == [("running",)]
     assert not agent.find_logs(r"status write failed"), agent.log_text()
+
+
+SLOW_SHUTDOWN = """
+local agent = require "agent"
+return {
+    batch = function() agent.sleep(0.05) return 0 end,
+    on_shutdown = function()
+        agent.log.info("on_shutdown starts")
+        local t0 = agent.monotonic()
+        while agent.monotonic() - t0 < 3 do end -- agent.sleep does not wait once stopping
+    end,
+}
+"""
+
+
+def test_a_reload_requested_while_the_agent_stops_is_refused_503(fleet, state_file, tmp_path):
+    path = tmp_path / "slow_shutdown.lua"
+    path.write_text(SLOW_SHUTDOWN)
+    agent = fleet.start(str(path), env=agent_env(state_file, SHUTDOWN_TIMEOUT="30"))
+    agent.wait_state("running", timeout=15)
+    assert agent.post("/api/agent/shutdown", timeout=10).status == 200
+    agent.wait_log(r"on_shutdown starts", timeout=15)
+    r = agent.post("/api/agent/reload", timeout=15)
+    assert r.status == 503, r.body
+    assert r.json()["error"] == "the agent is shutting down: the reload was not applied", r.body
+    assert agent.wait_exit(timeout=30) == 0, agent.log_text()
+    assert not agent.find_logs(r"Reloading script"), agent.log_text()
+
+
+def test_an_extreme_expires_at_from_a_foreign_writer_is_saturated(fleet, state_file, tmp_path):
+    """A pause whose expiry is the smallest int64 (written by another program): the agent
+    computes the time left without overflowing (UBSan would report it), ends the long-past pause
+    and keeps answering."""
+    events = tmp_path / "ev.jsonl"
+    agent = fleet.start(RECORDER, env=agent_env(state_file, events))
+    agent.wait_state("running", timeout=15)
+    conn = sqlite3.connect(state_file, isolation_level=None, timeout=10)
+    conn.execute("UPDATE control SET command = 'pause', version = version + 1, "
+                 "expires_us = ?, reason = 'foreign'", (-2 ** 63,))
+    conn.close()
+    agent.wait_log(r"Agent paused", timeout=15)
+    agent.wait_log(r"Agent running", timeout=15, count=2)  # the pause ended: it expired long ago
+    assert agent.get("/healthz").status == 200
+    assert agent.state()["state"] == "running"
+
+
+SLEEPY_RELOAD = """
+local agent = require "agent"
+local t0 = agent.monotonic()
+local woken = agent.sleep(1)
+agent.log.info(string.format("main chunk slept %.3f woken=%s", agent.monotonic() - t0,
+                             tostring(woken)))
+return {
+    init = function()
+        local t1 = agent.monotonic()
+        local w = agent.sleep(1)
+        agent.log.info(string.format("init slept %.3f woken=%s", agent.monotonic() - t1,
+                                     tostring(w)))
+    end,
+    batch = function() agent.sleep(0.05) return 0 end,
+}
+"""
+
+
+def test_agent_sleep_sleeps_in_a_reloaded_main_chunk_and_init(fleet, state_file, tmp_path):
+    path = tmp_path / "sleepy.lua"
+    path.write_text(SLEEPY_RELOAD)
+    agent = fleet.start(str(path), env=agent_env(state_file))
+    agent.wait_state("running", timeout=20)
+    r = agent.post("/api/agent/reload", timeout=30)
+    assert r.status == 200, r.body
+    # The reload being served is not a wake-up: both sleeps last their full second.
+    for what in ("main chunk", "init"):
+        lines = agent.find_logs(what + r" slept")
+        assert len(lines) == 2, agent.log_text()
+        seconds = float(lines[1].split(" slept ")[1].split()[0])
+        assert seconds >= 0.95 and "woken=false" in lines[1], lines
