@@ -178,6 +178,11 @@ def test_mongo_misuse_under_a_memory_limit_survives_commands_for_50_batches(
     uri = mongo_server.uri + "&maxPoolSize=4&waitQueueTimeoutMS=300"
     env = mongo_agent_env(uri, LUA_MEMORY_LIMIT="3m", JIT=jit, BATCH_TIMEOUT="30")
     agent = fleet.start(script("lua_mongo_stress.lua"), env=env, name=f"stress-{jit}")
+    # The compiler stays off under the memory limit, whatever the script asks (the crash was an
+    # allocation refused inside a compiled trace: lj_err_mem read a stale frame).
+    agent.wait_log(r"jit status: false", timeout=30)
+    if jit == "on":
+        assert agent.find_logs(r"jit.on\(\) ignored: the JIT compiler stays off"), agent.log_text()
     seen = 0
     cycle = 0
     while seen < 50:
