@@ -6,6 +6,7 @@
 #include "ah_ctl_fleet.h"
 #include "ah_json.h"
 #include "ah_lua_http.h"
+#include "ah_redact.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -70,13 +71,19 @@ static bool has_control_chars(const char *s)
     return false;
 }
 
-/* Parses http://HOST[:PORT][/] (HOST may be [IPv6]) into host (size n) and port. */
+/* Parses http[s]://[USER[:PASSWORD]@]HOST[:PORT][/] (HOST may be [IPv6]) into host (size n)
+ * and port (default 80, 443 for https). */
 static int parse_url(const char *url, char *host, size_t n, int *port)
 {
-    if (strncmp(url, "http://", 7) != 0 || has_control_chars(url)) {
+    bool tls = strncmp(url, "https://", 8) == 0;
+    if ((!tls && strncmp(url, "http://", 7) != 0) || has_control_chars(url)) {
         return AH_EINVAL;
     }
-    const char *p = url + 7;
+    const char *p = url + (tls ? 8 : 7);
+    const char *at = strchr(p, '@');
+    if (at != NULL && at < p + strcspn(p, "/")) {
+        p = at + 1; /* user info: curl sends it as basic authentication (a proxy's) */
+    }
     size_t len = *p == '[' ? strcspn(p, "]") + 1 : strcspn(p, ":/");
     if (*p == '[' && p[len - 1] != ']') {
         return AH_EINVAL;
@@ -87,7 +94,7 @@ static int parse_url(const char *url, char *host, size_t n, int *port)
     memcpy(host, p, len);
     host[len] = '\0';
     p += len;
-    *port = 80;
+    *port = tls ? 443 : 80;
     if (*p == ':') {
         char *end = NULL;
         long v = strtol(p + 1, &end, 10);
@@ -275,6 +282,10 @@ int ah_ctl_main(int argc, char **argv)
                  port && port[0] ? port : "8000");
         url = default_url;
     }
+    /* Whatever ctl prints (its errors, the agent's answer) shows neither the token nor the
+     * URL's credentials. */
+    ah_redact_add_secret(token);
+    ah_redact_add_uri(url);
     char host[256];
     int port;
     if (token != NULL && has_control_chars(token)) {
@@ -283,7 +294,11 @@ int ah_ctl_main(int argc, char **argv)
         return 2;
     }
     if (parse_url(url, host, sizeof(host), &port) != AH_OK) {
-        fprintf(stderr, "agenthost ctl: invalid --url \"%s\" (expected http://HOST[:PORT])\n", url);
+        char shown[512];
+        fprintf(stderr,
+                "agenthost ctl: invalid --url \"%s\" (expected http://HOST[:PORT] or "
+                "https://HOST[:PORT])\n",
+                ah_redact_uri(url, shown, sizeof(shown)));
         return 2;
     }
 
@@ -360,8 +375,14 @@ int ah_ctl_main(int argc, char **argv)
     int status = ah_ctl_request(url, method, path.data, token, timeout_s, &body, err, sizeof(err));
     ah_buf_free(&path);
     if (status < 0) {
-        fprintf(stderr, "agenthost ctl: %s\n", err);
+        char shown[AH_ERRLEN * 2];
+        fprintf(stderr, "agenthost ctl: %s\n", ah_redact_text(err, shown, sizeof(shown)));
         return status == AH_EINVAL ? 2 : 1;
+    }
+    char *shown = ah_redact_dup(body);
+    if (shown != NULL) {
+        free(body);
+        body = shown;
     }
     int rc = 0;
     if (status >= 200 && status <= 299 && strcmp(command, "agents") == 0 && !raw_json) {
