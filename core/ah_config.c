@@ -372,7 +372,8 @@ static int parse_number(const char *s, const char *charset, double *out)
     return AH_OK;
 }
 
-/* Parses "0", "262144", "512k", "256m", "1g" (case-insensitive) into a count of bytes. */
+/* Parses "0", "262144", "512k", "256m", "256MB", "256MiB", "1g" (case-insensitive) into a count
+ * of bytes (powers of 1024). */
 static int parse_bytes(const char *s, double *out)
 {
     char *end = NULL;
@@ -392,6 +393,10 @@ static int parse_bytes(const char *s, double *out)
         mult = GIB;
         end++;
     }
+    /* "256m", "256M", "256MB", "256MiB" and "256mb" are the same size; "100B" is 100 bytes. */
+    if (strcasecmp(end, "b") == 0 || (mult > 1 && strcasecmp(end, "ib") == 0)) {
+        end += strlen(end);
+    }
     if (*end != '\0') {
         return AH_EINVAL;
     }
@@ -407,6 +412,9 @@ static int parse_bounded(const ah_config_var_t *var, const char *value, double *
                  ? parse_bytes(value, &v)
                  : parse_number(
                        value, var->kind == AH_CONFIG_INT ? "0123456789+-" : "0123456789.eE+-", &v);
+    if (rc != AH_OK && var->kind == AH_CONFIG_SECONDS) {
+        rc = ah_parse_duration(value, &v); /* with a unit: 250ms, 90s, 5m, 1h */
+    }
     if (rc != AH_OK) {
         return rc;
     }
@@ -431,13 +439,15 @@ static void describe_expected(const ah_config_var_t *var, char *buf, size_t len)
     ah_config_describe_range(var, range, sizeof(range));
     switch (var->kind) {
     case AH_CONFIG_SECONDS:
-        snprintf(buf, len, "a number of seconds: %s", range);
+        snprintf(buf, len, "a number of seconds or a duration such as 250ms, 90s, 5m or 1h: %s",
+                 range);
         break;
     case AH_CONFIG_INT:
         snprintf(buf, len, "an integer: %s", range);
         break;
     case AH_CONFIG_BYTES:
-        snprintf(buf, len, "a number of bytes with an optional k, m or g suffix: %s", range);
+        snprintf(buf, len, "a number of bytes with an optional k, m or g suffix (256m, 256MB): %s",
+                 range);
         break;
     default:
         ah_strlcpy(buf, var->kind == AH_CONFIG_BOOL ? BOOL_EXPECT : var->expect, len);

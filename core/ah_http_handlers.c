@@ -205,29 +205,12 @@ static int command_inputs(const http_call_t *call, ah_command_t *cmd, const char
     return AH_OK;
 }
 
-/* Parses a pause duration: a decimal number of seconds with an optional unit s, m or h ("90s",
- * "15m", "2h", "90", "1.5h"), more than 0 and at most AH_PAUSE_MAX_S. 0 or AH_EINVAL. */
+/* Parses a pause duration (ah_parse_duration: "90s", "15m", "2h", "90"), more than 0 and at
+ * most AH_PAUSE_MAX_S. 0 or AH_EINVAL. */
 static int parse_duration(const char *text, double *out)
 {
-    if (text == NULL || text[0] == '\0' || strlen(text) > 32 ||
-        !(text[0] >= '0' && text[0] <= '9')) {
-        return AH_EINVAL;
-    }
-    char *end = NULL;
-    double value = strtod(text, &end);
-    double unit = 1;
-    if (*end == 's') {
-        end++;
-    } else if (*end == 'm') {
-        unit = 60;
-        end++;
-    } else if (*end == 'h') {
-        unit = 3600;
-        end++;
-    }
-    value *= unit;
-    if (*end != '\0' || !isfinite(value) || !(value > 0) || value > AH_PAUSE_MAX_S ||
-        strpbrk(text, "eExXpP") != NULL) {
+    double value;
+    if (ah_parse_duration(text, &value) != AH_OK || !(value > 0) || value > AH_PAUSE_MAX_S) {
         return AH_EINVAL;
     }
     *out = value;
