@@ -983,9 +983,9 @@ static bool check_reload(void *arg, bool expired, http_reply_t *reply)
     return true;
 }
 
-/* POST /api/agent/reload: loads the script again between batches and answers with the outcome
- * (the request is parked up to RELOAD_WAIT_S for the current batch to finish; 202 if it is still
- * running). */
+/* POST /api/agent/reload[?wait=S]: loads the script again between batches and answers with the
+ * outcome (the request is parked up to S, default RELOAD_WAIT_S, for the current batch to finish;
+ * 202 if it is still running). */
 void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
 {
     reload_wait_t *wait = calloc(1, sizeof(*wait));
@@ -993,10 +993,17 @@ void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
         ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
         return;
     }
+    double wait_s = RELOAD_WAIT_S;
+    bool wait_given = false;
+    if (query_wait(call, &wait_s, &wait_given, reply) != AH_OK) {
+        free(wait);
+        return;
+    }
     wait->http = call->http;
     wait->ticket = ah_state_request_reload(call->http->state);
     ah_http_park_release(ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
-                                      RELOAD_WAIT_S, check_reload, wait, free));
+                                      wait_given ? wait_s : RELOAD_WAIT_S, check_reload, wait,
+                                      free));
 }
 
 /* Seconds since started_us, rounded to milliseconds. */
