@@ -924,7 +924,7 @@ static int mongo_lease(ah_store_t *st, ah_lease_op_t op, const char *name, const
     bson_t *cmd = lease_command(op, name, owner, token, ttl_ms);
     bson_destroy(&reply);
     if (!mongoc_collection_write_command_with_opts(coll, cmd, NULL, &reply, &error)) {
-        rc = read_failure("lease write", &error, err, errlen);
+        rc = read_failure(ms, "lease write", &error, err, errlen);
         goto cleanup;
     }
     ah_strlcpy(out->name, name, sizeof(out->name));
@@ -983,7 +983,7 @@ static int mongo_list_leases(ah_store_t *st, ah_lease_t **out, int *count, char 
         lease_from_doc(doc, r);
     }
     if (mongoc_cursor_error(cursor, &error)) {
-        rc = read_failure("read leases", &error, err, errlen);
+        rc = read_failure(ms, "read leases", &error, err, errlen);
         goto cleanup;
     }
     *out = recs;
