@@ -150,6 +150,7 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
         goto fail;
     }
     ah_state_set_waker(h->state, host_wake_lua, h);
+    ah_state_set_pause_drain(h->state, h->cfg->pause_drain_timeout);
     return h;
 fail:
     ah_host_free(h);
