@@ -94,6 +94,7 @@ struct task_s {
     task_handle_t *handle; /* the script's task object; NULL for the main task */
     int handle_ref;        /* keeps the task object alive while the task runs */
     bool ended;
+    bool cancelled; /* task:cancel(): its waits resume (and later ones return) "cancelled" */
 };
 
 /* The script's task object (full userdata, TASK_META). It outlives its task to keep the
@@ -153,9 +154,12 @@ struct ah_lua_s {
     bool loop_open;
     uv_async_t wake;     /* commands (agent.sleep) and interrupts (cancellation) reach the call */
     uv_timer_t deadline; /* the running call's BATCH_TIMEOUT, armed when the call first waits */
-    task_t *main_task;   /* the call's function; its coroutine is reused while it ends well */
-    task_t *tasks;       /* spawned tasks of the running call, ended or not */
-    task_t *ready_head;  /* tasks to resume, in order */
+    uv_timer_t drain;    /* the pending command's drain deadline, while the running call waits */
+    int64_t drain_armed_us; /* the monotonic deadline drain is armed for, 0: none */
+    bool drained;           /* the last call's waits were cancelled by a drain deadline */
+    task_t *main_task;      /* the call's function; its coroutine is reused while it ends well */
+    task_t *tasks;          /* spawned tasks of the running call, ended or not */
+    task_t *ready_head;     /* tasks to resume, in order */
     task_t *ready_tail;
     int live_tasks;          /* spawned tasks that have not ended */
     task_t *current;         /* the task being resumed, NULL in the loop */
@@ -443,6 +447,27 @@ static int push_cancelled(lua_State *L, ah_lua_t *lua)
     return 3;
 }
 
+static const char task_cancel_msg[] = "cancelled: task:cancel()";
+
+/* True when a wait of task t must not start: the call's waits are cancelled, or t's own. */
+static bool wait_cancelled(const ah_lua_t *lua, const task_t *t)
+{
+    return lua->cancel_code != NULL || (t != NULL && t->cancelled);
+}
+
+/* Pushes what a cancelled wait of task t returns: the call's reason first, else task:cancel()'s.
+ * Stack: [-0, +3]. */
+static int push_task_cancelled(lua_State *L, ah_lua_t *lua, const task_t *t)
+{
+    if (lua->cancel_code != NULL || t == NULL || !t->cancelled) {
+        return push_cancelled(L, lua);
+    }
+    lua_pushnil(L);
+    lua_pushstring(L, task_cancel_msg);
+    lua_pushstring(L, code_cancelled);
+    return 3;
+}
+
 /* Stops what t waits for, without resuming it. */
 static void task_stop_wait(task_t *t)
 {
@@ -491,6 +516,19 @@ static void cancel_waits(ah_lua_t *lua, const char *code, const char *msg, bool 
         lua_checkstack(t->co, 3);
         task_ready(lua, t, push_cancelled(t->co, lua));
     }
+}
+
+/* task:cancel(): cancels the waits of t alone. Its present wait (sleep, join, an operation)
+ * resumes with nil, msg, "cancelled", and every later one returns that at once. */
+static void cancel_task(ah_lua_t *lua, task_t *t)
+{
+    t->cancelled = true;
+    if (t->ended || t->wait == WAIT_NONE) {
+        return;
+    }
+    task_stop_wait(t);
+    lua_checkstack(t->co, 3);
+    task_ready(lua, t, push_task_cancelled(t->co, lua, t));
 }
 
 /* The task allowed to wait on L, i.e. the running task itself (not a coroutine the script
@@ -646,6 +684,55 @@ static void on_deadline(uv_timer_t *timer)
     cancel_waits(lua, code_timeout, msg, false);
 }
 
+static void drain_arm(ah_lua_t *lua);
+
+/* The pending command's drain deadline passed: the running call's waits are cancelled, joins
+ * included, so that the call ends and the command applies. A command that replaced it since
+ * (latest wins) brings its own deadline, or none. */
+static void on_drain(uv_timer_t *timer)
+{
+    ah_lua_t *lua = timer->data;
+    ah_pending_t pending;
+    lua->drain_armed_us = 0;
+    if (lua->state == NULL || !ah_state_pending(lua->state, &pending) ||
+        pending.drain_deadline_us == 0) {
+        return;
+    }
+    if (pending.drain_deadline_us > ah_mono_us() + 1000) {
+        drain_arm(lua); /* a later deadline replaced the one this timer was armed for */
+        return;
+    }
+    char msg[sizeof(lua->cancel_msg)];
+    snprintf(msg, sizeof(msg), "cancelled: the drain deadline of the pending %s passed",
+             pending.command == AH_CMD_RUNNING ? "resume" : ah_command_name(pending.command));
+    if (lua->cancel_code == NULL) {
+        lua->drained = true;
+    }
+    cancel_waits(lua, code_cancelled, msg, true);
+}
+
+/* Arms (or moves, or stops) the drain timer for the pending command's deadline. Called when the
+ * running call first waits and on every wake-up (a command was offered). */
+static void drain_arm(ah_lua_t *lua)
+{
+    ah_pending_t pending;
+    int64_t deadline_us = 0;
+    if (lua->state != NULL && lua->cancel_code == NULL && ah_state_pending(lua->state, &pending)) {
+        deadline_us = pending.drain_deadline_us;
+    }
+    if (deadline_us == lua->drain_armed_us) {
+        return;
+    }
+    lua->drain_armed_us = deadline_us;
+    if (deadline_us == 0) {
+        uv_timer_stop(&lua->drain);
+        return;
+    }
+    int64_t left_us = deadline_us - ah_mono_us();
+    uv_update_time(&lua->loop);
+    uv_timer_start(&lua->drain, on_drain, left_us > 0 ? (uint64_t)(left_us + 999) / 1000 : 0, 0);
+}
+
 /* Commands (a wait that ends on a pending command) and interrupts reach the running call here. */
 static void on_wake(uv_async_t *handle)
 {
@@ -658,6 +745,7 @@ static void on_wake(uv_async_t *handle)
         cancel_waits(lua, code_cancelled, "cancelled: the host stopped this call (shutdown)",
                      false);
     }
+    drain_arm(lua);
     if (lua->state == NULL || !ah_state_sleep(lua->state, 0)) {
         return;
     }
@@ -696,6 +784,7 @@ __attribute__((noinline)) static void run_loop(ah_lua_t *lua)
                 uv_update_time(&lua->loop);
                 uv_timer_start(&lua->deadline, on_deadline, ms, 0);
             }
+            drain_arm(lua); /* a command may have been pending before the call waited */
         }
         atomic_store(&lua->parked, true);
         int alive = uv_run(&lua->loop, lua->ready_head != NULL ? UV_RUN_NOWAIT : UV_RUN_ONCE);
@@ -709,6 +798,8 @@ __attribute__((noinline)) static void run_loop(ah_lua_t *lua)
     }
     if (deadline_armed) {
         uv_timer_stop(&lua->deadline);
+        uv_timer_stop(&lua->drain);
+        lua->drain_armed_us = 0;
     }
 }
 
@@ -757,6 +848,7 @@ static int call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     lua_xmove(L, main->co, nargs + 1);
     budget_arm(lua);
     lua->cancel_code = NULL;
+    lua->drained = false;
     lua->call_err = err;
     lua->call_errlen = errlen;
     main->ended = false;
@@ -808,17 +900,18 @@ bool ah_lua_can_wait(lua_State *L)
 int ah_lua_push_cancelled(lua_State *L)
 {
     ah_lua_t *lua = host_from_registry(L);
-    return lua->cancel_code != NULL ? push_cancelled(L, lua) : 0;
+    task_t *t = lua->current != NULL && lua->current->co == L ? lua->current : NULL;
+    return wait_cancelled(lua, t) ? push_task_cancelled(L, lua, t) : 0;
 }
 
 int ah_lua_op_wait(lua_State *L, ah_lua_op_t *op, const char *what)
 {
     ah_lua_t *lua = host_from_registry(L);
     task_t *t = waiting_task(L, lua, what);
-    if (lua->cancel_code != NULL) {
+    if (wait_cancelled(lua, t)) {
         op->task = NULL;
         op->cancel(op);
-        return push_cancelled(L, lua);
+        return push_task_cancelled(L, lua, t);
     }
     op->task = t;
     t->op = op;
@@ -932,8 +1025,8 @@ static int core_sleep(lua_State *L)
         seconds = SLEEP_MAX_SECONDS;
     }
     task_t *t = waiting_task(L, lua, "agent.sleep");
-    if (lua->cancel_code != NULL) {
-        return push_cancelled(L, lua);
+    if (wait_cancelled(lua, t)) {
+        return push_task_cancelled(L, lua, t);
     }
     if (lua->state != NULL && ah_state_sleep(lua->state, 0)) {
         lua_pushboolean(L, 1);
@@ -1021,6 +1114,9 @@ static int task_join(lua_State *L)
         return push_outcome(L, hd);
     }
     task_t *self = waiting_task(L, lua, "task:join");
+    if (self->cancelled) { /* task:cancel(); the call's own cancellation lets joins wait (below) */
+        return push_task_cancelled(L, lua, self);
+    }
     task_t *target = hd->task;
     if (target == self) {
         return luaL_error(L, "task:join: a task cannot join itself");
@@ -1043,6 +1139,22 @@ static int task_join(lua_State *L)
     return lua_yield(L, 0);
 }
 
+/* task:cancel() -> true when the task was still running: its present wait resumes with nil, msg,
+ * "cancelled" and its later waits return that at once (the task unwinds through its own code);
+ * false when it had ended. Upvalue 1: the ah_lua_t. */
+static int task_cancel(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    task_handle_t *hd = luaL_checkudata(L, 1, TASK_META);
+    task_t *t = hd->task;
+    bool running = hd->status == TASK_RUNNING && t != NULL && !t->ended;
+    if (running) {
+        cancel_task(lua, t);
+    }
+    lua_pushboolean(L, running);
+    return 1;
+}
+
 /* __gc of a task object: its task has ended (a running task keeps its object alive). */
 static int task_gc(lua_State *L)
 {
@@ -1058,10 +1170,13 @@ static int task_gc(lua_State *L)
 static void register_task_meta(lua_State *L, ah_lua_t *lua)
 {
     luaL_newmetatable(L, TASK_META);
-    lua_createtable(L, 0, 1);
+    lua_createtable(L, 0, 2);
     lua_pushlightuserdata(L, lua);
     lua_pushcclosure(L, task_join, 1);
     lua_setfield(L, -2, "join");
+    lua_pushlightuserdata(L, lua);
+    lua_pushcclosure(L, task_cancel, 1);
+    lua_setfield(L, -2, "cancel");
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, task_gc);
     lua_setfield(L, -2, "__gc");
@@ -1083,6 +1198,29 @@ static int core_shutdown(lua_State *L)
     }
     ah_state_offer_local(lua->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, reason, "script");
     lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* core.pending() -> {command =, reason =, deadline = seconds left or nil} for the command waiting
+ * to be applied, or nil. command is ev.command's word ("pause", "running", "shutdown"). */
+static int core_pending(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    ah_pending_t pending;
+    if (lua->state == NULL || !ah_state_pending(lua->state, &pending)) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, ah_command_name(pending.command));
+    lua_setfield(L, -2, "command");
+    lua_pushstring(L, pending.reason);
+    lua_setfield(L, -2, "reason");
+    if (pending.drain_deadline_us != 0) {
+        int64_t left_us = pending.drain_deadline_us - ah_mono_us();
+        lua_pushnumber(L, left_us > 0 ? (lua_Number)left_us / 1e6 : 0);
+        lua_setfield(L, -2, "deadline");
+    }
     return 1;
 }
 
@@ -1179,6 +1317,7 @@ static const luaL_Reg core_functions[] = {
     {"sleep", core_sleep},
     {"spawn", core_spawn},
     {"should_stop", core_should_stop},
+    {"pending", core_pending},
     {"shutdown", core_shutdown},
     {"env", core_env},
     {"now", core_now},
@@ -1532,6 +1671,9 @@ static int loop_open(ah_lua_t *lua, char *err, size_t errlen)
     uv_timer_init(&lua->loop, &lua->deadline);
     lua->deadline.data = lua;
     uv_unref((uv_handle_t *)&lua->deadline);
+    uv_timer_init(&lua->loop, &lua->drain);
+    lua->drain.data = lua;
+    uv_unref((uv_handle_t *)&lua->drain);
     task_t *main = lua->main_task;
     main->lua = lua;
     main->co_ref = LUA_NOREF;
@@ -1705,7 +1847,7 @@ static void push_event(lua_State *L, const ah_event_t *ev)
 {
     char timestamp[AH_TIMESTAMP_LEN];
     ah_format_timestamp(ev->timestamp_us, timestamp);
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
     lua_pushstring(L, ah_command_name(ev->command));
     lua_setfield(L, -2, "command");
     lua_pushnumber(L, (lua_Number)ev->version);
@@ -1718,6 +1860,10 @@ static void push_event(lua_State *L, const ah_event_t *ev)
     lua_setfield(L, -2, "timestamp");
     lua_pushstring(L, ah_source_name(ev->source));
     lua_setfield(L, -2, "source");
+    if (ev->drain_ms > 0) {
+        lua_pushnumber(L, (lua_Number)ev->drain_ms / 1000.0);
+        lua_setfield(L, -2, "drain");
+    }
 }
 
 /* AH_HOOK_NONE (a transition without a hook) and an undefined hook are no-ops returning 0. */
@@ -1775,6 +1921,11 @@ int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen)
     assert(lua_gettop(L) == top);
     (void)top;
     return rc;
+}
+
+bool ah_lua_drained(const ah_lua_t *lua)
+{
+    return lua != NULL && lua->drained;
 }
 
 int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen)

@@ -61,8 +61,9 @@ struct ah_state_s {
      * newer control document arrives; set before threads. */
     void (*fleet_listener)(void *ud, bool record_changed);
     void *fleet_listener_ud;
-    int64_t pause_drain_us;  /* PAUSE_DRAIN_TIMEOUT (µs; 0: none); set before threads start */
-    void (*waker)(void *ud); /* set once before threads start (ah_state_set_waker) */
+    int64_t pause_drain_us;    /* PAUSE_DRAIN_TIMEOUT (µs; 0: none); set before threads start */
+    int64_t shutdown_drain_us; /* bound of a shutdown's drain from its request (µs; 0: none) */
+    void (*waker)(void *ud);   /* set once before threads start (ah_state_set_waker) */
     void *waker_ud;
     /* The change listener; listener_lock is taken around every call and every change of it
      * (never while `lock` is held), so removing it waits for a call in progress. */
@@ -261,36 +262,51 @@ void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud)
     pthread_mutex_unlock(&s->listener_lock);
 }
 
-void ah_state_set_pause_drain(ah_state_t *s, double seconds)
+void ah_state_set_drain_limits(ah_state_t *s, double pause_s, double shutdown_s)
 {
     pthread_mutex_lock(&s->lock);
-    s->pause_drain_us = seconds > 0 ? (int64_t)(seconds * 1e6) : 0;
+    s->pause_drain_us = pause_s > 0 ? (int64_t)(pause_s * 1e6) : 0;
+    s->shutdown_drain_us = shutdown_s > 0 ? (int64_t)(shutdown_s * 1e6) : 0;
     pthread_mutex_unlock(&s->lock);
 }
 
 /* The monotonic drain deadline of ev, offered now (lock held). A cluster command's deadline is
  * its timestamp + drain on the wall clock, so every agent cuts its call at the same moment; it is
  * kept within [now, now + drain] so that a skewed clock or a late delivery can neither lengthen a
- * drain nor make it negative. A startup sync has none (it is applied when init returns). */
+ * drain nor make it negative. A pause without drain gets PAUSE_DRAIN_TIMEOUT's; a shutdown's is
+ * at most its bound from the request. A startup sync has none (it is applied when init
+ * returns). */
 static int64_t drain_deadline_locked(const ah_state_t *s, const ah_event_t *ev)
 {
     if (ev->source == AH_SOURCE_STARTUP ||
         (ev->command != AH_CMD_PAUSE && ev->command != AH_CMD_SHUTDOWN)) {
         return 0;
     }
+    int64_t now_mono_us = ah_mono_us();
+    int64_t deadline_us = 0;
     int64_t drain_us = ah_int64_mul_sat(ev->drain_ms, 1000);
-    if (drain_us <= 0) {
-        drain_us = ev->command == AH_CMD_PAUSE ? s->pause_drain_us : 0;
-        return drain_us > 0 ? ah_mono_us() + drain_us : 0;
+    if (drain_us > 0) {
+        int64_t left_us = drain_us;
+        if (ev->source == AH_SOURCE_CLUSTER && ev->timestamp_us > 0) {
+            int64_t now_us = ah_now_us();
+            int64_t end_us =
+                ev->timestamp_us > INT64_MAX - drain_us ? INT64_MAX : ev->timestamp_us + drain_us;
+            left_us = end_us <= now_us             ? 0
+                      : end_us - now_us > drain_us ? drain_us
+                                                   : end_us - now_us;
+        }
+        deadline_us = now_mono_us + left_us;
+    } else if (ev->command == AH_CMD_PAUSE && s->pause_drain_us > 0) {
+        deadline_us = now_mono_us + s->pause_drain_us;
     }
-    int64_t left_us = drain_us;
-    if (ev->source == AH_SOURCE_CLUSTER && ev->timestamp_us > 0) {
-        int64_t now_us = ah_now_us();
-        int64_t end_us =
-            ev->timestamp_us > INT64_MAX - drain_us ? INT64_MAX : ev->timestamp_us + drain_us;
-        left_us = end_us <= now_us ? 0 : end_us - now_us > drain_us ? drain_us : end_us - now_us;
+    if (ev->command == AH_CMD_SHUTDOWN && s->shutdown_drain_us > 0) {
+        int64_t requested_us = s->stop_requested_us != 0 ? s->stop_requested_us : now_mono_us;
+        int64_t bound_us = requested_us + s->shutdown_drain_us;
+        if (deadline_us == 0 || bound_us < deadline_us) {
+            deadline_us = bound_us;
+        }
     }
-    return ah_mono_us() + left_us;
+    return deadline_us;
 }
 
 static void set_pending(ah_state_t *s, const ah_event_t *ev)

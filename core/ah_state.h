@@ -37,7 +37,8 @@ typedef struct ah_event_s {
     int64_t drain_ms;          /* the command's drain= (ms), 0 if it named none */
     int64_t drain_deadline_us; /* monotonic µs at which the call running while this event is
                                   pending has its waits cancelled; 0: none (computed when offered:
-                                  drain_ms, else PAUSE_DRAIN_TIMEOUT for a pause) */
+                                  drain_ms, else PAUSE_DRAIN_TIMEOUT for a pause; a shutdown's is
+                                  at most its bound, ah_state_set_drain_limits) */
 } ah_event_t;
 
 /* The command waiting to be applied (agent.pending()). */
@@ -126,9 +127,10 @@ int ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const
  * PAUSE_DRAIN_TIMEOUT's, if set). */
 int ah_state_offer_local_drain(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
                                const char *updated_by, int64_t drain_ms);
-/* Sets the drain deadline of a pause that names none (PAUSE_DRAIN_TIMEOUT, seconds; 0: none).
- * Call before other threads use the state. */
-void ah_state_set_pause_drain(ah_state_t *s, double seconds);
+/* Sets the drain deadlines the agent applies by itself: pause_s for a pause that names none
+ * (PAUSE_DRAIN_TIMEOUT; 0: none) and shutdown_s after a shutdown was requested, the bound of any
+ * shutdown (80% of SHUTDOWN_TIMEOUT; 0: none). Call before other threads use the state. */
+void ah_state_set_drain_limits(ah_state_t *s, double pause_s, double shutdown_s);
 /* The command waiting to be applied, if any: true and *out filled for a pending pause, resume or
  * shutdown (a startup sync does not count: it is applied when init returns). Any thread. */
 bool ah_state_pending(ah_state_t *s, ah_pending_t *out);

@@ -97,3 +97,131 @@ def test_ctl_drain_is_sent_and_refused_where_it_does_not_apply(fleet, state_file
     p = run_cli(["ctl", "pause", "--local", "--url", a.url, "--drain", "2s"])
     assert p.returncode == 0 and '"drain":2' in p.stdout, (p.stdout, p.stderr)
     a.wait_state("paused")
+
+
+# -- the running call's waits ------------------------------------------------------------------
+
+def hang_agent(fleet, state_file, tmp_path, srv, name, tasks=64, **env):
+    a = start(fleet, state_file, tmp_path, name, MODE="hang", TASKS=tasks,
+              HANG_URL=srv.base + "/hang", **env)
+    wait_for(lambda: srv.requests >= tasks, 20, message=f"{tasks} requests hanging")
+    return a
+
+
+def assert_drained(ev, tasks, drain_s):
+    """Every task saw "cancelled" by the drain, the batch ended, then on_pause ran."""
+    ends = events_of(ev, "task_end")
+    assert len(ends) == tasks, ends
+    assert all(e["code"] == "cancelled" and not e["ok"] for e in ends), ends
+    assert all("cancelled" in e["msg"] for e in ends), ends[:2]
+    batch = events_of(ev, "batch_end")[0]
+    assert batch["after_code"] == "cancelled", batch  # a wait after the deadline: at once
+    names = [e["ev"] for e in ev]
+    assert names.index("on_pause") > names.index("batch_end")
+
+
+@pytest.mark.parametrize("jit", ["on", "off"])
+def test_pause_with_drain_cancels_64_hanging_requests_and_applies(fleet, state_file, tmp_path,
+                                                                  jit):
+    with Server() as srv:
+        a = hang_agent(fleet, state_file, tmp_path, srv, f"drain-{jit}", JIT=jit)
+        t0 = time.monotonic()
+        r = a.post("/api/cluster/pause?drain=2s&wait=10&reason=upgrade")
+        assert r.status == 200, r.body
+        body = r.json()
+        assert body["drain"] == 2 and body["wait"]["complete"] is True, body
+        # /readyz turned 503 because the batch was cut at the deadline (the requests' own timeout
+        # is 60 s); the bound is generous: the target (2.5 s) is measured by scripts/bench.sh
+        wait_for(lambda: a.get("/readyz").status == 503, 10, message="/readyz 503")
+        assert time.monotonic() - t0 < 15
+        ev = wait_events(a.events, lambda e: count_events(e, "on_pause") == 1, 10, "on_pause")
+        assert_drained(ev, 64, 2)
+        hook = events_of(ev, "on_pause")[0]
+        assert hook["drain"] == 2 and hook["source"] == "cluster", hook
+        assert a.find_logs(r"cut short at the drain deadline of 'pause'")
+        assert a.state()["state"] == "paused"
+        assert a.get("/healthz").status == 200
+        a.signal(signal.SIGTERM)
+        assert a.wait_exit(20) == 0, a.log_text()
+
+
+def test_without_drain_the_batch_still_finishes_first(fleet, state_file, tmp_path):
+    with Server() as srv:
+        a = hang_agent(fleet, state_file, tmp_path, srv, "nodrain", tasks=8, HTTP_TIMEOUT=3)
+        assert a.post("/api/cluster/pause").status == 200
+        ev = wait_events(a.events, lambda e: count_events(e, "on_pause") == 1, 20, "on_pause")
+        ends = events_of(ev, "task_end")
+        # the requests ended on their own timeout, not cut short
+        assert len(ends) == 8 and all(e["code"] == "timeout" for e in ends), ends
+        names = [e["ev"] for e in ev]
+        assert names.index("on_pause") > names.index("batch_end")
+        assert events_of(ev, "on_pause")[0]["drain"] == "nil"
+        assert not a.find_logs(r"drain deadline")
+
+
+def test_a_resume_replacing_a_pending_drained_pause_cancels_nothing(fleet, state_file, tmp_path):
+    with Server() as srv:
+        a = hang_agent(fleet, state_file, tmp_path, srv, "replaced", tasks=4, HTTP_TIMEOUT=4)
+        assert a.post("/api/cluster/pause?drain=1s").status == 200
+        assert a.post("/api/cluster/resume").status == 200  # latest wins: no deadline now
+        ev = wait_events(a.events, lambda e: count_events(e, "batch_end") >= 1, 20, "batch end")
+        ends = events_of(ev, "task_end")
+        assert len(ends) == 4 and all(e["code"] == "timeout" for e in ends), ends
+        assert count_events(ev, "on_pause") == 0
+        assert a.state()["state"] == "running"
+
+
+def test_pause_drain_timeout_bounds_a_pause_without_drain(fleet, state_file, tmp_path):
+    with Server() as srv:
+        a = hang_agent(fleet, state_file, tmp_path, srv, "setting", tasks=8,
+                       PAUSE_DRAIN_TIMEOUT=1)
+        # a local pause, without drain=: the agent's setting applies
+        r = a.post("/api/agent/pause?reason=local")
+        assert r.status == 200 and r.json()["drain"] is None, r.body
+        ev = wait_events(a.events, lambda e: count_events(e, "on_pause") == 1, 15, "on_pause")
+        assert_drained(ev, 8, 1)
+        hook = events_of(ev, "on_pause")[0]
+        assert hook["drain"] == "nil" and hook["source"] == "local", hook
+
+
+def test_local_pause_with_drain(fleet, state_file, tmp_path):
+    with Server() as srv:
+        a = hang_agent(fleet, state_file, tmp_path, srv, "local", tasks=8)
+        r = a.post("/api/agent/pause?drain=1s")
+        assert r.status == 200 and r.json()["drain"] == 1, r.body
+        ev = wait_events(a.events, lambda e: count_events(e, "on_pause") == 1, 15, "on_pause")
+        assert_drained(ev, 8, 1)
+        assert events_of(ev, "on_pause")[0]["drain"] == 1
+
+
+def test_agent_pending_is_seen_by_a_loop(fleet, state_file, tmp_path):
+    a = start(fleet, state_file, tmp_path, "pending", MODE="pending_loop")
+    wait_events(a.events, lambda e: count_events(e, "batch_start") >= 1, 15, "a batch")
+    assert a.post("/api/cluster/pause?drain=30s&reason=stop+soon").status == 200
+    ev = wait_events(a.events, lambda e: count_events(e, "on_pause") == 1, 15, "on_pause")
+    p = events_of(ev, "pending")[-1]
+    assert p["command"] == "pause" and p["reason"] == "stop soon", p
+    assert 20 < p["deadline"] <= 30, p
+    # in the hook the command is applied: nothing is pending
+    assert events_of(ev, "on_pause")[0]["pending"] == "nil"
+    assert a.post("/api/cluster/resume").status == 200
+    wait_events(a.events, lambda e: count_events(e, "batch_start") >= 2, 15, "the next batch")
+    assert a.post("/api/agent/pause").status == 200  # no drain, no setting: deadline nil
+    ev = wait_events(a.events, lambda e: count_events(e, "pending") == 2, 15, "second pending")
+    p = events_of(ev, "pending")[-1]
+    assert p["command"] == "pause" and p["deadline"] == "nil", p
+
+
+def test_task_cancel_cancels_one_task(fleet, state_file, tmp_path):
+    a = start(fleet, state_file, tmp_path, "cancel", MODE="cancel_one")
+    ev = wait_events(a.events, lambda e: count_events(e, "cancel_one") == 1, 15, "record")
+    rec = events_of(ev, "cancel_one")[0]
+    assert rec["was_running"] is True and rec["again"] is False, rec
+    o = rec["outcomes"]
+    assert o[0]["first"] == "false:nil" and o[2]["first"] == "false:nil", o  # slept 0.2 s
+    assert o[0]["second"] == "false:nil", o
+    assert o[1]["first"] == "nil:cancelled" and o[1]["second"] == "nil:cancelled", o
+    assert o[1]["msg"] == "cancelled: task:cancel()", o
+    # the call itself was not cancelled: the batch goes on (it sleeps until a command)
+    assert a.post("/api/cluster/pause").status == 200
+    a.wait_state("paused", 15)
