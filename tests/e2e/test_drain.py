@@ -3,13 +3,18 @@ the cancelled waits of the running call, agent.pending() and task:cancel() (the 
 fixture drain.lua, a local HTTP server that never answers)."""
 import signal
 import sqlite3
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from agenthost_harness import (agent_env, count_events, read_events, run_cli, script,
-                               wait_events, wait_for)
+from agenthost_harness import (MONGO_DIR, agent_env, count_events, mongo_agent_env, read_events,
+                               run_cli, script, wait_events, wait_for)
 from http_fixture import Server
+
+sys.path.insert(0, MONGO_DIR)
+from mongo_fixture import mongo_server  # noqa: E402,F401
 
 DRAIN = script("drain.lua")
 
@@ -225,3 +230,115 @@ def test_task_cancel_cancels_one_task(fleet, state_file, tmp_path):
     # the call itself was not cancelled: the batch goes on (it sleeps until a command)
     assert a.post("/api/cluster/pause").status == 200
     a.wait_state("paused", 15)
+
+
+# -- with reload, shutdown, a store fault, on MongoDB ---------------------------------------------
+
+def test_drain_with_a_pending_reload_applies_both(fleet, state_file, tmp_path):
+    with Server() as srv:
+        a = hang_agent(fleet, state_file, tmp_path, srv, "reload", tasks=16)
+        with ThreadPoolExecutor(1) as pool:
+            reload = pool.submit(a.post, "/api/agent/reload", timeout=30)
+            assert a.post("/api/cluster/pause?drain=1s").status == 200
+            r = reload.result(timeout=30)
+        # the reload waited for the batch, which the pause's drain cut short
+        assert r.status == 200, r.body
+        ev = wait_events(a.events, lambda e: count_events(e, "on_pause") == 1, 15, "on_pause")
+        assert_drained(ev, 16, 1)
+        a.wait_log(r"Reloaded script")
+        assert a.state()["state"] == "paused"
+        assert a.post("/api/cluster/resume").status == 200  # the reloaded script runs batches
+        wait_for(lambda: srv.requests >= 32, 20, message="the new script's requests")
+        a.signal(signal.SIGTERM)
+        assert a.wait_exit(30) == 0, a.log_text()
+
+
+def test_cluster_shutdown_with_drain_exits_before_its_bound(fleet, state_file, tmp_path):
+    with Server() as srv:
+        a = hang_agent(fleet, state_file, tmp_path, srv, "shutdown", tasks=16,
+                       SHUTDOWN_TIMEOUT=60)
+        t0 = time.monotonic()
+        r = a.post("/api/cluster/shutdown?drain=1s")
+        assert r.status == 200 and r.json()["drain"] == 1, r.body
+        # without the drain the call would be interrupted at 80% of SHUTDOWN_TIMEOUT (48 s)
+        assert a.wait_exit(30) == 0, a.log_text()
+        assert time.monotonic() - t0 < 30
+        ev = read_events(a.events)
+        ends = events_of(ev, "task_end")
+        assert len(ends) == 16 and all(e["code"] == "cancelled" for e in ends), ends
+        names = [e["ev"] for e in ev]
+        assert names.index("on_shutdown") > names.index("batch_end")
+        assert events_of(ev, "on_shutdown")[0]["drain"] == 1
+
+
+def test_shutdown_bound_caps_a_longer_drain(fleet, state_file, tmp_path):
+    with Server() as srv:
+        a = hang_agent(fleet, state_file, tmp_path, srv, "bound", tasks=8, SHUTDOWN_TIMEOUT=3)
+        r = a.post("/api/agent/shutdown?drain=10m")
+        assert r.status == 200 and r.json()["drain"] == 600, r.body
+        # cut at 80% of SHUTDOWN_TIMEOUT (2.4 s), not after 10 minutes; exit 0, not the
+        # SHUTDOWN_TIMEOUT hard exit
+        assert a.wait_exit(30) == 0, a.log_text()
+        ev = read_events(a.events)
+        assert [e["code"] for e in events_of(ev, "task_end")] == ["cancelled"] * 8
+        assert count_events(ev, "on_shutdown") == 1
+
+
+def test_drain_holds_while_the_store_is_locked(fleet, state_file, tmp_path):
+    with Server() as srv:
+        a = hang_agent(fleet, state_file, tmp_path, srv, "locked", tasks=8)
+        assert a.post("/api/cluster/pause?drain=1s").status == 200
+        # another process takes the write lock: status records cannot be written meanwhile
+        db = sqlite3.connect(state_file, timeout=0, isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")
+        try:
+            ev = wait_events(a.events, lambda e: count_events(e, "on_pause") == 1, 15, "on_pause")
+            assert_drained(ev, 8, 1)
+            assert a.get("/readyz").status == 503
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        # the acknowledgement follows once the store is writable again
+        wait_for(lambda: any(x["state"] == "paused" and x["applied_version"] == 1
+                             for x in a.get("/api/cluster/agents").json()["agents"]), 30,
+                 message="status record written after the lock")
+
+
+def test_drain_on_mongodb_cancels_queued_and_running_driver_calls(fleet, tmp_path,
+                                                                  mongo_server):
+    srv = mongo_server
+    srv.configure_fail_point("alwaysOn", {"failCommands": ["find"], "blockConnection": True,
+                                          "blockTimeMS": 8000,
+                                          "appName": "agenthost-lua/mdrain"})
+    events = str(tmp_path / "mdrain.jsonl")
+    env = mongo_agent_env(srv.uri, events, MODE="mongo_hang", TASKS=6, UV_THREADPOOL_SIZE=2,
+                          AGENT_MONGODB_URI=srv.uri, AGENT_ID="mdrain")
+    a = fleet.start(DRAIN, env=env, name="mdrain")
+    a.events = events
+    wait_for(lambda: len(srv.command_log(command="find", collection="slow")) >= 2, 20,
+             message="two finds blocked at the server")
+    r = a.post("/api/cluster/pause?drain=1s&wait=10")
+    assert r.status == 200, r.body
+    assert r.json()["drain"] == 1 and r.json()["wait"]["complete"] is True, r.body
+    ev = wait_events(a.events, lambda e: count_events(e, "on_pause") == 1, 15, "on_pause")
+    ends = events_of(ev, "task_end")
+    assert len(ends) == 6, ends
+    # queued calls never run; a started one cannot be stopped: its wait ends all the same
+    assert all(e["code"] in ("cancelled", "unknown") for e in ends), ends
+    assert sum(e["code"] == "cancelled" for e in ends) >= 4, ends
+    assert events_of(ev, "batch_end")[0]["after_code"] == "cancelled"
+    names = [e["ev"] for e in ev]
+    assert names.index("on_pause") > names.index("batch_end")
+    # stored on the control document and its audit entry
+    client = srv.client()
+    try:
+        coll = client["agenthost"]["agent_control"]
+        assert coll.find_one({"_id": "global_control"})["drain_ms"] == 1000
+        audit = coll.find_one({"kind": "audit", "version": 1})
+        assert audit["drain_ms"] == 1000, audit
+    finally:
+        client.close()
+    assert a.get("/api/cluster/history").json()["entries"][0]["drain"] == 1
+    srv.configure_fail_point("off")
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit(30) == 0, a.log_text()

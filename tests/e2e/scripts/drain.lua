@@ -1,7 +1,7 @@
 --[[ Fixture: drains with deadlines (drain=, PAUSE_DRAIN_TIMEOUT), agent.pending() and
 task:cancel(). Records facts as JSON lines in $EVENTS_FILE. Knobs (environment):
   EVENTS_FILE   where to append the records (required)
-  MODE          hang | pending_loop | cancel_one | sleepers
+  MODE          hang | mongo_hang | pending_loop | cancel_one | sleepers
   HANG_URL      hang: the URL every task requests (a server that never answers)
   TASKS         hang, sleepers: number of tasks (default 64)
   HTTP_TIMEOUT  hang: each request's own timeout, seconds (default 60)
@@ -58,6 +58,25 @@ function modes.hang()
     local after = {agent.sleep(30)}
     record({ev = "batch_end", joins = joins, after_code = str(after[3]),
             pending = agent.pending()})
+end
+
+-- TASKS tasks each run a find_one on the collection "slow" (a test blocks it at the server); the
+-- batch joins them all.
+function modes.mongo_hang()
+    local coll = agent.mongo.collection("slow")
+    local tasks = {}
+    for i = 1, ntasks do
+        tasks[i] = agent.spawn(function(k)
+            local doc, msg, code = coll:find_one({k = k})
+            record({ev = "task_end", k = k, ok = doc ~= nil, msg = str(msg), code = str(code)})
+            return code
+        end, i)
+    end
+    for i = 1, ntasks do
+        tasks[i]:join()
+    end
+    local after = {agent.sleep(30)}
+    record({ev = "batch_end", after_code = str(after[3])})
 end
 
 -- A loop of short sleeps that ignore wake-ups, checking agent.pending() on every turn (a wait
