@@ -4,6 +4,7 @@ fixture drain.lua, a local HTTP server that never answers)."""
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,12 +12,32 @@ import pytest
 
 from agenthost_harness import (MONGO_DIR, agent_env, count_events, mongo_agent_env, read_events,
                                run_cli, script, wait_events, wait_for)
-from http_fixture import Server
+from http_fixture import Server as FixtureServer
 
 sys.path.insert(0, MONGO_DIR)
 from mongo_fixture import mongo_server  # noqa: E402,F401
 
 DRAIN = script("drain.lua")
+
+
+class Server(FixtureServer):
+    """The tests' HTTP server with room for 64 connections arriving at once (the listen backlog)
+    and an exact count of requests (the handler's `requests += 1` may lose one between threads)."""
+    request_queue_size = 256
+
+    @property
+    def requests(self):
+        with self._lock:
+            return self._count
+
+    @requests.setter
+    def requests(self, value):
+        if value == 0:  # the fixture's __init__
+            self._lock = threading.Lock()
+            self._count = 0
+            return
+        with self._lock:
+            self._count += 1  # the handler only ever adds one: `requests += 1`
 
 
 def start(fleet, state_file, tmp_path, name, **env):
