@@ -17,6 +17,7 @@
 
 const char ah_lua_code_timeout[] = "timeout";
 const char ah_lua_code_cancelled[] = "cancelled";
+static const char code_unknown[] = "unknown";
 
 /* ---- tasks: coroutines on the loop ------------------------------------------------------- */
 
@@ -54,6 +55,13 @@ bool ah_lua_task_wait_cancelled(const ah_lua_t *lua, const task_t *t)
     return lua->cancel_code != NULL || (t != NULL && t->cancelled);
 }
 
+/* The message of a cancelled wait of t: the call's cancellation first, else task:cancel()'s. */
+static const char *cancel_msg_of(const ah_lua_t *lua, const task_t *t)
+{
+    return lua->cancel_code != NULL || t == NULL || !t->cancelled ? lua->cancel_msg
+                                                                  : task_cancel_msg;
+}
+
 int ah_lua_task_push_task_cancelled(lua_State *L, ah_lua_t *lua, const task_t *t)
 {
     if (lua->cancel_code != NULL || t == NULL || !t->cancelled) {
@@ -65,9 +73,22 @@ int ah_lua_task_push_task_cancelled(lua_State *L, ah_lua_t *lua, const task_t *t
     return 3;
 }
 
-/* Stops what t waits for, without resuming it. */
-static void task_stop_wait(task_t *t)
+/* Pushes nil, the cancellation message of t's wait, "unknown": the wait was cancelled after its
+ * work had started, so it may have taken effect. Stack: [-0, +3]. */
+static int push_unknown(lua_State *L, ah_lua_t *lua, const task_t *t)
 {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s; the operation had already started and may have been applied",
+                    cancel_msg_of(lua, t));
+    lua_pushstring(L, code_unknown);
+    return 3;
+}
+
+/* Stops what t waits for, without resuming it. Returns true when the work waited for had
+ * started and may still take effect (ah_lua_op_t.outcome_unknown). */
+static bool task_stop_wait(task_t *t)
+{
+    bool unknown = false;
     switch (t->wait) {
     case WAIT_SLEEP:
         uv_timer_stop(&t->timer);
@@ -84,7 +105,9 @@ static void task_stop_wait(task_t *t)
         t->op = NULL;
         if (op != NULL) {
             op->task = NULL;
+            op->outcome_unknown = false;
             op->cancel(op);
+            unknown = op->outcome_unknown;
         }
         break;
     }
@@ -92,6 +115,7 @@ static void task_stop_wait(task_t *t)
         break;
     }
     t->wait = WAIT_NONE;
+    return unknown;
 }
 
 /* Cancels every wait of the running call: each resumes with nil, msg, code, and every later wait
@@ -109,9 +133,10 @@ static void cancel_waits(ah_lua_t *lua, const char *code, const char *msg, bool 
         if (t->ended || t->wait == WAIT_NONE || (t->wait == WAIT_JOIN && !joins_too)) {
             continue;
         }
-        task_stop_wait(t);
+        bool unknown = task_stop_wait(t);
         lua_checkstack(t->co, 3);
-        ah_lua_task_ready(lua, t, ah_lua_task_push_cancelled(t->co, lua));
+        ah_lua_task_ready(
+            lua, t, unknown ? push_unknown(t->co, lua, t) : ah_lua_task_push_cancelled(t->co, lua));
     }
 }
 
@@ -121,9 +146,11 @@ void ah_lua_task_cancel(ah_lua_t *lua, task_t *t)
     if (t->ended || t->wait == WAIT_NONE) {
         return;
     }
-    task_stop_wait(t);
+    bool unknown = task_stop_wait(t);
     lua_checkstack(t->co, 3);
-    ah_lua_task_ready(lua, t, ah_lua_task_push_task_cancelled(t->co, lua, t));
+    ah_lua_task_ready(lua, t,
+                      unknown ? push_unknown(t->co, lua, t)
+                              : ah_lua_task_push_task_cancelled(t->co, lua, t));
 }
 
 /* The task allowed to wait on L, i.e. the running task itself (not a coroutine the script
