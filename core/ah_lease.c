@@ -52,6 +52,7 @@ struct ah_leases_s {
     lease_entry_t entries[AH_LEASES_PER_AGENT];
     int count;
     pthread_t thread;
+    bool started;
 };
 
 static lease_entry_t *find_locked(ah_leases_t *lk, const char *name)
@@ -212,15 +213,12 @@ static void *keeper_main(void *arg)
     return NULL;
 }
 
-ah_leases_t *ah_leases_start(ah_store_t *store, ah_state_t *state, const char *owner, char *err,
-                             size_t errlen)
+ah_leases_t *ah_leases_new(ah_state_t *state, const char *owner)
 {
     ah_leases_t *lk = calloc(1, sizeof(*lk));
     if (lk == NULL) {
-        snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    lk->store = store;
     lk->state = state;
     lk->epoch = 1;
     ah_strlcpy(lk->owner, owner != NULL ? owner : "", sizeof(lk->owner));
@@ -230,19 +228,23 @@ ah_leases_t *ah_leases_start(ah_store_t *store, ah_state_t *state, const char *o
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_cond_init(&lk->cond, &attr);
     pthread_condattr_destroy(&attr);
+    return lk;
+}
+
+int ah_leases_start(ah_leases_t *lk, ah_store_t *store, char *err, size_t errlen)
+{
+    lk->store = store;
     if (pthread_create(&lk->thread, NULL, keeper_main, lk) != 0) {
         snprintf(err, errlen, "cannot start the lease keeper thread");
-        pthread_cond_destroy(&lk->cond);
-        pthread_mutex_destroy(&lk->lock);
-        free(lk);
-        return NULL;
+        return AH_EIO;
     }
-    return lk;
+    lk->started = true;
+    return 0;
 }
 
 void ah_leases_stop(ah_leases_t *lk)
 {
-    if (lk == NULL) {
+    if (lk == NULL || !lk->started) {
         return;
     }
     pthread_mutex_lock(&lk->lock);
@@ -250,23 +252,35 @@ void ah_leases_stop(ah_leases_t *lk)
     pthread_cond_broadcast(&lk->cond);
     pthread_mutex_unlock(&lk->lock);
     pthread_join(lk->thread, NULL);
+    lk->started = false;
     /* the thread has exited: give back what is still held, one write each */
     for (int i = 0; i < lk->count; i++) {
-        lease_entry_t *e = &lk->entries[i];
-        if (!e->held || lk->store == NULL) {
+        pthread_mutex_lock(&lk->lock);
+        lease_entry_t copy = lk->entries[i];
+        lk->entries[i].held = false;
+        pthread_mutex_unlock(&lk->lock);
+        if (!copy.held || lk->store == NULL) {
             continue;
         }
         ah_lease_t got;
         char err[AH_ERRLEN] = "";
-        int rc = ah_store_lease(lk->store, AH_LEASE_RELEASE, e->name, lk->owner, e->token, 0, &got,
-                                err, sizeof(err));
+        int rc = ah_store_lease(lk->store, AH_LEASE_RELEASE, copy.name, lk->owner, copy.token, 0,
+                                &got, err, sizeof(err));
         if (rc == 0) {
-            ah_log_info("Lease %s released (token %" PRId64 ")", e->name, e->token);
+            ah_log_info("Lease %s released (token %" PRId64 ")", copy.name, copy.token);
         } else {
-            ah_log_warn("Lease %s not released (it expires in at most %gs): %s", e->name, e->ttl,
-                        err);
+            ah_log_warn("Lease %s not released (it expires in at most %gs): %s", copy.name,
+                        copy.ttl, err);
         }
     }
+}
+
+void ah_leases_free(ah_leases_t *lk)
+{
+    if (lk == NULL) {
+        return;
+    }
+    ah_leases_stop(lk);
     pthread_cond_destroy(&lk->cond);
     pthread_mutex_destroy(&lk->lock);
     free(lk);

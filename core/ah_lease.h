@@ -33,14 +33,17 @@ typedef struct ah_lease_view_s {
     char last_error[AH_ERRLEN];
 } ah_lease_view_t;
 
-/* Starts the keeper of agent `owner` on `store` (not owned; NULL: no control store, every
- * acquire fails with AH_EUNAVAIL), reading the run state from `state`. NULL with err on
- * failure. */
-ah_leases_t *ah_leases_start(ah_store_t *store, ah_state_t *state, const char *owner, char *err,
-                             size_t errlen);
-/* Releases every held lease (one store write each), stops the thread and frees. NULL is
- * accepted. */
+/* Creates the keeper of agent `owner`, reading the run state from `state`; no thread yet. NULL
+ * when out of memory. */
+ah_leases_t *ah_leases_new(ah_state_t *state, const char *owner);
+/* Starts its thread on `store` (not owned, must outlive ah_leases_stop; NULL: no control store,
+ * every acquire fails with AH_EUNAVAIL). 0, or AH_EIO with err set. */
+int ah_leases_start(ah_leases_t *lk, ah_store_t *store, char *err, size_t errlen);
+/* Stops the thread, then releases every held lease (one store write each). The keeper stays
+ * readable (held() is false for all) until freed. NULL is accepted; idempotent. */
 void ah_leases_stop(ah_leases_t *lk);
+/* Frees (after ah_leases_stop). NULL is accepted. */
+void ah_leases_free(ah_leases_t *lk);
 
 /* A script names lease `name` (agent.lease, agent.every): creates its entry or updates its ttl,
  * and marks it as named by the current script (ah_leases_reload_begin). keep: the host itself
