@@ -732,6 +732,7 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
         goto out;
     }
     ah_http_set_fleet(h->http, h->fleet);
+    ah_http_set_leases(h->http, h->leases);
     atomic_store(&h->http_port, ah_http_port(h->http));
     /* An IPv6 address is written in brackets, as in a URL: [::1]:8000. */
     bool ipv6 = strchr(h->cfg->http_bind, ':') != NULL;

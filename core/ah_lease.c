@@ -302,8 +302,7 @@ static bool lease_name_ok(const char *name)
     return true;
 }
 
-int ah_leases_declare(ah_leases_t *lk, const char *name, double ttl, bool keep, char *err,
-                      size_t errlen)
+int ah_leases_check(const char *name, double ttl, char *err, size_t errlen)
 {
     if (!lease_name_ok(name)) {
         snprintf(err, errlen,
@@ -312,6 +311,15 @@ int ah_leases_declare(ah_leases_t *lk, const char *name, double ttl, bool keep, 
     }
     if (!(ttl >= 1.0 && ttl <= 3600.0)) {
         snprintf(err, errlen, "lease ttl must be between 1 and 3600 seconds");
+        return AH_EINVAL;
+    }
+    return 0;
+}
+
+int ah_leases_declare(ah_leases_t *lk, const char *name, double ttl, bool keep, char *err,
+                      size_t errlen)
+{
+    if (ah_leases_check(name, ttl, err, errlen) != 0) {
         return AH_EINVAL;
     }
     pthread_mutex_lock(&lk->lock);

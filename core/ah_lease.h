@@ -45,6 +45,9 @@ void ah_leases_stop(ah_leases_t *lk);
 /* Frees (after ah_leases_stop). NULL is accepted. */
 void ah_leases_free(ah_leases_t *lk);
 
+/* Checks a lease's name (1 to 128 of letters, digits and _-.:/) and ttl (1 to 3600 s). 0, or
+ * AH_EINVAL with err set. */
+int ah_leases_check(const char *name, double ttl, char *err, size_t errlen);
 /* A script names lease `name` (agent.lease, agent.every): creates its entry or updates its ttl,
  * and marks it as named by the current script (ah_leases_reload_begin). keep: the host itself
  * acquires it whenever the agent runs (agent.every). 0, or AH_EINVAL (bad name or ttl, too many

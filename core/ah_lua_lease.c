@@ -70,12 +70,10 @@ static int lease_declare(lua_State *L)
     lua_Number ttl = luaL_checknumber(L, 2);
     bool keep = lua_toboolean(L, 3);
     ah_leases_t *lk = keeper_of(L);
-    if (lk == NULL) {
-        lua_pushboolean(L, 1); /* agenthost check, or an embedder without a host: nothing to do */
-        return 1;
-    }
     char err[AH_ERRLEN];
-    if (ah_leases_declare(lk, name, (double)ttl, keep, err, sizeof(err)) != 0) {
+    int rc = lk != NULL ? ah_leases_declare(lk, name, (double)ttl, keep, err, sizeof(err))
+                        : ah_leases_check(name, (double)ttl, err, sizeof(err));
+    if (rc != 0) {
         lua_pushnil(L);
         lua_pushstring(L, err);
         return 2;
