@@ -24,6 +24,8 @@ static const char ctl_usage[] =
     "  history                     audit trail, newest first (--limit N, default 20)\n"
     "  agents                      every agent's status (--version N: only those behind N;\n"
     "                              --json: the raw answer)\n"
+    "  leases                      every lease: owner, fencing token, expires in (--json: the\n"
+    "                              raw answer)\n"
     "\n"
     "options:\n"
     "  --url URL          agent API (default $AGENTHOST_URL, else http://127.0.0.1:$HTTP_PORT,\n"
@@ -240,7 +242,7 @@ int ah_ctl_main(int argc, char **argv)
     }
 
     if (local && (strcmp(command, "stats") == 0 || strcmp(command, "history") == 0 ||
-                  strcmp(command, "agents") == 0)) {
+                  strcmp(command, "agents") == 0 || strcmp(command, "leases") == 0)) {
         fprintf(stderr, "agenthost ctl: --local applies to pause, resume, shutdown and state\n");
         return 2;
     }
@@ -285,6 +287,8 @@ int ah_ctl_main(int argc, char **argv)
             ah_buf_puts(&path, "?version=");
             url_encode(&path, agents_version);
         }
+    } else if (strcmp(command, "leases") == 0) {
+        ah_buf_puts(&path, "/api/cluster/leases");
     } else if (strcmp(command, "history") == 0) {
         ah_buf_puts(&path, "/api/cluster/history");
         if (limit != NULL) {
@@ -318,6 +322,8 @@ int ah_ctl_main(int argc, char **argv)
     int rc = 0;
     if (status >= 200 && status <= 299 && strcmp(command, "agents") == 0 && !raw_json) {
         rc = ah_ctl_fleet_print_agents(body, stdout, stderr);
+    } else if (status >= 200 && status <= 299 && strcmp(command, "leases") == 0 && !raw_json) {
+        rc = ah_ctl_fleet_print_leases(body, stdout, stderr);
     } else {
         printf("%s\n", body);
     }

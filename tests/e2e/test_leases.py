@@ -271,3 +271,29 @@ end }
     assert ev[0]["ok"] is False and "only from the script's main chunk or init" in ev[0]["err"]
     assert ev[1] == {"got": False, "msg": ev[1]["msg"], "code": "store", "held": False}
     assert "control store" in ev[1]["msg"]
+
+
+def test_ctl_leases_lists_owner_token_and_expiry(fleet, tmp_path):
+    events = tmp_path / "events.jsonl"
+    a = fleet.start(SWEEPER, env=agent_env(str(tmp_path / "state.db"), events, LEASE_TTL=TTL),
+                    name="sweeper-1")
+    holder_of(str(events))
+    r = run_cli(["ctl", "leases", "--url", a.url])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "OWNER", "TOKEN", "EXPIRES", "IN"]
+    name, owner, token, expires = lines[1].split()
+    assert (name, owner, token) == ("sweep", "sweeper-1", "1")
+    assert 0 < float(expires.rstrip("s")) <= TTL
+    assert lines[-1] == "1 lease"
+    raw = run_cli(["ctl", "leases", "--json", "--url", a.url])
+    body = __import__("json").loads(raw.stdout)
+    assert body["count"] == 1 and body["leases"][0]["owner"] == "sweeper-1"
+    assert 0 < body["leases"][0]["expires_in"] <= TTL
+    metrics = a.get("/metrics").body
+    assert 'agenthost_lease_held{name="sweep"} 1' in metrics
+    assert 'agenthost_lease_changes_total{name="sweep"} 1' in metrics
+    # the agent's shutdown gives the lease back
+    a.signal(signal.SIGTERM)
+    a.wait_exit()
+    a.wait_log(r"Lease sweep released \(token 1\)")
