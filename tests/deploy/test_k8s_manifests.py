@@ -194,6 +194,9 @@ def test_mongo_replica_set_and_init_job(k8s_objects):
     # the status records of GET /api/cluster/agents: upserts and the TTL index
     assert 'collection: "agent_status"' in script
     assert '["find", "insert", "update", "createIndex"]' in script
+    # the leases (agent.lease, agent.every): findAndModify upserts and an aggregate
+    assert 'collection: "agent_leases"},\n                actions: ["find", "insert", "update"]}' \
+        in script
     assert 'user: "agenthost"' in script
     # The agents' MongoDB URI names the same set, members, user and database.
     uri = by_kind(k8s_objects, "Secret")["agenthost-secrets"]["stringData"]["mongodb-uri"]
