@@ -226,8 +226,8 @@ static const char *const history_params[] = {"limit", NULL};
 static const char *const agents_params[] = {"version", NULL};
 static const char *const reload_params[] = {"wait", NULL};
 static const char *const cluster_command_params[] = {"reason", "updated_by", "if_version", "for",
-                                                     "until",  "wait",       NULL};
-static const char *const agent_command_params[] = {"reason", "updated_by", NULL};
+                                                     "until",  "wait",       "drain",      NULL};
+static const char *const agent_command_params[] = {"reason", "updated_by", "drain", NULL};
 
 typedef struct http_route_s {
     const char *path;   /* exact path, or a prefix ending in '/' when `prefix` */
@@ -242,6 +242,7 @@ static const http_route_t routes[] = {
     {"/api/cluster/stats", "GET", false, ah_http_handle_stats, no_params},
     {"/api/cluster/history", "GET", false, ah_http_handle_history, history_params},
     {"/api/cluster/agents", "GET", false, ah_http_handle_cluster_agents, agents_params},
+    {"/api/cluster/leases", "GET", false, ah_http_handle_leases, no_params},
     {"/api/agent/state", "GET", false, ah_http_handle_agent_state, no_params},
     {"/api/agent/reload", "POST", false, ah_http_handle_agent_reload, reload_params},
     {"/api/mongo/status", "GET", false, ah_http_handle_mongo_status, no_params},
@@ -661,6 +662,13 @@ void ah_http_set_fleet(ah_http_t *http, ah_fleet_t *fleet)
 {
     if (http != NULL) {
         atomic_store(&http->fleet, fleet);
+    }
+}
+
+void ah_http_set_leases(ah_http_t *http, struct ah_leases_s *leases)
+{
+    if (http != NULL) {
+        atomic_store(&http->leases, leases);
     }
 }
 
