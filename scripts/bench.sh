@@ -439,11 +439,13 @@ section_lua_mongo() {
 }
 
 section_fleet() {
-    # 100 agents on the MongoDB test server (change streams) and on the embedded store: time from
-    # POST ...?wait=30 to "complete" for 3 commands, idle database commands per agent per minute
-    # counted at the server, connections per agent (tests/bench/bench_fleet.py).
+    # FLEET_N agents (default 100) on the MongoDB test server (change streams) and on the
+    # embedded store: time from POST ...?wait=30 to "complete" for 3 commands, idle database
+    # commands per agent per minute counted at the server, connections, CPU, RSS/PSS and fds per
+    # agent (tests/bench/bench_fleet.py; FLEET_ENV adds agent settings).
     local out
-    if ! out=$(AGENTHOST_BIN="$AGENTHOST" "$PY" "$ROOT/tests/bench/bench_fleet.py" 2>&1); then
+    if ! out=$(AGENTHOST_BIN="$AGENTHOST" FLEET_N=${FLEET_N:-100} \
+        "$PY" "$ROOT/tests/bench/bench_fleet.py" 2>&1); then
         echo "$out" | tail -30 | sed 's/^/  /'
         die_section "fleet" "the fleet benchmark failed"
         return
