@@ -12,13 +12,15 @@
   * on the embedded store (one SQLite file): the same POST -> complete times, CPU, RSS and fds.
 
 The load average is printed before and after each fleet: on a shared machine the numbers only
-mean something next to it. Extra environment for the agents: FLEET_ENV="VAR=value VAR=value"
+mean something next to it. FLEET_STORES=mongodb or =embedded runs one of the two; a broken run
+keeps the agents' logs (the path is printed). Extra environment for the agents: FLEET_ENV="VAR=value VAR=value"
 (e.g. "AGENT_HEARTBEAT_INTERVAL=60 ENABLE_CHANGE_STREAMS=false CONTROL_POLLING_INTERVAL=5").
 
 Prints one line per measurement ending in PASS/FAIL and exits 0 unless the bench itself broke
 (an agent that would not start, an answer that was not 200)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,27 +62,46 @@ def free_port():
 
 class Fleet:
     def __init__(self, env, tmp):
-        self.procs = []
-        self.ports = []
+        self.tmp = tmp
+        self.env = env
+        self.procs = [None] * AGENTS
+        self.ports = [0] * AGENTS
         for i in range(AGENTS):
-            port = free_port()
-            e = dict(os.environ, HTTP_PORT=str(port), HTTP_BIND="127.0.0.1",
-                     AGENT_ID=f"bench-{i:03d}", EVENTS_FILE=os.path.join(tmp, f"e{i}.jsonl"),
-                     LOG_LEVEL="warn", **{**env, **FLEET_ENV})
-            log = open(os.path.join(tmp, f"agent-{i}.log"), "w")
-            self.procs.append(subprocess.Popen([BIN, "run", SCRIPT], env=e, stdout=log,
-                                               stderr=subprocess.STDOUT))
-            log.close()
-            self.ports.append(port)
+            self.start_one(i)
+
+    def start_one(self, i):
+        """Starts agent i on a free port. The port is only free when it was picked: another
+        process may take it before the agent binds, so restart_lost() starts such an agent
+        again on another port."""
+        port = free_port()
+        e = dict(os.environ, HTTP_PORT=str(port), HTTP_BIND="127.0.0.1",
+                 AGENT_ID=f"bench-{i:03d}", EVENTS_FILE=os.path.join(self.tmp, f"e{i}.jsonl"),
+                 LOG_LEVEL="warn", **{**self.env, **FLEET_ENV})
+        log = open(os.path.join(self.tmp, f"agent-{i}.log"), "a")
+        self.procs[i] = subprocess.Popen([BIN, "run", SCRIPT], env=e, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        log.close()
+        self.ports[i] = port
+
+    def restart_lost(self):
+        """Restarts every agent that exited because its port was taken meanwhile."""
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None:
+                with open(os.path.join(self.tmp, f"agent-{i}.log")) as f:
+                    if "Address already in use" not in f.read():
+                        continue
+                print(f"  agent {i}: port {self.ports[i]} was taken before it bound: restarted")
+                self.start_one(i)
 
     def url(self, i):
         return f"http://127.0.0.1:{self.ports[i]}"
 
-    def wait_ready(self, timeout=180):
+    def wait_ready(self, timeout=180 + AGENTS):
         """True once agent 0 lists every agent running; else prints what it saw last."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
+            self.restart_lost()
             try:
                 status, body = http("GET", self.url(0) + "/api/cluster/agents")
                 last = (status, body.get("summary") if status == 200 else body)
@@ -167,6 +188,25 @@ def percentile(values, p):
     return values[min(len(values) - 1, max(0, int(round(p / 100.0 * (len(values) - 1)))))]
 
 
+def hooks_line(fleet, version, sent_wall):
+    """When the agents' hooks ran for `version`, from their EVENTS_FILEs (wall clock, relative to
+    the POST): the share of POST -> complete spent before every agent had applied it."""
+    times = []
+    for i in range(AGENTS):
+        try:
+            with open(os.path.join(fleet.tmp, f"e{i}.jsonl")) as f:
+                for line in f:
+                    ev = json.loads(line)
+                    if ev.get("version") == version:
+                        times.append(ev["t"] - sent_wall)
+        except (OSError, ValueError):
+            pass
+    if not times:
+        return "no hook recorded"
+    return (f"hooks of {len(times)} agents ran p50 {percentile(times, 50):.3f} s, "
+            f"max {max(times):.3f} s after the POST")
+
+
 def run_commands(fleet, label):
     """COMMANDS alternating pause/resume with wait=30; returns False if the bench broke."""
     times = []
@@ -174,6 +214,7 @@ def run_commands(fleet, label):
         cmd = "pause" if n % 2 == 0 else "resume"
         issuer = (n * 37) % AGENTS
         sent = time.monotonic()
+        sent_wall = time.time()
         status, body = http("POST", fleet.url(issuer) + f"/api/cluster/{cmd}?wait=30&reason=bench")
         took = time.monotonic() - sent
         if status != 200:
@@ -184,7 +225,7 @@ def run_commands(fleet, label):
         print(f"  {label} {cmd} v{body['version']}: POST -> complete {took:.3f} s "
               f"(complete={w['complete']}, acknowledged {len(w['acknowledged'])}, "
               f"pending {len(w['pending'])}, excluded {len(w['excluded'])}, "
-              f"waited_s {w['waited_s']})")
+              f"waited_s {w['waited_s']}); {hooks_line(fleet, body['version'], sent_wall)}")
         if not w["complete"]:
             times[-1] = float("inf")
         time.sleep(1)  # let the fleet settle between commands (hooks, status writes)
@@ -249,11 +290,18 @@ def bench_embedded(tmp):
 
 def main():
     ok = True
-    with tempfile.TemporaryDirectory(prefix="ah-bench-fleet.") as tmp:
-        os.makedirs(os.path.join(tmp, "m"))
-        os.makedirs(os.path.join(tmp, "e"))
+    stores = os.environ.get("FLEET_STORES", "mongodb,embedded").split(",")
+    tmp = tempfile.mkdtemp(prefix="ah-bench-fleet.")
+    os.makedirs(os.path.join(tmp, "m"))
+    os.makedirs(os.path.join(tmp, "e"))
+    if "mongodb" in stores:
         ok = bench_mongodb(os.path.join(tmp, "m")) and ok
+    if "embedded" in stores:
         ok = bench_embedded(os.path.join(tmp, "e")) and ok
+    if ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"  the agents' logs are kept in {tmp}")
     return 0 if ok else 1
 
 
