@@ -2,6 +2,8 @@
  * both watchers share. */
 #include "ah_store.h"
 
+#include "ah_redact.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +34,14 @@ int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control
     }
     if (req->expires_us != 0 && req->command != AH_CMD_PAUSE) {
         snprintf(err, errlen, "only a pause can expire");
+        return AH_EINVAL;
+    }
+    if (req->drain_ms != 0 && req->command == AH_CMD_RUNNING) {
+        snprintf(err, errlen, "only a pause or a shutdown can have a drain deadline");
+        return AH_EINVAL;
+    }
+    if (req->drain_ms < 0 || req->drain_ms > (int64_t)AH_PAUSE_MAX_S * 1000) {
+        snprintf(err, errlen, "drain must be from 0 to %ds", AH_PAUSE_MAX_S);
         return AH_EINVAL;
     }
     ah_command_req_t full = *req;
@@ -82,6 +92,57 @@ int ah_store_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, ch
         return AH_EUNAVAIL;
     }
     return st->ops->list_status(st, out, count, err, errlen);
+}
+
+int ah_store_lease(ah_store_t *st, ah_lease_op_t op, const char *name, const char *owner,
+                   int64_t token, int64_t ttl_ms, ah_lease_t *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    if (name == NULL || name[0] == '\0' || strlen(name) > AH_NAME_MAX || owner == NULL ||
+        owner[0] == '\0' || strlen(owner) > AH_NAME_MAX) {
+        snprintf(err, errlen, "a lease needs a name and an owner of 1 to %d bytes", AH_NAME_MAX);
+        return AH_EINVAL;
+    }
+    if (op != AH_LEASE_RELEASE && ttl_ms <= 0) {
+        snprintf(err, errlen, "a lease's ttl must be positive");
+        return AH_EINVAL;
+    }
+    if (op != AH_LEASE_ACQUIRE && token <= 0) {
+        snprintf(err, errlen, "renewing or releasing a lease needs its token");
+        return AH_EINVAL;
+    }
+    if (st->ops->lease == NULL) {
+        snprintf(err, errlen, "this store keeps no leases");
+        return AH_EUNAVAIL;
+    }
+    return st->ops->lease(st, op, name, owner, token, ttl_ms, out, err, errlen);
+}
+
+int ah_store_list_leases(ah_store_t *st, ah_lease_t **out, int *count, char *err, size_t errlen)
+{
+    *out = NULL;
+    *count = 0;
+    if (st->ops->list_leases == NULL) {
+        snprintf(err, errlen, "this store keeps no leases");
+        return AH_EUNAVAIL;
+    }
+    return st->ops->list_leases(st, out, count, err, errlen);
+}
+
+ah_lease_t *ah_store_lease_append(ah_lease_t **recs, int *count, int *cap)
+{
+    if (*count == *cap) {
+        int grown = *cap == 0 ? 16 : *cap * 2;
+        ah_lease_t *bigger = realloc(*recs, (size_t)grown * sizeof(**recs));
+        if (bigger == NULL) {
+            return NULL;
+        }
+        *recs = bigger;
+        *cap = grown;
+    }
+    ah_lease_t *r = &(*recs)[(*count)++];
+    memset(r, 0, sizeof(*r));
+    return r;
 }
 
 void ah_store_close(ah_store_t *st)
@@ -137,7 +198,7 @@ bool ah_store_note_connected(ah_store_reporter_t *r, double latency_ms)
 void ah_store_note_failure(ah_store_reporter_t *r, const char *message)
 {
     r->status.connected = false;
-    ah_strlcpy(r->status.last_error, message, sizeof(r->status.last_error));
+    ah_redact_text(message, r->status.last_error, sizeof(r->status.last_error));
     r->status.last_error_us = ah_now_us();
     ah_store_report(r, true);
 }

@@ -18,6 +18,9 @@
 
 typedef struct ah_store_s ah_store_t;
 
+/* At most this many lease records are listed. */
+#define AH_LEASES_MAX 1000
+
 /* Longest agenthost version string a status record carries. */
 #define AH_VERSION_TEXT_MAX 31
 
@@ -37,6 +40,27 @@ typedef struct ah_agent_status_s {
     int64_t errors;
 } ah_agent_status_t;
 
+/* One lease (docs/LUA.md, "Work that runs once per fleet"): a named right to do work that must
+ * run on one agent at a time. The store keeps one record per name. */
+typedef struct ah_lease_s {
+    char name[AH_NAME_MAX + 1];
+    char owner[AH_NAME_MAX + 1]; /* the holder's agent id; "" once released */
+    int64_t token;         /* fencing token: grows by one every time the lease changes hands */
+    int64_t expires_in_ms; /* by the store's clock when it was read or written; <= 0: free */
+} ah_lease_t;
+
+/* What ah_store_lease does. Every one is a single conditional write judged by the store's clock
+ * (embedded: the file's time in one statement; MongoDB: $$NOW in an update pipeline). */
+typedef enum {
+    /* Take the lease when it is free (no record, or expired) or already ours (owner and token
+     * as given): owner = us, expiry = now + ttl; the token grows by one unless it was ours. */
+    AH_LEASE_ACQUIRE = 0,
+    /* Extend our hold (owner and token as given, expired or not): expiry = now + ttl. */
+    AH_LEASE_RENEW,
+    /* Give it up (owner and token as given): owner = "", expiry = now; the token stays. */
+    AH_LEASE_RELEASE,
+} ah_lease_op_t;
+
 typedef struct ah_store_listener_s {
     /* A control document was read: at start (initial sync) and after every change. */
     void (*on_control)(void *ud, const ah_control_t *doc);
@@ -53,6 +77,8 @@ typedef struct ah_command_req_s {
     const char *agent_id; /* the writing agent, for the audit entry */
     int64_t if_version;   /* >= 0: write only if the current version is this one; < 0: always */
     int64_t expires_us;   /* pause only: when the pause ends (µs since the epoch); 0: never */
+    int64_t drain_ms;     /* pause or shutdown: drain deadline, ms after the command's timestamp
+                             (0..AH_PAUSE_MAX_S * 1000); 0: none */
 } ah_command_req_t;
 
 typedef struct ah_store_ops_s {
@@ -68,6 +94,9 @@ typedef struct ah_store_ops_s {
                       size_t errlen);
     int (*list_status)(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
                        size_t errlen);
+    int (*lease)(ah_store_t *st, ah_lease_op_t op, const char *name, const char *owner,
+                 int64_t token, int64_t ttl_ms, ah_lease_t *out, char *err, size_t errlen);
+    int (*list_leases)(ah_store_t *st, ah_lease_t **out, int *count, char *err, size_t errlen);
 } ah_store_ops_t;
 
 /* Implementations embed this as their first member. */
@@ -87,7 +116,8 @@ int ah_store_command(ah_store_t *st, ah_command_t cmd, const char *reason, const
  * if_version >= 0 the write is one atomic conditional update (embedded: `UPDATE ... WHERE
  * version = N`; MongoDB: a findAndModify filtered on the version); when the version differs
  * nothing is written and AH_ECONFLICT is returned with *out set to the current document (err
- * says both versions). The written document carries expires_us (pause only, else 0). */
+ * says both versions). The written document carries expires_us (pause only, else 0) and
+ * drain_ms (pause and shutdown only, else 0; the audit entry carries it too). */
 int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
                          size_t errlen);
 /* Newest-first audit entries, at most `limit` (1..AH_HISTORY_MAX), into out[limit]; *count set. */
@@ -109,6 +139,20 @@ int ah_store_put_status(ah_store_t *st, const ah_agent_status_t *rec, double ttl
  * *count is 0). At most AH_AGENTS_MAX records. 0, or AH_EUNAVAIL/AH_EIO/AH_ENOMEM with err set. */
 int ah_store_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
                          size_t errlen);
+/* One lease operation (ah_lease_op_t) on lease `name` for agent `owner` (both non-empty, at most
+ * AH_NAME_MAX bytes); token: the token we hold (0: none, acquire only); ttl_ms > 0 (acquire,
+ * renew). One round trip; may block up to the store's timeouts, so never on the Lua thread.
+ * Returns 0 when the write took effect, *out the record after it; AH_ECONFLICT when its
+ * condition failed (nothing written): for acquire *out is the current holder, for renew and
+ * release *out is zeroed (the lease is not ours). Else AH_EUNAVAIL/AH_EIO/AH_EINVAL with err. */
+int ah_store_lease(ah_store_t *st, ah_lease_op_t op, const char *name, const char *owner,
+                   int64_t token, int64_t ttl_ms, ah_lease_t *out, char *err, size_t errlen);
+/* Reads every lease record, sorted by name, into a new array *out (free() it; NULL when *count
+ * is 0), at most AH_LEASES_MAX, expires_in_ms by the store's clock at the read. */
+int ah_store_list_leases(ah_store_t *st, ah_lease_t **out, int *count, char *err, size_t errlen);
+/* Appends one zeroed lease to *recs (as ah_store_status_append). */
+ah_lease_t *ah_store_lease_append(ah_lease_t **recs, int *count, int *cap);
+
 /* Stops the watcher (joins its thread) and frees the store. NULL is accepted. */
 void ah_store_close(ah_store_t *st);
 

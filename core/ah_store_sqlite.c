@@ -52,15 +52,50 @@ static const char ah_sqlite_schema[] =
     "CREATE TABLE IF NOT EXISTS control ("
     " id TEXT PRIMARY KEY, command TEXT NOT NULL, version INTEGER NOT NULL,"
     " timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL, updated_by TEXT NOT NULL,"
-    " expires_us INTEGER NOT NULL DEFAULT 0);"
+    " expires_us INTEGER NOT NULL DEFAULT 0, drain_ms INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS audit ("
     " version INTEGER PRIMARY KEY, command TEXT NOT NULL, timestamp_us INTEGER NOT NULL,"
-    " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);"
+    " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL,"
+    " drain_ms INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS agent_status ("
     " agent_id TEXT PRIMARY KEY, state TEXT NOT NULL, applied_version INTEGER NOT NULL,"
     " watch_mode TEXT NOT NULL, last_seen_us INTEGER NOT NULL, started_us INTEGER NOT NULL,"
     " host TEXT NOT NULL, pid INTEGER NOT NULL, agenthost_version TEXT NOT NULL,"
-    " batches INTEGER NOT NULL, errors INTEGER NOT NULL);";
+    " batches INTEGER NOT NULL, errors INTEGER NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS agent_leases ("
+    " name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL,"
+    " expires_ms INTEGER NOT NULL);";
+
+/* The file's clock in ms since the epoch: SQLite evaluates 'now' once per statement, so every
+ * use in one statement sees the same instant. */
+#define AH_SQLITE_NOW_MS "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+
+/* ?1 name, ?2 owner, ?3 our token (0: none), ?4 ttl ms. Free (expired) or ours: take it. */
+static const char ah_sqlite_lease_acquire[] =
+    "INSERT INTO agent_leases (name, owner, token, expires_ms)"
+    " VALUES (?1, ?2, 1, " AH_SQLITE_NOW_MS " + ?4)"
+    " ON CONFLICT (name) DO UPDATE SET"
+    " token = CASE WHEN owner = ?2 AND token = ?3 THEN token ELSE token + 1 END,"
+    " owner = ?2, expires_ms = " AH_SQLITE_NOW_MS " + ?4"
+    " WHERE expires_ms <= " AH_SQLITE_NOW_MS " OR (owner = ?2 AND token = ?3)"
+    " RETURNING owner, token, expires_ms - " AH_SQLITE_NOW_MS;
+
+static const char ah_sqlite_lease_renew[] =
+    "UPDATE agent_leases SET expires_ms = " AH_SQLITE_NOW_MS " + ?4"
+    " WHERE name = ?1 AND owner = ?2 AND token = ?3"
+    " RETURNING owner, token, expires_ms - " AH_SQLITE_NOW_MS;
+
+static const char ah_sqlite_lease_release[] =
+    "UPDATE agent_leases SET owner = '', expires_ms = " AH_SQLITE_NOW_MS
+    " WHERE name = ?1 AND owner = ?2 AND token = ?3"
+    " RETURNING owner, token, 0";
+
+static const char ah_sqlite_lease_select[] =
+    "SELECT owner, token, expires_ms - " AH_SQLITE_NOW_MS " FROM agent_leases WHERE name = ?1";
+
+static const char ah_sqlite_lease_list[] =
+    "SELECT name, owner, token, expires_ms - " AH_SQLITE_NOW_MS " FROM agent_leases"
+    " ORDER BY name LIMIT ?1";
 
 static const char ah_sqlite_put_status[] =
     "INSERT OR REPLACE INTO agent_status (agent_id, state, applied_version, watch_mode,"
@@ -78,27 +113,37 @@ static const char ah_sqlite_insert_initial[] =
     " VALUES ('global_control', 'running', (SELECT IFNULL(MAX(version), 0) FROM audit), ?1,"
     " 'initial state', 'system')";
 
-/* A file written before timed pauses existed lacks the column: added at open. */
-static const char ah_sqlite_has_expires[] = "SELECT expires_us FROM control LIMIT 0";
-static const char ah_sqlite_add_expires[] =
-    "ALTER TABLE control ADD COLUMN expires_us INTEGER NOT NULL DEFAULT 0";
+/* Columns added after the first release: a file written before lacks them, so each is added
+ * at open (its probe fails to prepare). */
+static const struct {
+    const char *probe;
+    const char *add;
+} ah_sqlite_added_columns[] = {
+    {"SELECT expires_us FROM control LIMIT 0",
+     "ALTER TABLE control ADD COLUMN expires_us INTEGER NOT NULL DEFAULT 0"},
+    {"SELECT drain_ms FROM control LIMIT 0",
+     "ALTER TABLE control ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
+    {"SELECT drain_ms FROM audit LIMIT 0",
+     "ALTER TABLE audit ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
+};
 
 static const char ah_sqlite_select_control[] =
-    "SELECT command, version, timestamp_us, reason, updated_by, expires_us FROM control"
+    "SELECT command, version, timestamp_us, reason, updated_by, expires_us, drain_ms FROM control"
     " WHERE id = 'global_control'";
 
 /* ?6 < 0: unconditional; else only when the version is ?6 (compare-and-set). */
 static const char ah_sqlite_update_control[] =
     "UPDATE control SET version = version + 1, command = ?1, timestamp_us = ?2, reason = ?3,"
-    " updated_by = ?4, expires_us = ?5 WHERE id = 'global_control' AND (?6 < 0 OR version = ?6)"
+    " updated_by = ?4, expires_us = ?5, drain_ms = ?7"
+    " WHERE id = 'global_control' AND (?6 < 0 OR version = ?6)"
     " RETURNING version";
 
 static const char ah_sqlite_insert_audit[] =
-    "INSERT INTO audit (version, command, timestamp_us, reason, updated_by, agent_id)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+    "INSERT INTO audit (version, command, timestamp_us, reason, updated_by, agent_id, drain_ms)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 static const char ah_sqlite_select_history[] =
-    "SELECT command, version, timestamp_us, reason, updated_by, agent_id FROM audit"
+    "SELECT command, version, timestamp_us, reason, updated_by, agent_id, drain_ms FROM audit"
     " ORDER BY version DESC LIMIT ?1";
 
 /* True for the "someone else holds the lock" family of result codes. */
@@ -160,12 +205,16 @@ static int sqlite_connect(const ah_sqlite_store_t *st, bool create, int busy_ms,
             if (rc == SQLITE_OK) {
                 rc = sqlite3_exec(db, ah_sqlite_schema, NULL, NULL, NULL);
             }
-            if (rc == SQLITE_OK &&
-                sqlite3_prepare_v2(db, ah_sqlite_has_expires, -1, &stmt, NULL) != SQLITE_OK) {
-                rc = sqlite3_exec(db, ah_sqlite_add_expires, NULL, NULL, NULL);
+            for (size_t i = 0; rc == SQLITE_OK && i < sizeof(ah_sqlite_added_columns) /
+                                                          sizeof(ah_sqlite_added_columns[0]);
+                 i++) {
+                if (sqlite3_prepare_v2(db, ah_sqlite_added_columns[i].probe, -1, &stmt, NULL) !=
+                    SQLITE_OK) {
+                    rc = sqlite3_exec(db, ah_sqlite_added_columns[i].add, NULL, NULL, NULL);
+                }
+                sqlite3_finalize(stmt);
+                stmt = NULL;
             }
-            sqlite3_finalize(stmt);
-            stmt = NULL;
             if (rc == SQLITE_OK) {
                 rc = sqlite3_prepare_v2(db, ah_sqlite_insert_initial, -1, &stmt, NULL);
             }
@@ -259,6 +308,7 @@ static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t
     }
     control_from_row(stmt, false, out);
     out->expires_us = sqlite3_column_int64(stmt, 5);
+    out->drain_ms = sqlite3_column_int64(stmt, 6);
     if (out->command == AH_CMD_NONE) {
         snprintf(err, errlen, "embedded store '%s': read failed: unknown command '%s'", st->path,
                  (const char *)sqlite3_column_text(stmt, 0));
@@ -311,6 +361,7 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
     sqlite3_bind_text(stmt, 4, doc->updated_by, -1, SQLITE_STATIC);
     sqlite3_bind_int64(stmt, 5, doc->expires_us);
     sqlite3_bind_int64(stmt, 6, if_version);
+    sqlite3_bind_int64(stmt, 7, doc->drain_ms);
     rc = sqlite3_step(stmt);
     if (rc == SQLITE_DONE && if_version >= 0) {
         sqlite3_finalize(stmt);
@@ -341,6 +392,7 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
     sqlite3_bind_text(stmt, 4, doc->reason, -1, SQLITE_STATIC);
     sqlite3_bind_text(stmt, 5, doc->updated_by, -1, SQLITE_STATIC);
     sqlite3_bind_text(stmt, 6, doc->agent_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 7, doc->drain_ms);
     rc = sqlite3_step(stmt);
     if (rc != SQLITE_DONE) {
         goto cleanup;
@@ -430,6 +482,7 @@ static int sqlite_command(ah_store_t *base, const ah_command_req_t *req, ah_cont
     ah_strlcpy(doc.updated_by, req->updated_by, sizeof(doc.updated_by));
     ah_strlcpy(doc.agent_id, req->agent_id, sizeof(doc.agent_id));
     doc.expires_us = req->expires_us;
+    doc.drain_ms = req->drain_ms;
 
     pthread_mutex_lock(&st->api_lock);
     ret = api_connect_locked(st, err, errlen);
@@ -479,6 +532,7 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
     sqlite3_bind_int(stmt, 1, limit);
     while (n < limit && (rc = sqlite3_step(stmt)) == SQLITE_ROW) {
         control_from_row(stmt, true, &out[n]);
+        out[n].drain_ms = sqlite3_column_int64(stmt, 6);
         n++;
     }
     if (n < limit && rc != SQLITE_DONE) {
@@ -605,6 +659,151 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
     }
     if (rc != SQLITE_DONE) {
         sqlite_error(err, errlen, st, st->api_db, "status read failed");
+        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    *out = recs;
+    *count = n;
+    recs = NULL;
+    ret = 0;
+cleanup:
+    sqlite3_finalize(stmt);
+    pthread_mutex_unlock(&st->api_lock);
+    free(recs);
+    return ret;
+}
+
+/* Fills *out (name already set) from a row: owner, token, expires in ms. */
+static void lease_from_row(sqlite3_stmt *stmt, int first, ah_lease_t *out)
+{
+    const unsigned char *owner = sqlite3_column_text(stmt, first);
+    ah_strlcpy(out->owner, owner != NULL ? (const char *)owner : "", sizeof(out->owner));
+    out->token = sqlite3_column_int64(stmt, first + 1);
+    out->expires_in_ms = sqlite3_column_int64(stmt, first + 2);
+}
+
+/* One attempt at a lease operation (api_lock held). Returns SQLITE_DONE when the write took
+ * effect (*took true) or its condition failed (*took false; acquire: *out the current holder),
+ * else the failing result code. */
+static int lease_once(sqlite3 *db, ah_lease_op_t op, const char *name, const char *owner,
+                      int64_t token, int64_t ttl_ms, ah_lease_t *out, bool *took)
+{
+    static const char *const sql[] = {
+        [AH_LEASE_ACQUIRE] = ah_sqlite_lease_acquire,
+        [AH_LEASE_RENEW] = ah_sqlite_lease_renew,
+        [AH_LEASE_RELEASE] = ah_sqlite_lease_release,
+    };
+    sqlite3_stmt *stmt = NULL;
+    *took = false;
+    int rc = sqlite3_prepare_v2(db, sql[op], -1, &stmt, NULL);
+    if (rc != SQLITE_OK) {
+        goto cleanup;
+    }
+    sqlite3_bind_text(stmt, 1, name, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 2, owner, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 3, token);
+    sqlite3_bind_int64(stmt, 4, ttl_ms);
+    rc = sqlite3_step(stmt);
+    if (rc == SQLITE_ROW) {
+        lease_from_row(stmt, 0, out);
+        *took = true;
+        rc = sqlite3_step(stmt);
+    }
+    if (rc != SQLITE_DONE) {
+        goto cleanup;
+    }
+    if (!*took && op == AH_LEASE_ACQUIRE) {
+        sqlite3_finalize(stmt);
+        stmt = NULL;
+        rc = sqlite3_prepare_v2(db, ah_sqlite_lease_select, -1, &stmt, NULL);
+        if (rc != SQLITE_OK) {
+            goto cleanup;
+        }
+        sqlite3_bind_text(stmt, 1, name, -1, SQLITE_STATIC);
+        rc = sqlite3_step(stmt);
+        if (rc == SQLITE_ROW) {
+            lease_from_row(stmt, 0, out);
+            rc = sqlite3_step(stmt);
+        }
+    }
+cleanup:
+    sqlite3_finalize(stmt);
+    return rc;
+}
+
+static int sqlite_lease(ah_store_t *base, ah_lease_op_t op, const char *name, const char *owner,
+                        int64_t token, int64_t ttl_ms, ah_lease_t *out, char *err, size_t errlen)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    int rc = SQLITE_DONE;
+    bool took = false;
+
+    pthread_mutex_lock(&st->api_lock);
+    int ret = api_connect_locked(st, err, errlen);
+    if (ret != 0) {
+        goto cleanup;
+    }
+    for (int attempt = 1; attempt <= AH_SQLITE_TXN_ATTEMPTS; attempt++) {
+        memset(out, 0, sizeof(*out));
+        rc = lease_once(st->api_db, op, name, owner, token, ttl_ms, out, &took);
+        if (rc == SQLITE_DONE || !sqlite_is_busy(rc)) {
+            break;
+        }
+        ah_sleep(0.02 * attempt);
+    }
+    if (rc != SQLITE_DONE) {
+        sqlite_error(err, errlen, st, st->api_db, "lease write failed");
+        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    ah_strlcpy(out->name, name, sizeof(out->name));
+    if (!took) {
+        if (op != AH_LEASE_ACQUIRE) {
+            memset(out, 0, sizeof(*out));
+            ah_strlcpy(out->name, name, sizeof(out->name));
+        }
+        snprintf(err, errlen, "lease '%s' is not ours", name);
+        ret = AH_ECONFLICT;
+    }
+cleanup:
+    pthread_mutex_unlock(&st->api_lock);
+    return ret;
+}
+
+static int sqlite_list_leases(ah_store_t *base, ah_lease_t **out, int *count, char *err,
+                              size_t errlen)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    sqlite3_stmt *stmt = NULL;
+    ah_lease_t *recs = NULL;
+    int cap = 0, n = 0;
+    int rc = SQLITE_DONE;
+
+    pthread_mutex_lock(&st->api_lock);
+    int ret = api_connect_locked(st, err, errlen);
+    if (ret != 0) {
+        goto cleanup;
+    }
+    ret = AH_EIO;
+    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_lease_list, -1, &stmt, NULL) != SQLITE_OK) {
+        sqlite_error(err, errlen, st, st->api_db, "lease read failed");
+        ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    sqlite3_bind_int(stmt, 1, AH_LEASES_MAX);
+    while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+        ah_lease_t *r = ah_store_lease_append(&recs, &n, &cap);
+        if (r == NULL) {
+            snprintf(err, errlen, "embedded store '%s': lease read: out of memory", st->path);
+            ret = AH_ENOMEM;
+            goto cleanup;
+        }
+        const unsigned char *name = sqlite3_column_text(stmt, 0);
+        ah_strlcpy(r->name, name != NULL ? (const char *)name : "", sizeof(r->name));
+        lease_from_row(stmt, 1, r);
+    }
+    if (rc != SQLITE_DONE) {
+        sqlite_error(err, errlen, st, st->api_db, "lease read failed");
         ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
         goto cleanup;
     }
@@ -779,6 +978,8 @@ static const ah_store_ops_t ah_sqlite_ops = {
     .close = sqlite_close,
     .put_status = sqlite_put_status,
     .list_status = sqlite_list_status,
+    .lease = sqlite_lease,
+    .list_leases = sqlite_list_leases,
 };
 
 ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *err, size_t errlen)
