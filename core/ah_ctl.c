@@ -25,6 +25,8 @@ static const char ctl_usage[] =
     "  history                     audit trail, newest first (--limit N, default 20)\n"
     "  agents                      every agent's status (--version N: only those behind N;\n"
     "                              --json: the raw answer)\n"
+    "  leases                      every lease: owner, fencing token, expires in (--json: the\n"
+    "                              raw answer)\n"
     "  reload                      reload the script of the agent at --url (exit 1 with the\n"
     "                              error if it fails to load; --wait S: wait up to S seconds\n"
     "                              for the outcome, default 10)\n"
@@ -277,7 +279,7 @@ int ah_ctl_main(int argc, char **argv)
     }
 
     if (local && (strcmp(command, "stats") == 0 || strcmp(command, "history") == 0 ||
-                  strcmp(command, "agents") == 0)) {
+                  strcmp(command, "agents") == 0 || strcmp(command, "leases") == 0)) {
         fprintf(stderr, "agenthost ctl: --local applies to pause, resume, shutdown and state\n");
         return 2;
     }
@@ -333,6 +335,8 @@ int ah_ctl_main(int argc, char **argv)
             ah_buf_puts(&path, "?version=");
             url_encode(&path, agents_version);
         }
+    } else if (strcmp(command, "leases") == 0) {
+        ah_buf_puts(&path, "/api/cluster/leases");
     } else if (strcmp(command, "history") == 0) {
         ah_buf_puts(&path, "/api/cluster/history");
         if (limit != NULL) {
@@ -388,6 +392,8 @@ int ah_ctl_main(int argc, char **argv)
     int rc = 0;
     if (status >= 200 && status <= 299 && strcmp(command, "agents") == 0 && !raw_json) {
         rc = ah_ctl_fleet_print_agents(body, stdout, stderr);
+    } else if (status >= 200 && status <= 299 && strcmp(command, "leases") == 0 && !raw_json) {
+        rc = ah_ctl_fleet_print_leases(body, stdout, stderr);
     } else {
         printf("%s\n", body);
     }
