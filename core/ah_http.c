@@ -3,9 +3,11 @@
  * JSON body in an ah_buf_t before one response is queued, or parks the request (its answer is
  * queued when the connection resumes). GET routes read only a state snapshot (never the store,
  * so they cannot block on MongoDB); cluster commands and history go through the store on the
- * store workers of core/ah_http_park.c. Requests are served on libmicrohttpd's worker threads,
- * which never block; the only shared data are the state object (thread-safe), the store
- * (thread-safe), the parked requests (park_lock) and the read-only configuration. */
+ * store workers of core/ah_http_park.c. The layers call one way: this file → the handlers →
+ * parking (core/ah_http_park.h: replies, request contexts, parked requests) → state, store, JSON.
+ * Requests are served on libmicrohttpd's worker threads, which never block; the only shared data
+ * are the state object (thread-safe), the store (thread-safe), the parked requests (the parking's
+ * lock) and the read-only configuration. */
 #include "ah_http.h"
 
 #include "ah_http_handlers.h"
@@ -38,15 +40,15 @@
 #define HTTP_THREADS 2
 #define HTTP_PATH_IN_ERROR 200 /* bytes of a path quoted in a 404 message */
 
-#define JSON_TYPE "application/json"
 #define HTTP_DRAIN_MS 2000            /* ah_http_stop(): max wait for requests in flight */
 #define HTTP_STOP_SEND_RESERVE_S 0.25 /* ah_http_stop(): budget kept to send the last answers */
 
-/* Request contexts (http_request_t) are allocated only for requests that carry a body or are
- * parked. Request contexts that need no memory: an over-long URL (set by the URI log callback) and
- * a request without a body whose headers have been seen. libmicrohttpd 0.9.75 closes the connection
- * after any response queued during the first call of the access handler, so keep-alive requires
- * answering on the second call; these markers make that allocation-free. */
+/* Request contexts (http_request_t, core/ah_http_park.h) are allocated only for requests that
+ * carry a body or are parked. Request contexts that need no memory: an over-long URL (set by the
+ * URI log callback) and a request without a body whose headers have been seen. libmicrohttpd
+ * 0.9.75 closes the connection after any response queued during the first call of the access
+ * handler, so keep-alive requires answering on the second call; these markers make that
+ * allocation-free. A marker never reaches a handler: the context is NULL again before routing. */
 static char url_too_long_marker;
 static char too_many_params_marker;
 static char headers_seen_marker;
@@ -55,18 +57,6 @@ static bool is_marker(const void *req_cls)
 {
     return req_cls == &url_too_long_marker || req_cls == &too_many_params_marker ||
            req_cls == &headers_seen_marker;
-}
-
-http_request_t *ah_http_request_context(http_call_t *call)
-{
-    if (*call->req_cls != NULL && !is_marker(*call->req_cls)) {
-        return *call->req_cls;
-    }
-    http_request_t *req = calloc(1, sizeof(*req));
-    if (req != NULL) {
-        *call->req_cls = req;
-    }
-    return req;
 }
 
 /* ---- authorization ----------------------------------------------------------------------- */
@@ -174,50 +164,6 @@ static void route_request(ah_http_t *http, struct MHD_Connection *conn, void **r
                         HTTP_PATH_IN_ERROR, path);
 }
 
-/* Queues the reply (taking its body). MHD_NO closes the connection. */
-static enum MHD_Result send_reply(struct MHD_Connection *conn, http_reply_t *reply)
-{
-    static const char out_of_memory[] = "{\"status\":\"error\",\"error\":\"out of memory\"}";
-    size_t len = 0;
-    char *data = ah_buf_take(&reply->body, &len);
-    struct MHD_Response *response;
-    unsigned status = reply->status;
-    if (data == NULL) {
-        status = MHD_HTTP_INTERNAL_SERVER_ERROR;
-        reply->content_type = NULL;
-        response = MHD_create_response_from_buffer(sizeof(out_of_memory) - 1, (void *)out_of_memory,
-                                                   MHD_RESPMEM_PERSISTENT);
-    } else {
-        response = MHD_create_response_from_buffer(len, data, MHD_RESPMEM_MUST_FREE);
-        if (response == NULL) {
-            free(data);
-        }
-    }
-    if (response == NULL) {
-        return MHD_NO;
-    }
-    bool ok =
-        MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE,
-                                reply->content_type ? reply->content_type : JSON_TYPE) == MHD_YES &&
-        MHD_add_response_header(response, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") == MHD_YES &&
-        MHD_add_response_header(response, "X-Content-Type-Options", "nosniff") == MHD_YES;
-    if (ok && reply->allow != NULL) {
-        ok = MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, reply->allow) == MHD_YES;
-    }
-    if (ok && reply->www_authenticate) {
-        ok = MHD_add_response_header(response, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer") ==
-             MHD_YES;
-    }
-    if (ok && reply->retry_after > 0) {
-        char seconds[16];
-        snprintf(seconds, sizeof(seconds), "%u", reply->retry_after);
-        ok = MHD_add_response_header(response, MHD_HTTP_HEADER_RETRY_AFTER, seconds) == MHD_YES;
-    }
-    enum MHD_Result result = ok ? MHD_queue_response(conn, status, response) : MHD_NO;
-    MHD_destroy_response(response);
-    return result;
-}
-
 /* Queues one console file (static data, never copied) with the console's headers. MHD_NO
  * closes the connection. */
 static enum MHD_Result send_console_file(struct MHD_Connection *conn,
@@ -270,7 +216,7 @@ static enum MHD_Result answer(ah_http_t *http, struct MHD_Connection *conn, void
             return MHD_YES;
         }
     }
-    return send_reply(conn, &reply);
+    return ah_http_reply_send(conn, &reply);
 }
 
 /* Decides from the headers whether a body follows; *too_large when its announced length
@@ -321,21 +267,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if (too_large) {
             return answer(http, conn, req_cls, url, method, MHD_HTTP_CONTENT_TOO_LARGE);
         }
-        http_request_t *req = calloc(1, sizeof(*req));
-        if (req == NULL) {
-            return MHD_NO;
-        }
-        *req_cls = req;
-        return MHD_YES;
+        return ah_http_request_context(req_cls) != NULL ? MHD_YES : MHD_NO;
     }
     if (*req_cls == &headers_seen_marker) {
         /* a body despite no Content-Length/Transfer-Encoding cannot happen: refuse it */
-        return *upload_data_size > 0 ? MHD_NO : answer(http, conn, req_cls, url, method, 0);
+        if (*upload_data_size > 0) {
+            return MHD_NO;
+        }
+        *req_cls = NULL; /* the handler may park the request: it then makes a context */
+        return answer(http, conn, req_cls, url, method, 0);
     }
     http_request_t *req = *req_cls;
     if (req->park != NULL) {
         /* resumed: the parked request has its answer */
-        return send_reply(conn, ah_http_park_reply(req->park));
+        return ah_http_request_send_answer(conn, req);
     }
     if (*upload_data_size > 0) {
         req->body_bytes += *upload_data_size;
@@ -384,12 +329,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
     atomic_fetch_sub(&http->in_flight, 1);
     (void)conn;
     (void)toe;
-    if (*req_cls != NULL && !is_marker(*req_cls)) {
-        http_request_t *req = *req_cls;
-        ah_http_park_connection_done(req->park); /* NULL when it was never parked */
-        free(req);
+    if (is_marker(*req_cls)) {
+        *req_cls = NULL;
     }
-    *req_cls = NULL;
+    ah_http_request_done(req_cls);
 }
 
 /* libmicrohttpd's own diagnostics (malformed requests, resource limits) at debug level. */
@@ -480,7 +423,8 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
     http->state = state;
     http->store = store;
     http->metrics = metrics;
-    if (ah_http_park_start(http, err, errlen) != AH_OK) {
+    http->parking = ah_http_park_start(state, err, errlen);
+    if (http->parking == NULL) {
         goto fail;
     }
 
@@ -508,8 +452,10 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
     return http;
 
 fail:
-    ah_http_park_stop(http, 0); /* nothing was parked: nothing to wait for */
-    ah_http_park_free(http);
+    if (http->parking != NULL) {
+        ah_http_park_stop(http->parking, 0); /* nothing was parked: nothing to wait for */
+        ah_http_park_free(http->parking);
+    }
     free(http);
     return NULL;
 }
@@ -544,7 +490,7 @@ int ah_http_stop(ah_http_t *http, double seconds)
     /* The store workers get the budget but a moment kept for sending the last answers. */
     double budget = (double)(deadline_us - ah_mono_us()) / 1e6;
     double reserve = budget / 2 < HTTP_STOP_SEND_RESERVE_S ? budget / 2 : HTTP_STOP_SEND_RESERVE_S;
-    int park_rc = ah_http_park_stop(http, budget - reserve);
+    int park_rc = ah_http_park_stop(http->parking, budget - reserve);
     int64_t drain_until = ah_mono_us() + HTTP_DRAIN_MS * 1000;
     if (drain_until > deadline_us) {
         drain_until = deadline_us;
@@ -559,7 +505,7 @@ int ah_http_stop(ah_http_t *http, double seconds)
          * process exits next). */
         return AH_ETIMEOUT;
     }
-    ah_http_park_free(http);
+    ah_http_park_free(http->parking);
     free(http);
     return AH_OK;
 }

@@ -3,7 +3,8 @@
  * (the shapes of docs/API.md) into the reply. Routing, authorization and everything
  * libmicrohttpd are in core/ah_http.c. Handlers run on libmicrohttpd's threads and never block:
  * what needs the store (cluster commands, history) is copied into a job that a store worker runs
- * (run_*), and a reload waits parked (check_reload); see core/ah_http_park.c. */
+ * (run_*), and a reload waits parked (check_reload), both through core/ah_http_park.h, the layer
+ * below (handlers never call back into core/ah_http.c). */
 #include "ah_http_handlers.h"
 
 #include "ah_fleet.h"
@@ -12,7 +13,6 @@
 
 #include <math.h>
 #include <microhttpd.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <time.h>
 #include <stdlib.h>
@@ -66,22 +66,6 @@ static void json_timestamp_ms(ah_buf_t *b, const char *key, int64_t ts_us)
 static void json_str_or_null(ah_buf_t *b, const char *key, const char *value)
 {
     ah_json_str(b, key, value[0] != '\0' ? value : NULL);
-}
-
-void ah_http_reply_error(http_reply_t *reply, unsigned status, const char *fmt, ...)
-{
-    char message[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(message, sizeof(message), fmt, ap);
-    va_end(ap);
-    ah_buf_free(&reply->body);
-    reply->status = status;
-    reply->content_type = NULL;
-    ah_json_open(&reply->body);
-    ah_json_str(&reply->body, "status", "error");
-    ah_json_str(&reply->body, "error", message);
-    ah_json_close(&reply->body);
 }
 
 /* ---- request inputs --------------------------------------------------------------------- */
@@ -605,8 +589,8 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
         cw->command = cmd;
         /* The waiter answers; the park's own deadline (the write's allowance later) is only a
          * safety net. */
-        cw->park =
-            ah_http_park(call, reply, wait_s + HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
+        cw->park = ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
+                                wait_s + HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
         if (cw->park == NULL) {
             free(cw);
             return; /* reply: 503 (stopping) or 500 */
@@ -632,7 +616,8 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
     job->req = req;
     ah_strlcpy(job->reason, reason, sizeof(job->reason));
     ah_strlcpy(job->updated_by, updated_by, sizeof(job->updated_by));
-    ah_http_run_job(call, reply, run_cluster_command, job, free);
+    ah_http_run_job(call->http->parking, call->conn, call->req_cls, reply, run_cluster_command, job,
+                    free);
 }
 
 void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply)
@@ -852,7 +837,8 @@ void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
             return;
         }
         *ar = (agents_read_t){.http = http, .filtered = filtered, .wanted = wanted};
-        ar->park = ah_http_park(call, reply, HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
+        ar->park = ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
+                                HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
         if (ar->park == NULL) {
             free(ar);
             return; /* reply: 503 (stopping) or 500 */
@@ -907,7 +893,7 @@ void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
     }
     job->store = call->http->store;
     job->limit = limit;
-    ah_http_run_job(call, reply, run_history, job, free);
+    ah_http_run_job(call->http->parking, call->conn, call->req_cls, reply, run_history, job, free);
 }
 
 /* ---- agent routes ----------------------------------------------------------------------- */
@@ -1026,7 +1012,8 @@ void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
     }
     wait->http = call->http;
     wait->ticket = ah_state_request_reload(call->http->state);
-    ah_http_park_release(ah_http_park(call, reply, RELOAD_WAIT_S, check_reload, wait, free));
+    ah_http_park_release(ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
+                                      RELOAD_WAIT_S, check_reload, wait, free));
 }
 
 /* Seconds since started_us, rounded to milliseconds. */
@@ -1160,7 +1147,7 @@ void ah_http_handle_metrics(http_call_t *call, http_reply_t *reply)
     ah_state_snapshot(call->http->state, &snap);
     reply->content_type = METRICS_TYPE;
     ah_metrics_render_agent(&snap, uptime_seconds(&snap), &reply->body);
-    ah_http_park_render_metrics(call->http, &reply->body);
+    ah_http_park_render_metrics(call->http->parking, &reply->body);
     if (call->http->metrics != NULL) {
         ah_metrics_render(call->http->metrics, &reply->body); /* agent.metrics */
     }

@@ -1,20 +1,25 @@
-/* Parked requests of the HTTP API (ah_http_handlers.h, "parked requests"): a request whose
- * answer is not ready leaves libmicrohttpd's threads suspended, and is answered later from any
- * thread. This file owns the threads that do that work: HTTP_STORE_WORKERS store workers, which
- * run the jobs that may block (store calls) from a bounded queue, and one park thread, which
- * runs the checks of waiting requests after each change of the state object and answers them
- * at their deadline. libmicrohttpd's threads therefore never wait on the store or on the Lua
- * worker, and probes are answered while the store hangs.
+/* Replies, request contexts and parked requests of the HTTP API (ah_http_park.h): the layer
+ * below the handlers. A request whose answer is not ready leaves libmicrohttpd's threads
+ * suspended, and is answered later from any thread. This file owns the threads that do that
+ * work: HTTP_STORE_WORKERS store workers, which run the jobs that may block (store calls) from a
+ * bounded queue, and one park thread, which runs the checks of waiting requests after each change
+ * of the state object and answers them at their deadline. libmicrohttpd's threads therefore never
+ * wait on the store or on the Lua worker, and probes are answered while the store hangs. It also
+ * owns what suspending and resuming needs: the request context that points at the park, the
+ * suspend/resume calls, and the queuing of a reply on its connection.
  *
  * Ownership: a park is reference counted (atomic). The connection's reference is dropped when
  * libmicrohttpd completes the request, which can only happen after the answer (a suspended
  * connection is not processed); a queued job holds one until the job has run; a caller of
  * ah_http_park() holds one. The last release frees the park and its argument. */
-#include "ah_http_handlers.h"
+#include "ah_http_park.h"
 
 #include "ah_log.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,32 +29,115 @@
 #define HTTP_STORE_QUEUE_MAX 32 /* jobs waiting for one of them; past this: 503 */
 #define HTTP_RETRY_AFTER_S 1    /* Retry-After of that 503 */
 
-_Static_assert(HTTP_STORE_WORKERS <= sizeof(((ah_http_t *)0)->store_workers) /
-                                         sizeof(((ah_http_t *)0)->store_workers[0]),
-               "store_workers[] too small");
+#define JSON_TYPE "application/json"
+
+/* Lock order: the state object's listener lock → lock → the state object's lock (a park check
+ * reads a snapshot). */
+struct ah_http_parking_s {
+    ah_state_t *state;
+    /* lock guards everything below; park_cond wakes the park thread (a deadline, a state change,
+     * stop), jobs_cond the store workers (a job, stop). */
+    pthread_mutex_t lock;
+    pthread_cond_t park_cond;
+    pthread_cond_t jobs_cond;
+    bool stopping;          /* ah_http_park_stop() began: nothing new is parked */
+    bool dirty;             /* the state changed (or a request was parked): run the checks */
+    http_park_t *parks;     /* requests parked and not answered yet (a list through next) */
+    http_park_t *jobs_head; /* jobs waiting for a store worker, oldest first */
+    http_park_t *jobs_tail;
+    int jobs_waiting;            /* length of jobs_head; at most HTTP_STORE_QUEUE_MAX */
+    int jobs_running;            /* store workers inside a job */
+    atomic_ullong jobs_rejected; /* 503s of a full queue */
+    int threads_started;         /* store workers + the park thread that were created */
+    pthread_t park_thread;
+    pthread_t store_workers[HTTP_STORE_WORKERS];
+};
 
 struct http_park_s {
-    ah_http_t *http;
+    ah_http_parking_t *parking;
     struct MHD_Connection *conn;
     atomic_int refs;
-    bool answered;       /* under park_lock: `answer` is final, the connection was resumed */
+    bool answered;       /* under the parking lock: `answer` is final, the connection was resumed */
     http_reply_t answer; /* read by the resumed request, after `answered` */
     int64_t deadline_us; /* monotonic; 0: none (jobs) */
     http_park_check_t check;
     http_job_t job; /* NULL for ah_http_park() */
     void *arg;
     void (*free_arg)(void *arg);
-    http_park_t *prev; /* in http->parks while not answered */
+    http_park_t *prev; /* in parking->parks while not answered */
     http_park_t *next;
     http_park_t *job_next; /* in the job queue while waiting for a worker */
 };
 
-static void reply_init(http_reply_t *reply)
+/* ---- replies ---------------------------------------------------------------------------- */
+
+void ah_http_reply_init(http_reply_t *reply)
 {
     memset(reply, 0, sizeof(*reply));
     reply->status = MHD_HTTP_OK;
     ah_buf_init(&reply->body);
 }
+
+void ah_http_reply_error(http_reply_t *reply, unsigned status, const char *fmt, ...)
+{
+    char message[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(message, sizeof(message), fmt, ap);
+    va_end(ap);
+    ah_buf_free(&reply->body);
+    reply->status = status;
+    reply->content_type = NULL;
+    ah_json_open(&reply->body);
+    ah_json_str(&reply->body, "status", "error");
+    ah_json_str(&reply->body, "error", message);
+    ah_json_close(&reply->body);
+}
+
+enum MHD_Result ah_http_reply_send(struct MHD_Connection *conn, http_reply_t *reply)
+{
+    static const char out_of_memory[] = "{\"status\":\"error\",\"error\":\"out of memory\"}";
+    size_t len = 0;
+    char *data = ah_buf_take(&reply->body, &len);
+    struct MHD_Response *response;
+    unsigned status = reply->status;
+    if (data == NULL) {
+        status = MHD_HTTP_INTERNAL_SERVER_ERROR;
+        reply->content_type = NULL;
+        response = MHD_create_response_from_buffer(sizeof(out_of_memory) - 1, (void *)out_of_memory,
+                                                   MHD_RESPMEM_PERSISTENT);
+    } else {
+        response = MHD_create_response_from_buffer(len, data, MHD_RESPMEM_MUST_FREE);
+        if (response == NULL) {
+            free(data);
+        }
+    }
+    if (response == NULL) {
+        return MHD_NO;
+    }
+    bool ok =
+        MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE,
+                                reply->content_type ? reply->content_type : JSON_TYPE) == MHD_YES &&
+        MHD_add_response_header(response, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") == MHD_YES &&
+        MHD_add_response_header(response, "X-Content-Type-Options", "nosniff") == MHD_YES;
+    if (ok && reply->allow != NULL) {
+        ok = MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, reply->allow) == MHD_YES;
+    }
+    if (ok && reply->www_authenticate) {
+        ok = MHD_add_response_header(response, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer") ==
+             MHD_YES;
+    }
+    if (ok && reply->retry_after > 0) {
+        char seconds[16];
+        snprintf(seconds, sizeof(seconds), "%u", reply->retry_after);
+        ok = MHD_add_response_header(response, MHD_HTTP_HEADER_RETRY_AFTER, seconds) == MHD_YES;
+    }
+    enum MHD_Result result = ok ? MHD_queue_response(conn, status, response) : MHD_NO;
+    MHD_destroy_response(response);
+    return result;
+}
+
+/* ---- parks ------------------------------------------------------------------------------ */
 
 static void park_unref(http_park_t *park)
 {
@@ -68,7 +156,7 @@ void ah_http_park_release(http_park_t *park)
     park_unref(park);
 }
 
-/* Makes *reply the answer of park unless it has one (park_lock held); resumes the connection
+/* Makes *reply the answer of park unless it has one (the parking lock held); resumes the connection
  * (under the lock, so that ah_http_park_stop() never sees a park answered but still suspended).
  * reply's body is taken either way. Returns true if this answer is the one sent. */
 static bool answer_locked(http_park_t *park, http_reply_t *reply)
@@ -77,7 +165,7 @@ static bool answer_locked(http_park_t *park, http_reply_t *reply)
         ah_buf_free(&reply->body);
         return false;
     }
-    ah_http_t *http = park->http;
+    ah_http_parking_t *parking = park->parking;
     park->answer = *reply;
     park->answer.parked = false;
     ah_buf_init(&reply->body);
@@ -85,7 +173,7 @@ static bool answer_locked(http_park_t *park, http_reply_t *reply)
     if (park->prev != NULL) {
         park->prev->next = park->next;
     } else {
-        http->parks = park->next;
+        parking->parks = park->next;
     }
     if (park->next != NULL) {
         park->next->prev = park->prev;
@@ -97,21 +185,40 @@ static bool answer_locked(http_park_t *park, http_reply_t *reply)
 
 bool ah_http_park_answer(http_park_t *park, http_reply_t *reply)
 {
-    ah_http_t *http = park->http;
-    pthread_mutex_lock(&http->park_lock);
+    ah_http_parking_t *parking = park->parking;
+    pthread_mutex_lock(&parking->lock);
     bool sent = answer_locked(park, reply);
-    pthread_mutex_unlock(&http->park_lock);
+    pthread_mutex_unlock(&parking->lock);
     return sent;
 }
 
-http_reply_t *ah_http_park_reply(http_park_t *park)
+/* ---- request contexts ------------------------------------------------------------------- */
+
+http_request_t *ah_http_request_context(void **req_cls)
 {
-    return &park->answer;
+    if (*req_cls != NULL) {
+        return *req_cls;
+    }
+    http_request_t *req = calloc(1, sizeof(*req));
+    if (req != NULL) {
+        *req_cls = req;
+    }
+    return req;
 }
 
-void ah_http_park_connection_done(http_park_t *park)
+void ah_http_request_done(void **req_cls)
 {
-    park_unref(park);
+    http_request_t *req = *req_cls;
+    if (req != NULL) {
+        park_unref(req->park); /* NULL when it was never parked */
+        free(req);
+    }
+    *req_cls = NULL;
+}
+
+enum MHD_Result ah_http_request_send_answer(struct MHD_Connection *conn, http_request_t *req)
+{
+    return ah_http_reply_send(conn, &req->park->answer);
 }
 
 /* Fills reply with the 503 of a server that is stopping. */
@@ -120,22 +227,23 @@ static void reply_stopping(http_reply_t *reply)
     ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, "the agent is shutting down");
 }
 
-/* A new park for call (not linked yet), with the connection's reference, or NULL (out of
- * memory; arg not released). */
-static http_park_t *park_new(http_call_t *call, http_park_check_t check, http_job_t job, void *arg,
+/* A new park for the request at conn (its context at req_cls, allocated if needed; not linked
+ * yet), with the connection's reference, or NULL (out of memory; arg not released). */
+static http_park_t *park_new(ah_http_parking_t *parking, struct MHD_Connection *conn,
+                             void **req_cls, http_park_check_t check, http_job_t job, void *arg,
                              void (*free_arg)(void *arg), double timeout_s)
 {
-    if (ah_http_request_context(call) == NULL) {
+    if (ah_http_request_context(req_cls) == NULL) {
         return NULL;
     }
     http_park_t *park = calloc(1, sizeof(*park));
     if (park == NULL) {
         return NULL;
     }
-    park->http = call->http;
-    park->conn = call->conn;
+    park->parking = parking;
+    park->conn = conn;
     atomic_init(&park->refs, 1);
-    reply_init(&park->answer);
+    ah_http_reply_init(&park->answer);
     park->check = check;
     park->job = job;
     park->arg = arg;
@@ -152,25 +260,24 @@ static http_park_t *park_new(http_call_t *call, http_park_check_t check, http_jo
     return park;
 }
 
-/* Suspends the connection and links park into the parked requests (park_lock held). */
-static void park_link_locked(http_call_t *call, http_park_t *park)
+/* Suspends the connection and links park into the parked requests (lock held); req_cls holds
+ * the request context park_new() made sure of. */
+static void park_link_locked(ah_http_parking_t *parking, void **req_cls, http_park_t *park)
 {
-    ah_http_t *http = call->http;
-    http_request_t *ctx = *call->req_cls;
-    MHD_suspend_connection(call->conn);
+    http_request_t *ctx = *req_cls;
+    MHD_suspend_connection(park->conn);
     ctx->park = park;
-    park->next = http->parks;
-    if (http->parks != NULL) {
-        http->parks->prev = park;
+    park->next = parking->parks;
+    if (parking->parks != NULL) {
+        parking->parks->prev = park;
     }
-    http->parks = park;
+    parking->parks = park;
 }
 
-int ah_http_run_job(http_call_t *call, http_reply_t *reply, http_job_t job, void *arg,
-                    void (*free_arg)(void *arg))
+int ah_http_run_job(ah_http_parking_t *parking, struct MHD_Connection *conn, void **req_cls,
+                    http_reply_t *reply, http_job_t job, void *arg, void (*free_arg)(void *arg))
 {
-    ah_http_t *http = call->http;
-    http_park_t *park = park_new(call, NULL, job, arg, free_arg, 0);
+    http_park_t *park = park_new(parking, conn, req_cls, NULL, job, arg, free_arg, 0);
     if (park == NULL) {
         if (free_arg != NULL) {
             free_arg(arg);
@@ -178,15 +285,15 @@ int ah_http_run_job(http_call_t *call, http_reply_t *reply, http_job_t job, void
         ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
         return AH_ENOMEM;
     }
-    pthread_mutex_lock(&http->park_lock);
-    if (http->park_stopping || http->jobs_waiting >= HTTP_STORE_QUEUE_MAX) {
-        bool stopping = http->park_stopping;
-        pthread_mutex_unlock(&http->park_lock);
+    pthread_mutex_lock(&parking->lock);
+    if (parking->stopping || parking->jobs_waiting >= HTTP_STORE_QUEUE_MAX) {
+        bool stopping = parking->stopping;
+        pthread_mutex_unlock(&parking->lock);
         park_unref(park); /* frees arg */
         if (stopping) {
             reply_stopping(reply);
         } else {
-            atomic_fetch_add(&http->jobs_rejected, 1);
+            atomic_fetch_add(&parking->jobs_rejected, 1);
             ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE,
                                 "too many requests waiting for the control store (%d running, "
                                 "%d queued): retry later",
@@ -195,26 +302,26 @@ int ah_http_run_job(http_call_t *call, http_reply_t *reply, http_job_t job, void
         }
         return AH_EUNAVAIL;
     }
-    park_link_locked(call, park);
+    park_link_locked(parking, req_cls, park);
     atomic_fetch_add(&park->refs, 1); /* the queue's */
-    if (http->jobs_tail != NULL) {
-        http->jobs_tail->job_next = park;
+    if (parking->jobs_tail != NULL) {
+        parking->jobs_tail->job_next = park;
     } else {
-        http->jobs_head = park;
+        parking->jobs_head = park;
     }
-    http->jobs_tail = park;
-    http->jobs_waiting++;
-    pthread_cond_signal(&http->jobs_cond);
-    pthread_mutex_unlock(&http->park_lock);
+    parking->jobs_tail = park;
+    parking->jobs_waiting++;
+    pthread_cond_signal(&parking->jobs_cond);
+    pthread_mutex_unlock(&parking->lock);
     reply->parked = true;
     return AH_OK;
 }
 
-http_park_t *ah_http_park(http_call_t *call, http_reply_t *reply, double timeout_s,
-                          http_park_check_t check, void *arg, void (*free_arg)(void *arg))
+http_park_t *ah_http_park(ah_http_parking_t *parking, struct MHD_Connection *conn, void **req_cls,
+                          http_reply_t *reply, double timeout_s, http_park_check_t check, void *arg,
+                          void (*free_arg)(void *arg))
 {
-    ah_http_t *http = call->http;
-    http_park_t *park = park_new(call, check, NULL, arg, free_arg, timeout_s);
+    http_park_t *park = park_new(parking, conn, req_cls, check, NULL, arg, free_arg, timeout_s);
     if (park == NULL) {
         if (free_arg != NULL) {
             free_arg(arg);
@@ -222,18 +329,18 @@ http_park_t *ah_http_park(http_call_t *call, http_reply_t *reply, double timeout
         ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
         return NULL;
     }
-    pthread_mutex_lock(&http->park_lock);
-    if (http->park_stopping) {
-        pthread_mutex_unlock(&http->park_lock);
+    pthread_mutex_lock(&parking->lock);
+    if (parking->stopping) {
+        pthread_mutex_unlock(&parking->lock);
         park_unref(park);
         reply_stopping(reply);
         return NULL;
     }
-    park_link_locked(call, park);
+    park_link_locked(parking, req_cls, park);
     atomic_fetch_add(&park->refs, 1); /* the caller's */
-    http->park_dirty = true;          /* the check may already hold */
-    pthread_cond_broadcast(&http->park_cond);
-    pthread_mutex_unlock(&http->park_lock);
+    parking->dirty = true;            /* the check may already hold */
+    pthread_cond_broadcast(&parking->park_cond);
+    pthread_mutex_unlock(&parking->lock);
     reply->parked = true;
     return park;
 }
@@ -243,21 +350,21 @@ http_park_t *ah_http_park(http_call_t *call, http_reply_t *reply, double timeout
 /* The state object's change listener: wakes the park thread. */
 static void on_state_change(void *ud)
 {
-    ah_http_t *http = ud;
-    pthread_mutex_lock(&http->park_lock);
-    http->park_dirty = true;
-    pthread_cond_broadcast(&http->park_cond);
-    pthread_mutex_unlock(&http->park_lock);
+    ah_http_parking_t *parking = ud;
+    pthread_mutex_lock(&parking->lock);
+    parking->dirty = true;
+    pthread_cond_broadcast(&parking->park_cond);
+    pthread_mutex_unlock(&parking->lock);
 }
 
-/* Runs the checks that are due (park_lock held); returns the earliest deadline still ahead
+/* Runs the checks that are due (the parking lock held); returns the earliest deadline still ahead
  * (monotonic µs), or 0 when nothing waits for one. */
-static int64_t run_checks_locked(ah_http_t *http, bool dirty)
+static int64_t run_checks_locked(ah_http_parking_t *parking, bool dirty)
 {
     int64_t now = ah_mono_us();
     int64_t earliest = 0;
     http_park_t *next;
-    for (http_park_t *park = http->parks; park != NULL; park = next) {
+    for (http_park_t *park = parking->parks; park != NULL; park = next) {
         next = park->next; /* answer_locked() unlinks park, never next */
         if (park->job != NULL) {
             continue;
@@ -265,7 +372,7 @@ static int64_t run_checks_locked(ah_http_t *http, bool dirty)
         bool expired = park->deadline_us <= now;
         if (expired || (dirty && park->check != NULL)) {
             http_reply_t reply;
-            reply_init(&reply);
+            ah_http_reply_init(&reply);
             bool done = expired;
             if (park->check != NULL) {
                 done = park->check(park->arg, expired, &reply) || expired;
@@ -288,163 +395,180 @@ static int64_t run_checks_locked(ah_http_t *http, bool dirty)
 
 static bool park_thread_has_work(void *arg)
 {
-    const ah_http_t *http = arg;
-    return http->park_dirty || http->park_stopping;
+    const ah_http_parking_t *parking = arg;
+    return parking->dirty || parking->stopping;
 }
 
 static void *park_main(void *arg)
 {
-    ah_http_t *http = arg;
-    pthread_mutex_lock(&http->park_lock);
+    ah_http_parking_t *parking = arg;
+    pthread_mutex_lock(&parking->lock);
     bool dirty = true;
-    while (!http->park_stopping) {
-        int64_t earliest = run_checks_locked(http, dirty);
+    while (!parking->stopping) {
+        int64_t earliest = run_checks_locked(parking, dirty);
         double wait_s = earliest == 0 ? 3600.0 : (double)(earliest - ah_mono_us()) / 1e6;
         if (wait_s > 0) {
-            ah_cond_wait_until(&http->park_cond, &http->park_lock, wait_s, park_thread_has_work,
-                               http);
+            ah_cond_wait_until(&parking->park_cond, &parking->lock, wait_s, park_thread_has_work,
+                               parking);
         }
-        dirty = http->park_dirty;
-        http->park_dirty = false;
+        dirty = parking->dirty;
+        parking->dirty = false;
     }
-    pthread_mutex_unlock(&http->park_lock);
+    pthread_mutex_unlock(&parking->lock);
     return NULL;
 }
 
 static bool job_ready(void *arg)
 {
-    const ah_http_t *http = arg;
-    return http->jobs_head != NULL || http->park_stopping;
+    const ah_http_parking_t *parking = arg;
+    return parking->jobs_head != NULL || parking->stopping;
 }
 
 static void *store_worker_main(void *arg)
 {
-    ah_http_t *http = arg;
-    pthread_mutex_lock(&http->park_lock);
+    ah_http_parking_t *parking = arg;
+    pthread_mutex_lock(&parking->lock);
     for (;;) {
-        while (!job_ready(http)) {
-            pthread_cond_wait(&http->jobs_cond, &http->park_lock);
+        while (!job_ready(parking)) {
+            pthread_cond_wait(&parking->jobs_cond, &parking->lock);
         }
-        http_park_t *park = http->jobs_head;
+        http_park_t *park = parking->jobs_head;
         if (park == NULL) {
             break; /* stopping (queued jobs were dropped by ah_http_park_stop) */
         }
-        http->jobs_head = park->job_next;
-        if (http->jobs_head == NULL) {
-            http->jobs_tail = NULL;
+        parking->jobs_head = park->job_next;
+        if (parking->jobs_head == NULL) {
+            parking->jobs_tail = NULL;
         }
         park->job_next = NULL;
-        http->jobs_waiting--;
-        http->jobs_running++;
-        pthread_mutex_unlock(&http->park_lock);
+        parking->jobs_waiting--;
+        parking->jobs_running++;
+        pthread_mutex_unlock(&parking->lock);
 
         http_reply_t reply;
-        reply_init(&reply);
+        ah_http_reply_init(&reply);
         park->job(park->arg, &reply);
 
-        pthread_mutex_lock(&http->park_lock);
+        pthread_mutex_lock(&parking->lock);
         answer_locked(park, &reply);
-        http->jobs_running--;
-        pthread_cond_broadcast(&http->jobs_cond); /* ah_http_park_stop() may wait for it */
-        pthread_mutex_unlock(&http->park_lock);
+        parking->jobs_running--;
+        pthread_cond_broadcast(&parking->jobs_cond); /* ah_http_park_stop() may wait for it */
+        pthread_mutex_unlock(&parking->lock);
         park_unref(park); /* the queue's reference */
-        pthread_mutex_lock(&http->park_lock);
+        pthread_mutex_lock(&parking->lock);
     }
-    pthread_mutex_unlock(&http->park_lock);
+    pthread_mutex_unlock(&parking->lock);
     return NULL;
 }
 
-int ah_http_park_start(ah_http_t *http, char *err, size_t errlen)
+ah_http_parking_t *ah_http_park_start(ah_state_t *state, char *err, size_t errlen)
 {
+    ah_http_parking_t *parking = calloc(1, sizeof(*parking));
+    if (parking == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    parking->state = state;
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_mutex_init(&http->park_lock, NULL);
-    pthread_cond_init(&http->park_cond, &attr);
-    pthread_cond_init(&http->jobs_cond, &attr);
+    pthread_mutex_init(&parking->lock, NULL);
+    pthread_cond_init(&parking->park_cond, &attr);
+    pthread_cond_init(&parking->jobs_cond, &attr);
     pthread_condattr_destroy(&attr);
-    int rc = pthread_create(&http->park_thread, NULL, park_main, http);
+    int rc = pthread_create(&parking->park_thread, NULL, park_main, parking);
     if (rc != 0) {
         snprintf(err, errlen, "cannot start the HTTP park thread: %s", strerror(rc));
-        return AH_EIO;
+        goto fail;
     }
-    http->threads_started = 1;
+    parking->threads_started = 1;
     for (int i = 0; i < HTTP_STORE_WORKERS; i++) {
-        rc = pthread_create(&http->store_workers[i], NULL, store_worker_main, http);
+        rc = pthread_create(&parking->store_workers[i], NULL, store_worker_main, parking);
         if (rc != 0) {
             snprintf(err, errlen, "cannot start an HTTP store worker: %s", strerror(rc));
-            return AH_EIO;
+            goto fail;
         }
-        http->threads_started++;
+        parking->threads_started++;
     }
-    ah_state_set_change_listener(http->state, on_state_change, http);
-    return AH_OK;
+    ah_state_set_change_listener(parking->state, on_state_change, parking);
+    return parking;
+
+fail:
+    ah_http_park_stop(parking, 0); /* nothing was parked: nothing to wait for */
+    ah_http_park_free(parking);
+    return NULL;
 }
 
 static bool jobs_idle(void *arg)
 {
-    const ah_http_t *http = arg;
-    return http->jobs_running == 0;
+    const ah_http_parking_t *parking = arg;
+    return parking->jobs_running == 0;
 }
 
-int ah_http_park_stop(ah_http_t *http, double seconds)
+int ah_http_park_stop(ah_http_parking_t *parking, double seconds)
 {
-    ah_state_set_change_listener(http->state, NULL, NULL);
-    pthread_mutex_lock(&http->park_lock);
-    http->park_stopping = true; /* from now on requests are answered 503 without parking */
-    if (http->threads_started == 0) {
-        pthread_mutex_unlock(&http->park_lock);
+    ah_state_set_change_listener(parking->state, NULL, NULL);
+    pthread_mutex_lock(&parking->lock);
+    parking->stopping = true; /* from now on requests are answered 503 without parking */
+    if (parking->threads_started == 0) {
+        pthread_mutex_unlock(&parking->lock);
         return AH_OK;
     }
     /* Drop the queued jobs (they never ran: answered 503 below), let the running ones finish
      * within the budget (a cluster shutdown's own answer comes from one), then answer
      * everything still parked. */
-    http_park_t *dropped = http->jobs_head;
-    http->jobs_head = http->jobs_tail = NULL;
-    http->jobs_waiting = 0;
-    pthread_cond_broadcast(&http->park_cond);
-    pthread_cond_broadcast(&http->jobs_cond);
-    bool idle = ah_cond_wait_until(&http->jobs_cond, &http->park_lock, seconds, jobs_idle, http);
-    while (http->parks != NULL) {
+    http_park_t *dropped = parking->jobs_head;
+    parking->jobs_head = parking->jobs_tail = NULL;
+    parking->jobs_waiting = 0;
+    pthread_cond_broadcast(&parking->park_cond);
+    pthread_cond_broadcast(&parking->jobs_cond);
+    bool idle =
+        ah_cond_wait_until(&parking->jobs_cond, &parking->lock, seconds, jobs_idle, parking);
+    while (parking->parks != NULL) {
         http_reply_t reply;
-        reply_init(&reply);
+        ah_http_reply_init(&reply);
         reply_stopping(&reply);
-        answer_locked(http->parks, &reply);
+        answer_locked(parking->parks, &reply);
     }
-    pthread_mutex_unlock(&http->park_lock);
+    pthread_mutex_unlock(&parking->lock);
     while (dropped != NULL) {
         http_park_t *next = dropped->job_next;
         park_unref(dropped);
         dropped = next;
     }
-    pthread_join(http->park_thread, NULL);
+    pthread_join(parking->park_thread, NULL);
     if (!idle) {
-        return AH_ETIMEOUT; /* a store call is stuck: its worker keeps using http and the store */
+        return AH_ETIMEOUT; /* a store call is stuck: its worker keeps using parking and the store
+                             */
     }
-    for (int i = 0; i + 1 < http->threads_started; i++) {
-        pthread_join(http->store_workers[i], NULL);
+    for (int i = 0; i + 1 < parking->threads_started; i++) {
+        pthread_join(parking->store_workers[i], NULL);
     }
-    http->threads_started = 0;
+    parking->threads_started = 0;
     return AH_OK;
 }
 
-void ah_http_park_free(ah_http_t *http)
+void ah_http_park_free(ah_http_parking_t *parking)
 {
-    pthread_cond_destroy(&http->jobs_cond);
-    pthread_cond_destroy(&http->park_cond);
-    pthread_mutex_destroy(&http->park_lock);
+    if (parking == NULL) {
+        return;
+    }
+    pthread_cond_destroy(&parking->jobs_cond);
+    pthread_cond_destroy(&parking->park_cond);
+    pthread_mutex_destroy(&parking->lock);
+    free(parking);
 }
 
-void ah_http_park_render_metrics(ah_http_t *http, ah_buf_t *out)
+void ah_http_park_render_metrics(ah_http_parking_t *parking, ah_buf_t *out)
 {
-    pthread_mutex_lock(&http->park_lock);
-    int running = http->jobs_running;
-    int queued = http->jobs_waiting;
+    pthread_mutex_lock(&parking->lock);
+    int running = parking->jobs_running;
+    int queued = parking->jobs_waiting;
     int parked = 0;
-    for (const http_park_t *park = http->parks; park != NULL; park = park->next) {
+    for (const http_park_t *park = parking->parks; park != NULL; park = park->next) {
         parked++;
     }
-    pthread_mutex_unlock(&http->park_lock);
+    pthread_mutex_unlock(&parking->lock);
     ah_buf_printf(out,
                   "# HELP agenthost_http_parked_requests API requests waiting for their answer "
                   "(store work or a state), holding no HTTP thread\n"
@@ -458,5 +582,6 @@ void ah_http_park_render_metrics(ah_http_t *http, ah_buf_t *out)
                   "the store queue was full\n"
                   "# TYPE agenthost_http_store_rejected_total counter\n"
                   "agenthost_http_store_rejected_total %llu\n",
-                  parked, running, queued, (unsigned long long)atomic_load(&http->jobs_rejected));
+                  parked, running, queued,
+                  (unsigned long long)atomic_load(&parking->jobs_rejected));
 }
