@@ -165,14 +165,22 @@ int ah_fleet_issue(ah_state_t *state, ah_store_t *store, const ah_command_req_t 
     if (rc == AH_OK) {
         char safe_by[AH_NAME_MAX * 4 + 1];
         char safe_reason[AH_REASON_MAX * 4 + 1];
-        ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)",
-                    ah_command_name(doc->command), (long long)doc->version,
-                    ah_log_escape(doc->updated_by, safe_by, sizeof(safe_by)),
-                    ah_log_escape(doc->reason, safe_reason, sizeof(safe_reason)));
+        if (doc->selector[0] != '\0') {
+            ah_log_info("Scoped command %s issued for %s: version %lld by %s (reason: %s)",
+                        ah_command_name(doc->command), doc->selector, (long long)doc->version,
+                        ah_log_escape(doc->updated_by, safe_by, sizeof(safe_by)),
+                        ah_log_escape(doc->reason, safe_reason, sizeof(safe_reason)));
+        } else {
+            ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)",
+                        ah_command_name(doc->command), (long long)doc->version,
+                        ah_log_escape(doc->updated_by, safe_by, sizeof(safe_by)),
+                        ah_log_escape(doc->reason, safe_reason, sizeof(safe_reason)));
+        }
     }
-    if (rc == AH_OK || rc == AH_ECONFLICT) {
+    if ((rc == AH_OK || rc == AH_ECONFLICT) && doc->selector[0] == '\0') {
         /* the issuing agent applies its own command at once (or catches up with the current
-         * document), without waiting for its watcher */
+         * document), without waiting for its watcher; a scope document arrives through the
+         * watcher with the rest of the set */
         ah_state_offer_cluster(state, doc);
     }
     ah_state_issue_end(state);

@@ -106,6 +106,7 @@ static const http_route_t routes[] = {
     {"/api/cluster/stats", "GET", false, ah_http_handle_stats},
     {"/api/cluster/history", "GET", false, ah_http_handle_history},
     {"/api/cluster/agents", "GET", false, ah_http_handle_cluster_agents},
+    {"/api/cluster/scopes", "GET", false, ah_http_handle_cluster_scopes},
     {"/api/agent/state", "GET", false, ah_http_handle_agent_state},
     {"/api/agent/reload", "POST", false, ah_http_handle_agent_reload},
     {"/api/mongo/status", "GET", false, ah_http_handle_mongo_status},
