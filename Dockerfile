@@ -24,14 +24,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# Only what the runtime stage takes: the binary, its MongoDB plugin (looked up in
+# Only what the runtime stage takes: the binary, its plugins (MongoDB and libcurl, looked up in
 # /usr/local/lib/agenthost) and the example scripts. The Lua half of the agent module is compiled
 # into the binary; the shared library, headers and examples/embed are for embedders.
 RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=/usr/local \
       -DBUILD_TESTING=OFF -DAH_BUILD_TESTS=OFF \
- && cmake --build build -j"$(nproc)" --target agenthost agenthost_mongo \
+ && cmake --build build -j"$(nproc)" --target agenthost agenthost_mongo agenthost_curl \
  && install -D -m 0755 build/agenthost /usr/local/bin/agenthost \
  && install -D -m 0644 build/agenthost_mongo.so /usr/local/lib/agenthost/agenthost_mongo.so \
+ && install -D -m 0644 build/agenthost_curl.so /usr/local/lib/agenthost/agenthost_curl.so \
  && mkdir -p /usr/local/share/agenthost/examples \
  && cp -r examples/*.lua examples/lib /usr/local/share/agenthost/examples/
 
@@ -39,8 +40,9 @@ FROM debian:bookworm-slim AS runtime
 # Runtime libraries only (lua-cjson is linked statically). libmongoc/libbson serve only the
 # MongoDB plugin (/usr/local/lib/agenthost/agenthost_mongo.so, loaded when MONGODB_URI is set or a
 # script uses agent.mongo); the image runs both stores, so they stay. ca-certificates: TLS to
-# MongoDB (mongodb+srv:// / Atlas) and HTTPS from agent.http. libcurl4: agent.http and
-# `agenthost ctl` (the curl tool is not installed: the HEALTHCHECK below uses bash's /dev/tcp).
+# MongoDB (mongodb+srv:// / Atlas) and HTTPS from agent.http. libcurl4 serves only the libcurl
+# plugin (/usr/local/lib/agenthost/agenthost_curl.so: agent.http and `agenthost ctl`; the curl
+# tool is not installed: the HEALTHCHECK below uses bash's /dev/tcp).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       libluajit-5.1-2 libmongoc-1.0-0 libbson-1.0-0 libuv1 libmicrohttpd12 libsqlite3-0 \

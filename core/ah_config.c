@@ -286,7 +286,8 @@ static const ah_config_var_t config_vars[] = {
      .parse = parse_plugin_dir,
      .default_doc = "beside the binary, then `../lib/agenthost`",
      .expect = "to be set in the environment (it is read from there)",
-     .help = "directory of agenthost_mongo.so, MongoDB support (env only)"},
+     .help = "directory of the plugins agenthost_mongo.so (MongoDB) and agenthost_curl.so "
+             "(agent.http, ctl) (env only)"},
     {.name = NULL},
 };
 

@@ -1,17 +1,16 @@
 /* Implementation of ah_ctl.h: argument parsing, URL building with percent-encoding, and one
- * blocking request with libcurl (the codebase's one HTTP client, shared with agent.http). */
+ * blocking request through the libcurl plugin (ah_curl.h: the codebase's one HTTP client, shared
+ * with agent.http, loaded only when a request is made). */
 #include "ah_ctl.h"
 
 #include "ah_common.h"
 #include "ah_ctl_fleet.h"
+#include "ah_curl.h"
 #include "ah_json.h"
-#include "ah_lua_http.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <curl/curl.h>
 
 /* One line of the usage text per line of source. */
 /* clang-format off */
@@ -103,18 +102,6 @@ static int parse_url(const char *url, char *host, size_t n, int *port)
     return AH_OK;
 }
 
-/* curl's write callback: appends to an ah_buf_t, up to 16 MiB. */
-static size_t collect_body(char *ptr, size_t size, size_t nmemb, void *userdata)
-{
-    ah_buf_t *b = userdata;
-    size_t n = size * nmemb;
-    if (b->len + n > (16u << 20)) {
-        return 0;
-    }
-    ah_buf_append(b, ptr, n);
-    return ah_buf_ok(b) ? n : 0;
-}
-
 int ah_ctl_request(const char *base_url, const char *method, const char *path, const char *token,
                    double timeout_s, char **body, char *err, size_t errlen)
 {
@@ -127,70 +114,35 @@ int ah_ctl_request(const char *base_url, const char *method, const char *path, c
         snprintf(err, errlen, "the token contains CR, LF or another control character");
         return AH_EINVAL;
     }
-    if (ah_curl_init() != AH_OK) {
-        snprintf(err, errlen, "curl_global_init failed");
-        return AH_EIO;
-    }
-    int rc = AH_EIO;
-    ah_buf_t url, auth, resp;
+    ah_buf_t url, auth;
     ah_buf_init(&url);
     ah_buf_init(&auth);
-    ah_buf_init(&resp);
-    struct curl_slist *headers = NULL;
-    CURL *curl = curl_easy_init();
     size_t base_len = strlen(base_url);
     ah_buf_append(&url, base_url,
                   base_len > 0 && base_url[base_len - 1] == '/' ? base_len - 1 : base_len);
     ah_buf_puts(&url, path);
-    if (token != NULL && token[0] != '\0') {
+    bool with_token = token != NULL && token[0] != '\0';
+    if (with_token) {
         ah_buf_printf(&auth, "Authorization: Bearer %s", token);
-        headers = curl_slist_append(NULL, auth.data != NULL ? auth.data : "");
     }
-    if (curl == NULL || !ah_buf_ok(&url) || !ah_buf_ok(&auth) ||
-        (token != NULL && token[0] != '\0' && headers == NULL)) {
+    int rc;
+    if (!ah_buf_ok(&url) || !ah_buf_ok(&auth)) {
         snprintf(err, errlen, "out of memory");
         rc = AH_ENOMEM;
-        goto out;
-    }
-    char curl_err[CURL_ERROR_SIZE] = "";
-    curl_easy_setopt(curl, CURLOPT_URL, url.data);
-    curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, curl_err);
-    curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, (long)(timeout_s * 1000.0) + 1);
-    curl_easy_setopt(curl, CURLOPT_USERAGENT, "agenthost-ctl/" AH_VERSION);
-    curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
-    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, collect_body);
-    curl_easy_setopt(curl, CURLOPT_WRITEDATA, &resp);
-    if (strcmp(method, "POST") == 0) {
-        curl_easy_setopt(curl, CURLOPT_POST, 1L);
-        curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, 0L);
-        curl_easy_setopt(curl, CURLOPT_POSTFIELDS, "");
-    }
-    /* curl tries every address the name resolves to (IPv6 and IPv4, "happy eyeballs"). */
-    CURLcode cc = curl_easy_perform(curl);
-    if (cc != CURLE_OK) {
-        snprintf(err, errlen, "%s: %s", url.data, curl_err[0] ? curl_err : curl_easy_strerror(cc));
-        rc = cc == CURLE_OPERATION_TIMEDOUT ? AH_ETIMEOUT : AH_EIO;
-        goto out;
-    }
-    long status = 0;
-    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
-    *body = strndup(resp.data != NULL ? resp.data : "", resp.len);
-    if (*body == NULL) {
-        snprintf(err, errlen, "out of memory");
-        rc = AH_ENOMEM;
-        goto out;
-    }
-    rc = (int)status;
-out:
-    curl_slist_free_all(headers);
-    if (curl != NULL) {
-        curl_easy_cleanup(curl);
+    } else {
+        ah_curl_request_t req = {
+            .url = url.data,
+            .method = method,
+            .auth_header = with_token ? auth.data : NULL,
+            .user_agent = "agenthost-ctl/" AH_VERSION,
+            .timeout_s = timeout_s,
+            .max_body = 16u << 20,
+            .tls_verify = true,
+        };
+        rc = ah_curl_request(&req, body, err, errlen);
     }
     ah_buf_free(&url);
     ah_buf_free(&auth);
-    ah_buf_free(&resp);
     return rc;
 }
 

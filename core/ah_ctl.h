@@ -9,10 +9,10 @@
  * agent cannot be reached (message on stderr), 2 on bad usage. */
 int ah_ctl_main(int argc, char **argv);
 
-/* Performs one request (libcurl, every resolved address tried) to base_url + path within
- * timeout_s. Returns the status code (>0) and a malloc'd body in *body (caller frees), or a
- * negative AH_E* with err set: AH_EINVAL when the URL, path or token contains CR, LF or another
- * control character (nothing is sent). token may be NULL. */
+/* Performs one request (the libcurl plugin, ah_curl.h; every resolved address tried) to base_url +
+ * path within timeout_s. Returns the status code (>0) and a malloc'd body in *body (caller frees),
+ * or a negative AH_E* with err set: AH_EINVAL when the URL, path or token contains CR, LF or
+ * another control character (nothing is sent). token may be NULL. */
 int ah_ctl_request(const char *base_url, const char *method, const char *path, const char *token,
                    double timeout_s, char **body, char *err, size_t errlen);
 

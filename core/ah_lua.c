@@ -20,7 +20,7 @@
 #include "ah_lua.h"
 
 #include "ah_log.h"
-#include "ah_lua_http.h"
+#include "ah_curl.h"
 #include "ah_mongo.h"
 #include "ah_metrics.h"
 

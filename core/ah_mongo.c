@@ -3,150 +3,30 @@
  * its table. The agent.mongo connection object here only records its arguments until a script
  * requires the module (or a URI of its own is given), so an agent that never touches MongoDB never
  * maps libmongoc. */
-#define _GNU_SOURCE /* dladdr1, RTLD_DL_LINKMAP */
 #include "ah_mongo.h"
 
-#include <dlfcn.h>
-#include <limits.h>
-#include <link.h>
+#include "ah_plugin.h"
+
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <lauxlib.h>
-
-#ifndef AH_VERSION
-#error "AH_VERSION must be defined by the build"
-#endif
-
-#define SEARCH_DIRS_MAX 4
 
 static pthread_once_t load_once = PTHREAD_ONCE_INIT;
 /* Set once, at the end of the first load (read without the once by ah_mongo_loaded). */
 static _Atomic(const ah_mongo_plugin_t *) loaded_plugin;
 static char load_error[AH_ERRLEN * 2];
 
-/* ---- finding and loading the plugin -------------------------------------------------------- */
-
-/* The directory of the object this function is linked into: the agenthost executable, a program
- * that linked libagenthost.a, or libagenthost.so. False if it cannot be told. */
-static bool core_dir(char *out, size_t outlen)
-{
-    Dl_info info;
-    struct link_map *map = NULL;
-    char path[PATH_MAX];
-    if (dladdr1((void *)core_dir, &info, (void **)&map, RTLD_DL_LINKMAP) == 0 || map == NULL) {
-        return false;
-    }
-    if (map->l_name != NULL && map->l_name[0] != '\0') {
-        ah_strlcpy(path, map->l_name, sizeof(path));
-    } else {
-        /* The main program: its link map has no name (dli_fname would be argv[0]). */
-        ssize_t n = readlink("/proc/self/exe", path, sizeof(path) - 1);
-        if (n <= 0) {
-            return false;
-        }
-        path[n] = '\0';
-    }
-    char *slash = strrchr(path, '/');
-    if (slash == NULL) {
-        return false;
-    }
-    *slash = '\0';
-    ah_strlcpy(out, path[0] != '\0' ? path : "/", outlen);
-    return true;
-}
-
-/* Adds dir to the search list unless it is already there. */
-static void add_dir(char dirs[][PATH_MAX], int *count, const char *dir)
-{
-    for (int i = 0; i < *count; i++) {
-        if (strcmp(dirs[i], dir) == 0) {
-            return;
-        }
-    }
-    if (*count < SEARCH_DIRS_MAX && strlen(dir) < PATH_MAX) {
-        ah_strlcpy(dirs[(*count)++], dir, PATH_MAX);
-    }
-}
-
-/* Opens the plugin at path and checks its table. NULL with load_error set on failure. */
-static const ah_mongo_plugin_t *open_plugin(const char *path)
-{
-    void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (handle == NULL) {
-        const char *why = dlerror();
-        if (strncmp(why, path, strlen(path)) == 0) { /* glibc's message starts with the path */
-            snprintf(load_error, sizeof(load_error), "cannot load %.800s", why);
-        } else {
-            snprintf(load_error, sizeof(load_error), "cannot load %.400s: %.400s", path, why);
-        }
-        return NULL;
-    }
-    const ah_mongo_plugin_t *plugin = dlsym(handle, AH_MONGO_PLUGIN_SYMBOL);
-    if (plugin == NULL) {
-        snprintf(load_error, sizeof(load_error),
-                 "%.400s is not an agenthost MongoDB plugin: %.400s", path, dlerror());
-    } else if (plugin->abi_version != AH_MONGO_PLUGIN_ABI) {
-        snprintf(load_error, sizeof(load_error), "%.400s has plugin ABI %d, expected %d", path,
-                 plugin->abi_version, AH_MONGO_PLUGIN_ABI);
-    } else if (plugin->build_version == NULL || strcmp(plugin->build_version, AH_VERSION) != 0) {
-        snprintf(load_error, sizeof(load_error), "%.400s belongs to agenthost %.40s, this is %s",
-                 path, plugin->build_version ? plugin->build_version : "?", AH_VERSION);
-    } else {
-        return plugin;
-    }
-    dlclose(handle);
-    return NULL;
-}
-
-/* Finds and opens the plugin: its table, or NULL with load_error set. */
-static const ah_mongo_plugin_t *find_plugin(void)
-{
-    char dirs[SEARCH_DIRS_MAX][PATH_MAX];
-    int count = 0;
-    const char *override = getenv("AGENTHOST_PLUGIN_DIR");
-    if (override != NULL && override[0] != '\0') {
-        add_dir(dirs, &count, override);
-    } else {
-        char dir[PATH_MAX];
-        if (core_dir(dir, sizeof(dir))) {
-            add_dir(dirs, &count, dir);
-            char up[PATH_MAX];
-            if (snprintf(up, sizeof(up), "%s/../lib/agenthost", dir) < (int)sizeof(up)) {
-                add_dir(dirs, &count, up);
-            }
-        }
-#ifdef AH_PLUGIN_INSTALL_DIR
-        add_dir(dirs, &count, AH_PLUGIN_INSTALL_DIR);
-#endif
-    }
-    char searched[AH_ERRLEN] = "";
-    for (int i = 0; i < count; i++) {
-        char path[PATH_MAX];
-        if (snprintf(path, sizeof(path), "%s/%s", dirs[i], AH_MONGO_PLUGIN_FILE) >=
-            (int)sizeof(path)) {
-            continue;
-        }
-        if (access(path, F_OK) == 0) {
-            return open_plugin(path); /* the first one found decides */
-        }
-        size_t used = strlen(searched);
-        snprintf(searched + used, sizeof(searched) - used, "%s%.200s", used ? ", " : "", dirs[i]);
-    }
-    snprintf(load_error, sizeof(load_error), "%s not found in %s%s", AH_MONGO_PLUGIN_FILE,
-             searched[0] ? searched : "(no directory to search)",
-             override != NULL && override[0] != '\0' ? " (AGENTHOST_PLUGIN_DIR)"
-                                                     : " (set AGENTHOST_PLUGIN_DIR)");
-    return NULL;
-}
+/* ---- loading the plugin (ah_plugin.h) ------------------------------------------------------- */
 
 static void load_plugin(void)
 {
-    atomic_store(&loaded_plugin, find_plugin());
+    atomic_store(&loaded_plugin, (const ah_mongo_plugin_t *)ah_plugin_open(
+                                     AH_MONGO_PLUGIN_FILE, AH_MONGO_PLUGIN_SYMBOL,
+                                     AH_MONGO_PLUGIN_ABI, load_error, sizeof(load_error)));
 }
 
 const ah_mongo_plugin_t *ah_mongo_load(char *err, size_t errlen)

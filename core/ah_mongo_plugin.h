@@ -7,13 +7,14 @@
  *
  * The plugin exports exactly one symbol, AH_MONGO_PLUGIN_SYMBOL, a const ah_mongo_plugin_t. The
  * table also relies on the layout of ah_config_t and ah_store_t, so a plugin is accepted only when
- * abi_version matches and it was built from the same agenthost version (build_version). Each
+ * header.abi_version matches and it was built from the same agenthost version (ah_plugin.h). Each
  * function has the contract of its front in ah_mongo.h; the plugin's own code carries the prefix
  * ahm_ (core/mongo/ahm.h). */
 #ifndef AH_MONGO_PLUGIN_H
 #define AH_MONGO_PLUGIN_H
 
 #include "ah_config.h"
+#include "ah_plugin.h"
 #include "ah_store.h"
 
 #include <lua.h>
@@ -27,8 +28,7 @@
 typedef struct ahm_lua_s ahm_lua_t;
 
 typedef struct ah_mongo_plugin_s {
-    int abi_version;           /* AH_MONGO_PLUGIN_ABI: checked first */
-    const char *build_version; /* AH_VERSION of the build: must equal the core's */
+    ah_plugin_header_t header; /* AH_MONGO_PLUGIN_ABI and AH_VERSION, checked first */
     /* ah_store_mongo_open (ah_mongo.h) */
     ah_store_t *(*store_open)(const ah_config_t *cfg, char *err, size_t errlen);
     /* ah_lua_mongo_new / _detach / _free / _open (ah_mongo.h) */

@@ -2,6 +2,7 @@
  * shutdown, 1 runtime failure, 2 bad usage, configuration or script. */
 #include "ah_config.h"
 #include "ah_ctl.h"
+#include "ah_curl.h"
 #include "ah_host.h"
 #include "ah_log.h"
 #include "ah_lua.h"
@@ -67,22 +68,30 @@ static bool wants_help(int argc, char **argv)
     return false;
 }
 
-/* The only command that loads the MongoDB plugin just to ask it something (the driver version);
- * without the plugin the line says so and the reason goes to stderr. */
+/* The only command that loads the plugins just to ask them something (the versions of libmongoc
+ * and libcurl); a plugin that cannot be loaded is named "unavailable" and the reason goes to
+ * stderr. */
 static int cmd_version(int argc, char **argv)
 {
     if (wants_help(argc, argv)) {
         printf("usage: agenthost version\n\nPrints the versions of agenthost and of the libraries "
-               "it runs with\n(libmongoc through the MongoDB plugin, if it can be loaded).\n");
+               "it runs with\n(libmongoc and libcurl through their plugins, if they can be "
+               "loaded).\n");
         return 0;
     }
-    char err[AH_ERRLEN * 2];
-    const ah_mongo_plugin_t *mongo = ah_mongo_load(err, sizeof(err));
-    printf("agenthost %s (%s, libmongoc %s, libuv %s, libmicrohttpd %s, SQLite %s)\n", AH_VERSION,
-           LUAJIT_VERSION, mongo != NULL ? mongo->driver_version() : "unavailable",
-           uv_version_string(), MHD_get_version(), sqlite3_libversion());
+    char mongo_err[AH_ERRLEN * 2];
+    char curl_err[AH_ERRLEN * 2];
+    const ah_mongo_plugin_t *mongo = ah_mongo_load(mongo_err, sizeof(mongo_err));
+    const ah_curl_plugin_t *curl = ah_curl_load(curl_err, sizeof(curl_err));
+    printf("agenthost %s (%s, libmongoc %s, libcurl %s, libuv %s, libmicrohttpd %s, SQLite %s)\n",
+           AH_VERSION, LUAJIT_VERSION, mongo != NULL ? mongo->driver_version() : "unavailable",
+           curl != NULL ? curl->curl_version() : "unavailable", uv_version_string(),
+           MHD_get_version(), sqlite3_libversion());
     if (mongo == NULL) {
-        fprintf(stderr, "agenthost: %s\n", err);
+        fprintf(stderr, "agenthost: %s\n", mongo_err);
+    }
+    if (curl == NULL) {
+        fprintf(stderr, "agenthost: %s\n", curl_err);
     }
     return 0;
 }

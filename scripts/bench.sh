@@ -8,6 +8,7 @@
 #                                    mongo lua_mongo http)
 #
 # Environment: BUILD_DIR (default build; built with scripts/build.sh unless BENCH_NO_BUILD=1),
+# BASELINE_AGENTHOST (another build's binary: idle and startup measure it too, in the same run),
 # AGENTHOST (the binary, default $BUILD_DIR/agenthost), BENCH_BATCH (the bench_batch binary,
 # default $BUILD_DIR/tests/bench/bench_batch, compiled by hand into $BUILD_DIR/bench if the
 # build has no tests/bench yet). Tools: wrk, nginx, curl (scripts/install-deps.sh --bench).
@@ -133,19 +134,23 @@ section_batch() {
         "$(verdict fcmp "$ratio <= 2")"
 }
 
-# idle_measure LABEL PID: RSS now, then CPU over 10 s.
+# pss_kib PID: proportional set size (shared pages divided among the processes mapping them).
+pss_kib() { awk '$1 == "Pss:" { print $2 }' "/proc/$1/smaps_rollup" 2>/dev/null; }
+
+# idle_measure LABEL PID: RSS and PSS now, then CPU over 10 s.
 idle_measure() {
-    local label=$1 pid=$2 rss anon file t0 t1 hz cpu
+    local label=$1 pid=$2 rss pss anon file t0 t1 hz cpu
     hz=$(getconf CLK_TCK)
     rss=$(rss_kib "$pid")
+    pss=$(pss_kib "$pid")
     anon=$(rss_kib "$pid" RssAnon)
     file=$(rss_kib "$pid" RssFile)
     t0=$(cpu_ticks "$pid")
     sleep 10
     t1=$(cpu_ticks "$pid")
     cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN { printf "%.2f", d / hz / 10 * 100 }')
-    echo "idle ($label): RSS $(mib "$rss") MiB (anon $(mib "$anon"), files $(mib "$file"))" \
-        "(target <= 10 MiB) $(verdict fcmp "$rss <= 10240")," \
+    echo "idle ($label): RSS $(mib "$rss") MiB (anon $(mib "$anon"), files $(mib "$file")," \
+        "PSS $(mib "${pss:-0}")) (target <= 8 MiB) $(verdict fcmp "$rss <= 8192")," \
         "CPU $cpu% of one core over 10 s, $((t1 - t0)) ticks at $hz Hz" \
         "(target ~0%, < 1%) $(verdict fcmp "$cpu < 1")"
 }
@@ -175,6 +180,16 @@ section_idle() {
     sleep 1
     idle_measure "hello.lua paused" "$AGENT_PID"
     stop_pid "$AGENT_PID"
+    if [[ -n ${BASELINE_AGENTHOST:-} ]]; then
+        # The same measurement of another build (BASELINE_AGENTHOST), in the same run.
+        if ! AGENTHOST=$BASELINE_AGENTHOST start_agent idle_baseline "$HELLO"; then
+            die_section "idle" "the baseline agenthost did not become ready"
+            return
+        fi
+        sleep 3
+        idle_measure "hello.lua running, baseline $BASELINE_AGENTHOST" "$AGENT_PID"
+        stop_pid "$AGENT_PID"
+    fi
 }
 
 start_nginx() { # start_nginx ROOTDIR PORT [PROBE_FILE]: sets NGINX_PID
@@ -352,16 +367,24 @@ section_http() {
 }
 
 section_startup() {
-    local out med
-    if ! out=$("$PY" "$ROOT/tests/bench/startup_time.py" "$AGENTHOST" "$HELLO" 10); then
+    local out med base=()
+    if [[ -n ${BASELINE_AGENTHOST:-} ]]; then
+        base=("$BASELINE_AGENTHOST")
+    fi
+    if ! out=$("$PY" "$ROOT/tests/bench/startup_time.py" "$AGENTHOST" "$HELLO" \
+        "${STARTUP_RUNS:-20}" "${base[@]}"); then
         echo "$out" | sed 's/^/  /'
         die_section "startup" "an agent did not become ready"
         return
     fi
-    echo "$out" | grep -v '^RESULT' | tr '\n' ' ' | sed 's/^/  /;s/ $/\n/'
+    echo "$out" | grep -vE '^(RESULT|BASELINE)' | tr '\n' ' ' | sed 's/^/  /;s/ $/\n/'
     med=$(echo "$out" | sed -n 's/^RESULT median_ms=\([0-9.]*\).*/\1/p')
-    echo "startup: exec to /readyz 200 (embedded store, fresh file) median $med ms of 10" \
-        "(target <= 100 ms) $(verdict fcmp "$med <= 100")"
+    echo "startup: exec to /readyz 200 (embedded store, fresh file) median $med ms of" \
+        "${STARTUP_RUNS:-20} (target <= 10 ms) $(verdict fcmp "$med <= 10")"
+    if [[ -n ${BASELINE_AGENTHOST:-} ]]; then
+        echo "startup: baseline $BASELINE_AGENTHOST, started in turn with it:" \
+            "$(echo "$out" | sed -n 's/^BASELINE //p')"
+    fi
 }
 
 section_probes() {

@@ -9,8 +9,7 @@
 #endif
 
 __attribute__((visibility("default"))) const ah_mongo_plugin_t ah_mongo_plugin_v1 = {
-    .abi_version = AH_MONGO_PLUGIN_ABI,
-    .build_version = AH_VERSION,
+    .header = {.abi_version = AH_MONGO_PLUGIN_ABI, .build_version = AH_VERSION},
     .store_open = ahm_store_open,
     .lua_new = ahm_lua_new,
     .lua_detach = ahm_lua_detach,

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Time from exec to the first 200 from GET /readyz, on the embedded store.
 
-usage: startup_time.py AGENTHOST SCRIPT [RUNS]
+usage: startup_time.py AGENTHOST SCRIPT [RUNS [BASELINE_AGENTHOST]]
 
 Each run starts AGENTHOST SCRIPT with a fresh AGENTHOST_STATE file in a new temp dir and a free
 port, then tries to connect every millisecond; once connected it sends GET /readyz and, if the
@@ -9,6 +9,8 @@ answer is not 200 yet, tries again a millisecond later. The clock (time.perf_cou
 just before the fork/exec and stops when the 200 status line has arrived. The agent is then
 stopped with SIGTERM (killed if it has not exited within 10 s). Prints every run, then one line
 "RESULT median_ms=.. min_ms=.. max_ms=.." for scripts. Exit 1 if a start never became ready.
+With BASELINE_AGENTHOST (another build, e.g. an older one) the two binaries start in turn, run by
+run, so both see the same machine load, and a second line "BASELINE median_ms=.. ..." follows.
 """
 import os
 import signal
@@ -93,16 +95,23 @@ def main():
         return 2
     binary, script = sys.argv[1], sys.argv[2]
     runs = int(sys.argv[3]) if len(sys.argv) > 3 else 10
-    times = []
+    binaries = [("RESULT", binary)]
+    if len(sys.argv) > 4:
+        binaries.append(("BASELINE", sys.argv[4]))
+    times = {label: [] for label, _ in binaries}
     for i in range(runs):
-        t = one_start(binary, script, i)
-        if t is None:
-            print("run %d: not ready within %.0f s" % (i + 1, READY_DEADLINE_S))
-            return 1
-        times.append(t * 1000.0)
-        print("run %d: %.1f ms" % (i + 1, t * 1000.0))
-    print("RESULT median_ms=%.1f min_ms=%.1f max_ms=%.1f"
-          % (statistics.median(times), min(times), max(times)))
+        for label, path in binaries:
+            t = one_start(path, script, i)
+            name = "" if label == "RESULT" else " (baseline)"
+            if t is None:
+                print("run %d%s: not ready within %.0f s" % (i + 1, name, READY_DEADLINE_S))
+                return 1
+            times[label].append(t * 1000.0)
+            print("run %d%s: %.1f ms" % (i + 1, name, t * 1000.0))
+    for label, _ in binaries:
+        t = times[label]
+        print("%s median_ms=%.1f min_ms=%.1f max_ms=%.1f"
+              % (label, statistics.median(t), min(t), max(t)))
     return 0
 
 

@@ -52,11 +52,16 @@ def test_image_size_and_contents_are_trimmed(podman, agent_image, build_stage_im
     assert "hello.lua" in out and "job_puller.lua" in out and "lib" in out
     assert "archives: 0" in out and "lists: 0" in out, out
     assert "present:" not in out, out
-    # The build stage compiled the binary and its plugin, no benchmark and no test.
+    # The build stage compiled the binary and its plugins, no benchmark and no test.
     p = sh(podman, build_stage_image,
            "ls /src/build; test ! -e /src/build/tests && test ! -e /src/build/bench_batch")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "agenthost" in p.stdout.split() and "agenthost_mongo.so" in p.stdout.split()
+    built = p.stdout.split()
+    assert {"agenthost", "agenthost_mongo.so", "agenthost_curl.so"} <= set(built), built
+    # Both plugins are installed where the binary looks and load with the runtime libraries.
+    p = sh(podman, agent_image, "agenthost version")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "libmongoc unavailable" not in p.stdout and "libcurl unavailable" not in p.stdout, p
 
 
 def test_dockerfile_needs_no_frontend_image():

@@ -2,11 +2,12 @@
 import json
 import re
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from agenthost_harness import agent_env, free_port, run_cli, script, wait_for
+from agenthost_harness import BINARY, agent_env, free_port, run_cli, script, wait_for
 
 RECORDER = script("recorder.lua")
 
@@ -219,6 +220,91 @@ def test_version_names_the_driver_from_the_plugin():
     p = run_cli(["version"])
     assert p.returncode == 0, p.stderr
     assert re.search(r"libmongoc \d+\.\d+\.\d+", p.stdout), p.stdout
+
+
+# ---- libcurl is a plugin too (agenthost_curl.so): agent.http and ctl load it ------------------
+
+# Libraries an idle agent must not map: libcurl and what it drags in (OpenSSL), and the MongoDB
+# driver. Their resident cost is why they are plugins (docs/ARCHITECTURE.md, "Plugins").
+HEAVY_LIBRARIES = ("libcurl", "libssl", "libcrypto", "libmongoc", "libbson")
+
+
+def needed_libs(path):
+    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True)
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out.stdout)
+
+
+def test_the_binary_and_libagenthost_need_no_curl_tls_or_mongodb_library():
+    """A deterministic guard: the NEEDED entries of agenthost and libagenthost.so name none of the
+    libraries only the plugins may link."""
+    binary = Path(BINARY).resolve()
+    shared = binary.parent / "libagenthost.so"
+    assert shared.exists(), f"{shared} is built next to {binary}"
+    for path in (binary, shared):
+        needed = needed_libs(path)
+        assert any(n.startswith("libluajit") for n in needed), (path, needed)  # readelf works
+        heavy = [n for n in needed if n.startswith(HEAVY_LIBRARIES)]
+        assert heavy == [], f"{path} links {heavy}: move that code into a plugin"
+    for plugin, lib in (("agenthost_curl.so", "libcurl"), ("agenthost_mongo.so", "libmongoc")):
+        assert any(n.startswith(lib) for n in needed_libs(binary.parent / plugin)), plugin
+
+
+def maps_curl(pid):
+    return [p for p in mapped_files(pid)
+            if "agenthost_curl" in p or "libcurl" in p or "libssl" in p or "libcrypto" in p]
+
+
+def test_an_agent_that_makes_no_http_request_never_maps_libcurl(fleet, state_file, tmp_path):
+    a = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl"), name="no-http")
+    a.wait_state("running", timeout=15)
+    wait_for(lambda: a.state()["batches"] >= 2, 15, message="two batches")
+    # ctl talks to it (and loads the plugin in its own process, not in the agent's)
+    p = run_cli(["ctl", "state", "--local", "--url", a.url])
+    assert p.returncode == 0 and '"state"' in p.stdout, p
+    assert maps_curl(a.proc.pid) == [], maps_curl(a.proc.pid)
+
+
+def test_require_agent_http_loads_the_curl_plugin(fleet, state_file, tmp_path):
+    uses = tmp_path / "uses_http.lua"
+    uses.write_text('local agent = require "agent"\n'
+                    'local http = require "agent.http"\n'
+                    'agent.log.info("http=%s", type(http.get))\n'
+                    "return { batch = function() agent.sleep(0.05) return 0 end }\n")
+    a = fleet.start(str(uses), env=agent_env(state_file), name="http-user")
+    a.wait_log(r"http=function")
+    a.wait_state("running", timeout=15)
+    found = maps_curl(a.proc.pid)
+    assert any("agenthost_curl.so" in p for p in found), found
+    assert any("libcurl" in p for p in found), found
+    assert maps_mongo(a.proc.pid) == [], maps_mongo(a.proc.pid)
+
+
+def test_agent_http_and_ctl_without_the_curl_plugin_name_the_file(state_file, tmp_path):
+    empty = tmp_path / "no-plugins"
+    empty.mkdir()
+    uses = tmp_path / "uses_http.lua"
+    uses.write_text('require "agent.http"\nreturn { batch = function() return 0 end }\n')
+    p = run_cli(["check", str(uses)], env={"AGENTHOST_PLUGIN_DIR": str(empty)})
+    assert p.returncode == 2, p
+    assert ("agent.http: HTTP client support (libcurl) is not available: "
+            f"agenthost_curl.so not found in {empty} (AGENTHOST_PLUGIN_DIR)") in p.stderr, p.stderr
+    # a script that never requires it does not care
+    plain = tmp_path / "plain.lua"
+    plain.write_text('require "agent"\nreturn { batch = function() return 0 end }\n')
+    p = run_cli(["check", str(plain)], env={"AGENTHOST_PLUGIN_DIR": str(empty)})
+    assert p.returncode == 0, p
+    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{free_port()}"],
+                env={"AGENTHOST_PLUGIN_DIR": str(empty)})
+    assert p.returncode == 1, p
+    assert f"agenthost_curl.so not found in {empty}" in p.stderr, p.stderr
+    p = run_cli(["version"], env={"AGENTHOST_PLUGIN_DIR": str(empty)})
+    assert p.returncode == 0 and "libcurl unavailable" in p.stdout, p
+
+
+def test_version_names_libcurl_from_the_plugin():
+    p = run_cli(["version"])
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"libcurl \d+\.\d+\.\d+", p.stdout), p.stdout
 
 
 def test_an_ipv6_bind_is_logged_in_brackets(fleet, state_file, tmp_path):

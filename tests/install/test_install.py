@@ -69,7 +69,7 @@ def build_dir(tmp_root):
     build = find_build_dir(tmp_root)
     # Up to date in CI (a no-op); builds what install needs otherwise.
     check(["cmake", "--build", str(build), "-j4", "--target", "agenthost", "agenthost_core",
-           "agenthost_shared", "agenthost_mongo"], timeout=600)
+           "agenthost_shared", "agenthost_mongo", "agenthost_curl"], timeout=600)
     return build
 
 
@@ -136,20 +136,28 @@ def test_installed_files(prefix):
     assert not [n for n in names if not n.startswith(("agenthost_", "ah_"))], sorted(names)
 
 
-def test_mongodb_is_a_plugin(prefix):
-    """libmongoc is linked only by the plugin; the binary and libagenthost.so export every ah_*
-    function the plugin imports, and the plugin exports only its table."""
-    plugin = prefix / "lib" / "agenthost" / "agenthost_mongo.so"
+PLUGINS = [  # file, the library only it links, its one exported symbol, core functions it calls
+    ("agenthost_mongo.so", "libmongoc-1.0.so.0", "ah_mongo_plugin_v1", {"ah_strlcpy", "ah_mono_us"}),
+    ("agenthost_curl.so", "libcurl.so.4", "ah_curl_plugin_v1", {"ah_buf_append", "ah_lua_op_wait"}),
+]
+
+
+@pytest.mark.parametrize("plugin_file,library,symbol,calls", PLUGINS, ids=[p[0] for p in PLUGINS])
+def test_mongodb_and_libcurl_are_plugins(prefix, plugin_file, library, symbol, calls):
+    """libmongoc and libcurl are linked only by their plugins; the binary and libagenthost.so
+    export every ah_* function a plugin imports, and a plugin exports only its table."""
+    plugin = prefix / "lib" / "agenthost" / plugin_file
     assert plugin.is_file()
-    assert "libmongoc-1.0.so.0" in needed_libs(plugin)
+    assert library in needed_libs(plugin)
     binary = prefix / "bin" / "agenthost"
     so = prefix / "lib" / "libagenthost.so"
+    heavy = ("libmongoc", "libbson", "libcurl", "libssl", "libcrypto")
     for obj in (binary, so):
-        assert not [n for n in needed_libs(obj) if "mongoc" in n or "bson" in n], obj
+        assert not [n for n in needed_libs(obj) if n.startswith(heavy)], obj
     exported = {n for n in dynamic_symbols(plugin, defined=True) if not n.startswith("_")}
-    assert exported == {"ah_mongo_plugin_v1"}, exported
+    assert exported == {symbol}, exported
     imports = {n for n in dynamic_symbols(plugin, defined=False) if n.startswith("ah_")}
-    assert {"ah_strlcpy", "ah_mono_us"} <= imports, imports
+    assert calls <= imports, imports
     for obj in (binary, so):
         missing = imports - dynamic_symbols(obj, defined=True)
         assert not missing, (obj, sorted(missing))
@@ -175,8 +183,8 @@ def test_pkg_config_file(prefix):
     static = check(["pkg-config", "--static", "--libs", "agenthost"], env=env).stdout
     for lib in ("-luv", "-lmicrohttpd", "-lsqlite3", "cjson"):
         assert lib in static, f"{lib} missing from pkg-config --static --libs"
-    # MongoDB is the plugin's business: linking the core never needs the driver.
-    assert "mongoc" not in static and "bson" not in static, static
+    # MongoDB and libcurl are the plugins' business: linking the core never needs them.
+    assert "mongoc" not in static and "bson" not in static and "curl" not in static, static
 
 
 # ---- the installed binary -------------------------------------------------------------------
@@ -236,6 +244,35 @@ def test_installed_binary_loads_the_mongodb_plugin_on_demand(prefix, tmp_root):
     assert "agenthost_mongo.so not found in" in res.stderr, res.stderr
     assert str(prefix / "bin" / ".." / "lib" / "agenthost") in res.stderr, res.stderr
     assert version.returncode == 0 and "libmongoc unavailable" in version.stdout, version
+
+
+def test_installed_binary_loads_the_curl_plugin_for_agent_http_and_ctl(prefix, tmp_root):
+    """agent.http and ctl find <prefix>/lib/agenthost/agenthost_curl.so from the binary's own
+    location; without it, both name where they looked."""
+    script = tmp_root / "uses_http.lua"
+    script.write_text('local http = require "agent.http"\n'
+                      'assert(type(http.request) == "function")\n'
+                      "return { batch = function() return 0 end }\n")
+    binary = prefix / "bin" / "agenthost"
+    env = pc_env(prefix)
+    env.pop("AGENTHOST_PLUGIN_DIR", None)
+    check([str(binary), "check", str(script)], cwd=tmp_root, env=env)
+    # ctl reaches the transport: nothing listens on port 1, so curl's own error comes back
+    ctl = run([str(binary), "ctl", "state", "--url", "http://127.0.0.1:1", "--timeout", "5"],
+              env=env)
+    assert ctl.returncode == 1 and "not found" not in ctl.stderr, ctl
+    plugin_dir = prefix / "lib" / "agenthost"
+    hidden = prefix / "lib" / "agenthost.hidden"
+    plugin_dir.rename(hidden)
+    try:
+        res = run([str(binary), "check", str(script)], cwd=tmp_root, env=env)
+        ctl = run([str(binary), "ctl", "state", "--url", "http://127.0.0.1:1"], env=env)
+    finally:
+        hidden.rename(plugin_dir)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "agent.http: HTTP client support (libcurl) is not available: " in res.stderr, res.stderr
+    assert "agenthost_curl.so not found in" in res.stderr, res.stderr
+    assert ctl.returncode == 1 and "agenthost_curl.so not found in" in ctl.stderr, ctl
 
 
 # ---- examples/embed -------------------------------------------------------------------------
@@ -466,7 +503,8 @@ MONGO_CHECK = r"""
 #include <stdio.h>
 #include <string.h>
 
-/* require "agent.mongo" in a script must load the plugin (an unconfigured binding). */
+/* require "agent.mongo" and "agent.http" in a script must load the plugins (an unconfigured
+ * MongoDB binding). */
 int main(void)
 {
     char err[512] = "";
@@ -476,6 +514,8 @@ int main(void)
     }
     const char *src = "local mongo = require 'agent.mongo'\n"
                       "assert(mongo.configured() == false, 'configured')\n"
+                      "local http = require 'agent.http'\n"
+                      "assert(type(http.get) == 'function', 'agent.http')\n"
                       "return { batch = function() return 0 end }\n";
     agenthost_t *h = agenthost_new(cfg, NULL, src, err, sizeof(err));
     agenthost_config_free(cfg);
@@ -491,10 +531,10 @@ int main(void)
 
 
 @pytest.mark.parametrize("link", ["shared", "static"])
-def test_embedders_load_the_mongodb_plugin(prefix, tmp_root, sanitize_flags, link):
-    """libagenthost.so finds the plugin in <libdir>/agenthost and gives it the ah_* functions; a
-    static embedder links the whole archive with -rdynamic as docs/EMBEDDING.md says and points
-    AGENTHOST_PLUGIN_DIR at the plugin."""
+def test_embedders_load_the_plugins(prefix, tmp_root, sanitize_flags, link):
+    """libagenthost.so finds the plugins in <libdir>/agenthost and gives them the ah_* functions;
+    a static embedder links the whole archive with -rdynamic as docs/EMBEDDING.md says and points
+    AGENTHOST_PLUGIN_DIR at the plugins."""
     env = pc_env(prefix)
     src = tmp_root / "mongo_check.c"
     src.write_text(MONGO_CHECK)

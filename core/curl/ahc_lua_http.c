@@ -1,4 +1,9 @@
-/* Implementation of ah_lua_http.h. One client per Lua state (a full userdata kept in the
+/* agent.http's C half (ahc_lua_http_open, behind ah_lua_http_open in ah_curl.h): HTTP requests on
+ * libcurl's multi interface, driven by the Lua worker's libuv loop (curl's socket and timer
+ * callbacks: a uv_poll_t per socket, one uv_timer_t). lua/agent_http.lua shapes the public
+ * functions (request, get, post); see docs/LUA.md. Threads: the Lua worker thread only.
+ *
+ * One client per Lua state (a full userdata kept in the
  * registry): a curl multi handle whose sockets are watched by uv_poll_t handles and whose timeout
  * is one uv_timer_t, all on the state's loop (ah_lua_loop). A request is a transfer (a full
  * userdata "agent.http.transfer" owning the easy handle and the buffers): core.start() validates
@@ -11,7 +16,7 @@
  * removes itself from its client; a client detaches its remaining transfers, cleans up the multi
  * handle and closes its handles (their memory is freed in the close callbacks, which the state's
  * loop runs before it closes). */
-#include "ah_lua_http.h"
+#include "ahc.h"
 
 #include "ah_common.h"
 #include "ah_json.h"
@@ -100,7 +105,7 @@ static void curl_init_once(void)
     curl_init_result = curl_global_init(CURL_GLOBAL_DEFAULT);
 }
 
-int ah_curl_init(void)
+int ahc_global_init(void)
 {
     pthread_once(&curl_once, curl_init_once);
     return curl_init_result == CURLE_OK ? AH_OK : AH_EIO;
@@ -399,7 +404,7 @@ static client_t *get_client(lua_State *L)
     if (slot != NULL && *slot != NULL) {
         return *slot;
     }
-    if (ah_curl_init() != AH_OK) {
+    if (ahc_global_init() != AH_OK) {
         luaL_error(L, "agent.http: curl_global_init failed");
     }
     lua_pushlightuserdata(L, (void *)&registry_key_client);
@@ -964,7 +969,7 @@ static int transfer_gc(lua_State *L)
     return 0;
 }
 
-int ah_lua_http_open(lua_State *L)
+int ahc_lua_http_open(lua_State *L)
 {
     luaL_newmetatable(L, TRANSFER_META);
     lua_pushcfunction(L, transfer_gc);
