@@ -274,14 +274,15 @@ def test_ctl_scoped_commands_and_scopes_listing(fleet, store):
     a3 = start(fleet, store, "a3")
     a1.wait_state("running", timeout=20)
     a3.wait_state("running", timeout=20)
-    out = run_cli(["ctl", "--url", a1.url, "pause", "--selector", "region=eu", "--wait", "10",
+    out = run_cli(["ctl", "pause", "--url", a1.url, "--selector", "region=eu", "--wait", "10",
                    "--reason", "maintenance"])
     assert out.returncode == 0, out.stdout + out.stderr
     assert a1.state()["state"] == "paused" and a3.state()["state"] == "running"
-    out = run_cli(["ctl", "--url", a1.url, "scopes"])
+    out = run_cli(["ctl", "scopes", "--url", a1.url])
     assert out.returncode == 0, out.stderr
     assert "region=eu" in out.stdout and "pause" in out.stdout
-    out = run_cli(["ctl", "--url", a1.url, "agents"])
-    assert "region=eu" in out.stdout
-    out = run_cli(["ctl", "--url", a1.url, "pause", "--selector", "region in (eu"])
+    out = run_cli(["ctl", "agents", "--url", a1.url, "--selector", "region"])
+    assert "agent=a1,region=eu,role=ingest" in out.stdout
+    assert "1 listed; fleet: 2 agents" not in out.stdout and "2 listed" in out.stdout
+    out = run_cli(["ctl", "pause", "--url", a1.url, "--selector", "region in (eu"])
     assert out.returncode != 0 and "expected ',' or ')'" in out.stdout + out.stderr
