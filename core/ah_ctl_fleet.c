@@ -321,8 +321,8 @@ int ah_ctl_fleet_print_scopes(const char *body, FILE *out, FILE *err)
         fprintf(err, "agenthost ctl: the answer has no \"scopes\"\n");
         return 1;
     }
-    fprintf(out, "%-32s %-8s %7s %7s %5s %-24s %s\n", "SELECTOR", "COMMAND", "VERSION",
-            "MATCHED", "HOLDS", "EXPIRES", "REASON");
+    fprintf(out, "%-32s %-8s %7s %7s %5s %-24s %s\n", "SELECTOR", "COMMAND", "VERSION", "MATCHED",
+            "HOLDS", "EXPIRES", "REASON");
     if (array_first(&r)) {
         do {
             const char *object = r.p;
@@ -335,8 +335,8 @@ int ah_ctl_fleet_print_scopes(const char *body, FILE *out, FILE *err)
             member_text(object, "holds", holds, sizeof(holds));
             member_text(object, "expires_at", expires, sizeof(expires));
             member_text(object, "reason", reason, sizeof(reason));
-            fprintf(out, "%-32s %-8s %7s %7s %5s %-24s %s\n", selector, command, version,
-                    matched, holds, strcmp(expires, "null") == 0 ? "-" : expires, reason);
+            fprintf(out, "%-32s %-8s %7s %7s %5s %-24s %s\n", selector, command, version, matched,
+                    holds, strcmp(expires, "null") == 0 ? "-" : expires, reason);
             skip_value(&r, 1);
         } while (array_next(&r));
     }
@@ -358,8 +358,8 @@ int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err)
         fprintf(err, "agenthost ctl: the answer has no \"agents\"\n");
         return 1;
     }
-    fprintf(out, "%-24s %-9s %8s %-6s %-25s %-16s %8s %10s %7s %s\n", "AGENT", "STATE",
-            "APPLIED", "STALE", "LAST SEEN", "HOST", "PID", "BATCHES", "ERRORS", "LABELS");
+    fprintf(out, "%-24s %-9s %8s %-6s %-25s %-16s %8s %10s %7s %s\n", "AGENT", "STATE", "APPLIED",
+            "STALE", "LAST SEEN", "HOST", "PID", "BATCHES", "ERRORS", "LABELS");
     if (array_first(&r)) {
         do {
             const char *object = r.p;

@@ -556,9 +556,9 @@ static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char 
         char message[AH_SELECTOR_MAX + 160];
         bool held_nobody = cmd == AH_CMD_RUNNING && (!scope->held_before || scope->matched == 0);
         snprintf(message, sizeof(message), "%s command issued to the agents matching %s%s",
-                 cmd == AH_CMD_PAUSE      ? "Pause"
-                 : cmd == AH_CMD_RUNNING  ? "Resume"
-                                          : "Shutdown",
+                 cmd == AH_CMD_PAUSE     ? "Pause"
+                 : cmd == AH_CMD_RUNNING ? "Resume"
+                                         : "Shutdown",
                  scope->selector,
                  held_nobody ? " (the scope held no agent: nothing to resume)" : "");
         ah_json_str(b, "message", message);
@@ -666,8 +666,8 @@ static void cluster_wait_done(void *ud, const ah_fleet_outcome_t *outcome)
     if (scoped && outcome->command_rc == AH_OK) {
         cw->scope.matched = 0;
         for (int i = 0; i < outcome->count; i++) {
-            cw->scope.matched += outcome->acks[i] == AH_FLEET_ACKNOWLEDGED ||
-                                 outcome->acks[i] == AH_FLEET_PENDING;
+            cw->scope.matched +=
+                outcome->acks[i] == AH_FLEET_ACKNOWLEDGED || outcome->acks[i] == AH_FLEET_PENDING;
         }
     }
     command_reply(cw->http, cw->command, outcome->command_rc, outcome->command_error, outcome->doc,
@@ -845,7 +845,9 @@ static void run_history(void *arg, http_reply_t *reply)
         ah_json_str(b, "reason", e->reason);
         ah_json_str(b, "updated_by", e->updated_by);
         ah_json_str(b, "agent_id", e->agent_id);
-        ah_json_str(b, "selector", e->selector[0] != '\0' ? e->selector : NULL);
+        if (e->selector[0] != '\0') { /* a scope's entry; a cluster entry keeps its shape */
+            ah_json_str(b, "selector", e->selector);
+        }
         ah_json_close(b);
     }
     ah_json_close_array(b);

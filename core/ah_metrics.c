@@ -223,8 +223,8 @@ void ah_metrics_render_labels(const char *labels_text, ah_buf_t *b)
         ah_buf_puts(b, i > 0 ? ",label_" : "label_");
         for (const char *k = ah_labels_key(labels, i); *k != '\0'; k++) {
             char c = *k;
-            bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                      (c >= '0' && c <= '9') || c == '_';
+            bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                      c == '_';
             ah_buf_append(b, ok ? k : "_", 1);
         }
         /* label values are [A-Za-z0-9._-]: nothing to escape */

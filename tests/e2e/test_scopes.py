@@ -127,9 +127,9 @@ def test_scoped_pause_holds_exactly_the_matching_agents_until_its_own_resume(fle
     assert body["held"] is False and "held no agent" in body["message"]
 
     history = a1.get("/api/cluster/history").json()["entries"]
-    scoped = [(e["command"], e["version"]) for e in history if e["selector"] == "region=eu"]
+    scoped = [(e["command"], e["version"]) for e in history if e.get("selector") == "region=eu"]
     assert scoped == [("running", 3), ("running", 2), ("pause", 1)]
-    assert [e["selector"] for e in history if e["command"] == "pause"].count(None) == 1
+    assert [e.get("selector") for e in history if e["command"] == "pause"].count(None) == 1
 
 
 def test_restarted_matching_agent_comes_up_paused_before_its_first_batch(fleet, store):
@@ -222,7 +222,7 @@ def test_timed_scoped_pause_expires_exactly_once(fleet, store):
 
     def resumes():
         entries = agents["a2"].get("/api/cluster/history").json()["entries"]
-        return [e for e in entries if e["selector"] == "role=ingest" and e["command"] == "running"]
+        return [e for e in entries if e.get("selector") == "role=ingest" and e["command"] == "running"]
     wait_for(lambda: len(resumes()) == 1, 10, message="one automatic resume")
 
     def seen_by_all():  # every agent's view holds the resume: none has an expiry left to end
