@@ -441,7 +441,9 @@ section_lua_mongo() {
 section_fleet() {
     # 100 agents on the MongoDB test server (change streams) and on the embedded store: time from
     # POST ...?wait=30 to "complete" for 3 commands, idle database commands per agent per minute
-    # counted at the server, connections per agent (tests/bench/bench_fleet.py).
+    # counted at the server, connections per agent (tests/bench/bench_fleet.py). The agents carry
+    # labels over 4 regions: a scoped pause/resume (?selector=region=eu&wait=30) is timed too,
+    # and the idle cost is measured with 20 scope documents present.
     local out
     if ! out=$(AGENTHOST_BIN="$AGENTHOST" "$PY" "$ROOT/tests/bench/bench_fleet.py" 2>&1); then
         echo "$out" | tail -30 | sed 's/^/  /'

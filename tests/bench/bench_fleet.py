@@ -9,6 +9,11 @@
     status heartbeats included) and the connections per agent;
   * on the embedded store (one SQLite file): the same POST -> complete times.
 
+Every agent has labels, region spread over 4 regions (eu, us, ap, sa) and role over 2; on both
+stores a scoped pause and resume of one region with wait=30 are timed too (POST -> complete,
+target <= 1.5 s), and on MongoDB the idle cost is measured with BENCH_FLEET_SCOPES (default 20)
+scope documents present (same targets).
+
 Prints one line per measurement ending in PASS/FAIL and exits 0 unless the bench itself broke
 (an agent that would not start, an answer that was not 200)."""
 import json
@@ -29,7 +34,13 @@ SCRIPT = os.path.join(ROOT, "tests", "e2e", "scripts", "mongo_idle.lua")
 AGENTS = int(os.environ.get("BENCH_FLEET_AGENTS", "100"))
 COMMANDS = int(os.environ.get("BENCH_FLEET_COMMANDS", "3"))
 IDLE_SECONDS = float(os.environ.get("BENCH_FLEET_IDLE_SECONDS", "60"))
+SCOPES = int(os.environ.get("BENCH_FLEET_SCOPES", "20"))
 COMPLETE_TARGET_S = 1.5
+REGIONS = ["eu", "us", "ap", "sa"]
+
+
+def labels_of(i):
+    return f"region={REGIONS[i % len(REGIONS)]},role={'ingest' if i % 2 == 0 else 'api'}"
 
 
 def http(method, url, timeout=60):
@@ -58,7 +69,7 @@ class Fleet:
             port = free_port()
             e = dict(os.environ, HTTP_PORT=str(port), HTTP_BIND="127.0.0.1",
                      AGENT_ID=f"bench-{i:03d}", EVENTS_FILE=os.path.join(tmp, f"e{i}.jsonl"),
-                     LOG_LEVEL="warn", **env)
+                     LOG_LEVEL="warn", AGENT_LABELS=labels_of(i), **env)
             log = open(os.path.join(tmp, f"agent-{i}.log"), "w")
             self.procs.append(subprocess.Popen([BIN, "run", SCRIPT], env=e, stdout=log,
                                                stderr=subprocess.STDOUT))
@@ -129,6 +140,45 @@ def run_commands(fleet, label):
     return True
 
 
+def run_scoped(fleet, label):
+    """A scoped pause and resume of region=eu with wait=30, timed; False if the bench broke."""
+    times = []
+    expected = sum(1 for i in range(AGENTS) if labels_of(i).startswith("region=eu,"))
+    for n, cmd in enumerate(("pause", "resume")):
+        issuer = (n * 37 + 1) % AGENTS  # any agent, matching or not
+        sent = time.monotonic()
+        status, body = http("POST", fleet.url(issuer) +
+                            f"/api/cluster/{cmd}?selector=region%3Deu&wait=30&reason=bench")
+        took = time.monotonic() - sent
+        if status != 200:
+            print(f"{label}: BENCH BROKEN: scoped {cmd} answered {status}: {body}")
+            return False
+        w = body["wait"]
+        ok = w["complete"] and len(w["acknowledged"]) == expected
+        times.append(took if ok else float("inf"))
+        print(f"  {label} {cmd}?selector=region=eu v{body['version']}: POST -> complete "
+              f"{took:.3f} s (complete={w['complete']}, acknowledged {len(w['acknowledged'])} "
+              f"of {expected} matching, pending {len(w['pending'])}, "
+              f"excluded {len(w['excluded'])}, waited_s {w['waited_s']})")
+        time.sleep(1)
+    worst = max(times)
+    print(f"{label} scoped: {AGENTS} agents over {len(REGIONS)} regions, POST "
+          f"?selector=region=eu&wait=30 -> every matching agent applied: max {worst:.3f} s "
+          f"(target <= {COMPLETE_TARGET_S} s) {'PASS' if worst <= COMPLETE_TARGET_S else 'FAIL'}")
+    return True
+
+
+def make_scopes(fleet, label):
+    """SCOPES scope documents that hold nobody (resumes of zone=zNN); False if the bench broke."""
+    for n in range(SCOPES):
+        status, body = http("POST", fleet.url(n % AGENTS) +
+                            f"/api/cluster/resume?selector=zone%3Dz{n:02d}&reason=bench")
+        if status != 200:
+            print(f"{label}: BENCH BROKEN: scope {n} answered {status}: {body}")
+            return False
+    return True
+
+
 def bench_mongodb(tmp):
     srv = MongoTestServer(mode="replset").start()
     fleet = None
@@ -139,6 +189,10 @@ def bench_mongodb(tmp):
             print("fleet mongodb: BENCH BROKEN: the agents did not all report running")
             return False
         if not run_commands(fleet, "fleet mongodb (change streams)"):
+            return False
+        if not run_scoped(fleet, "fleet mongodb (change streams)"):
+            return False
+        if not make_scopes(fleet, "fleet mongodb"):
             return False
         time.sleep(5)
         srv.reset_stats()
@@ -152,7 +206,8 @@ def bench_mongodb(tmp):
                            if k != "testControl")
         conns = (srv.status()["connections"] - base_conns) / AGENTS
         ok = get_more <= 6 and data <= 12
-        print(f"fleet mongodb idle: per agent per minute {get_more:.2f} getMore, {data:.2f} data "
+        print(f"fleet mongodb idle ({SCOPES + 1} scope documents present): per agent per minute "
+              f"{get_more:.2f} getMore, {data:.2f} data "
               f"commands in all (targets <= 6 and <= 12) {'PASS' if ok else 'FAIL'}; "
               f"by command: {detail}")
         print(f"fleet mongodb connections: {conns:.2f} per agent (target <= 2) "
@@ -170,7 +225,7 @@ def bench_embedded(tmp):
         if not fleet.wait_ready():
             print("fleet embedded: BENCH BROKEN: the agents did not all report running")
             return False
-        return run_commands(fleet, "fleet embedded")
+        return run_commands(fleet, "fleet embedded") and run_scoped(fleet, "fleet embedded")
     finally:
         fleet.close()
 
