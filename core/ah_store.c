@@ -89,6 +89,57 @@ int ah_store_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, ch
     return st->ops->list_status(st, out, count, err, errlen);
 }
 
+int ah_store_lease(ah_store_t *st, ah_lease_op_t op, const char *name, const char *owner,
+                   int64_t token, int64_t ttl_ms, ah_lease_t *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    if (name == NULL || name[0] == '\0' || strlen(name) > AH_NAME_MAX || owner == NULL ||
+        owner[0] == '\0' || strlen(owner) > AH_NAME_MAX) {
+        snprintf(err, errlen, "a lease needs a name and an owner of 1 to %d bytes", AH_NAME_MAX);
+        return AH_EINVAL;
+    }
+    if (op != AH_LEASE_RELEASE && ttl_ms <= 0) {
+        snprintf(err, errlen, "a lease's ttl must be positive");
+        return AH_EINVAL;
+    }
+    if (op != AH_LEASE_ACQUIRE && token <= 0) {
+        snprintf(err, errlen, "renewing or releasing a lease needs its token");
+        return AH_EINVAL;
+    }
+    if (st->ops->lease == NULL) {
+        snprintf(err, errlen, "this store keeps no leases");
+        return AH_EUNAVAIL;
+    }
+    return st->ops->lease(st, op, name, owner, token, ttl_ms, out, err, errlen);
+}
+
+int ah_store_list_leases(ah_store_t *st, ah_lease_t **out, int *count, char *err, size_t errlen)
+{
+    *out = NULL;
+    *count = 0;
+    if (st->ops->list_leases == NULL) {
+        snprintf(err, errlen, "this store keeps no leases");
+        return AH_EUNAVAIL;
+    }
+    return st->ops->list_leases(st, out, count, err, errlen);
+}
+
+ah_lease_t *ah_store_lease_append(ah_lease_t **recs, int *count, int *cap)
+{
+    if (*count == *cap) {
+        int grown = *cap == 0 ? 16 : *cap * 2;
+        ah_lease_t *bigger = realloc(*recs, (size_t)grown * sizeof(**recs));
+        if (bigger == NULL) {
+            return NULL;
+        }
+        *recs = bigger;
+        *cap = grown;
+    }
+    ah_lease_t *r = &(*recs)[(*count)++];
+    memset(r, 0, sizeof(*r));
+    return r;
+}
+
 void ah_store_close(ah_store_t *st)
 {
     if (st != NULL) {

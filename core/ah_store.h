@@ -19,6 +19,9 @@
 
 typedef struct ah_store_s ah_store_t;
 
+/* At most this many lease records are listed. */
+#define AH_LEASES_MAX 1000
+
 /* Longest agenthost version string a status record carries. */
 #define AH_VERSION_TEXT_MAX 31
 /* Longest scope_acks text of a status record ("<16 hex>=<version>,..."; ~26 scopes). */
@@ -45,6 +48,27 @@ typedef struct ah_agent_status_s {
      * "<ah_selector_id as 16 hex digits>=<version>" joined by ','. */
     char scope_acks[AH_SCOPE_ACKS_TEXT_MAX + 1];
 } ah_agent_status_t;
+
+/* One lease (docs/LUA.md, "Work that runs once per fleet"): a named right to do work that must
+ * run on one agent at a time. The store keeps one record per name. */
+typedef struct ah_lease_s {
+    char name[AH_NAME_MAX + 1];
+    char owner[AH_NAME_MAX + 1]; /* the holder's agent id; "" once released */
+    int64_t token;         /* fencing token: grows by one every time the lease changes hands */
+    int64_t expires_in_ms; /* by the store's clock when it was read or written; <= 0: free */
+} ah_lease_t;
+
+/* What ah_store_lease does. Every one is a single conditional write judged by the store's clock
+ * (embedded: the file's time in one statement; MongoDB: $$NOW in an update pipeline). */
+typedef enum {
+    /* Take the lease when it is free (no record, or expired) or already ours (owner and token
+     * as given): owner = us, expiry = now + ttl; the token grows by one unless it was ours. */
+    AH_LEASE_ACQUIRE = 0,
+    /* Extend our hold (owner and token as given, expired or not): expiry = now + ttl. */
+    AH_LEASE_RENEW,
+    /* Give it up (owner and token as given): owner = "", expiry = now; the token stays. */
+    AH_LEASE_RELEASE,
+} ah_lease_op_t;
 
 typedef struct ah_store_listener_s {
     /* A control document was read: at start (initial sync) and after every change. */
@@ -85,6 +109,9 @@ typedef struct ah_store_ops_s {
                       size_t errlen);
     int (*list_status)(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
                        size_t errlen);
+    int (*lease)(ah_store_t *st, ah_lease_op_t op, const char *name, const char *owner,
+                 int64_t token, int64_t ttl_ms, ah_lease_t *out, char *err, size_t errlen);
+    int (*list_leases)(ah_store_t *st, ah_lease_t **out, int *count, char *err, size_t errlen);
 } ah_store_ops_t;
 
 /* Implementations embed this as their first member. */
@@ -128,6 +155,20 @@ int ah_store_put_status(ah_store_t *st, const ah_agent_status_t *rec, double ttl
  * *count is 0). At most AH_AGENTS_MAX records. 0, or AH_EUNAVAIL/AH_EIO/AH_ENOMEM with err set. */
 int ah_store_list_status(ah_store_t *st, ah_agent_status_t **out, int *count, char *err,
                          size_t errlen);
+/* One lease operation (ah_lease_op_t) on lease `name` for agent `owner` (both non-empty, at most
+ * AH_NAME_MAX bytes); token: the token we hold (0: none, acquire only); ttl_ms > 0 (acquire,
+ * renew). One round trip; may block up to the store's timeouts, so never on the Lua thread.
+ * Returns 0 when the write took effect, *out the record after it; AH_ECONFLICT when its
+ * condition failed (nothing written): for acquire *out is the current holder, for renew and
+ * release *out is zeroed (the lease is not ours). Else AH_EUNAVAIL/AH_EIO/AH_EINVAL with err. */
+int ah_store_lease(ah_store_t *st, ah_lease_op_t op, const char *name, const char *owner,
+                   int64_t token, int64_t ttl_ms, ah_lease_t *out, char *err, size_t errlen);
+/* Reads every lease record, sorted by name, into a new array *out (free() it; NULL when *count
+ * is 0), at most AH_LEASES_MAX, expires_in_ms by the store's clock at the read. */
+int ah_store_list_leases(ah_store_t *st, ah_lease_t **out, int *count, char *err, size_t errlen);
+/* Appends one zeroed lease to *recs (as ah_store_status_append). */
+ah_lease_t *ah_store_lease_append(ah_lease_t **recs, int *count, int *cap);
+
 /* Stops the watcher (joins its thread) and frees the store. NULL is accepted. */
 void ah_store_close(ah_store_t *st);
 

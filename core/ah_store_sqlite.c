@@ -67,7 +67,41 @@ static const char ah_sqlite_schema[] =
     "CREATE TABLE IF NOT EXISTS scope_audit ("
     " seq INTEGER PRIMARY KEY AUTOINCREMENT, selector TEXT NOT NULL, version INTEGER NOT NULL,"
     " command TEXT NOT NULL, timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL,"
-    " updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);";
+    " updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS agent_leases ("
+    " name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL,"
+    " expires_ms INTEGER NOT NULL);";
+
+/* The file's clock in ms since the epoch: SQLite evaluates 'now' once per statement, so every
+ * use in one statement sees the same instant. */
+#define AH_SQLITE_NOW_MS "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+
+/* ?1 name, ?2 owner, ?3 our token (0: none), ?4 ttl ms. Free (expired) or ours: take it. */
+static const char ah_sqlite_lease_acquire[] =
+    "INSERT INTO agent_leases (name, owner, token, expires_ms)"
+    " VALUES (?1, ?2, 1, " AH_SQLITE_NOW_MS " + ?4)"
+    " ON CONFLICT (name) DO UPDATE SET"
+    " token = CASE WHEN owner = ?2 AND token = ?3 THEN token ELSE token + 1 END,"
+    " owner = ?2, expires_ms = " AH_SQLITE_NOW_MS " + ?4"
+    " WHERE expires_ms <= " AH_SQLITE_NOW_MS " OR (owner = ?2 AND token = ?3)"
+    " RETURNING owner, token, expires_ms - " AH_SQLITE_NOW_MS;
+
+static const char ah_sqlite_lease_renew[] =
+    "UPDATE agent_leases SET expires_ms = " AH_SQLITE_NOW_MS " + ?4"
+    " WHERE name = ?1 AND owner = ?2 AND token = ?3"
+    " RETURNING owner, token, expires_ms - " AH_SQLITE_NOW_MS;
+
+static const char ah_sqlite_lease_release[] =
+    "UPDATE agent_leases SET owner = '', expires_ms = " AH_SQLITE_NOW_MS
+    " WHERE name = ?1 AND owner = ?2 AND token = ?3"
+    " RETURNING owner, token, 0";
+
+static const char ah_sqlite_lease_select[] =
+    "SELECT owner, token, expires_ms - " AH_SQLITE_NOW_MS " FROM agent_leases WHERE name = ?1";
+
+static const char ah_sqlite_lease_list[] =
+    "SELECT name, owner, token, expires_ms - " AH_SQLITE_NOW_MS " FROM agent_leases"
+    " ORDER BY name LIMIT ?1";
 
 /* Columns added since the first schema: a file written before them gets them at open. */
 static const struct {
@@ -781,6 +815,151 @@ cleanup:
     return ret;
 }
 
+/* Fills *out (name already set) from a row: owner, token, expires in ms. */
+static void lease_from_row(sqlite3_stmt *stmt, int first, ah_lease_t *out)
+{
+    const unsigned char *owner = sqlite3_column_text(stmt, first);
+    ah_strlcpy(out->owner, owner != NULL ? (const char *)owner : "", sizeof(out->owner));
+    out->token = sqlite3_column_int64(stmt, first + 1);
+    out->expires_in_ms = sqlite3_column_int64(stmt, first + 2);
+}
+
+/* One attempt at a lease operation (api_lock held). Returns SQLITE_DONE when the write took
+ * effect (*took true) or its condition failed (*took false; acquire: *out the current holder),
+ * else the failing result code. */
+static int lease_once(sqlite3 *db, ah_lease_op_t op, const char *name, const char *owner,
+                      int64_t token, int64_t ttl_ms, ah_lease_t *out, bool *took)
+{
+    static const char *const sql[] = {
+        [AH_LEASE_ACQUIRE] = ah_sqlite_lease_acquire,
+        [AH_LEASE_RENEW] = ah_sqlite_lease_renew,
+        [AH_LEASE_RELEASE] = ah_sqlite_lease_release,
+    };
+    sqlite3_stmt *stmt = NULL;
+    *took = false;
+    int rc = sqlite3_prepare_v2(db, sql[op], -1, &stmt, NULL);
+    if (rc != SQLITE_OK) {
+        goto cleanup;
+    }
+    sqlite3_bind_text(stmt, 1, name, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 2, owner, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 3, token);
+    sqlite3_bind_int64(stmt, 4, ttl_ms);
+    rc = sqlite3_step(stmt);
+    if (rc == SQLITE_ROW) {
+        lease_from_row(stmt, 0, out);
+        *took = true;
+        rc = sqlite3_step(stmt);
+    }
+    if (rc != SQLITE_DONE) {
+        goto cleanup;
+    }
+    if (!*took && op == AH_LEASE_ACQUIRE) {
+        sqlite3_finalize(stmt);
+        stmt = NULL;
+        rc = sqlite3_prepare_v2(db, ah_sqlite_lease_select, -1, &stmt, NULL);
+        if (rc != SQLITE_OK) {
+            goto cleanup;
+        }
+        sqlite3_bind_text(stmt, 1, name, -1, SQLITE_STATIC);
+        rc = sqlite3_step(stmt);
+        if (rc == SQLITE_ROW) {
+            lease_from_row(stmt, 0, out);
+            rc = sqlite3_step(stmt);
+        }
+    }
+cleanup:
+    sqlite3_finalize(stmt);
+    return rc;
+}
+
+static int sqlite_lease(ah_store_t *base, ah_lease_op_t op, const char *name, const char *owner,
+                        int64_t token, int64_t ttl_ms, ah_lease_t *out, char *err, size_t errlen)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    int rc = SQLITE_DONE;
+    bool took = false;
+
+    pthread_mutex_lock(&st->api_lock);
+    int ret = api_connect_locked(st, err, errlen);
+    if (ret != 0) {
+        goto cleanup;
+    }
+    for (int attempt = 1; attempt <= AH_SQLITE_TXN_ATTEMPTS; attempt++) {
+        memset(out, 0, sizeof(*out));
+        rc = lease_once(st->api_db, op, name, owner, token, ttl_ms, out, &took);
+        if (rc == SQLITE_DONE || !sqlite_is_busy(rc)) {
+            break;
+        }
+        ah_sleep(0.02 * attempt);
+    }
+    if (rc != SQLITE_DONE) {
+        sqlite_error(err, errlen, st, st->api_db, "lease write failed");
+        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    ah_strlcpy(out->name, name, sizeof(out->name));
+    if (!took) {
+        if (op != AH_LEASE_ACQUIRE) {
+            memset(out, 0, sizeof(*out));
+            ah_strlcpy(out->name, name, sizeof(out->name));
+        }
+        snprintf(err, errlen, "lease '%s' is not ours", name);
+        ret = AH_ECONFLICT;
+    }
+cleanup:
+    pthread_mutex_unlock(&st->api_lock);
+    return ret;
+}
+
+static int sqlite_list_leases(ah_store_t *base, ah_lease_t **out, int *count, char *err,
+                              size_t errlen)
+{
+    ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
+    sqlite3_stmt *stmt = NULL;
+    ah_lease_t *recs = NULL;
+    int cap = 0, n = 0;
+    int rc = SQLITE_DONE;
+
+    pthread_mutex_lock(&st->api_lock);
+    int ret = api_connect_locked(st, err, errlen);
+    if (ret != 0) {
+        goto cleanup;
+    }
+    ret = AH_EIO;
+    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_lease_list, -1, &stmt, NULL) != SQLITE_OK) {
+        sqlite_error(err, errlen, st, st->api_db, "lease read failed");
+        ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    sqlite3_bind_int(stmt, 1, AH_LEASES_MAX);
+    while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+        ah_lease_t *r = ah_store_lease_append(&recs, &n, &cap);
+        if (r == NULL) {
+            snprintf(err, errlen, "embedded store '%s': lease read: out of memory", st->path);
+            ret = AH_ENOMEM;
+            goto cleanup;
+        }
+        const unsigned char *name = sqlite3_column_text(stmt, 0);
+        ah_strlcpy(r->name, name != NULL ? (const char *)name : "", sizeof(r->name));
+        lease_from_row(stmt, 1, r);
+    }
+    if (rc != SQLITE_DONE) {
+        sqlite_error(err, errlen, st, st->api_db, "lease read failed");
+        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    *out = recs;
+    *count = n;
+    recs = NULL;
+    ret = 0;
+cleanup:
+    sqlite3_finalize(stmt);
+    pthread_mutex_unlock(&st->api_lock);
+    free(recs);
+    return ret;
+}
+
 /* Watcher: waits up to `seconds` or until close() asks it to stop. Returns true if stopping. */
 static bool watch_wait(ah_sqlite_store_t *st, double seconds)
 {
@@ -962,6 +1141,8 @@ static const ah_store_ops_t ah_sqlite_ops = {
     .close = sqlite_close,
     .put_status = sqlite_put_status,
     .list_status = sqlite_list_status,
+    .lease = sqlite_lease,
+    .list_leases = sqlite_list_leases,
 };
 
 ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *err, size_t errlen)

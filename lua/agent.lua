@@ -1,6 +1,6 @@
 --[[ The `agent` module offered to scripts (docs/LUA.md): `local agent = require "agent"`.
-The C half ("agent.core", registered by core/ah_lua.c) talks to the host; this file shapes
-the public table. Functions that misuse the API (bad arguments) raise. agent.sleep, task:join
+The C half ("agent.core", core/ah_lua_core.c) talks to the host; this file shapes the public
+table. Functions that misuse the API (bad arguments) raise. agent.sleep, task:join
 and agent.http suspend the calling task (a coroutine on the worker's loop) while they wait. ]]
 local core = require "agent.core"
 local json = require "cjson"

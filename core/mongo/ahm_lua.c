@@ -8,7 +8,7 @@
  * __gc). The binding has a pool of its own, never the control store's. Values are mapped by
  * ahm_bson.c.
  *
- * Inside a task of the worker's loop (core/ah_lua.c) the driver call does not block the Lua
+ * Inside a task of the worker's loop (core/ah_lua_task.c) the driver call does not block the Lua
  * thread: run_then() hands the call object to libuv's thread pool (ah_lua_queue_work), where the
  * work takes a client, runs and copies the reply out as BSON, and the task waits
  * (ah_lua_op_wait), then resumes with (true, call). Every method is called through a Lua

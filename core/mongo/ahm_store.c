@@ -41,6 +41,7 @@
 #define AH_MONGO_SCOPE_ID_REGEX "^scope:[^:]*$"
 #define AH_MONGO_STATUS_COLLECTION "agent_status"
 #define AH_MONGO_STATUS_TTL_INDEX "last_seen_ttl"
+#define AH_MONGO_LEASE_COLLECTION "agent_leases"
 
 /* Driver timeouts applied when the URI does not set them (milliseconds). */
 #define AH_MONGO_SERVER_SELECTION_MS 2000
@@ -923,6 +924,237 @@ cleanup:
     return rc;
 }
 
+/* ---- leases ------------------------------------------------------------------------------- */
+
+/* Appends {$and: [{$eq: ["$owner", owner]}, {$eq: ["$token", token]}]}: the lease is ours. */
+static void append_lease_mine(bson_t *parent, const char *key, const char *owner, int64_t token)
+{
+    bson_t *mine = BCON_NEW("$and", "[", "{", "$eq", "[", BCON_UTF8("$owner"), "{", "$literal",
+                            BCON_UTF8(owner), "}", "]", "}", "{", "$eq", "[", BCON_UTF8("$token"),
+                            "{", "$literal", BCON_INT64(token), "}", "]", "}", "]");
+    BSON_APPEND_DOCUMENT(parent, key, mine);
+    bson_destroy(mine);
+}
+
+/* Appends the condition under which an acquire takes the lease: free by the server's clock
+ * (no expiry yet, or expiry <= $$NOW) or ours. */
+static void append_lease_take(bson_t *parent, const char *key, const char *owner, int64_t token)
+{
+    bson_t take, or, free_cond, lte, if_null;
+    BSON_APPEND_DOCUMENT_BEGIN(parent, key, &take);
+    BSON_APPEND_ARRAY_BEGIN(&take, "$or", & or);
+    BSON_APPEND_DOCUMENT_BEGIN(& or, "0", &free_cond);
+    BSON_APPEND_ARRAY_BEGIN(&free_cond, "$lte", &lte);
+    BSON_APPEND_DOCUMENT_BEGIN(&lte, "0", &if_null);
+    bson_t args;
+    BSON_APPEND_ARRAY_BEGIN(&if_null, "$ifNull", &args);
+    BSON_APPEND_UTF8(&args, "0", "$expires");
+    BSON_APPEND_DATE_TIME(&args, "1", 0);
+    bson_append_array_end(&if_null, &args);
+    bson_append_document_end(&lte, &if_null);
+    BSON_APPEND_UTF8(&lte, "1", "$$NOW");
+    bson_append_array_end(&free_cond, &lte);
+    bson_append_document_end(& or, &free_cond);
+    append_lease_mine(& or, "1", owner, token);
+    bson_append_array_end(&take, & or);
+    bson_append_document_end(parent, &take);
+}
+
+/* Appends {$add: ["$$NOW", ttl_ms]}: the server's clock plus the ttl. */
+static void append_expires(bson_t *parent, const char *key, int64_t ttl_ms)
+{
+    bson_t *expires =
+        BCON_NEW("$add", "[", BCON_UTF8("$$NOW"), "{", "$literal", BCON_INT64(ttl_ms), "}", "]");
+    BSON_APPEND_DOCUMENT(parent, key, expires);
+    bson_destroy(expires);
+}
+
+/* The findAndModify command of one lease operation: an update pipeline, so that the expiry is
+ * judged and set by $$NOW, the server's clock. */
+static bson_t *lease_command(ah_lease_op_t op, const char *name, const char *owner, int64_t token,
+                             int64_t ttl_ms)
+{
+    bson_t *cmd = BCON_NEW("findAndModify", BCON_UTF8(AH_MONGO_LEASE_COLLECTION));
+    bson_t query, update, stage, set;
+    BSON_APPEND_DOCUMENT_BEGIN(cmd, "query", &query);
+    BSON_APPEND_UTF8(&query, "_id", name);
+    if (op != AH_LEASE_ACQUIRE) {
+        BSON_APPEND_UTF8(&query, "owner", owner);
+        BSON_APPEND_INT64(&query, "token", token);
+    }
+    bson_append_document_end(cmd, &query);
+    BSON_APPEND_ARRAY_BEGIN(cmd, "update", &update);
+    BSON_APPEND_DOCUMENT_BEGIN(&update, "0", &stage);
+    BSON_APPEND_DOCUMENT_BEGIN(&stage, "$set", &set);
+    if (op == AH_LEASE_ACQUIRE) {
+        bson_t cond, arr, inner, inner_arr, add, add_arr, if_null, if_null_arr;
+        append_lease_take(&set, "took", owner, token);
+        /* token: taken → (ours ? token : token + 1); else unchanged */
+        BSON_APPEND_DOCUMENT_BEGIN(&set, "token", &cond);
+        BSON_APPEND_ARRAY_BEGIN(&cond, "$cond", &arr);
+        append_lease_take(&arr, "0", owner, token);
+        BSON_APPEND_DOCUMENT_BEGIN(&arr, "1", &inner);
+        BSON_APPEND_ARRAY_BEGIN(&inner, "$cond", &inner_arr);
+        append_lease_mine(&inner_arr, "0", owner, token);
+        BSON_APPEND_UTF8(&inner_arr, "1", "$token");
+        BSON_APPEND_DOCUMENT_BEGIN(&inner_arr, "2", &add);
+        BSON_APPEND_ARRAY_BEGIN(&add, "$add", &add_arr);
+        BSON_APPEND_DOCUMENT_BEGIN(&add_arr, "0", &if_null);
+        BSON_APPEND_ARRAY_BEGIN(&if_null, "$ifNull", &if_null_arr);
+        BSON_APPEND_UTF8(&if_null_arr, "0", "$token");
+        BSON_APPEND_INT64(&if_null_arr, "1", 0);
+        bson_append_array_end(&if_null, &if_null_arr);
+        bson_append_document_end(&add_arr, &if_null);
+        BSON_APPEND_INT64(&add_arr, "1", 1);
+        bson_append_array_end(&add, &add_arr);
+        bson_append_document_end(&inner_arr, &add);
+        bson_append_array_end(&inner, &inner_arr);
+        bson_append_document_end(&arr, &inner);
+        BSON_APPEND_UTF8(&arr, "2", "$token");
+        bson_append_array_end(&cond, &arr);
+        bson_append_document_end(&set, &cond);
+        /* owner and expires: taken → ours, now + ttl; else unchanged */
+        BSON_APPEND_DOCUMENT_BEGIN(&set, "owner", &cond);
+        BSON_APPEND_ARRAY_BEGIN(&cond, "$cond", &arr);
+        append_lease_take(&arr, "0", owner, token);
+        bson_t lit;
+        BSON_APPEND_DOCUMENT_BEGIN(&arr, "1", &lit);
+        BSON_APPEND_UTF8(&lit, "$literal", owner);
+        bson_append_document_end(&arr, &lit);
+        BSON_APPEND_UTF8(&arr, "2", "$owner");
+        bson_append_array_end(&cond, &arr);
+        bson_append_document_end(&set, &cond);
+        BSON_APPEND_DOCUMENT_BEGIN(&set, "expires", &cond);
+        BSON_APPEND_ARRAY_BEGIN(&cond, "$cond", &arr);
+        append_lease_take(&arr, "0", owner, token);
+        append_expires(&arr, "1", ttl_ms);
+        BSON_APPEND_UTF8(&arr, "2", "$expires");
+        bson_append_array_end(&cond, &arr);
+        bson_append_document_end(&set, &cond);
+    } else if (op == AH_LEASE_RENEW) {
+        BSON_APPEND_BOOL(&set, "took", true);
+        append_expires(&set, "expires", ttl_ms);
+    } else {
+        bson_t lit;
+        BSON_APPEND_BOOL(&set, "took", true);
+        BSON_APPEND_DOCUMENT_BEGIN(&set, "owner", &lit);
+        BSON_APPEND_UTF8(&lit, "$literal", "");
+        bson_append_document_end(&set, &lit);
+        BSON_APPEND_UTF8(&set, "expires", "$$NOW");
+    }
+    BSON_APPEND_UTF8(&set, "now", "$$NOW");
+    bson_append_document_end(&stage, &set);
+    bson_append_document_end(&update, &stage);
+    bson_append_array_end(cmd, &update);
+    BSON_APPEND_BOOL(cmd, "new", true);
+    BSON_APPEND_BOOL(cmd, "upsert", op == AH_LEASE_ACQUIRE);
+    return cmd;
+}
+
+/* A Date field in ms since the epoch, else 0. */
+static int64_t date_field_ms(const bson_t *doc, const char *key)
+{
+    bson_iter_t it;
+    if (bson_iter_init_find(&it, doc, key) && BSON_ITER_HOLDS_DATE_TIME(&it)) {
+        return bson_iter_date_time(&it);
+    }
+    return 0;
+}
+
+/* Fills owner, token and expires_in_ms from a lease document carrying "now". */
+static void lease_from_doc(const bson_t *doc, ah_lease_t *out)
+{
+    copy_utf8_field(doc, "owner", out->owner, sizeof(out->owner));
+    out->token = int64_field(doc, "token");
+    out->expires_in_ms = date_field_ms(doc, "expires") - date_field_ms(doc, "now");
+}
+
+static int mongo_lease(ah_store_t *st, ah_lease_op_t op, const char *name, const char *owner,
+                       int64_t token, int64_t ttl_ms, ah_lease_t *out, char *err, size_t errlen)
+{
+    ahm_store_t *ms = mongo_of(st);
+    int rc = AH_OK;
+    bson_error_t error;
+    bson_t reply = BSON_INITIALIZER;
+    bson_iter_t it;
+    mongoc_client_t *client;
+    mongoc_collection_t *coll = pop_named_collection(ms, AH_MONGO_LEASE_COLLECTION, &client);
+    bson_t *cmd = lease_command(op, name, owner, token, ttl_ms);
+    bson_destroy(&reply);
+    if (!mongoc_collection_write_command_with_opts(coll, cmd, NULL, &reply, &error)) {
+        rc = read_failure("lease write", &error, err, errlen);
+        goto cleanup;
+    }
+    ah_strlcpy(out->name, name, sizeof(out->name));
+    bool took = false;
+    if (bson_iter_init_find(&it, &reply, "value") && BSON_ITER_HOLDS_DOCUMENT(&it)) {
+        const uint8_t *data;
+        uint32_t len;
+        bson_t value;
+        bson_iter_document(&it, &len, &data);
+        if (bson_init_static(&value, data, len)) {
+            bson_iter_t took_it;
+            took = bson_iter_init_find(&took_it, &value, "took") && bson_iter_as_bool(&took_it);
+            if (took || op == AH_LEASE_ACQUIRE) {
+                lease_from_doc(&value, out);
+            }
+        }
+    }
+    if (!took) {
+        snprintf(err, errlen, "lease '%s' is not ours", name);
+        rc = AH_ECONFLICT;
+    }
+cleanup:
+    bson_destroy(&reply);
+    bson_destroy(cmd);
+    push_collection(ms, client, coll);
+    return rc;
+}
+
+static int mongo_list_leases(ah_store_t *st, ah_lease_t **out, int *count, char *err, size_t errlen)
+{
+    ahm_store_t *ms = mongo_of(st);
+    int rc = AH_OK;
+    bson_error_t error;
+    const bson_t *doc;
+    ah_lease_t *recs = NULL;
+    int cap = 0, n = 0;
+    mongoc_client_t *client;
+    mongoc_collection_t *coll = pop_named_collection(ms, AH_MONGO_LEASE_COLLECTION, &client);
+    bson_t *pipeline = BCON_NEW("pipeline", "[", "{", "$sort", "{", "_id", BCON_INT32(1), "}", "}",
+                                "{", "$limit", BCON_INT64(AH_LEASES_MAX), "}", "{", "$addFields",
+                                "{", "now", BCON_UTF8("$$NOW"), "}", "}", "]");
+    mongoc_cursor_t *cursor =
+        mongoc_collection_aggregate(coll, MONGOC_QUERY_NONE, pipeline, NULL, NULL);
+    while (mongoc_cursor_next(cursor, &doc)) {
+        bson_iter_t it;
+        if (!bson_iter_init_find(&it, doc, "_id") || !BSON_ITER_HOLDS_UTF8(&it)) {
+            continue;
+        }
+        ah_lease_t *r = ah_store_lease_append(&recs, &n, &cap);
+        if (r == NULL) {
+            snprintf(err, errlen, "out of memory reading leases");
+            rc = AH_ENOMEM;
+            goto cleanup;
+        }
+        ah_strlcpy(r->name, bson_iter_utf8(&it, NULL), sizeof(r->name));
+        lease_from_doc(doc, r);
+    }
+    if (mongoc_cursor_error(cursor, &error)) {
+        rc = read_failure("read leases", &error, err, errlen);
+        goto cleanup;
+    }
+    *out = recs;
+    *count = n;
+    recs = NULL;
+cleanup:
+    free(recs);
+    mongoc_cursor_destroy(cursor);
+    bson_destroy(pipeline);
+    push_collection(ms, client, coll);
+    return rc;
+}
+
 /* ---- the watcher thread ------------------------------------------------------------------- */
 
 /* Fills status.topology from the driver's view of the servers (no extra round trip). */
@@ -1433,6 +1665,8 @@ static const ah_store_ops_t mongo_ops = {
     .close = mongo_close,
     .put_status = mongo_put_status,
     .list_status = mongo_list_status,
+    .lease = mongo_lease,
+    .list_leases = mongo_list_leases,
 };
 
 /* ---- opening ------------------------------------------------------------------------------ */

@@ -206,8 +206,11 @@ class MongoTestServer(object):
             return self.control("hangup", delayMS=int(delay_ms))
         return self.control("hangup")
 
-    def blackhole(self, seconds):
-        """Accept connections but answer nothing (not even hello) for `seconds`."""
+    def blackhole(self, seconds, app_name=None):
+        """Accept connections but answer nothing (not even hello) for `seconds`; with app_name,
+        only the connections whose handshake named that application (a client's appName)."""
+        if app_name is not None:
+            return self.control("blackhole", seconds=float(seconds), appName=app_name)
         return self.control("blackhole", seconds=float(seconds))
 
     def heal(self):

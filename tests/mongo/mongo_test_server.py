@@ -205,6 +205,7 @@ class TestServer(object):
         self.primary = True
         self.stepup_timer = None
         self.blackhole_until = 0.0
+        self.blackhole_apps = {}  # appName -> until: only that client's connections go silent
         self.failpoint = None
         self.fp_lock = threading.Lock()
         self.stats = collections.Counter()
@@ -288,8 +289,12 @@ class TestServer(object):
     def election_id(self):
         return ObjectId("7fffffff" + ("%016x" % self.term))
 
-    def blackholed(self):
-        return time.time() < self.blackhole_until
+    def blackholed(self, conn=None):
+        now = time.time()
+        if now < self.blackhole_until:
+            return True
+        app = conn.get("appName") if conn is not None else None
+        return app is not None and now < self.blackhole_apps.get(app, 0.0)
 
     # ------------------------------------------------------------ connections
     def register(self, sock):
@@ -549,7 +554,7 @@ class TestServer(object):
         """Update the existing doc `pre`; returns (post, changed)."""
         _id = pre["_id"]
         if isinstance(u, list):
-            raise CommandError(2, "pipeline-style updates are not emulated")
+            u = run_update_pipeline(pre, u)
         replace = not any(k.startswith("$") for k in u)
         if replace:
             if "_id" in u and not bson_same(u["_id"], _id):
@@ -583,7 +588,8 @@ class TestServer(object):
 
     def apply_upsert(self, c, db, name, q, u):
         if isinstance(u, list):
-            raise CommandError(2, "pipeline-style updates are not emulated")
+            seed = {k: v for k, v in q.items() if not k.startswith("$")}
+            u = run_update_pipeline(seed, u)
         replace = not any(k.startswith("$") for k in u)
         if replace:
             res = c.replace_one(q, u, upsert=True)
@@ -803,6 +809,142 @@ class TestServer(object):
                 self.stepup_timer = None
             self.cond.notify_all()
         log("stepped up (term %d)" % self.term)
+
+
+# ================================================================ update pipelines
+# Pipeline-style updates ($set/$addFields, $unset stages) with the aggregation expressions a
+# conditional write needs: field paths, $$NOW, $literal, $cond, $ifNull, $and, $or, $not,
+# $eq/$ne/$lt/$lte/$gt/$gte (BSON type order), $add/$subtract (numbers and dates).
+MISSING = object()
+_TYPE_RANK = [(type(None), 1), (bool, 8), ((int, float), 3), (str, 4), (dict, 5), (list, 6),
+              (ObjectId, 7), (datetime.datetime, 9)]
+
+
+def now_date():
+    """The server's clock as a BSON date (millisecond precision, naive UTC)."""
+    now = datetime.datetime.utcnow()
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def literal_now(value, now):
+    """A copy of an aggregation pipeline where "$$NOW" is the literal date `now`."""
+    if value == "$$NOW":
+        return {"$literal": now}
+    if isinstance(value, dict):
+        return {k: literal_now(v, now) for k, v in value.items()}
+    if isinstance(value, list):
+        return [literal_now(v, now) for v in value]
+    return value
+
+
+def _rank(v):
+    if v is MISSING:
+        return (0, 0)
+    for t, r in _TYPE_RANK:
+        if isinstance(v, t):
+            return (r, v)
+    return (10, 0)
+
+
+def _cmp(a, b):
+    ra, rb = _rank(a), _rank(b)
+    if ra[0] != rb[0]:
+        return -1 if ra[0] < rb[0] else 1
+    if ra[0] in (0, 1):
+        return 0
+    return (ra[1] > rb[1]) - (ra[1] < rb[1])
+
+
+def _truthy(v):
+    return not (v is MISSING or v is None or v is False or (isinstance(v, (int, float))
+                                                            and not isinstance(v, bool) and v == 0))
+
+
+def eval_expr(doc, e, now):
+    if isinstance(e, str):
+        if e == "$$NOW":
+            return now
+        if e == "$$ROOT":
+            return doc
+        if e.startswith("$$"):
+            raise CommandError(17276, "Use of undefined variable: %s" % e[2:])
+        if e.startswith("$"):
+            v = doc
+            for part in e[1:].split("."):
+                if not isinstance(v, dict) or part not in v:
+                    return MISSING
+                v = v[part]
+            return v
+        return e
+    if isinstance(e, list):
+        return [eval_expr(doc, x, now) for x in e]
+    if not isinstance(e, dict) or not e or not next(iter(e)).startswith("$"):
+        if isinstance(e, dict):
+            return {k: eval_expr(doc, v, now) for k, v in e.items()}
+        return e
+    op, arg = next(iter(e.items()))
+    if op == "$literal":
+        return arg
+    if op == "$cond":
+        if isinstance(arg, dict):
+            arg = [arg["if"], arg["then"], arg["else"]]
+        return eval_expr(doc, arg[1] if _truthy(eval_expr(doc, arg[0], now)) else arg[2], now)
+    args = [eval_expr(doc, a, now) for a in (arg if isinstance(arg, list) else [arg])]
+    if op == "$ifNull":
+        for a in args[:-1]:
+            if a is not MISSING and a is not None:
+                return a
+        return args[-1]
+    if op == "$and":
+        return all(_truthy(a) for a in args)
+    if op == "$or":
+        return any(_truthy(a) for a in args)
+    if op == "$not":
+        return not _truthy(args[0])
+    cmps = {"$eq": lambda c: c == 0, "$ne": lambda c: c != 0, "$lt": lambda c: c < 0,
+            "$lte": lambda c: c <= 0, "$gt": lambda c: c > 0, "$gte": lambda c: c >= 0}
+    if op in cmps:
+        return cmps[op](_cmp(args[0], args[1]))
+    if op in ("$add", "$subtract"):
+        if any(a is MISSING or a is None for a in args):
+            return None
+        if op == "$subtract":
+            a, b = args
+            if isinstance(a, datetime.datetime) and isinstance(b, datetime.datetime):
+                return Int64(int((a - b) / datetime.timedelta(milliseconds=1)))
+            if isinstance(a, datetime.datetime):
+                return a - datetime.timedelta(milliseconds=b)
+            return a - b
+        dates = [a for a in args if isinstance(a, datetime.datetime)]
+        total = sum(a for a in args if not isinstance(a, datetime.datetime))
+        if dates:
+            return dates[0] + datetime.timedelta(milliseconds=total)
+        return Int64(total) if any(isinstance(a, Int64) for a in args) else total
+    raise CommandError(168, "Unrecognized expression '%s' (not emulated)" % op)
+
+
+def run_update_pipeline(pre, pipeline):
+    """Applies an update pipeline to `pre` with one $$NOW; returns the replacement doc."""
+    now = now_date()
+    doc = copy.deepcopy(pre)
+    for stage in pipeline:
+        name, spec = next(iter(stage.items()))
+        if name in ("$set", "$addFields"):
+            new = dict(doc)
+            for k, v in spec.items():
+                val = eval_expr(doc, v, now)
+                if val is MISSING:
+                    new.pop(k, None)
+                else:
+                    new[k] = val
+            doc = new
+        elif name == "$unset":
+            for k in ([spec] if isinstance(spec, str) else spec):
+                doc.pop(k, None)
+        else:
+            raise CommandError(2, "update pipeline stage %s is not emulated" % name)
+    doc.pop("_id", None)
+    return doc
 
 
 # ================================================================ commands
@@ -1082,6 +1224,7 @@ def cmd_aggregate(srv, cmd, db, conn):
     target = cmd["aggregate"]
     if not isinstance(target, str):
         raise CommandError(115, "collection-less aggregate is not emulated (only $changeStream)")
+    pipeline = literal_now(pipeline, now_date())
     with srv.lock:
         c = srv.coll(db, target)
         docs = list(c.aggregate(pipeline))
@@ -1286,11 +1429,19 @@ def cmd_test_control(srv, cmd, db, conn):
         return {"hungUp": True}, lambda: srv.hangup_all(only=conn["id"])
     if what == "blackhole":
         secs = float(cmd.get("seconds", 5))
-        srv.blackhole_until = time.time() + secs
-        log("blackhole for %s s" % secs)
-        return {"until": datetime.datetime.utcfromtimestamp(srv.blackhole_until)}
+        until = time.time() + secs
+        app = cmd.get("appName")
+        if app is not None:
+            # only the connections of the client that named itself so in its handshake
+            srv.blackhole_apps[str(app)] = until
+            log("blackhole of appName %r for %s s" % (app, secs))
+        else:
+            srv.blackhole_until = until
+            log("blackhole for %s s" % secs)
+        return {"until": datetime.datetime.utcfromtimestamp(until)}
     if what == "heal":
         srv.blackhole_until = 0.0
+        srv.blackhole_apps.clear()
         return {}
     if what == "stepDown":
         if srv.mode != "replset":
@@ -1461,7 +1612,11 @@ class Handler(socketserver.BaseRequestHandler):
                     log("unsupported opcode %d, closing" % opcode)
                     return
                 name = next(iter(cmd)) if cmd else ""
-                if srv.blackholed() and name != "testControl":
+                if isinstance(cmd.get("client"), dict) and "appName" not in conn:
+                    app = cmd["client"].get("application", {}).get("name")
+                    if app:
+                        conn["appName"] = app  # known before the blackhole check below
+                if srv.blackholed(conn) and name != "testControl":
                     continue
                 try:
                     reply, after = srv.handle_command(cmd, db, conn)
@@ -1469,7 +1624,7 @@ class Handler(socketserver.BaseRequestHandler):
                     return
                 if more_to_come:
                     continue
-                if srv.blackholed() and name != "testControl":
+                if srv.blackholed(conn) and name != "testControl":
                     continue
                 self.send(req_id, reply, legacy)
                 if after:

@@ -486,6 +486,64 @@ def test_blackhole(mongo_server):
     c.close()
 
 
+def test_blackhole_of_one_client_leaves_the_others_answered(mongo_server):
+    quiet = mongo_server.client(appname="agenthost/b", serverSelectionTimeoutMS=400,
+                                socketTimeoutMS=400, connectTimeoutMS=400)
+    other = mongo_server.client(appname="agenthost/a", serverSelectionTimeoutMS=400,
+                                socketTimeoutMS=400, connectTimeoutMS=400)
+    quiet.admin.command("ping")
+    other.admin.command("ping")
+    mongo_server.blackhole(30, app_name="agenthost/b")
+    with pytest.raises(ConnectionFailure):
+        quiet.admin.command("ping")
+    for _ in range(5):
+        assert other.admin.command("ping")["ok"] == 1
+    fresh = mongo_server.client(appname="agenthost/b", serverSelectionTimeoutMS=400,
+                                socketTimeoutMS=400, connectTimeoutMS=400)
+    with pytest.raises(ConnectionFailure):  # a new connection of that client is silent too
+        fresh.admin.command("ping")
+    mongo_server.heal()
+    wait_for(lambda: quiet.admin.command("ping")["ok"] == 1, timeout=10, what="heal")
+    for c in (quiet, other, fresh):
+        c.close()
+
+
+def test_pipeline_update_with_now_is_one_conditional_write(client):
+    col = client.db.leases
+
+    def acquire(owner, token, ttl_ms):
+        mine = {"$and": [{"$eq": ["$owner", {"$literal": owner}]},
+                         {"$eq": ["$token", {"$literal": Int64(token)}]}]}
+        take = {"$or": [{"$lte": [{"$ifNull": ["$expires", datetime.datetime(1970, 1, 1)]},
+                                  "$$NOW"]}, mine]}
+        return col.find_one_and_update(
+            {"_id": "sweep"},
+            [{"$set": {"took": take,
+                       "token": {"$cond": [take, {"$cond": [mine, "$token", {
+                           "$add": [{"$ifNull": ["$token", Int64(0)]}, Int64(1)]}]}, "$token"]},
+                       "owner": {"$cond": [take, {"$literal": owner}, "$owner"]},
+                       "expires": {"$cond": [take, {"$add": ["$$NOW", ttl_ms]}, "$expires"]},
+                       "now": "$$NOW"}}],
+            upsert=True, return_document=pymongo.ReturnDocument.AFTER)
+
+    first = acquire("a", 0, 60000)
+    assert (first["owner"], first["token"], first["took"]) == ("a", 1, True)
+    assert isinstance(first["token"], int)
+    ms = (first["expires"] - first["now"]) / datetime.timedelta(milliseconds=1)
+    assert ms == 60000
+    refused = acquire("b", 0, 60000)
+    assert (refused["owner"], refused["token"], refused["took"]) == ("a", 1, False)
+    assert acquire("a", 1, 60000)["token"] == 1  # ours: the token stays
+    col.update_one({"_id": "sweep"}, [{"$set": {"expires": "$$NOW"}}])  # expire it now
+    taken = acquire("b", 0, 60000)
+    assert (taken["owner"], taken["token"], taken["took"]) == ("b", 2, True)
+    # $$NOW in an aggregation
+    row = next(col.aggregate([{"$addFields": {"now": "$$NOW"}}]))
+    assert abs((row["now"] - datetime.datetime.utcnow()).total_seconds()) < 5
+    with pytest.raises(OperationFailure):
+        col.update_one({"_id": "sweep"}, [{"$set": {"x": {"$noSuchOperator": 1}}}])
+
+
 def test_restart_keeps_data(mongo_server, client):
     col = client.db.persist
     col.create_index("k", unique=True)

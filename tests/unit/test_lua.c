@@ -1,4 +1,4 @@
-/* Unit tests for the Lua host (core/ah_lua.c): loading and the script contract, the results of
+/* Unit tests for the Lua host (core/ah_lua*.c): loading and the script contract, the results of
  * batch, errors with tracebacks, hook events, the agent module, require of modules next to the
  * script, and the time budget (interrupts from another thread, late interrupts, agent.sleep). The
  * fixture scripts live in tests/unit/lua (AH_TEST_LUA_DIR). */

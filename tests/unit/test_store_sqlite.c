@@ -646,6 +646,97 @@ static void test_file_of_an_older_version_is_upgraded(void **state)
     ah_store_close(st);
 }
 
+static void test_lease_goes_to_one_owner_and_its_token_grows_on_each_change_of_hands(void **state)
+{
+    fixture_t *fx = *state;
+    ah_store_t *st = open_store(fx, 1.0);
+    char err[AH_ERRLEN] = "";
+    ah_lease_t l;
+
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_ACQUIRE, "sweep", "a", 0, 60000, &l, err, sizeof(err)), 0);
+    assert_string_equal(l.owner, "a");
+    assert_int_equal(l.token, 1);
+    assert_true(l.expires_in_ms > 59000 && l.expires_in_ms <= 60000);
+    /* another agent is refused and told who holds it */
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_ACQUIRE, "sweep", "b", 0, 60000, &l, err, sizeof(err)),
+        AH_ECONFLICT);
+    assert_string_equal(l.owner, "a");
+    assert_int_equal(l.token, 1);
+    /* the holder renews and re-acquires with its token: same token */
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_RENEW, "sweep", "a", 1, 60000, &l, err, sizeof(err)), 0);
+    assert_int_equal(l.token, 1);
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_ACQUIRE, "sweep", "a", 1, 60000, &l, err, sizeof(err)), 0);
+    assert_int_equal(l.token, 1);
+    /* the same agent id without the token (a restarted process) waits like anyone else */
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_ACQUIRE, "sweep", "a", 0, 60000, &l, err, sizeof(err)),
+        AH_ECONFLICT);
+    /* released: free for the next one, whose token is higher */
+    assert_int_equal(ah_store_lease(st, AH_LEASE_RELEASE, "sweep", "a", 1, 0, &l, err, sizeof(err)),
+                     0);
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_ACQUIRE, "sweep", "b", 0, 60000, &l, err, sizeof(err)), 0);
+    assert_string_equal(l.owner, "b");
+    assert_int_equal(l.token, 2);
+    /* the old holder can neither renew nor release it any more */
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_RENEW, "sweep", "a", 1, 60000, &l, err, sizeof(err)),
+        AH_ECONFLICT);
+    assert_int_equal(l.token, 0);
+    assert_int_equal(ah_store_lease(st, AH_LEASE_RELEASE, "sweep", "a", 1, 0, &l, err, sizeof(err)),
+                     AH_ECONFLICT);
+
+    ah_lease_t *recs = NULL;
+    int count = 0;
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_ACQUIRE, "report", "c", 0, 60000, &l, err, sizeof(err)), 0);
+    assert_int_equal(ah_store_list_leases(st, &recs, &count, err, sizeof(err)), 0);
+    assert_int_equal(count, 2);
+    assert_string_equal(recs[0].name, "report");
+    assert_string_equal(recs[1].name, "sweep");
+    assert_string_equal(recs[1].owner, "b");
+    assert_int_equal(recs[1].token, 2);
+    assert_true(recs[1].expires_in_ms > 0);
+    free(recs);
+
+    assert_int_equal(ah_store_lease(st, AH_LEASE_ACQUIRE, "", "a", 0, 1000, &l, err, sizeof(err)),
+                     AH_EINVAL);
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_RENEW, "sweep", "a", 0, 1000, &l, err, sizeof(err)), AH_EINVAL);
+    ah_store_close(st);
+}
+
+static void test_expired_lease_is_taken_over_with_a_higher_token(void **state)
+{
+    fixture_t *fx = *state;
+    ah_store_t *st = open_store(fx, 1.0);
+    char err[AH_ERRLEN] = "";
+    ah_lease_t l;
+
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_ACQUIRE, "sweep", "a", 0, 50, &l, err, sizeof(err)), 0);
+    assert_int_equal(l.token, 1);
+    int64_t deadline = ah_mono_us() + (int64_t)(WAIT_DEADLINE_S * 1e6);
+    int rc;
+    while ((rc = ah_store_lease(st, AH_LEASE_ACQUIRE, "sweep", "b", 0, 60000, &l, err,
+                                sizeof(err))) == AH_ECONFLICT &&
+           ah_mono_us() < deadline) {
+        ah_sleep(0.02);
+    }
+    assert_int_equal(rc, 0);
+    assert_string_equal(l.owner, "b");
+    assert_int_equal(l.token, 2);
+    /* the expired holder's renewal is refused: the lease changed hands */
+    assert_int_equal(
+        ah_store_lease(st, AH_LEASE_RENEW, "sweep", "a", 1, 60000, &l, err, sizeof(err)),
+        AH_ECONFLICT);
+    ah_store_close(st);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -670,6 +761,11 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_compare_and_set_writes_only_on_the_expected_version,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_file_of_an_older_version_is_upgraded, setup, teardown),
+        cmocka_unit_test_setup_teardown(
+            test_lease_goes_to_one_owner_and_its_token_grows_on_each_change_of_hands, setup,
+            teardown),
+        cmocka_unit_test_setup_teardown(test_expired_lease_is_taken_over_with_a_higher_token, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
