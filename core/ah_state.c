@@ -460,8 +460,8 @@ void ah_state_offer_scopes(ah_state_t *s, const ah_control_t *scopes, int count)
     }
     pthread_mutex_unlock(&s->lock);
     free(fresh);
+    notify_fleet(s, false); /* also a non-matching timed scope pause: its expiry is watched */
     if (offered) {
-        notify_fleet(s, false);
         call_waker(s);
     }
     notify_change(s);
