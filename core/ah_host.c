@@ -759,8 +759,12 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
          * path, unparsable MONGODB_URI): fail fast with exit 2 instead of retrying forever. */
         char detail[AH_ERRLEN];
         ah_strlcpy(detail, err, sizeof(detail));
-        snprintf(err, errlen, "%s: %s", cfg->mongodb_uri ? "MONGODB_URI" : "AGENTHOST_STATE",
-                 detail);
+        const char *setting = cfg->mongodb_uri ? "MONGODB_URI" : "AGENTHOST_STATE";
+        if (strncmp(detail, setting, strlen(setting)) == 0) { /* it names the setting already */
+            ah_strlcpy(err, detail, errlen);
+        } else {
+            snprintf(err, errlen, "%s: %s", setting, detail);
+        }
         return AH_EINVAL;
     }
     h->fleet = ah_fleet_start(cfg, h->state, h->store, err, errlen);

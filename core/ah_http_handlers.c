@@ -205,29 +205,12 @@ static int command_inputs(const http_call_t *call, ah_command_t *cmd, const char
     return AH_OK;
 }
 
-/* Parses a pause duration: a decimal number of seconds with an optional unit s, m or h ("90s",
- * "15m", "2h", "90", "1.5h"), more than 0 and at most AH_PAUSE_MAX_S. 0 or AH_EINVAL. */
+/* Parses a pause duration (ah_parse_duration: "90s", "15m", "2h", "90"), more than 0 and at
+ * most AH_PAUSE_MAX_S. 0 or AH_EINVAL. */
 static int parse_duration(const char *text, double *out)
 {
-    if (text == NULL || text[0] == '\0' || strlen(text) > 32 ||
-        !(text[0] >= '0' && text[0] <= '9')) {
-        return AH_EINVAL;
-    }
-    char *end = NULL;
-    double value = strtod(text, &end);
-    double unit = 1;
-    if (*end == 's') {
-        end++;
-    } else if (*end == 'm') {
-        unit = 60;
-        end++;
-    } else if (*end == 'h') {
-        unit = 3600;
-        end++;
-    }
-    value *= unit;
-    if (*end != '\0' || !isfinite(value) || !(value > 0) || value > AH_PAUSE_MAX_S ||
-        strpbrk(text, "eExXpP") != NULL) {
+    double value;
+    if (ah_parse_duration(text, &value) != AH_OK || !(value > 0) || value > AH_PAUSE_MAX_S) {
         return AH_EINVAL;
     }
     *out = value;
@@ -1277,9 +1260,9 @@ static bool check_reload(void *arg, bool expired, http_reply_t *reply)
     return true;
 }
 
-/* POST /api/agent/reload: loads the script again between batches and answers with the outcome
- * (the request is parked up to RELOAD_WAIT_S for the current batch to finish; 202 if it is still
- * running). */
+/* POST /api/agent/reload[?wait=S]: loads the script again between batches and answers with the
+ * outcome (the request is parked up to S, default RELOAD_WAIT_S, for the current batch to finish;
+ * 202 if it is still running). */
 void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
 {
     reload_wait_t *wait = calloc(1, sizeof(*wait));
@@ -1287,10 +1270,17 @@ void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
         ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
         return;
     }
+    double wait_s = RELOAD_WAIT_S;
+    bool wait_given = false;
+    if (query_wait(call, &wait_s, &wait_given, reply) != AH_OK) {
+        free(wait);
+        return;
+    }
     wait->http = call->http;
     wait->ticket = ah_state_request_reload(call->http->state);
     ah_http_park_release(ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
-                                      RELOAD_WAIT_S, check_reload, wait, free));
+                                      wait_given ? wait_s : RELOAD_WAIT_S, check_reload, wait,
+                                      free));
 }
 
 /* Seconds since started_us, rounded to milliseconds. */

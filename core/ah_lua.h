@@ -108,6 +108,10 @@ struct ah_lua_op_s {
      * function failed, the state closes): stop the work now; ah_lua_op_done() must not be called
      * for it afterwards. */
     void (*cancel)(ah_lua_op_t *op);
+    /* Set by cancel() when the work had already started and may take effect anyway (a write on
+     * the thread pool): the wait then resumes with nil, msg, "unknown" instead of the
+     * cancellation's own code, so the script does not take "timeout" for "not applied". */
+    bool outcome_unknown;
     void *task; /* internal: the waiting task, NULL when nobody waits */
 };
 /* The loop of the state L belongs to: handles of C functions live on it (closed before the state
@@ -136,9 +140,12 @@ void ah_lua_op_done(ah_lua_op_t *op);
 void ah_lua_op_done_ref(ah_lua_op_t *op, int ref);
 /* The state's main thread (for registry refs released from loop callbacks). */
 struct lua_State *ah_lua_main(struct lua_State *L);
-/* uv_queue_work on the state's loop, counted: ah_lua_close() waits for every such work to finish
- * before it closes the state (the work may use memory the state owns). after must call
- * ah_lua_work_finished(req) first. 0 or a libuv error. */
+/* uv_queue_work on the state's loop, counted: every path that closes the state (ah_lua_close(),
+ * and ah_lua_open() when the script fails to load) first runs the loop until every such work has
+ * called back, so `after` always runs while the state is open. The caller cancels what has not
+ * started (uv_cancel, from its op's cancel) and owns what the work touches (see "Work in flight"
+ * in docs/ARCHITECTURE.md). after must call ah_lua_work_finished(req) first. 0 or a libuv
+ * error. */
 struct uv_work_s;
 int ah_lua_queue_work(struct lua_State *L, struct uv_work_s *req, void (*work)(struct uv_work_s *),
                       void (*after)(struct uv_work_s *, int status));

@@ -17,6 +17,7 @@
 
 const char ah_lua_code_timeout[] = "timeout";
 const char ah_lua_code_cancelled[] = "cancelled";
+static const char code_unknown[] = "unknown";
 
 /* ---- tasks: coroutines on the loop ------------------------------------------------------- */
 
@@ -47,9 +48,22 @@ int ah_lua_task_push_cancelled(lua_State *L, ah_lua_t *lua)
     return 3;
 }
 
-/* Stops what t waits for, without resuming it. */
-static void task_stop_wait(task_t *t)
+/* Pushes nil, the cancellation message, "unknown": the wait was cancelled after its work had
+ * started, so it may have taken effect. Stack: [-0, +3]. */
+static int push_unknown(lua_State *L, ah_lua_t *lua)
 {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s; the operation had already started and may have been applied",
+                    lua->cancel_msg);
+    lua_pushstring(L, code_unknown);
+    return 3;
+}
+
+/* Stops what t waits for, without resuming it. Returns true when the work waited for had
+ * started and may still take effect (ah_lua_op_t.outcome_unknown). */
+static bool task_stop_wait(task_t *t)
+{
+    bool unknown = false;
     switch (t->wait) {
     case WAIT_SLEEP:
         uv_timer_stop(&t->timer);
@@ -66,7 +80,9 @@ static void task_stop_wait(task_t *t)
         t->op = NULL;
         if (op != NULL) {
             op->task = NULL;
+            op->outcome_unknown = false;
             op->cancel(op);
+            unknown = op->outcome_unknown;
         }
         break;
     }
@@ -74,6 +90,7 @@ static void task_stop_wait(task_t *t)
         break;
     }
     t->wait = WAIT_NONE;
+    return unknown;
 }
 
 /* Cancels every wait of the running call: each resumes with nil, msg, code, and every later wait
@@ -91,9 +108,10 @@ static void cancel_waits(ah_lua_t *lua, const char *code, const char *msg, bool 
         if (t->ended || t->wait == WAIT_NONE || (t->wait == WAIT_JOIN && !joins_too)) {
             continue;
         }
-        task_stop_wait(t);
+        bool unknown = task_stop_wait(t);
         lua_checkstack(t->co, 3);
-        ah_lua_task_ready(lua, t, ah_lua_task_push_cancelled(t->co, lua));
+        ah_lua_task_ready(
+            lua, t, unknown ? push_unknown(t->co, lua) : ah_lua_task_push_cancelled(t->co, lua));
     }
 }
 

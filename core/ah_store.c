@@ -2,6 +2,8 @@
  * both watchers share. */
 #include "ah_store.h"
 
+#include "ah_redact.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -193,7 +195,7 @@ bool ah_store_note_connected(ah_store_reporter_t *r, double latency_ms)
 void ah_store_note_failure(ah_store_reporter_t *r, const char *message)
 {
     r->status.connected = false;
-    ah_strlcpy(r->status.last_error, message, sizeof(r->status.last_error));
+    ah_redact_text(message, r->status.last_error, sizeof(r->status.last_error));
     r->status.last_error_us = ah_now_us();
     ah_store_report(r, true);
 }

@@ -98,6 +98,11 @@ typedef struct ahm_store_s {
     double verify_interval;        /* seconds; 0 = never verify a silent stream */
     int max_await_ms;
 
+    pthread_mutex_t diag_lock; /* guards server_note */
+    /* What the last heartbeat showed that makes the server unusable (a server of another replica
+     * set), "" when nothing: completes a server selection error (error_text()). */
+    char server_note[512];
+
     pthread_mutex_t mutex; /* guards everything below */
     pthread_cond_t cond;   /* signalled by close() */
     bool closing;
@@ -214,15 +219,49 @@ static bool error_before_send(const bson_error_t *error)
             error->code == MONGOC_ERROR_STREAM_NAME_RESOLUTION);
 }
 
-/* Maps a failed read-only operation to a return code and message. */
-static int read_failure(const char *what, const bson_error_t *error, char *err, size_t errlen)
+/* The message of a failed operation, naming the real problem and never empty. A server
+ * selection failure often says nothing ("", "No servers yet eligible for rescan"): then what the
+ * heartbeats saw (a server of another replica set) or a direct connection attempt to the seed
+ * hosts ("connection refused by ...") says it. Returns error->message or buf (size n). May
+ * block up to a second per seed host (the probe): for threads that may wait. */
+static const char *error_text(ahm_store_t *ms, const bson_error_t *error, char *buf, size_t n)
 {
+    bool says_nothing = error->message[0] == '\0' ||
+                        strstr(error->message, "No servers yet eligible for rescan") != NULL;
+    if (!says_nothing) {
+        return error->message;
+    }
+    char note[512];
+    pthread_mutex_lock(&ms->diag_lock);
+    ah_strlcpy(note, ms->server_note, sizeof(note));
+    pthread_mutex_unlock(&ms->diag_lock);
+    if (note[0] == '\0') {
+        ahm_uri_probe(ms->uri, note, sizeof(note));
+    }
+    if (note[0] != '\0') {
+        snprintf(buf, n, "%s", note);
+    } else if (error->message[0] != '\0') {
+        snprintf(buf, n, "%.300s (the seed hosts accept connections; see the driver's log)",
+                 error->message);
+    } else {
+        snprintf(buf, n,
+                 "the driver reported no message (error domain %" PRIu32 ", code %" PRIu32 ")",
+                 error->domain, error->code);
+    }
+    return buf;
+}
+
+/* Maps a failed read-only operation to a return code and message. */
+static int read_failure(ahm_store_t *ms, const char *what, const bson_error_t *error, char *err,
+                        size_t errlen)
+{
+    char text[AH_ERRLEN];
+    const char *message = error_text(ms, error, text, sizeof(text));
     if (classify_error(error) == AH_MONGO_FAULT_NETWORK) {
-        snprintf(err, errlen, "MongoDB unreachable (%s): %s", what, error->message);
+        snprintf(err, errlen, "MongoDB unreachable (%s): %s", what, message);
         return AH_EUNAVAIL;
     }
-    snprintf(err, errlen, "MongoDB %s failed: %s (code %" PRIu32 ")", what, error->message,
-             error->code);
+    snprintf(err, errlen, "MongoDB %s failed: %s (code %" PRIu32 ")", what, message, error->code);
     return AH_EIO;
 }
 
@@ -358,7 +397,7 @@ static int ensure_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control
         if (attempt == 0 && error.code == AH_MONGO_CODE_DUPLICATE_KEY) {
             continue;
         }
-        rc = read_failure("create control document", &error, err, errlen);
+        rc = read_failure(ms, "create control document", &error, err, errlen);
         goto cleanup;
     }
     rc = parse_find_and_modify_reply(ms, &reply, "create control document", out, err, errlen);
@@ -393,7 +432,7 @@ static int read_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control_t
         goto cleanup;
     }
     if (mongoc_cursor_error(cursor, &error)) {
-        rc = read_failure("read control document", &error, err, errlen);
+        rc = read_failure(ms, "read control document", &error, err, errlen);
         goto cleanup;
     }
     rc = ensure_control(ms, coll, out, err, errlen);
@@ -406,8 +445,8 @@ cleanup:
 
 /* Reads one scope document by _id into *out (version 0, command running when it does not exist;
  * a malformed one reads as that too). 0, AH_EUNAVAIL or AH_EIO with err set. */
-static int read_scope(mongoc_collection_t *coll, const char *id, const char *selector,
-                      ah_control_t *out, char *err, size_t errlen)
+static int read_scope(ahm_store_t *ms, mongoc_collection_t *coll, const char *id,
+                      const char *selector, ah_control_t *out, char *err, size_t errlen)
 {
     int rc = AH_OK;
     bson_error_t error;
@@ -424,7 +463,7 @@ static int read_scope(mongoc_collection_t *coll, const char *id, const char *sel
             out->command = AH_CMD_RUNNING;
         }
     } else if (mongoc_cursor_error(cursor, &error)) {
-        rc = read_failure("read scope document", &error, err, errlen);
+        rc = read_failure(ms, "read scope document", &error, err, errlen);
     }
     ah_strlcpy(out->selector, selector, sizeof(out->selector));
     mongoc_cursor_destroy(cursor);
@@ -485,7 +524,7 @@ static int read_docs(ah_mongo_watch_t *w, ah_control_t *out, ah_control_t *scope
         (*scope_count)++;
     }
     if (mongoc_cursor_error(cursor, &error)) {
-        rc = read_failure("read control document", &error, err, errlen);
+        rc = read_failure(ms, "read control document", &error, err, errlen);
         goto cleanup;
     }
     rc = have_control ? AH_OK : ensure_control(ms, w->coll, out, err, errlen);
@@ -562,7 +601,8 @@ static int insert_audit(ahm_store_t *ms, mongoc_collection_t *coll, const ah_con
             rc = AH_OK;
             break;
         }
-        snprintf(err, errlen, "%s", error.message);
+        char text[AH_ERRLEN];
+        snprintf(err, errlen, "%s", error_text(ms, &error, text, sizeof(text)));
         if (mongo_wait(ms, backoff_delay(attempt, 0.1, 1.0, &seed))) {
             break;
         }
@@ -636,7 +676,7 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
     }
     if (conflict) {
         /* Nothing matched: another version is current. Report it. */
-        rc = scope ? read_scope(coll, id, req->selector, out, err, errlen)
+        rc = scope ? read_scope(ms, coll, id, req->selector, out, err, errlen)
                    : read_control(ms, coll, out, err, errlen);
         if (rc == AH_OK) {
             snprintf(err, errlen, "version conflict: expected %" PRId64 ", current is %" PRId64,
@@ -646,18 +686,20 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
         goto cleanup;
     }
     if (!written) {
+        char text[AH_ERRLEN];
+        const char *message = error_text(ms, &error, text, sizeof(text));
         if (error_before_send(&error)) {
-            snprintf(err, errlen, "MongoDB unreachable, command not written: %s", error.message);
+            snprintf(err, errlen, "MongoDB unreachable, command not written: %s", message);
             rc = AH_EUNAVAIL;
         } else if (classify_error(&error) == AH_MONGO_FAULT_NETWORK) {
             snprintf(err, errlen,
                      "MongoDB connection failed during the write (it may or may not have been "
                      "applied; see /api/cluster/history): %s",
-                     error.message);
+                     message);
             rc = AH_EIO;
         } else {
-            snprintf(err, errlen, "MongoDB rejected the command: %s (code %" PRIu32 ")",
-                     error.message, error.code);
+            snprintf(err, errlen, "MongoDB rejected the command: %s (code %" PRIu32 ")", message,
+                     error.code);
             rc = AH_EIO;
         }
         goto cleanup;
@@ -735,7 +777,7 @@ static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *coun
     }
     if (mongoc_cursor_error(cursor, &error)) {
         *count = 0;
-        rc = read_failure("read history", &error, err, errlen);
+        rc = read_failure(ms, "read history", &error, err, errlen);
         goto cleanup;
     }
     mongoc_cursor_destroy(cursor);
@@ -759,7 +801,7 @@ static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *coun
             snprintf(err, errlen, "out of memory reading history");
             rc = AH_ENOMEM;
         } else {
-            rc = read_failure("read history", &error, err, errlen);
+            rc = read_failure(ms, "read history", &error, err, errlen);
         }
     }
 cleanup:
@@ -838,7 +880,7 @@ static int mongo_put_status(ah_store_t *st, const ah_agent_status_t *rec, double
     bson_append_document_end(update, &set);
     bson_t *opts = BCON_NEW("upsert", BCON_BOOL(true));
     if (!mongoc_collection_update_one(coll, query, update, opts, NULL, &error)) {
-        rc = read_failure("write agent status", &error, err, errlen);
+        rc = read_failure(ms, "write agent status", &error, err, errlen);
     }
     bson_destroy(opts);
     bson_destroy(update);
@@ -909,7 +951,7 @@ static int mongo_list_status(ah_store_t *st, ah_agent_status_t **out, int *count
         copy_utf8_field(doc, "scope_acks", r->scope_acks, sizeof(r->scope_acks));
     }
     if (mongoc_cursor_error(cursor, &error)) {
-        rc = read_failure("read agent status", &error, err, errlen);
+        rc = read_failure(ms, "read agent status", &error, err, errlen);
         goto cleanup;
     }
     *out = recs;
@@ -1082,7 +1124,7 @@ static int mongo_lease(ah_store_t *st, ah_lease_op_t op, const char *name, const
     bson_t *cmd = lease_command(op, name, owner, token, ttl_ms);
     bson_destroy(&reply);
     if (!mongoc_collection_write_command_with_opts(coll, cmd, NULL, &reply, &error)) {
-        rc = read_failure("lease write", &error, err, errlen);
+        rc = read_failure(ms, "lease write", &error, err, errlen);
         goto cleanup;
     }
     ah_strlcpy(out->name, name, sizeof(out->name));
@@ -1141,7 +1183,7 @@ static int mongo_list_leases(ah_store_t *st, ah_lease_t **out, int *count, char 
         lease_from_doc(doc, r);
     }
     if (mongoc_cursor_error(cursor, &error)) {
-        rc = read_failure("read leases", &error, err, errlen);
+        rc = read_failure(ms, "read leases", &error, err, errlen);
         goto cleanup;
     }
     *out = recs;
@@ -1369,6 +1411,7 @@ static void run_streams(ah_mongo_watch_t *w)
     ahm_store_t *ms = w->ms;
     bson_t *token = NULL;
     bool need_read = true;
+    char text[AH_ERRLEN];
     while (!mongo_closing(ms)) {
         bson_error_t error;
         const bson_t *reply = NULL;
@@ -1395,7 +1438,7 @@ static void run_streams(ah_mongo_watch_t *w)
                 need_read = true;
                 continue;
             }
-            note_failure(w, "change stream", error.message);
+            note_failure(w, "change stream", error_text(ms, &error, text, sizeof(text)));
             if (wait_backoff(w, AH_MONGO_RETRY_MIN, AH_MONGO_RETRY_MAX)) {
                 break;
             }
@@ -1446,7 +1489,7 @@ static void run_streams(ah_mongo_watch_t *w)
                                 error.message);
                     reopen_fresh = true;
                 } else {
-                    note_failure(w, "change stream", error.message);
+                    note_failure(w, "change stream", error_text(ms, &error, text, sizeof(text)));
                 }
                 break;
             }
@@ -1520,6 +1563,42 @@ static void watch_command_succeeded(const mongoc_apm_command_succeeded_t *event)
     }
 }
 
+/* Heartbeats of both clients: a server whose replica set is not the URI's is left out of the
+ * topology without an error message; remember what it said for error_text(). */
+static void heartbeat_succeeded(const mongoc_apm_server_heartbeat_succeeded_t *event)
+{
+    ahm_store_t *ms = mongoc_apm_server_heartbeat_succeeded_get_context(event);
+    const char *wanted = mongoc_uri_get_replica_set(ms->uri);
+    const mongoc_host_list_t *host = mongoc_apm_server_heartbeat_succeeded_get_host(event);
+    bson_iter_t it;
+    const char *set_name = NULL;
+    if (bson_iter_init_find(&it, mongoc_apm_server_heartbeat_succeeded_get_reply(event),
+                            "setName") &&
+        BSON_ITER_HOLDS_UTF8(&it)) {
+        set_name = bson_iter_utf8(&it, NULL);
+    }
+    char note[512] = "";
+    if (wanted != NULL && set_name == NULL) {
+        snprintf(note, sizeof(note),
+                 "the server at %.100s is not a replica set member, but MONGODB_URI asks for "
+                 "replicaSet=%.64s",
+                 host->host_and_port, wanted);
+    } else if (wanted != NULL && strcmp(set_name, wanted) != 0) {
+        snprintf(note, sizeof(note),
+                 "the server at %.100s belongs to replica set \"%.64s\", not \"%.64s\" (replicaSet "
+                 "in MONGODB_URI)",
+                 host->host_and_port, set_name, wanted);
+    }
+    pthread_mutex_lock(&ms->diag_lock);
+    ah_strlcpy(ms->server_note, note, sizeof(ms->server_note));
+    pthread_mutex_unlock(&ms->diag_lock);
+}
+
+static void watch_heartbeats(mongoc_apm_callbacks_t *callbacks)
+{
+    mongoc_apm_set_server_heartbeat_succeeded_cb(callbacks, heartbeat_succeeded);
+}
+
 /* The watcher's own client: ms->watch_uri, error API 2, the appname, command monitoring. NULL
  * with a log line when the URI cannot make one (it was accepted at open, so this is unlikely). */
 static mongoc_client_t *watch_client_new(ahm_store_t *ms)
@@ -1538,6 +1617,7 @@ static mongoc_client_t *watch_client_new(ahm_store_t *ms)
     mongoc_client_set_appname(client, appname);
     mongoc_apm_callbacks_t *callbacks = mongoc_apm_callbacks_new();
     mongoc_apm_set_command_succeeded_cb(callbacks, watch_command_succeeded);
+    watch_heartbeats(callbacks);
     mongoc_client_set_apm_callbacks(client, callbacks, ms);
     mongoc_apm_callbacks_destroy(callbacks);
     return client;
@@ -1652,6 +1732,7 @@ static void mongo_close(ah_store_t *st)
     mongoc_uri_destroy(ms->watch_uri);
     mongoc_uri_destroy(ms->uri);
     pthread_mutex_destroy(&ms->api_lock);
+    pthread_mutex_destroy(&ms->diag_lock);
     pthread_cond_destroy(&ms->cond);
     pthread_mutex_destroy(&ms->mutex);
     free(ms);
@@ -1693,6 +1774,7 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
     ms->last_command = AH_CMD_RUNNING;
     pthread_mutex_init(&ms->mutex, NULL);
     pthread_mutex_init(&ms->api_lock, NULL);
+    pthread_mutex_init(&ms->diag_lock, NULL);
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
@@ -1702,6 +1784,9 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
     ms->uri = mongoc_uri_new_with_error(cfg->mongodb_uri, &error);
     if (ms->uri == NULL) {
         snprintf(err, errlen, "MONGODB_URI is invalid: %s", error.message);
+        goto fail;
+    }
+    if (ahm_uri_check(ms->uri, "MONGODB_URI", err, errlen) != AH_OK) {
         goto fail;
     }
     default_timeout(ms->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, AH_MONGO_SERVER_SELECTION_MS);
@@ -1733,6 +1818,10 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
         goto fail;
     }
     mongoc_client_set_error_api(ms->api_client, MONGOC_ERROR_API_VERSION_2);
+    mongoc_apm_callbacks_t *callbacks = mongoc_apm_callbacks_new();
+    watch_heartbeats(callbacks);
+    mongoc_client_set_apm_callbacks(ms->api_client, callbacks, ms);
+    mongoc_apm_callbacks_destroy(callbacks);
     char appname[128];
     snprintf(appname, sizeof(appname), "agenthost/%.100s", cfg->agent_id ? cfg->agent_id : "");
     mongoc_client_set_appname(ms->api_client, appname);
