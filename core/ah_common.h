@@ -67,6 +67,8 @@ typedef struct ah_control_s {
     char
         agent_id[AH_NAME_MAX + 1]; /* audit entries only: the agent that wrote it ("" if unknown) */
     int64_t expires_us;            /* a timed pause: when it ends (µs since the epoch); 0: none */
+    int64_t drain_ms; /* pause/shutdown: the running call's waits are cancelled this many ms
+                         after timestamp_us (drain=); 0: no deadline of its own */
     char selector[AH_SELECTOR_MAX + 1]; /* "": the cluster document global_control */
 } ah_control_t;
 

@@ -33,6 +33,8 @@ struct ah_config_s {
     bool log_json;                        /* LOG_FORMAT=json */
     double batch_timeout;                 /* BATCH_TIMEOUT, seconds */
     double shutdown_timeout;              /* SHUTDOWN_TIMEOUT, seconds: hard bound on shutdown */
+    double pause_drain_timeout;           /* PAUSE_DRAIN_TIMEOUT, seconds: the drain deadline of a
+                                             pause that names none; 0 = none */
     double change_stream_verify_interval; /* CHANGE_STREAM_VERIFY_INTERVAL, seconds; 0 = never */
     size_t lua_memory_limit;              /* LUA_MEMORY_LIMIT, bytes; 0 = no limit */
     double embedded_poll_interval;        /* AGENTHOST_STATE_POLL, seconds */

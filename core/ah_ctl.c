@@ -45,6 +45,8 @@ static const char ctl_usage[] =
     "  --if-version N     cluster command: only if the current version is N (else 409, exit 1)\n"
     "  --for DURATION     pause: end it automatically after 90s, 15m, 2h, ... (or seconds)\n"
     "  --until TIME       pause: end it automatically at an ISO 8601 UTC time\n"
+    "  --drain DURATION   pause, shutdown (also --local): cancel the waits of the running call\n"
+    "                     after 90s, 2m, ... so the command applies by then\n"
     "  --wait SECONDS     cluster command: answer once every live agent applied it (exit 0),\n"
     "                     or after SECONDS listing the stragglers (exit 1); reload: wait up to\n"
     "                     SECONDS for the outcome (exit 1 if it is still pending)\n"
@@ -181,6 +183,7 @@ int ah_ctl_main(int argc, char **argv)
     const char *if_version = NULL; /* cluster command options, passed through as given */
     const char *pause_for = NULL;
     const char *pause_until = NULL;
+    const char *drain = NULL;          /* --drain: passed through (cluster and local) */
     const char *wait = NULL;           /* --wait: passed through; the answer decides the exit */
     const char *agents_version = NULL; /* ctl agents --version */
     const char *selector = NULL;       /* --selector: a scoped command, or ctl agents' filter */
@@ -228,6 +231,8 @@ int ah_ctl_main(int argc, char **argv)
             slot = &pause_for;
         } else if (strcmp(a, "--until") == 0) {
             slot = &pause_until;
+        } else if (strcmp(a, "--drain") == 0) {
+            slot = &drain;
         } else if (strcmp(a, "--timeout") == 0) {
             /* A number, not NaN, not past a day: the deadline is computed in microseconds. */
             char *end = NULL;
@@ -295,6 +300,10 @@ int ah_ctl_main(int argc, char **argv)
             ah_buf_puts(&path, "&reason=");
             url_encode(&path, reason);
         }
+        if (drain != NULL) {
+            ah_buf_puts(&path, "&drain=");
+            url_encode(&path, drain);
+        }
         const struct {
             const char *name;
             const char *value;
@@ -347,6 +356,11 @@ int ah_ctl_main(int argc, char **argv)
         }
     } else {
         fprintf(stderr, "agenthost ctl: unknown command \"%s\"\n%s", command, ctl_usage);
+        ah_buf_free(&path);
+        return 2;
+    }
+    if (drain != NULL && strcmp(command, "pause") != 0 && strcmp(command, "shutdown") != 0) {
+        fprintf(stderr, "agenthost ctl: --drain applies to pause and shutdown\n");
         ah_buf_free(&path);
         return 2;
     }

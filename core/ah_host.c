@@ -30,6 +30,9 @@
 #define IDLE_BACKOFF_MAX 1.0
 #define ERROR_BACKOFF_MIN 0.5
 #define ERROR_BACKOFF_MAX 30.0
+/* Share of SHUTDOWN_TIMEOUT after which a Lua call a shutdown waits for is interrupted (its waits
+ * cancelled); the rest is left for on_shutdown and the teardown. */
+#define SHUTDOWN_INTERRUPT_SHARE 0.8
 
 struct ah_host_s {
     const ah_config_t *cfg;
@@ -231,6 +234,9 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
         goto fail;
     }
     ah_state_set_waker(h->state, host_wake_lua, h);
+    /* a shutdown's drain is bounded where the watchdog interrupts the call (on_watchdog) */
+    ah_state_set_drain_limits(h->state, h->cfg->pause_drain_timeout,
+                              h->cfg->shutdown_timeout * SHUTDOWN_INTERRUPT_SHARE);
     return h;
 fail:
     ah_host_free(h);
@@ -297,11 +303,16 @@ static void log_transition(ah_run_state_t to, const ah_event_t *ev)
 
 /* Applies one event: the transition is committed first, then its hook runs (a failing hook does not
  * undo the transition). */
+static void release_script(ah_host_t *h, ah_lua_t *lua, bool reloading);
+
 static void worker_apply(ah_host_t *h, const ah_event_t *ev)
 {
     ah_run_state_t from;
     ah_run_state_t to;
     ah_hook_t hook;
+    /* the batch a drain deadline cut short abandoned its work: what it held goes back after the
+     * hook, as on shutdown (a shutdown releases at the worker's exit anyway) */
+    bool drained = ah_lua_drained(h->lua);
     int rc = ah_state_apply(h->state, ev, &from, &to, &hook);
     if (rc == AH_ENOOP) {
         ah_log_debug("Command '%s' (version %lld) leaves the agent %s",
@@ -332,15 +343,22 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
         ah_state_issue_barrier(h->state); /* after this agent's own "issued" line, if it is one */
     }
     log_transition(to, ev);
-    if (hook == AH_HOOK_NONE) {
-        return;
+    if (drained) {
+        ah_log_warn("The running call was cut short at the drain deadline of '%s': its waits "
+                    "were cancelled",
+                    ah_command_name(ev->command));
     }
     char err[AH_ERRLEN * 4];
-    rc = ah_lua_hook(h->lua, hook, ev, err, sizeof(err));
-    if (rc != AH_OK) {
-        ah_state_count_hook_error(h->state);
-        ah_log_error("Lua error in %s (the transition to %s still holds): %s",
-                     ah_lua_hook_name(hook), ah_run_state_name(to), err);
+    if (hook != AH_HOOK_NONE) {
+        rc = ah_lua_hook(h->lua, hook, ev, err, sizeof(err));
+        if (rc != AH_OK) {
+            ah_state_count_hook_error(h->state);
+            ah_log_error("Lua error in %s (the transition to %s still holds): %s",
+                         ah_lua_hook_name(hook), ah_run_state_name(to), err);
+        }
+    }
+    if (drained && to == AH_STATE_PAUSED) {
+        release_script(h, h->lua, false);
     }
 }
 
@@ -641,7 +659,7 @@ static void on_watchdog(uv_timer_t *timer)
     }
     arm_exit_timer(h, snap.stop_requested_us + (int64_t)(h->cfg->shutdown_timeout * 1e6));
     double waited = (double)(now - snap.stop_requested_us) / 1e6;
-    if (!h->interrupted_for_stop && waited > h->cfg->shutdown_timeout * 0.8 &&
+    if (!h->interrupted_for_stop && waited > h->cfg->shutdown_timeout * SHUTDOWN_INTERRUPT_SHARE &&
         snap.batch_started_us != 0) {
         h->interrupted_for_stop = true;
         ah_log_warn("Shutdown is waiting for a Lua call for %.1fs: interrupting it", waited);

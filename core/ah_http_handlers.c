@@ -63,6 +63,16 @@ static void json_timestamp_ms(ah_buf_t *b, const char *key, int64_t ts_us)
 }
 
 /* Writes "key": "value", or null when value is "". */
+/* "drain": a command's drain deadline in seconds, or null when it names none. */
+static void json_drain(ah_buf_t *b, int64_t drain_ms)
+{
+    if (drain_ms > 0) {
+        ah_json_num(b, "drain", (double)drain_ms / 1000.0);
+    } else {
+        ah_json_null(b, "drain");
+    }
+}
+
 static void json_str_or_null(ah_buf_t *b, const char *key, const char *value)
 {
     ah_json_str(b, key, value[0] != '\0' ? value : NULL);
@@ -289,15 +299,48 @@ static const char *query_raw(const http_call_t *call, const char *key, size_t *l
     return value != NULL ? value : "";
 }
 
-/* The options of a cluster command beyond reason and updated_by: if_version, and for pause
- * for/until. Fills req; AH_EINVAL with a 400 naming the parameter already set. */
+/* Reads drain=DURATION (parse_duration's form) for command cmd into *drain_ms (0 when absent):
+ * only pause and shutdown accept it. AH_EINVAL with a 400 already set. */
+static int query_drain(const http_call_t *call, ah_command_t cmd, int64_t *drain_ms,
+                       http_reply_t *reply)
+{
+    size_t len = 0;
+    const char *text = query_raw(call, "drain", &len);
+    *drain_ms = 0;
+    if (text == NULL) {
+        return AH_OK;
+    }
+    if (cmd != AH_CMD_PAUSE && cmd != AH_CMD_SHUTDOWN) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "drain is only accepted by pause and shutdown");
+        return AH_EINVAL;
+    }
+    double seconds = 0;
+    if (strlen(text) != len || parse_duration(text, &seconds) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "drain must be a duration such as 90s, 2m or plain seconds, more "
+                            "than 0 and at most %ds",
+                            AH_PAUSE_MAX_S);
+        return AH_EINVAL;
+    }
+    *drain_ms = (int64_t)llround(seconds * 1000.0);
+    if (*drain_ms < 1) {
+        *drain_ms = 1; /* milliseconds are the stored precision; a drain is never "none" */
+    }
+    return AH_OK;
+}
+
+/* The options of a cluster command beyond reason and updated_by: if_version, drain (pause and
+ * shutdown), and for pause for/until. Fills req; AH_EINVAL with a 400 naming the parameter already
+ * set. */
 static int cluster_command_options(const http_call_t *call, ah_command_req_t *req,
                                    http_reply_t *reply)
 {
     bool present = false;
     req->if_version = -1;
     req->expires_us = 0;
-    if (query_version(call, "if_version", &req->if_version, &present, reply) != AH_OK) {
+    if (query_version(call, "if_version", &req->if_version, &present, reply) != AH_OK ||
+        query_drain(call, req->command, &req->drain_ms, reply) != AH_OK) {
         return AH_EINVAL;
     }
     if (!present) {
@@ -358,6 +401,7 @@ static void write_control_state(ah_buf_t *b, const ah_control_t *doc, const char
     json_str_or_null(b, "watch_mode", watch_mode);
     ah_json_str(b, "note", "All agents in the cluster are subscribed to this state");
     json_timestamp(b, "expires_at", doc->expires_us);
+    json_drain(b, doc->drain_ms);
 }
 
 /* ---- cluster routes --------------------------------------------------------------------- */
@@ -561,6 +605,7 @@ static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char 
     ah_json_str(b, "reason", doc->reason);
     ah_json_str(b, "propagation", propagation);
     json_timestamp(b, "expires_at", doc->expires_us);
+    json_drain(b, doc->drain_ms);
     if (wait != NULL) {
         write_wait(b, wait);
     }
@@ -828,6 +873,7 @@ static void run_history(void *arg, http_reply_t *reply)
         ah_json_str(b, "reason", e->reason);
         ah_json_str(b, "updated_by", e->updated_by);
         ah_json_str(b, "agent_id", e->agent_id);
+        json_drain(b, e->drain_ms);
         if (e->selector[0] != '\0') { /* a scope's entry; a cluster entry keeps its shape */
             ah_json_str(b, "selector", e->selector);
         }
@@ -1170,7 +1216,9 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     ah_command_t cmd;
     const char *reason;
     const char *updated_by;
-    if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
+    int64_t drain_ms = 0;
+    if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK ||
+        query_drain(call, cmd, &drain_ms, reply) != AH_OK) {
         return;
     }
     if (cmd == AH_CMD_RUNNING && ah_state_held(http->state)) {
@@ -1186,7 +1234,8 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     char safe_by[AH_NAME_MAX * 4 + 1];
     ah_log_info("Local command %s requested through the API by %s", ah_command_name(cmd),
                 ah_log_escape(updated_by, safe_by, sizeof(safe_by)));
-    int rc = ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
+    int rc =
+        ah_state_offer_local_drain(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by, drain_ms);
     if (rc == AH_EINVAL) {
         ah_log_warn("Local command %s refused: the agent is shutting down", ah_command_name(cmd));
         ah_http_reply_error(reply, MHD_HTTP_CONFLICT,
@@ -1212,6 +1261,7 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     ah_json_str(b, "state", ah_run_state_name(snap.state));
     ah_json_str(b, "agent_id", http->cfg->agent_id);
     ah_json_str(b, "command", ah_command_name(cmd));
+    json_drain(b, drain_ms);
     ah_json_str(b, "note",
                 cmd == AH_CMD_SHUTDOWN
                     ? "Local command: affects this pod only; a local shutdown is final"

@@ -75,6 +75,10 @@ int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen);
  * the script (agent.queue's claims) by calling its internal release function, if the script
  * loaded the module. 0, AH_ELUA or AH_ETIMEOUT. */
 int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen);
+/* True when the waits of the last call (batch or hook) were cancelled by the drain deadline of a
+ * pending command (drain=, PAUSE_DRAIN_TIMEOUT, a shutdown's bound): the host then releases what
+ * the script holds (ah_lua_release) after the command's hook, as on shutdown. */
+bool ah_lua_drained(const ah_lua_t *lua);
 /* Asks the running call to stop: every wait of the call is cancelled (it resumes with nil, msg,
  * "cancelled") by the call's loop, and, when Lua code is running, the call is stopped with an
  * error at its next instruction check. Safe from any thread and from signal handlers, as long as

@@ -252,6 +252,7 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     lua_xmove(L, main->co, nargs + 1);
     budget_arm(lua);
     lua->cancel_code = NULL;
+    lua->drained = false;
     lua->call_err = err;
     lua->call_errlen = errlen;
     main->ended = false;
@@ -362,6 +363,10 @@ static void push_event(lua_State *L, const ah_event_t *ev)
         lua_pushstring(L, ev->scope);
         lua_setfield(L, -2, "scope");
     }
+    if (ev->drain_ms > 0) {
+        lua_pushnumber(L, (lua_Number)ev->drain_ms / 1000.0);
+        lua_setfield(L, -2, "drain");
+    }
 }
 
 /* AH_HOOK_NONE (a transition without a hook) and an undefined hook are no-ops returning 0. */
@@ -419,6 +424,11 @@ int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen)
     assert(lua_gettop(L) == top);
     (void)top;
     return rc;
+}
+
+bool ah_lua_drained(const ah_lua_t *lua)
+{
+    return lua != NULL && lua->drained;
 }
 
 int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen)

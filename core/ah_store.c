@@ -40,6 +40,14 @@ int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control
         snprintf(err, errlen, "only a pause can expire");
         return AH_EINVAL;
     }
+    if (req->drain_ms != 0 && req->command == AH_CMD_RUNNING) {
+        snprintf(err, errlen, "only a pause or a shutdown can have a drain deadline");
+        return AH_EINVAL;
+    }
+    if (req->drain_ms < 0 || req->drain_ms > (int64_t)AH_PAUSE_MAX_S * 1000) {
+        snprintf(err, errlen, "drain must be from 0 to %ds", AH_PAUSE_MAX_S);
+        return AH_EINVAL;
+    }
     ah_command_req_t full = *req;
     full.reason = req->reason ? req->reason : "";
     full.updated_by = req->updated_by ? req->updated_by : "";

@@ -54,10 +54,11 @@ static const char ah_sqlite_schema[] =
     "CREATE TABLE IF NOT EXISTS control ("
     " id TEXT PRIMARY KEY, command TEXT NOT NULL, version INTEGER NOT NULL,"
     " timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL, updated_by TEXT NOT NULL,"
-    " expires_us INTEGER NOT NULL DEFAULT 0);"
+    " expires_us INTEGER NOT NULL DEFAULT 0, drain_ms INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS audit ("
     " version INTEGER PRIMARY KEY, command TEXT NOT NULL, timestamp_us INTEGER NOT NULL,"
-    " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);"
+    " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL,"
+    " drain_ms INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS agent_status ("
     " agent_id TEXT PRIMARY KEY, state TEXT NOT NULL, applied_version INTEGER NOT NULL,"
     " watch_mode TEXT NOT NULL, last_seen_us INTEGER NOT NULL, started_us INTEGER NOT NULL,"
@@ -67,7 +68,7 @@ static const char ah_sqlite_schema[] =
     "CREATE TABLE IF NOT EXISTS scope_audit ("
     " seq INTEGER PRIMARY KEY AUTOINCREMENT, selector TEXT NOT NULL, version INTEGER NOT NULL,"
     " command TEXT NOT NULL, timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL,"
-    " updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);"
+    " updated_by TEXT NOT NULL, agent_id TEXT NOT NULL, drain_ms INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS agent_leases ("
     " name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL,"
     " expires_ms INTEGER NOT NULL);";
@@ -110,6 +111,10 @@ static const struct {
 } ah_sqlite_added_columns[] = {
     {"SELECT expires_us FROM control LIMIT 0",
      "ALTER TABLE control ADD COLUMN expires_us INTEGER NOT NULL DEFAULT 0"},
+    {"SELECT drain_ms FROM control LIMIT 0",
+     "ALTER TABLE control ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
+    {"SELECT drain_ms FROM audit LIMIT 0",
+     "ALTER TABLE audit ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
     {"SELECT selector FROM control LIMIT 0",
      "ALTER TABLE control ADD COLUMN selector TEXT NOT NULL DEFAULT ''"},
     {"SELECT labels FROM agent_status LIMIT 0",
@@ -138,7 +143,7 @@ static const char ah_sqlite_insert_initial[] =
 #define AH_SQLITE_GLOBAL_ID "global_control"
 
 static const char ah_sqlite_select_control[] =
-    "SELECT command, version, timestamp_us, reason, updated_by, expires_us FROM control"
+    "SELECT command, version, timestamp_us, reason, updated_by, expires_us, drain_ms FROM control"
     " WHERE id = ?1";
 
 /* A scope document is created at version 0 by its first command, in the same transaction. */
@@ -147,29 +152,30 @@ static const char ah_sqlite_insert_scope[] =
     " selector) VALUES (?1, 'running', 0, ?2, '', 'system', ?3)";
 
 static const char ah_sqlite_select_scopes[] =
-    "SELECT command, version, timestamp_us, reason, updated_by, expires_us, selector, id"
-    " FROM control WHERE id LIKE 'scope:%' ORDER BY id";
+    "SELECT command, version, timestamp_us, reason, updated_by, expires_us, selector, id,"
+    " drain_ms FROM control WHERE id LIKE 'scope:%' ORDER BY id";
 
 /* ?6 < 0: unconditional; else only when the version is ?6 (compare-and-set). */
 static const char ah_sqlite_update_control[] =
     "UPDATE control SET version = version + 1, command = ?1, timestamp_us = ?2, reason = ?3,"
-    " updated_by = ?4, expires_us = ?5 WHERE id = ?7 AND (?6 < 0 OR version = ?6)"
+    " updated_by = ?4, expires_us = ?5, drain_ms = ?7"
+    " WHERE id = ?8 AND (?6 < 0 OR version = ?6)"
     " RETURNING version";
 
 static const char ah_sqlite_insert_scope_audit[] =
     "INSERT INTO scope_audit (selector, version, command, timestamp_us, reason, updated_by,"
-    " agent_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+    " agent_id, drain_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
 static const char ah_sqlite_select_scope_history[] =
-    "SELECT command, version, timestamp_us, reason, updated_by, agent_id, selector"
+    "SELECT command, version, timestamp_us, reason, updated_by, agent_id, selector, drain_ms"
     " FROM scope_audit ORDER BY seq DESC LIMIT ?1";
 
 static const char ah_sqlite_insert_audit[] =
-    "INSERT INTO audit (version, command, timestamp_us, reason, updated_by, agent_id)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+    "INSERT INTO audit (version, command, timestamp_us, reason, updated_by, agent_id, drain_ms)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 static const char ah_sqlite_select_history[] =
-    "SELECT command, version, timestamp_us, reason, updated_by, agent_id FROM audit"
+    "SELECT command, version, timestamp_us, reason, updated_by, agent_id, drain_ms FROM audit"
     " ORDER BY version DESC LIMIT ?1";
 
 /* True for the "someone else holds the lock" family of result codes. */
@@ -231,12 +237,12 @@ static int sqlite_connect(const ah_sqlite_store_t *st, bool create, int busy_ms,
             if (rc == SQLITE_OK) {
                 rc = sqlite3_exec(db, ah_sqlite_schema, NULL, NULL, NULL);
             }
-            for (size_t c = 0; rc == SQLITE_OK && c < sizeof(ah_sqlite_added_columns) /
+            for (size_t i = 0; rc == SQLITE_OK && i < sizeof(ah_sqlite_added_columns) /
                                                           sizeof(ah_sqlite_added_columns[0]);
-                 c++) {
-                if (sqlite3_prepare_v2(db, ah_sqlite_added_columns[c].probe, -1, &stmt, NULL) !=
+                 i++) {
+                if (sqlite3_prepare_v2(db, ah_sqlite_added_columns[i].probe, -1, &stmt, NULL) !=
                     SQLITE_OK) {
-                    rc = sqlite3_exec(db, ah_sqlite_added_columns[c].add, NULL, NULL, NULL);
+                    rc = sqlite3_exec(db, ah_sqlite_added_columns[i].add, NULL, NULL, NULL);
                 }
                 sqlite3_finalize(stmt);
                 stmt = NULL;
@@ -335,6 +341,7 @@ static int control_select_id(const ah_sqlite_store_t *st, sqlite3 *db, const cha
     }
     control_from_row(stmt, false, out);
     out->expires_us = sqlite3_column_int64(stmt, 5);
+    out->drain_ms = sqlite3_column_int64(stmt, 6);
     if (out->command == AH_CMD_NONE) {
         snprintf(err, errlen, "embedded store '%s': read failed: unknown command '%s'", st->path,
                  (const char *)sqlite3_column_text(stmt, 0));
@@ -387,6 +394,7 @@ static int scopes_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t 
         char why[AH_ERRLEN];
         control_from_row(stmt, false, &docs[n]);
         docs[n].expires_us = sqlite3_column_int64(stmt, 5);
+        docs[n].drain_ms = sqlite3_column_int64(stmt, 8);
         if (ah_store_scope_check(id, (const char *)sqlite3_column_text(stmt, 6), &docs[n], why,
                                  sizeof(why)) != AH_OK) {
             if (ah_store_warn_first(warned, id, docs[n].version)) {
@@ -460,7 +468,8 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
     sqlite3_bind_text(stmt, 4, doc->updated_by, -1, SQLITE_STATIC);
     sqlite3_bind_int64(stmt, 5, doc->expires_us);
     sqlite3_bind_int64(stmt, 6, if_version);
-    sqlite3_bind_text(stmt, 7, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 7, doc->drain_ms);
+    sqlite3_bind_text(stmt, 8, id, -1, SQLITE_STATIC);
     rc = sqlite3_step(stmt);
     if (rc == SQLITE_DONE && if_version >= 0) {
         sqlite3_finalize(stmt);
@@ -498,6 +507,7 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
     sqlite3_bind_text(stmt, col++, doc->reason, -1, SQLITE_STATIC);
     sqlite3_bind_text(stmt, col++, doc->updated_by, -1, SQLITE_STATIC);
     sqlite3_bind_text(stmt, col, doc->agent_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, col + 1, doc->drain_ms);
     rc = sqlite3_step(stmt);
     if (rc != SQLITE_DONE) {
         goto cleanup;
@@ -588,6 +598,7 @@ static int sqlite_command(ah_store_t *base, const ah_command_req_t *req, ah_cont
     ah_strlcpy(doc.agent_id, req->agent_id, sizeof(doc.agent_id));
     doc.expires_us = req->expires_us;
     ah_strlcpy(doc.selector, req->selector, sizeof(doc.selector));
+    doc.drain_ms = req->drain_ms;
 
     pthread_mutex_lock(&st->api_lock);
     ret = api_connect_locked(st, err, errlen);
@@ -638,6 +649,7 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
     sqlite3_bind_int(stmt, 1, limit);
     while (n < limit && (rc = sqlite3_step(stmt)) == SQLITE_ROW) {
         control_from_row(stmt, true, &out[n]);
+        out[n].drain_ms = sqlite3_column_int64(stmt, 6);
         n++;
     }
     if (n < limit && rc != SQLITE_DONE) {
@@ -664,6 +676,7 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
         control_from_row(stmt, true, &scopes[ns]);
         ah_strlcpy(scopes[ns].selector, (const char *)sqlite3_column_text(stmt, 6),
                    sizeof(scopes[ns].selector));
+        scopes[ns].drain_ms = sqlite3_column_int64(stmt, 7);
         ns++;
     }
     if (ns < limit && rc != SQLITE_DONE) {

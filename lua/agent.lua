@@ -25,6 +25,8 @@ local agent = {
     sleep = core.sleep,       -- agent.sleep(s) -> true if woken early by a command or shutdown
     spawn = core.spawn,       -- agent.spawn(fn, ...) -> task; task:join([timeout]) -> true, ...
     should_stop = core.should_stop, -- true once shutdown was requested
+    pending = core.pending,   -- {command =, reason =, deadline = s left | nil} of the command
+                              -- waiting to be applied, or nil
     shutdown = core.shutdown, -- agent.shutdown([reason]): a local, final shutdown of this agent
     env = core.env,           -- agent.env(name, default) -> os.getenv(name) or default
     now = core.now,           -- wall clock, seconds since the Unix epoch (with fractions)

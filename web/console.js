@@ -183,6 +183,11 @@
     if (expires) {
       setText($('cluster-expires'), when(expires));
     }
+    const drain = typeof c.drain === 'number' ? c.drain : null;
+    setHidden($('cluster-drain-row'), drain === null);
+    if (drain !== null) {
+      setText($('cluster-drain'), duration(drain) + ' after the command (then waits are cancelled)');
+    }
     document.title = c.command + ' v' + c.version + ' · agenthost console';
   }
 
@@ -345,7 +350,10 @@
              (tr, e) => {
                const c = tr.cells;
                setText(c[0], e.version);
-               setText(c[1], e.selector ? e.command + ' (' + e.selector + ')' : e.command);
+               let command = e.command;
+               if (e.selector) command += ' (' + e.selector + ')';
+               if (typeof e.drain === 'number') command += ' (drain ' + duration(e.drain) + ')';
+               setText(c[1], command);
                setText(c[2], when(e.timestamp));
                setText(c[3], e.updated_by);
                setText(c[4], e.agent_id);
@@ -585,6 +593,17 @@
     const reason = $('reason').value.trim();
     if (reason) params.set('reason', reason);
     params.set('updated_by', 'console');
+    if (command === 'pause' || command === 'shutdown') {
+      const d = $('drain').value.trim();
+      if (d) {
+        if (!/^\d+(\.\d+)?[smh]?$/.test(d)) {
+          showError('Drain within: expected a duration such as 30s or 2m (got "' + d + '").');
+          $('drain').focus();
+          return;
+        }
+        params.set('drain', d);
+      }
+    }
     if (command === 'pause') {
       const d = $('duration').value.trim();
       if (d) {
@@ -645,6 +664,7 @@
         finish(command, r);
         $('reason').value = '';
         $('duration').value = '';
+        $('drain').value = '';
         if (scope === undefined) {
           $('selector').value = '';
         }

@@ -307,6 +307,13 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
         out->expires_us = ah_int64_mul_sat(bson_iter_date_time(&it), 1000); /* any writer */
     }
     copy_utf8_field(doc, "selector", out->selector, sizeof(out->selector));
+    if (bson_iter_init_find(&it, doc, "drain_ms") && BSON_ITER_HOLDS_NUMBER(&it)) {
+        /* any writer: a negative or huge value is clamped to the range drain= accepts */
+        int64_t drain_ms = bson_iter_as_int64(&it);
+        out->drain_ms = drain_ms < 0                                ? 0
+                        : drain_ms > (int64_t)AH_PAUSE_MAX_S * 1000 ? (int64_t)AH_PAUSE_MAX_S * 1000
+                                                                    : drain_ms;
+    }
     return AH_OK;
 }
 
@@ -418,10 +425,11 @@ static int read_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control_t
     bson_error_t error;
     const bson_t *doc;
     bson_t *filter = BCON_NEW("_id", BCON_UTF8(AH_MONGO_DOC_ID));
-    bson_t *opts = BCON_NEW("projection", "{", "_id", BCON_INT32(0), "command", BCON_INT32(1),
-                            "version", BCON_INT32(1), "timestamp", BCON_INT32(1), "reason",
-                            BCON_INT32(1), "updated_by", BCON_INT32(1), "expires_at", BCON_INT32(1),
-                            "}", "limit", BCON_INT64(1), "singleBatch", BCON_BOOL(true));
+    bson_t *opts =
+        BCON_NEW("projection", "{", "_id", BCON_INT32(0), "command", BCON_INT32(1), "version",
+                 BCON_INT32(1), "timestamp", BCON_INT32(1), "reason", BCON_INT32(1), "updated_by",
+                 BCON_INT32(1), "expires_at", BCON_INT32(1), "drain_ms", BCON_INT32(1), "}",
+                 "limit", BCON_INT64(1), "singleBatch", BCON_BOOL(true));
     mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
     if (mongoc_cursor_next(cursor, &doc)) {
         if (parse_and_remember(ms, doc, out) != AH_OK) {
@@ -592,6 +600,9 @@ static int insert_audit(ahm_store_t *ms, mongoc_collection_t *coll, const ah_con
     BSON_APPEND_UTF8(entry, "reason", doc->reason);
     BSON_APPEND_UTF8(entry, "updated_by", doc->updated_by);
     BSON_APPEND_UTF8(entry, "agent_id", doc->agent_id);
+    if (doc->drain_ms != 0) {
+        BSON_APPEND_INT64(entry, "drain_ms", doc->drain_ms);
+    }
     int rc = AH_EIO;
     unsigned int seed = (unsigned int)ah_mono_us();
     for (int attempt = 0; attempt < AH_MONGO_AUDIT_ATTEMPTS; attempt++) {
@@ -649,10 +660,19 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
     if (req->expires_us != 0) {
         append_now(&child, "expires_at", req->expires_us);
     }
+    if (req->drain_ms != 0) {
+        BSON_APPEND_INT64(&child, "drain_ms", req->drain_ms);
+    }
     bson_append_document_end(update, &child);
-    if (req->expires_us == 0) { /* a plain command keeps the original document's fields */
+    /* a plain command keeps none of the fields of an earlier timed pause or drain */
+    if (req->expires_us == 0 || req->drain_ms == 0) {
         BSON_APPEND_DOCUMENT_BEGIN(update, "$unset", &child);
-        BSON_APPEND_UTF8(&child, "expires_at", "");
+        if (req->expires_us == 0) {
+            BSON_APPEND_UTF8(&child, "expires_at", "");
+        }
+        if (req->drain_ms == 0) {
+            BSON_APPEND_UTF8(&child, "drain_ms", "");
+        }
         bson_append_document_end(update, &child);
     }
     mongoc_find_and_modify_opts_t *opts = mongoc_find_and_modify_opts_new();
@@ -733,6 +753,7 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
     ah_strlcpy(out->updated_by, req->updated_by, sizeof(out->updated_by));
     ah_strlcpy(out->agent_id, req->agent_id, sizeof(out->agent_id));
     out->expires_us = req->expires_us;
+    out->drain_ms = req->drain_ms;
     char audit_err[AH_ERRLEN];
     if (insert_audit(ms, coll, out, audit_err, sizeof(audit_err)) != AH_OK) {
         /* The command itself is applied and will reach every agent; only its audit entry is
