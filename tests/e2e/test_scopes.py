@@ -211,6 +211,20 @@ def test_if_version_conflict_on_a_scope_is_409_with_the_scope_version(fleet, sto
     assert body["version"] == 2
 
 
+def test_drain_on_a_scoped_pause_is_stored_and_reaches_the_hook(fleet, store):
+    a1 = start(fleet, store, "a1")
+    a3 = start(fleet, store, "a3")
+    a1.wait_state("running", timeout=20)
+    a3.wait_state("running", timeout=20)
+    body = post(a3, f"/api/cluster/pause?selector={q('region=eu')}&drain=5s&wait=10")
+    assert body["drain"] == 5 and body["wait"]["acknowledged"] == ["a1"]
+    entry = a3.get("/api/cluster/history").json()["entries"][0]
+    assert entry["selector"] == "region=eu" and entry["drain"] == 5
+    pause = [e for e in read_events(a1.events) if e["ev"] == "on_pause"][-1]
+    assert pause["scope"] == "region=eu" and pause["drain"] == 5
+    assert a3.state()["state"] == "running"
+
+
 def test_timed_scoped_pause_expires_exactly_once(fleet, store):
     agents = {n: start(fleet, store, n) for n in ("a1", "a2", "a3")}
     for a in agents.values():
