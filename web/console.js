@@ -681,6 +681,9 @@
     for (const id of ['pause-button', 'resume-button', 'shutdown-button']) {
       $(id).setAttribute('aria-disabled', String(busy));
     }
+    for (const button of $('scopes-rows').querySelectorAll('button')) {
+      button.setAttribute('aria-disabled', String(busy));
+    }
   }
 
   /* ---- wiring -------------------------------------------------------------------------- */

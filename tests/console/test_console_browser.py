@@ -219,6 +219,9 @@ def test_scoped_pause_from_the_page_and_its_resume_button(fleet, state_file, pag
     # the scope's own Resume button
     button = page.driver.find_element(By.CSS_SELECTOR, "#scopes-rows button")
     assert button.get_attribute("aria-label") == "Resume region=eu"
+    # a click while the page is still busy with the pause is ignored (as for the other buttons)
+    wait_for(lambda: button.get_attribute("aria-disabled") != "true", 40, interval=0.05,
+             message="the scope's Resume enabled")
     button.click()
     page.wait_text("progress-text", lambda t: t == "Resume region=eu (version 2): 2 of 2 applied")
     assert [a.state()["state"] for a in agents] == ["running", "running", "running"]
