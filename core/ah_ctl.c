@@ -26,6 +26,8 @@ static const char ctl_usage[] =
     "  agents                      every agent's status (--version N: only those behind N;\n"
     "                              --selector S: only those matching S; --json: the raw answer)\n"
     "  scopes                      scope documents: selector, command, agents matched and held\n"
+    "  leases                      every lease: owner, fencing token, expires in (--json: the\n"
+    "                              raw answer)\n"
     "  reload                      reload the script of the agent at --url (exit 1 with the\n"
     "                              error if it fails to load; --wait S: wait up to S seconds\n"
     "                              for the outcome, default 10)\n"
@@ -283,7 +285,8 @@ int ah_ctl_main(int argc, char **argv)
     }
 
     if (local && (strcmp(command, "stats") == 0 || strcmp(command, "history") == 0 ||
-                  strcmp(command, "agents") == 0 || strcmp(command, "scopes") == 0)) {
+                  strcmp(command, "agents") == 0 || strcmp(command, "scopes") == 0 ||
+                  strcmp(command, "leases") == 0)) {
         fprintf(stderr, "agenthost ctl: --local applies to pause, resume, shutdown and state\n");
         return 2;
     }
@@ -348,6 +351,8 @@ int ah_ctl_main(int argc, char **argv)
         }
     } else if (strcmp(command, "scopes") == 0) {
         ah_buf_puts(&path, "/api/cluster/scopes");
+    } else if (strcmp(command, "leases") == 0) {
+        ah_buf_puts(&path, "/api/cluster/leases");
     } else if (strcmp(command, "history") == 0) {
         ah_buf_puts(&path, "/api/cluster/history");
         if (limit != NULL) {
@@ -405,6 +410,8 @@ int ah_ctl_main(int argc, char **argv)
         rc = ah_ctl_fleet_print_agents(body, stdout, stderr);
     } else if (status >= 200 && status <= 299 && strcmp(command, "scopes") == 0 && !raw_json) {
         rc = ah_ctl_fleet_print_scopes(body, stdout, stderr);
+    } else if (status >= 200 && status <= 299 && strcmp(command, "leases") == 0 && !raw_json) {
+        rc = ah_ctl_fleet_print_leases(body, stdout, stderr);
     } else {
         printf("%s\n", body);
     }

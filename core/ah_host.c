@@ -8,6 +8,7 @@
 
 #include "ah_fleet.h"
 #include "ah_http.h"
+#include "ah_lease.h"
 #include "ah_log.h"
 #include "ah_lua.h"
 #include "ah_mongo.h"
@@ -45,7 +46,8 @@ struct ah_host_s {
     ah_metrics_t *metrics;     /* agent.metrics; outlives every Lua state */
     ah_lua_mongo_t *mongo;     /* agent.mongo's connection; outlives lua */
     ah_store_t *store;
-    ah_fleet_t *fleet; /* this agent's status record; NULL without a store */
+    ah_leases_t *leases; /* this agent's leases (agent.lease, agent.every); outlives lua */
+    ah_fleet_t *fleet;   /* this agent's status record; NULL without a store */
     ah_http_t *http;
     atomic_int http_port; /* read by any thread (ah_host_http_port) */
 
@@ -185,7 +187,8 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
     pthread_condattr_destroy(&attr);
     h->state = ah_state_new();
     h->metrics = ah_metrics_new();
-    if (h->state == NULL || h->metrics == NULL) {
+    h->leases = h->state != NULL ? ah_leases_new(h->state, cfg->agent_id) : NULL;
+    if (h->state == NULL || h->metrics == NULL || h->leases == NULL) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
@@ -214,7 +217,8 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
                              .batch_timeout = cfg->batch_timeout,
                              .mongo = h->mongo,
                              .metrics = h->metrics,
-                             .memory_limit = cfg->lua_memory_limit};
+                             .memory_limit = cfg->lua_memory_limit,
+                             .leases = h->leases};
     if (hopts != NULL) {
         h->exit_on_timeout = hopts->exit_on_shutdown_timeout;
         opts.script_source = hopts->script_source;
@@ -249,6 +253,7 @@ void ah_host_free(ah_host_t *h)
         return;
     }
     ah_lua_close(h->lua);
+    ah_leases_free(h->leases); /* after the state that named them */
     ah_lua_mongo_free(h->mongo);
     ah_metrics_free(h->metrics);
     ah_state_free(h->state);
@@ -384,8 +389,10 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
 {
     char err[AH_ERRLEN * 4];
     ah_log_info("Reloading script %s", h->script_label);
+    ah_leases_reload_begin(h->leases); /* the leases the new script names are its own */
     ah_lua_t *fresh = ah_lua_open(&h->lua_opts, h->cfg->script_path, err, sizeof(err));
     if (fresh == NULL) {
+        ah_leases_reload_end(h->leases, false);
         ah_log_error("Reload failed, the previous script keeps running: %s", err);
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
@@ -400,6 +407,7 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
     if (rc != AH_OK) {
         ah_log_error("Reload failed in init, the previous script keeps running: %s", err);
         ah_lua_close(fresh);
+        ah_leases_reload_end(h->leases, false);
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
@@ -410,6 +418,7 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
     h->lua = fresh;
     pthread_mutex_unlock(&h->lua_lock);
     ah_lua_close(old);
+    ah_leases_reload_end(h->leases, true); /* what the new script does not name is released */
     ah_log_info("Reloaded script %s (state: %s)", h->script_label,
                 ah_run_state_name(ah_state_get(h->state)));
     ah_state_finish_reload(h->state, ticket, true, "");
@@ -433,6 +442,7 @@ static void *worker_main(void *arg)
         atomic_store(&h->worker_rc, 1);
         ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "init failed", "host");
     }
+    int rc;
     int batch_errors = 0; /* consecutive failed batches: drive the error backoff */
     int idle_batches = 0; /* consecutive batches without items: drive the idle backoff */
     for (;;) {
@@ -457,8 +467,18 @@ static void *worker_main(void *arg)
             ah_state_wait(h->state, 3600);
             continue;
         }
+        /* agent.every: a due schedule runs as its own call between batches */
+        double next_schedule = -1;
+        rc = ah_lua_run_schedule(h->lua, &next_schedule, err, sizeof(err));
+        if (rc != 0) {
+            if (rc < 0) {
+                ah_state_count_hook_error(h->state);
+                ah_log_error("Lua error in %s", err);
+            }
+            continue; /* commands first, then the next schedule or batch */
+        }
         long long items = 0;
-        int rc = ah_lua_batch(h->lua, &items, err, sizeof(err));
+        rc = ah_lua_batch(h->lua, &items, err, sizeof(err));
         ah_state_count_batch(h->state, rc == AH_OK);
         if (rc != AH_OK) {
             double error_wait = ah_backoff(batch_errors, ERROR_BACKOFF_MIN, ERROR_BACKOFF_MAX);
@@ -472,7 +492,11 @@ static void *worker_main(void *arg)
             idle_batches = 0;
             continue;
         }
-        ah_state_wait(h->state, ah_backoff(idle_batches, IDLE_BACKOFF_MIN, IDLE_BACKOFF_MAX));
+        double idle_wait = ah_backoff(idle_batches, IDLE_BACKOFF_MIN, IDLE_BACKOFF_MAX);
+        if (next_schedule >= 0 && next_schedule < idle_wait) {
+            idle_wait = next_schedule;
+        }
+        ah_state_wait(h->state, idle_wait);
         idle_batches += idle_batches < 64;
     }
     release_script(h, h->lua, false);
@@ -760,7 +784,7 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
                     "local control only");
         ah_state_offer_local(h->state, AH_CMD_RUNNING, AH_SOURCE_STARTUP,
                              "distributed control disabled", "system");
-        return AH_OK;
+        return ah_leases_start(h->leases, NULL, err, errlen);
     }
     ah_log_info("[Distributed Control] Initializing cluster coordination");
     if (cfg->mongodb_uri != NULL) {
@@ -789,6 +813,9 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
     if (h->fleet == NULL) {
         return AH_EIO;
     }
+    if (ah_leases_start(h->leases, h->store, err, errlen) != AH_OK) {
+        return AH_EIO;
+    }
     ah_state_set_fleet_listener(h->state, on_state_change, h->fleet);
     ah_store_listener_t listener = {.on_control = on_store_control,
                                     .on_status = on_store_status,
@@ -815,6 +842,7 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
         goto out;
     }
     ah_http_set_fleet(h->http, h->fleet);
+    ah_http_set_leases(h->http, h->leases);
     atomic_store(&h->http_port, ah_http_port(h->http));
     /* An IPv6 address is written in brackets, as in a URL: [::1]:8000. */
     bool ipv6 = strchr(h->cfg->http_bind, ':') != NULL;
@@ -858,6 +886,7 @@ out:
     }
     h->http = NULL;
     ah_lua_mongo_detach(h->mongo); /* the Lua worker has stopped: no client may outlive the pool */
+    ah_leases_stop(h->leases);     /* gives back what it holds while the store is still open */
     ah_fleet_stop(h->fleet);       /* the last record: "stopped" after a clean shutdown */
     ah_store_close(h->store);
     h->store = NULL;

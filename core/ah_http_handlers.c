@@ -9,6 +9,7 @@
 
 #include "ah_fleet.h"
 #include "ah_json.h"
+#include "ah_lease.h"
 #include "ah_log.h"
 
 #include <math.h>
@@ -1202,6 +1203,48 @@ void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
     ah_http_run_job(call->http->parking, call->conn, call->req_cls, reply, run_history, job, free);
 }
 
+/* Store worker: reads every lease record and answers with them. */
+static void run_leases(void *arg, http_reply_t *reply)
+{
+    ah_store_t *store = arg;
+    ah_lease_t *leases = NULL;
+    int count = 0;
+    char err[AH_ERRLEN] = "";
+    if (ah_store_list_leases(store, &leases, &count, err, sizeof(err)) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
+                            err);
+        return;
+    }
+    ah_buf_t *b = &reply->body;
+    ah_json_open(b);
+    ah_json_int(b, "count", count);
+    ah_json_open_array(b, "leases");
+    for (int i = 0; i < count; i++) {
+        const ah_lease_t *l = &leases[i];
+        bool held = l->owner[0] != '\0' && l->expires_in_ms > 0;
+        ah_json_open_object(b, NULL);
+        ah_json_str(b, "name", l->name);
+        ah_json_str(b, "owner", held ? l->owner : "");
+        ah_json_int(b, "token", l->token);
+        ah_json_num(b, "expires_in", held ? (double)l->expires_in_ms / 1000.0 : 0.0);
+        ah_json_str(b, "last_owner", l->owner);
+        ah_json_close(b);
+    }
+    ah_json_close_array(b);
+    ah_json_close(b);
+    free(leases);
+}
+
+void ah_http_handle_leases(http_call_t *call, http_reply_t *reply)
+{
+    if (call->http->store == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    ah_http_run_job(call->http->parking, call->conn, call->req_cls, reply, run_leases,
+                    call->http->store, NULL);
+}
+
 /* ---- agent routes ----------------------------------------------------------------------- */
 
 static const char *const requested_messages[] = {
@@ -1496,6 +1539,15 @@ void ah_http_handle_metrics(http_call_t *call, http_reply_t *reply)
     ah_state_labels_text(call->http->state, labels, sizeof(labels));
     ah_metrics_render_labels(labels, &reply->body);
     ah_http_park_render_metrics(call->http->parking, &reply->body);
+    ah_leases_t *leases = atomic_load(&call->http->leases);
+    if (leases != NULL) {
+        ah_lease_view_t *views = NULL;
+        int count = 0;
+        if (ah_leases_list(leases, &views, &count) == AH_OK) {
+            ah_metrics_render_leases(views, count, &reply->body);
+            free(views);
+        }
+    }
     if (call->http->metrics != NULL) {
         ah_metrics_render(call->http->metrics, &reply->body); /* agent.metrics */
     }

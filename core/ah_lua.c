@@ -10,6 +10,7 @@
 
 #include "ah_log.h"
 #include "ah_curl.h"
+#include "ah_lua_lease.h"
 #include "ah_mongo.h"
 #include "ah_metrics.h"
 
@@ -165,6 +166,10 @@ static void register_preloads(lua_State *L, ah_lua_t *lua)
 
     lua_pushcfunction(L, ah_lua_http_open);
     lua_setfield(L, -2, "agent.http.core");
+
+    lua_pushlightuserdata(L, lua->leases);
+    lua_pushcclosure(L, ah_lua_lease_open, 1);
+    lua_setfield(L, -2, "agent.lease.core");
 
     for (const ah_lua_module_t *m = ah_lua_modules; m->name != NULL; m++) {
         lua_pushfstring(L, "@lua/%s", m->file);
@@ -453,6 +458,7 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     ah_strlcpy(lua->agent_id, opts->agent_id, sizeof(lua->agent_id));
     lua->state = opts->state;
     lua->mongo = opts->mongo;
+    lua->leases = opts->leases;
     lua->batch_timeout = opts->batch_timeout;
     lua->source = opts->script_source;
     lua->functions = opts->functions;

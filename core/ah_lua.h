@@ -44,6 +44,8 @@ typedef struct ah_lua_options_s {
     struct ah_metrics_s *metrics; /* agent.metrics registry, not owned (must outlive the state);
                                      NULL: the state keeps a private one */
     size_t memory_limit;          /* bytes the script may allocate (LUA_MEMORY_LIMIT); 0: none */
+    struct ah_leases_s *leases;   /* the host's lease keeper (ah_lease.h), not owned (must outlive
+                                     the state); NULL: lease:acquire fails with "store" */
 } ah_lua_options_t;
 
 /* Creates a state, opens the standard libraries, cjson and the agent module, sets package.path so
@@ -71,6 +73,12 @@ int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, 
 /* Calls M.on_reload(ctx) if the script defines it: the old script's chance to let go of what it
  * holds once its replacement has loaded, before the host closes it. 0, AH_ELUA or AH_ETIMEOUT. */
 int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen);
+/* Runs one agent.every schedule that is due now, if any, as its own call through the call
+ * wrapper (time budget, memory limit, traceback) with fn(ctx). Returns 0 when none was due and
+ * *next_in = seconds until the next one (< 0: no schedules); 1 when one ran and succeeded;
+ * AH_ELUA / AH_ETIMEOUT when it failed (err: "agent.every(<spec>): <message>"). The first call
+ * closes agent.every to the script (only the main chunk and init may schedule). */
+int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen);
 /* Before the state closes (reload, shutdown): lets the agent module give back what it holds for
  * the script (agent.queue's claims) by calling its internal release function, if the script
  * loaded the module. 0, AH_ELUA or AH_ETIMEOUT. */

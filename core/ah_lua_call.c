@@ -426,6 +426,50 @@ int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen)
     return rc;
 }
 
+int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen)
+{
+    lua_State *L = lua->L;
+    int top = lua_gettop(L);
+    int rc = 0;
+    *next_in = -1;
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_getfield(L, -1, "agent");
+    if (!lua_istable(L, -1)) {
+        goto out; /* the script never required agent: no schedules */
+    }
+    lua_getfield(L, -1, "_due");
+    if (!lua_isfunction(L, -1)) {
+        goto out;
+    }
+    /* the host's own code: plain pcall, no user code runs in it */
+    if (lua_pcall(L, 0, 2, 0) != 0) {
+        snprintf(err, errlen, "agent.every: %s", lua_tostring(L, -1));
+        rc = AH_ELUA;
+        goto out;
+    }
+    if (!lua_isfunction(L, -2)) {
+        if (lua_isnumber(L, -1)) {
+            *next_in = lua_tonumber(L, -1);
+        }
+        goto out;
+    }
+    char spec[96] = "";
+    lua_getfield(L, -1, "spec");
+    ah_strlcpy(spec, lua_isstring(L, -1) ? lua_tostring(L, -1) : "", sizeof(spec));
+    lua_pop(L, 1);
+    char msg[AH_ERRLEN * 4];
+    rc = ah_lua_call_user(lua, 1, 0, msg, sizeof(msg));
+    if (rc == AH_OK) {
+        rc = 1;
+    } else {
+        snprintf(err, errlen, "agent.every(%s): %s", spec, msg);
+    }
+out:
+    lua_settop(L, top);
+    return rc;
+}
+
 bool ah_lua_drained(const ah_lua_t *lua)
 {
     return lua != NULL && lua->drained;

@@ -100,6 +100,8 @@ struct ah_lua_s {
 
     /* agent.mongo's connection (not owned; may be NULL: calls fail "not configured"). */
     ah_lua_mongo_t *mongo;
+    /* The host's lease keeper for agent.lease / agent.every (not owned; may be NULL). */
+    struct ah_leases_s *leases;
 
     /* Only during ah_lua_open(): the script's text (NULL: load lua->script as a file) and the
      * agent.ext functions (not owned). */
