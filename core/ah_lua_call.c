@@ -252,6 +252,7 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     lua_xmove(L, main->co, nargs + 1);
     budget_arm(lua);
     lua->cancel_code = NULL;
+    lua->memory_refused = false;
     lua->drained = false;
     lua->call_err = err;
     lua->call_errlen = errlen;
@@ -278,10 +279,13 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     luaL_unref(L, LUA_REGISTRYINDEX, main->co_ref);
     main->co_ref = LUA_NOREF;
     main->co = NULL;
-    if (status == LUA_ERRMEM && lua->memory_limit > 0) {
-        snprintf(err, errlen,
-                 "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%zu bytes; %zu in use)",
-                 lua->memory_limit, lua->memory_used);
+    if (status == LUA_ERRMEM) {
+        if (lua->memory_refused) { /* else the system refused memory: Lua's own message stands */
+            snprintf(err, errlen,
+                     "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%zu bytes; %zu in "
+                     "use)",
+                     lua->memory_limit, lua->memory_used);
+        }
         lua_gc(L, LUA_GCCOLLECT, 0); /* give the garbage of the failed call back at once */
         return AH_ELUA;
     }
