@@ -345,7 +345,7 @@ int ah_lua_batch(ah_lua_t *lua, long long *items, char *err, size_t errlen)
     return rc;
 }
 
-/* Pushes the ev table for a hook. Stack: [-0, +1]. */
+/* Pushes the ev table for a hook (ev.scope only for a scope's command). Stack: [-0, +1]. */
 static void push_event(lua_State *L, const ah_event_t *ev)
 {
     char timestamp[AH_TIMESTAMP_LEN];
@@ -363,6 +363,10 @@ static void push_event(lua_State *L, const ah_event_t *ev)
     lua_setfield(L, -2, "timestamp");
     lua_pushstring(L, ah_source_name(ev->source));
     lua_setfield(L, -2, "source");
+    if (ev->scope[0] != '\0') { /* the scope document that decided it; nil: the cluster's */
+        lua_pushstring(L, ev->scope);
+        lua_setfield(L, -2, "scope");
+    }
     if (ev->drain_ms > 0) {
         lua_pushnumber(L, (lua_Number)ev->drain_ms / 1000.0);
         lua_setfield(L, -2, "drain");
