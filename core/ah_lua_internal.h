@@ -118,6 +118,7 @@ struct ah_lua_s {
     size_t memory_limit;
     size_t memory_used;
     bool memory_armed;
+    bool memory_refused; /* the limit refused an allocation during the current call */
 
     /* The loop every call runs on, and the tasks of the running call. Lua thread only, except
      * wake (uv_async_send from any thread), cancel_seq and parked (atomics). */

@@ -442,7 +442,9 @@ section_fleet() {
     # FLEET_N agents (default 100) on the MongoDB test server (change streams) and on the
     # embedded store: time from POST ...?wait=30 to "complete" for 3 commands, idle database
     # commands per agent per minute counted at the server, connections, CPU, RSS/PSS and fds per
-    # agent (tests/bench/bench_fleet.py; FLEET_ENV adds agent settings).
+    # agent (tests/bench/bench_fleet.py; FLEET_ENV adds agent settings). The agents
+    # carry labels over 4 regions: a scoped pause/resume (?selector=region=eu&wait=30) is timed
+    # too, and the MongoDB idle cost is measured with 20 scope documents present.
     local out
     if ! out=$(AGENTHOST_BIN="$AGENTHOST" FLEET_N=${FLEET_N:-100} \
         "$PY" "$ROOT/tests/bench/bench_fleet.py" 2>&1); then
