@@ -243,6 +243,37 @@ void ah_sleep(double seconds)
     }
 }
 
+int ah_parse_duration(const char *text, double *out)
+{
+    if (text == NULL || strlen(text) > 32 || !(text[0] >= '0' && text[0] <= '9')) {
+        return AH_EINVAL;
+    }
+    size_t digits = strspn(text, "0123456789."); /* a second '.' stops strtod: refused below */
+    char number[40];
+    memcpy(number, text, digits);
+    number[digits] = '\0';
+    const char *unit = text + digits;
+    double scale;
+    if (unit[0] == '\0' || strcmp(unit, "s") == 0) {
+        scale = 1;
+    } else if (strcmp(unit, "ms") == 0) {
+        scale = 0.001;
+    } else if (strcmp(unit, "m") == 0) {
+        scale = 60;
+    } else if (strcmp(unit, "h") == 0) {
+        scale = 3600;
+    } else {
+        return AH_EINVAL;
+    }
+    char *end = NULL;
+    double value = strtod(number, &end);
+    if (end != number + digits || !isfinite(value * scale)) {
+        return AH_EINVAL;
+    }
+    *out = value * scale;
+    return AH_OK;
+}
+
 double ah_backoff(int failures, double min, double max)
 {
     double delay = min;

@@ -62,6 +62,8 @@ typedef struct ah_control_s {
     char
         agent_id[AH_NAME_MAX + 1]; /* audit entries only: the agent that wrote it ("" if unknown) */
     int64_t expires_us;            /* a timed pause: when it ends (µs since the epoch); 0: none */
+    int64_t drain_ms; /* pause/shutdown: the running call's waits are cancelled this many ms
+                         after timestamp_us (drain=); 0: no deadline of its own */
 } ah_control_t;
 
 /* "pause" | "running" | "shutdown" | "none". Never NULL. */
@@ -102,6 +104,11 @@ bool ah_cond_wait_flag(pthread_cond_t *cond, pthread_mutex_t *lock, const bool *
                        double seconds);
 /* Sleeps the calling thread for `seconds` (>= 0), resuming after signals. */
 void ah_sleep(double seconds);
+/* Parses a duration: a decimal number (digits with at most one '.', no sign or exponent) and
+ * an optional unit ms, s, m or h ("90s", "15m", "1.5h", "250ms", "90" = seconds), into seconds.
+ * Bounds are the caller's. 0 or AH_EINVAL. The one reader of durations: for= of a pause and
+ * every duration setting (BATCH_TIMEOUT, ...). */
+int ah_parse_duration(const char *text, double *out);
 /* Capped exponential backoff: min * 2^failures, at most max (failures 0 → min). */
 double ah_backoff(int failures, double min, double max);
 /* A uniformly random factor in [lo, hi) from the rand_r() state *seed. */

@@ -4,6 +4,7 @@
 #include "ah_config.h"
 
 #include "ah_common.h"
+#include "ah_redact.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -104,7 +105,7 @@ static const ah_config_var_t config_vars[] = {
      .flag = "--mongodb-uri",
      .kind = AH_CONFIG_STRING,
      .offset = FIELD(mongodb_uri),
-     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .flags = AH_CONFIG_EMPTY_UNSETS | AH_CONFIG_SECRET_URI,
      .check = check_mongodb_uri,
      .expect = URI_EXPECT,
      .help = "MongoDB deployment for distributed control"},
@@ -120,7 +121,7 @@ static const ah_config_var_t config_vars[] = {
      .flag = "--agent-mongodb-uri",
      .kind = AH_CONFIG_STRING,
      .offset = FIELD(agent_mongodb_uri),
-     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .flags = AH_CONFIG_EMPTY_UNSETS | AH_CONFIG_SECRET_URI,
      .default_doc = "`MONGODB_URI`",
      .check = check_mongodb_uri,
      .expect = URI_EXPECT,
@@ -221,7 +222,7 @@ static const ah_config_var_t config_vars[] = {
     {.name = "AGENT_API_TOKEN",
      .kind = AH_CONFIG_STRING,
      .offset = FIELD(api_token),
-     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .flags = AH_CONFIG_EMPTY_UNSETS | AH_CONFIG_SECRET,
      .help = "bearer token required by mutating routes"},
     {.name = "LOG_LEVEL",
      .flag = "--log-level",
@@ -264,6 +265,15 @@ static const ah_config_var_t config_vars[] = {
      .min = 0.01,
      .max = 3600,
      .help = "seconds shutdown may take before exit 1"},
+    {.name = "PAUSE_DRAIN_TIMEOUT",
+     .flag = "--pause-drain-timeout",
+     .kind = AH_CONFIG_SECONDS,
+     .offset = FIELD(pause_drain_timeout),
+     .flags = AH_CONFIG_ZERO_DISABLES,
+     .default_value = "0",
+     .min = 0.01,
+     .max = 86400,
+     .help = "seconds a pause without drain= lets the running call wait (0: no deadline)"},
     {.name = "AGENTHOST_SIGNALS",
      .kind = AH_CONFIG_BOOL,
      .offset = FIELD(signals),
@@ -371,7 +381,8 @@ static int parse_number(const char *s, const char *charset, double *out)
     return AH_OK;
 }
 
-/* Parses "0", "262144", "512k", "256m", "1g" (case-insensitive) into a count of bytes. */
+/* Parses "0", "262144", "512k", "256m", "256MB", "256MiB", "1g" (case-insensitive) into a count
+ * of bytes (powers of 1024). */
 static int parse_bytes(const char *s, double *out)
 {
     char *end = NULL;
@@ -391,6 +402,10 @@ static int parse_bytes(const char *s, double *out)
         mult = GIB;
         end++;
     }
+    /* "256m", "256M", "256MB", "256MiB" and "256mb" are the same size; "100B" is 100 bytes. */
+    if (strcasecmp(end, "b") == 0 || (mult > 1 && strcasecmp(end, "ib") == 0)) {
+        end += strlen(end);
+    }
     if (*end != '\0') {
         return AH_EINVAL;
     }
@@ -406,6 +421,9 @@ static int parse_bounded(const ah_config_var_t *var, const char *value, double *
                  ? parse_bytes(value, &v)
                  : parse_number(
                        value, var->kind == AH_CONFIG_INT ? "0123456789+-" : "0123456789.eE+-", &v);
+    if (rc != AH_OK && var->kind == AH_CONFIG_SECONDS) {
+        rc = ah_parse_duration(value, &v); /* with a unit: 250ms, 90s, 5m, 1h */
+    }
     if (rc != AH_OK) {
         return rc;
     }
@@ -430,13 +448,15 @@ static void describe_expected(const ah_config_var_t *var, char *buf, size_t len)
     ah_config_describe_range(var, range, sizeof(range));
     switch (var->kind) {
     case AH_CONFIG_SECONDS:
-        snprintf(buf, len, "a number of seconds: %s", range);
+        snprintf(buf, len, "a number of seconds or a duration such as 250ms, 90s, 5m or 1h: %s",
+                 range);
         break;
     case AH_CONFIG_INT:
         snprintf(buf, len, "an integer: %s", range);
         break;
     case AH_CONFIG_BYTES:
-        snprintf(buf, len, "a number of bytes with an optional k, m or g suffix: %s", range);
+        snprintf(buf, len, "a number of bytes with an optional k, m or g suffix (256m, 256MB): %s",
+                 range);
         break;
     default:
         ah_strlcpy(buf, var->kind == AH_CONFIG_BOOL ? BOOL_EXPECT : var->expect, len);
@@ -524,6 +544,26 @@ void ah_config_free(ah_config_t *cfg)
     memset(cfg, 0, sizeof(*cfg));
 }
 
+/* A secret is registered before it is checked, so even a refused value never shows. */
+static void register_secret(const ah_config_var_t *var, const char *value)
+{
+    if (var->flags & AH_CONFIG_SECRET) {
+        ah_redact_add_secret(value);
+    } else if (var->flags & AH_CONFIG_SECRET_URI) {
+        ah_redact_add_uri(value);
+    }
+}
+
+void ah_config_register_secrets(void)
+{
+    for (const ah_config_var_t *v = config_vars; v->name != NULL; v++) {
+        const char *value = getenv(v->name);
+        if (value != NULL) {
+            register_secret(v, value);
+        }
+    }
+}
+
 int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *err, size_t errlen)
 {
     const ah_config_var_t *var = ah_config_find(name);
@@ -531,11 +571,22 @@ int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *e
         snprintf(err, errlen, "unknown setting %s", name);
         return AH_EINVAL;
     }
+    register_secret(var, value);
     int rc = apply(cfg, var, value);
     if (rc == AH_EINVAL) {
         char expect[160];
         describe_expected(var, expect, sizeof(expect));
-        snprintf(err, errlen, "invalid %s=\"%.200s\": expected %s", name, value, expect);
+        if (var->flags & AH_CONFIG_SECRET) {
+            snprintf(err, errlen, "invalid %s (value not shown): expected %s", name, expect);
+        } else {
+            char shown[256];
+            if (var->flags & AH_CONFIG_SECRET_URI) {
+                ah_redact_uri(value, shown, sizeof(shown));
+            } else {
+                ah_strlcpy(shown, value, sizeof(shown));
+            }
+            snprintf(err, errlen, "invalid %s=\"%.200s\": expected %s", name, shown, expect);
+        }
     } else if (rc != AH_OK) {
         snprintf(err, errlen, "out of memory setting %s", name);
     }
@@ -563,7 +614,9 @@ int ah_config_from_args(ah_config_t *cfg, int argc, char **argv, char *err, size
         const char *arg = argv[i];
         if (strncmp(arg, "--", 2) != 0 || arg[2] == '\0') {
             if (cfg->script_path != NULL) {
-                snprintf(err, errlen, "unexpected argument \"%.200s\" (one SCRIPT only)", arg);
+                char shown[256];
+                snprintf(err, errlen, "unexpected argument \"%.200s\" (one SCRIPT only)",
+                         ah_redact_text(arg, shown, sizeof(shown)));
                 return AH_EINVAL;
             }
             if (set_string(&cfg->script_path, arg) != AH_OK) {

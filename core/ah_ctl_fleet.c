@@ -323,6 +323,40 @@ int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err)
     return 0;
 }
 
+int ah_ctl_fleet_print_leases(const char *body, FILE *out, FILE *err)
+{
+    json_reader_t r = {.p = body, .ok = true};
+    if (!find_member(&r, "leases") || !r.ok) {
+        fprintf(err, "agenthost ctl: the answer has no \"leases\"\n");
+        return 1;
+    }
+    fprintf(out, "%-32s %-24s %8s %10s\n", "NAME", "OWNER", "TOKEN", "EXPIRES IN");
+    int n = 0;
+    if (array_first(&r)) {
+        do {
+            const char *object = r.p;
+            char name[AH_NAME_MAX + 1], owner[AH_NAME_MAX + 1], token[32], expires[32];
+            member_text(object, "name", name, sizeof(name));
+            member_text(object, "owner", owner, sizeof(owner));
+            member_text(object, "token", token, sizeof(token));
+            member_text(object, "expires_in", expires, sizeof(expires));
+            if (owner[0] == '\0') {
+                fprintf(out, "%-32s %-24s %8s %10s\n", name, "(free)", token, "-");
+            } else {
+                fprintf(out, "%-32s %-24s %8s %9.1fs\n", name, owner, token, strtod(expires, NULL));
+            }
+            n++;
+            skip_value(&r, 1);
+        } while (array_next(&r));
+    }
+    if (!r.ok) {
+        fprintf(err, "agenthost ctl: malformed \"leases\" in the answer\n");
+        return 1;
+    }
+    fprintf(out, "%d lease%s\n", n, n == 1 ? "" : "s");
+    return 0;
+}
+
 int ah_ctl_fleet_wait_outcome(const char *body, FILE *err)
 {
     json_reader_t r = {.p = body, .ok = true};

@@ -53,6 +53,7 @@ typedef struct fleet_wait_s {
     ah_command_t command;
     int64_t if_version;
     int64_t expires_us;
+    int64_t drain_ms;
     char reason[AH_REASON_MAX + 1];
     char updated_by[AH_NAME_MAX + 1];
     int command_rc;
@@ -304,7 +305,8 @@ static void fleet_write_command(ah_fleet_t *f, fleet_wait_t *w)
                             .updated_by = w->updated_by,
                             .agent_id = f->cfg->agent_id,
                             .if_version = w->if_version,
-                            .expires_us = w->expires_us};
+                            .expires_us = w->expires_us,
+                            .drain_ms = w->drain_ms};
     w->command_rc = ah_fleet_issue(f->state, f->store, &req, &w->doc, w->command_error,
                                    sizeof(w->command_error));
     if (w->command_rc == AH_OK) {
@@ -473,6 +475,7 @@ int ah_fleet_command_wait(ah_fleet_t *f, const ah_command_req_t *req, double sec
     w->command = req->command;
     w->if_version = req->if_version;
     w->expires_us = req->expires_us;
+    w->drain_ms = req->drain_ms;
     ah_strlcpy(w->reason, req->reason, sizeof(w->reason));
     ah_strlcpy(w->updated_by, req->updated_by, sizeof(w->updated_by));
     w->seconds = seconds;

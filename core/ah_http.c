@@ -106,6 +106,7 @@ static const http_route_t routes[] = {
     {"/api/cluster/stats", "GET", false, ah_http_handle_stats},
     {"/api/cluster/history", "GET", false, ah_http_handle_history},
     {"/api/cluster/agents", "GET", false, ah_http_handle_cluster_agents},
+    {"/api/cluster/leases", "GET", false, ah_http_handle_leases},
     {"/api/agent/state", "GET", false, ah_http_handle_agent_state},
     {"/api/agent/reload", "POST", false, ah_http_handle_agent_reload},
     {"/api/mongo/status", "GET", false, ah_http_handle_mongo_status},
@@ -464,6 +465,13 @@ void ah_http_set_fleet(ah_http_t *http, ah_fleet_t *fleet)
 {
     if (http != NULL) {
         atomic_store(&http->fleet, fleet);
+    }
+}
+
+void ah_http_set_leases(ah_http_t *http, struct ah_leases_s *leases)
+{
+    if (http != NULL) {
+        atomic_store(&http->leases, leases);
     }
 }
 

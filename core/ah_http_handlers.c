@@ -9,6 +9,7 @@
 
 #include "ah_fleet.h"
 #include "ah_json.h"
+#include "ah_lease.h"
 #include "ah_log.h"
 
 #include <math.h>
@@ -63,6 +64,16 @@ static void json_timestamp_ms(ah_buf_t *b, const char *key, int64_t ts_us)
 }
 
 /* Writes "key": "value", or null when value is "". */
+/* "drain": a command's drain deadline in seconds, or null when it names none. */
+static void json_drain(ah_buf_t *b, int64_t drain_ms)
+{
+    if (drain_ms > 0) {
+        ah_json_num(b, "drain", (double)drain_ms / 1000.0);
+    } else {
+        ah_json_null(b, "drain");
+    }
+}
+
 static void json_str_or_null(ah_buf_t *b, const char *key, const char *value)
 {
     ah_json_str(b, key, value[0] != '\0' ? value : NULL);
@@ -205,29 +216,12 @@ static int command_inputs(const http_call_t *call, ah_command_t *cmd, const char
     return AH_OK;
 }
 
-/* Parses a pause duration: a decimal number of seconds with an optional unit s, m or h ("90s",
- * "15m", "2h", "90", "1.5h"), more than 0 and at most AH_PAUSE_MAX_S. 0 or AH_EINVAL. */
+/* Parses a pause duration (ah_parse_duration: "90s", "15m", "2h", "90"), more than 0 and at
+ * most AH_PAUSE_MAX_S. 0 or AH_EINVAL. */
 static int parse_duration(const char *text, double *out)
 {
-    if (text == NULL || text[0] == '\0' || strlen(text) > 32 ||
-        !(text[0] >= '0' && text[0] <= '9')) {
-        return AH_EINVAL;
-    }
-    char *end = NULL;
-    double value = strtod(text, &end);
-    double unit = 1;
-    if (*end == 's') {
-        end++;
-    } else if (*end == 'm') {
-        unit = 60;
-        end++;
-    } else if (*end == 'h') {
-        unit = 3600;
-        end++;
-    }
-    value *= unit;
-    if (*end != '\0' || !isfinite(value) || !(value > 0) || value > AH_PAUSE_MAX_S ||
-        strpbrk(text, "eExXpP") != NULL) {
+    double value;
+    if (ah_parse_duration(text, &value) != AH_OK || !(value > 0) || value > AH_PAUSE_MAX_S) {
         return AH_EINVAL;
     }
     *out = value;
@@ -306,15 +300,48 @@ static const char *query_raw(const http_call_t *call, const char *key, size_t *l
     return value != NULL ? value : "";
 }
 
-/* The options of a cluster command beyond reason and updated_by: if_version, and for pause
- * for/until. Fills req; AH_EINVAL with a 400 naming the parameter already set. */
+/* Reads drain=DURATION (parse_duration's form) for command cmd into *drain_ms (0 when absent):
+ * only pause and shutdown accept it. AH_EINVAL with a 400 already set. */
+static int query_drain(const http_call_t *call, ah_command_t cmd, int64_t *drain_ms,
+                       http_reply_t *reply)
+{
+    size_t len = 0;
+    const char *text = query_raw(call, "drain", &len);
+    *drain_ms = 0;
+    if (text == NULL) {
+        return AH_OK;
+    }
+    if (cmd != AH_CMD_PAUSE && cmd != AH_CMD_SHUTDOWN) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "drain is only accepted by pause and shutdown");
+        return AH_EINVAL;
+    }
+    double seconds = 0;
+    if (strlen(text) != len || parse_duration(text, &seconds) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "drain must be a duration such as 90s, 2m or plain seconds, more "
+                            "than 0 and at most %ds",
+                            AH_PAUSE_MAX_S);
+        return AH_EINVAL;
+    }
+    *drain_ms = (int64_t)llround(seconds * 1000.0);
+    if (*drain_ms < 1) {
+        *drain_ms = 1; /* milliseconds are the stored precision; a drain is never "none" */
+    }
+    return AH_OK;
+}
+
+/* The options of a cluster command beyond reason and updated_by: if_version, drain (pause and
+ * shutdown), and for pause for/until. Fills req; AH_EINVAL with a 400 naming the parameter already
+ * set. */
 static int cluster_command_options(const http_call_t *call, ah_command_req_t *req,
                                    http_reply_t *reply)
 {
     bool present = false;
     req->if_version = -1;
     req->expires_us = 0;
-    if (query_version(call, "if_version", &req->if_version, &present, reply) != AH_OK) {
+    if (query_version(call, "if_version", &req->if_version, &present, reply) != AH_OK ||
+        query_drain(call, req->command, &req->drain_ms, reply) != AH_OK) {
         return AH_EINVAL;
     }
     if (!present) {
@@ -375,6 +402,7 @@ static void write_control_state(ah_buf_t *b, const ah_control_t *doc, const char
     json_str_or_null(b, "watch_mode", watch_mode);
     ah_json_str(b, "note", "All agents in the cluster are subscribed to this state");
     json_timestamp(b, "expires_at", doc->expires_us);
+    json_drain(b, doc->drain_ms);
 }
 
 /* ---- cluster routes --------------------------------------------------------------------- */
@@ -480,6 +508,7 @@ static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char 
     ah_json_str(b, "reason", doc->reason);
     ah_json_str(b, "propagation", propagation);
     json_timestamp(b, "expires_at", doc->expires_us);
+    json_drain(b, doc->drain_ms);
     if (wait != NULL) {
         write_wait(b, wait);
     }
@@ -710,6 +739,7 @@ static void run_history(void *arg, http_reply_t *reply)
         ah_json_str(b, "reason", e->reason);
         ah_json_str(b, "updated_by", e->updated_by);
         ah_json_str(b, "agent_id", e->agent_id);
+        json_drain(b, e->drain_ms);
         ah_json_close(b);
     }
     ah_json_close_array(b);
@@ -896,6 +926,48 @@ void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
     ah_http_run_job(call->http->parking, call->conn, call->req_cls, reply, run_history, job, free);
 }
 
+/* Store worker: reads every lease record and answers with them. */
+static void run_leases(void *arg, http_reply_t *reply)
+{
+    ah_store_t *store = arg;
+    ah_lease_t *leases = NULL;
+    int count = 0;
+    char err[AH_ERRLEN] = "";
+    if (ah_store_list_leases(store, &leases, &count, err, sizeof(err)) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
+                            err);
+        return;
+    }
+    ah_buf_t *b = &reply->body;
+    ah_json_open(b);
+    ah_json_int(b, "count", count);
+    ah_json_open_array(b, "leases");
+    for (int i = 0; i < count; i++) {
+        const ah_lease_t *l = &leases[i];
+        bool held = l->owner[0] != '\0' && l->expires_in_ms > 0;
+        ah_json_open_object(b, NULL);
+        ah_json_str(b, "name", l->name);
+        ah_json_str(b, "owner", held ? l->owner : "");
+        ah_json_int(b, "token", l->token);
+        ah_json_num(b, "expires_in", held ? (double)l->expires_in_ms / 1000.0 : 0.0);
+        ah_json_str(b, "last_owner", l->owner);
+        ah_json_close(b);
+    }
+    ah_json_close_array(b);
+    ah_json_close(b);
+    free(leases);
+}
+
+void ah_http_handle_leases(http_call_t *call, http_reply_t *reply)
+{
+    if (call->http->store == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    ah_http_run_job(call->http->parking, call->conn, call->req_cls, reply, run_leases,
+                    call->http->store, NULL);
+}
+
 /* ---- agent routes ----------------------------------------------------------------------- */
 
 static const char *const requested_messages[] = {
@@ -910,7 +982,9 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     ah_command_t cmd;
     const char *reason;
     const char *updated_by;
-    if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
+    int64_t drain_ms = 0;
+    if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK ||
+        query_drain(call, cmd, &drain_ms, reply) != AH_OK) {
         return;
     }
     if (cmd == AH_CMD_RUNNING && ah_state_held(http->state)) {
@@ -926,7 +1000,8 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     char safe_by[AH_NAME_MAX * 4 + 1];
     ah_log_info("Local command %s requested through the API by %s", ah_command_name(cmd),
                 ah_log_escape(updated_by, safe_by, sizeof(safe_by)));
-    int rc = ah_state_offer_local(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by);
+    int rc =
+        ah_state_offer_local_drain(http->state, cmd, AH_SOURCE_LOCAL, reason, updated_by, drain_ms);
     if (rc == AH_EINVAL) {
         ah_log_warn("Local command %s refused: the agent is shutting down", ah_command_name(cmd));
         ah_http_reply_error(reply, MHD_HTTP_CONFLICT,
@@ -952,6 +1027,7 @@ void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply)
     ah_json_str(b, "state", ah_run_state_name(snap.state));
     ah_json_str(b, "agent_id", http->cfg->agent_id);
     ah_json_str(b, "command", ah_command_name(cmd));
+    json_drain(b, drain_ms);
     ah_json_str(b, "note",
                 cmd == AH_CMD_SHUTDOWN
                     ? "Local command: affects this pod only; a local shutdown is final"
@@ -1000,9 +1076,9 @@ static bool check_reload(void *arg, bool expired, http_reply_t *reply)
     return true;
 }
 
-/* POST /api/agent/reload: loads the script again between batches and answers with the outcome
- * (the request is parked up to RELOAD_WAIT_S for the current batch to finish; 202 if it is still
- * running). */
+/* POST /api/agent/reload[?wait=S]: loads the script again between batches and answers with the
+ * outcome (the request is parked up to S, default RELOAD_WAIT_S, for the current batch to finish;
+ * 202 if it is still running). */
 void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
 {
     reload_wait_t *wait = calloc(1, sizeof(*wait));
@@ -1010,10 +1086,17 @@ void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply)
         ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
         return;
     }
+    double wait_s = RELOAD_WAIT_S;
+    bool wait_given = false;
+    if (query_wait(call, &wait_s, &wait_given, reply) != AH_OK) {
+        free(wait);
+        return;
+    }
     wait->http = call->http;
     wait->ticket = ah_state_request_reload(call->http->state);
     ah_http_park_release(ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
-                                      RELOAD_WAIT_S, check_reload, wait, free));
+                                      wait_given ? wait_s : RELOAD_WAIT_S, check_reload, wait,
+                                      free));
 }
 
 /* Seconds since started_us, rounded to milliseconds. */
@@ -1148,6 +1231,15 @@ void ah_http_handle_metrics(http_call_t *call, http_reply_t *reply)
     reply->content_type = METRICS_TYPE;
     ah_metrics_render_agent(&snap, uptime_seconds(&snap), &reply->body);
     ah_http_park_render_metrics(call->http->parking, &reply->body);
+    ah_leases_t *leases = atomic_load(&call->http->leases);
+    if (leases != NULL) {
+        ah_lease_view_t *views = NULL;
+        int count = 0;
+        if (ah_leases_list(leases, &views, &count) == AH_OK) {
+            ah_metrics_render_leases(views, count, &reply->body);
+            free(views);
+        }
+    }
     if (call->http->metrics != NULL) {
         ah_metrics_render(call->http->metrics, &reply->body); /* agent.metrics */
     }

@@ -10,6 +10,7 @@
 
 #include "ah_log.h"
 #include "ah_curl.h"
+#include "ah_lua_lease.h"
 #include "ah_mongo.h"
 #include "ah_metrics.h"
 
@@ -165,6 +166,10 @@ static void register_preloads(lua_State *L, ah_lua_t *lua)
 
     lua_pushcfunction(L, ah_lua_http_open);
     lua_setfield(L, -2, "agent.http.core");
+
+    lua_pushlightuserdata(L, lua->leases);
+    lua_pushcclosure(L, ah_lua_lease_open, 1);
+    lua_setfield(L, -2, "agent.lease.core");
 
     for (const ah_lua_module_t *m = ah_lua_modules; m->name != NULL; m++) {
         lua_pushfstring(L, "@lua/%s", m->file);
@@ -407,6 +412,9 @@ static int loop_open(ah_lua_t *lua, char *err, size_t errlen)
     uv_timer_init(&lua->loop, &lua->deadline);
     lua->deadline.data = lua;
     uv_unref((uv_handle_t *)&lua->deadline);
+    uv_timer_init(&lua->loop, &lua->drain);
+    lua->drain.data = lua;
+    uv_unref((uv_handle_t *)&lua->drain);
     task_t *main = lua->main_task;
     main->lua = lua;
     main->co_ref = LUA_NOREF;
@@ -415,6 +423,28 @@ static int loop_open(ah_lua_t *lua, char *err, size_t errlen)
     uv_timer_init(&lua->loop, &main->timer);
     main->timer.data = main;
     return AH_OK;
+}
+
+/* Closes the Lua state; the one way any path does it. Work in flight on the thread pool
+ * (ah_lua_queue_work: a driver call whose wait was cancelled, or whose call failed) owns
+ * memory and a completion callback that reaches into the state: the loop runs until every such
+ * job has called back first. Jobs that had not started were cancelled by their op (uv_cancel)
+ * and call back at once; a running one is bounded by its own timeouts (the driver's
+ * socketTimeoutMS / serverSelectionTimeoutMS) and, at exit, by SHUTDOWN_TIMEOUT. */
+static void close_state(ah_lua_t *lua)
+{
+    if (lua->pending_work > 0) {
+        int64_t start = ah_mono_us();
+        ah_log_debug("waiting for %d job(s) in flight on the thread pool before closing the "
+                     "Lua state",
+                     lua->pending_work);
+        while (lua->pending_work > 0) {
+            uv_run(&lua->loop, UV_RUN_ONCE);
+        }
+        ah_log_debug("jobs in flight finished after %.3fs", (double)(ah_mono_us() - start) / 1e6);
+    }
+    lua_close(lua->L);
+    lua->L = NULL;
 }
 
 ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, char *err,
@@ -428,6 +458,7 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     ah_strlcpy(lua->agent_id, opts->agent_id, sizeof(lua->agent_id));
     lua->state = opts->state;
     lua->mongo = opts->mongo;
+    lua->leases = opts->leases;
     lua->batch_timeout = opts->batch_timeout;
     lua->source = opts->script_source;
     lua->functions = opts->functions;
@@ -490,7 +521,7 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     return lua;
 
 fail_state:
-    lua_close(lua->L);
+    close_state(lua);
 fail_script:
     if (lua->metrics_owned) {
         ah_metrics_free(lua->metrics);
@@ -508,12 +539,7 @@ void ah_lua_close(ah_lua_t *lua)
     if (lua == NULL) {
         return;
     }
-    /* Background work (a driver call whose wait was cancelled) may still use memory the state
-     * owns: let it finish first. */
-    while (lua->pending_work > 0) {
-        uv_run(&lua->loop, UV_RUN_ONCE);
-    }
-    lua_close(lua->L); /* then: __gc of modules' objects may close their handles */
+    close_state(lua); /* then: __gc of modules' objects may close their handles */
     loop_close(lua);
     if (lua->metrics_owned) {
         ah_metrics_free(lua->metrics);

@@ -44,6 +44,8 @@ typedef struct ah_lua_options_s {
     struct ah_metrics_s *metrics; /* agent.metrics registry, not owned (must outlive the state);
                                      NULL: the state keeps a private one */
     size_t memory_limit;          /* bytes the script may allocate (LUA_MEMORY_LIMIT); 0: none */
+    struct ah_leases_s *leases;   /* the host's lease keeper (ah_lease.h), not owned (must outlive
+                                     the state); NULL: lease:acquire fails with "store" */
 } ah_lua_options_t;
 
 /* Creates a state, opens the standard libraries, cjson and the agent module, sets package.path so
@@ -71,10 +73,20 @@ int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, 
 /* Calls M.on_reload(ctx) if the script defines it: the old script's chance to let go of what it
  * holds once its replacement has loaded, before the host closes it. 0, AH_ELUA or AH_ETIMEOUT. */
 int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen);
+/* Runs one agent.every schedule that is due now, if any, as its own call through the call
+ * wrapper (time budget, memory limit, traceback) with fn(ctx). Returns 0 when none was due and
+ * *next_in = seconds until the next one (< 0: no schedules); 1 when one ran and succeeded;
+ * AH_ELUA / AH_ETIMEOUT when it failed (err: "agent.every(<spec>): <message>"). The first call
+ * closes agent.every to the script (only the main chunk and init may schedule). */
+int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen);
 /* Before the state closes (reload, shutdown): lets the agent module give back what it holds for
  * the script (agent.queue's claims) by calling its internal release function, if the script
  * loaded the module. 0, AH_ELUA or AH_ETIMEOUT. */
 int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen);
+/* True when the waits of the last call (batch or hook) were cancelled by the drain deadline of a
+ * pending command (drain=, PAUSE_DRAIN_TIMEOUT, a shutdown's bound): the host then releases what
+ * the script holds (ah_lua_release) after the command's hook, as on shutdown. */
+bool ah_lua_drained(const ah_lua_t *lua);
 /* Asks the running call to stop: every wait of the call is cancelled (it resumes with nil, msg,
  * "cancelled") by the call's loop, and, when Lua code is running, the call is stopped with an
  * error at its next instruction check. Safe from any thread and from signal handlers, as long as
@@ -108,6 +120,10 @@ struct ah_lua_op_s {
      * function failed, the state closes): stop the work now; ah_lua_op_done() must not be called
      * for it afterwards. */
     void (*cancel)(ah_lua_op_t *op);
+    /* Set by cancel() when the work had already started and may take effect anyway (a write on
+     * the thread pool): the wait then resumes with nil, msg, "unknown" instead of the
+     * cancellation's own code, so the script does not take "timeout" for "not applied". */
+    bool outcome_unknown;
     void *task; /* internal: the waiting task, NULL when nobody waits */
 };
 /* The loop of the state L belongs to: handles of C functions live on it (closed before the state
@@ -136,9 +152,12 @@ void ah_lua_op_done(ah_lua_op_t *op);
 void ah_lua_op_done_ref(ah_lua_op_t *op, int ref);
 /* The state's main thread (for registry refs released from loop callbacks). */
 struct lua_State *ah_lua_main(struct lua_State *L);
-/* uv_queue_work on the state's loop, counted: ah_lua_close() waits for every such work to finish
- * before it closes the state (the work may use memory the state owns). after must call
- * ah_lua_work_finished(req) first. 0 or a libuv error. */
+/* uv_queue_work on the state's loop, counted: every path that closes the state (ah_lua_close(),
+ * and ah_lua_open() when the script fails to load) first runs the loop until every such work has
+ * called back, so `after` always runs while the state is open. The caller cancels what has not
+ * started (uv_cancel, from its op's cancel) and owns what the work touches (see "Work in flight"
+ * in docs/ARCHITECTURE.md). after must call ah_lua_work_finished(req) first. 0 or a libuv
+ * error. */
 struct uv_work_s;
 int ah_lua_queue_work(struct lua_State *L, struct uv_work_s *req, void (*work)(struct uv_work_s *),
                       void (*after)(struct uv_work_s *, int status));

@@ -252,6 +252,7 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     lua_xmove(L, main->co, nargs + 1);
     budget_arm(lua);
     lua->cancel_code = NULL;
+    lua->drained = false;
     lua->call_err = err;
     lua->call_errlen = errlen;
     main->ended = false;
@@ -345,7 +346,7 @@ static void push_event(lua_State *L, const ah_event_t *ev)
 {
     char timestamp[AH_TIMESTAMP_LEN];
     ah_format_timestamp(ev->timestamp_us, timestamp);
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
     lua_pushstring(L, ah_command_name(ev->command));
     lua_setfield(L, -2, "command");
     lua_pushnumber(L, (lua_Number)ev->version);
@@ -358,6 +359,10 @@ static void push_event(lua_State *L, const ah_event_t *ev)
     lua_setfield(L, -2, "timestamp");
     lua_pushstring(L, ah_source_name(ev->source));
     lua_setfield(L, -2, "source");
+    if (ev->drain_ms > 0) {
+        lua_pushnumber(L, (lua_Number)ev->drain_ms / 1000.0);
+        lua_setfield(L, -2, "drain");
+    }
 }
 
 /* AH_HOOK_NONE (a transition without a hook) and an undefined hook are no-ops returning 0. */
@@ -415,6 +420,55 @@ int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen)
     assert(lua_gettop(L) == top);
     (void)top;
     return rc;
+}
+
+int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen)
+{
+    lua_State *L = lua->L;
+    int top = lua_gettop(L);
+    int rc = 0;
+    *next_in = -1;
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_getfield(L, -1, "agent");
+    if (!lua_istable(L, -1)) {
+        goto out; /* the script never required agent: no schedules */
+    }
+    lua_getfield(L, -1, "_due");
+    if (!lua_isfunction(L, -1)) {
+        goto out;
+    }
+    /* the host's own code: plain pcall, no user code runs in it */
+    if (lua_pcall(L, 0, 2, 0) != 0) {
+        snprintf(err, errlen, "agent.every: %s", lua_tostring(L, -1));
+        rc = AH_ELUA;
+        goto out;
+    }
+    if (!lua_isfunction(L, -2)) {
+        if (lua_isnumber(L, -1)) {
+            *next_in = lua_tonumber(L, -1);
+        }
+        goto out;
+    }
+    char spec[96] = "";
+    lua_getfield(L, -1, "spec");
+    ah_strlcpy(spec, lua_isstring(L, -1) ? lua_tostring(L, -1) : "", sizeof(spec));
+    lua_pop(L, 1);
+    char msg[AH_ERRLEN * 4];
+    rc = ah_lua_call_user(lua, 1, 0, msg, sizeof(msg));
+    if (rc == AH_OK) {
+        rc = 1;
+    } else {
+        snprintf(err, errlen, "agent.every(%s): %s", spec, msg);
+    }
+out:
+    lua_settop(L, top);
+    return rc;
+}
+
+bool ah_lua_drained(const ah_lua_t *lua)
+{
+    return lua != NULL && lua->drained;
 }
 
 int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen)

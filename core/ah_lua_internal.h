@@ -63,6 +63,7 @@ struct task_s {
     task_handle_t *handle; /* the script's task object; NULL for the main task */
     int handle_ref;        /* keeps the task object alive while the task runs */
     bool ended;
+    bool cancelled; /* task:cancel(): its waits resume (and later ones return) "cancelled" */
 };
 
 /* The script's task object (full userdata, TASK_META). It outlives its task to keep the
@@ -99,6 +100,8 @@ struct ah_lua_s {
 
     /* agent.mongo's connection (not owned; may be NULL: calls fail "not configured"). */
     ah_lua_mongo_t *mongo;
+    /* The host's lease keeper for agent.lease / agent.every (not owned; may be NULL). */
+    struct ah_leases_s *leases;
 
     /* Only during ah_lua_open(): the script's text (NULL: load lua->script as a file) and the
      * agent.ext functions (not owned). */
@@ -122,9 +125,12 @@ struct ah_lua_s {
     bool loop_open;
     uv_async_t wake;     /* commands (agent.sleep) and interrupts (cancellation) reach the call */
     uv_timer_t deadline; /* the running call's BATCH_TIMEOUT, armed when the call first waits */
-    task_t *main_task;   /* the call's function; its coroutine is reused while it ends well */
-    task_t *tasks;       /* spawned tasks of the running call, ended or not */
-    task_t *ready_head;  /* tasks to resume, in order */
+    uv_timer_t drain;    /* the pending command's drain deadline, while the running call waits */
+    int64_t drain_armed_us; /* the monotonic deadline drain is armed for, 0: none */
+    bool drained;           /* the last call's waits were cancelled by a drain deadline */
+    task_t *main_task;      /* the call's function; its coroutine is reused while it ends well */
+    task_t *tasks;          /* spawned tasks of the running call, ended or not */
+    task_t *ready_head;     /* tasks to resume, in order */
     task_t *ready_tail;
     int live_tasks;          /* spawned tasks that have not ended */
     task_t *current;         /* the task being resumed, NULL in the loop */
@@ -181,6 +187,15 @@ void ah_lua_core_register_task_meta(lua_State *L, ah_lua_t *lua);
 void ah_lua_task_ready(ah_lua_t *lua, task_t *t, int nargs);
 /* Pushes nil, the cancellation message, its code. Stack: [-0, +3]. */
 int ah_lua_task_push_cancelled(lua_State *L, ah_lua_t *lua);
+/* True when a wait of task t (may be NULL) must not start: the call's waits are cancelled, or
+ * t's own (task:cancel()). */
+bool ah_lua_task_wait_cancelled(const ah_lua_t *lua, const task_t *t);
+/* Pushes what a cancelled wait of task t returns: nil, msg, code of the call's cancellation
+ * first, else task:cancel()'s. Stack: [-0, +3]. */
+int ah_lua_task_push_task_cancelled(lua_State *L, ah_lua_t *lua, const task_t *t);
+/* task:cancel(): cancels the waits of t alone. Its present wait (sleep, join, an operation)
+ * resumes with nil, msg, "cancelled", and every later one returns that at once. */
+void ah_lua_task_cancel(ah_lua_t *lua, task_t *t);
 /* The task allowed to wait on L, i.e. the running task itself (not a coroutine the script
  * created inside it); raises otherwise (`what` names the caller). */
 task_t *ah_lua_task_waiting(lua_State *L, ah_lua_t *lua, const char *what);

@@ -210,3 +210,35 @@ void ah_metrics_render_agent(const ah_state_snapshot_t *snap, double uptime_s, a
                "Script reloads rejected (the previous script kept running).",
                snap->reload_failures);
 }
+
+/* Writes a lease name as a Prometheus label value (\\, \" and \n escaped). */
+static void label_value(ah_buf_t *b, const char *v)
+{
+    for (; *v != '\0'; v++) {
+        if (*v == '\\' || *v == '"') {
+            ah_buf_printf(b, "\\%c", *v);
+        } else if (*v == '\n') {
+            ah_buf_printf(b, "\\n");
+        } else {
+            ah_buf_printf(b, "%c", *v);
+        }
+    }
+}
+
+void ah_metrics_render_leases(const ah_lease_view_t *views, int count, ah_buf_t *b)
+{
+    metric_header(b, "agenthost_lease_held", "gauge",
+                  "1 while this agent holds the lease (within its local deadline).");
+    for (int i = 0; i < count; i++) {
+        ah_buf_printf(b, "agenthost_lease_held{name=\"");
+        label_value(b, views[i].name);
+        ah_buf_printf(b, "\"} %d\n", views[i].held ? 1 : 0);
+    }
+    metric_header(b, "agenthost_lease_changes_total", "counter",
+                  "Times this agent acquired or lost (or released) the lease.");
+    for (int i = 0; i < count; i++) {
+        ah_buf_printf(b, "agenthost_lease_changes_total{name=\"");
+        label_value(b, views[i].name);
+        ah_buf_printf(b, "\"} %llu\n", (unsigned long long)views[i].changes);
+    }
+}

@@ -61,7 +61,9 @@ struct ah_state_s {
      * newer control document arrives; set before threads. */
     void (*fleet_listener)(void *ud, bool record_changed);
     void *fleet_listener_ud;
-    void (*waker)(void *ud); /* set once before threads start (ah_state_set_waker) */
+    int64_t pause_drain_us;    /* PAUSE_DRAIN_TIMEOUT (µs; 0: none); set before threads start */
+    int64_t shutdown_drain_us; /* bound of a shutdown's drain from its request (µs; 0: none) */
+    void (*waker)(void *ud);   /* set once before threads start (ah_state_set_waker) */
     void *waker_ud;
     /* The change listener; listener_lock is taken around every call and every change of it
      * (never while `lock` is held), so removing it waits for a call in progress. */
@@ -260,9 +262,57 @@ void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud)
     pthread_mutex_unlock(&s->listener_lock);
 }
 
+void ah_state_set_drain_limits(ah_state_t *s, double pause_s, double shutdown_s)
+{
+    pthread_mutex_lock(&s->lock);
+    s->pause_drain_us = pause_s > 0 ? (int64_t)(pause_s * 1e6) : 0;
+    s->shutdown_drain_us = shutdown_s > 0 ? (int64_t)(shutdown_s * 1e6) : 0;
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* The monotonic drain deadline of ev, offered now (lock held). A cluster command's deadline is
+ * its timestamp + drain on the wall clock, so every agent cuts its call at the same moment; it is
+ * kept within [now, now + drain] so that a skewed clock or a late delivery can neither lengthen a
+ * drain nor make it negative. A pause without drain gets PAUSE_DRAIN_TIMEOUT's; a shutdown's is
+ * at most its bound from the request. A startup sync has none (it is applied when init
+ * returns). */
+static int64_t drain_deadline_locked(const ah_state_t *s, const ah_event_t *ev)
+{
+    if (ev->source == AH_SOURCE_STARTUP ||
+        (ev->command != AH_CMD_PAUSE && ev->command != AH_CMD_SHUTDOWN)) {
+        return 0;
+    }
+    int64_t now_mono_us = ah_mono_us();
+    int64_t deadline_us = 0;
+    int64_t drain_us = ah_int64_mul_sat(ev->drain_ms, 1000);
+    if (drain_us > 0) {
+        int64_t left_us = drain_us;
+        if (ev->source == AH_SOURCE_CLUSTER && ev->timestamp_us > 0) {
+            int64_t now_us = ah_now_us();
+            int64_t end_us =
+                ev->timestamp_us > INT64_MAX - drain_us ? INT64_MAX : ev->timestamp_us + drain_us;
+            left_us = end_us <= now_us             ? 0
+                      : end_us - now_us > drain_us ? drain_us
+                                                   : end_us - now_us;
+        }
+        deadline_us = now_mono_us + left_us;
+    } else if (ev->command == AH_CMD_PAUSE && s->pause_drain_us > 0) {
+        deadline_us = now_mono_us + s->pause_drain_us;
+    }
+    if (ev->command == AH_CMD_SHUTDOWN && s->shutdown_drain_us > 0) {
+        int64_t requested_us = s->stop_requested_us != 0 ? s->stop_requested_us : now_mono_us;
+        int64_t bound_us = requested_us + s->shutdown_drain_us;
+        if (deadline_us == 0 || bound_us < deadline_us) {
+            deadline_us = bound_us;
+        }
+    }
+    return deadline_us;
+}
+
 static void set_pending(ah_state_t *s, const ah_event_t *ev)
 {
     s->pending = *ev;
+    s->pending.drain_deadline_us = drain_deadline_locked(s, ev);
     s->has_event = true;
     pthread_cond_broadcast(&s->wake);
 }
@@ -297,6 +347,7 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
             .version = doc->version,
             .timestamp_us = doc->timestamp_us,
             .source = s->state == AH_STATE_STARTING ? AH_SOURCE_STARTUP : AH_SOURCE_CLUSTER,
+            .drain_ms = doc->drain_ms,
         };
         ah_strlcpy(ev.reason, doc->reason, sizeof(ev.reason));
         ah_strlcpy(ev.updated_by, doc->updated_by, sizeof(ev.updated_by));
@@ -317,6 +368,12 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
 int ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
                          const char *updated_by)
 {
+    return ah_state_offer_local_drain(s, cmd, src, reason, updated_by, 0);
+}
+
+int ah_state_offer_local_drain(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
+                               const char *updated_by, int64_t drain_ms)
+{
     int rc = AH_OK;
     pthread_mutex_lock(&s->lock);
     if (s->shutdown_final || s->state == AH_STATE_STOPPING || s->state == AH_STATE_STOPPED) {
@@ -326,7 +383,11 @@ int ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const
         /* the startup sync (and a cluster shutdown's hold) must come first */
         rc = AH_EUNAVAIL;
     } else {
-        ah_event_t ev = {.command = cmd, .version = 0, .timestamp_us = ah_now_us(), .source = src};
+        ah_event_t ev = {.command = cmd,
+                         .version = 0,
+                         .timestamp_us = ah_now_us(),
+                         .source = src,
+                         .drain_ms = cmd == AH_CMD_RUNNING || drain_ms < 0 ? 0 : drain_ms};
         ah_strlcpy(ev.reason, reason, sizeof(ev.reason));
         ah_strlcpy(ev.updated_by, updated_by, sizeof(ev.updated_by));
         if (cmd == AH_CMD_SHUTDOWN && src != AH_SOURCE_STARTUP) {
@@ -482,6 +543,22 @@ bool ah_state_should_stop(ah_state_t *s)
                  s->pending.source != AH_SOURCE_STARTUP);
     pthread_mutex_unlock(&s->lock);
     return stop;
+}
+
+bool ah_state_pending(ah_state_t *s, ah_pending_t *out)
+{
+    if (!atomic_load_explicit(&s->has_event, memory_order_acquire)) {
+        return false; /* the common case, lock-free (a loop may ask on every turn) */
+    }
+    pthread_mutex_lock(&s->lock);
+    bool pending = s->has_event && s->pending.source != AH_SOURCE_STARTUP;
+    if (pending) {
+        out->command = s->pending.command;
+        ah_strlcpy(out->reason, s->pending.reason, sizeof(out->reason));
+        out->drain_deadline_us = s->pending.drain_deadline_us;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return pending;
 }
 
 bool ah_state_has_event(ah_state_t *s)

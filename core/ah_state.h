@@ -34,7 +34,19 @@ typedef struct ah_event_s {
     char reason[AH_REASON_MAX + 1];
     char updated_by[AH_NAME_MAX + 1];
     ah_source_t source;
+    int64_t drain_ms;          /* the command's drain= (ms), 0 if it named none */
+    int64_t drain_deadline_us; /* monotonic µs at which the call running while this event is
+                                  pending has its waits cancelled; 0: none (computed when offered:
+                                  drain_ms, else PAUSE_DRAIN_TIMEOUT for a pause; a shutdown's is
+                                  at most its bound, ah_state_set_drain_limits) */
 } ah_event_t;
+
+/* The command waiting to be applied (agent.pending()). */
+typedef struct ah_pending_s {
+    ah_command_t command;
+    char reason[AH_REASON_MAX + 1];
+    int64_t drain_deadline_us; /* monotonic µs; 0: no deadline */
+} ah_pending_t;
 
 /* What the store reports about itself (pushed by its watcher; read by the API). */
 typedef struct ah_store_status_s {
@@ -110,6 +122,18 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc);
  * state yet; a local shutdown is accepted). A refused command changes nothing. */
 int ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
                          const char *updated_by);
+/* The same with a drain deadline: drain_ms (> 0, pause or shutdown only) after now the waits of
+ * the call running meanwhile are cancelled; 0: none of its own (a pause then gets
+ * PAUSE_DRAIN_TIMEOUT's, if set). */
+int ah_state_offer_local_drain(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
+                               const char *updated_by, int64_t drain_ms);
+/* Sets the drain deadlines the agent applies by itself: pause_s for a pause that names none
+ * (PAUSE_DRAIN_TIMEOUT; 0: none) and shutdown_s after a shutdown was requested, the bound of any
+ * shutdown (80% of SHUTDOWN_TIMEOUT; 0: none). Call before other threads use the state. */
+void ah_state_set_drain_limits(ah_state_t *s, double pause_s, double shutdown_s);
+/* The command waiting to be applied, if any: true and *out filled for a pending pause, resume or
+ * shutdown (a startup sync does not count: it is applied when init returns). Any thread. */
+bool ah_state_pending(ah_state_t *s, ah_pending_t *out);
 
 /* Lua worker: takes the pending event, if any. Returns true and fills *ev. */
 bool ah_state_take_event(ah_state_t *s, ah_event_t *ev);

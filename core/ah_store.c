@@ -2,6 +2,8 @@
  * both watchers share. */
 #include "ah_store.h"
 
+#include "ah_redact.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +34,14 @@ int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control
     }
     if (req->expires_us != 0 && req->command != AH_CMD_PAUSE) {
         snprintf(err, errlen, "only a pause can expire");
+        return AH_EINVAL;
+    }
+    if (req->drain_ms != 0 && req->command == AH_CMD_RUNNING) {
+        snprintf(err, errlen, "only a pause or a shutdown can have a drain deadline");
+        return AH_EINVAL;
+    }
+    if (req->drain_ms < 0 || req->drain_ms > (int64_t)AH_PAUSE_MAX_S * 1000) {
+        snprintf(err, errlen, "drain must be from 0 to %ds", AH_PAUSE_MAX_S);
         return AH_EINVAL;
     }
     ah_command_req_t full = *req;
@@ -188,7 +198,7 @@ bool ah_store_note_connected(ah_store_reporter_t *r, double latency_ms)
 void ah_store_note_failure(ah_store_reporter_t *r, const char *message)
 {
     r->status.connected = false;
-    ah_strlcpy(r->status.last_error, message, sizeof(r->status.last_error));
+    ah_redact_text(message, r->status.last_error, sizeof(r->status.last_error));
     r->status.last_error_us = ah_now_us();
     ah_store_report(r, true);
 }

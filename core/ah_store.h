@@ -77,6 +77,8 @@ typedef struct ah_command_req_s {
     const char *agent_id; /* the writing agent, for the audit entry */
     int64_t if_version;   /* >= 0: write only if the current version is this one; < 0: always */
     int64_t expires_us;   /* pause only: when the pause ends (µs since the epoch); 0: never */
+    int64_t drain_ms;     /* pause or shutdown: drain deadline, ms after the command's timestamp
+                             (0..AH_PAUSE_MAX_S * 1000); 0: none */
 } ah_command_req_t;
 
 typedef struct ah_store_ops_s {
@@ -114,7 +116,8 @@ int ah_store_command(ah_store_t *st, ah_command_t cmd, const char *reason, const
  * if_version >= 0 the write is one atomic conditional update (embedded: `UPDATE ... WHERE
  * version = N`; MongoDB: a findAndModify filtered on the version); when the version differs
  * nothing is written and AH_ECONFLICT is returned with *out set to the current document (err
- * says both versions). The written document carries expires_us (pause only, else 0). */
+ * says both versions). The written document carries expires_us (pause only, else 0) and
+ * drain_ms (pause and shutdown only, else 0; the audit entry carries it too). */
 int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
                          size_t errlen);
 /* Newest-first audit entries, at most `limit` (1..AH_HISTORY_MAX), into out[limit]; *count set. */

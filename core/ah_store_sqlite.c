@@ -52,10 +52,11 @@ static const char ah_sqlite_schema[] =
     "CREATE TABLE IF NOT EXISTS control ("
     " id TEXT PRIMARY KEY, command TEXT NOT NULL, version INTEGER NOT NULL,"
     " timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL, updated_by TEXT NOT NULL,"
-    " expires_us INTEGER NOT NULL DEFAULT 0);"
+    " expires_us INTEGER NOT NULL DEFAULT 0, drain_ms INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS audit ("
     " version INTEGER PRIMARY KEY, command TEXT NOT NULL, timestamp_us INTEGER NOT NULL,"
-    " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL);"
+    " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL,"
+    " drain_ms INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS agent_status ("
     " agent_id TEXT PRIMARY KEY, state TEXT NOT NULL, applied_version INTEGER NOT NULL,"
     " watch_mode TEXT NOT NULL, last_seen_us INTEGER NOT NULL, started_us INTEGER NOT NULL,"
@@ -112,27 +113,37 @@ static const char ah_sqlite_insert_initial[] =
     " VALUES ('global_control', 'running', (SELECT IFNULL(MAX(version), 0) FROM audit), ?1,"
     " 'initial state', 'system')";
 
-/* A file written before timed pauses existed lacks the column: added at open. */
-static const char ah_sqlite_has_expires[] = "SELECT expires_us FROM control LIMIT 0";
-static const char ah_sqlite_add_expires[] =
-    "ALTER TABLE control ADD COLUMN expires_us INTEGER NOT NULL DEFAULT 0";
+/* Columns added after the first release: a file written before lacks them, so each is added
+ * at open (its probe fails to prepare). */
+static const struct {
+    const char *probe;
+    const char *add;
+} ah_sqlite_added_columns[] = {
+    {"SELECT expires_us FROM control LIMIT 0",
+     "ALTER TABLE control ADD COLUMN expires_us INTEGER NOT NULL DEFAULT 0"},
+    {"SELECT drain_ms FROM control LIMIT 0",
+     "ALTER TABLE control ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
+    {"SELECT drain_ms FROM audit LIMIT 0",
+     "ALTER TABLE audit ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
+};
 
 static const char ah_sqlite_select_control[] =
-    "SELECT command, version, timestamp_us, reason, updated_by, expires_us FROM control"
+    "SELECT command, version, timestamp_us, reason, updated_by, expires_us, drain_ms FROM control"
     " WHERE id = 'global_control'";
 
 /* ?6 < 0: unconditional; else only when the version is ?6 (compare-and-set). */
 static const char ah_sqlite_update_control[] =
     "UPDATE control SET version = version + 1, command = ?1, timestamp_us = ?2, reason = ?3,"
-    " updated_by = ?4, expires_us = ?5 WHERE id = 'global_control' AND (?6 < 0 OR version = ?6)"
+    " updated_by = ?4, expires_us = ?5, drain_ms = ?7"
+    " WHERE id = 'global_control' AND (?6 < 0 OR version = ?6)"
     " RETURNING version";
 
 static const char ah_sqlite_insert_audit[] =
-    "INSERT INTO audit (version, command, timestamp_us, reason, updated_by, agent_id)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+    "INSERT INTO audit (version, command, timestamp_us, reason, updated_by, agent_id, drain_ms)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 static const char ah_sqlite_select_history[] =
-    "SELECT command, version, timestamp_us, reason, updated_by, agent_id FROM audit"
+    "SELECT command, version, timestamp_us, reason, updated_by, agent_id, drain_ms FROM audit"
     " ORDER BY version DESC LIMIT ?1";
 
 /* True for the "someone else holds the lock" family of result codes. */
@@ -194,12 +205,16 @@ static int sqlite_connect(const ah_sqlite_store_t *st, bool create, int busy_ms,
             if (rc == SQLITE_OK) {
                 rc = sqlite3_exec(db, ah_sqlite_schema, NULL, NULL, NULL);
             }
-            if (rc == SQLITE_OK &&
-                sqlite3_prepare_v2(db, ah_sqlite_has_expires, -1, &stmt, NULL) != SQLITE_OK) {
-                rc = sqlite3_exec(db, ah_sqlite_add_expires, NULL, NULL, NULL);
+            for (size_t i = 0; rc == SQLITE_OK && i < sizeof(ah_sqlite_added_columns) /
+                                                          sizeof(ah_sqlite_added_columns[0]);
+                 i++) {
+                if (sqlite3_prepare_v2(db, ah_sqlite_added_columns[i].probe, -1, &stmt, NULL) !=
+                    SQLITE_OK) {
+                    rc = sqlite3_exec(db, ah_sqlite_added_columns[i].add, NULL, NULL, NULL);
+                }
+                sqlite3_finalize(stmt);
+                stmt = NULL;
             }
-            sqlite3_finalize(stmt);
-            stmt = NULL;
             if (rc == SQLITE_OK) {
                 rc = sqlite3_prepare_v2(db, ah_sqlite_insert_initial, -1, &stmt, NULL);
             }
@@ -293,6 +308,7 @@ static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t
     }
     control_from_row(stmt, false, out);
     out->expires_us = sqlite3_column_int64(stmt, 5);
+    out->drain_ms = sqlite3_column_int64(stmt, 6);
     if (out->command == AH_CMD_NONE) {
         snprintf(err, errlen, "embedded store '%s': read failed: unknown command '%s'", st->path,
                  (const char *)sqlite3_column_text(stmt, 0));
@@ -345,6 +361,7 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
     sqlite3_bind_text(stmt, 4, doc->updated_by, -1, SQLITE_STATIC);
     sqlite3_bind_int64(stmt, 5, doc->expires_us);
     sqlite3_bind_int64(stmt, 6, if_version);
+    sqlite3_bind_int64(stmt, 7, doc->drain_ms);
     rc = sqlite3_step(stmt);
     if (rc == SQLITE_DONE && if_version >= 0) {
         sqlite3_finalize(stmt);
@@ -375,6 +392,7 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
     sqlite3_bind_text(stmt, 4, doc->reason, -1, SQLITE_STATIC);
     sqlite3_bind_text(stmt, 5, doc->updated_by, -1, SQLITE_STATIC);
     sqlite3_bind_text(stmt, 6, doc->agent_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, 7, doc->drain_ms);
     rc = sqlite3_step(stmt);
     if (rc != SQLITE_DONE) {
         goto cleanup;
@@ -464,6 +482,7 @@ static int sqlite_command(ah_store_t *base, const ah_command_req_t *req, ah_cont
     ah_strlcpy(doc.updated_by, req->updated_by, sizeof(doc.updated_by));
     ah_strlcpy(doc.agent_id, req->agent_id, sizeof(doc.agent_id));
     doc.expires_us = req->expires_us;
+    doc.drain_ms = req->drain_ms;
 
     pthread_mutex_lock(&st->api_lock);
     ret = api_connect_locked(st, err, errlen);
@@ -513,6 +532,7 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
     sqlite3_bind_int(stmt, 1, limit);
     while (n < limit && (rc = sqlite3_step(stmt)) == SQLITE_ROW) {
         control_from_row(stmt, true, &out[n]);
+        out[n].drain_ms = sqlite3_column_int64(stmt, 6);
         n++;
     }
     if (n < limit && rc != SQLITE_DONE) {

@@ -182,6 +182,11 @@
     if (expires) {
       setText($('cluster-expires'), when(expires));
     }
+    const drain = typeof c.drain === 'number' ? c.drain : null;
+    setHidden($('cluster-drain-row'), drain === null);
+    if (drain !== null) {
+      setText($('cluster-drain'), duration(drain) + ' after the command (then waits are cancelled)');
+    }
     document.title = c.command + ' v' + c.version + ' · agenthost console';
   }
 
@@ -294,7 +299,8 @@
              (tr, e) => {
                const c = tr.cells;
                setText(c[0], e.version);
-               setText(c[1], e.command);
+               setText(c[1], typeof e.drain === 'number'
+                 ? e.command + ' (drain ' + duration(e.drain) + ')' : e.command);
                setText(c[2], when(e.timestamp));
                setText(c[3], e.updated_by);
                setText(c[4], e.agent_id);
@@ -526,6 +532,17 @@
     const reason = $('reason').value.trim();
     if (reason) params.set('reason', reason);
     params.set('updated_by', 'console');
+    if (command === 'pause' || command === 'shutdown') {
+      const d = $('drain').value.trim();
+      if (d) {
+        if (!/^\d+(\.\d+)?[smh]?$/.test(d)) {
+          showError('Drain within: expected a duration such as 30s or 2m (got "' + d + '").');
+          $('drain').focus();
+          return;
+        }
+        params.set('drain', d);
+      }
+    }
     if (command === 'pause') {
       const d = $('duration').value.trim();
       if (d) {
@@ -579,6 +596,7 @@
         finish(command, r);
         $('reason').value = '';
         $('duration').value = '';
+        $('drain').value = '';
       }
     } finally {
       stopTracking();

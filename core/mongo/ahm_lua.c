@@ -24,6 +24,7 @@
 
 #include "ahm_bson.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,6 +91,9 @@ ahm_lua_t *ahm_lua_new(const char *own_uri, const char *database, const char *de
         uri = mongoc_uri_new_with_error(own_uri, &error);
         if (uri == NULL) {
             snprintf(err, errlen, "AGENT_MONGODB_URI is invalid: %s", error.message);
+            goto fail;
+        }
+        if (ahm_uri_check(uri, "AGENT_MONGODB_URI", err, errlen) != AH_OK) {
             goto fail;
         }
         const char *timeouts[] = {MONGOC_URI_SERVERSELECTIONTIMEOUTMS, MONGOC_URI_CONNECTTIMEOUTMS};
@@ -191,14 +195,21 @@ static mongoc_client_pool_t *pool_of(ahm_lua_t *m)
 
 #define CALL_ARGS 4
 
-/* What one collection call owns in C, kept in a userdata (MT_CALL) that the method pushes first:
- * a Lua error anywhere (an argument that cannot be encoded, the memory limit or the timeout hook
- * while the result is built) leaves nothing behind, since __gc frees what is left. The argument
- * checks fill args (Lua thread); the driver work (work_*: no Lua, so it may run on any thread)
- * fills ok/error/reply/docs/count from a client it takes and gives back; the result builders
- * (build_*: Lua thread) read them once the client is back in the pool. */
+/* What one collection call owns, in C memory (never the Lua state's), reference counted: the
+ * method's userdata (MT_CALL, a box holding the pointer, pushed first) holds one reference, a job
+ * on the thread pool another. A Lua error anywhere (an argument that cannot be encoded, the
+ * memory limit or the timeout hook while the result is built) leaves nothing behind, since the
+ * box's __gc drops its reference; a job whose task stopped waiting (BATCH_TIMEOUT, shutdown, the
+ * call failed) or whose Lua state is being closed keeps writing into memory it co-owns, and
+ * the last of the two frees it. Both run on the Lua thread (work_done is a loop callback), so
+ * the count needs no lock. The argument checks fill args (Lua thread); the driver work (work_*:
+ * no Lua, so it may run on any thread) fills ok/error/reply/docs/count from a client it takes
+ * and gives back; the result builders (build_*: Lua thread) read them once the client is back
+ * in the pool. */
 typedef struct call_s {
-    int given;               /* how many arguments the method was called with */
+    int refs;      /* the box's (until its __gc) + the job's (until work_done) */
+    bool box_gone; /* the box was collected (its Lua state closes): no Lua from work_done */
+    int given;     /* how many arguments the method was called with */
     bson_t *args[CALL_ARGS]; /* encoded arguments (bson_new) */
     int nargs;
     bson_t **docs; /* insert_many: the documents to insert; cursors: the documents read */
@@ -242,25 +253,48 @@ static void call_clear(call_t *call)
     }
 }
 
+/* Drops one reference; the last one frees the call and what it holds. Lua thread. */
+static void call_unref(call_t *call)
+{
+    if (call != NULL && --call->refs == 0) {
+        call_clear(call);
+        free(call);
+    }
+}
+
+/* The box's __gc: the Lua side lets go (a job in flight keeps the call alive). */
 static int call_gc(lua_State *L)
 {
-    call_clear(lua_touserdata(L, 1));
+    call_t **box = lua_touserdata(L, 1);
+    call_t *call = *box;
+    *box = NULL;
+    if (call != NULL) {
+        call->box_gone = true;
+        call_unref(call);
+    }
     return 0;
 }
 
 /* Sets the stack to the method's nparams arguments (missing ones nil, so argument indexes stay
- * valid) and pushes a new, empty call object above them. */
+ * valid) and pushes a new, empty call object above them (its box). Raises on out of memory,
+ * with nothing acquired. */
 static call_t *call_new(lua_State *L, int nparams)
 {
     int given = lua_gettop(L);
     lua_settop(L, nparams);
-    call_t *call = lua_newuserdata(L, sizeof(*call));
-    memset(call, 0, sizeof(*call));
+    call_t **box = lua_newuserdata(L, sizeof(*box));
+    *box = NULL;
+    luaL_getmetatable(L, MT_CALL);
+    lua_setmetatable(L, -2);
+    call_t *call = calloc(1, sizeof(*call));
+    if (call == NULL) {
+        luaL_error(L, "agent.mongo: out of memory");
+    }
+    *box = call;
+    call->refs = 1;
     call->given = given;
     call->self_ref = LUA_NOREF;
     call->index = lua_gettop(L);
-    luaL_getmetatable(L, MT_CALL);
-    lua_setmetatable(L, -2);
     return call;
 }
 
@@ -562,8 +596,9 @@ static void work_on_pool(uv_work_t *req)
     call->client = NULL;
 }
 
-/* Loop thread: the work is done; the task (if it still waits) resumes with (true, call) and its
- * method's wrapper builds the result (l_finish). */
+/* Loop thread: the job is over (ran, or was cancelled before it started: status UV_ECANCELED).
+ * The task, if it still waits, resumes with (true, call) and its method's wrapper builds the
+ * result (l_finish); then the job's reference goes. */
 static void work_done(uv_work_t *req, int status)
 {
     call_t *call = req->data;
@@ -572,16 +607,29 @@ static void work_done(uv_work_t *req, int status)
         mongoc_client_pool_push(call->pool, call->client);
         call->client = NULL;
     }
-    ah_lua_op_done_ref(&call->wait, call->self_ref);
-    luaL_unref(call->main, LUA_REGISTRYINDEX, call->self_ref);
-    call->self_ref = LUA_NOREF;
+    if (!call->box_gone) {
+        ah_lua_op_done_ref(&call->wait, call->self_ref);
+        luaL_unref(call->main, LUA_REGISTRYINDEX, call->self_ref);
+        call->self_ref = LUA_NOREF;
+    }
+    call_unref(call);
 }
 
-/* ah_lua_op_t.cancel: the task stopped waiting; the driver call cannot be stopped, it finishes
- * on its thread and work_done releases the call object. */
+/* True for the methods that only read: a read cancelled while it runs is reported with the
+ * wait's own code, since running it again is harmless. */
+static bool work_reads_only(const call_t *call);
+
+/* ah_lua_op_t.cancel (Lua thread): the task stopped waiting. A job still queued is taken off
+ * the queue (uv_cancel) and never runs: the operation did not happen. One that started cannot be
+ * stopped: it finishes on its thread (work_done drops its reference), and for a write the wait
+ * reports "unknown", since the write may land after the script was told it timed out. */
 static void work_cancel(ah_lua_op_t *op)
 {
-    (void)op;
+    call_t *call = (call_t *)((char *)op - offsetof(call_t, wait));
+    if (uv_cancel((uv_req_t *)&call->req) == 0) {
+        return;
+    }
+    op->outcome_unknown = !work_reads_only(call);
 }
 
 /* Runs work for call and builds its result: inside a task, on the thread pool while the task
@@ -622,7 +670,9 @@ static int run_then(lua_State *L, collection_t *c, call_t *call, const char *op,
     call->main = ah_lua_main(L);
     call->wait.cancel = work_cancel;
     call->req.data = call;
+    call->refs++; /* the job's */
     if (ah_lua_queue_work(L, &call->req, work_on_pool, work_done) != 0) {
+        call->refs--;
         if (call->client != NULL) {
             mongoc_client_pool_push(call->pool, call->client);
             call->client = NULL;
@@ -650,7 +700,7 @@ static int l_finish(lua_State *L)
         bool is_call = lua_rawequal(L, -1, -2);
         lua_pop(L, 2);
         if (is_call) {
-            call_t *call = lua_touserdata(L, 2);
+            call_t *call = *(call_t **)lua_touserdata(L, 2);
             if (call->no_client) {
                 return call_finish(call, push_no_client(L, call->c, call->op));
             }
@@ -1241,6 +1291,11 @@ static void work_count(mongoc_collection_t *coll, call_t *call)
     call->count = mongoc_collection_count_documents(coll, call->args[0], call->args[1], NULL, NULL,
                                                     &call->error);
     call->ok = call->count >= 0;
+}
+
+static bool work_reads_only(const call_t *call)
+{
+    return call->work == work_find || call->work == work_count;
 }
 
 static int build_count(lua_State *L, collection_t *c, call_t *call)

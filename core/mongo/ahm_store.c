@@ -95,6 +95,11 @@ typedef struct ahm_store_s {
     double verify_interval;        /* seconds; 0 = never verify a silent stream */
     int max_await_ms;
 
+    pthread_mutex_t diag_lock; /* guards server_note */
+    /* What the last heartbeat showed that makes the server unusable (a server of another replica
+     * set), "" when nothing: completes a server selection error (error_text()). */
+    char server_note[512];
+
     pthread_mutex_t mutex; /* guards everything below */
     pthread_cond_t cond;   /* signalled by close() */
     bool closing;
@@ -208,15 +213,49 @@ static bool error_before_send(const bson_error_t *error)
             error->code == MONGOC_ERROR_STREAM_NAME_RESOLUTION);
 }
 
-/* Maps a failed read-only operation to a return code and message. */
-static int read_failure(const char *what, const bson_error_t *error, char *err, size_t errlen)
+/* The message of a failed operation, naming the real problem and never empty. A server
+ * selection failure often says nothing ("", "No servers yet eligible for rescan"): then what the
+ * heartbeats saw (a server of another replica set) or a direct connection attempt to the seed
+ * hosts ("connection refused by ...") says it. Returns error->message or buf (size n). May
+ * block up to a second per seed host (the probe): for threads that may wait. */
+static const char *error_text(ahm_store_t *ms, const bson_error_t *error, char *buf, size_t n)
 {
+    bool says_nothing = error->message[0] == '\0' ||
+                        strstr(error->message, "No servers yet eligible for rescan") != NULL;
+    if (!says_nothing) {
+        return error->message;
+    }
+    char note[512];
+    pthread_mutex_lock(&ms->diag_lock);
+    ah_strlcpy(note, ms->server_note, sizeof(note));
+    pthread_mutex_unlock(&ms->diag_lock);
+    if (note[0] == '\0') {
+        ahm_uri_probe(ms->uri, note, sizeof(note));
+    }
+    if (note[0] != '\0') {
+        snprintf(buf, n, "%s", note);
+    } else if (error->message[0] != '\0') {
+        snprintf(buf, n, "%.300s (the seed hosts accept connections; see the driver's log)",
+                 error->message);
+    } else {
+        snprintf(buf, n,
+                 "the driver reported no message (error domain %" PRIu32 ", code %" PRIu32 ")",
+                 error->domain, error->code);
+    }
+    return buf;
+}
+
+/* Maps a failed read-only operation to a return code and message. */
+static int read_failure(ahm_store_t *ms, const char *what, const bson_error_t *error, char *err,
+                        size_t errlen)
+{
+    char text[AH_ERRLEN];
+    const char *message = error_text(ms, error, text, sizeof(text));
     if (classify_error(error) == AH_MONGO_FAULT_NETWORK) {
-        snprintf(err, errlen, "MongoDB unreachable (%s): %s", what, error->message);
+        snprintf(err, errlen, "MongoDB unreachable (%s): %s", what, message);
         return AH_EUNAVAIL;
     }
-    snprintf(err, errlen, "MongoDB %s failed: %s (code %" PRIu32 ")", what, error->message,
-             error->code);
+    snprintf(err, errlen, "MongoDB %s failed: %s (code %" PRIu32 ")", what, message, error->code);
     return AH_EIO;
 }
 
@@ -257,6 +296,13 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
     copy_utf8_field(doc, "agent_id", out->agent_id, sizeof(out->agent_id));
     if (bson_iter_init_find(&it, doc, "expires_at") && BSON_ITER_HOLDS_DATE_TIME(&it)) {
         out->expires_us = ah_int64_mul_sat(bson_iter_date_time(&it), 1000); /* any writer */
+    }
+    if (bson_iter_init_find(&it, doc, "drain_ms") && BSON_ITER_HOLDS_NUMBER(&it)) {
+        /* any writer: a negative or huge value is clamped to the range drain= accepts */
+        int64_t drain_ms = bson_iter_as_int64(&it);
+        out->drain_ms = drain_ms < 0                                ? 0
+                        : drain_ms > (int64_t)AH_PAUSE_MAX_S * 1000 ? (int64_t)AH_PAUSE_MAX_S * 1000
+                                                                    : drain_ms;
     }
     return AH_OK;
 }
@@ -333,7 +379,7 @@ static int ensure_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control
         if (attempt == 0 && error.code == AH_MONGO_CODE_DUPLICATE_KEY) {
             continue;
         }
-        rc = read_failure("create control document", &error, err, errlen);
+        rc = read_failure(ms, "create control document", &error, err, errlen);
         goto cleanup;
     }
     rc = parse_find_and_modify_reply(ms, &reply, "create control document", out, err, errlen);
@@ -354,10 +400,11 @@ static int read_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control_t
     bson_error_t error;
     const bson_t *doc;
     bson_t *filter = BCON_NEW("_id", BCON_UTF8(AH_MONGO_DOC_ID));
-    bson_t *opts = BCON_NEW("projection", "{", "_id", BCON_INT32(0), "command", BCON_INT32(1),
-                            "version", BCON_INT32(1), "timestamp", BCON_INT32(1), "reason",
-                            BCON_INT32(1), "updated_by", BCON_INT32(1), "expires_at", BCON_INT32(1),
-                            "}", "limit", BCON_INT64(1), "singleBatch", BCON_BOOL(true));
+    bson_t *opts =
+        BCON_NEW("projection", "{", "_id", BCON_INT32(0), "command", BCON_INT32(1), "version",
+                 BCON_INT32(1), "timestamp", BCON_INT32(1), "reason", BCON_INT32(1), "updated_by",
+                 BCON_INT32(1), "expires_at", BCON_INT32(1), "drain_ms", BCON_INT32(1), "}",
+                 "limit", BCON_INT64(1), "singleBatch", BCON_BOOL(true));
     mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
     if (mongoc_cursor_next(cursor, &doc)) {
         if (parse_and_remember(ms, doc, out) != AH_OK) {
@@ -368,7 +415,7 @@ static int read_control(ahm_store_t *ms, mongoc_collection_t *coll, ah_control_t
         goto cleanup;
     }
     if (mongoc_cursor_error(cursor, &error)) {
-        rc = read_failure("read control document", &error, err, errlen);
+        rc = read_failure(ms, "read control document", &error, err, errlen);
         goto cleanup;
     }
     rc = ensure_control(ms, coll, out, err, errlen);
@@ -429,6 +476,9 @@ static int insert_audit(ahm_store_t *ms, mongoc_collection_t *coll, const ah_con
     BSON_APPEND_UTF8(entry, "reason", doc->reason);
     BSON_APPEND_UTF8(entry, "updated_by", doc->updated_by);
     BSON_APPEND_UTF8(entry, "agent_id", doc->agent_id);
+    if (doc->drain_ms != 0) {
+        BSON_APPEND_INT64(entry, "drain_ms", doc->drain_ms);
+    }
     int rc = AH_EIO;
     unsigned int seed = (unsigned int)ah_mono_us();
     for (int attempt = 0; attempt < AH_MONGO_AUDIT_ATTEMPTS; attempt++) {
@@ -438,7 +488,8 @@ static int insert_audit(ahm_store_t *ms, mongoc_collection_t *coll, const ah_con
             rc = AH_OK;
             break;
         }
-        snprintf(err, errlen, "%s", error.message);
+        char text[AH_ERRLEN];
+        snprintf(err, errlen, "%s", error_text(ms, &error, text, sizeof(text)));
         if (mongo_wait(ms, backoff_delay(attempt, 0.1, 1.0, &seed))) {
             break;
         }
@@ -475,10 +526,19 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
     if (req->expires_us != 0) {
         append_now(&child, "expires_at", req->expires_us);
     }
+    if (req->drain_ms != 0) {
+        BSON_APPEND_INT64(&child, "drain_ms", req->drain_ms);
+    }
     bson_append_document_end(update, &child);
-    if (req->expires_us == 0) { /* a plain command keeps the original document's fields */
+    /* a plain command keeps none of the fields of an earlier timed pause or drain */
+    if (req->expires_us == 0 || req->drain_ms == 0) {
         BSON_APPEND_DOCUMENT_BEGIN(update, "$unset", &child);
-        BSON_APPEND_UTF8(&child, "expires_at", "");
+        if (req->expires_us == 0) {
+            BSON_APPEND_UTF8(&child, "expires_at", "");
+        }
+        if (req->drain_ms == 0) {
+            BSON_APPEND_UTF8(&child, "drain_ms", "");
+        }
         bson_append_document_end(update, &child);
     }
     mongoc_find_and_modify_opts_t *opts = mongoc_find_and_modify_opts_new();
@@ -489,18 +549,20 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
                           : MONGOC_FIND_AND_MODIFY_UPSERT | MONGOC_FIND_AND_MODIFY_RETURN_NEW);
 
     if (!mongoc_collection_find_and_modify_with_opts(coll, query, opts, &reply, &error)) {
+        char text[AH_ERRLEN];
+        const char *message = error_text(ms, &error, text, sizeof(text));
         if (error_before_send(&error)) {
-            snprintf(err, errlen, "MongoDB unreachable, command not written: %s", error.message);
+            snprintf(err, errlen, "MongoDB unreachable, command not written: %s", message);
             rc = AH_EUNAVAIL;
         } else if (classify_error(&error) == AH_MONGO_FAULT_NETWORK) {
             snprintf(err, errlen,
                      "MongoDB connection failed during the write (it may or may not have been "
                      "applied; see /api/cluster/history): %s",
-                     error.message);
+                     message);
             rc = AH_EIO;
         } else {
-            snprintf(err, errlen, "MongoDB rejected the command: %s (code %" PRIu32 ")",
-                     error.message, error.code);
+            snprintf(err, errlen, "MongoDB rejected the command: %s (code %" PRIu32 ")", message,
+                     error.code);
             rc = AH_EIO;
         }
         goto cleanup;
@@ -526,6 +588,7 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
     ah_strlcpy(out->updated_by, req->updated_by, sizeof(out->updated_by));
     ah_strlcpy(out->agent_id, req->agent_id, sizeof(out->agent_id));
     out->expires_us = req->expires_us;
+    out->drain_ms = req->drain_ms;
     char audit_err[AH_ERRLEN];
     if (insert_audit(ms, coll, out, audit_err, sizeof(audit_err)) != AH_OK) {
         /* The command itself is applied and will reach every agent; only its audit entry is
@@ -566,7 +629,7 @@ static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *coun
     }
     if (mongoc_cursor_error(cursor, &error)) {
         *count = 0;
-        rc = read_failure("read history", &error, err, errlen);
+        rc = read_failure(ms, "read history", &error, err, errlen);
     }
     mongoc_cursor_destroy(cursor);
     bson_destroy(opts);
@@ -640,7 +703,7 @@ static int mongo_put_status(ah_store_t *st, const ah_agent_status_t *rec, double
     bson_append_document_end(update, &set);
     bson_t *opts = BCON_NEW("upsert", BCON_BOOL(true));
     if (!mongoc_collection_update_one(coll, query, update, opts, NULL, &error)) {
-        rc = read_failure("write agent status", &error, err, errlen);
+        rc = read_failure(ms, "write agent status", &error, err, errlen);
     }
     bson_destroy(opts);
     bson_destroy(update);
@@ -709,7 +772,7 @@ static int mongo_list_status(ah_store_t *st, ah_agent_status_t **out, int *count
         r->errors = int64_field(doc, "errors");
     }
     if (mongoc_cursor_error(cursor, &error)) {
-        rc = read_failure("read agent status", &error, err, errlen);
+        rc = read_failure(ms, "read agent status", &error, err, errlen);
         goto cleanup;
     }
     *out = recs;
@@ -882,7 +945,7 @@ static int mongo_lease(ah_store_t *st, ah_lease_op_t op, const char *name, const
     bson_t *cmd = lease_command(op, name, owner, token, ttl_ms);
     bson_destroy(&reply);
     if (!mongoc_collection_write_command_with_opts(coll, cmd, NULL, &reply, &error)) {
-        rc = read_failure("lease write", &error, err, errlen);
+        rc = read_failure(ms, "lease write", &error, err, errlen);
         goto cleanup;
     }
     ah_strlcpy(out->name, name, sizeof(out->name));
@@ -941,7 +1004,7 @@ static int mongo_list_leases(ah_store_t *st, ah_lease_t **out, int *count, char 
         lease_from_doc(doc, r);
     }
     if (mongoc_cursor_error(cursor, &error)) {
-        rc = read_failure("read leases", &error, err, errlen);
+        rc = read_failure(ms, "read leases", &error, err, errlen);
         goto cleanup;
     }
     *out = recs;
@@ -1128,6 +1191,7 @@ static void run_streams(ah_mongo_watch_t *w)
     ahm_store_t *ms = w->ms;
     bson_t *token = NULL;
     bool need_read = true;
+    char text[AH_ERRLEN];
     while (!mongo_closing(ms)) {
         bson_error_t error;
         const bson_t *reply = NULL;
@@ -1154,7 +1218,7 @@ static void run_streams(ah_mongo_watch_t *w)
                 need_read = true;
                 continue;
             }
-            note_failure(w, "change stream", error.message);
+            note_failure(w, "change stream", error_text(ms, &error, text, sizeof(text)));
             if (wait_backoff(w, AH_MONGO_RETRY_MIN, AH_MONGO_RETRY_MAX)) {
                 break;
             }
@@ -1205,7 +1269,7 @@ static void run_streams(ah_mongo_watch_t *w)
                                 error.message);
                     reopen_fresh = true;
                 } else {
-                    note_failure(w, "change stream", error.message);
+                    note_failure(w, "change stream", error_text(ms, &error, text, sizeof(text)));
                 }
                 break;
             }
@@ -1279,6 +1343,42 @@ static void watch_command_succeeded(const mongoc_apm_command_succeeded_t *event)
     }
 }
 
+/* Heartbeats of both clients: a server whose replica set is not the URI's is left out of the
+ * topology without an error message; remember what it said for error_text(). */
+static void heartbeat_succeeded(const mongoc_apm_server_heartbeat_succeeded_t *event)
+{
+    ahm_store_t *ms = mongoc_apm_server_heartbeat_succeeded_get_context(event);
+    const char *wanted = mongoc_uri_get_replica_set(ms->uri);
+    const mongoc_host_list_t *host = mongoc_apm_server_heartbeat_succeeded_get_host(event);
+    bson_iter_t it;
+    const char *set_name = NULL;
+    if (bson_iter_init_find(&it, mongoc_apm_server_heartbeat_succeeded_get_reply(event),
+                            "setName") &&
+        BSON_ITER_HOLDS_UTF8(&it)) {
+        set_name = bson_iter_utf8(&it, NULL);
+    }
+    char note[512] = "";
+    if (wanted != NULL && set_name == NULL) {
+        snprintf(note, sizeof(note),
+                 "the server at %.100s is not a replica set member, but MONGODB_URI asks for "
+                 "replicaSet=%.64s",
+                 host->host_and_port, wanted);
+    } else if (wanted != NULL && strcmp(set_name, wanted) != 0) {
+        snprintf(note, sizeof(note),
+                 "the server at %.100s belongs to replica set \"%.64s\", not \"%.64s\" (replicaSet "
+                 "in MONGODB_URI)",
+                 host->host_and_port, set_name, wanted);
+    }
+    pthread_mutex_lock(&ms->diag_lock);
+    ah_strlcpy(ms->server_note, note, sizeof(ms->server_note));
+    pthread_mutex_unlock(&ms->diag_lock);
+}
+
+static void watch_heartbeats(mongoc_apm_callbacks_t *callbacks)
+{
+    mongoc_apm_set_server_heartbeat_succeeded_cb(callbacks, heartbeat_succeeded);
+}
+
 /* The watcher's own client: ms->watch_uri, error API 2, the appname, command monitoring. NULL
  * with a log line when the URI cannot make one (it was accepted at open, so this is unlikely). */
 static mongoc_client_t *watch_client_new(ahm_store_t *ms)
@@ -1297,6 +1397,7 @@ static mongoc_client_t *watch_client_new(ahm_store_t *ms)
     mongoc_client_set_appname(client, appname);
     mongoc_apm_callbacks_t *callbacks = mongoc_apm_callbacks_new();
     mongoc_apm_set_command_succeeded_cb(callbacks, watch_command_succeeded);
+    watch_heartbeats(callbacks);
     mongoc_client_set_apm_callbacks(client, callbacks, ms);
     mongoc_apm_callbacks_destroy(callbacks);
     return client;
@@ -1409,6 +1510,7 @@ static void mongo_close(ah_store_t *st)
     mongoc_uri_destroy(ms->watch_uri);
     mongoc_uri_destroy(ms->uri);
     pthread_mutex_destroy(&ms->api_lock);
+    pthread_mutex_destroy(&ms->diag_lock);
     pthread_cond_destroy(&ms->cond);
     pthread_mutex_destroy(&ms->mutex);
     free(ms);
@@ -1450,6 +1552,7 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
     ms->last_command = AH_CMD_RUNNING;
     pthread_mutex_init(&ms->mutex, NULL);
     pthread_mutex_init(&ms->api_lock, NULL);
+    pthread_mutex_init(&ms->diag_lock, NULL);
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
@@ -1459,6 +1562,9 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
     ms->uri = mongoc_uri_new_with_error(cfg->mongodb_uri, &error);
     if (ms->uri == NULL) {
         snprintf(err, errlen, "MONGODB_URI is invalid: %s", error.message);
+        goto fail;
+    }
+    if (ahm_uri_check(ms->uri, "MONGODB_URI", err, errlen) != AH_OK) {
         goto fail;
     }
     default_timeout(ms->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, AH_MONGO_SERVER_SELECTION_MS);
@@ -1490,6 +1596,10 @@ ah_store_t *ahm_store_open(const ah_config_t *cfg, char *err, size_t errlen)
         goto fail;
     }
     mongoc_client_set_error_api(ms->api_client, MONGOC_ERROR_API_VERSION_2);
+    mongoc_apm_callbacks_t *callbacks = mongoc_apm_callbacks_new();
+    watch_heartbeats(callbacks);
+    mongoc_client_set_apm_callbacks(ms->api_client, callbacks, ms);
+    mongoc_apm_callbacks_destroy(callbacks);
     char appname[128];
     snprintf(appname, sizeof(appname), "agenthost/%.100s", cfg->agent_id ? cfg->agent_id : "");
     mongoc_client_set_appname(ms->api_client, appname);

@@ -197,3 +197,26 @@ def test_history_is_paged(fleet, state_file, page):
     page.el("history-newer").click()
     page.wait_text("history-page", lambda t: t == "Page 1 (entries 1–20)")
     assert page.browser_errors() == []
+
+
+def test_a_drain_from_the_page_is_stored_and_shown(fleet, state_file, page):
+    agents = start_agents(fleet, state_file, 2)
+    page.open(agents[0])
+    page.wait_text("cluster-version", lambda t: t == "0")
+    # a malformed drain is refused on the page: nothing is sent
+    page.el("drain").send_keys("soon")
+    page.act("pause-button")
+    page.wait_text("error-text", lambda t: "Drain within: expected a duration" in t)
+    assert control(agents[1])["version"] == 0
+    page.el("drain").clear()
+    page.el("drain").send_keys("30s")
+    page.el("reason").send_keys("rolling upgrade")
+    page.act("pause-button")
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 applied", 15)
+    cs = control(agents[1])
+    assert cs["command"] == "pause" and cs["drain"] == 30, cs
+    page.wait_text("cluster-drain", lambda t: t.startswith("30 s after the command"))
+    page.wait_text("history-rows", lambda t: "rolling upgrade" in t)
+    assert page.history_rows()[0][1] == "pause (drain 30 s)"
+    assert page.el("drain").get_attribute("value") == ""
+    assert page.browser_errors() == []

@@ -54,7 +54,8 @@ def test_out_of_range_setting_exits_2_with_the_range(state_file, tmp_path):
     env["BATCH_TIMEOUT"] = "1e300"
     p = run_cli(["run", RECORDER], env=env)
     assert p.returncode == 2, (p.stdout, p.stderr)
-    assert 'invalid BATCH_TIMEOUT="1e300": expected a number of seconds: 0.01 to 86400 s' in p.stderr
+    assert ('invalid BATCH_TIMEOUT="1e300": expected a number of seconds or a duration such as '
+            '250ms, 90s, 5m or 1h: 0.01 to 86400 s') in p.stderr
 
 
 def test_version_exits_0():

@@ -216,6 +216,7 @@ static int fake_command(ah_store_t *st, const ah_command_req_t *req, ah_control_
         fs->doc.version++;
         fs->doc.timestamp_us = ah_now_us();
         fs->doc.expires_us = req->expires_us;
+        fs->doc.drain_ms = req->drain_ms;
         ah_strlcpy(fs->doc.reason, req->reason, sizeof(fs->doc.reason));
         ah_strlcpy(fs->doc.updated_by, req->updated_by, sizeof(fs->doc.updated_by));
         ah_strlcpy(fs->doc.agent_id, req->agent_id, sizeof(fs->doc.agent_id));
@@ -484,7 +485,7 @@ static void test_cluster_pause_and_resume_through_embedded_store(void **state)
              "{\"status\":\"success\",\"message\":\"Pause command issued to all agents in the "
              "cluster\",\"command\":\"pause\",\"version\":1,\"timestamp\":\"%s\",\"reason\":"
              "\"Maintenance window\",\"propagation\":\"Agents will pause within 0.05s (polling "
-             "every 0.05s)\",\"expires_at\":null}",
+             "every 0.05s)\",\"expires_at\":null,\"drain\":null}",
              ts);
     assert_string_equal(r.body, expected);
     resp_free(&r);
@@ -506,8 +507,9 @@ static void test_cluster_pause_and_resume_through_embedded_store(void **state)
     r = http_request(fx->port, "GET", "/api/cluster/history", NULL);
     assert_int_equal(r.status, 200);
     assert_contains(r.body, "{\"count\":2,\"entries\":[{\"version\":2,\"command\":\"running\",");
-    assert_contains(r.body, "\"updated_by\":\"api\",\"agent_id\":\"agent-1\"},{\"version\":1,"
-                            "\"command\":\"pause\",");
+    assert_contains(
+        r.body, "\"updated_by\":\"api\",\"agent_id\":\"agent-1\",\"drain\":null},{\"version\":1,"
+                "\"command\":\"pause\",");
     assert_key_order(r.body, (const char *[]){"count", "entries", "version", "command", "timestamp",
                                               "reason", "updated_by", "agent_id", NULL});
     resp_free(&r);
@@ -530,10 +532,9 @@ static void test_cluster_shutdown_propagation_in_change_streams_mode(void **stat
                                               "timestamp", "reason", "propagation", NULL});
     assert_contains(r.body, "\"message\":\"Shutdown command issued to all agents in the cluster\"");
     assert_contains(r.body, "\"command\":\"shutdown\",\"version\":1,");
-    assert_contains(
-        r.body,
-        "\"reason\":\"Emergency stop\",\"propagation\":\"Agents will shutdown "
-        "gracefully within seconds (event-driven via Change Streams)\",\"expires_at\":null}");
+    assert_contains(r.body, "\"reason\":\"Emergency stop\",\"propagation\":\"Agents will shutdown "
+                            "gracefully within seconds (event-driven via Change "
+                            "Streams)\",\"expires_at\":null,\"drain\":null}");
     resp_free(&r);
     assert_int_equal(fake_writes(fx->fake), 1);
 }
@@ -552,7 +553,7 @@ static void test_control_state_fields_in_documented_order(void **state)
         "{\"command\":\"pause\",\"version\":42,\"timestamp\":\"2026-01-11T10:30:00.123456Z\","
         "\"reason\":\"Maintenance window\",\"updated_by\":\"ops_team\",\"watch_mode\":"
         "\"change_streams\",\"note\":\"All agents in the cluster are subscribed to this "
-        "state\",\"expires_at\":null}");
+        "state\",\"expires_at\":null,\"drain\":null}");
     resp_free(&r);
 
     r = http_request(fx->port, "GET", "/api/cluster/stats", NULL);
@@ -672,11 +673,12 @@ static void test_agent_commands_affect_this_pod(void **state)
     http_resp_t r =
         http_request(fx->port, "POST", "/api/agent/pause?reason=debugging&updated_by=alice", NULL);
     assert_int_equal(r.status, 200);
-    assert_string_equal(r.body,
-                        "{\"status\":\"success\",\"message\":\"Pause requested for this agent\","
-                        "\"state\":\"running\",\"agent_id\":\"agent-1\",\"command\":\"pause\","
-                        "\"note\":\"Local command: affects this pod only and is overridden by the "
-                        "next cluster command\"}");
+    assert_string_equal(
+        r.body,
+        "{\"status\":\"success\",\"message\":\"Pause requested for this agent\","
+        "\"state\":\"running\",\"agent_id\":\"agent-1\",\"command\":\"pause\",\"drain\":null,"
+        "\"note\":\"Local command: affects this pod only and is overridden by the "
+        "next cluster command\"}");
     resp_free(&r);
     ah_event_t ev;
     assert_true(ah_state_take_event(fx->state, &ev));
