@@ -10,7 +10,6 @@
 
 #include "ah_log.h"
 
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,13 +20,19 @@ static const char code_unknown[] = "unknown";
 
 /* ---- tasks: coroutines on the loop ------------------------------------------------------- */
 
-/* Queues t to be resumed with the nargs values already pushed on its coroutine. */
+/* Queues t to be resumed with the nargs values already pushed on its coroutine. Called from a
+ * loop callback (the call is parked in uv_run), it also stops the loop: a callback that runs
+ * before libuv polls (a timer's: curl may finish a transfer inline from its timeout) would
+ * otherwise leave UV_RUN_ONCE blocking in epoll_wait before the scheduler resumes the task. */
 void ah_lua_task_ready(ah_lua_t *lua, task_t *t, int nargs)
 {
     t->wait = WAIT_NONE;
     t->resume_nargs = nargs;
     if (t->queued) {
         return;
+    }
+    if (atomic_load_explicit(&lua->parked, memory_order_relaxed)) {
+        uv_stop(&lua->loop);
     }
     t->queued = true;
     t->ready_next = NULL;
@@ -189,9 +194,10 @@ int ah_lua_traceback_of(lua_State *L)
 static void push_task_error(ah_lua_t *lua, lua_State *co, int status)
 {
     lua_State *L = lua->L;
-    if (status == LUA_ERRMEM && lua->memory_limit > 0) {
-        lua_pushfstring(L, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%d bytes)",
-                        (int)(lua->memory_limit > INT_MAX ? INT_MAX : lua->memory_limit));
+    if (status == LUA_ERRMEM && lua->memory_refused) {
+        /* %f: LuaJIT writes a lua_Number with %.14g, exact for any limit (%d stops at 2 GiB) */
+        lua_pushfstring(L, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%f bytes)",
+                        (lua_Number)lua->memory_limit);
         return;
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, lua->traceback_ref); /* no allocation */
