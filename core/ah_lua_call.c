@@ -279,9 +279,7 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     main->co_ref = LUA_NOREF;
     main->co = NULL;
     if (status == LUA_ERRMEM && lua->memory_limit > 0) {
-        snprintf(err, errlen,
-                 "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%zu bytes; %zu in use)",
-                 lua->memory_limit, lua->memory_used);
+        /* err has the line and the traceback (push_task_error) */
         lua_gc(L, LUA_GCCOLLECT, 0); /* give the garbage of the failed call back at once */
         return AH_ELUA;
     }

@@ -196,9 +196,16 @@ static void push_task_error(ah_lua_t *lua, lua_State *co, int status)
 {
     lua_State *L = lua->L;
     if (status == LUA_ERRMEM && lua->memory_limit > 0) {
-        lua_pushfstring(L, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%d bytes)",
-                        (int)(lua->memory_limit > INT_MAX ? INT_MAX : lua->memory_limit));
-        return;
+        /* Lua's "not enough memory" has no position: name the script line where the allocation
+         * was refused, then the traceback as for any error. The limit is not enforced here
+         * (only around lua_resume), so building the message cannot fail. */
+        lua_pop(co, 1);
+        const char *where = lua->memory_where; /* limited_alloc() noted it */
+        lua_pushfstring(co,
+                        "%snot enough memory: the script exceeded LUA_MEMORY_LIMIT (%d bytes; %d "
+                        "in use)",
+                        where, (int)(lua->memory_limit > INT_MAX ? INT_MAX : lua->memory_limit),
+                        (int)(lua->memory_used > INT_MAX ? INT_MAX : lua->memory_used));
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, lua->traceback_ref); /* no allocation */
     lua_xmove(co, L, 1);
