@@ -61,6 +61,7 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         return NULL;
     }
     if (nsize > old && lua->memory_armed && lua->memory_used - old + nsize > lua->memory_limit) {
+        lua->memory_refused = true;
         /* Remember where (lua_getstack/lua_getinfo "Sl" allocate nothing): the running task's
          * innermost Lua frame, while its line is still known. */
         lua->memory_where[0] = '\0';
@@ -68,7 +69,7 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         lua_Debug ar;
         for (int level = 0; co != NULL && lua_getstack(co, level, &ar); level++) {
             if (lua_getinfo(co, "Sl", &ar) && ar.currentline > 0) {
-                snprintf(lua->memory_where, sizeof(lua->memory_where), "%s:%d: ", ar.short_src,
+                snprintf(lua->memory_where, sizeof(lua->memory_where), " at %s:%d", ar.short_src,
                          ar.currentline);
                 break;
             }
