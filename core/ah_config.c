@@ -4,6 +4,7 @@
 #include "ah_config.h"
 
 #include "ah_common.h"
+#include "ah_redact.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -47,6 +48,18 @@ static int check_bind_address(const char *value)
         return AH_OK;
     }
     return AH_EINVAL;
+}
+
+/* HTTP_ALLOWED_HOSTS: names (letters, digits, '.', '-', ':' and brackets for an address),
+ * separated by commas. */
+static int check_host_list(const char *value)
+{
+    for (const char *p = value; *p != '\0'; p++) {
+        if (!isalnum((unsigned char)*p) && strchr(".-_:[],", *p) == NULL) {
+            return AH_EINVAL;
+        }
+    }
+    return strlen(value) > 1024 ? AH_EINVAL : AH_OK;
 }
 
 /* $HOSTNAME, else gethostname(), else "agent". */
@@ -104,7 +117,7 @@ static const ah_config_var_t config_vars[] = {
      .flag = "--mongodb-uri",
      .kind = AH_CONFIG_STRING,
      .offset = FIELD(mongodb_uri),
-     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .flags = AH_CONFIG_EMPTY_UNSETS | AH_CONFIG_SECRET_URI,
      .check = check_mongodb_uri,
      .expect = URI_EXPECT,
      .help = "MongoDB deployment for distributed control"},
@@ -120,7 +133,7 @@ static const ah_config_var_t config_vars[] = {
      .flag = "--agent-mongodb-uri",
      .kind = AH_CONFIG_STRING,
      .offset = FIELD(agent_mongodb_uri),
-     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .flags = AH_CONFIG_EMPTY_UNSETS | AH_CONFIG_SECRET_URI,
      .default_doc = "`MONGODB_URI`",
      .check = check_mongodb_uri,
      .expect = URI_EXPECT,
@@ -204,6 +217,14 @@ static const ah_config_var_t config_vars[] = {
      .min = 0,
      .max = 65535,
      .help = "API port (0: any free port)"},
+    {.name = "HTTP_ALLOWED_HOSTS",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(http_allowed_hosts),
+     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .check = check_host_list,
+     .expect = "comma-separated host names such as agents.example.com,agent-1",
+     .help = "Host names the API answers besides loopback ones; set, or HTTP_BIND on loopback: "
+             "421 for any other Host"},
     {.name = "HTTP_CONSOLE",
      .kind = AH_CONFIG_BOOL,
      .offset = FIELD(http_console),
@@ -218,10 +239,22 @@ static const ah_config_var_t config_vars[] = {
      .compute_default = default_agent_id,
      .expect = "a non-empty UTF-8 name of at most 255 bytes",
      .help = "this agent's name"},
+    {.name = "AGENT_LABELS",
+     .flag = "--labels",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(agent_labels),
+     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .help = "this agent's labels, key=value,key=value (plus agent=<AGENT_ID>)"},
+    {.name = "AGENT_LABELS_FILE",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(agent_labels_file),
+     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .expect = "a file path",
+     .help = "a Kubernetes Downward API labels file: the pod's labels become the agent's"},
     {.name = "AGENT_API_TOKEN",
      .kind = AH_CONFIG_STRING,
      .offset = FIELD(api_token),
-     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .flags = AH_CONFIG_EMPTY_UNSETS | AH_CONFIG_SECRET,
      .help = "bearer token required by mutating routes"},
     {.name = "LOG_LEVEL",
      .flag = "--log-level",
@@ -264,6 +297,15 @@ static const ah_config_var_t config_vars[] = {
      .min = 0.01,
      .max = 3600,
      .help = "seconds shutdown may take before exit 1"},
+    {.name = "PAUSE_DRAIN_TIMEOUT",
+     .flag = "--pause-drain-timeout",
+     .kind = AH_CONFIG_SECONDS,
+     .offset = FIELD(pause_drain_timeout),
+     .flags = AH_CONFIG_ZERO_DISABLES,
+     .default_value = "0",
+     .min = 0.01,
+     .max = 86400,
+     .help = "seconds a pause without drain= lets the running call wait (0: no deadline)"},
     {.name = "AGENTHOST_SIGNALS",
      .kind = AH_CONFIG_BOOL,
      .offset = FIELD(signals),
@@ -371,7 +413,8 @@ static int parse_number(const char *s, const char *charset, double *out)
     return AH_OK;
 }
 
-/* Parses "0", "262144", "512k", "256m", "1g" (case-insensitive) into a count of bytes. */
+/* Parses "0", "262144", "512k", "256m", "256MB", "256MiB", "1g" (case-insensitive) into a count
+ * of bytes (powers of 1024). */
 static int parse_bytes(const char *s, double *out)
 {
     char *end = NULL;
@@ -391,6 +434,10 @@ static int parse_bytes(const char *s, double *out)
         mult = GIB;
         end++;
     }
+    /* "256m", "256M", "256MB", "256MiB" and "256mb" are the same size; "100B" is 100 bytes. */
+    if (strcasecmp(end, "b") == 0 || (mult > 1 && strcasecmp(end, "ib") == 0)) {
+        end += strlen(end);
+    }
     if (*end != '\0') {
         return AH_EINVAL;
     }
@@ -406,6 +453,9 @@ static int parse_bounded(const ah_config_var_t *var, const char *value, double *
                  ? parse_bytes(value, &v)
                  : parse_number(
                        value, var->kind == AH_CONFIG_INT ? "0123456789+-" : "0123456789.eE+-", &v);
+    if (rc != AH_OK && var->kind == AH_CONFIG_SECONDS) {
+        rc = ah_parse_duration(value, &v); /* with a unit: 250ms, 90s, 5m, 1h */
+    }
     if (rc != AH_OK) {
         return rc;
     }
@@ -430,13 +480,15 @@ static void describe_expected(const ah_config_var_t *var, char *buf, size_t len)
     ah_config_describe_range(var, range, sizeof(range));
     switch (var->kind) {
     case AH_CONFIG_SECONDS:
-        snprintf(buf, len, "a number of seconds: %s", range);
+        snprintf(buf, len, "a number of seconds or a duration such as 250ms, 90s, 5m or 1h: %s",
+                 range);
         break;
     case AH_CONFIG_INT:
         snprintf(buf, len, "an integer: %s", range);
         break;
     case AH_CONFIG_BYTES:
-        snprintf(buf, len, "a number of bytes with an optional k, m or g suffix: %s", range);
+        snprintf(buf, len, "a number of bytes with an optional k, m or g suffix (256m, 256MB): %s",
+                 range);
         break;
     default:
         ah_strlcpy(buf, var->kind == AH_CONFIG_BOOL ? BOOL_EXPECT : var->expect, len);
@@ -524,6 +576,26 @@ void ah_config_free(ah_config_t *cfg)
     memset(cfg, 0, sizeof(*cfg));
 }
 
+/* A secret is registered before it is checked, so even a refused value never shows. */
+static void register_secret(const ah_config_var_t *var, const char *value)
+{
+    if (var->flags & AH_CONFIG_SECRET) {
+        ah_redact_add_secret(value);
+    } else if (var->flags & AH_CONFIG_SECRET_URI) {
+        ah_redact_add_uri(value);
+    }
+}
+
+void ah_config_register_secrets(void)
+{
+    for (const ah_config_var_t *v = config_vars; v->name != NULL; v++) {
+        const char *value = getenv(v->name);
+        if (value != NULL) {
+            register_secret(v, value);
+        }
+    }
+}
+
 int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *err, size_t errlen)
 {
     const ah_config_var_t *var = ah_config_find(name);
@@ -531,11 +603,22 @@ int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *e
         snprintf(err, errlen, "unknown setting %s", name);
         return AH_EINVAL;
     }
+    register_secret(var, value);
     int rc = apply(cfg, var, value);
     if (rc == AH_EINVAL) {
         char expect[160];
         describe_expected(var, expect, sizeof(expect));
-        snprintf(err, errlen, "invalid %s=\"%.200s\": expected %s", name, value, expect);
+        if (var->flags & AH_CONFIG_SECRET) {
+            snprintf(err, errlen, "invalid %s (value not shown): expected %s", name, expect);
+        } else {
+            char shown[256];
+            if (var->flags & AH_CONFIG_SECRET_URI) {
+                ah_redact_uri(value, shown, sizeof(shown));
+            } else {
+                ah_strlcpy(shown, value, sizeof(shown));
+            }
+            snprintf(err, errlen, "invalid %s=\"%.200s\": expected %s", name, shown, expect);
+        }
     } else if (rc != AH_OK) {
         snprintf(err, errlen, "out of memory setting %s", name);
     }
@@ -563,7 +646,9 @@ int ah_config_from_args(ah_config_t *cfg, int argc, char **argv, char *err, size
         const char *arg = argv[i];
         if (strncmp(arg, "--", 2) != 0 || arg[2] == '\0') {
             if (cfg->script_path != NULL) {
-                snprintf(err, errlen, "unexpected argument \"%.200s\" (one SCRIPT only)", arg);
+                char shown[256];
+                snprintf(err, errlen, "unexpected argument \"%.200s\" (one SCRIPT only)",
+                         ah_redact_text(arg, shown, sizeof(shown)));
                 return AH_EINVAL;
             }
             if (set_string(&cfg->script_path, arg) != AH_OK) {

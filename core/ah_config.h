@@ -24,13 +24,18 @@ struct ah_config_s {
     char *state_path;                     /* AGENTHOST_STATE */
     char *http_bind;                      /* HTTP_BIND */
     int http_port;                        /* HTTP_PORT; 0 = any free port */
+    char *http_allowed_hosts;             /* HTTP_ALLOWED_HOSTS: comma-separated; NULL → none */
     bool http_console;                    /* HTTP_CONSOLE: the fleet console at GET / */
     char *agent_id;                       /* AGENT_ID */
+    char *agent_labels;                   /* AGENT_LABELS; NULL → none */
+    char *agent_labels_file;              /* AGENT_LABELS_FILE; NULL → none */
     char *api_token;                      /* AGENT_API_TOKEN; NULL → no auth */
     ah_log_level_t log_level;             /* LOG_LEVEL */
     bool log_json;                        /* LOG_FORMAT=json */
     double batch_timeout;                 /* BATCH_TIMEOUT, seconds */
     double shutdown_timeout;              /* SHUTDOWN_TIMEOUT, seconds: hard bound on shutdown */
+    double pause_drain_timeout;           /* PAUSE_DRAIN_TIMEOUT, seconds: the drain deadline of a
+                                             pause that names none; 0 = none */
     double change_stream_verify_interval; /* CHANGE_STREAM_VERIFY_INTERVAL, seconds; 0 = never */
     size_t lua_memory_limit;              /* LUA_MEMORY_LIMIT, bytes; 0 = no limit */
     double embedded_poll_interval;        /* AGENTHOST_STATE_POLL, seconds */
@@ -55,6 +60,10 @@ typedef enum {
 #define AH_CONFIG_EMPTY_UNSETS 0x1u
 /* Numbers: 0 is accepted outside [min, max] and means "off" / "no limit". */
 #define AH_CONFIG_ZERO_DISABLES 0x2u
+/* Strings: the whole value is a secret (ah_redact.h): registered, never shown in an error. */
+#define AH_CONFIG_SECRET 0x4u
+/* Strings: a URI whose credentials are secrets: registered, shown redacted in an error. */
+#define AH_CONFIG_SECRET_URI 0x8u
 
 typedef struct ah_config_var_s ah_config_var_t;
 
@@ -99,6 +108,10 @@ int ah_config_set(ah_config_t *cfg, const char *name, const char *value, char *e
 /* Parses the flags of `agenthost run` (argv[0] is the first argument after "run"): --name=value
  * or --name value for every flag in ah_config_vars(), and one positional SCRIPT. 0 or AH_EINVAL. */
 int ah_config_from_args(ah_config_t *cfg, int argc, char **argv, char *err, size_t errlen);
+/* Registers the secrets of every secret row found in the environment (ah_redact.h), for the
+ * commands that do not read the whole configuration (check, ctl); ah_config_set() registers
+ * what it is given. */
+void ah_config_register_secrets(void);
 /* Parses a boolean: true/false/1/0/yes/no, case-insensitive. 0 or AH_EINVAL. */
 int ah_config_parse_bool(const char *s, bool *out);
 /* Releases the strings owned by cfg (every STRING row); cfg may be reused after

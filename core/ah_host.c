@@ -8,12 +8,14 @@
 
 #include "ah_fleet.h"
 #include "ah_http.h"
+#include "ah_lease.h"
 #include "ah_log.h"
 #include "ah_lua.h"
 #include "ah_mongo.h"
 #include "ah_metrics.h"
 #include "ah_store.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <time.h>
@@ -29,6 +31,9 @@
 #define IDLE_BACKOFF_MAX 1.0
 #define ERROR_BACKOFF_MIN 0.5
 #define ERROR_BACKOFF_MAX 30.0
+/* Share of SHUTDOWN_TIMEOUT after which a Lua call a shutdown waits for is interrupted (its waits
+ * cancelled); the rest is left for on_shutdown and the teardown. */
+#define SHUTDOWN_INTERRUPT_SHARE 0.8
 
 struct ah_host_s {
     const ah_config_t *cfg;
@@ -41,7 +46,8 @@ struct ah_host_s {
     ah_metrics_t *metrics;     /* agent.metrics; outlives every Lua state */
     ah_lua_mongo_t *mongo;     /* agent.mongo's connection; outlives lua */
     ah_store_t *store;
-    ah_fleet_t *fleet; /* this agent's status record; NULL without a store */
+    ah_leases_t *leases; /* this agent's leases (agent.lease, agent.every); outlives lua */
+    ah_fleet_t *fleet;   /* this agent's status record; NULL without a store */
     ah_http_t *http;
     atomic_int http_port; /* read by any thread (ah_host_http_port) */
 
@@ -88,6 +94,81 @@ static void host_wake_lua(void *ud)
     pthread_mutex_unlock(&h->lua_lock);
 }
 
+/* This agent's labels: AGENT_LABELS_FILE (a Downward API file), then AGENT_LABELS (which wins
+ * on a key both give), then the implicit agent=<AGENT_ID>. NULL with err naming the bad label
+ * (or the file) on error. */
+static ah_labels_t *host_labels(const ah_config_t *cfg, char *err, size_t errlen)
+{
+    char inner[AH_ERRLEN];
+    ah_labels_t *labels = NULL;
+    ah_labels_t *given = NULL;
+    char *content = NULL;
+    if (cfg->agent_labels_file != NULL) {
+        FILE *f = fopen(cfg->agent_labels_file, "r");
+        size_t cap = 65536, n = 0;
+        content = f != NULL ? malloc(cap + 1) : NULL;
+        if (f == NULL || content == NULL) {
+            snprintf(err, errlen, "AGENT_LABELS_FILE '%s': %s", cfg->agent_labels_file,
+                     f == NULL ? strerror(errno) : "out of memory");
+            if (f != NULL) {
+                fclose(f);
+            }
+            goto fail;
+        }
+        n = fread(content, 1, cap, f);
+        content[n] = '\0';
+        fclose(f);
+        labels = ah_labels_parse_downward(content, inner, sizeof(inner));
+        if (labels == NULL) {
+            snprintf(err, errlen, "AGENT_LABELS_FILE '%s': %s", cfg->agent_labels_file, inner);
+            goto fail;
+        }
+    } else if ((labels = ah_labels_new()) == NULL) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    given = ah_labels_parse(cfg->agent_labels, inner, sizeof(inner));
+    if (given == NULL) {
+        snprintf(err, errlen, "AGENT_LABELS: %s", inner);
+        goto fail;
+    }
+    if (ah_labels_get(given, "agent") != NULL) {
+        snprintf(err, errlen, "AGENT_LABELS: the label 'agent' is implicit (agent=<AGENT_ID>)");
+        goto fail;
+    }
+    for (size_t i = 0; i < ah_labels_count(given); i++) {
+        if (ah_labels_set(labels, ah_labels_key(given, i), ah_labels_value(given, i), inner,
+                          sizeof(inner)) != AH_OK) {
+            snprintf(err, errlen, "AGENT_LABELS: %s", inner);
+            goto fail;
+        }
+    }
+    if (ah_label_value_check(cfg->agent_id, strlen(cfg->agent_id), inner, sizeof(inner)) == AH_OK) {
+        if (ah_labels_set(labels, "agent", cfg->agent_id, inner, sizeof(inner)) != AH_OK) {
+            snprintf(err, errlen, "%s", inner);
+            goto fail;
+        }
+    } else {
+        ah_log_warn("AGENT_ID '%s' is not a valid label value: this agent has no agent= label "
+                    "(selectors cannot name it)",
+                    cfg->agent_id);
+    }
+    char text[AH_LABELS_TEXT_MAX + 1];
+    if (ah_labels_format(labels, text, sizeof(text)) != AH_OK) {
+        snprintf(err, errlen, "AGENT_LABELS: the labels are longer than %d bytes",
+                 AH_LABELS_TEXT_MAX);
+        goto fail;
+    }
+    ah_labels_free(given);
+    free(content);
+    return labels;
+fail:
+    ah_labels_free(given);
+    ah_labels_free(labels);
+    free(content);
+    return NULL;
+}
+
 ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
                        size_t errlen)
 {
@@ -106,10 +187,16 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
     pthread_condattr_destroy(&attr);
     h->state = ah_state_new();
     h->metrics = ah_metrics_new();
-    if (h->state == NULL || h->metrics == NULL) {
+    h->leases = h->state != NULL ? ah_leases_new(h->state, cfg->agent_id) : NULL;
+    if (h->state == NULL || h->metrics == NULL || h->leases == NULL) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
+    ah_labels_t *labels = host_labels(cfg, err, errlen);
+    if (labels == NULL) {
+        goto fail;
+    }
+    ah_state_set_labels(h->state, labels);
     /* agent.mongo: its own pool for AGENT_MONGODB_URI (or MONGODB_URI without a MongoDB control
      * store); otherwise the store's URI for a pool of its own, opened on first use (never the
      * store's pool: no script can take the connections cluster commands need). */
@@ -130,7 +217,8 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
                              .batch_timeout = cfg->batch_timeout,
                              .mongo = h->mongo,
                              .metrics = h->metrics,
-                             .memory_limit = cfg->lua_memory_limit};
+                             .memory_limit = cfg->lua_memory_limit,
+                             .leases = h->leases};
     if (hopts != NULL) {
         h->exit_on_timeout = hopts->exit_on_shutdown_timeout;
         opts.script_source = hopts->script_source;
@@ -150,6 +238,9 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
         goto fail;
     }
     ah_state_set_waker(h->state, host_wake_lua, h);
+    /* a shutdown's drain is bounded where the watchdog interrupts the call (on_watchdog) */
+    ah_state_set_drain_limits(h->state, h->cfg->pause_drain_timeout,
+                              h->cfg->shutdown_timeout * SHUTDOWN_INTERRUPT_SHARE);
     return h;
 fail:
     ah_host_free(h);
@@ -162,6 +253,7 @@ void ah_host_free(ah_host_t *h)
         return;
     }
     ah_lua_close(h->lua);
+    ah_leases_free(h->leases); /* after the state that named them */
     ah_lua_mongo_free(h->mongo);
     ah_metrics_free(h->metrics);
     ah_state_free(h->state);
@@ -216,11 +308,16 @@ static void log_transition(ah_run_state_t to, const ah_event_t *ev)
 
 /* Applies one event: the transition is committed first, then its hook runs (a failing hook does not
  * undo the transition). */
+static void release_script(ah_host_t *h, ah_lua_t *lua, bool reloading);
+
 static void worker_apply(ah_host_t *h, const ah_event_t *ev)
 {
     ah_run_state_t from;
     ah_run_state_t to;
     ah_hook_t hook;
+    /* the batch a drain deadline cut short abandoned its work: what it held goes back after the
+     * hook, as on shutdown (a shutdown releases at the worker's exit anyway) */
+    bool drained = ah_lua_drained(h->lua);
     int rc = ah_state_apply(h->state, ev, &from, &to, &hook);
     if (rc == AH_ENOOP) {
         ah_log_debug("Command '%s' (version %lld) leaves the agent %s",
@@ -251,15 +348,22 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
         ah_state_issue_barrier(h->state); /* after this agent's own "issued" line, if it is one */
     }
     log_transition(to, ev);
-    if (hook == AH_HOOK_NONE) {
-        return;
+    if (drained) {
+        ah_log_warn("The running call was cut short at the drain deadline of '%s': its waits "
+                    "were cancelled",
+                    ah_command_name(ev->command));
     }
     char err[AH_ERRLEN * 4];
-    rc = ah_lua_hook(h->lua, hook, ev, err, sizeof(err));
-    if (rc != AH_OK) {
-        ah_state_count_hook_error(h->state);
-        ah_log_error("Lua error in %s (the transition to %s still holds): %s",
-                     ah_lua_hook_name(hook), ah_run_state_name(to), err);
+    if (hook != AH_HOOK_NONE) {
+        rc = ah_lua_hook(h->lua, hook, ev, err, sizeof(err));
+        if (rc != AH_OK) {
+            ah_state_count_hook_error(h->state);
+            ah_log_error("Lua error in %s (the transition to %s still holds): %s",
+                         ah_lua_hook_name(hook), ah_run_state_name(to), err);
+        }
+    }
+    if (drained && to == AH_STATE_PAUSED) {
+        release_script(h, h->lua, false);
     }
 }
 
@@ -285,12 +389,16 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
 {
     char err[AH_ERRLEN * 4];
     ah_log_info("Reloading script %s", h->script_label);
+    ah_leases_reload_begin(h->leases); /* the leases the new script names are its own */
     ah_lua_t *fresh = ah_lua_open(&h->lua_opts, h->cfg->script_path, err, sizeof(err));
     if (fresh == NULL) {
+        ah_leases_reload_end(h->leases, false);
         ah_log_error("Reload failed, the previous script keeps running: %s", err);
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
+    /* ctx.iteration counts this agent's batches, not this script version's (docs/LUA.md). */
+    ah_lua_set_iteration(fresh, ah_lua_iteration(h->lua));
     pthread_mutex_lock(&h->lua_lock);
     h->loading = fresh; /* its init is the running call: the watchdog must reach it */
     pthread_mutex_unlock(&h->lua_lock);
@@ -301,6 +409,7 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
     if (rc != AH_OK) {
         ah_log_error("Reload failed in init, the previous script keeps running: %s", err);
         ah_lua_close(fresh);
+        ah_leases_reload_end(h->leases, false);
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
@@ -311,6 +420,7 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
     h->lua = fresh;
     pthread_mutex_unlock(&h->lua_lock);
     ah_lua_close(old);
+    ah_leases_reload_end(h->leases, true); /* what the new script does not name is released */
     ah_log_info("Reloaded script %s (state: %s)", h->script_label,
                 ah_run_state_name(ah_state_get(h->state)));
     ah_state_finish_reload(h->state, ticket, true, "");
@@ -334,6 +444,7 @@ static void *worker_main(void *arg)
         atomic_store(&h->worker_rc, 1);
         ah_state_offer_local(h->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "init failed", "host");
     }
+    int rc;
     int batch_errors = 0; /* consecutive failed batches: drive the error backoff */
     int idle_batches = 0; /* consecutive batches without items: drive the idle backoff */
     for (;;) {
@@ -358,8 +469,18 @@ static void *worker_main(void *arg)
             ah_state_wait(h->state, 3600);
             continue;
         }
+        /* agent.every: a due schedule runs as its own call between batches */
+        double next_schedule = -1;
+        rc = ah_lua_run_schedule(h->lua, &next_schedule, err, sizeof(err));
+        if (rc != 0) {
+            if (rc < 0) {
+                ah_state_count_hook_error(h->state);
+                ah_log_error("Lua error in %s", err);
+            }
+            continue; /* commands first, then the next schedule or batch */
+        }
         long long items = 0;
-        int rc = ah_lua_batch(h->lua, &items, err, sizeof(err));
+        rc = ah_lua_batch(h->lua, &items, err, sizeof(err));
         ah_state_count_batch(h->state, rc == AH_OK);
         if (rc != AH_OK) {
             double error_wait = ah_backoff(batch_errors, ERROR_BACKOFF_MIN, ERROR_BACKOFF_MAX);
@@ -373,7 +494,11 @@ static void *worker_main(void *arg)
             idle_batches = 0;
             continue;
         }
-        ah_state_wait(h->state, ah_backoff(idle_batches, IDLE_BACKOFF_MIN, IDLE_BACKOFF_MAX));
+        double idle_wait = ah_backoff(idle_batches, IDLE_BACKOFF_MIN, IDLE_BACKOFF_MAX);
+        if (next_schedule >= 0 && next_schedule < idle_wait) {
+            idle_wait = next_schedule;
+        }
+        ah_state_wait(h->state, idle_wait);
         idle_batches += idle_batches < 64;
     }
     release_script(h, h->lua, false);
@@ -560,7 +685,7 @@ static void on_watchdog(uv_timer_t *timer)
     }
     arm_exit_timer(h, snap.stop_requested_us + (int64_t)(h->cfg->shutdown_timeout * 1e6));
     double waited = (double)(now - snap.stop_requested_us) / 1e6;
-    if (!h->interrupted_for_stop && waited > h->cfg->shutdown_timeout * 0.8 &&
+    if (!h->interrupted_for_stop && waited > h->cfg->shutdown_timeout * SHUTDOWN_INTERRUPT_SHARE &&
         snap.batch_started_us != 0) {
         h->interrupted_for_stop = true;
         ah_log_warn("Shutdown is waiting for a Lua call for %.1fs: interrupting it", waited);
@@ -634,6 +759,11 @@ static void on_store_control(void *ud, const ah_control_t *doc)
     ah_state_offer_cluster(ud, doc);
 }
 
+static void on_store_scopes(void *ud, const ah_control_t *scopes, int count)
+{
+    ah_state_offer_scopes(ud, scopes, count);
+}
+
 static void on_store_status(void *ud, const ah_store_status_t *status)
 {
     ah_state_set_store_status(ud, status);
@@ -656,7 +786,7 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
                     "local control only");
         ah_state_offer_local(h->state, AH_CMD_RUNNING, AH_SOURCE_STARTUP,
                              "distributed control disabled", "system");
-        return AH_OK;
+        return ah_leases_start(h->leases, NULL, err, errlen);
     }
     ah_log_info("[Distributed Control] Initializing cluster coordination");
     if (cfg->mongodb_uri != NULL) {
@@ -673,17 +803,26 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
          * path, unparsable MONGODB_URI): fail fast with exit 2 instead of retrying forever. */
         char detail[AH_ERRLEN];
         ah_strlcpy(detail, err, sizeof(detail));
-        snprintf(err, errlen, "%s: %s", cfg->mongodb_uri ? "MONGODB_URI" : "AGENTHOST_STATE",
-                 detail);
+        const char *setting = cfg->mongodb_uri ? "MONGODB_URI" : "AGENTHOST_STATE";
+        if (strncmp(detail, setting, strlen(setting)) == 0) { /* it names the setting already */
+            ah_strlcpy(err, detail, errlen);
+        } else {
+            snprintf(err, errlen, "%s: %s", setting, detail);
+        }
         return AH_EINVAL;
     }
     h->fleet = ah_fleet_start(cfg, h->state, h->store, err, errlen);
     if (h->fleet == NULL) {
         return AH_EIO;
     }
+    if (ah_leases_start(h->leases, h->store, err, errlen) != AH_OK) {
+        return AH_EIO;
+    }
     ah_state_set_fleet_listener(h->state, on_state_change, h->fleet);
-    ah_store_listener_t listener = {
-        .on_control = on_store_control, .on_status = on_store_status, .ud = h->state};
+    ah_store_listener_t listener = {.on_control = on_store_control,
+                                    .on_status = on_store_status,
+                                    .ud = h->state,
+                                    .on_scopes = on_store_scopes};
     return ah_store_watch_start(h->store, &listener, err, errlen);
 }
 
@@ -705,6 +844,7 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
         goto out;
     }
     ah_http_set_fleet(h->http, h->fleet);
+    ah_http_set_leases(h->http, h->leases);
     atomic_store(&h->http_port, ah_http_port(h->http));
     /* An IPv6 address is written in brackets, as in a URL: [::1]:8000. */
     bool ipv6 = strchr(h->cfg->http_bind, ':') != NULL;
@@ -748,6 +888,7 @@ out:
     }
     h->http = NULL;
     ah_lua_mongo_detach(h->mongo); /* the Lua worker has stopped: no client may outlive the pool */
+    ah_leases_stop(h->leases);     /* gives back what it holds while the store is still open */
     ah_fleet_stop(h->fleet);       /* the last record: "stopped" after a clean shutdown */
     ah_store_close(h->store);
     h->store = NULL;

@@ -25,6 +25,9 @@ typedef struct ah_fleet_s ah_fleet_t;
  * until then (and with NULL) such a command answers 503. Any thread; fleet must outlive the
  * server. */
 void ah_http_set_fleet(ah_http_t *http, ah_fleet_t *fleet);
+/* Gives /metrics this agent's leases (ah_lease.h; must outlive the server). NULL: none. */
+struct ah_leases_s;
+void ah_http_set_leases(ah_http_t *http, struct ah_leases_s *leases);
 /* The port actually bound (useful with HTTP_PORT=0). */
 int ah_http_port(const ah_http_t *http);
 /* Stops the server within `seconds`: requests still parked (waiting for the store or for a state)

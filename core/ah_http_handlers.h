@@ -27,6 +27,7 @@ struct ah_http_s {
     atomic_int in_flight;        /* requests begun (URI seen) and not yet completed */
     _Atomic(ah_fleet_t *) fleet; /* the fleet view (wait=, agents); NULL until ah_http_set_fleet */
     ah_http_parking_t *parking;  /* parked requests and store work (core/ah_http_park.c) */
+    _Atomic(struct ah_leases_s *) leases; /* this agent's leases (/metrics); NULL until set */
 };
 
 /* What a route handler receives. `name` is the tail of a prefix route (the command). conn and
@@ -48,6 +49,9 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply); /* 
 void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_stats(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_history(http_call_t *call, http_reply_t *reply);
+/* GET /api/cluster/scopes: every scope document with the live agents it matches and holds. */
+void ah_http_handle_cluster_scopes(http_call_t *call, http_reply_t *reply);
+void ah_http_handle_leases(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply); /* POST */
 void ah_http_handle_agent_reload(http_call_t *call, http_reply_t *reply);  /* POST */

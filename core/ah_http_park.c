@@ -519,7 +519,13 @@ int ah_http_park_stop(ah_http_parking_t *parking, double seconds)
      * everything still parked. */
     http_park_t *dropped = parking->jobs_head;
     parking->jobs_head = parking->jobs_tail = NULL;
+    int dropped_count = parking->jobs_waiting;
     parking->jobs_waiting = 0;
+    if (dropped_count > 0 || parking->jobs_running > 0) {
+        ah_log_info("Stopping the API: %d queued control-store request(s) dropped (answered 503), "
+                    "%d running",
+                    dropped_count, parking->jobs_running);
+    }
     pthread_cond_broadcast(&parking->park_cond);
     pthread_cond_broadcast(&parking->jobs_cond);
     bool idle =

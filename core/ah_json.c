@@ -2,6 +2,7 @@
 #include "ah_json.h"
 
 #include "ah_common.h"
+#include "ah_redact.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -157,8 +158,16 @@ void ah_json_str(ah_buf_t *b, const char *key, const char *value)
     json_key(b, key);
     if (value == NULL) {
         ah_buf_append(b, "null", 4);
-    } else {
+    } else if (!ah_redact_needed(value)) {
         ah_json_escape(b, value, strlen(value));
+    } else {
+        char *shown = ah_redact_dup(value);
+        if (shown == NULL) {
+            b->failed = true;
+            return;
+        }
+        ah_json_escape(b, shown, strlen(shown));
+        free(shown);
     }
 }
 

@@ -32,7 +32,9 @@ void ah_json_close(ah_buf_t *b);                        /* } */
 void ah_json_open_array(ah_buf_t *b, const char *key);  /* "key": [  (key NULL inside arrays) */
 void ah_json_close_array(ah_buf_t *b);                  /* ] */
 void ah_json_open_object(ah_buf_t *b, const char *key); /* "key": {  (key NULL inside arrays) */
-void ah_json_str(ah_buf_t *b, const char *key, const char *value); /* NULL value → null */
+/* NULL value → null. Credentials in value are written as "***" (ah_redact_text): every HTTP
+ * body and JSON log line is built here. */
+void ah_json_str(ah_buf_t *b, const char *key, const char *value);
 void ah_json_int(ah_buf_t *b, const char *key, int64_t value);
 /* Writes the shortest decimal form that reads back as value (0.1 → 0.1); non-finite → null. */
 void ah_json_num(ah_buf_t *b, const char *key, double value);

@@ -4,6 +4,7 @@
 
 #include "ah_common.h"
 #include "ah_json.h"
+#include "ah_redact.h"
 
 #include <pthread.h>
 #include <stdarg.h>
@@ -132,6 +133,11 @@ void ah_log(ah_log_level_t level, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    if (ah_redact_needed(msg)) {
+        char raw[sizeof(msg)];
+        memcpy(raw, msg, sizeof(raw));
+        ah_redact_text(raw, msg, sizeof(msg));
+    }
 
     ah_buf_t line;
     ah_buf_init(&line);

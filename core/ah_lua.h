@@ -44,6 +44,8 @@ typedef struct ah_lua_options_s {
     struct ah_metrics_s *metrics; /* agent.metrics registry, not owned (must outlive the state);
                                      NULL: the state keeps a private one */
     size_t memory_limit;          /* bytes the script may allocate (LUA_MEMORY_LIMIT); 0: none */
+    struct ah_leases_s *leases;   /* the host's lease keeper (ah_lease.h), not owned (must outlive
+                                     the state); NULL: lease:acquire fails with "store" */
 } ah_lua_options_t;
 
 /* Creates a state, opens the standard libraries, cjson and the agent module, sets package.path so
@@ -57,6 +59,11 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
                       size_t errlen);
 /* Closes the state. NULL is accepted. */
 void ah_lua_close(ah_lua_t *lua);
+/* ctx.iteration: the batches started so far by this agent (the running one included). A reload
+ * carries it over to the fresh state (before its init), so it counts across script versions like
+ * /api/agent/state's `batches`. Lua thread (or before the state is shared). */
+long long ah_lua_iteration(const ah_lua_t *lua);
+void ah_lua_set_iteration(ah_lua_t *lua, long long iteration);
 
 /* Calls M.init(ctx) if the script defines it. 0, or AH_ELUA with the message and traceback. */
 int ah_lua_init(ah_lua_t *lua, char *err, size_t errlen);
@@ -71,10 +78,20 @@ int ah_lua_hook(ah_lua_t *lua, ah_hook_t hook, const ah_event_t *ev, char *err, 
 /* Calls M.on_reload(ctx) if the script defines it: the old script's chance to let go of what it
  * holds once its replacement has loaded, before the host closes it. 0, AH_ELUA or AH_ETIMEOUT. */
 int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen);
+/* Runs one agent.every schedule that is due now, if any, as its own call through the call
+ * wrapper (time budget, memory limit, traceback) with fn(ctx). Returns 0 when none was due and
+ * *next_in = seconds until the next one (< 0: no schedules); 1 when one ran and succeeded;
+ * AH_ELUA / AH_ETIMEOUT when it failed (err: "agent.every(<spec>): <message>"). The first call
+ * closes agent.every to the script (only the main chunk and init may schedule). */
+int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen);
 /* Before the state closes (reload, shutdown): lets the agent module give back what it holds for
  * the script (agent.queue's claims) by calling its internal release function, if the script
  * loaded the module. 0, AH_ELUA or AH_ETIMEOUT. */
 int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen);
+/* True when the waits of the last call (batch or hook) were cancelled by the drain deadline of a
+ * pending command (drain=, PAUSE_DRAIN_TIMEOUT, a shutdown's bound): the host then releases what
+ * the script holds (ah_lua_release) after the command's hook, as on shutdown. */
+bool ah_lua_drained(const ah_lua_t *lua);
 /* Asks the running call to stop: every wait of the call is cancelled (it resumes with nil, msg,
  * "cancelled") by the call's loop, and, when Lua code is running, the call is stopped with an
  * error at its next instruction check. Safe from any thread and from signal handlers, as long as
@@ -104,9 +121,9 @@ void ah_lua_wake(ah_lua_t *lua);
 /* Something a task waits for: started by a C function, completed by a loop callback. */
 typedef struct ah_lua_op_s ah_lua_op_t;
 struct ah_lua_op_s {
-    /* Called on the Lua thread when the wait is cancelled (BATCH_TIMEOUT, shutdown, the call's
-     * function failed, the state closes): stop the work now; ah_lua_op_done() must not be called
-     * for it afterwards. */
+    /* Called on the Lua thread when the wait is cancelled (BATCH_TIMEOUT, shutdown, a pending
+     * command's drain deadline, task:cancel(), the call's function failed, the state closes):
+     * stop the work now; ah_lua_op_done() must not be called for it afterwards. */
     void (*cancel)(ah_lua_op_t *op);
     /* Set by cancel() when the work had already started and may take effect anyway (a write on
      * the thread pool): the wait then resumes with nil, msg, "unknown" instead of the
@@ -128,9 +145,10 @@ int ah_lua_op_wait(struct lua_State *L, ah_lua_op_t *op, const char *what);
  * coroutine the script created and for a lua_State that no ah_lua_t opened (an embedder's own,
  * a benchmark's). */
 bool ah_lua_can_wait(struct lua_State *L);
-/* When the running call's waits are cancelled (BATCH_TIMEOUT, shutdown), pushes nil, msg, code
- * on L and returns 3: a C function should return that before starting work nobody will wait
- * for. Otherwise returns 0 and pushes nothing. */
+/* When the running call's waits are cancelled (BATCH_TIMEOUT, shutdown, a drain deadline), or
+ * those of the task running on L (task:cancel()), pushes nil, msg, code on L and returns 3: a C
+ * function should return that before starting work nobody will wait for. Otherwise returns 0
+ * and pushes nothing. */
 int ah_lua_push_cancelled(struct lua_State *L);
 /* Completes op: its task resumes with `true` at the next turn of the loop. Lua thread only
  * (loop callbacks). A no-op when nobody waits for op any more. */

@@ -252,6 +252,8 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     lua_xmove(L, main->co, nargs + 1);
     budget_arm(lua);
     lua->cancel_code = NULL;
+    lua->memory_refused = false;
+    lua->drained = false;
     lua->call_err = err;
     lua->call_errlen = errlen;
     main->ended = false;
@@ -277,10 +279,9 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     luaL_unref(L, LUA_REGISTRYINDEX, main->co_ref);
     main->co_ref = LUA_NOREF;
     main->co = NULL;
-    if (status == LUA_ERRMEM && lua->memory_limit > 0) {
-        snprintf(err, errlen,
-                 "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%zu bytes; %zu in use)",
-                 lua->memory_limit, lua->memory_used);
+    if (status == LUA_ERRMEM) {
+        /* err has the message (the limit's when it refused, else Lua's own) and the traceback
+         * (push_task_error) */
         lua_gc(L, LUA_GCCOLLECT, 0); /* give the garbage of the failed call back at once */
         return AH_ELUA;
     }
@@ -340,12 +341,12 @@ int ah_lua_batch(ah_lua_t *lua, long long *items, char *err, size_t errlen)
     return rc;
 }
 
-/* Pushes the ev table for a hook. Stack: [-0, +1]. */
+/* Pushes the ev table for a hook (ev.scope only for a scope's command). Stack: [-0, +1]. */
 static void push_event(lua_State *L, const ah_event_t *ev)
 {
     char timestamp[AH_TIMESTAMP_LEN];
     ah_format_timestamp(ev->timestamp_us, timestamp);
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
     lua_pushstring(L, ah_command_name(ev->command));
     lua_setfield(L, -2, "command");
     lua_pushnumber(L, (lua_Number)ev->version);
@@ -358,6 +359,14 @@ static void push_event(lua_State *L, const ah_event_t *ev)
     lua_setfield(L, -2, "timestamp");
     lua_pushstring(L, ah_source_name(ev->source));
     lua_setfield(L, -2, "source");
+    if (ev->scope[0] != '\0') { /* the scope document that decided it; nil: the cluster's */
+        lua_pushstring(L, ev->scope);
+        lua_setfield(L, -2, "scope");
+    }
+    if (ev->drain_ms > 0) {
+        lua_pushnumber(L, (lua_Number)ev->drain_ms / 1000.0);
+        lua_setfield(L, -2, "drain");
+    }
 }
 
 /* AH_HOOK_NONE (a transition without a hook) and an undefined hook are no-ops returning 0. */
@@ -415,6 +424,55 @@ int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen)
     assert(lua_gettop(L) == top);
     (void)top;
     return rc;
+}
+
+int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen)
+{
+    lua_State *L = lua->L;
+    int top = lua_gettop(L);
+    int rc = 0;
+    *next_in = -1;
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_getfield(L, -1, "agent");
+    if (!lua_istable(L, -1)) {
+        goto out; /* the script never required agent: no schedules */
+    }
+    lua_getfield(L, -1, "_due");
+    if (!lua_isfunction(L, -1)) {
+        goto out;
+    }
+    /* the host's own code: plain pcall, no user code runs in it */
+    if (lua_pcall(L, 0, 2, 0) != 0) {
+        snprintf(err, errlen, "agent.every: %s", lua_tostring(L, -1));
+        rc = AH_ELUA;
+        goto out;
+    }
+    if (!lua_isfunction(L, -2)) {
+        if (lua_isnumber(L, -1)) {
+            *next_in = lua_tonumber(L, -1);
+        }
+        goto out;
+    }
+    char spec[96] = "";
+    lua_getfield(L, -1, "spec");
+    ah_strlcpy(spec, lua_isstring(L, -1) ? lua_tostring(L, -1) : "", sizeof(spec));
+    lua_pop(L, 1);
+    char msg[AH_ERRLEN * 4];
+    rc = ah_lua_call_user(lua, 1, 0, msg, sizeof(msg));
+    if (rc == AH_OK) {
+        rc = 1;
+    } else {
+        snprintf(err, errlen, "agent.every(%s): %s", spec, msg);
+    }
+out:
+    lua_settop(L, top);
+    return rc;
+}
+
+bool ah_lua_drained(const ah_lua_t *lua)
+{
+    return lua != NULL && lua->drained;
 }
 
 int ah_lua_release(ah_lua_t *lua, char *err, size_t errlen)

@@ -80,8 +80,8 @@ static int core_sleep(lua_State *L)
         seconds = SLEEP_MAX_SECONDS;
     }
     task_t *t = ah_lua_task_waiting(L, lua, "agent.sleep");
-    if (lua->cancel_code != NULL) {
-        return ah_lua_task_push_cancelled(L, lua);
+    if (ah_lua_task_wait_cancelled(lua, t)) {
+        return ah_lua_task_push_task_cancelled(L, lua, t);
     }
     if (lua->state != NULL && ah_state_sleep(lua->state, 0)) {
         lua_pushboolean(L, 1);
@@ -169,6 +169,9 @@ static int task_join(lua_State *L)
         return ah_lua_task_push_outcome(L, hd);
     }
     task_t *self = ah_lua_task_waiting(L, lua, "task:join");
+    if (self->cancelled) { /* task:cancel(); the call's own cancellation lets joins wait (below) */
+        return ah_lua_task_push_task_cancelled(L, lua, self);
+    }
     task_t *target = hd->task;
     if (target == self) {
         return luaL_error(L, "task:join: a task cannot join itself");
@@ -191,6 +194,22 @@ static int task_join(lua_State *L)
     return lua_yield(L, 0);
 }
 
+/* task:cancel() -> true when the task was still running: its present wait resumes with nil, msg,
+ * "cancelled" and its later waits return that at once (the task unwinds through its own code);
+ * false when it had ended. Upvalue 1: the ah_lua_t. */
+static int task_cancel(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    task_handle_t *hd = luaL_checkudata(L, 1, TASK_META);
+    task_t *t = hd->task;
+    bool running = hd->status == TASK_RUNNING && t != NULL && !t->ended;
+    if (running) {
+        ah_lua_task_cancel(lua, t);
+    }
+    lua_pushboolean(L, running);
+    return 1;
+}
+
 /* __gc of a task object: its task has ended (a running task keeps its object alive). */
 static int task_gc(lua_State *L)
 {
@@ -206,10 +225,13 @@ static int task_gc(lua_State *L)
 void ah_lua_core_register_task_meta(lua_State *L, ah_lua_t *lua)
 {
     luaL_newmetatable(L, TASK_META);
-    lua_createtable(L, 0, 1);
+    lua_createtable(L, 0, 2);
     lua_pushlightuserdata(L, lua);
     lua_pushcclosure(L, task_join, 1);
     lua_setfield(L, -2, "join");
+    lua_pushlightuserdata(L, lua);
+    lua_pushcclosure(L, task_cancel, 1);
+    lua_setfield(L, -2, "cancel");
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, task_gc);
     lua_setfield(L, -2, "__gc");
@@ -231,6 +253,29 @@ static int core_shutdown(lua_State *L)
     }
     ah_state_offer_local(lua->state, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, reason, "script");
     lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* core.pending() -> {command =, reason =, deadline = seconds left or nil} for the command waiting
+ * to be applied, or nil. command is ev.command's word ("pause", "running", "shutdown"). */
+static int core_pending(lua_State *L)
+{
+    ah_lua_t *lua = host_upvalue(L);
+    ah_pending_t pending;
+    if (lua->state == NULL || !ah_state_pending(lua->state, &pending)) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, ah_command_name(pending.command));
+    lua_setfield(L, -2, "command");
+    lua_pushstring(L, pending.reason);
+    lua_setfield(L, -2, "reason");
+    if (pending.drain_deadline_us != 0) {
+        int64_t left_us = pending.drain_deadline_us - ah_mono_us();
+        lua_pushnumber(L, left_us > 0 ? (lua_Number)left_us / 1e6 : 0);
+        lua_setfield(L, -2, "deadline");
+    }
     return 1;
 }
 
@@ -327,6 +372,7 @@ static const luaL_Reg core_functions[] = {
     {"sleep", core_sleep},
     {"spawn", core_spawn},
     {"should_stop", core_should_stop},
+    {"pending", core_pending},
     {"shutdown", core_shutdown},
     {"env", core_env},
     {"now", core_now},

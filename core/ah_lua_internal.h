@@ -63,6 +63,7 @@ struct task_s {
     task_handle_t *handle; /* the script's task object; NULL for the main task */
     int handle_ref;        /* keeps the task object alive while the task runs */
     bool ended;
+    bool cancelled; /* task:cancel(): its waits resume (and later ones return) "cancelled" */
 };
 
 /* The script's task object (full userdata, TASK_META). It outlives its task to keep the
@@ -99,6 +100,8 @@ struct ah_lua_s {
 
     /* agent.mongo's connection (not owned; may be NULL: calls fail "not configured"). */
     ah_lua_mongo_t *mongo;
+    /* The host's lease keeper for agent.lease / agent.every (not owned; may be NULL). */
+    struct ah_leases_s *leases;
 
     /* Only during ah_lua_open(): the script's text (NULL: load lua->script as a file) and the
      * agent.ext functions (not owned). */
@@ -114,7 +117,11 @@ struct ah_lua_s {
      * enforced only while user Lua runs (armed), so the host's own pushes never fail. */
     size_t memory_limit;
     size_t memory_used;
+    /* "file:line: " of the Lua code whose allocation the limit refused last (limited_alloc),
+     * for the error message: after the throw the innermost frame's line is gone. */
+    char memory_where[256];
     bool memory_armed;
+    bool memory_refused; /* the limit refused an allocation during the current call */
 
     /* The loop every call runs on, and the tasks of the running call. Lua thread only, except
      * wake (uv_async_send from any thread), cancel_seq and parked (atomics). */
@@ -137,6 +144,13 @@ struct ah_lua_s {
     int pending_work;            /* ah_lua_queue_work() jobs not finished yet */
     _Atomic uint64_t cancel_seq; /* call_seq of the call ah_lua_interrupt() asked to cancel */
     atomic_bool parked;          /* the running call is in the loop, not in Lua code */
+
+    /* Drains (cold: kept after the fields every call touches). drain: the pending command's
+     * drain deadline, armed while the running call waits; drain_armed_us: the monotonic deadline
+     * it is armed for (0: none); drained: the last call's waits were cancelled by it. */
+    uv_timer_t drain;
+    int64_t drain_armed_us;
+    bool drained;
 };
 
 /* Values pinned at the bottom of the main Lua stack for the life of the state, so that the hot
@@ -181,6 +195,15 @@ void ah_lua_core_register_task_meta(lua_State *L, ah_lua_t *lua);
 void ah_lua_task_ready(ah_lua_t *lua, task_t *t, int nargs);
 /* Pushes nil, the cancellation message, its code. Stack: [-0, +3]. */
 int ah_lua_task_push_cancelled(lua_State *L, ah_lua_t *lua);
+/* True when a wait of task t (may be NULL) must not start: the call's waits are cancelled, or
+ * t's own (task:cancel()). */
+bool ah_lua_task_wait_cancelled(const ah_lua_t *lua, const task_t *t);
+/* Pushes what a cancelled wait of task t returns: nil, msg, code of the call's cancellation
+ * first, else task:cancel()'s. Stack: [-0, +3]. */
+int ah_lua_task_push_task_cancelled(lua_State *L, ah_lua_t *lua, const task_t *t);
+/* task:cancel(): cancels the waits of t alone. Its present wait (sleep, join, an operation)
+ * resumes with nil, msg, "cancelled", and every later one returns that at once. */
+void ah_lua_task_cancel(ah_lua_t *lua, task_t *t);
 /* The task allowed to wait on L, i.e. the running task itself (not a coroutine the script
  * created inside it); raises otherwise (`what` names the caller). */
 task_t *ah_lua_task_waiting(lua_State *L, ah_lua_t *lua, const char *what);

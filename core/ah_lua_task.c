@@ -10,7 +10,6 @@
 
 #include "ah_log.h"
 
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,13 +20,19 @@ static const char code_unknown[] = "unknown";
 
 /* ---- tasks: coroutines on the loop ------------------------------------------------------- */
 
-/* Queues t to be resumed with the nargs values already pushed on its coroutine. */
+/* Queues t to be resumed with the nargs values already pushed on its coroutine. Called from a
+ * loop callback (the call is parked in uv_run), it also stops the loop: a callback that runs
+ * before libuv polls (a timer's: curl may finish a transfer inline from its timeout) would
+ * otherwise leave UV_RUN_ONCE blocking in epoll_wait before the scheduler resumes the task. */
 void ah_lua_task_ready(ah_lua_t *lua, task_t *t, int nargs)
 {
     t->wait = WAIT_NONE;
     t->resume_nargs = nargs;
     if (t->queued) {
         return;
+    }
+    if (atomic_load_explicit(&lua->parked, memory_order_relaxed)) {
+        uv_stop(&lua->loop);
     }
     t->queued = true;
     t->ready_next = NULL;
@@ -48,13 +53,38 @@ int ah_lua_task_push_cancelled(lua_State *L, ah_lua_t *lua)
     return 3;
 }
 
-/* Pushes nil, the cancellation message, "unknown": the wait was cancelled after its work had
- * started, so it may have taken effect. Stack: [-0, +3]. */
-static int push_unknown(lua_State *L, ah_lua_t *lua)
+static const char task_cancel_msg[] = "cancelled: task:cancel()";
+
+bool ah_lua_task_wait_cancelled(const ah_lua_t *lua, const task_t *t)
+{
+    return lua->cancel_code != NULL || (t != NULL && t->cancelled);
+}
+
+/* The message of a cancelled wait of t: the call's cancellation first, else task:cancel()'s. */
+static const char *cancel_msg_of(const ah_lua_t *lua, const task_t *t)
+{
+    return lua->cancel_code != NULL || t == NULL || !t->cancelled ? lua->cancel_msg
+                                                                  : task_cancel_msg;
+}
+
+int ah_lua_task_push_task_cancelled(lua_State *L, ah_lua_t *lua, const task_t *t)
+{
+    if (lua->cancel_code != NULL || t == NULL || !t->cancelled) {
+        return ah_lua_task_push_cancelled(L, lua);
+    }
+    lua_pushnil(L);
+    lua_pushstring(L, task_cancel_msg);
+    lua_pushstring(L, ah_lua_code_cancelled);
+    return 3;
+}
+
+/* Pushes nil, the cancellation message of t's wait, "unknown": the wait was cancelled after its
+ * work had started, so it may have taken effect. Stack: [-0, +3]. */
+static int push_unknown(lua_State *L, ah_lua_t *lua, const task_t *t)
 {
     lua_pushnil(L);
     lua_pushfstring(L, "%s; the operation had already started and may have been applied",
-                    lua->cancel_msg);
+                    cancel_msg_of(lua, t));
     lua_pushstring(L, code_unknown);
     return 3;
 }
@@ -111,8 +141,21 @@ static void cancel_waits(ah_lua_t *lua, const char *code, const char *msg, bool 
         bool unknown = task_stop_wait(t);
         lua_checkstack(t->co, 3);
         ah_lua_task_ready(
-            lua, t, unknown ? push_unknown(t->co, lua) : ah_lua_task_push_cancelled(t->co, lua));
+            lua, t, unknown ? push_unknown(t->co, lua, t) : ah_lua_task_push_cancelled(t->co, lua));
     }
+}
+
+void ah_lua_task_cancel(ah_lua_t *lua, task_t *t)
+{
+    t->cancelled = true;
+    if (t->ended || t->wait == WAIT_NONE) {
+        return;
+    }
+    bool unknown = task_stop_wait(t);
+    lua_checkstack(t->co, 3);
+    ah_lua_task_ready(lua, t,
+                      unknown ? push_unknown(t->co, lua, t)
+                              : ah_lua_task_push_task_cancelled(t->co, lua, t));
 }
 
 /* The task allowed to wait on L, i.e. the running task itself (not a coroutine the script
@@ -151,10 +194,14 @@ int ah_lua_traceback_of(lua_State *L)
 static void push_task_error(ah_lua_t *lua, lua_State *co, int status)
 {
     lua_State *L = lua->L;
-    if (status == LUA_ERRMEM && lua->memory_limit > 0) {
-        lua_pushfstring(L, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%d bytes)",
-                        (int)(lua->memory_limit > INT_MAX ? INT_MAX : lua->memory_limit));
-        return;
+    if (status == LUA_ERRMEM && lua->memory_refused) {
+        /* Lua's "not enough memory" has no position: name the limit and the script line where
+         * the allocation was refused (noted by limited_alloc()), then the traceback as for any
+         * error. The limit is not enforced here (only around lua_resume), so this cannot fail.
+         * %f: LuaJIT writes a lua_Number with %.14g, exact for any limit (%d stops at 2 GiB). */
+        lua_pop(co, 1);
+        lua_pushfstring(co, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%f bytes)%s",
+                        (lua_Number)lua->memory_limit, lua->memory_where);
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, lua->traceback_ref); /* no allocation */
     lua_xmove(co, L, 1);
@@ -248,6 +295,55 @@ static void on_deadline(uv_timer_t *timer)
     cancel_waits(lua, ah_lua_code_timeout, msg, false);
 }
 
+static void drain_arm(ah_lua_t *lua);
+
+/* The pending command's drain deadline passed: the running call's waits are cancelled, joins
+ * included, so that the call ends and the command applies. A command that replaced it since
+ * (latest wins) brings its own deadline, or none. */
+static void on_drain(uv_timer_t *timer)
+{
+    ah_lua_t *lua = timer->data;
+    ah_pending_t pending;
+    lua->drain_armed_us = 0;
+    if (lua->state == NULL || !ah_state_pending(lua->state, &pending) ||
+        pending.drain_deadline_us == 0) {
+        return;
+    }
+    if (pending.drain_deadline_us > ah_mono_us() + 1000) {
+        drain_arm(lua); /* a later deadline replaced the one this timer was armed for */
+        return;
+    }
+    char msg[sizeof(lua->cancel_msg)];
+    snprintf(msg, sizeof(msg), "cancelled: the drain deadline of the pending %s passed",
+             pending.command == AH_CMD_RUNNING ? "resume" : ah_command_name(pending.command));
+    if (lua->cancel_code == NULL) {
+        lua->drained = true;
+    }
+    cancel_waits(lua, ah_lua_code_cancelled, msg, true);
+}
+
+/* Arms (or moves, or stops) the drain timer for the pending command's deadline. Called when the
+ * running call first waits and on every wake-up (a command was offered). */
+static void drain_arm(ah_lua_t *lua)
+{
+    ah_pending_t pending;
+    int64_t deadline_us = 0;
+    if (lua->state != NULL && lua->cancel_code == NULL && ah_state_pending(lua->state, &pending)) {
+        deadline_us = pending.drain_deadline_us;
+    }
+    if (deadline_us == lua->drain_armed_us) {
+        return;
+    }
+    lua->drain_armed_us = deadline_us;
+    if (deadline_us == 0) {
+        uv_timer_stop(&lua->drain);
+        return;
+    }
+    int64_t left_us = deadline_us - ah_mono_us();
+    uv_update_time(&lua->loop);
+    uv_timer_start(&lua->drain, on_drain, left_us > 0 ? (uint64_t)(left_us + 999) / 1000 : 0, 0);
+}
+
 /* Commands (a wait that ends on a pending command) and interrupts reach the running call here. */
 void ah_lua_task_on_wake(uv_async_t *handle)
 {
@@ -260,6 +356,7 @@ void ah_lua_task_on_wake(uv_async_t *handle)
         cancel_waits(lua, ah_lua_code_cancelled, "cancelled: the host stopped this call (shutdown)",
                      false);
     }
+    drain_arm(lua);
     if (lua->state == NULL || !ah_state_sleep(lua->state, 0)) {
         return;
     }
@@ -298,6 +395,7 @@ __attribute__((noinline)) void ah_lua_task_run_loop(ah_lua_t *lua)
                 uv_update_time(&lua->loop);
                 uv_timer_start(&lua->deadline, on_deadline, ms, 0);
             }
+            drain_arm(lua); /* a command may have been pending before the call waited */
         }
         atomic_store(&lua->parked, true);
         int alive = uv_run(&lua->loop, lua->ready_head != NULL ? UV_RUN_NOWAIT : UV_RUN_ONCE);
@@ -311,6 +409,8 @@ __attribute__((noinline)) void ah_lua_task_run_loop(ah_lua_t *lua)
     }
     if (deadline_armed) {
         uv_timer_stop(&lua->deadline);
+        uv_timer_stop(&lua->drain);
+        lua->drain_armed_us = 0;
     }
 }
 
@@ -357,17 +457,18 @@ bool ah_lua_can_wait(lua_State *L)
 int ah_lua_push_cancelled(lua_State *L)
 {
     ah_lua_t *lua = ah_lua_host_of(L);
-    return lua->cancel_code != NULL ? ah_lua_task_push_cancelled(L, lua) : 0;
+    task_t *t = lua->current != NULL && lua->current->co == L ? lua->current : NULL;
+    return ah_lua_task_wait_cancelled(lua, t) ? ah_lua_task_push_task_cancelled(L, lua, t) : 0;
 }
 
 int ah_lua_op_wait(lua_State *L, ah_lua_op_t *op, const char *what)
 {
     ah_lua_t *lua = ah_lua_host_of(L);
     task_t *t = ah_lua_task_waiting(L, lua, what);
-    if (lua->cancel_code != NULL) {
+    if (ah_lua_task_wait_cancelled(lua, t)) {
         op->task = NULL;
         op->cancel(op);
-        return ah_lua_task_push_cancelled(L, lua);
+        return ah_lua_task_push_task_cancelled(L, lua, t);
     }
     op->task = t;
     t->op = op;

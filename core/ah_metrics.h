@@ -8,6 +8,7 @@
 #define AH_METRICS_H
 
 #include "ah_json.h"
+#include "ah_lease.h"
 #include "ah_state.h"
 
 #include <stddef.h>
@@ -36,8 +37,15 @@ void ah_metrics_set(ah_metrics_t *m, int index, double value);
 double ah_metrics_get(ah_metrics_t *m, int index);
 /* Appends every metric in Prometheus text format (HELP, TYPE, value). */
 void ah_metrics_render(ah_metrics_t *m, ah_buf_t *out);
+/* Appends agenthost_lease_held{name} and agenthost_lease_changes_total{name} for this agent's
+ * leases (ah_leases_list). */
+void ah_metrics_render_leases(const ah_lease_view_t *views, int count, ah_buf_t *b);
 /* Appends the host's own agenthost_* metrics (docs/API.md) for one state snapshot, in Prometheus
  * text format. uptime_s: seconds since the agent started. */
 void ah_metrics_render_agent(const ah_state_snapshot_t *snap, double uptime_s, ah_buf_t *out);
+/* Appends the info metric agenthost_agent_labels{label_<key>="<value>",...} 1 for the
+ * canonical labels text (two keys that differ only in characters Prometheus does not allow
+ * in a label name would collide; label_ keeps them apart from Prometheus' own). */
+void ah_metrics_render_labels(const char *labels_text, ah_buf_t *out);
 
 #endif

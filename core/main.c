@@ -7,6 +7,7 @@
 #include "ah_log.h"
 #include "ah_lua.h"
 #include "ah_mongo.h"
+#include "ah_redact.h"
 
 #include <luajit.h>
 #include <microhttpd.h>
@@ -58,6 +59,13 @@ static void print_run_help(FILE *out)
           out);
 }
 
+/* Every message of the command line goes out through here: credentials become "***". */
+static void print_error(const char *prefix, const char *message)
+{
+    char shown[AH_ERRLEN * 4];
+    fprintf(stderr, "%s: %s\n", prefix, ah_redact_text(message, shown, sizeof(shown)));
+}
+
 static bool wants_help(int argc, char **argv)
 {
     for (int i = 0; i < argc; i++) {
@@ -88,10 +96,10 @@ static int cmd_version(int argc, char **argv)
            curl != NULL ? curl->curl_version() : "unavailable", uv_version_string(),
            MHD_get_version(), sqlite3_libversion());
     if (mongo == NULL) {
-        fprintf(stderr, "agenthost: %s\n", mongo_err);
+        print_error("agenthost", mongo_err);
     }
     if (curl == NULL) {
-        fprintf(stderr, "agenthost: %s\n", curl_err);
+        print_error("agenthost", curl_err);
     }
     return 0;
 }
@@ -112,7 +120,7 @@ static int cmd_check(int argc, char **argv)
     ah_lua_options_t opts = {.agent_id = "check", .state = NULL, .batch_timeout = 10};
     ah_lua_t *lua = ah_lua_open(&opts, argv[0], err, sizeof(err));
     if (lua == NULL) {
-        fprintf(stderr, "agenthost check: %s\n", err);
+        print_error("agenthost check", err);
         return 2;
     }
     ah_lua_close(lua);
@@ -131,7 +139,7 @@ static int cmd_run(int argc, char **argv)
     ah_config_defaults(&cfg);
     if (ah_config_from_env(&cfg, err, sizeof(err)) != 0 ||
         ah_config_from_args(&cfg, argc, argv, err, sizeof(err)) != 0) {
-        fprintf(stderr, "agenthost: %s\n", err);
+        print_error("agenthost", err);
         ah_config_free(&cfg);
         return 2;
     }
@@ -145,7 +153,7 @@ static int cmd_run(int argc, char **argv)
     ah_host_options_t hopts = {.exit_on_shutdown_timeout = true};
     ah_host_t *host = ah_host_new(&cfg, &hopts, err, sizeof(err));
     if (host == NULL) {
-        fprintf(stderr, "agenthost: %s\n", err);
+        print_error("agenthost", err);
         ah_config_free(&cfg);
         return 2;
     }
@@ -166,6 +174,7 @@ static int cmd_run(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+    ah_config_register_secrets();
     if (argc < 2) {
         print_run_help(stderr);
         return 2;
@@ -186,6 +195,22 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "run") == 0) {
         return cmd_run(argc - 2, argv + 2);
+    }
+    /* `agenthost SCRIPT.lua`: a word that is no file and looks like a command is a typo. */
+    static const char *const commands[] = {"run", "check", "ctl", "version", "help", NULL};
+    const char *meant = ah_suggest(cmd, commands, NULL);
+    if (cmd[0] != '-' && strchr(cmd, '/') == NULL && strchr(cmd, '.') == NULL &&
+        access(cmd, F_OK) != 0) {
+        if (meant != NULL) {
+            fprintf(stderr, "agenthost: unknown command \"%s\" (did you mean \"%s\"?)\n", cmd,
+                    meant);
+        } else {
+            fprintf(stderr,
+                    "agenthost: unknown command \"%s\" (commands: run, check, ctl, "
+                    "version; or a SCRIPT.lua to run)\n",
+                    cmd);
+        }
+        return 2;
     }
     return cmd_run(argc - 1, argv + 1);
 }

@@ -6,7 +6,7 @@ local core = require "agent.core"
 local json = require "cjson"
 
 local format, select, tostring = string.format, select, tostring
-local pairs, pcall, setmetatable, type = pairs, pcall, setmetatable, type
+local ipairs, pairs, pcall, setmetatable, type = ipairs, pairs, pcall, setmetatable, type
 
 -- Misuse is reported at the line of the script that called the public function, not here:
 -- calls fn(...) and re-raises its error `level` levels above the function that calls this
@@ -25,6 +25,8 @@ local agent = {
     sleep = core.sleep,       -- agent.sleep(s) -> true if woken early by a command or shutdown
     spawn = core.spawn,       -- agent.spawn(fn, ...) -> task; task:join([timeout]) -> true, ...
     should_stop = core.should_stop, -- true once shutdown was requested
+    pending = core.pending,   -- {command =, reason =, deadline = s left | nil} of the command
+                              -- waiting to be applied, or nil
     shutdown = core.shutdown, -- agent.shutdown([reason]): a local, final shutdown of this agent
     env = core.env,           -- agent.env(name, default) -> os.getenv(name) or default
     now = core.now,           -- wall clock, seconds since the Unix epoch (with fractions)
@@ -151,6 +153,183 @@ function agent._release()
                 tostring(err))
         end
     end
+end
+
+-- ---- leases and schedules (docs/LUA.md, "Work that runs once per fleet") ----
+-- The C half (core/ah_lua_lease.c) talks to the host's lease keeper (core/ah_lease.c), whose
+-- thread does every store call: nothing here blocks the Lua thread.
+local lease_core = require "agent.lease.core"
+local DEFAULT_TTL = 15
+
+local function lease_ttl(opts, level, what)
+    if opts == nil then
+        return DEFAULT_TTL
+    end
+    if type(opts) ~= "table" then
+        error(format("%s: options must be a table", what), level + 1)
+    end
+    local ttl = opts.ttl
+    if ttl == nil then
+        return DEFAULT_TTL
+    end
+    if type(ttl) ~= "number" or ttl ~= ttl or ttl < 1 or ttl > 3600 then
+        error(format("%s: ttl must be a number of seconds between 1 and 3600", what), level + 1)
+    end
+    return ttl
+end
+
+local Lease = {}
+local LeaseMeta = {
+    __index = function(self, key)
+        if key == "token" then
+            local _, token = lease_core.status(rawget(self, "name"))
+            return token
+        end
+        return Lease[key]
+    end,
+    __tostring = function(self)
+        return "lease " .. rawget(self, "name")
+    end,
+}
+
+-- lease:acquire([timeout]) -> true | nil, msg, "timeout" | "cancelled" | "store"
+function Lease:acquire(timeout)
+    if timeout ~= nil and (type(timeout) ~= "number" or timeout ~= timeout or timeout < 0) then
+        error("lease:acquire: timeout must be a non-negative number of seconds", 2)
+    end
+    local name = rawget(self, "name")
+    if lease_core.status(name) then
+        return true
+    end
+    local since = lease_core.want(name)
+    local ok, msg, code = lease_core.wait(name, since, timeout)
+    if not ok then
+        return nil, msg, code
+    end
+    return lease_core.outcome(name, since)
+end
+
+-- lease:held() -> true only while this agent certainly holds it (local monotonic deadline)
+function Lease:held()
+    return (lease_core.status(rawget(self, "name")))
+end
+
+-- lease:release(): held() is false at once; the store write follows off the Lua thread
+function Lease:release()
+    lease_core.release(rawget(self, "name"))
+end
+
+-- agent.lease(name, {ttl = 15}) -> lease object
+function agent.lease(name, opts)
+    if type(name) ~= "string" then
+        error("agent.lease: name must be a string", 2)
+    end
+    local ttl = lease_ttl(opts, 2, "agent.lease")
+    local ok, err = lease_core.declare(name, ttl, false)
+    if not ok then
+        error("agent.lease: " .. err, 2)
+    end
+    return setmetatable({ name = name, ttl = ttl }, LeaseMeta)
+end
+
+-- agent.every(spec, fn, {lease = name, ttl = 15}): spec is seconds or a five-field cron
+-- expression (UTC). Only from the main chunk or init; the host runs the schedules between
+-- batches (agent._due).
+local schedules = {}
+local schedules_closed = false
+
+function agent.every(spec, fn, opts)
+    if schedules_closed then
+        error("agent.every: only from the script's main chunk or init", 2)
+    end
+    local sched = { fn = fn }
+    if type(spec) == "number" then
+        if spec ~= spec or spec < 0.05 or spec > 366 * 86400 then
+            error("agent.every: seconds must be between 0.05 and one year", 2)
+        end
+        sched.period = spec
+        sched.spec = tostring(spec)
+    elseif type(spec) == "string" then
+        local next_at, err = lease_core.cron_next(spec, core.now())
+        if next_at == nil then
+            error("agent.every: " .. err, 2)
+        end
+        sched.cron = spec
+        sched.spec = spec
+    else
+        error("agent.every: spec must be seconds or a cron expression", 2)
+    end
+    if type(fn) ~= "function" then
+        error("agent.every: fn must be a function", 2)
+    end
+    if opts ~= nil and type(opts) ~= "table" then
+        error("agent.every: options must be a table", 2)
+    end
+    if opts ~= nil and opts.lease ~= nil then
+        if type(opts.lease) ~= "string" then
+            error("agent.every: lease must be a lease name (a string)", 2)
+        end
+        local ttl = lease_ttl(opts, 2, "agent.every")
+        local ok, err = lease_core.declare(opts.lease, ttl, true)
+        if not ok then
+            error("agent.every: " .. err, 2)
+        end
+        sched.lease = opts.lease
+    end
+    schedules[#schedules + 1] = sched
+end
+
+-- The next due time after `after` (monotonic seconds for periods, wall seconds for cron).
+local function next_due(sched, after)
+    if sched.period then
+        return after + sched.period
+    end
+    local t = lease_core.cron_next(sched.cron, after)
+    return t >= 0 and t or math.huge
+end
+
+-- Internal (the host, between batches, with the agent running): the function and ctx of a
+-- schedule that is due now, or nil and the seconds until the next one is (nil: none). A
+-- schedule whose lease this agent does not hold lets its due time pass.
+function agent._due()
+    local first = not schedules_closed
+    schedules_closed = true
+    local mono, wall = core.monotonic(), core.now()
+    local soonest
+    for _, sched in ipairs(schedules) do
+        local now = sched.period and mono or wall
+        if first or sched.at == nil then
+            sched.at = next_due(sched, now)
+        end
+        if now >= sched.at then
+            local due = sched.at
+            local skipped = 0
+            if sched.period then
+                skipped = math.floor((now - due) / sched.period)
+                sched.at = due + (skipped + 1) * sched.period
+            else
+                sched.at = next_due(sched, now)
+                local t = lease_core.cron_next(sched.cron, due)
+                while t >= 0 and t <= now and skipped < 1000000 do
+                    skipped = skipped + 1
+                    t = lease_core.cron_next(sched.cron, t)
+                end
+            end
+            local held, token = true, nil
+            if sched.lease then
+                held, token = lease_core.status(sched.lease)
+            end
+            if held then
+                return sched.fn, { missed = skipped, token = token, lease = sched.lease,
+                                   spec = sched.spec }
+            end
+        end
+        local wait = sched.at - now
+        if soonest == nil or wait < soonest then
+            soonest = wait
+        end
+    end
+    return nil, soonest
 end
 
 -- agent.memory() -> bytes used by this script's Lua state, LUA_MEMORY_LIMIT (0: none)

@@ -93,6 +93,9 @@ ahm_lua_t *ahm_lua_new(const char *own_uri, const char *database, const char *de
             snprintf(err, errlen, "AGENT_MONGODB_URI is invalid: %s", error.message);
             goto fail;
         }
+        if (ahm_uri_check(uri, "AGENT_MONGODB_URI", err, errlen) != AH_OK) {
+            goto fail;
+        }
         const char *timeouts[] = {MONGOC_URI_SERVERSELECTIONTIMEOUTMS, MONGOC_URI_CONNECTTIMEOUTMS};
         for (size_t i = 0; i < 2; i++) {
             if (!mongoc_uri_has_option(uri, timeouts[i])) {

@@ -1,6 +1,7 @@
 """k8s/: every manifest parses, the kustomization builds (offline resolver, and `kubectl
 kustomize` too when kubectl is installed), the objects validate against the Kubernetes API
 schemas (npm kubernetes-models), and the production settings the issue asks for are present."""
+import re
 import shutil
 import subprocess
 
@@ -122,6 +123,10 @@ def test_deployment_shape(k8s_objects):
     assert csc["allowPrivilegeEscalation"] is False
     assert csc["capabilities"]["drop"] == ["ALL"]
     assert "emptyDir" in vols[mounts["/tmp"]["name"]]
+    # The pod's labels reach the agent through a Downward API file (scoped commands).
+    podinfo = vols[mounts["/etc/podinfo"]["name"]]["downwardAPI"]["items"]
+    assert {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}} in podinfo
+    assert env["AGENT_LABELS_FILE"]["value"] == "/etc/podinfo/labels"
     # No embedded store file with MongoDB configured and a read-only root filesystem.
     assert "AGENTHOST_STATE" not in env
 
@@ -194,6 +199,9 @@ def test_mongo_replica_set_and_init_job(k8s_objects):
     # the status records of GET /api/cluster/agents: upserts and the TTL index
     assert 'collection: "agent_status"' in script
     assert '["find", "insert", "update", "createIndex"]' in script
+    # the leases (agent.lease, agent.every): findAndModify upserts and an aggregate
+    assert re.search(r'collection: "agent_leases"\},\s*actions: \["find", "insert", "update"\]\}',
+                     script)
     assert 'user: "agenthost"' in script
     # The agents' MongoDB URI names the same set, members, user and database.
     uri = by_kind(k8s_objects, "Secret")["agenthost-secrets"]["stringData"]["mongodb-uri"]

@@ -56,8 +56,9 @@ def http(method, url, token=None, timeout=10.0, body=None, headers=None):
 class Agent:
     """One agenthost process."""
 
-    def __init__(self, script, env=None, args=None, name="agent"):
+    def __init__(self, script, env=None, args=None, name="agent", preexec_fn=None):
         self.script = script
+        self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. a resource limit)
         self.name = name
         self.env = dict(os.environ)
         self.env.update({"HTTP_PORT": "0", "HTTP_BIND": "127.0.0.1", "AGENT_ID": name})
@@ -74,7 +75,7 @@ class Agent:
         self.proc = subprocess.Popen(
             [BINARY, "run", self.script] + self.args,
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            errors="replace")
+            errors="replace", preexec_fn=self.preexec_fn)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if wait_port:
@@ -175,8 +176,9 @@ class Fleet:
         self.tmp_path = tmp_path
         self.agents = []
 
-    def start(self, script, env=None, name=None, args=None, wait_port=True):
-        agent = Agent(script, env=env, args=args, name=name or f"agent-{len(self.agents) + 1}")
+    def start(self, script, env=None, name=None, args=None, wait_port=True, preexec_fn=None):
+        agent = Agent(script, env=env, args=args, name=name or f"agent-{len(self.agents) + 1}",
+                      preexec_fn=preexec_fn)
         self.agents.append(agent)
         return agent.start(wait_port=wait_port)
 
@@ -240,13 +242,29 @@ def run_cli(args, env=None, timeout=30.0):
 
 
 def free_port():
-    """A TCP port nobody listens on (bound then released)."""
+    """A TCP port nobody listens on now (bound then released), for a server the test starts on
+    it. Another process may take it meanwhile: for a port that must stay closed (connections
+    refused), use closed_port()."""
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+_closed_ports = []  # sockets that hold the ports of closed_port() until the process ends
+
+
+def closed_port():
+    """A TCP port on 127.0.0.1 that refuses connections for the rest of this test process: it is
+    bound (so neither the kernel nor another test running in parallel can hand it out) but never
+    listened on (so a connection gets a reset: "connection refused")."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _closed_ports.append(s)
+    return s.getsockname()[1]
 
 
 def agent_env(state_file, events_file=None, **extra):

@@ -3,6 +3,7 @@
 Endpoints:
   /status/N          status N, body "status N"
   /headers           the request's headers as JSON; responds with X-Test and two Set-Cookie
+  /header?name=N&value=V   responds with the header N: V (name sent as given)
   /echo              method, query string, body and content type of the request as JSON
   /bytes?size=N      N bytes with Content-Length
   /chunked?size=N    N bytes, chunked transfer encoding
@@ -51,6 +52,8 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/headers":
             return self._send(200, json.dumps(dict(self.headers.items())), "application/json",
                               [("X-Test", "yes"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")])
+        if url.path == "/header":
+            return self._send(200, "header", extra=[(q["name"], q["value"])])
         if url.path == "/echo":
             return self._send(200, json.dumps({
                 "method": self.command, "query": url.query, "body": body.decode(),

@@ -19,7 +19,7 @@ RECORDER = script("recorder.lua")
 HEARTBEAT = 0.5  # AGENT_HEARTBEAT_INTERVAL in these tests: stale after 1.5 s
 MS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 RECORD_FIELDS = {"agent_id", "state", "applied_version", "watch_mode", "last_seen", "started_at",
-                 "host", "pid", "agenthost_version", "batches", "errors", "stale"}
+                 "host", "pid", "agenthost_version", "batches", "errors", "stale", "labels"}
 
 
 class Store:
@@ -237,7 +237,7 @@ def test_if_version_conflict_is_a_409_and_writes_nothing(fleet, store):
     current = body["current"]
     assert current["command"] == "running" and current["version"] == 0
     assert list(current) == ["command", "version", "timestamp", "reason", "updated_by",
-                             "watch_mode", "note", "expires_at"]
+                             "watch_mode", "note", "expires_at", "drain"]
     assert history(agents[0]) == before
 
     r = agents[1].post("/api/cluster/pause?if_version=0&reason=right+view")
@@ -458,8 +458,8 @@ def test_eight_agents_pause_wait_is_complete_and_compare_and_set_guards_it(fleet
     assert w["complete"] is True, w
     assert sorted(w["acknowledged"]) == names and w["pending"] == [] and w["excluded"] == []
     assert 0 <= w["waited_s"] < 10
-    assert list(body)[:9] == ["status", "message", "command", "version", "timestamp", "reason",
-                              "propagation", "expires_at", "wait"]
+    assert list(body)[:10] == ["status", "message", "command", "version", "timestamp", "reason",
+                               "propagation", "expires_at", "drain", "wait"]
     # the answer came after the acknowledgements: the store shows every agent paused on it
     fleet_now = agents_body(agents[5])
     assert fleet_now["summary"]["applied_current"] == 8

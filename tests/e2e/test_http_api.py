@@ -106,7 +106,7 @@ def test_reads_need_no_token(agent):
 def test_control_state_and_stats_shape(agent):
     cs = agent.get("/api/cluster/control-state").json()
     assert list(cs) == ["command", "version", "timestamp", "reason", "updated_by", "watch_mode",
-                        "note", "expires_at"]
+                        "note", "expires_at", "drain"]
     assert cs["command"] == "running" and cs["version"] == 0
     assert cs["watch_mode"] == "polling"
     stats = agent.get("/api/cluster/stats").json()
@@ -116,7 +116,7 @@ def test_control_state_and_stats_shape(agent):
     assert stats["watch_mode"] == "polling" and stats["current_version"] == 0
     r = agent.post("/api/cluster/pause?reason=shape&updated_by=t", token=TOKEN).json()
     assert list(r) == ["status", "message", "command", "version", "timestamp", "reason",
-                       "propagation", "expires_at"]
+                       "propagation", "expires_at", "drain"]
     assert TS_RE.match(r["timestamp"]), r
     wait_for(lambda: agent.get("/api/cluster/stats").json()["current_version"] == 1, 10,
              message="stats follow the command")
@@ -133,7 +133,8 @@ def test_history_defaults_and_limit(agent):
     assert hist["count"] == 2
     assert [e["version"] for e in hist["entries"]] == [3, 2]
     e = hist["entries"][0]
-    assert list(e) == ["version", "command", "timestamp", "reason", "updated_by", "agent_id"]
+    assert list(e) == ["version", "command", "timestamp", "reason", "updated_by", "agent_id",
+                       "drain"]
     assert e["updated_by"] == "api" and e["agent_id"] == "api" and e["command"] == "pause"
     assert agent.get("/api/cluster/history").json()["count"] == 3
 

@@ -10,6 +10,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 static void clear_env(void)
@@ -69,7 +70,7 @@ static void test_invalid_values_name_the_variable(void **unused)
         {"CONTROL_POLLING_INTERVAL", "0"},
         {"CONTROL_POLLING_INTERVAL", "-1"},
         {"CONTROL_POLLING_INTERVAL", "nan"},
-        {"CONTROL_POLLING_INTERVAL", "5s"},
+        {"CONTROL_POLLING_INTERVAL", "5x"},
         {"ENABLE_CHANGE_STREAMS", "maybe"},
         {"ENABLE_DISTRIBUTED_CONTROL", ""},
         {"HTTP_PORT", "65536"},
@@ -237,11 +238,76 @@ static void test_numbers_outside_their_range_are_refused(void **unused)
     assert_int_equal(ah_config_set(&cfg, "LUA_MEMORY_LIMIT", "256m", err, sizeof(err)), AH_OK);
     assert_true(cfg.lua_memory_limit == 256u << 20);
     assert_int_equal(ah_config_set(&cfg, "BATCH_TIMEOUT", "1e300", err, sizeof(err)), AH_EINVAL);
-    assert_string_equal(err, "invalid BATCH_TIMEOUT=\"1e300\": expected a number of seconds: "
-                             "0.01 to 86400 s");
+    assert_string_equal(err, "invalid BATCH_TIMEOUT=\"1e300\": expected a number of seconds or a "
+                             "duration such as 250ms, 90s, 5m or 1h: 0.01 to 86400 s");
     assert_true(cfg.batch_timeout == 300.0); /* a refused value leaves the setting alone */
     assert_int_equal(ah_config_set(&cfg, "NO_SUCH_SETTING", "1", err, sizeof(err)), AH_EINVAL);
     assert_string_equal(err, "unknown setting NO_SUCH_SETTING");
+    ah_config_free(&cfg);
+}
+
+/* Durations take the units of a pause's for= (and ms), sizes take an optional B / iB. */
+static void test_durations_and_sizes_accept_units(void **unused)
+{
+    (void)unused;
+    static const struct {
+        const char *name;
+        const char *value;
+        double expected;
+    } durations[] = {
+        {"BATCH_TIMEOUT", "5m", 300},
+        {"BATCH_TIMEOUT", "90s", 90},
+        {"BATCH_TIMEOUT", "1.5h", 5400},
+        {"BATCH_TIMEOUT", "250ms", 0.25},
+        {"SHUTDOWN_TIMEOUT", "2m", 120},
+        {"AGENT_HEARTBEAT_INTERVAL", "500ms", 0.5},
+        {"CONTROL_POLLING_INTERVAL", "1m", 60},
+        {"AGENT_STATUS_TTL", "2h", 7200},
+        {"CHANGE_STREAM_VERIFY_INTERVAL", "0s", 0},
+    };
+    for (size_t i = 0; i < sizeof(durations) / sizeof(durations[0]); i++) {
+        ah_config_t cfg;
+        char err[AH_ERRLEN] = "";
+        ah_config_defaults(&cfg);
+        if (ah_config_set(&cfg, durations[i].name, durations[i].value, err, sizeof(err)) != AH_OK) {
+            fail_msg("%s=\"%s\" was refused: %s", durations[i].name, durations[i].value, err);
+        }
+        const ah_config_var_t *var = ah_config_find(durations[i].name);
+        double got = *(double *)((char *)&cfg + var->offset);
+        if (fabs(got - durations[i].expected) > 1e-9) {
+            fail_msg("%s=\"%s\" gave %g s", durations[i].name, durations[i].value, got);
+        }
+        ah_config_free(&cfg);
+    }
+    static const char *const bad_durations[] = {"5x",  "5 m", "m",  "1..5s",
+                                                "-5m", "5mm", "2d", "1e2m"};
+    for (size_t i = 0; i < sizeof(bad_durations) / sizeof(bad_durations[0]); i++) {
+        ah_config_t cfg;
+        char err[AH_ERRLEN] = "";
+        ah_config_defaults(&cfg);
+        if (ah_config_set(&cfg, "BATCH_TIMEOUT", bad_durations[i], err, sizeof(err)) != AH_EINVAL) {
+            fail_msg("BATCH_TIMEOUT=\"%s\" was accepted", bad_durations[i]);
+        }
+        ah_config_free(&cfg);
+    }
+    static const char *const same_size[] = {"256m", "256M", "256MB", "256mb", "256MiB", "262144k"};
+    for (size_t i = 0; i < sizeof(same_size) / sizeof(same_size[0]); i++) {
+        ah_config_t cfg;
+        char err[AH_ERRLEN] = "";
+        ah_config_defaults(&cfg);
+        if (ah_config_set(&cfg, "LUA_MEMORY_LIMIT", same_size[i], err, sizeof(err)) != AH_OK) {
+            fail_msg("LUA_MEMORY_LIMIT=\"%s\" was refused: %s", same_size[i], err);
+        }
+        assert_true(cfg.lua_memory_limit == 256u << 20);
+        ah_config_free(&cfg);
+    }
+    ah_config_t cfg;
+    char err[AH_ERRLEN];
+    ah_config_defaults(&cfg);
+    assert_int_equal(ah_config_set(&cfg, "LUA_MEMORY_LIMIT", "256MBB", err, sizeof(err)),
+                     AH_EINVAL);
+    assert_int_equal(ah_config_set(&cfg, "LUA_MEMORY_LIMIT", "1048576B", err, sizeof(err)), AH_OK);
+    assert_true(cfg.lua_memory_limit == 1048576);
     ah_config_free(&cfg);
 }
 
@@ -380,6 +446,7 @@ int main(void)
         cmocka_unit_test(test_flags_override_environment),
         cmocka_unit_test(test_bad_flags_are_rejected),
         cmocka_unit_test(test_numbers_outside_their_range_are_refused),
+        cmocka_unit_test(test_durations_and_sizes_accept_units),
         cmocka_unit_test(test_every_default_in_the_table_is_valid),
         cmocka_unit_test(test_readme_settings_table_matches_the_code),
         cmocka_unit_test(test_other_docs_state_the_defaults_of_the_code),

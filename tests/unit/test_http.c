@@ -216,6 +216,7 @@ static int fake_command(ah_store_t *st, const ah_command_req_t *req, ah_control_
         fs->doc.version++;
         fs->doc.timestamp_us = ah_now_us();
         fs->doc.expires_us = req->expires_us;
+        fs->doc.drain_ms = req->drain_ms;
         ah_strlcpy(fs->doc.reason, req->reason, sizeof(fs->doc.reason));
         ah_strlcpy(fs->doc.updated_by, req->updated_by, sizeof(fs->doc.updated_by));
         ah_strlcpy(fs->doc.agent_id, req->agent_id, sizeof(fs->doc.agent_id));
@@ -484,7 +485,7 @@ static void test_cluster_pause_and_resume_through_embedded_store(void **state)
              "{\"status\":\"success\",\"message\":\"Pause command issued to all agents in the "
              "cluster\",\"command\":\"pause\",\"version\":1,\"timestamp\":\"%s\",\"reason\":"
              "\"Maintenance window\",\"propagation\":\"Agents will pause within 0.05s (polling "
-             "every 0.05s)\",\"expires_at\":null}",
+             "every 0.05s)\",\"expires_at\":null,\"drain\":null}",
              ts);
     assert_string_equal(r.body, expected);
     resp_free(&r);
@@ -506,8 +507,9 @@ static void test_cluster_pause_and_resume_through_embedded_store(void **state)
     r = http_request(fx->port, "GET", "/api/cluster/history", NULL);
     assert_int_equal(r.status, 200);
     assert_contains(r.body, "{\"count\":2,\"entries\":[{\"version\":2,\"command\":\"running\",");
-    assert_contains(r.body, "\"updated_by\":\"api\",\"agent_id\":\"agent-1\"},{\"version\":1,"
-                            "\"command\":\"pause\",");
+    assert_contains(
+        r.body, "\"updated_by\":\"api\",\"agent_id\":\"agent-1\",\"drain\":null},{\"version\":1,"
+                "\"command\":\"pause\",");
     assert_key_order(r.body, (const char *[]){"count", "entries", "version", "command", "timestamp",
                                               "reason", "updated_by", "agent_id", NULL});
     resp_free(&r);
@@ -530,10 +532,9 @@ static void test_cluster_shutdown_propagation_in_change_streams_mode(void **stat
                                               "timestamp", "reason", "propagation", NULL});
     assert_contains(r.body, "\"message\":\"Shutdown command issued to all agents in the cluster\"");
     assert_contains(r.body, "\"command\":\"shutdown\",\"version\":1,");
-    assert_contains(
-        r.body,
-        "\"reason\":\"Emergency stop\",\"propagation\":\"Agents will shutdown "
-        "gracefully within seconds (event-driven via Change Streams)\",\"expires_at\":null}");
+    assert_contains(r.body, "\"reason\":\"Emergency stop\",\"propagation\":\"Agents will shutdown "
+                            "gracefully within seconds (event-driven via Change "
+                            "Streams)\",\"expires_at\":null,\"drain\":null}");
     resp_free(&r);
     assert_int_equal(fake_writes(fx->fake), 1);
 }
@@ -552,7 +553,7 @@ static void test_control_state_fields_in_documented_order(void **state)
         "{\"command\":\"pause\",\"version\":42,\"timestamp\":\"2026-01-11T10:30:00.123456Z\","
         "\"reason\":\"Maintenance window\",\"updated_by\":\"ops_team\",\"watch_mode\":"
         "\"change_streams\",\"note\":\"All agents in the cluster are subscribed to this "
-        "state\",\"expires_at\":null}");
+        "state\",\"expires_at\":null,\"drain\":null}");
     resp_free(&r);
 
     r = http_request(fx->port, "GET", "/api/cluster/stats", NULL);
@@ -672,11 +673,12 @@ static void test_agent_commands_affect_this_pod(void **state)
     http_resp_t r =
         http_request(fx->port, "POST", "/api/agent/pause?reason=debugging&updated_by=alice", NULL);
     assert_int_equal(r.status, 200);
-    assert_string_equal(r.body,
-                        "{\"status\":\"success\",\"message\":\"Pause requested for this agent\","
-                        "\"state\":\"running\",\"agent_id\":\"agent-1\",\"command\":\"pause\","
-                        "\"note\":\"Local command: affects this pod only and is overridden by the "
-                        "next cluster command\"}");
+    assert_string_equal(
+        r.body,
+        "{\"status\":\"success\",\"message\":\"Pause requested for this agent\","
+        "\"state\":\"running\",\"agent_id\":\"agent-1\",\"command\":\"pause\",\"drain\":null,"
+        "\"note\":\"Local command: affects this pod only and is overridden by the "
+        "next cluster command\"}");
     resp_free(&r);
     ah_event_t ev;
     assert_true(ah_state_take_event(fx->state, &ev));
@@ -919,7 +921,8 @@ static void test_huge_url_is_413_and_server_keeps_serving(void **state)
     memcpy(target, "/healthz?x=", 11);
     target[size] = '\0';
     http_resp_t r = http_request(fx->port, "GET", target, NULL);
-    assert_int_equal(r.status, 200);
+    assert_int_equal(r.status, 400); /* routed: its parameter is not one of the route's */
+    assert_contains(r.body, "unknown query parameter 'x'");
     resp_free(&r);
     free(target);
 
@@ -961,7 +964,7 @@ static void test_many_query_parameters_are_refused_promptly(void **state)
         resp_free(&r);
         free(target);
     }
-    http_resp_t r = http_request(fx->port, "POST", "/api/agent/pause?a&b&c&d&updated_by=ok", NULL);
+    http_resp_t r = http_request(fx->port, "POST", "/api/agent/pause?reason&reason&reason&reason&updated_by=ok", NULL);
     assert_int_equal(r.status, 200);
     resp_free(&r);
     assert_false(fake_writes(fx->fake));
@@ -971,10 +974,10 @@ static void test_keep_alive_serves_pipelined_requests(void **state)
 {
     fixture_t *fx = *state;
     start_with_fake(fx);
-    const char *requests = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-                           "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
-                           "HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
-                           "GET /api/agent/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    const char *requests = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                           "GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                           "HEAD /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                           "GET /api/agent/state HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
     http_resp_t r = http_raw(fx->port, requests, strlen(requests));
     assert_int_equal(r.status, 200);
     assert_contains(r.raw, "{\"status\":\"ok\",\"state\":\"starting\"}HTTP/1.1 404 Not Found\r\n");
@@ -996,8 +999,8 @@ static void test_request_bodies_are_drained_and_bounded(void **state)
     /* a small body is drained and the next pipelined request on the connection is answered */
     int n =
         snprintf(request, sizeof(request),
-                 "POST /api/agent/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n%.100s"
-                 "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                 "POST /api/agent/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n%.100s"
+                 "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
                  body);
     http_resp_t r = http_raw(fx->port, request, (size_t)n);
     assert_int_equal(r.status, 200);
@@ -1007,7 +1010,7 @@ static void test_request_bodies_are_drained_and_bounded(void **state)
 
     /* announced too large: 413 at once */
     n = snprintf(request, sizeof(request),
-                 "POST /api/agent/pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 "POST /api/agent/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                  "Content-Length: 5000\r\n\r\n%.5000s",
                  body);
     r = http_raw(fx->port, request, (size_t)n);
@@ -1016,14 +1019,14 @@ static void test_request_bodies_are_drained_and_bounded(void **state)
 
     /* chunked: measured while draining */
     n = snprintf(request, sizeof(request),
-                 "POST /api/agent/pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 "POST /api/agent/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                  "Transfer-Encoding: chunked\r\n\r\n1388\r\n%.5000s\r\n0\r\n\r\n",
                  body);
     r = http_raw(fx->port, request, (size_t)n);
     assert_error(&r, 413, "request body too large (max 4096 bytes)");
     resp_free(&r);
     n = snprintf(request, sizeof(request),
-                 "POST /api/agent/resume HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 "POST /api/agent/resume HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                  "Transfer-Encoding: chunked\r\n\r\n10\r\n%.16s\r\n0\r\n\r\n",
                  body);
     r = http_raw(fx->port, request, (size_t)n);

@@ -369,7 +369,7 @@ static void test_watch_reports_initial_doc_then_change_from_another_handle(void 
     fixture_t *fx = *state;
     char err[AH_ERRLEN] = "";
     recorder_t rec;
-    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec};
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec, NULL};
     ah_control_t seen, written;
     ah_store_t *watched = open_store(fx, 0.05);
     ah_store_t *other = open_store(fx, 0.05);
@@ -417,7 +417,7 @@ static void test_watch_reports_failure_then_recovers(void **state)
     fixture_t *fx = *state;
     char err[AH_ERRLEN] = "";
     recorder_t rec;
-    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec};
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec, NULL};
     ah_store_status_t status;
     ah_control_t seen, written, hist[4];
     int count = -1;
@@ -469,7 +469,7 @@ static void test_close_interrupts_a_long_poll_wait(void **state)
     fixture_t *fx = *state;
     char err[AH_ERRLEN] = "";
     recorder_t rec;
-    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec};
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec, NULL};
     ah_store_t *st = open_store(fx, 3600.0);
 
     recorder_init(&rec);
@@ -613,7 +613,42 @@ static void test_compare_and_set_writes_only_on_the_expected_version(void **stat
     ah_store_close(st);
 }
 
-/* A file written before timed pauses and status records existed gains both at open. */
+/* A drain deadline is stored on the control document and its audit entry; a command without
+ * one clears it; a resume cannot carry one. */
+static void test_drain_is_stored_with_the_command_and_its_audit_entry(void **state)
+{
+    fixture_t *fx = *state;
+    ah_store_t *st = open_store(fx, 1.0);
+    char err[AH_ERRLEN] = "";
+    ah_control_t doc, read, hist[4];
+    int n = 0;
+    ah_command_req_t req = {.command = AH_CMD_PAUSE, .if_version = -1, .drain_ms = 2500};
+    assert_int_equal(ah_store_command_req(st, &req, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.drain_ms, 2500);
+    assert_int_equal(ah_store_read(st, &read, err, sizeof(err)), 0);
+    assert_int_equal(read.drain_ms, 2500);
+    req.command = AH_CMD_SHUTDOWN;
+    req.drain_ms = 90000;
+    assert_int_equal(ah_store_command_req(st, &req, &doc, err, sizeof(err)), 0);
+    assert_int_equal(ah_store_command(st, AH_CMD_RUNNING, "", "u", "a", &doc, err, sizeof(err)), 0);
+    assert_int_equal(ah_store_read(st, &read, err, sizeof(err)), 0);
+    assert_int_equal(read.drain_ms, 0);
+    assert_int_equal(ah_store_history(st, 4, hist, &n, err, sizeof(err)), 0);
+    assert_int_equal(n, 3);
+    assert_int_equal(hist[0].drain_ms, 0);
+    assert_int_equal(hist[1].drain_ms, 90000);
+    assert_int_equal(hist[2].drain_ms, 2500);
+
+    ah_command_req_t bad = {.command = AH_CMD_RUNNING, .if_version = -1, .drain_ms = 5};
+    assert_int_equal(ah_store_command_req(st, &bad, &doc, err, sizeof(err)), AH_EINVAL);
+    assert_string_equal(err, "only a pause or a shutdown can have a drain deadline");
+    bad.command = AH_CMD_PAUSE;
+    bad.drain_ms = -1;
+    assert_int_equal(ah_store_command_req(st, &bad, &doc, err, sizeof(err)), AH_EINVAL);
+    ah_store_close(st);
+}
+
+/* A file written before timed pauses, drains and status records existed gains them at open. */
 static void test_file_of_an_older_version_is_upgraded(void **state)
 {
     fixture_t *fx = *state;
@@ -638,9 +673,18 @@ static void test_file_of_an_older_version_is_upgraded(void **state)
     assert_int_equal(doc.version, 9);
     assert_int_equal(doc.command, AH_CMD_PAUSE);
     assert_int_equal(doc.expires_us, 0);
-    ah_command_req_t req = {.command = AH_CMD_PAUSE, .if_version = 9, .expires_us = 123000};
+    assert_int_equal(doc.drain_ms, 0);
+    ah_command_req_t req = {
+        .command = AH_CMD_PAUSE, .if_version = 9, .expires_us = 123000, .drain_ms = 2000};
     assert_int_equal(ah_store_command_req(st, &req, &doc, err, sizeof(err)), 0);
     assert_int_equal(doc.version, 10);
+    assert_int_equal(ah_store_read(st, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.drain_ms, 2000);
+    ah_control_t hist[2];
+    int n = 0;
+    assert_int_equal(ah_store_history(st, 2, hist, &n, err, sizeof(err)), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(hist[0].drain_ms, 2000);
     ah_agent_status_t rec = status_record("x", "paused", 10, ah_now_us());
     assert_int_equal(ah_store_put_status(st, &rec, 60, err, sizeof(err)), 0);
     ah_store_close(st);
@@ -759,6 +803,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_status_records_upsert_list_sorted_and_sweep, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_compare_and_set_writes_only_on_the_expected_version,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_drain_is_stored_with_the_command_and_its_audit_entry,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_file_of_an_older_version_is_upgraded, setup, teardown),
         cmocka_unit_test_setup_teardown(
