@@ -30,6 +30,10 @@
 #define AH_PAUSE_MAX_S 2592000
 /* Most agent status records one fleet listing reads (the store and the HTTP API). */
 #define AH_AGENTS_MAX 10000
+/* Longest canonical selector text of a scope document (core/ah_selector.h). */
+#define AH_SELECTOR_MAX 511
+/* Most scope documents an agent keeps (more are ignored, with a warning). */
+#define AH_SCOPES_MAX 64
 
 /* A macro's value as a string literal: AH_XSTR(AH_HISTORY_MAX) is "1000". */
 #define AH_STR(x) #x
@@ -52,7 +56,8 @@ typedef enum {
     AH_SOURCE_STARTUP,
 } ah_source_t;
 
-/* The control document (and, with agent_id set, an audit entry). */
+/* The control document (and, with agent_id set, an audit entry). A scope document (a command
+ * for the agents its selector matches) has the same fields plus its canonical selector. */
 typedef struct ah_control_s {
     ah_command_t command;
     int64_t version;
@@ -64,6 +69,7 @@ typedef struct ah_control_s {
     int64_t expires_us;            /* a timed pause: when it ends (µs since the epoch); 0: none */
     int64_t drain_ms; /* pause/shutdown: the running call's waits are cancelled this many ms
                          after timestamp_us (drain=); 0: no deadline of its own */
+    char selector[AH_SELECTOR_MAX + 1]; /* "": the cluster document global_control */
 } ah_control_t;
 
 /* "pause" | "running" | "shutdown" | "none". Never NULL. */
@@ -104,6 +110,13 @@ bool ah_cond_wait_flag(pthread_cond_t *cond, pthread_mutex_t *lock, const bool *
                        double seconds);
 /* Sleeps the calling thread for `seconds` (>= 0), resuming after signals. */
 void ah_sleep(double seconds);
+/* The candidate (a NULL-terminated list) a misspelt word most likely meant, or NULL: names are
+ * compared case-insensitively and without '_' and '-' ("onPause", "On_Pause" and "on_pause"
+ * are the same name), then by edit distance (a swap of neighbours counts 1): at most 1 for
+ * names of up to 4 characters, 2 for 5, 3 for longer ones ("cheque" → "check").
+ * *exact is set when the normalized names are equal (only the spelling style differs). For
+ * "did you mean" in every error that names an unknown word. */
+const char *ah_suggest(const char *word, const char *const *candidates, bool *exact);
 /* Parses a duration: a decimal number (digits with at most one '.', no sign or exponent) and
  * an optional unit ms, s, m or h ("90s", "15m", "1.5h", "250ms", "90" = seconds), into seconds.
  * Bounds are the caller's. 0 or AH_EINVAL. The one reader of durations: for= of a pause and

@@ -5,7 +5,7 @@ from urllib.parse import quote
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from console_harness import start_agents, wait_for
+from console_harness import WORKER, agent_env, start_agents, wait_for
 
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
 
@@ -196,6 +196,37 @@ def test_history_is_paged(fleet, state_file, page):
     assert page.el("history-older").get_attribute("aria-disabled") == "true"
     page.el("history-newer").click()
     page.wait_text("history-page", lambda t: t == "Page 1 (entries 1–20)")
+    assert page.browser_errors() == []
+
+
+def test_scoped_pause_from_the_page_and_its_resume_button(fleet, state_file, page):
+    agents = [fleet.start(WORKER, env=agent_env(state_file, AGENT_LABELS=labels),
+                          name=f"agent-{i + 1}")
+              for i, labels in enumerate(["region=eu", "region=eu,role=api", "region=us"])]
+    for a in agents:
+        a.wait_state("running", timeout=15)
+    page.open(agents[2])
+    page.wait_text("fleet-rows", lambda t: "region=us" in t and t.count("region=eu") == 2)
+    page.wait_text("scopes-summary", lambda t: t.startswith("No scopes"))
+    page.el("reason").send_keys("eu db down")
+    page.el("selector").send_keys("region = eu")
+    page.act("pause-button")
+    page.wait_text("progress-text", lambda t: t == "Pause region=eu (version 1): 2 of 2 applied")
+    assert [a.state()["state"] for a in agents] == ["paused", "paused", "running"]
+    rows = page.wait_text("scopes-rows", lambda t: "region=eu" in t and "eu db down" in t)
+    assert "pause" in rows
+    page.wait_text("history-rows", lambda t: "pause (region=eu)" in t)
+    # the scope's own Resume button
+    button = page.driver.find_element(By.CSS_SELECTOR, "#scopes-rows button")
+    assert button.get_attribute("aria-label") == "Resume region=eu"
+    # a click while the page is still busy with the pause is ignored (as for the other buttons)
+    wait_for(lambda: button.get_attribute("aria-disabled") != "true", 40, interval=0.05,
+             message="the scope's Resume enabled")
+    button.click()
+    page.wait_text("progress-text", lambda t: t == "Resume region=eu (version 2): 2 of 2 applied")
+    assert [a.state()["state"] for a in agents] == ["running", "running", "running"]
+    page.wait_text("scopes-summary", lambda t: t == "1 scope, 0 holding agents")
+    assert not button.is_displayed()
     assert page.browser_errors() == []
 
 
