@@ -59,6 +59,11 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
                       size_t errlen);
 /* Closes the state. NULL is accepted. */
 void ah_lua_close(ah_lua_t *lua);
+/* ctx.iteration: the batches started so far by this agent (the running one included). A reload
+ * carries it over to the fresh state (before its init), so it counts across script versions like
+ * /api/agent/state's `batches`. Lua thread (or before the state is shared). */
+long long ah_lua_iteration(const ah_lua_t *lua);
+void ah_lua_set_iteration(ah_lua_t *lua, long long iteration);
 
 /* Calls M.init(ctx) if the script defines it. 0, or AH_ELUA with the message and traceback. */
 int ah_lua_init(ah_lua_t *lua, char *err, size_t errlen);
