@@ -154,7 +154,5 @@ def test_agent_sleep_sleeps_in_a_reloaded_main_chunk_and_init(fleet, state_file,
     assert r.status == 200, r.body
     # The reload being served is not a wake-up: both sleeps last their full second.
     for what in ("main chunk", "init"):
-        lines = agent.find_logs(what + r" slept")
-        assert len(lines) == 2, agent.log_text()
-        seconds = float(lines[1].split(" slept ")[1].split()[0])
-        assert seconds >= 0.95 and "woken=false" in lines[1], lines
+        line = agent.wait_log(what + r" slept (\S+) woken=(\w+)", timeout=15, count=2)
+        assert float(line.group(1)) >= 0.95 and line.group(2) == "false", line.group(0)
