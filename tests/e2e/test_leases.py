@@ -297,3 +297,17 @@ def test_ctl_leases_lists_owner_token_and_expiry(fleet, tmp_path):
     a.signal(signal.SIGTERM)
     a.wait_exit()
     a.wait_log(r"Lease sweep released \(token 1\)")
+
+
+def test_missed_runs_are_counted_not_replayed(fleet, tmp_path):
+    events = tmp_path / "events.jsonl"
+    fleet.start(SWEEPER, env=agent_env(str(tmp_path / "state.db"), events, SWEEP_LEASE="none",
+                                       SWEEP_EVERY="0.5", SWEEP_SECONDS="1.6"), name="solo")
+    ev = wait_events(str(events), lambda ev: len(runs(ev)) >= 4, timeout=30)
+    starts = runs(ev)
+    assert starts[0]["missed"] == 0
+    # each run outlasts two or three periods: those are counted in the next run, never run
+    assert all(s["missed"] >= 2 for s in starts[1:4]), starts
+    for a, b in zip(starts, starts[1:]):
+        assert b["t"] - a["t"] >= 1.5  # no back-to-back catch-up runs
+    assert all(s.get("token") is None for s in starts)
