@@ -38,6 +38,7 @@ typedef struct ah_agent_status_s {
     char agenthost_version[AH_VERSION_TEXT_MAX + 1];
     int64_t batches;
     int64_t errors;
+    char leases[AH_HELD_LEASES_MAX + 1]; /* the leases it holds: names, comma-separated */
 } ah_agent_status_t;
 
 /* One lease (docs/LUA.md, "Work that runs once per fleet"): a named right to do work that must

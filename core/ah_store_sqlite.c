@@ -61,7 +61,7 @@ static const char ah_sqlite_schema[] =
     " agent_id TEXT PRIMARY KEY, state TEXT NOT NULL, applied_version INTEGER NOT NULL,"
     " watch_mode TEXT NOT NULL, last_seen_us INTEGER NOT NULL, started_us INTEGER NOT NULL,"
     " host TEXT NOT NULL, pid INTEGER NOT NULL, agenthost_version TEXT NOT NULL,"
-    " batches INTEGER NOT NULL, errors INTEGER NOT NULL);"
+    " batches INTEGER NOT NULL, errors INTEGER NOT NULL, leases TEXT NOT NULL DEFAULT '');"
     "CREATE TABLE IF NOT EXISTS agent_leases ("
     " name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL,"
     " expires_ms INTEGER NOT NULL);";
@@ -99,14 +99,14 @@ static const char ah_sqlite_lease_list[] =
 
 static const char ah_sqlite_put_status[] =
     "INSERT OR REPLACE INTO agent_status (agent_id, state, applied_version, watch_mode,"
-    " last_seen_us, started_us, host, pid, agenthost_version, batches, errors)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+    " last_seen_us, started_us, host, pid, agenthost_version, batches, errors, leases)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
 
 static const char ah_sqlite_sweep_status[] = "DELETE FROM agent_status WHERE last_seen_us < ?1";
 
 static const char ah_sqlite_select_status[] =
     "SELECT agent_id, state, applied_version, watch_mode, last_seen_us, started_us, host, pid,"
-    " agenthost_version, batches, errors FROM agent_status ORDER BY agent_id LIMIT ?1";
+    " agenthost_version, batches, errors, leases FROM agent_status ORDER BY agent_id LIMIT ?1";
 
 static const char ah_sqlite_insert_initial[] =
     "INSERT OR IGNORE INTO control (id, command, version, timestamp_us, reason, updated_by)"
@@ -125,6 +125,8 @@ static const struct {
      "ALTER TABLE control ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
     {"SELECT drain_ms FROM audit LIMIT 0",
      "ALTER TABLE audit ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
+    {"SELECT leases FROM agent_status LIMIT 0",
+     "ALTER TABLE agent_status ADD COLUMN leases TEXT NOT NULL DEFAULT ''"},
 };
 
 static const char ah_sqlite_select_control[] =
@@ -568,6 +570,7 @@ static int put_status_once(sqlite3 *db, const ah_agent_status_t *rec, int64_t sw
     sqlite3_bind_text(stmt, 9, rec->agenthost_version, -1, SQLITE_STATIC);
     sqlite3_bind_int64(stmt, 10, rec->batches);
     sqlite3_bind_int64(stmt, 11, rec->errors);
+    sqlite3_bind_text(stmt, 12, rec->leases, -1, SQLITE_STATIC);
     rc = sqlite3_step(stmt);
     if (rc != SQLITE_DONE) {
         goto cleanup;
@@ -656,6 +659,8 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
                    sizeof(r->agenthost_version));
         r->batches = sqlite3_column_int64(stmt, 9);
         r->errors = sqlite3_column_int64(stmt, 10);
+        const unsigned char *leases = sqlite3_column_text(stmt, 11);
+        ah_strlcpy(r->leases, leases != NULL ? (const char *)leases : "", sizeof(r->leases));
     }
     if (rc != SQLITE_DONE) {
         sqlite_error(err, errlen, st, st->api_db, "status read failed");

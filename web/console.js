@@ -259,7 +259,7 @@
     view.fleet = f;
     setText($('fleet-summary'), fleetSummary(f));
     syncRows($('fleet-rows'), f.agents || [], (a) => a.agent_id,
-             () => newRow(8, [5, 6], []), (tr, a) => {
+             () => newRow(9, [5, 6], []), (tr, a) => {
                const behind = typeof a.applied_version === 'number' &&
                               a.applied_version < f.version;
                tr.classList.toggle('stale', !!a.stale);
@@ -282,6 +282,8 @@
                setText(c[5], a.batches);
                setText(c[6], a.errors);
                setText(c[7], a.host ? a.host + (a.pid ? ' (pid ' + a.pid + ')' : '') : null);
+               /* the leases it holds (agent.lease, agent.every): names, as text */
+               setText(c[8], Array.isArray(a.leases) ? a.leases.join(', ') : '');
              });
   }
 

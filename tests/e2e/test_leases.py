@@ -110,6 +110,15 @@ def test_three_agents_run_the_schedule_one_at_a_time_and_tokens_follow_the_owner
     leases = agents[0].get("/api/cluster/leases").json()["leases"]
     assert [l["name"] for l in leases] == ["sweep"]
     assert leases[0]["token"] == max(e["token"] for e in runs(ev))
+    # the status records list the leases each agent holds
+    owner = leases[0]["owner"]
+
+    def records_show_the_holder():
+        recs = agents[0].get("/api/cluster/agents").json()["agents"]
+        return {r["agent_id"]: r["leases"] for r in recs} == {
+            a.name: (["sweep"] if a.name == owner else []) for a in agents}
+
+    wait_for(records_show_the_holder, timeout=15, message="status records list the lease")
 
 
 def test_kill_9_of_the_holder_hands_the_lease_over_within_ttl_plus_2s(fleet, tmp_path, store_env):
