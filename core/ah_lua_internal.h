@@ -128,9 +128,11 @@ struct ah_lua_s {
     uv_timer_t drain;    /* the pending command's drain deadline, while the running call waits */
     int64_t drain_armed_us; /* the monotonic deadline drain is armed for, 0: none */
     bool drained;           /* the last call's waits were cancelled by a drain deadline */
-    task_t *main_task;      /* the call's function; its coroutine is reused while it ends well */
-    task_t *tasks;          /* spawned tasks of the running call, ended or not */
-    task_t *ready_head;     /* tasks to resume, in order */
+    uv_timer_t lease_guard; /* a scheduled run with a lease: checks the lease while it waits */
+    char guard_lease[AH_NAME_MAX + 1]; /* that lease, "" when the running call has none */
+    task_t *main_task;  /* the call's function; its coroutine is reused while it ends well */
+    task_t *tasks;      /* spawned tasks of the running call, ended or not */
+    task_t *ready_head; /* tasks to resume, in order */
     task_t *ready_tail;
     int live_tasks;          /* spawned tasks that have not ended */
     task_t *current;         /* the task being resumed, NULL in the loop */

@@ -320,3 +320,24 @@ def test_missed_runs_are_counted_not_replayed(fleet, tmp_path):
     for a, b in zip(starts, starts[1:]):
         assert b["t"] - a["t"] >= 1.5  # no back-to-back catch-up runs
     assert all(s.get("token") is None for s in starts)
+
+
+def test_losing_the_lease_cancels_the_waits_of_the_run_that_held_it(fleet, tmp_path):
+    import sqlite3
+    state = str(tmp_path / "state.db")
+    events = tmp_path / "events.jsonl"
+    fleet.start(SWEEPER, env=agent_env(state, events, LEASE_TTL=TTL, SWEEP_SECONDS=60),
+                name="sweeper-1")
+    run = holder_of(str(events))
+    # another agent takes the lease over in the store (as after an expiry): the holder's next
+    # renewal is refused, and the run, asleep for another minute, is cancelled
+    db = sqlite3.connect(state, timeout=10)
+    with db:
+        db.execute("UPDATE agent_leases SET owner = 'thief', token = token + 1,"
+                   " expires_ms = expires_ms + 60000 WHERE name = 'sweep'")
+    db.close()
+    ev = wait_events(str(events), lambda ev: [e for e in ev if e.get("ev") == "end"],
+                     timeout=TTL + 5, message="the run's end")
+    end = [e for e in ev if e.get("ev") == "end"][0]
+    assert end["code"] == "cancelled" and "lease sweep is no longer held" in end["msg"]
+    assert end["held"] is False and end["t"] - run["t"] < TTL + 3
