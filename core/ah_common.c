@@ -1,6 +1,7 @@
 /* Implementation of the small shared helpers declared in ah_common.h. */
 #include "ah_common.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -241,6 +242,85 @@ void ah_sleep(double seconds)
     while (nanosleep(&req, &rem) != 0 && errno == EINTR) {
         req = rem;
     }
+}
+
+/* word lower-cased without '_' and '-' into out (size n); false when it does not fit. */
+static bool normalize_name(const char *word, char *out, size_t n)
+{
+    size_t used = 0;
+    for (const char *p = word; *p != '\0'; p++) {
+        if (*p == '_' || *p == '-') {
+            continue;
+        }
+        if (used + 1 >= n) {
+            return false;
+        }
+        out[used++] = (char)tolower((unsigned char)*p);
+    }
+    out[used] = '\0';
+    return true;
+}
+
+/* Edit distance between two names of at most 32 bytes: insertions, deletions, substitutions and
+ * transpositions of neighbours ("wiat" → "wait") cost 1 (optimal string alignment). */
+static size_t name_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a);
+    size_t lb = strlen(b);
+    size_t d[33][33];
+    for (size_t i = 0; i <= la; i++) {
+        d[i][0] = i;
+    }
+    for (size_t j = 0; j <= lb; j++) {
+        d[0][j] = j;
+    }
+    for (size_t i = 1; i <= la; i++) {
+        for (size_t j = 1; j <= lb; j++) {
+            size_t best = d[i - 1][j - 1] + (a[i - 1] != b[j - 1]);
+            if (d[i - 1][j] + 1 < best) {
+                best = d[i - 1][j] + 1;
+            }
+            if (d[i][j - 1] + 1 < best) {
+                best = d[i][j - 1] + 1;
+            }
+            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] &&
+                d[i - 2][j - 2] + 1 < best) {
+                best = d[i - 2][j - 2] + 1;
+            }
+            d[i][j] = best;
+        }
+    }
+    return d[la][lb];
+}
+
+const char *ah_suggest(const char *word, const char *const *candidates, bool *exact)
+{
+    char w[33], c[33];
+    if (exact != NULL) {
+        *exact = false;
+    }
+    if (word == NULL || !normalize_name(word, w, sizeof(w)) || w[0] == '\0') {
+        return NULL;
+    }
+    const char *best = NULL;
+    size_t best_distance = strlen(w) <= 4 ? 2 : 3; /* accepted: below this */
+    for (const char *const *p = candidates; *p != NULL; p++) {
+        if (!normalize_name(*p, c, sizeof(c))) {
+            continue;
+        }
+        size_t d = name_distance(w, c);
+        if (d == 0) {
+            if (exact != NULL) {
+                *exact = true;
+            }
+            return *p;
+        }
+        if (d < best_distance) {
+            best_distance = d;
+            best = *p;
+        }
+    }
+    return best;
 }
 
 int ah_parse_duration(const char *text, double *out)

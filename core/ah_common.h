@@ -104,6 +104,12 @@ bool ah_cond_wait_flag(pthread_cond_t *cond, pthread_mutex_t *lock, const bool *
                        double seconds);
 /* Sleeps the calling thread for `seconds` (>= 0), resuming after signals. */
 void ah_sleep(double seconds);
+/* The candidate (a NULL-terminated list) a misspelt word most likely meant, or NULL: names are
+ * compared case-insensitively and without '_' and '-' ("onPause", "On_Pause" and "on_pause"
+ * are the same name), then by edit distance, at most 2 (1 for names of up to 4 characters).
+ * *exact is set when the normalized names are equal (only the spelling style differs). For
+ * "did you mean" in every error that names an unknown word. */
+const char *ah_suggest(const char *word, const char *const *candidates, bool *exact);
 /* Parses a duration: a decimal number (digits with at most one '.', no sign or exponent) and
  * an optional unit ms, s, m or h ("90s", "15m", "1.5h", "250ms", "90" = seconds), into seconds.
  * Bounds are the caller's. 0 or AH_EINVAL. The one reader of durations: for= of a pause and

@@ -50,6 +50,18 @@ static int check_bind_address(const char *value)
     return AH_EINVAL;
 }
 
+/* HTTP_ALLOWED_HOSTS: names (letters, digits, '.', '-', ':' and brackets for an address),
+ * separated by commas. */
+static int check_host_list(const char *value)
+{
+    for (const char *p = value; *p != '\0'; p++) {
+        if (!isalnum((unsigned char)*p) && strchr(".-_:[],", *p) == NULL) {
+            return AH_EINVAL;
+        }
+    }
+    return strlen(value) > 1024 ? AH_EINVAL : AH_OK;
+}
+
 /* $HOSTNAME, else gethostname(), else "agent". */
 static char *default_agent_id(void)
 {
@@ -205,6 +217,14 @@ static const ah_config_var_t config_vars[] = {
      .min = 0,
      .max = 65535,
      .help = "API port (0: any free port)"},
+    {.name = "HTTP_ALLOWED_HOSTS",
+     .kind = AH_CONFIG_STRING,
+     .offset = FIELD(http_allowed_hosts),
+     .flags = AH_CONFIG_EMPTY_UNSETS,
+     .check = check_host_list,
+     .expect = "comma-separated host names such as agents.example.com,agent-1",
+     .help = "Host names the API answers besides loopback ones; set, or HTTP_BIND on loopback: "
+             "421 for any other Host"},
     {.name = "HTTP_CONSOLE",
      .kind = AH_CONFIG_BOOL,
      .offset = FIELD(http_console),

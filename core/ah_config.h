@@ -24,6 +24,7 @@ struct ah_config_s {
     char *state_path;                     /* AGENTHOST_STATE */
     char *http_bind;                      /* HTTP_BIND */
     int http_port;                        /* HTTP_PORT; 0 = any free port */
+    char *http_allowed_hosts;             /* HTTP_ALLOWED_HOSTS: comma-separated; NULL → none */
     bool http_console;                    /* HTTP_CONSOLE: the fleet console at GET / */
     char *agent_id;                       /* AGENT_ID */
     char *api_token;                      /* AGENT_API_TOKEN; NULL → no auth */

@@ -17,6 +17,7 @@
 #include "ah_log.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <microhttpd.h>
@@ -92,31 +93,218 @@ static bool authorized(const http_call_t *call)
     return token_equal(value, token);
 }
 
+/* ---- browsers: cross-site requests and DNS rebinding ------------------------------------ */
+
+/* The host part of a Host header or an origin's authority, without the port: "[::1]:80" →
+ * "::1", "Agent-1:8000" → "agent-1" (lower case). False when it does not fit. */
+static bool host_name(const char *authority, size_t len, char *out, size_t n)
+{
+    const char *end = authority + len;
+    const char *start = authority;
+    const char *stop;
+    if (len > 0 && authority[0] == '[') {
+        start = authority + 1;
+        stop = memchr(start, ']', (size_t)(end - start));
+        if (stop == NULL) {
+            return false;
+        }
+    } else {
+        stop = memchr(authority, ':', len);
+        if (stop == NULL) {
+            stop = end;
+        }
+    }
+    size_t hl = (size_t)(stop - start);
+    if (hl == 0 || hl >= n) {
+        return false;
+    }
+    for (size_t i = 0; i < hl; i++) {
+        out[i] = (char)tolower((unsigned char)start[i]);
+    }
+    out[hl] = '\0';
+    return true;
+}
+
+static bool is_loopback_name(const char *host)
+{
+    struct in_addr v4;
+    struct in6_addr v6;
+    size_t len = strlen(host);
+    if (strcmp(host, "localhost") == 0 ||
+        (len > 10 && strcmp(host + len - 10, ".localhost") == 0)) {
+        return true;
+    }
+    if (inet_pton(AF_INET, host, &v4) == 1) {
+        return (ntohl(v4.s_addr) >> 24) == 127;
+    }
+    return inet_pton(AF_INET6, host, &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
+}
+
+/* True when host (lower case, no port) is in the comma-separated list (case-insensitive). */
+static bool in_host_list(const char *list, const char *host)
+{
+    size_t hl = strlen(host);
+    for (const char *p = list; p != NULL && *p != '\0';) {
+        const char *comma = strchr(p, ',');
+        size_t n = comma != NULL ? (size_t)(comma - p) : strlen(p);
+        char name[256];
+        if (host_name(p, n, name, sizeof(name)) && strlen(name) == hl && strcmp(name, host) == 0) {
+            return true;
+        }
+        p = comma != NULL ? comma + 1 : NULL;
+    }
+    return false;
+}
+
+/* DNS rebinding: a page on evil.example whose name is re-pointed at 127.0.0.1 reaches an API
+ * bound to loopback with `Host: evil.example`. When HTTP_BIND is a loopback address or
+ * HTTP_ALLOWED_HOSTS is set, only loopback names and the listed names are answered; 421
+ * otherwise. A request without Host (HTTP/1.0 tools) is answered: browsers always send it. */
+static bool host_refused(const ah_http_t *http, struct MHD_Connection *conn, http_reply_t *reply)
+{
+    const ah_config_t *cfg = http->cfg;
+    bool loopback_bind = cfg->http_bind != NULL && is_loopback_name(cfg->http_bind);
+    if (!loopback_bind && cfg->http_allowed_hosts == NULL) {
+        return false;
+    }
+    const char *value = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_HOST);
+    if (value == NULL) {
+        return false;
+    }
+    char host[256];
+    if (host_name(value, strlen(value), host, sizeof(host)) &&
+        (is_loopback_name(host) || in_host_list(cfg->http_allowed_hosts, host))) {
+        return false;
+    }
+    char shown[128];
+    ah_http_reply_error(reply, MHD_HTTP_MISDIRECTED_REQUEST,
+                        "Host '%s' is not served here: use a loopback name or one of "
+                        "HTTP_ALLOWED_HOSTS",
+                        ah_log_escape(value, shown, sizeof(shown)));
+    return true;
+}
+
+/* CSRF: with no token (the default) a page in the operator's browser could otherwise POST a
+ * cluster command as a "simple" request. A POST whose Origin is present and names another host
+ * than the request's own Host, or whose Sec-Fetch-Site is "cross-site", is refused (403) before
+ * anything runs. The console (same origin) and clients that send no Origin (curl, ctl,
+ * scripts) are unaffected. The scheme is not compared: behind a TLS-terminating proxy the page is
+ * https while the agent sees http. */
+static bool cross_site_refused(struct MHD_Connection *conn, http_reply_t *reply)
+{
+    const char *site = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Sec-Fetch-Site");
+    const char *origin = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Origin");
+    const char *why = NULL;
+    if (site != NULL && strcasecmp(site, "cross-site") == 0) {
+        why = "Sec-Fetch-Site: cross-site";
+    } else if (origin != NULL) {
+        const char *host = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_HOST);
+        const char *authority = strstr(origin, "://");
+        authority = authority != NULL ? authority + 3 : NULL;
+        if (host == NULL || authority == NULL || strcasecmp(authority, host) != 0) {
+            why = "its Origin is not this API's";
+        }
+    }
+    if (why == NULL) {
+        return false;
+    }
+    ah_http_reply_error(reply, MHD_HTTP_FORBIDDEN,
+                        "cross-site request refused (%s); nothing was done. Use the console at "
+                        "this address, or a client that sends no Origin (curl, agenthost ctl)",
+                        why);
+    return true;
+}
+
 /* ---- routing ---------------------------------------------------------------------------- */
+
+/* The query parameters each route reads, NULL-terminated. A request with any other parameter is
+ * refused with 400 naming it before its handler runs, so a misspelt `wiat=` or an unsupported
+ * `selector=` never silently does less than asked. A handler that starts reading a parameter
+ * adds it here. */
+static const char *const no_params[] = {NULL};
+static const char *const history_params[] = {"limit", NULL};
+static const char *const agents_params[] = {"version", NULL};
+static const char *const reload_params[] = {"wait", NULL};
+static const char *const cluster_command_params[] = {"reason", "updated_by", "if_version", "for",
+                                                     "until",  "wait",       "drain",      NULL};
+static const char *const agent_command_params[] = {"reason", "updated_by", "drain", NULL};
 
 typedef struct http_route_s {
     const char *path;   /* exact path, or a prefix ending in '/' when `prefix` */
     const char *method; /* "GET" (HEAD too) or "POST" */
     bool prefix;
     http_handler_t handler;
+    const char *const *params; /* the query parameters it knows */
 } http_route_t;
 
 static const http_route_t routes[] = {
-    {"/api/cluster/control-state", "GET", false, ah_http_handle_control_state},
-    {"/api/cluster/stats", "GET", false, ah_http_handle_stats},
-    {"/api/cluster/history", "GET", false, ah_http_handle_history},
-    {"/api/cluster/agents", "GET", false, ah_http_handle_cluster_agents},
-    {"/api/cluster/leases", "GET", false, ah_http_handle_leases},
-    {"/api/agent/state", "GET", false, ah_http_handle_agent_state},
-    {"/api/agent/reload", "POST", false, ah_http_handle_agent_reload},
-    {"/api/mongo/status", "GET", false, ah_http_handle_mongo_status},
-    {"/healthz", "GET", false, ah_http_handle_healthz},
-    {"/readyz", "GET", false, ah_http_handle_readyz},
-    {"/metrics", "GET", false, ah_http_handle_metrics},
+    {"/api/cluster/control-state", "GET", false, ah_http_handle_control_state, no_params},
+    {"/api/cluster/stats", "GET", false, ah_http_handle_stats, no_params},
+    {"/api/cluster/history", "GET", false, ah_http_handle_history, history_params},
+    {"/api/cluster/agents", "GET", false, ah_http_handle_cluster_agents, agents_params},
+    {"/api/cluster/leases", "GET", false, ah_http_handle_leases, no_params},
+    {"/api/agent/state", "GET", false, ah_http_handle_agent_state, no_params},
+    {"/api/agent/reload", "POST", false, ah_http_handle_agent_reload, reload_params},
+    {"/api/mongo/status", "GET", false, ah_http_handle_mongo_status, no_params},
+    {"/healthz", "GET", false, ah_http_handle_healthz, no_params},
+    {"/readyz", "GET", false, ah_http_handle_readyz, no_params},
+    {"/metrics", "GET", false, ah_http_handle_metrics, no_params},
     /* after the exact routes, so that POST /api/cluster/stats is a 405, not a command */
-    {"/api/cluster/", "POST", true, ah_http_handle_cluster_command},
-    {"/api/agent/", "POST", true, ah_http_handle_agent_command},
+    {"/api/cluster/", "POST", true, ah_http_handle_cluster_command, cluster_command_params},
+    {"/api/agent/", "POST", true, ah_http_handle_agent_command, agent_command_params},
 };
+
+/* The first query parameter of the request that the route does not know (MHD iterator). */
+typedef struct unknown_param_s {
+    const char *const *known;
+    char name[64];
+    bool found;
+} unknown_param_t;
+
+static enum MHD_Result find_unknown_param(void *cls, enum MHD_ValueKind kind, const char *key,
+                                          const char *value)
+{
+    unknown_param_t *u = cls;
+    (void)kind;
+    (void)value;
+    for (const char *const *k = u->known; *k != NULL; k++) {
+        if (strcmp(key, *k) == 0) {
+            return MHD_YES;
+        }
+    }
+    ah_strlcpy(u->name, key, sizeof(u->name));
+    u->found = true;
+    return MHD_NO;
+}
+
+/* 400 naming the first parameter the route does not know, with what it meant if that is clear
+ * and what the route knows. True when the request was refused. */
+static bool refuse_unknown_params(struct MHD_Connection *conn, const http_route_t *route,
+                                  const char *method, const char *path, http_reply_t *reply)
+{
+    unknown_param_t u = {.known = route->params};
+    MHD_get_connection_values(conn, MHD_GET_ARGUMENT_KIND, find_unknown_param, &u);
+    if (!u.found) {
+        return false;
+    }
+    char known[160] = "none";
+    size_t used = 0;
+    for (const char *const *k = route->params; *k != NULL; k++) {
+        used += (size_t)snprintf(known + used, used < sizeof(known) ? sizeof(known) - used : 0,
+                                 "%s%s", k == route->params ? "" : ", ", *k);
+    }
+    const char *meant = ah_suggest(u.name, route->params, NULL);
+    char hint[96] = "";
+    if (meant != NULL) {
+        snprintf(hint, sizeof(hint), " (did you mean '%s'?)", meant);
+    }
+    char shown[64];
+    ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                        "unknown query parameter '%s'%s: %.8s %.*s knows %s; nothing was done",
+                        ah_log_escape(u.name, shown, sizeof(shown)), hint, method,
+                        HTTP_PATH_IN_ERROR, path, known);
+    return true;
+}
 
 static bool method_matches(const char *route_method, const char *method)
 {
@@ -158,6 +346,9 @@ static void route_request(ah_http_t *http, struct MHD_Connection *conn, void **r
             reply->www_authenticate = true;
             return;
         }
+        if (refuse_unknown_params(conn, route, method, path, reply)) {
+            return;
+        }
         route->handler(&call, reply);
         return;
     }
@@ -194,14 +385,18 @@ static enum MHD_Result answer(ah_http_t *http, struct MHD_Connection *conn, void
                               const char *path, const char *method, unsigned early_status)
 {
     /* The console's files come first: they are not API routes (docs/CONSOLE.md). */
-    const ah_console_asset_t *asset = NULL;
-    if (early_status == 0 && http->cfg->http_console && method_matches("GET", method) &&
-        (asset = ah_console_find(path)) != NULL) {
-        return send_console_file(conn, asset);
-    }
     http_reply_t reply = {.status = MHD_HTTP_OK};
     ah_buf_init(&reply.body);
-    if (early_status == MHD_HTTP_URI_TOO_LONG) {
+    const ah_console_asset_t *asset = NULL;
+    bool refused_host = host_refused(http, conn, &reply);
+    if (!refused_host && early_status == 0 && http->cfg->http_console &&
+        method_matches("GET", method) && (asset = ah_console_find(path)) != NULL) {
+        ah_buf_free(&reply.body);
+        return send_console_file(conn, asset);
+    }
+    if (refused_host) {
+        /* nothing else is looked at */
+    } else if (early_status == MHD_HTTP_URI_TOO_LONG) {
         ah_http_reply_error(&reply, MHD_HTTP_CONTENT_TOO_LARGE,
                             "request URL too large (max %d bytes)", HTTP_URL_MAX);
     } else if (early_status == MHD_HTTP_BAD_REQUEST) {
@@ -210,6 +405,8 @@ static enum MHD_Result answer(ah_http_t *http, struct MHD_Connection *conn, void
     } else if (early_status == MHD_HTTP_CONTENT_TOO_LARGE) {
         ah_http_reply_error(&reply, MHD_HTTP_CONTENT_TOO_LARGE,
                             "request body too large (max %d bytes)", HTTP_BODY_MAX);
+    } else if (strcmp(method, "POST") == 0 && cross_site_refused(conn, &reply)) {
+        /* refused before routing: no handler runs */
     } else {
         route_request(http, conn, req_cls, path, method, &reply);
         if (reply.parked) {

@@ -25,13 +25,19 @@ static const char code_unknown[] = "unknown";
 
 /* ---- tasks: coroutines on the loop ------------------------------------------------------- */
 
-/* Queues t to be resumed with the nargs values already pushed on its coroutine. */
+/* Queues t to be resumed with the nargs values already pushed on its coroutine. Called from a
+ * loop callback (the call is parked in uv_run), it also stops the loop: a callback that runs
+ * before libuv polls (a timer's: curl may finish a transfer inline from its timeout) would
+ * otherwise leave UV_RUN_ONCE blocking in epoll_wait before the scheduler resumes the task. */
 void ah_lua_task_ready(ah_lua_t *lua, task_t *t, int nargs)
 {
     t->wait = WAIT_NONE;
     t->resume_nargs = nargs;
     if (t->queued) {
         return;
+    }
+    if (atomic_load_explicit(&lua->parked, memory_order_relaxed)) {
+        uv_stop(&lua->loop);
     }
     t->queued = true;
     t->ready_next = NULL;

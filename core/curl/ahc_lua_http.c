@@ -51,14 +51,22 @@ static const char registry_key_client = 'c';
 typedef struct client_s client_t;
 typedef struct transfer_s transfer_t;
 
-/* A socket curl asked us to watch. It stays (stopped) while curl keeps the connection idle in
- * its cache, so a reused connection costs no new handle; it is closed when curl closes the
- * socket (CURLOPT_CLOSESOCKETFUNCTION) or the client goes. Freed in its close callback. */
+/* A socket curl asked us to watch. It stays while curl keeps the connection idle in its cache,
+ * so a reused connection costs no new handle; it is closed when curl closes the socket
+ * (CURLOPT_CLOSESOCKETFUNCTION) or the client goes. Freed in its close callback.
+ *
+ * An idle connection keeps its read watch armed: the next request on it asks for CURL_POLL_IN
+ * again, and an unchanged watch costs no epoll_ctl (libuv re-registers the fd on every
+ * uv_poll_start after a stop); it is unreferenced meanwhile, so it keeps no loop alive. If an idle
+ * socket turns readable (the server closed it, or sent
+ * something unasked), the watch is stopped then; curl finds the connection dead when it checks
+ * it before a reuse, and closes it. */
 typedef struct socket_watch_s {
     uv_poll_t poll;
     curl_socket_t fd;
     client_t *client;
     int events;                  /* UV_READABLE | UV_WRITABLE being polled, 0 when stopped */
+    bool idle;                   /* curl removed it (CURL_POLL_REMOVE): not curl's to hear of */
     struct socket_watch_s *next; /* client->sockets */
 } socket_watch_t;
 
@@ -209,6 +217,13 @@ static void on_poll(uv_poll_t *handle, int status, int events)
 {
     socket_watch_t *w = handle->data;
     client_t *c = w->client;
+    if (w->idle) {
+        /* An idle connection in curl's cache: closed by the peer, most likely. Stop hearing of
+         * it (epoll is level-triggered); curl checks it before it reuses it. */
+        uv_poll_stop(&w->poll);
+        w->events = 0;
+        return;
+    }
     int flags = 0;
     if (status < 0) {
         flags = CURL_CSELECT_ERR;
@@ -254,8 +269,17 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
     if (what == CURL_POLL_REMOVE) {
         if (w != NULL) {
             curl_multi_assign(c->multi, s, NULL);
-            uv_poll_stop(&w->poll); /* idle: kept for a reuse of the connection */
-            w->events = 0;
+            w->idle = true; /* kept for a reuse of the connection */
+            /* An idle watch does not keep the loop alive: run_loop tells from uv_run's result
+             * that every task waits for another one. */
+            uv_unref((uv_handle_t *)&w->poll);
+            if (w->events != UV_READABLE) {
+                /* Only the read watch stays armed (a write watch would fire at once). */
+                if (w->events != 0) {
+                    uv_poll_stop(&w->poll);
+                }
+                w->events = 0;
+            }
         }
         return 0;
     }
@@ -265,6 +289,10 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
     }
     if (w != NULL) {
         curl_multi_assign(c->multi, s, w);
+        if (w->idle) {
+            w->idle = false;
+            uv_ref((uv_handle_t *)&w->poll);
+        }
     } else {
         w = calloc(1, sizeof(*w));
         if (w == NULL) {

@@ -1,18 +1,26 @@
-"""Fleet benchmark (scripts/bench.sh fleet; docs/BENCHMARKS.md): BENCH_FLEET_AGENTS agents
+"""Fleet benchmark (scripts/bench.sh fleet; docs/BENCHMARKS.md, docs/SCALING.md): FLEET_N agents
 (default 100) of tests/e2e/scripts/mongo_idle.lua on this machine,
 
   * on the MongoDB wire-protocol test server (tests/mongo, one-member replica set, change
     streams): the time from sending POST /api/cluster/{pause,resume}?wait=30 to its answer with
     "complete": true, for BENCH_FLEET_COMMANDS commands (default 3; target <= 1.5 s each), then
-    the idle database commands per agent per minute counted at the server over
-    BENCH_FLEET_IDLE_SECONDS (default 60; targets <= 6 getMore and <= 12 data commands, the
-    status heartbeats included) and the connections per agent;
-  * on the embedded store (one SQLite file): the same POST -> complete times.
+    over BENCH_FLEET_IDLE_SECONDS of idleness (default 60): the database commands per agent per
+    minute counted at the server (targets <= 6 getMore and <= 12 data commands, the status
+    heartbeats included), the connections per agent (target <= 2), the fleet's CPU from /proc
+    (utime + stime of every agent, as % of one core and per agent; the test server's own CPU next
+    to it), RSS and PSS per agent and open file descriptors per agent;
+  * on the embedded store (one SQLite file): the same POST -> complete times, CPU, RSS and fds.
+
+The load average is printed before and after each fleet: on a shared machine the numbers only
+mean something next to it. FLEET_STORES=mongodb or =embedded runs one of the two; a broken run
+keeps the agents' logs (the path is printed). Extra environment for the agents: FLEET_ENV="VAR=value VAR=value"
+(e.g. "AGENT_HEARTBEAT_INTERVAL=60 ENABLE_CHANGE_STREAMS=false CONTROL_POLLING_INTERVAL=5").
 
 Prints one line per measurement ending in PASS/FAIL and exits 0 unless the bench itself broke
 (an agent that would not start, an answer that was not 200)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +34,9 @@ from mongo_fixture import MongoTestServer  # noqa: E402
 
 BIN = os.environ.get("AGENTHOST_BIN", os.path.join(ROOT, "build", "agenthost"))
 SCRIPT = os.path.join(ROOT, "tests", "e2e", "scripts", "mongo_idle.lua")
-AGENTS = int(os.environ.get("BENCH_FLEET_AGENTS", "100"))
+AGENTS = int(os.environ.get("FLEET_N", os.environ.get("BENCH_FLEET_AGENTS", "100")))
+FLEET_ENV = dict(kv.split("=", 1) for kv in os.environ.get("FLEET_ENV", "").split() if "=" in kv)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 COMMANDS = int(os.environ.get("BENCH_FLEET_COMMANDS", "3"))
 IDLE_SECONDS = float(os.environ.get("BENCH_FLEET_IDLE_SECONDS", "60"))
 COMPLETE_TARGET_S = 1.5
@@ -52,27 +62,46 @@ def free_port():
 
 class Fleet:
     def __init__(self, env, tmp):
-        self.procs = []
-        self.ports = []
+        self.tmp = tmp
+        self.env = env
+        self.procs = [None] * AGENTS
+        self.ports = [0] * AGENTS
         for i in range(AGENTS):
-            port = free_port()
-            e = dict(os.environ, HTTP_PORT=str(port), HTTP_BIND="127.0.0.1",
-                     AGENT_ID=f"bench-{i:03d}", EVENTS_FILE=os.path.join(tmp, f"e{i}.jsonl"),
-                     LOG_LEVEL="warn", **env)
-            log = open(os.path.join(tmp, f"agent-{i}.log"), "w")
-            self.procs.append(subprocess.Popen([BIN, "run", SCRIPT], env=e, stdout=log,
-                                               stderr=subprocess.STDOUT))
-            log.close()
-            self.ports.append(port)
+            self.start_one(i)
+
+    def start_one(self, i):
+        """Starts agent i on a free port. The port is only free when it was picked: another
+        process may take it before the agent binds, so restart_lost() starts such an agent
+        again on another port."""
+        port = free_port()
+        e = dict(os.environ, HTTP_PORT=str(port), HTTP_BIND="127.0.0.1",
+                 AGENT_ID=f"bench-{i:03d}", EVENTS_FILE=os.path.join(self.tmp, f"e{i}.jsonl"),
+                 LOG_LEVEL="warn", **{**self.env, **FLEET_ENV})
+        log = open(os.path.join(self.tmp, f"agent-{i}.log"), "a")
+        self.procs[i] = subprocess.Popen([BIN, "run", SCRIPT], env=e, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        log.close()
+        self.ports[i] = port
+
+    def restart_lost(self):
+        """Restarts every agent that exited because its port was taken meanwhile."""
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None:
+                with open(os.path.join(self.tmp, f"agent-{i}.log")) as f:
+                    if "Address already in use" not in f.read():
+                        continue
+                print(f"  agent {i}: port {self.ports[i]} was taken before it bound: restarted")
+                self.start_one(i)
 
     def url(self, i):
         return f"http://127.0.0.1:{self.ports[i]}"
 
-    def wait_ready(self, timeout=180):
+    def wait_ready(self, timeout=180 + AGENTS):
         """True once agent 0 lists every agent running; else prints what it saw last."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
+            self.restart_lost()
             try:
                 status, body = http("GET", self.url(0) + "/api/cluster/agents")
                 last = (status, body.get("summary") if status == 200 else body)
@@ -96,9 +125,86 @@ class Fleet:
                 p.wait()
 
 
+def cpu_ticks(pid):
+    """utime + stime of a process (fields 14 and 15 of /proc/PID/stat), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def kib(pid, key, path="status"):
+    try:
+        with open(f"/proc/{pid}/{path}") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def fd_count(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def load_average():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def measure_idle(fleet, label, seconds, server_pid=None):
+    """CPU of the fleet (and of the server) over `seconds`, then memory and fds per agent."""
+    pids = [p.pid for p in fleet.procs]
+    t0 = time.monotonic()
+    ticks0 = sum(cpu_ticks(pid) for pid in pids)
+    srv0 = cpu_ticks(server_pid) if server_pid else 0
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    ticks = sum(cpu_ticks(pid) for pid in pids) - ticks0
+    srv = (cpu_ticks(server_pid) - srv0) if server_pid else 0
+    core_pct = ticks / CLK_TCK / elapsed * 100
+    rss = [kib(pid, "VmRSS") for pid in pids]
+    pss = [kib(pid, "Pss", "smaps_rollup") for pid in pids]
+    fds = [fd_count(pid) for pid in pids]
+    n = len(pids)
+    server = (f"; the test server {srv / CLK_TCK / elapsed * 100:.1f}% of one core"
+              if server_pid else "")
+    print(f"{label} idle CPU: {core_pct:.1f}% of one core for {n} agents over {elapsed:.0f} s, "
+          f"{core_pct / n:.3f}% per agent{server} (load average {load_average()})")
+    print(f"{label} memory: RSS {sum(rss) / n / 1024:.1f} MiB per agent (max "
+          f"{max(rss) / 1024:.1f}), PSS {sum(pss) / n / 1024:.1f} MiB per agent, "
+          f"{sum(pss) / 1024:.0f} MiB for the fleet; open fds {sum(fds) / n:.1f} per agent "
+          f"(max {max(fds)})")
+
+
 def percentile(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, max(0, int(round(p / 100.0 * (len(values) - 1)))))]
+
+
+def hooks_line(fleet, version, sent_wall):
+    """When the agents' hooks ran for `version`, from their EVENTS_FILEs (wall clock, relative to
+    the POST): the share of POST -> complete spent before every agent had applied it."""
+    times = []
+    for i in range(AGENTS):
+        try:
+            with open(os.path.join(fleet.tmp, f"e{i}.jsonl")) as f:
+                for line in f:
+                    ev = json.loads(line)
+                    if ev.get("version") == version:
+                        times.append(ev["t"] - sent_wall)
+        except (OSError, ValueError):
+            pass
+    if not times:
+        return "no hook recorded"
+    return (f"hooks of {len(times)} agents ran p50 {percentile(times, 50):.3f} s, "
+            f"max {max(times):.3f} s after the POST")
 
 
 def run_commands(fleet, label):
@@ -108,6 +214,7 @@ def run_commands(fleet, label):
         cmd = "pause" if n % 2 == 0 else "resume"
         issuer = (n * 37) % AGENTS
         sent = time.monotonic()
+        sent_wall = time.time()
         status, body = http("POST", fleet.url(issuer) + f"/api/cluster/{cmd}?wait=30&reason=bench")
         took = time.monotonic() - sent
         if status != 200:
@@ -118,7 +225,7 @@ def run_commands(fleet, label):
         print(f"  {label} {cmd} v{body['version']}: POST -> complete {took:.3f} s "
               f"(complete={w['complete']}, acknowledged {len(w['acknowledged'])}, "
               f"pending {len(w['pending'])}, excluded {len(w['excluded'])}, "
-              f"waited_s {w['waited_s']})")
+              f"waited_s {w['waited_s']}); {hooks_line(fleet, body['version'], sent_wall)}")
         if not w["complete"]:
             times[-1] = float("inf")
         time.sleep(1)  # let the fleet settle between commands (hooks, status writes)
@@ -138,14 +245,15 @@ def bench_mongodb(tmp):
         if not fleet.wait_ready():
             print("fleet mongodb: BENCH BROKEN: the agents did not all report running")
             return False
+        print(f"  fleet mongodb: {AGENTS} agents running (load average {load_average()})")
         if not run_commands(fleet, "fleet mongodb (change streams)"):
             return False
         time.sleep(5)
         srv.reset_stats()
-        time.sleep(IDLE_SECONDS)
+        measure_idle(fleet, "fleet mongodb", IDLE_SECONDS, srv.proc.pid)
         stats = srv.control("stats")
         counts = stats["counts"]
-        per_min = 60.0 / IDLE_SECONDS / AGENTS
+        per_min = 60.0 / IDLE_SECONDS / AGENTS  # (the idle window measure_idle slept)
         get_more = counts.get("getMore", 0) * per_min
         data = stats["dataCommands"] * per_min
         detail = ", ".join(f"{k} {v * per_min:.2f}" for k, v in sorted(counts.items())
@@ -170,18 +278,30 @@ def bench_embedded(tmp):
         if not fleet.wait_ready():
             print("fleet embedded: BENCH BROKEN: the agents did not all report running")
             return False
-        return run_commands(fleet, "fleet embedded")
+        print(f"  fleet embedded: {AGENTS} agents running (load average {load_average()})")
+        if not run_commands(fleet, "fleet embedded"):
+            return False
+        time.sleep(5)
+        measure_idle(fleet, "fleet embedded", min(IDLE_SECONDS, 30))
+        return True
     finally:
         fleet.close()
 
 
 def main():
     ok = True
-    with tempfile.TemporaryDirectory(prefix="ah-bench-fleet.") as tmp:
-        os.makedirs(os.path.join(tmp, "m"))
-        os.makedirs(os.path.join(tmp, "e"))
+    stores = os.environ.get("FLEET_STORES", "mongodb,embedded").split(",")
+    tmp = tempfile.mkdtemp(prefix="ah-bench-fleet.")
+    os.makedirs(os.path.join(tmp, "m"))
+    os.makedirs(os.path.join(tmp, "e"))
+    if "mongodb" in stores:
         ok = bench_mongodb(os.path.join(tmp, "m")) and ok
+    if "embedded" in stores:
         ok = bench_embedded(os.path.join(tmp, "e")) and ok
+    if ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"  the agents' logs are kept in {tmp}")
     return 0 if ok else 1
 
 
