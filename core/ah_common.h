@@ -30,6 +30,10 @@
 #define AH_PAUSE_MAX_S 2592000
 /* Most agent status records one fleet listing reads (the store and the HTTP API). */
 #define AH_AGENTS_MAX 10000
+/* Longest canonical selector text of a scope document (core/ah_selector.h). */
+#define AH_SELECTOR_MAX 511
+/* Most scope documents an agent keeps (more are ignored, with a warning). */
+#define AH_SCOPES_MAX 64
 
 /* A macro's value as a string literal: AH_XSTR(AH_HISTORY_MAX) is "1000". */
 #define AH_STR(x) #x
@@ -52,7 +56,8 @@ typedef enum {
     AH_SOURCE_STARTUP,
 } ah_source_t;
 
-/* The control document (and, with agent_id set, an audit entry). */
+/* The control document (and, with agent_id set, an audit entry). A scope document (a command
+ * for the agents its selector matches) has the same fields plus its canonical selector. */
 typedef struct ah_control_s {
     ah_command_t command;
     int64_t version;
@@ -64,6 +69,7 @@ typedef struct ah_control_s {
     int64_t expires_us;            /* a timed pause: when it ends (µs since the epoch); 0: none */
     int64_t drain_ms; /* pause/shutdown: the running call's waits are cancelled this many ms
                          after timestamp_us (drain=); 0: no deadline of its own */
+    char selector[AH_SELECTOR_MAX + 1]; /* "": the cluster document global_control */
 } ah_control_t;
 
 /* "pause" | "running" | "shutdown" | "none". Never NULL. */

@@ -27,6 +27,8 @@ struct ah_config_s {
     char *http_allowed_hosts;             /* HTTP_ALLOWED_HOSTS: comma-separated; NULL → none */
     bool http_console;                    /* HTTP_CONSOLE: the fleet console at GET / */
     char *agent_id;                       /* AGENT_ID */
+    char *agent_labels;                   /* AGENT_LABELS; NULL → none */
+    char *agent_labels_file;              /* AGENT_LABELS_FILE; NULL → none */
     char *api_token;                      /* AGENT_API_TOKEN; NULL → no auth */
     ah_log_level_t log_level;             /* LOG_LEVEL */
     bool log_json;                        /* LOG_FORMAT=json */

@@ -24,7 +24,8 @@ static const char ctl_usage[] =
     "  stats                       cluster statistics\n"
     "  history                     audit trail, newest first (--limit N, default 20)\n"
     "  agents                      every agent's status (--version N: only those behind N;\n"
-    "                              --json: the raw answer)\n"
+    "                              --selector S: only those matching S; --json: the raw answer)\n"
+    "  scopes                      scope documents: selector, command, agents matched and held\n"
     "  leases                      every lease: owner, fencing token, expires in (--json: the\n"
     "                              raw answer)\n"
     "  reload                      reload the script of the agent at --url (exit 1 with the\n"
@@ -41,6 +42,8 @@ static const char ctl_usage[] =
     "  --reason TEXT      why (pause/resume/shutdown)\n"
     "  --updated-by NAME  who (default: ctl)\n"
     "  --local            act on the agent at --url only (/api/agent/*)\n"
+    "  --selector S       cluster command for the agents matching the label selector S only\n"
+    "                     (e.g. 'region=eu,role in (ingest)'; a scope with its own version)\n"
     "  --if-version N     cluster command: only if the current version is N (else 409, exit 1)\n"
     "  --for DURATION     pause: end it automatically after 90s, 15m, 2h, ... (or seconds)\n"
     "  --until TIME       pause: end it automatically at an ISO 8601 UTC time\n"
@@ -185,6 +188,7 @@ int ah_ctl_main(int argc, char **argv)
     const char *drain = NULL;          /* --drain: passed through (cluster and local) */
     const char *wait = NULL;           /* --wait: passed through; the answer decides the exit */
     const char *agents_version = NULL; /* ctl agents --version */
+    const char *selector = NULL;       /* --selector: a scoped command, or ctl agents' filter */
     const char *ca_file = getenv("AGENTHOST_CACERT");
     bool insecure = false;
     bool raw_json = false;
@@ -211,6 +215,8 @@ int ah_ctl_main(int argc, char **argv)
             slot = &wait;
         } else if (strcmp(a, "--version") == 0) {
             slot = &agents_version;
+        } else if (strcmp(a, "--selector") == 0) {
+            slot = &selector;
         } else if (strcmp(a, "--url") == 0) {
             slot = &url;
         } else if (strcmp(a, "--token") == 0) {
@@ -279,7 +285,8 @@ int ah_ctl_main(int argc, char **argv)
     }
 
     if (local && (strcmp(command, "stats") == 0 || strcmp(command, "history") == 0 ||
-                  strcmp(command, "agents") == 0 || strcmp(command, "leases") == 0)) {
+                  strcmp(command, "agents") == 0 || strcmp(command, "scopes") == 0 ||
+                  strcmp(command, "leases") == 0)) {
         fprintf(stderr, "agenthost ctl: --local applies to pause, resume, shutdown and state\n");
         return 2;
     }
@@ -303,8 +310,11 @@ int ah_ctl_main(int argc, char **argv)
         const struct {
             const char *name;
             const char *value;
-        } options[] = {
-            {"if_version", if_version}, {"for", pause_for}, {"until", pause_until}, {"wait", wait}};
+        } options[] = {{"selector", selector},
+                       {"if_version", if_version},
+                       {"for", pause_for},
+                       {"until", pause_until},
+                       {"wait", wait}};
         for (size_t k = 0; k < sizeof(options) / sizeof(options[0]); k++) {
             if (options[k].value == NULL) {
                 continue;
@@ -335,6 +345,12 @@ int ah_ctl_main(int argc, char **argv)
             ah_buf_puts(&path, "?version=");
             url_encode(&path, agents_version);
         }
+        if (selector != NULL) {
+            ah_buf_puts(&path, agents_version != NULL ? "&selector=" : "?selector=");
+            url_encode(&path, selector);
+        }
+    } else if (strcmp(command, "scopes") == 0) {
+        ah_buf_puts(&path, "/api/cluster/scopes");
     } else if (strcmp(command, "leases") == 0) {
         ah_buf_puts(&path, "/api/cluster/leases");
     } else if (strcmp(command, "history") == 0) {
@@ -392,6 +408,8 @@ int ah_ctl_main(int argc, char **argv)
     int rc = 0;
     if (status >= 200 && status <= 299 && strcmp(command, "agents") == 0 && !raw_json) {
         rc = ah_ctl_fleet_print_agents(body, stdout, stderr);
+    } else if (status >= 200 && status <= 299 && strcmp(command, "scopes") == 0 && !raw_json) {
+        rc = ah_ctl_fleet_print_scopes(body, stdout, stderr);
     } else if (status >= 200 && status <= 299 && strcmp(command, "leases") == 0 && !raw_json) {
         rc = ah_ctl_fleet_print_leases(body, stdout, stderr);
     } else {

@@ -278,6 +278,79 @@ static bool array_next(json_reader_t *r)
     return false;
 }
 
+/* The labels object (member "labels") of the object at `object` as "k=v,k=v" into out. */
+static void member_labels(const char *object, char *out, size_t n)
+{
+    json_reader_t r = {.p = object, .ok = true};
+    size_t used = 0;
+    out[0] = '\0';
+    if (!find_member(&r, "labels") || !r.ok || *r.p != '{') {
+        return;
+    }
+    r.p++;
+    skip_ws(&r);
+    while (r.ok && *r.p == '"') {
+        char key[320], value[80];
+        read_string(&r, key, sizeof(key));
+        skip_ws(&r);
+        if (!r.ok || *r.p != ':') {
+            break;
+        }
+        r.p++;
+        skip_ws(&r);
+        read_string(&r, value, sizeof(value));
+        int len = snprintf(out + used, n - used, "%s%s=%s", used > 0 ? "," : "", key, value);
+        if (len < 0 || (size_t)len >= n - used) {
+            out[used] = '\0';
+            break;
+        }
+        used += (size_t)len;
+        skip_ws(&r);
+        if (*r.p != ',') {
+            break;
+        }
+        r.p++;
+        skip_ws(&r);
+    }
+}
+
+int ah_ctl_fleet_print_scopes(const char *body, FILE *out, FILE *err)
+{
+    json_reader_t r = {.p = body, .ok = true};
+    if (!find_member(&r, "scopes") || !r.ok) {
+        fprintf(err, "agenthost ctl: the answer has no \"scopes\"\n");
+        return 1;
+    }
+    fprintf(out, "%-32s %-8s %7s %7s %5s %-24s %s\n", "SELECTOR", "COMMAND", "VERSION", "MATCHED",
+            "HOLDS", "EXPIRES", "REASON");
+    if (array_first(&r)) {
+        do {
+            const char *object = r.p;
+            char selector[512], command[16], version[32], matched[32], holds[32], expires[40],
+                reason[256];
+            member_text(object, "selector", selector, sizeof(selector));
+            member_text(object, "command", command, sizeof(command));
+            member_text(object, "version", version, sizeof(version));
+            member_text(object, "matched", matched, sizeof(matched));
+            member_text(object, "holds", holds, sizeof(holds));
+            member_text(object, "expires_at", expires, sizeof(expires));
+            member_text(object, "reason", reason, sizeof(reason));
+            fprintf(out, "%-32s %-8s %7s %7s %5s %-24s %s\n", selector, command, version, matched,
+                    holds, strcmp(expires, "null") == 0 ? "-" : expires, reason);
+            skip_value(&r, 1);
+        } while (array_next(&r));
+    }
+    if (!r.ok) {
+        fprintf(err, "agenthost ctl: malformed \"scopes\" in the answer\n");
+        return 1;
+    }
+    char count[32], active[32];
+    member_text(body, "count", count, sizeof(count));
+    member_text(body, "active", active, sizeof(active));
+    fprintf(out, "%s scopes, %s holding (pause or shutdown)\n", count, active);
+    return 0;
+}
+
 int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err)
 {
     json_reader_t r = {.p = body, .ok = true};
@@ -285,8 +358,8 @@ int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err)
         fprintf(err, "agenthost ctl: the answer has no \"agents\"\n");
         return 1;
     }
-    fprintf(out, "%-24s %-9s %8s %-6s %-25s %-16s %8s %10s %7s\n", "AGENT", "STATE", "APPLIED",
-            "STALE", "LAST SEEN", "HOST", "PID", "BATCHES", "ERRORS");
+    fprintf(out, "%-24s %-9s %8s %-6s %-25s %-16s %8s %10s %7s %s\n", "AGENT", "STATE", "APPLIED",
+            "STALE", "LAST SEEN", "HOST", "PID", "BATCHES", "ERRORS", "LABELS");
     if (array_first(&r)) {
         do {
             const char *object = r.p;
@@ -301,8 +374,11 @@ int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err)
             member_text(object, "pid", pid, sizeof(pid));
             member_text(object, "batches", batches, sizeof(batches));
             member_text(object, "errors", errors, sizeof(errors));
-            fprintf(out, "%-24s %-9s %8s %-6s %-25s %-16s %8s %10s %7s\n", id, state, applied,
-                    strcmp(stale, "true") == 0 ? "STALE" : "no", seen, host, pid, batches, errors);
+            char labels[1024];
+            member_labels(object, labels, sizeof(labels));
+            fprintf(out, "%-24s %-9s %8s %-6s %-25s %-16s %8s %10s %7s %s\n", id, state, applied,
+                    strcmp(stale, "true") == 0 ? "STALE" : "no", seen, host, pid, batches, errors,
+                    labels);
             skip_value(&r, 1);
         } while (array_next(&r));
     }

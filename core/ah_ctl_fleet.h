@@ -18,4 +18,8 @@ int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err);
  * 1 when it is false (the pending agents listed on err) or when the body has no "wait". */
 int ah_ctl_fleet_wait_outcome(const char *body, FILE *err);
 
+/* Prints the body of GET /api/cluster/scopes as a table on out. 0, or 1 (err says why) when
+ * the body is not one. */
+int ah_ctl_fleet_print_scopes(const char *body, FILE *out, FILE *err);
+
 #endif

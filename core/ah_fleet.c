@@ -47,6 +47,11 @@ struct ah_fleet_s {
 
 typedef struct fleet_wait_s {
     struct fleet_wait_s *next;
+    /* a scoped command: its canonical selector, parsed, and its id (ah_selector_id); sel NULL:
+     * the cluster document */
+    char selector[AH_SELECTOR_MAX + 1];
+    ah_selector_t *sel;
+    unsigned long long scope_id;
     bool need_write; /* the command below is still to be written; version unknown */
     bool read_only;  /* ah_fleet_read(): answered after one fresh read, no command, no wait */
     bool need_read;  /* read_only: the control document is still to be read */
@@ -73,6 +78,48 @@ bool ah_fleet_is_stale(const ah_agent_status_t *rec, int64_t now_us, double hear
     return age_s > heartbeat_interval * AH_FLEET_STALE_HEARTBEATS;
 }
 
+/* Writes the acknowledged versions of the matching scopes into out[n] (ah_agent_status_t
+ * scope_acks); what does not fit is left out. */
+static void fleet_scope_acks(const ah_fleet_t *f, char *out, size_t n)
+{
+    ah_scope_view_t *scopes = malloc(AH_SCOPES_MAX * sizeof(*scopes));
+    size_t used = 0;
+    out[0] = '\0';
+    if (scopes == NULL) {
+        return;
+    }
+    int count = ah_state_scopes(f->state, scopes, AH_SCOPES_MAX);
+    for (int i = 0; i < count; i++) {
+        if (!scopes[i].matches || scopes[i].applied_version <= 0) {
+            continue;
+        }
+        char item[64];
+        int len =
+            snprintf(item, sizeof(item), "%s%016llx=%lld", used > 0 ? "," : "",
+                     ah_selector_id(scopes[i].doc.selector), (long long)scopes[i].applied_version);
+        if (len < 0 || used + (size_t)len + 1 > n) {
+            break;
+        }
+        memcpy(out + used, item, (size_t)len + 1);
+        used += (size_t)len;
+    }
+    free(scopes);
+}
+
+int64_t ah_fleet_scope_ack(const ah_agent_status_t *rec, unsigned long long scope_id)
+{
+    char key[24];
+    snprintf(key, sizeof(key), "%016llx=", scope_id);
+    const char *at = rec->scope_acks;
+    while ((at = strstr(at, key)) != NULL) {
+        if (at == rec->scope_acks || at[-1] == ',') {
+            return strtoll(at + strlen(key), NULL, 10);
+        }
+        at += strlen(key);
+    }
+    return 0;
+}
+
 /* The record the current state shows. */
 static void fleet_record(const ah_fleet_t *f, ah_agent_status_t *rec)
 {
@@ -91,6 +138,8 @@ static void fleet_record(const ah_fleet_t *f, ah_agent_status_t *rec)
     rec->batches = (int64_t)snap.batches;
     rec->errors = (int64_t)snap.batch_errors;
     ah_strlcpy(rec->leases, snap.held_leases, sizeof(rec->leases));
+    ah_state_labels_text(f->state, rec->labels, sizeof(rec->labels));
+    fleet_scope_acks(f, rec->scope_acks, sizeof(rec->scope_acks));
 }
 
 /* One write of the current record. 0 or the store's error (err set). */
@@ -118,61 +167,120 @@ int ah_fleet_issue(ah_state_t *state, ah_store_t *store, const ah_command_req_t 
     if (rc == AH_OK) {
         char safe_by[AH_NAME_MAX * 4 + 1];
         char safe_reason[AH_REASON_MAX * 4 + 1];
-        ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)",
-                    ah_command_name(doc->command), (long long)doc->version,
-                    ah_log_escape(doc->updated_by, safe_by, sizeof(safe_by)),
-                    ah_log_escape(doc->reason, safe_reason, sizeof(safe_reason)));
+        if (doc->selector[0] != '\0') {
+            ah_log_info("Scoped command %s issued for %s: version %lld by %s (reason: %s)",
+                        ah_command_name(doc->command), doc->selector, (long long)doc->version,
+                        ah_log_escape(doc->updated_by, safe_by, sizeof(safe_by)),
+                        ah_log_escape(doc->reason, safe_reason, sizeof(safe_reason)));
+        } else {
+            ah_log_info("Cluster command %s issued: version %lld by %s (reason: %s)",
+                        ah_command_name(doc->command), (long long)doc->version,
+                        ah_log_escape(doc->updated_by, safe_by, sizeof(safe_by)),
+                        ah_log_escape(doc->reason, safe_reason, sizeof(safe_reason)));
+        }
     }
-    if (rc == AH_OK || rc == AH_ECONFLICT) {
+    if ((rc == AH_OK || rc == AH_ECONFLICT) && doc->selector[0] == '\0') {
         /* the issuing agent applies its own command at once (or catches up with the current
-         * document), without waiting for its watcher */
+         * document), without waiting for its watcher; a scope document arrives through the
+         * watcher with the rest of the set */
         ah_state_offer_cluster(state, doc);
     }
     ah_state_issue_end(state);
     return rc;
 }
 
-/* The version of the timed pause in force and when it ends (wall clock), or false. */
-static bool fleet_timed_pause(const ah_fleet_t *f, int64_t *version, int64_t *expires_us)
+/* Timed pauses this agent is done with: (selector, version) keys, the latest FLEET_ENDED. */
+#define FLEET_ENDED 64
+typedef struct {
+    unsigned long long keys[FLEET_ENDED];
+    unsigned next;
+} fleet_ended_t;
+
+static unsigned long long pause_key(const char *selector, int64_t version)
 {
-    ah_state_snapshot_t snap;
-    ah_state_snapshot(f->state, &snap);
-    if (!snap.cluster_known || snap.cluster.command != AH_CMD_PAUSE ||
-        snap.cluster.expires_us == 0) {
-        return false;
-    }
-    *version = snap.cluster.version;
-    *expires_us = snap.cluster.expires_us;
-    return true;
+    return ah_selector_id(selector) ^ ((unsigned long long)version * 0x9e3779b97f4a7c15ULL);
 }
 
-/* Ends the timed pause `version` that expired at expires_us: one resume conditioned on that
- * version. Returns true when done with it (written, or someone else wrote a newer version);
- * false to try again later (the store failed). */
-static bool fleet_end_pause(ah_fleet_t *f, int64_t version, int64_t expires_us)
+static bool ended_has(const fleet_ended_t *e, unsigned long long key)
+{
+    for (unsigned i = 0; i < FLEET_ENDED; i++) {
+        if (e->keys[i] == key) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The timed pause (the cluster's or a scope's) that ends first among those not in ended: its
+ * selector ("" for the cluster), version and end (wall clock); false when there is none. */
+static bool fleet_timed_pause(const ah_fleet_t *f, const fleet_ended_t *ended, char *selector,
+                              size_t selector_len, int64_t *version, int64_t *expires_us)
+{
+    ah_state_snapshot_t snap;
+    bool found = false;
+    ah_state_snapshot(f->state, &snap);
+    if (snap.cluster_known && snap.cluster.command == AH_CMD_PAUSE &&
+        snap.cluster.expires_us != 0 && !ended_has(ended, pause_key("", snap.cluster.version))) {
+        selector[0] = '\0';
+        *version = snap.cluster.version;
+        *expires_us = snap.cluster.expires_us;
+        found = true;
+    }
+    ah_scope_view_t *scopes = malloc(AH_SCOPES_MAX * sizeof(*scopes));
+    int count = scopes != NULL ? ah_state_scopes(f->state, scopes, AH_SCOPES_MAX) : 0;
+    for (int i = 0; i < count; i++) {
+        const ah_control_t *d = &scopes[i].doc;
+        if (d->command == AH_CMD_PAUSE && d->expires_us != 0 &&
+            (!found || d->expires_us < *expires_us) &&
+            !ended_has(ended, pause_key(d->selector, d->version))) {
+            ah_strlcpy(selector, d->selector, selector_len);
+            *version = d->version;
+            *expires_us = d->expires_us;
+            found = true;
+        }
+    }
+    free(scopes);
+    return found;
+}
+
+/* Ends the timed pause `version` of the cluster (selector "") or of a scope that expired at
+ * expires_us: one resume conditioned on that version. Returns true when done with it (written,
+ * or someone else wrote a newer version); false to try again later (the store failed). */
+static bool fleet_end_pause(ah_fleet_t *f, const char *selector, int64_t version,
+                            int64_t expires_us)
 {
     char when[AH_TIMESTAMP_LEN];
-    char reason[160];
+    char reason[AH_SELECTOR_MAX + 160];
     char err[AH_ERRLEN];
+    char what[AH_SELECTOR_MAX + 32];
     ah_format_timestamp(expires_us, when);
-    snprintf(reason, sizeof(reason), "timed pause version %lld expired at %s", (long long)version,
-             when);
+    if (selector[0] != '\0') {
+        snprintf(what, sizeof(what), "scope %s", selector);
+        snprintf(reason, sizeof(reason), "timed pause of scope %s version %lld expired at %s",
+                 selector, (long long)version, when);
+    } else {
+        snprintf(what, sizeof(what), "the cluster");
+        snprintf(reason, sizeof(reason), "timed pause version %lld expired at %s",
+                 (long long)version, when);
+    }
     ah_command_req_t req = {.command = AH_CMD_RUNNING,
                             .reason = reason,
                             .updated_by = "system",
                             .agent_id = f->cfg->agent_id,
-                            .if_version = version};
+                            .if_version = version,
+                            .selector = selector};
     ah_control_t doc;
     int rc = ah_fleet_issue(f->state, f->store, &req, &doc, err, sizeof(err));
     if (rc == AH_OK) {
-        ah_log_info("Timed pause version %lld expired: resumed the cluster (version %lld)",
-                    (long long)version, (long long)doc.version);
+        ah_log_info("Timed pause version %lld expired: resumed %s (version %lld)",
+                    (long long)version, what, (long long)doc.version);
     } else if (rc == AH_ECONFLICT) {
-        ah_log_debug("Timed pause version %lld expired; another writer was first (version %lld)",
-                     (long long)version, (long long)doc.version);
+        ah_log_debug("Timed pause version %lld of %s expired; another writer was first (version "
+                     "%lld)",
+                     (long long)version, what, (long long)doc.version);
     } else {
-        ah_log_warn("Cannot end the expired timed pause version %lld (retrying): %s",
-                    (long long)version, err);
+        ah_log_warn("Cannot end the expired timed pause version %lld of %s (retrying): %s",
+                    (long long)version, what, err);
         return false;
     }
     return true;
@@ -183,24 +291,27 @@ static void *fleet_main(void *arg)
     ah_fleet_t *f = arg;
     unsigned int seed = (unsigned int)(ah_now_us() ^ (f->pid << 16));
     int failures = 0;
-    int64_t due_us = 0;         /* monotonic time of the next heartbeat; 0: now */
-    int64_t ended_version = -1; /* the timed pause this agent is done with */
+    int64_t due_us = 0;  /* monotonic time of the next heartbeat; 0: now */
+    fleet_ended_t ended; /* the timed pauses this agent is done with */
     int64_t expiry_retry_us = 0;
-    int64_t spread_version = -1; /* the timed pause spread_us was drawn for */
+    unsigned long long spread_key = 0; /* the timed pause spread_us was drawn for */
     int64_t spread_us = 0;
     char err[AH_ERRLEN];
+    char pause_selector[AH_SELECTOR_MAX + 1];
 
+    memset(&ended, 0, sizeof(ended));
     pthread_mutex_lock(&f->lock);
     for (;;) {
         f->recheck = false;
         pthread_mutex_unlock(&f->lock);
         int64_t pause_version = 0, expires_us = 0;
         int64_t wake_us = due_us; /* monotonic */
-        bool timed =
-            fleet_timed_pause(f, &pause_version, &expires_us) && pause_version != ended_version;
+        bool timed = fleet_timed_pause(f, &ended, pause_selector, sizeof(pause_selector),
+                                       &pause_version, &expires_us);
         if (timed) {
-            if (spread_version != pause_version) {
-                spread_version = pause_version;
+            unsigned long long key = pause_key(pause_selector, pause_version);
+            if (spread_key != key) {
+                spread_key = key;
                 spread_us = (int64_t)(ah_jitter(&seed, 0, FLEET_EXPIRY_SPREAD_S) * 1e6);
             }
             int64_t expiry_mono = ah_mono_us() + (expires_us - ah_now_us()) + spread_us;
@@ -208,8 +319,8 @@ static void *fleet_main(void *arg)
                 expiry_mono = expiry_retry_us;
             }
             if (expiry_mono <= ah_mono_us()) {
-                if (fleet_end_pause(f, pause_version, expires_us)) {
-                    ended_version = pause_version;
+                if (fleet_end_pause(f, pause_selector, pause_version, expires_us)) {
+                    ended.keys[ended.next++ % FLEET_ENDED] = key;
                 } else {
                     expiry_retry_us = ah_mono_us() + (int64_t)(FLEET_RETRY_MIN * 1e6);
                 }
@@ -277,13 +388,37 @@ ah_fleet_ack_t ah_fleet_classify(const ah_agent_status_t *rec, int64_t version, 
     return AH_FLEET_PENDING;
 }
 
+ah_fleet_ack_t ah_fleet_classify_scope(const ah_agent_status_t *rec, const ah_selector_t *sel,
+                                       int64_t version, int64_t now_us, double heartbeat_interval)
+{
+    if (!ah_selector_matches_text(sel, rec->labels)) {
+        return AH_FLEET_NOT_MATCHED;
+    }
+    char canonical[AH_SELECTOR_MAX + 1];
+    if (ah_selector_format(sel, canonical, sizeof(canonical)) != AH_OK) {
+        return AH_FLEET_EXCLUDED;
+    }
+    ah_agent_status_t copy_for_classify;
+    const ah_agent_status_t *r = rec;
+    if (ah_fleet_scope_ack(rec, ah_selector_id(canonical)) >= version) {
+        return AH_FLEET_ACKNOWLEDGED;
+    }
+    /* not acknowledged: stale or stopping agents are excluded as for the cluster */
+    copy_for_classify = *r;
+    copy_for_classify.applied_version = INT64_MIN;
+    return ah_fleet_classify(&copy_for_classify, version, now_us, heartbeat_interval);
+}
+
 /* Classifies recs for w into acks; fills *out. Returns true when the wait is complete. */
 static bool wait_evaluate(const ah_fleet_t *f, const fleet_wait_t *w, const ah_agent_status_t *recs,
                           int count, ah_fleet_ack_t *acks, int64_t now_us, ah_fleet_outcome_t *out)
 {
     bool complete = true;
     for (int i = 0; i < count; i++) {
-        acks[i] = ah_fleet_classify(&recs[i], w->version, now_us, f->cfg->heartbeat_interval);
+        acks[i] = w->sel != NULL
+                      ? ah_fleet_classify_scope(&recs[i], w->sel, w->version, now_us,
+                                                f->cfg->heartbeat_interval)
+                      : ah_fleet_classify(&recs[i], w->version, now_us, f->cfg->heartbeat_interval);
         complete = complete && acks[i] != AH_FLEET_PENDING;
     }
     out->command_rc = w->command_rc;
@@ -307,6 +442,7 @@ static void fleet_write_command(ah_fleet_t *f, fleet_wait_t *w)
                             .agent_id = f->cfg->agent_id,
                             .if_version = w->if_version,
                             .expires_us = w->expires_us,
+                            .selector = w->selector,
                             .drain_ms = w->drain_ms};
     w->command_rc = ah_fleet_issue(f->state, f->store, &req, &w->doc, w->command_error,
                                    sizeof(w->command_error));
@@ -425,6 +561,7 @@ static void *waiter_main(void *arg)
                           w->command_rc == AH_OK ? count : 0, acks, now_us, &outcome);
             outcome.error = err;
             w->cb(w->ud, &outcome);
+            ah_selector_free(w->sel);
             free(w);
         }
         pthread_mutex_lock(&f->lock);
@@ -471,6 +608,16 @@ int ah_fleet_command_wait(ah_fleet_t *f, const ah_command_req_t *req, double sec
     fleet_wait_t *w = calloc(1, sizeof(*w));
     if (w == NULL) {
         return AH_ENOMEM;
+    }
+    if (req->selector != NULL && req->selector[0] != '\0') {
+        char err[AH_ERRLEN];
+        w->sel = ah_selector_parse(req->selector, err, sizeof(err));
+        if (w->sel == NULL) {
+            free(w);
+            return AH_EINVAL;
+        }
+        ah_strlcpy(w->selector, req->selector, sizeof(w->selector));
+        w->scope_id = ah_selector_id(w->selector);
     }
     w->need_write = true;
     w->command = req->command;

@@ -57,6 +57,7 @@ typedef enum {
     AH_FLEET_ACKNOWLEDGED = 0, /* applied_version >= N */
     AH_FLEET_PENDING,          /* alive and not there yet */
     AH_FLEET_EXCLUDED,         /* stale, or stopping/stopped before applying N: not waited for */
+    AH_FLEET_NOT_MATCHED,      /* a scoped wait: the agent's labels do not match (not listed) */
 } ah_fleet_ack_t;
 
 #define AH_FLEET_WAIT_POLL_S 0.1
@@ -116,6 +117,13 @@ int ah_fleet_issue(ah_state_t *state, ah_store_t *store, const ah_command_req_t 
 /* How rec counts for a wait on version (now_us: wall clock). */
 ah_fleet_ack_t ah_fleet_classify(const ah_agent_status_t *rec, int64_t version, int64_t now_us,
                                  double heartbeat_interval);
+
+/* How rec counts for a wait on version of the scope sel: AH_FLEET_NOT_MATCHED when its labels
+ * do not match, else as ah_fleet_classify with the scope's acknowledged version. */
+ah_fleet_ack_t ah_fleet_classify_scope(const ah_agent_status_t *rec, const ah_selector_t *sel,
+                                       int64_t version, int64_t now_us, double heartbeat_interval);
+/* The version of the scope scope_id (ah_selector_id) that rec acknowledged, 0 if none. */
+int64_t ah_fleet_scope_ack(const ah_agent_status_t *rec, unsigned long long scope_id);
 
 /* True when rec was last written more than AH_FLEET_STALE_HEARTBEATS heartbeat intervals before
  * now_us (wall clock, µs). */

@@ -15,6 +15,7 @@
 #include "ah_metrics.h"
 #include "ah_store.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <time.h>
@@ -93,6 +94,81 @@ static void host_wake_lua(void *ud)
     pthread_mutex_unlock(&h->lua_lock);
 }
 
+/* This agent's labels: AGENT_LABELS_FILE (a Downward API file), then AGENT_LABELS (which wins
+ * on a key both give), then the implicit agent=<AGENT_ID>. NULL with err naming the bad label
+ * (or the file) on error. */
+static ah_labels_t *host_labels(const ah_config_t *cfg, char *err, size_t errlen)
+{
+    char inner[AH_ERRLEN];
+    ah_labels_t *labels = NULL;
+    ah_labels_t *given = NULL;
+    char *content = NULL;
+    if (cfg->agent_labels_file != NULL) {
+        FILE *f = fopen(cfg->agent_labels_file, "r");
+        size_t cap = 65536, n = 0;
+        content = f != NULL ? malloc(cap + 1) : NULL;
+        if (f == NULL || content == NULL) {
+            snprintf(err, errlen, "AGENT_LABELS_FILE '%s': %s", cfg->agent_labels_file,
+                     f == NULL ? strerror(errno) : "out of memory");
+            if (f != NULL) {
+                fclose(f);
+            }
+            goto fail;
+        }
+        n = fread(content, 1, cap, f);
+        content[n] = '\0';
+        fclose(f);
+        labels = ah_labels_parse_downward(content, inner, sizeof(inner));
+        if (labels == NULL) {
+            snprintf(err, errlen, "AGENT_LABELS_FILE '%s': %s", cfg->agent_labels_file, inner);
+            goto fail;
+        }
+    } else if ((labels = ah_labels_new()) == NULL) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    given = ah_labels_parse(cfg->agent_labels, inner, sizeof(inner));
+    if (given == NULL) {
+        snprintf(err, errlen, "AGENT_LABELS: %s", inner);
+        goto fail;
+    }
+    if (ah_labels_get(given, "agent") != NULL) {
+        snprintf(err, errlen, "AGENT_LABELS: the label 'agent' is implicit (agent=<AGENT_ID>)");
+        goto fail;
+    }
+    for (size_t i = 0; i < ah_labels_count(given); i++) {
+        if (ah_labels_set(labels, ah_labels_key(given, i), ah_labels_value(given, i), inner,
+                          sizeof(inner)) != AH_OK) {
+            snprintf(err, errlen, "AGENT_LABELS: %s", inner);
+            goto fail;
+        }
+    }
+    if (ah_label_value_check(cfg->agent_id, strlen(cfg->agent_id), inner, sizeof(inner)) == AH_OK) {
+        if (ah_labels_set(labels, "agent", cfg->agent_id, inner, sizeof(inner)) != AH_OK) {
+            snprintf(err, errlen, "%s", inner);
+            goto fail;
+        }
+    } else {
+        ah_log_warn("AGENT_ID '%s' is not a valid label value: this agent has no agent= label "
+                    "(selectors cannot name it)",
+                    cfg->agent_id);
+    }
+    char text[AH_LABELS_TEXT_MAX + 1];
+    if (ah_labels_format(labels, text, sizeof(text)) != AH_OK) {
+        snprintf(err, errlen, "AGENT_LABELS: the labels are longer than %d bytes",
+                 AH_LABELS_TEXT_MAX);
+        goto fail;
+    }
+    ah_labels_free(given);
+    free(content);
+    return labels;
+fail:
+    ah_labels_free(given);
+    ah_labels_free(labels);
+    free(content);
+    return NULL;
+}
+
 ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, char *err,
                        size_t errlen)
 {
@@ -116,6 +192,11 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
+    ah_labels_t *labels = host_labels(cfg, err, errlen);
+    if (labels == NULL) {
+        goto fail;
+    }
+    ah_state_set_labels(h->state, labels);
     /* agent.mongo: its own pool for AGENT_MONGODB_URI (or MONGODB_URI without a MongoDB control
      * store); otherwise the store's URI for a pool of its own, opened on first use (never the
      * store's pool: no script can take the connections cluster commands need). */
@@ -676,6 +757,11 @@ static void on_store_control(void *ud, const ah_control_t *doc)
     ah_state_offer_cluster(ud, doc);
 }
 
+static void on_store_scopes(void *ud, const ah_control_t *scopes, int count)
+{
+    ah_state_offer_scopes(ud, scopes, count);
+}
+
 static void on_store_status(void *ud, const ah_store_status_t *status)
 {
     ah_state_set_store_status(ud, status);
@@ -731,8 +817,10 @@ static int open_store(ah_host_t *h, char *err, size_t errlen)
         return AH_EIO;
     }
     ah_state_set_fleet_listener(h->state, on_state_change, h->fleet);
-    ah_store_listener_t listener = {
-        .on_control = on_store_control, .on_status = on_store_status, .ud = h->state};
+    ah_store_listener_t listener = {.on_control = on_store_control,
+                                    .on_status = on_store_status,
+                                    .ud = h->state,
+                                    .on_scopes = on_store_scopes};
     return ah_store_watch_start(h->store, &listener, err, errlen);
 }
 

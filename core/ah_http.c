@@ -218,15 +218,15 @@ static bool cross_site_refused(struct MHD_Connection *conn, http_reply_t *reply)
 /* ---- routing ---------------------------------------------------------------------------- */
 
 /* The query parameters each route reads, NULL-terminated. A request with any other parameter is
- * refused with 400 naming it before its handler runs, so a misspelt `wiat=` or an unsupported
- * `selector=` never silently does less than asked. A handler that starts reading a parameter
+ * refused with 400 naming it before its handler runs, so a misspelt `wiat=` or `seletor=`
+ * never silently does less than asked. A handler that starts reading a parameter
  * adds it here. */
 static const char *const no_params[] = {NULL};
 static const char *const history_params[] = {"limit", NULL};
-static const char *const agents_params[] = {"version", NULL};
+static const char *const agents_params[] = {"version", "selector", NULL};
 static const char *const reload_params[] = {"wait", NULL};
-static const char *const cluster_command_params[] = {"reason", "updated_by", "if_version", "for",
-                                                     "until",  "wait",       "drain",      NULL};
+static const char *const cluster_command_params[] = {
+    "reason", "updated_by", "if_version", "for", "until", "wait", "drain", "selector", NULL};
 static const char *const agent_command_params[] = {"reason", "updated_by", "drain", NULL};
 
 typedef struct http_route_s {
@@ -242,6 +242,7 @@ static const http_route_t routes[] = {
     {"/api/cluster/stats", "GET", false, ah_http_handle_stats, no_params},
     {"/api/cluster/history", "GET", false, ah_http_handle_history, history_params},
     {"/api/cluster/agents", "GET", false, ah_http_handle_cluster_agents, agents_params},
+    {"/api/cluster/scopes", "GET", false, ah_http_handle_cluster_scopes, no_params},
     {"/api/cluster/leases", "GET", false, ah_http_handle_leases, no_params},
     {"/api/agent/state", "GET", false, ah_http_handle_agent_state, no_params},
     {"/api/agent/reload", "POST", false, ah_http_handle_agent_reload, reload_params},

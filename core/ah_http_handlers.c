@@ -419,6 +419,82 @@ static const char *const propagation_verbs[] = {
     [AH_CMD_SHUTDOWN] = "shutdown gracefully",
 };
 
+/* What a scoped command's answer says beyond a cluster command's. */
+typedef struct scope_answer_s {
+    char selector[AH_SELECTOR_MAX + 1]; /* canonical */
+    bool held_before; /* the scope was a pause or shutdown before this write (issuer's view) */
+    int matched;      /* live agents matching the selector; < 0: unknown */
+} scope_answer_t;
+
+/* Reads selector=: "" when absent, else its canonical form into out. A malformed or empty
+ * selector is a 400 naming the problem (AH_EINVAL). */
+static int query_selector(const http_call_t *call, char *out, size_t outlen, bool *present,
+                          http_reply_t *reply)
+{
+    size_t len = 0;
+    const char *text = query_raw(call, "selector", &len);
+    char err[AH_ERRLEN];
+    out[0] = '\0';
+    *present = text != NULL;
+    if (text == NULL) {
+        return AH_OK;
+    }
+    if (strlen(text) != len) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST, "selector: contains a NUL byte");
+        return AH_EINVAL;
+    }
+    ah_selector_t *sel = ah_selector_parse(text, err, sizeof(err));
+    if (sel == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST, "%s", err);
+        return AH_EINVAL;
+    }
+    int rc = AH_OK;
+    if (ah_selector_empty(sel)) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "selector: empty (a command for every agent is a cluster command: "
+                            "leave selector out)");
+        rc = AH_EINVAL;
+    } else if (ah_selector_format(sel, out, outlen) != AH_OK) {
+        ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
+                            "selector: longer than %d bytes in canonical form", AH_SELECTOR_MAX);
+        rc = AH_EINVAL;
+    }
+    ah_selector_free(sel);
+    return rc;
+}
+
+/* True when the issuing agent's view has the scope `selector` as a pause or shutdown. */
+static bool scope_holds_in_view(ah_http_t *http, const char *selector)
+{
+    ah_scope_view_t *scopes = malloc(AH_SCOPES_MAX * sizeof(*scopes));
+    bool holds = false;
+    int count = scopes != NULL ? ah_state_scopes(http->state, scopes, AH_SCOPES_MAX) : 0;
+    for (int i = 0; i < count; i++) {
+        if (strcmp(scopes[i].doc.selector, selector) == 0) {
+            holds = scopes[i].doc.command != AH_CMD_RUNNING;
+        }
+    }
+    free(scopes);
+    return holds;
+}
+
+/* Live (not stale, not stopped) agents among recs whose labels match the canonical selector. */
+static int count_matching(const ah_config_t *cfg, const char *selector,
+                          const ah_agent_status_t *recs, int count)
+{
+    char err[AH_ERRLEN];
+    ah_selector_t *sel = ah_selector_parse(selector, err, sizeof(err));
+    int64_t now_us = ah_now_us();
+    int matched = 0;
+    for (int i = 0; sel != NULL && i < count; i++) {
+        matched += ah_selector_matches_text(sel, recs[i].labels) &&
+                   !ah_fleet_is_stale(&recs[i], now_us, cfg->heartbeat_interval) &&
+                   strcmp(recs[i].state, "stopped") != 0;
+    }
+    ah_selector_free(sel);
+    return matched;
+}
+
 /* Writes the "wait" object of a cluster command's answer. */
 static void write_wait(ah_buf_t *b, const ah_fleet_outcome_t *outcome)
 {
@@ -450,7 +526,7 @@ static void write_wait(ah_buf_t *b, const ah_fleet_outcome_t *outcome)
  * returned rc, err and doc; with wait != NULL the "wait" object is added to the success body. */
 static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char *err,
                           const ah_control_t *doc, const ah_fleet_outcome_t *wait,
-                          http_reply_t *reply)
+                          const scope_answer_t *scope, http_reply_t *reply)
 {
     if (rc == AH_ECONFLICT) {
         ah_state_snapshot_t snap;
@@ -462,6 +538,9 @@ static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char 
         ah_json_str(b, "error", err);
         ah_json_open_object(b, "current");
         write_control_state(b, doc, snap.store.watch_mode);
+        if (doc->selector[0] != '\0') {
+            ah_json_str(b, "selector", doc->selector);
+        }
         ah_json_close(b);
         ah_json_close(b);
         return;
@@ -501,7 +580,26 @@ static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char 
     ah_buf_t *b = &reply->body;
     ah_json_open(b);
     ah_json_str(b, "status", "success");
-    ah_json_str(b, "message", issued_messages[cmd]);
+    if (scope != NULL) {
+        char message[AH_SELECTOR_MAX + 160];
+        bool held_nobody = cmd == AH_CMD_RUNNING && (!scope->held_before || scope->matched == 0);
+        snprintf(message, sizeof(message), "%s command issued to the agents matching %s%s",
+                 cmd == AH_CMD_PAUSE     ? "Pause"
+                 : cmd == AH_CMD_RUNNING ? "Resume"
+                                         : "Shutdown",
+                 scope->selector,
+                 held_nobody ? " (the scope held no agent: nothing to resume)" : "");
+        ah_json_str(b, "message", message);
+        ah_json_str(b, "selector", scope->selector);
+        if (scope->matched >= 0) {
+            ah_json_int(b, "matched", scope->matched);
+        }
+        if (cmd == AH_CMD_RUNNING) {
+            ah_json_bool(b, "held", !held_nobody);
+        }
+    } else {
+        ah_json_str(b, "message", issued_messages[cmd]);
+    }
     ah_json_str(b, "command", ah_command_name(doc->command));
     ah_json_int(b, "version", doc->version);
     ah_json_str(b, "timestamp", timestamp);
@@ -543,9 +641,10 @@ static int query_wait(const http_call_t *call, double *out, bool *present, http_
  * connection. */
 typedef struct cluster_command_job_s {
     ah_http_t *http;
-    ah_command_req_t req; /* reason and updated_by point into the job */
+    ah_command_req_t req; /* reason, updated_by and selector point into the job */
     char reason[AH_REASON_MAX + 1];
     char updated_by[AH_NAME_MAX + 1];
+    scope_answer_t scope; /* scope.selector "": a cluster command */
 } cluster_command_job_t;
 
 /* Store worker: writes the command (ah_fleet_issue) and answers. */
@@ -556,8 +655,25 @@ static void run_cluster_command(void *arg, http_reply_t *reply)
     char err[AH_ERRLEN] = "";
     job->req.reason = job->reason;
     job->req.updated_by = job->updated_by;
+    job->req.selector = job->scope.selector;
+    bool scoped = job->scope.selector[0] != '\0';
+    if (scoped) {
+        job->scope.held_before = scope_holds_in_view(job->http, job->scope.selector);
+    }
     int rc = ah_fleet_issue(job->http->state, job->http->store, &job->req, &doc, err, sizeof(err));
-    command_reply(job->http, job->req.command, rc, err, &doc, NULL, reply);
+    if (scoped && rc == AH_OK) {
+        ah_agent_status_t *recs = NULL;
+        int count = 0;
+        char list_err[AH_ERRLEN];
+        job->scope.matched = -1;
+        if (ah_store_list_status(job->http->store, &recs, &count, list_err, sizeof(list_err)) ==
+            AH_OK) {
+            job->scope.matched = count_matching(job->http->cfg, job->scope.selector, recs, count);
+        }
+        free(recs);
+    }
+    command_reply(job->http, job->req.command, rc, err, &doc, NULL, scoped ? &job->scope : NULL,
+                  reply);
 }
 
 /* A cluster command with wait=: parked until the fleet's waiter has written it and every live
@@ -566,6 +682,7 @@ typedef struct cluster_wait_s {
     ah_http_t *http;
     http_park_t *park;
     ah_command_t command;
+    scope_answer_t scope; /* scope.selector "": a cluster command */
 } cluster_wait_t;
 
 /* The fleet waiter's callback: answers the parked request. */
@@ -574,8 +691,17 @@ static void cluster_wait_done(void *ud, const ah_fleet_outcome_t *outcome)
     cluster_wait_t *cw = ud;
     http_reply_t reply = {.status = MHD_HTTP_OK};
     ah_buf_init(&reply.body);
+    bool scoped = cw->scope.selector[0] != '\0';
+    if (scoped && outcome->command_rc == AH_OK) {
+        cw->scope.matched = 0;
+        for (int i = 0; i < outcome->count; i++) {
+            cw->scope.matched +=
+                outcome->acks[i] == AH_FLEET_ACKNOWLEDGED || outcome->acks[i] == AH_FLEET_PENDING;
+        }
+    }
     command_reply(cw->http, cw->command, outcome->command_rc, outcome->command_error, outcome->doc,
-                  outcome->command_rc == AH_OK ? outcome : NULL, &reply);
+                  outcome->command_rc == AH_OK ? outcome : NULL, scoped ? &cw->scope : NULL,
+                  &reply);
     ah_http_park_answer(cw->park, &reply);
     ah_http_park_release(cw->park);
     free(cw);
@@ -597,10 +723,14 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
                             .agent_id = http->cfg->agent_id};
     double wait_s = 0;
     bool wait = false;
-    if (cluster_command_options(call, &req, reply) != AH_OK ||
+    bool scoped = false;
+    char selector[AH_SELECTOR_MAX + 1];
+    if (query_selector(call, selector, sizeof(selector), &scoped, reply) != AH_OK ||
+        cluster_command_options(call, &req, reply) != AH_OK ||
         query_wait(call, &wait_s, &wait, reply) != AH_OK) {
         return;
     }
+    req.selector = selector;
     if (http->store == NULL) {
         ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
         return;
@@ -616,6 +746,10 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
         }
         cw->http = http;
         cw->command = cmd;
+        ah_strlcpy(cw->scope.selector, selector, sizeof(cw->scope.selector));
+        if (scoped) {
+            cw->scope.held_before = scope_holds_in_view(http, selector);
+        }
         /* The waiter answers; the park's own deadline (the write's allowance later) is only a
          * safety net. */
         cw->park = ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
@@ -643,6 +777,7 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
     }
     job->http = http;
     job->req = req;
+    ah_strlcpy(job->scope.selector, selector, sizeof(job->scope.selector));
     ah_strlcpy(job->reason, reason, sizeof(job->reason));
     ah_strlcpy(job->updated_by, updated_by, sizeof(job->updated_by));
     ah_http_run_job(call->http->parking, call->conn, call->req_cls, reply, run_cluster_command, job,
@@ -740,12 +875,28 @@ static void run_history(void *arg, http_reply_t *reply)
         ah_json_str(b, "updated_by", e->updated_by);
         ah_json_str(b, "agent_id", e->agent_id);
         json_drain(b, e->drain_ms);
+        if (e->selector[0] != '\0') { /* a scope's entry; a cluster entry keeps its shape */
+            ah_json_str(b, "selector", e->selector);
+        }
         ah_json_close(b);
     }
     ah_json_close_array(b);
     ah_json_close(b);
 cleanup:
     free(entries);
+}
+
+/* Writes "key": {label: value, ...} from a canonical labels text. */
+static void write_labels(ah_buf_t *b, const char *key, const char *labels_text)
+{
+    char err[AH_ERRLEN];
+    ah_labels_t *labels = ah_labels_parse(labels_text, err, sizeof(err));
+    ah_json_open_object(b, key);
+    for (size_t i = 0; i < ah_labels_count(labels); i++) {
+        ah_json_str(b, ah_labels_key(labels, i), ah_labels_value(labels, i));
+    }
+    ah_json_close(b);
+    ah_labels_free(labels);
 }
 
 /* The run states in the order a fleet summary lists them. */
@@ -755,14 +906,19 @@ static const char *const summary_states[] = {"starting", "running", "paused", "s
 /* Writes the body of GET /api/cluster/agents: the fleet of recs (sorted by agent_id) against
  * the cluster's current version; with filtered, only the agents behind `wanted` are listed. */
 static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
-                         const ah_agent_status_t *recs, int count, bool filtered, int64_t wanted)
+                         const ah_agent_status_t *recs, int count, bool filtered, int64_t wanted,
+                         const ah_selector_t *sel)
 {
     int64_t now_us = ah_now_us();
     double interval = cfg->heartbeat_interval;
     int state_counts[sizeof(summary_states) / sizeof(summary_states[0])] = {0};
-    int other_states = 0, applied_current = 0, stale = 0, listed = 0;
+    int other_states = 0, applied_current = 0, stale = 0, listed = 0, total = 0;
     for (int i = 0; i < count; i++) {
         const ah_agent_status_t *r = &recs[i];
+        if (sel != NULL && !ah_selector_matches_text(sel, r->labels)) {
+            continue; /* ?selector=: the others are not part of the listing */
+        }
+        total++;
         size_t k = 0;
         while (k < sizeof(summary_states) / sizeof(summary_states[0]) &&
                strcmp(r->state, summary_states[k]) != 0) {
@@ -781,7 +937,7 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
     ah_json_int(b, "count", listed);
     ah_json_int(b, "version", version);
     ah_json_open_object(b, "summary");
-    ah_json_int(b, "total", count);
+    ah_json_int(b, "total", total);
     ah_json_open_object(b, "states");
     for (size_t k = 0; k < sizeof(summary_states) / sizeof(summary_states[0]); k++) {
         if (state_counts[k] > 0) {
@@ -798,7 +954,8 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
     ah_json_open_array(b, "agents");
     for (int i = 0; i < count; i++) {
         const ah_agent_status_t *r = &recs[i];
-        if (filtered && r->applied_version >= wanted) {
+        if ((filtered && r->applied_version >= wanted) ||
+            (sel != NULL && !ah_selector_matches_text(sel, r->labels))) {
             continue;
         }
         ah_json_open_object(b, NULL);
@@ -814,6 +971,7 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
         ah_json_int(b, "batches", r->batches);
         ah_json_int(b, "errors", r->errors);
         ah_json_bool(b, "stale", ah_fleet_is_stale(r, now_us, interval));
+        write_labels(b, "labels", r->labels);
         ah_json_open_array(b, "leases");
         for (const char *p = r->leases; *p != '\0';) {
             size_t n = strcspn(p, ",");
@@ -835,6 +993,7 @@ typedef struct agents_read_s {
     http_park_t *park;
     bool filtered;
     int64_t wanted;
+    ah_selector_t *sel; /* ?selector=, or NULL */
 } agents_read_t;
 
 static void agents_read_done(void *ud, const ah_fleet_outcome_t *outcome)
@@ -847,10 +1006,11 @@ static void agents_read_done(void *ud, const ah_fleet_outcome_t *outcome)
                             outcome->command_error);
     } else {
         write_agents(&reply.body, ar->http->cfg, outcome->doc->version, outcome->recs,
-                     outcome->count, ar->filtered, ar->wanted);
+                     outcome->count, ar->filtered, ar->wanted, ar->sel);
     }
     ah_http_park_answer(ar->park, &reply);
     ah_http_park_release(ar->park);
+    ah_selector_free(ar->sel);
     free(ar);
 }
 
@@ -865,20 +1025,31 @@ void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
     }
     int64_t wanted = 0;
     bool filtered = false;
-    if (query_version(call, "version", &wanted, &filtered, reply) != AH_OK) {
+    bool by_selector = false;
+    char selector[AH_SELECTOR_MAX + 1];
+    ah_selector_t *sel = NULL;
+    if (query_version(call, "version", &wanted, &filtered, reply) != AH_OK ||
+        query_selector(call, selector, sizeof(selector), &by_selector, reply) != AH_OK) {
+        return;
+    }
+    char err[AH_ERRLEN] = "";
+    if (by_selector && (sel = ah_selector_parse(selector, err, sizeof(err))) == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "%s", err);
         return;
     }
     ah_fleet_t *fleet = atomic_load(&http->fleet);
     if (fleet != NULL) {
         agents_read_t *ar = calloc(1, sizeof(*ar));
         if (ar == NULL) {
+            ah_selector_free(sel);
             ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
             return;
         }
-        *ar = (agents_read_t){.http = http, .filtered = filtered, .wanted = wanted};
+        *ar = (agents_read_t){.http = http, .filtered = filtered, .wanted = wanted, .sel = sel};
         ar->park = ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
                                 HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
         if (ar->park == NULL) {
+            ah_selector_free(sel);
             free(ar);
             return; /* reply: 503 (stopping) or 500 */
         }
@@ -889,6 +1060,7 @@ void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
                                 "the agent is shutting down");
             ah_http_park_answer(ar->park, &refused);
             ah_http_park_release(ar->park);
+            ah_selector_free(sel);
             free(ar);
         }
         return;
@@ -896,15 +1068,120 @@ void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
     ah_control_t doc;
     ah_agent_status_t *recs = NULL;
     int count = 0;
-    char err[AH_ERRLEN] = "";
     if (ah_store_read(http->store, &doc, err, sizeof(err)) != AH_OK ||
         ah_store_list_status(http->store, &recs, &count, err, sizeof(err)) != AH_OK) {
+        ah_selector_free(sel);
         ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
                             err);
         return;
     }
-    write_agents(&reply->body, http->cfg, doc.version, recs, count, filtered, wanted);
+    write_agents(&reply->body, http->cfg, doc.version, recs, count, filtered, wanted, sel);
+    ah_selector_free(sel);
     free(recs);
+}
+
+/* A parked GET /api/cluster/scopes, answered by the fleet's waiter thread after its reads. */
+typedef struct scopes_read_s {
+    ah_http_t *http;
+    http_park_t *park;
+} scopes_read_t;
+
+/* Writes the body of GET /api/cluster/scopes: every scope document the agent sees, with the live
+ * agents (recs) it matches, how many acknowledged its version and how many it holds. */
+static void write_scopes(ah_buf_t *b, ah_http_t *http, const ah_agent_status_t *recs, int count)
+{
+    ah_scope_view_t *scopes = malloc(AH_SCOPES_MAX * sizeof(*scopes));
+    int n = scopes != NULL ? ah_state_scopes(http->state, scopes, AH_SCOPES_MAX) : 0;
+    int64_t now_us = ah_now_us();
+    int active = 0;
+    for (int i = 0; i < n; i++) {
+        active += scopes[i].doc.command != AH_CMD_RUNNING;
+    }
+    ah_json_open(b);
+    ah_json_int(b, "count", n);
+    ah_json_int(b, "active", active);
+    ah_json_open_array(b, "scopes");
+    for (int i = 0; i < n; i++) {
+        const ah_control_t *d = &scopes[i].doc;
+        char err[AH_ERRLEN];
+        ah_selector_t *sel = ah_selector_parse(d->selector, err, sizeof(err));
+        int matched = 0, acknowledged = 0;
+        unsigned long long id = ah_selector_id(d->selector);
+        for (int r = 0; sel != NULL && r < count; r++) {
+            ah_fleet_ack_t ack = ah_fleet_classify_scope(&recs[r], sel, d->version, now_us,
+                                                         http->cfg->heartbeat_interval);
+            bool live = !ah_fleet_is_stale(&recs[r], now_us, http->cfg->heartbeat_interval) &&
+                        strcmp(recs[r].state, "stopped") != 0;
+            if (ack != AH_FLEET_NOT_MATCHED && live) {
+                matched++;
+                acknowledged += ah_fleet_scope_ack(&recs[r], id) >= d->version;
+            }
+        }
+        ah_selector_free(sel);
+        ah_json_open_object(b, NULL);
+        ah_json_str(b, "selector", d->selector);
+        ah_json_str(b, "command", ah_command_name(d->command));
+        ah_json_int(b, "version", d->version);
+        json_timestamp(b, "timestamp", d->timestamp_us);
+        ah_json_str(b, "reason", d->reason);
+        ah_json_str(b, "updated_by", d->updated_by);
+        json_timestamp(b, "expires_at", d->expires_us);
+        ah_json_int(b, "matched", matched);
+        ah_json_int(b, "acknowledged", acknowledged);
+        ah_json_int(b, "holds", d->command != AH_CMD_RUNNING ? acknowledged : 0);
+        ah_json_close(b);
+    }
+    ah_json_close_array(b);
+    ah_json_close(b);
+    free(scopes);
+}
+
+static void scopes_read_done(void *ud, const ah_fleet_outcome_t *outcome)
+{
+    scopes_read_t *sr = ud;
+    http_reply_t reply = {.status = MHD_HTTP_OK};
+    ah_buf_init(&reply.body);
+    if (outcome->command_rc != AH_OK) {
+        ah_http_reply_error(&reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
+                            outcome->command_error);
+    } else {
+        write_scopes(&reply.body, sr->http, outcome->recs, outcome->count);
+    }
+    ah_http_park_answer(sr->park, &reply);
+    ah_http_park_release(sr->park);
+    free(sr);
+}
+
+/* GET /api/cluster/scopes: the scope documents (this agent's view, kept current by its watcher)
+ * with the fleet's records read by the fleet's waiter thread while the request is parked. */
+void ah_http_handle_cluster_scopes(http_call_t *call, http_reply_t *reply)
+{
+    ah_http_t *http = call->http;
+    ah_fleet_t *fleet = atomic_load(&http->fleet);
+    if (http->store == NULL || fleet == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
+        return;
+    }
+    scopes_read_t *sr = calloc(1, sizeof(*sr));
+    if (sr == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
+    }
+    sr->http = http;
+    sr->park = ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
+                            HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
+    if (sr->park == NULL) {
+        free(sr);
+        return; /* reply: 503 (stopping) or 500 */
+    }
+    if (ah_fleet_read(fleet, scopes_read_done, sr) != AH_OK) {
+        http_reply_t refused = {.status = MHD_HTTP_OK};
+        ah_buf_init(&refused.body);
+        ah_http_reply_error(&refused, MHD_HTTP_SERVICE_UNAVAILABLE, "the agent is shutting down");
+        ah_http_park_answer(sr->park, &refused);
+        ah_http_park_release(sr->park);
+        free(sr);
+    }
 }
 
 /* GET /api/cluster/history: checked here, read from the store by a store worker. */
@@ -1131,6 +1408,34 @@ void ah_http_handle_agent_state(http_call_t *call, http_reply_t *reply)
     ah_json_int(b, "batches", (int64_t)snap.batches);
     ah_json_int(b, "errors", (int64_t)snap.batch_errors);
     ah_json_num(b, "uptime_s", uptime_seconds(&snap));
+    char labels[AH_LABELS_TEXT_MAX + 1];
+    ah_state_labels_text(call->http->state, labels, sizeof(labels));
+    write_labels(b, "labels", labels);
+    /* the documents that keep this agent from running: the cluster's and every matching
+     * scope's that is a pause or a shutdown */
+    ah_json_open_array(b, "held_by");
+    if (snap.cluster_known && snap.cluster.command != AH_CMD_RUNNING) {
+        ah_json_open_object(b, NULL);
+        ah_json_null(b, "selector");
+        ah_json_str(b, "command", ah_command_name(snap.cluster.command));
+        ah_json_int(b, "version", snap.cluster.version);
+        ah_json_str(b, "reason", snap.cluster.reason);
+        ah_json_close(b);
+    }
+    ah_scope_view_t *scopes = malloc(AH_SCOPES_MAX * sizeof(*scopes));
+    int n = scopes != NULL ? ah_state_scopes(call->http->state, scopes, AH_SCOPES_MAX) : 0;
+    for (int i = 0; i < n; i++) {
+        if (scopes[i].matches && scopes[i].doc.command != AH_CMD_RUNNING) {
+            ah_json_open_object(b, NULL);
+            ah_json_str(b, "selector", scopes[i].doc.selector);
+            ah_json_str(b, "command", ah_command_name(scopes[i].doc.command));
+            ah_json_int(b, "version", scopes[i].doc.version);
+            ah_json_str(b, "reason", scopes[i].doc.reason);
+            ah_json_close(b);
+        }
+    }
+    free(scopes);
+    ah_json_close_array(b);
     ah_json_close(b);
 }
 
@@ -1239,6 +1544,9 @@ void ah_http_handle_metrics(http_call_t *call, http_reply_t *reply)
     ah_state_snapshot(call->http->state, &snap);
     reply->content_type = METRICS_TYPE;
     ah_metrics_render_agent(&snap, uptime_seconds(&snap), &reply->body);
+    char labels[AH_LABELS_TEXT_MAX + 1];
+    ah_state_labels_text(call->http->state, labels, sizeof(labels));
+    ah_metrics_render_labels(labels, &reply->body);
     ah_http_park_render_metrics(call->http->parking, &reply->body);
     ah_leases_t *leases = atomic_load(&call->http->leases);
     if (leases != NULL) {

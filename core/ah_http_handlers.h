@@ -49,6 +49,8 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply); /* 
 void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_stats(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_history(http_call_t *call, http_reply_t *reply);
+/* GET /api/cluster/scopes: every scope document with the live agents it matches and holds. */
+void ah_http_handle_cluster_scopes(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_leases(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply);
 void ah_http_handle_agent_command(http_call_t *call, http_reply_t *reply); /* POST */

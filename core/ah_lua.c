@@ -61,6 +61,7 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         return NULL;
     }
     if (nsize > old && lua->memory_armed && lua->memory_used - old + nsize > lua->memory_limit) {
+        lua->memory_refused = true;
         return NULL;
     }
     void *p = realloc(ptr, nsize);

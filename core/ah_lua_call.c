@@ -252,6 +252,7 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     lua_xmove(L, main->co, nargs + 1);
     budget_arm(lua);
     lua->cancel_code = NULL;
+    lua->memory_refused = false;
     lua->drained = false;
     lua->call_err = err;
     lua->call_errlen = errlen;
@@ -278,10 +279,13 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     luaL_unref(L, LUA_REGISTRYINDEX, main->co_ref);
     main->co_ref = LUA_NOREF;
     main->co = NULL;
-    if (status == LUA_ERRMEM && lua->memory_limit > 0) {
-        snprintf(err, errlen,
-                 "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%zu bytes; %zu in use)",
-                 lua->memory_limit, lua->memory_used);
+    if (status == LUA_ERRMEM) {
+        if (lua->memory_refused) { /* else the system refused memory: Lua's own message stands */
+            snprintf(err, errlen,
+                     "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%zu bytes; %zu in "
+                     "use)",
+                     lua->memory_limit, lua->memory_used);
+        }
         lua_gc(L, LUA_GCCOLLECT, 0); /* give the garbage of the failed call back at once */
         return AH_ELUA;
     }
@@ -341,7 +345,7 @@ int ah_lua_batch(ah_lua_t *lua, long long *items, char *err, size_t errlen)
     return rc;
 }
 
-/* Pushes the ev table for a hook. Stack: [-0, +1]. */
+/* Pushes the ev table for a hook (ev.scope only for a scope's command). Stack: [-0, +1]. */
 static void push_event(lua_State *L, const ah_event_t *ev)
 {
     char timestamp[AH_TIMESTAMP_LEN];
@@ -359,6 +363,10 @@ static void push_event(lua_State *L, const ah_event_t *ev)
     lua_setfield(L, -2, "timestamp");
     lua_pushstring(L, ah_source_name(ev->source));
     lua_setfield(L, -2, "source");
+    if (ev->scope[0] != '\0') { /* the scope document that decided it; nil: the cluster's */
+        lua_pushstring(L, ev->scope);
+        lua_setfield(L, -2, "scope");
+    }
     if (ev->drain_ms > 0) {
         lua_pushnumber(L, (lua_Number)ev->drain_ms / 1000.0);
         lua_setfield(L, -2, "drain");

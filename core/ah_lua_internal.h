@@ -118,6 +118,7 @@ struct ah_lua_s {
     size_t memory_limit;
     size_t memory_used;
     bool memory_armed;
+    bool memory_refused; /* the limit refused an allocation during the current call */
 
     /* The loop every call runs on, and the tasks of the running call. Lua thread only, except
      * wake (uv_async_send from any thread), cancel_seq and parked (atomics). */
@@ -125,14 +126,9 @@ struct ah_lua_s {
     bool loop_open;
     uv_async_t wake;     /* commands (agent.sleep) and interrupts (cancellation) reach the call */
     uv_timer_t deadline; /* the running call's BATCH_TIMEOUT, armed when the call first waits */
-    uv_timer_t drain;    /* the pending command's drain deadline, while the running call waits */
-    int64_t drain_armed_us; /* the monotonic deadline drain is armed for, 0: none */
-    bool drained;           /* the last call's waits were cancelled by a drain deadline */
-    uv_timer_t lease_guard; /* a scheduled run with a lease: checks the lease while it waits */
-    char guard_lease[AH_NAME_MAX + 1]; /* that lease, "" when the running call has none */
-    task_t *main_task;  /* the call's function; its coroutine is reused while it ends well */
-    task_t *tasks;      /* spawned tasks of the running call, ended or not */
-    task_t *ready_head; /* tasks to resume, in order */
+    task_t *main_task;   /* the call's function; its coroutine is reused while it ends well */
+    task_t *tasks;       /* spawned tasks of the running call, ended or not */
+    task_t *ready_head;  /* tasks to resume, in order */
     task_t *ready_tail;
     int live_tasks;          /* spawned tasks that have not ended */
     task_t *current;         /* the task being resumed, NULL in the loop */
@@ -145,6 +141,17 @@ struct ah_lua_s {
     int pending_work;            /* ah_lua_queue_work() jobs not finished yet */
     _Atomic uint64_t cancel_seq; /* call_seq of the call ah_lua_interrupt() asked to cancel */
     atomic_bool parked;          /* the running call is in the loop, not in Lua code */
+
+    /* Drains (cold: kept after the fields every call touches). drain: the pending command's
+     * drain deadline, armed while the running call waits; drain_armed_us: the monotonic deadline
+     * it is armed for (0: none); drained: the last call's waits were cancelled by it. */
+    uv_timer_t drain;
+    int64_t drain_armed_us;
+    bool drained;
+    /* A scheduled run with a lease (cold too): lease_guard checks, while the run waits, that
+     * guard_lease ("" when the running call has none) is still held. */
+    uv_timer_t lease_guard;
+    char guard_lease[AH_NAME_MAX + 1];
 };
 
 /* Values pinned at the bottom of the main Lua stack for the life of the state, so that the hot

@@ -11,7 +11,6 @@
 #include "ah_lease.h"
 #include "ah_log.h"
 
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -199,9 +198,10 @@ int ah_lua_traceback_of(lua_State *L)
 static void push_task_error(ah_lua_t *lua, lua_State *co, int status)
 {
     lua_State *L = lua->L;
-    if (status == LUA_ERRMEM && lua->memory_limit > 0) {
-        lua_pushfstring(L, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%d bytes)",
-                        (int)(lua->memory_limit > INT_MAX ? INT_MAX : lua->memory_limit));
+    if (status == LUA_ERRMEM && lua->memory_refused) {
+        /* %f: LuaJIT writes a lua_Number with %.14g, exact for any limit (%d stops at 2 GiB) */
+        lua_pushfstring(L, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%f bytes)",
+                        (lua_Number)lua->memory_limit);
         return;
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, lua->traceback_ref); /* no allocation */

@@ -211,6 +211,29 @@ void ah_metrics_render_agent(const ah_state_snapshot_t *snap, double uptime_s, a
                snap->reload_failures);
 }
 
+void ah_metrics_render_labels(const char *labels_text, ah_buf_t *b)
+{
+    char err[AH_ERRLEN];
+    ah_labels_t *labels = ah_labels_parse(labels_text, err, sizeof(err));
+    metric_header(b, "agenthost_agent_labels", "gauge",
+                  "This agent's labels (AGENT_LABELS, AGENT_LABELS_FILE, agent=<AGENT_ID>), as "
+                  "label_<key> (characters outside [a-zA-Z0-9_] become _); always 1.");
+    ah_buf_puts(b, "agenthost_agent_labels{");
+    for (size_t i = 0; i < ah_labels_count(labels); i++) {
+        ah_buf_puts(b, i > 0 ? ",label_" : "label_");
+        for (const char *k = ah_labels_key(labels, i); *k != '\0'; k++) {
+            char c = *k;
+            bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                      c == '_';
+            ah_buf_append(b, ok ? k : "_", 1);
+        }
+        /* label values are [A-Za-z0-9._-]: nothing to escape */
+        ah_buf_printf(b, "=\"%s\"", ah_labels_value(labels, i));
+    }
+    ah_buf_puts(b, "} 1\n");
+    ah_labels_free(labels);
+}
+
 /* Writes a lease name as a Prometheus label value (\\, \" and \n escaped). */
 static void label_value(ah_buf_t *b, const char *v)
 {

@@ -43,5 +43,9 @@ void ah_metrics_render_leases(const ah_lease_view_t *views, int count, ah_buf_t 
 /* Appends the host's own agenthost_* metrics (docs/API.md) for one state snapshot, in Prometheus
  * text format. uptime_s: seconds since the agent started. */
 void ah_metrics_render_agent(const ah_state_snapshot_t *snap, double uptime_s, ah_buf_t *out);
+/* Appends the info metric agenthost_agent_labels{label_<key>="<value>",...} 1 for the
+ * canonical labels text (two keys that differ only in characters Prometheus does not allow
+ * in a label name would collide; label_ keeps them apart from Prometheus' own). */
+void ah_metrics_render_labels(const char *labels_text, ah_buf_t *out);
 
 #endif

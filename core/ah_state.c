@@ -71,6 +71,13 @@ struct ah_state_s {
     pthread_mutex_t listener_lock;
     void (*on_change)(void *ud);
     void *on_change_ud;
+    /* Labels and scopes (ah_state_offer_scopes): set before threads / under lock. */
+    ah_labels_t *labels;
+    char labels_text[AH_LABELS_TEXT_MAX + 1];
+    ah_scope_view_t scopes[AH_SCOPES_MAX]; /* sorted by selector */
+    unsigned long long scope_ids[AH_SCOPES_MAX];
+    int scope_count;
+    ah_command_t effective; /* of the last cluster/startup event offered; AH_CMD_NONE before */
 };
 
 static const char *const state_names[] = {"starting", "running", "paused", "stopping", "stopped"};
@@ -226,6 +233,7 @@ void ah_state_free(ah_state_t *s)
     pthread_mutex_destroy(&s->issue_lock);
     pthread_mutex_destroy(&s->lock);
     pthread_mutex_destroy(&s->listener_lock);
+    ah_labels_free(s->labels);
     free(s);
 }
 
@@ -343,6 +351,76 @@ void ah_state_set_held_leases(ah_state_t *s, const char *names)
     }
 }
 
+/* How restrictive a command is: shutdown > pause > running. */
+static int command_rank(ah_command_t cmd)
+{
+    return cmd == AH_CMD_SHUTDOWN ? 2 : cmd == AH_CMD_PAUSE ? 1 : cmd == AH_CMD_RUNNING ? 0 : -1;
+}
+
+/* The effective command (lock held): the most restrictive of the cluster document and every
+ * matching scope; *decider is the document that decides it (the cluster's on a tie). */
+static ah_command_t effective_locked(const ah_state_t *s, const ah_control_t **decider)
+{
+    ah_command_t eff = s->cluster.command;
+    *decider = &s->cluster;
+    for (int i = 0; i < s->scope_count; i++) {
+        const ah_scope_view_t *v = &s->scopes[i];
+        if (v->matches && command_rank(v->doc.command) > command_rank(eff)) {
+            eff = v->doc.command;
+            *decider = &v->doc;
+        }
+    }
+    return eff;
+}
+
+/* After `trigger` (the cluster document or a matching scope) changed: makes the effective
+ * command pending (lock held). See ah_event_t.refresh. */
+static void offer_effective_locked(ah_state_t *s, const ah_control_t *trigger)
+{
+    if (!s->cluster_known || s->shutdown_final) {
+        return;
+    }
+    const ah_control_t *decider;
+    ah_command_t eff = effective_locked(s, &decider);
+    bool starting = s->state == AH_STATE_STARTING;
+    const ah_control_t *from = trigger->command == eff ? trigger : decider;
+    ah_event_t ev = {
+        .command = eff,
+        .version = s->cluster.version,
+        .timestamp_us = from->timestamp_us,
+        .source = starting ? AH_SOURCE_STARTUP : AH_SOURCE_CLUSTER,
+        .refresh = !starting && s->effective == eff && trigger->command != eff,
+        .drain_ms = from->drain_ms,
+    };
+    ah_strlcpy(ev.reason, from->reason, sizeof(ev.reason));
+    ah_strlcpy(ev.updated_by, from->updated_by, sizeof(ev.updated_by));
+    ah_strlcpy(ev.scope, from->selector, sizeof(ev.scope));
+    for (int i = 0; i < s->scope_count; i++) {
+        if (s->scopes[i].matches) {
+            ev.scope_acks[ev.scope_ack_count].id = s->scope_ids[i];
+            ev.scope_acks[ev.scope_ack_count].version = s->scopes[i].doc.version;
+            ev.scope_ack_count++;
+        }
+    }
+    s->effective = eff;
+    if (ev.refresh && s->has_event && !s->pending.refresh) {
+        /* a command is already pending: it stays, and acknowledges these versions too */
+        if (s->pending.source == AH_SOURCE_CLUSTER || s->pending.source == AH_SOURCE_STARTUP) {
+            s->pending.version = ev.version;
+            s->pending.scope_ack_count = ev.scope_ack_count;
+            memcpy(s->pending.scope_acks, ev.scope_acks, sizeof(ev.scope_acks));
+        }
+        return;
+    }
+    set_pending(s, &ev);
+    if (!ev.refresh && ev.source == AH_SOURCE_CLUSTER && s->state != AH_STATE_STOPPING) {
+        /* latest wins: a pending cluster shutdown replaced by a resume no longer stops */
+        s->stop_requested_us = ev.command != AH_CMD_SHUTDOWN ? 0
+                               : s->stop_requested_us != 0   ? s->stop_requested_us
+                                                             : ah_mono_us();
+    }
+}
+
 void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
 {
     pthread_mutex_lock(&s->lock);
@@ -351,30 +429,134 @@ void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc)
         return;
     }
     s->cluster = *doc;
+    s->cluster.selector[0] = '\0';
     s->cluster_known = true;
     s->seen_version = doc->version;
-    if (!s->shutdown_final) {
-        ah_event_t ev = {
-            .command = doc->command,
-            .version = doc->version,
-            .timestamp_us = doc->timestamp_us,
-            .source = s->state == AH_STATE_STARTING ? AH_SOURCE_STARTUP : AH_SOURCE_CLUSTER,
-            .drain_ms = doc->drain_ms,
-        };
-        ah_strlcpy(ev.reason, doc->reason, sizeof(ev.reason));
-        ah_strlcpy(ev.updated_by, doc->updated_by, sizeof(ev.updated_by));
-        set_pending(s, &ev);
-        if (ev.source == AH_SOURCE_CLUSTER && s->state != AH_STATE_STOPPING) {
-            /* latest wins: a pending cluster shutdown replaced by a resume no longer stops */
-            s->stop_requested_us = ev.command != AH_CMD_SHUTDOWN ? 0
-                                   : s->stop_requested_us != 0   ? s->stop_requested_us
-                                                                 : ah_mono_us();
-        }
-    }
+    offer_effective_locked(s, &s->cluster);
     pthread_mutex_unlock(&s->lock);
     notify_fleet(s, false);
     call_waker(s);
     notify_change(s);
+}
+
+/* True when the canonical selector text matches labels. */
+static bool selector_text_matches(const char *selector, const ah_labels_t *labels)
+{
+    char err[AH_ERRLEN];
+    ah_selector_t *sel = ah_selector_parse(selector, err, sizeof(err));
+    bool matches = sel != NULL && !ah_selector_empty(sel) && ah_selector_matches(sel, labels);
+    ah_selector_free(sel);
+    return matches;
+}
+
+void ah_state_offer_scopes(ah_state_t *s, const ah_control_t *scopes, int count)
+{
+    if (count > AH_SCOPES_MAX) {
+        count = AH_SCOPES_MAX;
+    }
+    if (count < 0) {
+        count = 0;
+    }
+    ah_scope_view_t *fresh = calloc((size_t)(count > 0 ? count : 1), sizeof(*fresh));
+    if (fresh == NULL) {
+        return; /* the next change delivers the set again */
+    }
+    /* a matching scope that disappeared lifts what it commanded: a resume from nobody */
+    static const ah_control_t removed = {.command = AH_CMD_RUNNING,
+                                         .reason = "scope document removed"};
+    ah_control_t gone = removed;
+    const ah_control_t *changed[AH_SCOPES_MAX + 1];
+    int changed_count = 0;
+    pthread_mutex_lock(&s->lock);
+    for (int i = 0; i < count; i++) {
+        const ah_scope_view_t *old = NULL;
+        for (int j = 0; j < s->scope_count; j++) {
+            if (strcmp(s->scopes[j].doc.selector, scopes[i].selector) == 0) {
+                old = &s->scopes[j];
+                break;
+            }
+        }
+        fresh[i].doc = scopes[i];
+        fresh[i].matches = selector_text_matches(scopes[i].selector, s->labels);
+        fresh[i].applied_version = old != NULL ? old->applied_version : 0;
+        if (fresh[i].matches && (old == NULL || old->doc.version != scopes[i].version ||
+                                 old->doc.command != scopes[i].command)) {
+            changed[changed_count++] = &fresh[i].doc;
+        }
+    }
+    for (int j = 0; j < s->scope_count; j++) {
+        bool kept = false;
+        for (int i = 0; i < count && !kept; i++) {
+            kept = strcmp(s->scopes[j].doc.selector, scopes[i].selector) == 0;
+        }
+        if (!kept && s->scopes[j].matches && s->scopes[j].doc.command != AH_CMD_RUNNING &&
+            gone.selector[0] == '\0') {
+            ah_strlcpy(gone.selector, s->scopes[j].doc.selector, sizeof(gone.selector));
+            gone.timestamp_us = ah_now_us();
+            changed[changed_count++] = &gone;
+        }
+    }
+    for (int i = 0; i < count; i++) {
+        s->scopes[i] = fresh[i];
+        s->scope_ids[i] = ah_selector_id(fresh[i].doc.selector);
+    }
+    s->scope_count = count;
+    bool offered = changed_count > 0 && s->cluster_known && !s->shutdown_final;
+    if (offered) {
+        /* the changed document that speaks for the new effective command, else the first */
+        const ah_control_t *decider;
+        ah_command_t eff = effective_locked(s, &decider);
+        const ah_control_t *trigger = changed[0];
+        for (int i = 0; i < changed_count; i++) {
+            if (changed[i]->command == eff) {
+                trigger = changed[i];
+                break;
+            }
+        }
+        /* `changed` points into `fresh`, copied into s->scopes in the same order */
+        for (int i = 0; i < count; i++) {
+            if (trigger == &fresh[i].doc) {
+                trigger = &s->scopes[i].doc;
+            }
+        }
+        offer_effective_locked(s, trigger);
+    }
+    pthread_mutex_unlock(&s->lock);
+    free(fresh);
+    notify_fleet(s, false); /* also a non-matching timed scope pause: its expiry is watched */
+    if (offered) {
+        call_waker(s);
+    }
+    notify_change(s);
+}
+
+int ah_state_scopes(ah_state_t *s, ah_scope_view_t *out, int max)
+{
+    pthread_mutex_lock(&s->lock);
+    int n = s->scope_count < max ? s->scope_count : max;
+    for (int i = 0; i < n; i++) {
+        out[i] = s->scopes[i];
+    }
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+void ah_state_set_labels(ah_state_t *s, ah_labels_t *labels)
+{
+    pthread_mutex_lock(&s->lock);
+    ah_labels_free(s->labels);
+    s->labels = labels;
+    if (ah_labels_format(labels, s->labels_text, sizeof(s->labels_text)) != AH_OK) {
+        s->labels_text[0] = '\0';
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+void ah_state_labels_text(ah_state_t *s, char *out, size_t n)
+{
+    pthread_mutex_lock(&s->lock);
+    ah_strlcpy(out, s->labels_text, n);
+    pthread_mutex_unlock(&s->lock);
 }
 
 int ah_state_offer_local(ah_state_t *s, ah_command_t cmd, ah_source_t src, const char *reason,
@@ -442,8 +624,18 @@ static void note_applied_locked(ah_state_t *s, const ah_event_t *ev)
         if (ev->version > 0 || ev->source == AH_SOURCE_STARTUP) {
             s->applied_version = ev->version;
         }
-        s->local_override = false;
-        if (ev->source == AH_SOURCE_CLUSTER && ev->timestamp_us > 0) {
+        if (!ev->refresh) {
+            s->local_override = false;
+        }
+        for (int a = 0; a < ev->scope_ack_count; a++) {
+            for (int i = 0; i < s->scope_count; i++) {
+                if (s->scope_ids[i] == ev->scope_acks[a].id &&
+                    s->scopes[i].applied_version < ev->scope_acks[a].version) {
+                    s->scopes[i].applied_version = ev->scope_acks[a].version;
+                }
+            }
+        }
+        if (ev->source == AH_SOURCE_CLUSTER && ev->timestamp_us > 0 && !ev->refresh) {
             s->last_control_lag_ms = (double)(ah_now_us() - ev->timestamp_us) / 1000.0;
         }
     } else {
@@ -486,6 +678,10 @@ int ah_state_apply(ah_state_t *s, const ah_event_t *ev, ah_run_state_t *from, ah
     *to = *from;
     *hook = AH_HOOK_NONE;
     bool held = atomic_load(&s->held);
+    if (ev->refresh) {
+        state_note_applied(s, ev);
+        return AH_ENOOP;
+    }
     int rc = target(held ? ROW_HELD : (int)*from, ev->command, ev->source, to, &held, hook);
     if (rc == AH_OK) {
         state_commit(s, *to, held, ev);

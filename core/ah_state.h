@@ -9,6 +9,7 @@
 #define AH_STATE_H
 
 #include "ah_common.h"
+#include "ah_selector.h"
 
 typedef enum {
     AH_STATE_STARTING = 0,
@@ -26,7 +27,15 @@ typedef enum {
     AH_HOOK_SHUTDOWN,
 } ah_hook_t;
 
-/* A command on its way to the Lua worker; becomes the `ev` table of a hook. */
+/* A scope version an event acknowledges once applied (ah_selector_id of the selector). */
+typedef struct ah_scope_ack_s {
+    unsigned long long id;
+    int64_t version;
+} ah_scope_ack_t;
+
+/* A command on its way to the Lua worker; becomes the `ev` table of a hook. A cluster or
+ * startup event carries the agent's effective command: the most restrictive of the cluster
+ * document and every scope document matching its labels (shutdown > pause > running). */
 typedef struct ah_event_s {
     ah_command_t command;
     int64_t version; /* cluster version; 0 for local and signal commands */
@@ -34,11 +43,18 @@ typedef struct ah_event_s {
     char reason[AH_REASON_MAX + 1];
     char updated_by[AH_NAME_MAX + 1];
     ah_source_t source;
-    int64_t drain_ms;          /* the command's drain= (ms), 0 if it named none */
-    int64_t drain_deadline_us; /* monotonic µs at which the call running while this event is
-                                  pending has its waits cancelled; 0: none (computed when offered:
-                                  drain_ms, else PAUSE_DRAIN_TIMEOUT for a pause; a shutdown's is
-                                  at most its bound, ah_state_set_drain_limits) */
+    int64_t drain_ms;                /* the command's drain= (ms), 0 if it named none */
+    int64_t drain_deadline_us;       /* monotonic µs at which the call running while this event is
+                                        pending has its waits cancelled; 0: none (computed when offered:
+                                        drain_ms, else PAUSE_DRAIN_TIMEOUT for a pause; a shutdown's is
+                                        at most its bound, ah_state_set_drain_limits) */
+    char scope[AH_SELECTOR_MAX + 1]; /* the scope document that decided it; "": the cluster's */
+    /* A document changed without changing the effective command (a cluster resume while a
+     * scope still pauses this agent): applying it only records the versions, never a
+     * transition, so a scoped pause is not lifted by a cluster resume (nor the reverse). */
+    bool refresh;
+    int scope_ack_count; /* the matching scopes' versions this event acknowledges */
+    ah_scope_ack_t scope_acks[AH_SCOPES_MAX];
 } ah_event_t;
 
 /* The command waiting to be applied (agent.pending()). */
@@ -47,6 +63,13 @@ typedef struct ah_pending_s {
     char reason[AH_REASON_MAX + 1];
     int64_t drain_deadline_us; /* monotonic µs; 0: no deadline */
 } ah_pending_t;
+
+/* A scope document as this agent sees it. */
+typedef struct ah_scope_view_s {
+    ah_control_t doc;        /* doc.selector: the canonical selector */
+    bool matches;            /* this agent's labels match the selector */
+    int64_t applied_version; /* the version of it this agent applied (0: none) */
+} ah_scope_view_t;
 
 /* What the store reports about itself (pushed by its watcher; read by the API). */
 typedef struct ah_store_status_s {
@@ -121,6 +144,19 @@ void ah_state_free(ah_state_t *s);
  * version is higher than any seen before; otherwise it becomes the cluster view and the
  * pending event (source "startup" if the agent is still starting, else "cluster"). */
 void ah_state_offer_cluster(ah_state_t *s, const ah_control_t *doc);
+/* The complete set of scope documents read by the watcher (sorted by selector; at most
+ * AH_SCOPES_MAX): replaces the agent's view. A matching scope that is new, changed or gone
+ * makes the effective command pending (as ah_state_offer_cluster); while the cluster document
+ * has not been read yet it is only kept, so the startup sync applies every scope at once. */
+void ah_state_offer_scopes(ah_state_t *s, const ah_control_t *scopes, int count);
+/* Copies the scope documents (sorted by selector) into out[max]; returns how many. */
+int ah_state_scopes(ah_state_t *s, ah_scope_view_t *out, int max);
+/* Sets this agent's labels (ownership passes to the state; NULL: none). Call before other
+ * threads use the state. */
+void ah_state_set_labels(ah_state_t *s, ah_labels_t *labels);
+/* The canonical text of this agent's labels ("" if none) into out[n]. */
+void ah_state_labels_text(ah_state_t *s, char *out, size_t n);
+
 /* A command for this pod only (API or signal; source "startup" for the host's own startup
  * command). A local shutdown is final: nothing replaces it. Returns AH_OK (pending), AH_EINVAL
  * when the agent is already shutting down (a final shutdown is pending or applied), or

@@ -32,6 +32,10 @@ int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control
         snprintf(err, errlen, "unknown command");
         return AH_EINVAL;
     }
+    if (req->selector != NULL && strlen(req->selector) > AH_SELECTOR_MAX) {
+        snprintf(err, errlen, "the selector is longer than %d bytes", AH_SELECTOR_MAX);
+        return AH_EINVAL;
+    }
     if (req->expires_us != 0 && req->command != AH_CMD_PAUSE) {
         snprintf(err, errlen, "only a pause can expire");
         return AH_EINVAL;
@@ -48,6 +52,7 @@ int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control
     full.reason = req->reason ? req->reason : "";
     full.updated_by = req->updated_by ? req->updated_by : "";
     full.agent_id = req->agent_id ? req->agent_id : "";
+    full.selector = req->selector ? req->selector : "";
     ah_control_t ignored;
     return st->ops->command(st, &full, out != NULL ? out : &ignored, err, errlen);
 }
@@ -217,4 +222,70 @@ ah_agent_status_t *ah_store_status_append(ah_agent_status_t **recs, int *count, 
     ah_agent_status_t *r = &(*recs)[(*count)++];
     memset(r, 0, sizeof(*r));
     return r;
+}
+
+int ah_store_scope_check(const char *id, const char *selector, ah_control_t *doc, char *why,
+                         size_t whylen)
+{
+    char err[AH_ERRLEN];
+    char canonical[AH_SELECTOR_MAX + 1];
+    size_t prefix = strlen(AH_STORE_SCOPE_PREFIX);
+    if (doc->command == AH_CMD_NONE) {
+        snprintf(why, whylen, "unknown command");
+        return AH_EINVAL;
+    }
+    ah_selector_t *sel = ah_selector_parse(selector, err, sizeof(err));
+    if (sel == NULL) {
+        snprintf(why, whylen, "%s", err);
+        return AH_EINVAL;
+    }
+    int rc =
+        ah_selector_empty(sel) ? AH_EINVAL : ah_selector_format(sel, canonical, sizeof(canonical));
+    ah_selector_free(sel);
+    if (rc != AH_OK) {
+        snprintf(why, whylen, "the selector is empty or too long");
+        return AH_EINVAL;
+    }
+    if (strncmp(id, AH_STORE_SCOPE_PREFIX, prefix) != 0 || strcmp(id + prefix, canonical) != 0) {
+        snprintf(why, whylen,
+                 "_id must be \"" AH_STORE_SCOPE_PREFIX "%s\" (the canonical selector)", canonical);
+        return AH_EINVAL;
+    }
+    ah_strlcpy(doc->selector, canonical, sizeof(doc->selector));
+    return AH_OK;
+}
+
+bool ah_store_warn_first(ah_store_warned_t *w, const char *id, int64_t version)
+{
+    unsigned long long key =
+        ah_selector_id(id) ^ ((unsigned long long)version * 0x9e3779b97f4a7c15ULL);
+    for (size_t i = 0; i < sizeof(w->seen) / sizeof(w->seen[0]); i++) {
+        if (w->seen[i] == key) {
+            return false;
+        }
+    }
+    w->seen[w->next++ % (sizeof(w->seen) / sizeof(w->seen[0]))] = key;
+    return true;
+}
+
+int ah_store_history_merge(ah_control_t *out, int *count, const ah_control_t *scopes, int nscopes,
+                           int limit)
+{
+    if (nscopes <= 0) {
+        return AH_OK;
+    }
+    ah_control_t *cluster = malloc((size_t)(*count > 0 ? *count : 1) * sizeof(*cluster));
+    if (cluster == NULL) {
+        return AH_ENOMEM;
+    }
+    memcpy(cluster, out, (size_t)*count * sizeof(*cluster));
+    int nc = *count, i = 0, j = 0, n = 0;
+    while (n < limit && (i < nc || j < nscopes)) {
+        bool take_cluster =
+            j >= nscopes || (i < nc && cluster[i].timestamp_us >= scopes[j].timestamp_us);
+        out[n++] = take_cluster ? cluster[i++] : scopes[j++];
+    }
+    *count = n;
+    free(cluster);
+    return AH_OK;
 }

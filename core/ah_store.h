@@ -14,6 +14,7 @@
 
 #include "ah_common.h"
 #include "ah_config.h"
+#include "ah_selector.h"
 #include "ah_state.h"
 
 typedef struct ah_store_s ah_store_t;
@@ -23,6 +24,10 @@ typedef struct ah_store_s ah_store_t;
 
 /* Longest agenthost version string a status record carries. */
 #define AH_VERSION_TEXT_MAX 31
+/* Longest scope_acks text of a status record ("<16 hex>=<version>,..."; ~26 scopes). */
+#define AH_SCOPE_ACKS_TEXT_MAX 1023
+/* A scope document's _id: this prefix, then its canonical selector. */
+#define AH_STORE_SCOPE_PREFIX "scope:"
 
 /* One agent's status record (docs/API.md, GET /api/cluster/agents): written by the agent itself
  * on every state change and every AGENT_HEARTBEAT_INTERVAL. */
@@ -39,6 +44,10 @@ typedef struct ah_agent_status_s {
     int64_t batches;
     int64_t errors;
     char leases[AH_HELD_LEASES_MAX + 1]; /* the leases it holds: names, comma-separated */
+    char labels[AH_LABELS_TEXT_MAX + 1]; /* canonical "k=v,k=v" (agent=<id> included) */
+    /* The scope versions this agent applied, for the scopes its labels match:
+     * "<ah_selector_id as 16 hex digits>=<version>" joined by ','. */
+    char scope_acks[AH_SCOPE_ACKS_TEXT_MAX + 1];
 } ah_agent_status_t;
 
 /* One lease (docs/LUA.md, "Work that runs once per fleet"): a named right to do work that must
@@ -68,6 +77,10 @@ typedef struct ah_store_listener_s {
     /* The store's status changed (mode detected, connection lost/restored, counters). */
     void (*on_status)(void *ud, const ah_store_status_t *status);
     void *ud;
+    /* The complete set of scope documents (sorted by selector), read with the control
+     * document: before on_control on the first read, then whenever the set changed. May be
+     * NULL. A malformed scope document is left out (with one warning). */
+    void (*on_scopes)(void *ud, const ah_control_t *scopes, int count);
 } ah_store_listener_t;
 
 /* A cluster command to write (ah_store_command_req). The strings are never NULL. */
@@ -80,6 +93,10 @@ typedef struct ah_command_req_s {
     int64_t expires_us;   /* pause only: when the pause ends (µs since the epoch); 0: never */
     int64_t drain_ms;     /* pause or shutdown: drain deadline, ms after the command's timestamp
                              (0..AH_PAUSE_MAX_S * 1000); 0: none */
+    /* A scope: the canonical selector (ah_selector_format) of the scope document to write
+     * (created at version 0 when missing, so its first command is version 1); NULL or "": the
+     * cluster document. if_version then applies to the scope's own version. */
+    const char *selector;
 } ah_command_req_t;
 
 typedef struct ah_store_ops_s {
@@ -121,7 +138,9 @@ int ah_store_command(ah_store_t *st, ah_command_t cmd, const char *reason, const
  * drain_ms (pause and shutdown only, else 0; the audit entry carries it too). */
 int ah_store_command_req(ah_store_t *st, const ah_command_req_t *req, ah_control_t *out, char *err,
                          size_t errlen);
-/* Newest-first audit entries, at most `limit` (1..AH_HISTORY_MAX), into out[limit]; *count set. */
+/* Newest-first audit entries, at most `limit` (1..AH_HISTORY_MAX), into out[limit]; *count set.
+ * Scope entries (selector set) are merged with the cluster's by timestamp; the cluster's stay in
+ * version order. */
 int ah_store_history(ah_store_t *st, int limit, ah_control_t *out, int *count, char *err,
                      size_t errlen);
 /* Starts watching: the watcher thread first reads the document (retrying with backoff until it
@@ -190,6 +209,27 @@ bool ah_store_note_connected(ah_store_reporter_t *r, double latency_ms);
 /* Records a failure: disconnected, last_error = message at the current wall-clock time, and
  * reports at once. */
 void ah_store_note_failure(ah_store_reporter_t *r, const char *message);
+
+/* For implementations: checks a scope document read from the store. Its _id must be
+ * AH_STORE_SCOPE_PREFIX followed by the canonical form of its selector field, and its command
+ * known. 0 with doc->selector set, or AH_EINVAL with why set. */
+int ah_store_scope_check(const char *id, const char *selector, ah_control_t *doc, char *why,
+                         size_t whylen);
+
+/* For watchers: remembers which malformed documents were warned about (by _id and version), so
+ * each is warned about once. */
+typedef struct ah_store_warned_s {
+    unsigned long long seen[32];
+    unsigned next;
+} ah_store_warned_t;
+/* True the first time (id, version) is seen (it is then remembered). */
+bool ah_store_warn_first(ah_store_warned_t *w, const char *id, int64_t version);
+
+/* For history implementations: merges the newest-first scope entries scopes[nscopes] into the
+ * newest-first cluster entries out[*count], newest first by timestamp (each list keeps its own
+ * order), keeping at most limit; *count updated. AH_ENOMEM leaves out unchanged. */
+int ah_store_history_merge(ah_control_t *out, int *count, const ah_control_t *scopes, int nscopes,
+                           int limit);
 
 /* The embedded store: a SQLite file shared by all local agents that point at it.
  * poll_interval: seconds between cheap change checks (PRAGMA data_version). */

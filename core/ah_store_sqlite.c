@@ -13,6 +13,8 @@
 #define _GNU_SOURCE
 #include "ah_store.h"
 
+#include "ah_log.h"
+
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -61,7 +63,13 @@ static const char ah_sqlite_schema[] =
     " agent_id TEXT PRIMARY KEY, state TEXT NOT NULL, applied_version INTEGER NOT NULL,"
     " watch_mode TEXT NOT NULL, last_seen_us INTEGER NOT NULL, started_us INTEGER NOT NULL,"
     " host TEXT NOT NULL, pid INTEGER NOT NULL, agenthost_version TEXT NOT NULL,"
-    " batches INTEGER NOT NULL, errors INTEGER NOT NULL, leases TEXT NOT NULL DEFAULT '');"
+    " batches INTEGER NOT NULL, errors INTEGER NOT NULL,"
+    " labels TEXT NOT NULL DEFAULT '', scope_acks TEXT NOT NULL DEFAULT '',"
+    " leases TEXT NOT NULL DEFAULT '');"
+    "CREATE TABLE IF NOT EXISTS scope_audit ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT, selector TEXT NOT NULL, version INTEGER NOT NULL,"
+    " command TEXT NOT NULL, timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL,"
+    " updated_by TEXT NOT NULL, agent_id TEXT NOT NULL, drain_ms INTEGER NOT NULL DEFAULT 0);"
     "CREATE TABLE IF NOT EXISTS agent_leases ("
     " name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL,"
     " expires_ms INTEGER NOT NULL);";
@@ -97,24 +105,7 @@ static const char ah_sqlite_lease_list[] =
     "SELECT name, owner, token, expires_ms - " AH_SQLITE_NOW_MS " FROM agent_leases"
     " ORDER BY name LIMIT ?1";
 
-static const char ah_sqlite_put_status[] =
-    "INSERT OR REPLACE INTO agent_status (agent_id, state, applied_version, watch_mode,"
-    " last_seen_us, started_us, host, pid, agenthost_version, batches, errors, leases)"
-    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
-
-static const char ah_sqlite_sweep_status[] = "DELETE FROM agent_status WHERE last_seen_us < ?1";
-
-static const char ah_sqlite_select_status[] =
-    "SELECT agent_id, state, applied_version, watch_mode, last_seen_us, started_us, host, pid,"
-    " agenthost_version, batches, errors, leases FROM agent_status ORDER BY agent_id LIMIT ?1";
-
-static const char ah_sqlite_insert_initial[] =
-    "INSERT OR IGNORE INTO control (id, command, version, timestamp_us, reason, updated_by)"
-    " VALUES ('global_control', 'running', (SELECT IFNULL(MAX(version), 0) FROM audit), ?1,"
-    " 'initial state', 'system')";
-
-/* Columns added after the first release: a file written before lacks them, so each is added
- * at open (its probe fails to prepare). */
+/* Columns added since the first schema: a file written before them gets them at open. */
 static const struct {
     const char *probe;
     const char *add;
@@ -125,20 +116,62 @@ static const struct {
      "ALTER TABLE control ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
     {"SELECT drain_ms FROM audit LIMIT 0",
      "ALTER TABLE audit ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
+    {"SELECT selector FROM control LIMIT 0",
+     "ALTER TABLE control ADD COLUMN selector TEXT NOT NULL DEFAULT ''"},
+    {"SELECT labels FROM agent_status LIMIT 0",
+     "ALTER TABLE agent_status ADD COLUMN labels TEXT NOT NULL DEFAULT ''"},
+    {"SELECT scope_acks FROM agent_status LIMIT 0",
+     "ALTER TABLE agent_status ADD COLUMN scope_acks TEXT NOT NULL DEFAULT ''"},
     {"SELECT leases FROM agent_status LIMIT 0",
      "ALTER TABLE agent_status ADD COLUMN leases TEXT NOT NULL DEFAULT ''"},
 };
 
+static const char ah_sqlite_put_status[] =
+    "INSERT OR REPLACE INTO agent_status (agent_id, state, applied_version, watch_mode,"
+    " last_seen_us, started_us, host, pid, agenthost_version, batches, errors, labels,"
+    " scope_acks, leases) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+
+static const char ah_sqlite_sweep_status[] = "DELETE FROM agent_status WHERE last_seen_us < ?1";
+
+static const char ah_sqlite_select_status[] =
+    "SELECT agent_id, state, applied_version, watch_mode, last_seen_us, started_us, host, pid,"
+    " agenthost_version, batches, errors, labels, scope_acks, leases FROM agent_status"
+    " ORDER BY agent_id LIMIT ?1";
+
+static const char ah_sqlite_insert_initial[] =
+    "INSERT OR IGNORE INTO control (id, command, version, timestamp_us, reason, updated_by)"
+    " VALUES ('global_control', 'running', (SELECT IFNULL(MAX(version), 0) FROM audit), ?1,"
+    " 'initial state', 'system')";
+
+#define AH_SQLITE_GLOBAL_ID "global_control"
+
 static const char ah_sqlite_select_control[] =
     "SELECT command, version, timestamp_us, reason, updated_by, expires_us, drain_ms FROM control"
-    " WHERE id = 'global_control'";
+    " WHERE id = ?1";
+
+/* A scope document is created at version 0 by its first command, in the same transaction. */
+static const char ah_sqlite_insert_scope[] =
+    "INSERT OR IGNORE INTO control (id, command, version, timestamp_us, reason, updated_by,"
+    " selector) VALUES (?1, 'running', 0, ?2, '', 'system', ?3)";
+
+static const char ah_sqlite_select_scopes[] =
+    "SELECT command, version, timestamp_us, reason, updated_by, expires_us, selector, id,"
+    " drain_ms FROM control WHERE id LIKE 'scope:%' ORDER BY id";
 
 /* ?6 < 0: unconditional; else only when the version is ?6 (compare-and-set). */
 static const char ah_sqlite_update_control[] =
     "UPDATE control SET version = version + 1, command = ?1, timestamp_us = ?2, reason = ?3,"
     " updated_by = ?4, expires_us = ?5, drain_ms = ?7"
-    " WHERE id = 'global_control' AND (?6 < 0 OR version = ?6)"
+    " WHERE id = ?8 AND (?6 < 0 OR version = ?6)"
     " RETURNING version";
+
+static const char ah_sqlite_insert_scope_audit[] =
+    "INSERT INTO scope_audit (selector, version, command, timestamp_us, reason, updated_by,"
+    " agent_id, drain_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+static const char ah_sqlite_select_scope_history[] =
+    "SELECT command, version, timestamp_us, reason, updated_by, agent_id, selector, drain_ms"
+    " FROM scope_audit ORDER BY seq DESC LIMIT ?1";
 
 static const char ah_sqlite_insert_audit[] =
     "INSERT INTO audit (version, command, timestamp_us, reason, updated_by, agent_id, drain_ms)"
@@ -279,8 +312,8 @@ static void control_from_row(sqlite3_stmt *stmt, bool with_agent, ah_control_t *
 /* Reads the control row through db (caller owns db). 0, or AH_EUNAVAIL (locked) / AH_EIO with
  * err set; AH_EIO also when the row holds an unknown command or is missing (then *missing is
  * set, if missing is not NULL). */
-static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *out,
-                          bool *missing, char *err, size_t errlen)
+static int control_select_id(const ah_sqlite_store_t *st, sqlite3 *db, const char *id,
+                             ah_control_t *out, bool *missing, char *err, size_t errlen)
 {
     sqlite3_stmt *stmt = NULL;
     int ret = AH_EIO;
@@ -294,6 +327,7 @@ static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t
         ret = sqlite_is_busy(sqlite3_errcode(db)) ? AH_EUNAVAIL : AH_EIO;
         goto cleanup;
     }
+    sqlite3_bind_text(stmt, 1, id, -1, SQLITE_STATIC);
     rc = sqlite3_step(stmt);
     if (rc == SQLITE_DONE) {
         snprintf(err, errlen, "embedded store '%s': read failed: control document is missing",
@@ -322,6 +356,68 @@ cleanup:
     return ret;
 }
 
+static int control_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *out,
+                          bool *missing, char *err, size_t errlen)
+{
+    return control_select_id(st, db, AH_SQLITE_GLOBAL_ID, out, missing, err, errlen);
+}
+
+/* Reads every scope document through db into a new array *out (free() it), sorted by selector,
+ * at most AH_SCOPES_MAX; malformed ones are left out with one warning each (warned). 0, or
+ * AH_EUNAVAIL/AH_EIO/AH_ENOMEM with err set. */
+static int scopes_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t **out, int *count,
+                         ah_store_warned_t *warned, char *err, size_t errlen)
+{
+    sqlite3_stmt *stmt = NULL;
+    ah_control_t *docs = NULL;
+    int n = 0, rc;
+    int ret = AH_EIO;
+
+    *out = NULL;
+    *count = 0;
+    if (sqlite3_prepare_v2(db, ah_sqlite_select_scopes, -1, &stmt, NULL) != SQLITE_OK) {
+        sqlite_error(err, errlen, st, db, "scope read failed");
+        ret = sqlite_is_busy(sqlite3_errcode(db)) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+        if (docs == NULL && (docs = calloc(AH_SCOPES_MAX, sizeof(*docs))) == NULL) {
+            snprintf(err, errlen, "embedded store '%s': scope read: out of memory", st->path);
+            ret = AH_ENOMEM;
+            goto cleanup;
+        }
+        const char *id = (const char *)sqlite3_column_text(stmt, 7);
+        if (n >= AH_SCOPES_MAX) {
+            if (ah_store_warn_first(warned, "too many scopes", 0)) {
+                ah_log_warn("More than %d scope documents: '%s' and later ones are ignored",
+                            AH_SCOPES_MAX, id);
+            }
+            break;
+        }
+        char why[AH_ERRLEN];
+        control_from_row(stmt, false, &docs[n]);
+        docs[n].expires_us = sqlite3_column_int64(stmt, 5);
+        docs[n].drain_ms = sqlite3_column_int64(stmt, 8);
+        if (ah_store_scope_check(id, (const char *)sqlite3_column_text(stmt, 6), &docs[n], why,
+                                 sizeof(why)) != AH_OK) {
+            if (ah_store_warn_first(warned, id, docs[n].version)) {
+                ah_log_warn("Ignoring the malformed scope document '%s' (version %lld): %s", id,
+                            (long long)docs[n].version, why);
+            }
+            continue;
+        }
+        n++;
+    }
+    *out = docs;
+    *count = n;
+    docs = NULL;
+    ret = 0;
+cleanup:
+    sqlite3_finalize(stmt);
+    free(docs);
+    return ret;
+}
+
 /* One attempt at the command transaction on the API connection (api_lock held): fills
  * doc->version. Returns SQLITE_OK, or the extended result code of the failure with err set and
  * the transaction rolled back. With if_version >= 0 and another current version: returns
@@ -333,19 +429,31 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
 {
     sqlite3_stmt *stmt = NULL;
     const char *name = ah_command_name(doc->command);
+    bool scope = doc->selector[0] != '\0';
+    char id[sizeof(AH_SQLITE_GLOBAL_ID) + AH_SELECTOR_MAX + 1];
     int rc;
 
+    snprintf(id, sizeof(id), "%s%s", scope ? AH_STORE_SCOPE_PREFIX : AH_SQLITE_GLOBAL_ID,
+             doc->selector);
     rc = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
     if (rc != SQLITE_OK) {
         goto cleanup;
     }
     /* Someone may have deleted the row since the store was opened: it is then re-created at the
-     * last audited version, so versions keep increasing and the audit keeps no duplicates. */
-    rc = sqlite3_prepare_v2(db, ah_sqlite_insert_initial, -1, &stmt, NULL);
+     * last audited version, so versions keep increasing and the audit keeps no duplicates. A
+     * scope's row is created at version 0 by its first command. */
+    rc = sqlite3_prepare_v2(db, scope ? ah_sqlite_insert_scope : ah_sqlite_insert_initial, -1,
+                            &stmt, NULL);
     if (rc != SQLITE_OK) {
         goto cleanup;
     }
-    sqlite3_bind_int64(stmt, 1, doc->timestamp_us);
+    if (scope) {
+        sqlite3_bind_text(stmt, 1, id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(stmt, 2, doc->timestamp_us);
+        sqlite3_bind_text(stmt, 3, doc->selector, -1, SQLITE_STATIC);
+    } else {
+        sqlite3_bind_int64(stmt, 1, doc->timestamp_us);
+    }
     rc = sqlite3_step(stmt);
     if (rc != SQLITE_DONE) {
         goto cleanup;
@@ -364,12 +472,15 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
     sqlite3_bind_int64(stmt, 5, doc->expires_us);
     sqlite3_bind_int64(stmt, 6, if_version);
     sqlite3_bind_int64(stmt, 7, doc->drain_ms);
+    sqlite3_bind_text(stmt, 8, id, -1, SQLITE_STATIC);
     rc = sqlite3_step(stmt);
     if (rc == SQLITE_DONE && if_version >= 0) {
         sqlite3_finalize(stmt);
         stmt = NULL;
         *conflict = true;
-        rc = control_select(st, db, current, NULL, err, errlen) == 0 ? SQLITE_OK : SQLITE_ERROR;
+        rc = control_select_id(st, db, id, current, NULL, err, errlen) == 0 ? SQLITE_OK
+                                                                            : SQLITE_ERROR;
+        ah_strlcpy(current->selector, doc->selector, sizeof(current->selector));
         sqlite_rollback(db);
         goto cleanup;
     }
@@ -384,17 +495,22 @@ static int command_txn(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t *d
     sqlite3_finalize(stmt);
     stmt = NULL;
 
-    rc = sqlite3_prepare_v2(db, ah_sqlite_insert_audit, -1, &stmt, NULL);
+    rc = sqlite3_prepare_v2(db, scope ? ah_sqlite_insert_scope_audit : ah_sqlite_insert_audit, -1,
+                            &stmt, NULL);
     if (rc != SQLITE_OK) {
         goto cleanup;
     }
-    sqlite3_bind_int64(stmt, 1, doc->version);
-    sqlite3_bind_text(stmt, 2, name, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(stmt, 3, doc->timestamp_us);
-    sqlite3_bind_text(stmt, 4, doc->reason, -1, SQLITE_STATIC);
-    sqlite3_bind_text(stmt, 5, doc->updated_by, -1, SQLITE_STATIC);
-    sqlite3_bind_text(stmt, 6, doc->agent_id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(stmt, 7, doc->drain_ms);
+    int col = 1;
+    if (scope) {
+        sqlite3_bind_text(stmt, col++, doc->selector, -1, SQLITE_STATIC);
+    }
+    sqlite3_bind_int64(stmt, col++, doc->version);
+    sqlite3_bind_text(stmt, col++, name, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, col++, doc->timestamp_us);
+    sqlite3_bind_text(stmt, col++, doc->reason, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, col++, doc->updated_by, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, col, doc->agent_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(stmt, col + 1, doc->drain_ms);
     rc = sqlite3_step(stmt);
     if (rc != SQLITE_DONE) {
         goto cleanup;
@@ -484,6 +600,7 @@ static int sqlite_command(ah_store_t *base, const ah_command_req_t *req, ah_cont
     ah_strlcpy(doc.updated_by, req->updated_by, sizeof(doc.updated_by));
     ah_strlcpy(doc.agent_id, req->agent_id, sizeof(doc.agent_id));
     doc.expires_us = req->expires_us;
+    ah_strlcpy(doc.selector, req->selector, sizeof(doc.selector));
     doc.drain_ms = req->drain_ms;
 
     pthread_mutex_lock(&st->api_lock);
@@ -517,6 +634,7 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
 {
     ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
     sqlite3_stmt *stmt = NULL;
+    ah_control_t *scopes = NULL;
     int ret = AH_EIO;
     int n = 0;
     int rc = SQLITE_DONE;
@@ -542,11 +660,44 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
         ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
         goto cleanup;
     }
+    sqlite3_finalize(stmt);
+    stmt = NULL;
+    /* the scope entries, merged in by timestamp */
+    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_scope_history, -1, &stmt, NULL) !=
+        SQLITE_OK) {
+        sqlite_error(err, errlen, st, st->api_db, "history failed");
+        goto cleanup;
+    }
+    sqlite3_bind_int(stmt, 1, limit);
+    int ns = 0;
+    while (ns < limit && (rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+        if (scopes == NULL && (scopes = calloc((size_t)limit, sizeof(*scopes))) == NULL) {
+            snprintf(err, errlen, "embedded store '%s': history: out of memory", st->path);
+            ret = AH_ENOMEM;
+            goto cleanup;
+        }
+        control_from_row(stmt, true, &scopes[ns]);
+        ah_strlcpy(scopes[ns].selector, (const char *)sqlite3_column_text(stmt, 6),
+                   sizeof(scopes[ns].selector));
+        scopes[ns].drain_ms = sqlite3_column_int64(stmt, 7);
+        ns++;
+    }
+    if (ns < limit && rc != SQLITE_DONE) {
+        sqlite_error(err, errlen, st, st->api_db, "history failed");
+        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        goto cleanup;
+    }
+    if (ah_store_history_merge(out, &n, scopes, ns, limit) != AH_OK) {
+        snprintf(err, errlen, "embedded store '%s': history: out of memory", st->path);
+        ret = AH_ENOMEM;
+        goto cleanup;
+    }
     *count = n;
     ret = 0;
 cleanup:
     sqlite3_finalize(stmt);
     pthread_mutex_unlock(&st->api_lock);
+    free(scopes);
     return ret;
 }
 
@@ -570,7 +721,9 @@ static int put_status_once(sqlite3 *db, const ah_agent_status_t *rec, int64_t sw
     sqlite3_bind_text(stmt, 9, rec->agenthost_version, -1, SQLITE_STATIC);
     sqlite3_bind_int64(stmt, 10, rec->batches);
     sqlite3_bind_int64(stmt, 11, rec->errors);
-    sqlite3_bind_text(stmt, 12, rec->leases, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 12, rec->labels, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 13, rec->scope_acks, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 14, rec->leases, -1, SQLITE_STATIC);
     rc = sqlite3_step(stmt);
     if (rc != SQLITE_DONE) {
         goto cleanup;
@@ -659,7 +812,10 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
                    sizeof(r->agenthost_version));
         r->batches = sqlite3_column_int64(stmt, 9);
         r->errors = sqlite3_column_int64(stmt, 10);
-        const unsigned char *leases = sqlite3_column_text(stmt, 11);
+        ah_strlcpy(r->labels, (const char *)sqlite3_column_text(stmt, 11), sizeof(r->labels));
+        ah_strlcpy(r->scope_acks, (const char *)sqlite3_column_text(stmt, 12),
+                   sizeof(r->scope_acks));
+        const unsigned char *leases = sqlite3_column_text(stmt, 13);
         ah_strlcpy(r->leases, leases != NULL ? (const char *)leases : "", sizeof(r->leases));
     }
     if (rc != SQLITE_DONE) {
@@ -863,7 +1019,11 @@ static void *watch_main(void *arg)
     bool reported_doc = false;
     int64_t reported_version = 0;
     int64_t data_version = 0;
-    int failures = 0; /* consecutive failures: drives the backoff */
+    int failures = 0;            /* consecutive failures: drives the backoff */
+    ah_control_t *scopes = NULL; /* the scope set last delivered */
+    int scope_count = -1;        /* -1: none delivered yet */
+    ah_store_warned_t warned;
+    memset(&warned, 0, sizeof(warned));
 
     ah_store_reporter_init(&reporter, listener, "embedded", "embedded", "polling",
                            AH_SQLITE_STATUS_MIN_GAP_US);
@@ -880,9 +1040,25 @@ static void *watch_main(void *arg)
         if (need_read) {
             int64_t started_us = ah_mono_us();
             /* data_version first: a commit landing between the two is caught by the next poll. */
+            ah_control_t *fresh = NULL;
+            int fresh_count = 0;
             if (watch_data_version(st, db, &now_dv, err, sizeof(err)) != 0 ||
-                control_select(st, db, &doc, NULL, err, sizeof(err)) != 0) {
+                control_select(st, db, &doc, NULL, err, sizeof(err)) != 0 ||
+                scopes_select(st, db, &fresh, &fresh_count, &warned, err, sizeof(err)) != 0) {
                 goto failed;
+            }
+            /* the scopes first, so that the startup sync applies them with the document */
+            if (fresh_count != scope_count ||
+                (fresh_count > 0 &&
+                 memcmp(fresh, scopes, (size_t)fresh_count * sizeof(*fresh)) != 0)) {
+                if (listener->on_scopes != NULL) {
+                    listener->on_scopes(listener->ud, fresh, fresh_count);
+                }
+                free(scopes);
+                scopes = fresh;
+                scope_count = fresh_count;
+            } else {
+                free(fresh);
             }
             data_version = now_dv;
             need_read = false;
@@ -923,6 +1099,7 @@ static void *watch_main(void *arg)
         failures += failures < 64;
     }
     sqlite3_close_v2(db);
+    free(scopes);
     return NULL;
 }
 

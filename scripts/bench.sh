@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh                 all sections
 #   scripts/bench.sh idle rps        only the named sections (batch idle rps startup probes
-#                                    mongo lua_mongo http)
+#                                    mongo lua_mongo http drain)
 #
 # Environment: BUILD_DIR (default build; built with scripts/build.sh unless BENCH_NO_BUILD=1),
 # BASELINE_AGENTHOST (another build's binary: idle and startup measure it too, in the same run),
@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECTIONS=(batch idle rps startup probes mongo lua_mongo fleet http)
+SECTIONS=(batch idle rps startup probes mongo lua_mongo fleet http drain)
 BUILD_DIR=${BUILD_DIR:-build}
 AGENTHOST=${AGENTHOST:-$BUILD_DIR/agenthost}
 BENCH_BATCH=${BENCH_BATCH:-$BUILD_DIR/tests/bench/bench_batch}
@@ -442,7 +442,9 @@ section_fleet() {
     # FLEET_N agents (default 100) on the MongoDB test server (change streams) and on the
     # embedded store: time from POST ...?wait=30 to "complete" for 3 commands, idle database
     # commands per agent per minute counted at the server, connections, CPU, RSS/PSS and fds per
-    # agent (tests/bench/bench_fleet.py; FLEET_ENV adds agent settings).
+    # agent (tests/bench/bench_fleet.py; FLEET_ENV adds agent settings). The agents
+    # carry labels over 4 regions: a scoped pause/resume (?selector=region=eu&wait=30) is timed
+    # too, and the MongoDB idle cost is measured with 20 scope documents present.
     local out
     if ! out=$(AGENTHOST_BIN="$AGENTHOST" FLEET_N=${FLEET_N:-100} \
         "$PY" "$ROOT/tests/bench/bench_fleet.py" 2>&1); then
@@ -451,6 +453,24 @@ section_fleet() {
         return
     fi
     echo "$out" | sed 's/^/  /'
+}
+
+section_drain() {
+    # POST /api/cluster/pause?drain=2s with 64 tasks waiting on requests that never answer, to
+    # /readyz 503 (tests/bench/drain_bench.py); then the empty batch again (the drain's checks
+    # must not make it slower).
+    local out median worst
+    if ! out=$("$PY" "$ROOT/tests/bench/drain_bench.py" "$AGENTHOST" 5 2>&1); then
+        echo "$out" | tail -20 | sed 's/^/  /'
+        die_section "drain" "the drain benchmark failed"
+        return
+    fi
+    echo "$out" | grep -v '^RESULT' | sed 's/^/  /'
+    median=$(echo "$out" | sed -n 's/^RESULT.* median_s=\([0-9.]*\).*/\1/p')
+    worst=$(echo "$out" | sed -n 's/^RESULT.* max_s=\([0-9.]*\).*/\1/p')
+    echo "drain: pause?drain=2s -> /readyz 503 with 64 tasks hanging: median $median s," \
+        "worst $worst s (target <= 2.5 s) $(verdict fcmp "$worst <= 2.5")"
+    section_batch
 }
 
 # ---- main ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@
     control: null,   /* last /api/cluster/control-state body */
     fleet: null,     /* last /api/cluster/agents body, null when not available */
     fleetMissing: false, /* this agent has no /api/cluster/agents: not asked again */
+    scopesMissing: false, /* this agent has no /api/cluster/scopes: not asked again */
     historyPage: 0,
     busy: false,
   };
@@ -259,7 +260,7 @@
     view.fleet = f;
     setText($('fleet-summary'), fleetSummary(f));
     syncRows($('fleet-rows'), f.agents || [], (a) => a.agent_id,
-             () => newRow(9, [5, 6], []), (tr, a) => {
+             () => newRow(10, [5, 6], { 8: 'labels' }), (tr, a) => {
                const behind = typeof a.applied_version === 'number' &&
                               a.applied_version < f.version;
                tr.classList.toggle('stale', !!a.stale);
@@ -282,8 +283,57 @@
                setText(c[5], a.batches);
                setText(c[6], a.errors);
                setText(c[7], a.host ? a.host + (a.pid ? ' (pid ' + a.pid + ')' : '') : null);
+               setText(c[8], Object.keys(a.labels || {}).filter((k) => k !== 'agent').sort()
+                 .map((k) => k + '=' + a.labels[k]).join(', '));
                /* the leases it holds (agent.lease, agent.every): names, as text */
-               setText(c[8], Array.isArray(a.leases) ? a.leases.join(', ') : '');
+               setText(c[9], Array.isArray(a.leases) ? a.leases.join(', ') : '');
+             });
+  }
+
+  function renderScopes(r) {
+    const problem = $('scopes-problem');
+    if (r.status === 404) {
+      view.scopesMissing = true;
+      setText($('scopes-summary'), 'This agent does not list scopes.');
+      return;
+    }
+    if (r.error) {
+      setProblem(problem, r.error);
+      return;
+    }
+    setProblem(problem, null);
+    const scopes = r.body.scopes || [];
+    setText($('scopes-summary'), scopes.length === 0
+      ? 'No scopes: pause part of the fleet with a selector above.'
+      : scopes.length + (scopes.length === 1 ? ' scope' : ' scopes') + ', ' +
+        (r.body.active || 0) + ' holding agents');
+    syncRows($('scopes-rows'), scopes, (x) => x.selector,
+             () => {
+               const tr = newRow(7, [2, 3, 4], { 5: 'reason' });
+               const button = document.createElement('button');
+               button.type = 'button';
+               button.textContent = 'Resume';
+               button.addEventListener('click', () => runCommand('resume', tr.dataset.key));
+               tr.cells[6].appendChild(button);
+               return tr;
+             },
+             (tr, x) => {
+               const c = tr.cells;
+               setText(c[0], x.selector);
+               let badge = c[1].firstChild;
+               if (!badge) {
+                 badge = document.createElement('span');
+                 badge.className = 'badge';
+                 c[1].appendChild(badge);
+               }
+               setBadge(badge, x.command);
+               setText(c[2], x.version);
+               setText(c[3], x.matched);
+               setText(c[4], x.holds);
+               setText(c[5], x.reason);
+               const button = c[6].firstChild;
+               button.setAttribute('aria-label', 'Resume ' + x.selector);
+               setHidden(button, x.command === 'running');
              });
   }
 
@@ -297,12 +347,15 @@
     const entries = r.body.entries || [];
     const first = view.historyPage * HISTORY_PAGE;
     const page = entries.slice(first, first + HISTORY_PAGE);
-    syncRows($('history-rows'), page, (e) => e.version, () => newRow(6, [0], { 5: 'reason' }),
+    syncRows($('history-rows'), page, (e) => (e.selector || '') + ':' + e.version,
+             () => newRow(6, [0], { 5: 'reason' }),
              (tr, e) => {
                const c = tr.cells;
                setText(c[0], e.version);
-               setText(c[1], typeof e.drain === 'number'
-                 ? e.command + ' (drain ' + duration(e.drain) + ')' : e.command);
+               let command = e.command;
+               if (e.selector) command += ' (' + e.selector + ')';
+               if (typeof e.drain === 'number') command += ' (drain ' + duration(e.drain) + ')';
+               setText(c[1], command);
                setText(c[2], when(e.timestamp));
                setText(c[3], e.updated_by);
                setText(c[4], e.agent_id);
@@ -325,19 +378,21 @@
 
   async function refresh() {
     const limit = Math.min((view.historyPage + 1) * HISTORY_PAGE, HISTORY_MAX);
-    const [control, stats, mongo, agent, history, fleet] = await Promise.all([
+    const [control, stats, mongo, agent, history, fleet, scopes] = await Promise.all([
       api('GET', '/api/cluster/control-state'),
       api('GET', '/api/cluster/stats'),
       api('GET', '/api/mongo/status'),
       api('GET', '/api/agent/state'),
       api('GET', '/api/cluster/history?limit=' + limit),
       view.fleetMissing ? { status: 404 } : api('GET', '/api/cluster/agents'),
+      view.scopesMissing ? { status: 404 } : api('GET', '/api/cluster/scopes'),
     ]);
     renderControl(control, stats);
     renderStore(mongo, stats);
     renderAgent(agent);
     renderHistory(history, limit);
     renderFleet(fleet);
+    renderScopes(scopes);
     const status = $('refresh-status');
     if (agent.status === 0) {
       setText(status, 'Cannot reach the agent (last try ' + clock() + ')');
@@ -500,10 +555,15 @@
 
   function finish(command, r) {
     const b = r.body || {};
-    const label = commandName(command) + ' (version ' + b.version + ')';
+    const label = commandName(command) + (b.selector ? ' ' + b.selector : '') +
+                  ' (version ' + b.version + ')';
     const w = b.wait;
     if (!w) {
       setProgress(label + ' issued', b.propagation || '', 1, 'done');
+      return;
+    }
+    if (b.selector && command === 'resume' && b.held === false) {
+      setProgress(label + ': the scope held no agent', b.message || '', 1, 'done');
       return;
     }
     const acked = w.acknowledged || [];
@@ -522,7 +582,8 @@
     }
   }
 
-  async function runCommand(command) {
+  /* scope: the selector of a scope's Resume button; otherwise the selector field's. */
+  async function runCommand(command, scope) {
     if (view.busy) return;
     hideError();
     const control = view.control;
@@ -556,15 +617,22 @@
         params.set('for', d);
       }
     }
-    params.set('if_version', String(control.version));
+    const selector = scope !== undefined ? scope : $('selector').value.trim();
+    if (selector) {
+      /* a scope has its own version: no if_version against the cluster's */
+      params.set('selector', selector);
+    } else {
+      params.set('if_version', String(control.version));
+    }
     params.set('wait', String(WAIT_S));
     if (command === 'shutdown' && !(await confirmShutdown())) {
       return;
     }
     setBusy(true);
-    const label = commandName(command) + ' (version ' + (control.version + 1) + ')';
+    const label = selector ? commandName(command) + ' ' + selector
+                           : commandName(command) + ' (version ' + (control.version + 1) + ')';
     setProgress(label + ': sending…', '', null, null);
-    const stopTracking = trackProgress(label, control.version + 1);
+    const stopTracking = selector ? () => {} : trackProgress(label, control.version + 1);
     try {
       const path = '/api/cluster/' + command + '?' + params.toString();
       let r = await api('POST', path);
@@ -599,6 +667,9 @@
         $('reason').value = '';
         $('duration').value = '';
         $('drain').value = '';
+        if (scope === undefined) {
+          $('selector').value = '';
+        }
       }
     } finally {
       stopTracking();
@@ -611,6 +682,9 @@
     view.busy = busy;
     for (const id of ['pause-button', 'resume-button', 'shutdown-button']) {
       $(id).setAttribute('aria-disabled', String(busy));
+    }
+    for (const button of $('scopes-rows').querySelectorAll('button')) {
+      button.setAttribute('aria-disabled', String(busy));
     }
   }
 

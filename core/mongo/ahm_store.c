@@ -36,6 +36,9 @@
 #define AH_MONGO_COLLECTION "agent_control"
 #define AH_MONGO_DOC_ID "global_control"
 #define AH_MONGO_AUDIT_KIND "audit"
+/* The _id of a scope document: AH_STORE_SCOPE_PREFIX + its canonical selector, which never
+ * holds ':' (so its audit entries, "<_id>:v<N>", do not match). */
+#define AH_MONGO_SCOPE_ID_REGEX "^scope:[^:]*$"
 #define AH_MONGO_STATUS_COLLECTION "agent_status"
 #define AH_MONGO_STATUS_TTL_INDEX "last_seen_ttl"
 #define AH_MONGO_LEASE_COLLECTION "agent_leases"
@@ -121,6 +124,9 @@ typedef struct ah_mongo_watch_s {
     ah_store_reporter_t reporter; /* the status and when it was last reported */
     bool delivered;
     int64_t delivered_version;
+    ah_control_t *scopes; /* the scope set last delivered (AH_SCOPES_MAX entries) */
+    int scope_count;      /* -1: none delivered yet */
+    ah_store_warned_t warned;
     int failures; /* consecutive failures: drives the backoff */
     unsigned int seed;
 } ah_mongo_watch_t;
@@ -285,8 +291,11 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
     copy_utf8_field(doc, "command", name, sizeof(name));
     if (ah_command_parse(name, &out->command) != AH_OK) {
         out->command = fallback;
-        ah_log_warn("Control document version %" PRId64 " has %s command '%s': keeping '%s'",
-                    out->version, name[0] ? "an unknown" : "no", name, ah_command_name(fallback));
+        if (fallback != AH_CMD_NONE) {
+            ah_log_warn("Control document version %" PRId64 " has %s command '%s': keeping '%s'",
+                        out->version, name[0] ? "an unknown" : "no", name,
+                        ah_command_name(fallback));
+        }
     }
     if (bson_iter_init_find(&it, doc, "timestamp") && BSON_ITER_HOLDS_DATE_TIME(&it)) {
         out->timestamp_us = ah_int64_mul_sat(bson_iter_date_time(&it), 1000); /* any writer */
@@ -297,6 +306,7 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
     if (bson_iter_init_find(&it, doc, "expires_at") && BSON_ITER_HOLDS_DATE_TIME(&it)) {
         out->expires_us = ah_int64_mul_sat(bson_iter_date_time(&it), 1000); /* any writer */
     }
+    copy_utf8_field(doc, "selector", out->selector, sizeof(out->selector));
     if (bson_iter_init_find(&it, doc, "drain_ms") && BSON_ITER_HOLDS_NUMBER(&it)) {
         /* any writer: a negative or huge value is clamped to the range drain= accepts */
         int64_t drain_ms = bson_iter_as_int64(&it);
@@ -305,6 +315,21 @@ static int parse_control(const bson_t *doc, ah_command_t fallback, ah_control_t 
                                                                     : drain_ms;
     }
     return AH_OK;
+}
+
+/* Parses a scope document (doc's _id is id) into *out: AH_OK, or AH_EINVAL with why set when
+ * it is malformed (no numeric version, an unknown command, a selector that does not parse or
+ * is not the one its _id names). */
+static int parse_scope(const bson_t *doc, const char *id, ah_control_t *out, char *why,
+                       size_t whylen)
+{
+    char selector[AH_SELECTOR_MAX * 2];
+    if (parse_control(doc, AH_CMD_NONE, out) != AH_OK) {
+        snprintf(why, whylen, "no numeric version");
+        return AH_EINVAL;
+    }
+    copy_utf8_field(doc, "selector", selector, sizeof(selector));
+    return ah_store_scope_check(id, selector, out, why, whylen);
 }
 
 /* Parses the control document and remembers its command as the fallback for the next one. */
@@ -426,6 +451,98 @@ cleanup:
     return rc;
 }
 
+/* Reads one scope document by _id into *out (version 0, command running when it does not exist;
+ * a malformed one reads as that too). 0, AH_EUNAVAIL or AH_EIO with err set. */
+static int read_scope(ahm_store_t *ms, mongoc_collection_t *coll, const char *id,
+                      const char *selector, ah_control_t *out, char *err, size_t errlen)
+{
+    int rc = AH_OK;
+    bson_error_t error;
+    const bson_t *doc;
+    char why[AH_ERRLEN];
+    bson_t *filter = BCON_NEW("_id", BCON_UTF8(id));
+    bson_t *opts = BCON_NEW("limit", BCON_INT64(1), "singleBatch", BCON_BOOL(true));
+    mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
+    memset(out, 0, sizeof(*out));
+    out->command = AH_CMD_RUNNING;
+    if (mongoc_cursor_next(cursor, &doc)) {
+        if (parse_scope(doc, id, out, why, sizeof(why)) != AH_OK) {
+            memset(out, 0, sizeof(*out));
+            out->command = AH_CMD_RUNNING;
+        }
+    } else if (mongoc_cursor_error(cursor, &error)) {
+        rc = read_failure(ms, "read scope document", &error, err, errlen);
+    }
+    ah_strlcpy(out->selector, selector, sizeof(out->selector));
+    mongoc_cursor_destroy(cursor);
+    bson_destroy(opts);
+    bson_destroy(filter);
+    return rc;
+}
+
+/* The watcher's read: the control document and every scope document with one query (sorted by
+ * _id, so global_control comes first and the scopes follow by selector). scopes has room for
+ * AH_SCOPES_MAX; malformed scope documents are left out with one warning each. Creates the
+ * control document if it is missing. 0, AH_EUNAVAIL or AH_EIO with err set. */
+static int read_docs(ah_mongo_watch_t *w, ah_control_t *out, ah_control_t *scopes, int *scope_count,
+                     char *err, size_t errlen)
+{
+    ahm_store_t *ms = w->ms;
+    int rc = AH_EIO;
+    bool have_control = false;
+    bson_error_t error;
+    const bson_t *doc;
+    bson_t *filter = BCON_NEW("$or", "[", "{", "_id", BCON_UTF8(AH_MONGO_DOC_ID), "}", "{", "_id",
+                              "{", "$regex", BCON_UTF8(AH_MONGO_SCOPE_ID_REGEX), "}", "}", "]");
+    bson_t *opts = BCON_NEW("sort", "{", "_id", BCON_INT32(1), "}", "limit",
+                            BCON_INT64(AH_SCOPES_MAX + 2), "singleBatch", BCON_BOOL(true));
+    mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(w->coll, filter, opts, NULL);
+    *scope_count = 0;
+    while (mongoc_cursor_next(cursor, &doc)) {
+        bson_iter_t it;
+        if (!bson_iter_init_find(&it, doc, "_id") || !BSON_ITER_HOLDS_UTF8(&it)) {
+            continue;
+        }
+        const char *id = bson_iter_utf8(&it, NULL);
+        if (strcmp(id, AH_MONGO_DOC_ID) == 0) {
+            if (parse_and_remember(ms, doc, out) != AH_OK) {
+                snprintf(err, errlen, "MongoDB control document has no numeric version");
+                goto cleanup;
+            }
+            have_control = true;
+            continue;
+        }
+        char why[AH_ERRLEN];
+        ah_control_t *d = &scopes[*scope_count];
+        if (*scope_count >= AH_SCOPES_MAX) {
+            if (ah_store_warn_first(&w->warned, "too many scopes", 0)) {
+                ah_log_warn("More than %d scope documents: '%s' and later ones are ignored",
+                            AH_SCOPES_MAX, id);
+            }
+            break;
+        }
+        if (parse_scope(doc, id, d, why, sizeof(why)) != AH_OK) {
+            if (ah_store_warn_first(&w->warned, id, d->version)) {
+                ah_log_warn("Ignoring the malformed scope document '%s' (version %" PRId64 "): %s",
+                            id, d->version, why);
+            }
+            continue;
+        }
+        d->agent_id[0] = '\0';
+        (*scope_count)++;
+    }
+    if (mongoc_cursor_error(cursor, &error)) {
+        rc = read_failure(ms, "read control document", &error, err, errlen);
+        goto cleanup;
+    }
+    rc = have_control ? AH_OK : ensure_control(ms, w->coll, out, err, errlen);
+cleanup:
+    mongoc_cursor_destroy(cursor);
+    bson_destroy(opts);
+    bson_destroy(filter);
+    return rc;
+}
+
 /* ---- the store operations (any thread) ---------------------------------------------------- */
 
 /* Takes the API client (api_lock) and returns collection `name` of the control database on it;
@@ -465,11 +582,18 @@ static int mongo_read(ah_store_t *st, ah_control_t *out, char *err, size_t errle
 static int insert_audit(ahm_store_t *ms, mongoc_collection_t *coll, const ah_control_t *doc,
                         char *err, size_t errlen)
 {
-    char id[64];
-    snprintf(id, sizeof(id), AH_MONGO_DOC_ID ":v%" PRId64, doc->version);
+    char id[AH_SELECTOR_MAX + 64];
+    if (doc->selector[0] != '\0') {
+        snprintf(id, sizeof(id), AH_STORE_SCOPE_PREFIX "%s:v%" PRId64, doc->selector, doc->version);
+    } else {
+        snprintf(id, sizeof(id), AH_MONGO_DOC_ID ":v%" PRId64, doc->version);
+    }
     bson_t *entry = bson_new();
     BSON_APPEND_UTF8(entry, "_id", id);
     BSON_APPEND_UTF8(entry, "kind", AH_MONGO_AUDIT_KIND);
+    if (doc->selector[0] != '\0') {
+        BSON_APPEND_UTF8(entry, "selector", doc->selector);
+    }
     BSON_APPEND_UTF8(entry, "command", ah_command_name(doc->command));
     BSON_APPEND_INT64(entry, "version", doc->version);
     append_now(entry, "timestamp", doc->timestamp_us);
@@ -507,9 +631,16 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
     bson_t reply = BSON_INITIALIZER;
     int64_t now_us = ah_now_us();
     bool conditional = req->if_version >= 0;
+    bool scope = req->selector[0] != '\0';
+    char id[AH_SELECTOR_MAX + 16];
+    snprintf(id, sizeof(id), "%s", scope ? AH_STORE_SCOPE_PREFIX : AH_MONGO_DOC_ID);
+    if (scope) {
+        ah_strlcpy(id + strlen(AH_STORE_SCOPE_PREFIX), req->selector,
+                   sizeof(id) - strlen(AH_STORE_SCOPE_PREFIX));
+    }
     mongoc_client_t *client;
     mongoc_collection_t *coll = pop_collection(ms, &client);
-    bson_t *query = BCON_NEW("_id", BCON_UTF8(AH_MONGO_DOC_ID));
+    bson_t *query = BCON_NEW("_id", BCON_UTF8(id));
     if (conditional) {
         BSON_APPEND_INT64(query, "version", req->if_version);
     }
@@ -523,6 +654,9 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
     append_now(&child, "timestamp", now_us);
     BSON_APPEND_UTF8(&child, "reason", req->reason);
     BSON_APPEND_UTF8(&child, "updated_by", req->updated_by);
+    if (scope) {
+        BSON_APPEND_UTF8(&child, "selector", req->selector);
+    }
     if (req->expires_us != 0) {
         append_now(&child, "expires_at", req->expires_us);
     }
@@ -543,12 +677,35 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
     }
     mongoc_find_and_modify_opts_t *opts = mongoc_find_and_modify_opts_new();
     mongoc_find_and_modify_opts_set_update(opts, update);
-    /* A conditional write never inserts: a missing document is a conflict with version 0. */
-    mongoc_find_and_modify_opts_set_flags(
-        opts, conditional ? MONGOC_FIND_AND_MODIFY_RETURN_NEW
-                          : MONGOC_FIND_AND_MODIFY_UPSERT | MONGOC_FIND_AND_MODIFY_RETURN_NEW);
+    /* A conditional write never inserts: a missing document is a conflict with version 0.
+     * Except a scope's: a missing scope is version 0, so if_version=0 creates it (and meets a
+     * duplicate key when another version exists: a conflict too). */
+    bool upsert = !conditional || (scope && req->if_version == 0);
+    mongoc_find_and_modify_opts_set_flags(opts, upsert ? MONGOC_FIND_AND_MODIFY_UPSERT |
+                                                             MONGOC_FIND_AND_MODIFY_RETURN_NEW
+                                                       : MONGOC_FIND_AND_MODIFY_RETURN_NEW);
 
-    if (!mongoc_collection_find_and_modify_with_opts(coll, query, opts, &reply, &error)) {
+    bool written = mongoc_collection_find_and_modify_with_opts(coll, query, opts, &reply, &error);
+    bool conflict = false;
+    bson_iter_t it;
+    if (!written && conditional && scope && error.code == AH_MONGO_CODE_DUPLICATE_KEY) {
+        conflict = true;
+    } else if (written && conditional &&
+               (!bson_iter_init_find(&it, &reply, "value") || BSON_ITER_HOLDS_NULL(&it))) {
+        conflict = true;
+    }
+    if (conflict) {
+        /* Nothing matched: another version is current. Report it. */
+        rc = scope ? read_scope(ms, coll, id, req->selector, out, err, errlen)
+                   : read_control(ms, coll, out, err, errlen);
+        if (rc == AH_OK) {
+            snprintf(err, errlen, "version conflict: expected %" PRId64 ", current is %" PRId64,
+                     req->if_version, out->version);
+            rc = AH_ECONFLICT;
+        }
+        goto cleanup;
+    }
+    if (!written) {
         char text[AH_ERRLEN];
         const char *message = error_text(ms, &error, text, sizeof(text));
         if (error_before_send(&error)) {
@@ -567,21 +724,29 @@ static int mongo_command(ah_store_t *st, const ah_command_req_t *req, ah_control
         }
         goto cleanup;
     }
-    bson_iter_t it;
-    if (conditional && (!bson_iter_init_find(&it, &reply, "value") || BSON_ITER_HOLDS_NULL(&it))) {
-        /* Nothing matched: another version is current. Report it. */
-        rc = read_control(ms, coll, out, err, errlen);
-        if (rc == AH_OK) {
-            snprintf(err, errlen, "version conflict: expected %" PRId64 ", current is %" PRId64,
-                     req->if_version, out->version);
-            rc = AH_ECONFLICT;
+    if (scope) {
+        const uint8_t *data;
+        uint32_t len;
+        bson_t value;
+        if (!bson_iter_init_find(&it, &reply, "value") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
+            snprintf(err, errlen, "MongoDB command: no document returned");
+            rc = AH_EIO;
+            goto cleanup;
         }
-        goto cleanup;
+        bson_iter_document(&it, &len, &data);
+        if (!bson_init_static(&value, data, len) ||
+            parse_control(&value, AH_CMD_NONE, out) != AH_OK) {
+            snprintf(err, errlen, "MongoDB scope document has no numeric version");
+            rc = AH_EIO;
+            goto cleanup;
+        }
+    } else {
+        rc = parse_find_and_modify_reply(ms, &reply, "command", out, err, errlen);
+        if (rc != AH_OK) {
+            goto cleanup;
+        }
     }
-    rc = parse_find_and_modify_reply(ms, &reply, "command", out, err, errlen);
-    if (rc != AH_OK) {
-        goto cleanup;
-    }
+    ah_strlcpy(out->selector, req->selector, sizeof(out->selector));
     /* The returned document is the authority for version and timestamp; the rest is ours. */
     out->command = req->command;
     ah_strlcpy(out->reason, req->reason, sizeof(out->reason));
@@ -617,7 +782,11 @@ static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *coun
     const bson_t *doc;
     mongoc_client_t *client;
     mongoc_collection_t *coll = pop_collection(ms, &client);
-    bson_t *filter = BCON_NEW("kind", BCON_UTF8(AH_MONGO_AUDIT_KIND));
+    ah_control_t *scopes = NULL;
+    int nscopes = 0;
+    /* the cluster's entries by version, then the scopes' by time, merged by time */
+    bson_t *filter = BCON_NEW("kind", BCON_UTF8(AH_MONGO_AUDIT_KIND), "selector", "{", "$exists",
+                              BCON_BOOL(false), "}");
     bson_t *opts =
         BCON_NEW("sort", "{", "version", BCON_INT32(-1), "}", "limit", BCON_INT64(limit));
     mongoc_cursor_t *cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
@@ -630,7 +799,34 @@ static int mongo_history(ah_store_t *st, int limit, ah_control_t *out, int *coun
     if (mongoc_cursor_error(cursor, &error)) {
         *count = 0;
         rc = read_failure(ms, "read history", &error, err, errlen);
+        goto cleanup;
     }
+    mongoc_cursor_destroy(cursor);
+    bson_destroy(opts);
+    bson_destroy(filter);
+    filter = BCON_NEW("kind", BCON_UTF8(AH_MONGO_AUDIT_KIND), "selector", "{", "$exists",
+                      BCON_BOOL(true), "}");
+    opts = BCON_NEW("sort", "{", "timestamp", BCON_INT32(-1), "_id", BCON_INT32(-1), "}", "limit",
+                    BCON_INT64(limit));
+    cursor = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
+    scopes = calloc((size_t)limit, sizeof(*scopes));
+    while (scopes != NULL && nscopes < limit && mongoc_cursor_next(cursor, &doc)) {
+        if (parse_control(doc, AH_CMD_NONE, &scopes[nscopes]) == AH_OK) {
+            nscopes++;
+        }
+    }
+    if (scopes == NULL || mongoc_cursor_error(cursor, &error) ||
+        ah_store_history_merge(out, count, scopes, nscopes, limit) != AH_OK) {
+        *count = 0;
+        if (scopes == NULL) {
+            snprintf(err, errlen, "out of memory reading history");
+            rc = AH_ENOMEM;
+        } else {
+            rc = read_failure(ms, "read history", &error, err, errlen);
+        }
+    }
+cleanup:
+    free(scopes);
     mongoc_cursor_destroy(cursor);
     bson_destroy(opts);
     bson_destroy(filter);
@@ -700,6 +896,8 @@ static int mongo_put_status(ah_store_t *st, const ah_agent_status_t *rec, double
     BSON_APPEND_UTF8(&set, "agenthost_version", rec->agenthost_version);
     BSON_APPEND_INT64(&set, "batches", rec->batches);
     BSON_APPEND_INT64(&set, "errors", rec->errors);
+    BSON_APPEND_UTF8(&set, "labels", rec->labels);
+    BSON_APPEND_UTF8(&set, "scope_acks", rec->scope_acks);
     bson_t leases;
     BSON_APPEND_ARRAY_BEGIN(&set, "leases", &leases);
     int index = 0;
@@ -781,6 +979,8 @@ static int mongo_list_status(ah_store_t *st, ah_agent_status_t **out, int *count
                         sizeof(r->agenthost_version));
         r->batches = int64_field(doc, "batches");
         r->errors = int64_field(doc, "errors");
+        copy_utf8_field(doc, "labels", r->labels, sizeof(r->labels));
+        copy_utf8_field(doc, "scope_acks", r->scope_acks, sizeof(r->scope_acks));
         bson_iter_t leases, child;
         size_t used = 0;
         if (bson_iter_init_find(&leases, doc, "leases") && BSON_ITER_HOLDS_ARRAY(&leases) &&
@@ -1124,18 +1324,46 @@ static void deliver(ah_mongo_watch_t *w, const ah_control_t *doc)
     }
 }
 
-/* One direct read, delivered if the version changed. Returns 0 or a negative AH_E*. */
+/* Delivers the scope set scopes[count] if it differs from the last one delivered (taking the
+ * array; it frees the one it replaces or the one it does not need). */
+static void deliver_scopes(ah_mongo_watch_t *w, ah_control_t *scopes, int count)
+{
+    if (count == w->scope_count &&
+        (count == 0 || memcmp(scopes, w->scopes, (size_t)count * sizeof(*scopes)) == 0)) {
+        free(scopes);
+        return;
+    }
+    free(w->scopes);
+    w->scopes = scopes;
+    w->scope_count = count;
+    const ah_store_listener_t *l = &w->ms->listener;
+    if (l->on_scopes != NULL) {
+        l->on_scopes(l->ud, scopes, count);
+    }
+}
+
+/* One direct read of the control document and the scope documents, each delivered if it
+ * changed (the scopes first, so that the startup sync applies them with the document). Returns
+ * 0 or a negative AH_E*. */
 static int watch_read(ah_mongo_watch_t *w, const char *what)
 {
     char err[AH_ERRLEN];
     ah_control_t doc;
+    int scope_count = 0;
     int64_t started = ah_mono_us();
-    int rc = read_control(w->ms, w->coll, &doc, err, sizeof(err));
+    ah_control_t *scopes = calloc(AH_SCOPES_MAX, sizeof(*scopes));
+    if (scopes == NULL) {
+        note_failure(w, what, "out of memory");
+        return AH_ENOMEM;
+    }
+    int rc = read_docs(w, &doc, scopes, &scope_count, err, sizeof(err));
     if (rc != AH_OK) {
+        free(scopes);
         note_failure(w, what, err);
         return rc;
     }
     note_success(w, (double)(ah_mono_us() - started) / 1000.0);
+    deliver_scopes(w, scopes, scope_count);
     deliver(w, &doc);
     return AH_OK;
 }
@@ -1158,8 +1386,10 @@ static void use_polling(ah_mongo_watch_t *w, const char *why)
 
 static mongoc_change_stream_t *open_stream(ah_mongo_watch_t *w, const bson_t *resume_token)
 {
-    bson_t *pipeline = BCON_NEW("pipeline", "[", "{", "$match", "{", "documentKey._id",
-                                BCON_UTF8(AH_MONGO_DOC_ID), "}", "}", "]");
+    bson_t *pipeline =
+        BCON_NEW("pipeline", "[", "{", "$match", "{", "$or", "[", "{", "documentKey._id",
+                 BCON_UTF8(AH_MONGO_DOC_ID), "}", "{", "documentKey._id", "{", "$regex",
+                 BCON_UTF8(AH_MONGO_SCOPE_ID_REGEX), "}", "}", "]", "}", "}", "]");
     bson_t *opts = BCON_NEW("fullDocument", BCON_UTF8("updateLookup"), "maxAwaitTimeMS",
                             BCON_INT64(w->ms->max_await_ms));
     if (resume_token != NULL) {
@@ -1194,6 +1424,17 @@ static bool handle_event(ah_mongo_watch_t *w, const bson_t *event)
         ah_log_warn("[Distributed Control] Change stream invalidated: re-reading the control "
                     "document and reopening");
         return true;
+    }
+    if (bson_iter_init_find(&it, event, "documentKey") && BSON_ITER_HOLDS_DOCUMENT(&it)) {
+        bson_iter_t key;
+        if (bson_iter_recurse(&it, &key) && bson_iter_find(&key, "_id") &&
+            BSON_ITER_HOLDS_UTF8(&key) &&
+            strncmp(bson_iter_utf8(&key, NULL), AH_STORE_SCOPE_PREFIX,
+                    strlen(AH_STORE_SCOPE_PREFIX)) == 0) {
+            /* a scope document was written or removed: read the set (one find) */
+            (void)watch_read(w, "scope read");
+            return false;
+        }
     }
     if (!bson_iter_init_find(&it, event, "fullDocument") || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
         /* A delete (or an update whose document is already gone): read what is there now. */
@@ -1439,6 +1680,7 @@ static void *watcher_main(void *arg)
     memset(&w, 0, sizeof(w));
     w.ms = ms;
     w.seed = (unsigned int)(ah_now_us() ^ ((int64_t)getpid() << 16));
+    w.scope_count = -1;
     w.client = watch_client_new(ms);
     if (w.client == NULL) {
         goto done;
@@ -1461,6 +1703,7 @@ static void *watcher_main(void *arg)
     mongoc_collection_destroy(w.coll);
     mongoc_client_destroy(w.client);
 done:
+    free(w.scopes);
     pthread_mutex_lock(&ms->mutex);
     ms->watcher_done = true;
     pthread_cond_broadcast(&ms->cond);

@@ -16,6 +16,11 @@ mean something next to it. FLEET_STORES=mongodb or =embedded runs one of the two
 keeps the agents' logs (the path is printed). Extra environment for the agents: FLEET_ENV="VAR=value VAR=value"
 (e.g. "AGENT_HEARTBEAT_INTERVAL=60 ENABLE_CHANGE_STREAMS=false CONTROL_POLLING_INTERVAL=5").
 
+Every agent has labels, region spread over 4 regions (eu, us, ap, sa) and role over 2; on both
+stores a scoped pause and resume of one region with wait=30 are timed too (POST -> complete,
+target <= 1.5 s), and on MongoDB the idle cost is measured with BENCH_FLEET_SCOPES (default 20)
+scope documents present (same targets).
+
 Prints one line per measurement ending in PASS/FAIL and exits 0 unless the bench itself broke
 (an agent that would not start, an answer that was not 200)."""
 import json
@@ -39,7 +44,13 @@ FLEET_ENV = dict(kv.split("=", 1) for kv in os.environ.get("FLEET_ENV", "").spli
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 COMMANDS = int(os.environ.get("BENCH_FLEET_COMMANDS", "3"))
 IDLE_SECONDS = float(os.environ.get("BENCH_FLEET_IDLE_SECONDS", "60"))
+SCOPES = int(os.environ.get("BENCH_FLEET_SCOPES", "20"))
 COMPLETE_TARGET_S = 1.5
+REGIONS = ["eu", "us", "ap", "sa"]
+
+
+def labels_of(i):
+    return f"region={REGIONS[i % len(REGIONS)]},role={'ingest' if i % 2 == 0 else 'api'}"
 
 
 def http(method, url, timeout=60):
@@ -76,7 +87,7 @@ class Fleet:
         port = free_port()
         e = dict(os.environ, HTTP_PORT=str(port), HTTP_BIND="127.0.0.1",
                  AGENT_ID=f"bench-{i:03d}", EVENTS_FILE=os.path.join(self.tmp, f"e{i}.jsonl"),
-                 LOG_LEVEL="warn", **{**self.env, **FLEET_ENV})
+                 LOG_LEVEL="warn", AGENT_LABELS=labels_of(i), **{**self.env, **FLEET_ENV})
         log = open(os.path.join(self.tmp, f"agent-{i}.log"), "a")
         self.procs[i] = subprocess.Popen([BIN, "run", SCRIPT], env=e, stdout=log,
                                          stderr=subprocess.STDOUT)
@@ -236,6 +247,45 @@ def run_commands(fleet, label):
     return True
 
 
+def run_scoped(fleet, label):
+    """A scoped pause and resume of region=eu with wait=30, timed; False if the bench broke."""
+    times = []
+    expected = sum(1 for i in range(AGENTS) if labels_of(i).startswith("region=eu,"))
+    for n, cmd in enumerate(("pause", "resume")):
+        issuer = (n * 37 + 1) % AGENTS  # any agent, matching or not
+        sent = time.monotonic()
+        status, body = http("POST", fleet.url(issuer) +
+                            f"/api/cluster/{cmd}?selector=region%3Deu&wait=30&reason=bench")
+        took = time.monotonic() - sent
+        if status != 200:
+            print(f"{label}: BENCH BROKEN: scoped {cmd} answered {status}: {body}")
+            return False
+        w = body["wait"]
+        ok = w["complete"] and len(w["acknowledged"]) == expected
+        times.append(took if ok else float("inf"))
+        print(f"  {label} {cmd}?selector=region=eu v{body['version']}: POST -> complete "
+              f"{took:.3f} s (complete={w['complete']}, acknowledged {len(w['acknowledged'])} "
+              f"of {expected} matching, pending {len(w['pending'])}, "
+              f"excluded {len(w['excluded'])}, waited_s {w['waited_s']})")
+        time.sleep(1)
+    worst = max(times)
+    print(f"{label} scoped: {AGENTS} agents over {len(REGIONS)} regions, POST "
+          f"?selector=region=eu&wait=30 -> every matching agent applied: max {worst:.3f} s "
+          f"(target <= {COMPLETE_TARGET_S} s) {'PASS' if worst <= COMPLETE_TARGET_S else 'FAIL'}")
+    return True
+
+
+def make_scopes(fleet, label):
+    """SCOPES scope documents that hold nobody (resumes of zone=zNN); False if the bench broke."""
+    for n in range(SCOPES):
+        status, body = http("POST", fleet.url(n % AGENTS) +
+                            f"/api/cluster/resume?selector=zone%3Dz{n:02d}&reason=bench")
+        if status != 200:
+            print(f"{label}: BENCH BROKEN: scope {n} answered {status}: {body}")
+            return False
+    return True
+
+
 def bench_mongodb(tmp):
     srv = MongoTestServer(mode="replset").start()
     fleet = None
@@ -247,6 +297,10 @@ def bench_mongodb(tmp):
             return False
         print(f"  fleet mongodb: {AGENTS} agents running (load average {load_average()})")
         if not run_commands(fleet, "fleet mongodb (change streams)"):
+            return False
+        if not run_scoped(fleet, "fleet mongodb (change streams)"):
+            return False
+        if not make_scopes(fleet, "fleet mongodb"):
             return False
         time.sleep(5)
         srv.reset_stats()
@@ -260,7 +314,8 @@ def bench_mongodb(tmp):
                            if k != "testControl")
         conns = (srv.status()["connections"] - base_conns) / AGENTS
         ok = get_more <= 6 and data <= 12
-        print(f"fleet mongodb idle: per agent per minute {get_more:.2f} getMore, {data:.2f} data "
+        print(f"fleet mongodb idle ({SCOPES + 1} scope documents present): per agent per minute "
+              f"{get_more:.2f} getMore, {data:.2f} data "
               f"commands in all (targets <= 6 and <= 12) {'PASS' if ok else 'FAIL'}; "
               f"by command: {detail}")
         print(f"fleet mongodb connections: {conns:.2f} per agent (target <= 2) "
@@ -280,6 +335,8 @@ def bench_embedded(tmp):
             return False
         print(f"  fleet embedded: {AGENTS} agents running (load average {load_average()})")
         if not run_commands(fleet, "fleet embedded"):
+            return False
+        if not run_scoped(fleet, "fleet embedded"):
             return False
         time.sleep(5)
         measure_idle(fleet, "fleet embedded", min(IDLE_SECONDS, 30))

@@ -5,7 +5,7 @@ from urllib.parse import quote
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from console_harness import start_agents, wait_for
+from console_harness import WORKER, agent_env, start_agents, wait_for
 
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
 
@@ -199,6 +199,37 @@ def test_history_is_paged(fleet, state_file, page):
     assert page.browser_errors() == []
 
 
+def test_scoped_pause_from_the_page_and_its_resume_button(fleet, state_file, page):
+    agents = [fleet.start(WORKER, env=agent_env(state_file, AGENT_LABELS=labels),
+                          name=f"agent-{i + 1}")
+              for i, labels in enumerate(["region=eu", "region=eu,role=api", "region=us"])]
+    for a in agents:
+        a.wait_state("running", timeout=15)
+    page.open(agents[2])
+    page.wait_text("fleet-rows", lambda t: "region=us" in t and t.count("region=eu") == 2)
+    page.wait_text("scopes-summary", lambda t: t.startswith("No scopes"))
+    page.el("reason").send_keys("eu db down")
+    page.el("selector").send_keys("region = eu")
+    page.act("pause-button")
+    page.wait_text("progress-text", lambda t: t == "Pause region=eu (version 1): 2 of 2 applied")
+    assert [a.state()["state"] for a in agents] == ["paused", "paused", "running"]
+    rows = page.wait_text("scopes-rows", lambda t: "region=eu" in t and "eu db down" in t)
+    assert "pause" in rows
+    page.wait_text("history-rows", lambda t: "pause (region=eu)" in t)
+    # the scope's own Resume button
+    button = page.driver.find_element(By.CSS_SELECTOR, "#scopes-rows button")
+    assert button.get_attribute("aria-label") == "Resume region=eu"
+    # a click while the page is still busy with the pause is ignored (as for the other buttons)
+    wait_for(lambda: button.get_attribute("aria-disabled") != "true", 40, interval=0.05,
+             message="the scope's Resume enabled")
+    button.click()
+    page.wait_text("progress-text", lambda t: t == "Resume region=eu (version 2): 2 of 2 applied")
+    assert [a.state()["state"] for a in agents] == ["running", "running", "running"]
+    page.wait_text("scopes-summary", lambda t: t == "1 scope, 0 holding agents")
+    assert not button.is_displayed()
+    assert page.browser_errors() == []
+
+
 def test_a_drain_from_the_page_is_stored_and_shown(fleet, state_file, page):
     agents = start_agents(fleet, state_file, 2)
     page.open(agents[0])
@@ -236,13 +267,13 @@ def test_the_fleet_table_shows_who_holds_each_lease(fleet, state_file, page, tmp
     page.wait_text("fleet-rows", lambda t: "sweep" in t, timeout=20)
     holder = agents[0].get("/api/cluster/leases").json()["leases"][0]["owner"]
     rows = page.fleet_rows()
-    assert rows[holder]["cells"][8] == "sweep"
+    assert rows[holder]["cells"][9] == "sweep"
     other = next(a.name for a in agents if a.name != holder)
-    assert rows[other]["cells"][8] == "—"
+    assert rows[other]["cells"][9] == "—"
     # the holder pauses: the lease moves, and the table follows
     by_name = {a.name: a for a in agents}
     by_name[holder].post("/api/agent/pause?reason=handover")
-    wait_for(lambda: page.fleet_rows()[other]["cells"][8] == "sweep", 20,
+    wait_for(lambda: page.fleet_rows()[other]["cells"][9] == "sweep", 20,
              message="the other agent shown as the holder")
-    assert page.fleet_rows()[holder]["cells"][8] == "—"
+    assert page.fleet_rows()[holder]["cells"][9] == "—"
     assert page.browser_errors() == []

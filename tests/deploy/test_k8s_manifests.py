@@ -123,6 +123,10 @@ def test_deployment_shape(k8s_objects):
     assert csc["allowPrivilegeEscalation"] is False
     assert csc["capabilities"]["drop"] == ["ALL"]
     assert "emptyDir" in vols[mounts["/tmp"]["name"]]
+    # The pod's labels reach the agent through a Downward API file (scoped commands).
+    podinfo = vols[mounts["/etc/podinfo"]["name"]]["downwardAPI"]["items"]
+    assert {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}} in podinfo
+    assert env["AGENT_LABELS_FILE"]["value"] == "/etc/podinfo/labels"
     # No embedded store file with MongoDB configured and a read-only root filesystem.
     assert "AGENTHOST_STATE" not in env
 

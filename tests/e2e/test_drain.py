@@ -142,6 +142,9 @@ def assert_drained(ev, tasks, drain_s):
     assert all("cancelled" in e["msg"] for e in ends), ends[:2]
     batch = events_of(ev, "batch_end")[0]
     assert batch["after_code"] == "cancelled", batch  # a wait after the deadline: at once
+    # the join waiting at the deadline was cancelled; later joins got the tasks' outcomes
+    joins = batch["joins"]
+    assert joins[0] == "nil:cancelled" and joins[1:] == ["true:cancelled"] * (tasks - 1), joins
     names = [e["ev"] for e in ev]
     assert names.index("on_pause") > names.index("batch_end")
 
@@ -363,3 +366,26 @@ def test_drain_on_mongodb_cancels_queued_and_running_driver_calls(fleet, tmp_pat
     srv.configure_fail_point("off")
     a.signal(signal.SIGTERM)
     assert a.wait_exit(30) == 0, a.log_text()
+
+
+def test_a_drained_pause_releases_the_queue_claims_of_the_cut_batch(fleet, state_file, tmp_path,
+                                                                    mongo_server):
+    with Server() as srv:
+        a = start(fleet, state_file, tmp_path, "claims", MODE="queue_hang",
+                  HANG_URL=srv.base + "/hang", AGENT_MONGODB_URI=mongo_server.uri)
+        wait_for(lambda: srv.requests >= 1, 20, message="the batch working on its claims")
+        jobs = mongo_server.client().agenthost.drain_jobs
+        assert sorted(j["status"] for j in jobs.find()) == ["claimed", "claimed", "pending"]
+        assert a.post("/api/cluster/pause?drain=1s").status == 200
+        ev = wait_events(a.events, lambda e: count_events(e, "on_pause") == 1, 15, "on_pause")
+        assert events_of(ev, "task_end")[0]["code"] == "cancelled"
+        # released after the hook, as on shutdown: the other agents may take them at once
+        wait_for(lambda: sorted(j["status"] for j in jobs.find()) == ["pending"] * 3, 10,
+                 message="the claims given back")
+        a.wait_log(r"agent.queue: released 2 claim\(s\)")
+        assert a.state()["state"] == "paused"
+        # the queue object still works after a resume: the next batch claims again
+        assert a.post("/api/cluster/resume").status == 200
+        wait_for(lambda: sorted(j["status"] for j in jobs.find()) ==
+                 ["claimed", "claimed", "pending"], 20, message="claims of the next batch")
+

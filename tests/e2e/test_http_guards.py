@@ -102,7 +102,7 @@ def test_wildcard_bind_answers_any_host(fleet, tmp_path, state_file):
 
 
 @pytest.mark.parametrize("method,path,name,meant", [
-    ("POST", "/api/cluster/pause?selector=region%3Deu", "selector", None),
+    ("POST", "/api/agent/pause?selector=region%3Deu", "selector", None),  # cluster routes only
     ("POST", "/api/cluster/pause?wiat=10", "wiat", "wait"),
     ("POST", "/api/cluster/pause?if_verison=3", "if_verison", "if_version"),
     ("POST", "/api/cluster/resume?reason=x&Reason=y", "Reason", "reason"),

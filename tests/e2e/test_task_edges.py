@@ -6,6 +6,8 @@ import resource
 import signal
 import subprocess
 
+import pytest
+
 from agenthost_harness import BINARY, agent_env, count_events, script, wait_events, wait_for
 
 EDGES = script("task_edges.lua")
@@ -72,7 +74,8 @@ def test_memory_limit_holds_inside_a_spawned_task(fleet, state_file, tmp_path):
                      "the task's end")
     rec = record(ev, "task_memory")
     assert rec["ok"] is False, rec
-    assert "not enough memory" in rec["err"] and "LUA_MEMORY_LIMIT" in rec["err"], rec
+    assert rec["err"].startswith(
+        "not enough memory: the script exceeded LUA_MEMORY_LIMIT (33554432 bytes)"), rec
     assert 1 <= rec["chunks"] < 32, rec  # at most 32 MiB were ever kept
     assert rec["limit"] == 32 * 1024 * 1024 and rec["used"] < rec["limit"], rec
     # the agent goes on: healthy, batches running, no batch error
@@ -80,4 +83,22 @@ def test_memory_limit_holds_inside_a_spawned_task(fleet, state_file, tmp_path):
     n = a.state()["batches"]
     wait_for(lambda: a.state()["batches"] >= n + 3, 15, message="later batches")
     assert a.state()["errors"] == 0
+    stop(a)
+
+
+def test_memory_the_system_refuses_is_not_reported_as_the_limit(fleet, state_file, tmp_path):
+    if sanitized_binary():
+        pytest.skip("no address-space cap under AddressSanitizer: the task would take 2 GiB")
+    a = start(fleet, state_file, tmp_path, "system", preexec_fn=cap_address_space,
+              MODE="task_memory", LUA_MEMORY_LIMIT="2g", BATCH_TIMEOUT=60)
+    ev = wait_events(a.events, lambda e: count_events(e, "task_memory") == 1, 60,
+                     "the task's end")
+    rec = record(ev, "task_memory")
+    assert rec["ok"] is False, rec
+    assert "not enough memory" in rec["err"], rec
+    assert "LUA_MEMORY_LIMIT" not in rec["err"], rec  # the 2 GiB limit was never reached
+    assert 32 < rec["chunks"] < 1024, rec
+    assert a.get("/healthz").status == 200
+    n = a.state()["batches"]
+    wait_for(lambda: a.state()["batches"] >= n + 3, 15, message="later batches")
     stop(a)

@@ -369,7 +369,7 @@ static void test_watch_reports_initial_doc_then_change_from_another_handle(void 
     fixture_t *fx = *state;
     char err[AH_ERRLEN] = "";
     recorder_t rec;
-    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec};
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec, NULL};
     ah_control_t seen, written;
     ah_store_t *watched = open_store(fx, 0.05);
     ah_store_t *other = open_store(fx, 0.05);
@@ -417,7 +417,7 @@ static void test_watch_reports_failure_then_recovers(void **state)
     fixture_t *fx = *state;
     char err[AH_ERRLEN] = "";
     recorder_t rec;
-    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec};
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec, NULL};
     ah_store_status_t status;
     ah_control_t seen, written, hist[4];
     int count = -1;
@@ -469,7 +469,7 @@ static void test_close_interrupts_a_long_poll_wait(void **state)
     fixture_t *fx = *state;
     char err[AH_ERRLEN] = "";
     recorder_t rec;
-    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec};
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec, NULL};
     ah_store_t *st = open_store(fx, 3600.0);
 
     recorder_init(&rec);

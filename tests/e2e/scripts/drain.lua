@@ -1,7 +1,7 @@
 --[[ Fixture: drains with deadlines (drain=, PAUSE_DRAIN_TIMEOUT), agent.pending() and
 task:cancel(). Records facts as JSON lines in $EVENTS_FILE. Knobs (environment):
   EVENTS_FILE   where to append the records (required)
-  MODE          hang | mongo_hang | pending_loop | cancel_one | sleepers
+  MODE          hang | mongo_hang | queue_hang | pending_loop | cancel_one | sleepers
   HANG_URL      hang: the URL every task requests (a server that never answers)
   TASKS         hang, sleepers: number of tasks (default 64)
   HTTP_TIMEOUT  hang: each request's own timeout, seconds (default 60)
@@ -74,6 +74,28 @@ function modes.mongo_hang()
     end
     for i = 1, ntasks do
         tasks[i]:join()
+    end
+    local after = {agent.sleep(30)}
+    record({ev = "batch_end", after_code = str(after[3])})
+end
+
+-- Claims 2 of the 3 jobs of agent.queue "drain_jobs" (enqueued by the first batch), then works
+-- on them: a request to HANG_URL that never answers. A drain cuts it; the host then releases the
+-- claims.
+local work_queue
+function modes.queue_hang()
+    if work_queue == nil then
+        work_queue = require("agent.queue").open({collection = "drain_jobs", lease = 600})
+        assert(work_queue:enqueue({{n = 1}, {n = 2}, {n = 3}}))
+    end
+    local jobs, err = work_queue:claim(2)
+    record({ev = "claimed", n = #jobs, err = str(err)})
+    local res, msg, code = http.get(assert(agent.env("HANG_URL")), {timeout = http_timeout})
+    record({ev = "task_end", ok = res ~= nil, msg = str(msg), code = str(code)})
+    if res then
+        for _, job in ipairs(jobs) do
+            work_queue:ack(job)
+        end
     end
     local after = {agent.sleep(30)}
     record({ev = "batch_end", after_code = str(after[3])})

@@ -25,7 +25,7 @@ local function hook(name)
     return function(ev)
         record({ev = name, command = ev.command, version = ev.version, reason = ev.reason,
                 updated_by = ev.updated_by, timestamp = ev.timestamp, source = ev.source,
-                state = agent.state()})
+                scope = ev.scope, drain = ev.drain, state = agent.state()})
         if fail_hook == name then
             error("fixture failure in " .. name)
         end
