@@ -303,7 +303,8 @@ const char *ah_suggest(const char *word, const char *const *candidates, bool *ex
         return NULL;
     }
     const char *best = NULL;
-    size_t best_distance = strlen(w) <= 4 ? 2 : 3; /* accepted: below this */
+    size_t len = strlen(w);
+    size_t best_distance = len <= 4 ? 2 : len <= 5 ? 3 : 4; /* accepted: below this */
     for (const char *const *p = candidates; *p != NULL; p++) {
         if (!normalize_name(*p, c, sizeof(c))) {
             continue;

@@ -112,7 +112,8 @@ bool ah_cond_wait_flag(pthread_cond_t *cond, pthread_mutex_t *lock, const bool *
 void ah_sleep(double seconds);
 /* The candidate (a NULL-terminated list) a misspelt word most likely meant, or NULL: names are
  * compared case-insensitively and without '_' and '-' ("onPause", "On_Pause" and "on_pause"
- * are the same name), then by edit distance, at most 2 (1 for names of up to 4 characters).
+ * are the same name), then by edit distance (a swap of neighbours counts 1): at most 1 for
+ * names of up to 4 characters, 2 for 5, 3 for longer ones ("cheque" → "check").
  * *exact is set when the normalized names are equal (only the spelling style differs). For
  * "did you mean" in every error that names an unknown word. */
 const char *ah_suggest(const char *word, const char *const *candidates, bool *exact);

@@ -397,6 +397,8 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
+    /* ctx.iteration counts this agent's batches, not this script version's (docs/LUA.md). */
+    ah_lua_set_iteration(fresh, ah_lua_iteration(h->lua));
     pthread_mutex_lock(&h->lua_lock);
     h->loading = fresh; /* its init is the running call: the watchdog must reach it */
     pthread_mutex_unlock(&h->lua_lock);

@@ -280,12 +280,8 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     main->co_ref = LUA_NOREF;
     main->co = NULL;
     if (status == LUA_ERRMEM) {
-        if (lua->memory_refused) { /* else the system refused memory: Lua's own message stands */
-            snprintf(err, errlen,
-                     "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%zu bytes; %zu in "
-                     "use)",
-                     lua->memory_limit, lua->memory_used);
-        }
+        /* err has the message (the limit's when it refused, else Lua's own) and the traceback
+         * (push_task_error) */
         lua_gc(L, LUA_GCCOLLECT, 0); /* give the garbage of the failed call back at once */
         return AH_ELUA;
     }

@@ -117,6 +117,9 @@ struct ah_lua_s {
      * enforced only while user Lua runs (armed), so the host's own pushes never fail. */
     size_t memory_limit;
     size_t memory_used;
+    /* "file:line: " of the Lua code whose allocation the limit refused last (limited_alloc),
+     * for the error message: after the throw the innermost frame's line is gone. */
+    char memory_where[256];
     bool memory_armed;
     bool memory_refused; /* the limit refused an allocation during the current call */
 

@@ -199,10 +199,13 @@ static void push_task_error(ah_lua_t *lua, lua_State *co, int status)
 {
     lua_State *L = lua->L;
     if (status == LUA_ERRMEM && lua->memory_refused) {
-        /* %f: LuaJIT writes a lua_Number with %.14g, exact for any limit (%d stops at 2 GiB) */
-        lua_pushfstring(L, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%f bytes)",
-                        (lua_Number)lua->memory_limit);
-        return;
+        /* Lua's "not enough memory" has no position: name the limit and the script line where
+         * the allocation was refused (noted by limited_alloc()), then the traceback as for any
+         * error. The limit is not enforced here (only around lua_resume), so this cannot fail.
+         * %f: LuaJIT writes a lua_Number with %.14g, exact for any limit (%d stops at 2 GiB). */
+        lua_pop(co, 1);
+        lua_pushfstring(co, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%f bytes)%s",
+                        (lua_Number)lua->memory_limit, lua->memory_where);
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, lua->traceback_ref); /* no allocation */
     lua_xmove(co, L, 1);

@@ -752,6 +752,10 @@ static int sqlite_put_status(ah_store_t *base, const ah_agent_status_t *rec, dou
     int ret = 0;
 
     pthread_mutex_lock(&st->api_lock);
+    if ((ret = api_connect_locked(st, err, errlen)) != 0) {
+        pthread_mutex_unlock(&st->api_lock);
+        return ret;
+    }
     int64_t now_mono = ah_mono_us();
     int64_t sweep_before_us = 0;
     if (ttl > 0 &&
@@ -786,6 +790,10 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
     int rc = SQLITE_DONE;
 
     pthread_mutex_lock(&st->api_lock);
+    if ((ret = api_connect_locked(st, err, errlen)) != 0) {
+        goto cleanup;
+    }
+    ret = AH_EIO;
     if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_status, -1, &stmt, NULL) != SQLITE_OK) {
         sqlite_error(err, errlen, st, st->api_db, "status read failed");
         ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;

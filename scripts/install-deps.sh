@@ -14,7 +14,7 @@ PACKAGES=(
   libluajit-5.1-dev libmongoc-dev libbson-dev libuv1-dev lua-cjson-dev libmicrohttpd-dev
   libsqlite3-dev libcurl4-openssl-dev
   # tests
-  libcmocka-dev python3 python3-pytest python3-pymongo python3-mongomock
+  libcmocka-dev python3 python3-pytest python3-pytest-xdist python3-pymongo python3-mongomock
   # console tests (tests/console): a headless browser driven from pytest
   chromium chromium-driver python3-selenium
   # fuzz targets (scripts/fuzz.sh): clang with libFuzzer and the sanitizer runtimes

@@ -6,7 +6,8 @@
 # finally builds the container image from the Dockerfile and runs it with podman (tests/container:
 # about a minute once the base images exist; making them takes about 30 s more, once per machine).
 # Set SKIP_SANITIZE=1 to skip the sanitizer pass, SKIP_FUZZ=1 to skip the fuzz targets,
-# SKIP_CONTAINER=1 to skip the container checks, during development.
+# SKIP_CONTAINER=1 to skip the container checks, during development; E2E_WORKERS=N sets how many
+# end-to-end tests run at once (default 4; 1: one after the other).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -14,13 +15,25 @@ PY=/usr/bin/python3
 
 scripts/install-deps.sh
 
+# The end-to-end tests run in E2E_WORKERS parallel pytest processes (pytest-xdist; 1 runs them
+# in this process, one after the other). Tests are handed out one at a time (--dist loadgroup)
+# except those marked with an xdist_group, which run together on one worker: the browser tests,
+# the agent.http suite (one module-scoped run) and the install checks (one build and prefix).
+# Every test has its own directory, agents on ports the kernel picks and its own servers, so
+# they can run side by side (docs/TESTING.md, "Running in parallel").
+E2E_WORKERS=${E2E_WORKERS:-4}
+
 run_suite() { # $1 = build dir
-  local dir=$1
+  local dir=$1 parallel=()
+  if [[ "$E2E_WORKERS" != "1" ]]; then
+    parallel=(-n "$E2E_WORKERS" --dist loadgroup)
+  fi
   echo "== unit tests ($dir)"
   ctest --test-dir "$dir" --output-on-failure -j2
-  echo "== end-to-end tests ($dir)"
+  echo "== end-to-end tests ($dir, E2E_WORKERS=$E2E_WORKERS)"
   AGENTHOST_BIN="$repo/$dir/agenthost" MONGO_C_DRIVER_CHECK="$repo/$dir/tests/mongo/mongo_c_driver_check" \
-    "$PY" -m pytest -q -p no:cacheprovider tests/mongo tests/e2e tests/console tests/deploy tests/install
+    "$PY" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
+    tests/mongo tests/e2e tests/console tests/deploy tests/install
 }
 
 echo "== build (release)"

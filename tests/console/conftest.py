@@ -51,6 +51,24 @@ def page(browser):
     return Page(browser)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """The browser tests run one at a time on one worker when the suite runs in parallel
+    (pytest-xdist, --dist loadgroup): each starts a Chromium and three agents, and two of them
+    at once on a small machine would only make each slower. The other tests spread freely.
+    (Called with every collected item, not only this directory's.)"""
+    browser_items = []
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("browser"))
+            browser_items.append(item)
+    # The group is the longest unit of work: handed out first, it runs beside the rest instead
+    # of after it (xdist hands out units in collection order).
+    if browser_items:
+        chosen = set(browser_items)
+        items[:] = browser_items + [item for item in items if item not in chosen]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Keeps a screenshot, the HTML and the browser log of a failed browser test."""

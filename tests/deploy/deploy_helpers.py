@@ -4,6 +4,7 @@ Everything here is offline: YAML parsing (python3-yaml), a small kustomize resol
 features k8s/kustomization.yaml uses, the binary's accepted env vars and HTTP routes parsed from
 the C sources, and the npm validators in validate.js (installed on first use with `npm ci` into
 tests/deploy/node_modules from the committed package-lock.json)."""
+import fcntl
 import hashlib
 import json
 import os
@@ -176,13 +177,17 @@ def node_validator():
     lock = HERE / "package-lock.json"
     stamp = HERE / "node_modules" / ".agenthost-lock-sha256"
     digest = hashlib.sha256(lock.read_bytes()).hexdigest()
-    if not stamp.is_file() or stamp.read_text() != digest:
-        r = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=HERE, capture_output=True, text=True, timeout=600,
-        )
-        assert r.returncode == 0, f"npm ci failed:\n{r.stdout}\n{r.stderr}"
-        stamp.write_text(digest)
+    # Parallel test processes (pytest-xdist) each run this session fixture: one `npm ci` at a
+    # time, and the others find the stamp it wrote.
+    with open(HERE / ".npm-ci.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if not stamp.is_file() or stamp.read_text() != digest:
+            r = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=HERE, capture_output=True, text=True, timeout=600,
+            )
+            assert r.returncode == 0, f"npm ci failed:\n{r.stdout}\n{r.stderr}"
+            stamp.write_text(digest)
 
     def run(what, payload, tmp_path):
         if what == "dockerfile":

@@ -242,13 +242,29 @@ def run_cli(args, env=None, timeout=30.0):
 
 
 def free_port():
-    """A TCP port nobody listens on (bound then released)."""
+    """A TCP port nobody listens on now (bound then released), for a server the test starts on
+    it. Another process may take it meanwhile: for a port that must stay closed (connections
+    refused), use closed_port()."""
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+_closed_ports = []  # sockets that hold the ports of closed_port() until the process ends
+
+
+def closed_port():
+    """A TCP port on 127.0.0.1 that refuses connections for the rest of this test process: it is
+    bound (so neither the kernel nor another test running in parallel can hand it out) but never
+    listened on (so a connection gets a reset: "connection refused")."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _closed_ports.append(s)
+    return s.getsockname()[1]
 
 
 def agent_env(state_file, events_file=None, **extra):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agenthost_harness import BINARY, agent_env, free_port, run_cli, script, wait_for
+from agenthost_harness import BINARY, agent_env, closed_port, run_cli, script, wait_for
 
 RECORDER = script("recorder.lua")
 
@@ -100,7 +100,7 @@ def test_ctl_reports_api_errors_with_exit_1(fleet, state_file, tmp_path):
 
 
 def test_ctl_against_dead_port_exits_1():
-    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "3"])
+    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{closed_port()}", "--timeout", "3"])
     assert p.returncode == 1, (p.stdout, p.stderr)
     assert p.stderr.strip()
 
@@ -294,7 +294,7 @@ def test_agent_http_and_ctl_without_the_curl_plugin_name_the_file(state_file, tm
     plain.write_text('require "agent"\nreturn { batch = function() return 0 end }\n')
     p = run_cli(["check", str(plain)], env={"AGENTHOST_PLUGIN_DIR": str(empty)})
     assert p.returncode == 0, p
-    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{free_port()}"],
+    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{closed_port()}"],
                 env={"AGENTHOST_PLUGIN_DIR": str(empty)})
     assert p.returncode == 1, p
     assert f"agenthost_curl.so not found in {empty}" in p.stderr, p.stderr
@@ -319,7 +319,7 @@ def test_an_ipv6_bind_is_logged_in_brackets(fleet, state_file, tmp_path):
 
 @pytest.mark.parametrize("value", ["nan", "-nan", "inf", "1e300", "0", "-1", "5x", ""])
 def test_ctl_timeout_must_be_a_sane_number_of_seconds(value):
-    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", value])
+    p = run_cli(["ctl", "state", "--url", f"http://127.0.0.1:{closed_port()}", "--timeout", value])
     assert p.returncode == 2, (value, p.stdout, p.stderr)
     assert ("agenthost ctl: --timeout needs a number of seconds, more than 0 and at most 86400"
             in p.stderr), p.stderr

@@ -380,7 +380,7 @@ def test_local_commands_after_a_final_shutdown_answer_409(fleet, state_file, tmp
     a = fleet.start(str(path), env=agent_env(state_file), name="slow")
     a.wait_state("running", timeout=15)
     # each batch spins 2 s and the next starts at once: after the first, one is always running
-    wait_for(lambda: a.state()["batches"] >= 1, 10, message="the first batch done")
+    wait_for(lambda: a.state()["batches"] >= 1, 60, message="the first batch done")
     r = a.post("/api/agent/shutdown?reason=final")
     assert r.status == 200, r.body
     for cmd in ("pause", "resume", "shutdown"):

@@ -8,10 +8,14 @@ import time
 
 import pytest
 
-from agenthost_harness import agent_env, count_events, free_port, read_events, script, wait_events
+from agenthost_harness import agent_env, count_events, closed_port, read_events, script, wait_events
 from http_fixture import Server, self_signed_cert, tls_context
 
 CLIENT = script("http_client.lua")
+
+# suite_events (module scope) runs the suite once for many tests: keep them on one worker when
+# the tests run in parallel (pytest-xdist, --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("http_client")
 
 
 def start(fleet, state_file, tmp_path, name, **env):
@@ -35,7 +39,7 @@ def suite_events(tmp_path_factory):
     try:
         with Server() as plain, Server(tls_context(cert, key)) as tls:
             a = start(fleet, str(tmp / "state.db"), tmp, "suite", MODE="suite", BASE=plain.base,
-                      TLS_BASE=tls.base, CA_FILE=cert, CLOSED_PORT=free_port(),
+                      TLS_BASE=tls.base, CA_FILE=cert, CLOSED_PORT=closed_port(),
                       BATCH_TIMEOUT=60)
             ev = wait_events(a.events, lambda e: count_events(e, "suite_done") == 1, 60,
                              "the suite's records")
@@ -132,7 +136,7 @@ def test_concurrent_requests_from_tasks(suite_events):
 def test_proxy_variables_are_honoured(fleet, state_file, tmp_path):
     with Server() as proxy:
         a = start(fleet, state_file, tmp_path, "proxy", MODE="proxy", http_proxy=proxy.base,
-                  no_proxy="127.0.0.1", CLOSED_PORT=free_port())
+                  no_proxy="127.0.0.1", CLOSED_PORT=closed_port())
         ev = wait_events(a.events, lambda e: count_events(e, "direct") == 1, 15, "both requests")
         e = by_name(ev, "proxied")[0]
         assert (e["status"], e["body"]) == (201, "status 201"), e

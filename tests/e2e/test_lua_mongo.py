@@ -13,7 +13,7 @@ import uuid
 import bson
 from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
 
-from agenthost_harness import (MONGO_DIR, agent_env, free_port, mongo_agent_env, script,
+from agenthost_harness import (MONGO_DIR, agent_env, closed_port, mongo_agent_env, script,
                                wait_for)
 
 sys.path.insert(0, MONGO_DIR)
@@ -252,7 +252,7 @@ def test_without_any_uri_every_call_fails_with_a_clear_message(fleet, tmp_path, 
 def test_server_down_returns_nil_and_message_and_the_agent_keeps_running(fleet, tmp_path,
                                                                          state_file):
     out = tmp_path / "errors.json"
-    down = f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=500"
+    down = f"mongodb://127.0.0.1:{closed_port()}/?serverSelectionTimeoutMS=500"
     env = agent_env(state_file, OUT_FILE=out, AGENT_MONGODB_URI=down)
     agent = fleet.start(script("lua_mongo_errors.lua"), env=env, name="down")
     r = wait_report(str(out), agent)

@@ -18,6 +18,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+# The session fixtures build and install into one prefix: when the suite runs in parallel
+# (pytest-xdist, --dist loadgroup) every test of this file runs on one worker, so that is done
+# once and no two `cmake --build` share the build directory.
+pytestmark = pytest.mark.xdist_group("install")
 TIMEOUT = 60
 
 

@@ -106,7 +106,7 @@ class MongoTestServer(object):
     def address(self):
         return "%s:%d" % (self.host, self.port)
 
-    def start(self, timeout=15.0):
+    def start(self, timeout=60.0):
         if self.proc is not None:
             raise RuntimeError("already started")
         argv = [PYTHON, "-u", SERVER_SCRIPT, "--port", str(self.port), "--host", self.host,
