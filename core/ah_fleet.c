@@ -314,7 +314,10 @@ static void *fleet_main(void *arg)
                 spread_key = key;
                 spread_us = (int64_t)(ah_jitter(&seed, 0, FLEET_EXPIRY_SPREAD_S) * 1e6);
             }
-            int64_t expiry_mono = ah_mono_us() + (expires_us - ah_now_us()) + spread_us;
+            /* saturated: expires_us comes from the store, maybe from a foreign writer */
+            int64_t expiry_mono = ah_int64_add_sat(
+                ah_int64_add_sat(ah_mono_us(), ah_int64_sub_sat(expires_us, ah_now_us())),
+                spread_us);
             if (expiry_mono < expiry_retry_us) {
                 expiry_mono = expiry_retry_us;
             }
@@ -391,22 +394,18 @@ ah_fleet_ack_t ah_fleet_classify(const ah_agent_status_t *rec, int64_t version, 
 ah_fleet_ack_t ah_fleet_classify_scope(const ah_agent_status_t *rec, const ah_selector_t *sel,
                                        int64_t version, int64_t now_us, double heartbeat_interval)
 {
+    char canonical[AH_SELECTOR_MAX + 1];
     if (!ah_selector_matches_text(sel, rec->labels)) {
         return AH_FLEET_NOT_MATCHED;
     }
-    char canonical[AH_SELECTOR_MAX + 1];
-    if (ah_selector_format(sel, canonical, sizeof(canonical)) != AH_OK) {
-        return AH_FLEET_EXCLUDED;
-    }
-    ah_agent_status_t copy_for_classify;
-    const ah_agent_status_t *r = rec;
-    if (ah_fleet_scope_ack(rec, ah_selector_id(canonical)) >= version) {
+    if (ah_selector_format(sel, canonical, sizeof(canonical)) == AH_OK &&
+        ah_fleet_scope_ack(rec, ah_selector_id(canonical)) >= version) {
         return AH_FLEET_ACKNOWLEDGED;
     }
     /* not acknowledged: stale or stopping agents are excluded as for the cluster */
-    copy_for_classify = *r;
-    copy_for_classify.applied_version = INT64_MIN;
-    return ah_fleet_classify(&copy_for_classify, version, now_us, heartbeat_interval);
+    ah_agent_status_t unacknowledged = *rec;
+    unacknowledged.applied_version = INT64_MIN;
+    return ah_fleet_classify(&unacknowledged, version, now_us, heartbeat_interval);
 }
 
 /* Classifies recs for w into acks; fills *out. Returns true when the wait is complete. */

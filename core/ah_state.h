@@ -255,11 +255,16 @@ void ah_state_set_held_leases(ah_state_t *s, const char *names);
 void ah_state_set_fleet_listener(ah_state_t *s, void (*fn)(void *ud, bool record_changed),
                                  void *ud);
 
-/* Log order on the issuing agent. An HTTP thread issuing a cluster command holds the issue lock
- * from before the store write until it has logged "issued" and offered the document; the worker
- * passes the barrier before it logs a cluster transition, so this agent's "Agent paused" never
- * precedes its own "Cluster command pause issued" (its watcher may deliver the write first).
- * The barrier waits at most one store write. */
+/* Log order on the issuing agent. A thread issuing a cluster command (a store worker, the fleet
+ * waiter, the status writer) is between begin and end from before the store write until it has
+ * logged "issued" and offered the document (issuers are serialised by a lock of their own); the
+ * worker passes the barrier before it logs a cluster transition, so this agent's "Agent paused"
+ * follows its own "Cluster command pause issued" (its watcher may deliver the write first). The
+ * worker takes no lock held across the store write: the barrier waits for the issue to end, at
+ * most AH_STATE_ISSUE_BARRIER_MAX seconds (a write that takes longer is blocked in the store,
+ * e.g. by another process's write lock, so it cannot be the write being applied), then the
+ * transition's hook runs anyway. */
+#define AH_STATE_ISSUE_BARRIER_MAX 0.25
 void ah_state_issue_begin(ah_state_t *s);
 void ah_state_issue_end(ah_state_t *s);
 void ah_state_issue_barrier(ah_state_t *s);
