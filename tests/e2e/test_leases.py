@@ -341,3 +341,53 @@ def test_losing_the_lease_cancels_the_waits_of_the_run_that_held_it(fleet, tmp_p
     end = [e for e in ev if e.get("ev") == "end"][0]
     assert end["code"] == "cancelled" and "lease sweep is no longer held" in end["msg"]
     assert end["held"] is False and end["t"] - run["t"] < TTL + 3
+
+
+def test_the_fencing_example_refuses_a_write_with_a_stale_token(fleet, tmp_path, mongo_server):
+    """The agent.mongo example of LUA.md ("Fencing tokens"): a write carrying an older token than
+    the one stored is refused, a newer one goes through."""
+    path = tmp_path / "fence.lua"
+    path.write_text('''
+local agent = require "agent"
+local mongo = require "agent.mongo"
+local reports = mongo.collection("reports")
+local events = agent.env("EVENTS_FILE")
+local function record(t)
+    local f = assert(io.open(events, "a")); f:write(agent.json.encode(t), "\\n"); f:close()
+end
+local function write_report(token, day, body)
+    local res, err = reports:update_one(
+        {_id = day, ["$or"] = {{token = {["$lte"] = token}}, {token = {["$exists"] = false}}}},
+        {["$set"] = {body = body, token = token}},
+        {upsert = true})
+    if not res then
+        return nil, err
+    end
+    return true
+end
+local done = false
+return { batch = function()
+    if done then agent.sleep(0.1) return 0 end
+    done = true
+    local results = {}
+    for _, w in ipairs({{5, "new holder"}, {4, "late writer"}, {6, "next holder"}}) do
+        local ok, err = write_report(w[1], "2026-12-05", w[2])
+        results[#results + 1] = {token = w[1], ok = ok or false, err = err and tostring(err)}
+    end
+    local doc = reports:find_one({_id = "2026-12-05"})
+    record({results = results, body = doc.body, token = doc.token})
+    return 0
+end }
+''')
+    events = tmp_path / "fence.jsonl"
+    fleet.start(str(path), env={"ENABLE_DISTRIBUTED_CONTROL": "false", "EVENTS_FILE": str(events),
+                                "AGENT_MONGODB_URI": mongo_server.uri,
+                                "AGENT_MONGODB_DATABASE": "fence"}, name="fence")
+    try:
+        ev = wait_events(str(events), lambda ev: ev, timeout=20)[0]
+    except AssertionError:
+        raise AssertionError(fleet.agents[-1].log_text())
+    oks = [r["ok"] for r in ev["results"]]
+    assert oks == [True, False, True], ev
+    assert "11000" in ev["results"][1]["err"] or "duplicate" in ev["results"][1]["err"].lower()
+    assert ev["body"] == "next holder" and ev["token"] == 6
