@@ -137,6 +137,7 @@ static void fleet_record(const ah_fleet_t *f, ah_agent_status_t *rec)
     ah_strlcpy(rec->agenthost_version, AH_VERSION, sizeof(rec->agenthost_version));
     rec->batches = (int64_t)snap.batches;
     rec->errors = (int64_t)snap.batch_errors;
+    ah_strlcpy(rec->leases, snap.held_leases, sizeof(rec->leases));
     ah_state_labels_text(f->state, rec->labels, sizeof(rec->labels));
     fleet_scope_acks(f, rec->scope_acks, sizeof(rec->scope_acks));
 }

@@ -972,6 +972,15 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
         ah_json_int(b, "errors", r->errors);
         ah_json_bool(b, "stale", ah_fleet_is_stale(r, now_us, interval));
         write_labels(b, "labels", r->labels);
+        ah_json_open_array(b, "leases");
+        for (const char *p = r->leases; *p != '\0';) {
+            size_t n = strcspn(p, ",");
+            char name[AH_NAME_MAX + 1];
+            ah_strlcpy(name, p, n + 1 < sizeof(name) ? n + 1 : sizeof(name));
+            ah_json_str(b, NULL, name);
+            p += n + (p[n] == ',');
+        }
+        ah_json_close_array(b);
         ah_json_close(b);
     }
     ah_json_close_array(b);

@@ -472,6 +472,9 @@ static int loop_open(ah_lua_t *lua, char *err, size_t errlen)
     uv_timer_init(&lua->loop, &lua->drain);
     lua->drain.data = lua;
     uv_unref((uv_handle_t *)&lua->drain);
+    uv_timer_init(&lua->loop, &lua->lease_guard);
+    lua->lease_guard.data = lua;
+    uv_unref((uv_handle_t *)&lua->lease_guard);
     task_t *main = lua->main_task;
     main->lua = lua;
     main->co_ref = LUA_NOREF;

@@ -27,6 +27,7 @@ struct ah_state_s {
     ah_control_t cluster;
     int64_t seen_version; /* highest cluster version offered */
     int64_t applied_version;
+    char held_leases[AH_HELD_LEASES_MAX + 1];
     bool local_override;
     atomic_bool has_event; /* written under lock; read lock-free as a hint */
     ah_event_t pending;
@@ -341,6 +342,17 @@ static void notify_fleet(ah_state_t *s, bool record_changed)
 {
     if (s->fleet_listener != NULL) {
         s->fleet_listener(s->fleet_listener_ud, record_changed);
+    }
+}
+
+void ah_state_set_held_leases(ah_state_t *s, const char *names)
+{
+    pthread_mutex_lock(&s->lock);
+    bool changed = strncmp(s->held_leases, names, sizeof(s->held_leases) - 1) != 0;
+    ah_strlcpy(s->held_leases, names, sizeof(s->held_leases));
+    pthread_mutex_unlock(&s->lock);
+    if (changed) {
+        notify_fleet(s, true);
     }
 }
 
@@ -806,6 +818,7 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     out->reloads = s->reloads;
     out->reload_failures = s->reload_failures;
     out->stop_requested_us = s->stop_requested_us;
+    memcpy(out->held_leases, s->held_leases, sizeof(out->held_leases));
     pthread_mutex_unlock(&s->lock);
 }
 

@@ -85,6 +85,10 @@ typedef struct ah_store_status_s {
     uint64_t polls;
 } ah_store_status_t;
 
+/* Longest comma-separated list of held lease names a status record carries (longer lists are
+ * cut at a name). */
+#define AH_HELD_LEASES_MAX 511
+
 /* A consistent copy of everything the API shows. */
 typedef struct ah_state_snapshot_s {
     ah_run_state_t state;
@@ -110,6 +114,8 @@ typedef struct ah_state_snapshot_s {
     uint64_t reload_failures;   /* reloads that kept the old script */
     int64_t stop_requested_us;  /* monotonic time the shutdown now under way was requested; 0:
                                    none (SHUTDOWN_TIMEOUT counts from here) */
+    char held_leases[AH_HELD_LEASES_MAX + 1]; /* the leases this agent holds, by name, comma-
+                                                 separated (status records) */
 } ah_state_snapshot_t;
 
 typedef struct ah_state_s ah_state_t;
@@ -243,6 +249,9 @@ void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud)
  * final stop, a new watch mode (record_changed true) — and when a newer control document is
  * accepted (record_changed false). fn must not block. Call before other threads use the state;
  * NULL removes it. */
+/* The lease keeper's list of held leases (comma-separated names, cut at AH_HELD_LEASES_MAX);
+ * a change tells the fleet listener (the status record shows it). Any thread. */
+void ah_state_set_held_leases(ah_state_t *s, const char *names);
 void ah_state_set_fleet_listener(ah_state_t *s, void (*fn)(void *ud, bool record_changed),
                                  void *ud);
 
