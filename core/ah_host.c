@@ -382,6 +382,15 @@ static void release_script(ah_host_t *h, ah_lua_t *lua, bool reloading)
     }
 }
 
+/* ah_lua_options_t.publish for a reload: the fresh state is h->loading while it loads. */
+static void publish_loading(void *ud, ah_lua_t *lua)
+{
+    ah_host_t *h = ud;
+    pthread_mutex_lock(&h->lua_lock);
+    h->loading = lua;
+    pthread_mutex_unlock(&h->lua_lock);
+}
+
 /* Loads the script again into a fresh Lua state and runs its init; only then replaces the old
  * state. On any failure the old script keeps running and the reason is reported. The run state
  * does not change (a paused agent stays paused; hooks are not replayed). */
@@ -390,7 +399,12 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
     char err[AH_ERRLEN * 4];
     ah_log_info("Reloading script %s", h->script_label);
     ah_leases_reload_begin(h->leases); /* the leases the new script names are its own */
-    ah_lua_t *fresh = ah_lua_open(&h->lua_opts, h->cfg->script_path, err, sizeof(err));
+    /* The fresh state is published as loading before its main chunk runs, so the watchdog
+     * stops a main chunk that overruns BATCH_TIMEOUT as it stops init and batches. */
+    ah_lua_options_t opts = h->lua_opts;
+    opts.publish = publish_loading;
+    opts.publish_ud = h;
+    ah_lua_t *fresh = ah_lua_open(&opts, h->cfg->script_path, err, sizeof(err));
     if (fresh == NULL) {
         ah_leases_reload_end(h->leases, false);
         ah_log_error("Reload failed, the previous script keeps running: %s", err);

@@ -565,6 +565,9 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
         snprintf(err, errlen, "cannot create a Lua state: out of memory");
         goto fail_script;
     }
+    if (opts->publish != NULL) {
+        opts->publish(opts->publish_ud, lua);
+    }
     if (lua_cpcall(lua->L, open_protected, lua) != 0) {
         const char *msg = lua_tostring(lua->L, -1);
         snprintf(err, errlen, "%s", msg != NULL ? msg : "(error object is not a string)");
@@ -581,6 +584,9 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     return lua;
 
 fail_state:
+    if (opts->publish != NULL) {
+        opts->publish(opts->publish_ud, NULL);
+    }
     close_state(lua);
 fail_script:
     if (lua->metrics_owned) {

@@ -46,6 +46,11 @@ typedef struct ah_lua_options_s {
     size_t memory_limit;          /* bytes the script may allocate (LUA_MEMORY_LIMIT); 0: none */
     struct ah_leases_s *leases;   /* the host's lease keeper (ah_lease.h), not owned (must outlive
                                      the state); NULL: lease:acquire fails with "store" */
+    /* Optional: called on the opening thread with the new state just before its main chunk
+     * runs (so a watchdog can interrupt that call: ah_lua_interrupt_call), and with NULL before
+     * a state whose load failed is freed. */
+    void (*publish)(void *ud, struct ah_lua_s *lua);
+    void *publish_ud;
 } ah_lua_options_t;
 
 /* Creates a state, opens the standard libraries, cjson and the agent module, sets package.path so

@@ -3,6 +3,7 @@ its way out: the Lua worker never waits on a store write, status records are wri
 startup write lock, a wait= round whose fleet read failed never completes, a shutdown issued
 through one of its own agents is reported as done, a reload after the worker stopped is refused.
 The real binary on the embedded store (a second process holds its write lock where needed)."""
+import signal
 import sqlite3
 import threading
 import time
@@ -175,3 +176,31 @@ def test_a_wait_whose_fleet_read_fails_never_reports_complete(fleet, state_file,
     assert cli.returncode == 1, (cli.stdout, cli.stderr)
     assert "cannot tell whether every agent applied it" in cli.stderr, cli.stderr
     assert "every agent applied it (" not in cli.stderr, cli.stderr
+
+
+LOOPS_AT_TOP = """
+jit.off() -- the hook that stops Lua code does not run inside compiled traces
+local n = 0
+while true do n = n + 1 end
+"""
+
+
+def test_a_reload_whose_main_chunk_loops_is_stopped_at_batch_timeout(fleet, state_file,
+                                                                    tmp_path):
+    path = tmp_path / "reloaded.lua"
+    path.write_text("""
+local agent = require "agent"
+return { batch = function() agent.log.info("old script batch") agent.sleep(0.1) return 0 end }
+""")
+    agent = fleet.start(str(path), env=agent_env(state_file, BATCH_TIMEOUT="1",
+                                                 SHUTDOWN_TIMEOUT="20"))
+    agent.wait_state("running", timeout=15)
+    path.write_text(LOOPS_AT_TOP)
+    r = agent.post("/api/agent/reload", timeout=30)
+    assert r.status == 422, r.body
+    assert "BATCH_TIMEOUT" in r.json()["error"], r.body
+    # The old script keeps running, and the agent still stops cleanly.
+    seen = len(agent.find_logs(r"old script batch"))
+    agent.wait_log(r"old script batch", timeout=15, count=seen + 2)
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit(timeout=30) == 0, agent.log_text()
