@@ -74,7 +74,7 @@ def test_status_records_are_written_after_a_startup_write_lock(fleet, state_file
         finally:
             conn.close()
 
-    assert wait_for(record, 15, message="the agent's status record") == [("running",)]
+    wait_for(lambda: record() == [("running",)], 15, message="the agent's status record")
     assert not agent.find_logs(r"status write failed"), agent.log_text()
 
 
