@@ -87,6 +87,9 @@ const char *ah_source_name(ah_source_t src);
 int ah_double_to_int64(double v, int64_t *out);
 /* a * b, saturated at INT64_MIN / INT64_MAX instead of overflowing (for unit scaling). */
 int64_t ah_int64_mul_sat(int64_t a, int64_t b);
+/* a + b and a - b, saturated the same way (times from another writer may be extreme). */
+int64_t ah_int64_add_sat(int64_t a, int64_t b);
+int64_t ah_int64_sub_sat(int64_t a, int64_t b);
 
 /* Wall clock, microseconds since the Unix epoch. */
 int64_t ah_now_us(void);

@@ -137,6 +137,7 @@ static void fleet_record(const ah_fleet_t *f, ah_agent_status_t *rec)
     ah_strlcpy(rec->agenthost_version, AH_VERSION, sizeof(rec->agenthost_version));
     rec->batches = (int64_t)snap.batches;
     rec->errors = (int64_t)snap.batch_errors;
+    ah_strlcpy(rec->leases, snap.held_leases, sizeof(rec->leases));
     ah_state_labels_text(f->state, rec->labels, sizeof(rec->labels));
     fleet_scope_acks(f, rec->scope_acks, sizeof(rec->scope_acks));
 }
@@ -313,7 +314,10 @@ static void *fleet_main(void *arg)
                 spread_key = key;
                 spread_us = (int64_t)(ah_jitter(&seed, 0, FLEET_EXPIRY_SPREAD_S) * 1e6);
             }
-            int64_t expiry_mono = ah_mono_us() + (expires_us - ah_now_us()) + spread_us;
+            /* saturated: expires_us comes from the store, maybe from a foreign writer */
+            int64_t expiry_mono = ah_int64_add_sat(
+                ah_int64_add_sat(ah_mono_us(), ah_int64_sub_sat(expires_us, ah_now_us())),
+                spread_us);
             if (expiry_mono < expiry_retry_us) {
                 expiry_mono = expiry_retry_us;
             }

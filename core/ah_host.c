@@ -456,14 +456,14 @@ static void *worker_main(void *arg)
             worker_apply(h, &ev);
             continue;
         }
+        ah_run_state_t st = ah_state_get(h->state);
+        if (st == AH_STATE_STOPPING || st == AH_STATE_STOPPED) {
+            break; /* a reload requested now is refused (503), never served */
+        }
         uint64_t reload_ticket = ah_state_take_reload(h->state);
         if (reload_ticket != 0) {
             worker_reload(h, reload_ticket);
             continue;
-        }
-        ah_run_state_t st = ah_state_get(h->state);
-        if (st == AH_STATE_STOPPING || st == AH_STATE_STOPPED) {
-            break;
         }
         if (st != AH_STATE_RUNNING) {
             ah_state_wait(h->state, 3600);

@@ -980,6 +980,15 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
         ah_json_int(b, "errors", r->errors);
         ah_json_bool(b, "stale", ah_fleet_is_stale(r, now_us, interval));
         write_labels(b, "labels", r->labels);
+        ah_json_open_array(b, "leases");
+        for (const char *p = r->leases; *p != '\0';) {
+            size_t n = strcspn(p, ",");
+            char name[AH_NAME_MAX + 1];
+            ah_strlcpy(name, p, n + 1 < sizeof(name) ? n + 1 : sizeof(name));
+            ah_json_str(b, NULL, name);
+            p += n + (p[n] == ',');
+        }
+        ah_json_close_array(b);
         ah_json_close(b);
     }
     ah_json_close_array(b);
@@ -1327,8 +1336,8 @@ typedef struct reload_wait_s {
     uint64_t ticket;
 } reload_wait_t;
 
-/* Park check: answers with the reload's outcome once known; 202 at the deadline or when the
- * worker has stopped without getting to it. */
+/* Park check: answers with the reload's outcome once known; 202 at the deadline; 503 when the
+ * agent is shutting down without having served it (the worker serves no reload once stopping). */
 static bool check_reload(void *arg, bool expired, http_reply_t *reply)
 {
     const reload_wait_t *wait = arg;
@@ -1337,8 +1346,14 @@ static bool check_reload(void *arg, bool expired, http_reply_t *reply)
     int rc = ah_state_reload_outcome(http->state, wait->ticket, err, sizeof(err));
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
-    if (rc == AH_ETIMEOUT && !expired && snap.state != AH_STATE_STOPPED) {
+    bool stopping = snap.state == AH_STATE_STOPPING || snap.state == AH_STATE_STOPPED;
+    if (rc == AH_ETIMEOUT && !expired && !stopping) {
         return false;
+    }
+    if (rc == AH_ETIMEOUT && stopping) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE,
+                            "the agent is shutting down: the reload was not applied");
+        return true;
     }
     if (rc == AH_ELUA) {
         ah_http_reply_error(reply, MHD_HTTP_UNPROCESSABLE_CONTENT,

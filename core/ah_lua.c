@@ -50,7 +50,8 @@ const char ah_lua_registry_key = 'h';
 
 /* The allocator used when LUA_MEMORY_LIMIT is set: counts every byte and, while user Lua runs,
  * refuses growth beyond the limit (Lua then raises "not enough memory"; the state stays usable).
- * Shrinking and freeing always succeed. */
+ * Shrinking and freeing always succeed. Only safe with the JIT compiler off
+ * (jit_off_for_memory_limit). */
 static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     ah_lua_t *lua = ud;
@@ -336,6 +337,33 @@ static void create_ctx(lua_State *L, ah_lua_t *lua)
     lua->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
+/* jit.on() under LUA_MEMORY_LIMIT: the compiler stays off (see jit_off_for_memory_limit). */
+static int jit_on_refused(lua_State *L)
+{
+    (void)L;
+    ah_log_warn("jit.on() ignored: the JIT compiler stays off while LUA_MEMORY_LIMIT is set");
+    return 0;
+}
+
+/* With LUA_MEMORY_LIMIT the JIT compiler is turned off and jit.on() does nothing. The limit
+ * works by refusing an allocation (limited_alloc returns NULL, LuaJIT raises "not enough
+ * memory"), and LuaJIT 2.1 cannot raise that error from compiled code: lj_err_mem() reads the
+ * current frame through L->base, which is stale while a trace runs, so an allocation refused
+ * inside a trace (a table or a string a compiled loop creates) dereferenced a bogus function
+ * object and crashed the agent (SIGSEGV in lj_err_mem, called from lj_mem_newgco / newtab /
+ * lj_tab_new1 on a trace). The interpreter keeps its frames current, so there the error is an
+ * ordinary Lua error. Raises on failure (inside open_protected). */
+static void jit_off_for_memory_limit(lua_State *L)
+{
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+    lua_getglobal(L, "jit");
+    if (lua_istable(L, -1)) {
+        lua_pushcfunction(L, jit_on_refused);
+        lua_setfield(L, -2, "on");
+    }
+    lua_pop(L, 1);
+}
+
 /* The protected part of ah_lua_open() (lua_cpcall, like luajit.c's pmain): every error,
  * including out of memory, becomes the message on top of the stack. */
 static int open_protected(lua_State *L)
@@ -346,6 +374,9 @@ static int open_protected(lua_State *L)
     lua_gc(L, LUA_GCSTOP, 0);
     luaL_openlibs(L);
     lua_gc(L, LUA_GCRESTART, -1);
+    if (lua->memory_limit > 0) {
+        jit_off_for_memory_limit(L);
+    }
 
     lua_pushlightuserdata(L, (void *)&ah_lua_registry_key);
     lua_pushlightuserdata(L, lua);
@@ -441,6 +472,9 @@ static int loop_open(ah_lua_t *lua, char *err, size_t errlen)
     uv_timer_init(&lua->loop, &lua->drain);
     lua->drain.data = lua;
     uv_unref((uv_handle_t *)&lua->drain);
+    uv_timer_init(&lua->loop, &lua->lease_guard);
+    lua->lease_guard.data = lua;
+    uv_unref((uv_handle_t *)&lua->lease_guard);
     task_t *main = lua->main_task;
     main->lua = lua;
     main->co_ref = LUA_NOREF;

@@ -151,6 +151,10 @@ struct ah_lua_s {
     uv_timer_t drain;
     int64_t drain_armed_us;
     bool drained;
+    /* A scheduled run with a lease (cold too): lease_guard checks, while the run waits, that
+     * guard_lease ("" when the running call has none) is still held. */
+    uv_timer_t lease_guard;
+    char guard_lease[AH_NAME_MAX + 1];
 };
 
 /* Values pinned at the bottom of the main Lua stack for the life of the state, so that the hot

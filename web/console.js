@@ -260,7 +260,7 @@
     view.fleet = f;
     setText($('fleet-summary'), fleetSummary(f));
     syncRows($('fleet-rows'), f.agents || [], (a) => a.agent_id,
-             () => newRow(9, [5, 6], { 8: 'labels' }), (tr, a) => {
+             () => newRow(10, [5, 6], { 8: 'labels' }), (tr, a) => {
                const behind = typeof a.applied_version === 'number' &&
                               a.applied_version < f.version;
                tr.classList.toggle('stale', !!a.stale);
@@ -295,6 +295,8 @@
                setText(c[7], a.host ? a.host + (a.pid ? ' (pid ' + a.pid + ')' : '') : null);
                setText(c[8], Object.keys(a.labels || {}).filter((k) => k !== 'agent').sort()
                  .map((k) => k + '=' + a.labels[k]).join(', '));
+               /* the leases it holds (agent.lease, agent.every): names, as text */
+               setText(c[9], Array.isArray(a.leases) ? a.leases.join(', ') : '');
              });
   }
 

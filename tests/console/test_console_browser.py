@@ -251,3 +251,29 @@ def test_a_drain_from_the_page_is_stored_and_shown(fleet, state_file, page):
     assert page.history_rows()[0][1] == "pause (drain 30 s)"
     assert page.el("drain").get_attribute("value") == ""
     assert page.browser_errors() == []
+
+
+def test_the_fleet_table_shows_who_holds_each_lease(fleet, state_file, page, tmp_path):
+    import os
+    from console_harness import agent_env
+    sweeper = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "e2e", "scripts", "lease_sweeper.lua")
+    events = tmp_path / "events.jsonl"
+    agents = [fleet.start(sweeper, env=agent_env(state_file, events, LEASE_TTL=3),
+                          name=f"agent-{i + 1}") for i in range(2)]
+    for a in agents:
+        a.wait_state("running", timeout=15)
+    page.open(agents[0])
+    page.wait_text("fleet-rows", lambda t: "sweep" in t, timeout=20)
+    holder = agents[0].get("/api/cluster/leases").json()["leases"][0]["owner"]
+    rows = page.fleet_rows()
+    assert rows[holder]["cells"][9] == "sweep"
+    other = next(a.name for a in agents if a.name != holder)
+    assert rows[other]["cells"][9] == "—"
+    # the holder pauses: the lease moves, and the table follows
+    by_name = {a.name: a for a in agents}
+    by_name[holder].post("/api/agent/pause?reason=handover")
+    wait_for(lambda: page.fleet_rows()[other]["cells"][9] == "sweep", 20,
+             message="the other agent shown as the holder")
+    assert page.fleet_rows()[holder]["cells"][9] == "—"
+    assert page.browser_errors() == []

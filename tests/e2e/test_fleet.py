@@ -19,7 +19,8 @@ RECORDER = script("recorder.lua")
 HEARTBEAT = 0.5  # AGENT_HEARTBEAT_INTERVAL in these tests: stale after 1.5 s
 MS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 RECORD_FIELDS = {"agent_id", "state", "applied_version", "watch_mode", "last_seen", "started_at",
-                 "host", "pid", "agenthost_version", "batches", "errors", "stale", "labels"}
+                 "host", "pid", "agenthost_version", "batches", "errors", "stale", "labels",
+                 "leases"}
 
 
 class Store:
