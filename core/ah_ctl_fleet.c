@@ -459,9 +459,16 @@ int ah_ctl_fleet_wait_outcome(const char *body, FILE *err)
         return 1;
     }
     const char *wait = r.p;
-    char complete[16], waited[32];
+    char complete[16], waited[32], error[AH_ERRLEN];
     member_text(wait, "complete", complete, sizeof(complete));
     member_text(wait, "waited_s", waited, sizeof(waited));
+    member_text(wait, "error", error, sizeof(error));
+    if (error[0] != '\0') {
+        /* The agent could not read the fleet's records: whatever "complete" says, nobody knows
+         * whether the command was applied. */
+        fprintf(err, "agenthost ctl: cannot tell whether every agent applied it: %s\n", error);
+        return 1;
+    }
     bool done = strcmp(complete, "true") == 0;
     if (done) {
         fprintf(err, "agenthost ctl: every live agent applied it (%ss)\n", waited);

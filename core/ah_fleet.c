@@ -507,6 +507,7 @@ static void *waiter_main(void *arg)
                 ah_fleet_ack_t *bigger = realloc(acks, (size_t)count * sizeof(*acks));
                 if (bigger == NULL) {
                     count = 0; /* answered as "nothing known" rather than not at all */
+                    snprintf(err, sizeof(err), "out of memory reading the status records");
                 } else {
                     acks = bigger;
                     acks_cap = count;
@@ -523,7 +524,10 @@ static void *waiter_main(void *arg)
         for (fleet_wait_t **pp = &f->waits; *pp != NULL;) {
             fleet_wait_t *w = *pp;
             ah_fleet_outcome_t outcome;
-            bool complete = w->command_rc == AH_OK && !w->need_write &&
+            /* A round whose read of the records failed (err set) never completes a wait: the
+             * records it would judge are stale or missing, and judged with the current clock
+             * every agent would look stale, i.e. excluded, i.e. "complete". */
+            bool complete = w->command_rc == AH_OK && !w->need_write && err[0] == '\0' &&
                             wait_evaluate(f, w, recs, count, acks, now_us, &outcome);
             if ((w->need_write || w->need_read) && !stopping) {
                 pp = &w->next; /* written / read on the next round */
@@ -559,6 +563,9 @@ static void *waiter_main(void *arg)
             wait_evaluate(f, w, w->command_rc == AH_OK ? recs : NULL,
                           w->command_rc == AH_OK ? count : 0, acks, now_us, &outcome);
             outcome.error = err;
+            if (err[0] != '\0') {
+                outcome.complete = false; /* judged without this round's records */
+            }
             w->cb(w->ud, &outcome);
             ah_selector_free(w->sel);
             free(w);

@@ -7,7 +7,7 @@ import sqlite3
 import threading
 import time
 
-from agenthost_harness import agent_env, metric, read_events, script, wait_for
+from agenthost_harness import agent_env, metric, read_events, run_cli, script, wait_for
 
 RECORDER = script("recorder.lua")
 
@@ -154,7 +154,24 @@ def test_agent_sleep_sleeps_in_a_reloaded_main_chunk_and_init(fleet, state_file,
     assert r.status == 200, r.body
     # The reload being served is not a wake-up: both sleeps last their full second.
     for what in ("main chunk", "init"):
-        lines = agent.find_logs(what + r" slept")
-        assert len(lines) == 2, agent.log_text()
-        seconds = float(lines[1].split(" slept ")[1].split()[0])
-        assert seconds >= 0.95 and "woken=false" in lines[1], lines
+        line = agent.wait_log(what + r" slept (\S+) woken=(\w+)", timeout=15, count=2)
+        assert float(line.group(1)) >= 0.95 and line.group(2) == "false", line.group(0)
+
+
+def test_a_wait_whose_fleet_read_fails_never_reports_complete(fleet, state_file, tmp_path):
+    """The status records cannot be listed (another program dropped their table): the command
+    is written, but the wait cannot know who applied it, so it is not "complete" and ctl
+    --wait fails with the reason instead of printing "every agent applied it"."""
+    agent = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl"))
+    agent.wait_state("running", timeout=15)
+    conn = sqlite3.connect(state_file, isolation_level=None, timeout=10)
+    conn.execute("DROP TABLE agent_status")
+    conn.close()
+    r = agent.post("/api/cluster/pause?wait=2&reason=blind", timeout=30)
+    assert r.status == 200, r.body
+    wait = r.json()["wait"]
+    assert wait["complete"] is False and "agent_status" in wait["error"], wait
+    cli = run_cli(["ctl", "resume", "--url", agent.url, "--wait", "2"], timeout=60)
+    assert cli.returncode == 1, (cli.stdout, cli.stderr)
+    assert "cannot tell whether every agent applied it" in cli.stderr, cli.stderr
+    assert "every agent applied it (" not in cli.stderr, cli.stderr

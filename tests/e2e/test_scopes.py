@@ -9,8 +9,8 @@ import urllib.parse
 
 import pytest
 
-from agenthost_harness import (MONGO_DIR, agent_env, mongo_agent_env, read_events, run_cli,
-                               script, wait_for)
+from agenthost_harness import (MONGO_DIR, agent_env, count_events, mongo_agent_env, run_cli,
+                               script, wait_events, wait_for)
 
 sys.path.insert(0, MONGO_DIR)
 from mongo_fixture import MongoTestServer  # noqa: E402
@@ -124,7 +124,9 @@ def test_scoped_pause_holds_exactly_the_matching_agents_until_its_own_resume(fle
     assert body["selector"] == "region=eu" and body["version"] == 2 and body["held"] is True
     assert sorted(body["wait"]["acknowledged"]) == ["a1", "a2"]
     assert states(agents) == {n: "running" for n in agents}
-    resumes = [e for e in read_events(a1.events) if e["ev"] == "on_resume"]
+    # the acknowledgement is written when the state changes; the hook runs just after it
+    events = wait_events(a1.events, lambda ev: count_events(ev, "on_resume"), message="on_resume")
+    resumes = [e for e in events if e["ev"] == "on_resume"]
     assert resumes[-1]["scope"] == "region=eu"
 
     # resuming a scope that holds nobody is a 200 that says so
@@ -149,7 +151,8 @@ def test_scoped_resume_does_not_lift_a_cluster_pause(fleet, store):
     assert (a1.state()["state"], a3.state()["state"]) == ("paused", "paused")
     assert a1.state()["held_by"] == [{"selector": None, "command": "pause", "version": 1,
                                       "reason": "freeze"}]
-    hooks = [e["ev"] for e in read_events(a1.events) if e["ev"].startswith("on_")]
+    events = wait_events(a1.events, lambda ev: count_events(ev, "on_pause"), message="on_pause")
+    hooks = [e["ev"] for e in events if e["ev"].startswith("on_")]
     assert hooks == ["on_pause"]  # one pause; neither the cluster's nor the resume ran a hook
     post(a3, "/api/cluster/resume?wait=10")
     assert (a1.state()["state"], a3.state()["state"]) == ("running", "running")
@@ -166,7 +169,8 @@ def test_restarted_matching_agent_comes_up_paused_before_its_first_batch(fleet, 
     a1.wait_exit()
     again = start(fleet, store, "a1", generation=1)
     again.wait_state("paused", timeout=20)
-    events = read_events(again.events)
+    events = wait_events(again.events, lambda ev: count_events(ev, "on_pause"), timeout=20,
+                         message="on_pause at startup")
     assert not [e for e in events if e["ev"] == "batch_start"]
     pause = [e for e in events if e["ev"] == "on_pause"]
     assert pause and pause[0]["source"] == "startup" and pause[0]["scope"] == "region in (eu)"
@@ -243,7 +247,8 @@ def test_drain_on_a_scoped_pause_is_stored_and_reaches_the_hook(fleet, store):
     assert body["drain"] == 5 and body["wait"]["acknowledged"] == ["a1"]
     entry = a3.get("/api/cluster/history").json()["entries"][0]
     assert entry["selector"] == "region=eu" and entry["drain"] == 5
-    pause = [e for e in read_events(a1.events) if e["ev"] == "on_pause"][-1]
+    events = wait_events(a1.events, lambda ev: count_events(ev, "on_pause"), message="on_pause")
+    pause = [e for e in events if e["ev"] == "on_pause"][-1]
     assert pause["scope"] == "region=eu" and pause["drain"] == 5
     assert a3.state()["state"] == "running"
 
