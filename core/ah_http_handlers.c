@@ -900,8 +900,11 @@ static void write_labels(ah_buf_t *b, const char *key, const char *labels_text)
 }
 
 /* The run states in the order a fleet summary lists them. */
-static const char *const summary_states[] = {"starting", "running", "paused", "stopping",
-                                             "stopped"};
+static const char *const summary_states[] = {"starting", "running", "paused",
+                                             "stopping", "stopped", "lost"};
+/* summary_states' "lost": a stale record of an agent that did not stop cleanly (killed, hung,
+ * cut off). It is counted there, never under the state it last wrote. */
+#define SUMMARY_LOST 5
 
 /* Writes the body of GET /api/cluster/agents: the fleet of recs (sorted by agent_id) against
  * the cluster's current version; with filtered, only the agents behind `wanted` are listed. */
@@ -919,10 +922,15 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
             continue; /* ?selector=: the others are not part of the listing */
         }
         total++;
+        bool is_stale = ah_fleet_is_stale(r, now_us, interval);
         size_t k = 0;
-        while (k < sizeof(summary_states) / sizeof(summary_states[0]) &&
-               strcmp(r->state, summary_states[k]) != 0) {
+        while (k < SUMMARY_LOST && strcmp(r->state, summary_states[k]) != 0) {
             k++;
+        }
+        if (is_stale && strcmp(r->state, "stopped") != 0) {
+            k = SUMMARY_LOST;
+        } else if (k == SUMMARY_LOST) {
+            k = sizeof(summary_states) / sizeof(summary_states[0]); /* not a state we know */
         }
         if (k < sizeof(summary_states) / sizeof(summary_states[0])) {
             state_counts[k]++;
@@ -930,7 +938,7 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
             other_states++;
         }
         applied_current += r->applied_version >= version;
-        stale += ah_fleet_is_stale(r, now_us, interval);
+        stale += is_stale;
         listed += !filtered || r->applied_version < wanted;
     }
     ah_json_open(b);

@@ -50,7 +50,7 @@ def test_pause_from_the_page_reaches_the_fleet_and_the_history(fleet, state_file
     page.act("pause-button")
     for a in agents:
         a.wait_state("paused", timeout=15)
-    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 3 of 3 applied")
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 3 of 3 live agents applied")
     cs = control(agents[2])
     assert cs["command"] == "pause" and cs["reason"] == "maintenance window"
     assert cs["updated_by"] == "console"
@@ -112,7 +112,7 @@ def test_a_wrong_token_shows_an_error_and_changes_nothing(fleet, state_file, pag
     page.act("pause-button")
     wait_for(lambda: page.dialog_open("token-dialog"), 5, message="token dialog")
     page.el("token-input").send_keys("s3cret-token", Keys.ENTER)
-    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 applied")
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 live agents applied")
     for a in agents:
         assert a.state()["state"] == "paused"
     assert control(agents[1])["reason"] == "needs a token"
@@ -211,7 +211,7 @@ def test_scoped_pause_from_the_page_and_its_resume_button(fleet, state_file, pag
     page.el("reason").send_keys("eu db down")
     page.el("selector").send_keys("region = eu")
     page.act("pause-button")
-    page.wait_text("progress-text", lambda t: t == "Pause region=eu (version 1): 2 of 2 applied")
+    page.wait_text("progress-text", lambda t: t == "Pause region=eu (version 1): 2 of 2 live agents applied")
     assert [a.state()["state"] for a in agents] == ["paused", "paused", "running"]
     rows = page.wait_text("scopes-rows", lambda t: "region=eu" in t and "eu db down" in t)
     assert "pause" in rows
@@ -223,7 +223,7 @@ def test_scoped_pause_from_the_page_and_its_resume_button(fleet, state_file, pag
     wait_for(lambda: button.get_attribute("aria-disabled") != "true", 40, interval=0.05,
              message="the scope's Resume enabled")
     button.click()
-    page.wait_text("progress-text", lambda t: t == "Resume region=eu (version 2): 2 of 2 applied")
+    page.wait_text("progress-text", lambda t: t == "Resume region=eu (version 2): 2 of 2 live agents applied")
     assert [a.state()["state"] for a in agents] == ["running", "running", "running"]
     page.wait_text("scopes-summary", lambda t: t == "1 scope, 0 holding agents")
     assert not button.is_displayed()
@@ -243,7 +243,7 @@ def test_a_drain_from_the_page_is_stored_and_shown(fleet, state_file, page):
     page.el("drain").send_keys("30s")
     page.el("reason").send_keys("rolling upgrade")
     page.act("pause-button")
-    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 applied", 15)
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 live agents applied", 15)
     cs = control(agents[1])
     assert cs["command"] == "pause" and cs["drain"] == 30, cs
     page.wait_text("cluster-drain", lambda t: t.startswith("30 s after the command"))
