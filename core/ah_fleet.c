@@ -40,6 +40,8 @@ struct ah_fleet_s {
 
     /* Waits (ah_fleet_wait), guarded by lock; wait_cond wakes the waiter thread. */
     pthread_cond_t wait_cond;
+    pthread_cond_t drain_cond;  /* wakes ah_fleet_drain_waits() when waits were answered */
+    bool waits_draining;        /* ah_fleet_drain_waits() began: no new command waits */
     struct fleet_wait_s *waits; /* a list through next */
     bool waiter_started;
     pthread_t waiter;
@@ -418,6 +420,12 @@ static bool wait_evaluate(const ah_fleet_t *f, const fleet_wait_t *w, const ah_a
                       ? ah_fleet_classify_scope(&recs[i], w->sel, w->version, now_us,
                                                 f->cfg->heartbeat_interval)
                       : ah_fleet_classify(&recs[i], w->version, now_us, f->cfg->heartbeat_interval);
+        /* a shutdown is applied by an agent that stopped, whether or not it saw this version */
+        if (acks[i] == AH_FLEET_EXCLUDED && w->command == AH_CMD_SHUTDOWN && !w->read_only &&
+            strcmp(recs[i].state, "stopped") == 0 &&
+            !ah_fleet_is_stale(&recs[i], now_us, f->cfg->heartbeat_interval)) {
+            acks[i] = AH_FLEET_ACKNOWLEDGED;
+        }
         complete = complete && acks[i] != AH_FLEET_PENDING;
     }
     out->command_rc = w->command_rc;
@@ -571,6 +579,7 @@ static void *waiter_main(void *arg)
             free(w);
         }
         pthread_mutex_lock(&f->lock);
+        pthread_cond_broadcast(&f->drain_cond);
         if (stopping && f->waits == NULL) {
             break;
         }
@@ -593,7 +602,7 @@ static void *waiter_main(void *arg)
 static int fleet_add_wait(ah_fleet_t *f, fleet_wait_t *w)
 {
     pthread_mutex_lock(&f->lock);
-    if (f->waits_stopping || !f->waiter_started) {
+    if (f->waits_stopping || !f->waiter_started || (f->waits_draining && !w->read_only)) {
         pthread_mutex_unlock(&f->lock);
         free(w);
         return AH_EUNAVAIL;
@@ -694,6 +703,7 @@ ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t
     pthread_mutex_init(&f->lock, NULL);
     pthread_cond_init(&f->cond, &attr);
     pthread_cond_init(&f->wait_cond, &attr);
+    pthread_cond_init(&f->drain_cond, &attr);
     pthread_condattr_destroy(&attr);
     int rc = pthread_create(&f->thread, NULL, fleet_main, f);
     if (rc != 0) {
@@ -731,6 +741,30 @@ void ah_fleet_control_changed(ah_fleet_t *f)
     pthread_mutex_lock(&f->lock);
     f->recheck = true;
     pthread_cond_signal(&f->cond);
+    pthread_mutex_unlock(&f->lock);
+}
+
+static bool no_shutdown_wait(void *arg)
+{
+    const ah_fleet_t *f = arg;
+    for (const fleet_wait_t *w = f->waits; w != NULL; w = w->next) {
+        if (w->command == AH_CMD_SHUTDOWN && !w->read_only) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void ah_fleet_drain_waits(ah_fleet_t *f, double seconds)
+{
+    if (f == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&f->lock);
+    f->waits_draining = true;
+    if (f->waiter_started && !f->waits_stopping) {
+        ah_cond_wait_until(&f->drain_cond, &f->lock, seconds, no_shutdown_wait, f);
+    }
     pthread_mutex_unlock(&f->lock);
 }
 
@@ -773,6 +807,7 @@ void ah_fleet_free(ah_fleet_t *f)
         return;
     }
     ah_fleet_stop(f);
+    pthread_cond_destroy(&f->drain_cond);
     pthread_cond_destroy(&f->wait_cond);
     pthread_cond_destroy(&f->cond);
     pthread_mutex_destroy(&f->lock);

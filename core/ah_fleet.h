@@ -38,6 +38,10 @@ void ah_fleet_control_changed(ah_fleet_t *f);
  * waiter thread; later waits are refused. Call it before the server whose requests the
  * callbacks answer stops. NULL is accepted. */
 void ah_fleet_stop_waits(ah_fleet_t *f);
+/* At shutdown, before ah_fleet_stop_waits(): refuses new command waits and lets the waits of a
+ * shutdown command go on (the waiter keeps reading the records, where a stopped agent counts as
+ * having applied it) until none is left or `seconds` have passed. NULL is accepted. */
+void ah_fleet_drain_waits(ah_fleet_t *f, double seconds);
 /* Stops the waits (ah_fleet_stop_waits), then the writer after one last write of the current status
  * (after a clean shutdown: "stopped") and joins it; bounded by the store's own timeouts. Later
  * ah_fleet_changed() calls are harmless. NULL is accepted. */

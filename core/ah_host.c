@@ -888,6 +888,10 @@ out:
     }
     int64_t deadline_us = shutdown_deadline_us(h);
     arm_exit_timer(h, deadline_us);
+    /* a shutdown issued here is answered from the fleet's records while the others stop, up to
+     * the share of SHUTDOWN_TIMEOUT the Lua call gets; then with what is known */
+    ah_fleet_drain_waits(h->fleet, (double)(deadline_us - ah_mono_us()) / 1e6 -
+                                       h->cfg->shutdown_timeout * (1 - SHUTDOWN_INTERRUPT_SHARE));
     ah_fleet_stop_waits(h->fleet); /* its callbacks answer parked requests of h->http */
     if (ah_http_stop(h->http, (double)(deadline_us - ah_mono_us()) / 1e6) != AH_OK) {
         h->http = NULL;

@@ -589,11 +589,13 @@
     const secs = typeof w.waited_s === 'number' ? w.waited_s.toFixed(2) + ' s' : '';
     const excluded = w.excluded && w.excluded.length
       ? ' Not waited for (stale, stopping or stopped): ' + w.excluded.join(', ') + '.' : '';
+    /* a shutdown counts the agents that stopped (or are stopping after applying it) */
+    const done = acked.length + ' of ' + total +
+                 (command === 'shutdown' ? ' stopped' : ' live agents applied');
     if (w.complete) {
-      setProgress(label + ': ' + acked.length + ' of ' + total + ' live agents applied',
-                  'Complete in ' + secs + '.' + excluded, 1, 'done');
+      setProgress(label + ': ' + done, 'Complete in ' + secs + '.' + excluded, 1, 'done');
     } else {
-      setProgress(label + ': ' + acked.length + ' of ' + total + ' live agents applied — timed out',
+      setProgress(label + ': ' + done + ' — timed out',
                   'Not applied after ' + secs + ': ' + pending.join(', ') + '.' + excluded,
                   total ? acked.length / total : 0, 'late');
     }

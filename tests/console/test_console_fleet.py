@@ -1,5 +1,5 @@
 """The console's fleet view and its guarded commands in a real browser: /api/cluster/agents,
-`wait` ("N of M applied"), `if_version` (409) and stale agents."""
+`wait` ("N of M applied", "N of M stopped" for a shutdown), `if_version` (409) and stale agents."""
 import os
 import shutil
 import signal
@@ -49,6 +49,20 @@ def test_pause_from_the_page_reaches_3_of_3_applied(fleet, state_file, page):
     if os.environ.get("UPDATE_CONSOLE_SCREENSHOT") == "1":
         shutil.copyfile(shot, os.path.join(REPO, "docs", "console.png"))
     assert page.browser_errors() == []
+
+
+def test_a_shutdown_from_the_page_reports_3_of_3_stopped(fleet, state_file, page):
+    agents = start_agents(fleet, state_file, 3)
+    page.open(agents[0])
+    wait_for(lambda: set(page.fleet_rows()) == {"agent-1", "agent-2", "agent-3"}, 10,
+             message="three rows")
+    page.act("shutdown-button")
+    wait_for(lambda: page.dialog_open("confirm-dialog"), 5, message="confirmation")
+    page.el("confirm-ok").click()
+    page.wait_text("progress-text", lambda t: t == "Shutdown (version 1): 3 of 3 stopped", 30)
+    assert page.text("progress-detail").startswith("Complete in ")
+    for a in agents:
+        assert a.wait_exit(timeout=40) == 0, a.log_text()
 
 
 def test_a_stale_if_version_shows_the_conflict_and_changes_nothing(fleet, state_file, page):

@@ -204,3 +204,24 @@ return { batch = function() agent.log.info("old script batch") agent.sleep(0.1) 
     agent.wait_log(r"old script batch", timeout=15, count=seen + 2)
     agent.signal(signal.SIGTERM)
     assert agent.wait_exit(timeout=30) == 0, agent.log_text()
+
+
+def test_a_shutdown_issued_through_one_of_its_agents_with_wait_reports_every_agent_stopped(
+        fleet, state_file, tmp_path):
+    import json
+    agents = [fleet.start(RECORDER, env=agent_env(state_file, tmp_path / f"ev{i}.jsonl"),
+                          name=f"a{i}") for i in (1, 2, 3)]
+    for a in agents:
+        a.wait_state("running", timeout=30)
+    # every agent's record is written before the command (the wait counts records)
+    wait_for(lambda: len(agents[0].get("/api/cluster/agents", timeout=5).json()["agents"]) == 3,
+             15, message="three status records")
+    p = run_cli(["ctl", "shutdown", "--url", agents[0].url, "--wait", "20"], timeout=60)
+    assert p.returncode == 0, (p, agents[0].log_text())
+    assert "every live agent applied it" in p.stderr, p
+    wait = json.loads(p.stdout)["wait"]
+    assert wait["complete"] is True, wait
+    assert wait["acknowledged"] == ["a1", "a2", "a3"], wait
+    assert wait["pending"] == [] and wait["excluded"] == [], wait
+    for a in agents:
+        assert a.wait_exit(timeout=40) == 0, a.log_text()
