@@ -114,6 +114,24 @@ int64_t ah_int64_mul_sat(int64_t a, int64_t b)
     return r;
 }
 
+int64_t ah_int64_add_sat(int64_t a, int64_t b)
+{
+    int64_t r;
+    if (__builtin_add_overflow(a, b, &r)) {
+        return b < 0 ? INT64_MIN : INT64_MAX;
+    }
+    return r;
+}
+
+int64_t ah_int64_sub_sat(int64_t a, int64_t b)
+{
+    int64_t r;
+    if (__builtin_sub_overflow(a, b, &r)) {
+        return b > 0 ? INT64_MIN : INT64_MAX;
+    }
+    return r;
+}
+
 void ah_format_timestamp(int64_t ts_us, char out[AH_TIMESTAMP_LEN])
 {
     if (ts_us < AH_TIMESTAMP_MIN_US) {
@@ -303,7 +321,8 @@ const char *ah_suggest(const char *word, const char *const *candidates, bool *ex
         return NULL;
     }
     const char *best = NULL;
-    size_t best_distance = strlen(w) <= 4 ? 2 : 3; /* accepted: below this */
+    size_t len = strlen(w);
+    size_t best_distance = len <= 4 ? 2 : len <= 5 ? 3 : 4; /* accepted: below this */
     for (const char *const *p = candidates; *p != NULL; p++) {
         if (!normalize_name(*p, c, sizeof(c))) {
             continue;

@@ -87,6 +87,9 @@ const char *ah_source_name(ah_source_t src);
 int ah_double_to_int64(double v, int64_t *out);
 /* a * b, saturated at INT64_MIN / INT64_MAX instead of overflowing (for unit scaling). */
 int64_t ah_int64_mul_sat(int64_t a, int64_t b);
+/* a + b and a - b, saturated the same way (times from another writer may be extreme). */
+int64_t ah_int64_add_sat(int64_t a, int64_t b);
+int64_t ah_int64_sub_sat(int64_t a, int64_t b);
 
 /* Wall clock, microseconds since the Unix epoch. */
 int64_t ah_now_us(void);
@@ -112,7 +115,8 @@ bool ah_cond_wait_flag(pthread_cond_t *cond, pthread_mutex_t *lock, const bool *
 void ah_sleep(double seconds);
 /* The candidate (a NULL-terminated list) a misspelt word most likely meant, or NULL: names are
  * compared case-insensitively and without '_' and '-' ("onPause", "On_Pause" and "on_pause"
- * are the same name), then by edit distance, at most 2 (1 for names of up to 4 characters).
+ * are the same name), then by edit distance (a swap of neighbours counts 1): at most 1 for
+ * names of up to 4 characters, 2 for 5, 3 for longer ones ("cheque" → "check").
  * *exact is set when the normalized names are equal (only the spelling style differs). For
  * "did you mean" in every error that names an unknown word. */
 const char *ah_suggest(const char *word, const char *const *candidates, bool *exact);

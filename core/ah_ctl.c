@@ -360,7 +360,14 @@ int ah_ctl_main(int argc, char **argv)
             url_encode(&path, limit);
         }
     } else {
-        fprintf(stderr, "agenthost ctl: unknown command \"%s\"\n%s", command, ctl_usage);
+        static const char *const commands[] = {"pause",   "resume", "shutdown", "state", "stats",
+                                               "history", "agents", "reload",   NULL};
+        const char *meant = ah_suggest(command, commands, NULL);
+        char hint[64] = "";
+        if (meant != NULL) {
+            snprintf(hint, sizeof(hint), " (did you mean \"%s\"?)", meant);
+        }
+        fprintf(stderr, "agenthost ctl: unknown command \"%s\"%s\n%s", command, hint, ctl_usage);
         ah_buf_free(&path);
         return 2;
     }

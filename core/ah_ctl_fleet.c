@@ -358,7 +358,7 @@ int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err)
         fprintf(err, "agenthost ctl: the answer has no \"agents\"\n");
         return 1;
     }
-    fprintf(out, "%-24s %-9s %8s %-6s %-25s %-16s %8s %10s %7s %s\n", "AGENT", "STATE", "APPLIED",
+    fprintf(out, "%-24s %-15s %8s %-6s %-25s %-16s %8s %10s %7s %s\n", "AGENT", "STATE", "APPLIED",
             "STALE", "LAST SEEN", "HOST", "PID", "BATCHES", "ERRORS", "LABELS");
     if (array_first(&r)) {
         do {
@@ -376,9 +376,13 @@ int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err)
             member_text(object, "errors", errors, sizeof(errors));
             char labels[1024];
             member_labels(object, labels, sizeof(labels));
-            fprintf(out, "%-24s %-9s %8s %-6s %-25s %-16s %8s %10s %7s %s\n", id, state, applied,
-                    strcmp(stale, "true") == 0 ? "STALE" : "no", seen, host, pid, batches, errors,
-                    labels);
+            /* A stale agent that did not stop is lost: its last state is only what it was. */
+            bool lost = strcmp(stale, "true") == 0 && strcmp(state, "stopped") != 0;
+            char shown_state[48];
+            snprintf(shown_state, sizeof(shown_state), lost ? "lost (%s)" : "%s", state);
+            fprintf(out, "%-24s %-15s %8s %-6s %-25s %-16s %8s %10s %7s %s\n", id, shown_state,
+                    applied, strcmp(stale, "true") == 0 ? "STALE" : "no", seen, host, pid, batches,
+                    errors, labels);
             skip_value(&r, 1);
         } while (array_next(&r));
     }
@@ -433,6 +437,19 @@ int ah_ctl_fleet_print_leases(const char *body, FILE *out, FILE *err)
     return 0;
 }
 
+/* Prints " name" for each string of the array `key` of object. */
+static void print_names(const char *object, const char *key, FILE *err)
+{
+    json_reader_t p = {.p = object, .ok = true};
+    if (find_member(&p, key) && p.ok && array_first(&p)) {
+        do {
+            char id[AH_NAME_MAX + 1];
+            read_string(&p, id, sizeof(id));
+            fprintf(err, " %s", id);
+        } while (p.ok && array_next(&p));
+    }
+}
+
 int ah_ctl_fleet_wait_outcome(const char *body, FILE *err)
 {
     json_reader_t r = {.p = body, .ok = true};
@@ -442,22 +459,29 @@ int ah_ctl_fleet_wait_outcome(const char *body, FILE *err)
         return 1;
     }
     const char *wait = r.p;
-    char complete[16], waited[32];
+    char complete[16], waited[32], error[AH_ERRLEN];
     member_text(wait, "complete", complete, sizeof(complete));
     member_text(wait, "waited_s", waited, sizeof(waited));
-    if (strcmp(complete, "true") == 0) {
-        fprintf(err, "agenthost ctl: every agent applied it (%ss)\n", waited);
-        return 0;
+    member_text(wait, "error", error, sizeof(error));
+    if (error[0] != '\0') {
+        /* The agent could not read the fleet's records: whatever "complete" says, nobody knows
+         * whether the command was applied. */
+        fprintf(err, "agenthost ctl: cannot tell whether every agent applied it: %s\n", error);
+        return 1;
     }
-    fprintf(err, "agenthost ctl: not applied everywhere after %ss; pending:", waited);
-    json_reader_t p = {.p = wait, .ok = true};
-    if (find_member(&p, "pending") && p.ok && array_first(&p)) {
-        do {
-            char id[AH_NAME_MAX + 1];
-            read_string(&p, id, sizeof(id));
-            fprintf(err, " %s", id);
-        } while (p.ok && array_next(&p));
+    bool done = strcmp(complete, "true") == 0;
+    if (done) {
+        fprintf(err, "agenthost ctl: every live agent applied it (%ss)\n", waited);
+    } else {
+        fprintf(err, "agenthost ctl: not applied everywhere after %ss; pending:", waited);
+        print_names(wait, "pending", err);
+        fprintf(err, "\n");
     }
-    fprintf(err, "\n");
-    return 1;
+    json_reader_t x = {.p = wait, .ok = true};
+    if (find_member(&x, "excluded") && x.ok && array_first(&x)) {
+        fprintf(err, "agenthost ctl: not waited for (stale, stopping or stopped):");
+        print_names(wait, "excluded", err);
+        fprintf(err, "\n");
+    }
+    return done ? 0 : 1;
 }

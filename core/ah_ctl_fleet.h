@@ -15,7 +15,9 @@ int ah_ctl_fleet_print_leases(const char *body, FILE *out, FILE *err);
 int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err);
 
 /* Judges a cluster command's answer that carries a "wait" object: 0 when "complete" is true;
- * 1 when it is false (the pending agents listed on err) or when the body has no "wait". */
+ * 1 when it is false (the pending agents listed on err), when the wait carries an "error" (the
+ * agent could not read the fleet's records: the outcome is unknown) or when the body has no
+ * "wait". */
 int ah_ctl_fleet_wait_outcome(const char *body, FILE *err);
 
 /* Prints the body of GET /api/cluster/scopes as a table on out. 0, or 1 (err says why) when

@@ -137,6 +137,7 @@ static void fleet_record(const ah_fleet_t *f, ah_agent_status_t *rec)
     ah_strlcpy(rec->agenthost_version, AH_VERSION, sizeof(rec->agenthost_version));
     rec->batches = (int64_t)snap.batches;
     rec->errors = (int64_t)snap.batch_errors;
+    ah_strlcpy(rec->leases, snap.held_leases, sizeof(rec->leases));
     ah_state_labels_text(f->state, rec->labels, sizeof(rec->labels));
     fleet_scope_acks(f, rec->scope_acks, sizeof(rec->scope_acks));
 }
@@ -313,7 +314,10 @@ static void *fleet_main(void *arg)
                 spread_key = key;
                 spread_us = (int64_t)(ah_jitter(&seed, 0, FLEET_EXPIRY_SPREAD_S) * 1e6);
             }
-            int64_t expiry_mono = ah_mono_us() + (expires_us - ah_now_us()) + spread_us;
+            /* saturated: expires_us comes from the store, maybe from a foreign writer */
+            int64_t expiry_mono = ah_int64_add_sat(
+                ah_int64_add_sat(ah_mono_us(), ah_int64_sub_sat(expires_us, ah_now_us())),
+                spread_us);
             if (expiry_mono < expiry_retry_us) {
                 expiry_mono = expiry_retry_us;
             }
@@ -390,22 +394,18 @@ ah_fleet_ack_t ah_fleet_classify(const ah_agent_status_t *rec, int64_t version, 
 ah_fleet_ack_t ah_fleet_classify_scope(const ah_agent_status_t *rec, const ah_selector_t *sel,
                                        int64_t version, int64_t now_us, double heartbeat_interval)
 {
+    char canonical[AH_SELECTOR_MAX + 1];
     if (!ah_selector_matches_text(sel, rec->labels)) {
         return AH_FLEET_NOT_MATCHED;
     }
-    char canonical[AH_SELECTOR_MAX + 1];
-    if (ah_selector_format(sel, canonical, sizeof(canonical)) != AH_OK) {
-        return AH_FLEET_EXCLUDED;
-    }
-    ah_agent_status_t copy_for_classify;
-    const ah_agent_status_t *r = rec;
-    if (ah_fleet_scope_ack(rec, ah_selector_id(canonical)) >= version) {
+    if (ah_selector_format(sel, canonical, sizeof(canonical)) == AH_OK &&
+        ah_fleet_scope_ack(rec, ah_selector_id(canonical)) >= version) {
         return AH_FLEET_ACKNOWLEDGED;
     }
     /* not acknowledged: stale or stopping agents are excluded as for the cluster */
-    copy_for_classify = *r;
-    copy_for_classify.applied_version = INT64_MIN;
-    return ah_fleet_classify(&copy_for_classify, version, now_us, heartbeat_interval);
+    ah_agent_status_t unacknowledged = *rec;
+    unacknowledged.applied_version = INT64_MIN;
+    return ah_fleet_classify(&unacknowledged, version, now_us, heartbeat_interval);
 }
 
 /* Classifies recs for w into acks; fills *out. Returns true when the wait is complete. */
@@ -507,6 +507,7 @@ static void *waiter_main(void *arg)
                 ah_fleet_ack_t *bigger = realloc(acks, (size_t)count * sizeof(*acks));
                 if (bigger == NULL) {
                     count = 0; /* answered as "nothing known" rather than not at all */
+                    snprintf(err, sizeof(err), "out of memory reading the status records");
                 } else {
                     acks = bigger;
                     acks_cap = count;
@@ -523,7 +524,10 @@ static void *waiter_main(void *arg)
         for (fleet_wait_t **pp = &f->waits; *pp != NULL;) {
             fleet_wait_t *w = *pp;
             ah_fleet_outcome_t outcome;
-            bool complete = w->command_rc == AH_OK && !w->need_write &&
+            /* A round whose read of the records failed (err set) never completes a wait: the
+             * records it would judge are stale or missing, and judged with the current clock
+             * every agent would look stale, i.e. excluded, i.e. "complete". */
+            bool complete = w->command_rc == AH_OK && !w->need_write && err[0] == '\0' &&
                             wait_evaluate(f, w, recs, count, acks, now_us, &outcome);
             if ((w->need_write || w->need_read) && !stopping) {
                 pp = &w->next; /* written / read on the next round */
@@ -559,6 +563,9 @@ static void *waiter_main(void *arg)
             wait_evaluate(f, w, w->command_rc == AH_OK ? recs : NULL,
                           w->command_rc == AH_OK ? count : 0, acks, now_us, &outcome);
             outcome.error = err;
+            if (err[0] != '\0') {
+                outcome.complete = false; /* judged without this round's records */
+            }
             w->cb(w->ud, &outcome);
             ah_selector_free(w->sel);
             free(w);

@@ -382,6 +382,15 @@ static void release_script(ah_host_t *h, ah_lua_t *lua, bool reloading)
     }
 }
 
+/* ah_lua_options_t.publish for a reload: the fresh state is h->loading while it loads. */
+static void publish_loading(void *ud, ah_lua_t *lua)
+{
+    ah_host_t *h = ud;
+    pthread_mutex_lock(&h->lua_lock);
+    h->loading = lua;
+    pthread_mutex_unlock(&h->lua_lock);
+}
+
 /* Loads the script again into a fresh Lua state and runs its init; only then replaces the old
  * state. On any failure the old script keeps running and the reason is reported. The run state
  * does not change (a paused agent stays paused; hooks are not replayed). */
@@ -390,13 +399,20 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
     char err[AH_ERRLEN * 4];
     ah_log_info("Reloading script %s", h->script_label);
     ah_leases_reload_begin(h->leases); /* the leases the new script names are its own */
-    ah_lua_t *fresh = ah_lua_open(&h->lua_opts, h->cfg->script_path, err, sizeof(err));
+    /* The fresh state is published as loading before its main chunk runs, so the watchdog
+     * stops a main chunk that overruns BATCH_TIMEOUT as it stops init and batches. */
+    ah_lua_options_t opts = h->lua_opts;
+    opts.publish = publish_loading;
+    opts.publish_ud = h;
+    ah_lua_t *fresh = ah_lua_open(&opts, h->cfg->script_path, err, sizeof(err));
     if (fresh == NULL) {
         ah_leases_reload_end(h->leases, false);
         ah_log_error("Reload failed, the previous script keeps running: %s", err);
         ah_state_finish_reload(h->state, ticket, false, err);
         return;
     }
+    /* ctx.iteration counts this agent's batches, not this script version's (docs/LUA.md). */
+    ah_lua_set_iteration(fresh, ah_lua_iteration(h->lua));
     pthread_mutex_lock(&h->lua_lock);
     h->loading = fresh; /* its init is the running call: the watchdog must reach it */
     pthread_mutex_unlock(&h->lua_lock);
@@ -454,14 +470,14 @@ static void *worker_main(void *arg)
             worker_apply(h, &ev);
             continue;
         }
+        ah_run_state_t st = ah_state_get(h->state);
+        if (st == AH_STATE_STOPPING || st == AH_STATE_STOPPED) {
+            break; /* a reload requested now is refused (503), never served */
+        }
         uint64_t reload_ticket = ah_state_take_reload(h->state);
         if (reload_ticket != 0) {
             worker_reload(h, reload_ticket);
             continue;
-        }
-        ah_run_state_t st = ah_state_get(h->state);
-        if (st == AH_STATE_STOPPING || st == AH_STATE_STOPPED) {
-            break;
         }
         if (st != AH_STATE_RUNNING) {
             ah_state_wait(h->state, 3600);

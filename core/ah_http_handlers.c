@@ -900,8 +900,11 @@ static void write_labels(ah_buf_t *b, const char *key, const char *labels_text)
 }
 
 /* The run states in the order a fleet summary lists them. */
-static const char *const summary_states[] = {"starting", "running", "paused", "stopping",
-                                             "stopped"};
+static const char *const summary_states[] = {"starting", "running", "paused",
+                                             "stopping", "stopped", "lost"};
+/* summary_states' "lost": a stale record of an agent that did not stop cleanly (killed, hung,
+ * cut off). It is counted there, never under the state it last wrote. */
+#define SUMMARY_LOST 5
 
 /* Writes the body of GET /api/cluster/agents: the fleet of recs (sorted by agent_id) against
  * the cluster's current version; with filtered, only the agents behind `wanted` are listed. */
@@ -919,10 +922,15 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
             continue; /* ?selector=: the others are not part of the listing */
         }
         total++;
+        bool is_stale = ah_fleet_is_stale(r, now_us, interval);
         size_t k = 0;
-        while (k < sizeof(summary_states) / sizeof(summary_states[0]) &&
-               strcmp(r->state, summary_states[k]) != 0) {
+        while (k < SUMMARY_LOST && strcmp(r->state, summary_states[k]) != 0) {
             k++;
+        }
+        if (is_stale && strcmp(r->state, "stopped") != 0) {
+            k = SUMMARY_LOST;
+        } else if (k == SUMMARY_LOST) {
+            k = sizeof(summary_states) / sizeof(summary_states[0]); /* not a state we know */
         }
         if (k < sizeof(summary_states) / sizeof(summary_states[0])) {
             state_counts[k]++;
@@ -930,7 +938,7 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
             other_states++;
         }
         applied_current += r->applied_version >= version;
-        stale += ah_fleet_is_stale(r, now_us, interval);
+        stale += is_stale;
         listed += !filtered || r->applied_version < wanted;
     }
     ah_json_open(b);
@@ -972,6 +980,15 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
         ah_json_int(b, "errors", r->errors);
         ah_json_bool(b, "stale", ah_fleet_is_stale(r, now_us, interval));
         write_labels(b, "labels", r->labels);
+        ah_json_open_array(b, "leases");
+        for (const char *p = r->leases; *p != '\0';) {
+            size_t n = strcspn(p, ",");
+            char name[AH_NAME_MAX + 1];
+            ah_strlcpy(name, p, n + 1 < sizeof(name) ? n + 1 : sizeof(name));
+            ah_json_str(b, NULL, name);
+            p += n + (p[n] == ',');
+        }
+        ah_json_close_array(b);
         ah_json_close(b);
     }
     ah_json_close_array(b);
@@ -1319,8 +1336,8 @@ typedef struct reload_wait_s {
     uint64_t ticket;
 } reload_wait_t;
 
-/* Park check: answers with the reload's outcome once known; 202 at the deadline or when the
- * worker has stopped without getting to it. */
+/* Park check: answers with the reload's outcome once known; 202 at the deadline; 503 when the
+ * agent is shutting down without having served it (the worker serves no reload once stopping). */
 static bool check_reload(void *arg, bool expired, http_reply_t *reply)
 {
     const reload_wait_t *wait = arg;
@@ -1329,8 +1346,14 @@ static bool check_reload(void *arg, bool expired, http_reply_t *reply)
     int rc = ah_state_reload_outcome(http->state, wait->ticket, err, sizeof(err));
     ah_state_snapshot_t snap;
     ah_state_snapshot(http->state, &snap);
-    if (rc == AH_ETIMEOUT && !expired && snap.state != AH_STATE_STOPPED) {
+    bool stopping = snap.state == AH_STATE_STOPPING || snap.state == AH_STATE_STOPPED;
+    if (rc == AH_ETIMEOUT && !expired && !stopping) {
         return false;
+    }
+    if (rc == AH_ETIMEOUT && stopping) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE,
+                            "the agent is shutting down: the reload was not applied");
+        return true;
     }
     if (rc == AH_ELUA) {
         ah_http_reply_error(reply, MHD_HTTP_UNPROCESSABLE_CONTENT,

@@ -53,6 +53,7 @@ struct ah_leases_s {
     int count;
     pthread_t thread;
     bool started;
+    char published[AH_HELD_LEASES_MAX + 1]; /* the last list given to the state object */
 };
 
 static lease_entry_t *find_locked(ah_leases_t *lk, const char *name)
@@ -155,6 +156,31 @@ static void drop_unnamed_locked(ah_leases_t *lk)
     }
 }
 
+/* Tells the state object which leases are held now (the status record lists them), when that
+ * changed. Lock held; the state's lock is taken inside it (keeper → state, never the reverse). */
+static void publish_held_locked(ah_leases_t *lk)
+{
+    char names[AH_HELD_LEASES_MAX + 1] = "";
+    size_t used = 0;
+    for (int i = 0; i < lk->count; i++) {
+        const lease_entry_t *e = &lk->entries[i];
+        size_t n = strlen(e->name);
+        if (!e->held || e->release || used + n + (used > 0) > AH_HELD_LEASES_MAX) {
+            continue;
+        }
+        if (used > 0) {
+            names[used++] = ',';
+        }
+        memcpy(names + used, e->name, n);
+        used += n;
+        names[used] = '\0';
+    }
+    if (lk->state != NULL && strcmp(names, lk->published) != 0) {
+        ah_strlcpy(lk->published, names, sizeof(lk->published));
+        ah_state_set_held_leases(lk->state, names);
+    }
+}
+
 static void *keeper_main(void *arg)
 {
     ah_leases_t *lk = arg;
@@ -208,6 +234,7 @@ static void *keeper_main(void *arg)
         if (e != NULL) {
             apply_result(lk, e, op, rc, &got, err, sent);
         }
+        publish_held_locked(lk);
     }
     pthread_mutex_unlock(&lk->lock);
     return NULL;
@@ -253,6 +280,9 @@ void ah_leases_stop(ah_leases_t *lk)
     pthread_mutex_unlock(&lk->lock);
     pthread_join(lk->thread, NULL);
     lk->started = false;
+    if (lk->state != NULL) {
+        ah_state_set_held_leases(lk->state, "");
+    }
     /* the thread has exited: give back what is still held, one write each */
     for (int i = 0; i < lk->count; i++) {
         pthread_mutex_lock(&lk->lock);

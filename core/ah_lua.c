@@ -50,7 +50,8 @@ const char ah_lua_registry_key = 'h';
 
 /* The allocator used when LUA_MEMORY_LIMIT is set: counts every byte and, while user Lua runs,
  * refuses growth beyond the limit (Lua then raises "not enough memory"; the state stays usable).
- * Shrinking and freeing always succeed. */
+ * Shrinking and freeing always succeed. Only safe with the JIT compiler off
+ * (jit_off_for_memory_limit). */
 static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     ah_lua_t *lua = ud;
@@ -62,6 +63,18 @@ static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     }
     if (nsize > old && lua->memory_armed && lua->memory_used - old + nsize > lua->memory_limit) {
         lua->memory_refused = true;
+        /* Remember where (lua_getstack/lua_getinfo "Sl" allocate nothing): the running task's
+         * innermost Lua frame, while its line is still known. */
+        lua->memory_where[0] = '\0';
+        lua_State *co = lua->current != NULL ? lua->current->co : NULL;
+        lua_Debug ar;
+        for (int level = 0; co != NULL && lua_getstack(co, level, &ar); level++) {
+            if (lua_getinfo(co, "Sl", &ar) && ar.currentline > 0) {
+                snprintf(lua->memory_where, sizeof(lua->memory_where), " at %s:%d", ar.short_src,
+                         ar.currentline);
+                break;
+            }
+        }
         return NULL;
     }
     void *p = realloc(ptr, nsize);
@@ -183,6 +196,44 @@ static void register_preloads(lua_State *L, ah_lua_t *lua)
     lua_pop(L, 2); /* preload, package */
 }
 
+/* The contract's names, NULL-terminated, for ah_suggest(). */
+static const char *const *contract_names(void)
+{
+    static const char *names[FN_COUNT + 1];
+    for (int i = 0; i < FN_COUNT; i++) {
+        names[i] = ah_lua_fn_names[i];
+    }
+    names[FN_COUNT] = NULL;
+    return names;
+}
+
+static bool is_contract_name(const char *key)
+{
+    for (int i = 0; i < FN_COUNT; i++) {
+        if (strcmp(key, ah_lua_fn_names[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Copies into out (size n) a string key of the script's table (at index module) that is not a
+ * contract name but most likely meant `wanted` ("Batch", "bacth", "init_"); "" when none.
+ * Stack: [-0, +0]. */
+static void misspelling_of(lua_State *L, int module, const char *wanted, char *out, size_t n)
+{
+    const char *const one[] = {wanted, NULL};
+    out[0] = '\0';
+    lua_pushnil(L);
+    while (lua_next(L, module) != 0) {
+        lua_pop(L, 1); /* the value */
+        if (lua_type(L, -1) == LUA_TSTRING && !is_contract_name(lua_tostring(L, -1)) &&
+            ah_suggest(lua_tostring(L, -1), one, NULL) != NULL) {
+            ah_strlcpy(out, lua_tostring(L, -1), n);
+        }
+    }
+}
+
 /* Checks the table on top of the stack (the script's return value) and keeps its functions as
  * registry refs. Raises "<path>: ..." on a contract violation. Stack: [-0, +0]. */
 static void resolve_functions(lua_State *L, ah_lua_t *lua)
@@ -196,6 +247,14 @@ static void resolve_functions(lua_State *L, ah_lua_t *lua)
         }
         if (i == FN_BATCH) {
             if (lua_isnil(L, -1)) {
+                char typo[64];
+                misspelling_of(L, module, "batch", typo, sizeof(typo));
+                if (typo[0] != '\0') {
+                    luaL_error(L,
+                               "%s: script does not define function batch (it defines '%s': did "
+                               "you mean 'batch'?)",
+                               lua->script, typo);
+                }
                 luaL_error(L, "%s: script does not define function batch", lua->script);
             }
             luaL_error(L, "%s: batch must be a function (got %s)", lua->script,
@@ -209,40 +268,9 @@ static void resolve_functions(lua_State *L, ah_lua_t *lua)
     }
 }
 
-/* Levenshtein distance between two short names (at most 32 bytes each; longer: a large value). */
-static size_t name_distance(const char *a, const char *b)
-{
-    size_t la = strlen(a);
-    size_t lb = strlen(b);
-    if (la > 32 || lb > 32) {
-        return SIZE_MAX;
-    }
-    size_t row[33];
-    for (size_t j = 0; j <= lb; j++) {
-        row[j] = j;
-    }
-    for (size_t i = 1; i <= la; i++) {
-        size_t diagonal = row[0];
-        row[0] = i;
-        for (size_t j = 1; j <= lb; j++) {
-            size_t above = row[j];
-            size_t best = diagonal + (a[i - 1] != b[j - 1]);
-            if (above + 1 < best) {
-                best = above + 1;
-            }
-            if (row[j - 1] + 1 < best) {
-                best = row[j - 1] + 1;
-            }
-            row[j] = best;
-            diagonal = above;
-        }
-    }
-    return row[lb];
-}
-
-/* Warns about every "on_*" key of the script's table (on top of the stack) that names no hook:
- * a misspelled hook would otherwise never run. Suggests the closest hook within two edits.
- * Stack: [-0, +0]. */
+/* Warns about every key of the script's table (on top of the stack) that is not a contract name
+ * but looks like one: compared case-insensitively, without '_' and by spelling ("onPause",
+ * "Init", "init_", "on_puase"), and every other "on_*" key (no hook has that name). */
 static void warn_unknown_hooks(lua_State *L, const ah_lua_t *lua)
 {
     int module = lua_gettop(L);
@@ -253,33 +281,31 @@ static void warn_unknown_hooks(lua_State *L, const ah_lua_t *lua)
             continue;
         }
         const char *key = lua_tostring(L, -1);
-        if (strncmp(key, "on_", 3) != 0) {
+        if (is_contract_name(key)) {
             continue;
         }
-        const char *closest = NULL;
-        size_t best = 3;
-        bool known = false;
-        for (int i = 0; i < FN_COUNT; i++) {
-            size_t d = name_distance(key, ah_lua_fn_names[i]);
-            known = known || d == 0;
-            if (d < best) {
-                best = d;
-                closest = ah_lua_fn_names[i];
-            }
-        }
-        if (known) {
-            continue;
-        }
+        const char *closest = ah_suggest(key, contract_names(), NULL);
         if (closest != NULL) {
-            ah_log_warn("%s: the script's table has '%s', which is not a hook (did you mean "
-                        "'%s'?)",
-                        lua->script, key, closest);
-        } else {
+            ah_log_warn("%s: the script's table has '%s', which is not %s (did you mean '%s'?)",
+                        lua->script, key,
+                        strncmp(closest, "on_", 3) == 0 ? "a hook" : "a contract function",
+                        closest);
+        } else if (strncmp(key, "on_", 3) == 0) {
             ah_log_warn("%s: the script's table has '%s', which is not a hook (hooks: on_pause, "
                         "on_resume, on_shutdown, on_reload)",
                         lua->script, key);
         }
     }
+}
+
+long long ah_lua_iteration(const ah_lua_t *lua)
+{
+    return lua->iteration;
+}
+
+void ah_lua_set_iteration(ah_lua_t *lua, long long iteration)
+{
+    lua->iteration = iteration;
 }
 
 /* ctx's __index: ctx.iteration is computed on access, so a batch does not pay for a table
@@ -311,6 +337,33 @@ static void create_ctx(lua_State *L, ah_lua_t *lua)
     lua->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
+/* jit.on() under LUA_MEMORY_LIMIT: the compiler stays off (see jit_off_for_memory_limit). */
+static int jit_on_refused(lua_State *L)
+{
+    (void)L;
+    ah_log_warn("jit.on() ignored: the JIT compiler stays off while LUA_MEMORY_LIMIT is set");
+    return 0;
+}
+
+/* With LUA_MEMORY_LIMIT the JIT compiler is turned off and jit.on() does nothing. The limit
+ * works by refusing an allocation (limited_alloc returns NULL, LuaJIT raises "not enough
+ * memory"), and LuaJIT 2.1 cannot raise that error from compiled code: lj_err_mem() reads the
+ * current frame through L->base, which is stale while a trace runs, so an allocation refused
+ * inside a trace (a table or a string a compiled loop creates) dereferenced a bogus function
+ * object and crashed the agent (SIGSEGV in lj_err_mem, called from lj_mem_newgco / newtab /
+ * lj_tab_new1 on a trace). The interpreter keeps its frames current, so there the error is an
+ * ordinary Lua error. Raises on failure (inside open_protected). */
+static void jit_off_for_memory_limit(lua_State *L)
+{
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+    lua_getglobal(L, "jit");
+    if (lua_istable(L, -1)) {
+        lua_pushcfunction(L, jit_on_refused);
+        lua_setfield(L, -2, "on");
+    }
+    lua_pop(L, 1);
+}
+
 /* The protected part of ah_lua_open() (lua_cpcall, like luajit.c's pmain): every error,
  * including out of memory, becomes the message on top of the stack. */
 static int open_protected(lua_State *L)
@@ -321,6 +374,9 @@ static int open_protected(lua_State *L)
     lua_gc(L, LUA_GCSTOP, 0);
     luaL_openlibs(L);
     lua_gc(L, LUA_GCRESTART, -1);
+    if (lua->memory_limit > 0) {
+        jit_off_for_memory_limit(L);
+    }
 
     lua_pushlightuserdata(L, (void *)&ah_lua_registry_key);
     lua_pushlightuserdata(L, lua);
@@ -416,6 +472,9 @@ static int loop_open(ah_lua_t *lua, char *err, size_t errlen)
     uv_timer_init(&lua->loop, &lua->drain);
     lua->drain.data = lua;
     uv_unref((uv_handle_t *)&lua->drain);
+    uv_timer_init(&lua->loop, &lua->lease_guard);
+    lua->lease_guard.data = lua;
+    uv_unref((uv_handle_t *)&lua->lease_guard);
     task_t *main = lua->main_task;
     main->lua = lua;
     main->co_ref = LUA_NOREF;
@@ -506,6 +565,9 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
         snprintf(err, errlen, "cannot create a Lua state: out of memory");
         goto fail_script;
     }
+    if (opts->publish != NULL) {
+        opts->publish(opts->publish_ud, lua);
+    }
     if (lua_cpcall(lua->L, open_protected, lua) != 0) {
         const char *msg = lua_tostring(lua->L, -1);
         snprintf(err, errlen, "%s", msg != NULL ? msg : "(error object is not a string)");
@@ -522,6 +584,9 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     return lua;
 
 fail_state:
+    if (opts->publish != NULL) {
+        opts->publish(opts->publish_ud, NULL);
+    }
     close_state(lua);
 fail_script:
     if (lua->metrics_owned) {

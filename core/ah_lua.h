@@ -46,6 +46,11 @@ typedef struct ah_lua_options_s {
     size_t memory_limit;          /* bytes the script may allocate (LUA_MEMORY_LIMIT); 0: none */
     struct ah_leases_s *leases;   /* the host's lease keeper (ah_lease.h), not owned (must outlive
                                      the state); NULL: lease:acquire fails with "store" */
+    /* Optional: called on the opening thread with the new state just before its main chunk
+     * runs (so a watchdog can interrupt that call: ah_lua_interrupt_call), and with NULL before
+     * a state whose load failed is freed. */
+    void (*publish)(void *ud, struct ah_lua_s *lua);
+    void *publish_ud;
 } ah_lua_options_t;
 
 /* Creates a state, opens the standard libraries, cjson and the agent module, sets package.path so
@@ -59,6 +64,11 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
                       size_t errlen);
 /* Closes the state. NULL is accepted. */
 void ah_lua_close(ah_lua_t *lua);
+/* ctx.iteration: the batches started so far by this agent (the running one included). A reload
+ * carries it over to the fresh state (before its init), so it counts across script versions like
+ * /api/agent/state's `batches`. Lua thread (or before the state is shared). */
+long long ah_lua_iteration(const ah_lua_t *lua);
+void ah_lua_set_iteration(ah_lua_t *lua, long long iteration);
 
 /* Calls M.init(ctx) if the script defines it. 0, or AH_ELUA with the message and traceback. */
 int ah_lua_init(ah_lua_t *lua, char *err, size_t errlen);
@@ -116,9 +126,9 @@ void ah_lua_wake(ah_lua_t *lua);
 /* Something a task waits for: started by a C function, completed by a loop callback. */
 typedef struct ah_lua_op_s ah_lua_op_t;
 struct ah_lua_op_s {
-    /* Called on the Lua thread when the wait is cancelled (BATCH_TIMEOUT, shutdown, the call's
-     * function failed, the state closes): stop the work now; ah_lua_op_done() must not be called
-     * for it afterwards. */
+    /* Called on the Lua thread when the wait is cancelled (BATCH_TIMEOUT, shutdown, a pending
+     * command's drain deadline, task:cancel(), the call's function failed, the state closes):
+     * stop the work now; ah_lua_op_done() must not be called for it afterwards. */
     void (*cancel)(ah_lua_op_t *op);
     /* Set by cancel() when the work had already started and may take effect anyway (a write on
      * the thread pool): the wait then resumes with nil, msg, "unknown" instead of the
@@ -140,9 +150,10 @@ int ah_lua_op_wait(struct lua_State *L, ah_lua_op_t *op, const char *what);
  * coroutine the script created and for a lua_State that no ah_lua_t opened (an embedder's own,
  * a benchmark's). */
 bool ah_lua_can_wait(struct lua_State *L);
-/* When the running call's waits are cancelled (BATCH_TIMEOUT, shutdown), pushes nil, msg, code
- * on L and returns 3: a C function should return that before starting work nobody will wait
- * for. Otherwise returns 0 and pushes nothing. */
+/* When the running call's waits are cancelled (BATCH_TIMEOUT, shutdown, a drain deadline), or
+ * those of the task running on L (task:cancel()), pushes nil, msg, code on L and returns 3: a C
+ * function should return that before starting work nobody will wait for. Otherwise returns 0
+ * and pushes nothing. */
 int ah_lua_push_cancelled(struct lua_State *L);
 /* Completes op: its task resumes with `true` at the next turn of the loop. Lua thread only
  * (loop callbacks). A no-op when nobody waits for op any more. */

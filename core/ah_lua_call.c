@@ -280,12 +280,8 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     main->co_ref = LUA_NOREF;
     main->co = NULL;
     if (status == LUA_ERRMEM) {
-        if (lua->memory_refused) { /* else the system refused memory: Lua's own message stands */
-            snprintf(err, errlen,
-                     "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%zu bytes; %zu in "
-                     "use)",
-                     lua->memory_limit, lua->memory_used);
-        }
+        /* err has the message (the limit's when it refused, else Lua's own) and the traceback
+         * (push_task_error) */
         lua_gc(L, LUA_GCCOLLECT, 0); /* give the garbage of the failed call back at once */
         return AH_ELUA;
     }
@@ -462,8 +458,14 @@ int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen
     lua_getfield(L, -1, "spec");
     ah_strlcpy(spec, lua_isstring(L, -1) ? lua_tostring(L, -1) : "", sizeof(spec));
     lua_pop(L, 1);
+    /* with a lease: losing it cancels the run's waits (ah_lua_task.c, on_lease_guard) */
+    lua_getfield(L, -1, "lease");
+    ah_strlcpy(lua->guard_lease, lua_isstring(L, -1) ? lua_tostring(L, -1) : "",
+               sizeof(lua->guard_lease));
+    lua_pop(L, 1);
     char msg[AH_ERRLEN * 4];
     rc = ah_lua_call_user(lua, 1, 0, msg, sizeof(msg));
+    lua->guard_lease[0] = '\0';
     if (rc == AH_OK) {
         rc = 1;
     } else {

@@ -298,6 +298,32 @@ static int core_env(lua_State *L)
     return 1;
 }
 
+/* agent.core.suggest(word, {candidates...}) -> the candidate word most likely meant, or nil
+ * (ah_suggest: case, '_' and spelling). For "did you mean" in the Lua half's errors. */
+static int core_suggest(lua_State *L)
+{
+    const char *word = luaL_checkstring(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    const char *names[64];
+    int n = 0;
+    for (int i = 1; n < 63; i++) {
+        lua_rawgeti(L, 2, i);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            lua_pop(L, 1);
+            break;
+        }
+        names[n++] = lua_tostring(L, -1); /* kept alive by the table */
+        lua_pop(L, 1);
+    }
+    names[n] = NULL;
+    const char *meant = ah_suggest(word, names, NULL);
+    if (meant == NULL) {
+        return 0;
+    }
+    lua_pushstring(L, meant);
+    return 1;
+}
+
 static int core_now(lua_State *L)
 {
     lua_pushnumber(L, (lua_Number)ah_now_us() / 1e6);
@@ -375,6 +401,7 @@ static const luaL_Reg core_functions[] = {
     {"pending", core_pending},
     {"shutdown", core_shutdown},
     {"env", core_env},
+    {"suggest", core_suggest},
     {"now", core_now},
     {"monotonic", core_monotonic},
     {NULL, NULL},

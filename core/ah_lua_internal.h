@@ -117,6 +117,9 @@ struct ah_lua_s {
      * enforced only while user Lua runs (armed), so the host's own pushes never fail. */
     size_t memory_limit;
     size_t memory_used;
+    /* "file:line: " of the Lua code whose allocation the limit refused last (limited_alloc),
+     * for the error message: after the throw the innermost frame's line is gone. */
+    char memory_where[256];
     bool memory_armed;
     bool memory_refused; /* the limit refused an allocation during the current call */
 
@@ -148,6 +151,10 @@ struct ah_lua_s {
     uv_timer_t drain;
     int64_t drain_armed_us;
     bool drained;
+    /* A scheduled run with a lease (cold too): lease_guard checks, while the run waits, that
+     * guard_lease ("" when the running call has none) is still held. */
+    uv_timer_t lease_guard;
+    char guard_lease[AH_NAME_MAX + 1];
 };
 
 /* Values pinned at the bottom of the main Lua stack for the life of the state, so that the hot

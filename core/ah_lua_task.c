@@ -8,11 +8,15 @@
  * "cancelled" through the async handle (ah_lua_task_on_wake). Lua thread only. */
 #include "ah_lua_internal.h"
 
+#include "ah_lease.h"
 #include "ah_log.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* How often a scheduled run with a lease checks, while it waits, that the lease is still held. */
+#define AH_LUA_LEASE_GUARD_MS 100
 
 const char ah_lua_code_timeout[] = "timeout";
 const char ah_lua_code_cancelled[] = "cancelled";
@@ -195,10 +199,13 @@ static void push_task_error(ah_lua_t *lua, lua_State *co, int status)
 {
     lua_State *L = lua->L;
     if (status == LUA_ERRMEM && lua->memory_refused) {
-        /* %f: LuaJIT writes a lua_Number with %.14g, exact for any limit (%d stops at 2 GiB) */
-        lua_pushfstring(L, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%f bytes)",
-                        (lua_Number)lua->memory_limit);
-        return;
+        /* Lua's "not enough memory" has no position: name the limit and the script line where
+         * the allocation was refused (noted by limited_alloc()), then the traceback as for any
+         * error. The limit is not enforced here (only around lua_resume), so this cannot fail.
+         * %f: LuaJIT writes a lua_Number with %.14g, exact for any limit (%d stops at 2 GiB). */
+        lua_pop(co, 1);
+        lua_pushfstring(co, "not enough memory: the script exceeded LUA_MEMORY_LIMIT (%f bytes)%s",
+                        (lua_Number)lua->memory_limit, lua->memory_where);
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, lua->traceback_ref); /* no allocation */
     lua_xmove(co, L, 1);
@@ -367,6 +374,23 @@ void ah_lua_task_on_wake(uv_async_t *handle)
     }
 }
 
+/* A scheduled run's lease is no longer held (lost to another agent, expired locally, released
+ * by a pause): its waits are cancelled, joins included, so that the job ends. */
+static void on_lease_guard(uv_timer_t *timer)
+{
+    ah_lua_t *lua = timer->data;
+    ah_lease_view_t view;
+    if (lua->leases == NULL || lua->guard_lease[0] == '\0' ||
+        (ah_leases_view(lua->leases, lua->guard_lease, &view) && view.held)) {
+        return;
+    }
+    uv_timer_stop(timer);
+    char msg[sizeof(lua->cancel_msg)];
+    snprintf(msg, sizeof(msg), "cancelled: lease %.100s is no longer held by this agent",
+             lua->guard_lease);
+    cancel_waits(lua, ah_lua_code_cancelled, msg, true);
+}
+
 /* Runs the loop until the main task and every task it spawned have ended. */
 __attribute__((noinline)) void ah_lua_task_run_loop(ah_lua_t *lua)
 {
@@ -393,6 +417,10 @@ __attribute__((noinline)) void ah_lua_task_run_loop(ah_lua_t *lua)
                 uv_timer_start(&lua->deadline, on_deadline, ms, 0);
             }
             drain_arm(lua); /* a command may have been pending before the call waited */
+            if (lua->guard_lease[0] != '\0') {
+                uv_update_time(&lua->loop);
+                uv_timer_start(&lua->lease_guard, on_lease_guard, 0, AH_LUA_LEASE_GUARD_MS);
+            }
         }
         atomic_store(&lua->parked, true);
         int alive = uv_run(&lua->loop, lua->ready_head != NULL ? UV_RUN_NOWAIT : UV_RUN_ONCE);
@@ -408,6 +436,7 @@ __attribute__((noinline)) void ah_lua_task_run_loop(ah_lua_t *lua)
         uv_timer_stop(&lua->deadline);
         uv_timer_stop(&lua->drain);
         lua->drain_armed_us = 0;
+        uv_timer_stop(&lua->lease_guard);
     }
 }
 

@@ -219,16 +219,29 @@ void ah_metrics_render_labels(const char *labels_text, ah_buf_t *b)
                   "This agent's labels (AGENT_LABELS, AGENT_LABELS_FILE, agent=<AGENT_ID>), as "
                   "label_<key> (characters outside [a-zA-Z0-9_] become _); always 1.");
     ah_buf_puts(b, "agenthost_agent_labels{");
-    for (size_t i = 0; i < ah_labels_count(labels); i++) {
-        ah_buf_puts(b, i > 0 ? ",label_" : "label_");
-        for (const char *k = ah_labels_key(labels, i); *k != '\0'; k++) {
+    char written[AH_LABELS_MAX][AH_LABEL_PREFIX_MAX + AH_LABEL_NAME_MAX + 8];
+    size_t names = 0;
+    for (size_t i = 0; i < ah_labels_count(labels) && i < AH_LABELS_MAX; i++) {
+        char name[sizeof(written[0])];
+        size_t n = 0;
+        for (const char *k = ah_labels_key(labels, i); *k != '\0' && n + 1 < sizeof(name); k++) {
             char c = *k;
             bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
                       c == '_';
-            ah_buf_append(b, ok ? k : "_", 1);
+            name[n++] = ok ? c : '_';
         }
+        name[n] = '\0';
+        bool seen = false; /* "a.b" and "a_b" meet as one name: the first one is shown */
+        for (size_t j = 0; j < names && !seen; j++) {
+            seen = strcmp(written[j], name) == 0;
+        }
+        if (seen) {
+            continue;
+        }
+        ah_strlcpy(written[names++], name, sizeof(written[0]));
         /* label values are [A-Za-z0-9._-]: nothing to escape */
-        ah_buf_printf(b, "=\"%s\"", ah_labels_value(labels, i));
+        ah_buf_printf(b, "%slabel_%s=\"%s\"", names > 1 ? "," : "", name,
+                      ah_labels_value(labels, i));
     }
     ah_buf_puts(b, "} 1\n");
     ah_labels_free(labels);

@@ -18,13 +18,16 @@
 
 struct ah_state_s {
     pthread_mutex_t lock;
-    pthread_mutex_t issue_lock; /* held by an HTTP thread issuing a cluster command (see .h) */
+    pthread_mutex_t issue_lock; /* serialises the threads issuing cluster commands (see .h) */
+    int issuing;                /* under lock: issues between begin and end */
+    pthread_cond_t issued;      /* signalled when issuing drops */
     pthread_cond_t wake;        /* signalled when an event becomes pending */
     _Atomic int state;          /* ah_run_state_t; written under lock, read lock-free */
     bool cluster_known;
     ah_control_t cluster;
     int64_t seen_version; /* highest cluster version offered */
     int64_t applied_version;
+    char held_leases[AH_HELD_LEASES_MAX + 1];
     bool local_override;
     atomic_bool has_event; /* written under lock; read lock-free as a hint */
     ah_event_t pending;
@@ -47,6 +50,7 @@ struct ah_state_s {
     /* Script reload: requests are numbered; the worker completes them in order. */
     _Atomic uint64_t reload_requested; /* number of the latest request */
     _Atomic uint64_t reload_done;      /* number of the latest completed request */
+    _Atomic uint64_t reload_serving;   /* the request the worker took (its load may be running) */
     /* The outcomes of the latest reloads: entry i answered every request numbered from the
      * previous entry's `upto` + 1 through its own `upto` (requests merged into one load). */
     struct {
@@ -213,6 +217,7 @@ ah_state_t *ah_state_new(void)
     pthread_mutex_init(&s->listener_lock, NULL);
     pthread_mutex_init(&s->issue_lock, NULL);
     pthread_cond_init(&s->wake, &attr);
+    pthread_cond_init(&s->issued, &attr);
     pthread_condattr_destroy(&attr);
     s->state = AH_STATE_STARTING;
     s->started_us = ah_now_us();
@@ -229,6 +234,7 @@ void ah_state_free(ah_state_t *s)
         return;
     }
     pthread_cond_destroy(&s->wake);
+    pthread_cond_destroy(&s->issued);
     pthread_mutex_destroy(&s->issue_lock);
     pthread_mutex_destroy(&s->lock);
     pthread_mutex_destroy(&s->listener_lock);
@@ -336,6 +342,17 @@ static void notify_fleet(ah_state_t *s, bool record_changed)
 {
     if (s->fleet_listener != NULL) {
         s->fleet_listener(s->fleet_listener_ud, record_changed);
+    }
+}
+
+void ah_state_set_held_leases(ah_state_t *s, const char *names)
+{
+    pthread_mutex_lock(&s->lock);
+    bool changed = strncmp(s->held_leases, names, sizeof(s->held_leases) - 1) != 0;
+    ah_strlcpy(s->held_leases, names, sizeof(s->held_leases));
+    pthread_mutex_unlock(&s->lock);
+    if (changed) {
+        notify_fleet(s, true);
     }
 }
 
@@ -702,7 +719,7 @@ static bool sleep_ends(void *arg)
 {
     const ah_state_t *s = arg;
     return (s->has_event && s->pending.source != AH_SOURCE_STARTUP) || s->shutdown_final ||
-           s->reload_requested != s->reload_done;
+           (s->reload_requested != s->reload_done && s->reload_requested != s->reload_serving);
 }
 
 bool ah_state_sleep(ah_state_t *s, double seconds)
@@ -801,6 +818,7 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
     out->reloads = s->reloads;
     out->reload_failures = s->reload_failures;
     out->stop_requested_us = s->stop_requested_us;
+    memcpy(out->held_leases, s->held_leases, sizeof(out->held_leases));
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -872,7 +890,11 @@ uint64_t ah_state_take_reload(ah_state_t *s)
 {
     /* Lock-free: called between every two batches. */
     uint64_t requested = atomic_load(&s->reload_requested);
-    return requested != atomic_load(&s->reload_done) ? requested : 0;
+    if (requested == atomic_load(&s->reload_done)) {
+        return 0;
+    }
+    atomic_store(&s->reload_serving, requested);
+    return requested;
 }
 
 void ah_state_finish_reload(ah_state_t *s, uint64_t ticket, bool ok, const char *error)
@@ -953,15 +975,30 @@ int ah_state_wait_reload(ah_state_t *s, uint64_t ticket, double seconds, char *e
 void ah_state_issue_begin(ah_state_t *s)
 {
     pthread_mutex_lock(&s->issue_lock);
+    pthread_mutex_lock(&s->lock);
+    s->issuing++;
+    pthread_mutex_unlock(&s->lock);
 }
 
 void ah_state_issue_end(ah_state_t *s)
 {
+    pthread_mutex_lock(&s->lock);
+    s->issuing--;
+    pthread_cond_broadcast(&s->issued);
+    pthread_mutex_unlock(&s->lock);
     pthread_mutex_unlock(&s->issue_lock);
+}
+
+/* ah_state_issue_barrier's condition (lock held). */
+static bool nothing_issuing(void *arg)
+{
+    const ah_state_t *s = arg;
+    return s->issuing == 0;
 }
 
 void ah_state_issue_barrier(ah_state_t *s)
 {
-    pthread_mutex_lock(&s->issue_lock);
-    pthread_mutex_unlock(&s->issue_lock);
+    pthread_mutex_lock(&s->lock);
+    ah_cond_wait_until(&s->issued, &s->lock, AH_STATE_ISSUE_BARRIER_MAX, nothing_issuing, s);
+    pthread_mutex_unlock(&s->lock);
 }

@@ -85,6 +85,10 @@ typedef struct ah_store_status_s {
     uint64_t polls;
 } ah_store_status_t;
 
+/* Longest comma-separated list of held lease names a status record carries (longer lists are
+ * cut at a name). */
+#define AH_HELD_LEASES_MAX 511
+
 /* A consistent copy of everything the API shows. */
 typedef struct ah_state_snapshot_s {
     ah_run_state_t state;
@@ -110,6 +114,8 @@ typedef struct ah_state_snapshot_s {
     uint64_t reload_failures;   /* reloads that kept the old script */
     int64_t stop_requested_us;  /* monotonic time the shutdown now under way was requested; 0:
                                    none (SHUTDOWN_TIMEOUT counts from here) */
+    char held_leases[AH_HELD_LEASES_MAX + 1]; /* the leases this agent holds, by name, comma-
+                                                 separated (status records) */
 } ah_state_snapshot_t;
 
 typedef struct ah_state_s ah_state_t;
@@ -243,14 +249,22 @@ void ah_state_set_change_listener(ah_state_t *s, void (*fn)(void *ud), void *ud)
  * final stop, a new watch mode (record_changed true) — and when a newer control document is
  * accepted (record_changed false). fn must not block. Call before other threads use the state;
  * NULL removes it. */
+/* The lease keeper's list of held leases (comma-separated names, cut at AH_HELD_LEASES_MAX);
+ * a change tells the fleet listener (the status record shows it). Any thread. */
+void ah_state_set_held_leases(ah_state_t *s, const char *names);
 void ah_state_set_fleet_listener(ah_state_t *s, void (*fn)(void *ud, bool record_changed),
                                  void *ud);
 
-/* Log order on the issuing agent. An HTTP thread issuing a cluster command holds the issue lock
- * from before the store write until it has logged "issued" and offered the document; the worker
- * passes the barrier before it logs a cluster transition, so this agent's "Agent paused" never
- * precedes its own "Cluster command pause issued" (its watcher may deliver the write first).
- * The barrier waits at most one store write. */
+/* Log order on the issuing agent. A thread issuing a cluster command (a store worker, the fleet
+ * waiter, the status writer) is between begin and end from before the store write until it has
+ * logged "issued" and offered the document (issuers are serialised by a lock of their own); the
+ * worker passes the barrier before it logs a cluster transition, so this agent's "Agent paused"
+ * follows its own "Cluster command pause issued" (its watcher may deliver the write first). The
+ * worker takes no lock held across the store write: the barrier waits for the issue to end, at
+ * most AH_STATE_ISSUE_BARRIER_MAX seconds (a write that takes longer is blocked in the store,
+ * e.g. by another process's write lock, so it cannot be the write being applied), then the
+ * transition's hook runs anyway. */
+#define AH_STATE_ISSUE_BARRIER_MAX 0.25
 void ah_state_issue_begin(ah_state_t *s);
 void ah_state_issue_end(ah_state_t *s);
 void ah_state_issue_barrier(ah_state_t *s);

@@ -43,6 +43,7 @@ typedef struct ah_agent_status_s {
     char agenthost_version[AH_VERSION_TEXT_MAX + 1];
     int64_t batches;
     int64_t errors;
+    char leases[AH_HELD_LEASES_MAX + 1]; /* the leases it holds: names, comma-separated */
     char labels[AH_LABELS_TEXT_MAX + 1]; /* canonical "k=v,k=v" (agent=<id> included) */
     /* The scope versions this agent applied, for the scopes its labels match:
      * "<ah_selector_id as 16 hex digits>=<version>" joined by ','. */

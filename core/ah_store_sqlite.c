@@ -64,7 +64,8 @@ static const char ah_sqlite_schema[] =
     " watch_mode TEXT NOT NULL, last_seen_us INTEGER NOT NULL, started_us INTEGER NOT NULL,"
     " host TEXT NOT NULL, pid INTEGER NOT NULL, agenthost_version TEXT NOT NULL,"
     " batches INTEGER NOT NULL, errors INTEGER NOT NULL,"
-    " labels TEXT NOT NULL DEFAULT '', scope_acks TEXT NOT NULL DEFAULT '');"
+    " labels TEXT NOT NULL DEFAULT '', scope_acks TEXT NOT NULL DEFAULT '',"
+    " leases TEXT NOT NULL DEFAULT '');"
     "CREATE TABLE IF NOT EXISTS scope_audit ("
     " seq INTEGER PRIMARY KEY AUTOINCREMENT, selector TEXT NOT NULL, version INTEGER NOT NULL,"
     " command TEXT NOT NULL, timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL,"
@@ -121,18 +122,20 @@ static const struct {
      "ALTER TABLE agent_status ADD COLUMN labels TEXT NOT NULL DEFAULT ''"},
     {"SELECT scope_acks FROM agent_status LIMIT 0",
      "ALTER TABLE agent_status ADD COLUMN scope_acks TEXT NOT NULL DEFAULT ''"},
+    {"SELECT leases FROM agent_status LIMIT 0",
+     "ALTER TABLE agent_status ADD COLUMN leases TEXT NOT NULL DEFAULT ''"},
 };
 
 static const char ah_sqlite_put_status[] =
     "INSERT OR REPLACE INTO agent_status (agent_id, state, applied_version, watch_mode,"
     " last_seen_us, started_us, host, pid, agenthost_version, batches, errors, labels,"
-    " scope_acks) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+    " scope_acks, leases) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 
 static const char ah_sqlite_sweep_status[] = "DELETE FROM agent_status WHERE last_seen_us < ?1";
 
 static const char ah_sqlite_select_status[] =
     "SELECT agent_id, state, applied_version, watch_mode, last_seen_us, started_us, host, pid,"
-    " agenthost_version, batches, errors, labels, scope_acks FROM agent_status"
+    " agenthost_version, batches, errors, labels, scope_acks, leases FROM agent_status"
     " ORDER BY agent_id LIMIT ?1";
 
 static const char ah_sqlite_insert_initial[] =
@@ -720,6 +723,7 @@ static int put_status_once(sqlite3 *db, const ah_agent_status_t *rec, int64_t sw
     sqlite3_bind_int64(stmt, 11, rec->errors);
     sqlite3_bind_text(stmt, 12, rec->labels, -1, SQLITE_STATIC);
     sqlite3_bind_text(stmt, 13, rec->scope_acks, -1, SQLITE_STATIC);
+    sqlite3_bind_text(stmt, 14, rec->leases, -1, SQLITE_STATIC);
     rc = sqlite3_step(stmt);
     if (rc != SQLITE_DONE) {
         goto cleanup;
@@ -748,6 +752,10 @@ static int sqlite_put_status(ah_store_t *base, const ah_agent_status_t *rec, dou
     int ret = 0;
 
     pthread_mutex_lock(&st->api_lock);
+    if ((ret = api_connect_locked(st, err, errlen)) != 0) {
+        pthread_mutex_unlock(&st->api_lock);
+        return ret;
+    }
     int64_t now_mono = ah_mono_us();
     int64_t sweep_before_us = 0;
     if (ttl > 0 &&
@@ -782,6 +790,10 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
     int rc = SQLITE_DONE;
 
     pthread_mutex_lock(&st->api_lock);
+    if ((ret = api_connect_locked(st, err, errlen)) != 0) {
+        goto cleanup;
+    }
+    ret = AH_EIO;
     if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_status, -1, &stmt, NULL) != SQLITE_OK) {
         sqlite_error(err, errlen, st, st->api_db, "status read failed");
         ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;
@@ -811,6 +823,8 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
         ah_strlcpy(r->labels, (const char *)sqlite3_column_text(stmt, 11), sizeof(r->labels));
         ah_strlcpy(r->scope_acks, (const char *)sqlite3_column_text(stmt, 12),
                    sizeof(r->scope_acks));
+        const unsigned char *leases = sqlite3_column_text(stmt, 13);
+        ah_strlcpy(r->leases, leases != NULL ? (const char *)leases : "", sizeof(r->leases));
     }
     if (rc != SQLITE_DONE) {
         sqlite_error(err, errlen, st, st->api_db, "status read failed");

@@ -196,5 +196,21 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "run") == 0) {
         return cmd_run(argc - 2, argv + 2);
     }
+    /* `agenthost SCRIPT.lua`: a word that is no file and looks like a command is a typo. */
+    static const char *const commands[] = {"run", "check", "ctl", "version", "help", NULL};
+    const char *meant = ah_suggest(cmd, commands, NULL);
+    if (cmd[0] != '-' && strchr(cmd, '/') == NULL && strchr(cmd, '.') == NULL &&
+        access(cmd, F_OK) != 0) {
+        if (meant != NULL) {
+            fprintf(stderr, "agenthost: unknown command \"%s\" (did you mean \"%s\"?)\n", cmd,
+                    meant);
+        } else {
+            fprintf(stderr,
+                    "agenthost: unknown command \"%s\" (commands: run, check, ctl, "
+                    "version; or a SCRIPT.lua to run)\n",
+                    cmd);
+        }
+        return 2;
+    }
     return cmd_run(argc - 1, argv + 1);
 }

@@ -11,11 +11,103 @@ Each returns {status, headers (lower-case names), body}; any HTTP status is a re
 returns nil, msg, code ("timeout", "connect", "resolve", "tls", "too_large", "redirects", "io",
 "cancelled"); misuse raises. ]]
 local core = require "agent.http.core"
+local agent_core = require "agent.core"
 local json = require "cjson"
 
-local pairs, type, error = pairs, type, error
+local pairs, type, error, tostring, format = pairs, type, error, tostring, string.format
 
 local M = {}
+
+-- The options of agent.http.request (get and post take the same, url and body aside).
+local OPTIONS = { "method", "url", "headers", "query", "body", "json", "timeout",
+                  "connect_timeout", "max_body", "follow_redirects", "tls_verify", "ca_file" }
+local KNOWN = {}
+for _, name in pairs(OPTIONS) do
+    KNOWN[name] = true
+end
+
+local function shown(v)
+    return type(v) == "string" and format("%q", v) or tostring(v)
+end
+
+-- Checks every option before anything is sent; a misuse raises at the script's line (level:
+-- the script's stack level seen from here), naming agent.http.<fname> and the option, as
+-- agent.mongo does. Runtime failures are returned by request, never raised.
+local function check(fname, o, level)
+    local function bad(what, v)
+        error(format("agent.http.%s: %s (got %s %s)", fname, what, type(v), shown(v)), level + 1)
+    end
+    for k in pairs(o) do
+        if not KNOWN[k] then
+            local meant = type(k) == "string" and agent_core.suggest(k, OPTIONS)
+            error(format("agent.http.%s: unknown option '%s'%s", fname, tostring(k),
+                         meant and format(" (did you mean '%s'?)", meant) or ""), level)
+        end
+    end
+    local url = o.url
+    if type(url) ~= "string" or not (url:find("^http://") or url:find("^https://")) then
+        bad("url must be a string starting with http:// or https://", url)
+    end
+    local method = o.method
+    if method ~= nil and (type(method) ~= "string" or not method:find("^[%w!#%$%%&'%*%+%.%^_`|~%-]+$")) then
+        bad("method must be an HTTP method name such as \"GET\"", method)
+    end
+    for _, name in pairs({ "timeout", "connect_timeout" }) do
+        local v = o[name]
+        if v ~= nil and (type(v) ~= "number" or not (v > 0) or v == math.huge) then
+            bad(name .. " must be a number of seconds > 0", v)
+        end
+    end
+    if o.max_body ~= nil and (type(o.max_body) ~= "number" or not (o.max_body >= 0)) then
+        bad("max_body must be a number of bytes >= 0", o.max_body)
+    end
+    for _, name in pairs({ "follow_redirects", "tls_verify" }) do
+        if o[name] ~= nil and type(o[name]) ~= "boolean" then
+            bad(name .. " must be a boolean", o[name])
+        end
+    end
+    if o.ca_file ~= nil and type(o.ca_file) ~= "string" then
+        bad("ca_file must be a path", o.ca_file)
+    end
+    if o.headers ~= nil then
+        if type(o.headers) ~= "table" then
+            bad("headers must be a table of name = value", o.headers)
+        end
+        for k, v in pairs(o.headers) do
+            if type(k) ~= "string" then
+                bad("header names must be strings", k)
+            end
+            if type(v) ~= "string" and type(v) ~= "number" then
+                bad("header " .. k .. " must be a string or a number", v)
+            end
+        end
+    end
+    if o.query ~= nil then
+        if type(o.query) ~= "table" then
+            bad("query must be a table of name = value", o.query)
+        end
+        for k, v in pairs(o.query) do
+            local vt = type(v)
+            if type(k) ~= "string" or (vt ~= "string" and vt ~= "number" and vt ~= "boolean") then
+                bad("query must map strings to strings, numbers or booleans", v)
+            end
+        end
+    end
+    if o.json ~= nil then
+        if o.body ~= nil then
+            error(format("agent.http.%s: give body or json, not both", fname), level)
+        end
+        local ok, encoded = pcall(json.encode, o.json)
+        if not ok then
+            error(format("agent.http.%s: the body cannot be encoded as JSON: %s", fname,
+                         tostring(encoded):gsub("^.-:%d+: ", "")), level)
+        end
+        return encoded
+    elseif o.body ~= nil and type(o.body) ~= "string" then
+        bad("body must be a string (use json for a table)", o.body)
+    end
+    return o.body
+end
 
 -- headers + Content-Type: application/json unless the caller set a content type.
 local function with_json_type(headers)
@@ -35,19 +127,11 @@ local function with_json_type(headers)
     return out
 end
 
-local function request(opts)
-    if type(opts) ~= "table" then
-        error("agent.http.request: expects a table of options", 2)
-    end
-    local body, headers = opts.body, opts.headers
+-- Sends opts (already checked, body prepared by check) and waits for the answer.
+local function send(opts, body)
+    local headers = opts.headers
     if opts.json ~= nil then
-        if body ~= nil then
-            error("agent.http.request: give body or json, not both", 2)
-        end
-        body = json.encode(opts.json)
         headers = with_json_type(headers)
-    elseif body ~= nil and type(body) ~= "string" then
-        error("agent.http.request: body must be a string (use json for a table)", 2)
     end
     local transfer, msg, code = core.start(opts, body, headers)
     if not transfer then
@@ -61,7 +145,15 @@ local function request(opts)
     end
     return core.result(transfer)
 end
-M.request = request
+
+function M.request(opts)
+    if type(opts) ~= "table" then
+        error("agent.http.request: expects a table of options", 2)
+    end
+    local body = check("request", opts, 3)
+    local r, msg, code = send(opts, body) -- not a tail call: the levels above stay as they are
+    return r, msg, code
+end
 
 local function copy(opts, name)
     local out = {}
@@ -80,7 +172,9 @@ function M.get(url, opts)
     local o = copy(opts, "get")
     o.url = url
     o.method = o.method or "GET"
-    return request(o)
+    local b = check("get", o, 3)
+    local r, msg, code = send(o, b)
+    return r, msg, code
 end
 
 function M.post(url, body, opts)
@@ -92,7 +186,9 @@ function M.post(url, body, opts)
     else
         o.body = body
     end
-    return request(o)
+    local b = check("post", o, 3)
+    local r, msg, code = send(o, b)
+    return r, msg, code
 end
 
 return M

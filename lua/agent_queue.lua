@@ -14,6 +14,7 @@ claimed since does nothing and says so.
 
 Runtime failures return nil, message (and the driver's code); misuse raises. ]]
 local agent = require "agent"
+local agent_core = require "agent.core"
 local mongo = require "agent.mongo"
 
 local format, tostring, type = string.format, tostring, type
@@ -42,10 +43,24 @@ end
                 true: a reload or a shutdown releases them, see release_held)
   index         false: do not create the claim index (default true: created by the first claim,
                 see claim_index_keys) ]]
+local OPEN_OPTIONS = { "collection", "db", "lease", "owner", "max_attempts", "sort",
+                       "release_on_close", "index" }
+
 function M.open(opts)
     opts = opts or {}
     if type(opts) ~= "table" then
         error("agent.queue.open: options table expected", 2)
+    end
+    for k in pairs(opts) do
+        local known = false
+        for _, name in ipairs(OPEN_OPTIONS) do
+            known = known or k == name
+        end
+        if not known then
+            local meant = type(k) == "string" and agent_core.suggest(k, OPEN_OPTIONS)
+            error(format("agent.queue.open: unknown option '%s'%s", tostring(k),
+                         meant and format(" (did you mean '%s'?)", meant) or ""), 2)
+        end
     end
     local coll = opts.collection or "jobs"
     if type(coll) == "string" then

@@ -15,7 +15,7 @@
   const WAIT_S = 30;
   const TOKEN_KEY = 'agenthost.token';
   const BADGES = ['running', 'pause', 'paused', 'starting', 'stopping', 'stopped', 'shutdown',
-                  'connected', 'disconnected'];
+                  'connected', 'disconnected', 'lost'];
   const NAMES = { pause: 'Pause', resume: 'Resume', shutdown: 'Shutdown', running: 'Resume' };
 
   const $ = (id) => document.getElementById(id);
@@ -260,7 +260,7 @@
     view.fleet = f;
     setText($('fleet-summary'), fleetSummary(f));
     syncRows($('fleet-rows'), f.agents || [], (a) => a.agent_id,
-             () => newRow(9, [5, 6], { 8: 'labels' }), (tr, a) => {
+             () => newRow(10, [5, 6], { 8: 'labels' }), (tr, a) => {
                const behind = typeof a.applied_version === 'number' &&
                               a.applied_version < f.version;
                tr.classList.toggle('stale', !!a.stale);
@@ -273,7 +273,17 @@
                  badge.className = 'badge';
                  c[1].appendChild(badge);
                }
-               setBadge(badge, a.state);
+               /* A stale agent that did not stop is lost: what it last said, in grey. */
+               const lost = !!a.stale && a.state !== 'stopped';
+               setBadge(badge, lost ? 'lost' : a.state);
+               let last = c[1].querySelector('.last-state');
+               if (!last) {
+                 last = document.createElement('span');
+                 last.className = 'last-state';
+                 c[1].appendChild(last);
+               }
+               setText(last, lost ? ' last: ' + a.state : '');
+               setHidden(last, !lost);
                setText(c[2], behind ? a.applied_version + ' (behind ' + f.version + ')'
                                     : a.applied_version);
                setText(c[3], a.stale ? 'STALE' : 'no');
@@ -285,6 +295,8 @@
                setText(c[7], a.host ? a.host + (a.pid ? ' (pid ' + a.pid + ')' : '') : null);
                setText(c[8], Object.keys(a.labels || {}).filter((k) => k !== 'agent').sort()
                  .map((k) => k + '=' + a.labels[k]).join(', '));
+               /* the leases it holds (agent.lease, agent.every): names, as text */
+               setText(c[9], Array.isArray(a.leases) ? a.leases.join(', ') : '');
              });
   }
 
@@ -522,12 +534,19 @@
       busy = false;
       if (stopped || r.error || !r.body || !r.body.summary) return;
       const states = r.body.summary.states || {};
-      const total = (r.body.summary.total || 0) - (states.stopped || 0);
-      const pending = (r.body.agents || []).filter((a) => a.state !== 'stopped');
+      /* Live agents only: a stopped or lost one is never waited for (nor counted). */
+      const total = (r.body.summary.total || 0) - (states.stopped || 0) - (states.lost || 0);
+      const behind = r.body.agents || [];
+      const pending = behind.filter((a) => a.state !== 'stopped' && !a.stale);
+      const lost = behind.filter((a) => a.state !== 'stopped' && a.stale);
       const applied = Math.max(0, total - pending.length);
-      setProgress(label + ': ' + applied + ' of ' + total + ' applied',
-                  pending.length ? 'Waiting for ' + pending.map((a) => a.agent_id).join(', ')
-                                 : '',
+      const detail = (pending.length ? 'Waiting for ' + pending.map((a) => a.agent_id).join(', ') +
+                                       '. '
+                                     : '') +
+                     (lost.length ? 'Not waited for (lost): ' +
+                                    lost.map((a) => a.agent_id).join(', ') + '.'
+                                  : '');
+      setProgress(label + ': ' + applied + ' of ' + total + ' live agents applied', detail.trim(),
                   total ? applied / total : null, null);
     };
     const id = setInterval(tick, PROGRESS_MS);
@@ -571,10 +590,10 @@
     const excluded = w.excluded && w.excluded.length
       ? ' Not waited for (stale, stopping or stopped): ' + w.excluded.join(', ') + '.' : '';
     if (w.complete) {
-      setProgress(label + ': ' + acked.length + ' of ' + total + ' applied',
+      setProgress(label + ': ' + acked.length + ' of ' + total + ' live agents applied',
                   'Complete in ' + secs + '.' + excluded, 1, 'done');
     } else {
-      setProgress(label + ': ' + acked.length + ' of ' + total + ' applied — timed out',
+      setProgress(label + ': ' + acked.length + ' of ' + total + ' live agents applied — timed out',
                   'Not applied after ' + secs + ': ' + pending.join(', ') + '.' + excluded,
                   total ? acked.length / total : 0, 'late');
     }

@@ -426,9 +426,14 @@ static void check_opts(lua_State *L, int arg, const char *const *allowed)
             }
         }
         if (!known) {
-            char what[128];
-            snprintf(what, sizeof(what), "unknown option '%s'",
-                     lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "(not a string)");
+            char what[160];
+            const char *meant = lua_type(L, -1) == LUA_TSTRING
+                                    ? ah_suggest(lua_tostring(L, -1), allowed, NULL)
+                                    : NULL;
+            snprintf(what, sizeof(what), "unknown option '%.64s'%s%.32s%s",
+                     lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "(not a string)",
+                     meant != NULL ? "; did you mean '" : "", meant != NULL ? meant : "",
+                     meant != NULL ? "'?" : "");
             lua_pop(L, 1);
             raise_arg(L, arg, what);
         }

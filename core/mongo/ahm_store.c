@@ -898,6 +898,17 @@ static int mongo_put_status(ah_store_t *st, const ah_agent_status_t *rec, double
     BSON_APPEND_INT64(&set, "errors", rec->errors);
     BSON_APPEND_UTF8(&set, "labels", rec->labels);
     BSON_APPEND_UTF8(&set, "scope_acks", rec->scope_acks);
+    bson_t leases;
+    BSON_APPEND_ARRAY_BEGIN(&set, "leases", &leases);
+    int index = 0;
+    for (const char *p = rec->leases; *p != '\0';) {
+        size_t n = strcspn(p, ",");
+        char key[16];
+        snprintf(key, sizeof(key), "%d", index++);
+        bson_append_utf8(&leases, key, -1, p, (int)n);
+        p += n + (p[n] == ',');
+    }
+    bson_append_array_end(&set, &leases);
     bson_append_document_end(update, &set);
     bson_t *opts = BCON_NEW("upsert", BCON_BOOL(true));
     if (!mongoc_collection_update_one(coll, query, update, opts, NULL, &error)) {
@@ -970,6 +981,24 @@ static int mongo_list_status(ah_store_t *st, ah_agent_status_t **out, int *count
         r->errors = int64_field(doc, "errors");
         copy_utf8_field(doc, "labels", r->labels, sizeof(r->labels));
         copy_utf8_field(doc, "scope_acks", r->scope_acks, sizeof(r->scope_acks));
+        bson_iter_t leases, child;
+        size_t used = 0;
+        if (bson_iter_init_find(&leases, doc, "leases") && BSON_ITER_HOLDS_ARRAY(&leases) &&
+            bson_iter_recurse(&leases, &child)) {
+            while (bson_iter_next(&child)) {
+                uint32_t n;
+                const char *name = BSON_ITER_HOLDS_UTF8(&child) ? bson_iter_utf8(&child, &n) : NULL;
+                if (name == NULL || used + n + (used > 0) >= sizeof(r->leases)) {
+                    continue;
+                }
+                if (used > 0) {
+                    r->leases[used++] = ',';
+                }
+                memcpy(r->leases + used, name, n);
+                used += n;
+                r->leases[used] = '\0';
+            }
+        }
     }
     if (mongoc_cursor_error(cursor, &error)) {
         rc = read_failure(ms, "read agent status", &error, err, errlen);

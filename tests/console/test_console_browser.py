@@ -50,7 +50,7 @@ def test_pause_from_the_page_reaches_the_fleet_and_the_history(fleet, state_file
     page.act("pause-button")
     for a in agents:
         a.wait_state("paused", timeout=15)
-    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 3 of 3 applied")
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 3 of 3 live agents applied")
     cs = control(agents[2])
     assert cs["command"] == "pause" and cs["reason"] == "maintenance window"
     assert cs["updated_by"] == "console"
@@ -112,7 +112,7 @@ def test_a_wrong_token_shows_an_error_and_changes_nothing(fleet, state_file, pag
     page.act("pause-button")
     wait_for(lambda: page.dialog_open("token-dialog"), 5, message="token dialog")
     page.el("token-input").send_keys("s3cret-token", Keys.ENTER)
-    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 applied")
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 live agents applied")
     for a in agents:
         assert a.state()["state"] == "paused"
     assert control(agents[1])["reason"] == "needs a token"
@@ -211,7 +211,7 @@ def test_scoped_pause_from_the_page_and_its_resume_button(fleet, state_file, pag
     page.el("reason").send_keys("eu db down")
     page.el("selector").send_keys("region = eu")
     page.act("pause-button")
-    page.wait_text("progress-text", lambda t: t == "Pause region=eu (version 1): 2 of 2 applied")
+    page.wait_text("progress-text", lambda t: t == "Pause region=eu (version 1): 2 of 2 live agents applied")
     assert [a.state()["state"] for a in agents] == ["paused", "paused", "running"]
     rows = page.wait_text("scopes-rows", lambda t: "region=eu" in t and "eu db down" in t)
     assert "pause" in rows
@@ -223,7 +223,7 @@ def test_scoped_pause_from_the_page_and_its_resume_button(fleet, state_file, pag
     wait_for(lambda: button.get_attribute("aria-disabled") != "true", 40, interval=0.05,
              message="the scope's Resume enabled")
     button.click()
-    page.wait_text("progress-text", lambda t: t == "Resume region=eu (version 2): 2 of 2 applied")
+    page.wait_text("progress-text", lambda t: t == "Resume region=eu (version 2): 2 of 2 live agents applied")
     assert [a.state()["state"] for a in agents] == ["running", "running", "running"]
     page.wait_text("scopes-summary", lambda t: t == "1 scope, 0 holding agents")
     assert not button.is_displayed()
@@ -243,11 +243,37 @@ def test_a_drain_from_the_page_is_stored_and_shown(fleet, state_file, page):
     page.el("drain").send_keys("30s")
     page.el("reason").send_keys("rolling upgrade")
     page.act("pause-button")
-    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 applied", 15)
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 live agents applied", 15)
     cs = control(agents[1])
     assert cs["command"] == "pause" and cs["drain"] == 30, cs
     page.wait_text("cluster-drain", lambda t: t.startswith("30 s after the command"))
     page.wait_text("history-rows", lambda t: "rolling upgrade" in t)
     assert page.history_rows()[0][1] == "pause (drain 30 s)"
     assert page.el("drain").get_attribute("value") == ""
+    assert page.browser_errors() == []
+
+
+def test_the_fleet_table_shows_who_holds_each_lease(fleet, state_file, page, tmp_path):
+    import os
+    from console_harness import agent_env
+    sweeper = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "e2e", "scripts", "lease_sweeper.lua")
+    events = tmp_path / "events.jsonl"
+    agents = [fleet.start(sweeper, env=agent_env(state_file, events, LEASE_TTL=3),
+                          name=f"agent-{i + 1}") for i in range(2)]
+    for a in agents:
+        a.wait_state("running", timeout=15)
+    page.open(agents[0])
+    page.wait_text("fleet-rows", lambda t: "sweep" in t, timeout=20)
+    holder = agents[0].get("/api/cluster/leases").json()["leases"][0]["owner"]
+    rows = page.fleet_rows()
+    assert rows[holder]["cells"][9] == "sweep"
+    other = next(a.name for a in agents if a.name != holder)
+    assert rows[other]["cells"][9] == "—"
+    # the holder pauses: the lease moves, and the table follows
+    by_name = {a.name: a for a in agents}
+    by_name[holder].post("/api/agent/pause?reason=handover")
+    wait_for(lambda: page.fleet_rows()[other]["cells"][9] == "sweep", 20,
+             message="the other agent shown as the holder")
+    assert page.fleet_rows()[holder]["cells"][9] == "—"
     assert page.browser_errors() == []

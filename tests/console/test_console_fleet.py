@@ -32,7 +32,7 @@ def test_pause_from_the_page_reaches_3_of_3_applied(fleet, state_file, page):
     page.el("reason").send_keys("drain for the upgrade")
     page.el("duration").send_keys("15m")
     page.act("pause-button")
-    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 3 of 3 applied", 15)
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 3 of 3 live agents applied", 15)
     assert page.text("progress-detail").startswith("Complete in ")
     for a in agents:
         assert a.state()["state"] == "paused"
@@ -87,12 +87,20 @@ def test_a_killed_agent_turns_stale(fleet, state_file, page):
              message="agent-3 marked stale")
     row = page.fleet_rows()["agent-3"]
     assert row["cells"][3] == "STALE"
-    page.wait_text("fleet-summary", lambda t: "1 stale" in t)
+    # its state shows as lost (the last known one in grey), never as a green "running"
+    assert row["cells"][1] == "lost last: running", row
+    badge = page.driver.execute_script(
+        "const b = [...document.querySelectorAll('#fleet-rows tr')].find((tr) =>"
+        " tr.cells[0].textContent === 'agent-3').cells[1].querySelector('.badge');"
+        "return [b.className, getComputedStyle(b).backgroundColor];")
+    assert "lost" in badge[0] and "running" not in badge[0], badge
+    page.wait_text("fleet-summary", lambda t: "1 stale" in t and "1 lost" in t and
+                   "2 running" in t and "3 running" not in t)
     for name in ("agent-1", "agent-2"):
         assert "stale" not in page.fleet_rows()[name]["class"]
     # a pause waits for the live agents only, and names the one it did not wait for
     page.act("pause-button")
-    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 applied", 15)
+    page.wait_text("progress-text", lambda t: t == "Pause (version 1): 2 of 2 live agents applied", 15)
     assert "Not waited for (stale, stopping or stopped): agent-3." in page.text("progress-detail")
     # the shutdown confirmation counts it, and says it may be gone
     page.act("shutdown-button")

@@ -371,10 +371,11 @@ def test_a_local_resume_while_starting_neither_skips_the_sync_nor_the_shutdown_h
 
 def test_local_commands_after_a_final_shutdown_answer_409(fleet, state_file, tmp_path):
     path = tmp_path / "slow_batch.lua"
-    path.write_text('jit.off()\nlocal M = {}\n'
+    # wall-clock spin (CPU time crawls on a loaded machine)
+    path.write_text('jit.off()\nlocal agent = require "agent"\nlocal M = {}\n'
                     'function M.batch()\n'
-                    '    local t = os.clock() + 2\n'
-                    '    while os.clock() < t do local x = {} end\n'
+                    '    local t = agent.monotonic() + 2\n'
+                    '    while agent.monotonic() < t do local x = {} end\n'
                     '    return 1\n'
                     'end\nreturn M\n')
     a = fleet.start(str(path), env=agent_env(state_file), name="slow")

@@ -133,3 +133,30 @@ def test_ctl_speaks_tls_with_a_ca_file_or_insecure(fleet, tmp_path, state_file, 
     r = run_cli(["ctl", "resume", "--url", url, "--insecure"])
     assert r.returncode == 0, r.stderr
     a.wait_state("running")
+
+
+def test_a_killed_agent_is_lost_in_ctl_and_the_summary(fleet, tmp_path, state_file):
+    import signal
+    from agenthost_harness import wait_for
+    agents = [fleet.start(os.path.join(os.path.dirname(__file__), "scripts", "recorder.lua"),
+                          name=f"a{i}", env=agent_env(state_file, tmp_path / f"ev{i}.jsonl",
+                                                      AGENT_HEARTBEAT_INTERVAL="0.2"))
+              for i in (1, 2)]
+    for a in agents:
+        a.wait_state("running")
+    agents[1].signal(signal.SIGKILL)
+    agents[1].wait_exit()
+    body = wait_for(lambda: (lambda b: b if b["summary"]["stale"] == 1 else None)(
+        agents[0].get("/api/cluster/agents").json()), 15, message="a2 stale")
+    # never counted as running: its own state is "lost"; the record keeps what it last wrote
+    assert body["summary"]["states"] == {"running": 1, "lost": 1}, body["summary"]
+    assert [r["state"] for r in body["agents"]] == ["running", "running"]
+    r = ctl(agents[0], "agents")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:-1]}
+    assert " lost (running) " in rows["a2"] and "STALE" in rows["a2"], r.stdout
+    assert " running " in rows["a1"] and "lost" not in rows["a1"]
+    r = ctl(agents[0], "pause", "--wait", "20")
+    assert r.returncode == 0, r.stderr
+    assert "every live agent applied it" in r.stderr
+    assert "not waited for (stale, stopping or stopped): a2" in r.stderr

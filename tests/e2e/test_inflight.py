@@ -3,11 +3,13 @@ pool when its Lua state closes (a failed load at startup, a failed reload) or wh
 cancelled (BATCH_TIMEOUT). The real binary against the MongoDB wire-protocol test server; run
 under ASan with LUA_MEMORY_LIMIT (LuaJIT then frees through the counting allocator, so a freed
 call object is visible)."""
-import json
 import signal
 import sys
 
-from agenthost_harness import MONGO_DIR, agent_env, free_port, wait_for
+import pytest
+
+from agenthost_harness import (MONGO_DIR, agent_env, free_port, mongo_agent_env, script,
+                               wait_for)
 from test_lua_mongo import wait_report
 
 sys.path.insert(0, MONGO_DIR)
@@ -161,3 +163,41 @@ def test_a_started_write_whose_wait_timed_out_reports_unknown(fleet, tmp_path, s
     wait_for(lambda: coll.find_one({"_id": "slow"}), timeout=20, message="the write lands")
     agent.signal(signal.SIGTERM)
     assert agent.wait_exit(timeout=30) == 0, agent.log_text()
+
+
+def fill_big(server):
+    """200 documents of about 2 KB (about 400 KB once in Lua)."""
+    server.client().agenthost.big.insert_many(
+        [{"_id": i, "pad": "%04d" % i + "x" * 2048} for i in range(1, 201)])
+
+
+@pytest.mark.parametrize("jit", ["on", "off"])
+def test_mongo_misuse_under_a_memory_limit_survives_commands_for_50_batches(
+        fleet, tmp_path, mongo_server, jit):
+    fill_big(mongo_server)
+    uri = mongo_server.uri + "&maxPoolSize=4&waitQueueTimeoutMS=300"
+    env = mongo_agent_env(uri, LUA_MEMORY_LIMIT="3m", JIT=jit, BATCH_TIMEOUT="30")
+    agent = fleet.start(script("lua_mongo_stress.lua"), env=env, name=f"stress-{jit}")
+    # The compiler stays off under the memory limit, whatever the script asks (the crash was an
+    # allocation refused inside a compiled trace: lj_err_mem read a stale frame).
+    agent.wait_log(r"jit status: false", timeout=30)
+    if jit == "on":
+        assert agent.find_logs(r"jit.on\(\) ignored: the JIT compiler stays off"), agent.log_text()
+    seen = 0
+    cycle = 0
+    while seen < 50:
+        cycle += 1
+        before = seen
+        # Let a few batches run, then pause and resume the cluster while the script works.
+        agent.wait_log(r"stress batch \d+", timeout=60, count=before + 3)
+        r = agent.post(f"/api/cluster/pause?reason=stress+{cycle}&updated_by=test", timeout=30)
+        assert r.status == 200, r.body
+        agent.wait_log(r"stress paused: 1", timeout=60, count=cycle)
+        r = agent.post(f"/api/cluster/resume?reason=stress+{cycle}&updated_by=test", timeout=30)
+        assert r.status == 200, r.body
+        agent.wait_state("running", timeout=30)
+        seen = len(agent.find_logs(r"stress batch \d+"))
+    assert agent.get("/healthz").status == 200
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit(timeout=60) == 0, agent.log_text()
+    assert not agent.find_logs(r"AddressSanitizer|runtime error"), agent.log_text()

@@ -110,6 +110,15 @@ def test_three_agents_run_the_schedule_one_at_a_time_and_tokens_follow_the_owner
     leases = agents[0].get("/api/cluster/leases").json()["leases"]
     assert [l["name"] for l in leases] == ["sweep"]
     assert leases[0]["token"] == max(e["token"] for e in runs(ev))
+    # the status records list the leases each agent holds
+    owner = leases[0]["owner"]
+
+    def records_show_the_holder():
+        recs = agents[0].get("/api/cluster/agents").json()["agents"]
+        return {r["agent_id"]: r["leases"] for r in recs} == {
+            a.name: (["sweep"] if a.name == owner else []) for a in agents}
+
+    wait_for(records_show_the_holder, timeout=15, message="status records list the lease")
 
 
 def test_kill_9_of_the_holder_hands_the_lease_over_within_ttl_plus_2s(fleet, tmp_path, store_env):
@@ -297,3 +306,88 @@ def test_ctl_leases_lists_owner_token_and_expiry(fleet, tmp_path):
     a.signal(signal.SIGTERM)
     a.wait_exit()
     a.wait_log(r"Lease sweep released \(token 1\)")
+
+
+def test_missed_runs_are_counted_not_replayed(fleet, tmp_path):
+    events = tmp_path / "events.jsonl"
+    fleet.start(SWEEPER, env=agent_env(str(tmp_path / "state.db"), events, SWEEP_LEASE="none",
+                                       SWEEP_EVERY="0.5", SWEEP_SECONDS="1.6"), name="solo")
+    ev = wait_events(str(events), lambda ev: len(runs(ev)) >= 4, timeout=30)
+    starts = runs(ev)
+    assert starts[0]["missed"] == 0
+    # each run outlasts two or three periods: those are counted in the next run, never run
+    assert all(s["missed"] >= 2 for s in starts[1:4]), starts
+    for a, b in zip(starts, starts[1:]):
+        assert b["t"] - a["t"] >= 1.5  # no back-to-back catch-up runs
+    assert all(s.get("token") is None for s in starts)
+
+
+def test_losing_the_lease_cancels_the_waits_of_the_run_that_held_it(fleet, tmp_path):
+    import sqlite3
+    state = str(tmp_path / "state.db")
+    events = tmp_path / "events.jsonl"
+    fleet.start(SWEEPER, env=agent_env(state, events, LEASE_TTL=TTL, SWEEP_SECONDS=60),
+                name="sweeper-1")
+    run = holder_of(str(events))
+    # another agent takes the lease over in the store (as after an expiry): the holder's next
+    # renewal is refused, and the run, asleep for another minute, is cancelled
+    db = sqlite3.connect(state, timeout=10)
+    with db:
+        db.execute("UPDATE agent_leases SET owner = 'thief', token = token + 1,"
+                   " expires_ms = expires_ms + 60000 WHERE name = 'sweep'")
+    db.close()
+    ev = wait_events(str(events), lambda ev: [e for e in ev if e.get("ev") == "end"],
+                     timeout=TTL + 5, message="the run's end")
+    end = [e for e in ev if e.get("ev") == "end"][0]
+    assert end["code"] == "cancelled" and "lease sweep is no longer held" in end["msg"]
+    assert end["held"] is False and end["t"] - run["t"] < TTL + 3
+
+
+def test_the_fencing_example_refuses_a_write_with_a_stale_token(fleet, tmp_path, mongo_server):
+    """The agent.mongo example of LUA.md ("Fencing tokens"): a write carrying an older token than
+    the one stored is refused, a newer one goes through."""
+    path = tmp_path / "fence.lua"
+    path.write_text('''
+local agent = require "agent"
+local mongo = require "agent.mongo"
+local reports = mongo.collection("reports")
+local events = agent.env("EVENTS_FILE")
+local function record(t)
+    local f = assert(io.open(events, "a")); f:write(agent.json.encode(t), "\\n"); f:close()
+end
+local function write_report(token, day, body)
+    local res, err = reports:update_one(
+        {_id = day, ["$or"] = {{token = {["$lte"] = token}}, {token = {["$exists"] = false}}}},
+        {["$set"] = {body = body, token = token}},
+        {upsert = true})
+    if not res then
+        return nil, err
+    end
+    return true
+end
+local done = false
+return { batch = function()
+    if done then agent.sleep(0.1) return 0 end
+    done = true
+    local results = {}
+    for _, w in ipairs({{5, "new holder"}, {4, "late writer"}, {6, "next holder"}}) do
+        local ok, err = write_report(w[1], "2026-12-05", w[2])
+        results[#results + 1] = {token = w[1], ok = ok or false, err = err and tostring(err)}
+    end
+    local doc = reports:find_one({_id = "2026-12-05"})
+    record({results = results, body = doc.body, token = doc.token})
+    return 0
+end }
+''')
+    events = tmp_path / "fence.jsonl"
+    fleet.start(str(path), env={"ENABLE_DISTRIBUTED_CONTROL": "false", "EVENTS_FILE": str(events),
+                                "AGENT_MONGODB_URI": mongo_server.uri,
+                                "AGENT_MONGODB_DATABASE": "fence"}, name="fence")
+    try:
+        ev = wait_events(str(events), lambda ev: ev, timeout=20)[0]
+    except AssertionError:
+        raise AssertionError(fleet.agents[-1].log_text())
+    oks = [r["ok"] for r in ev["results"]]
+    assert oks == [True, False, True], ev
+    assert "11000" in ev["results"][1]["err"] or "duplicate" in ev["results"][1]["err"].lower()
+    assert ev["body"] == "next holder" and ev["token"] == 6

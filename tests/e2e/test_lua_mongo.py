@@ -210,7 +210,8 @@ def check_misuse(misuse):
     assert "nesting deeper than 100 levels" in misuse["cycle"]
     assert "bad argument #1 to 'insert_one' (document: key 'f': cannot store a function)" in \
         misuse["function_value"]
-    assert "bad argument #2 to 'find' (unknown option 'limt')" in misuse["unknown_option"]
+    assert ("bad argument #2 to 'find' (unknown option 'limt'; did you mean 'limit'?)"
+            in misuse["unknown_option"])
     assert "option 'limit' must be a non-negative integer" in misuse["bad_limit"]
     # Called straight from pcall: Lua cannot name the function, the argument is still named.
     assert "bad argument #1 to '?' (expected a collection name" in misuse["bad_collection"]

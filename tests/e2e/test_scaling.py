@@ -36,3 +36,33 @@ def test_embedded_store_poll_interval_bounds_the_checks(fleet, state_file, tmp_p
     r = b.post("/api/cluster/pause?reason=scaling")
     assert r.status == 200, r.body
     a.wait_state("paused", timeout=15)
+
+
+def test_an_agent_that_opened_a_locked_file_still_writes_its_status(fleet, state_file, tmp_path):
+    """Found with 100 agents starting at once on one file: an agent whose store open met another
+    process's write lock defers its API connection; its status writes and fleet listings must
+    open it too (they used the missing connection and failed with SQLite's "out of memory"
+    forever, so the agent was never listed and no wait= counted it)."""
+    import sqlite3
+    first = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "a.jsonl"), name="first")
+    first.wait_state("running", timeout=15)
+    holder = sqlite3.connect(state_file, isolation_level=None, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        late = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "b.jsonl"), name="late")
+        assert late.state()["state"] == "starting"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    late.wait_state("running", timeout=20)
+
+    def listed(agent):
+        r = agent.get("/api/cluster/agents")
+        if r.status != 200:
+            return None
+        states = {a["agent_id"]: a["state"] for a in r.json()["agents"]}
+        return states if states.get("late") == "running" else None
+
+    wait_for(lambda: listed(first), 20, message="the late agent listed by the first")
+    wait_for(lambda: listed(late), 20, message="the late agent's own listing")
+    assert "status write failed" not in late.log_text(), late.log_text()

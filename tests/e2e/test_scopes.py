@@ -3,13 +3,14 @@ documents addressed by a Kubernetes label selector, the effective command (shutd
 running over the cluster document and every matching scope), scoped waits, restarts, timed
 scoped pauses and the audit trail, end to end with real agenthost processes on both stores: the
 embedded SQLite file and MongoDB (the wire-protocol test server of tests/mongo)."""
+import re
 import sys
 import urllib.parse
 
 import pytest
 
-from agenthost_harness import (MONGO_DIR, agent_env, mongo_agent_env, read_events, run_cli,
-                               script, wait_for)
+from agenthost_harness import (MONGO_DIR, agent_env, count_events, mongo_agent_env, run_cli,
+                               script, wait_events, wait_for)
 
 sys.path.insert(0, MONGO_DIR)
 from mongo_fixture import MongoTestServer  # noqa: E402
@@ -62,6 +63,10 @@ def start_four(fleet, store):
     for a in agents.values():
         a.wait_state("running", timeout=20)
     return agents
+
+
+def re_escape(text):
+    return re.escape(text)
 
 
 def q(selector):
@@ -119,7 +124,9 @@ def test_scoped_pause_holds_exactly_the_matching_agents_until_its_own_resume(fle
     assert body["selector"] == "region=eu" and body["version"] == 2 and body["held"] is True
     assert sorted(body["wait"]["acknowledged"]) == ["a1", "a2"]
     assert states(agents) == {n: "running" for n in agents}
-    resumes = [e for e in read_events(a1.events) if e["ev"] == "on_resume"]
+    # the acknowledgement is written when the state changes; the hook runs just after it
+    events = wait_events(a1.events, lambda ev: count_events(ev, "on_resume"), message="on_resume")
+    resumes = [e for e in events if e["ev"] == "on_resume"]
     assert resumes[-1]["scope"] == "region=eu"
 
     # resuming a scope that holds nobody is a 200 that says so
@@ -130,6 +137,25 @@ def test_scoped_pause_holds_exactly_the_matching_agents_until_its_own_resume(fle
     scoped = [(e["command"], e["version"]) for e in history if e.get("selector") == "region=eu"]
     assert scoped == [("running", 3), ("running", 2), ("pause", 1)]
     assert [e.get("selector") for e in history if e["command"] == "pause"].count(None) == 1
+
+
+def test_scoped_resume_does_not_lift_a_cluster_pause(fleet, store):
+    a1 = start(fleet, store, "a1")
+    a3 = start(fleet, store, "a3")
+    a1.wait_state("running", timeout=20)
+    a3.wait_state("running", timeout=20)
+    post(a3, f"/api/cluster/pause?selector={q('region=eu')}&wait=10")
+    post(a3, "/api/cluster/pause?wait=10&reason=freeze")
+    body = post(a3, f"/api/cluster/resume?selector={q('region=eu')}&wait=10")
+    assert body["held"] is True and body["wait"]["acknowledged"] == ["a1"]
+    assert (a1.state()["state"], a3.state()["state"]) == ("paused", "paused")
+    assert a1.state()["held_by"] == [{"selector": None, "command": "pause", "version": 1,
+                                      "reason": "freeze"}]
+    events = wait_events(a1.events, lambda ev: count_events(ev, "on_pause"), message="on_pause")
+    hooks = [e["ev"] for e in events if e["ev"].startswith("on_")]
+    assert hooks == ["on_pause"]  # one pause; neither the cluster's nor the resume ran a hook
+    post(a3, "/api/cluster/resume?wait=10")
+    assert (a1.state()["state"], a3.state()["state"]) == ("running", "running")
 
 
 def test_restarted_matching_agent_comes_up_paused_before_its_first_batch(fleet, store):
@@ -143,7 +169,8 @@ def test_restarted_matching_agent_comes_up_paused_before_its_first_batch(fleet, 
     a1.wait_exit()
     again = start(fleet, store, "a1", generation=1)
     again.wait_state("paused", timeout=20)
-    events = read_events(again.events)
+    events = wait_events(again.events, lambda ev: count_events(ev, "on_pause"), timeout=20,
+                         message="on_pause at startup")
     assert not [e for e in events if e["ev"] == "batch_start"]
     pause = [e for e in events if e["ev"] == "on_pause"]
     assert pause and pause[0]["source"] == "startup" and pause[0]["scope"] == "region in (eu)"
@@ -220,7 +247,8 @@ def test_drain_on_a_scoped_pause_is_stored_and_reaches_the_hook(fleet, store):
     assert body["drain"] == 5 and body["wait"]["acknowledged"] == ["a1"]
     entry = a3.get("/api/cluster/history").json()["entries"][0]
     assert entry["selector"] == "region=eu" and entry["drain"] == 5
-    pause = [e for e in read_events(a1.events) if e["ev"] == "on_pause"][-1]
+    events = wait_events(a1.events, lambda ev: count_events(ev, "on_pause"), message="on_pause")
+    pause = [e for e in events if e["ev"] == "on_pause"][-1]
     assert pause["scope"] == "region=eu" and pause["drain"] == 5
     assert a3.state()["state"] == "running"
 
@@ -300,3 +328,48 @@ def test_ctl_scoped_commands_and_scopes_listing(fleet, store):
     assert "1 listed; fleet: 2 agents" not in out.stdout and "2 listed" in out.stdout
     out = run_cli(["ctl", "pause", "--url", a1.url, "--selector", "region in (eu"])
     assert out.returncode != 0 and "expected ',' or ')'" in out.stdout + out.stderr
+
+
+def test_mongodb_streams_and_polling_both_deliver_scopes_and_ignore_malformed_ones(fleet,
+                                                                                   tmp_path):
+    srv = MongoTestServer(mode="replset").start()
+    try:
+        store = Store("mongodb", tmp_path, srv)
+        streams = start(fleet, store, "a1")
+        polling = fleet.start(RECORDER, name="a2", env=store.env(
+            tmp_path / "a2.jsonl", AGENT_LABELS=LABELS["a2"], ENABLE_CHANGE_STREAMS="false",
+            CONTROL_POLLING_INTERVAL="0.5"))
+        other = start(fleet, store, "a3")
+        for a in (streams, polling, other):
+            a.wait_state("running", timeout=20)
+        assert polling.get("/api/mongo/status").json()["watch_mode"] == "polling"
+        coll = srv.client()["agenthost"]["agent_control"]
+        # a foreign writer's malformed scope documents: ignored, one warning each, no crash
+        coll.insert_many([
+            {"_id": "scope:b=2,a=1", "selector": "b=2,a=1", "command": "pause", "version": 1},
+            {"_id": "scope:bad((", "selector": "bad((", "command": "pause", "version": 1},
+            {"_id": "scope:zone=x", "selector": "zone=x", "command": "pause", "version": "one"},
+            {"_id": "scope:zone=y", "selector": "zone=y", "command": "hold", "version": 1},
+        ])
+        # and a well-formed one, written directly: both watch modes deliver it
+        coll.insert_one({"_id": "scope:region=eu", "selector": "region=eu", "command": "pause",
+                         "version": 1, "reason": "foreign writer", "updated_by": "dba"})
+        streams.wait_state("paused", timeout=15)
+        polling.wait_state("paused", timeout=15)
+        assert polling.state()["held_by"][0]["reason"] == "foreign writer"
+        # more scope changes make every agent read the set again: still one warning each
+        post(other, f"/api/cluster/pause?selector={q('zone=z')}&wait=10")
+        post(other, f"/api/cluster/resume?selector={q('zone=z')}&wait=10")
+        for a in (streams, polling, other):
+            for bad in ("scope:b=2,a=1", "scope:bad((", "scope:zone=x", "scope:zone=y"):
+                a.wait_log(re_escape(f"Ignoring the malformed scope document '{bad}'"),
+                           timeout=10)
+                assert len(a.find_logs(f"malformed scope document '{re_escape(bad)}'")) == 1
+            assert a.proc.poll() is None
+        assert other.state()["state"] == "running"
+        scopes = [s["selector"] for s in other.get("/api/cluster/scopes").json()["scopes"]]
+        assert scopes == ["region=eu", "zone=z"]
+        body = post(other, f"/api/cluster/resume?selector={q('region=eu')}&wait=10")
+        assert body["version"] == 2 and sorted(body["wait"]["acknowledged"]) == ["a1", "a2"]
+    finally:
+        srv.close()

@@ -56,6 +56,17 @@ static void test_int64_mul_sat_saturates_instead_of_overflowing(void **state)
     assert_true(ah_int64_mul_sat(INT64_MIN, -1) == INT64_MAX);
 }
 
+static void test_int64_add_and_sub_sat_saturate_instead_of_overflowing(void **state)
+{
+    (void)state;
+    assert_true(ah_int64_add_sat(5, -7) == -2);
+    assert_true(ah_int64_add_sat(INT64_MAX, 1) == INT64_MAX);
+    assert_true(ah_int64_add_sat(INT64_MIN, -1) == INT64_MIN);
+    assert_true(ah_int64_sub_sat(5, 7) == -2);
+    assert_true(ah_int64_sub_sat(INT64_MIN + 1, INT64_C(1700000000000000)) == INT64_MIN);
+    assert_true(ah_int64_sub_sat(INT64_MAX, -1) == INT64_MAX);
+}
+
 static void test_format_timestamp_clamps_to_years_0_to_9999(void **state)
 {
     (void)state;
@@ -76,6 +87,7 @@ int main(void)
         cmocka_unit_test(test_double_to_int64_accepts_the_int64_range),
         cmocka_unit_test(test_double_to_int64_rejects_and_saturates_the_rest),
         cmocka_unit_test(test_int64_mul_sat_saturates_instead_of_overflowing),
+        cmocka_unit_test(test_int64_add_and_sub_sat_saturate_instead_of_overflowing),
         cmocka_unit_test(test_format_timestamp_clamps_to_years_0_to_9999),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

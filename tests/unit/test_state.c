@@ -299,6 +299,96 @@ static void test_wait_returns_early_on_command(void **unused)
     ah_state_free(s);
 }
 
+/* Seconds from now to the pending command's drain deadline (-1: none pending, 0 left: 0). */
+static double pending_deadline_s(ah_state_t *s)
+{
+    ah_pending_t p;
+    if (!ah_state_pending(s, &p)) {
+        return -1;
+    }
+    return p.drain_deadline_us == 0 ? 0 : (double)(p.drain_deadline_us - ah_mono_us()) / 1e6;
+}
+
+static void test_drain_deadline_of_a_pending_command(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    ah_state_set_drain_limits(s, 0, 20);
+    ah_control_t d1 = doc(AH_CMD_RUNNING, 1);
+    ah_state_offer_cluster(s, &d1);
+    assert_true(pending_deadline_s(s) < 0); /* the startup sync is not "pending" */
+    drain(s);
+
+    /* a cluster pause: timestamp + drain on the wall clock */
+    ah_control_t d2 = doc(AH_CMD_PAUSE, 2);
+    d2.drain_ms = 30000;
+    ah_state_offer_cluster(s, &d2);
+    double left = pending_deadline_s(s);
+    assert_true(left > 29 && left <= 30);
+    ah_pending_t p;
+    assert_true(ah_state_pending(s, &p));
+    assert_int_equal(p.command, AH_CMD_PAUSE);
+    assert_string_equal(p.reason, "r");
+
+    /* written 10 s ago (or by a clock 10 s behind): 20 s left */
+    ah_control_t d3 = doc(AH_CMD_PAUSE, 3);
+    d3.drain_ms = 30000;
+    d3.timestamp_us -= 10000000;
+    ah_state_offer_cluster(s, &d3);
+    left = pending_deadline_s(s);
+    assert_true(left > 19 && left <= 20);
+
+    /* a clock far ahead cannot lengthen it; one far behind makes it due at once */
+    ah_control_t d4 = doc(AH_CMD_PAUSE, 4);
+    d4.drain_ms = 30000;
+    d4.timestamp_us += 3600 * INT64_C(1000000);
+    ah_state_offer_cluster(s, &d4);
+    left = pending_deadline_s(s);
+    assert_true(left > 29 && left <= 30);
+    ah_control_t d5 = doc(AH_CMD_PAUSE, 5);
+    d5.drain_ms = 30000;
+    d5.timestamp_us -= 3600 * INT64_C(1000000);
+    ah_state_offer_cluster(s, &d5);
+    assert_true(ah_state_pending(s, &p) && p.drain_deadline_us != 0);
+    assert_true(p.drain_deadline_us <= ah_mono_us());
+
+    /* latest wins: a resume brings no deadline */
+    ah_control_t d6 = doc(AH_CMD_RUNNING, 6);
+    d6.drain_ms = 0;
+    ah_state_offer_cluster(s, &d6);
+    assert_true(pending_deadline_s(s) == 0);
+    drain(s);
+
+    /* a shutdown's drain stops at its bound (20 s here) */
+    ah_control_t d7 = doc(AH_CMD_SHUTDOWN, 7);
+    d7.drain_ms = 600000;
+    ah_state_offer_cluster(s, &d7);
+    left = pending_deadline_s(s);
+    assert_true(left > 19 && left <= 20);
+    ah_state_free(s);
+}
+
+static void test_pause_drain_timeout_applies_to_a_pause_without_drain(void **unused)
+{
+    ah_state_t *s = ah_state_new();
+    ah_state_set_drain_limits(s, 5, 0);
+    ah_control_t d1 = doc(AH_CMD_RUNNING, 1);
+    ah_state_offer_cluster(s, &d1);
+    drain(s);
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_PAUSE, AH_SOURCE_SIGNAL, "SIGUSR1", "signal"),
+                     AH_OK);
+    double left = pending_deadline_s(s);
+    assert_true(left > 4 && left <= 5);
+    /* a command's own drain wins */
+    assert_int_equal(ah_state_offer_local_drain(s, AH_CMD_PAUSE, AH_SOURCE_LOCAL, "", "api", 60000),
+                     AH_OK);
+    left = pending_deadline_s(s);
+    assert_true(left > 59 && left <= 60);
+    /* a shutdown without drain has none (no bound set here) */
+    assert_int_equal(ah_state_offer_local(s, AH_CMD_SHUTDOWN, AH_SOURCE_LOCAL, "", "api"), AH_OK);
+    assert_true(pending_deadline_s(s) == 0);
+    ah_state_free(s);
+}
+
 static void test_timestamps_are_iso8601_utc_with_microseconds(void **unused)
 {
     char ts[AH_TIMESTAMP_LEN];
@@ -332,6 +422,8 @@ int main(void)
         cmocka_unit_test(test_held_row_only_a_cluster_command_releases),
         cmocka_unit_test(test_startup_shutdown_holds_until_a_cluster_resume),
         cmocka_unit_test(test_sleep_is_not_cut_short_by_the_startup_sync),
+        cmocka_unit_test(test_drain_deadline_of_a_pending_command),
+        cmocka_unit_test(test_pause_drain_timeout_applies_to_a_pause_without_drain),
         cmocka_unit_test(test_timestamps_are_iso8601_utc_with_microseconds),
         cmocka_unit_test(test_utf8_validation),
     };

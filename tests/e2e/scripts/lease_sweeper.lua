@@ -27,8 +27,9 @@ local lease = lease_name ~= "none" and agent.lease(lease_name, {ttl = ttl}) or n
 agent.every(every, function(ctx)
     record({ev = "start", token = ctx.token, missed = ctx.missed,
             held = lease and lease:held() or false, state = agent.state()})
-    agent.sleep(run_seconds)
-    record({ev = "end", token = ctx.token, held = lease and lease:held() or false})
+    local _, msg, code = agent.sleep(run_seconds)
+    record({ev = "end", token = ctx.token, held = lease and lease:held() or false, code = code,
+            msg = msg})
 end, lease and {lease = lease_name, ttl = ttl} or nil)
 
 return {
