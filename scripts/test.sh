@@ -7,7 +7,7 @@
 # about a minute once the base images exist; making them takes about 30 s more, once per machine).
 # Set SKIP_SANITIZE=1 to skip the sanitizer pass, SKIP_FUZZ=1 to skip the fuzz targets,
 # SKIP_CONTAINER=1 to skip the container checks, during development; E2E_WORKERS=N sets how many
-# end-to-end tests run at once (default 4; 1: one after the other).
+# end-to-end tests run at once (default: the number of CPUs; 1: one after the other).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -21,7 +21,7 @@ scripts/install-deps.sh
 # the agent.http suite (one module-scoped run) and the install checks (one build and prefix).
 # Every test has its own directory, agents on ports the kernel picks and its own servers, so
 # they can run side by side (docs/TESTING.md, "Running in parallel").
-E2E_WORKERS=${E2E_WORKERS:-4}
+E2E_WORKERS=${E2E_WORKERS:-$(nproc)}
 
 run_suite() { # $1 = build dir
   local dir=$1 parallel=()

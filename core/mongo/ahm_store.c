@@ -221,7 +221,7 @@ static bool error_before_send(const bson_error_t *error)
 
 /* The message of a failed operation, naming the real problem and never empty. A server
  * selection failure often says nothing ("", "No servers yet eligible for rescan"): then what the
- * heartbeats saw (a server of another replica set) or a direct connection attempt to the seed
+ * heartbeats saw (a server of another replica set) or a direct connection attempt to the URI's
  * hosts ("connection refused by ...") says it. Returns error->message or buf (size n). May
  * block up to a second per seed host (the probe): for threads that may wait. */
 static const char *error_text(ahm_store_t *ms, const bson_error_t *error, char *buf, size_t n)
@@ -241,7 +241,7 @@ static const char *error_text(ahm_store_t *ms, const bson_error_t *error, char *
     if (note[0] != '\0') {
         snprintf(buf, n, "%s", note);
     } else if (error->message[0] != '\0') {
-        snprintf(buf, n, "%.300s (the seed hosts accept connections; see the driver's log)",
+        snprintf(buf, n, "%.300s (the URI's hosts accept connections; see the driver's log)",
                  error->message);
     } else {
         snprintf(buf, n,

@@ -1,5 +1,5 @@
 /* What the driver does not say about a URI: a check of the options it accepts without
- * validating them (the authentication mechanism), and a direct connection attempt to the seed
+ * validating them (the authentication mechanism), and a direct connection attempt to the URI's
  * hosts that names why a server cannot be reached ("connection refused"), for errors whose
  * driver message does not (server selection). Part of the MongoDB plugin. */
 #include "ahm.h"
