@@ -18,6 +18,9 @@ CTL_ROUTES = {
     "stats": ("GET", "/api/cluster/stats"),
     "history": ("GET", "/api/cluster/history"),
     "agents": ("GET", "/api/cluster/agents"),
+    "scopes": ("GET", "/api/cluster/scopes"),
+    "leases": ("GET", "/api/cluster/leases"),
+    "reload": ("POST", "/api/agent/reload"),
 }
 
 
@@ -88,8 +91,13 @@ def test_ctl_route_table_matches_the_ctl_source(route_ok):
     assert '"/api/%s/%s?updated_by="' in src and '"cluster"' in src
     for route in ("/api/cluster/control-state", "/api/cluster/stats", "/api/cluster/history"):
         assert f'"{route}"' in src
-    for method, route in CTL_ROUTES.values():
+    for sub, (method, route) in CTL_ROUTES.items():
         assert route_ok(route), route
+        if sub not in ("pause", "resume", "shutdown"):  # built from the command's name
+            assert f'"{route}"' in src, (sub, route)
+    # every command ctl builds a request for is in the table above
+    built = set(re.findall(r'strcmp\(command, "(\w+)"\) == 0', src))
+    assert built and built <= set(CTL_ROUTES), sorted(built - set(CTL_ROUTES))
 
 
 def test_cronjobs_hit_real_routes_with_the_token(k8s_objects, route_ok):
