@@ -964,7 +964,8 @@ static void test_many_query_parameters_are_refused_promptly(void **state)
         resp_free(&r);
         free(target);
     }
-    http_resp_t r = http_request(fx->port, "POST", "/api/agent/pause?reason&reason&reason&reason&updated_by=ok", NULL);
+    http_resp_t r = http_request(
+        fx->port, "POST", "/api/agent/pause?reason&reason&reason&reason&updated_by=ok", NULL);
     assert_int_equal(r.status, 200);
     resp_free(&r);
     assert_false(fake_writes(fx->fake));
@@ -974,10 +975,11 @@ static void test_keep_alive_serves_pipelined_requests(void **state)
 {
     fixture_t *fx = *state;
     start_with_fake(fx);
-    const char *requests = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                           "GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                           "HEAD /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                           "GET /api/agent/state HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    const char *requests =
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        "GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        "HEAD /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        "GET /api/agent/state HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
     http_resp_t r = http_raw(fx->port, requests, strlen(requests));
     assert_int_equal(r.status, 200);
     assert_contains(r.raw, "{\"status\":\"ok\",\"state\":\"starting\"}HTTP/1.1 404 Not Found\r\n");
@@ -997,11 +999,11 @@ static void test_request_bodies_are_drained_and_bounded(void **state)
     memset(body, 'b', sizeof(body));
 
     /* a small body is drained and the next pipelined request on the connection is answered */
-    int n =
-        snprintf(request, sizeof(request),
-                 "POST /api/agent/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n%.100s"
-                 "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-                 body);
+    int n = snprintf(
+        request, sizeof(request),
+        "POST /api/agent/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n%.100s"
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        body);
     http_resp_t r = http_raw(fx->port, request, (size_t)n);
     assert_int_equal(r.status, 200);
     assert_contains(r.body, "Pause requested for this agent");
