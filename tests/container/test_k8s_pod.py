@@ -89,6 +89,18 @@ def pod_run_args(deployment, secret, pod_name, tmp_path):
                 f.write_text(files[item["key"]])
                 f.chmod(0o644)
             opts += ["-v", f"{d}:{m['mountPath']}:{'ro' if m.get('readOnly') else 'rw'}"]
+        elif "downwardAPI" in v:
+            # the kubelet's format: one key="value" line per label, sorted by key
+            labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+            d = tmp_path / f"{pod_name}-{m['name']}"
+            d.mkdir()
+            d.chmod(0o755)
+            for item in v["downwardAPI"]["items"]:
+                assert item["fieldRef"]["fieldPath"] == "metadata.labels", item
+                f = d / item["path"]
+                f.write_text("\n".join(f'{k}="{labels[k]}"' for k in sorted(labels)) + "\n")
+                f.chmod(0o644)
+            opts += ["-v", f"{d}:{m['mountPath']}:ro"]
         elif "emptyDir" in v:
             size = v["emptyDir"].get("sizeLimit")
             opts += ["--mount", f"type=tmpfs,destination={m['mountPath']},tmpfs-mode=1777"
@@ -141,6 +153,9 @@ def test_pods_become_ready_and_pass_liveness(cluster):
         assert http("GET", pod.base + live)[0] == 200
         state = http("GET", pod.base + "/api/agent/state")[1]
         assert state["agent_id"] == pod.name and state["watch_mode"] == "change_streams", state
+        # the pod's labels reach the agent through the Downward API file
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert state["labels"] == {**labels, "agent": pod.name}, state["labels"]
 
 
 def test_pods_run_with_the_security_context_and_limits(podman, cluster):
