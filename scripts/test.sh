@@ -58,14 +58,14 @@ timed() {
 # background NAME COMMAND...: runs COMMAND (a command or a function) in the background, in a
 # process group of its own, its output into a log; `finish NAME` waits for it.
 background() {
-  local name=$1
+  local name=$1 file=$logs/${1//[^A-Za-z0-9]/_}
   shift
   echo "== [$(clock)] $name (in the background)"
   set -m
   (
     t=$SECONDS rc=0
-    "$@" >"$logs/$name.log" 2>&1 || rc=$?
-    echo "$((SECONDS - t))" >"$logs/$name.time"
+    "$@" >"$file.log" 2>&1 || rc=$?
+    echo "$((SECONDS - t))" >"$file.time"
     exit "$rc"
   ) &
   background_pid[$name]=$!
@@ -74,12 +74,12 @@ background() {
 
 # finish NAME: waits for a background phase, prints its output; fails when it failed.
 finish() {
-  local name=$1 rc=0
+  local name=$1 file=$logs/${1//[^A-Za-z0-9]/_} rc=0
   wait "${background_pid[$name]}" || rc=$?
   unset "background_pid[$name]"
   echo "== [$(clock)] $name: done (exit $rc)"
-  cat "$logs/$name.log"
-  record "$name" "$(cat "$logs/$name.time" 2>/dev/null || echo 0)" "(in the background)"
+  cat "$file.log"
+  record "$name" "$(cat "$file.time" 2>/dev/null || echo 0)" "(in the background)"
   if [[ $rc -ne 0 ]]; then
     echo "== $name FAILED" >&2
     exit 1
@@ -113,15 +113,15 @@ from container_helpers import containers_conf; containers_conf(pathlib.Path(sys.
 # tests; fails on any sanitizer report.
 sanitizer_pass() {
   local reports status=0
-  echo "== build (ASan/UBSan)"
+  echo "== [$(clock)] build (ASan/UBSan)"
   BUILD_DIR=build-asan BUILD_TYPE=Debug nice -n 10 scripts/build.sh -DAH_SANITIZE=ON
   reports=$(mktemp -d)
   export ASAN_OPTIONS="log_path=$reports/asan:detect_leaks=1:abort_on_error=0"
   export UBSAN_OPTIONS="log_path=$reports/ubsan:print_stacktrace=1"
   export LSAN_OPTIONS="suppressions=$repo/tests/lsan.supp:print_suppressions=0"
-  echo "== unit tests (build-asan)"
+  echo "== [$(clock)] unit tests (build-asan)"
   unit_tests build-asan
-  echo "== end-to-end tests (build-asan, E2E_WORKERS=$E2E_WORKERS)"
+  echo "== [$(clock)] end-to-end tests (build-asan, E2E_WORKERS=$E2E_WORKERS)"
   end_to_end build-asan || status=$?
   if compgen -G "$reports/*" >/dev/null; then
     echo "== sanitizer reports:"
@@ -145,11 +145,11 @@ container_checks() {
 last_checks() {
   renice -n 10 -p "$BASHPID" >/dev/null
   if [[ -n "$fuzz" ]]; then
-    echo "== fuzz targets (clang, ASan/UBSan; a few seconds each)"
+    echo "== [$(clock)] fuzz targets (clang, ASan/UBSan; a few seconds each)"
     fuzz_targets
   fi
   if [[ -n "$container" ]]; then
-    echo "== container image (podman: tests/container)"
+    echo "== [$(clock)] container image (podman: tests/container)"
     container_checks
   fi
 }

@@ -11,8 +11,9 @@ DEFAULT_SECONDS); refresh them with `--store-durations` after tests were added o
     /usr/bin/python3 -m pytest -n 2 --dist loadgroup --store-durations tests/mongo tests/e2e \
         tests/console tests/deploy tests/install
 
-A group keeps its tests in their order; in a run without xdist nothing is reordered (the module
-fixtures stay shared by a module's tests run one after the other).
+A group keeps its tests in their order, and so do the tests of a module that share a
+module-scoped fixture (one unit, so that the fixture is set up once); in a run without xdist
+nothing is reordered.
 """
 import json
 import os
@@ -44,6 +45,12 @@ def group_of(item):
     return marker.args[0] if marker.args else marker.kwargs.get("name", "default")
 
 
+def uses_a_module_fixture(item):
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(
+        d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
+
+
 def seconds_of(seconds, nodeid, group):
     """A test's recorded seconds; xdist names a grouped test "<nodeid>@<group>" in its reports
     (and, depending on the order of the hooks, already here)."""
@@ -64,7 +71,12 @@ def pytest_collection_modifyitems(config, items):
     units = {}  # unit key -> [total seconds, first position, items]
     for position, item in enumerate(items):
         group = group_of(item)
-        key = ("group", group) if group is not None else ("test", item.nodeid)
+        if group is not None:
+            key = ("group", group)
+        elif uses_a_module_fixture(item):  # kept together, so the fixture is set up once
+            key = ("module", item.nodeid.split("::")[0])
+        else:
+            key = ("test", item.nodeid)
         unit = units.setdefault(key, [0.0, position, []])
         unit[0] += seconds_of(seconds, item.nodeid, group)
         unit[2].append(item)
