@@ -117,9 +117,12 @@ def test_killed_agent_goes_stale_and_a_restarted_one_reappears(fleet, store):
 
     again = start_agent(fleet, store, victim.name)
     again.wait_state("paused", timeout=20)
+    # Its first record may still say "starting" (written before the pause was applied); the
+    # paused one follows.
     body = wait_records(agents[0], lambda b: b["summary"]["stale"] == 0 and
-                        record_of(b, victim.name)["pid"] == again.proc.pid,
-                        message="the restarted agent reappears")
+                        record_of(b, victim.name)["pid"] == again.proc.pid and
+                        record_of(b, victim.name)["state"] == "paused",
+                        message="the restarted agent reappears, paused")
     rec = record_of(body, victim.name)
     assert rec["state"] == "paused" and rec["applied_version"] == version
 
