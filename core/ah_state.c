@@ -607,11 +607,10 @@ int ah_state_offer_local_drain(ah_state_t *s, ah_command_t cmd, ah_source_t src,
     return rc;
 }
 
-bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
+/* ah_state_take_event when an event may be pending (out of line: the check before it runs
+ * between every two batches and needs no frame). */
+static __attribute__((noinline)) bool take_event_locked(ah_state_t *s, ah_event_t *ev)
 {
-    if (!atomic_load_explicit(&s->has_event, memory_order_acquire)) {
-        return false; /* only the worker clears it, so "false" cannot go stale to "true" unseen */
-    }
     pthread_mutex_lock(&s->lock);
     bool had = s->has_event;
     if (had) {
@@ -620,6 +619,14 @@ bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
     }
     pthread_mutex_unlock(&s->lock);
     return had;
+}
+
+bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
+{
+    if (!atomic_load_explicit(&s->has_event, memory_order_acquire)) {
+        return false; /* only the worker clears it, so "false" cannot go stale to "true" unseen */
+    }
+    return take_event_locked(s, ev);
 }
 
 /* Records ev as applied. Lock held. */
