@@ -255,6 +255,26 @@ static void sqlite_set_busy_wait(sqlite3 *db, int ms)
     sqlite3_busy_handler(db, ms > 0 ? sqlite_busy_wait : NULL, (void *)(intptr_t)ms);
 }
 
+/* For a call on db that failed with rc: writes err as sqlite_error and returns what the failure
+ * maps to, AH_EUNAVAIL when another connection holds the lock, else AH_EIO. */
+static int sqlite_failed(const ah_sqlite_store_t *st, sqlite3 *db, int rc, const char *what,
+                         char *err, size_t errlen)
+{
+    sqlite_error(err, errlen, st, db, what);
+    return sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+}
+
+/* Prepares sql on db into *stmt. 0, or AH_EUNAVAIL/AH_EIO with err set ("<what>: ...") and
+ * *stmt NULL. */
+static int sqlite_prepare(const ah_sqlite_store_t *st, sqlite3 *db, const char *sql,
+                          const char *what, sqlite3_stmt **stmt, char *err, size_t errlen)
+{
+    if (sqlite3_prepare_v2(db, sql, -1, stmt, NULL) != SQLITE_OK) {
+        return sqlite_failed(st, db, sqlite3_errcode(db), what, err, errlen);
+    }
+    return 0;
+}
+
 /* Rolls back whatever transaction db has open; harmless when none is. */
 static void sqlite_rollback(sqlite3 *db)
 {
@@ -385,11 +405,11 @@ static int control_select_id(const ah_sqlite_store_t *st, sqlite3 *db, const cha
     if (missing != NULL) {
         *missing = false;
     }
-    if (sqlite3_prepare_v2(db, ah_sqlite_select_control, -1, &stmt, NULL) != SQLITE_OK) {
-        sqlite_error(err, errlen, st, db, "read failed");
-        ret = sqlite_is_busy(sqlite3_errcode(db)) ? AH_EUNAVAIL : AH_EIO;
+    if ((ret = sqlite_prepare(st, db, ah_sqlite_select_control, "read failed", &stmt, err,
+                              errlen)) != 0) {
         goto cleanup;
     }
+    ret = AH_EIO;
     sqlite3_bind_text(stmt, 1, id, -1, SQLITE_STATIC);
     rc = sqlite3_step(stmt);
     if (rc == SQLITE_DONE) {
@@ -401,8 +421,7 @@ static int control_select_id(const ah_sqlite_store_t *st, sqlite3 *db, const cha
         goto cleanup;
     }
     if (rc != SQLITE_ROW) {
-        sqlite_error(err, errlen, st, db, "read failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, db, rc, "read failed", err, errlen);
         goto cleanup;
     }
     control_from_row(stmt, false, out);
@@ -438,9 +457,8 @@ static int scopes_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t 
 
     *out = NULL;
     *count = 0;
-    if (sqlite3_prepare_v2(db, ah_sqlite_select_scopes, -1, &stmt, NULL) != SQLITE_OK) {
-        sqlite_error(err, errlen, st, db, "scope read failed");
-        ret = sqlite_is_busy(sqlite3_errcode(db)) ? AH_EUNAVAIL : AH_EIO;
+    if ((ret = sqlite_prepare(st, db, ah_sqlite_select_scopes, "scope read failed", &stmt, err,
+                              errlen)) != 0) {
         goto cleanup;
     }
     while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
@@ -624,6 +642,19 @@ static int status_connect_locked(ah_sqlite_store_t *st, char *err, size_t errlen
                           &st->status_db, NULL, err, errlen);
 }
 
+/* For one call through the API connection (status: the status connection), with its lock
+ * held (api_lock / status_lock): opens the connection if needed and prepares sql on it. 0, or
+ * AH_EUNAVAIL/AH_EIO/AH_ENOMEM with err set ("<what>: ...") and *stmt NULL. */
+static int api_prepare_locked(ah_sqlite_store_t *st, bool status, const char *sql, const char *what,
+                              sqlite3_stmt **stmt, char *err, size_t errlen)
+{
+    int ret = status ? status_connect_locked(st, err, errlen) : api_connect_locked(st, err, errlen);
+    if (ret != 0) {
+        return ret;
+    }
+    return sqlite_prepare(st, status ? st->status_db : st->api_db, sql, what, stmt, err, errlen);
+}
+
 static int sqlite_read(ah_store_t *base, ah_control_t *out, char *err, size_t errlen)
 {
     ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
@@ -639,15 +670,14 @@ static int sqlite_read(ah_store_t *base, ah_control_t *out, char *err, size_t er
     ret = control_select(st, st->api_db, out, &missing, err, errlen);
     if (ret != 0 && missing) {
         /* Deleted behind our back: re-created like at open, at the last audited version. */
-        if (sqlite3_prepare_v2(st->api_db, ah_sqlite_insert_initial, -1, &stmt, NULL) !=
-            SQLITE_OK) {
-            sqlite_error(err, errlen, st, st->api_db, "cannot re-create control document");
+        const char *what = "cannot re-create control document";
+        if ((ret = sqlite_prepare(st, st->api_db, ah_sqlite_insert_initial, what, &stmt, err,
+                                  errlen)) != 0) {
             goto cleanup;
         }
         sqlite3_bind_int64(stmt, 1, ah_now_us());
         if (sqlite3_step(stmt) != SQLITE_DONE) {
-            sqlite_error(err, errlen, st, st->api_db, "cannot re-create control document");
-            ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;
+            ret = sqlite_failed(st, st->api_db, sqlite3_errcode(st->api_db), what, err, errlen);
             goto cleanup;
         }
         ret = control_select(st, st->api_db, out, NULL, err, errlen);
@@ -715,12 +745,8 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
 
     *count = 0;
     pthread_mutex_lock(&st->api_lock);
-    if ((ret = api_connect_locked(st, err, errlen)) != 0) {
-        goto cleanup;
-    }
-    ret = AH_EIO;
-    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_history, -1, &stmt, NULL) != SQLITE_OK) {
-        sqlite_error(err, errlen, st, st->api_db, "history failed");
+    if ((ret = api_prepare_locked(st, false, ah_sqlite_select_history, "history failed", &stmt, err,
+                                  errlen)) != 0) {
         goto cleanup;
     }
     sqlite3_bind_int(stmt, 1, limit);
@@ -730,16 +756,14 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
         n++;
     }
     if (n < limit && rc != SQLITE_DONE) {
-        sqlite_error(err, errlen, st, st->api_db, "history failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->api_db, rc, "history failed", err, errlen);
         goto cleanup;
     }
     sqlite3_finalize(stmt);
     stmt = NULL;
     /* the scope entries, merged in by timestamp */
-    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_scope_history, -1, &stmt, NULL) !=
-        SQLITE_OK) {
-        sqlite_error(err, errlen, st, st->api_db, "history failed");
+    if ((ret = sqlite_prepare(st, st->api_db, ah_sqlite_select_scope_history, "history failed",
+                              &stmt, err, errlen)) != 0) {
         goto cleanup;
     }
     sqlite3_bind_int(stmt, 1, limit);
@@ -757,8 +781,7 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
         ns++;
     }
     if (ns < limit && rc != SQLITE_DONE) {
-        sqlite_error(err, errlen, st, st->api_db, "history failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->api_db, rc, "history failed", err, errlen);
         goto cleanup;
     }
     if (ah_store_history_merge(out, &n, scopes, ns, limit) != AH_OK) {
@@ -844,8 +867,7 @@ static int sqlite_put_status(ah_store_t *base, const ah_agent_status_t *rec, dou
         ah_sleep(0.02 * attempt);
     }
     if (rc != SQLITE_OK) {
-        sqlite_error(err, errlen, st, st->status_db, "status write failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->status_db, rc, "status write failed", err, errlen);
     } else if (sweep_before_us > 0) {
         st->last_sweep_us = now_mono;
     }
@@ -864,13 +886,8 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
     int rc = SQLITE_DONE;
 
     pthread_mutex_lock(&st->status_lock);
-    if ((ret = status_connect_locked(st, err, errlen)) != 0) {
-        goto cleanup;
-    }
-    ret = AH_EIO;
-    if (sqlite3_prepare_v2(st->status_db, ah_sqlite_select_status, -1, &stmt, NULL) != SQLITE_OK) {
-        sqlite_error(err, errlen, st, st->status_db, "status read failed");
-        ret = sqlite_is_busy(sqlite3_errcode(st->status_db)) ? AH_EUNAVAIL : AH_EIO;
+    if ((ret = api_prepare_locked(st, true, ah_sqlite_select_status, "status read failed", &stmt,
+                                  err, errlen)) != 0) {
         goto cleanup;
     }
     sqlite3_bind_int(stmt, 1, AH_AGENTS_MAX);
@@ -901,8 +918,7 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
         ah_strlcpy(r->leases, leases != NULL ? (const char *)leases : "", sizeof(r->leases));
     }
     if (rc != SQLITE_DONE) {
-        sqlite_error(err, errlen, st, st->status_db, "status read failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->status_db, rc, "status read failed", err, errlen);
         goto cleanup;
     }
     *out = recs;
@@ -995,8 +1011,7 @@ static int sqlite_lease(ah_store_t *base, ah_lease_op_t op, const char *name, co
         ah_sleep(0.02 * attempt);
     }
     if (rc != SQLITE_DONE) {
-        sqlite_error(err, errlen, st, st->api_db, "lease write failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->api_db, rc, "lease write failed", err, errlen);
         goto cleanup;
     }
     ah_strlcpy(out->name, name, sizeof(out->name));
@@ -1023,14 +1038,9 @@ static int sqlite_list_leases(ah_store_t *base, ah_lease_t **out, int *count, ch
     int rc = SQLITE_DONE;
 
     pthread_mutex_lock(&st->api_lock);
-    int ret = api_connect_locked(st, err, errlen);
+    int ret = api_prepare_locked(st, false, ah_sqlite_lease_list, "lease read failed", &stmt, err,
+                                 errlen);
     if (ret != 0) {
-        goto cleanup;
-    }
-    ret = AH_EIO;
-    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_lease_list, -1, &stmt, NULL) != SQLITE_OK) {
-        sqlite_error(err, errlen, st, st->api_db, "lease read failed");
-        ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;
         goto cleanup;
     }
     sqlite3_bind_int(stmt, 1, AH_LEASES_MAX);
@@ -1046,8 +1056,7 @@ static int sqlite_list_leases(ah_store_t *base, ah_lease_t **out, int *count, ch
         lease_from_row(stmt, 1, r);
     }
     if (rc != SQLITE_DONE) {
-        sqlite_error(err, errlen, st, st->api_db, "lease read failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->api_db, rc, "lease read failed", err, errlen);
         goto cleanup;
     }
     *out = recs;
