@@ -314,34 +314,100 @@ static void member_labels(const char *object, char *out, size_t n)
     }
 }
 
-int ah_ctl_fleet_print_scopes(const char *body, FILE *out, FILE *err)
+/* ---- tables ---------------------------------------------------------------------------- */
+
+#define TABLE_COLS_MAX 10
+#define TABLE_CELL_MAX 1024
+
+/* One column of a ctl table: its title, the member of each row object it shows (NULL: computed
+ * by the table's adjust function), how many bytes of it are kept (with the NUL) and its width
+ * (> 0 right-aligned, < 0 left-aligned, 0: the last column, not padded). */
+typedef struct table_col_s {
+    const char *title;
+    const char *key;
+    size_t size;
+    int width;
+} table_col_t;
+
+typedef char table_row_t[TABLE_COLS_MAX][TABLE_CELL_MAX];
+
+/* A ctl table: the array member of the body it lists, its columns, and an optional function
+ * that rewrites the cells read from one row object (computed and derived cells). */
+typedef struct table_s {
+    const char *key;
+    const table_col_t *cols;
+    int ncols;
+    void (*adjust)(const char *object, table_row_t cells);
+} table_t;
+
+/* Prints cell i of a row of t: padded to its column's width, then a space or the line's end. */
+static void print_cell(FILE *out, const table_t *t, int i, const char *text)
+{
+    fprintf(out, i + 1 < t->ncols ? "%*s " : "%*s\n", t->cols[i].width, text);
+}
+
+/* Prints the header and one line per element of the array t->key of body on out; *rows counts
+ * them. 0, or 1 (message on err) when body has no such array or it is malformed. */
+static int print_table(const table_t *t, const char *body, FILE *out, FILE *err, int *rows)
 {
     json_reader_t r = {.p = body, .ok = true};
-    if (!find_member(&r, "scopes") || !r.ok) {
-        fprintf(err, "agenthost ctl: the answer has no \"scopes\"\n");
+    if (!find_member(&r, t->key) || !r.ok) {
+        fprintf(err, "agenthost ctl: the answer has no \"%s\"\n", t->key);
         return 1;
     }
-    fprintf(out, "%-32s %-8s %7s %7s %5s %-24s %s\n", "SELECTOR", "COMMAND", "VERSION", "MATCHED",
-            "HOLDS", "EXPIRES", "REASON");
+    for (int i = 0; i < t->ncols; i++) {
+        print_cell(out, t, i, t->cols[i].title);
+    }
+    *rows = 0;
     if (array_first(&r)) {
         do {
-            const char *object = r.p;
-            char selector[512], command[16], version[32], matched[32], holds[32], expires[40],
-                reason[256];
-            member_text(object, "selector", selector, sizeof(selector));
-            member_text(object, "command", command, sizeof(command));
-            member_text(object, "version", version, sizeof(version));
-            member_text(object, "matched", matched, sizeof(matched));
-            member_text(object, "holds", holds, sizeof(holds));
-            member_text(object, "expires_at", expires, sizeof(expires));
-            member_text(object, "reason", reason, sizeof(reason));
-            fprintf(out, "%-32s %-8s %7s %7s %5s %-24s %s\n", selector, command, version, matched,
-                    holds, strcmp(expires, "null") == 0 ? "-" : expires, reason);
+            table_row_t cells;
+            for (int i = 0; i < t->ncols; i++) {
+                cells[i][0] = '\0';
+                if (t->cols[i].key != NULL) {
+                    size_t size =
+                        t->cols[i].size < TABLE_CELL_MAX ? t->cols[i].size : TABLE_CELL_MAX;
+                    member_text(r.p, t->cols[i].key, cells[i], size);
+                }
+            }
+            if (t->adjust != NULL) {
+                t->adjust(r.p, cells);
+            }
+            for (int i = 0; i < t->ncols; i++) {
+                print_cell(out, t, i, cells[i]);
+            }
+            (*rows)++;
             skip_value(&r, 1);
         } while (array_next(&r));
     }
     if (!r.ok) {
-        fprintf(err, "agenthost ctl: malformed \"scopes\" in the answer\n");
+        fprintf(err, "agenthost ctl: malformed \"%s\" in the answer\n", t->key);
+        return 1;
+    }
+    return 0;
+}
+
+enum { SCOPE_EXPIRES = 5 };
+
+static void adjust_scope(const char *object, table_row_t cells)
+{
+    (void)object;
+    if (strcmp(cells[SCOPE_EXPIRES], "null") == 0) {
+        strcpy(cells[SCOPE_EXPIRES], "-");
+    }
+}
+
+int ah_ctl_fleet_print_scopes(const char *body, FILE *out, FILE *err)
+{
+    static const table_col_t cols[] = {
+        {"SELECTOR", "selector", 512, -32}, {"COMMAND", "command", 16, -8},
+        {"VERSION", "version", 32, 7},      {"MATCHED", "matched", 32, 7},
+        {"HOLDS", "holds", 32, 5},          {"EXPIRES", "expires_at", 40, -24},
+        {"REASON", "reason", 256, 0},
+    };
+    static const table_t table = {"scopes", cols, sizeof(cols) / sizeof(cols[0]), adjust_scope};
+    int rows;
+    if (print_table(&table, body, out, err, &rows) != 0) {
         return 1;
     }
     char count[32], active[32];
@@ -351,43 +417,38 @@ int ah_ctl_fleet_print_scopes(const char *body, FILE *out, FILE *err)
     return 0;
 }
 
+enum { AGENT_STATE = 1, AGENT_STALE = 3, AGENT_LABELS = 9 };
+
+static void adjust_agent(const char *object, table_row_t cells)
+{
+    /* A stale agent that did not stop is lost: its last state is only what it was. */
+    bool stale = strcmp(cells[AGENT_STALE], "true") == 0;
+    if (stale && strcmp(cells[AGENT_STATE], "stopped") != 0) {
+        char state[32];
+        ah_strlcpy(state, cells[AGENT_STATE], sizeof(state));
+        snprintf(cells[AGENT_STATE], 48, "lost (%s)", state);
+    }
+    strcpy(cells[AGENT_STALE], stale ? "STALE" : "no");
+    member_labels(object, cells[AGENT_LABELS], TABLE_CELL_MAX);
+}
+
 int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err)
 {
-    json_reader_t r = {.p = body, .ok = true};
-    if (!find_member(&r, "agents") || !r.ok) {
-        fprintf(err, "agenthost ctl: the answer has no \"agents\"\n");
-        return 1;
-    }
-    fprintf(out, "%-24s %-15s %8s %-6s %-25s %-16s %8s %10s %7s %s\n", "AGENT", "STATE", "APPLIED",
-            "STALE", "LAST SEEN", "HOST", "PID", "BATCHES", "ERRORS", "LABELS");
-    if (array_first(&r)) {
-        do {
-            const char *object = r.p;
-            char id[AH_NAME_MAX + 1], state[32], applied[32], stale[16], seen[40], host[64],
-                pid[32], batches[32], errors[32];
-            member_text(object, "agent_id", id, sizeof(id));
-            member_text(object, "state", state, sizeof(state));
-            member_text(object, "applied_version", applied, sizeof(applied));
-            member_text(object, "stale", stale, sizeof(stale));
-            member_text(object, "last_seen", seen, sizeof(seen));
-            member_text(object, "host", host, sizeof(host));
-            member_text(object, "pid", pid, sizeof(pid));
-            member_text(object, "batches", batches, sizeof(batches));
-            member_text(object, "errors", errors, sizeof(errors));
-            char labels[1024];
-            member_labels(object, labels, sizeof(labels));
-            /* A stale agent that did not stop is lost: its last state is only what it was. */
-            bool lost = strcmp(stale, "true") == 0 && strcmp(state, "stopped") != 0;
-            char shown_state[48];
-            snprintf(shown_state, sizeof(shown_state), lost ? "lost (%s)" : "%s", state);
-            fprintf(out, "%-24s %-15s %8s %-6s %-25s %-16s %8s %10s %7s %s\n", id, shown_state,
-                    applied, strcmp(stale, "true") == 0 ? "STALE" : "no", seen, host, pid, batches,
-                    errors, labels);
-            skip_value(&r, 1);
-        } while (array_next(&r));
-    }
-    if (!r.ok) {
-        fprintf(err, "agenthost ctl: malformed \"agents\" in the answer\n");
+    static const table_col_t cols[] = {
+        {"AGENT", "agent_id", AH_NAME_MAX + 1, -24},
+        {"STATE", "state", 32, -15},
+        {"APPLIED", "applied_version", 32, 8},
+        {"STALE", "stale", 16, -6},
+        {"LAST SEEN", "last_seen", 40, -25},
+        {"HOST", "host", 64, -16},
+        {"PID", "pid", 32, 8},
+        {"BATCHES", "batches", 32, 10},
+        {"ERRORS", "errors", 32, 7},
+        {"LABELS", NULL, 0, 0},
+    };
+    static const table_t table = {"agents", cols, sizeof(cols) / sizeof(cols[0]), adjust_agent};
+    int rows;
+    if (print_table(&table, body, out, err, &rows) != 0) {
         return 1;
     }
     char count[32], version[32], total[32], current[32], stale[32];
@@ -403,37 +464,33 @@ int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err)
     return 0;
 }
 
+enum { LEASE_OWNER = 1, LEASE_EXPIRES = 3 };
+
+static void adjust_lease(const char *object, table_row_t cells)
+{
+    (void)object;
+    if (cells[LEASE_OWNER][0] == '\0') {
+        strcpy(cells[LEASE_OWNER], "(free)");
+        strcpy(cells[LEASE_EXPIRES], "-");
+    } else {
+        snprintf(cells[LEASE_EXPIRES], TABLE_CELL_MAX, "%.1fs", strtod(cells[LEASE_EXPIRES], NULL));
+    }
+}
+
 int ah_ctl_fleet_print_leases(const char *body, FILE *out, FILE *err)
 {
-    json_reader_t r = {.p = body, .ok = true};
-    if (!find_member(&r, "leases") || !r.ok) {
-        fprintf(err, "agenthost ctl: the answer has no \"leases\"\n");
+    static const table_col_t cols[] = {
+        {"NAME", "name", AH_NAME_MAX + 1, -32},
+        {"OWNER", "owner", AH_NAME_MAX + 1, -24},
+        {"TOKEN", "token", 32, 8},
+        {"EXPIRES IN", "expires_in", 32, 10},
+    };
+    static const table_t table = {"leases", cols, sizeof(cols) / sizeof(cols[0]), adjust_lease};
+    int rows;
+    if (print_table(&table, body, out, err, &rows) != 0) {
         return 1;
     }
-    fprintf(out, "%-32s %-24s %8s %10s\n", "NAME", "OWNER", "TOKEN", "EXPIRES IN");
-    int n = 0;
-    if (array_first(&r)) {
-        do {
-            const char *object = r.p;
-            char name[AH_NAME_MAX + 1], owner[AH_NAME_MAX + 1], token[32], expires[32];
-            member_text(object, "name", name, sizeof(name));
-            member_text(object, "owner", owner, sizeof(owner));
-            member_text(object, "token", token, sizeof(token));
-            member_text(object, "expires_in", expires, sizeof(expires));
-            if (owner[0] == '\0') {
-                fprintf(out, "%-32s %-24s %8s %10s\n", name, "(free)", token, "-");
-            } else {
-                fprintf(out, "%-32s %-24s %8s %9.1fs\n", name, owner, token, strtod(expires, NULL));
-            }
-            n++;
-            skip_value(&r, 1);
-        } while (array_next(&r));
-    }
-    if (!r.ok) {
-        fprintf(err, "agenthost ctl: malformed \"leases\" in the answer\n");
-        return 1;
-    }
-    fprintf(out, "%d lease%s\n", n, n == 1 ? "" : "s");
+    fprintf(out, "%d lease%s\n", rows, rows == 1 ? "" : "s");
     return 0;
 }
 

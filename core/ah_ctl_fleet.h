@@ -7,11 +7,12 @@
 
 #include <stdio.h>
 
-/* Prints the fleet of an /api/cluster/agents body as a table plus a summary line on out.
- * Returns 0, or 1 (message on err) when the body is not such an answer. */
 /* Prints the answer of GET /api/cluster/leases as a table (NAME OWNER TOKEN EXPIRES IN) and a
  * count line. 0, or 1 (message on err) when the answer has no "leases" array. */
 int ah_ctl_fleet_print_leases(const char *body, FILE *out, FILE *err);
+
+/* Prints the fleet of an /api/cluster/agents body as a table plus a summary line on out.
+ * Returns 0, or 1 (message on err) when the body is not such an answer. */
 int ah_ctl_fleet_print_agents(const char *body, FILE *out, FILE *err);
 
 /* Judges a cluster command's answer that carries a "wait" object: 0 when "complete" is true;

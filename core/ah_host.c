@@ -325,10 +325,15 @@ static void worker_apply(ah_host_t *h, const ah_event_t *ev)
         return;
     }
     if (rc == AH_EREFUSED) {
-        ah_log_warn("Local resume by %s refused: this agent is held paused because the "
+        /* a signal's event carries the signal's name as its reason (on_signal) */
+        bool by_signal = ev->source == AH_SOURCE_SIGNAL;
+        ah_log_warn("Local resume by %s%s refused: this agent is held paused because the "
                     "cluster command is 'shutdown'; only a cluster command releases it "
                     "(POST /api/cluster/resume, agenthost ctl resume)",
-                    ev->updated_by[0] ? ev->updated_by : "unknown");
+                    by_signal ? "signal " : "",
+                    by_signal           ? ev->reason
+                    : ev->updated_by[0] ? ev->updated_by
+                                        : "unknown");
         return;
     }
     if (rc != AH_OK) {

@@ -123,30 +123,12 @@ static int query_text(const http_call_t *call, const char *key, const char *fall
     return AH_OK;
 }
 
-/* Parses "1"..AH_HISTORY_MAX (at most 4 plain decimal digits). 0 or AH_EINVAL. */
-static int parse_limit(const char *text, int *out)
+/* Parses at most max_digits plain decimal digits (no sign, no space) into a value from min to
+ * max: a history limit, a version. 0 or AH_EINVAL. */
+static int parse_decimal(const char *text, size_t max_digits, int64_t min, int64_t max,
+                         int64_t *out)
 {
-    if (text == NULL || text[0] == '\0' || strlen(text) > 4) {
-        return AH_EINVAL;
-    }
-    int value = 0;
-    for (const char *p = text; *p != '\0'; p++) {
-        if (*p < '0' || *p > '9') {
-            return AH_EINVAL;
-        }
-        value = value * 10 + (*p - '0');
-    }
-    if (value < 1 || value > AH_HISTORY_MAX) {
-        return AH_EINVAL;
-    }
-    *out = value;
-    return AH_OK;
-}
-
-/* Parses a version: 0..2^53 in plain decimal digits. 0 or AH_EINVAL. */
-static int parse_version(const char *text, int64_t *out)
-{
-    if (text == NULL || text[0] == '\0' || strlen(text) > 16) {
+    if (text == NULL || text[0] == '\0' || strlen(text) > max_digits) {
         return AH_EINVAL;
     }
     int64_t value = 0;
@@ -156,7 +138,7 @@ static int parse_version(const char *text, int64_t *out)
         }
         value = value * 10 + (*p - '0');
     }
-    if (value > (INT64_C(1) << 53)) {
+    if (value < min || value > max) {
         return AH_EINVAL;
     }
     *out = value;
@@ -175,7 +157,8 @@ static int query_version(const http_call_t *call, const char *key, int64_t *out,
                                       &len) != MHD_YES) {
         return AH_OK;
     }
-    if (text == NULL || strlen(text) != len || parse_version(text, out) != AH_OK) {
+    if (text == NULL || strlen(text) != len ||
+        parse_decimal(text, 16, 0, INT64_C(1) << 53, out) != AH_OK) {
         ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
                             "%s must be an integer from 0 to 9007199254740992", key);
         return AH_EINVAL;
@@ -495,6 +478,31 @@ static int count_matching(const ah_config_t *cfg, const char *selector,
     return matched;
 }
 
+/* Answers a parked request with reply (taken over) and lets go of the park: any thread. */
+static void park_finish(http_park_t *park, http_reply_t *reply)
+{
+    ah_http_park_answer(park, reply);
+    ah_http_park_release(park);
+}
+
+/* Answers a parked request 503: the fleet's waiter refused the work (it is stopping). */
+static void park_refuse(http_park_t *park)
+{
+    http_reply_t refused = {.status = MHD_HTTP_OK};
+    ah_buf_init(&refused.body);
+    ah_http_reply_error(&refused, MHD_HTTP_SERVICE_UNAVAILABLE, "the agent is shutting down");
+    park_finish(park, &refused);
+}
+
+/* Parks the request for the fleet's waiter thread, which answers it: the park's own deadline
+ * (HTTP_WAIT_WRITE_ALLOWANCE_S after timeout_s) is only a safety net. NULL with reply set (503
+ * stopping or 500) when it cannot be parked. */
+static http_park_t *park_for_fleet(http_call_t *call, http_reply_t *reply, double timeout_s)
+{
+    return ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
+                        timeout_s + HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
+}
+
 /* Writes the "wait" object of a cluster command's answer. */
 static void write_wait(ah_buf_t *b, const ah_fleet_outcome_t *outcome)
 {
@@ -523,7 +531,9 @@ static void write_wait(ah_buf_t *b, const ah_fleet_outcome_t *outcome)
 }
 
 /* The answer to a cluster command whose write (ah_fleet_issue: logged, and offered to the state)
- * returned rc, err and doc; with wait != NULL the "wait" object is added to the success body. */
+ * returned rc, err and doc; with wait != NULL the "wait" object is added to the success body.
+ * A scoped command (scope->selector not "") says what it matched where a cluster command says
+ * what it asked of every agent: the one difference between the two answers. */
 static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char *err,
                           const ah_control_t *doc, const ah_fleet_outcome_t *wait,
                           const scope_answer_t *scope, http_reply_t *reply)
@@ -580,7 +590,7 @@ static void command_reply(ah_http_t *http, ah_command_t cmd, int rc, const char 
     ah_buf_t *b = &reply->body;
     ah_json_open(b);
     ah_json_str(b, "status", "success");
-    if (scope != NULL) {
+    if (scope->selector[0] != '\0') {
         char message[AH_SELECTOR_MAX + 160];
         bool held_nobody = cmd == AH_CMD_RUNNING && (!scope->held_before || scope->matched == 0);
         snprintf(message, sizeof(message), "%s command issued to the agents matching %s%s",
@@ -637,76 +647,62 @@ static int query_wait(const http_call_t *call, double *out, bool *present, http_
     return AH_OK;
 }
 
-/* A cluster command on its way to a store worker: the request, its strings copied out of the
- * connection. */
-typedef struct cluster_command_job_s {
+/* A cluster or scoped command on its way to the store: the request, its strings copied out of
+ * the connection, and what its answer says about the scope (scope.selector "": a cluster
+ * command). Run by a store worker, or with wait= by the fleet's waiter (park set). */
+typedef struct cluster_command_s {
     ah_http_t *http;
-    ah_command_req_t req; /* reason, updated_by and selector point into the job */
+    http_park_t *park;    /* wait=: the parked request the waiter answers */
+    ah_command_req_t req; /* reason, updated_by and selector point into this object */
     char reason[AH_REASON_MAX + 1];
     char updated_by[AH_NAME_MAX + 1];
-    scope_answer_t scope; /* scope.selector "": a cluster command */
-} cluster_command_job_t;
+    scope_answer_t scope;
+} cluster_command_t;
 
-/* Store worker: writes the command (ah_fleet_issue) and answers. */
+/* Store worker: writes the command (ah_fleet_issue) and answers; a scoped command's answer
+ * counts the live agents its selector matches in a fresh read of the records. */
 static void run_cluster_command(void *arg, http_reply_t *reply)
 {
-    cluster_command_job_t *job = arg;
+    cluster_command_t *cc = arg;
     ah_control_t doc;
     char err[AH_ERRLEN] = "";
-    job->req.reason = job->reason;
-    job->req.updated_by = job->updated_by;
-    job->req.selector = job->scope.selector;
-    bool scoped = job->scope.selector[0] != '\0';
-    if (scoped) {
-        job->scope.held_before = scope_holds_in_view(job->http, job->scope.selector);
-    }
-    int rc = ah_fleet_issue(job->http->state, job->http->store, &job->req, &doc, err, sizeof(err));
-    if (scoped && rc == AH_OK) {
+    int rc = ah_fleet_issue(cc->http->state, cc->http->store, &cc->req, &doc, err, sizeof(err));
+    if (cc->scope.selector[0] != '\0' && rc == AH_OK) {
         ah_agent_status_t *recs = NULL;
         int count = 0;
         char list_err[AH_ERRLEN];
-        job->scope.matched = -1;
-        if (ah_store_list_status(job->http->store, &recs, &count, list_err, sizeof(list_err)) ==
+        if (ah_store_list_status(cc->http->store, &recs, &count, list_err, sizeof(list_err)) ==
             AH_OK) {
-            job->scope.matched = count_matching(job->http->cfg, job->scope.selector, recs, count);
+            cc->scope.matched = count_matching(cc->http->cfg, cc->scope.selector, recs, count);
         }
         free(recs);
     }
-    command_reply(job->http, job->req.command, rc, err, &doc, NULL, scoped ? &job->scope : NULL,
-                  reply);
+    command_reply(cc->http, cc->req.command, rc, err, &doc, NULL, &cc->scope, reply);
 }
 
-/* A cluster command with wait=: parked until the fleet's waiter has written it and every live
- * agent applied it, or the wait ran out (no HTTP thread is held meanwhile). */
-typedef struct cluster_wait_s {
-    ah_http_t *http;
-    http_park_t *park;
-    ah_command_t command;
-    scope_answer_t scope; /* scope.selector "": a cluster command */
-} cluster_wait_t;
-
-/* The fleet waiter's callback: answers the parked request. */
+/* The fleet waiter's callback for a command with wait=: answers the parked request; a scoped
+ * command's answer counts the live agents its selector matched (the wait's own reads). */
 static void cluster_wait_done(void *ud, const ah_fleet_outcome_t *outcome)
 {
-    cluster_wait_t *cw = ud;
+    cluster_command_t *cc = ud;
     http_reply_t reply = {.status = MHD_HTTP_OK};
     ah_buf_init(&reply.body);
-    bool scoped = cw->scope.selector[0] != '\0';
-    if (scoped && outcome->command_rc == AH_OK) {
-        cw->scope.matched = 0;
+    if (cc->scope.selector[0] != '\0' && outcome->command_rc == AH_OK) {
+        cc->scope.matched = 0;
         for (int i = 0; i < outcome->count; i++) {
-            cw->scope.matched +=
+            cc->scope.matched +=
                 outcome->acks[i] == AH_FLEET_ACKNOWLEDGED || outcome->acks[i] == AH_FLEET_PENDING;
         }
     }
-    command_reply(cw->http, cw->command, outcome->command_rc, outcome->command_error, outcome->doc,
-                  outcome->command_rc == AH_OK ? outcome : NULL, scoped ? &cw->scope : NULL,
-                  &reply);
-    ah_http_park_answer(cw->park, &reply);
-    ah_http_park_release(cw->park);
-    free(cw);
+    command_reply(cc->http, cc->req.command, outcome->command_rc, outcome->command_error,
+                  outcome->doc, outcome->command_rc == AH_OK ? outcome : NULL, &cc->scope, &reply);
+    park_finish(cc->park, &reply);
+    free(cc);
 }
 
+/* POST /api/cluster/{pause,resume,shutdown}[?selector=...]: a cluster command, or with selector=
+ * a scoped one; both are written the same way (a store worker, or with wait= the fleet's waiter)
+ * and differ only in the document written (req.selector) and in their answer (cc->scope). */
 void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
 {
     ah_http_t *http = call->http;
@@ -717,10 +713,7 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
     if (command_inputs(call, &cmd, &reason, &updated_by, reply) != AH_OK) {
         return;
     }
-    ah_command_req_t req = {.command = cmd,
-                            .reason = reason,
-                            .updated_by = updated_by,
-                            .agent_id = http->cfg->agent_id};
+    ah_command_req_t req = {.command = cmd, .agent_id = http->cfg->agent_id};
     double wait_s = 0;
     bool wait = false;
     bool scoped = false;
@@ -730,58 +723,48 @@ void ah_http_handle_cluster_command(http_call_t *call, http_reply_t *reply)
         query_wait(call, &wait_s, &wait, reply) != AH_OK) {
         return;
     }
-    req.selector = selector;
     if (http->store == NULL) {
         ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
         return;
     }
-    if (wait) {
-        ah_fleet_t *fleet = atomic_load(&http->fleet);
-        cluster_wait_t *cw = calloc(1, sizeof(*cw));
-        if (fleet == NULL || cw == NULL) {
-            free(cw);
-            ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE,
-                                "cannot wait: the fleet view is not running");
-            return;
-        }
-        cw->http = http;
-        cw->command = cmd;
-        ah_strlcpy(cw->scope.selector, selector, sizeof(cw->scope.selector));
-        if (scoped) {
-            cw->scope.held_before = scope_holds_in_view(http, selector);
-        }
-        /* The waiter answers; the park's own deadline (the write's allowance later) is only a
-         * safety net. */
-        cw->park = ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
-                                wait_s + HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
-        if (cw->park == NULL) {
-            free(cw);
-            return; /* reply: 503 (stopping) or 500 */
-        }
-        if (ah_fleet_command_wait(fleet, &req, wait_s, started_us, cluster_wait_done, cw) !=
-            AH_OK) {
-            http_reply_t refused = {.status = MHD_HTTP_OK};
-            ah_buf_init(&refused.body);
-            ah_http_reply_error(&refused, MHD_HTTP_SERVICE_UNAVAILABLE,
-                                "the agent is shutting down");
-            ah_http_park_answer(cw->park, &refused);
-            ah_http_park_release(cw->park);
-            free(cw);
-        }
+    ah_fleet_t *fleet = wait ? atomic_load(&http->fleet) : NULL;
+    if (wait && fleet == NULL) {
+        ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE,
+                            "cannot wait: the fleet view is not running");
         return;
     }
-    cluster_command_job_t *job = calloc(1, sizeof(*job));
-    if (job == NULL) {
+    cluster_command_t *cc = calloc(1, sizeof(*cc));
+    if (cc == NULL) {
         ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
         return;
     }
-    job->http = http;
-    job->req = req;
-    ah_strlcpy(job->scope.selector, selector, sizeof(job->scope.selector));
-    ah_strlcpy(job->reason, reason, sizeof(job->reason));
-    ah_strlcpy(job->updated_by, updated_by, sizeof(job->updated_by));
-    ah_http_run_job(call->http->parking, call->conn, call->req_cls, reply, run_cluster_command, job,
-                    free);
+    cc->http = http;
+    cc->req = req;
+    ah_strlcpy(cc->reason, reason, sizeof(cc->reason));
+    ah_strlcpy(cc->updated_by, updated_by, sizeof(cc->updated_by));
+    ah_strlcpy(cc->scope.selector, selector, sizeof(cc->scope.selector));
+    cc->req.reason = cc->reason;
+    cc->req.updated_by = cc->updated_by;
+    cc->req.selector = cc->scope.selector;
+    cc->scope.matched = -1; /* unknown until counted */
+    if (scoped) {
+        cc->scope.held_before = scope_holds_in_view(http, selector);
+    }
+    if (!wait) {
+        ah_http_run_job(http->parking, call->conn, call->req_cls, reply, run_cluster_command, cc,
+                        free);
+        return;
+    }
+    cc->park = park_for_fleet(call, reply, wait_s);
+    if (cc->park == NULL) {
+        free(cc);
+        return; /* reply: 503 (stopping) or 500 */
+    }
+    if (ah_fleet_command_wait(fleet, &cc->req, wait_s, started_us, cluster_wait_done, cc) !=
+        AH_OK) {
+        park_refuse(cc->park);
+        free(cc);
+    }
 }
 
 void ah_http_handle_control_state(http_call_t *call, http_reply_t *reply)
@@ -995,31 +978,59 @@ static void write_agents(ah_buf_t *b, const ah_config_t *cfg, int64_t version,
     ah_json_close(b);
 }
 
-/* A parked GET /api/cluster/agents, answered by the fleet's waiter thread after its reads. */
-typedef struct agents_read_s {
+/* A parked GET /api/cluster/agents or /api/cluster/scopes, answered by the fleet's waiter
+ * thread after its reads of the records: the two routes differ only in the body written. */
+typedef struct fleet_read_s {
     ah_http_t *http;
     http_park_t *park;
-    bool filtered;
-    int64_t wanted;
-    ah_selector_t *sel; /* ?selector=, or NULL */
-} agents_read_t;
+    void (*write)(ah_buf_t *b, const struct fleet_read_s *fr, const ah_fleet_outcome_t *outcome);
+    bool filtered;      /* agents: ?version= */
+    int64_t wanted;     /* agents: its version */
+    ah_selector_t *sel; /* agents: ?selector=, or NULL */
+} fleet_read_t;
 
-static void agents_read_done(void *ud, const ah_fleet_outcome_t *outcome)
+static void fleet_read_free(fleet_read_t *fr)
 {
-    agents_read_t *ar = ud;
+    ah_selector_free(fr->sel);
+    free(fr);
+}
+
+static void fleet_read_done(void *ud, const ah_fleet_outcome_t *outcome)
+{
+    fleet_read_t *fr = ud;
     http_reply_t reply = {.status = MHD_HTTP_OK};
     ah_buf_init(&reply.body);
     if (outcome->command_rc != AH_OK) {
         ah_http_reply_error(&reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
                             outcome->command_error);
     } else {
-        write_agents(&reply.body, ar->http->cfg, outcome->doc->version, outcome->recs,
-                     outcome->count, ar->filtered, ar->wanted, ar->sel);
+        fr->write(&reply.body, fr, outcome);
     }
-    ah_http_park_answer(ar->park, &reply);
-    ah_http_park_release(ar->park);
-    ah_selector_free(ar->sel);
-    free(ar);
+    park_finish(fr->park, &reply);
+    fleet_read_free(fr);
+}
+
+/* Parks the request until the fleet's waiter has read the records and fr->write has answered
+ * (fr, malloc'd, is taken over: freed on every path). */
+static void park_fleet_read(http_call_t *call, http_reply_t *reply, ah_fleet_t *fleet,
+                            fleet_read_t *fr)
+{
+    fr->park = park_for_fleet(call, reply, 0);
+    if (fr->park == NULL) {
+        fleet_read_free(fr);
+        return; /* reply: 503 (stopping) or 500 */
+    }
+    if (ah_fleet_read(fleet, fleet_read_done, fr) != AH_OK) {
+        park_refuse(fr->park);
+        fleet_read_free(fr);
+    }
+}
+
+static void write_agents_read(ah_buf_t *b, const fleet_read_t *fr,
+                              const ah_fleet_outcome_t *outcome)
+{
+    write_agents(b, fr->http->cfg, outcome->doc->version, outcome->recs, outcome->count,
+                 fr->filtered, fr->wanted, fr->sel);
 }
 
 /* GET /api/cluster/agents[?version=N]: the status records of the fleet, read from the store by
@@ -1047,30 +1058,18 @@ void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
     }
     ah_fleet_t *fleet = atomic_load(&http->fleet);
     if (fleet != NULL) {
-        agents_read_t *ar = calloc(1, sizeof(*ar));
-        if (ar == NULL) {
+        fleet_read_t *fr = calloc(1, sizeof(*fr));
+        if (fr == NULL) {
             ah_selector_free(sel);
             ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
             return;
         }
-        *ar = (agents_read_t){.http = http, .filtered = filtered, .wanted = wanted, .sel = sel};
-        ar->park = ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
-                                HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
-        if (ar->park == NULL) {
-            ah_selector_free(sel);
-            free(ar);
-            return; /* reply: 503 (stopping) or 500 */
-        }
-        if (ah_fleet_read(fleet, agents_read_done, ar) != AH_OK) {
-            http_reply_t refused = {.status = MHD_HTTP_OK};
-            ah_buf_init(&refused.body);
-            ah_http_reply_error(&refused, MHD_HTTP_SERVICE_UNAVAILABLE,
-                                "the agent is shutting down");
-            ah_http_park_answer(ar->park, &refused);
-            ah_http_park_release(ar->park);
-            ah_selector_free(sel);
-            free(ar);
-        }
+        *fr = (fleet_read_t){.http = http,
+                             .write = write_agents_read,
+                             .filtered = filtered,
+                             .wanted = wanted,
+                             .sel = sel};
+        park_fleet_read(call, reply, fleet, fr);
         return;
     }
     ah_control_t doc;
@@ -1087,12 +1086,6 @@ void ah_http_handle_cluster_agents(http_call_t *call, http_reply_t *reply)
     ah_selector_free(sel);
     free(recs);
 }
-
-/* A parked GET /api/cluster/scopes, answered by the fleet's waiter thread after its reads. */
-typedef struct scopes_read_s {
-    ah_http_t *http;
-    http_park_t *park;
-} scopes_read_t;
 
 /* Writes the body of GET /api/cluster/scopes: every scope document the agent sees, with the live
  * agents (recs) it matches, how many acknowledged its version and how many it holds. */
@@ -1144,20 +1137,10 @@ static void write_scopes(ah_buf_t *b, ah_http_t *http, const ah_agent_status_t *
     free(scopes);
 }
 
-static void scopes_read_done(void *ud, const ah_fleet_outcome_t *outcome)
+static void write_scopes_read(ah_buf_t *b, const fleet_read_t *fr,
+                              const ah_fleet_outcome_t *outcome)
 {
-    scopes_read_t *sr = ud;
-    http_reply_t reply = {.status = MHD_HTTP_OK};
-    ah_buf_init(&reply.body);
-    if (outcome->command_rc != AH_OK) {
-        ah_http_reply_error(&reply, MHD_HTTP_SERVICE_UNAVAILABLE, "control store unavailable: %s",
-                            outcome->command_error);
-    } else {
-        write_scopes(&reply.body, sr->http, outcome->recs, outcome->count);
-    }
-    ah_http_park_answer(sr->park, &reply);
-    ah_http_park_release(sr->park);
-    free(sr);
+    write_scopes(b, fr->http, outcome->recs, outcome->count);
 }
 
 /* GET /api/cluster/scopes: the scope documents (this agent's view, kept current by its watcher)
@@ -1170,26 +1153,13 @@ void ah_http_handle_cluster_scopes(http_call_t *call, http_reply_t *reply)
         ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
         return;
     }
-    scopes_read_t *sr = calloc(1, sizeof(*sr));
-    if (sr == NULL) {
+    fleet_read_t *fr = calloc(1, sizeof(*fr));
+    if (fr == NULL) {
         ah_http_reply_error(reply, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
         return;
     }
-    sr->http = http;
-    sr->park = ah_http_park(call->http->parking, call->conn, call->req_cls, reply,
-                            HTTP_WAIT_WRITE_ALLOWANCE_S, NULL, NULL, NULL);
-    if (sr->park == NULL) {
-        free(sr);
-        return; /* reply: 503 (stopping) or 500 */
-    }
-    if (ah_fleet_read(fleet, scopes_read_done, sr) != AH_OK) {
-        http_reply_t refused = {.status = MHD_HTTP_OK};
-        ah_buf_init(&refused.body);
-        ah_http_reply_error(&refused, MHD_HTTP_SERVICE_UNAVAILABLE, "the agent is shutting down");
-        ah_http_park_answer(sr->park, &refused);
-        ah_http_park_release(sr->park);
-        free(sr);
-    }
+    *fr = (fleet_read_t){.http = http, .write = write_scopes_read};
+    park_fleet_read(call, reply, fleet, fr);
 }
 
 /* GET /api/cluster/history: checked here, read from the store by a store worker. */
@@ -1199,12 +1169,13 @@ void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
         ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE, DISABLED_MESSAGE);
         return;
     }
-    int limit = HTTP_HISTORY_DEFAULT;
+    int64_t limit = HTTP_HISTORY_DEFAULT;
     const char *text = NULL;
     size_t len = 0;
     if (MHD_lookup_connection_value_n(call->conn, MHD_GET_ARGUMENT_KIND, "limit", 5, &text, &len) ==
         MHD_YES) {
-        if (text == NULL || strlen(text) != len || parse_limit(text, &limit) != AH_OK) {
+        if (text == NULL || strlen(text) != len ||
+            parse_decimal(text, 4, 1, AH_HISTORY_MAX, &limit) != AH_OK) {
             ah_http_reply_error(reply, MHD_HTTP_BAD_REQUEST,
                                 "limit must be an integer between 1 and %d", AH_HISTORY_MAX);
             return;
@@ -1216,7 +1187,7 @@ void ah_http_handle_history(http_call_t *call, http_reply_t *reply)
         return;
     }
     job->store = call->http->store;
-    job->limit = limit;
+    job->limit = (int)limit;
     ah_http_run_job(call->http->parking, call->conn, call->req_cls, reply, run_history, job, free);
 }
 

@@ -160,8 +160,25 @@ static void set_package_path(lua_State *L, const char *script_path)
     lua_pop(L, 3); /* old path, package, dir */
 }
 
-/* Registers cjson, agent.core and every embedded lua/<name>.lua module in package.preload.
- * Stack: [-0, +0]; raises on a broken embedded module (a build bug). */
+/* package.preload function of an embedded lua/<name>.lua module: compiles the module when it is
+ * first required (a script that never requires agent.queue never pays for parsing it) and runs
+ * it with require's argument. Upvalue 1: the ah_lua_module_t. Stack: [-n, +1]; raises the
+ * compile error of a broken module (a build bug) and the module's own errors. */
+static int load_embedded(lua_State *L)
+{
+    const ah_lua_module_t *m = lua_touserdata(L, lua_upvalueindex(1));
+    lua_pushfstring(L, "@lua/%s", m->file);
+    if (luaL_loadbuffer(L, (const char *)m->data, m->size, lua_tostring(L, -1)) != 0) {
+        return lua_error(L);
+    }
+    lua_replace(L, -2); /* the chunk, in place of its name */
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    return 1;
+}
+
+/* Registers cjson, agent.core and every embedded lua/<name>.lua module (compiled when first
+ * required) in package.preload. Stack: [-0, +0]. */
 static void register_preloads(lua_State *L, ah_lua_t *lua)
 {
     lua_getglobal(L, "package");
@@ -186,12 +203,9 @@ static void register_preloads(lua_State *L, ah_lua_t *lua)
     lua_setfield(L, -2, "agent.lease.core");
 
     for (const ah_lua_module_t *m = ah_lua_modules; m->name != NULL; m++) {
-        lua_pushfstring(L, "@lua/%s", m->file);
-        if (luaL_loadbuffer(L, (const char *)m->data, m->size, lua_tostring(L, -1)) != 0) {
-            lua_error(L);
-        }
-        lua_setfield(L, -3, m->name);
-        lua_pop(L, 1); /* chunkname */
+        lua_pushlightuserdata(L, (void *)m);
+        lua_pushcclosure(L, load_embedded, 1);
+        lua_setfield(L, -2, m->name);
     }
     lua_pop(L, 2); /* preload, package */
 }

@@ -20,14 +20,18 @@
 #include "ah_log.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
-#include <stdint.h>
 #include <sqlite3.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #define AH_SQLITE_STATUS_SUFFIX "-agents" /* the status records' file: the path + this */
 #define AH_SQLITE_BUSY_TIMEOUT_MS 5000
@@ -60,13 +64,16 @@ typedef struct ah_sqlite_store_s {
     bool watching; /* set once by watch_start; the thread is joined by close */
     pthread_t watcher;
     ah_store_listener_t listener;
+    bool flush_new; /* the open created the file without fsync: the watcher flushes it after its
+                       first read (set before the watcher starts, then the watcher's) */
 } ah_sqlite_store_t;
 
 static const char ah_sqlite_schema[] =
     "CREATE TABLE IF NOT EXISTS control ("
     " id TEXT PRIMARY KEY, command TEXT NOT NULL, version INTEGER NOT NULL,"
     " timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL, updated_by TEXT NOT NULL,"
-    " expires_us INTEGER NOT NULL DEFAULT 0, drain_ms INTEGER NOT NULL DEFAULT 0);"
+    " expires_us INTEGER NOT NULL DEFAULT 0, drain_ms INTEGER NOT NULL DEFAULT 0,"
+    " selector TEXT NOT NULL DEFAULT '');"
     "CREATE TABLE IF NOT EXISTS audit ("
     " version INTEGER PRIMARY KEY, command TEXT NOT NULL, timestamp_us INTEGER NOT NULL,"
     " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL,"
@@ -78,6 +85,12 @@ static const char ah_sqlite_schema[] =
     "CREATE TABLE IF NOT EXISTS agent_leases ("
     " name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL,"
     " expires_ms INTEGER NOT NULL);";
+
+/* The schema's version, kept in the file's PRAGMA user_version and written by the setup
+ * transaction: a connection to a file that has it skips the setup (the CREATE TABLEs, the column
+ * probes, the initial document). A file of a build before it reads 0 and is set up once more,
+ * which brings it up to date. A change of the schema or of ah_sqlite_added_columns bumps it. */
+#define AH_SQLITE_SCHEMA_VERSION 1
 
 /* The status records' file ("<path>-agents"). A file made by an older build also has an
  * agent_status table in the control file: no longer read or written. */
@@ -283,25 +296,92 @@ static void sqlite_rollback(sqlite3 *db)
     }
 }
 
-/* Opens a connection to st->path (status: to st->status_path) with the store's pragmas, waiting
- * up to busy_ms for another connection's lock, `attempts` times. create: also create the file and
- * its schema (the control file: and the initial document). Returns 0 and *out, or
- * AH_EUNAVAIL/AH_EIO with err set (*out NULL); *busy (may be NULL) tells whether the failure was
- * another connection's lock. */
-static int sqlite_connect(const ah_sqlite_store_t *st, bool status, bool create, int busy_ms,
-                          int attempts, sqlite3 **out, bool *busy, char *err, size_t errlen)
+/* True when path names no file or an empty one: a connection would create the database. */
+static bool sqlite_file_is_new(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) != 0 ? errno == ENOENT : sb.st_size == 0;
+}
+
+/* The integer the one-row, one-column query sql answers into *out (0 when it answers no row).
+ * SQLite's result code. */
+static int sqlite_query_int(sqlite3 *db, const char *sql, int *out)
+{
+    sqlite3_stmt *stmt = NULL;
+    int rc = sqlite3_prepare_v2(db, sql, -1, &stmt, NULL);
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_step(stmt);
+        *out = rc == SQLITE_ROW ? sqlite3_column_int(stmt, 0) : 0;
+        rc = rc == SQLITE_ROW || rc == SQLITE_DONE ? SQLITE_OK : rc;
+    }
+    sqlite3_finalize(stmt);
+    return rc;
+}
+
+/* Inside the caller's write transaction: the schema, the columns added since the first schema
+ * (probed only in a file that had tables), the initial document and the schema version.
+ * SQLite's result code; the caller rolls back on failure. */
+static int sqlite_setup(sqlite3 *db)
+{
+    sqlite3_stmt *stmt = NULL;
+    int had_tables = 0;
+    int rc = sqlite_query_int(db, "SELECT count(*) FROM sqlite_master", &had_tables);
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_exec(db, ah_sqlite_schema, NULL, NULL, NULL);
+    }
+    for (size_t i = 0; rc == SQLITE_OK && had_tables > 0 &&
+                       i < sizeof(ah_sqlite_added_columns) / sizeof(ah_sqlite_added_columns[0]);
+         i++) {
+        if (sqlite3_prepare_v2(db, ah_sqlite_added_columns[i].probe, -1, &stmt, NULL) !=
+            SQLITE_OK) {
+            rc = sqlite3_exec(db, ah_sqlite_added_columns[i].add, NULL, NULL, NULL);
+        }
+        sqlite3_finalize(stmt);
+        stmt = NULL;
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_prepare_v2(db, ah_sqlite_insert_initial, -1, &stmt, NULL);
+    }
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_int64(stmt, 1, ah_now_us());
+        rc = sqlite3_step(stmt) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(db);
+    }
+    sqlite3_finalize(stmt);
+    if (rc == SQLITE_OK) {
+        char sql[64];
+        snprintf(sql, sizeof(sql), "PRAGMA user_version = %d", AH_SQLITE_SCHEMA_VERSION);
+        rc = sqlite3_exec(db, sql, NULL, NULL, NULL);
+    }
+    return rc;
+}
+
+/* Opens a connection to st->path with the store's pragmas, waiting up to busy_ms for another
+ * connection's lock, `attempts` times, and creates the file, the schema and the initial document
+ * unless the file has them (its schema version). Returns 0 and *out, or AH_EUNAVAIL/AH_EIO with
+ * err set (*out NULL); *busy (may be NULL) tells whether the failure was another connection's
+ * lock.
+ *
+ * created NULL: every write is synced as always. created not NULL: a file that does not exist yet
+ * (or is empty) is created and set up without fsync (synchronous = OFF until the setup is
+ * committed; its content is what any start writes into a new file), and *created tells whether
+ * that happened: the caller then flushes it off the start-up path (sqlite_flush_new). */
+static int sqlite_connect(const ah_sqlite_store_t *st, int busy_ms, int attempts, sqlite3 **out,
+                          bool *busy, bool *created, char *err, size_t errlen)
 {
     sqlite3 *db = NULL;
-    sqlite3_stmt *stmt = NULL;
-    int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
+    int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_CREATE;
     int ret = AH_EIO;
     int rc;
+    bool unsynced = created != NULL && sqlite_file_is_new(st->path);
 
     *out = NULL;
     if (busy != NULL) {
         *busy = false;
     }
-    rc = sqlite3_open_v2(status ? st->status_path : st->path, &db, flags, NULL);
+    if (created != NULL) {
+        *created = false;
+    }
+    rc = sqlite3_open_v2(st->path, &db, flags, NULL);
     if (rc != SQLITE_OK) {
         sqlite_error(err, errlen, st, db, "cannot open");
         ret = AH_EUNAVAIL;
@@ -312,39 +392,29 @@ static int sqlite_connect(const ah_sqlite_store_t *st, bool status, bool create,
     /* Several agents may open a fresh file at once: the journal-mode switch and the schema can
      * meet a lock that the busy handler does not wait for, so the setup is retried. */
     for (int attempt = 1;; attempt++) {
+        int version = 0;
         rc = sqlite3_exec(db,
-                          "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
-                          " PRAGMA foreign_keys = OFF;",
+                          unsynced ? "PRAGMA synchronous = OFF; PRAGMA journal_mode = WAL;"
+                                     " PRAGMA foreign_keys = OFF;"
+                                   : "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
+                                     " PRAGMA foreign_keys = OFF;",
                           NULL, NULL, NULL);
-        if (rc == SQLITE_OK && create && status) {
-            rc = sqlite3_exec(db, ah_sqlite_status_schema, NULL, NULL, NULL);
-        } else if (rc == SQLITE_OK && create) {
+        /* The write lock is taken even when there is nothing to set up: an agent that starts
+         * while another process holds it waits (not ready) as on an unreachable store. */
+        if (rc == SQLITE_OK) {
             rc = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
-            if (rc == SQLITE_OK) {
-                rc = sqlite3_exec(db, ah_sqlite_schema, NULL, NULL, NULL);
-            }
-            for (size_t i = 0; rc == SQLITE_OK && i < sizeof(ah_sqlite_added_columns) /
-                                                          sizeof(ah_sqlite_added_columns[0]);
-                 i++) {
-                if (sqlite3_prepare_v2(db, ah_sqlite_added_columns[i].probe, -1, &stmt, NULL) !=
-                    SQLITE_OK) {
-                    rc = sqlite3_exec(db, ah_sqlite_added_columns[i].add, NULL, NULL, NULL);
-                }
-                sqlite3_finalize(stmt);
-                stmt = NULL;
-            }
-            if (rc == SQLITE_OK) {
-                rc = sqlite3_prepare_v2(db, ah_sqlite_insert_initial, -1, &stmt, NULL);
-            }
-            if (rc == SQLITE_OK) {
-                sqlite3_bind_int64(stmt, 1, ah_now_us());
-                rc = sqlite3_step(stmt) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(db);
-            }
-            sqlite3_finalize(stmt);
-            stmt = NULL;
-            if (rc == SQLITE_OK) {
-                rc = sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
-            }
+        }
+        if (rc == SQLITE_OK) {
+            rc = sqlite_query_int(db, "PRAGMA user_version", &version);
+        }
+        if (rc == SQLITE_OK && version < AH_SQLITE_SCHEMA_VERSION) {
+            rc = sqlite_setup(db);
+        }
+        if (rc == SQLITE_OK) {
+            rc = sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+        }
+        if (rc == SQLITE_OK && unsynced) {
+            rc = sqlite3_exec(db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
         }
         if (rc == SQLITE_OK) {
             break;
@@ -365,12 +435,108 @@ static int sqlite_connect(const ah_sqlite_store_t *st, bool status, bool create,
         ah_sleep(0.05 * attempt);
     }
 
+    if (created != NULL) {
+        *created = unsynced;
+    }
     *out = db;
     db = NULL;
     ret = 0;
 cleanup:
     sqlite3_close_v2(db); /* NULL is a no-op */
     return ret;
+}
+
+/* Opens a connection to the status records' file (st->status_path), creating it and its table
+ * when missing, waiting up to busy_ms for another connection's lock, `attempts` times. 0 and
+ * *out, or AH_EUNAVAIL/AH_EIO with err set (*out NULL). */
+static int sqlite_connect_status(const ah_sqlite_store_t *st, int busy_ms, int attempts,
+                                 sqlite3 **out, char *err, size_t errlen)
+{
+    sqlite3 *db = NULL;
+    int ret = AH_EIO;
+    int rc =
+        sqlite3_open_v2(st->status_path, &db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_CREATE, NULL);
+
+    *out = NULL;
+    if (rc != SQLITE_OK) {
+        sqlite_error(err, errlen, st, db, "cannot open the status records' file");
+        ret = AH_EUNAVAIL;
+        goto cleanup;
+    }
+    sqlite_set_busy_wait(db, busy_ms);
+    /* The setup is not synced (a new file's journal-mode switch and table would cost several
+     * fsyncs): the records are rewritten by every heartbeat, and the file by the first write
+     * after a crash that left it empty. Later writes are synced as the control file's. */
+    for (int attempt = 1;; attempt++) {
+        rc = sqlite3_exec(db,
+                          "PRAGMA synchronous = OFF; PRAGMA journal_mode = WAL;"
+                          " PRAGMA foreign_keys = OFF;",
+                          NULL, NULL, NULL);
+        if (rc == SQLITE_OK) {
+            rc = sqlite3_exec(db, ah_sqlite_status_schema, NULL, NULL, NULL);
+        }
+        if (rc == SQLITE_OK) {
+            rc = sqlite3_exec(db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
+        }
+        if (rc == SQLITE_OK) {
+            break;
+        }
+        rc = sqlite3_extended_errcode(db);
+        ret = sqlite_failed(st, db, rc, "cannot set up the status records' file", err, errlen);
+        if (!sqlite_is_busy(rc) || attempt >= attempts) {
+            goto cleanup;
+        }
+        ah_sleep(0.05 * attempt);
+    }
+    *out = db;
+    db = NULL;
+    ret = 0;
+cleanup:
+    sqlite3_close_v2(db); /* NULL is a no-op */
+    return ret;
+}
+
+/* fdatasync()s the file at path (fsync() for a directory). false with errno on failure. */
+static bool sync_path(const char *path, bool directory)
+{
+    int fd = open(path, (directory ? O_RDONLY | O_DIRECTORY : O_RDWR) | O_CLOEXEC);
+    if (fd < 0) {
+        return false;
+    }
+    int rc = directory ? fsync(fd) : fdatasync(fd);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return rc == 0;
+}
+
+/* Makes a file that sqlite_connect created without fsync as durable as a synced setup would have
+ * left it: the database file, its WAL and their directory are synced (what SQLite syncs when it
+ * creates a file, at once instead of in six steps). A failure is logged: the next checkpoint
+ * syncs anyway. */
+static void sqlite_flush_new(const ah_sqlite_store_t *st)
+{
+    char wal[PATH_MAX];
+    char dir[PATH_MAX];
+    snprintf(wal, sizeof(wal), "%s-wal", st->path);
+    ah_strlcpy(dir, st->path, sizeof(dir));
+    char *slash = strrchr(dir, '/');
+    if (slash == NULL) {
+        ah_strlcpy(dir, ".", sizeof(dir));
+    } else if (slash == dir) {
+        dir[1] = '\0';
+    } else {
+        *slash = '\0';
+    }
+    const char *failed = !sync_path(st->path, false)                 ? st->path
+                         : !sync_path(wal, false) && errno != ENOENT ? wal
+                         : !sync_path(dir, true)                     ? dir
+                                                                     : NULL;
+    if (failed != NULL) {
+        ah_log_warn("embedded store '%s': the new file could not be flushed to disk yet (%s: %s)",
+                    st->path, failed, strerror(errno));
+    }
 }
 
 /* Fills *out from the row a statement is positioned on: command, version, timestamp_us, reason,
@@ -627,8 +793,8 @@ static int api_connect_locked(ah_sqlite_store_t *st, char *err, size_t errlen)
     if (st->api_db != NULL) {
         return 0;
     }
-    return sqlite_connect(st, false, true, AH_SQLITE_BUSY_TIMEOUT_MS, AH_SQLITE_TXN_ATTEMPTS,
-                          &st->api_db, NULL, err, errlen);
+    return sqlite_connect(st, AH_SQLITE_BUSY_TIMEOUT_MS, AH_SQLITE_TXN_ATTEMPTS, &st->api_db, NULL,
+                          NULL, err, errlen);
 }
 
 /* The status connection (status_lock held): opened by the first status call. 0, or
@@ -638,13 +804,13 @@ static int status_connect_locked(ah_sqlite_store_t *st, char *err, size_t errlen
     if (st->status_db != NULL) {
         return 0;
     }
-    return sqlite_connect(st, true, true, AH_SQLITE_BUSY_TIMEOUT_MS, AH_SQLITE_TXN_ATTEMPTS,
-                          &st->status_db, NULL, err, errlen);
+    return sqlite_connect_status(st, AH_SQLITE_BUSY_TIMEOUT_MS, AH_SQLITE_TXN_ATTEMPTS,
+                                 &st->status_db, err, errlen);
 }
 
 /* For one call through the API connection (status: the status connection), with its lock
  * held (api_lock / status_lock): opens the connection if needed and prepares sql on it. 0, or
- * AH_EUNAVAIL/AH_EIO/AH_ENOMEM with err set ("<what>: ...") and *stmt NULL. */
+ * AH_EUNAVAIL/AH_EIO with err set ("<what>: ...") and *stmt NULL. */
 static int api_prepare_locked(ah_sqlite_store_t *st, bool status, const char *sql, const char *what,
                               sqlite3_stmt **stmt, char *err, size_t errlen)
 {
@@ -1124,10 +1290,12 @@ static void *watch_main(void *arg)
 
         /* create: the file may still lack its schema if it was locked when the store opened;
          * a short lock wait: the backoff below does the waiting, and close is not delayed. */
-        if (db == NULL && sqlite_connect(st, false, true, AH_SQLITE_WATCH_BUSY_MS, 1, &db, NULL,
-                                         err, sizeof(err)) != 0) {
+        bool created = false;
+        if (db == NULL && sqlite_connect(st, AH_SQLITE_WATCH_BUSY_MS, 1, &db, NULL, &created, err,
+                                         sizeof(err)) != 0) {
             goto failed;
         }
+        st->flush_new = st->flush_new || created;
         if (need_read) {
             int64_t started_us = ah_mono_us();
             /* data_version first: a commit landing between the two is caught by the next poll. */
@@ -1163,6 +1331,10 @@ static void *watch_main(void *arg)
             }
             reported_doc = true;
             reported_version = doc.version;
+            if (st->flush_new) { /* after the first delivery: off the agent's start-up path */
+                sqlite_flush_new(st);
+                st->flush_new = false;
+            }
         }
 
         if (watch_wait(st, st->poll_interval)) {
@@ -1313,7 +1485,7 @@ ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *e
      * call that needs it and the watcher retries with backoff (the agent starts, not ready,
      * and syncs when the lock is released). Any other failure is a configuration error. */
     bool busy = false;
-    if (sqlite_connect(st, false, true, AH_SQLITE_OPEN_BUSY_MS, 1, &st->api_db, &busy, err,
+    if (sqlite_connect(st, AH_SQLITE_OPEN_BUSY_MS, 1, &st->api_db, &busy, &st->flush_new, err,
                        errlen) != 0 &&
         !busy) {
         pthread_cond_destroy(&st->watch_cond);

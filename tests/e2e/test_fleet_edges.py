@@ -177,7 +177,7 @@ def test_a_local_pause_while_held_keeps_the_hold(fleet, state_file, tmp_path):
     r = late.post("/api/agent/resume?reason=local")
     assert r.status == 409 and "held paused" in r.json()["error"], r.body
     late.signal(signal.SIGUSR2)
-    late.wait_log(r"Local resume by \S+ refused: this agent is held paused")
+    late.wait_log(r"Local resume by signal SIGUSR2 refused: this agent is held paused")
     st = late.state()
     assert st["state"] == "paused" and st["batches"] == 0, st
     assert count_events(wait_events(late.events, lambda e: True, 5), "batch_start") == 0

@@ -188,7 +188,9 @@ def test_a_local_resume_does_not_release_the_hold_of_a_cluster_shutdown(fleet, t
     assert r.status == 409, r.body
     assert "cluster command is 'shutdown'" in r.json()["error"]
     late.signal(signal.SIGUSR2)
-    late.wait_log(r"Local resume by signal refused: this agent is held paused")
+    # the log names the signal and why it is refused
+    late.wait_log(r"Local resume by signal SIGUSR2 refused: this agent is held paused because the "
+                  r"cluster command is 'shutdown'")
     st = late.state()
     assert st["state"] == "paused" and st["batches"] == 0 and st["cluster_command"] == "shutdown"
     assert "a batch ran" not in late.log_text()

@@ -219,6 +219,13 @@ static void test_require_finds_module_next_to_script(void **unused)
     ah_lua_close(lua);
 }
 
+static void test_embedded_modules_are_compiled_when_first_required(void **unused)
+{
+    ah_lua_t *lua = open_ok(FIXTURE("lazy_modules.lua"), NULL, 0);
+    assert_int_equal(batch_ok(lua), 1);
+    ah_lua_close(lua);
+}
+
 static void test_agent_json_round_trip(void **unused)
 {
     ah_lua_t *lua = open_ok(FIXTURE("json.lua"), NULL, 0);
@@ -571,6 +578,7 @@ int main(void)
         cmocka_unit_test(test_hook_error_is_reported_and_state_stays_usable),
         cmocka_unit_test(test_hooks_receive_event_fields),
         cmocka_unit_test(test_require_finds_module_next_to_script),
+        cmocka_unit_test(test_embedded_modules_are_compiled_when_first_required),
         cmocka_unit_test(test_agent_json_round_trip),
         cmocka_unit_test(test_agent_module_without_state),
         cmocka_unit_test(test_agent_module_sees_the_shared_state),

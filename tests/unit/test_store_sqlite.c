@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sqlite3.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -180,6 +181,173 @@ static void exec_sql(const char *path, const char *sql)
     sqlite3_busy_timeout(db, 5000);
     assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
     sqlite3_close(db);
+}
+
+/* ---- a VFS that counts syncs: the default VFS ("unix") with every file's xSync counted ---- */
+
+typedef struct counted_file_s {
+    sqlite3_file base;  /* pMethods = &counted_io */
+    sqlite3_file *real; /* the unix VFS's file, allocated right after this struct */
+} counted_file_t;
+
+static sqlite3_vfs *real_vfs;
+static sqlite3_io_methods counted_io;
+static atomic_int sync_count;
+
+static int counted_sync(sqlite3_file *f, int flags)
+{
+    atomic_fetch_add(&sync_count, 1);
+    counted_file_t *c = (counted_file_t *)f;
+    return c->real->pMethods->xSync(c->real, flags);
+}
+
+#define FORWARD(name, params, args)                                                                \
+    static int counted_##name params                                                               \
+    {                                                                                              \
+        counted_file_t *c = (counted_file_t *)f;                                                   \
+        return c->real->pMethods->x##name args;                                                    \
+    }
+FORWARD(Read, (sqlite3_file * f, void *buf, int n, sqlite3_int64 off), (c->real, buf, n, off))
+FORWARD(Write, (sqlite3_file * f, const void *buf, int n, sqlite3_int64 off),
+        (c->real, buf, n, off))
+FORWARD(Truncate, (sqlite3_file * f, sqlite3_int64 size), (c->real, size))
+FORWARD(FileSize, (sqlite3_file * f, sqlite3_int64 *size), (c->real, size))
+FORWARD(Lock, (sqlite3_file * f, int level), (c->real, level))
+FORWARD(Unlock, (sqlite3_file * f, int level), (c->real, level))
+FORWARD(CheckReservedLock, (sqlite3_file * f, int *out), (c->real, out))
+FORWARD(FileControl, (sqlite3_file * f, int op, void *arg), (c->real, op, arg))
+FORWARD(SectorSize, (sqlite3_file * f), (c->real))
+FORWARD(DeviceCharacteristics, (sqlite3_file * f), (c->real))
+FORWARD(ShmMap, (sqlite3_file * f, int pg, int size, int extend, void volatile **out),
+        (c->real, pg, size, extend, out))
+FORWARD(ShmLock, (sqlite3_file * f, int offset, int n, int flags), (c->real, offset, n, flags))
+FORWARD(ShmUnmap, (sqlite3_file * f, int del), (c->real, del))
+#undef FORWARD
+
+static void counted_ShmBarrier(sqlite3_file *f)
+{
+    counted_file_t *c = (counted_file_t *)f;
+    c->real->pMethods->xShmBarrier(c->real);
+}
+
+static int counted_Close(sqlite3_file *f)
+{
+    counted_file_t *c = (counted_file_t *)f;
+    int rc = c->real->pMethods != NULL ? c->real->pMethods->xClose(c->real) : SQLITE_OK;
+    f->pMethods = NULL;
+    return rc;
+}
+
+static int counted_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *f, int flags, int *out)
+{
+    (void)vfs;
+    counted_file_t *c = (counted_file_t *)f;
+    c->real = (sqlite3_file *)(c + 1);
+    memset(c->real, 0, (size_t)real_vfs->szOsFile);
+    int rc = real_vfs->xOpen(real_vfs, name, c->real, flags, out);
+    f->pMethods = rc == SQLITE_OK ? &counted_io : NULL;
+    return rc;
+}
+
+/* Makes the counting VFS the default one (every connection of the store goes through it). */
+static void counting_vfs_install(void)
+{
+    static sqlite3_vfs vfs;
+    if (real_vfs != NULL) {
+        return;
+    }
+    real_vfs = sqlite3_vfs_find(NULL);
+    vfs = *real_vfs;
+    vfs.zName = "counted";
+    vfs.szOsFile = (int)sizeof(counted_file_t) + real_vfs->szOsFile;
+    vfs.xOpen = counted_open;
+    counted_io = (sqlite3_io_methods){.iVersion = 2,
+                                      .xClose = counted_Close,
+                                      .xRead = counted_Read,
+                                      .xWrite = counted_Write,
+                                      .xTruncate = counted_Truncate,
+                                      .xSync = counted_sync,
+                                      .xFileSize = counted_FileSize,
+                                      .xLock = counted_Lock,
+                                      .xUnlock = counted_Unlock,
+                                      .xCheckReservedLock = counted_CheckReservedLock,
+                                      .xFileControl = counted_FileControl,
+                                      .xSectorSize = counted_SectorSize,
+                                      .xDeviceCharacteristics = counted_DeviceCharacteristics,
+                                      .xShmMap = counted_ShmMap,
+                                      .xShmLock = counted_ShmLock,
+                                      .xShmBarrier = counted_ShmBarrier,
+                                      .xShmUnmap = counted_ShmUnmap};
+    assert_int_equal(sqlite3_vfs_register(&vfs, 1), SQLITE_OK);
+}
+
+/* The one integer a query answers through a connection of its own. */
+static int query_int(const char *path, const char *sql)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *stmt = NULL;
+    assert_int_equal(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &stmt, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(stmt), SQLITE_ROW);
+    int value = sqlite3_column_int(stmt, 0);
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+    return value;
+}
+
+static void test_a_new_file_is_created_without_a_sync_and_complete(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    ah_control_t doc;
+    counting_vfs_install();
+
+    /* Creating the file, its schema and its initial document waits for no disk write (the
+     * watcher flushes it after its first read, outside SQLite) ... */
+    atomic_store(&sync_count, 0);
+    ah_store_t *st = open_store(fx, 1.0);
+    assert_int_equal(atomic_load(&sync_count), 0);
+    assert_int_equal(ah_store_read(st, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.command, AH_CMD_RUNNING);
+    assert_int_equal(doc.version, 0);
+    /* ... and the file is complete: the current schema version, every column, the document. */
+    assert_int_equal(query_int(fx->path, "PRAGMA user_version"), 1);
+    assert_int_equal(query_int(fx->path, "SELECT count(*) FROM pragma_table_info('control')"
+                                         " WHERE name IN ('selector', 'drain_ms', 'expires_us')"),
+                     3);
+    assert_int_equal(query_int(fx->path, "SELECT count(*) FROM control"), 1);
+    /* commands are written as before (WAL, synchronous = NORMAL: no sync per commit) */
+    assert_int_equal(
+        ah_store_command(st, AH_CMD_PAUSE, "after", "ops", "agent-a", &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.version, 1);
+    ah_store_close(st);
+    /* the last connection's close checkpoints: synced then, as always */
+    assert_true(atomic_load(&sync_count) > 0);
+
+    /* A file that exists is opened with its syncs as before and keeps its data. */
+    st = open_store(fx, 1.0);
+    assert_int_equal(ah_store_read(st, &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.version, 1);
+    ah_store_close(st);
+}
+
+static void test_a_file_at_the_schema_version_is_not_set_up_again(void **state)
+{
+    fixture_t *fx = *state;
+    ah_store_close(open_store(fx, 1.0));
+    assert_int_equal(query_int(fx->path, "PRAGMA user_version"), 1);
+    /* A table removed behind the store's back is not re-created by the next open: a file at the
+     * current schema version costs a connection no CREATE TABLE, no probe, no insert. */
+    exec_sql(fx->path, "DROP TABLE agent_leases");
+    ah_store_close(open_store(fx, 1.0));
+    assert_int_equal(
+        query_int(fx->path, "SELECT count(*) FROM sqlite_master WHERE name = 'agent_leases'"), 0);
+    /* A file of an older build (schema version 0) is set up again, which restores it. */
+    exec_sql(fx->path, "PRAGMA user_version = 0");
+    ah_store_close(open_store(fx, 1.0));
+    assert_int_equal(
+        query_int(fx->path, "SELECT count(*) FROM sqlite_master WHERE name = 'agent_leases'"), 1);
+    assert_int_equal(query_int(fx->path, "PRAGMA user_version"), 1);
 }
 
 static void test_fresh_file_reads_running_version_zero_and_reopen_keeps_data(void **state)
@@ -688,6 +856,7 @@ static void test_file_of_an_older_version_is_upgraded(void **state)
     ah_agent_status_t rec = status_record("x", "paused", 10, ah_now_us());
     assert_int_equal(ah_store_put_status(st, &rec, 60, err, sizeof(err)), 0);
     ah_store_close(st);
+    assert_int_equal(query_int(fx->path, "PRAGMA user_version"), 1);
 }
 
 static void test_lease_goes_to_one_owner_and_its_token_grows_on_each_change_of_hands(void **state)
@@ -807,6 +976,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_drain_is_stored_with_the_command_and_its_audit_entry,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_file_of_an_older_version_is_upgraded, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_a_new_file_is_created_without_a_sync_and_complete,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_a_file_at_the_schema_version_is_not_set_up_again,
+                                        setup, teardown),
         cmocka_unit_test_setup_teardown(
             test_lease_goes_to_one_owner_and_its_token_grows_on_each_change_of_hands, setup,
             teardown),
