@@ -598,14 +598,25 @@ static void *waiter_main(void *arg)
     return NULL;
 }
 
-/* Links w into the waits and wakes the waiter. AH_EUNAVAIL (w freed) when stopping. */
+/* Links w into the waits and wakes the waiter (started by the first wait). AH_EUNAVAIL (w freed)
+ * when stopping or when the waiter cannot be started. */
 static int fleet_add_wait(ah_fleet_t *f, fleet_wait_t *w)
 {
     pthread_mutex_lock(&f->lock);
-    if (f->waits_stopping || !f->waiter_started || (f->waits_draining && !w->read_only)) {
+    if (f->waits_stopping || (f->waits_draining && !w->read_only)) {
         pthread_mutex_unlock(&f->lock);
         free(w);
         return AH_EUNAVAIL;
+    }
+    if (!f->waiter_started) { /* the first wait starts the waiter: most agents never need it */
+        int rc = pthread_create(&f->waiter, NULL, waiter_main, f);
+        if (rc != 0) {
+            pthread_mutex_unlock(&f->lock);
+            free(w);
+            ah_log_error("Cannot start the fleet waiter thread: %s", strerror(rc));
+            return AH_EUNAVAIL;
+        }
+        f->waiter_started = true;
     }
     w->next = f->waits;
     f->waits = w;
@@ -712,14 +723,7 @@ ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t
         return NULL;
     }
     f->thread_started = true;
-    rc = pthread_create(&f->waiter, NULL, waiter_main, f);
-    if (rc != 0) {
-        snprintf(err, errlen, "cannot start the fleet waiter thread: %s", strerror(rc));
-        ah_fleet_free(f);
-        return NULL;
-    }
-    f->waiter_started = true;
-    return f;
+    return f; /* the waiter starts with the first wait (fleet_add_wait) */
 }
 
 void ah_fleet_changed(ah_fleet_t *f)

@@ -1,12 +1,13 @@
 /* Replies, request contexts and parked requests of the HTTP API (ah_http_park.h): the layer
  * below the handlers. A request whose answer is not ready leaves libmicrohttpd's threads
  * suspended, and is answered later from any thread. This file owns the threads that do that
- * work: HTTP_STORE_WORKERS store workers, which run the jobs that may block (store calls) from a
- * bounded queue, and one park thread, which runs the checks of waiting requests after each change
- * of the state object and answers them at their deadline. libmicrohttpd's threads therefore never
- * wait on the store or on the Lua worker, and probes are answered while the store hangs. It also
- * owns what suspending and resuming needs: the request context that points at the park, the
- * suspend/resume calls, and the queuing of a reply on its connection.
+ * work: up to HTTP_STORE_WORKERS store workers (started by the first jobs that find the started
+ * ones busy), which run the jobs that may block (store calls) from a bounded queue, and one park
+ * thread, which runs the checks of waiting requests after each change of the state object and
+ * answers them at their deadline. libmicrohttpd's threads therefore never wait on the store or on
+ * the Lua worker, and probes are answered while the store hangs. It also owns what suspending and
+ * resuming needs: the request context that points at the park, the suspend/resume calls, and the
+ * queuing of a reply on its connection.
  *
  * Ownership: a park is reference counted (atomic). The connection's reference is dropped when
  * libmicrohttpd completes the request, which can only happen after the answer (a suspended
@@ -48,7 +49,8 @@ struct ah_http_parking_s {
     int jobs_waiting;            /* length of jobs_head; at most HTTP_STORE_QUEUE_MAX */
     int jobs_running;            /* store workers inside a job */
     atomic_ullong jobs_rejected; /* 503s of a full queue */
-    int threads_started;         /* store workers + the park thread that were created */
+    bool park_started;           /* the park thread was created */
+    int workers_started; /* store workers created: on demand, when a job finds every one busy */
     pthread_t park_thread;
     pthread_t store_workers[HTTP_STORE_WORKERS];
 };
@@ -68,6 +70,8 @@ struct http_park_s {
     http_park_t *next;
     http_park_t *job_next; /* in the job queue while waiting for a worker */
 };
+
+static void *store_worker_main(void *arg);
 
 /* ---- replies ---------------------------------------------------------------------------- */
 
@@ -302,6 +306,23 @@ int ah_http_run_job(ah_http_parking_t *parking, struct MHD_Connection *conn, voi
         }
         return AH_EUNAVAIL;
     }
+    /* Store workers start on demand: one when a job finds every started one busy (an agent
+     * that is sent no store work has none). Without any, the job cannot run: 503. */
+    if (parking->workers_started < HTTP_STORE_WORKERS &&
+        parking->jobs_running + parking->jobs_waiting >= parking->workers_started) {
+        int rc = pthread_create(&parking->store_workers[parking->workers_started], NULL,
+                                store_worker_main, parking);
+        if (rc == 0) {
+            parking->workers_started++;
+        } else if (parking->workers_started == 0) {
+            pthread_mutex_unlock(&parking->lock);
+            park_unref(park); /* frees arg */
+            ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                "cannot start a control-store worker: %s", strerror(rc));
+            reply->retry_after = HTTP_RETRY_AFTER_S;
+            return AH_EUNAVAIL;
+        }
+    }
     park_link_locked(parking, req_cls, park);
     atomic_fetch_add(&park->refs, 1); /* the queue's */
     if (parking->jobs_tail != NULL) {
@@ -481,15 +502,7 @@ ah_http_parking_t *ah_http_park_start(ah_state_t *state, char *err, size_t errle
         snprintf(err, errlen, "cannot start the HTTP park thread: %s", strerror(rc));
         goto fail;
     }
-    parking->threads_started = 1;
-    for (int i = 0; i < HTTP_STORE_WORKERS; i++) {
-        rc = pthread_create(&parking->store_workers[i], NULL, store_worker_main, parking);
-        if (rc != 0) {
-            snprintf(err, errlen, "cannot start an HTTP store worker: %s", strerror(rc));
-            goto fail;
-        }
-        parking->threads_started++;
-    }
+    parking->park_started = true;
     ah_state_set_change_listener(parking->state, on_state_change, parking);
     return parking;
 
@@ -510,7 +523,7 @@ int ah_http_park_stop(ah_http_parking_t *parking, double seconds)
     ah_state_set_change_listener(parking->state, NULL, NULL);
     pthread_mutex_lock(&parking->lock);
     parking->stopping = true; /* from now on requests are answered 503 without parking */
-    if (parking->threads_started == 0) {
+    if (!parking->park_started) {
         pthread_mutex_unlock(&parking->lock);
         return AH_OK;
     }
@@ -547,10 +560,11 @@ int ah_http_park_stop(ah_http_parking_t *parking, double seconds)
         return AH_ETIMEOUT; /* a store call is stuck: its worker keeps using parking and the store
                              */
     }
-    for (int i = 0; i + 1 < parking->threads_started; i++) {
+    for (int i = 0; i < parking->workers_started; i++) {
         pthread_join(parking->store_workers[i], NULL);
     }
-    parking->threads_started = 0;
+    parking->workers_started = 0;
+    parking->park_started = false;
     return AH_OK;
 }
 

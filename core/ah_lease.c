@@ -52,7 +52,8 @@ struct ah_leases_s {
     lease_entry_t entries[AH_LEASES_PER_AGENT];
     int count;
     pthread_t thread;
-    bool started;
+    bool armed;   /* ah_leases_start() ran: the thread may start (with the first lease named) */
+    bool started; /* the thread was created and not joined yet */
     char published[AH_HELD_LEASES_MAX + 1]; /* the last list given to the state object */
 };
 
@@ -258,26 +259,47 @@ ah_leases_t *ah_leases_new(ah_state_t *state, const char *owner)
     return lk;
 }
 
+/* Starts the thread once armed and a lease is named (an agent that names none has no thread).
+ * Lock held. 0, or the error of pthread_create(). */
+static int start_keeper_locked(ah_leases_t *lk)
+{
+    if (lk->started || !lk->armed || lk->stopping || lk->count == 0) {
+        return 0;
+    }
+    int rc = pthread_create(&lk->thread, NULL, keeper_main, lk);
+    if (rc == 0) {
+        lk->started = true;
+    }
+    return rc;
+}
+
 int ah_leases_start(ah_leases_t *lk, ah_store_t *store, char *err, size_t errlen)
 {
+    pthread_mutex_lock(&lk->lock);
     lk->store = store;
-    if (pthread_create(&lk->thread, NULL, keeper_main, lk) != 0) {
-        snprintf(err, errlen, "cannot start the lease keeper thread");
+    lk->armed = true;
+    int rc = start_keeper_locked(lk); /* leases named by the main chunk or init before this */
+    pthread_mutex_unlock(&lk->lock);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot start the lease keeper thread: %s", strerror(rc));
         return AH_EIO;
     }
-    lk->started = true;
     return 0;
 }
 
 void ah_leases_stop(ah_leases_t *lk)
 {
-    if (lk == NULL || !lk->started) {
+    if (lk == NULL) {
         return;
     }
     pthread_mutex_lock(&lk->lock);
     lk->stopping = true;
+    bool started = lk->started;
     pthread_cond_broadcast(&lk->cond);
     pthread_mutex_unlock(&lk->lock);
+    if (!started) {
+        return;
+    }
     pthread_join(lk->thread, NULL);
     lk->started = false;
     if (lk->state != NULL) {
@@ -368,8 +390,13 @@ int ah_leases_declare(ah_leases_t *lk, const char *name, double ttl, bool keep, 
     e->epoch = lk->reload_epoch != 0 ? lk->reload_epoch : lk->epoch;
     e->keep = e->keep || keep;
     e->release = false;
+    int rc = start_keeper_locked(lk);
     pthread_cond_broadcast(&lk->cond);
     pthread_mutex_unlock(&lk->lock);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot start the lease keeper thread: %s", strerror(rc));
+        return AH_EIO;
+    }
     return 0;
 }
 

@@ -36,8 +36,9 @@ typedef struct ah_lease_view_s {
 /* Creates the keeper of agent `owner`, reading the run state from `state`; no thread yet. NULL
  * when out of memory. */
 ah_leases_t *ah_leases_new(ah_state_t *state, const char *owner);
-/* Starts its thread on `store` (not owned, must outlive ah_leases_stop; NULL: no control store,
- * every acquire fails with AH_EUNAVAIL). 0, or AH_EIO with err set. */
+/* Lets the keeper work on `store` (not owned, must outlive ah_leases_stop; NULL: no control
+ * store, every acquire fails with AH_EUNAVAIL): its thread starts now if a lease is named already,
+ * else with the first one (ah_leases_declare). 0, or AH_EIO with err set. */
 int ah_leases_start(ah_leases_t *lk, ah_store_t *store, char *err, size_t errlen);
 /* Stops the thread, then releases every held lease (one store write each). The keeper stays
  * readable (held() is false for all) until freed. NULL is accepted; idempotent. */
@@ -50,8 +51,9 @@ void ah_leases_free(ah_leases_t *lk);
 int ah_leases_check(const char *name, double ttl, char *err, size_t errlen);
 /* A script names lease `name` (agent.lease, agent.every): creates its entry or updates its ttl,
  * and marks it as named by the current script (ah_leases_reload_begin). keep: the host itself
- * acquires it whenever the agent runs (agent.every). 0, or AH_EINVAL (bad name or ttl, too many
- * leases) with err set. */
+ * acquires it whenever the agent runs (agent.every). The first lease named starts the keeper's
+ * thread (once ah_leases_start ran). 0, or AH_EINVAL (bad name or ttl, too many leases) or
+ * AH_EIO (the thread cannot be started) with err set. */
 int ah_leases_declare(ah_leases_t *lk, const char *name, double ttl, bool keep, char *err,
                       size_t errlen);
 /* Starts acquiring `name` (declared before) unless held; returns the number of store calls made

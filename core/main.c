@@ -134,6 +134,10 @@ static int cmd_run(int argc, char **argv)
         print_run_help(stdout);
         return 0;
     }
+    /* SQLite allocates no page cache in advance (its default: 20 pages per connection at the
+     * first read, about 88 KiB each, resident); pages are allocated as the small state file
+     * needs them. Before any other SQLite call (it fails harmlessly after one). */
+    sqlite3_config(SQLITE_CONFIG_PAGECACHE, NULL, 0, 0);
     ah_config_t cfg;
     char err[AH_ERRLEN * 4];
     ah_config_defaults(&cfg);
