@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs every Debian package agenthost needs to build, run and test. Idempotent: when all
 # packages are present it only checks (well under a second). Needs root (or sudo) to install.
+# Whatever is missing is installed by one `apt-get install` (without recommended packages).
 #   --bench      also what scripts/bench.sh needs
 #   --container  also what tests/container needs (scripts/test.sh installs it before running them):
 #                podman with runc (crun refuses hybrid cgroup layouts) and the CNI plugins and
@@ -22,12 +23,13 @@ PACKAGES=(
   # deployment checks (manifest/schema validation with npm packages, kubectl kustomize)
   python3-yaml
 )
-case "${1:-}" in
-  "") ;;
-  --bench) PACKAGES+=(wrk nginx-light curl) ;;
-  --container) PACKAGES+=(podman runc containernetworking-plugins iptables debootstrap) ;;
-  *) echo "usage: $0 [--bench | --container]" >&2; exit 2 ;;
-esac
+for flag in "$@"; do
+  case "$flag" in
+    --bench) PACKAGES+=(wrk nginx-light curl) ;;
+    --container) PACKAGES+=(podman runc containernetworking-plugins iptables debootstrap) ;;
+    *) echo "usage: $0 [--bench] [--container]" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -53,5 +55,8 @@ if [[ $(id -u) -ne 0 ]]; then
   SUDO="sudo"
 fi
 export DEBIAN_FRONTEND=noninteractive
+# force-unsafe-io: dpkg does not sync each unpacked file to disk (as in Debian's container
+# images); an install cut off by a crash is repaired by running this again.
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-unsafe-io \
+  "${missing[@]}" >/dev/null

@@ -214,8 +214,13 @@ def bookworm_apt_available():
     return None
 
 
-def apt_package_exists(name):
-    """Whether a bookworm archive offers the package (call bookworm_apt_available() first)."""
-    r = subprocess.run(["apt-cache", "madison", name], capture_output=True, text=True)
-    return any(" bookworm" in line and line.split("|")[0].strip() == name
-               for line in r.stdout.splitlines())
+def apt_packages_in_bookworm(names):
+    """The names among `names` that a bookworm archive offers (call bookworm_apt_available()
+    first). One apt-cache call for all of them: each call reads the whole package cache."""
+    r = subprocess.run(["apt-cache", "madison", *names], capture_output=True, text=True)
+    offered = set()
+    for line in r.stdout.splitlines():
+        fields = line.split("|")
+        if len(fields) >= 3 and " bookworm" in fields[2]:
+            offered.add(fields[0].strip())
+    return offered & set(names)

@@ -291,5 +291,45 @@ def mongo_agent_env(uri, events_file=None, **extra):
     return env
 
 
+# The heartbeat of the fleet tests' agents: a record is stale after 3 heartbeats (1.5 s).
+FLEET_HEARTBEAT = 0.5
+
+
+class Store:
+    """One control store for a test (conftest's `store` fixture gives each test both kinds):
+    how to point an agent at it. extra: environment every agent on it gets."""
+
+    def __init__(self, kind, tmp_path, server=None, **extra):
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.server = server
+        self.extra = extra
+        self.state_file = str(tmp_path / "agenthost-state.db")
+
+    def env(self, events, **extra):
+        extra.setdefault("AGENT_HEARTBEAT_INTERVAL", FLEET_HEARTBEAT)
+        for k, v in self.extra.items():
+            extra.setdefault(k, v)
+        if self.kind == "mongodb":
+            return mongo_agent_env(self.server.uri, events, **extra)
+        return agent_env(self.state_file, events, **extra)
+
+
+class WriteLock:
+    """Another process's write lock on the embedded store at path (held by this test process
+    until release())."""
+
+    def __init__(self, path):
+        import sqlite3
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def release(self):
+        if self.conn is not None:
+            self.conn.execute("ROLLBACK")
+            self.conn.close()
+            self.conn = None
+
+
 def mongo_status(agent):
     return agent.get("/api/mongo/status").json()

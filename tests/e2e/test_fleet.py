@@ -8,47 +8,17 @@ import signal
 import sqlite3
 import sys
 
-import pytest
-
-from agenthost_harness import (MONGO_DIR, agent_env, mongo_agent_env, script, wait_for)
+from agenthost_harness import (FLEET_HEARTBEAT, MONGO_DIR, Store, agent_env, script, wait_for)
 
 sys.path.insert(0, MONGO_DIR)
 from mongo_fixture import MongoTestServer  # noqa: E402
 
 RECORDER = script("recorder.lua")
-HEARTBEAT = 0.5  # AGENT_HEARTBEAT_INTERVAL in these tests: stale after 1.5 s
+HEARTBEAT = FLEET_HEARTBEAT  # AGENT_HEARTBEAT_INTERVAL in these tests: stale after 1.5 s
 MS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 RECORD_FIELDS = {"agent_id", "state", "applied_version", "watch_mode", "last_seen", "started_at",
                  "host", "pid", "agenthost_version", "batches", "errors", "stale", "labels",
                  "leases"}
-
-
-class Store:
-    """One control store for a test: how to point an agent at it."""
-
-    def __init__(self, kind, tmp_path, server=None):
-        self.kind = kind
-        self.tmp_path = tmp_path
-        self.server = server
-        self.state_file = str(tmp_path / "agenthost-state.db")
-
-    def env(self, events, **extra):
-        extra.setdefault("AGENT_HEARTBEAT_INTERVAL", HEARTBEAT)
-        if self.kind == "mongodb":
-            return mongo_agent_env(self.server.uri, events, **extra)
-        return agent_env(self.state_file, events, **extra)
-
-
-@pytest.fixture(params=["embedded", "mongodb"])
-def store(request, tmp_path):
-    if request.param == "embedded":
-        yield Store("embedded", tmp_path)
-        return
-    srv = MongoTestServer(mode="replset").start()
-    try:
-        yield Store("mongodb", tmp_path, srv)
-    finally:
-        srv.close()
 
 
 def start_agent(fleet, store, name, **extra):
@@ -147,9 +117,12 @@ def test_killed_agent_goes_stale_and_a_restarted_one_reappears(fleet, store):
 
     again = start_agent(fleet, store, victim.name)
     again.wait_state("paused", timeout=20)
+    # Its first record may still say "starting" (written before the pause was applied); the
+    # paused one follows.
     body = wait_records(agents[0], lambda b: b["summary"]["stale"] == 0 and
-                        record_of(b, victim.name)["pid"] == again.proc.pid,
-                        message="the restarted agent reappears")
+                        record_of(b, victim.name)["pid"] == again.proc.pid and
+                        record_of(b, victim.name)["state"] == "paused",
+                        message="the restarted agent reappears, paused")
     rec = record_of(body, victim.name)
     assert rec["state"] == "paused" and rec["applied_version"] == version
 

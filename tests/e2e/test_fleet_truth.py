@@ -8,23 +8,10 @@ import sqlite3
 import threading
 import time
 
-from agenthost_harness import agent_env, metric, read_events, run_cli, script, wait_for
+from agenthost_harness import (WriteLock, agent_env, metric, read_events, run_cli, script,
+                               wait_for)
 
 RECORDER = script("recorder.lua")
-
-
-class WriteLock:
-    """Another process's write lock on the embedded store (this test process)."""
-
-    def __init__(self, path):
-        self.conn = sqlite3.connect(path, isolation_level=None, timeout=0)
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def release(self):
-        if self.conn is not None:
-            self.conn.execute("ROLLBACK")
-            self.conn.close()
-            self.conn = None
 
 
 def test_hooks_run_promptly_while_a_cluster_write_is_blocked_on_the_store_lock(

@@ -8,15 +8,14 @@ Faults: a second process holding the embedded store's write lock (BEGIN IMMEDIAT
 MongoDB test server's `blackhole` (it reads requests and never answers)."""
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
 
 import pytest
 
-from agenthost_harness import (MONGO_DIR, agent_env, http, metric, mongo_agent_env, script,
-                               wait_for)
+from agenthost_harness import (MONGO_DIR, WriteLock, agent_env, http, metric, mongo_agent_env,
+                               script, wait_for)
 
 sys.path.insert(0, MONGO_DIR)
 from mongo_fixture import mongo_server  # noqa: E402,F401
@@ -74,20 +73,6 @@ def assert_probes_answer(agent, seconds):
         assert agent.get("/healthz", timeout=PROBE_TIMEOUT).status == 200
         tries += 1
     assert tries >= 3
-
-
-class WriteLock:
-    """Another process's write lock on the embedded store (this test process)."""
-
-    def __init__(self, path):
-        self.conn = sqlite3.connect(path, isolation_level=None, timeout=0)
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def release(self):
-        if self.conn is not None:
-            self.conn.execute("ROLLBACK")
-            self.conn.close()
-            self.conn = None
 
 
 def test_probes_answer_while_a_second_process_holds_the_store_lock_under_load(

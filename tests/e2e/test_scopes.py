@@ -7,47 +7,15 @@ import re
 import sys
 import urllib.parse
 
-import pytest
-
-from agenthost_harness import (MONGO_DIR, agent_env, count_events, mongo_agent_env, run_cli,
-                               script, wait_events, wait_for)
+from agenthost_harness import (MONGO_DIR, Store, count_events, run_cli, script, wait_events,
+                               wait_for)
 
 sys.path.insert(0, MONGO_DIR)
 from mongo_fixture import MongoTestServer  # noqa: E402
 
 RECORDER = script("recorder.lua")
-HEARTBEAT = 0.5
 LABELS = {"a1": "region=eu,role=ingest", "a2": "region=eu,role=api",
           "a3": "region=us,role=ingest", "a4": ""}
-
-
-class Store:
-    def __init__(self, kind, tmp_path, server=None, **extra):
-        self.kind = kind
-        self.tmp_path = tmp_path
-        self.server = server
-        self.extra = extra
-        self.state_file = str(tmp_path / "agenthost-state.db")
-
-    def env(self, events, **extra):
-        extra.setdefault("AGENT_HEARTBEAT_INTERVAL", HEARTBEAT)
-        for k, v in self.extra.items():
-            extra.setdefault(k, v)
-        if self.kind == "mongodb":
-            return mongo_agent_env(self.server.uri, events, **extra)
-        return agent_env(self.state_file, events, **extra)
-
-
-@pytest.fixture(params=["embedded", "mongodb"])
-def store(request, tmp_path):
-    if request.param == "embedded":
-        yield Store("embedded", tmp_path)
-        return
-    srv = MongoTestServer(mode="replset").start()
-    try:
-        yield Store("mongodb", tmp_path, srv)
-    finally:
-        srv.close()
 
 
 def start(fleet, store, name, labels=None, generation=0):

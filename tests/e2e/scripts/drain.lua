@@ -10,8 +10,8 @@ task:cancel(). Records facts as JSON lines in $EVENTS_FILE. Knobs (environment):
 MODE's work runs in every batch while the agent runs (a batch records "batch_start" first);
 between batches nothing waits. ]]
 local agent = require "agent"
+local fixture = require "lib.fixture"
 local http = require "agent.http"
-local json = agent.json
 
 if agent.env("JIT", "on") == "off" then
     jit.off()
@@ -24,13 +24,9 @@ local http_timeout = tonumber(agent.env("HTTP_TIMEOUT", "60"))
 local sleep_s = tonumber(agent.env("SLEEP", "60"))
 local batch_no = 0
 
-local function record(rec)
-    rec.t = agent.now()
+local record = fixture.recorder(events_file, function(rec)
     rec.batch = batch_no
-    local f = assert(io.open(events_file, "a"))
-    f:write(json.encode(rec), "\n")
-    f:close()
-end
+end)
 
 local function str(v)
     return v == nil and "nil" or tostring(v)

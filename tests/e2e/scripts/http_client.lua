@@ -7,8 +7,8 @@ $EVENTS_FILE. Knobs (environment):
   MODE         suite | proxy | hang | hang_shutdown | webhook
 The first batch does the work of MODE; later batches sleep a little and return 0. ]]
 local agent = require "agent"
+local fixture = require "lib.fixture"
 local http = require "agent.http"
-local json = agent.json
 
 local events_file = assert(agent.env("EVENTS_FILE"), "EVENTS_FILE is required")
 local base = agent.env("BASE", "")
@@ -16,12 +16,7 @@ local tls_base = agent.env("TLS_BASE", "")
 local ca_file = agent.env("CA_FILE", "")
 local mode = agent.env("MODE", "suite")
 
-local function record(rec)
-    rec.t = agent.now()
-    local f = assert(io.open(events_file, "a"))
-    f:write(json.encode(rec), "\n")
-    f:close()
-end
+local record = fixture.recorder(events_file)
 
 -- Records the outcome of one request under `name`: status, headers, body size, or the error.
 local function outcome(name, res, msg, code, extra)

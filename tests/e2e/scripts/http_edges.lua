@@ -7,19 +7,14 @@ local servers. Records the outcome of each request as a JSON line in $EVENTS_FIL
   CA_FILE      that certificate (tls_host)
 The first batch does the work of MODE; later batches sleep a little and return 0. ]]
 local agent = require "agent"
+local fixture = require "lib.fixture"
 local http = require "agent.http"
-local json = agent.json
 
 local events_file = assert(agent.env("EVENTS_FILE"), "EVENTS_FILE is required")
 local mode = agent.env("MODE", "header_case")
 local base = agent.env("BASE", "")
 
-local function record(rec)
-    rec.t = agent.now()
-    local f = assert(io.open(events_file, "a"))
-    f:write(json.encode(rec), "\n")
-    f:close()
-end
+local record = fixture.recorder(events_file)
 
 -- Records one request's outcome under name: status, headers and body size, or the error.
 local function outcome(name, t0, res, msg, code)
@@ -62,18 +57,11 @@ function modes.tls_host()
     request("by_address", "https://127.0.0.1:" .. port .. "/status/200", opts)
 end
 
-local first = true
 local M = {}
 
-function M.batch()
-    if not first then
-        agent.sleep(0.05)
-        return 0
-    end
-    first = false
+M.batch = fixture.first_batch(function()
     modes[mode]()
     record({ev = "done"})
-    return 1
-end
+end)
 
 return M

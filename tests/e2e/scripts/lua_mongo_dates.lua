@@ -3,8 +3,8 @@ or lie outside years 0-9999. Their text and their encoding must be defined (a pl
 such a double is undefined behaviour, which the UBSan build turns into an abort). init writes the
 results as JSON to $OUT_FILE. ]]
 local agent = require "agent"
+local fixture = require "lib.fixture"
 local mongo = agent.mongo
-local json = agent.json
 
 local out_file = assert(agent.env("OUT_FILE"), "OUT_FILE is required")
 
@@ -30,10 +30,7 @@ function M.init()
         encode_huge = encode_error(mongo.date(1e300)),
         encode_nan = encode_error(nan_date),
     }
-    local f = assert(io.open(out_file .. ".tmp", "w"))
-    f:write(json.encode(r))
-    f:close()
-    assert(os.rename(out_file .. ".tmp", out_file))
+    fixture.write_report(out_file, r)
 end
 
 function M.batch()

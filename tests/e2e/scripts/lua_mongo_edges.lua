@@ -6,14 +6,10 @@ what every call returned to $OUT_FILE as JSON:
   renew_fence      "first" claims a job with a short lease, "second" claims it once the lease
                    expired, then first renews it ]]
 local agent = require "agent"
-local json = agent.json
+local fixture = require "lib.fixture"
 
 local out_file = assert(agent.env("OUT_FILE"), "OUT_FILE is required")
 local mode = agent.env("MODE", "getmore_failure")
-
-local function pack(...)
-    return { n = select("#", ...), ... }
-end
 
 local modes = {}
 
@@ -25,25 +21,12 @@ function modes.getmore_failure(r)
     held = it
     local first, second = it:next(), it:next() -- the first batch
     r.first_batch = { first and first._id, second and second._id }
-    local failed = pack(it:next()) -- the next batch: getMore, failed at the server
+    local failed = fixture.pack(it:next()) -- the next batch: getMore, failed at the server
     r.getmore = { failed[1] == nil, failed[2], failed[3] }
     local t0 = agent.monotonic()
     local doc, msg, code = coll:find_one({ _id = 3 })
     r.find_one = { doc and doc._id, msg, code, agent.monotonic() - t0 }
-    r.after_failure = pack(it:next()).n -- a failed iterator stays ended
-end
-
--- Claims with q until a job comes back or `seconds` pass; the job (nil on timeout).
-local function claim_within(q, seconds)
-    local deadline = agent.monotonic() + seconds
-    repeat
-        local jobs = assert(q:claim(1))
-        if jobs[1] then
-            return jobs[1]
-        end
-        agent.sleep(0.02)
-    until agent.monotonic() > deadline
-    return nil
+    r.after_failure = fixture.pack(it:next()).n -- a failed iterator stays ended
 end
 
 function modes.renew_fence(r)
@@ -51,33 +34,23 @@ function modes.renew_fence(r)
     local first = agent.queue.open { collection = coll, lease = 0.2, owner = "first" }
     local second = agent.queue.open { collection = coll, lease = 30, owner = "second" }
     assert(first:enqueue({ _id = "fenced", payload = { n = 1 } }))
-    local mine = assert(claim_within(first, 10))
-    local theirs = assert(claim_within(second, 10)) -- once first's lease has expired
+    local mine = assert(fixture.claim_within(first, 10))
+    local theirs = assert(fixture.claim_within(second, 10)) -- once first's lease has expired
     local before = assert(coll:find_one({ _id = "fenced" }))
     r.claims = { mine.attempts, theirs.attempts, before.owner }
-    r.renew = pack(first:renew(mine))
+    r.renew = fixture.pack(first:renew(mine))
     local after = assert(coll:find_one({ _id = "fenced" }))
     r.lease_kept = after.owner == "second" and after.lease_until == before.lease_until
     r.after = { after.owner, after.status, after.attempts }
-    r.owner_renew = pack(second:renew(theirs))
+    r.owner_renew = fixture.pack(second:renew(theirs))
 end
 
-local first_batch = true
 local M = {}
 
-function M.batch()
-    if not first_batch then
-        agent.sleep(0.05)
-        return 0
-    end
-    first_batch = false
+M.batch = fixture.first_batch(function()
     local r = {}
     modes[mode](r)
-    local f = assert(io.open(out_file .. ".tmp", "w"))
-    f:write(json.encode(r))
-    f:close()
-    assert(os.rename(out_file .. ".tmp", out_file))
-    return 1
-end
+    fixture.write_report(out_file, r)
+end)
 
 return M

@@ -2,8 +2,8 @@
 dropped unclosed in init, then as many as the pool has held open while a find_one meets the
 empty pool (default bounded wait), then closed. Writes the report ($OUT_FILE, JSON). ]]
 local agent = require "agent"
+local fixture = require "lib.fixture"
 local mongo = agent.mongo
-local json = agent.json
 
 local out_file = assert(agent.env("OUT_FILE"), "OUT_FILE is required")
 local n = tonumber(agent.env("ITERATORS") or "40")
@@ -41,10 +41,7 @@ function M.init()
     end
     local again = coll:find_one({ _id = 1 })
     r.after_close = again and again._id
-    local f = assert(io.open(out_file .. ".tmp", "w"))
-    f:write(json.encode(r))
-    f:close()
-    assert(os.rename(out_file .. ".tmp", out_file))
+    fixture.write_report(out_file, r)
 end
 
 function M.batch()

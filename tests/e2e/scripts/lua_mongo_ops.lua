@@ -2,8 +2,8 @@
 (which the test pre-fills with {_id = 1..10, n = i, grp = i % 2}). init runs the calls and writes
 their results to $OUT_FILE as JSON, for the test to compare with what pymongo sees. ]]
 local agent = require "agent"
+local fixture = require "lib.fixture"
 local mongo = agent.mongo
-local json = agent.json
 
 local out_file = assert(agent.env("OUT_FILE"), "OUT_FILE is required")
 local coll = mongo.collection(agent.env("COLLECTION", "ops"))
@@ -88,10 +88,7 @@ function M.init()
     -- create_index: ordered keys, options, generated and given names
     r.index_auto = assert(coll:create_index({ { "grp", 1 }, { "n", -1 } }))
     r.index_named = assert(coll:create_index({ n = 1 }, { name = "by_n", unique = false }))
-    local f = assert(io.open(out_file .. ".tmp", "w"))
-    f:write(json.encode(r))
-    f:close()
-    assert(os.rename(out_file .. ".tmp", out_file))
+    fixture.write_report(out_file, r)
 end
 
 function M.batch()

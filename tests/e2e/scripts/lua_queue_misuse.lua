@@ -3,7 +3,7 @@ every method that takes a job checks it before touching it (the error names the 
 points at the caller's line). Needs no server: nothing here reaches MongoDB. init writes the
 findings as JSON to $OUT_FILE. ]]
 local agent = require "agent"
-local json = agent.json
+local fixture = require "lib.fixture"
 
 local out_file = assert(agent.env("OUT_FILE"), "OUT_FILE is required")
 
@@ -29,10 +29,7 @@ function M.init()
         ack_nil = err_of(function() local a, b = q:ack(nil) return a, b end),
         release_table_without_id = err_of(function() local a, b = q:release({}) return a, b end),
     }
-    local f = assert(io.open(out_file .. ".tmp", "w"))
-    f:write(json.encode(r))
-    f:close()
-    assert(os.rename(out_file .. ".tmp", out_file))
+    fixture.write_report(out_file, r)
 end
 
 function M.batch()

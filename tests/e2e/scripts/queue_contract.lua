@@ -2,27 +2,11 @@
 through the real binary. init runs both scenarios against $COLLECTION and writes what every call
 returned to $OUT_FILE as JSON. Two queue objects with different owners stand for two agents. ]]
 local agent = require "agent"
-local json = agent.json
+local fixture = require "lib.fixture"
 
 local out_file = assert(agent.env("OUT_FILE"), "OUT_FILE is required")
 local collection = agent.env("COLLECTION", "queue_jobs")
 
-local function pack(...)
-    return { n = select("#", ...), ... }
-end
-
--- Claims with q until a job comes back or 10 s pass; the job (nil on timeout).
-local function claim_within(q, seconds)
-    local deadline = agent.monotonic() + seconds
-    repeat
-        local jobs = assert(q:claim(1))
-        if jobs[1] then
-            return jobs[1]
-        end
-        agent.sleep(0.02)
-    until agent.monotonic() > deadline
-    return nil
-end
 
 local M = {}
 
@@ -34,16 +18,16 @@ function M.init()
     local first = agent.queue.open { collection = coll, lease = 0.2, owner = "first" }
     local second = agent.queue.open { collection = coll, lease = 30, owner = "second" }
     assert(first:enqueue({ _id = "late-ack", payload = { n = 1 } }))
-    local mine = claim_within(first, 10)
+    local mine = fixture.claim_within(first, 10)
     r.first_claim_attempts = mine and mine.attempts
-    local theirs = claim_within(second, 10) -- only possible once first's lease has expired
+    local theirs = fixture.claim_within(second, 10) -- only possible once first's lease has expired
     r.second_claim_id = theirs and theirs._id
     r.second_claim_attempts = theirs and theirs.attempts
-    local ack = pack(first:ack(mine, { by = "first" }))
+    local ack = fixture.pack(first:ack(mine, { by = "first" }))
     r.late_ack = { ack[1], ack[2] }
-    local late_fail = pack(first:fail(mine, "late"))
+    local late_fail = fixture.pack(first:fail(mine, "late"))
     r.late_fail = { late_fail[1], late_fail[2] }
-    local own = pack(second:ack(theirs, { by = "second" }))
+    local own = fixture.pack(second:ack(theirs, { by = "second" }))
     r.owner_ack = { own[1], own[2] }
 
     -- 2. max_attempts = 3: each fail sends the job back to pending until the third attempt.
@@ -51,7 +35,7 @@ function M.init()
     assert(q:enqueue({ _id = "flaky", payload = { n = 2 } }))
     r.after_fail = {}
     for attempt = 1, 4 do
-        local job = claim_within(q, attempt < 4 and 10 or 0)
+        local job = fixture.claim_within(q, attempt < 4 and 10 or 0)
         if job == nil then
             r.after_fail[attempt] = "unclaimable"
             break
@@ -68,18 +52,15 @@ function M.init()
     local ids = assert(e:enqueue({}))
     r.empty_enqueue = { #ids, coll:count({}) - before }
     assert(e:enqueue({ _id = "renewed", payload = { n = 3 } }))
-    local job = claim_within(e, 10)
-    r.renew = pack(e:renew(job))
+    local job = fixture.claim_within(e, 10)
+    r.renew = fixture.pack(e:renew(job))
     assert(e:fail(job, "first try failed"))
-    job = claim_within(e, 10)
-    r.renew_after_fail = pack(e:renew(job))
+    job = fixture.claim_within(e, 10)
+    r.renew_after_fail = fixture.pack(e:renew(job))
     assert(e:ack(job, { ok = true }) == true)
-    r.renew_after_ack = pack(e:renew(job))
+    r.renew_after_ack = fixture.pack(e:renew(job))
 
-    local f = assert(io.open(out_file .. ".tmp", "w"))
-    f:write(json.encode(r))
-    f:close()
-    assert(os.rename(out_file .. ".tmp", out_file))
+    fixture.write_report(out_file, r)
 end
 
 function M.batch()

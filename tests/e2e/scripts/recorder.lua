@@ -6,20 +6,16 @@ tests assert on facts rather than on timing. Knobs (environment):
 Records: {ev = "init"|"batch_start"|"batch_end"|"on_pause"|"on_resume"|"on_shutdown", t = wall
 clock, n = batch number, state = agent.state(), and for hooks every ev field}. ]]
 local agent = require "agent"
-local json = agent.json
+local fixture = require "lib.fixture"
 
 local events_file = assert(agent.env("EVENTS_FILE"), "EVENTS_FILE is required")
 local batch_seconds = tonumber(agent.env("BATCH_SECONDS", "0"))
 local fail_hook = agent.env("FAIL_HOOK", "")
 local clock = agent.monotonic or os.clock
 
-local function record(rec)
-    rec.t = agent.now()
+local record = fixture.recorder(events_file, function(rec)
     rec.agent = agent.id
-    local f = assert(io.open(events_file, "a"))
-    f:write(json.encode(rec), "\n")
-    f:close()
-end
+end)
 
 local function hook(name)
     return function(ev)

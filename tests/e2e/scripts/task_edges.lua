@@ -4,17 +4,12 @@ lines in $EVENTS_FILE. Knobs (environment):
   MODE         join_zero | sleep_pending | task_memory
 Only the first batch does the work of MODE; later batches sleep a little and return 0. ]]
 local agent = require "agent"
-local json = agent.json
+local fixture = require "lib.fixture"
 
 local events_file = assert(agent.env("EVENTS_FILE"), "EVENTS_FILE is required")
 local mode = agent.env("MODE", "join_zero")
 
-local function record(rec)
-    rec.t = agent.now()
-    local f = assert(io.open(events_file, "a"))
-    f:write(json.encode(rec), "\n")
-    f:close()
-end
+local record = fixture.recorder(events_file)
 
 local modes = {}
 
@@ -64,18 +59,11 @@ function modes.task_memory()
             limit = limit})
 end
 
-local first = true
 local M = {}
 
-function M.batch()
-    if not first then
-        agent.sleep(0.05)
-        return 0
-    end
-    first = false
+M.batch = fixture.first_batch(function()
     modes[mode]()
-    return 1
-end
+end)
 
 function M.on_pause(ev)
     record({ev = "on_pause", command = ev.command})

@@ -7,7 +7,7 @@ JSON lines in $EVENTS_FILE. Knobs (environment):
   JIT          "off" turns the JIT compiler off
 Only the first batch does the work of MODE; later batches sleep a little and return 0. ]]
 local agent = require "agent"
-local json = agent.json
+local fixture = require "lib.fixture"
 
 if agent.env("JIT", "on") == "off" then
     jit.off()
@@ -18,12 +18,7 @@ local mode = agent.env("MODE", "many")
 local ntasks = tonumber(agent.env("TASKS", "10"))
 local sleep_s = tonumber(agent.env("SLEEP", "1"))
 
-local function record(rec)
-    rec.t = agent.now()
-    local f = assert(io.open(events_file, "a"))
-    f:write(json.encode(rec), "\n")
-    f:close()
-end
+local record = fixture.recorder(events_file)
 
 local done = 0 -- tasks of the first batch that have ended
 local first = true
