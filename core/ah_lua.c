@@ -534,6 +534,7 @@ ah_lua_t *ah_lua_open(const ah_lua_options_t *opts, const char *script_path, cha
     lua->mongo = opts->mongo;
     lua->leases = opts->leases;
     lua->batch_timeout = opts->batch_timeout;
+    lua->batch_timeout_us = opts->batch_timeout > 0 ? (int64_t)(opts->batch_timeout * 1e6) : 0;
     lua->source = opts->script_source;
     lua->functions = opts->functions;
     lua->function_count = opts->functions != NULL ? opts->function_count : 0;

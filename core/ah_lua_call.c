@@ -103,10 +103,7 @@ static void budget_arm(ah_lua_t *lua)
     uint64_t seq = atomic_load_explicit(&lua->call_seq, memory_order_relaxed);
     atomic_store_explicit(&lua->call_seq, seq + 1, memory_order_release);
     lua->timed_out = false;
-    lua->deadline_us = 0;
-    if (lua->batch_timeout > 0) {
-        lua->deadline_us = now + (int64_t)(lua->batch_timeout * 1e6);
-    }
+    lua->call_started_us = now; /* the deadline, if the call waits: + batch_timeout_us */
 }
 
 /* Marks the end of the call (sequence number even again) and removes any hook, stale or not.
@@ -123,7 +120,6 @@ static void budget_disarm(ah_lua_t *lua)
         atomic_exchange(&lua->hook_set, false)) {
         lua_sethook(lua->L, NULL, 0, 0);
     }
-    lua->deadline_us = 0;
     thread_lua = NULL; /* an interrupt signal arriving from now on is stale */
     if (lua->state != NULL) {
         ah_state_call_end(lua->state);
@@ -236,20 +232,61 @@ void ah_lua_wake(ah_lua_t *lua)
 
 /* ---- the one call wrapper ---------------------------------------------------------------- */
 
-/* Calls the function below the nargs arguments on top of the stack as the main task of a call,
- * under the time budget and the memory limit, and runs the loop until the call (with all its
- * tasks) has ended. Stack: [-(nargs + 1), +nresults] on success, [-(nargs + 1), +0] on failure;
- * nresults is 0 or 1. Returns 0, AH_ELUA or AH_ETIMEOUT (err filled with the message and the
- * traceback). Lua thread only. */
-int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t errlen)
+/* The main task's coroutine, created on first use. Lua thread. */
+static lua_State *main_co(ah_lua_t *lua)
 {
-    lua_State *L = lua->L;
     task_t *main = lua->main_task;
     if (main->co == NULL) {
-        main->co = lua_newthread(L);
-        main->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        main->co = lua_newthread(lua->L);
+        main->co_ref = luaL_ref(lua->L, LUA_REGISTRYINDEX);
+        lua->main_pinned = 0;
     }
-    lua_xmove(L, main->co, nargs + 1);
+    return main->co;
+}
+
+/* The rest of a call whose main task did not simply return (it failed, waited, or spawned
+ * tasks): runs the loop until the main task and every task it spawned have ended, ends the time
+ * budget, releases the tasks. Returns the main task's lua_resume status; on failure the
+ * coroutine is dropped (the next call gets a new one). Kept out of line: the empty batch never
+ * comes here. */
+static __attribute__((noinline)) int call_finish_slow(ah_lua_t *lua, task_t *main, int status,
+                                                      bool *timed_out)
+{
+    ah_lua_task_resumed(lua, main, status);
+    if (!main->ended || lua->tasks != NULL || lua->ready_head != NULL) {
+        ah_lua_task_run_loop(lua);
+    }
+    status = lua->main_status;
+    *timed_out = lua->timed_out || (status != 0 && lua->cancel_code == ah_lua_code_timeout);
+    budget_disarm(lua);
+    if (lua->tasks != NULL) {
+        ah_lua_task_finish(lua);
+    }
+    if (status != 0) {
+        /* A coroutine that failed is dead: the next call gets a new one. */
+        luaL_unref(lua->L, LUA_REGISTRYINDEX, main->co_ref);
+        main->co_ref = LUA_NOREF;
+        main->co = NULL;
+        lua->main_pinned = 0;
+        if (status == LUA_ERRMEM) {
+            /* err has the message (the limit's when it refused, else Lua's own) and the
+             * traceback (push_task_error) */
+            lua_gc(lua->L, LUA_GCCOLLECT, 0); /* give the garbage of the failed call back */
+        }
+    }
+    return status;
+}
+
+/* Runs the function below the nargs arguments on top of the main task's coroutine as a call
+ * (the body of ah_lua_call_user, shared with the batch's fast path). Stack of the coroutine:
+ * [-(nargs + 1), +results] on success (the function's results, as many as it returned),
+ * [-(nargs + 1), +0] and the coroutine gone on failure. Returns AH_OK, AH_ELUA or AH_ETIMEOUT
+ * (err filled with the message and the traceback). A call that returns without waiting or
+ * spawning is one lua_resume and the budget's bookkeeping. */
+static inline __attribute__((always_inline)) int call_main_task(ah_lua_t *lua, int nargs, char *err,
+                                                                size_t errlen)
+{
+    task_t *main = lua->main_task;
     budget_arm(lua);
     lua->cancel_code = NULL;
     lua->memory_refused = false;
@@ -257,35 +294,42 @@ int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t e
     lua->call_err = err;
     lua->call_errlen = errlen;
     main->ended = false;
-    ah_lua_task_resume(lua, main, nargs);
-    if (!main->ended || lua->tasks != NULL || lua->ready_head != NULL) {
-        ah_lua_task_run_loop(lua);
-    }
-    int status = lua->main_status;
-    bool timed_out = lua->timed_out || (status != 0 && lua->cancel_code == ah_lua_code_timeout);
-    budget_disarm(lua);
-    if (lua->tasks != NULL) {
-        ah_lua_task_finish(lua);
-    }
-    lua->call_err = NULL;
-    if (status == 0) {
-        if (lua_gettop(main->co) != nresults) {
-            lua_settop(main->co, nresults);
-        }
-        lua_xmove(main->co, L, nresults);
+    lua->current = main;
+    lua->memory_armed = lua->memory_limit > 0;
+    int status = lua_resume(main->co, nargs);
+    lua->memory_armed = false;
+    lua->current = NULL;
+    if (__builtin_expect(status == 0 && lua->tasks == NULL && lua->ready_head == NULL, 1)) {
+        main->ended = true;
+        lua->main_status = 0;
+        budget_disarm(lua);
+        lua->call_err = NULL;
         return AH_OK;
     }
-    /* A coroutine that failed is dead: the next call gets a new one. */
-    luaL_unref(L, LUA_REGISTRYINDEX, main->co_ref);
-    main->co_ref = LUA_NOREF;
-    main->co = NULL;
-    if (status == LUA_ERRMEM) {
-        /* err has the message (the limit's when it refused, else Lua's own) and the traceback
-         * (push_task_error) */
-        lua_gc(L, LUA_GCCOLLECT, 0); /* give the garbage of the failed call back at once */
-        return AH_ELUA;
+    bool timed_out = false;
+    status = call_finish_slow(lua, main, status, &timed_out);
+    lua->call_err = NULL;
+    if (status == 0) {
+        return AH_OK;
     }
-    return timed_out ? AH_ETIMEOUT : AH_ELUA;
+    return status != LUA_ERRMEM && timed_out ? AH_ETIMEOUT : AH_ELUA;
+}
+
+/* Calls the function below the nargs arguments on top of the stack as the main task of a call,
+ * under the time budget and the memory limit, and runs the loop until the call (with all its
+ * tasks) has ended. Stack: [-(nargs + 1), +nresults] on success, [-(nargs + 1), +0] on failure;
+ * nresults is 0 or 1. Returns 0, AH_ELUA or AH_ETIMEOUT (err filled with the message and the
+ * traceback). Lua thread only. */
+int ah_lua_call_user(ah_lua_t *lua, int nargs, int nresults, char *err, size_t errlen)
+{
+    lua_State *co = main_co(lua);
+    lua_xmove(lua->L, co, nargs + 1);
+    int rc = call_main_task(lua, nargs, err, errlen);
+    if (rc == AH_OK) {
+        lua_settop(co, lua->main_pinned + nresults);
+        lua_xmove(co, lua->L, nresults);
+    }
+    return rc;
 }
 
 /* ---- calls ------------------------------------------------------------------------------- */
@@ -305,14 +349,15 @@ int ah_lua_init(ah_lua_t *lua, char *err, size_t errlen)
     return rc;
 }
 
-/* A batch's return value as an item count: a number floored, negative and NaN → 0. */
+/* A batch's return value as an item count: a number floored, negative and NaN → 0 (for n ≥ 1
+ * the conversion's truncation is the floor). */
 static long long items_from_result(lua_State *L, int idx)
 {
     if (lua_type(L, idx) != LUA_TNUMBER) {
         return 0;
     }
-    lua_Number n = floor(lua_tonumber(L, idx));
-    if (!(n > 0)) {
+    lua_Number n = lua_tonumber(L, idx);
+    if (!(n >= 1)) {
         return 0;
     }
     if (n >= (lua_Number)LLONG_MAX) {
@@ -321,23 +366,38 @@ static long long items_from_result(lua_State *L, int idx)
     return (long long)n;
 }
 
+/* Pins the batch function and ctx at the bottom of the main task's coroutine (CO_SLOT_*), which
+ * rests with an empty stack between calls until then: the first batch of a state, and the first
+ * after a call failed (its coroutine died). Returns the coroutine. */
+static __attribute__((noinline)) lua_State *batch_co_pin(ah_lua_t *lua)
+{
+    lua_State *co = main_co(lua);
+    assert(lua_gettop(co) == 0);
+    lua_pushvalue(lua->L, SLOT_BATCH);
+    lua_pushvalue(lua->L, SLOT_CTX);
+    lua_xmove(lua->L, co, 2);
+    lua->main_pinned = CO_SLOT_COUNT;
+    return co;
+}
+
+/* The hot path of the host (an empty batch costs this and the worker's few state reads): the
+ * function and ctx are pushed from the coroutine's own pinned slots, the result is read there,
+ * so nothing moves between the main state and the coroutine. */
 int ah_lua_batch(ah_lua_t *lua, long long *items, char *err, size_t errlen)
 {
-    lua_State *L = lua->L;
-    int top = lua_gettop(L);
     *items = 0;
-
     lua->iteration++;
-
-    lua_pushvalue(L, SLOT_BATCH);
-    lua_pushvalue(L, SLOT_CTX);
-    int rc = ah_lua_call_user(lua, 1, 1, err, errlen);
-    if (rc == AH_OK) {
-        *items = items_from_result(L, -1);
-        lua_pop(L, 1);
+    lua_State *co = lua->main_task->co;
+    if (__builtin_expect(co == NULL || lua->main_pinned == 0, 0)) {
+        co = batch_co_pin(lua);
     }
-    assert(lua_gettop(L) == top);
-    (void)top;
+    lua_pushvalue(co, CO_SLOT_BATCH);
+    lua_pushvalue(co, CO_SLOT_CTX);
+    int rc = call_main_task(lua, 1, err, errlen);
+    if (rc == AH_OK) {
+        *items = items_from_result(co, CO_SLOT_COUNT + 1); /* LUA_TNONE when nothing returned */
+        lua_settop(co, CO_SLOT_COUNT);
+    }
     return rc;
 }
 
@@ -426,12 +486,13 @@ int ah_lua_on_reload(ah_lua_t *lua, char *err, size_t errlen)
     return rc;
 }
 
-int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen)
+/* ah_lua_run_schedule once the script may have schedules (out of line: its frame is large). */
+static __attribute__((noinline)) int run_schedule(ah_lua_t *lua, double *next_in, char *err,
+                                                  size_t errlen)
 {
     lua_State *L = lua->L;
     int top = lua_gettop(L);
     int rc = 0;
-    *next_in = -1;
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "loaded");
     lua_getfield(L, -1, "agent");
@@ -451,6 +512,8 @@ int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen
     if (!lua_isfunction(L, -2)) {
         if (lua_isnumber(L, -1)) {
             *next_in = lua_tonumber(L, -1);
+        } else if (lua_isnil(L, -2) && lua_isnil(L, -1)) {
+            lua->schedules_none = true; /* none now, and agent.every is closed after _due */
         }
         goto out;
     }
@@ -474,6 +537,15 @@ int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen
 out:
     lua_settop(L, top);
     return rc;
+}
+
+int ah_lua_run_schedule(ah_lua_t *lua, double *next_in, char *err, size_t errlen)
+{
+    *next_in = -1;
+    if (!lua->agent_opened || lua->schedules_none) {
+        return 0; /* the script never required agent, or has no schedule: every batch */
+    }
+    return run_schedule(lua, next_in, err, errlen);
 }
 
 bool ah_lua_drained(const ah_lua_t *lua)

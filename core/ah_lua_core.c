@@ -410,6 +410,7 @@ static const luaL_Reg core_functions[] = {
 /* package.preload["agent.core"]; upvalue 1 is the ah_lua_t. Stack: [-0, +1]. */
 int ah_lua_core_open(lua_State *L)
 {
+    host_upvalue(L)->agent_opened = true; /* from now on agent._due may exist (schedules) */
     lua_newtable(L);
     lua_pushvalue(L, lua_upvalueindex(1));
     luaL_setfuncs(L, core_functions, 1);

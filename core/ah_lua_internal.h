@@ -85,6 +85,11 @@ struct ah_lua_s {
     int ctx_ref;           /* the ctx table passed to init and batch */
     int traceback_ref;     /* ah_lua_traceback_of, created once (pushing a C function allocates) */
     long long iteration;   /* batch calls so far, including the running one */
+    /* agent.every: the worker asks agent._due between batches only once the `agent` module's C
+     * half was opened (agent_opened), and no more once _due found no schedule (schedules_none:
+     * agent.every is refused from then on), so an empty batch pays no lookup for it. */
+    bool agent_opened;
+    bool schedules_none;
 
     /* Time budget. call_seq is odd while a call of user Lua runs; interrupt_seq holds the
      * call_seq value of the call an interrupt is aimed at (0: none). Both are written by any
@@ -94,9 +99,11 @@ struct ah_lua_s {
     _Atomic uint64_t call_generation; /* the state object's number for the running call */
     _Atomic pthread_t thread;         /* the thread running the calls (the signal's target) */
     atomic_bool hook_set;             /* a hook may be installed: the call's end must remove it */
-    atomic_bool signal_sent; /* an interrupt signal may be queued for this state's running call */
-    bool timed_out;          /* the running call was stopped by the budget */
-    int64_t deadline_us;     /* monotonic deadline of the running call, 0 if none */
+    atomic_bool signal_sent;  /* an interrupt signal may be queued for this state's running call */
+    bool timed_out;           /* the running call was stopped by the budget */
+    int64_t call_started_us;  /* monotonic (coarse) start of the running call */
+    int64_t batch_timeout_us; /* batch_timeout in µs, 0 if none: the call's deadline is
+                                 call_started_us + batch_timeout_us */
 
     /* agent.mongo's connection (not owned; may be NULL: calls fail "not configured"). */
     ah_lua_mongo_t *mongo;
@@ -130,6 +137,7 @@ struct ah_lua_s {
     uv_async_t wake;     /* commands (agent.sleep) and interrupts (cancellation) reach the call */
     uv_timer_t deadline; /* the running call's BATCH_TIMEOUT, armed when the call first waits */
     task_t *main_task;   /* the call's function; its coroutine is reused while it ends well */
+    int main_pinned;     /* values pinned at the bottom of main_task->co: 0, or CO_SLOT_COUNT */
     task_t *tasks;       /* spawned tasks of the running call, ended or not */
     task_t *ready_head;  /* tasks to resume, in order */
     task_t *ready_tail;
@@ -160,6 +168,10 @@ struct ah_lua_s {
 /* Values pinned at the bottom of the main Lua stack for the life of the state, so that the hot
  * path (a batch) pushes them with lua_pushvalue instead of registry lookups. */
 enum { SLOT_CTX = 1, SLOT_BATCH, SLOT_COUNT = SLOT_BATCH };
+/* The same two values pinned at the bottom of the main task's coroutine from its first batch on
+ * (lua->main_pinned), so that a batch pushes them onto the coroutine directly; results and other
+ * calls' functions sit above them. */
+enum { CO_SLOT_BATCH = 1, CO_SLOT_CTX, CO_SLOT_COUNT = CO_SLOT_CTX };
 
 /* Registry key whose value is the ah_lua_t (a light userdata), for the hook and the functions
  * of ah_lua.h that get only a lua_State. */
@@ -226,8 +238,12 @@ void ah_lua_task_on_wake(uv_async_t *handle);
  * Kept as lua->traceback_ref; arguments: the error value, co (light userdata). */
 int ah_lua_traceback_of(lua_State *L);
 
-/* Resumes t with nargs values from its stack, under the memory limit (inline: the hot path of
- * every call). */
+/* What follows a resume of t that returned status (0, LUA_YIELD or an error): the task ended,
+ * or it waits, or it yielded to let the others run (queued again). */
+void ah_lua_task_resumed(ah_lua_t *lua, task_t *t, int status);
+
+/* Resumes t with nargs values from its stack, under the memory limit. (The call wrapper resumes
+ * the main task itself the first time: ah_lua_call.c, call_main_task.) */
 static inline void ah_lua_task_resume(ah_lua_t *lua, task_t *t, int nargs)
 {
     lua->current = t;
@@ -235,16 +251,7 @@ static inline void ah_lua_task_resume(ah_lua_t *lua, task_t *t, int nargs)
     int status = lua_resume(t->co, nargs);
     lua->memory_armed = false;
     lua->current = NULL;
-    if (status == 0 && t == lua->main_task) {
-        t->ended = true; /* the common case, kept off ah_lua_task_end's path */
-        lua->main_status = 0;
-    } else if (status != LUA_YIELD) {
-        ah_lua_task_end(lua, t, status);
-    } else if (t->wait == WAIT_NONE) {
-        /* coroutine.yield() in the task itself: the others run first */
-        lua_settop(t->co, 0);
-        ah_lua_task_ready(lua, t, 0);
-    }
+    ah_lua_task_resumed(lua, t, status);
 }
 
 #endif

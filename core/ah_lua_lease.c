@@ -4,7 +4,17 @@
  * lease's local view, and checks and evaluates cron expressions (ah_cron.h).
  *
  * An acquire waits as an ah_lua_op_t (ah_lua.h) whose loop timer looks at the keeper's view of
- * the lease every LEASE_WAIT_TICK_MS: an in-memory read under the keeper's lock. */
+ * the lease every LEASE_WAIT_TICK_MS: an in-memory read under the keeper's lock.
+ *
+ * Why a 20 ms look rather than a wake-up from the keeper: what the wait waits for is the
+ * keeper's next store call, and while another agent holds the lease the keeper tries at most
+ * every second (min(ttl/3, 1 s), ah_lease.c), so a look every 20 ms adds at most 2% to that
+ * second and is nothing against a ttl. It costs one timer wake-up of the worker's loop per 20 ms,
+ * only while a task waits in acquire. A wake-up would need the keeper thread (which outlives
+ * every Lua state: a reload replaces the state, the keeper stays) to reach the current state's
+ * loop through an async handle swapped on reload and closed with the state, a cross-thread
+ * lifetime for a gain of at most 20 ms. Cancellation (the call's deadline, a drain, shutdown)
+ * does not wait for the look: it ends the wait at once through cancel_acquire. */
 #include "ah_lua_lease.h"
 
 #include "ah_cron.h"

@@ -245,6 +245,17 @@ int ah_lua_task_push_outcome(lua_State *to, task_handle_t *hd)
     return n + 1;
 }
 
+void ah_lua_task_resumed(ah_lua_t *lua, task_t *t, int status)
+{
+    if (status != LUA_YIELD) {
+        ah_lua_task_end(lua, t, status);
+    } else if (t->wait == WAIT_NONE) {
+        /* coroutine.yield() in the task itself: the others run first */
+        lua_settop(t->co, 0);
+        ah_lua_task_ready(lua, t, 0);
+    }
+}
+
 /* A task's coroutine returned or failed (status of lua_resume). */
 __attribute__((noinline)) void ah_lua_task_end(ah_lua_t *lua, task_t *t, int status)
 {
@@ -410,8 +421,8 @@ __attribute__((noinline)) void ah_lua_task_run_loop(ah_lua_t *lua)
         }
         if (!deadline_armed) {
             deadline_armed = true;
-            if (lua->deadline_us > 0) {
-                int64_t left_us = lua->deadline_us - ah_mono_us();
+            if (lua->batch_timeout_us > 0) {
+                int64_t left_us = lua->call_started_us + lua->batch_timeout_us - ah_mono_us();
                 uint64_t ms = left_us > 0 ? (uint64_t)(left_us + 999) / 1000 : 0;
                 uv_update_time(&lua->loop);
                 uv_timer_start(&lua->deadline, on_deadline, ms, 0);

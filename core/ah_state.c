@@ -36,8 +36,8 @@ struct ah_state_s {
     _Atomic bool held;         /* paused because the cluster command was shutdown at startup (the
                                   table's "held" row); written under lock by the worker */
     ah_store_status_t store;
-    _Atomic uint64_t batches;
-    _Atomic uint64_t batch_errors;
+    _Atomic uint64_t batches;      /* written by the worker only (ah_state_count_batch) */
+    _Atomic uint64_t batch_errors; /* written by the worker only */
     uint64_t batch_overruns;
     uint64_t commands_applied;
     uint64_t hook_errors;
@@ -607,11 +607,10 @@ int ah_state_offer_local_drain(ah_state_t *s, ah_command_t cmd, ah_source_t src,
     return rc;
 }
 
-bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
+/* ah_state_take_event when an event may be pending (out of line: the check before it runs
+ * between every two batches and needs no frame). */
+static __attribute__((noinline)) bool take_event_locked(ah_state_t *s, ah_event_t *ev)
 {
-    if (!atomic_load_explicit(&s->has_event, memory_order_acquire)) {
-        return false; /* only the worker clears it, so "false" cannot go stale to "true" unseen */
-    }
     pthread_mutex_lock(&s->lock);
     bool had = s->has_event;
     if (had) {
@@ -620,6 +619,14 @@ bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
     }
     pthread_mutex_unlock(&s->lock);
     return had;
+}
+
+bool ah_state_take_event(ah_state_t *s, ah_event_t *ev)
+{
+    if (!atomic_load_explicit(&s->has_event, memory_order_acquire)) {
+        return false; /* only the worker clears it, so "false" cannot go stale to "true" unseen */
+    }
+    return take_event_locked(s, ev);
 }
 
 /* Records ev as applied. Lock held. */
@@ -841,9 +848,14 @@ void ah_state_call_end(ah_state_t *s)
 
 void ah_state_count_batch(ah_state_t *s, bool ok)
 {
-    atomic_fetch_add_explicit(&s->batches, 1, memory_order_relaxed);
+    /* The worker is the only writer: a load and a store, not a locked read-modify-write (a
+     * `lock xadd` per batch measured at about 5 ns, a tenth of an empty batch). */
+    atomic_store_explicit(&s->batches, atomic_load_explicit(&s->batches, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
     if (!ok) {
-        atomic_fetch_add_explicit(&s->batch_errors, 1, memory_order_relaxed);
+        atomic_store_explicit(&s->batch_errors,
+                              atomic_load_explicit(&s->batch_errors, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
     }
 }
 

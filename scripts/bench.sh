@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh                 all sections
 #   scripts/bench.sh idle rps        only the named sections (batch idle rps startup probes
-#                                    mongo lua_mongo http drain)
+#                                    mongo lua_mongo fleet http drain jit)
 #
 # Environment: BUILD_DIR (default build; built with scripts/build.sh unless BENCH_NO_BUILD=1),
 # BASELINE_AGENTHOST (another build's binary: idle and startup measure it too, in the same run),
@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECTIONS=(batch idle rps startup probes mongo lua_mongo fleet http drain)
+SECTIONS=(batch idle rps startup probes mongo lua_mongo fleet http drain jit)
 BUILD_DIR=${BUILD_DIR:-build}
 AGENTHOST=${AGENTHOST:-$BUILD_DIR/agenthost}
 BENCH_BATCH=${BENCH_BATCH:-$BUILD_DIR/tests/bench/bench_batch}
@@ -364,6 +364,46 @@ section_http() {
     bratio=$(echo "$out" | sed -n 's/^RESULT.* ratio=\([0-9.]*\).*/\1/p')
     echo "http: empty batch (a coroutine per call) $host ns vs raw lua_pcall $raw ns," \
         "ratio ${bratio}x (target <= 2.5x) $(verdict fcmp "$bratio <= 2.5")"
+}
+
+section_jit() {
+    # What LUA_MEMORY_LIMIT costs CPU-heavy Lua (the limit turns the JIT compiler off): the CPU
+    # time of tests/bench/jit_cost.lua's four kernels without and with a limit, 3 runs of each in
+    # turn, medians. No target: the number is written next to the setting (docs/LUA.md).
+    local run mode line kernel ms jit_state bad=0
+    declare -A cpu
+    for run in 1 2 3; do
+        for mode in 0 256m; do
+            if ! start_agent_env "jit_${run}_${mode}" "$ROOT/tests/bench/jit_cost.lua" \
+                "LUA_MEMORY_LIMIT=$mode" BATCH_TIMEOUT=300; then
+                die_section "jit" "agenthost did not become ready"
+                return
+            fi
+            if ! line=$(wait_log "$TMP/jit_${run}_${mode}/agent.log" "JITBENCH done" 120); then
+                stop_pid "$AGENT_PID"
+                die_section "jit" "the agent printed no JITBENCH done line"
+                return
+            fi
+            stop_pid "$AGENT_PID"
+            jit_state=$(echo "$line" | sed -n 's/.*jit=\([a-z]*\).*/\1/p')
+            [[ $mode == 0 && $jit_state != true ]] && bad=1
+            [[ $mode != 0 && $jit_state != false ]] && bad=1
+            while read -r kernel ms; do
+                cpu[$kernel.$mode]+="$ms "
+            done < <(sed -n 's/.*JITBENCH kernel=\([a-z]*\) cpu_ms=\([0-9.]*\).*/\1 \2/p' \
+                "$TMP/jit_${run}_${mode}/agent.log")
+        done
+    done
+    local summary="" on off
+    for kernel in numeric string table json; do
+        on=$(echo "${cpu[$kernel.0]}" | tr ' ' '\n' | sed '/^$/d' | sort -n | sed -n 2p)
+        off=$(echo "${cpu[$kernel.256m]}" | tr ' ' '\n' | sed '/^$/d' | sort -n | sed -n 2p)
+        echo "  jit $kernel: JIT on ${on} ms CPU, LUA_MEMORY_LIMIT=256m (JIT off) ${off} ms CPU"
+        summary+=" $kernel $(awk -v a="$off" -v b="$on" 'BEGIN { printf "%.1fx", a / b }'),"
+    done
+    echo "jit: CPU time with LUA_MEMORY_LIMIT (JIT off) vs without:${summary%,}" \
+        "(no target; check: the JIT was on without a limit and off with one)" \
+        "$(verdict test "$bad" = 0)"
 }
 
 section_startup() {

@@ -491,29 +491,49 @@
     return token;
   }
 
-  /* The number of agents a shutdown stops, or null when the fleet is not known. */
-  function agentsToStop() {
-    const f = view.fleet;
-    if (!f || !f.summary) return null;
-    const states = f.summary.states || {};
-    return (f.summary.total || 0) - (states.stopped || 0);
+  /* The fleet a shutdown stops: the last /api/cluster/agents body, or for a scoped shutdown
+   * the agents its selector matches (read now: the agent matches labels as the command will).
+   * { summary } | { summary: null } when the fleet is not known | { error } (a bad selector). */
+  async function fleetToStop(selector) {
+    if (!selector) {
+      return { summary: view.fleet && view.fleet.summary ? view.fleet.summary : null };
+    }
+    if (view.fleetMissing) {
+      return { summary: null };
+    }
+    const r = await api('GET', '/api/cluster/agents?selector=' + encodeURIComponent(selector));
+    if (r.status === 400) {
+      return { error: r.error };
+    }
+    return { summary: r.status === 200 && r.body && r.body.summary ? r.body.summary : null };
   }
 
-  async function confirmShutdown() {
-    const n = agentsToStop();
+  /* Asks before a shutdown, naming how many agents stop; false when the operator cancelled or
+   * the selector is malformed (the error is shown, nothing is sent). */
+  async function confirmShutdown(selector) {
+    const fleet = await fleetToStop(selector);
+    if (fleet.error) {
+      showError('Shutdown not sent: ' + fleet.error + '.');
+      $('selector').focus();
+      return false;
+    }
+    const summary = fleet.summary;
     const ok = $('confirm-ok');
-    if (n === null) {
+    const who = selector ? ' matching ' + selector : '';
+    if (summary === null) {
       setText($('confirm-message'),
-              'Every agent watching this control store will stop (this agent cannot list ' +
-              'them). Agents do not restart by themselves.');
-      setText(ok, 'Shut down all agents');
+              (selector ? 'Every agent matching ' + selector : 'Every agent') +
+              ' watching this control store will stop (this agent cannot list them). Agents ' +
+              'do not restart by themselves.');
+      setText(ok, selector ? 'Shut down agents' + who : 'Shut down all agents');
     } else {
-      const stale = view.fleet.summary.stale || 0;
+      const n = (summary.total || 0) - ((summary.states || {}).stopped || 0);
+      const stale = summary.stale || 0;
       setText($('confirm-message'),
-              n + (n === 1 ? ' agent' : ' agents') + ' will stop' +
+              n + (n === 1 ? ' agent' : ' agents') + who + ' will stop' +
               (stale ? ' (' + stale + ' of them stale: not heard from lately, maybe gone)' : '') +
               '. Agents do not restart by themselves.');
-      setText(ok, 'Shut down ' + n + (n === 1 ? ' agent' : ' agents'));
+      setText(ok, 'Shut down ' + n + (n === 1 ? ' agent' : ' agents') + who);
     }
     return ask($('confirm-dialog'));
   }
@@ -644,7 +664,7 @@
       params.set('if_version', String(control.version));
     }
     params.set('wait', String(WAIT_S));
-    if (command === 'shutdown' && !(await confirmShutdown())) {
+    if (command === 'shutdown' && !(await confirmShutdown(selector))) {
       return;
     }
     setBusy(true);

@@ -3,13 +3,14 @@
  * `return {batch=function() return 0 end}`. The raw loop is what any embedder must do at least:
  * lua_rawgeti(ref) + lua_pcall with a traceback handler. The host loop is the Lua worker's
  * per-batch work from worker_main() in core/ah_host.c, with the real ah_state_t and ah_lua_t:
- * ah_state_take_event, ah_state_get, ah_lua_batch, ah_state_count_batch and the items/backoff
- * bookkeeping, without the idle wait the real worker then sleeps (a 0-item batch makes it wait
- * 0.1-1 s on purpose; that wait is not overhead). Each side runs N calls per repetition, raw and
- * host interleaved, and reports the median of the repetitions in ns per call. Breakdown lines
- * time ah_lua_batch alone and the worker's three state calls alone, and a "lean" loop: not the
- * host, a prototype of the same work done as docs/BENCHMARKS.md suggests (functions and the ctx
- * key kept on fixed stack slots, one coarse clock read, relaxed atomics instead of locks).
+ * ah_state_take_event, ah_state_get, ah_state_take_reload, ah_lua_run_schedule (agent.every),
+ * ah_lua_batch, ah_state_count_batch and the items/backoff bookkeeping, without the idle wait the
+ * real worker then sleeps (a 0-item batch makes it wait 0.1-1 s on purpose; that wait is not
+ * overhead). Each side runs N calls per repetition, raw and host interleaved, and reports the
+ * median of the repetitions in ns per call. Breakdown lines time ah_lua_batch alone and the
+ * worker's four state calls alone, and a "lean" loop: not the host, a prototype of the same work
+ * done as docs/BENCHMARKS.md suggests (functions and the ctx key kept on fixed stack slots, one
+ * coarse clock read, relaxed atomics instead of locks).
  *
  * usage: bench_batch [N [REPS]]     (default 2000000 5)
  * output: human lines, then one line "RESULT raw_ns=.. host_ns=.. ratio=.." for scripts. */
@@ -183,8 +184,13 @@ static int host_loop(host_t *h, long n, double *sink)
             return -1;
         }
         ah_run_state_t st = ah_state_get(h->state);
-        if (st != AH_STATE_RUNNING) {
-            fprintf(stderr, "host: unexpected state %s\n", ah_run_state_name(st));
+        if (st != AH_STATE_RUNNING || ah_state_take_reload(h->state) != 0) {
+            fprintf(stderr, "host: unexpected state %s or reload\n", ah_run_state_name(st));
+            return -1;
+        }
+        double next_schedule = -1;
+        if (ah_lua_run_schedule(h->lua, &next_schedule, err, sizeof(err)) != 0) {
+            fprintf(stderr, "host: unexpected schedule: %s\n", err);
             return -1;
         }
         long long items = 0;
@@ -202,6 +208,9 @@ static int host_loop(host_t *h, long n, double *sink)
         }
         /* The real worker calls ah_state_wait(h->state, idle_wait) here. */
         idle_wait = idle_wait * 2 > IDLE_BACKOFF_MAX ? IDLE_BACKOFF_MAX : idle_wait * 2;
+        if (next_schedule >= 0 && next_schedule < idle_wait) {
+            idle_wait = next_schedule;
+        }
     }
     *sink += (double)total + idle_wait + error_wait;
     return 0;
@@ -224,7 +233,7 @@ static int lua_only_loop(host_t *h, long n, double *sink)
     return 0;
 }
 
-/* Breakdown: the worker's three state calls alone. */
+/* Breakdown: the worker's four state calls alone. */
 static int state_only_loop(host_t *h, long n, double *sink)
 {
     long total = 0;
@@ -232,6 +241,7 @@ static int state_only_loop(host_t *h, long n, double *sink)
         ah_event_t ev;
         total += ah_state_take_event(h->state, &ev);
         total += ah_state_get(h->state);
+        total += (long)ah_state_take_reload(h->state);
         ah_state_count_batch(h->state, true);
     }
     *sink += (double)total;
@@ -403,7 +413,7 @@ int main(int argc, char **argv)
     printf("raw lua_pcall:             %8.1f ns/call\n", raw_med);
     printf("host batch (worker path):  %8.1f ns/call\n", host_med);
     printf("  ah_lua_batch alone:      %8.1f ns/call\n", lua_med);
-    printf("  3 ah_state calls alone:  %8.1f ns/call\n", state_med);
+    printf("  4 ah_state calls alone:  %8.1f ns/call\n", state_med);
     printf("lean prototype (not host): %8.1f ns/call\n", lean_med);
     printf("RESULT raw_ns=%.1f host_ns=%.1f ratio=%.2f lua_batch_ns=%.1f state_ns=%.1f "
            "lean_ns=%.1f sink=%.0f\n",

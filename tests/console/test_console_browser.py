@@ -5,7 +5,7 @@ from urllib.parse import quote
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from console_harness import WORKER, agent_env, start_agents, wait_for
+from console_harness import start_agents, start_labelled_agents, wait_for
 
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
 
@@ -150,6 +150,47 @@ def test_shutdown_asks_for_confirmation_first(fleet, state_file, page):
         assert a.wait_exit(timeout=20) == 0
 
 
+def test_a_scoped_shutdown_confirms_the_count_of_the_matching_agents(fleet, state_file, page):
+    agents = start_labelled_agents(fleet, state_file, ["region=eu", "region=eu,role=api",
+                                                       "region=us"])
+    page.open(agents[2])
+    page.wait_text("fleet-rows", lambda t: "region=us" in t and t.count("region=eu") == 2)
+    # a malformed selector: said on the page, no dialog, nothing sent
+    page.el("selector").send_keys("region in (eu")
+    page.act("shutdown-button")
+    page.wait_text("error", lambda t: "Shutdown not sent" in t and "selector" in t)
+    assert not page.dialog_open("confirm-dialog")
+    page.el("selector").clear()
+    # the scope counts the 2 agents it matches, not the fleet's 3
+    page.el("selector").send_keys("region=eu")
+    page.act("shutdown-button")
+    wait_for(lambda: page.dialog_open("confirm-dialog"), 5, message="confirmation")
+    message = page.text("confirm-message")
+    assert message.startswith("2 agents matching region=eu will stop."), message
+    assert page.text("confirm-ok") == "Shut down 2 agents matching region=eu"
+    page.el("confirm-cancel").click()
+    assert not page.dialog_open("confirm-dialog")
+    assert agents[2].get("/api/cluster/scopes").json()["count"] == 0
+    # one agent matched: the count follows the selector
+    page.el("selector").clear()
+    page.el("selector").send_keys("region=us")
+    page.act("shutdown-button")
+    wait_for(lambda: page.dialog_open("confirm-dialog"), 5, message="confirmation")
+    assert page.text("confirm-message").startswith("1 agent matching region=us will stop."), \
+        page.text("confirm-message")
+    page.el("confirm-cancel").click()
+    # confirmed: exactly the matching agents stop
+    page.el("selector").clear()
+    page.el("selector").send_keys("role=api")
+    page.act("shutdown-button")
+    wait_for(lambda: page.dialog_open("confirm-dialog"), 5, message="confirmation")
+    assert page.text("confirm-ok") == "Shut down 1 agent matching role=api"
+    page.el("confirm-ok").click()
+    assert agents[1].wait_exit(timeout=20) == 0
+    assert [a.state()["state"] for a in (agents[0], agents[2])] == ["running", "running"]
+    assert page.browser_errors(allow=["status of 400"]) == []
+
+
 def test_keyboard_only_pause_and_a_narrow_window(fleet, state_file, page):
     agents = start_agents(fleet, state_file, 1)
     d = page.driver
@@ -200,11 +241,8 @@ def test_history_is_paged(fleet, state_file, page):
 
 
 def test_scoped_pause_from_the_page_and_its_resume_button(fleet, state_file, page):
-    agents = [fleet.start(WORKER, env=agent_env(state_file, AGENT_LABELS=labels),
-                          name=f"agent-{i + 1}")
-              for i, labels in enumerate(["region=eu", "region=eu,role=api", "region=us"])]
-    for a in agents:
-        a.wait_state("running", timeout=15)
+    agents = start_labelled_agents(fleet, state_file, ["region=eu", "region=eu,role=api",
+                                                       "region=us"])
     page.open(agents[2])
     page.wait_text("fleet-rows", lambda t: "region=us" in t and t.count("region=eu") == 2)
     page.wait_text("scopes-summary", lambda t: t.startswith("No scopes"))

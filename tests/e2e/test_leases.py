@@ -391,3 +391,61 @@ end }
     assert oks == [True, False, True], ev
     assert "11000" in ev["results"][1]["err"] or "duplicate" in ev["results"][1]["err"].lower()
     assert ev["body"] == "next holder" and ev["token"] == 6
+
+
+HANDOVER = """
+local agent = require "agent"
+local json = agent.json
+local events_file = assert(agent.env("EVENTS_FILE"))
+local hold = tonumber(agent.env("HOLD", "0"))
+local lease = agent.lease("handover", {ttl = 60})
+local function record(rec)
+    rec.t, rec.agent = agent.now(), agent.id
+    local f = assert(io.open(events_file, "a"))
+    f:write(json.encode(rec), "\\n")
+    f:close()
+end
+local done = false
+return { batch = function()
+    if done then
+        agent.sleep(0.2)
+        return 0
+    end
+    done = true
+    record({ev = "waiting"})
+    local ok, msg, code = lease:acquire()
+    record({ev = "acquired", ok = ok, msg = msg, code = code, token = lease.token})
+    if hold > 0 then
+        agent.sleep(hold)
+        lease:release()
+        record({ev = "released"})
+    end
+    return 1
+end }
+"""
+
+
+def test_a_waiting_acquire_gets_the_lease_soon_after_the_holder_releases_it(fleet, tmp_path,
+                                                                           store_env):
+    """lease:acquire waits on the keeper's in-memory view (read every 20 ms, docs/LUA.md) while
+    the keeper retries the store at most every second: a release by the holder hands the lease to
+    the waiting agent within seconds, long before its 60 s ttl would have."""
+    path = tmp_path / "handover.lua"
+    path.write_text(HANDOVER)
+    events = tmp_path / "events.jsonl"
+    env = dict(BATCH_TIMEOUT="120")
+    fleet.start(str(path), env=store_env(events, HOLD="8", **env), name="first")
+    wait_events(str(events), lambda ev: [e for e in ev if e["ev"] == "acquired"], timeout=20,
+                message="the first agent holds the lease")
+    fleet.start(str(path), env=store_env(events, **env), name="second")
+    ev = wait_events(str(events), lambda ev: [e for e in ev if e["ev"] == "acquired" and
+                                              e["agent"] == "second"],
+                     timeout=30, message="the second agent's acquire returns")
+    got = {e["agent"]: e for e in ev if e["ev"] == "acquired"}
+    released = next(e for e in ev if e["ev"] == "released")
+    waiting = next(e for e in ev if e["ev"] == "waiting" and e["agent"] == "second")
+    assert got["first"]["ok"] is True and got["second"]["ok"] is True, got
+    assert waiting["t"] < released["t"], "the second agent waited while the first held it"
+    assert got["second"]["t"] >= released["t"]
+    assert got["second"]["t"] - released["t"] < 15, "handed over by the release, not the ttl"
+    assert got["second"]["token"] == got["first"]["token"] + 1

@@ -546,6 +546,33 @@ static void test_failing_function_cancels_its_tasks_then_reports(void **unused)
     ah_lua_close(lua);
 }
 
+static void test_batch_results_and_ctx_survive_waits_failures_and_hooks(void **unused)
+{
+    /* The batch's function and ctx are kept on the main coroutine between calls: its results
+     * must be the batch's own after waits, after a failed call (a new coroutine) and hooks. */
+    ah_lua_t *lua = open_ok(FIXTURE("tasks.lua"), NULL, 30);
+    char err[AH_ERRLEN] = "";
+    long long items = -1;
+    ah_event_t ev = {.command = AH_CMD_PAUSE, .source = AH_SOURCE_LOCAL};
+    setenv("AH_TEST_TASKS", "plain_results", 1);
+    assert_int_equal(batch_ok(lua), 0); /* returned nothing */
+    assert_int_equal(batch_ok(lua), 0); /* nil */
+    assert_int_equal(batch_ok(lua), 6); /* 6, 7: the first counts */
+    setenv("AH_TEST_TASKS", "result_after_waits", 1);
+    assert_int_equal(batch_ok(lua), 41);
+    assert_int_equal(ah_lua_hook(lua, AH_HOOK_PAUSE, &ev, err, sizeof(err)), AH_OK);
+    assert_int_equal(batch_ok(lua), 42);
+    setenv("AH_TEST_TASKS", "main_fails", 1);
+    assert_int_equal(ah_lua_batch(lua, &items, err, sizeof(err)), AH_ELUA);
+    assert_int_equal(items, 0);
+    assert_int_equal(ah_lua_hook(lua, AH_HOOK_PAUSE, &ev, err, sizeof(err)), AH_OK);
+    setenv("AH_TEST_TASKS", "result_after_waits", 1);
+    assert_int_equal(batch_ok(lua), 43);
+    setenv("AH_TEST_TASKS", "plain_results", 1);
+    assert_int_equal(batch_ok(lua), 6);
+    ah_lua_close(lua);
+}
+
 static void test_many_calls_keep_the_stack_balanced(void **unused)
 {
     /* Debug builds assert lua_gettop before == after in every call; a leak of one slot per call
@@ -592,6 +619,7 @@ int main(void)
         cmocka_unit_test(test_tasks_waiting_for_each_other_are_cancelled),
         cmocka_unit_test(test_waiting_in_a_script_coroutine_raises),
         cmocka_unit_test(test_failing_function_cancels_its_tasks_then_reports),
+        cmocka_unit_test(test_batch_results_and_ctx_survive_waits_failures_and_hooks),
         cmocka_unit_test(test_many_calls_keep_the_stack_balanced),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

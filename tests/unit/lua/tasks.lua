@@ -61,8 +61,33 @@ function scenarios.after_main_fails()
     return _G.cancelled_code == "cancelled" and 1 or 0
 end
 
+-- The call's result around everything that leaves the plain path: the function yields to the
+-- other tasks, sleeps, and returns while a task it spawned still sleeps (the call waits for it).
+-- ctx is the same table on every call, so a field set in one persists: returns 40 + calls.
+function scenarios.result_after_waits(ctx)
+    ctx.calls = (ctx.calls or 0) + 1
+    coroutine.yield()
+    agent.sleep(0)
+    agent.spawn(function() agent.sleep(0.05) end)
+    return 40 + ctx.calls
+end
+
+-- Returns the number of results and the first one of nothing, nil and two values, in turn.
+function scenarios.plain_results(ctx)
+    ctx.plain = (ctx.plain or 0) + 1
+    if ctx.plain == 1 then
+        return
+    elseif ctx.plain == 2 then
+        return nil
+    end
+    return 6, 7
+end
+
 return {
-    batch = function()
-        return scenarios[agent.env("AH_TEST_TASKS", "concurrent")]()
+    batch = function(ctx)
+        return scenarios[agent.env("AH_TEST_TASKS", "concurrent")](ctx)
+    end,
+    on_pause = function(ev)
+        return 99 -- a hook's results are dropped; the next batch's are its own
     end,
 }
