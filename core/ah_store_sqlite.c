@@ -5,7 +5,11 @@
  * thread under api_lock, and the watcher's own connection, owned by the watcher thread, which
  * polls the cheap `PRAGMA data_version` (it only changes for commits made through *other*
  * connections, which is why the watcher cannot share the API connection). The agents' status
- * records (table agent_status) live in the same file and go through the API connection.
+ * records (table agent_status) live in a file of their own next to it, "<path>-agents", on a
+ * third connection (the status connection, under status_lock): after a command every agent
+ * writes its record at once, and those writes then queue on that file's write lock alone, not on
+ * the commands' lock, and do not change the control file, whose watchers would otherwise re-read
+ * the control document after every one of them.
  *
  * Error mapping: the file cannot be opened or stays locked past the busy timeout and retries →
  * AH_EUNAVAIL (nothing written); any other SQLite failure → AH_EIO. Messages include
@@ -21,6 +25,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <sqlite3.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,7 +33,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#define AH_SQLITE_STATUS_SUFFIX "-agents" /* the status records' file: the path + this */
 #define AH_SQLITE_BUSY_TIMEOUT_MS 5000
+#define AH_SQLITE_BUSY_FIRST_MS 1.0         /* busy handler: the first sleep (before jitter) */
+#define AH_SQLITE_BUSY_CAP_MS 10.0          /* busy handler: the longest sleep (before jitter) */
 #define AH_SQLITE_TXN_ATTEMPTS 4            /* whole-transaction attempts on SQLITE_BUSY */
 #define AH_SQLITE_OPEN_BUSY_MS 200          /* open: lock wait before deferring the connection */
 #define AH_SQLITE_WATCH_BUSY_MS 250         /* watcher: lock wait per (re)connection attempt */
@@ -42,8 +50,12 @@ typedef struct ah_sqlite_store_s {
     char *path;
     double poll_interval;
 
-    pthread_mutex_t api_lock; /* guards api_db and its error message, last_sweep_us */
+    pthread_mutex_t api_lock; /* guards api_db and its error message */
     sqlite3 *api_db;
+
+    char *status_path;           /* "<path>-agents": the status records */
+    pthread_mutex_t status_lock; /* guards status_db and its error message, last_sweep_us */
+    sqlite3 *status_db;          /* NULL until the first status call opens it */
     int64_t last_sweep_us; /* monotonic time of the last sweep of old status records, 0: none */
 
     pthread_mutex_t watch_lock; /* guards stopping; watch_cond wakes the watcher early */
@@ -66,13 +78,6 @@ static const char ah_sqlite_schema[] =
     " version INTEGER PRIMARY KEY, command TEXT NOT NULL, timestamp_us INTEGER NOT NULL,"
     " reason TEXT NOT NULL, updated_by TEXT NOT NULL, agent_id TEXT NOT NULL,"
     " drain_ms INTEGER NOT NULL DEFAULT 0);"
-    "CREATE TABLE IF NOT EXISTS agent_status ("
-    " agent_id TEXT PRIMARY KEY, state TEXT NOT NULL, applied_version INTEGER NOT NULL,"
-    " watch_mode TEXT NOT NULL, last_seen_us INTEGER NOT NULL, started_us INTEGER NOT NULL,"
-    " host TEXT NOT NULL, pid INTEGER NOT NULL, agenthost_version TEXT NOT NULL,"
-    " batches INTEGER NOT NULL, errors INTEGER NOT NULL,"
-    " labels TEXT NOT NULL DEFAULT '', scope_acks TEXT NOT NULL DEFAULT '',"
-    " leases TEXT NOT NULL DEFAULT '');"
     "CREATE TABLE IF NOT EXISTS scope_audit ("
     " seq INTEGER PRIMARY KEY AUTOINCREMENT, selector TEXT NOT NULL, version INTEGER NOT NULL,"
     " command TEXT NOT NULL, timestamp_us INTEGER NOT NULL, reason TEXT NOT NULL,"
@@ -86,6 +91,17 @@ static const char ah_sqlite_schema[] =
  * probes, the initial document). A file of a build before it reads 0 and is set up once more,
  * which brings it up to date. A change of the schema or of ah_sqlite_added_columns bumps it. */
 #define AH_SQLITE_SCHEMA_VERSION 1
+
+/* The status records' file ("<path>-agents"). A file made by an older build also has an
+ * agent_status table in the control file: no longer read or written. */
+static const char ah_sqlite_status_schema[] =
+    "CREATE TABLE IF NOT EXISTS agent_status ("
+    " agent_id TEXT PRIMARY KEY, state TEXT NOT NULL, applied_version INTEGER NOT NULL,"
+    " watch_mode TEXT NOT NULL, last_seen_us INTEGER NOT NULL, started_us INTEGER NOT NULL,"
+    " host TEXT NOT NULL, pid INTEGER NOT NULL, agenthost_version TEXT NOT NULL,"
+    " batches INTEGER NOT NULL, errors INTEGER NOT NULL,"
+    " labels TEXT NOT NULL DEFAULT '', scope_acks TEXT NOT NULL DEFAULT '',"
+    " leases TEXT NOT NULL DEFAULT '');";
 
 /* The file's clock in ms since the epoch: SQLite evaluates 'now' once per statement, so every
  * use in one statement sees the same instant. */
@@ -131,12 +147,6 @@ static const struct {
      "ALTER TABLE audit ADD COLUMN drain_ms INTEGER NOT NULL DEFAULT 0"},
     {"SELECT selector FROM control LIMIT 0",
      "ALTER TABLE control ADD COLUMN selector TEXT NOT NULL DEFAULT ''"},
-    {"SELECT labels FROM agent_status LIMIT 0",
-     "ALTER TABLE agent_status ADD COLUMN labels TEXT NOT NULL DEFAULT ''"},
-    {"SELECT scope_acks FROM agent_status LIMIT 0",
-     "ALTER TABLE agent_status ADD COLUMN scope_acks TEXT NOT NULL DEFAULT ''"},
-    {"SELECT leases FROM agent_status LIMIT 0",
-     "ALTER TABLE agent_status ADD COLUMN leases TEXT NOT NULL DEFAULT ''"},
 };
 
 static const char ah_sqlite_put_status[] =
@@ -206,6 +216,76 @@ static void sqlite_error(char *err, size_t errlen, const ah_sqlite_store_t *st, 
 {
     snprintf(err, errlen, "embedded store '%s': %s: %s", st->path, what,
              db != NULL ? sqlite3_errmsg(db) : "out of memory");
+}
+
+/* The busy handler of every connection (arg: the lock wait allowed, in ms, as an intptr_t),
+ * called by SQLite on the thread that is waiting when another connection holds the lock this one
+ * needs; `count` is 0 at the first call of each wait. Returns 1 after sleeping (try again) or 0
+ * once the wait is over (the call fails with SQLITE_BUSY).
+ *
+ * SQLite's own handler (sqlite3_busy_timeout) sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50,
+ * then 100 ms between attempts, the same steps for every waiter. After a command every agent of
+ * a fleet writes its status record within a fraction of a second; with hundreds of them on one
+ * file most waiters are soon in their 100 ms sleeps, in step, while the lock is free: the last
+ * of k waiters each polling every 100 ms leave it idle for about 100 ms * (1/k + ... + 1/1), 0.6 s
+ * for 300 agents. Here the sleeps double from 1 ms to 10 ms and each is drawn at random between
+ * half and one and a half of its step, so waiters spread out and the lock changes hands within
+ * about 10 ms / (waiters left); the wait is bounded by the clock, not by a count. A failed
+ * attempt costs a few fcntl() calls; at 10 ms per waiter that is 30,000 calls a second for 300
+ * waiters, for as long as the queue lasts. */
+static int sqlite_busy_wait(void *arg, int count)
+{
+    static _Thread_local int64_t wait_started_us;
+    static _Thread_local unsigned int seed;
+    int64_t limit_us = (int64_t)(intptr_t)arg * 1000;
+    int64_t now_us = ah_mono_us();
+
+    if (count == 0) {
+        wait_started_us = now_us;
+        if (seed == 0) {
+            seed = (unsigned int)now_us ^ (unsigned int)(uintptr_t)&wait_started_us ^ 1u;
+        }
+    }
+    int64_t left_us = wait_started_us + limit_us - now_us;
+    if (left_us <= 0) {
+        return 0;
+    }
+    double step_ms = AH_SQLITE_BUSY_FIRST_MS * (double)(1 << (count < 8 ? count : 8));
+    if (step_ms > AH_SQLITE_BUSY_CAP_MS) {
+        step_ms = AH_SQLITE_BUSY_CAP_MS;
+    }
+    double sleep_s = step_ms * ah_jitter(&seed, 0.5, 1.5) / 1000.0;
+    if (sleep_s > (double)left_us / 1e6) {
+        sleep_s = (double)left_us / 1e6;
+    }
+    ah_sleep(sleep_s);
+    return 1;
+}
+
+/* Sets db's lock wait to `ms` through sqlite_busy_wait (0: fail at once). */
+static void sqlite_set_busy_wait(sqlite3 *db, int ms)
+{
+    sqlite3_busy_handler(db, ms > 0 ? sqlite_busy_wait : NULL, (void *)(intptr_t)ms);
+}
+
+/* For a call on db that failed with rc: writes err as sqlite_error and returns what the failure
+ * maps to, AH_EUNAVAIL when another connection holds the lock, else AH_EIO. */
+static int sqlite_failed(const ah_sqlite_store_t *st, sqlite3 *db, int rc, const char *what,
+                         char *err, size_t errlen)
+{
+    sqlite_error(err, errlen, st, db, what);
+    return sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+}
+
+/* Prepares sql on db into *stmt. 0, or AH_EUNAVAIL/AH_EIO with err set ("<what>: ...") and
+ * *stmt NULL. */
+static int sqlite_prepare(const ah_sqlite_store_t *st, sqlite3 *db, const char *sql,
+                          const char *what, sqlite3_stmt **stmt, char *err, size_t errlen)
+{
+    if (sqlite3_prepare_v2(db, sql, -1, stmt, NULL) != SQLITE_OK) {
+        return sqlite_failed(st, db, sqlite3_errcode(db), what, err, errlen);
+    }
+    return 0;
 }
 
 /* Rolls back whatever transaction db has open; harmless when none is. */
@@ -307,7 +387,7 @@ static int sqlite_connect(const ah_sqlite_store_t *st, int busy_ms, int attempts
         ret = AH_EUNAVAIL;
         goto cleanup;
     }
-    sqlite3_busy_timeout(db, busy_ms);
+    sqlite_set_busy_wait(db, busy_ms);
 
     /* Several agents may open a fresh file at once: the journal-mode switch and the schema can
      * meet a lock that the busy handler does not wait for, so the setup is retried. */
@@ -357,6 +437,57 @@ static int sqlite_connect(const ah_sqlite_store_t *st, int busy_ms, int attempts
 
     if (created != NULL) {
         *created = unsynced;
+    }
+    *out = db;
+    db = NULL;
+    ret = 0;
+cleanup:
+    sqlite3_close_v2(db); /* NULL is a no-op */
+    return ret;
+}
+
+/* Opens a connection to the status records' file (st->status_path), creating it and its table
+ * when missing, waiting up to busy_ms for another connection's lock, `attempts` times. 0 and
+ * *out, or AH_EUNAVAIL/AH_EIO with err set (*out NULL). */
+static int sqlite_connect_status(const ah_sqlite_store_t *st, int busy_ms, int attempts,
+                                 sqlite3 **out, char *err, size_t errlen)
+{
+    sqlite3 *db = NULL;
+    int ret = AH_EIO;
+    int rc =
+        sqlite3_open_v2(st->status_path, &db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_CREATE, NULL);
+
+    *out = NULL;
+    if (rc != SQLITE_OK) {
+        sqlite_error(err, errlen, st, db, "cannot open the status records' file");
+        ret = AH_EUNAVAIL;
+        goto cleanup;
+    }
+    sqlite_set_busy_wait(db, busy_ms);
+    /* The setup is not synced (a new file's journal-mode switch and table would cost several
+     * fsyncs): the records are rewritten by every heartbeat, and the file by the first write
+     * after a crash that left it empty. Later writes are synced as the control file's. */
+    for (int attempt = 1;; attempt++) {
+        rc = sqlite3_exec(db,
+                          "PRAGMA synchronous = OFF; PRAGMA journal_mode = WAL;"
+                          " PRAGMA foreign_keys = OFF;",
+                          NULL, NULL, NULL);
+        if (rc == SQLITE_OK) {
+            rc = sqlite3_exec(db, ah_sqlite_status_schema, NULL, NULL, NULL);
+        }
+        if (rc == SQLITE_OK) {
+            rc = sqlite3_exec(db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
+        }
+        if (rc == SQLITE_OK) {
+            break;
+        }
+        rc = sqlite3_extended_errcode(db);
+        ret = sqlite_failed(st, db, rc, "cannot set up the status records' file", err, errlen);
+        if (!sqlite_is_busy(rc) || attempt >= attempts) {
+            goto cleanup;
+        }
+        ah_sleep(0.05 * attempt);
     }
     *out = db;
     db = NULL;
@@ -440,11 +571,11 @@ static int control_select_id(const ah_sqlite_store_t *st, sqlite3 *db, const cha
     if (missing != NULL) {
         *missing = false;
     }
-    if (sqlite3_prepare_v2(db, ah_sqlite_select_control, -1, &stmt, NULL) != SQLITE_OK) {
-        sqlite_error(err, errlen, st, db, "read failed");
-        ret = sqlite_is_busy(sqlite3_errcode(db)) ? AH_EUNAVAIL : AH_EIO;
+    if ((ret = sqlite_prepare(st, db, ah_sqlite_select_control, "read failed", &stmt, err,
+                              errlen)) != 0) {
         goto cleanup;
     }
+    ret = AH_EIO;
     sqlite3_bind_text(stmt, 1, id, -1, SQLITE_STATIC);
     rc = sqlite3_step(stmt);
     if (rc == SQLITE_DONE) {
@@ -456,8 +587,7 @@ static int control_select_id(const ah_sqlite_store_t *st, sqlite3 *db, const cha
         goto cleanup;
     }
     if (rc != SQLITE_ROW) {
-        sqlite_error(err, errlen, st, db, "read failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, db, rc, "read failed", err, errlen);
         goto cleanup;
     }
     control_from_row(stmt, false, out);
@@ -493,9 +623,8 @@ static int scopes_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t 
 
     *out = NULL;
     *count = 0;
-    if (sqlite3_prepare_v2(db, ah_sqlite_select_scopes, -1, &stmt, NULL) != SQLITE_OK) {
-        sqlite_error(err, errlen, st, db, "scope read failed");
-        ret = sqlite_is_busy(sqlite3_errcode(db)) ? AH_EUNAVAIL : AH_EIO;
+    if ((ret = sqlite_prepare(st, db, ah_sqlite_select_scopes, "scope read failed", &stmt, err,
+                              errlen)) != 0) {
         goto cleanup;
     }
     while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
@@ -668,6 +797,30 @@ static int api_connect_locked(ah_sqlite_store_t *st, char *err, size_t errlen)
                           NULL, err, errlen);
 }
 
+/* The status connection (status_lock held): opened by the first status call. 0, or
+ * AH_EUNAVAIL/AH_EIO with err set. */
+static int status_connect_locked(ah_sqlite_store_t *st, char *err, size_t errlen)
+{
+    if (st->status_db != NULL) {
+        return 0;
+    }
+    return sqlite_connect_status(st, AH_SQLITE_BUSY_TIMEOUT_MS, AH_SQLITE_TXN_ATTEMPTS,
+                                 &st->status_db, err, errlen);
+}
+
+/* For one call through the API connection (status: the status connection), with its lock
+ * held (api_lock / status_lock): opens the connection if needed and prepares sql on it. 0, or
+ * AH_EUNAVAIL/AH_EIO with err set ("<what>: ...") and *stmt NULL. */
+static int api_prepare_locked(ah_sqlite_store_t *st, bool status, const char *sql, const char *what,
+                              sqlite3_stmt **stmt, char *err, size_t errlen)
+{
+    int ret = status ? status_connect_locked(st, err, errlen) : api_connect_locked(st, err, errlen);
+    if (ret != 0) {
+        return ret;
+    }
+    return sqlite_prepare(st, status ? st->status_db : st->api_db, sql, what, stmt, err, errlen);
+}
+
 static int sqlite_read(ah_store_t *base, ah_control_t *out, char *err, size_t errlen)
 {
     ah_sqlite_store_t *st = (ah_sqlite_store_t *)base;
@@ -683,15 +836,14 @@ static int sqlite_read(ah_store_t *base, ah_control_t *out, char *err, size_t er
     ret = control_select(st, st->api_db, out, &missing, err, errlen);
     if (ret != 0 && missing) {
         /* Deleted behind our back: re-created like at open, at the last audited version. */
-        if (sqlite3_prepare_v2(st->api_db, ah_sqlite_insert_initial, -1, &stmt, NULL) !=
-            SQLITE_OK) {
-            sqlite_error(err, errlen, st, st->api_db, "cannot re-create control document");
+        const char *what = "cannot re-create control document";
+        if ((ret = sqlite_prepare(st, st->api_db, ah_sqlite_insert_initial, what, &stmt, err,
+                                  errlen)) != 0) {
             goto cleanup;
         }
         sqlite3_bind_int64(stmt, 1, ah_now_us());
         if (sqlite3_step(stmt) != SQLITE_DONE) {
-            sqlite_error(err, errlen, st, st->api_db, "cannot re-create control document");
-            ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;
+            ret = sqlite_failed(st, st->api_db, sqlite3_errcode(st->api_db), what, err, errlen);
             goto cleanup;
         }
         ret = control_select(st, st->api_db, out, NULL, err, errlen);
@@ -759,12 +911,8 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
 
     *count = 0;
     pthread_mutex_lock(&st->api_lock);
-    if ((ret = api_connect_locked(st, err, errlen)) != 0) {
-        goto cleanup;
-    }
-    ret = AH_EIO;
-    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_history, -1, &stmt, NULL) != SQLITE_OK) {
-        sqlite_error(err, errlen, st, st->api_db, "history failed");
+    if ((ret = api_prepare_locked(st, false, ah_sqlite_select_history, "history failed", &stmt, err,
+                                  errlen)) != 0) {
         goto cleanup;
     }
     sqlite3_bind_int(stmt, 1, limit);
@@ -774,16 +922,14 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
         n++;
     }
     if (n < limit && rc != SQLITE_DONE) {
-        sqlite_error(err, errlen, st, st->api_db, "history failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->api_db, rc, "history failed", err, errlen);
         goto cleanup;
     }
     sqlite3_finalize(stmt);
     stmt = NULL;
     /* the scope entries, merged in by timestamp */
-    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_scope_history, -1, &stmt, NULL) !=
-        SQLITE_OK) {
-        sqlite_error(err, errlen, st, st->api_db, "history failed");
+    if ((ret = sqlite_prepare(st, st->api_db, ah_sqlite_select_scope_history, "history failed",
+                              &stmt, err, errlen)) != 0) {
         goto cleanup;
     }
     sqlite3_bind_int(stmt, 1, limit);
@@ -801,8 +947,7 @@ static int sqlite_history(ah_store_t *base, int limit, ah_control_t *out, int *c
         ns++;
     }
     if (ns < limit && rc != SQLITE_DONE) {
-        sqlite_error(err, errlen, st, st->api_db, "history failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->api_db, rc, "history failed", err, errlen);
         goto cleanup;
     }
     if (ah_store_history_merge(out, &n, scopes, ns, limit) != AH_OK) {
@@ -869,9 +1014,9 @@ static int sqlite_put_status(ah_store_t *base, const ah_agent_status_t *rec, dou
     int rc = SQLITE_OK;
     int ret = 0;
 
-    pthread_mutex_lock(&st->api_lock);
-    if ((ret = api_connect_locked(st, err, errlen)) != 0) {
-        pthread_mutex_unlock(&st->api_lock);
+    pthread_mutex_lock(&st->status_lock);
+    if ((ret = status_connect_locked(st, err, errlen)) != 0) {
+        pthread_mutex_unlock(&st->status_lock);
         return ret;
     }
     int64_t now_mono = ah_mono_us();
@@ -881,19 +1026,18 @@ static int sqlite_put_status(ah_store_t *base, const ah_agent_status_t *rec, dou
         sweep_before_us = ah_now_us() - (int64_t)(ttl * 1e6);
     }
     for (int attempt = 1; attempt <= AH_SQLITE_TXN_ATTEMPTS; attempt++) {
-        rc = put_status_once(st->api_db, rec, sweep_before_us);
+        rc = put_status_once(st->status_db, rec, sweep_before_us);
         if (rc == SQLITE_OK || !sqlite_is_busy(rc)) {
             break;
         }
         ah_sleep(0.02 * attempt);
     }
     if (rc != SQLITE_OK) {
-        sqlite_error(err, errlen, st, st->api_db, "status write failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->status_db, rc, "status write failed", err, errlen);
     } else if (sweep_before_us > 0) {
         st->last_sweep_us = now_mono;
     }
-    pthread_mutex_unlock(&st->api_lock);
+    pthread_mutex_unlock(&st->status_lock);
     return ret;
 }
 
@@ -907,14 +1051,9 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
     int ret = AH_EIO;
     int rc = SQLITE_DONE;
 
-    pthread_mutex_lock(&st->api_lock);
-    if ((ret = api_connect_locked(st, err, errlen)) != 0) {
-        goto cleanup;
-    }
-    ret = AH_EIO;
-    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_select_status, -1, &stmt, NULL) != SQLITE_OK) {
-        sqlite_error(err, errlen, st, st->api_db, "status read failed");
-        ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;
+    pthread_mutex_lock(&st->status_lock);
+    if ((ret = api_prepare_locked(st, true, ah_sqlite_select_status, "status read failed", &stmt,
+                                  err, errlen)) != 0) {
         goto cleanup;
     }
     sqlite3_bind_int(stmt, 1, AH_AGENTS_MAX);
@@ -945,8 +1084,7 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
         ah_strlcpy(r->leases, leases != NULL ? (const char *)leases : "", sizeof(r->leases));
     }
     if (rc != SQLITE_DONE) {
-        sqlite_error(err, errlen, st, st->api_db, "status read failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->status_db, rc, "status read failed", err, errlen);
         goto cleanup;
     }
     *out = recs;
@@ -955,7 +1093,7 @@ static int sqlite_list_status(ah_store_t *base, ah_agent_status_t **out, int *co
     ret = 0;
 cleanup:
     sqlite3_finalize(stmt);
-    pthread_mutex_unlock(&st->api_lock);
+    pthread_mutex_unlock(&st->status_lock);
     free(recs);
     return ret;
 }
@@ -1039,8 +1177,7 @@ static int sqlite_lease(ah_store_t *base, ah_lease_op_t op, const char *name, co
         ah_sleep(0.02 * attempt);
     }
     if (rc != SQLITE_DONE) {
-        sqlite_error(err, errlen, st, st->api_db, "lease write failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->api_db, rc, "lease write failed", err, errlen);
         goto cleanup;
     }
     ah_strlcpy(out->name, name, sizeof(out->name));
@@ -1067,14 +1204,9 @@ static int sqlite_list_leases(ah_store_t *base, ah_lease_t **out, int *count, ch
     int rc = SQLITE_DONE;
 
     pthread_mutex_lock(&st->api_lock);
-    int ret = api_connect_locked(st, err, errlen);
+    int ret = api_prepare_locked(st, false, ah_sqlite_lease_list, "lease read failed", &stmt, err,
+                                 errlen);
     if (ret != 0) {
-        goto cleanup;
-    }
-    ret = AH_EIO;
-    if (sqlite3_prepare_v2(st->api_db, ah_sqlite_lease_list, -1, &stmt, NULL) != SQLITE_OK) {
-        sqlite_error(err, errlen, st, st->api_db, "lease read failed");
-        ret = sqlite_is_busy(sqlite3_errcode(st->api_db)) ? AH_EUNAVAIL : AH_EIO;
         goto cleanup;
     }
     sqlite3_bind_int(stmt, 1, AH_LEASES_MAX);
@@ -1090,8 +1222,7 @@ static int sqlite_list_leases(ah_store_t *base, ah_lease_t **out, int *count, ch
         lease_from_row(stmt, 1, r);
     }
     if (rc != SQLITE_DONE) {
-        sqlite_error(err, errlen, st, st->api_db, "lease read failed");
-        ret = sqlite_is_busy(rc) ? AH_EUNAVAIL : AH_EIO;
+        ret = sqlite_failed(st, st->api_db, rc, "lease read failed", err, errlen);
         goto cleanup;
     }
     *out = recs;
@@ -1276,10 +1407,13 @@ static void sqlite_close(ah_store_t *base)
     if (watching) {
         pthread_join(st->watcher, NULL);
     }
+    sqlite3_close_v2(st->status_db);
     sqlite3_close_v2(st->api_db);
     pthread_cond_destroy(&st->watch_cond);
     pthread_mutex_destroy(&st->watch_lock);
+    pthread_mutex_destroy(&st->status_lock);
     pthread_mutex_destroy(&st->api_lock);
+    free(st->status_path);
     free(st->path);
     free(st);
 }
@@ -1300,7 +1434,7 @@ ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *e
 {
     ah_sqlite_store_t *st = NULL;
     pthread_condattr_t cond_attr;
-    bool api_lock = false, watch_lock = false, cond_attr_init = false;
+    bool api_lock = false, status_lock = false, watch_lock = false, cond_attr_init = false;
 
     if (path == NULL || path[0] == '\0') {
         snprintf(err, errlen, "embedded store: no file path given");
@@ -1311,10 +1445,13 @@ ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *e
         return NULL;
     }
     st = calloc(1, sizeof(*st));
-    if (st == NULL || (st->path = strdup(path)) == NULL) {
+    size_t status_len = strlen(path) + sizeof(AH_SQLITE_STATUS_SUFFIX);
+    if (st == NULL || (st->path = strdup(path)) == NULL ||
+        (st->status_path = malloc(status_len)) == NULL) {
         snprintf(err, errlen, "embedded store '%s': out of memory", path);
         goto fail;
     }
+    snprintf(st->status_path, status_len, "%s" AH_SQLITE_STATUS_SUFFIX, path);
     st->base.ops = &ah_sqlite_ops;
     st->poll_interval = poll_interval;
     if (pthread_mutex_init(&st->api_lock, NULL) != 0) {
@@ -1322,6 +1459,11 @@ ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *e
         goto fail;
     }
     api_lock = true;
+    if (pthread_mutex_init(&st->status_lock, NULL) != 0) {
+        snprintf(err, errlen, "embedded store '%s': cannot create mutex", path);
+        goto fail;
+    }
+    status_lock = true;
     if (pthread_mutex_init(&st->watch_lock, NULL) != 0) {
         snprintf(err, errlen, "embedded store '%s': cannot create mutex", path);
         goto fail;
@@ -1350,7 +1492,7 @@ ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *e
         goto fail;
     }
     if (st->api_db != NULL) {
-        sqlite3_busy_timeout(st->api_db, AH_SQLITE_BUSY_TIMEOUT_MS);
+        sqlite_set_busy_wait(st->api_db, AH_SQLITE_BUSY_TIMEOUT_MS);
     }
     return &st->base;
 
@@ -1361,10 +1503,14 @@ fail:
     if (watch_lock) {
         pthread_mutex_destroy(&st->watch_lock);
     }
+    if (status_lock) {
+        pthread_mutex_destroy(&st->status_lock);
+    }
     if (api_lock) {
         pthread_mutex_destroy(&st->api_lock);
     }
     if (st != NULL) {
+        free(st->status_path);
         free(st->path);
     }
     free(st);

@@ -218,16 +218,35 @@ def hooks_line(fleet, version, sent_wall):
             f"max {max(times):.3f} s after the POST")
 
 
-def run_commands(fleet, label):
-    """COMMANDS alternating pause/resume with wait=30; returns False if the bench broke."""
+def cpu_line(fleet, server_pid, before, seconds):
+    """The CPU the agents (and the test server) used since `before` (ticks from cpu_sample)."""
+    after = cpu_sample(fleet, server_pid)
+    agents = (after[0] - before[0]) / CLK_TCK / seconds * 100
+    line = f"CPU meanwhile: the agents {agents:.0f}% of one core"
+    if server_pid:
+        line += f", the test server {(after[1] - before[1]) / CLK_TCK / seconds * 100:.0f}%"
+    return line
+
+
+def cpu_sample(fleet, server_pid):
+    return (sum(cpu_ticks(p.pid) for p in fleet.procs),
+            cpu_ticks(server_pid) if server_pid else 0)
+
+
+def run_commands(fleet, label, server_pid=None):
+    """COMMANDS alternating pause/resume with wait=30; returns False if the bench broke. With
+    server_pid, the test server's CPU between the POST and its answer is printed too (a
+    single-threaded Python server tops out at about 100% of one core)."""
     times = []
     for n in range(COMMANDS):
         cmd = "pause" if n % 2 == 0 else "resume"
         issuer = (n * 37) % AGENTS
+        cpu0 = cpu_sample(fleet, server_pid)
         sent = time.monotonic()
         sent_wall = time.time()
         status, body = http("POST", fleet.url(issuer) + f"/api/cluster/{cmd}?wait=30&reason=bench")
         took = time.monotonic() - sent
+        cpu = cpu_line(fleet, server_pid, cpu0, took)
         if status != 200:
             print(f"{label}: BENCH BROKEN: {cmd} answered {status}: {body}")
             return False
@@ -236,7 +255,8 @@ def run_commands(fleet, label):
         print(f"  {label} {cmd} v{body['version']}: POST -> complete {took:.3f} s "
               f"(complete={w['complete']}, acknowledged {len(w['acknowledged'])}, "
               f"pending {len(w['pending'])}, excluded {len(w['excluded'])}, "
-              f"waited_s {w['waited_s']}); {hooks_line(fleet, body['version'], sent_wall)}")
+              f"waited_s {w['waited_s']}); {hooks_line(fleet, body['version'], sent_wall)}; "
+              f"{cpu}")
         if not w["complete"]:
             times[-1] = float("inf")
         time.sleep(1)  # let the fleet settle between commands (hooks, status writes)
@@ -296,7 +316,7 @@ def bench_mongodb(tmp):
             print("fleet mongodb: BENCH BROKEN: the agents did not all report running")
             return False
         print(f"  fleet mongodb: {AGENTS} agents running (load average {load_average()})")
-        if not run_commands(fleet, "fleet mongodb (change streams)"):
+        if not run_commands(fleet, "fleet mongodb (change streams)", srv.proc.pid):
             return False
         if not run_scoped(fleet, "fleet mongodb (change streams)"):
             return False

@@ -31,6 +31,16 @@ def start_agents(fleet, state_file, n, **extra):
     return agents
 
 
+def start_labelled_agents(fleet, state_file, labels):
+    """One agent per AGENT_LABELS text in labels (agent-1, agent-2, ...) on one embedded store,
+    all running."""
+    agents = [fleet.start(WORKER, env=agent_env(state_file, AGENT_LABELS=text),
+                          name=f"agent-{i + 1}") for i, text in enumerate(labels)]
+    for a in agents:
+        a.wait_state("running", timeout=15)
+    return agents
+
+
 class Page:
     """The console in one browser tab."""
 

@@ -5,7 +5,7 @@ from urllib.parse import quote
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from console_harness import WORKER, agent_env, start_agents, wait_for
+from console_harness import start_agents, start_labelled_agents, wait_for
 
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
 
@@ -151,11 +151,8 @@ def test_shutdown_asks_for_confirmation_first(fleet, state_file, page):
 
 
 def test_a_scoped_shutdown_confirms_the_count_of_the_matching_agents(fleet, state_file, page):
-    agents = [fleet.start(WORKER, env=agent_env(state_file, AGENT_LABELS=labels),
-                          name=f"agent-{i + 1}")
-              for i, labels in enumerate(["region=eu", "region=eu,role=api", "region=us"])]
-    for a in agents:
-        a.wait_state("running", timeout=15)
+    agents = start_labelled_agents(fleet, state_file, ["region=eu", "region=eu,role=api",
+                                                       "region=us"])
     page.open(agents[2])
     page.wait_text("fleet-rows", lambda t: "region=us" in t and t.count("region=eu") == 2)
     # a malformed selector: said on the page, no dialog, nothing sent
@@ -244,11 +241,8 @@ def test_history_is_paged(fleet, state_file, page):
 
 
 def test_scoped_pause_from_the_page_and_its_resume_button(fleet, state_file, page):
-    agents = [fleet.start(WORKER, env=agent_env(state_file, AGENT_LABELS=labels),
-                          name=f"agent-{i + 1}")
-              for i, labels in enumerate(["region=eu", "region=eu,role=api", "region=us"])]
-    for a in agents:
-        a.wait_state("running", timeout=15)
+    agents = start_labelled_agents(fleet, state_file, ["region=eu", "region=eu,role=api",
+                                                       "region=us"])
     page.open(agents[2])
     page.wait_text("fleet-rows", lambda t: "region=us" in t and t.count("region=eu") == 2)
     page.wait_text("scopes-summary", lambda t: t.startswith("No scopes"))

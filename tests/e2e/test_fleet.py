@@ -159,7 +159,7 @@ def test_embedded_sweep_removes_records_older_than_the_ttl(fleet, tmp_path):
     wait_records(first, lambda b: b["summary"]["total"] == 1, message="1 record")
     first.signal(signal.SIGTERM)
     assert first.wait_exit() == 0
-    db = sqlite3.connect(store.state_file)
+    db = sqlite3.connect(store.state_file + "-agents")  # the status records' file
     old_us = int((datetime.datetime.now().timestamp() - 7200) * 1e6)
     db.execute("UPDATE agent_status SET last_seen_us = ?", (old_us,))
     db.commit()

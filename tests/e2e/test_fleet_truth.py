@@ -54,7 +54,7 @@ def test_status_records_are_written_after_a_startup_write_lock(fleet, state_file
     agent.wait_state("running", timeout=30)
 
     def record():
-        conn = sqlite3.connect(state_file, timeout=5)
+        conn = sqlite3.connect(state_file + "-agents", timeout=5)  # the status records' file
         try:
             return conn.execute("SELECT state FROM agent_status WHERE agent_id = 'late'"
                                 ).fetchall()
@@ -152,7 +152,7 @@ def test_a_wait_whose_fleet_read_fails_never_reports_complete(fleet, state_file,
     --wait fails with the reason instead of printing "every agent applied it"."""
     agent = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl"))
     agent.wait_state("running", timeout=15)
-    conn = sqlite3.connect(state_file, isolation_level=None, timeout=10)
+    conn = sqlite3.connect(state_file + "-agents", isolation_level=None, timeout=10)
     conn.execute("DROP TABLE agent_status")
     conn.close()
     r = agent.post("/api/cluster/pause?wait=2&reason=blind", timeout=30)

@@ -21,6 +21,7 @@
  * keep the stack balanced. tostring(), mongo.type() and mongo.to_json() of each value may raise,
  * cleanly. */
 #include "ahm_bson.h"
+#include "fuzz_input.h"
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -345,30 +346,6 @@ static void fuzz_document(lua_State *L, const uint8_t *input, size_t size)
 }
 
 /* ---- random Lua values -------------------------------------------------------------------- */
-
-typedef struct {
-    const uint8_t *p;
-    size_t left;
-} input_t;
-
-static unsigned next_byte(input_t *in)
-{
-    if (in->left == 0) {
-        return 0;
-    }
-    in->left--;
-    return *in->p++;
-}
-
-static uint64_t next_u64(input_t *in)
-{
-    uint64_t v = 0;
-    size_t n = in->left < 8 ? in->left : 8;
-    memcpy(&v, in->p, n);
-    in->p += n;
-    in->left -= n;
-    return v;
-}
 
 /* Helpers run in Lua, each under pcall: constructors, forged metatables, tostring, type. */
 static const char helpers_source[] =

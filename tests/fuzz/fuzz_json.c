@@ -9,6 +9,7 @@
 #include "ah_json.h"
 #include "ah_redact.h"
 #include "fuzz_json_check.h"
+#include "fuzz_input.h"
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -111,31 +112,6 @@ static void check_decodes_to(lua_State *L, const char *text, size_t len)
 }
 
 /* ---- the input program ------------------------------------------------------------------- */
-
-typedef struct {
-    const uint8_t *p;
-    size_t left;
-} input_t;
-
-static unsigned next_byte(input_t *in)
-{
-    if (in->left == 0) {
-        return 0;
-    }
-    in->left--;
-    return *in->p++;
-}
-
-/* The next 8 bytes (zero-padded). */
-static uint64_t next_u64(input_t *in)
-{
-    uint64_t v = 0;
-    size_t n = in->left < 8 ? in->left : 8;
-    memcpy(&v, in->p, n);
-    in->p += n;
-    in->left -= n;
-    return v;
-}
 
 /* The next length-prefixed byte string (not NUL-terminated). */
 static const char *next_bytes(input_t *in, size_t *len)

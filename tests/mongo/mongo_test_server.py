@@ -168,6 +168,7 @@ class ChangeStreamCursor(object):
         self.closed = False
         self.killed = False  # by killCursors: a getMore waiting on it fails with CursorKilled
         self.lock = threading.Lock()
+        self.cond = None  # a getMore waits on it (on the server's lock); made by the first one
 
     def matches_ns(self, ev):
         if self.cluster:
@@ -195,6 +196,7 @@ class TestServer(object):
         self.changelog_size = changelog_size
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
+        self.cs_waiting = set()  # change stream cursors whose getMore waits (under self.lock)
         self.client = mongomock.MongoClient()
         self.last_ts = Timestamp(0, 0)
         self.events = []          # ordered by seq
@@ -328,6 +330,28 @@ class TestServer(object):
                             "upd": upd, "dropped": self.drop_change_events})
         if len(self.events) > self.changelog_size:
             self.trim(self.changelog_size)
+        self.notify_streams(self.events[-1] if self.events else None)
+
+    def notify_streams(self, ev):
+        """Wakes the waiting change stream getMores a new event concerns (lock held). A waiting
+        cursor that has scanned every earlier event and would skip this one (another namespace,
+        or a dropped event) is moved past it here, exactly as collect_events would move it,
+        instead of being woken: with 300 agents' streams on agent_control, waking all of them for
+        each of the 300 status updates that follow a command (90,000 wake-ups, one thread at a
+        time under the interpreter lock) delayed the command's own event to the last agents by
+        seconds."""
+        for cur in self.cs_waiting:
+            if (ev is not None and cur.pos == ev["seq"] - 1 and
+                    (ev.get("dropped") or not cur.matches_ns(ev))):
+                cur.pos = ev["seq"]
+            else:
+                cur.cond.notify()
+        self.cond.notify_all()
+
+    def wake_all(self):
+        """Wakes every waiting getMore (lock held): trims, step-downs, killed cursors."""
+        for cur in self.cs_waiting:
+            cur.cond.notify()
         self.cond.notify_all()
 
     def trim(self, keep):
@@ -341,7 +365,7 @@ class TestServer(object):
             elif not self.events and self.seq > self.trimmed_seq:
                 self.trimmed_seq = self.seq
                 self.trimmed_ts = self.last_ts
-            self.cond.notify_all()
+            self.wake_all()
             return max(cut, 0)
 
     def ts_of_seq(self, seq):
@@ -780,7 +804,13 @@ class TestServer(object):
                 remaining = deadline - time.time()
                 if remaining <= 0:
                     break
-                self.cond.wait(remaining)
+                if cur.cond is None:
+                    cur.cond = threading.Condition(self.lock)
+                self.cs_waiting.add(cur)
+                try:
+                    cur.cond.wait(remaining)
+                finally:
+                    self.cs_waiting.discard(cur)
                 interrupted = True
             return self.cs_reply(cur, batch, "nextBatch")
 
@@ -796,7 +826,7 @@ class TestServer(object):
                 t.daemon = True
                 self.stepup_timer = t
                 t.start()
-            self.cond.notify_all()
+            self.wake_all()
         log("stepped down for %s s" % seconds)
 
     def step_up(self):
@@ -807,7 +837,7 @@ class TestServer(object):
             if self.stepup_timer:
                 self.stepup_timer.cancel()
                 self.stepup_timer = None
-            self.cond.notify_all()
+            self.wake_all()
         log("stepped up (term %d)" % self.term)
 
 
@@ -1205,7 +1235,7 @@ def cmd_kill_cursors(srv, cmd, db, conn):
                 with srv.cond:
                     cur.closed = True
                     cur.killed = True
-                    srv.cond.notify_all()
+                    srv.wake_all()
             killed.append(cid)
     return {"cursorsKilled": killed, "cursorsNotFound": missing, "cursorsAlive": [],
             "cursorsUnknown": []}
