@@ -152,6 +152,10 @@ def test_a_wait_whose_fleet_read_fails_never_reports_complete(fleet, state_file,
     --wait fails with the reason instead of printing "every agent applied it"."""
     agent = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl"))
     agent.wait_state("running", timeout=15)
+    # The records' file and table exist once the status writer wrote the agent's record, which
+    # on a loaded machine can come after the agent reports running.
+    wait_for(lambda: agent.get("/api/cluster/agents").json()["summary"]["total"] == 1, 30,
+             message="the agent's own status record")
     conn = sqlite3.connect(state_file + "-agents", isolation_level=None, timeout=10)
     conn.execute("DROP TABLE agent_status")
     conn.close()
