@@ -690,6 +690,11 @@ static void on_watchdog(uv_timer_t *timer)
     ah_state_snapshot_t snap;
     ah_state_snapshot(h->state, &snap);
     int64_t now = ah_mono_us();
+    if (snap.call_generation != 0 && snap.batch_started_us == 0) {
+        /* a call not seen running before: it started within the last interval (no clock is
+         * read per call), so its budget counts from now, at most one interval late */
+        snap.batch_started_us = ah_state_call_stamp(h->state, snap.call_generation, now);
+    }
     if (snap.batch_started_us != 0 && !snap.wedged &&
         (double)(now - snap.batch_started_us) / 1e6 > h->cfg->batch_timeout &&
         !host_lua_waiting(h, snap.call_generation)) {
@@ -705,7 +710,7 @@ static void on_watchdog(uv_timer_t *timer)
     arm_exit_timer(h, snap.stop_requested_us + (int64_t)(h->cfg->shutdown_timeout * 1e6));
     double waited = (double)(now - snap.stop_requested_us) / 1e6;
     if (!h->interrupted_for_stop && waited > h->cfg->shutdown_timeout * SHUTDOWN_INTERRUPT_SHARE &&
-        snap.batch_started_us != 0) {
+        snap.call_generation != 0) {
         h->interrupted_for_stop = true;
         ah_log_warn("Shutdown is waiting for a Lua call for %.1fs: interrupting it", waited);
         host_interrupt_lua(h, snap.call_generation);

@@ -430,20 +430,28 @@ void ah_leases_unwant(ah_leases_t *lk, const char *name)
     pthread_mutex_unlock(&lk->lock);
 }
 
+/* Lets e go: no longer wanted nor kept and, when held, released by the keeper thread at its next
+ * turn. Lock held. True when there is a release to make (the caller wakes the thread). */
+static bool let_go_locked(lease_entry_t *e)
+{
+    e->wanted = false;
+    e->keep = false;
+    if (!e->held) {
+        return false;
+    }
+    e->release = true;
+    if (e->next_us != INT64_MAX) {
+        e->next_us = 0;
+    }
+    return true;
+}
+
 void ah_leases_release(ah_leases_t *lk, const char *name)
 {
     pthread_mutex_lock(&lk->lock);
     lease_entry_t *e = find_locked(lk, name);
-    if (e != NULL) {
-        e->wanted = false;
-        e->keep = false;
-        if (e->held) {
-            e->release = true;
-            if (e->next_us != INT64_MAX) {
-                e->next_us = 0;
-            }
-            pthread_cond_broadcast(&lk->cond);
-        }
+    if (e != NULL && let_go_locked(e)) {
+        pthread_cond_broadcast(&lk->cond);
     }
     pthread_mutex_unlock(&lk->lock);
 }
@@ -508,15 +516,7 @@ void ah_leases_reload_end(ah_leases_t *lk, bool ok)
         for (int i = 0; i < lk->count; i++) {
             lease_entry_t *e = &lk->entries[i];
             if (e->epoch < lk->epoch) {
-                /* the new script does not name it: let it go */
-                e->wanted = false;
-                e->keep = false;
-                if (e->held) {
-                    e->release = true;
-                    if (e->next_us != INT64_MAX) {
-                        e->next_us = 0;
-                    }
-                }
+                let_go_locked(e); /* the new script does not name it */
             }
         }
         pthread_cond_broadcast(&lk->cond);

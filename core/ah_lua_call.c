@@ -70,8 +70,8 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
     /* A late request aimed at a call that has finished: nothing to do. */
 }
 
-/* Marks the start of a call of user Lua: a new odd sequence number, the deadline, the shared
- * state's marker. Lua thread only.
+/* Marks the start of a call of user Lua: a new odd sequence number, the shared state's marker.
+ * Lua thread only.
  *
  * There is deliberately no self-check count hook (comparing the clock every N instructions): in
  * LuaJIT installing and removing a hook rewrites the dispatch table, which measured at about
@@ -79,10 +79,11 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
  * ah_lua_interrupt() and the deadline in agent.sleep() enforce the budget instead. */
 static void budget_arm(ah_lua_t *lua)
 {
-    int64_t now = ah_mono_coarse_us(); /* one cheap clock read per call */
-    /* The generation and the thread are published by the release store of call_seq below. */
+    /* No clock is read here: the call is stamped when first seen running (the watchdog's tick,
+     * or its first wait: ah_lua_task_run_loop), see ah_state_call_begin_at. The generation and
+     * the thread are published by the release store of call_seq below. */
     atomic_store_explicit(&lua->call_generation,
-                          lua->state != NULL ? ah_state_call_begin_at(lua->state, now) : 0,
+                          lua->state != NULL ? ah_state_call_begin_at(lua->state, 0) : 0,
                           memory_order_relaxed);
     /* The thread running this call (the script's main chunk may run on another thread than
      * its batches): compared with a per-thread copy, so no call of pthread_self() per call. */
@@ -103,7 +104,6 @@ static void budget_arm(ah_lua_t *lua)
     uint64_t seq = atomic_load_explicit(&lua->call_seq, memory_order_relaxed);
     atomic_store_explicit(&lua->call_seq, seq + 1, memory_order_release);
     lua->timed_out = false;
-    lua->call_started_us = now; /* the deadline, if the call waits: + batch_timeout_us */
 }
 
 /* Marks the end of the call (sequence number even again) and removes any hook, stale or not.

@@ -101,9 +101,8 @@ struct ah_lua_s {
     atomic_bool hook_set;             /* a hook may be installed: the call's end must remove it */
     atomic_bool signal_sent;  /* an interrupt signal may be queued for this state's running call */
     bool timed_out;           /* the running call was stopped by the budget */
-    int64_t call_started_us;  /* monotonic (coarse) start of the running call */
-    int64_t batch_timeout_us; /* batch_timeout in µs, 0 if none: the call's deadline is
-                                 call_started_us + batch_timeout_us */
+    int64_t batch_timeout_us; /* batch_timeout in µs, 0 if none: the deadline of a call that
+                                 waits is its stamp (ah_state_call_stamp) + batch_timeout_us */
 
     /* agent.mongo's connection (not owned; may be NULL: calls fail "not configured"). */
     ah_lua_mongo_t *mongo;

@@ -422,7 +422,14 @@ __attribute__((noinline)) void ah_lua_task_run_loop(ah_lua_t *lua)
         if (!deadline_armed) {
             deadline_armed = true;
             if (lua->batch_timeout_us > 0) {
-                int64_t left_us = lua->call_started_us + lua->batch_timeout_us - ah_mono_us();
+                /* the call's start as stamped (by the watchdog's tick if it saw the call run),
+                 * else now: the first wait stamps it (no clock is read per call) */
+                int64_t now = ah_mono_us();
+                int64_t started =
+                    lua->state != NULL
+                        ? ah_state_call_stamp(lua->state, atomic_load(&lua->call_generation), now)
+                        : now;
+                int64_t left_us = started + lua->batch_timeout_us - now;
                 uint64_t ms = left_us > 0 ? (uint64_t)(left_us + 999) / 1000 : 0;
                 uv_update_time(&lua->loop);
                 uv_timer_start(&lua->deadline, on_deadline, ms, 0);

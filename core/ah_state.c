@@ -42,7 +42,7 @@ struct ah_state_s {
     uint64_t commands_applied;
     uint64_t hook_errors;
     int64_t started_us;
-    _Atomic int64_t call_started_us;  /* written by the worker only */
+    _Atomic int64_t call_started_us;  /* 0: unstamped (ah_state_call_stamp) */
     _Atomic uint64_t call_generation; /* number of the running call, 0 if none (worker only) */
     _Atomic uint64_t calls_begun;     /* calls numbered so far (worker only) */
     atomic_bool call_overrun;
@@ -819,9 +819,9 @@ void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out)
         generation = atomic_load(&s->call_generation);
         out->batch_started_us = atomic_load(&s->call_started_us);
     } while (generation != atomic_load(&s->call_generation));
-    out->call_generation = out->batch_started_us != 0 ? generation : 0;
+    out->call_generation = generation;
     out->last_control_lag_ms = s->last_control_lag_ms;
-    out->wedged = atomic_load(&s->call_overrun) && out->batch_started_us != 0;
+    out->wedged = atomic_load(&s->call_overrun) && generation != 0;
     out->reloads = s->reloads;
     out->reload_failures = s->reload_failures;
     out->stop_requested_us = s->stop_requested_us;
@@ -834,9 +834,30 @@ uint64_t ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us)
     uint64_t generation = atomic_load_explicit(&s->calls_begun, memory_order_relaxed) + 1;
     atomic_store_explicit(&s->calls_begun, generation, memory_order_relaxed);
     atomic_store_explicit(&s->call_overrun, false, memory_order_relaxed);
-    atomic_store_explicit(&s->call_started_us, now_mono_us ? now_mono_us : 1, memory_order_release);
+    atomic_store_explicit(&s->call_started_us, now_mono_us, memory_order_release);
     atomic_store_explicit(&s->call_generation, generation, memory_order_release);
     return generation;
+}
+
+int64_t ah_state_call_stamp(ah_state_t *s, uint64_t generation, int64_t now_mono_us)
+{
+    if (now_mono_us == 0) {
+        now_mono_us = 1; /* 0 means "not stamped" */
+    }
+    if (generation == 0 || atomic_load(&s->call_generation) != generation) {
+        return now_mono_us;
+    }
+    int64_t stamp = 0;
+    if (!atomic_compare_exchange_strong(&s->call_started_us, &stamp, now_mono_us)) {
+        return stamp; /* stamped already (by the watchdog or the call's first wait) */
+    }
+    if (atomic_load(&s->call_generation) != generation) {
+        /* The call ended between the check and the stamp, and the stamp may have landed on the
+         * next call (whose begin cleared it): take it back; that call gets its own. */
+        int64_t mine = now_mono_us;
+        atomic_compare_exchange_strong(&s->call_started_us, &mine, 0);
+    }
+    return now_mono_us;
 }
 
 void ah_state_call_end(ah_state_t *s)

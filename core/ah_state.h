@@ -106,7 +106,9 @@ typedef struct ah_state_snapshot_s {
     uint64_t commands_applied;
     uint64_t hook_errors;
     int64_t started_us;         /* wall clock at creation */
-    int64_t batch_started_us;   /* monotonic start of the running batch/hook, 0 if none */
+    int64_t batch_started_us;   /* monotonic start of the running batch/hook as stamped (when
+                                   first seen running: ah_state_call_stamp), 0 if none or not
+                                   stamped yet */
     uint64_t call_generation;   /* number of that call (ah_lua_interrupt_call), 0 if none */
     double last_control_lag_ms; /* command timestamp → applied, last cluster command */
     bool wedged;                /* a Lua call overran BATCH_TIMEOUT and is still running */
@@ -211,9 +213,15 @@ ah_run_state_t ah_state_get(ah_state_t *s);
 void ah_state_snapshot(ah_state_t *s, ah_state_snapshot_t *out);
 
 /* Counters and markers kept by the Lua worker. */
-/* A batch or hook starts at now_mono_us (monotonic µs, e.g. ah_mono_coarse_us()). Returns its
- * number (the call generation, > 0, unique for the state object's life). */
+/* A batch or hook starts (Lua worker). Returns its number (the call generation, > 0, unique for
+ * the state object's life). now_mono_us (monotonic µs) stamps its start; 0 leaves it unstamped:
+ * the worker reads no clock per call (a clock read is a fifth of an empty batch), and a call is
+ * stamped when first seen running instead, by the watchdog's tick or at its first wait
+ * (ah_state_call_stamp), so the stamp is at most one watchdog interval late. */
 uint64_t ah_state_call_begin_at(ah_state_t *s, int64_t now_mono_us);
+/* Stamps the running call numbered generation with now_mono_us unless it has a stamp already.
+ * Returns the call's stamp, or now_mono_us when that call is not running. Any thread. */
+int64_t ah_state_call_stamp(ah_state_t *s, uint64_t generation, int64_t now_mono_us);
 void ah_state_call_end(ah_state_t *s);
 void ah_state_count_batch(ah_state_t *s, bool ok);
 void ah_state_count_hook_error(ah_state_t *s);

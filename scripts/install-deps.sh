@@ -2,33 +2,47 @@
 # Installs every Debian package agenthost needs to build, run and test. Idempotent: when all
 # packages are present it only checks (well under a second). Needs root (or sudo) to install.
 # Whatever is missing is installed by one `apt-get install` (without recommended packages).
+# The packages come in sets; without arguments: build, tests and fuzz.
 #   --bench      also what scripts/bench.sh needs
 #   --container  also what tests/container needs (scripts/test.sh installs it before running them):
 #                podman with runc (crun refuses hybrid cgroup layouts) and the CNI plugins and
 #                iptables its networks and published ports use; debootstrap for the base images
+#   --only=SET[,SET...]  exactly these sets (build, tests, fuzz, container, bench): scripts/test.sh
+#                installs what the build needs first and the rest while it builds and tests
 set -euo pipefail
 
-PACKAGES=(
-  # build
-  build-essential cmake pkg-config
-  # runtime libraries (the -dev packages pull them in)
-  libluajit-5.1-dev libmongoc-dev libbson-dev libuv1-dev lua-cjson-dev libmicrohttpd-dev
-  libsqlite3-dev libcurl4-openssl-dev
-  # tests
-  libcmocka-dev python3 python3-pytest python3-pytest-xdist python3-pymongo python3-mongomock
-  # console tests (tests/console): a headless browser driven from pytest
-  chromium chromium-driver python3-selenium
+declare -A SETS=(
+  # compiler, cmake, the libraries (their -dev packages pull in the runtime ones), cmocka for
+  # the unit tests
+  [build]="build-essential cmake pkg-config
+    libluajit-5.1-dev libmongoc-dev libbson-dev libuv1-dev lua-cjson-dev libmicrohttpd-dev
+    libsqlite3-dev libcurl4-openssl-dev libcmocka-dev"
+  # end-to-end tests: pytest with xdist, the MongoDB test server's pymongo and mongomock; the
+  # console tests' headless browser; the deployment checks' YAML (node, npm and kubectl below)
+  [tests]="python3 python3-pytest python3-pytest-xdist python3-pymongo python3-mongomock
+    chromium chromium-driver python3-selenium python3-yaml"
   # fuzz targets (scripts/fuzz.sh): clang with libFuzzer and the sanitizer runtimes
-  clang libclang-rt-14-dev
-  # deployment checks (manifest/schema validation with npm packages, kubectl kustomize)
-  python3-yaml
+  [fuzz]="clang libclang-rt-14-dev"
+  [container]="podman runc containernetworking-plugins iptables debootstrap"
+  [bench]="wrk nginx-light curl"
 )
+wanted=(build tests fuzz)
 for flag in "$@"; do
   case "$flag" in
-    --bench) PACKAGES+=(wrk nginx-light curl) ;;
-    --container) PACKAGES+=(podman runc containernetworking-plugins iptables debootstrap) ;;
-    *) echo "usage: $0 [--bench] [--container]" >&2; exit 2 ;;
+    --bench) wanted+=(bench) ;;
+    --container) wanted+=(container) ;;
+    --only=*) IFS=, read -r -a wanted <<<"${flag#--only=}" ;;
+    *) echo "usage: $0 [--bench] [--container] [--only=SET,...]" >&2; exit 2 ;;
   esac
+done
+PACKAGES=()
+for set in "${wanted[@]}"; do
+  if [[ -z "${SETS[$set]+x}" ]]; then
+    echo "install-deps: no package set '$set' (build, tests, fuzz, container, bench)" >&2
+    exit 2
+  fi
+  read -r -a more <<<"$(echo ${SETS[$set]})"
+  PACKAGES+=("${more[@]}")
 done
 
 missing=()
@@ -37,14 +51,16 @@ for p in "${PACKAGES[@]}"; do
     missing+=("$p")
   fi
 done
-# Node.js and npm (tests/deploy): any install will do (e.g. NodeSource's nodejs bundles npm and
-# conflicts with Debian's npm package), so only install Debian's when there is no npm at all.
-if ! command -v npm >/dev/null 2>&1; then
-  missing+=(nodejs npm)
-fi
-# kubectl (for `kubectl kustomize k8s/`): Debian's kubernetes-client unless one is installed.
-if ! command -v kubectl >/dev/null 2>&1; then
-  missing+=(kubernetes-client)
+if [[ " ${wanted[*]} " == *" tests "* ]]; then
+  # Node.js and npm (tests/deploy): any install will do (e.g. NodeSource's nodejs bundles npm
+  # and conflicts with Debian's npm package), so only install Debian's when there is no npm.
+  if ! command -v npm >/dev/null 2>&1; then
+    missing+=(nodejs npm)
+  fi
+  # kubectl (for `kubectl kustomize k8s/`): Debian's kubernetes-client unless one is installed.
+  if ! command -v kubectl >/dev/null 2>&1; then
+    missing+=(kubernetes-client)
+  fi
 fi
 if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0

@@ -12,7 +12,8 @@
 # heartbeats, batch timeouts, browsers), so the two passes run at the same time: the sanitizer
 # pass (its build niced) in the background beside the optimised one. Once the optimised pass is
 # done, the fuzz targets and then the container checks (niced) run beside the rest of the
-# sanitizer pass; the container base images (network and disk) are made from the start. The
+# sanitizer pass. Packages are installed in the background as far as they are not needed yet
+# (below), and the container base images (network and disk) are made beside the tests. The
 # output of a background phase is printed when the script waits for it; each phase's time is
 # printed at the end.
 set -euo pipefail
@@ -132,6 +133,13 @@ sanitizer_pass() {
   return "$status"
 }
 
+later_dependencies() { # $1 = package sets
+  scripts/install-deps.sh --only="$1"
+  if [[ -n "$container" ]]; then
+    base_images
+  fi
+}
+
 fuzz_targets() {
   # Every fuzz target replays its corpus (the regression inputs included), then fuzzes briefly.
   scripts/fuzz.sh "${FUZZ_SECONDS:-5}"
@@ -154,14 +162,20 @@ last_checks() {
   fi
 }
 
-timed "install dependencies" scripts/install-deps.sh ${container:+--container}
-if [[ -n "$container" ]]; then
-  background "container base images" base_images
-fi
+# Packages: what the build needs first; the test packages while it builds (needed before the
+# first test); the fuzz and container packages and the container base images (debootstrap) in
+# the background while the tests run. With everything installed each of these is a check.
+timed "install dependencies (build)" scripts/install-deps.sh --only=build
+background "install dependencies (tests)" scripts/install-deps.sh --only=tests
 
 # One optimised tree for the unit and end-to-end tests, built as the container image builds:
 # Release (-O3), warnings are errors.
 timed "build (Release)" env BUILD_DIR=build BUILD_TYPE=Release scripts/build.sh
+finish "install dependencies (tests)"
+later_sets=$(IFS=,; echo "${fuzz:+fuzz}${fuzz:+${container:+,}}${container:+container}")
+if [[ -n "$later_sets" ]]; then
+  background "install dependencies ($later_sets), base images" later_dependencies "$later_sets"
+fi
 if [[ -n "$sanitize" ]]; then
   background "sanitizer pass (ASan/UBSan build, unit, end-to-end)" sanitizer_pass
 else
@@ -171,8 +185,8 @@ timed "unit tests (build)" unit_tests build
 timed "end-to-end tests (build, E2E_WORKERS=$E2E_WORKERS)" end_to_end build
 [[ -z "$fuzz" ]] && echo "== fuzz targets SKIPPED (SKIP_FUZZ=1)" >&2
 [[ -z "$container" ]] && echo "== container checks SKIPPED (SKIP_CONTAINER=1)" >&2
-if [[ -n "$fuzz$container" ]]; then
-  [[ -n "$container" ]] && finish "container base images"
+if [[ -n "$later_sets" ]]; then
+  finish "install dependencies ($later_sets), base images"
   timed "fuzz targets, container checks" last_checks
 fi
 if [[ -n "$sanitize" ]]; then

@@ -71,6 +71,39 @@ def test_batch_timeout_interrupts_interpreted_loop(fleet, state_file):
     assert a.state()["state"] == "running"
 
 
+COMPUTE_THEN_WAIT = """
+local agent = require "agent"
+local events = agent.env("EVENTS_FILE")
+local done = false
+return { batch = function()
+    if done then agent.sleep(0.5) return 0 end
+    done = true
+    local t0 = agent.monotonic()
+    while agent.monotonic() - t0 < 0.6 do end -- Lua code, not a wait: the watchdog's to see
+    local r, msg, code = agent.sleep(30)
+    local f = assert(io.open(events, "a"))
+    f:write(agent.json.encode({elapsed = agent.monotonic() - t0, code = code or "none",
+                               msg = msg or ""}), "\\n")
+    f:close()
+    return 0
+end }
+"""
+
+
+def test_batch_timeout_counts_from_the_calls_start_when_it_computes_then_waits(fleet, state_file,
+                                                                              tmp_path):
+    # No clock is read per call: the call's start is stamped when first seen running (the
+    # watchdog's tick or its first wait). Its waits are still cut at BATCH_TIMEOUT, never before.
+    path = tmp_path / "compute_then_wait.lua"
+    path.write_text(COMPUTE_THEN_WAIT)
+    events = str(tmp_path / "ctw.jsonl")
+    fleet.start(str(path), env=agent_env(state_file, events, BATCH_TIMEOUT=1.5), name="ctw")
+    ev = wait_events(events, lambda e: len(e) >= 1, 30, "the batch's sleep ended")[0]
+    assert ev["code"] == "timeout" and "BATCH_TIMEOUT" in ev["msg"], ev
+    assert ev["elapsed"] >= 1.45, ev  # from the call's start, never earlier
+    assert ev["elapsed"] < 15, ev  # at most a watchdog interval later (and load), never the 30 s
+
+
 def test_jit_endless_loop_cannot_wedge_shutdown(fleet, state_file):
     a = fleet.start(script("jit_forever.lua"),
                     env=agent_env(state_file, BATCH_TIMEOUT=1, SHUTDOWN_TIMEOUT=2), name="jit")

@@ -280,6 +280,7 @@ static void test_agent_module_sees_the_shared_state(void **unused)
     ah_state_snapshot_t snap;
     ah_state_snapshot(state, &snap);
     assert_int_equal(snap.batch_started_us, 0); /* the call marker was cleared */
+    assert_int_equal(snap.call_generation, 0);
 
     ah_state_offer_local(state, AH_CMD_SHUTDOWN, AH_SOURCE_SIGNAL, "test", "unit");
     assert_int_equal(batch_ok(lua), 1); /* should_stop */
@@ -349,7 +350,7 @@ static void *interrupt_once_running(void *p)
     for (int i = 0; i < 20000; i++) {
         ah_state_snapshot_t snap;
         ah_state_snapshot(it->state, &snap);
-        if (snap.batch_started_us != 0) {
+        if (snap.call_generation != 0) {
             sleep_ms(it->delay_ms);
             ah_lua_interrupt(it->lua);
             return NULL;

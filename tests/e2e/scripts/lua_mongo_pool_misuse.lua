@@ -13,6 +13,7 @@ batch 5: holds 4 iterators (the whole pool), times a find_one against the empty 
 The collection "big" is filled by the test. ]]
 jit.off()
 local agent = require "agent"
+local fixture = require "lib.fixture"
 local mongo = agent.mongo
 local json = agent.json
 
@@ -44,25 +45,10 @@ local function raise_n(n, pattern, f)
     return matched
 end
 
--- Strings that leave about 64 KB below LUA_MEMORY_LIMIT: too little for the result of a find
--- over "big" (about 400 KB of strings), enough to call it. Each step takes a quarter of what is
--- left above that (string.rep needs a buffer as large as its result).
-local function fill_memory()
-    local ballast = {}
-    for i = 1, 200 do
-        collectgarbage()
-        local used, limit = agent.memory()
-        local spare = limit - used - 65536
-        if spare < 8192 then
-            break
-        end
-        ballast[i] = string.rep("b", math.floor(spare / 4)) -- a new length: a new string
-    end
-    return ballast
-end
-
 local function misuse()
-    local ballast = fill_memory()
+    -- about 64 KB left: too little for the result of a find over "big" (about 400 KB of
+    -- strings), enough to call it
+    local ballast = fixture.fill_memory(65536, 200)
     collectgarbage("stop") -- the failed results stay garbage: every find meets the limit
     report.memory = raise_n(8, "not enough memory", function() return coll:find({}) end)
     ballast = nil -- luacheck: ignore

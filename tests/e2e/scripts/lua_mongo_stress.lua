@@ -7,6 +7,7 @@ tasks on the thread pool, then agent.sleep(0.2). Logs "stress batch N" after eac
 the test. Under LUA_MEMORY_LIMIT the host keeps the JIT compiler off (an allocation refused
 inside compiled code crashed LuaJIT 2.1): JIT=on asks for it anyway. ]]
 local agent = require "agent"
+local fixture = require "lib.fixture"
 if agent.env("JIT") == "off" then
     jit.off()
 else
@@ -16,28 +17,9 @@ agent.log.info("jit status: %s", tostring((jit.status())))
 local coll = agent.mongo.collection("big")
 local batches = 0
 
--- Strings that leave about 256 KB below LUA_MEMORY_LIMIT: too little for the result of a find.
-local function fill_memory()
-    local ballast = {}
-    for i = 1, 64 do
-        collectgarbage()
-        local used, limit = agent.memory()
-        local spare = limit - used - 262144
-        if spare < 8192 then
-            break
-        end
-        local ok, s = pcall(string.rep, "b", math.floor(spare / 4))
-        if not ok then
-            break
-        end
-        ballast[i] = s
-    end
-    return ballast
-end
-
 -- 8 finds that fail on the memory limit while their results are built.
 local function memory_misuse()
-    local ballast = fill_memory()
+    local ballast = fixture.fill_memory(262144, 64) -- too little left for a find's result
     collectgarbage("stop")
     local failed = 0
     for _ = 1, 8 do

@@ -9,7 +9,9 @@ package.path, docs/LUA.md). A fixture reports what its calls returned, to a file
                                 later ones sleep 0.05 s and return 0
   fixture.pack(...)             every value a call returned, nils included ({n = ..., ...})
   fixture.claim_within(q, s)    claims one job with agent.queue q until one comes back or s
-                                seconds pass; the job, or nil ]]
+                                seconds pass; the job, or nil
+  fixture.fill_memory(leave, n) strings that fill LUA_MEMORY_LIMIT up to about `leave` bytes
+                                below it, in at most n steps; keep the table to keep them ]]
 local agent = require "agent"
 local json = agent.json
 
@@ -61,6 +63,26 @@ function fixture.claim_within(q, seconds)
         agent.sleep(0.02)
     until agent.monotonic() > deadline
     return nil
+end
+
+function fixture.fill_memory(leave, steps)
+    -- each step takes a quarter of what is left above `leave` (string.rep needs a buffer as
+    -- large as its result)
+    local ballast = {}
+    for i = 1, steps do
+        collectgarbage()
+        local used, limit = agent.memory()
+        local spare = limit - used - leave
+        if spare < 8192 then
+            break
+        end
+        local ok, s = pcall(string.rep, "b", math.floor(spare / 4)) -- a new length: a new string
+        if not ok then
+            break
+        end
+        ballast[i] = s
+    end
+    return ballast
 end
 
 return fixture
