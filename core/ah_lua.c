@@ -36,10 +36,12 @@
 /* The generated table of lua/<name>.lua modules (cmake/embed_lua.cmake), NULL-terminated by name.
  */
 typedef struct {
-    const char *name; /* the require() name: lua/agent_queue.lua is "agent.queue" */
-    const char *file; /* the file under lua/, for the chunk name */
-    const unsigned char *data;
+    const char *name;          /* the require() name: lua/agent_queue.lua is "agent.queue" */
+    const char *file;          /* the file under lua/, for the chunk name */
+    const unsigned char *data; /* the source */
     size_t size;
+    const unsigned char *bytecode; /* compiled at build time (cmake/lua_bytecode.c); NULL: none */
+    size_t bytecode_size;
 } ah_lua_module_t;
 extern const ah_lua_module_t ah_lua_modules[];
 
@@ -160,15 +162,25 @@ static void set_package_path(lua_State *L, const char *script_path)
     lua_pop(L, 3); /* old path, package, dir */
 }
 
-/* package.preload function of an embedded lua/<name>.lua module: compiles the module when it is
- * first required (a script that never requires agent.queue never pays for parsing it) and runs
- * it with require's argument. Upvalue 1: the ah_lua_module_t. Stack: [-n, +1]; raises the
- * compile error of a broken module (a build bug) and the module's own errors. */
+/* package.preload function of an embedded lua/<name>.lua module: loads the module when it is
+ * first required (a script that never requires agent.queue never pays for it), from its bytecode
+ * or else its source, and runs it with require's argument. Upvalue 1: the ah_lua_module_t. Stack:
+ * [-n, +1]; raises the compile error of a broken module (a build bug) and the module's own errors.
+ */
 static int load_embedded(lua_State *L)
 {
     const ah_lua_module_t *m = lua_touserdata(L, lua_upvalueindex(1));
     lua_pushfstring(L, "@lua/%s", m->file);
-    if (luaL_loadbuffer(L, (const char *)m->data, m->size, lua_tostring(L, -1)) != 0) {
+    int status = LUA_ERRSYNTAX;
+    if (m->bytecode != NULL) {
+        status =
+            luaL_loadbuffer(L, (const char *)m->bytecode, m->bytecode_size, lua_tostring(L, -1));
+        if (status != 0) {
+            lua_pop(L, 1); /* refused by this LuaJIT (another build of it): the source instead */
+        }
+    }
+    if (status != 0 &&
+        luaL_loadbuffer(L, (const char *)m->data, m->size, lua_tostring(L, -1)) != 0) {
         return lua_error(L);
     }
     lua_replace(L, -2); /* the chunk, in place of its name */

@@ -655,6 +655,12 @@ static int scopes_select(const ah_sqlite_store_t *st, sqlite3 *db, ah_control_t 
         }
         n++;
     }
+    /* A read that failed part way (the file locked or unreadable) must not pass for the whole
+     * set: a scope left out would release the agents it holds. */
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+        ret = sqlite_failed(st, db, rc, "scope read failed", err, errlen);
+        goto cleanup;
+    }
     *out = docs;
     *count = n;
     docs = NULL;

@@ -171,7 +171,8 @@ def test_history_lost_leads_to_a_reread(fleet, tmp_path, mongo_server):
     mongo_server.configure_fail_point("alwaysOn", {
         "failCommands": ["getMore", "aggregate"], "errorCode": 6,
         "errorLabels": ["ResumableChangeStreamError"], "appName": "agenthost/runner"})
-    wait_for(lambda: not mongo_status(runner)["connected"], 15, message="runner's stream broken")
+    # the stream notices at its next getMore, which may be a whole await period away
+    wait_for(lambda: not mongo_status(runner)["connected"], 45, message="runner's stream broken")
     version = write_direct(mongo_server, "pause")  # the runner's stream cannot see this ...
     write_direct(mongo_server, "pause")
     mongo_server.trim_change_log(0)  # ... and its resume point is gone

@@ -226,6 +226,31 @@ static void test_embedded_modules_are_compiled_when_first_required(void **unused
     ah_lua_close(lua);
 }
 
+/* The generated table of embedded modules (cmake/embed_lua.cmake, as core/ah_lua.c reads it). */
+typedef struct {
+    const char *name;
+    const char *file;
+    const unsigned char *data;
+    size_t size;
+    const unsigned char *bytecode;
+    size_t bytecode_size;
+} embedded_module_t;
+extern const embedded_module_t ah_lua_modules[];
+
+static void test_embedded_modules_are_bytecode_that_keeps_its_lines(void **unused)
+{
+    int count = 0;
+    for (const embedded_module_t *m = ah_lua_modules; m->name != NULL; m++, count++) {
+        assert_non_null(m->bytecode); /* LuaJIT's bytecode signature: ESC 'L' 'J' */
+        assert_true(m->bytecode_size > 3 && m->bytecode[0] == 0x1b && m->bytecode[1] == 'L' &&
+                    m->bytecode[2] == 'J');
+    }
+    assert_true(count >= 3);
+    ah_lua_t *lua = open_ok(FIXTURE("module_lines.lua"), NULL, 0);
+    assert_int_equal(batch_ok(lua), 1);
+    ah_lua_close(lua);
+}
+
 static void test_agent_json_round_trip(void **unused)
 {
     ah_lua_t *lua = open_ok(FIXTURE("json.lua"), NULL, 0);
@@ -607,6 +632,7 @@ int main(void)
         cmocka_unit_test(test_hooks_receive_event_fields),
         cmocka_unit_test(test_require_finds_module_next_to_script),
         cmocka_unit_test(test_embedded_modules_are_compiled_when_first_required),
+        cmocka_unit_test(test_embedded_modules_are_bytecode_that_keeps_its_lines),
         cmocka_unit_test(test_agent_json_round_trip),
         cmocka_unit_test(test_agent_module_without_state),
         cmocka_unit_test(test_agent_module_sees_the_shared_state),
