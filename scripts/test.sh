@@ -10,7 +10,8 @@
 #
 # What overlaps (docs/TESTING.md, "How long it takes"): the end-to-end tests mostly wait (timers,
 # heartbeats, batch timeouts, browsers), so the two passes run at the same time: the sanitizer
-# pass (its build niced) in the background beside the optimised one. Once the optimised pass is
+# pass (its build niced, started with the optimised build) in the background beside the
+# optimised one. Once the optimised pass is
 # done, the fuzz targets and then the container checks (niced) run beside the rest of the
 # sanitizer pass. Packages are installed in the background as far as they are not needed yet
 # (below), and the container base images (network and disk) are made beside the tests. The
@@ -57,7 +58,8 @@ timed() {
 }
 
 # background NAME COMMAND...: runs COMMAND (a command or a function) in the background, in a
-# process group of its own, its output into a log; `finish NAME` waits for it.
+# process group of its own, its output into a log; `finish NAME` waits for it. (`set -e` does
+# not apply inside it: a function run so returns at its first failure itself.)
 background() {
   local name=$1 file=$logs/${1//[^A-Za-z0-9]/_}
   shift
@@ -106,22 +108,24 @@ end_to_end() { # $1 = build dir
 base_images() {
   local conf=$logs/containers.conf
   "$PY" -c 'import sys, pathlib; sys.path.insert(0, "tests/container")
-from container_helpers import containers_conf; containers_conf(pathlib.Path(sys.argv[1]))' "$conf"
+from container_helpers import containers_conf; containers_conf(pathlib.Path(sys.argv[1]))' "$conf" \
+    || return 1
   CONTAINERS_CONF=$conf nice -n 10 tests/container/make-base-images.sh
 }
 
-# The sanitizer pass: build (niced: the optimised pass runs beside it), unit and end-to-end
-# tests; fails on any sanitizer report.
+# The sanitizer pass: build (niced: the optimised tree builds and is tested beside it), unit
+# tests, end-to-end tests once the test packages are in; fails on any sanitizer report.
 sanitizer_pass() {
   local reports status=0
   echo "== [$(clock)] build (ASan/UBSan)"
-  BUILD_DIR=build-asan BUILD_TYPE=Debug nice -n 10 scripts/build.sh -DAH_SANITIZE=ON
+  BUILD_DIR=build-asan BUILD_TYPE=Debug nice -n 10 scripts/build.sh -DAH_SANITIZE=ON || return 1
+  wait_for_test_packages || return 1
   reports=$(mktemp -d)
   export ASAN_OPTIONS="log_path=$reports/asan:detect_leaks=1:abort_on_error=0"
   export UBSAN_OPTIONS="log_path=$reports/ubsan:print_stacktrace=1"
   export LSAN_OPTIONS="suppressions=$repo/tests/lsan.supp:print_suppressions=0"
   echo "== [$(clock)] unit tests (build-asan)"
-  unit_tests build-asan
+  unit_tests build-asan || status=$?
   echo "== [$(clock)] end-to-end tests (build-asan, E2E_WORKERS=$E2E_WORKERS)"
   end_to_end build-asan || status=$?
   if compgen -G "$reports/*" >/dev/null; then
@@ -133,8 +137,23 @@ sanitizer_pass() {
   return "$status"
 }
 
+# The test packages; the sanitizer pass, started before they are in, waits for the mark.
+test_packages() {
+  scripts/install-deps.sh --only=tests && touch "$logs/test-packages-installed"
+}
+
+wait_for_test_packages() {
+  while [[ ! -e "$logs/test-packages-installed" ]]; do
+    if [[ -e "$logs/install_dependencies__tests_.time" ]]; then
+      echo "== the test packages were not installed" >&2
+      return 1
+    fi
+    sleep 1
+  done
+}
+
 later_dependencies() { # $1 = package sets
-  scripts/install-deps.sh --only="$1"
+  scripts/install-deps.sh --only="$1" || return 1
   if [[ -n "$container" ]]; then
     base_images
   fi
@@ -154,7 +173,7 @@ last_checks() {
   renice -n 10 -p "$BASHPID" >/dev/null
   if [[ -n "$fuzz" ]]; then
     echo "== [$(clock)] fuzz targets (clang, ASan/UBSan; a few seconds each)"
-    fuzz_targets
+    fuzz_targets || return 1
   fi
   if [[ -n "$container" ]]; then
     echo "== [$(clock)] container image (podman: tests/container)"
@@ -166,7 +185,12 @@ last_checks() {
 # first test); the fuzz and container packages and the container base images (debootstrap) in
 # the background while the tests run. With everything installed each of these is a check.
 timed "install dependencies (build)" scripts/install-deps.sh --only=build
-background "install dependencies (tests)" scripts/install-deps.sh --only=tests
+background "install dependencies (tests)" test_packages
+if [[ -n "$sanitize" ]]; then
+  background "sanitizer pass (ASan/UBSan build, unit, end-to-end)" sanitizer_pass
+else
+  echo "== sanitizer pass SKIPPED (SKIP_SANITIZE=1)" >&2
+fi
 
 # One optimised tree for the unit and end-to-end tests, built as the container image builds:
 # Release (-O3), warnings are errors.
@@ -175,11 +199,6 @@ finish "install dependencies (tests)"
 later_sets=$(IFS=,; echo "${fuzz:+fuzz}${fuzz:+${container:+,}}${container:+container}")
 if [[ -n "$later_sets" ]]; then
   background "install dependencies ($later_sets), base images" later_dependencies "$later_sets"
-fi
-if [[ -n "$sanitize" ]]; then
-  background "sanitizer pass (ASan/UBSan build, unit, end-to-end)" sanitizer_pass
-else
-  echo "== sanitizer pass SKIPPED (SKIP_SANITIZE=1)" >&2
 fi
 timed "unit tests (build)" unit_tests build
 timed "end-to-end tests (build, E2E_WORKERS=$E2E_WORKERS)" end_to_end build
