@@ -11,12 +11,11 @@
 # What overlaps (docs/TESTING.md, "How long it takes"): the end-to-end tests mostly wait (timers,
 # heartbeats, batch timeouts, browsers), so the two passes run at the same time: the sanitizer
 # pass (its build niced, started with the optimised build) in the background beside the
-# optimised one. Once the optimised pass is
-# done, the fuzz targets and then the container checks (niced) run beside the rest of the
-# sanitizer pass. Packages are installed in the background as far as they are not needed yet
-# (below), and the container base images (network and disk) are made beside the tests. The
-# output of a background phase is printed when the script waits for it; each phase's time is
-# printed at the end.
+# optimised one, and beside both, niced, the fuzz targets and then the container checks.
+# Packages are installed in the background as far as they are not needed yet (below), and the
+# container base images (network and disk) are made beside the tests. The output of a
+# background phase is printed when the script waits for it; each phase's time is printed at the
+# end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -168,9 +167,11 @@ container_checks() {
   "$PY" -m pytest -q -p no:cacheprovider tests/container
 }
 
-# The fuzz targets, then the container checks (niced): both need CPU, so they take turns.
-last_checks() {
+# Their packages and the base images, the fuzz targets, then the container checks, niced (the
+# end-to-end passes run beside them): both need CPU, so they take turns.
+later_checks() { # $1 = package sets
   renice -n 10 -p "$BASHPID" >/dev/null
+  later_dependencies "$1" || return 1
   if [[ -n "$fuzz" ]]; then
     echo "== [$(clock)] fuzz targets (clang, ASan/UBSan; a few seconds each)"
     fuzz_targets || return 1
@@ -198,15 +199,14 @@ timed "build (Release)" env BUILD_DIR=build BUILD_TYPE=Release scripts/build.sh
 finish "install dependencies (tests)"
 later_sets=$(IFS=,; echo "${fuzz:+fuzz}${fuzz:+${container:+,}}${container:+container}")
 if [[ -n "$later_sets" ]]; then
-  background "install dependencies ($later_sets), base images" later_dependencies "$later_sets"
+  background "fuzz targets, container checks (and their packages)" later_checks "$later_sets"
 fi
 timed "unit tests (build)" unit_tests build
 timed "end-to-end tests (build, E2E_WORKERS=$E2E_WORKERS)" end_to_end build
 [[ -z "$fuzz" ]] && echo "== fuzz targets SKIPPED (SKIP_FUZZ=1)" >&2
 [[ -z "$container" ]] && echo "== container checks SKIPPED (SKIP_CONTAINER=1)" >&2
 if [[ -n "$later_sets" ]]; then
-  finish "install dependencies ($later_sets), base images"
-  timed "fuzz targets, container checks" last_checks
+  finish "fuzz targets, container checks (and their packages)"
 fi
 if [[ -n "$sanitize" ]]; then
   finish "sanitizer pass (ASan/UBSan build, unit, end-to-end)"
