@@ -18,7 +18,7 @@ declare -A SETS=(
     libluajit-5.1-dev libmongoc-dev libbson-dev libuv1-dev lua-cjson-dev libmicrohttpd-dev
     libsqlite3-dev libcurl4-openssl-dev libcmocka-dev"
   # end-to-end tests: pytest with xdist, the MongoDB test server's pymongo and mongomock; the
-  # console tests' headless browser; the deployment checks' YAML (node, npm and kubectl below)
+  # console tests' headless browser; the deployment checks' YAML (node and kubectl below)
   [tests]="python3 python3-pytest python3-pytest-xdist python3-pymongo python3-mongomock
     chromium chromium-driver python3-selenium python3-yaml"
   # fuzz targets (scripts/fuzz.sh): clang with libFuzzer and the sanitizer runtimes
@@ -52,10 +52,11 @@ for p in "${PACKAGES[@]}"; do
   fi
 done
 if [[ " ${wanted[*]} " == *" tests "* ]]; then
-  # Node.js and npm (tests/deploy): any install will do (e.g. NodeSource's nodejs bundles npm
-  # and conflicts with Debian's npm package), so only install Debian's when there is no npm.
-  if ! command -v npm >/dev/null 2>&1; then
-    missing+=(nodejs npm)
+  # Node.js (tests/deploy runs its validators with node; tests/deploy/lock_install.py fetches
+  # their packages from the lockfile, so Debian's npm and its ~390 dependencies are not needed):
+  # any install will do, so only install Debian's when there is no node.
+  if ! command -v node >/dev/null 2>&1; then
+    missing+=(nodejs)
   fi
   # kubectl (for `kubectl kustomize k8s/`): Debian's kubernetes-client unless one is installed.
   if ! command -v kubectl >/dev/null 2>&1; then

@@ -2,8 +2,8 @@
 
 Everything here is offline: YAML parsing (python3-yaml), a small kustomize resolver for the
 features k8s/kustomization.yaml uses, the binary's accepted env vars and HTTP routes parsed from
-the C sources, and the npm validators in validate.js (installed on first use with `npm ci` into
-tests/deploy/node_modules from the committed package-lock.json)."""
+the C sources, and the npm validators in validate.js (installed on first use into tests/deploy/node_modules from
+the committed package-lock.json by lock_install.py, which needs no npm)."""
 import fcntl
 import hashlib
 import json
@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,24 +170,25 @@ def route_ok(http_literals):
 
 @pytest.fixture(scope="session")
 def node_validator():
-    """Runs validate.js; installs its npm dependencies first (npm ci) when they are missing or
-    stale. Skips only if node/npm are not installed."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node/npm not installed (Debian: nodejs npm); schema validation not run")
+    """Runs validate.js; installs its npm packages first (lock_install.py: exactly the
+    lockfile's, checked against its hashes) when they are missing or stale. Skips only if node
+    is not installed."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not installed (Debian: nodejs); schema validation not run")
     lock = HERE / "package-lock.json"
     stamp = HERE / "node_modules" / ".agenthost-lock-sha256"
     digest = hashlib.sha256(lock.read_bytes()).hexdigest()
-    # Parallel test processes (pytest-xdist) each run this session fixture: one `npm ci` at a
+    # Parallel test processes (pytest-xdist) each run this session fixture: one install at a
     # time, and the others find the stamp it wrote.
-    with open(HERE / ".npm-ci.lock", "w") as guard:
+    with open(HERE / ".lock-install.lock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         if not stamp.is_file() or stamp.read_text() != digest:
             r = subprocess.run(
-                [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=HERE, capture_output=True, text=True, timeout=600,
+                [sys.executable, str(HERE / "lock_install.py"), str(HERE)],
+                capture_output=True, text=True, timeout=600,
             )
-            assert r.returncode == 0, f"npm ci failed:\n{r.stdout}\n{r.stderr}"
+            assert r.returncode == 0, f"lock_install.py failed:\n{r.stdout}\n{r.stderr}"
             stamp.write_text(digest)
 
     def run(what, payload, tmp_path):
