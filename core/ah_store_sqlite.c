@@ -497,29 +497,46 @@ cleanup:
     return ret;
 }
 
-/* fdatasync()s the file at path (fsync() for a directory). false with errno on failure. */
-static bool sync_path(const char *path, bool directory)
+/* fsync of a directory (the entries of files just created in it). Never used on a database
+ * file: closing any descriptor of a file drops every POSIX lock this process holds on it, and
+ * with the locks of its connections gone, another process's last close would checkpoint and
+ * delete the WAL this process still writes to (its commits would then reach no other process). */
+static bool sync_dir(const char *path)
 {
-    int fd = open(path, (directory ? O_RDONLY | O_DIRECTORY : O_RDWR) | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) {
         return false;
     }
-    int rc = directory ? fsync(fd) : fdatasync(fd);
+    int rc = fsync(fd);
     int saved = errno;
     close(fd);
     errno = saved;
     return rc == 0;
 }
 
-/* Makes a file that sqlite_connect created without fsync as durable as a synced setup would have
- * left it: the database file, its WAL and their directory are synced (what SQLite syncs when it
- * creates a file, at once instead of in six steps). A failure is logged: the next checkpoint
- * syncs anyway. */
-static void sqlite_flush_new(const ah_sqlite_store_t *st)
+/* Syncs the file behind a connection's descriptor (op: SQLITE_FCNTL_FILE_POINTER for the
+ * database, SQLITE_FCNTL_JOURNAL_POINTER for its WAL), through SQLite's own descriptor. True when
+ * synced, or when the connection has no such file open. */
+static bool sync_connection_file(sqlite3 *db, int op)
 {
-    char wal[PATH_MAX];
+    sqlite3_file *file = NULL;
+    if (sqlite3_file_control(db, "main", op, &file) != SQLITE_OK) {
+        return false;
+    }
+    if (file == NULL || file->pMethods == NULL) {
+        return true;
+    }
+    return file->pMethods->xSync(file, SQLITE_SYNC_NORMAL) == SQLITE_OK;
+}
+
+/* Makes a file that sqlite_connect created without fsync as durable as a synced setup would have
+ * left it: the database file and its WAL (through db, the watcher's connection, so that no
+ * descriptor of them is opened and closed beside SQLite's: see sync_dir) and their directory
+ * are synced (what SQLite syncs when it creates a file, at once instead of in six steps). A
+ * failure is logged: the next checkpoint syncs anyway. */
+static void sqlite_flush_new(const ah_sqlite_store_t *st, sqlite3 *db)
+{
     char dir[PATH_MAX];
-    snprintf(wal, sizeof(wal), "%s-wal", st->path);
     ah_strlcpy(dir, st->path, sizeof(dir));
     char *slash = strrchr(dir, '/');
     if (slash == NULL) {
@@ -529,10 +546,10 @@ static void sqlite_flush_new(const ah_sqlite_store_t *st)
     } else {
         *slash = '\0';
     }
-    const char *failed = !sync_path(st->path, false)                 ? st->path
-                         : !sync_path(wal, false) && errno != ENOENT ? wal
-                         : !sync_path(dir, true)                     ? dir
-                                                                     : NULL;
+    const char *failed = !sync_connection_file(db, SQLITE_FCNTL_FILE_POINTER)      ? "the file"
+                         : !sync_connection_file(db, SQLITE_FCNTL_JOURNAL_POINTER) ? "its WAL"
+                         : !sync_dir(dir)                                          ? dir
+                                                                                   : NULL;
     if (failed != NULL) {
         ah_log_warn("embedded store '%s': the new file could not be flushed to disk yet (%s: %s)",
                     st->path, failed, strerror(errno));
@@ -1338,7 +1355,7 @@ static void *watch_main(void *arg)
             reported_doc = true;
             reported_version = doc.version;
             if (st->flush_new) { /* after the first delivery: off the agent's start-up path */
-                sqlite_flush_new(st);
+                sqlite_flush_new(st, db);
                 st->flush_new = false;
             }
         }

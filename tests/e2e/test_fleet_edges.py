@@ -5,6 +5,7 @@ long before the next heartbeat); an agent that is stopping or stopped is exclude
 once; until= and wait= at their bounds; and a local pause of an agent held paused by a cluster
 shutdown keeps the hold."""
 import datetime
+import os
 import signal
 import sqlite3
 import threading
@@ -186,3 +187,25 @@ def test_a_local_pause_while_held_keeps_the_hold(fleet, state_file, tmp_path):
     late.wait_state("running")
     wait_events(late.events, lambda e: count_events(e, "batch_start") >= 1, 15, "batches")
     stop(late)
+
+
+def test_another_process_closing_the_new_file_never_takes_the_agents_log_away(
+        fleet, state_file, tmp_path):
+    # A new file is synced after the watcher's first read. That sync must not drop the agent's
+    # own locks on the file (closing any descriptor of a file drops every POSIX lock the process
+    # holds on it): without them, the last close of another process's connection takes the
+    # exclusive lock, checkpoints and deletes the WAL the agent still writes to, and the agent's
+    # next commands, answered 200, land in a deleted file that no other process (agent) reads.
+    a = start(fleet, state_file, tmp_path, "fresh")
+    a.wait_state("running", timeout=15)
+    r = a.post("/api/cluster/pause?reason=first")
+    assert r.status == 200, r.body
+    a.wait_state("paused")  # delivered by the watcher, whose first read (and sync) came before
+    assert audit_reasons(state_file) == ["first"]  # another process's connection, closed
+    assert os.path.exists(state_file + "-wal"), "another process's close deleted the agent's WAL"
+    r = a.post("/api/cluster/resume?reason=second")
+    assert r.status == 200, r.body
+    assert audit_reasons(state_file) == ["first", "second"]  # what every other agent reads
+    a.wait_state("running")
+    stop(a)
+    assert audit_reasons(state_file) == ["first", "second"]
