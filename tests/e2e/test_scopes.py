@@ -30,6 +30,10 @@ def start_four(fleet, store):
     agents = {name: start(fleet, store, name) for name in LABELS}
     for a in agents.values():
         a.wait_state("running", timeout=20)
+    # an agent's first status record follows its startup sync: a wait= counts the agents listed
+    a1 = agents["a1"]
+    wait_for(lambda: (lambda r: r.status == 200 and r.json()["summary"]["total"] == len(agents))(
+        a1.get("/api/cluster/agents")), 20, message="every agent's record")
     return agents
 
 
