@@ -9,6 +9,7 @@ Endpoints:
   /chunked?size=N    N bytes, chunked transfer encoding
   /redirect?n=K      302 to /redirect?n=K-1, and /status/200 at 0
   /conn              the client's port (a new port means a new connection)
+  /slow?ms=N         status 200 after N milliseconds, body "slow"
   /hang              reads the request and never answers
 """
 import json
@@ -17,6 +18,7 @@ import socketserver
 import ssl
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -35,7 +37,8 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in extra:
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _body(self):
         n = int(self.headers.get("Content-Length") or 0)
@@ -77,6 +80,9 @@ class Handler(BaseHTTPRequestHandler):
             n = int(q.get("n", "0"))
             target = f"/redirect?n={n - 1}" if n > 0 else "/status/200"
             return self._send(302, "", extra=[("Location", target)])
+        if url.path == "/slow":
+            time.sleep(int(q.get("ms", "0")) / 1000)
+            return self._send(200, "slow")
         if url.path == "/conn":
             return self._send(200, str(self.client_address[1]))
         if url.path == "/hang":
@@ -86,7 +92,7 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return self._send(404, "not found")
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _route
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _route
 
 
 class Server(ThreadingHTTPServer):
