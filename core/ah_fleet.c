@@ -1,8 +1,11 @@
-/* Implementation of ah_fleet.h: the status writer thread. It sleeps on its own condition
- * variable until the record is due (the heartbeat, ±10% jitter so that a fleet started together
- * spreads its writes), ah_fleet_changed() marks it dirty, or a timed pause expires; it takes a
- * state snapshot and writes with one store call outside its lock. A failed write is retried with
- * capped exponential backoff; the first failure of a streak is logged. */
+/* Implementation of ah_fleet.h: the status writer thread. It is started once the agent has left
+ * `starting` (the first change after the startup sync) or by the host's first watchdog tick,
+ * whichever comes first, so that neither the thread nor the first write (which creates the status
+ * records' file of a new embedded store) competes with the agent's start. It sleeps on its own
+ * condition variable until the record is due (the heartbeat, ±10% jitter so that a fleet started
+ * together spreads its writes), ah_fleet_changed() marks it dirty, or a timed pause expires; it
+ * takes a state snapshot and writes with one store call outside its lock. A failed write is retried
+ * with capped exponential backoff; the first failure of a streak is logged. */
 #include "ah_fleet.h"
 
 #include "ah_log.h"
@@ -716,14 +719,32 @@ ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t
     pthread_cond_init(&f->wait_cond, &attr);
     pthread_cond_init(&f->drain_cond, &attr);
     pthread_condattr_destroy(&attr);
+    return f; /* the writer starts with ah_fleet_start_writer(), the waiter with the first wait */
+}
+
+/* Starts the writer thread unless it runs or has ended (f->lock held). A failure is logged: the
+ * next call tries again. */
+static void start_writer_locked(ah_fleet_t *f)
+{
+    if (f->thread_started || f->stopping) {
+        return;
+    }
     int rc = pthread_create(&f->thread, NULL, fleet_main, f);
     if (rc != 0) {
-        snprintf(err, errlen, "cannot start the status writer thread: %s", strerror(rc));
-        ah_fleet_free(f);
-        return NULL;
+        ah_log_warn("Cannot start the status writer thread (retrying): %s", strerror(rc));
+        return;
     }
     f->thread_started = true;
-    return f; /* the waiter starts with the first wait (fleet_add_wait) */
+}
+
+void ah_fleet_start_writer(ah_fleet_t *f)
+{
+    if (f == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&f->lock);
+    start_writer_locked(f);
+    pthread_mutex_unlock(&f->lock);
 }
 
 void ah_fleet_changed(ah_fleet_t *f)
@@ -731,8 +752,13 @@ void ah_fleet_changed(ah_fleet_t *f)
     if (f == NULL) {
         return;
     }
+    /* read before the lock: the state object calls without its own lock held */
+    bool synced = ah_state_get(f->state) != AH_STATE_STARTING;
     pthread_mutex_lock(&f->lock);
     f->dirty = true;
+    if (synced) {
+        start_writer_locked(f);
+    }
     pthread_cond_signal(&f->cond);
     pthread_mutex_unlock(&f->lock);
 }

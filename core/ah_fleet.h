@@ -10,8 +10,14 @@
  * "system"), so that however many agents see the expiry at once, exactly one resume is written;
  * the others find the new version and do nothing.
  *
- * Threads: ah_fleet_start/stop/free from the host's thread; ah_fleet_changed from any thread
- * (it only sets a flag under a private lock). */
+ * The writer thread does not start with the fleet: the first change once the agent has left
+ * `starting` (its startup sync, or a shutdown before it) starts it, or the host's watchdog
+ * (ah_fleet_start_writer) when the sync takes longer; the first record is written then. An agent
+ * that stops before either wrote no record and writes none.
+ *
+ * Threads: ah_fleet_start/stop/free from the host's thread; ah_fleet_changed and
+ * ah_fleet_start_writer from any thread (a flag under a private lock, at most one thread
+ * creation). */
 #ifndef AH_FLEET_H
 #define AH_FLEET_H
 
@@ -24,12 +30,17 @@
 
 typedef struct ah_fleet_s ah_fleet_t;
 
-/* Starts the writer thread, which writes the first record at once. state and store are borrowed
- * and must outlive ah_fleet_stop(). NULL with err set on failure. */
+/* Creates the fleet; no thread runs yet (see above). state and store are borrowed and must
+ * outlive ah_fleet_stop(). NULL with err set on failure. */
 ah_fleet_t *ah_fleet_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *store, char *err,
                            size_t errlen);
-/* Something the record shows changed: the writer writes again as soon as it can. Never blocks
- * on the store. NULL is accepted. */
+/* Starts the writer thread, which writes the first record at once, unless it runs already or
+ * ah_fleet_stop() ran. A failure to create it is logged (the next call tries again). NULL is
+ * accepted. */
+void ah_fleet_start_writer(ah_fleet_t *f);
+/* Something the record shows changed: the writer writes again as soon as it can; once the agent
+ * has left `starting`, a writer not started yet is started. Never blocks on the store. NULL is
+ * accepted. */
 void ah_fleet_changed(ah_fleet_t *f);
 /* A newer control document arrived: the writer re-checks when a timed pause expires (no write
  * of its own). NULL is accepted. */
@@ -42,9 +53,10 @@ void ah_fleet_stop_waits(ah_fleet_t *f);
  * shutdown command go on (the waiter keeps reading the records, where a stopped agent counts as
  * having applied it) until none is left or `seconds` have passed. NULL is accepted. */
 void ah_fleet_drain_waits(ah_fleet_t *f, double seconds);
-/* Stops the waits (ah_fleet_stop_waits), then the writer after one last write of the current status
- * (after a clean shutdown: "stopped") and joins it; bounded by the store's own timeouts. Later
- * ah_fleet_changed() calls are harmless. NULL is accepted. */
+/* Stops the waits (ah_fleet_stop_waits), then the writer, if it started, after one last write of
+ * the current status (after a clean shutdown: "stopped") and joins it; bounded by the store's own
+ * timeouts. Later ah_fleet_changed() / ah_fleet_start_writer() calls are harmless (no writer
+ * starts any more). NULL is accepted. */
 void ah_fleet_stop(ah_fleet_t *f);
 /* Frees the fleet once no thread can call ah_fleet_changed() any more. NULL is accepted. */
 void ah_fleet_free(ah_fleet_t *f);

@@ -683,10 +683,12 @@ static void disarm_exit_timer(ah_host_t *h)
 }
 
 /* Every WATCHDOG_INTERVAL_MS: reports a Lua call that overran BATCH_TIMEOUT (and asks it to
- * stop), and bounds shutdown by SHUTDOWN_TIMEOUT. */
+ * stop), and bounds shutdown by SHUTDOWN_TIMEOUT. Its first tick starts the status writer if the
+ * startup sync has not (an agent still waiting for its store is listed as starting). */
 static void on_watchdog(uv_timer_t *timer)
 {
     ah_host_t *h = timer->data;
+    ah_fleet_start_writer(h->fleet); /* a no-op once it runs */
     ah_state_snapshot_t snap;
     ah_state_snapshot(h->state, &snap);
     int64_t now = ah_mono_us();

@@ -2,14 +2,17 @@
  * one SQLite file that every local agent pointing at it shares. A command is one IMMEDIATE
  * transaction that bumps the version and appends the audit row, so versions stay gapless under
  * concurrent writers in several processes. Two connections: the API connection, used by any
- * thread under api_lock, and the watcher's own connection, owned by the watcher thread, which
- * polls the cheap `PRAGMA data_version` (it only changes for commits made through *other*
- * connections, which is why the watcher cannot share the API connection). The agents' status
- * records (table agent_status) live in a file of their own next to it, "<path>-agents", on a
- * third connection (the status connection, under status_lock): after a command every agent
- * writes its record at once, and those writes then queue on that file's write lock alone, not on
- * the commands' lock, and do not change the control file, whose watchers would otherwise re-read
- * the control document after every one of them.
+ * thread under api_lock and opened by the first call that needs it, and the watcher's own
+ * connection, owned by the watcher thread, which polls the cheap `PRAGMA data_version` (it only
+ * changes for commits made through *other* connections, which is why the watcher cannot share the
+ * API connection). Opening the store only checks the path and opens the file (sqlite_check_open,
+ * on the caller's thread: a bad path fails there); the watcher sets up that connection (creating
+ * the schema of a new file) and reads, so the agent's start does not wait for the setup. The
+ * agents' status records (table agent_status) live in a file of their own next to it,
+ * "<path>-agents", on a third connection (the status connection, under status_lock): after a
+ * command every agent writes its record at once, and those writes then queue on that file's write
+ * lock alone, not on the commands' lock, and do not change the control file, whose watchers would
+ * otherwise re-read the control document after every one of them.
  *
  * Error mapping: the file cannot be opened or stays locked past the busy timeout and retries →
  * AH_EUNAVAIL (nothing written); any other SQLite failure → AH_EIO. Messages include
@@ -25,6 +28,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <sqlite3.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,7 +42,6 @@
 #define AH_SQLITE_BUSY_FIRST_MS 1.0         /* busy handler: the first sleep (before jitter) */
 #define AH_SQLITE_BUSY_CAP_MS 10.0          /* busy handler: the longest sleep (before jitter) */
 #define AH_SQLITE_TXN_ATTEMPTS 4            /* whole-transaction attempts on SQLITE_BUSY */
-#define AH_SQLITE_OPEN_BUSY_MS 200          /* open: lock wait before deferring the connection */
 #define AH_SQLITE_WATCH_BUSY_MS 250         /* watcher: lock wait per (re)connection attempt */
 #define AH_SQLITE_BACKOFF_MIN_S 0.2         /* watcher: first retry delay after a failure */
 #define AH_SQLITE_BACKOFF_MAX_S 10.0        /* watcher: retry delay cap */
@@ -64,8 +67,10 @@ typedef struct ah_sqlite_store_s {
     bool watching; /* set once by watch_start; the thread is joined by close */
     pthread_t watcher;
     ah_store_listener_t listener;
-    bool flush_new; /* the open created the file without fsync: the watcher flushes it after its
-                       first read (set before the watcher starts, then the watcher's) */
+    sqlite3 *first_db;     /* the connection the open checked the file with, not set up yet: the
+                              watcher's first connection (the store's until the watcher takes it) */
+    atomic_bool flush_new; /* a connection created the file without fsync: the watcher flushes
+                              it after its next read */
 } ah_sqlite_store_t;
 
 static const char ah_sqlite_schema[] =
@@ -303,6 +308,20 @@ static bool sqlite_file_is_new(const char *path)
     return stat(path, &sb) != 0 ? errno == ENOENT : sb.st_size == 0;
 }
 
+/* The directory of path into dir[n] ("." for a bare file name). */
+static void sqlite_dir_of(const char *path, char *dir, size_t n)
+{
+    ah_strlcpy(dir, path, n);
+    char *slash = strrchr(dir, '/');
+    if (slash == NULL) {
+        ah_strlcpy(dir, ".", n);
+    } else if (slash == dir) {
+        dir[1] = '\0';
+    } else {
+        *slash = '\0';
+    }
+}
+
 /* The integer the one-row, one-column query sql answers into *out (0 when it answers no row).
  * SQLite's result code. */
 static int sqlite_query_int(sqlite3 *db, const char *sql, int *out)
@@ -355,34 +374,31 @@ static int sqlite_setup(sqlite3 *db)
     return rc;
 }
 
-/* Opens a connection to st->path with the store's pragmas, waiting up to busy_ms for another
- * connection's lock, `attempts` times, and creates the file, the schema and the initial document
- * unless the file has them (its schema version). Returns 0 and *out, or AH_EUNAVAIL/AH_EIO with
- * err set (*out NULL); *busy (may be NULL) tells whether the failure was another connection's
- * lock.
+/* Opens a connection to st->path with the store's pragmas (opened: a connection to it that is
+ * open but not set up yet, taken over: closed on failure; NULL: one is opened here), waiting up to
+ * busy_ms for another connection's lock, `attempts` times, and creates the file, the schema and
+ * the initial document unless the file has them (its schema version). write_lock: the file's
+ * write lock is taken even when there is nothing to set up (the watcher: an agent that starts
+ * while another process holds it waits, not ready, as on an unreachable store); else a file at
+ * the schema version is only read (the API connection, opened by a call: a read does not wait
+ * for another process's write). Returns 0 and *out, or AH_EUNAVAIL/AH_EIO with err set (*out
+ * NULL).
  *
- * created NULL: every write is synced as always. created not NULL: a file that does not exist yet
- * (or is empty) is created and set up without fsync (synchronous = OFF until the setup is
- * committed; its content is what any start writes into a new file), and *created tells whether
- * that happened: the caller then flushes it off the start-up path (sqlite_flush_new). */
-static int sqlite_connect(const ah_sqlite_store_t *st, int busy_ms, int attempts, sqlite3 **out,
-                          bool *busy, bool *created, char *err, size_t errlen)
+ * A file that does not exist yet (or is empty) is created and set up without fsync (synchronous =
+ * OFF until the setup is committed; its content is what any start writes into a new file), and
+ * st->flush_new is set: the watcher flushes it after its next read, off the start-up path
+ * (sqlite_flush_new). Any thread; the connection is the caller's. */
+static int sqlite_connect(ah_sqlite_store_t *st, sqlite3 *opened, bool write_lock, int busy_ms,
+                          int attempts, sqlite3 **out, char *err, size_t errlen)
 {
-    sqlite3 *db = NULL;
+    sqlite3 *db = opened;
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_CREATE;
     int ret = AH_EIO;
     int rc;
-    bool unsynced = created != NULL && sqlite_file_is_new(st->path);
+    bool unsynced = sqlite_file_is_new(st->path);
 
     *out = NULL;
-    if (busy != NULL) {
-        *busy = false;
-    }
-    if (created != NULL) {
-        *created = false;
-    }
-    rc = sqlite3_open_v2(st->path, &db, flags, NULL);
-    if (rc != SQLITE_OK) {
+    if (db == NULL && (rc = sqlite3_open_v2(st->path, &db, flags, NULL)) != SQLITE_OK) {
         sqlite_error(err, errlen, st, db, "cannot open");
         ret = AH_EUNAVAIL;
         goto cleanup;
@@ -399,8 +415,12 @@ static int sqlite_connect(const ah_sqlite_store_t *st, int busy_ms, int attempts
                                    : "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;"
                                      " PRAGMA foreign_keys = OFF;",
                           NULL, NULL, NULL);
-        /* The write lock is taken even when there is nothing to set up: an agent that starts
-         * while another process holds it waits (not ready) as on an unreachable store. */
+        if (rc == SQLITE_OK && !write_lock && !unsynced) {
+            rc = sqlite_query_int(db, "PRAGMA user_version", &version);
+            if (rc == SQLITE_OK && version >= AH_SQLITE_SCHEMA_VERSION) {
+                break; /* set up: nothing to write */
+            }
+        }
         if (rc == SQLITE_OK) {
             rc = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
         }
@@ -422,9 +442,6 @@ static int sqlite_connect(const ah_sqlite_store_t *st, int busy_ms, int attempts
         rc = sqlite3_extended_errcode(db);
         sqlite_error(err, errlen, st, db, "cannot set up");
         sqlite_rollback(db);
-        if (busy != NULL) {
-            *busy = sqlite_is_busy(rc);
-        }
         if (!sqlite_is_busy(rc) || attempt >= attempts) {
             ret =
                 sqlite_is_busy(rc) || (rc & 0xff) == SQLITE_CANTOPEN || (rc & 0xff) == SQLITE_NOTADB
@@ -435,14 +452,96 @@ static int sqlite_connect(const ah_sqlite_store_t *st, int busy_ms, int attempts
         ah_sleep(0.05 * attempt);
     }
 
-    if (created != NULL) {
-        *created = unsynced;
+    if (unsynced) {
+        atomic_store(&st->flush_new, true);
     }
     *out = db;
     db = NULL;
     ret = 0;
 cleanup:
     sqlite3_close_v2(db); /* NULL is a no-op */
+    return ret;
+}
+
+/* The part of opening the store that runs on the caller's thread (before any connection of this
+ * store exists): what makes the path unusable whatever other processes do, so that a bad
+ * AGENTHOST_STATE fails at start instead of leaving the watcher retrying for ever. It opens a
+ * connection to the file (creating it, empty, when missing: the directory must exist and take
+ * new files), which must be writable, and whose first bytes, when it has any, must be SQLite's
+ * header; its directory must be writable (the WAL, its index and the status records' file are
+ * created there). No pragma, no lock, no setup: that connection becomes the watcher's first, set
+ * up on its thread. The header is read through SQLite's own descriptor, never one of ours
+ * (see sync_dir). 0 and *out, or AH_EUNAVAIL with err set. */
+static int sqlite_check_open(const ah_sqlite_store_t *st, sqlite3 **out, char *err, size_t errlen)
+{
+    static const char header[16] = "SQLite format 3"; /* and its NUL */
+    sqlite3 *db = NULL;
+    sqlite3_file *file = NULL;
+    sqlite3_int64 size = 0;
+    char first[sizeof(header)];
+    char dir[PATH_MAX];
+    int ret = AH_EUNAVAIL;
+
+    *out = NULL;
+    sqlite_dir_of(st->path, dir, sizeof(dir));
+    int rc = sqlite3_open_v2(
+        st->path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_CREATE, NULL);
+    if (rc != SQLITE_OK) {
+        /* SQLite's errno is that of its last attempt (a read-only open): the directory's tells
+         * more when the file could not be created */
+        struct stat sb;
+        int sys = db != NULL ? sqlite3_system_errno(db) : 0;
+        if (stat(dir, &sb) != 0) {
+            snprintf(err, errlen, "embedded store '%s': cannot open: directory '%s': %s", st->path,
+                     dir, strerror(errno));
+        } else if (!S_ISDIR(sb.st_mode)) {
+            snprintf(err, errlen, "embedded store '%s': cannot open: '%s' is not a directory",
+                     st->path, dir);
+        } else if (access(dir, W_OK | X_OK) != 0) {
+            snprintf(err, errlen,
+                     "embedded store '%s': cannot open: no file can be created in its directory "
+                     "'%s' (%s)",
+                     st->path, dir, strerror(errno));
+        } else {
+            snprintf(err, errlen, "embedded store '%s': cannot open: %s%s%s%s", st->path,
+                     db != NULL ? sqlite3_errmsg(db) : "out of memory", sys != 0 ? " (" : "",
+                     sys != 0 ? strerror(sys) : "", sys != 0 ? ")" : "");
+        }
+        goto cleanup;
+    }
+    if (sqlite3_db_readonly(db, "main") == 1) {
+        snprintf(err, errlen, "embedded store '%s': cannot open: the file is not writable",
+                 st->path);
+        goto cleanup;
+    }
+    if (access(dir, W_OK | X_OK) != 0) {
+        snprintf(err, errlen,
+                 "embedded store '%s': cannot open: no file can be created in its directory "
+                 "'%s' (%s)",
+                 st->path, dir, strerror(errno));
+        goto cleanup;
+    }
+    if (sqlite3_file_control(db, "main", SQLITE_FCNTL_FILE_POINTER, &file) != SQLITE_OK ||
+        file == NULL || file->pMethods == NULL ||
+        file->pMethods->xFileSize(file, &size) != SQLITE_OK) {
+        sqlite_error(err, errlen, st, db, "cannot open");
+        goto cleanup;
+    }
+    if (size > 0) {
+        memset(first, 0, sizeof(first));
+        rc = file->pMethods->xRead(file, first, (int)sizeof(first), 0);
+        if ((rc != SQLITE_OK && rc != SQLITE_IOERR_SHORT_READ) ||
+            memcmp(first, header, sizeof(header)) != 0) {
+            snprintf(err, errlen, "embedded store '%s': cannot open: file is not a database",
+                     st->path);
+            goto cleanup;
+        }
+    }
+    *out = db;
+    db = NULL;
+    ret = 0;
+cleanup:
+    sqlite3_close_v2(db);
     return ret;
 }
 
@@ -537,15 +636,7 @@ static bool sync_connection_file(sqlite3 *db, int op)
 static void sqlite_flush_new(const ah_sqlite_store_t *st, sqlite3 *db)
 {
     char dir[PATH_MAX];
-    ah_strlcpy(dir, st->path, sizeof(dir));
-    char *slash = strrchr(dir, '/');
-    if (slash == NULL) {
-        ah_strlcpy(dir, ".", sizeof(dir));
-    } else if (slash == dir) {
-        dir[1] = '\0';
-    } else {
-        *slash = '\0';
-    }
+    sqlite_dir_of(st->path, dir, sizeof(dir));
     const char *failed = !sync_connection_file(db, SQLITE_FCNTL_FILE_POINTER)      ? "the file"
                          : !sync_connection_file(db, SQLITE_FCNTL_JOURNAL_POINTER) ? "its WAL"
                          : !sync_dir(dir)                                          ? dir
@@ -809,15 +900,15 @@ cleanup:
     return rc;
 }
 
-/* The API connection (api_lock held): opened here when the store was locked at open. 0, or
+/* The API connection (api_lock held): opened by the first call that needs it. 0, or
  * AH_EUNAVAIL/AH_EIO with err set. */
 static int api_connect_locked(ah_sqlite_store_t *st, char *err, size_t errlen)
 {
     if (st->api_db != NULL) {
         return 0;
     }
-    return sqlite_connect(st, AH_SQLITE_BUSY_TIMEOUT_MS, AH_SQLITE_TXN_ATTEMPTS, &st->api_db, NULL,
-                          NULL, err, errlen);
+    return sqlite_connect(st, NULL, false, AH_SQLITE_BUSY_TIMEOUT_MS, AH_SQLITE_TXN_ATTEMPTS,
+                          &st->api_db, err, errlen);
 }
 
 /* The status connection (status_lock held): opened by the first status call. 0, or
@@ -1311,14 +1402,15 @@ static void *watch_main(void *arg)
     for (;;) {
         int64_t now_dv;
 
-        /* create: the file may still lack its schema if it was locked when the store opened;
-         * a short lock wait: the backoff below does the waiting, and close is not delayed. */
-        bool created = false;
-        if (db == NULL && sqlite_connect(st, AH_SQLITE_WATCH_BUSY_MS, 1, &db, NULL, &created, err,
+        /* The first connection is the one the open checked the file with: set up here, off the
+         * caller's thread (a new file gets its schema here). A short lock wait: the backoff below
+         * does the waiting, and close is not delayed. */
+        sqlite3 *opened = st->first_db;
+        st->first_db = NULL;
+        if (db == NULL && sqlite_connect(st, opened, true, AH_SQLITE_WATCH_BUSY_MS, 1, &db, err,
                                          sizeof(err)) != 0) {
             goto failed;
         }
-        st->flush_new = st->flush_new || created;
         if (need_read) {
             int64_t started_us = ah_mono_us();
             /* data_version first: a commit landing between the two is caught by the next poll. */
@@ -1354,9 +1446,9 @@ static void *watch_main(void *arg)
             }
             reported_doc = true;
             reported_version = doc.version;
-            if (st->flush_new) { /* after the first delivery: off the agent's start-up path */
+            if (atomic_exchange(&st->flush_new, false)) { /* after the delivery: off the agent's
+                                                              start-up path */
                 sqlite_flush_new(st, db);
-                st->flush_new = false;
             }
         }
 
@@ -1430,6 +1522,7 @@ static void sqlite_close(ah_store_t *base)
     if (watching) {
         pthread_join(st->watcher, NULL);
     }
+    sqlite3_close_v2(st->first_db); /* the watcher never started */
     sqlite3_close_v2(st->status_db);
     sqlite3_close_v2(st->api_db);
     pthread_cond_destroy(&st->watch_cond);
@@ -1504,18 +1597,13 @@ ah_store_t *ah_store_sqlite_open(const char *path, double poll_interval, char *e
     }
     pthread_condattr_destroy(&cond_attr);
     cond_attr_init = false;
-    /* Another process may hold the write lock: then the API connection is opened by the first
-     * call that needs it and the watcher retries with backoff (the agent starts, not ready,
-     * and syncs when the lock is released). Any other failure is a configuration error. */
-    bool busy = false;
-    if (sqlite_connect(st, AH_SQLITE_OPEN_BUSY_MS, 1, &st->api_db, &busy, &st->flush_new, err,
-                       errlen) != 0 &&
-        !busy) {
+    /* Only what another process cannot change is checked here, with no lock taken: the file is
+     * set up by the watcher (which retries with backoff while another process holds the write
+     * lock: the agent starts, not ready, and syncs when it is released), the API connection is
+     * opened by the first call that needs it. */
+    if (sqlite_check_open(st, &st->first_db, err, errlen) != 0) {
         pthread_cond_destroy(&st->watch_cond);
         goto fail;
-    }
-    if (st->api_db != NULL) {
-        sqlite_set_busy_wait(st->api_db, AH_SQLITE_BUSY_TIMEOUT_MS);
     }
     return &st->base;
 

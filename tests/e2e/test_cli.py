@@ -170,6 +170,10 @@ def test_an_agent_on_the_embedded_store_never_maps_libmongoc(fleet, state_file, 
     a.wait_state("running", timeout=15)
     wait_for(lambda: a.state()["batches"] >= 2, 15, message="two batches")
     assert maps_mongo(a.proc.pid) == [], maps_mongo(a.proc.pid)
+    # the HTTP API answers, from a process that mapped no TLS library
+    assert a.get("/healthz").status == 200
+    tls = [p for p in mapped_files(a.proc.pid) if "libgnutls" in p or "libmicrohttpd" in p]
+    assert tls == [], tls
 
 
 def test_require_agent_mongo_loads_the_plugin(fleet, state_file, tmp_path):
@@ -248,6 +252,25 @@ def test_the_binary_and_libagenthost_need_no_curl_tls_or_mongodb_library():
         assert heavy == [], f"{path} links {heavy}: move that code into a plugin"
     for plugin, lib in (("agenthost_curl.so", "libcurl"), ("agenthost_mongo.so", "libmongoc")):
         assert any(n.startswith(lib) for n in needed_libs(binary.parent / plugin)), plugin
+
+
+# The HTTP API serves plain HTTP: the executable carries libmicrohttpd's archive without its TLS
+# library (core/notls/ah_http_notls.c), so no agent loads gnutls and what gnutls needs.
+SERVER_TLS_LIBRARIES = ("libmicrohttpd", "libgnutls", "libnettle", "libhogweed", "libgmp",
+                        "libtasn1", "libp11-kit", "libidn2", "libunistring")
+
+
+def test_the_binary_links_libmicrohttpd_without_gnutls():
+    binary = Path(BINARY).resolve()
+    needed = needed_libs(binary)
+    assert any(n.startswith("libuv") for n in needed), needed  # readelf works
+    tls = [n for n in needed if n.startswith(SERVER_TLS_LIBRARIES)]
+    assert tls == [], f"{binary} links {tls}: link libmicrohttpd's archive (CMakeLists.txt)"
+    # the stand-ins stay inside the executable: a plugin's real gnutls keeps its own functions
+    out = subprocess.run(["nm", "-D", "--defined-only", str(binary)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "MHD_start_daemon" in out, "libmicrohttpd is linked in"
+    assert [l for l in out.splitlines() if " gnutls_" in l] == [], "gnutls stand-ins are exported"
 
 
 def maps_curl(pid):

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -73,6 +74,19 @@ static ah_store_t *open_store(const fixture_t *fx, double poll_interval)
     ah_store_t *st = ah_store_sqlite_open(fx->path, poll_interval, err, sizeof(err));
     if (st == NULL) {
         fail_msg("open failed: %s", err);
+    }
+    return st;
+}
+
+/* A store whose file is set up: opening only checks the path, the first call that needs the API
+ * connection (here a read) sets the file up. */
+static ah_store_t *open_store_set_up(const fixture_t *fx, double poll_interval)
+{
+    char err[AH_ERRLEN] = "";
+    ah_control_t doc;
+    ah_store_t *st = open_store(fx, poll_interval);
+    if (ah_store_read(st, &doc, err, sizeof(err)) != 0) {
+        fail_msg("first read failed: %s", err);
     }
     return st;
 }
@@ -295,34 +309,64 @@ static int query_int(const char *path, const char *sql)
     return value;
 }
 
+/* The sync count when the watcher delivered its first document (-1: not yet). */
+static atomic_int syncs_at_first_doc = -1;
+
+static void sync_counting_on_control(void *ud, const ah_control_t *doc)
+{
+    int unset = -1;
+    atomic_compare_exchange_strong(&syncs_at_first_doc, &unset, atomic_load(&sync_count));
+    recorder_on_control(ud, doc);
+}
+
+static long file_size(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0 ? (long)sb.st_size : -1;
+}
+
 static void test_a_new_file_is_created_without_a_sync_and_complete(void **state)
 {
     fixture_t *fx = *state;
     char err[AH_ERRLEN] = "";
     ah_control_t doc;
+    recorder_t rec;
+    ah_store_listener_t listener = {sync_counting_on_control, recorder_on_status, &rec, NULL};
     counting_vfs_install();
+    recorder_init(&rec);
 
-    /* Creating the file, its schema and its initial document waits for no disk write (the
-     * watcher flushes it after its first read, outside SQLite) ... */
+    /* Opening only checks the path: the file is there, empty, and nothing was written. */
     atomic_store(&sync_count, 0);
     ah_store_t *st = open_store(fx, 1.0);
-    assert_int_equal(atomic_load(&sync_count), 0);
-    assert_int_equal(ah_store_read(st, &doc, err, sizeof(err)), 0);
+    assert_int_equal(file_size(fx->path), 0);
+    /* The watcher creates the schema and the initial document and delivers it without waiting
+     * for the disk; it flushes the new file after that delivery, outside SQLite. */
+    assert_int_equal(ah_store_watch_start(st, &listener, err, sizeof(err)), 0);
+    assert_true(recorder_wait_docs(&rec, 1, &doc));
     assert_int_equal(doc.command, AH_CMD_RUNNING);
     assert_int_equal(doc.version, 0);
+    assert_int_equal(atomic_load(&syncs_at_first_doc), 0);
+    for (int i = 0; i < 500 && atomic_load(&sync_count) == 0; i++) {
+        usleep(10000);
+    }
+    assert_true(atomic_load(&sync_count) > 0);
     /* ... and the file is complete: the current schema version, every column, the document. */
     assert_int_equal(query_int(fx->path, "PRAGMA user_version"), 1);
     assert_int_equal(query_int(fx->path, "SELECT count(*) FROM pragma_table_info('control')"
                                          " WHERE name IN ('selector', 'drain_ms', 'expires_us')"),
                      3);
     assert_int_equal(query_int(fx->path, "SELECT count(*) FROM control"), 1);
-    /* commands are written as before (WAL, synchronous = NORMAL: no sync per commit) */
+    /* commands are written as before, on the API connection opened by the first of them (WAL,
+     * synchronous = NORMAL: no sync per commit) */
+    int before = atomic_load(&sync_count);
     assert_int_equal(
         ah_store_command(st, AH_CMD_PAUSE, "after", "ops", "agent-a", &doc, err, sizeof(err)), 0);
     assert_int_equal(doc.version, 1);
+    assert_int_equal(atomic_load(&sync_count), before);
     ah_store_close(st);
+    recorder_destroy(&rec);
     /* the last connection's close checkpoints: synced then, as always */
-    assert_true(atomic_load(&sync_count) > 0);
+    assert_true(atomic_load(&sync_count) > before);
 
     /* A file that exists is opened with its syncs as before and keeps its data. */
     st = open_store(fx, 1.0);
@@ -331,20 +375,80 @@ static void test_a_new_file_is_created_without_a_sync_and_complete(void **state)
     ah_store_close(st);
 }
 
+/* A new file created by the API connection (a call before the watcher's first read) is set up
+ * unsynced too, and flushed by the watcher after its first read. */
+static void test_a_new_file_set_up_by_a_call_is_flushed_by_the_watcher(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    ah_control_t doc;
+    recorder_t rec;
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec, NULL};
+    counting_vfs_install();
+    recorder_init(&rec);
+
+    atomic_store(&sync_count, 0);
+    ah_store_t *st = open_store(fx, 1.0);
+    assert_int_equal(
+        ah_store_command(st, AH_CMD_PAUSE, "first", "ops", "agent-a", &doc, err, sizeof(err)), 0);
+    assert_int_equal(doc.version, 1);
+    assert_int_equal(atomic_load(&sync_count), 0);
+    assert_int_equal(ah_store_watch_start(st, &listener, err, sizeof(err)), 0);
+    assert_true(recorder_wait_docs(&rec, 1, &doc));
+    assert_int_equal(doc.version, 1);
+    for (int i = 0; i < 500 && atomic_load(&sync_count) == 0; i++) {
+        usleep(10000);
+    }
+    assert_true(atomic_load(&sync_count) > 0);
+    ah_store_close(st);
+    recorder_destroy(&rec);
+}
+
+/* Opening takes no lock: it succeeds at once while another connection holds the write lock
+ * (the watcher then waits for it, and the first document arrives once it is released). */
+static void test_open_does_not_wait_for_a_write_lock(void **state)
+{
+    fixture_t *fx = *state;
+    char err[AH_ERRLEN] = "";
+    recorder_t rec;
+    ah_control_t doc;
+    ah_store_listener_t listener = {recorder_on_control, recorder_on_status, &rec, NULL};
+    ah_store_close(open_store_set_up(fx, 1.0));
+    sqlite3 *holder = NULL;
+    assert_int_equal(sqlite3_open_v2(fx->path, &holder, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(holder, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
+
+    recorder_init(&rec);
+    ah_store_t *st = open_store(fx, 0.05);
+    assert_int_equal(ah_store_watch_start(st, &listener, err, sizeof(err)), 0);
+    ah_store_status_t status;
+    assert_true(recorder_wait_status(&rec, false, 0, &status));
+    assert_non_null(strstr(status.last_error, "locked"));
+    pthread_mutex_lock(&rec.lock);
+    assert_int_equal(rec.doc_count, 0);
+    pthread_mutex_unlock(&rec.lock);
+    assert_int_equal(sqlite3_exec(holder, "COMMIT", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(holder);
+    assert_true(recorder_wait_docs(&rec, 1, &doc));
+    assert_int_equal(doc.command, AH_CMD_RUNNING);
+    ah_store_close(st);
+    recorder_destroy(&rec);
+}
+
 static void test_a_file_at_the_schema_version_is_not_set_up_again(void **state)
 {
     fixture_t *fx = *state;
-    ah_store_close(open_store(fx, 1.0));
+    ah_store_close(open_store_set_up(fx, 1.0));
     assert_int_equal(query_int(fx->path, "PRAGMA user_version"), 1);
     /* A table removed behind the store's back is not re-created by the next open: a file at the
      * current schema version costs a connection no CREATE TABLE, no probe, no insert. */
     exec_sql(fx->path, "DROP TABLE agent_leases");
-    ah_store_close(open_store(fx, 1.0));
+    ah_store_close(open_store_set_up(fx, 1.0));
     assert_int_equal(
         query_int(fx->path, "SELECT count(*) FROM sqlite_master WHERE name = 'agent_leases'"), 0);
     /* A file of an older build (schema version 0) is set up again, which restores it. */
     exec_sql(fx->path, "PRAGMA user_version = 0");
-    ah_store_close(open_store(fx, 1.0));
+    ah_store_close(open_store_set_up(fx, 1.0));
     assert_int_equal(
         query_int(fx->path, "SELECT count(*) FROM sqlite_master WHERE name = 'agent_leases'"), 1);
     assert_int_equal(query_int(fx->path, "PRAGMA user_version"), 1);
@@ -383,7 +487,7 @@ static void test_file_uses_wal_journal_mode(void **state)
     fixture_t *fx = *state;
     sqlite3 *db = NULL;
     sqlite3_stmt *stmt = NULL;
-    ah_store_t *st = open_store(fx, 1.0);
+    ah_store_t *st = open_store_set_up(fx, 1.0);
 
     assert_int_equal(sqlite3_open_v2(fx->path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
     assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &stmt, NULL), SQLITE_OK);
@@ -978,6 +1082,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_file_of_an_older_version_is_upgraded, setup, teardown),
         cmocka_unit_test_setup_teardown(test_a_new_file_is_created_without_a_sync_and_complete,
                                         setup, teardown),
+        cmocka_unit_test_setup_teardown(test_a_new_file_set_up_by_a_call_is_flushed_by_the_watcher,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_open_does_not_wait_for_a_write_lock, setup, teardown),
         cmocka_unit_test_setup_teardown(test_a_file_at_the_schema_version_is_not_set_up_again,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(
