@@ -25,6 +25,7 @@
 #include <ctype.h>
 #include <limits.h>
 #include <math.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,8 +66,9 @@ typedef struct socket_watch_s {
     uv_poll_t poll;
     curl_socket_t fd;
     client_t *client;
-    int events;                  /* UV_READABLE | UV_WRITABLE being polled, 0 when stopped */
-    bool idle;                   /* curl removed it (CURL_POLL_REMOVE): not curl's to hear of */
+    int events;          /* UV_READABLE | UV_WRITABLE being polled, 0 when stopped */
+    bool idle;           /* curl removed it (CURL_POLL_REMOVE): not curl's to hear of */
+    uint64_t checked_in; /* client->actions when libc's poll last found it idle and unreadable */
     struct socket_watch_s *next; /* client->sockets */
 } socket_watch_t;
 
@@ -77,7 +79,10 @@ typedef struct socket_watch_s {
 
 struct client_s {
     CURLM *multi;
-    uv_timer_t timer;        /* curl's timeout; the client is freed in its close callback */
+    uv_timer_t timer;       /* curl's timeout; the client is freed in its close callback */
+    uint64_t actions;       /* curl_multi_socket_action calls made so far (curl_poll) */
+    socket_watch_t **by_fd; /* the watch of each socket, indexed by descriptor (curl_poll) */
+    int by_fd_len;
     transfer_t *transfers;   /* the transfers scripts hold (started, not yet released) */
     socket_watch_t *sockets; /* watched sockets, active or idle */
     transfer_t *idle[IDLE_TRANSFERS_MAX];
@@ -95,9 +100,11 @@ struct client_s {
 /* The options a transfer's easy handle was last given (see apply_options): a request on a pooled
  * transfer sets only the ones that differ, and resets the handle (curl_easy_reset) when its
  * "shape" differs (method, body or not, ca_file, proxy choice), since those cannot all be set
- * back to curl's defaults one by one. */
+ * back to curl's defaults one by one, and after a request that sent more than one request (a
+ * retry or a redirect: curl counts an easy handle's retries until it is reset). */
 typedef struct {
-    bool shaped;  /* false: a new or reset handle (nothing below applies) */
+    bool shaped;  /* false: the next request starts from curl's defaults (a reset if used) */
+    bool used;    /* the handle has been given a request's options */
     char *method; /* "GET", "HEAD", "POST", or a custom method (owned) */
     bool has_body;
     char *ca_file;     /* owned; NULL: the system's CA store */
@@ -128,6 +135,7 @@ struct transfer_s {
     ah_buf_t body;
     ah_buf_t headers; /* header lines of the last response ("HTTP/..." starts a new one) */
     applied_t applied;
+    int requests_sent; /* by this transfer: more than one after a redirect or a retry */
     char error[CURL_ERROR_SIZE];
 };
 
@@ -225,6 +233,13 @@ static void transfer_free(transfer_t *t)
         curl_slist_free_all(t->own_headers);
         t->own_headers = NULL;
     }
+    if (t->requests_sent > 1) {
+        /* curl counts the retries of an easy handle ("Connection died, retrying a fresh
+         * connect", at most 5) until curl_easy_reset: after a retry (or a redirect) the next
+         * request resets the handle, so that every request has curl's 5 retries, as when each
+         * request had a new handle */
+        t->applied.shaped = false;
+    }
     buf_clear(&t->body);
     buf_clear(&t->headers);
     c->idle[c->idle_count++] = t;
@@ -278,6 +293,50 @@ static void check_done(client_t *c)
     }
 }
 
+/* The client whose curl_multi_socket_action runs on this thread (curl_poll), or NULL. */
+static __thread client_t *acting_client;
+
+/* libcurl's poll (ahc_poll_hook_install). Before curl 7.88 reuses an idle connection it asks
+ * poll() whether the socket is readable (a readable idle socket: the server closed it); it sends
+ * the request, and asks again at once (Curl_readwrite, zero timeout) whether the answer is there.
+ * The first question always goes to libc's poll. The second is answered "not readable" without a
+ * syscall when, in the same curl_multi_socket_action call, libc's poll found that idle socket not
+ * readable and the connection has not been used since: the request was sent microseconds ago,
+ * and the loop's epoll watch (armed, on_socket) reports the answer when it comes, as it would after
+ * a real "not readable". Anything else goes to libc's poll. */
+static int curl_poll(struct pollfd *fds, unsigned long n, int timeout)
+{
+    client_t *c = acting_client;
+    socket_watch_t *w = NULL;
+    if (c != NULL && n == 1 && timeout == 0 && fds[0].fd >= 0 && fds[0].fd < c->by_fd_len &&
+        (fds[0].events & ~(POLLIN | POLLPRI | POLLRDNORM | POLLRDBAND)) == 0) {
+        w = c->by_fd[fds[0].fd];
+        if (w != NULL && !(w->idle && w->events == UV_READABLE)) {
+            w = NULL;
+        }
+    }
+    if (w != NULL && w->checked_in == c->actions) {
+        w->checked_in = 0; /* once */
+        fds[0].revents = 0;
+        return 0;
+    }
+    int r = poll(fds, (nfds_t)n, timeout);
+    if (w != NULL && r == 0) {
+        w->checked_in = c->actions;
+    }
+    return r;
+}
+
+/* curl_multi_socket_action with curl_poll told which client acts. */
+static void socket_action(client_t *c, curl_socket_t s, int flags)
+{
+    int running;
+    c->actions++;
+    acting_client = c;
+    curl_multi_socket_action(c->multi, s, flags, &running);
+    acting_client = NULL;
+}
+
 static void on_poll(uv_poll_t *handle, int status, int events)
 {
     socket_watch_t *w = handle->data;
@@ -291,21 +350,24 @@ static void on_poll(uv_poll_t *handle, int status, int events)
     }
     int flags = 0;
     if (status < 0) {
-        flags = CURL_CSELECT_ERR;
+        /* POLLERR (a reset, mostly): libuv has stopped the watch. curl learns what happened
+         * from its own read or write, as it would from poll(): a reused connection the server
+         * reset before any answer is then retried on a new one (curl does that for a read error
+         * or an end of file, not for CURL_CSELECT_ERR). */
+        w->events = 0;
+        flags = CURL_CSELECT_IN | CURL_CSELECT_OUT;
     } else {
         flags |= (events & UV_READABLE) ? CURL_CSELECT_IN : 0;
         flags |= (events & UV_WRITABLE) ? CURL_CSELECT_OUT : 0;
     }
-    int running;
-    curl_multi_socket_action(c->multi, w->fd, flags, &running);
+    socket_action(c, w->fd, flags);
     check_done(c);
 }
 
 static void on_timeout(uv_timer_t *timer)
 {
     client_t *c = timer->data;
-    int running;
-    curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    socket_action(c, CURL_SOCKET_TIMEOUT, 0);
     check_done(c);
 }
 
@@ -321,6 +383,9 @@ static void watch_close(client_t *c, socket_watch_t *w)
             *p = w->next;
             break;
         }
+    }
+    if (w->fd >= 0 && w->fd < c->by_fd_len && c->by_fd[w->fd] == w) {
+        c->by_fd[w->fd] = NULL;
     }
     uv_poll_stop(&w->poll);
     uv_close((uv_handle_t *)&w->poll, free_watch);
@@ -356,6 +421,7 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
         curl_multi_assign(c->multi, s, w);
         if (w->idle) {
             w->idle = false;
+            w->checked_in = 0;
             uv_ref((uv_handle_t *)&w->poll);
         }
     } else {
@@ -367,6 +433,19 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
             free(w);
             return -1;
         }
+        w->poll.data = w;
+        if (s >= c->by_fd_len) {
+            int len = s + 64;
+            socket_watch_t **grown = realloc(c->by_fd, (size_t)len * sizeof(*grown));
+            if (grown == NULL) {
+                uv_close((uv_handle_t *)&w->poll, free_watch);
+                return -1;
+            }
+            memset(grown + c->by_fd_len, 0, (size_t)(len - c->by_fd_len) * sizeof(*grown));
+            c->by_fd = grown;
+            c->by_fd_len = len;
+        }
+        c->by_fd[s] = w;
         w->fd = s;
         w->client = c;
         w->poll.data = w;
@@ -414,6 +493,7 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 static void free_client(uv_handle_t *handle)
 {
     client_t *c = handle->data;
+    free(c->by_fd);
     free(c->proxy_http);
     free(c->proxy_https);
     free(c->no_proxy);
@@ -488,6 +568,13 @@ static int client_gc(lua_State *L)
     return 0;
 }
 
+static pthread_once_t poll_hook_once = PTHREAD_ONCE_INIT;
+
+static void install_poll_hook(void)
+{
+    ahc_poll_hook_install(curl_poll);
+}
+
 /* The state's client, created on first use. Raises on failure. */
 static client_t *get_client(lua_State *L)
 {
@@ -533,6 +620,7 @@ static client_t *get_client(lua_State *L)
     }
     uv_timer_init(ah_lua_loop(L), &c->timer);
     c->timer.data = c;
+    pthread_once(&poll_hook_once, install_poll_hook);
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
@@ -782,6 +870,19 @@ static bool set_owned(char **owned, const char *s)
     return s == NULL || *owned != NULL;
 }
 
+/* CURLOPT_PREREQFUNCTION: curl sends a request of t (the first, a redirect's, a retry's). */
+static int on_request_sent(void *clientp, char *primary_ip, char *local_ip, int primary_port,
+                           int local_port)
+{
+    (void)primary_ip;
+    (void)local_ip;
+    (void)primary_port;
+    (void)local_port;
+    transfer_t *t = clientp;
+    t->requests_sent++;
+    return CURL_PREREQFUNC_OK;
+}
+
 /* The options every request of a transfer shares (a new or reset easy handle). */
 static void apply_fixed_options(transfer_t *t)
 {
@@ -799,6 +900,8 @@ static void apply_fixed_options(transfer_t *t)
     curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
     curl_easy_setopt(e, CURLOPT_USERAGENT, "agenthost/" AH_VERSION);
     curl_easy_setopt(e, CURLOPT_MAXREDIRS, (long)MAX_REDIRECTS);
+    curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, on_request_sent);
+    curl_easy_setopt(e, CURLOPT_PREREQDATA, t);
 }
 
 /* A transfer for a new request: an idle one of the client, else a new one. NULL on OOM. */
@@ -826,6 +929,7 @@ static transfer_t *transfer_take(client_t *c)
     t->done = false;
     t->result = CURLE_OK;
     t->too_large = false;
+    t->requests_sent = 0;
     t->error[0] = '\0';
     return t;
 }
@@ -868,11 +972,14 @@ static bool apply_options(transfer_t *t, const request_t *req)
     bool has_body = req->body != NULL;
     if (a->shaped && (strcmp(a->method, req->method) != 0 || a->has_body != has_body ||
                       !same_string(a->ca_file, req->ca_file) || a->proxy != req->proxy)) {
-        curl_easy_reset(e);
-        apply_fixed_options(t);
         a->shaped = false;
     }
     if (!a->shaped) {
+        if (a->used) {
+            curl_easy_reset(e);
+            apply_fixed_options(t);
+        }
+        a->used = true;
         /* a new or reset handle: curl's defaults, nothing of a previous request */
         free(a->url);
         a->url = NULL;

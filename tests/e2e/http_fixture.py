@@ -10,6 +10,12 @@ Endpoints:
   /redirect?n=K      302 to /redirect?n=K-1, and /status/200 at 0
   /conn              the client's port (a new port means a new connection)
   /slow?ms=N         status 200 after N milliseconds, body "slow"
+  /drop-second       status 200 for the first request on a connection; a later request on the
+                     same connection is read and the connection closed without an answer (a
+                     client retries such a request on a new connection)
+  /close             status 200, body "closing", then the server closes the connection without
+                     having said so (no "Connection: close"): the client's next request on it
+                     finds it dead
   /hang              reads the request and never answers
 """
 import json
@@ -49,6 +55,7 @@ class Handler(BaseHTTPRequestHandler):
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         body = self._body()
         self.server.requests += 1
+        self.on_connection = getattr(self, "on_connection", 0) + 1  # one handler per connection
         if url.path.startswith("/status/"):
             n = int(url.path.split("/")[2])
             return self._send(n, "" if n == 204 else f"status {n}")
@@ -83,6 +90,15 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/slow":
             time.sleep(int(q.get("ms", "0")) / 1000)
             return self._send(200, "slow")
+        if url.path == "/drop-second":
+            if self.on_connection > 1:
+                self.close_connection = True
+                return None
+            return self._send(200, "first on its connection")
+        if url.path == "/close":
+            self._send(200, "closing")
+            self.close_connection = True
+            return None
         if url.path == "/conn":
             return self._send(200, str(self.client_address[1]))
         if url.path == "/hang":

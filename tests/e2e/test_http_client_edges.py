@@ -107,3 +107,30 @@ def test_a_reused_transfer_carries_nothing_of_the_previous_request(fleet, tmp_pa
         assert r["tls_without_ca_file"]["code"] == "tls", r["tls_without_ca_file"]
         assert r["tls_unverified"]["status"] == 200, r["tls_unverified"]
         assert r["tls_verified_again"]["code"] == "tls", r["tls_verified_again"]
+
+
+def test_a_connection_the_server_closed_unannounced_is_not_reused(fleet, tmp_path):
+    """The server closes every connection right after its answer without saying so: the next
+    request, made at once, finds the kept connection dead (curl's liveness check before a reuse,
+    answered from the loop's own view of the socket, or the send) and gets its answer on a new
+    connection, 30 times in a row, with no error."""
+    with Server() as srv:
+        recs = run(fleet, tmp_path, "server_closes", BASE=srv.base)
+        served = srv.requests
+    for i in range(1, 31):
+        assert recs[f"close_{i}"].get("status") == 200, recs[f"close_{i}"]
+        assert recs[f"next_{i}"].get("status") == 200, recs[f"next_{i}"]
+    assert all("err" not in r for r in recs.values()), recs
+
+
+def test_every_request_has_curls_retries_however_many_retried_before(fleet, tmp_path):
+    """The server drops every request sent on a kept connection (reads it, closes without an
+    answer): curl retries each on a new connection. curl counts the retries of an easy handle
+    until it is reset (5 at most, "Connection died, tried 5 times"), and a request reuses the
+    easy handle of the one before: 8 requests in a row, each retried once, all answered."""
+    with Server() as srv:
+        recs = run(fleet, tmp_path, "retries", BASE=srv.base)
+        served = srv.requests
+    for i in range(1, 9):
+        assert recs[f"retried_{i}"].get("status") == 200, recs[f"retried_{i}"]
+    assert served == 15, served  # the first request, then two for each of the 7 others

@@ -1,7 +1,7 @@
 --[[ Fixture: the edges of agent.http (tests/e2e/test_http_client_edges.py) against the tests'
 local servers. Records the outcome of each request as a JSON line in $EVENTS_FILE. Knobs:
   EVENTS_FILE  where to append the records (required)
-  MODE         header_case | timeout | max_body | tls_host | reuse
+  MODE         header_case | timeout | max_body | tls_host | reuse | server_closes | retries
   BASE         the plain HTTP server, http://127.0.0.1:PORT
   TLS_PORT     the HTTPS server's port (tls_host, reuse); its certificate names only
                DNS:localhost
@@ -109,6 +109,27 @@ function modes.reuse()
     step("tls_without_ca_file", http.get(tls))
     step("tls_unverified", http.get(tls, {tls_verify = false}))
     step("tls_verified_again", http.get(tls))
+end
+
+-- The server closes each connection right after its answer, unannounced: every next request
+-- finds its kept connection dead (at curl's check before the reuse, or when it is sent) and
+-- must still get its answer, on a new connection.
+function modes.server_closes()
+    for i = 1, 30 do
+        local t0 = agent.monotonic()
+        outcome("close_" .. i, t0, http.get(base .. "/close"))
+        outcome("next_" .. i, t0, http.get(base .. "/conn"))
+    end
+end
+
+-- Every request but the first is sent on a kept connection that the server then closes without
+-- answering: curl retries it on a new connection. Each request has curl's own retries, however
+-- many requests before it retried on the same transfer.
+function modes.retries()
+    for i = 1, 8 do
+        local t0 = agent.monotonic()
+        outcome("retried_" .. i, t0, http.get(base .. "/drop-second"))
+    end
 end
 
 local M = {}
