@@ -14,7 +14,8 @@ local core = require "agent.http.core"
 local agent_core = require "agent.core"
 local json = require "cjson"
 
-local pairs, type, error, tostring, format = pairs, type, error, tostring, string.format
+local pairs, ipairs, type, error, tostring, format, sub, find =
+    pairs, ipairs, type, error, tostring, string.format, string.sub, string.find
 
 local M = {}
 
@@ -25,18 +26,27 @@ local KNOWN = {}
 for _, name in pairs(OPTIONS) do
     KNOWN[name] = true
 end
+local SECONDS = { "timeout", "connect_timeout" }
+local BOOLEANS = { "follow_redirects", "tls_verify" }
+-- Method names that are tokens (the pattern below), so that the usual ones skip the match.
+local TOKEN_METHODS = { GET = true, HEAD = true, POST = true, PUT = true, DELETE = true,
+                        PATCH = true, OPTIONS = true }
 
 local function shown(v)
     return type(v) == "string" and format("%q", v) or tostring(v)
 end
 
+-- Raises "agent.http.<fname>: <what> (got <type> <value>)" at the script's line (level: the
+-- script's stack level seen from check).
+local function bad(fname, level, what, v)
+    error(format("agent.http.%s: %s (got %s %s)", fname, what, type(v), shown(v)), level + 1)
+end
+
 -- Checks every option before anything is sent; a misuse raises at the script's line (level:
 -- the script's stack level seen from here), naming agent.http.<fname> and the option, as
--- agent.mongo does. Runtime failures are returned by request, never raised.
+-- agent.mongo does. Runtime failures are returned by request, never raised. Returns the body to
+-- send (the JSON encoding of json, or body).
 local function check(fname, o, level)
-    local function bad(what, v)
-        error(format("agent.http.%s: %s (got %s %s)", fname, what, type(v), shown(v)), level + 1)
-    end
     for k in pairs(o) do
         if not KNOWN[k] then
             local meant = type(k) == "string" and agent_core.suggest(k, OPTIONS)
@@ -45,51 +55,52 @@ local function check(fname, o, level)
         end
     end
     local url = o.url
-    if type(url) ~= "string" or not (url:find("^http://") or url:find("^https://")) then
-        bad("url must be a string starting with http:// or https://", url)
+    if type(url) ~= "string" or not (sub(url, 1, 7) == "http://" or sub(url, 1, 8) == "https://") then
+        bad(fname, level, "url must be a string starting with http:// or https://", url)
     end
     local method = o.method
-    if method ~= nil and (type(method) ~= "string" or not method:find("^[%w!#%$%%&'%*%+%.%^_`|~%-]+$")) then
-        bad("method must be an HTTP method name such as \"GET\"", method)
+    if method ~= nil and not TOKEN_METHODS[method] and
+        (type(method) ~= "string" or not find(method, "^[%w!#%$%%&'%*%+%.%^_`|~%-]+$")) then
+        bad(fname, level, "method must be an HTTP method name such as \"GET\"", method)
     end
-    for _, name in pairs({ "timeout", "connect_timeout" }) do
+    for _, name in ipairs(SECONDS) do
         local v = o[name]
         if v ~= nil and (type(v) ~= "number" or not (v > 0) or v == math.huge) then
-            bad(name .. " must be a number of seconds > 0", v)
+            bad(fname, level, name .. " must be a number of seconds > 0", v)
         end
     end
     if o.max_body ~= nil and (type(o.max_body) ~= "number" or not (o.max_body >= 0)) then
-        bad("max_body must be a number of bytes >= 0", o.max_body)
+        bad(fname, level, "max_body must be a number of bytes >= 0", o.max_body)
     end
-    for _, name in pairs({ "follow_redirects", "tls_verify" }) do
+    for _, name in ipairs(BOOLEANS) do
         if o[name] ~= nil and type(o[name]) ~= "boolean" then
-            bad(name .. " must be a boolean", o[name])
+            bad(fname, level, name .. " must be a boolean", o[name])
         end
     end
     if o.ca_file ~= nil and type(o.ca_file) ~= "string" then
-        bad("ca_file must be a path", o.ca_file)
+        bad(fname, level, "ca_file must be a path", o.ca_file)
     end
     if o.headers ~= nil then
         if type(o.headers) ~= "table" then
-            bad("headers must be a table of name = value", o.headers)
+            bad(fname, level, "headers must be a table of name = value", o.headers)
         end
         for k, v in pairs(o.headers) do
             if type(k) ~= "string" then
-                bad("header names must be strings", k)
+                bad(fname, level, "header names must be strings", k)
             end
             if type(v) ~= "string" and type(v) ~= "number" then
-                bad("header " .. k .. " must be a string or a number", v)
+                bad(fname, level, "header " .. k .. " must be a string or a number", v)
             end
         end
     end
     if o.query ~= nil then
         if type(o.query) ~= "table" then
-            bad("query must be a table of name = value", o.query)
+            bad(fname, level, "query must be a table of name = value", o.query)
         end
         for k, v in pairs(o.query) do
             local vt = type(v)
             if type(k) ~= "string" or (vt ~= "string" and vt ~= "number" and vt ~= "boolean") then
-                bad("query must map strings to strings, numbers or booleans", v)
+                bad(fname, level, "query must map strings to strings, numbers or booleans", v)
             end
         end
     end
@@ -104,7 +115,7 @@ local function check(fname, o, level)
         end
         return encoded
     elseif o.body ~= nil and type(o.body) ~= "string" then
-        bad("body must be a string (use json for a table)", o.body)
+        bad(fname, level, "body must be a string (use json for a table)", o.body)
     end
     return o.body
 end
@@ -169,9 +180,14 @@ local function copy(opts, name)
 end
 
 function M.get(url, opts)
-    local o = copy(opts, "get")
-    o.url = url
-    o.method = o.method or "GET"
+    local o
+    if opts == nil then
+        o = { url = url, method = "GET" }
+    else
+        o = copy(opts, "get")
+        o.url = url
+        o.method = o.method or "GET"
+    end
     local b = check("get", o, 3)
     local r, msg, code = send(o, b)
     return r, msg, code

@@ -9,12 +9,19 @@
 
 #include "ah_curl_plugin.h"
 
+#include <stdbool.h>
+
 /* curl_global_init, once per process (thread-safe). 0 or AH_EIO. */
 int ahc_global_init(void);
 
 /* agent.http's C half (core/curl/ahc_lua_http.c): pushes the module table {start, wait, result,
  * release}. Stack: [-0, +1]. */
 int ahc_lua_http_open(lua_State *L);
+
+/* Makes libcurl's own calls of poll() call fn instead of libc's poll (core/curl/ahc_poll_hook.c):
+ * false, and libcurl untouched, when its poll entry cannot be found or rewritten. Call once. */
+struct pollfd;
+bool ahc_poll_hook_install(int (*fn)(struct pollfd *, unsigned long, int));
 
 /* ctl's blocking request (core/curl/ahc_request.c). */
 int ahc_request(const ah_curl_request_t *req, char **body, char *err, size_t errlen);

@@ -25,6 +25,7 @@
 #include <ctype.h>
 #include <limits.h>
 #include <math.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,21 +66,30 @@ typedef struct socket_watch_s {
     uv_poll_t poll;
     curl_socket_t fd;
     client_t *client;
-    int events;                  /* UV_READABLE | UV_WRITABLE being polled, 0 when stopped */
-    bool idle;                   /* curl removed it (CURL_POLL_REMOVE): not curl's to hear of */
+    int events;          /* UV_READABLE | UV_WRITABLE being polled, 0 when stopped */
+    bool idle;           /* curl removed it (CURL_POLL_REMOVE): not curl's to hear of */
+    uint64_t checked_in; /* client->actions when libc's poll last found it idle and unreadable */
     struct socket_watch_s *next; /* client->sockets */
 } socket_watch_t;
 
-/* Easy handles kept for the next requests (curl_easy_reset), instead of a new one each time. */
-#define IDLE_EASY_MAX 128
+/* Transfers kept for the next requests, each with its easy handle as the last request left it. */
+#define IDLE_TRANSFERS_MAX 128
+/* A pooled transfer keeps its response buffers up to this size (a large body is not kept). */
+#define KEPT_BUFFER_BYTES (64 * 1024)
 
 struct client_s {
     CURLM *multi;
-    uv_timer_t timer;        /* curl's timeout; the client is freed in its close callback */
-    transfer_t *transfers;   /* in the multi handle */
+    uv_timer_t timer;       /* curl's timeout; the client is freed in its close callback */
+    uint64_t actions;       /* curl_multi_socket_action calls made so far (curl_poll) */
+    socket_watch_t **by_fd; /* the watch of each socket, indexed by descriptor (curl_poll) */
+    int by_fd_len;
+    transfer_t *transfers;   /* the transfers scripts hold (started, not yet released) */
     socket_watch_t *sockets; /* watched sockets, active or idle */
-    CURL *idle_easy[IDLE_EASY_MAX];
+    transfer_t *idle[IDLE_TRANSFERS_MAX];
     int idle_count;
+    /* The request header list of a request that gives no headers: "Expect:" only (shared by
+     * every transfer, so such a request builds no list). */
+    struct curl_slist *default_headers;
     /* The proxy variables, read once when the client is created (curl would read five of them
      * per request). NULL: curl reads the environment itself (see proxy_for). */
     char *proxy_http;  /* http_proxy, else all_proxy/ALL_PROXY; "" for none */
@@ -87,12 +97,36 @@ struct client_s {
     char *no_proxy;    /* no_proxy/NO_PROXY; "" for none */
 };
 
+/* The options a transfer's easy handle was last given (see apply_options): a request on a pooled
+ * transfer sets only the ones that differ, and resets the handle (curl_easy_reset) when its
+ * "shape" differs (method, body or not, ca_file, proxy choice), since those cannot all be set
+ * back to curl's defaults one by one, and after a request that sent more than one request (a
+ * retry or a redirect: curl counts an easy handle's retries until it is reset). */
+typedef struct {
+    bool shaped;  /* false: the next request starts from curl's defaults (a reset if used) */
+    bool used;    /* the handle has been given a request's options */
+    char *method; /* "GET", "HEAD", "POST", or a custom method (owned) */
+    bool has_body;
+    char *ca_file;     /* owned; NULL: the system's CA store */
+    const char *proxy; /* client->proxy_http / proxy_https, or NULL: curl reads the environment */
+    char *url;         /* the URL t->url_handle holds and the handle uses (owned); NULL: none */
+    const struct curl_slist *headers;
+    long timeout_ms;
+    long connect_timeout_ms;
+    curl_off_t max_filesize;
+    bool follow;
+    bool verify;
+} applied_t;
+
+/* One request. Owned by its Lua userdata ("agent.http.transfer") while the script holds it, then
+ * kept by its client for the next request (idle), or freed. */
 struct transfer_s {
     ah_lua_op_t op; /* the task's wait */
     client_t *client;
     CURL *easy;
-    struct curl_slist *request_headers;
-    transfer_t *prev, *next; /* client->transfers while in the multi handle */
+    CURLU *url_handle;              /* the parsed URL given to the easy handle (CURLOPT_CURLU) */
+    struct curl_slist *own_headers; /* this request's header list, or NULL (default_headers) */
+    transfer_t *prev, *next;        /* client->transfers while a script holds it */
     bool in_multi;
     bool done;
     CURLcode result;
@@ -100,6 +134,8 @@ struct transfer_s {
     size_t max_body;
     ah_buf_t body;
     ah_buf_t headers; /* header lines of the last response ("HTTP/..." starts a new one) */
+    applied_t applied;
+    int requests_sent; /* by this transfer: more than one after a redirect or a retry */
     char error[CURL_ERROR_SIZE];
 };
 
@@ -121,23 +157,29 @@ int ahc_global_init(void)
 
 /* ---- transfers --------------------------------------------------------------------------- */
 
+/* Takes t out of the multi handle (curl stops it) if it is there. */
 static void transfer_unlink(transfer_t *t)
 {
     if (!t->in_multi) {
         return;
     }
+    curl_multi_remove_handle(t->client->multi, t->easy);
+    t->in_multi = false;
+}
+
+/* Takes t off its client's list of the transfers scripts hold. */
+static void transfer_detach(transfer_t *t)
+{
     client_t *c = t->client;
-    curl_multi_remove_handle(c->multi, t->easy);
     if (t->prev != NULL) {
         t->prev->next = t->next;
-    } else {
+    } else if (c != NULL && c->transfers == t) {
         c->transfers = t->next;
     }
     if (t->next != NULL) {
         t->next->prev = t->prev;
     }
     t->prev = t->next = NULL;
-    t->in_multi = false;
 }
 
 /* ah_lua_op_t.cancel: the task stopped waiting (BATCH_TIMEOUT, shutdown): stop the transfer. */
@@ -147,22 +189,60 @@ static void transfer_cancel(ah_lua_op_t *op)
     transfer_unlink(t);
 }
 
-static void transfer_free(transfer_t *t)
+/* Frees a transfer and its easy handle (not in the multi handle any more). */
+static void transfer_destroy(transfer_t *t)
 {
-    transfer_unlink(t);
     if (t->easy != NULL) {
-        client_t *c = t->client;
-        if (c != NULL && c->idle_count < IDLE_EASY_MAX) {
-            curl_easy_reset(t->easy);
-            c->idle_easy[c->idle_count++] = t->easy;
-        } else {
-            curl_easy_cleanup(t->easy);
-        }
+        curl_easy_cleanup(t->easy);
     }
-    curl_slist_free_all(t->request_headers);
+    curl_url_cleanup(t->url_handle); /* after the easy handle that used it */
+    curl_slist_free_all(t->own_headers);
+    free(t->applied.method);
+    free(t->applied.ca_file);
+    free(t->applied.url);
     ah_buf_free(&t->body);
     ah_buf_free(&t->headers);
     free(t);
+}
+
+/* Empties a buffer for the next request: small ones keep their memory. */
+static void buf_clear(ah_buf_t *b)
+{
+    if (b->cap > KEPT_BUFFER_BYTES || b->failed) {
+        ah_buf_free(b);
+    } else {
+        b->len = 0;
+    }
+}
+
+/* The script is done with t: it goes back to its client's idle transfers, or is freed (its
+ * client is gone or has enough). */
+static void transfer_free(transfer_t *t)
+{
+    transfer_unlink(t);
+    transfer_detach(t);
+    client_t *c = t->client;
+    if (c == NULL || c->idle_count >= IDLE_TRANSFERS_MAX || t->easy == NULL) {
+        transfer_destroy(t);
+        return;
+    }
+    if (t->own_headers != NULL) {
+        /* the handle must not keep a pointer to a freed list */
+        curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, c->default_headers);
+        t->applied.headers = c->default_headers;
+        curl_slist_free_all(t->own_headers);
+        t->own_headers = NULL;
+    }
+    if (t->requests_sent > 1) {
+        /* curl counts the retries of an easy handle ("Connection died, retrying a fresh
+         * connect", at most 5) until curl_easy_reset: after a retry (or a redirect) the next
+         * request resets the handle, so that every request has curl's 5 retries, as when each
+         * request had a new handle */
+        t->applied.shaped = false;
+    }
+    buf_clear(&t->body);
+    buf_clear(&t->headers);
+    c->idle[c->idle_count++] = t;
 }
 
 static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata)
@@ -213,6 +293,50 @@ static void check_done(client_t *c)
     }
 }
 
+/* The client whose curl_multi_socket_action runs on this thread (curl_poll), or NULL. */
+static __thread client_t *acting_client;
+
+/* libcurl's poll (ahc_poll_hook_install). Before curl 7.88 reuses an idle connection it asks
+ * poll() whether the socket is readable (a readable idle socket: the server closed it); it sends
+ * the request, and asks again at once (Curl_readwrite, zero timeout) whether the answer is there.
+ * The first question always goes to libc's poll. The second is answered "not readable" without a
+ * syscall when, in the same curl_multi_socket_action call, libc's poll found that idle socket not
+ * readable and the connection has not been used since: the request was sent microseconds ago,
+ * and the loop's epoll watch (armed, on_socket) reports the answer when it comes, as it would after
+ * a real "not readable". Anything else goes to libc's poll. */
+static int curl_poll(struct pollfd *fds, unsigned long n, int timeout)
+{
+    client_t *c = acting_client;
+    socket_watch_t *w = NULL;
+    if (c != NULL && n == 1 && timeout == 0 && fds[0].fd >= 0 && fds[0].fd < c->by_fd_len &&
+        (fds[0].events & ~(POLLIN | POLLPRI | POLLRDNORM | POLLRDBAND)) == 0) {
+        w = c->by_fd[fds[0].fd];
+        if (w != NULL && !(w->idle && w->events == UV_READABLE)) {
+            w = NULL;
+        }
+    }
+    if (w != NULL && w->checked_in == c->actions) {
+        w->checked_in = 0; /* once */
+        fds[0].revents = 0;
+        return 0;
+    }
+    int r = poll(fds, (nfds_t)n, timeout);
+    if (w != NULL && r == 0) {
+        w->checked_in = c->actions;
+    }
+    return r;
+}
+
+/* curl_multi_socket_action with curl_poll told which client acts. */
+static void socket_action(client_t *c, curl_socket_t s, int flags)
+{
+    int running;
+    c->actions++;
+    acting_client = c;
+    curl_multi_socket_action(c->multi, s, flags, &running);
+    acting_client = NULL;
+}
+
 static void on_poll(uv_poll_t *handle, int status, int events)
 {
     socket_watch_t *w = handle->data;
@@ -226,21 +350,24 @@ static void on_poll(uv_poll_t *handle, int status, int events)
     }
     int flags = 0;
     if (status < 0) {
-        flags = CURL_CSELECT_ERR;
+        /* POLLERR (a reset, mostly): libuv has stopped the watch. curl learns what happened
+         * from its own read or write, as it would from poll(): a reused connection the server
+         * reset before any answer is then retried on a new one (curl does that for a read error
+         * or an end of file, not for CURL_CSELECT_ERR). */
+        w->events = 0;
+        flags = CURL_CSELECT_IN | CURL_CSELECT_OUT;
     } else {
         flags |= (events & UV_READABLE) ? CURL_CSELECT_IN : 0;
         flags |= (events & UV_WRITABLE) ? CURL_CSELECT_OUT : 0;
     }
-    int running;
-    curl_multi_socket_action(c->multi, w->fd, flags, &running);
+    socket_action(c, w->fd, flags);
     check_done(c);
 }
 
 static void on_timeout(uv_timer_t *timer)
 {
     client_t *c = timer->data;
-    int running;
-    curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    socket_action(c, CURL_SOCKET_TIMEOUT, 0);
     check_done(c);
 }
 
@@ -256,6 +383,9 @@ static void watch_close(client_t *c, socket_watch_t *w)
             *p = w->next;
             break;
         }
+    }
+    if (w->fd >= 0 && w->fd < c->by_fd_len && c->by_fd[w->fd] == w) {
+        c->by_fd[w->fd] = NULL;
     }
     uv_poll_stop(&w->poll);
     uv_close((uv_handle_t *)&w->poll, free_watch);
@@ -291,6 +421,7 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
         curl_multi_assign(c->multi, s, w);
         if (w->idle) {
             w->idle = false;
+            w->checked_in = 0;
             uv_ref((uv_handle_t *)&w->poll);
         }
     } else {
@@ -302,6 +433,19 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
             free(w);
             return -1;
         }
+        w->poll.data = w;
+        if (s >= c->by_fd_len) {
+            int len = s + 64;
+            socket_watch_t **grown = realloc(c->by_fd, (size_t)len * sizeof(*grown));
+            if (grown == NULL) {
+                uv_close((uv_handle_t *)&w->poll, free_watch);
+                return -1;
+            }
+            memset(grown + c->by_fd_len, 0, (size_t)(len - c->by_fd_len) * sizeof(*grown));
+            c->by_fd = grown;
+            c->by_fd_len = len;
+        }
+        c->by_fd[s] = w;
         w->fd = s;
         w->client = c;
         w->poll.data = w;
@@ -349,6 +493,7 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 static void free_client(uv_handle_t *handle)
 {
     client_t *c = handle->data;
+    free(c->by_fd);
     free(c->proxy_http);
     free(c->proxy_https);
     free(c->no_proxy);
@@ -383,17 +528,16 @@ static bool read_proxy_env(client_t *c)
     return c->proxy_http != NULL && c->proxy_https != NULL && c->no_proxy != NULL;
 }
 
-/* Sets the proxy of a request to url, from the variables read once: curl then reads no
- * environment. When http and https would use different proxies and the request follows
- * redirects (which may change the scheme), curl is left to choose per connection as before. */
-static void set_proxy(const client_t *c, CURL *e, const char *url, bool follow)
+/* The proxy of a request to url, from the variables read once (set with CURLOPT_PROXY and
+ * CURLOPT_NOPROXY, curl then reads no environment); NULL when http and https would use different
+ * proxies and the request follows redirects (which may change the scheme): curl is left to
+ * choose per connection then. */
+static const char *proxy_for(const client_t *c, const char *url, bool follow)
 {
     if (follow && strcmp(c->proxy_http, c->proxy_https) != 0) {
-        return;
+        return NULL;
     }
-    bool https = strncmp(url, "https://", 8) == 0;
-    curl_easy_setopt(e, CURLOPT_PROXY, https ? c->proxy_https : c->proxy_http);
-    curl_easy_setopt(e, CURLOPT_NOPROXY, c->no_proxy);
+    return strncmp(url, "https://", 8) == 0 ? c->proxy_https : c->proxy_http;
 }
 
 /* __gc of the client userdata (the state closes). */
@@ -405,21 +549,30 @@ static int client_gc(lua_State *L)
         return 0;
     }
     *slot = NULL;
-    while (c->transfers != NULL) {
+    while (c->transfers != NULL) { /* their userdata free them later */
         transfer_t *t = c->transfers;
         transfer_unlink(t);
+        transfer_detach(t);
         t->client = NULL;
     }
     curl_multi_cleanup(c->multi);
     while (c->idle_count > 0) {
-        curl_easy_cleanup(c->idle_easy[--c->idle_count]);
+        transfer_destroy(c->idle[--c->idle_count]);
     }
+    curl_slist_free_all(c->default_headers);
     while (c->sockets != NULL) {
         watch_close(c, c->sockets);
     }
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->timer, free_client);
     return 0;
+}
+
+static pthread_once_t poll_hook_once = PTHREAD_ONCE_INIT;
+
+static void install_poll_hook(void)
+{
+    ahc_poll_hook_install(curl_poll);
 }
 
 /* The state's client, created on first use. Raises on failure. */
@@ -455,7 +608,10 @@ static client_t *get_client(lua_State *L)
         luaL_error(L, "agent.http: out of memory");
     }
     c->multi = curl_multi_init();
-    if (c->multi == NULL) {
+    c->default_headers = curl_slist_append(NULL, "Expect:"); /* no 100-continue round trip */
+    if (c->multi == NULL || c->default_headers == NULL) {
+        curl_multi_cleanup(c->multi);
+        curl_slist_free_all(c->default_headers);
         free(c->proxy_http);
         free(c->proxy_https);
         free(c->no_proxy);
@@ -464,6 +620,7 @@ static client_t *get_client(lua_State *L)
     }
     uv_timer_init(ah_lua_loop(L), &c->timer);
     c->timer.data = c;
+    pthread_once(&poll_hook_once, install_poll_hook);
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
@@ -642,12 +799,18 @@ static void push_url(lua_State *L, const char *url, int qidx)
     lua_remove(L, keys);
 }
 
-/* Builds the request header list from the headers table at idx (checked). NULL on OOM. */
+/* Builds the request header list from the headers table at idx (checked): "Expect:" and the
+ * table's headers; NULL with *ok true when there is no table (the client's default list). *ok is
+ * false on OOM. */
 static struct curl_slist *build_headers(lua_State *L, int idx, bool *ok)
 {
+    *ok = true;
+    if (lua_isnil(L, idx)) {
+        return NULL;
+    }
     struct curl_slist *list = curl_slist_append(NULL, "Expect:"); /* no 100-continue round trip */
     *ok = list != NULL;
-    if (!*ok || lua_isnil(L, idx)) {
+    if (!*ok) {
         return list;
     }
     lua_pushnil(L);
@@ -676,6 +839,213 @@ static struct curl_slist *build_headers(lua_State *L, int idx, bool *ok)
         lua_pop(L, 1);
     }
     return list;
+}
+
+/* One request's options, checked (see http_start). */
+typedef struct {
+    const char *url;
+    const char *method;
+    const char *body; /* NULL: none */
+    size_t body_len;
+    const char *ca_file; /* NULL: the system's CA store */
+    const char *proxy;   /* see proxy_for */
+    const struct curl_slist *headers;
+    long timeout_ms;
+    long connect_timeout_ms;
+    curl_off_t max_filesize;
+    bool follow;
+    bool verify;
+} request_t;
+
+static bool same_string(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+/* Replaces *owned with a copy of s (NULL allowed). False on OOM (*owned is then NULL). */
+static bool set_owned(char **owned, const char *s)
+{
+    free(*owned);
+    *owned = s != NULL ? strdup(s) : NULL;
+    return s == NULL || *owned != NULL;
+}
+
+/* CURLOPT_PREREQFUNCTION: curl sends a request of t (the first, a redirect's, a retry's). */
+static int on_request_sent(void *clientp, char *primary_ip, char *local_ip, int primary_port,
+                           int local_port)
+{
+    (void)primary_ip;
+    (void)local_ip;
+    (void)primary_port;
+    (void)local_port;
+    transfer_t *t = clientp;
+    t->requests_sent++;
+    return CURL_PREREQFUNC_OK;
+}
+
+/* The options every request of a transfer shares (a new or reset easy handle). */
+static void apply_fixed_options(transfer_t *t)
+{
+    CURL *e = t->easy;
+    curl_easy_setopt(e, CURLOPT_PRIVATE, t);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, on_close_socket);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, t->client);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->error);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "agenthost/" AH_VERSION);
+    curl_easy_setopt(e, CURLOPT_MAXREDIRS, (long)MAX_REDIRECTS);
+    curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, on_request_sent);
+    curl_easy_setopt(e, CURLOPT_PREREQDATA, t);
+}
+
+/* A transfer for a new request: an idle one of the client, else a new one. NULL on OOM. */
+static transfer_t *transfer_take(client_t *c)
+{
+    transfer_t *t;
+    if (c->idle_count > 0) {
+        t = c->idle[--c->idle_count];
+    } else {
+        t = calloc(1, sizeof(*t));
+        if (t == NULL) {
+            return NULL;
+        }
+        t->client = c;
+        t->easy = curl_easy_init();
+        if (t->easy == NULL) {
+            free(t);
+            return NULL;
+        }
+        apply_fixed_options(t);
+    }
+    memset(&t->op, 0, sizeof(t->op));
+    t->op.cancel = transfer_cancel;
+    t->in_multi = false;
+    t->done = false;
+    t->result = CURLE_OK;
+    t->too_large = false;
+    t->requests_sent = 0;
+    t->error[0] = '\0';
+    return t;
+}
+
+/* Gives the easy handle the request's URL: parsed once into the transfer's CURLU handle, which
+ * curl copies for each request instead of parsing the URL string again and rebuilding it
+ * (as curl itself would parse it: CURLU_GUESS_SCHEME | CURLU_NON_SUPPORT_SCHEME). A URL that
+ * does not parse is given as a string, so that curl reports it as it always did. False on OOM. */
+static bool apply_url(transfer_t *t, const char *url)
+{
+    applied_t *a = &t->applied;
+    if (a->url != NULL && strcmp(a->url, url) == 0) {
+        return true;
+    }
+    free(a->url);
+    a->url = NULL;
+    if (t->url_handle == NULL) {
+        t->url_handle = curl_url();
+    }
+    if (t->url_handle != NULL &&
+        curl_url_set(t->url_handle, CURLUPART_URL, url,
+                     CURLU_GUESS_SCHEME | CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK) {
+        /* no URL string: curl takes the normalized URL from the handle, once */
+        curl_easy_setopt(t->easy, CURLOPT_URL, NULL);
+        curl_easy_setopt(t->easy, CURLOPT_CURLU, t->url_handle);
+        return set_owned(&a->url, url);
+    }
+    curl_easy_setopt(t->easy, CURLOPT_CURLU, NULL);
+    return curl_easy_setopt(t->easy, CURLOPT_URL, url) == CURLE_OK;
+}
+
+/* Gives t's easy handle the options of req. A pooled handle keeps what the last request set: when
+ * its shape (method, body or not, ca_file, proxy) is the same only the options that differ are
+ * set, else it is reset first (curl_easy_reset), since a CA file or a method cannot be set back
+ * to curl's default one by one. False on OOM (the handle is then reset on its next use). */
+static bool apply_options(transfer_t *t, const request_t *req)
+{
+    CURL *e = t->easy;
+    applied_t *a = &t->applied;
+    bool has_body = req->body != NULL;
+    if (a->shaped && (strcmp(a->method, req->method) != 0 || a->has_body != has_body ||
+                      !same_string(a->ca_file, req->ca_file) || a->proxy != req->proxy)) {
+        a->shaped = false;
+    }
+    if (!a->shaped) {
+        if (a->used) {
+            curl_easy_reset(e);
+            apply_fixed_options(t);
+        }
+        a->used = true;
+        /* a new or reset handle: curl's defaults, nothing of a previous request */
+        free(a->url);
+        a->url = NULL;
+        if (!set_owned(&a->method, req->method) || !set_owned(&a->ca_file, req->ca_file)) {
+            return false;
+        }
+        a->has_body = has_body;
+        a->proxy = req->proxy;
+        if (strcmp(req->method, "HEAD") == 0) {
+            curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+        } else if (has_body ? strcmp(req->method, "POST") != 0 : strcmp(req->method, "GET") != 0) {
+            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, req->method);
+        }
+        if (req->ca_file != NULL) {
+            curl_easy_setopt(e, CURLOPT_CAINFO, req->ca_file);
+        }
+        if (req->proxy != NULL) {
+            curl_easy_setopt(e, CURLOPT_PROXY, req->proxy);
+            curl_easy_setopt(e, CURLOPT_NOPROXY, t->client->no_proxy);
+        }
+        a->headers = NULL;
+        a->timeout_ms = -1;
+        a->connect_timeout_ms = -1;
+        a->max_filesize = -1;
+        /* curl's defaults are the opposite: the first request sets them */
+        a->follow = !req->follow;
+        a->verify = !req->verify;
+        a->shaped = true;
+    }
+    if (has_body) {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
+        if (curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, req->body) != CURLE_OK) {
+            a->shaped = false;
+            return false;
+        }
+    }
+    if (!apply_url(t, req->url)) {
+        a->shaped = false;
+        return false;
+    }
+    if (a->headers != req->headers || req->headers != t->client->default_headers) {
+        curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
+        a->headers = req->headers;
+    }
+    if (a->timeout_ms != req->timeout_ms) {
+        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, req->timeout_ms);
+        a->timeout_ms = req->timeout_ms;
+    }
+    if (a->connect_timeout_ms != req->connect_timeout_ms) {
+        curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, req->connect_timeout_ms);
+        a->connect_timeout_ms = req->connect_timeout_ms;
+    }
+    if (a->max_filesize != req->max_filesize) {
+        curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, req->max_filesize);
+        a->max_filesize = req->max_filesize;
+    }
+    if (a->follow != req->follow) {
+        curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, req->follow ? 1L : 0L);
+        a->follow = req->follow;
+    }
+    if (a->verify != req->verify) {
+        curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, req->verify ? 1L : 0L);
+        curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, req->verify ? 2L : 0L);
+        a->verify = req->verify;
+    }
+    return true;
 }
 
 /* core.start(opts, body, headers) -> transfer | nil, msg, code (the call's waits are already
@@ -739,68 +1109,43 @@ static int http_start(lua_State *L)
     *slot = NULL;
     luaL_getmetatable(L, TRANSFER_META);
     lua_setmetatable(L, -2);
-    transfer_t *t = calloc(1, sizeof(*t));
+    transfer_t *t = transfer_take(client);
     if (t == NULL) {
         return luaL_error(L, "agent.http: out of memory");
     }
     *slot = t;
-    t->op.cancel = transfer_cancel;
-    t->client = client;
-    t->max_body = max_body >= (double)SIZE_MAX ? SIZE_MAX : (size_t)max_body;
-    t->easy = client->idle_count > 0 ? client->idle_easy[--client->idle_count] : curl_easy_init();
-    bool headers_ok = false;
-    t->request_headers = build_headers(L, 3, &headers_ok);
-    if (t->easy == NULL || !headers_ok) {
-        return luaL_error(L, "agent.http: out of memory");
-    }
-    CURL *e = t->easy;
-    curl_easy_setopt(e, CURLOPT_PRIVATE, t);
-    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, on_close_socket);
-    curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, client);
-    curl_easy_setopt(e, CURLOPT_URL, lua_tostring(L, full_url_idx));
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->error);
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
-    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
-    curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, t->request_headers);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, "agenthost/" AH_VERSION);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)ceil(fmin(timeout, 86400.0 * 24) * 1000.0));
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
-                     (long)ceil(fmin(connect_timeout, 86400.0 * 24) * 1000.0));
-    curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)fmin(max_body, 9e18));
-    curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, follow ? 1L : 0L);
-    curl_easy_setopt(e, CURLOPT_MAXREDIRS, (long)MAX_REDIRECTS);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, verify ? 1L : 0L);
-    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, verify ? 2L : 0L);
-    set_proxy(client, e, lua_tostring(L, full_url_idx), follow);
-    if (ca_file != NULL) {
-        curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
-    }
-    method = lua_tostring(L, method_idx) != NULL ? lua_tostring(L, method_idx) : method;
-    if (strcmp(method, "HEAD") == 0) {
-        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
-    } else if (body != NULL) {
-        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
-        curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, body);
-        if (strcmp(method, "POST") != 0) {
-            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
-        }
-    } else if (strcmp(method, "GET") != 0) {
-        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
-    }
-    if (curl_multi_add_handle(client->multi, e) != CURLM_OK) {
-        return luaL_error(L, "agent.http: cannot start the request");
-    }
-    t->in_multi = true;
+    /* on the script's list from here, so that client_gc finds it */
     t->next = client->transfers;
     if (t->next != NULL) {
         t->next->prev = t;
     }
     client->transfers = t;
+    t->max_body = max_body >= (double)SIZE_MAX ? SIZE_MAX : (size_t)max_body;
+    bool headers_ok = false;
+    t->own_headers = build_headers(L, 3, &headers_ok);
+    if (!headers_ok) {
+        return luaL_error(L, "agent.http: out of memory");
+    }
+    const char *full_url = lua_tostring(L, full_url_idx);
+    method = lua_tostring(L, method_idx) != NULL ? lua_tostring(L, method_idx) : method;
+    request_t req = {
+        .url = full_url,
+        .method = method,
+        .body = strcmp(method, "HEAD") == 0 ? NULL : body, /* HEAD sends none */
+        .body_len = body_len,
+        .ca_file = ca_file,
+        .proxy = proxy_for(client, full_url, follow),
+        .headers = t->own_headers != NULL ? t->own_headers : client->default_headers,
+        .timeout_ms = (long)ceil(fmin(timeout, 86400.0 * 24) * 1000.0),
+        .connect_timeout_ms = (long)ceil(fmin(connect_timeout, 86400.0 * 24) * 1000.0),
+        .max_filesize = (curl_off_t)fmin(max_body, 9e18),
+        .follow = follow,
+        .verify = verify,
+    };
+    if (!apply_options(t, &req) || curl_multi_add_handle(client->multi, t->easy) != CURLM_OK) {
+        return luaL_error(L, "agent.http: cannot start the request");
+    }
+    t->in_multi = true;
     (void)url_idx;
     return 1;
 }

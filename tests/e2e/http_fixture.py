@@ -9,6 +9,13 @@ Endpoints:
   /chunked?size=N    N bytes, chunked transfer encoding
   /redirect?n=K      302 to /redirect?n=K-1, and /status/200 at 0
   /conn              the client's port (a new port means a new connection)
+  /slow?ms=N         status 200 after N milliseconds, body "slow"
+  /drop-second       status 200 for the first request on a connection; a later request on the
+                     same connection is read and the connection closed without an answer (a
+                     client retries such a request on a new connection)
+  /close             status 200, body "closing", then the server closes the connection without
+                     having said so (no "Connection: close"): the client's next request on it
+                     finds it dead
   /hang              reads the request and never answers
 """
 import json
@@ -17,6 +24,7 @@ import socketserver
 import ssl
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -35,7 +43,8 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in extra:
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _body(self):
         n = int(self.headers.get("Content-Length") or 0)
@@ -46,6 +55,7 @@ class Handler(BaseHTTPRequestHandler):
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         body = self._body()
         self.server.requests += 1
+        self.on_connection = getattr(self, "on_connection", 0) + 1  # one handler per connection
         if url.path.startswith("/status/"):
             n = int(url.path.split("/")[2])
             return self._send(n, "" if n == 204 else f"status {n}")
@@ -77,6 +87,18 @@ class Handler(BaseHTTPRequestHandler):
             n = int(q.get("n", "0"))
             target = f"/redirect?n={n - 1}" if n > 0 else "/status/200"
             return self._send(302, "", extra=[("Location", target)])
+        if url.path == "/slow":
+            time.sleep(int(q.get("ms", "0")) / 1000)
+            return self._send(200, "slow")
+        if url.path == "/drop-second":
+            if self.on_connection > 1:
+                self.close_connection = True
+                return None
+            return self._send(200, "first on its connection")
+        if url.path == "/close":
+            self._send(200, "closing")
+            self.close_connection = True
+            return None
         if url.path == "/conn":
             return self._send(200, str(self.client_address[1]))
         if url.path == "/hang":
@@ -86,7 +108,7 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return self._send(404, "not found")
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _route
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _route
 
 
 class Server(ThreadingHTTPServer):

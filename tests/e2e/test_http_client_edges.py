@@ -5,7 +5,7 @@ Content-Length, and TLS host name verification (a certificate naming only DNS:lo
 at test time with the openssl command, is refused for https://127.0.0.1)."""
 import signal
 
-from agenthost_harness import agent_env, count_events, script, wait_events
+from agenthost_harness import agent_env, closed_port, count_events, script, wait_events
 from http_fixture import Server, self_signed_cert, tls_context
 
 EDGES = script("http_edges.lua")
@@ -58,3 +58,79 @@ def test_tls_certificate_for_another_host_name_is_refused(fleet, tmp_path):
     rec = recs["by_address"]
     assert rec.get("code") == "tls", rec
     assert "status" not in rec, rec
+
+
+def test_a_reused_transfer_carries_nothing_of_the_previous_request(fleet, tmp_path):
+    """One task's requests one after the other reuse the transfer (and libcurl easy handle) the
+    previous one gave back: method, body, headers, query, timeout, max_body, follow_redirects,
+    ca_file and tls_verify of a request never reach the next, whether it succeeded, failed,
+    timed out or was cancelled in flight; then a reload drops the kept transfers (a fresh state
+    makes the same requests again: the agent exits clean, under ASan too)."""
+    cert, key = self_signed_cert(str(tmp_path))
+    with Server() as srv, Server(tls_context(cert, key)) as tls:
+        events = str(tmp_path / "reuse.jsonl")
+        a = fleet.start(EDGES, env=agent_env(str(tmp_path / "state.db"), events, MODE="reuse",
+                                             BASE=srv.base, TLS_PORT=tls.server_address[1],
+                                             CA_FILE=cert, CLOSED_PORT=closed_port(),
+                                             BATCH_TIMEOUT=60), name="reuse")
+        wait_events(events, lambda e: count_events(e, "done") == 1, 60, "the first round")
+        assert a.post("/api/agent/reload").status == 200
+        ev = wait_events(events, lambda e: count_events(e, "done") == 2, 60, "the second round")
+        assert a.get("/healthz").status == 200
+        a.signal(signal.SIGTERM)
+        assert a.wait_exit(20) == 0, a.log_text()
+        assert not a.find_logs(r"\[ERROR\]"), a.log_text()
+    done = [i for i, e in enumerate(ev) if e["ev"] == "done"]
+    for rounds in (ev[:done[0]], ev[done[0] + 1:done[1]]):
+        r = {e["ev"]: e for e in rounds}
+        assert r["put"]["echo"] == {"method": "PUT", "query": "", "body": "abc",
+                                    "content_type": "application/x-www-form-urlencoded"}, r["put"]
+        for name in ("get_after_put", "get_after_head", "get_after_post", "no_query",
+                     "after_follow", "after_refused", "after_cancel"):
+            assert r[name]["status"] == 200, r[name]
+            assert r[name]["echo"] == {"method": "GET", "query": "", "body": "",
+                                       "content_type": None}, r[name]
+        assert "X-One" not in r["headers_after_put"]["echo"], r["headers_after_put"]
+        assert (r["head"]["status"], r["head"]["size"]) == (200, 0), r["head"]
+        assert r["post_json"]["echo"]["method"] == "POST", r["post_json"]
+        assert r["post_json"]["echo"]["body"] == '{"a":1}', r["post_json"]
+        assert r["query"]["echo"]["query"] == "a=1", r["query"]
+        assert r["short_timeout"]["code"] == "timeout", r["short_timeout"]
+        assert r["after_timeout"]["status"] == 200, r["after_timeout"]  # 1.5 s, not cut at 0.5
+        assert r["small_max_body"]["code"] == "too_large", r["small_max_body"]
+        assert (r["after_max_body"]["status"], r["after_max_body"]["size"]) == (200, 1000)
+        assert r["no_follow"]["status"] == 302, r["no_follow"]
+        assert r["follow"]["status"] == 200, r["follow"]
+        assert r["refused"]["code"] == "connect", r["refused"]
+        assert r["cancelled"]["code"] == "cancelled", r["cancelled"]
+        assert r["tls_with_ca_file"]["status"] == 200, r["tls_with_ca_file"]
+        assert r["tls_without_ca_file"]["code"] == "tls", r["tls_without_ca_file"]
+        assert r["tls_unverified"]["status"] == 200, r["tls_unverified"]
+        assert r["tls_verified_again"]["code"] == "tls", r["tls_verified_again"]
+
+
+def test_a_connection_the_server_closed_unannounced_is_not_reused(fleet, tmp_path):
+    """The server closes every connection right after its answer without saying so: the next
+    request, made at once, finds the kept connection dead (curl's liveness check before a reuse,
+    answered from the loop's own view of the socket, or the send) and gets its answer on a new
+    connection, 30 times in a row, with no error."""
+    with Server() as srv:
+        recs = run(fleet, tmp_path, "server_closes", BASE=srv.base)
+        served = srv.requests
+    for i in range(1, 31):
+        assert recs[f"close_{i}"].get("status") == 200, recs[f"close_{i}"]
+        assert recs[f"next_{i}"].get("status") == 200, recs[f"next_{i}"]
+    assert all("err" not in r for r in recs.values()), recs
+
+
+def test_every_request_has_curls_retries_however_many_retried_before(fleet, tmp_path):
+    """The server drops every request sent on a kept connection (reads it, closes without an
+    answer): curl retries each on a new connection. curl counts the retries of an easy handle
+    until it is reset (5 at most, "Connection died, tried 5 times"), and a request reuses the
+    easy handle of the one before: 8 requests in a row, each retried once, all answered."""
+    with Server() as srv:
+        recs = run(fleet, tmp_path, "retries", BASE=srv.base)
+        served = srv.requests
+    for i in range(1, 9):
+        assert recs[f"retried_{i}"].get("status") == 200, recs[f"retried_{i}"]
+    assert served == 15, served  # the first request, then two for each of the 7 others

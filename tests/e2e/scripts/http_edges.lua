@@ -1,10 +1,11 @@
 --[[ Fixture: the edges of agent.http (tests/e2e/test_http_client_edges.py) against the tests'
 local servers. Records the outcome of each request as a JSON line in $EVENTS_FILE. Knobs:
   EVENTS_FILE  where to append the records (required)
-  MODE         header_case | timeout | max_body | tls_host
+  MODE         header_case | timeout | max_body | tls_host | reuse | server_closes | retries
   BASE         the plain HTTP server, http://127.0.0.1:PORT
-  TLS_PORT     the HTTPS server's port (tls_host); its certificate names only DNS:localhost
-  CA_FILE      that certificate (tls_host)
+  TLS_PORT     the HTTPS server's port (tls_host, reuse); its certificate names only
+               DNS:localhost
+  CA_FILE      that certificate (tls_host, reuse)
 The first batch does the work of MODE; later batches sleep a little and return 0. ]]
 local agent = require "agent"
 local fixture = require "lib.fixture"
@@ -55,6 +56,80 @@ function modes.tls_host()
     local opts = {ca_file = agent.env("CA_FILE", "")}
     request("by_name", "https://localhost:" .. port .. "/status/200", opts)
     request("by_address", "https://127.0.0.1:" .. port .. "/status/200", opts)
+end
+
+-- One task makes requests one after the other, so each reuses the transfer (and easy handle)
+-- the previous one left: nothing of a request may reach the next (method, body, headers,
+-- query, timeout, max_body, follow_redirects, ca_file, tls_verify), after a success, a failure,
+-- a timeout or a cancelled request alike. Records every outcome with the /echo answer decoded.
+function modes.reuse()
+    local tls = "https://localhost:" .. agent.env("TLS_PORT", "1") .. "/status/200"
+    local function step(name, res, msg, code)
+        local rec = {ev = name}
+        if res then
+            rec.status, rec.size, rec.headers = res.status, #res.body, res.headers
+            local ok, echo = pcall(agent.json.decode, res.body)
+            if ok and type(echo) == "table" then
+                rec.echo = echo
+            end
+        else
+            rec.err, rec.code = msg, code
+        end
+        record(rec)
+    end
+    step("put", http.request{method = "PUT", url = base .. "/echo", body = "abc",
+                             headers = {["X-One"] = "1"}})
+    step("get_after_put", http.get(base .. "/echo"))
+    step("headers_after_put", http.get(base .. "/headers"))
+    step("head", http.request{method = "HEAD", url = base .. "/echo"})
+    step("get_after_head", http.get(base .. "/echo"))
+    step("post_json", http.post(base .. "/echo", {a = 1}))
+    step("get_after_post", http.get(base .. "/echo"))
+    step("query", http.get(base .. "/echo", {query = {a = "1"}}))
+    step("no_query", http.get(base .. "/echo"))
+    step("short_timeout", http.get(base .. "/slow?ms=3000", {timeout = 0.5}))
+    step("after_timeout", http.get(base .. "/slow?ms=1500"))
+    step("small_max_body", http.get(base .. "/bytes?size=100", {max_body = 10}))
+    step("after_max_body", http.get(base .. "/bytes?size=1000"))
+    step("no_follow", http.get(base .. "/redirect?n=1", {follow_redirects = false}))
+    step("follow", http.get(base .. "/redirect?n=2"))
+    step("after_follow", http.get(base .. "/echo"))
+    step("refused", http.get("http://127.0.0.1:" .. agent.env("CLOSED_PORT", "1") .. "/"))
+    step("after_refused", http.get(base .. "/echo"))
+    -- a request cancelled in flight (task:cancel) gives its transfer back too
+    local t = agent.spawn(function()
+        return http.get(base .. "/slow?ms=5000")
+    end)
+    agent.sleep(0.3)
+    t:cancel()
+    local ok, res, msg, code = t:join()
+    step("cancelled", res, msg, code)
+    step("after_cancel", http.get(base .. "/echo"))
+    step("tls_with_ca_file", http.get(tls, {ca_file = agent.env("CA_FILE", "")}))
+    step("tls_without_ca_file", http.get(tls))
+    step("tls_unverified", http.get(tls, {tls_verify = false}))
+    step("tls_verified_again", http.get(tls))
+end
+
+-- The server closes each connection right after its answer, unannounced: every next request
+-- finds its kept connection dead (at curl's check before the reuse, or when it is sent) and
+-- must still get its answer, on a new connection.
+function modes.server_closes()
+    for i = 1, 30 do
+        local t0 = agent.monotonic()
+        outcome("close_" .. i, t0, http.get(base .. "/close"))
+        outcome("next_" .. i, t0, http.get(base .. "/conn"))
+    end
+end
+
+-- Every request but the first is sent on a kept connection that the server then closes without
+-- answering: curl retries it on a new connection. Each request has curl's own retries, however
+-- many requests before it retried on the same transfer.
+function modes.retries()
+    for i = 1, 8 do
+        local t0 = agent.monotonic()
+        outcome("retried_" .. i, t0, http.get(base .. "/drop-second"))
+    end
 end
 
 local M = {}
