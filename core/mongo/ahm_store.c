@@ -220,14 +220,18 @@ static bool error_before_send(const bson_error_t *error)
 }
 
 /* The message of a failed operation, naming the real problem and never empty. A server
- * selection failure often says nothing ("", "No servers yet eligible for rescan"): then what the
+ * selection failure often says nothing ("", "No servers yet eligible for rescan", or "No suitable
+ * servers found" with no server's error after it, when the first attempt of a client found no
+ * server description yet): then what the
  * heartbeats saw (a server of another replica set) or a direct connection attempt to the URI's
  * hosts ("connection refused by ...") says it. Returns error->message or buf (size n). May
  * block up to a second per seed host (the probe): for threads that may wait. */
 static const char *error_text(ahm_store_t *ms, const bson_error_t *error, char *buf, size_t n)
 {
     bool says_nothing = error->message[0] == '\0' ||
-                        strstr(error->message, "No servers yet eligible for rescan") != NULL;
+                        strstr(error->message, "No servers yet eligible for rescan") != NULL ||
+                        (strstr(error->message, "No suitable servers found") != NULL &&
+                         strchr(error->message, '[') == NULL);
     if (!says_nothing) {
         return error->message;
     }
