@@ -144,6 +144,9 @@ def test_a_killed_agent_is_lost_in_ctl_and_the_summary(fleet, tmp_path, state_fi
               for i in (1, 2)]
     for a in agents:
         a.wait_state("running")
+    # an agent's first record follows its startup sync: both are listed before a2 is killed
+    wait_for(lambda: [r.get("agent_id") for r in agents[0].get("/api/cluster/agents").json()
+                      ["agents"]] == ["a1", "a2"], 15, message="both records")
     agents[1].signal(signal.SIGKILL)
     agents[1].wait_exit()
     body = wait_for(lambda: (lambda b: b if b["summary"]["stale"] == 1 else None)(
