@@ -97,8 +97,11 @@ class Page:
                  "class": tr.get_attribute("class")} for tr in rows}
 
     def browser_errors(self, allow=()):
-        """SEVERE browser log entries, except those containing one of `allow`."""
+        """SEVERE browser log entries, except those containing one of `allow` and Chromium's
+        net::ERR_NETWORK_CHANGED (the host's interfaces changed, e.g. podman making a network
+        for the container checks beside the suite: the page's next poll succeeds)."""
         entries = self.driver.get_log("browser")
+        allow = tuple(allow) + ("net::ERR_NETWORK_CHANGED",)
         return [e for e in entries if e["level"] == "SEVERE" and
                 not any(a in e["message"] for a in allow)]
 
