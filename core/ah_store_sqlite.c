@@ -71,6 +71,8 @@ typedef struct ah_sqlite_store_s {
                               watcher's first connection (the store's until the watcher takes it) */
     atomic_bool flush_new; /* a connection created the file without fsync: the watcher flushes
                               it after its next read */
+    bool told_initial;     /* the watcher delivered the initial document of a file it was setting
+                              up (sqlite_setup): watcher thread only */
 } ah_sqlite_store_t;
 
 static const char ah_sqlite_schema[] =
@@ -337,14 +339,41 @@ static int sqlite_query_int(sqlite3 *db, const char *sql, int *out)
     return rc;
 }
 
+/* The watcher's delivery of the initial document of a file that has no schema yet, once: the
+ * cluster state of a file without a control document is that document's ("running", version 0),
+ * and while the caller holds the file's write lock, no command can be written before it. */
+static void sqlite_tell_initial(ah_sqlite_store_t *st)
+{
+    const ah_store_listener_t *listener = &st->listener;
+    if (st->told_initial || listener->on_control == NULL) {
+        return;
+    }
+    st->told_initial = true;
+    if (listener->on_scopes != NULL) {
+        listener->on_scopes(listener->ud, NULL, 0);
+    }
+    ah_control_t doc;
+    memset(&doc, 0, sizeof(doc));
+    doc.command = AH_CMD_RUNNING;
+    doc.timestamp_us = ah_now_us();
+    ah_strlcpy(doc.reason, "initial state", sizeof(doc.reason));
+    ah_strlcpy(doc.updated_by, "system", sizeof(doc.updated_by));
+    listener->on_control(listener->ud, &doc);
+}
+
 /* Inside the caller's write transaction: the schema, the columns added since the first schema
- * (probed only in a file that had tables), the initial document and the schema version.
- * SQLite's result code; the caller rolls back on failure. */
-static int sqlite_setup(sqlite3 *db)
+ * (probed only in a file that had tables), the initial document and the schema version. A file
+ * without tables is new: the watcher (tell_initial) delivers its initial document before the
+ * schema is written, so that the agent's start does not wait for the setup's statements (about
+ * 1 M instructions of SQLite's parser). SQLite's result code; the caller rolls back on failure. */
+static int sqlite_setup(ah_sqlite_store_t *st, sqlite3 *db, bool tell_initial)
 {
     sqlite3_stmt *stmt = NULL;
     int had_tables = 0;
     int rc = sqlite_query_int(db, "SELECT count(*) FROM sqlite_master", &had_tables);
+    if (rc == SQLITE_OK && had_tables == 0 && tell_initial) {
+        sqlite_tell_initial(st);
+    }
     if (rc == SQLITE_OK) {
         rc = sqlite3_exec(db, ah_sqlite_schema, NULL, NULL, NULL);
     }
@@ -381,8 +410,9 @@ static int sqlite_setup(sqlite3 *db)
  * write lock is taken even when there is nothing to set up (the watcher: an agent that starts
  * while another process holds it waits, not ready, as on an unreachable store); else a file at
  * the schema version is only read (the API connection, opened by a call: a read does not wait
- * for another process's write). Returns 0 and *out, or AH_EUNAVAIL/AH_EIO with err set (*out
- * NULL).
+ * for another process's write). The watcher's setup of a file without tables delivers its initial
+ * document as soon as it holds the lock (sqlite_tell_initial). Returns 0 and *out, or
+ * AH_EUNAVAIL/AH_EIO with err set (*out NULL).
  *
  * A file that does not exist yet (or is empty) is created and set up without fsync (synchronous =
  * OFF until the setup is committed; its content is what any start writes into a new file), and
@@ -428,7 +458,7 @@ static int sqlite_connect(ah_sqlite_store_t *st, sqlite3 *opened, bool write_loc
             rc = sqlite_query_int(db, "PRAGMA user_version", &version);
         }
         if (rc == SQLITE_OK && version < AH_SQLITE_SCHEMA_VERSION) {
-            rc = sqlite_setup(db);
+            rc = sqlite_setup(st, db, write_lock);
         }
         if (rc == SQLITE_OK) {
             rc = sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
@@ -1410,6 +1440,11 @@ static void *watch_main(void *arg)
         if (db == NULL && sqlite_connect(st, opened, true, AH_SQLITE_WATCH_BUSY_MS, 1, &db, err,
                                          sizeof(err)) != 0) {
             goto failed;
+        }
+        if (st->told_initial && !reported_doc) { /* the setup delivered the initial document */
+            reported_doc = true;
+            reported_version = 0;
+            scope_count = 0;
         }
         if (need_read) {
             int64_t started_us = ah_mono_us();
