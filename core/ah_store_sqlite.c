@@ -73,6 +73,8 @@ typedef struct ah_sqlite_store_s {
                               it after its next read */
     bool told_initial;     /* the watcher delivered the initial document of a file it was setting
                               up (sqlite_setup): watcher thread only */
+    ah_store_reporter_t *reporter; /* the watcher's (on its stack): watcher thread only */
+    int64_t connect_us;            /* when the watcher's connect began (ah_mono_us) */
 } ah_sqlite_store_t;
 
 static const char ah_sqlite_schema[] =
@@ -345,10 +347,14 @@ static int sqlite_query_int(sqlite3 *db, const char *sql, int *out)
 static void sqlite_tell_initial(ah_sqlite_store_t *st)
 {
     const ah_store_listener_t *listener = &st->listener;
-    if (st->told_initial || listener->on_control == NULL) {
+    if (st->told_initial || listener->on_control == NULL || st->reporter == NULL) {
         return;
     }
     st->told_initial = true;
+    /* connected, as after a read, which took until now */
+    if (ah_store_note_connected(st->reporter, (double)(ah_mono_us() - st->connect_us) / 1000.0)) {
+        ah_store_report(st->reporter, true);
+    }
     if (listener->on_scopes != NULL) {
         listener->on_scopes(listener->ud, NULL, 0);
     }
@@ -1428,6 +1434,7 @@ static void *watch_main(void *arg)
 
     ah_store_reporter_init(&reporter, listener, "embedded", "embedded", "polling",
                            AH_SQLITE_STATUS_MIN_GAP_US);
+    st->reporter = &reporter;
 
     for (;;) {
         int64_t now_dv;
@@ -1437,6 +1444,7 @@ static void *watch_main(void *arg)
          * does the waiting, and close is not delayed. */
         sqlite3 *opened = st->first_db;
         st->first_db = NULL;
+        st->connect_us = ah_mono_us();
         if (db == NULL && sqlite_connect(st, opened, true, AH_SQLITE_WATCH_BUSY_MS, 1, &db, err,
                                          sizeof(err)) != 0) {
             goto failed;
@@ -1511,6 +1519,7 @@ static void *watch_main(void *arg)
         }
         failures += failures < 64;
     }
+    st->reporter = NULL;
     sqlite3_close_v2(db);
     free(scopes);
     return NULL;
