@@ -275,7 +275,8 @@ def test_the_binary_links_libmicrohttpd_without_gnutls():
 
 # Every shared library costs each start its mapping, relocations and page faults: the executable
 # carries LuaJIT, libuv and SQLite from their archives, and needs only the C runtime.
-EXECUTABLE_NEEDS = ("libc.so", "libm.so", "libgcc_s.so", "ld-linux")
+EXECUTABLE_NEEDS = ("libc.so", "libm.so", "libgcc_s.so", "ld-linux",
+                    "libasan.so", "libubsan.so")  # the last two: a sanitizer build
 
 
 def test_the_binary_needs_only_the_c_runtime():
