@@ -636,32 +636,35 @@ cleanup:
  * file: closing any descriptor of a file drops every POSIX lock this process holds on it, and
  * with the locks of its connections gone, another process's last close would checkpoint and
  * delete the WAL this process still writes to (its commits would then reach no other process). */
-static bool sync_dir(const char *path)
+static bool sync_dir(const char *path, const char **why)
 {
     int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) {
+        *why = strerror(errno);
         return false;
     }
     int rc = fsync(fd);
-    int saved = errno;
+    if (rc != 0) {
+        *why = strerror(errno);
+    }
     close(fd);
-    errno = saved;
     return rc == 0;
 }
 
 /* Syncs the file behind a connection's descriptor (op: SQLITE_FCNTL_FILE_POINTER for the
  * database, SQLITE_FCNTL_JOURNAL_POINTER for its WAL), through SQLite's own descriptor. True when
  * synced, or when the connection has no such file open. */
-static bool sync_connection_file(sqlite3 *db, int op)
+static bool sync_connection_file(sqlite3 *db, int op, const char **why)
 {
     sqlite3_file *file = NULL;
-    if (sqlite3_file_control(db, "main", op, &file) != SQLITE_OK) {
-        return false;
+    int rc = sqlite3_file_control(db, "main", op, &file);
+    if (rc == SQLITE_OK && file != NULL && file->pMethods != NULL) {
+        rc = file->pMethods->xSync(file, SQLITE_SYNC_NORMAL);
     }
-    if (file == NULL || file->pMethods == NULL) {
-        return true;
+    if (rc != SQLITE_OK) {
+        *why = sqlite3_errstr(rc); /* SQLite's I/O error, not errno: its call may not set it */
     }
-    return file->pMethods->xSync(file, SQLITE_SYNC_NORMAL) == SQLITE_OK;
+    return rc == SQLITE_OK;
 }
 
 /* Makes a file that sqlite_connect created without fsync as durable as a synced setup would have
@@ -673,13 +676,14 @@ static void sqlite_flush_new(const ah_sqlite_store_t *st, sqlite3 *db)
 {
     char dir[PATH_MAX];
     sqlite_dir_of(st->path, dir, sizeof(dir));
-    const char *failed = !sync_connection_file(db, SQLITE_FCNTL_FILE_POINTER)      ? "the file"
-                         : !sync_connection_file(db, SQLITE_FCNTL_JOURNAL_POINTER) ? "its WAL"
-                         : !sync_dir(dir)                                          ? dir
-                                                                                   : NULL;
+    const char *why = "";
+    const char *failed = !sync_connection_file(db, SQLITE_FCNTL_FILE_POINTER, &why) ? "the file"
+                         : !sync_connection_file(db, SQLITE_FCNTL_JOURNAL_POINTER, &why) ? "its WAL"
+                         : !sync_dir(dir, &why)                                          ? dir
+                                                                                         : NULL;
     if (failed != NULL) {
         ah_log_warn("embedded store '%s': the new file could not be flushed to disk yet (%s: %s)",
-                    st->path, failed, strerror(errno));
+                    st->path, failed, why);
     }
 }
 
