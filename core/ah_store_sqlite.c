@@ -1397,22 +1397,20 @@ static bool watch_wait(ah_sqlite_store_t *st, double seconds)
 }
 
 /* Watcher: the connection's data_version into *out. 0, or AH_EIO with err set. */
-static int watch_data_version(const ah_sqlite_store_t *st, sqlite3 *db, int64_t *out, char *err,
-                              size_t errlen)
+static int watch_data_version(const ah_sqlite_store_t *st, sqlite3 *db, sqlite3_stmt **stmt,
+                              int64_t *out, char *err, size_t errlen)
 {
-    sqlite3_stmt *stmt = NULL;
-    int ret = AH_EIO;
-
-    if (sqlite3_prepare_v2(db, "PRAGMA data_version", -1, &stmt, NULL) != SQLITE_OK ||
-        sqlite3_step(stmt) != SQLITE_ROW) {
+    /* *stmt: prepared once per connection (the caller finalizes it before closing db) */
+    if ((*stmt == NULL &&
+         sqlite3_prepare_v2(db, "PRAGMA data_version", -1, stmt, NULL) != SQLITE_OK) ||
+        sqlite3_step(*stmt) != SQLITE_ROW) {
         sqlite_error(err, errlen, st, db, "change check failed");
-        goto cleanup;
+        sqlite3_reset(*stmt);
+        return AH_EIO;
     }
-    *out = sqlite3_column_int64(stmt, 0);
-    ret = 0;
-cleanup:
-    sqlite3_finalize(stmt);
-    return ret;
+    *out = sqlite3_column_int64(*stmt, 0);
+    sqlite3_reset(*stmt); /* ends the read transaction the step began */
+    return 0;
 }
 
 /* The watcher thread: initial read (retried with capped exponential backoff), then one
@@ -1425,6 +1423,7 @@ static void *watch_main(void *arg)
     ah_store_reporter_t reporter;
     ah_control_t doc;
     sqlite3 *db = NULL;
+    sqlite3_stmt *dv_stmt = NULL; /* PRAGMA data_version on db */
     char err[AH_ERRLEN];
     bool need_read = true;
     bool reported_doc = false;
@@ -1463,7 +1462,7 @@ static void *watch_main(void *arg)
             /* data_version first: a commit landing between the two is caught by the next poll. */
             ah_control_t *fresh = NULL;
             int fresh_count = 0;
-            if (watch_data_version(st, db, &now_dv, err, sizeof(err)) != 0 ||
+            if (watch_data_version(st, db, &dv_stmt, &now_dv, err, sizeof(err)) != 0 ||
                 control_select(st, db, &doc, NULL, err, sizeof(err)) != 0 ||
                 scopes_select(st, db, &fresh, &fresh_count, &warned, err, sizeof(err)) != 0) {
                 goto failed;
@@ -1502,7 +1501,7 @@ static void *watch_main(void *arg)
         if (watch_wait(st, st->poll_interval)) {
             break;
         }
-        if (watch_data_version(st, db, &now_dv, err, sizeof(err)) != 0) {
+        if (watch_data_version(st, db, &dv_stmt, &now_dv, err, sizeof(err)) != 0) {
             goto failed;
         }
         reporter.status.polls++;
@@ -1514,6 +1513,8 @@ static void *watch_main(void *arg)
 
     failed:
         ah_store_note_failure(&reporter, err);
+        sqlite3_finalize(dv_stmt);
+        dv_stmt = NULL;
         sqlite3_close_v2(db);
         db = NULL;
         need_read = true;
@@ -1524,6 +1525,7 @@ static void *watch_main(void *arg)
         failures += failures < 64;
     }
     st->reporter = NULL;
+    sqlite3_finalize(dv_stmt);
     sqlite3_close_v2(db);
     free(scopes);
     return NULL;
