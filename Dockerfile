@@ -37,8 +37,10 @@ RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=/usr/l
  && cp -r examples/*.lua examples/lib /usr/local/share/agenthost/examples/
 
 FROM debian:bookworm-slim AS runtime
-# Runtime libraries only (lua-cjson and libmicrohttpd are linked statically; libmicrohttpd without
-# its TLS library, see CMakeLists.txt). libmongoc/libbson serve only the
+# Runtime libraries only (lua-cjson, libmicrohttpd, LuaJIT, libuv and SQLite are linked
+# statically; libmicrohttpd without its TLS library, see CMakeLists.txt). libluajit-5.1-2 and libuv1
+# stay for the plugins, which name them (and bind to the executable's copies). libmongoc/libbson
+# serve only the
 # MongoDB plugin (/usr/local/lib/agenthost/agenthost_mongo.so, loaded when MONGODB_URI is set or a
 # script uses agent.mongo); the image runs both stores, so they stay. ca-certificates: TLS to
 # MongoDB (mongodb+srv:// / Atlas) and HTTPS from agent.http. libcurl4 serves only the libcurl
@@ -46,7 +48,7 @@ FROM debian:bookworm-slim AS runtime
 # tool is not installed: the HEALTHCHECK below uses bash's /dev/tcp).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      libluajit-5.1-2 libmongoc-1.0-0 libbson-1.0-0 libuv1 libsqlite3-0 \
+      libluajit-5.1-2 libmongoc-1.0-0 libbson-1.0-0 libuv1 \
       libcurl4 ca-certificates \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* \

@@ -72,6 +72,7 @@ struct http_park_s {
 };
 
 static void *store_worker_main(void *arg);
+static void *park_main(void *arg);
 
 /* ---- replies ---------------------------------------------------------------------------- */
 
@@ -357,6 +358,20 @@ http_park_t *ah_http_park(ah_http_parking_t *parking, struct MHD_Connection *con
         reply_stopping(reply);
         return NULL;
     }
+    /* The park thread starts with the first parked request (an agent that is sent no wait=
+     * has none, and the start-up creates one thread less). */
+    if (!parking->park_started) {
+        int rc = pthread_create(&parking->park_thread, NULL, park_main, parking);
+        if (rc != 0) {
+            pthread_mutex_unlock(&parking->lock);
+            park_unref(park);
+            ah_http_reply_error(reply, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                "cannot start the HTTP park thread: %s", strerror(rc));
+            reply->retry_after = HTTP_RETRY_AFTER_S;
+            return NULL;
+        }
+        parking->park_started = true;
+    }
     park_link_locked(parking, req_cls, park);
     atomic_fetch_add(&park->refs, 1); /* the caller's */
     parking->dirty = true;            /* the check may already hold */
@@ -497,19 +512,8 @@ ah_http_parking_t *ah_http_park_start(ah_state_t *state, char *err, size_t errle
     pthread_cond_init(&parking->park_cond, &attr);
     pthread_cond_init(&parking->jobs_cond, &attr);
     pthread_condattr_destroy(&attr);
-    int rc = pthread_create(&parking->park_thread, NULL, park_main, parking);
-    if (rc != 0) {
-        snprintf(err, errlen, "cannot start the HTTP park thread: %s", strerror(rc));
-        goto fail;
-    }
-    parking->park_started = true;
     ah_state_set_change_listener(parking->state, on_state_change, parking);
     return parking;
-
-fail:
-    ah_http_park_stop(parking, 0); /* nothing was parked: nothing to wait for */
-    ah_http_park_free(parking);
-    return NULL;
 }
 
 static bool jobs_idle(void *arg)
@@ -523,10 +527,6 @@ int ah_http_park_stop(ah_http_parking_t *parking, double seconds)
     ah_state_set_change_listener(parking->state, NULL, NULL);
     pthread_mutex_lock(&parking->lock);
     parking->stopping = true; /* from now on requests are answered 503 without parking */
-    if (!parking->park_started) {
-        pthread_mutex_unlock(&parking->lock);
-        return AH_OK;
-    }
     /* Drop the queued jobs (they never ran: answered 503 below), let the running ones finish
      * within the budget (a cluster shutdown's own answer comes from one), then answer
      * everything still parked. */
@@ -555,7 +555,10 @@ int ah_http_park_stop(ah_http_parking_t *parking, double seconds)
         park_unref(dropped);
         dropped = next;
     }
-    pthread_join(parking->park_thread, NULL);
+    if (parking->park_started) {
+        pthread_join(parking->park_thread, NULL);
+        parking->park_started = false;
+    }
     if (!idle) {
         return AH_ETIMEOUT; /* a store call is stuck: its worker keeps using parking and the store
                              */
@@ -564,7 +567,6 @@ int ah_http_park_stop(ah_http_parking_t *parking, double seconds)
         pthread_join(parking->store_workers[i], NULL);
     }
     parking->workers_started = 0;
-    parking->park_started = false;
     return AH_OK;
 }
 

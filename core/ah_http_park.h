@@ -87,8 +87,9 @@ typedef bool (*http_park_check_t)(void *arg, bool expired, http_reply_t *reply);
  * block. */
 typedef void (*http_job_t)(void *arg, http_reply_t *reply);
 
-/* Starts the park thread and the store workers and listens to the state object's changes.
- * state must outlive the parking. NULL with err set on failure (nothing left running). */
+/* Listens to the state object's changes; the park thread starts with the first parked request,
+ * the store workers with the first jobs. state must outlive the parking. NULL with err set on
+ * failure (nothing left running). */
 ah_http_parking_t *ah_http_park_start(ah_state_t *state, char *err, size_t errlen);
 /* Stops listening, answers every parked request 503 (queued jobs never run), waits up to
  * `seconds` for the jobs running. AH_OK: every thread is joined. AH_ETIMEOUT: a job is still

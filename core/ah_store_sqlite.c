@@ -71,6 +71,10 @@ typedef struct ah_sqlite_store_s {
                               watcher's first connection (the store's until the watcher takes it) */
     atomic_bool flush_new; /* a connection created the file without fsync: the watcher flushes
                               it after its next read */
+    bool told_initial;     /* the watcher delivered the initial document of a file it was setting
+                              up (sqlite_setup): watcher thread only */
+    ah_store_reporter_t *reporter; /* the watcher's (on its stack): watcher thread only */
+    int64_t connect_us;            /* when the watcher's connect began (ah_mono_us) */
 } ah_sqlite_store_t;
 
 static const char ah_sqlite_schema[] =
@@ -337,14 +341,45 @@ static int sqlite_query_int(sqlite3 *db, const char *sql, int *out)
     return rc;
 }
 
+/* The watcher's delivery of the initial document of a file that has no schema yet, once: the
+ * cluster state of a file without a control document is that document's ("running", version 0),
+ * and while the caller holds the file's write lock, no command can be written before it. */
+static void sqlite_tell_initial(ah_sqlite_store_t *st)
+{
+    const ah_store_listener_t *listener = &st->listener;
+    if (st->told_initial || listener->on_control == NULL || st->reporter == NULL) {
+        return;
+    }
+    st->told_initial = true;
+    /* connected, as after a read, which took until now */
+    if (ah_store_note_connected(st->reporter, (double)(ah_mono_us() - st->connect_us) / 1000.0)) {
+        ah_store_report(st->reporter, true);
+    }
+    if (listener->on_scopes != NULL) {
+        listener->on_scopes(listener->ud, NULL, 0);
+    }
+    ah_control_t doc;
+    memset(&doc, 0, sizeof(doc));
+    doc.command = AH_CMD_RUNNING;
+    doc.timestamp_us = ah_now_us();
+    ah_strlcpy(doc.reason, "initial state", sizeof(doc.reason));
+    ah_strlcpy(doc.updated_by, "system", sizeof(doc.updated_by));
+    listener->on_control(listener->ud, &doc);
+}
+
 /* Inside the caller's write transaction: the schema, the columns added since the first schema
- * (probed only in a file that had tables), the initial document and the schema version.
- * SQLite's result code; the caller rolls back on failure. */
-static int sqlite_setup(sqlite3 *db)
+ * (probed only in a file that had tables), the initial document and the schema version. A file
+ * without tables is new: the watcher (tell_initial) delivers its initial document before the
+ * schema is written, so that the agent's start does not wait for the setup's statements (about
+ * 1 M instructions of SQLite's parser). SQLite's result code; the caller rolls back on failure. */
+static int sqlite_setup(ah_sqlite_store_t *st, sqlite3 *db, bool tell_initial)
 {
     sqlite3_stmt *stmt = NULL;
     int had_tables = 0;
     int rc = sqlite_query_int(db, "SELECT count(*) FROM sqlite_master", &had_tables);
+    if (rc == SQLITE_OK && had_tables == 0 && tell_initial) {
+        sqlite_tell_initial(st);
+    }
     if (rc == SQLITE_OK) {
         rc = sqlite3_exec(db, ah_sqlite_schema, NULL, NULL, NULL);
     }
@@ -381,8 +416,9 @@ static int sqlite_setup(sqlite3 *db)
  * write lock is taken even when there is nothing to set up (the watcher: an agent that starts
  * while another process holds it waits, not ready, as on an unreachable store); else a file at
  * the schema version is only read (the API connection, opened by a call: a read does not wait
- * for another process's write). Returns 0 and *out, or AH_EUNAVAIL/AH_EIO with err set (*out
- * NULL).
+ * for another process's write). The watcher's setup of a file without tables delivers its initial
+ * document as soon as it holds the lock (sqlite_tell_initial). Returns 0 and *out, or
+ * AH_EUNAVAIL/AH_EIO with err set (*out NULL).
  *
  * A file that does not exist yet (or is empty) is created and set up without fsync (synchronous =
  * OFF until the setup is committed; its content is what any start writes into a new file), and
@@ -428,7 +464,7 @@ static int sqlite_connect(ah_sqlite_store_t *st, sqlite3 *opened, bool write_loc
             rc = sqlite_query_int(db, "PRAGMA user_version", &version);
         }
         if (rc == SQLITE_OK && version < AH_SQLITE_SCHEMA_VERSION) {
-            rc = sqlite_setup(db);
+            rc = sqlite_setup(st, db, write_lock);
         }
         if (rc == SQLITE_OK) {
             rc = sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
@@ -600,32 +636,35 @@ cleanup:
  * file: closing any descriptor of a file drops every POSIX lock this process holds on it, and
  * with the locks of its connections gone, another process's last close would checkpoint and
  * delete the WAL this process still writes to (its commits would then reach no other process). */
-static bool sync_dir(const char *path)
+static bool sync_dir(const char *path, const char **why)
 {
     int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) {
+        *why = strerror(errno);
         return false;
     }
     int rc = fsync(fd);
-    int saved = errno;
+    if (rc != 0) {
+        *why = strerror(errno);
+    }
     close(fd);
-    errno = saved;
     return rc == 0;
 }
 
 /* Syncs the file behind a connection's descriptor (op: SQLITE_FCNTL_FILE_POINTER for the
  * database, SQLITE_FCNTL_JOURNAL_POINTER for its WAL), through SQLite's own descriptor. True when
  * synced, or when the connection has no such file open. */
-static bool sync_connection_file(sqlite3 *db, int op)
+static bool sync_connection_file(sqlite3 *db, int op, const char **why)
 {
     sqlite3_file *file = NULL;
-    if (sqlite3_file_control(db, "main", op, &file) != SQLITE_OK) {
-        return false;
+    int rc = sqlite3_file_control(db, "main", op, &file);
+    if (rc == SQLITE_OK && file != NULL && file->pMethods != NULL) {
+        rc = file->pMethods->xSync(file, SQLITE_SYNC_NORMAL);
     }
-    if (file == NULL || file->pMethods == NULL) {
-        return true;
+    if (rc != SQLITE_OK) {
+        *why = sqlite3_errstr(rc); /* SQLite's I/O error, not errno: its call may not set it */
     }
-    return file->pMethods->xSync(file, SQLITE_SYNC_NORMAL) == SQLITE_OK;
+    return rc == SQLITE_OK;
 }
 
 /* Makes a file that sqlite_connect created without fsync as durable as a synced setup would have
@@ -637,13 +676,14 @@ static void sqlite_flush_new(const ah_sqlite_store_t *st, sqlite3 *db)
 {
     char dir[PATH_MAX];
     sqlite_dir_of(st->path, dir, sizeof(dir));
-    const char *failed = !sync_connection_file(db, SQLITE_FCNTL_FILE_POINTER)      ? "the file"
-                         : !sync_connection_file(db, SQLITE_FCNTL_JOURNAL_POINTER) ? "its WAL"
-                         : !sync_dir(dir)                                          ? dir
-                                                                                   : NULL;
+    const char *why = "";
+    const char *failed = !sync_connection_file(db, SQLITE_FCNTL_FILE_POINTER, &why) ? "the file"
+                         : !sync_connection_file(db, SQLITE_FCNTL_JOURNAL_POINTER, &why) ? "its WAL"
+                         : !sync_dir(dir, &why)                                          ? dir
+                                                                                         : NULL;
     if (failed != NULL) {
         ah_log_warn("embedded store '%s': the new file could not be flushed to disk yet (%s: %s)",
-                    st->path, failed, strerror(errno));
+                    st->path, failed, why);
     }
 }
 
@@ -1357,22 +1397,20 @@ static bool watch_wait(ah_sqlite_store_t *st, double seconds)
 }
 
 /* Watcher: the connection's data_version into *out. 0, or AH_EIO with err set. */
-static int watch_data_version(const ah_sqlite_store_t *st, sqlite3 *db, int64_t *out, char *err,
-                              size_t errlen)
+static int watch_data_version(const ah_sqlite_store_t *st, sqlite3 *db, sqlite3_stmt **stmt,
+                              int64_t *out, char *err, size_t errlen)
 {
-    sqlite3_stmt *stmt = NULL;
-    int ret = AH_EIO;
-
-    if (sqlite3_prepare_v2(db, "PRAGMA data_version", -1, &stmt, NULL) != SQLITE_OK ||
-        sqlite3_step(stmt) != SQLITE_ROW) {
+    /* *stmt: prepared once per connection (the caller finalizes it before closing db) */
+    if ((*stmt == NULL &&
+         sqlite3_prepare_v2(db, "PRAGMA data_version", -1, stmt, NULL) != SQLITE_OK) ||
+        sqlite3_step(*stmt) != SQLITE_ROW) {
         sqlite_error(err, errlen, st, db, "change check failed");
-        goto cleanup;
+        sqlite3_reset(*stmt);
+        return AH_EIO;
     }
-    *out = sqlite3_column_int64(stmt, 0);
-    ret = 0;
-cleanup:
-    sqlite3_finalize(stmt);
-    return ret;
+    *out = sqlite3_column_int64(*stmt, 0);
+    sqlite3_reset(*stmt); /* ends the read transaction the step began */
+    return 0;
 }
 
 /* The watcher thread: initial read (retried with capped exponential backoff), then one
@@ -1385,6 +1423,7 @@ static void *watch_main(void *arg)
     ah_store_reporter_t reporter;
     ah_control_t doc;
     sqlite3 *db = NULL;
+    sqlite3_stmt *dv_stmt = NULL; /* PRAGMA data_version on db */
     char err[AH_ERRLEN];
     bool need_read = true;
     bool reported_doc = false;
@@ -1398,6 +1437,7 @@ static void *watch_main(void *arg)
 
     ah_store_reporter_init(&reporter, listener, "embedded", "embedded", "polling",
                            AH_SQLITE_STATUS_MIN_GAP_US);
+    st->reporter = &reporter;
 
     for (;;) {
         int64_t now_dv;
@@ -1407,16 +1447,22 @@ static void *watch_main(void *arg)
          * does the waiting, and close is not delayed. */
         sqlite3 *opened = st->first_db;
         st->first_db = NULL;
+        st->connect_us = ah_mono_us();
         if (db == NULL && sqlite_connect(st, opened, true, AH_SQLITE_WATCH_BUSY_MS, 1, &db, err,
                                          sizeof(err)) != 0) {
             goto failed;
+        }
+        if (st->told_initial && !reported_doc) { /* the setup delivered the initial document */
+            reported_doc = true;
+            reported_version = 0;
+            scope_count = 0;
         }
         if (need_read) {
             int64_t started_us = ah_mono_us();
             /* data_version first: a commit landing between the two is caught by the next poll. */
             ah_control_t *fresh = NULL;
             int fresh_count = 0;
-            if (watch_data_version(st, db, &now_dv, err, sizeof(err)) != 0 ||
+            if (watch_data_version(st, db, &dv_stmt, &now_dv, err, sizeof(err)) != 0 ||
                 control_select(st, db, &doc, NULL, err, sizeof(err)) != 0 ||
                 scopes_select(st, db, &fresh, &fresh_count, &warned, err, sizeof(err)) != 0) {
                 goto failed;
@@ -1455,7 +1501,7 @@ static void *watch_main(void *arg)
         if (watch_wait(st, st->poll_interval)) {
             break;
         }
-        if (watch_data_version(st, db, &now_dv, err, sizeof(err)) != 0) {
+        if (watch_data_version(st, db, &dv_stmt, &now_dv, err, sizeof(err)) != 0) {
             goto failed;
         }
         reporter.status.polls++;
@@ -1467,6 +1513,8 @@ static void *watch_main(void *arg)
 
     failed:
         ah_store_note_failure(&reporter, err);
+        sqlite3_finalize(dv_stmt);
+        dv_stmt = NULL;
         sqlite3_close_v2(db);
         db = NULL;
         need_read = true;
@@ -1476,6 +1524,8 @@ static void *watch_main(void *arg)
         }
         failures += failures < 64;
     }
+    st->reporter = NULL;
+    sqlite3_finalize(dv_stmt);
     sqlite3_close_v2(db);
     free(scopes);
     return NULL;

@@ -247,7 +247,7 @@ def test_the_binary_and_libagenthost_need_no_curl_tls_or_mongodb_library():
     assert shared.exists(), f"{shared} is built next to {binary}"
     for path in (binary, shared):
         needed = needed_libs(path)
-        assert any(n.startswith("libluajit") for n in needed), (path, needed)  # readelf works
+        assert any(n.startswith("libc.so") for n in needed), (path, needed)  # readelf works
         heavy = [n for n in needed if n.startswith(HEAVY_LIBRARIES)]
         assert heavy == [], f"{path} links {heavy}: move that code into a plugin"
     for plugin, lib in (("agenthost_curl.so", "libcurl"), ("agenthost_mongo.so", "libmongoc")):
@@ -263,7 +263,7 @@ SERVER_TLS_LIBRARIES = ("libmicrohttpd", "libgnutls", "libnettle", "libhogweed",
 def test_the_binary_links_libmicrohttpd_without_gnutls():
     binary = Path(BINARY).resolve()
     needed = needed_libs(binary)
-    assert any(n.startswith("libuv") for n in needed), needed  # readelf works
+    assert any(n.startswith("libc.so") for n in needed), needed  # readelf works
     tls = [n for n in needed if n.startswith(SERVER_TLS_LIBRARIES)]
     assert tls == [], f"{binary} links {tls}: link libmicrohttpd's archive (CMakeLists.txt)"
     # the stand-ins stay inside the executable: a plugin's real gnutls keeps its own functions
@@ -271,6 +271,65 @@ def test_the_binary_links_libmicrohttpd_without_gnutls():
                          text=True, check=True).stdout
     assert "MHD_start_daemon" in out, "libmicrohttpd is linked in"
     assert [l for l in out.splitlines() if " gnutls_" in l] == [], "gnutls stand-ins are exported"
+
+
+# Every shared library costs each start its mapping, relocations and page faults: the executable
+# carries LuaJIT, libuv and SQLite from their archives, and needs only the C runtime.
+EXECUTABLE_NEEDS = ("libc.so", "libm.so", "libgcc_s.so", "ld-linux",
+                    "libasan.so", "libubsan.so")  # the last two: a sanitizer build
+
+
+def test_the_binary_needs_only_the_c_runtime():
+    binary = Path(BINARY).resolve()
+    needed = needed_libs(binary)
+    assert any(n.startswith("libc.so") for n in needed), needed  # readelf works
+    extra = [n for n in needed if not n.startswith(EXECUTABLE_NEEDS)]
+    assert extra == [], f"{binary} links {extra}: link the archive (CMakeLists.txt)"
+    # one copy of each in the process: the plugins and a script's C modules bind to the
+    # executable's LuaJIT and libuv, so every function of theirs is exported, used or not
+    out = subprocess.run(["nm", "-D", "--defined-only", str(binary)], capture_output=True,
+                         text=True, check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines()}
+    for name in ("luaL_openlib", "lua_getallocf", "luaJIT_setmode", "uv_fs_sendfile",
+                 "uv_tty_init", "sqlite3_open_v2"):
+        assert name in exported, name
+
+
+def test_a_script_c_module_and_the_plugin_bind_to_the_executable_lua(fleet, state_file, tmp_path):
+    """A C module required by a script calls the Lua API of the executable's LuaJIT, which the
+    agent's Lua state belongs to; the curl plugin's libuv calls land on the executable's too."""
+    src = tmp_path / "probe.c"
+    src.write_text('#include <lauxlib.h>\n'
+                   'static int twice(lua_State *L) {\n'
+                   '    lua_pushinteger(L, 2 * luaL_checkinteger(L, 1));\n'
+                   '    return 1;\n'
+                   '}\n'
+                   'int luaopen_probe(lua_State *L) {\n'
+                   '    lua_newtable(L);\n'
+                   '    lua_pushcfunction(L, twice);\n'
+                   '    lua_setfield(L, -2, "twice");\n'
+                   '    return 1;\n'
+                   '}\n')
+    cflags = subprocess.run(["pkg-config", "--cflags", "luajit"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    # no -lluajit: the module takes the Lua API from the process that loads it
+    subprocess.run(["cc", "-shared", "-fPIC", *cflags, "-o", str(tmp_path / "probe.so"), str(src)],
+                   check=True)
+    uses = tmp_path / "uses_probe.lua"
+    uses.write_text(f'package.cpath = "{tmp_path}/?.so;" .. package.cpath\n'
+                    'local agent = require "agent"\n'
+                    'local probe = require "probe"\n'
+                    'local http = require "agent.http"\n'
+                    'agent.log.info("probe=%d", probe.twice(21))\n'
+                    'return { batch = function()\n'
+                    f'    local res, err, code = http.get("http://127.0.0.1:{closed_port()}/")\n'
+                    '    agent.log.info("http=%s", tostring(code))\n'
+                    '    agent.sleep(0.2)\n'
+                    '    return 0\n'
+                    'end }\n')
+    a = fleet.start(str(uses), env=agent_env(state_file), name="c-module")
+    a.wait_log(r"probe=42")
+    a.wait_log(r"http=connect")
 
 
 def maps_curl(pid):

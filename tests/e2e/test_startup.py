@@ -82,6 +82,10 @@ def test_a_new_file_is_set_up_and_the_status_record_follows_the_sync(fleet, stat
                                                                       tmp_path):
     a = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "a.jsonl"), name="a")
     a.wait_state("running", timeout=15)
+    # the watcher told the initial document while setting the file up, and its first read of
+    # the same document applied nothing more: one sync, one transition
+    assert a.log_text().count("Synced to cluster state: 'running' (version 0)") == 1, a.log_text()
+    assert a.log_text().count("Agent running") == 1, a.log_text()
     # the watcher set the file up: schema version, initial document, WAL
     db = sqlite3.connect(state_file)
     try:
