@@ -52,6 +52,15 @@ static const char registry_key_client = 'c';
 typedef struct client_s client_t;
 typedef struct transfer_s transfer_t;
 
+/* What the loop watches for when curl wants to read: readable, and the peer's end of stream
+ * (EPOLLRDHUP), so that a report of a socket readable also says whether the server had closed its
+ * side by then. */
+#define READ_WATCH (UV_READABLE | UV_DISCONNECT)
+
+/* How old (ms, the loop's clock) the loop's last look at the sockets may be for curl_poll to
+ * answer a liveness check from it. */
+#define LOOP_VIEW_MAX_AGE_MS 5
+
 /* A socket curl asked us to watch. It stays while curl keeps the connection idle in its cache,
  * so a reused connection costs no new handle; it is closed when curl closes the socket
  * (CURLOPT_CLOSESOCKETFUNCTION) or the client goes. Freed in its close callback.
@@ -61,14 +70,20 @@ typedef struct transfer_s transfer_t;
  * uv_poll_start after a stop); it is unreferenced meanwhile, so it keeps no loop alive. If an idle
  * socket turns readable (the server closed it, or sent
  * something unasked), the watch is stopped then; curl finds the connection dead when it checks
- * it before a reuse, and closes it. */
+ * it before a reuse (libc's poll: curl_poll), and closes it. */
 typedef struct socket_watch_s {
     uv_poll_t poll;
     curl_socket_t fd;
     client_t *client;
-    int events;          /* UV_READABLE | UV_WRITABLE being polled, 0 when stopped */
+    int events;          /* READ_WATCH | UV_WRITABLE being polled, 0 when stopped */
     bool idle;           /* curl removed it (CURL_POLL_REMOVE): not curl's to hear of */
-    uint64_t checked_in; /* client->actions when libc's poll last found it idle and unreadable */
+    uint64_t checked_in; /* client->actions when its liveness was last answered "not readable" */
+    /* The loop's last report of this socket readable carried no UV_DISCONNECT: the server had
+     * not closed its side at that epoll_wait, and the watch (READ_WATCH) has stayed registered
+     * since, so every later epoll_wait would have reported a close. Cleared by any other report,
+     * a change of the watch, and curl taking the idle connection again (its next response may
+     * be read without the loop). */
+    bool seen_open;
     struct socket_watch_s *next; /* client->sockets */
 } socket_watch_t;
 
@@ -79,8 +94,12 @@ typedef struct socket_watch_s {
 
 struct client_s {
     CURLM *multi;
+    uv_loop_t *loop;        /* the Lua state's (ah_lua_loop) */
     uv_timer_t timer;       /* curl's timeout; the client is freed in its close callback */
     uint64_t actions;       /* curl_multi_socket_action calls made so far (curl_poll) */
+    uint64_t looked_ms;     /* uv_now when the loop last reported a socket (its epoll_wait had
+                               just returned: libuv updates its clock then) */
+    bool from_timer;        /* curl acts from the timer: no epoll batch is being dispatched */
     socket_watch_t **by_fd; /* the watch of each socket, indexed by descriptor (curl_poll) */
     int by_fd_len;
     transfer_t *transfers;   /* the transfers scripts hold (started, not yet released) */
@@ -296,14 +315,29 @@ static void check_done(client_t *c)
 /* The client whose curl_multi_socket_action runs on this thread (curl_poll), or NULL. */
 static __thread client_t *acting_client;
 
-/* libcurl's poll (ahc_poll_hook_install). Before curl 7.88 reuses an idle connection it asks
- * poll() whether the socket is readable (a readable idle socket: the server closed it); it sends
- * the request, and asks again at once (Curl_readwrite, zero timeout) whether the answer is there.
- * The first question always goes to libc's poll. The second is answered "not readable" without a
- * syscall when, in the same curl_multi_socket_action call, libc's poll found that idle socket not
- * readable and the connection has not been used since: the request was sent microseconds ago,
- * and the loop's epoll watch (armed, on_socket) reports the answer when it comes, as it would after
- * a real "not readable". Anything else goes to libc's poll. */
+/* Whether the loop's view of the idle socket w answers a liveness check: the loop last saw the
+ * server's side open (seen_open) at most LOOP_VIEW_MAX_AGE_MS ago, and curl asks from the timer,
+ * so no report of an epoll batch waits to be dispatched (a report of w later in the batch being
+ * dispatched would not have been seen yet). */
+static bool loop_saw_open(const client_t *c, const socket_watch_t *w)
+{
+    return c->from_timer && w->seen_open && uv_now(c->loop) - c->looked_ms <= LOOP_VIEW_MAX_AGE_MS;
+}
+
+/* libcurl's poll (ahc_poll_hook_install). curl 7.88 asks poll() whether an idle connection's
+ * socket is readable before it reuses it (extract_if_dead: readable with an end of stream, the
+ * server closed it), sends the request, and asks again at once (Curl_readwrite, zero timeout)
+ * whether the answer is there. For a socket the loop watches while curl keeps it idle:
+ * - the first question is answered "not readable" without a syscall when the loop's view
+ *   answers it (loop_saw_open), else by libc's poll;
+ * - the second, in the same curl_multi_socket_action call, is answered "not readable": the
+ *   request was sent microseconds ago, and the loop's epoll watch (armed, on_socket) reports the
+ *   answer when it comes, as it would after a real "not readable".
+ * A server that closes the connection after the loop's last look is not seen, as libc's poll
+ * does not see one that closes right after it: curl sends the request on it, reads the end of
+ * stream or the reset, and sends the request again on a new connection (its retry, which the
+ * loop's report makes happen inside on_poll, where every check goes to libc's poll). Anything
+ * else goes to libc's poll. */
 static int curl_poll(struct pollfd *fds, unsigned long n, int timeout)
 {
     client_t *c = acting_client;
@@ -311,12 +345,13 @@ static int curl_poll(struct pollfd *fds, unsigned long n, int timeout)
     if (c != NULL && n == 1 && timeout == 0 && fds[0].fd >= 0 && fds[0].fd < c->by_fd_len &&
         (fds[0].events & ~(POLLIN | POLLPRI | POLLRDNORM | POLLRDBAND)) == 0) {
         w = c->by_fd[fds[0].fd];
-        if (w != NULL && !(w->idle && w->events == UV_READABLE)) {
+        if (w != NULL && !(w->idle && w->events == READ_WATCH)) {
             w = NULL;
         }
     }
-    if (w != NULL && w->checked_in == c->actions) {
-        w->checked_in = 0; /* once */
+    if (w != NULL && (w->checked_in == c->actions || loop_saw_open(c, w))) {
+        /* the second question is asked once: the next one is a new first one */
+        w->checked_in = w->checked_in == c->actions ? 0 : c->actions;
         fds[0].revents = 0;
         return 0;
     }
@@ -341,9 +376,11 @@ static void on_poll(uv_poll_t *handle, int status, int events)
 {
     socket_watch_t *w = handle->data;
     client_t *c = w->client;
+    c->looked_ms = uv_now(c->loop);
+    w->seen_open = false;
     if (w->idle) {
         /* An idle connection in curl's cache: closed by the peer, most likely. Stop hearing of
-         * it (epoll is level-triggered); curl checks it before it reuses it. */
+         * it (epoll is level-triggered); curl checks it (libc's poll) before it reuses it. */
         uv_poll_stop(&w->poll);
         w->events = 0;
         return;
@@ -359,6 +396,8 @@ static void on_poll(uv_poll_t *handle, int status, int events)
     } else {
         flags |= (events & UV_READABLE) ? CURL_CSELECT_IN : 0;
         flags |= (events & UV_WRITABLE) ? CURL_CSELECT_OUT : 0;
+        w->seen_open =
+            (events & (UV_READABLE | UV_DISCONNECT)) == UV_READABLE && w->events == READ_WATCH;
     }
     socket_action(c, w->fd, flags);
     check_done(c);
@@ -367,7 +406,9 @@ static void on_poll(uv_poll_t *handle, int status, int events)
 static void on_timeout(uv_timer_t *timer)
 {
     client_t *c = timer->data;
+    c->from_timer = true;
     socket_action(c, CURL_SOCKET_TIMEOUT, 0);
+    c->from_timer = false;
     check_done(c);
 }
 
@@ -403,12 +444,13 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
             /* An idle watch does not keep the loop alive: run_loop tells from uv_run's result
              * that every task waits for another one. */
             uv_unref((uv_handle_t *)&w->poll);
-            if (w->events != UV_READABLE) {
+            if (w->events != READ_WATCH) {
                 /* Only the read watch stays armed (a write watch would fire at once). */
                 if (w->events != 0) {
                     uv_poll_stop(&w->poll);
                 }
                 w->events = 0;
+                w->seen_open = false;
             }
         }
         return 0;
@@ -422,6 +464,7 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
         if (w->idle) {
             w->idle = false;
             w->checked_in = 0;
+            w->seen_open = false;
             uv_ref((uv_handle_t *)&w->poll);
         }
     } else {
@@ -429,7 +472,7 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
         if (w == NULL) {
             return -1;
         }
-        if (uv_poll_init_socket(uv_handle_get_loop((uv_handle_t *)&c->timer), &w->poll, s) != 0) {
+        if (uv_poll_init_socket(c->loop, &w->poll, s) != 0) {
             free(w);
             return -1;
         }
@@ -454,11 +497,12 @@ static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *s
         curl_multi_assign(c->multi, s, w);
     }
     int events = 0;
-    events |= (what & CURL_POLL_IN) ? UV_READABLE : 0;
+    events |= (what & CURL_POLL_IN) ? READ_WATCH : 0;
     events |= (what & CURL_POLL_OUT) ? UV_WRITABLE : 0;
     if (events != w->events) { /* uv_poll_start re-registers the fd with epoll every time */
         uv_poll_start(&w->poll, events, on_poll);
         w->events = events;
+        w->seen_open = false;
     }
     return 0;
 }
@@ -484,7 +528,7 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
         uv_timer_stop(&c->timer);
     } else {
         /* The worker's loop does not run between calls: refresh its clock first. */
-        uv_update_time(uv_handle_get_loop((uv_handle_t *)&c->timer));
+        uv_update_time(c->loop);
         uv_timer_start(&c->timer, on_timeout, (uint64_t)timeout_ms, 0);
     }
     return 0;
@@ -618,7 +662,8 @@ static client_t *get_client(lua_State *L)
         free(c);
         luaL_error(L, "agent.http: curl_multi_init failed");
     }
-    uv_timer_init(ah_lua_loop(L), &c->timer);
+    c->loop = ah_lua_loop(L);
+    uv_timer_init(c->loop, &c->timer);
     c->timer.data = c;
     pthread_once(&poll_hook_once, install_poll_hook);
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, on_socket);

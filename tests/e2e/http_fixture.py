@@ -17,9 +17,20 @@ Endpoints:
                      having said so (no "Connection: close"): the client's next request on it
                      finds it dead
   /hang              reads the request and never answers
+  /shut-idle?delay_ms=N&marker=PATH
+                     closes the server's side (shutdown SHUT_WR: an end of stream the client
+                     sees) of every connection it holds: without delay_ms the others before the
+                     answer and this one with it (as /shut-after), else every one N ms after
+                     answering; then writes PATH (when given)
+  /shut-after        status 200, body "shut", and the end of stream in the same segment as the
+                     answer (TCP_CORK, then shutdown SHUT_WR): the connection is closed unasked
+A request read on a connection whose side the server closed is counted in `after_shut` and not
+answered (a client must never send one: it saw the end of stream, or it retries the request on
+a new connection).
 """
 import json
 import os
+import socket
 import socketserver
 import ssl
 import subprocess
@@ -35,6 +46,16 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         pass
 
+    def setup(self):
+        super().setup()
+        with self.server.lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self):
+        with self.server.lock:
+            self.server.connections.discard(self.connection)
+        super().finish()
+
     def _send(self, status, body, ctype="text/plain", extra=()):
         data = body if isinstance(body, bytes) else body.encode()
         self.send_response(status)
@@ -46,6 +67,14 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def _send_and_shut(self, body):
+        """Answers 200 with the end of stream in the same segment as the answer."""
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        self._send(200, body)
+        with self.server.lock:
+            self.server.shut.add(self.connection)
+        self.connection.shutdown(socket.SHUT_WR)  # sends the corked answer and the FIN
+
     def _body(self):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
@@ -54,6 +83,13 @@ class Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         body = self._body()
+        with self.server.lock:
+            after_shut = self.connection in self.server.shut
+            if after_shut:
+                self.server.after_shut += 1
+        if after_shut:
+            self.close_connection = True
+            return None
         self.server.requests += 1
         self.on_connection = getattr(self, "on_connection", 0) + 1  # one handler per connection
         if url.path.startswith("/status/"):
@@ -99,6 +135,15 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, "closing")
             self.close_connection = True
             return None
+        if url.path == "/shut-idle":
+            delay = int(q.get("delay_ms", "0")) / 1000
+            if delay == 0:
+                self.server.shut_idle(self.connection)
+                return self._send_and_shut("shut")
+            threading.Timer(delay, self.server.shut_idle, (None, q.get("marker"))).start()
+            return self._send(200, "later")
+        if url.path == "/shut-after":
+            return self._send_and_shut("shut")
         if url.path == "/conn":
             return self._send(200, str(self.client_address[1]))
         if url.path == "/hang":
@@ -121,12 +166,32 @@ class Server(ThreadingHTTPServer):
     def __init__(self, tls_context=None):
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests = 0
+        self.lock = threading.Lock()
+        self.connections = set()  # the connections a handler serves
+        self.shut = set()  # those whose side the server closed
+        self.after_shut = 0  # requests read on one of those
         self.hanging = threading.Event()
         self.release = threading.Event()
         if tls_context is not None:
             self.socket = tls_context.wrap_socket(self.socket, server_side=True)
         self.scheme = "https" if tls_context is not None else "http"
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def shut_idle(self, keep=None, marker=None):
+        """Closes the server's side (SHUT_WR) of every connection but keep (the tests call it
+        while the client's connections are idle); writes marker, if given; returns the count."""
+        with self.lock:
+            idle = [c for c in self.connections if c is not keep and c not in self.shut]
+            for c in idle:
+                self.shut.add(c)
+                try:
+                    c.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # the client has just closed it
+        if marker:
+            with open(marker, "w") as f:
+                f.write(str(len(idle)))
+        return len(idle)
 
     @property
     def base(self):

@@ -4,6 +4,7 @@ timeout ends it (well before BATCH_TIMEOUT), max_body at its exact edge with and
 Content-Length, and TLS host name verification (a certificate naming only DNS:localhost, made
 at test time with the openssl command, is refused for https://127.0.0.1)."""
 import signal
+import time
 
 from agenthost_harness import agent_env, closed_port, count_events, script, wait_events
 from http_fixture import Server, self_signed_cert, tls_context
@@ -134,3 +135,74 @@ def test_every_request_has_curls_retries_however_many_retried_before(fleet, tmp_
     for i in range(1, 9):
         assert recs[f"retried_{i}"].get("status") == 200, recs[f"retried_{i}"]
     assert served == 15, served  # the first request, then two for each of the 7 others
+
+
+def assert_answered_never_on_a_closed_connection(recs, srv, closed):
+    for i in range(1, 7):
+        assert recs[f"open_{i}"].get("status") == 200, recs[f"open_{i}"]
+        assert recs[f"after_{i}"].get("status") == 200, recs[f"after_{i}"]
+    assert all("err" not in r for r in recs.values()), recs
+    assert closed == 6, closed
+    assert srv.after_shut == 0, f"{srv.after_shut} request(s) sent on a connection the server closed"
+
+
+def test_idle_connections_the_server_closed_while_the_loop_watched_are_not_reused(fleet, tmp_path):
+    """Six kept connections; the server closes its side of the five idle ones (an end of stream
+    the agent's loop sees on their idle sockets) and of the sixth with its answer: the six
+    requests made next never go to a closed one (curl's liveness check before a reuse is
+    answered from the loop's view only when the loop saw the connection open), all answered."""
+    with Server() as srv:
+        recs = run(fleet, tmp_path, "closed_seen", BASE=srv.base)
+        closed = len(srv.shut)
+        assert_answered_never_on_a_closed_connection(recs, srv, closed)
+
+
+def test_idle_connections_closed_while_lua_code_runs_are_not_reused(fleet, tmp_path):
+    """The server closes the idle connections 30 ms after its answer, while the task runs Lua
+    code without waiting (so the loop does not look at the sockets): the loop's last view is then
+    too old to answer curl's check, the sockets are asked, no request goes to a closed one."""
+    marker = str(tmp_path / "shut")
+    with Server() as srv:
+        recs = run(fleet, tmp_path, "closed_unseen", BASE=srv.base, MARKER=marker,
+                   BATCH_TIMEOUT=60)
+        assert_answered_never_on_a_closed_connection(recs, srv, len(srv.shut))
+
+
+def test_idle_connections_closed_while_the_agent_is_paused_are_not_reused(fleet, tmp_path):
+    """The connections are opened in one batch; the agent is paused (no batch, the loop does not
+    run), the server closes them all, the agent is resumed: the next batch's requests never go to
+    a closed one, and a reload and a shutdown afterwards are clean."""
+    marker = str(tmp_path / "shut")
+    events = str(tmp_path / "paused.jsonl")
+    with Server() as srv:
+        a = fleet.start(EDGES, env=agent_env(str(tmp_path / "state.db"), events,
+                                             MODE="closed_while_paused", BASE=srv.base,
+                                             MARKER=marker), name="paused")
+        wait_events(events, lambda e: count_events(e, "opened") == 1, 30, "connections opened")
+        assert a.post("/api/agent/pause?reason=closing").status == 200
+        a.wait_state("paused")
+        closed = srv.shut_idle(marker=marker)
+        # Paused for longer than the loop's last look at the sockets is trusted (5 ms): an end
+        # of stream that comes sooner after it is the race curl's retry covers (not this test).
+        time.sleep(0.1)
+        assert a.post("/api/agent/resume").status == 200
+        ev = wait_events(events, lambda e: count_events(e, "done") == 1, 30, "requests after")
+        assert a.post("/api/agent/reload").status == 200
+        assert a.get("/healthz").status == 200
+        a.signal(signal.SIGTERM)
+        assert a.wait_exit(20) == 0, a.log_text()
+        assert not a.find_logs(r"\[ERROR\]"), a.log_text()
+        assert_answered_never_on_a_closed_connection({e["ev"]: e for e in ev}, srv, closed)
+
+
+def test_a_server_that_closes_with_every_answer_never_gets_a_request_on_a_closed_connection(
+        fleet, tmp_path):
+    """Every answer ends with the server's end of stream in the same TCP segment (the loop's
+    report of the answer carries it): each next request, made at once, goes to a new
+    connection, ten times in a row, all answered."""
+    with Server() as srv:
+        recs = run(fleet, tmp_path, "shut_after", BASE=srv.base)
+        for i in range(1, 11):
+            assert recs[f"shut_{i}"].get("status") == 200, recs[f"shut_{i}"]
+        assert srv.after_shut == 0, f"{srv.after_shut} request(s) sent on a closed connection"
+        assert srv.requests == 10, srv.requests

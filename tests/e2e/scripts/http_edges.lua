@@ -1,12 +1,16 @@
 --[[ Fixture: the edges of agent.http (tests/e2e/test_http_client_edges.py) against the tests'
 local servers. Records the outcome of each request as a JSON line in $EVENTS_FILE. Knobs:
   EVENTS_FILE  where to append the records (required)
-  MODE         header_case | timeout | max_body | tls_host | reuse | server_closes | retries
+  MODE         header_case | timeout | max_body | tls_host | reuse | server_closes | retries |
+               closed_seen | closed_unseen | shut_after | closed_while_paused
   BASE         the plain HTTP server, http://127.0.0.1:PORT
   TLS_PORT     the HTTPS server's port (tls_host, reuse); its certificate names only
                DNS:localhost
   CA_FILE      that certificate (tls_host, reuse)
-The first batch does the work of MODE; later batches sleep a little and return 0. ]]
+  MARKER       a file the server (closed_unseen) or the test (closed_while_paused) writes once
+               it has closed the idle connections
+The first batch does the work of MODE; later batches sleep a little and return 0
+(closed_while_paused: see there). ]]
 local agent = require "agent"
 local fixture = require "lib.fixture"
 local http = require "agent.http"
@@ -132,11 +136,99 @@ function modes.retries()
     end
 end
 
+-- Opens n connections at once (n tasks, each a slow request): the client then keeps n idle.
+local function open_connections(n)
+    local tasks = {}
+    for i = 1, n do
+        tasks[i] = agent.spawn(http.get, base .. "/slow?ms=300")
+    end
+    for i = 1, n do
+        local t0 = agent.monotonic()
+        local _, res, msg, code = tasks[i]:join()
+        outcome("open_" .. i, t0, res, msg, code)
+    end
+end
+
+local function requests_after(n)
+    for i = 1, n do
+        request("after_" .. i, base .. "/conn")
+    end
+end
+
+-- Whether the file MARKER exists (no wait: the loop does not run).
+local function marker_written()
+    local f = io.open(agent.env("MARKER", ""))
+    if f then
+        f:close()
+    end
+    return f ~= nil
+end
+
+-- The server closes its side of the kept connections while the loop watches them (the idle
+-- ones' ends of stream are sent before the answer to /shut-idle, the asking one's with it, and
+-- the task then waits a moment): no later request is sent on one of them.
+function modes.closed_seen()
+    open_connections(6)
+    request("shut", base .. "/shut-idle")
+    agent.sleep(0.2)
+    requests_after(6)
+end
+
+-- The same, but the ends of stream arrive while Lua code runs and the loop does not look: its
+-- last view of the sockets is too old to answer curl's check then (the socket is asked).
+function modes.closed_unseen()
+    open_connections(6)
+    request("shut", base .. "/shut-idle",
+            {query = {delay_ms = "30", marker = agent.env("MARKER", "")}})
+    local deadline = agent.monotonic() + 20
+    while not marker_written() and agent.monotonic() < deadline do -- busy: no wait
+    end
+    local t = agent.monotonic()
+    while agent.monotonic() - t < 0.05 do -- the ends of stream reach the sockets meanwhile
+    end
+    requests_after(6)
+end
+
+-- Every answer ends with the server's end of stream in the same segment: each next request,
+-- made at once, goes to a new connection, never to the closed one.
+function modes.shut_after()
+    for i = 1, 10 do
+        request("shut_" .. i, base .. "/shut-after")
+    end
+end
+
+-- closed_while_paused, over several batches: the first opens the connections and records
+-- "opened"; the next ones return at once (the loop does not run) until MARKER exists (the test
+-- paused the agent, had the server close the idle connections, wrote MARKER, resumed), then
+-- make their requests and record "done".
+local paused_step = "open"
+
+local function closed_while_paused()
+    if paused_step == "open" then
+        open_connections(6)
+        record({ev = "opened"})
+        paused_step = "wait"
+        return 1
+    elseif paused_step == "wait" then
+        if not marker_written() then
+            return 0
+        end
+        requests_after(6)
+        record({ev = "done"})
+        paused_step = "done"
+        return 1
+    end
+    agent.sleep(0.05)
+    return 0
+end
+
 local M = {}
 
-M.batch = fixture.first_batch(function()
+local first_batch = fixture.first_batch(function()
     modes[mode]()
     record({ev = "done"})
 end)
+
+M.batch = mode == "closed_while_paused" and closed_while_paused or first_batch
 
 return M
