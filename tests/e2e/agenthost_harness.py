@@ -321,7 +321,8 @@ class WriteLock:
 
     def __init__(self, path):
         import sqlite3
-        self.conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+        # waits for a lock the agents hold for a moment (a new file's setup, a command)
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=15)
         self.conn.execute("BEGIN IMMEDIATE")
 
     def release(self):

@@ -65,7 +65,8 @@ def test_commands_queued_behind_a_locked_store_at_sigterm_get_503_and_are_never_
         fleet, state_file, tmp_path):
     a = start(fleet, state_file, tmp_path, "locked", SHUTDOWN_TIMEOUT=30)
     a.wait_state("running", timeout=15)
-    lock = sqlite3.connect(state_file, isolation_level=None, timeout=0)
+    # waits out the new file's setup, which may still hold the lock after the start
+    lock = sqlite3.connect(state_file, isolation_level=None, timeout=15)
     lock.execute("BEGIN IMMEDIATE")  # another process's write lock: store calls wait on it
     answers = {}
 

@@ -47,7 +47,8 @@ def test_an_agent_that_opened_a_locked_file_still_writes_its_status(fleet, state
     forever, so the agent was never listed and no wait= counted it)."""
     first = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "a.jsonl"), name="first")
     first.wait_state("running", timeout=15)
-    holder = sqlite3.connect(state_file, isolation_level=None, timeout=0)
+    # waits out the new file's setup, which may still hold the lock after the start
+    holder = sqlite3.connect(state_file, isolation_level=None, timeout=15)
     holder.execute("BEGIN IMMEDIATE")
     try:
         late = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "b.jsonl"), name="late")
@@ -100,7 +101,8 @@ def test_status_writes_land_while_the_control_file_is_write_locked(fleet, state_
     write lock, all agents change state at once (a local pause each, so the writes contend on
     the status file) and every record lands; the listing shows them while the lock is held."""
     agents = start_agents(fleet, state_file, tmp_path, FLEET_SIZE)
-    holder = sqlite3.connect(state_file, isolation_level=None, timeout=0)
+    # waits out the new file's setup, which may still hold the lock after the start
+    holder = sqlite3.connect(state_file, isolation_level=None, timeout=15)
     holder.execute("BEGIN IMMEDIATE")
     try:
         answers = {}

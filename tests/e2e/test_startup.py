@@ -86,10 +86,12 @@ def test_a_new_file_is_set_up_and_the_status_record_follows_the_sync(fleet, stat
     # the same document applied nothing more: one sync, one transition
     assert a.log_text().count("Synced to cluster state: 'running' (version 0)") == 1, a.log_text()
     assert a.log_text().count("Agent running") == 1, a.log_text()
-    # the watcher set the file up: schema version, initial document, WAL
+    # the watcher sets the file up (its commit may follow the delivery): schema version, initial
+    # document, WAL
     db = sqlite3.connect(state_file)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        wait_for(lambda: db.execute("PRAGMA user_version").fetchone()[0] == 1, 15,
+                 message="the setup committed")
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("SELECT command, version FROM control").fetchall() == [("running", 0)]
     finally:
