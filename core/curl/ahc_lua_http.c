@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -680,14 +681,63 @@ static client_t *get_client(lua_State *L)
 
 /* ---- Lua functions ----------------------------------------------------------------------- */
 
-/* Field `name` of the options table at index 1 as a number of seconds >= 0, or def. */
-static double opt_seconds(lua_State *L, const char *name, double def)
+/* The upvalues of every C function of the module: the field names core.start reads and
+ * core.result writes (KEY_*), then the transfers' metatable (UPVALUE_TRANSFER_META).
+ * lua_getfield / lua_setfield / luaL_checkudata would hash and look up a C string in the string
+ * table at every call (10 reads, 3 writes and 3 metatable look-ups a request). */
+enum {
+    KEY_URL = 1,
+    KEY_METHOD,
+    KEY_QUERY,
+    KEY_TIMEOUT,
+    KEY_CONNECT_TIMEOUT,
+    KEY_MAX_BODY,
+    KEY_FOLLOW_REDIRECTS,
+    KEY_TLS_VERIFY,
+    KEY_CA_FILE,
+    KEY_STATUS,
+    KEY_HEADERS,
+    KEY_BODY,
+    KEY_COUNT = KEY_BODY,
+    UPVALUE_TRANSFER_META,
+    UPVALUE_COUNT = UPVALUE_TRANSFER_META
+};
+
+static const char *const key_names[KEY_COUNT + 1] = {
+    NULL,         "url",
+    "method",     "query",
+    "timeout",    "connect_timeout",
+    "max_body",   "follow_redirects",
+    "tls_verify", "ca_file",
+    "status",     "headers",
+    "body",
+};
+
+/* Pushes the field `key` of the options table at index 1, as lua_getfield does (a metatable's
+ * __index is honoured). Stack: [-0, +1]. */
+static void get_option(lua_State *L, int key)
 {
-    lua_getfield(L, 1, name);
+    lua_pushvalue(L, lua_upvalueindex(key));
+    lua_gettable(L, 1);
+}
+
+/* Sets the field `key` of the table below the value on top to that value, and pops it (the
+ * table is one the module made: no metatable). Stack: [-1, +0]. */
+static void set_field(lua_State *L, int key)
+{
+    lua_pushvalue(L, lua_upvalueindex(key));
+    lua_insert(L, -2);
+    lua_rawset(L, -3);
+}
+
+/* Field `key` of the options table at index 1 as a number of seconds >= 0, or def. */
+static double opt_seconds(lua_State *L, int key, double def)
+{
+    get_option(L, key);
     double v = def;
     if (!lua_isnil(L, -1)) {
         if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0)) {
-            luaL_error(L, "agent.http: %s must be a number of seconds >= 0", name);
+            luaL_error(L, "agent.http: %s must be a number of seconds >= 0", key_names[key]);
         }
         v = lua_tonumber(L, -1);
     }
@@ -695,13 +745,13 @@ static double opt_seconds(lua_State *L, const char *name, double def)
     return v;
 }
 
-static bool opt_bool(lua_State *L, const char *name, bool def)
+static bool opt_bool(lua_State *L, int key, bool def)
 {
-    lua_getfield(L, 1, name);
+    get_option(L, key);
     bool v = def;
     if (!lua_isnil(L, -1)) {
         if (!lua_isboolean(L, -1)) {
-            luaL_error(L, "agent.http: %s must be a boolean", name);
+            luaL_error(L, "agent.http: %s must be a boolean", key_names[key]);
         }
         v = lua_toboolean(L, -1);
     }
@@ -1108,27 +1158,27 @@ static int http_start(lua_State *L)
                              "started by agent.spawn can wait (not a coroutine the script created "
                              "itself)");
     }
-    lua_getfield(L, 1, "url");
+    get_option(L, KEY_URL);
     const char *url = lua_tostring(L, -1);
     if (lua_type(L, -1) != LUA_TSTRING ||
         (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)) {
         return luaL_error(L, "agent.http: url must be a string starting with http:// or https://");
     }
     int url_idx = lua_gettop(L);
-    lua_getfield(L, 1, "method");
+    get_option(L, KEY_METHOD);
     const char *method = lua_isnil(L, -1) ? (body != NULL ? "POST" : "GET") : lua_tostring(L, -1);
     if (method == NULL || lua_type(L, -1) == LUA_TNUMBER || !is_token(method, strlen(method))) {
         return luaL_error(L, "agent.http: method must be an HTTP method name such as \"GET\"");
     }
     int method_idx = lua_gettop(L);
     check_headers(L, 3);
-    lua_getfield(L, 1, "query");
+    get_option(L, KEY_QUERY);
     push_url(L, url, lua_gettop(L));
     int full_url_idx = lua_gettop(L);
-    double timeout = opt_seconds(L, "timeout", DEFAULT_TIMEOUT);
-    double connect_timeout = opt_seconds(L, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+    double timeout = opt_seconds(L, KEY_TIMEOUT, DEFAULT_TIMEOUT);
+    double connect_timeout = opt_seconds(L, KEY_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT);
     double max_body = DEFAULT_MAX_BODY;
-    lua_getfield(L, 1, "max_body");
+    get_option(L, KEY_MAX_BODY);
     if (!lua_isnil(L, -1)) {
         if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) >= 0)) {
             return luaL_error(L, "agent.http: max_body must be a number of bytes >= 0");
@@ -1136,9 +1186,9 @@ static int http_start(lua_State *L)
         max_body = lua_tonumber(L, -1);
     }
     lua_pop(L, 1);
-    bool follow = opt_bool(L, "follow_redirects", true);
-    bool verify = opt_bool(L, "tls_verify", true);
-    lua_getfield(L, 1, "ca_file");
+    bool follow = opt_bool(L, KEY_FOLLOW_REDIRECTS, true);
+    bool verify = opt_bool(L, KEY_TLS_VERIFY, true);
+    get_option(L, KEY_CA_FILE);
     if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING) {
         return luaL_error(L, "agent.http: ca_file must be a path");
     }
@@ -1152,7 +1202,7 @@ static int http_start(lua_State *L)
     /* Nothing below raises until the transfer is owned by its userdata. */
     transfer_t **slot = lua_newuserdata(L, sizeof(*slot));
     *slot = NULL;
-    luaL_getmetatable(L, TRANSFER_META);
+    lua_pushvalue(L, lua_upvalueindex(UPVALUE_TRANSFER_META));
     lua_setmetatable(L, -2);
     transfer_t *t = transfer_take(client);
     if (t == NULL) {
@@ -1199,7 +1249,15 @@ static int push_response(lua_State *L, transfer_t *t);
 
 static transfer_t *check_transfer(lua_State *L)
 {
-    transfer_t **slot = luaL_checkudata(L, 1, TRANSFER_META);
+    /* luaL_checkudata(L, 1, TRANSFER_META), with the metatable from the upvalue */
+    transfer_t **slot = lua_touserdata(L, 1);
+    if (slot == NULL || !lua_getmetatable(L, 1)) {
+        luaL_typerror(L, 1, TRANSFER_META);
+    }
+    if (!lua_rawequal(L, -1, lua_upvalueindex(UPVALUE_TRANSFER_META))) {
+        luaL_typerror(L, 1, TRANSFER_META);
+    }
+    lua_pop(L, 1);
     if (*slot == NULL) {
         luaL_error(L, "agent.http: the request was released");
     }
@@ -1262,12 +1320,31 @@ static const char *error_code(const transfer_t *t)
     }
 }
 
+/* The names a response's first headers had (push_headers): a name not among them is not in the
+ * table yet, so its value is set without reading the table first. */
+#define NAMES_SEEN_MAX 32
+
+/* Whether the name p[0..n) equals one of seen[0..count) but for case. */
+static bool name_seen(const char *const *seen, const size_t *seen_len, int count, const char *p,
+                      size_t n)
+{
+    for (int i = 0; i < count; i++) {
+        if (seen_len[i] == n && strncasecmp(seen[i], p, n) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
 /* Pushes the response headers as a table of lower-case name = value (repeated headers joined
  * with ", "). Stack: [-0, +1]. */
 static void push_headers(lua_State *L, const transfer_t *t)
 {
     lua_createtable(L, 0, 8);
     char lower[128]; /* most names fit: lower-cased here instead of a luaL_Buffer per byte */
+    const char *seen[NAMES_SEEN_MAX];
+    size_t seen_len[NAMES_SEEN_MAX];
+    int seen_count = 0;
     const char *p = t->headers.data;
     const char *end = p + t->headers.len;
     while (p != NULL && p < end) {
@@ -1297,6 +1374,15 @@ static void push_headers(lua_State *L, const transfer_t *t)
             }
             while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) {
                 ve--;
+            }
+            bool known = seen_count < NAMES_SEEN_MAX;
+            if (known && !name_seen(seen, seen_len, seen_count, p, name_len)) {
+                seen[seen_count] = p;
+                seen_len[seen_count++] = name_len;
+                lua_pushlstring(L, v, (size_t)(ve - v)); /* the first of its name */
+                lua_rawset(L, -3);
+                p = eol != NULL ? eol + 1 : NULL;
+                continue;
             }
             lua_pushvalue(L, -1);
             lua_rawget(L, -3);
@@ -1364,11 +1450,11 @@ static int push_response(lua_State *L, transfer_t *t)
     curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
     lua_createtable(L, 0, 3);
     lua_pushinteger(L, status);
-    lua_setfield(L, -2, "status");
+    set_field(L, KEY_STATUS);
     push_headers(L, t);
-    lua_setfield(L, -2, "headers");
+    set_field(L, KEY_HEADERS);
     lua_pushlstring(L, t->body.data != NULL ? t->body.data : "", t->body.len);
-    lua_setfield(L, -2, "body");
+    set_field(L, KEY_BODY);
     return 1;
 }
 
@@ -1392,12 +1478,20 @@ int ahc_lua_http_open(lua_State *L)
     luaL_newmetatable(L, TRANSFER_META);
     lua_pushcfunction(L, transfer_gc);
     lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
+    int meta = lua_gettop(L);
     static const luaL_Reg functions[] = {
         {"start", http_start},     {"wait", http_wait}, {"result", http_result},
         {"release", http_release}, {NULL, NULL},
     };
-    lua_newtable(L);
-    luaL_register(L, NULL, functions);
+    lua_createtable(L, 0, 4);
+    for (const luaL_Reg *f = functions; f->name != NULL; f++) {
+        for (int key = 1; key <= KEY_COUNT; key++) {
+            lua_pushstring(L, key_names[key]);
+        }
+        lua_pushvalue(L, meta);
+        lua_pushcclosure(L, f->func, UPVALUE_COUNT);
+        lua_setfield(L, -2, f->name);
+    }
+    lua_remove(L, meta);
     return 1;
 }

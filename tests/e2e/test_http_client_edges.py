@@ -206,3 +206,15 @@ def test_a_server_that_closes_with_every_answer_never_gets_a_request_on_a_closed
             assert recs[f"shut_{i}"].get("status") == 200, recs[f"shut_{i}"]
         assert srv.after_shut == 0, f"{srv.after_shut} request(s) sent on a closed connection"
         assert srv.requests == 10, srv.requests
+
+
+def test_the_c_half_refuses_what_is_not_a_live_transfer(fleet, tmp_path):
+    """agent.http.core's wait/result/release given a table, another userdata, nothing, or a
+    transfer already released: a Lua error naming the problem, never a crash."""
+    with Server() as srv:
+        recs = run(fleet, tmp_path, "core_misuse", BASE=srv.base)
+    assert "agent.http.transfer expected, got table" in recs["table"]["err"], recs["table"]
+    assert "agent.http.transfer expected, got userdata" in recs["other_userdata"]["err"], recs
+    assert "agent.http.transfer expected, got no value" in recs["nothing"]["err"], recs["nothing"]
+    assert (recs["answered"]["status"], recs["answered"]["body"]) == (200, "status 200"), recs
+    assert "the request was released" in recs["released"]["err"], recs["released"]

@@ -2,7 +2,7 @@
 local servers. Records the outcome of each request as a JSON line in $EVENTS_FILE. Knobs:
   EVENTS_FILE  where to append the records (required)
   MODE         header_case | timeout | max_body | tls_host | reuse | server_closes | retries |
-               closed_seen | closed_unseen | shut_after | closed_while_paused
+               closed_seen | closed_unseen | shut_after | closed_while_paused | core_misuse
   BASE         the plain HTTP server, http://127.0.0.1:PORT
   TLS_PORT     the HTTPS server's port (tls_host, reuse); its certificate names only
                DNS:localhost
@@ -134,6 +134,24 @@ function modes.retries()
         local t0 = agent.monotonic()
         outcome("retried_" .. i, t0, http.get(base .. "/drop-second"))
     end
+end
+
+-- The C half (agent.http.core) checks what it is given as a transfer: a table, another
+-- userdata, nothing and a released transfer are refused with an error naming the problem.
+function modes.core_misuse()
+    local core = require "agent.http.core"
+    local function err(f, ...)
+        local ok, e = pcall(f, ...)
+        return ok and "no error" or tostring(e)
+    end
+    record({ev = "table", err = err(core.wait, {})})
+    record({ev = "other_userdata", err = err(core.result, io.stdout)})
+    record({ev = "nothing", err = err(core.release)})
+    local t = core.start({url = base .. "/status/200"}, nil, nil)
+    assert(core.wait(t))
+    local res = core.result(t)
+    record({ev = "answered", status = res.status, body = res.body})
+    record({ev = "released", err = err(core.wait, t)})
 end
 
 -- Opens n connections at once (n tasks, each a slow request): the client then keeps n idle.
