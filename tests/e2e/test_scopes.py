@@ -26,14 +26,23 @@ def start(fleet, store, name, labels=None, generation=0):
     return a
 
 
+def wait_running(*agents):
+    """Waits until every agent runs and is listed. An agent's first status record follows its
+    startup sync, and a wait= counts the agents listed: a command sent the moment an agent runs
+    may not count it yet (docs/OPERATIONS.md)."""
+    for a in agents:
+        a.wait_state("running", timeout=20)
+    ids = {a.name for a in agents}
+
+    def listed():
+        r = agents[0].get("/api/cluster/agents")
+        return r.status == 200 and ids <= {x["agent_id"] for x in r.json()["agents"]}
+    wait_for(listed, 20, message="every agent's record")
+
+
 def start_four(fleet, store):
     agents = {name: start(fleet, store, name) for name in LABELS}
-    for a in agents.values():
-        a.wait_state("running", timeout=20)
-    # an agent's first status record follows its startup sync: a wait= counts the agents listed
-    a1 = agents["a1"]
-    wait_for(lambda: (lambda r: r.status == 200 and r.json()["summary"]["total"] == len(agents))(
-        a1.get("/api/cluster/agents")), 20, message="every agent's record")
+    wait_running(*agents.values())
     return agents
 
 
@@ -114,8 +123,7 @@ def test_scoped_pause_holds_exactly_the_matching_agents_until_its_own_resume(fle
 def test_scoped_resume_does_not_lift_a_cluster_pause(fleet, store):
     a1 = start(fleet, store, "a1")
     a3 = start(fleet, store, "a3")
-    a1.wait_state("running", timeout=20)
-    a3.wait_state("running", timeout=20)
+    wait_running(a1, a3)
     post(a3, f"/api/cluster/pause?selector={q('region=eu')}&wait=10")
     post(a3, "/api/cluster/pause?wait=10&reason=freeze")
     body = post(a3, f"/api/cluster/resume?selector={q('region=eu')}&wait=10")
@@ -133,8 +141,7 @@ def test_scoped_resume_does_not_lift_a_cluster_pause(fleet, store):
 def test_restarted_matching_agent_comes_up_paused_before_its_first_batch(fleet, store):
     a1 = start(fleet, store, "a1")
     a3 = start(fleet, store, "a3")
-    a1.wait_state("running", timeout=20)
-    a3.wait_state("running", timeout=20)
+    wait_running(a1, a3)
     post(a3, f"/api/cluster/pause?selector={q('region in (eu)')}&wait=10")
     a1.wait_state("paused")
     a1.signal(15)
@@ -152,8 +159,7 @@ def test_restarted_matching_agent_comes_up_paused_before_its_first_batch(fleet, 
 def test_agent_label_pauses_one_agent_durably_across_its_restart(fleet, store):
     a1 = start(fleet, store, "a1")
     a2 = start(fleet, store, "a2")
-    a1.wait_state("running", timeout=20)
-    a2.wait_state("running", timeout=20)
+    wait_running(a1, a2)
     body = post(a1, "/api/cluster/pause?selector=agent%3Da2&wait=10")
     assert body["wait"]["acknowledged"] == ["a2"]
     assert a1.state()["state"] == "running" and a2.state()["state"] == "paused"
@@ -182,8 +188,7 @@ def test_notin_and_not_exists_select_agents_without_the_label(fleet, store):
 def test_scoped_shutdown_holds_restarted_matching_agents_paused(fleet, store):
     a1 = start(fleet, store, "a1")
     a3 = start(fleet, store, "a3")
-    a1.wait_state("running", timeout=20)
-    a3.wait_state("running", timeout=20)
+    wait_running(a1, a3)
     post(a3, f"/api/cluster/shutdown?selector={q('region=eu')}")
     assert a1.wait_exit() == 0
     again = start(fleet, store, "a1", generation=1)
@@ -213,8 +218,7 @@ def test_if_version_conflict_on_a_scope_is_409_with_the_scope_version(fleet, sto
 def test_drain_on_a_scoped_pause_is_stored_and_reaches_the_hook(fleet, store):
     a1 = start(fleet, store, "a1")
     a3 = start(fleet, store, "a3")
-    a1.wait_state("running", timeout=20)
-    a3.wait_state("running", timeout=20)
+    wait_running(a1, a3)
     body = post(a3, f"/api/cluster/pause?selector={q('region=eu')}&drain=5s&wait=10")
     assert body["drain"] == 5 and body["wait"]["acknowledged"] == ["a1"]
     entry = a3.get("/api/cluster/history").json()["entries"][0]
@@ -227,8 +231,7 @@ def test_drain_on_a_scoped_pause_is_stored_and_reaches_the_hook(fleet, store):
 
 def test_timed_scoped_pause_expires_exactly_once(fleet, store):
     agents = {n: start(fleet, store, n) for n in ("a1", "a2", "a3")}
-    for a in agents.values():
-        a.wait_state("running", timeout=20)
+    wait_running(*agents.values())
     body = post(agents["a1"], f"/api/cluster/pause?selector={q('role=ingest')}&for=1s&wait=10")
     assert sorted(body["wait"]["acknowledged"]) == ["a1", "a3"]
     assert body["expires_at"] is not None
@@ -273,7 +276,7 @@ def test_downward_api_labels_file_gives_the_pod_labels(fleet, store, tmp_path):
     labels_file.write_text('app.kubernetes.io/name="agenthost"\nregion="eu"\n')
     a = fleet.start(RECORDER, env=store.env(tmp_path / "d.jsonl", AGENT_LABELS="role=api",
                                             AGENT_LABELS_FILE=str(labels_file)), name="pod-1")
-    a.wait_state("running", timeout=20)
+    wait_running(a)
     assert a.state()["labels"] == {"agent": "pod-1", "app.kubernetes.io/name": "agenthost",
                                    "region": "eu", "role": "api"}
     metrics = a.get("/metrics").body
@@ -286,8 +289,7 @@ def test_downward_api_labels_file_gives_the_pod_labels(fleet, store, tmp_path):
 def test_ctl_scoped_commands_and_scopes_listing(fleet, store):
     a1 = start(fleet, store, "a1")
     a3 = start(fleet, store, "a3")
-    a1.wait_state("running", timeout=20)
-    a3.wait_state("running", timeout=20)
+    wait_running(a1, a3)
     out = run_cli(["ctl", "pause", "--url", a1.url, "--selector", "region=eu", "--wait", "10",
                    "--reason", "maintenance"])
     assert out.returncode == 0, out.stdout + out.stderr
@@ -312,8 +314,7 @@ def test_mongodb_streams_and_polling_both_deliver_scopes_and_ignore_malformed_on
             tmp_path / "a2.jsonl", AGENT_LABELS=LABELS["a2"], ENABLE_CHANGE_STREAMS="false",
             CONTROL_POLLING_INTERVAL="0.5"))
         other = start(fleet, store, "a3")
-        for a in (streams, polling, other):
-            a.wait_state("running", timeout=20)
+        wait_running(streams, polling, other)
         assert polling.get("/api/mongo/status").json()["watch_mode"] == "polling"
         coll = srv.client()["agenthost"]["agent_control"]
         # a foreign writer's malformed scope documents: ignored, one warning each, no crash
