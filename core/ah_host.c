@@ -608,12 +608,15 @@ static void host_interrupt_lua(ah_host_t *h, uint64_t generation)
 
 /* True while the call numbered `generation` (from the watchdog's snapshot) only waits, whichever
  * state runs it: the worker's loop cancels its waits at BATCH_TIMEOUT itself, so such a call is
- * not wedged. */
+ * not wedged; and for AH_LUA_UNWIND_US after that cut, while its script unwinds. */
 static bool host_lua_waiting(ah_host_t *h, uint64_t generation)
 {
+    int64_t now = ah_mono_us();
     pthread_mutex_lock(&h->lua_lock);
-    bool waiting =
-        ah_lua_waiting_call(h->lua, generation) || ah_lua_waiting_call(h->loading, generation);
+    bool waiting = ah_lua_waiting_call(h->lua, generation) ||
+                   ah_lua_waiting_call(h->loading, generation) ||
+                   ah_lua_unwinding_call(h->lua, generation, now) ||
+                   ah_lua_unwinding_call(h->loading, generation, now);
     pthread_mutex_unlock(&h->lua_lock);
     return waiting;
 }

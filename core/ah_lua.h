@@ -117,6 +117,13 @@ void ah_lua_interrupt_call(ah_lua_t *lua, uint64_t generation);
 bool ah_lua_waiting(ah_lua_t *lua);
 /* As ah_lua_waiting, for the call the state object numbered `generation` only. */
 bool ah_lua_waiting_call(ah_lua_t *lua, uint64_t generation);
+/* True when the call numbered `generation` had its waits cut by its own deadline timer less than
+ * AH_LUA_UNWIND_US before now_us (monotonic): its script is unwinding through its own code after
+ * the "timeout" its waits returned, which the watchdog does not interrupt that long (two of its
+ * 250 ms intervals: its tick and the deadline count from the same stamp, so a tick can fall at
+ * the very instant the waits end). Any thread. */
+#define AH_LUA_UNWIND_US 500000
+bool ah_lua_unwinding_call(ah_lua_t *lua, uint64_t generation, int64_t now_us);
 /* Wakes the state's loop so that waits that end on a pending command (agent.sleep) see it. Any
  * thread (uv_async_send); lua must stay open meanwhile. */
 void ah_lua_wake(ah_lua_t *lua);

@@ -223,6 +223,12 @@ bool ah_lua_waiting_call(ah_lua_t *lua, uint64_t generation)
            atomic_load(&lua->call_generation) == generation;
 }
 
+bool ah_lua_unwinding_call(ah_lua_t *lua, uint64_t generation, int64_t now_us)
+{
+    return lua != NULL && generation != 0 && atomic_load(&lua->deadline_generation) == generation &&
+           now_us - atomic_load(&lua->deadline_fired_us) < AH_LUA_UNWIND_US;
+}
+
 void ah_lua_wake(ah_lua_t *lua)
 {
     if (lua != NULL) {

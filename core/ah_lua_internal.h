@@ -151,6 +151,10 @@ struct ah_lua_s {
     int pending_work;            /* ah_lua_queue_work() jobs not finished yet */
     _Atomic uint64_t cancel_seq; /* call_seq of the call ah_lua_interrupt() asked to cancel */
     atomic_bool parked;          /* the running call is in the loop, not in Lua code */
+    /* the call (its generation) whose waits the deadline timer cut, and when: the watchdog
+     * lets it unwind (ah_lua_unwinding_call) */
+    _Atomic uint64_t deadline_generation;
+    _Atomic int64_t deadline_fired_us;
 
     /* Drains (cold: kept after the fields every call touches). drain: the pending command's
      * drain deadline, armed while the running call waits; drain_armed_us: the monotonic deadline

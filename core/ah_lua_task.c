@@ -307,6 +307,10 @@ static void on_deadline(uv_timer_t *timer)
     char msg[sizeof(lua->cancel_msg)];
     snprintf(msg, sizeof(msg), "batch timeout: call exceeded BATCH_TIMEOUT (%gs)",
              lua->batch_timeout);
+    /* the script now unwinds through its own code: the watchdog, whose tick may fall at this
+     * very instant (both count from the call's stamp), leaves it AH_LUA_UNWIND_US to do so */
+    atomic_store(&lua->deadline_fired_us, ah_mono_us());
+    atomic_store(&lua->deadline_generation, atomic_load(&lua->call_generation));
     cancel_waits(lua, ah_lua_code_timeout, msg, false);
 }
 

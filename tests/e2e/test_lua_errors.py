@@ -104,6 +104,43 @@ def test_batch_timeout_counts_from_the_calls_start_when_it_computes_then_waits(f
     assert ev["elapsed"] < 15, ev  # at most a watchdog interval later (and load), never the 30 s
 
 
+COMPUTE_WAIT_UNWIND = """
+local agent = require "agent"
+local events = agent.env("EVENTS_FILE")
+local done = false
+local function busy(seconds) -- interpreted, so that an interrupt would stop it
+    local t0 = agent.monotonic()
+    while agent.monotonic() - t0 < seconds do end
+end
+jit.off(busy)
+return { batch = function()
+    if done then agent.sleep(0.5) return 0 end
+    done = true
+    busy(0.6) -- Lua code first: the watchdog's tick stamps the call, its ticks then fall at the
+              -- deadline's instant
+    local r, msg, code = agent.sleep(30)
+    busy(0.3) -- the script unwinds through code of its own after the "timeout"
+    local f = assert(io.open(events, "a"))
+    f:write(agent.json.encode({code = code or "none"}), "\\n")
+    f:close()
+    return 0
+end }
+"""
+
+
+def test_a_call_unwinding_after_its_deadline_is_not_interrupted(fleet, state_file, tmp_path):
+    """After the deadline cut its waits, a call runs its own code for a while (here 0.3 s) and
+    is not interrupted as an overrun: the watchdog leaves it 0.5 s (docs/LUA.md)."""
+    path = tmp_path / "unwind.lua"
+    path.write_text(COMPUTE_WAIT_UNWIND)
+    events = str(tmp_path / "unwind.jsonl")
+    a = fleet.start(str(path), env=agent_env(state_file, events, BATCH_TIMEOUT=1.5), name="unwind")
+    ev = wait_events(events, lambda e: len(e) >= 1, 30, "the unwinding call's record")[0]
+    assert ev["code"] == "timeout", ev
+    assert not a.find_logs(r"interrupting it"), a.log_text()
+    assert "Lua error" not in a.log_text(), a.log_text()
+
+
 def test_jit_endless_loop_cannot_wedge_shutdown(fleet, state_file):
     a = fleet.start(script("jit_forever.lua"),
                     env=agent_env(state_file, BATCH_TIMEOUT=1, SHUTDOWN_TIMEOUT=2), name="jit")
