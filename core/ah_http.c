@@ -38,7 +38,10 @@
 #define HTTP_BODY_DRAIN_MAX 65536  /* a chunked body past this closes the connection */
 #define HTTP_MEMORY_LIMIT 65536    /* per-connection pool: still holds a 60 KiB request line */
 #define HTTP_CONNECTION_TIMEOUT 30 /* seconds of inactivity */
-#define HTTP_THREADS 2
+/* One server thread (1: libmicrohttpd runs no pool): handlers answer from memory or park, so one
+ * serves 58k req/s on the reference machine (64k with 2), and a start creates one thread less
+ * (docs/ARCHITECTURE.md, Threads). */
+#define HTTP_THREADS 1
 #define HTTP_PATH_IN_ERROR 200 /* bytes of a path quoted in a 404 message */
 
 #define HTTP_DRAIN_MS 2000            /* ah_http_stop(): max wait for requests in flight */

@@ -10,8 +10,8 @@ from agenthost_harness import agent_env, script, wait_for
 RECORDER = script("recorder.lua")
 SWEEPER = script("lease_sweeper.lua")
 
-# main (libuv loop), Lua worker, store watcher, status writer, 2 HTTP threads
-IDLE_THREADS = 6
+# main (libuv loop), Lua worker, store watcher, status writer, the HTTP thread
+IDLE_THREADS = 5
 
 
 def threads(agent):
