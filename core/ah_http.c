@@ -38,11 +38,7 @@
 #define HTTP_BODY_DRAIN_MAX 65536  /* a chunked body past this closes the connection */
 #define HTTP_MEMORY_LIMIT 65536    /* per-connection pool: still holds a 60 KiB request line */
 #define HTTP_CONNECTION_TIMEOUT 30 /* seconds of inactivity */
-/* One server thread (1: libmicrohttpd runs no pool): handlers answer from memory or park, so one
- * serves 58k req/s on the reference machine (64k with 2), and a start creates one thread less
- * (docs/ARCHITECTURE.md, Threads). */
-#define HTTP_THREADS 1
-#define HTTP_PATH_IN_ERROR 200 /* bytes of a path quoted in a 404 message */
+#define HTTP_PATH_IN_ERROR 200     /* bytes of a path quoted in a 404 message */
 
 #define HTTP_DRAIN_MS 2000            /* ah_http_stop(): max wait for requests in flight */
 #define HTTP_STOP_SEND_RESERVE_S 0.25 /* ah_http_stop(): budget kept to send the last answers */
@@ -630,6 +626,9 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
         goto fail;
     }
 
+    /* One server thread, libmicrohttpd's internal one (no pool): handlers answer from memory or
+     * park, so it serves 58k req/s on the reference machine (64k with a pool of 2), and every start
+     * creates one thread less (docs/ARCHITECTURE.md, Threads). */
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC |
                          MHD_ALLOW_SUSPEND_RESUME;
     flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES ? MHD_USE_EPOLL : MHD_USE_POLL;
@@ -638,11 +637,11 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
     }
     http->daemon = MHD_start_daemon(
         flags, (uint16_t)cfg->http_port, NULL, NULL, on_request, http, MHD_OPTION_SOCK_ADDR,
-        (struct sockaddr *)&addr, MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)HTTP_THREADS,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)HTTP_CONNECTION_TIMEOUT,
-        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTP_MEMORY_LIMIT, MHD_OPTION_URI_LOG_CALLBACK,
-        on_uri, http, MHD_OPTION_NOTIFY_COMPLETED, on_completed, http, MHD_OPTION_EXTERNAL_LOGGER,
-        on_mhd_log, http, MHD_OPTION_END);
+        (struct sockaddr *)&addr, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned int)HTTP_CONNECTION_TIMEOUT, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        (size_t)HTTP_MEMORY_LIMIT, MHD_OPTION_URI_LOG_CALLBACK, on_uri, http,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, http, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log,
+        http, MHD_OPTION_END);
     if (http->daemon == NULL) {
         char why[256];
         explain_listen_failure(&addr, addrlen, why, sizeof(why));

@@ -22,6 +22,9 @@ def test_an_idle_agent_starts_only_the_threads_it_uses(fleet, state_file, tmp_pa
     agent = fleet.start(RECORDER, env=agent_env(state_file, tmp_path / "ev.jsonl"))
     agent.wait_state("running", timeout=15)
     assert threads(agent) == IDLE_THREADS
+    # and only the agent's own log lines: no library printed to stderr at start
+    assert all(line.startswith("[") for line in agent.log_text().splitlines() if line), \
+        agent.log_text()
     assert agent.get("/healthz").status == 200 and agent.get("/metrics").status == 200
     assert threads(agent) == IDLE_THREADS  # answered from memory
     # a cluster command is store work: a store worker starts (a second one only when a call
