@@ -627,8 +627,8 @@ ah_http_t *ah_http_start(const ah_config_t *cfg, ah_state_t *state, ah_store_t *
     }
 
     /* One server thread, libmicrohttpd's internal one (no pool): handlers answer from memory or
-     * park, so it serves 58k req/s on the reference machine (64k with a pool of 2), and every start
-     * creates one thread less (docs/ARCHITECTURE.md, Threads). */
+     * park, so it serves 44-58k req/s on the reference machine (64k with a pool of 2), and every
+     * start creates one thread less (docs/ARCHITECTURE.md, Threads). */
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_ITC |
                          MHD_ALLOW_SUSPEND_RESUME;
     flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES ? MHD_USE_EPOLL : MHD_USE_POLL;
