@@ -315,6 +315,21 @@ class Store:
         return agent_env(self.state_file, events, **extra)
 
 
+def wait_store_set_up(path, timeout=15.0):
+    """Waits until the embedded store file at path has its schema. An agent on a new file runs
+    before the watcher's setup commits it (a file without tables holds no command: the agent
+    knows its state), so a test that writes the file's tables itself waits for this first."""
+    import sqlite3
+
+    def set_up():
+        conn = sqlite3.connect(path, timeout=5)
+        try:
+            return conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+        finally:
+            conn.close()
+    wait_for(set_up, timeout, message=f"the setup of {path}")
+
+
 class WriteLock:
     """Another process's write lock on the embedded store at path (held by this test process
     until release())."""

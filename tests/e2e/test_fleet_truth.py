@@ -9,7 +9,7 @@ import threading
 import time
 
 from agenthost_harness import (WriteLock, agent_env, metric, read_events, run_cli, script,
-                               wait_for)
+                               wait_for, wait_store_set_up)
 
 RECORDER = script("recorder.lua")
 
@@ -101,6 +101,7 @@ def test_an_extreme_expires_at_from_a_foreign_writer_is_saturated(fleet, state_f
     events = tmp_path / "ev.jsonl"
     agent = fleet.start(RECORDER, env=agent_env(state_file, events))
     agent.wait_state("running", timeout=15)
+    wait_store_set_up(state_file)
     conn = sqlite3.connect(state_file, isolation_level=None, timeout=10)
     conn.execute("UPDATE control SET command = 'pause', version = version + 1, "
                  "expires_us = ?, reason = 'foreign'", (-2 ** 63,))

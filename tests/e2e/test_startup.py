@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from agenthost_harness import (WriteLock, agent_env, count_events, read_events, run_cli, script,
-                               wait_events, wait_for)
+                               wait_events, wait_for, wait_store_set_up)
 
 RECORDER = script("recorder.lua")
 
@@ -138,6 +138,7 @@ def test_six_agents_opening_one_new_file_at_once_all_sync(fleet, state_file, tmp
         t.join(timeout=60)
     for a in agents:
         a.wait_state("running", timeout=30)
+    wait_store_set_up(state_file)  # the setup may commit after the agents run
     db = sqlite3.connect(state_file)
     try:
         assert db.execute("SELECT command, version FROM control").fetchall() == [("running", 0)]
