@@ -32,11 +32,15 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define HTTP_URL_MAX 8192          /* path + query, bytes */
-#define HTTP_QUERY_PARAMS_MAX 64   /* query parameters per request */
-#define HTTP_BODY_MAX 4096         /* request bodies are ignored, but bounded */
-#define HTTP_BODY_DRAIN_MAX 65536  /* a chunked body past this closes the connection */
-#define HTTP_MEMORY_LIMIT 65536    /* per-connection pool: still holds a 60 KiB request line */
+#define HTTP_URL_MAX 8192         /* path + query, bytes */
+#define HTTP_QUERY_PARAMS_MAX 64  /* query parameters per request */
+#define HTTP_BODY_MAX 4096        /* request bodies are ignored, but bounded */
+#define HTTP_BODY_DRAIN_MAX 65536 /* a chunked body past this closes the connection */
+/* Per-connection pool, which holds the request line and headers (past it libmicrohttpd answers
+ * 414 itself). It takes a pool of up to 32 KiB from malloc but mmaps a larger one at every
+ * connection and zeroes the unused part of its read buffer: fresh pages and an munmap per
+ * connection, 5x the CPU of a probe or any one-request connection (docs/BENCHMARKS.md). */
+#define HTTP_MEMORY_LIMIT 32768
 #define HTTP_CONNECTION_TIMEOUT 30 /* seconds of inactivity */
 #define HTTP_PATH_IN_ERROR 200     /* bytes of a path quoted in a 404 message */
 

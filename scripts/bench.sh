@@ -118,6 +118,11 @@ wrk_rps() { # wrk_rps URL [THREADS]: requests/s of wrk -c64 for 5 s (2 threads u
     wrk -t"${2:-2}" -c64 -d5s "$1" 2>&1 | tee -a "$TMP/wrk.log" | awk '/^Requests\/sec:/ { print $2 }'
 }
 
+wrk_close_rps() { # wrk_close_rps URL: requests/s of wrk -t2 -c16 for 5 s, a new connection each
+    wrk -t2 -c16 -d5s -H "Connection: close" "$1" 2>&1 | tee -a "$TMP/wrk.log" |
+        awk '/^Requests\/sec:/ { print $2 }'
+}
+
 # ---- sections -----------------------------------------------------------------------------
 
 section_batch() {
@@ -223,7 +228,7 @@ CONF
 }
 
 section_rps() {
-    local port body_size ah nx ratio
+    local port body_size ah nx ratio ah_close nx_close
     for tool in wrk nginx curl; do
         if ! command -v "$tool" >/dev/null; then
             die_section "requests/s" "$tool not installed (scripts/install-deps.sh --bench)"
@@ -241,6 +246,7 @@ section_rps() {
     body_size=$(stat -c %s "$TMP/www/control-state.json")
     chmod 644 "$TMP/www/control-state.json"
     ah=$(wrk_rps "$AGENT_URL/api/cluster/control-state")
+    ah_close=$(wrk_close_rps "$AGENT_URL/healthz")
     stop_pid "$AGENT_PID"
     port=$(free_port)
     if ! start_nginx "$TMP/www" "$port"; then
@@ -249,8 +255,9 @@ section_rps() {
         return
     fi
     nx=$(wrk_rps "http://127.0.0.1:$port/control-state.json")
+    nx_close=$(wrk_close_rps "http://127.0.0.1:$port/control-state.json")
     stop_pid "$NGINX_PID"
-    if [[ -z $ah || -z $nx ]]; then
+    if [[ -z $ah || -z $nx || -z $ah_close || -z $nx_close ]]; then
         die_section "requests/s" "wrk printed no Requests/sec (see $TMP/wrk.log)"
         return
     fi
@@ -258,6 +265,9 @@ section_rps() {
     echo "requests/s: GET /api/cluster/control-state $(printf '%.0f' "$ah")" \
         "(target >= 20000) $(verdict fcmp "$ah >= 20000"); nginx static $body_size-byte file" \
         "$(printf '%.0f' "$nx"); ratio ${ratio}x (target >= 0.5x) $(verdict fcmp "$ratio >= 0.5")"
+    echo "requests/s, a new connection per request (as probes and one-shot clients):" \
+        "GET /healthz $(printf '%.0f' "$ah_close"), nginx $(printf '%.0f' "$nx_close");" \
+        "ratio $(awk -v a="$ah_close" -v n="$nx_close" 'BEGIN { printf "%.2f", a / n }')x (no target)"
 }
 
 # wait_log FILE PATTERN SECONDS: polls until FILE has a line matching PATTERN; prints it.
