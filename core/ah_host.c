@@ -65,8 +65,19 @@ struct ah_host_s {
 
     pthread_t worker;
     bool worker_started;
-    atomic_int worker_rc; /* 0, or 1 when the worker failed (init error) */
+    atomic_int worker_rc; /* 0, 1 when init failed, AH_HOST_LOAD_FAILED (load_err) */
     char worker_err[AH_ERRLEN];
+
+    /* The worker's start (worker_start): it loads the script when ah_host_new() left that to it
+     * (ah_host_options_t.load_on_worker) while ah_host_run() opens the store and the HTTP API,
+     * then waits at the gate until ah_host_run() lets it go on or calls the run off. */
+    bool load_on_worker;
+    pthread_mutex_t gate_lock;
+    pthread_cond_t gate_cond;
+    enum { GATE_WAIT, GATE_GO, GATE_ABORT } gate; /* under gate_lock */
+    bool load_done;                               /* under gate_lock */
+    bool load_failed;                             /* under gate_lock, with load_err */
+    char load_err[AH_ERRLEN * 4];
 
     bool interrupted_for_stop;
     bool wedged;
@@ -179,6 +190,8 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
     }
     h->cfg = cfg;
     pthread_mutex_init(&h->lua_lock, NULL);
+    pthread_mutex_init(&h->gate_lock, NULL);
+    pthread_cond_init(&h->gate_cond, NULL);
     pthread_mutex_init(&h->exit_lock, NULL);
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
@@ -233,9 +246,12 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
         ah_strlcpy(h->script_label, cfg->script_path, sizeof(h->script_label));
     }
     h->lua_opts = opts;
-    h->lua = ah_lua_open(&opts, cfg->script_path, err, errlen);
-    if (h->lua == NULL) {
-        goto fail;
+    h->load_on_worker = hopts != NULL && hopts->load_on_worker;
+    if (!h->load_on_worker) {
+        h->lua = ah_lua_open(&opts, cfg->script_path, err, errlen);
+        if (h->lua == NULL) {
+            goto fail;
+        }
     }
     ah_state_set_waker(h->state, host_wake_lua, h);
     /* a shutdown's drain is bounded where the watchdog interrupts the call (on_watchdog) */
@@ -258,6 +274,8 @@ void ah_host_free(ah_host_t *h)
     ah_metrics_free(h->metrics);
     ah_state_free(h->state);
     pthread_mutex_destroy(&h->lua_lock);
+    pthread_cond_destroy(&h->gate_cond);
+    pthread_mutex_destroy(&h->gate_lock);
     pthread_cond_destroy(&h->exit_cond);
     pthread_mutex_destroy(&h->exit_lock);
     free(h);
@@ -445,10 +463,98 @@ static void worker_reload(ah_host_t *h, uint64_t ticket)
     ah_state_finish_reload(h->state, ticket, true, "");
 }
 
+/* The worker's first step: loads the script if ah_host_new() left that to this thread (so that it
+ * overlaps the store's open and the HTTP API's start), then waits at the gate unless
+ * ah_host_run() has opened it already. Its main chunk is published as loading, like a reload's,
+ * so the watchdog bounds it by BATCH_TIMEOUT once the loop runs. False: nothing more may run (the
+ * run was called off, or the script did not load: then the worker ends the run, see
+ * host_go). */
+static bool worker_start(ah_host_t *h)
+{
+    char err[AH_ERRLEN * 4] = "";
+    ah_lua_t *lua = h->lua;
+    if (h->load_on_worker) {
+        ah_lua_options_t opts = h->lua_opts;
+        opts.publish = publish_loading;
+        opts.publish_ud = h;
+        lua = ah_lua_open(&opts, h->cfg->script_path, err, sizeof(err));
+        pthread_mutex_lock(&h->lua_lock);
+        h->loading = NULL;
+        h->lua = lua;
+        pthread_mutex_unlock(&h->lua_lock);
+    }
+    pthread_mutex_lock(&h->gate_lock);
+    h->load_done = true;
+    h->load_failed = lua == NULL;
+    ah_strlcpy(h->load_err, lua == NULL ? err : "", sizeof(h->load_err));
+    pthread_cond_broadcast(&h->gate_cond);
+    while (h->gate == GATE_WAIT) {
+        pthread_cond_wait(&h->gate_cond, &h->gate_lock);
+    }
+    bool go = h->gate == GATE_GO;
+    pthread_mutex_unlock(&h->gate_lock);
+    if (go && lua == NULL) { /* the loop runs: end it, ah_host_run() reports load_err */
+        atomic_store(&h->worker_rc, AH_HOST_LOAD_FAILED);
+        ah_state_set_stopped(h->state);
+        uv_async_send(&h->worker_done);
+    }
+    return go && lua != NULL;
+}
+
+/* Waits for the worker's load; false with err set when the script did not load. */
+static bool host_loaded(ah_host_t *h, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&h->gate_lock);
+    while (!h->load_done) {
+        pthread_cond_wait(&h->gate_cond, &h->gate_lock);
+    }
+    bool ok = !h->load_failed;
+    if (!ok) {
+        ah_strlcpy(err, h->load_err, errlen);
+    }
+    pthread_mutex_unlock(&h->gate_lock);
+    return ok;
+}
+
+/* Lets the worker go on (init, the startup sync, the batches) once the store and the HTTP API
+ * are up, without waiting for its load: false with err set if that load has failed already. */
+static bool host_go(ah_host_t *h, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&h->gate_lock);
+    bool failed = h->load_done && h->load_failed;
+    if (failed) {
+        ah_strlcpy(err, h->load_err, errlen);
+    } else {
+        h->gate = GATE_GO;
+        pthread_cond_broadcast(&h->gate_cond);
+    }
+    pthread_mutex_unlock(&h->gate_lock);
+    return !failed;
+}
+
+/* Calls the run off before the worker was let go (a failure of the store or the HTTP API, or of
+ * the load): the script's own load error wins, as the first problem to fix. */
+static int host_call_off(ah_host_t *h, int exit_code, char *err, size_t errlen)
+{
+    char load_err[AH_ERRLEN * 4];
+    if (exit_code != AH_HOST_LOAD_FAILED && !host_loaded(h, load_err, sizeof(load_err))) {
+        ah_strlcpy(err, load_err, errlen);
+        exit_code = AH_HOST_LOAD_FAILED;
+    }
+    pthread_mutex_lock(&h->gate_lock);
+    h->gate = GATE_ABORT;
+    pthread_cond_broadcast(&h->gate_cond);
+    pthread_mutex_unlock(&h->gate_lock);
+    return exit_code;
+}
+
 static void *worker_main(void *arg)
 {
     ah_host_t *h = arg;
     char err[AH_ERRLEN * 4];
+    if (!worker_start(h)) {
+        return NULL;
+    }
     if (ah_lua_init(h->lua, err, sizeof(err)) != AH_OK) {
         ah_log_error("Lua error in init: %s", err);
         /* The error's first line (the traceback is in the log line above). */
@@ -863,6 +969,13 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
     if (rc != AH_OK) {
         goto out;
     }
+    /* The worker starts first: it loads the script (load_on_worker) while this thread opens the
+     * store and the HTTP API, then waits until both are up (host_go). */
+    if (pthread_create(&h->worker, NULL, worker_main, h) != 0) {
+        snprintf(err, errlen, "cannot start the Lua worker thread");
+        goto out;
+    }
+    h->worker_started = true;
     rc = open_store(h, err, errlen);
     if (rc != AH_OK) {
         exit_code = rc == AH_EINVAL ? 2 : 1;
@@ -879,11 +992,10 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
     bool ipv6 = strchr(h->cfg->http_bind, ':') != NULL;
     ah_log_info("HTTP API listening on %s%s%s:%d", ipv6 ? "[" : "", h->cfg->http_bind,
                 ipv6 ? "]" : "", atomic_load(&h->http_port));
-    if (pthread_create(&h->worker, NULL, worker_main, h) != 0) {
-        snprintf(err, errlen, "cannot start the Lua worker thread");
+    if (!host_go(h, err, errlen)) {
+        exit_code = AH_HOST_LOAD_FAILED;
         goto out;
     }
-    h->worker_started = true;
     uv_run(&h->loop, UV_RUN_DEFAULT);
     if (h->wedged) {
         return AH_HOST_WEDGED; /* nothing more may wait: the caller exits the process */
@@ -891,13 +1003,15 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
     pthread_join(h->worker, NULL);
     h->worker_started = false;
     exit_code = atomic_load(&h->worker_rc);
-    if (exit_code != 0) {
+    if (exit_code == AH_HOST_LOAD_FAILED) {
+        ah_strlcpy(err, h->load_err, errlen); /* the worker wrote it before the loop ended */
+    } else if (exit_code != 0) {
         snprintf(err, errlen, "%s", h->worker_err);
     }
 out:
     if (h->worker_started) {
-        /* Only reached on a failure after the worker started; make it exit. */
-        ah_host_request_stop(h);
+        /* Only reached on a failure while the worker waits at the gate (or still loads). */
+        exit_code = host_call_off(h, exit_code, err, errlen);
         pthread_join(h->worker, NULL);
         h->worker_started = false;
     }

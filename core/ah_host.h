@@ -26,19 +26,26 @@ typedef struct ah_host_options_s {
      * (the agenthost binary); an embedder gets AH_HOST_WEDGED back instead, and a teardown step
      * that blocks (e.g. closing a store that hangs) then delays that return. */
     bool exit_on_shutdown_timeout;
+    /* Leave the script's load to ah_host_run(), which runs it on the Lua worker thread while it
+     * opens the store and the HTTP API (a shorter start); a load or contract error is then
+     * ah_host_run()'s AH_HOST_LOAD_FAILED. For the agenthost binary; an embedder's start must
+     * report a bad script itself. */
+    bool load_on_worker;
 } ah_host_options_t;
-/* Loads the script (a load or contract error returns NULL with err naming file:line; the caller
- * exits 2). opts may be NULL (the script at cfg->script_path, no extra functions). cfg is
- * borrowed and must outlive the host. */
+/* Loads the script unless opts->load_on_worker (a load or contract error returns NULL with err
+ * naming file:line; the caller exits 2). opts may be NULL (the script at cfg->script_path, no
+ * extra functions). cfg is borrowed and must outlive the host. */
 ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *opts, char *err,
                        size_t errlen);
 /* Runs the agent until it stops. Returns the process exit code: 0 after a clean shutdown, 1 on
  * a runtime failure (err set), 2 when the store cannot be opened (bad AGENTHOST_STATE or
- * MONGODB_URI), or AH_HOST_WEDGED when the Lua worker did not finish within
- * SHUTDOWN_TIMEOUT: the worker thread still runs, so the caller must exit the process (_exit)
- * without ah_host_free(). */
+ * MONGODB_URI), AH_HOST_LOAD_FAILED when the script loaded here (load_on_worker) did not load
+ * (err names file:line; it wins over a failure of the store or the HTTP API; the caller exits 2),
+ * or AH_HOST_WEDGED when the Lua worker did not finish within SHUTDOWN_TIMEOUT: the worker
+ * thread still runs, so the caller must exit the process (_exit) without ah_host_free(). */
 int ah_host_run(ah_host_t *host, char *err, size_t errlen);
 #define AH_HOST_WEDGED 3
+#define AH_HOST_LOAD_FAILED 4
 /* Requests a graceful local shutdown (like SIGTERM). Thread-safe. */
 void ah_host_request_stop(ah_host_t *host);
 /* Issues a local command (pause / running / shutdown) to this agent only. Thread-safe. Returns

@@ -155,7 +155,7 @@ static int cmd_run(int argc, char **argv)
         return 2;
     }
     ah_log_setup(cfg.log_level, cfg.log_json, cfg.agent_id);
-    ah_host_options_t hopts = {.exit_on_shutdown_timeout = true};
+    ah_host_options_t hopts = {.exit_on_shutdown_timeout = true, .load_on_worker = true};
     ah_host_t *host = ah_host_new(&cfg, &hopts, err, sizeof(err));
     if (host == NULL) {
         print_error("agenthost", err);
@@ -166,7 +166,10 @@ static int cmd_run(int argc, char **argv)
     if (rc == AH_HOST_WEDGED) {
         _exit(1); /* the Lua worker is stuck in a call; it cannot be joined or freed */
     }
-    if (rc != 0) {
+    if (rc == AH_HOST_LOAD_FAILED) {
+        print_error("agenthost", err); /* as a script that does not load always was */
+        rc = 2;
+    } else if (rc != 0) {
         ah_log_error("agenthost: %s", err);
     }
     ah_host_free(host);

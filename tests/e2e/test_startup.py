@@ -196,3 +196,109 @@ def test_commands_right_after_start_open_the_api_connection_beside_the_watcher(f
     assert a.post("/api/agent/resume").status == 200
     a.wait_state("running")
     assert [h["version"] for h in a.get("/api/cluster/history").json()["entries"]] == [2, 1]
+
+
+# -- the script's load, on the Lua worker beside the store and the API ---------------------------
+
+# The main chunk waits (agent.sleep, so a command or a signal can wake it) until the test creates
+# GO_FILE, then fails if FAIL is set: the load is then seen from outside while it runs.
+WAITING_MAIN_CHUNK = """
+local agent = require "agent"
+local go = os.getenv("GO_FILE")
+agent.log.info("main chunk waiting for " .. go)
+local deadline = os.time() + 60
+local woken = false
+while os.time() < deadline do
+    local f = io.open(go)
+    if f then f:close() break end
+    if agent.sleep(0.05) then woken = true break end
+end
+agent.log.info("main chunk done (woken: " .. tostring(woken) .. ")")
+if os.getenv("FAIL") then error("the script failed after its main chunk waited") end
+return {
+    init = function() agent.log.info("init ran") end,
+    batch = function() agent.sleep(0.1) return 0 end,
+    on_shutdown = function() agent.log.info("on_shutdown ran") end,
+}
+"""
+
+
+def _waiting_agent(fleet, tmp_path, state_file, **extra):
+    path = tmp_path / "waiting.lua"
+    path.write_text(WAITING_MAIN_CHUNK)
+    go = tmp_path / "go"
+    agent = fleet.start(str(path), env=agent_env(state_file, GO_FILE=str(go), **extra))
+    agent.wait_log(r"main chunk waiting for", timeout=15)
+    return agent, go
+
+
+def test_the_api_answers_while_the_scripts_main_chunk_runs(fleet, state_file, tmp_path):
+    agent, go = _waiting_agent(fleet, tmp_path, state_file)
+    assert agent.get("/healthz").status == 200
+    r = agent.get("/readyz")
+    assert r.status == 503 and "starting" in r.body, r.body
+    assert agent.state()["state"] == "starting"
+    assert not agent.find_logs(r"main chunk done|init ran"), agent.log_text()
+    go.write_text("")
+    agent.wait_state("running", timeout=15)
+    assert agent.get("/readyz").status == 200
+    done, init = agent.find_logs(r"main chunk done")[0], agent.find_logs(r"init ran")[0]
+    lines = agent.log_text().splitlines()
+    assert lines.index(done) < lines.index(init), agent.log_text()
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit(timeout=30) == 0, agent.log_text()
+
+
+def test_sigterm_while_the_main_chunk_waits_at_start_wakes_it_and_stops_cleanly(
+        fleet, state_file, tmp_path):
+    agent, _ = _waiting_agent(fleet, tmp_path, state_file)
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit(timeout=30) == 0, agent.log_text()
+    agent.wait_log(r"main chunk done \(woken: true\)")
+    agent.wait_log(r"on_shutdown ran")
+
+
+def test_a_script_failing_once_the_api_is_up_exits_2_naming_its_line(fleet, state_file,
+                                                                    tmp_path):
+    agent, go = _waiting_agent(fleet, tmp_path, state_file, FAIL="1")
+    assert agent.get("/healthz").status == 200
+    go.write_text("")
+    assert agent.wait_exit(timeout=30) == 2, agent.log_text()
+    assert agent.find_logs(r"agenthost: .*waiting\.lua:\d+: the script failed after its main"), \
+        agent.log_text()
+    assert not agent.find_logs(r"init ran|Agent running|Agent stopped"), agent.log_text()
+
+
+LOOPS_AT_TOP = """
+jit.off() -- the hook that stops Lua code does not run inside compiled traces
+local n = 0
+while true do n = n + 1 end
+"""
+
+
+def test_a_main_chunk_that_loops_at_start_is_stopped_at_batch_timeout(tmp_path, state_file):
+    path = tmp_path / "loops.lua"
+    path.write_text(LOOPS_AT_TOP)
+    p = run_cli(["run", str(path)], env=agent_env(state_file, HTTP_PORT=0, BATCH_TIMEOUT="1"),
+                timeout=60)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "BATCH_TIMEOUT" in p.stderr and "loops.lua" in p.stderr, p.stderr
+
+
+def test_a_script_error_wins_over_a_taken_port(state_file):
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        p = run_cli(["run", script("syntax_error.lua")],
+                    env=agent_env(state_file, HTTP_PORT=port, HTTP_BIND="127.0.0.1"))
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "syntax_error.lua:4" in p.stderr, p.stderr
+
+
+def test_a_script_error_wins_over_a_bad_agenthost_state(tmp_path):
+    p = run_cli(["run", script("syntax_error.lua")],
+                env=agent_env(str(tmp_path / "no" / "such" / "dir.db"), HTTP_PORT=0))
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "syntax_error.lua:4" in p.stderr, p.stderr
