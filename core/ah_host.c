@@ -191,11 +191,11 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *hopts, c
     h->cfg = cfg;
     pthread_mutex_init(&h->lua_lock, NULL);
     pthread_mutex_init(&h->gate_lock, NULL);
-    pthread_cond_init(&h->gate_cond, NULL);
     pthread_mutex_init(&h->exit_lock, NULL);
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&h->gate_cond, &attr);
     pthread_cond_init(&h->exit_cond, &attr);
     pthread_condattr_destroy(&attr);
     h->state = ah_state_new();
@@ -501,19 +501,10 @@ static bool worker_start(ah_host_t *h)
     return go && lua != NULL;
 }
 
-/* Waits for the worker's load; false with err set when the script did not load. */
-static bool host_loaded(ah_host_t *h, char *err, size_t errlen)
+static bool load_done(void *arg)
 {
-    pthread_mutex_lock(&h->gate_lock);
-    while (!h->load_done) {
-        pthread_cond_wait(&h->gate_cond, &h->gate_lock);
-    }
-    bool ok = !h->load_failed;
-    if (!ok) {
-        ah_strlcpy(err, h->load_err, errlen);
-    }
-    pthread_mutex_unlock(&h->gate_lock);
-    return ok;
+    const ah_host_t *h = arg;
+    return h->load_done;
 }
 
 /* Lets the worker go on (init, the startup sync, the batches) once the store and the HTTP API
@@ -532,19 +523,28 @@ static bool host_go(ah_host_t *h, char *err, size_t errlen)
     return !failed;
 }
 
-/* Calls the run off before the worker was let go (a failure of the store or the HTTP API, or of
- * the load): the script's own load error wins, as the first problem to fix. */
+/* Calls the run off before the worker was let go (the store or the HTTP API failed, or the load
+ * did): the script's own load error wins, as the first problem to fix. No loop runs yet to bound
+ * the main chunk, so its load gets SHUTDOWN_TIMEOUT to end; past that the worker cannot be joined
+ * and AH_HOST_WEDGED is returned (the binary exits 1). */
 static int host_call_off(ah_host_t *h, int exit_code, char *err, size_t errlen)
 {
-    char load_err[AH_ERRLEN * 4];
-    if (exit_code != AH_HOST_LOAD_FAILED && !host_loaded(h, load_err, sizeof(load_err))) {
-        ah_strlcpy(err, load_err, errlen);
+    pthread_mutex_lock(&h->gate_lock);
+    bool done =
+        ah_cond_wait_until(&h->gate_cond, &h->gate_lock, h->cfg->shutdown_timeout, load_done, h);
+    if (done && h->load_failed && exit_code != AH_HOST_LOAD_FAILED) {
+        ah_strlcpy(err, h->load_err, errlen);
         exit_code = AH_HOST_LOAD_FAILED;
     }
-    pthread_mutex_lock(&h->gate_lock);
     h->gate = GATE_ABORT;
     pthread_cond_broadcast(&h->gate_cond);
     pthread_mutex_unlock(&h->gate_lock);
+    if (!done) {
+        ah_log_error("agenthost: %s (the script's main chunk was still running %gs later "
+                     "(SHUTDOWN_TIMEOUT): exiting without it)",
+                     err, h->cfg->shutdown_timeout);
+        return AH_HOST_WEDGED;
+    }
     return exit_code;
 }
 
@@ -1012,6 +1012,9 @@ out:
     if (h->worker_started) {
         /* Only reached on a failure while the worker waits at the gate (or still loads). */
         exit_code = host_call_off(h, exit_code, err, errlen);
+        if (exit_code == AH_HOST_WEDGED) {
+            return AH_HOST_WEDGED; /* its load still runs: nothing may be joined or closed */
+        }
         pthread_join(h->worker, NULL);
         h->worker_started = false;
     }

@@ -41,8 +41,9 @@ ah_host_t *ah_host_new(const ah_config_t *cfg, const ah_host_options_t *opts, ch
  * a runtime failure (err set), 2 when the store cannot be opened (bad AGENTHOST_STATE or
  * MONGODB_URI), AH_HOST_LOAD_FAILED when the script loaded here (load_on_worker) did not load
  * (err names file:line; it wins over a failure of the store or the HTTP API; the caller exits 2),
- * or AH_HOST_WEDGED when the Lua worker did not finish within SHUTDOWN_TIMEOUT: the worker
- * thread still runs, so the caller must exit the process (_exit) without ah_host_free(). */
+ * or AH_HOST_WEDGED when the Lua worker did not finish within SHUTDOWN_TIMEOUT (a shutdown, or a
+ * failed start whose script was still loading): the worker thread still runs, so the caller must
+ * exit the process (_exit) without ah_host_free(). */
 int ah_host_run(ah_host_t *host, char *err, size_t errlen);
 #define AH_HOST_WEDGED 3
 #define AH_HOST_LOAD_FAILED 4

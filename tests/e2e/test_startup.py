@@ -302,3 +302,22 @@ def test_a_script_error_wins_over_a_bad_agenthost_state(tmp_path):
                 env=agent_env(str(tmp_path / "no" / "such" / "dir.db"), HTTP_PORT=0))
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert "syntax_error.lua:4" in p.stderr, p.stderr
+
+
+def test_a_taken_port_while_the_main_chunk_never_ends_exits_after_shutdown_timeout(state_file,
+                                                                                  tmp_path):
+    """The start failed but the script's load cannot be joined (a compiled loop: nothing stops
+    it): the agent exits 1 naming the port once SHUTDOWN_TIMEOUT has passed, instead of hanging
+    with no loop to handle signals."""
+    import socket
+    path = tmp_path / "endless.lua"
+    path.write_text("local n = 0\nwhile true do n = n + 1 end\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        p = run_cli(["run", str(path)],
+                    env=agent_env(state_file, HTTP_PORT=port, HTTP_BIND="127.0.0.1",
+                                  SHUTDOWN_TIMEOUT="1"), timeout=60)
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert str(port) in p.stderr and "main chunk was still running" in p.stderr, p.stderr
