@@ -1,6 +1,7 @@
-/* Implementation of ah_metrics.h: the script metrics are a fixed-capacity array under one mutex
- * (few, updated at batch granularity, so the mutex costs nothing measurable); the Prometheus text
- * format of /metrics, for the host's own metrics and the script's, is written here. */
+/* Implementation of ah_metrics.h: the script metrics are an array (grown as they are declared, up
+ * to AH_METRICS_MAX; addressed by index) under one mutex (few, updated at batch granularity, so
+ * the mutex costs nothing measurable); the Prometheus text format of /metrics, for the host's own
+ * metrics and the script's, is written here. */
 #include "ah_metrics.h"
 
 #include "ah_common.h"
@@ -24,7 +25,9 @@ typedef struct metric_s {
 struct ah_metrics_s {
     pthread_mutex_t lock;
     int count;
-    metric_t items[AH_METRICS_MAX];
+    int cap;
+    metric_t *items; /* cap entries, count used: allocated as declared, not at start (at the
+                        full capacity of 100 KiB, zeroing it touched 25 pages of every start) */
 };
 
 ah_metrics_t *ah_metrics_new(void)
@@ -42,6 +45,7 @@ void ah_metrics_free(ah_metrics_t *m)
         return;
     }
     pthread_mutex_destroy(&m->lock);
+    free(m->items);
     free(m);
 }
 
@@ -87,6 +91,17 @@ int ah_metrics_declare(ah_metrics_t *m, ah_metric_kind_t kind, const char *name,
     if (m->count >= AH_METRICS_MAX) {
         snprintf(err, errlen, "too many metrics (at most %d)", AH_METRICS_MAX);
         goto out;
+    }
+    if (m->count == m->cap) {
+        int cap = m->cap == 0 ? 8 : m->cap * 2;
+        cap = cap > AH_METRICS_MAX ? AH_METRICS_MAX : cap;
+        metric_t *items = realloc(m->items, (size_t)cap * sizeof(*items));
+        if (items == NULL) {
+            snprintf(err, errlen, "out of memory");
+            goto out;
+        }
+        m->items = items;
+        m->cap = cap;
     }
     metric_t *it = &m->items[m->count];
     ah_strlcpy(it->name, name, sizeof(it->name));

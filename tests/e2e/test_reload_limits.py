@@ -135,6 +135,30 @@ def test_metric_names_are_validated(fleet, tmp_path, state_file):
     assert "invalid metric name" in r.stderr
 
 
+MANY_METRICS = """
+local agent = require "agent"
+for i = 1, 256 do agent.metrics.counter("many_" .. i .. "_total", "metric " .. i):inc(i) end
+local ok, err = pcall(agent.metrics.gauge, "one_too_many")
+agent.log.info("257th metric: " .. tostring(ok) .. " " .. tostring(err))
+return {batch = function() agent.sleep(0.2) return 0 end}
+"""
+
+
+def test_256_metrics_are_served_and_the_257th_is_refused(fleet, tmp_path, state_file):
+    path = tmp_path / "many.lua"
+    path.write_text(MANY_METRICS)
+    a = fleet.start(str(path), env=agent_env(state_file))
+    a.wait_state("running", timeout=15)
+    a.wait_log(r"257th metric: false .*too many metrics \(at most 256\)")
+    text = a.get("/metrics").body
+    for i in (1, 8, 9, 17, 128, 129, 256):  # each side of every growth of the array
+        assert f"# HELP many_{i}_total metric {i}\n" in text, i
+        assert f"\nmany_{i}_total {i}\n" in text, i
+    assert "one_too_many" not in text
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit() == 0
+
+
 SPINNING = """
 jit.off()  -- interpreted: hooks (the BATCH_TIMEOUT interrupt) reach it
 local agent = require "agent"
