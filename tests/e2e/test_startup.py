@@ -321,3 +321,29 @@ def test_a_taken_port_while_the_main_chunk_never_ends_exits_after_shutdown_timeo
                                   SHUTDOWN_TIMEOUT="1"), timeout=60)
     assert p.returncode == 1, (p.stdout, p.stderr)
     assert str(port) in p.stderr and "main chunk was still running" in p.stderr, p.stderr
+
+
+def test_commands_while_the_main_chunk_loads_at_start_are_served_once_it_runs(
+        fleet, state_file, tmp_path):
+    """A reload and a cluster pause sent while the main chunk still runs: the local pause is
+    refused (still starting), the reload wakes the main chunk's sleep and is served once the
+    agent runs, and the agent ends paused by the cluster command."""
+    import threading
+    agent, go = _waiting_agent(fleet, tmp_path, state_file)
+    r = agent.post("/api/agent/pause")
+    assert r.status == 409 and "starting" in r.body, r.body
+    replies = {}
+    reloader = threading.Thread(
+        target=lambda: replies.setdefault("reload", agent.post("/api/agent/reload", timeout=30)))
+    reloader.start()
+    agent.wait_log(r"main chunk done \(woken: true\)", timeout=15)
+    r = agent.post("/api/cluster/pause?reason=during-load")
+    assert r.status == 200, r.body
+    go.write_text("")  # the reload's main chunk waits for it
+    reloader.join(timeout=30)
+    assert replies["reload"].status == 200, replies["reload"].body
+    agent.wait_state("paused", timeout=15)
+    assert agent.get("/readyz").status == 503
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit(timeout=30) == 0, agent.log_text()
+    agent.wait_log(r"on_shutdown ran")
