@@ -48,9 +48,12 @@ struct ah_leases_s {
     pthread_cond_t cond; /* CLOCK_MONOTONIC; signalled on every request and at stop */
     bool stopping;
     uint64_t epoch;
-    uint64_t reload_epoch; /* 0: no reload in progress */
-    lease_entry_t entries[AH_LEASES_PER_AGENT];
+    uint64_t reload_epoch;  /* 0: no reload in progress */
+    lease_entry_t *entries; /* cap entries, count used, grown as leases are named (at the full
+                               capacity, 69 KiB zeroed at every start); only addressed under
+                               lock, and found again by name after a store call */
     int count;
+    int cap;
     pthread_t thread;
     bool armed;   /* ah_leases_start() ran: the thread may start (with the first lease named) */
     bool started; /* the thread was created and not joined yet */
@@ -335,6 +338,7 @@ void ah_leases_free(ah_leases_t *lk)
     ah_leases_stop(lk);
     pthread_cond_destroy(&lk->cond);
     pthread_mutex_destroy(&lk->lock);
+    free(lk->entries);
     free(lk);
 }
 
@@ -381,6 +385,18 @@ int ah_leases_declare(ah_leases_t *lk, const char *name, double ttl, bool keep, 
             pthread_mutex_unlock(&lk->lock);
             snprintf(err, errlen, "at most %d leases per agent", AH_LEASES_PER_AGENT);
             return AH_EINVAL;
+        }
+        if (lk->count == lk->cap) {
+            int cap = lk->cap == 0 ? 4 : lk->cap * 2;
+            cap = cap > AH_LEASES_PER_AGENT ? AH_LEASES_PER_AGENT : cap;
+            lease_entry_t *entries = realloc(lk->entries, (size_t)cap * sizeof(*entries));
+            if (entries == NULL) {
+                pthread_mutex_unlock(&lk->lock);
+                snprintf(err, errlen, "out of memory");
+                return AH_EINVAL;
+            }
+            lk->entries = entries;
+            lk->cap = cap;
         }
         e = &lk->entries[lk->count++];
         memset(e, 0, sizeof(*e));

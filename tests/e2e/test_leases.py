@@ -449,3 +449,40 @@ def test_a_waiting_acquire_gets_the_lease_soon_after_the_holder_releases_it(flee
     assert got["second"]["t"] >= released["t"]
     assert got["second"]["t"] - released["t"] < 15, "handed over by the release, not the ttl"
     assert got["second"]["token"] == got["first"]["token"] + 1
+
+
+def test_64_leases_are_held_and_listed_and_the_65th_is_refused(fleet, tmp_path):
+    path = tmp_path / "many.lua"
+    path.write_text('''
+local agent = require "agent"
+local events = agent.env("EVENTS_FILE")
+local function record(t)
+    local f = assert(io.open(events, "a")); f:write(agent.json.encode(t), "\\n"); f:close()
+end
+local leases = {}
+for i = 1, 64 do leases[i] = agent.lease(string.format("many-%02d", i), {ttl = 60}) end
+local ok, err = pcall(agent.lease, "one-too-many", {ttl = 60})
+record({ok = ok, err = tostring(err)})
+local done = false
+return { batch = function()
+    if done then agent.sleep(0.1) return 0 end
+    done = true
+    local held = 0
+    for i = 1, 64 do
+        if leases[i]:acquire(10) and leases[i]:held() then held = held + 1 end
+    end
+    record({held = held})
+    return 0
+end }
+''')
+    events = tmp_path / "many.jsonl"
+    a = fleet.start(str(path), env=agent_env(str(tmp_path / "state.db"), events), name="many")
+    ev = wait_events(str(events), lambda ev: len(ev) >= 2, timeout=30)
+    assert ev[0]["ok"] is False and "at most 64 leases per agent" in ev[0]["err"], ev[0]
+    assert ev[1] == {"held": 64}, ev[1]
+    body = a.get("/api/cluster/leases").json()
+    names = {l["name"]: l["owner"] for l in body["leases"]}
+    assert len(names) == 64 and set(names.values()) == {"many"}, body
+    assert "one-too-many" not in names
+    a.signal(signal.SIGTERM)
+    assert a.wait_exit(timeout=30) == 0, a.log_text()
