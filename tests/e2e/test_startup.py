@@ -242,6 +242,8 @@ def test_the_api_answers_while_the_scripts_main_chunk_runs(fleet, state_file, tm
     go.write_text("")
     agent.wait_state("running", timeout=15)
     assert agent.get("/readyz").status == 200
+    # the log is read from the agent's output by another thread: wait for the lines
+    agent.wait_log(r"init ran")
     done, init = agent.find_logs(r"main chunk done")[0], agent.find_logs(r"init ran")[0]
     lines = agent.log_text().splitlines()
     assert lines.index(done) < lines.index(init), agent.log_text()
