@@ -508,14 +508,13 @@ static bool load_done(void *arg)
 }
 
 /* Lets the worker go on (init, the startup sync, the batches) once the store and the HTTP API
- * are up, without waiting for its load: false with err set if that load has failed already. */
-static bool host_go(ah_host_t *h, char *err, size_t errlen)
+ * are up, without waiting for its load: false if that load has failed already (host_call_off
+ * reports it). */
+static bool host_go(ah_host_t *h)
 {
     pthread_mutex_lock(&h->gate_lock);
     bool failed = h->load_done && h->load_failed;
-    if (failed) {
-        ah_strlcpy(err, h->load_err, errlen);
-    } else {
+    if (!failed) {
         h->gate = GATE_GO;
         pthread_cond_broadcast(&h->gate_cond);
     }
@@ -532,7 +531,7 @@ static int host_call_off(ah_host_t *h, int exit_code, char *err, size_t errlen)
     pthread_mutex_lock(&h->gate_lock);
     bool done =
         ah_cond_wait_until(&h->gate_cond, &h->gate_lock, h->cfg->shutdown_timeout, load_done, h);
-    if (done && h->load_failed && exit_code != AH_HOST_LOAD_FAILED) {
+    if (done && h->load_failed) {
         ah_strlcpy(err, h->load_err, errlen);
         exit_code = AH_HOST_LOAD_FAILED;
     }
@@ -992,9 +991,8 @@ int ah_host_run(ah_host_t *h, char *err, size_t errlen)
     bool ipv6 = strchr(h->cfg->http_bind, ':') != NULL;
     ah_log_info("HTTP API listening on %s%s%s:%d", ipv6 ? "[" : "", h->cfg->http_bind,
                 ipv6 ? "]" : "", atomic_load(&h->http_port));
-    if (!host_go(h, err, errlen)) {
-        exit_code = AH_HOST_LOAD_FAILED;
-        goto out;
+    if (!host_go(h)) {
+        goto out; /* the load failed: host_call_off reports it */
     }
     uv_run(&h->loop, UV_RUN_DEFAULT);
     if (h->wedged) {
